@@ -1,0 +1,467 @@
+"""Benchmark the "MNIST-5k FedAvg" standard workload (DESIGN.md) four ways, in one run.
+
+Usage: python benchmarks/mnist5k_fedavg.py --clients 100 [--rounds 20] [--json]
+                                           [--skip-flower] [--repeats 1]
+
+Ways, each in its own fresh Python process, one after another:
+  gossamer    `python -m gossamer run benchmarks/configs/mnist5k_fedavg.yaml`, as a user runs it
+  sequential  plain PyTorch loop over clients with one reusable model   (baselines/sequential.py)
+  batched     hand-written stacked-weight bmm version                  (baselines/batched.py)
+  flower      Flower's simulation engine on Ray, 2 CPUs                 (baselines/flower_fedavg.py)
+For each: whole-process wall time (measured here, around the child), FL-loop time (reported by
+the child), peak memory, and test accuracy after every round; then a table and ratios. With
+--json the last stdout line is one JSON object. A way that fails is reported with the tail of
+its stderr and counted as null; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINES = REPO / "benchmarks" / "baselines"
+CONFIG = "benchmarks/configs/mnist5k_fedavg.yaml"
+WAYS = ("gossamer", "sequential", "batched", "flower")
+FLOWER_MISSING = "skipped (flwr not installed; pip install 'gossamer[bench]')"
+SKIPPED_EXIT = 3  # the Flower baseline exits with this when flwr cannot be imported
+PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@dataclass
+class Run:
+    """One way, one repeat: what the child did and what it cost."""
+
+    way: str
+    whole_s: float | None = None
+    loop_s: float | None = None
+    peak_mib: float | None = None  # largest single process (wait4 ru_maxrss of the child tree)
+    tree_peak_mib: float | None = None  # sampled peak of the summed RSS of the process tree
+    accuracy: list[float] = field(default_factory=list)
+    error: str | None = None
+    skipped: str | None = None
+
+
+# ---------------------------------------------------------------- process measurement
+
+
+def _descendants(root: int) -> list[int]:
+    """root and every live process below it, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _tree_rss_mib(root: int) -> float:
+    total = 0
+    for pid in _descendants(root):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total * PAGE_MIB
+
+
+class TreeMemorySampler(threading.Thread):
+    """Samples the summed RSS of a process tree (Ray starts many processes) every `interval` s."""
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval, self.peak = root, interval, 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _tree_rss_mib(self.root))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+@dataclass
+class Child:
+    returncode: int
+    whole_s: float
+    peak_mib: float
+    tree_peak_mib: float
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> Child:
+    """Run cmd in a fresh process; wall time around it, its own rusage via wait4 (not a delta)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+        sampler = TreeMemorySampler(proc.pid)
+        sampler.start()
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: only what it started
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        whole_s = time.perf_counter() - start
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        tree_peak = sampler.stop()
+        _reap_leftovers(proc.pid)
+        out.seek(0)
+        err.seek(0)
+        return Child(
+            returncode=proc.returncode,
+            whole_s=whole_s,
+            peak_mib=usage.ru_maxrss / 1024.0,  # KiB on Linux
+            tree_peak_mib=tree_peak,
+            stdout=out.read(),
+            stderr=err.read(),
+            timed_out=timed_out.is_set(),
+        )
+
+
+def _reap_leftovers(pgid: int) -> None:
+    """Kill processes the child left running in its session (e.g. Ray daemons) before the next way."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def last_json_line(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- the four ways
+
+
+def run_gossamer(clients: int, rounds: int, timeout_s: float) -> Run:
+    result = Run("gossamer")
+    tmp = Path(tempfile.mkdtemp(prefix="gossamer-bench-"))
+    out_dir = tmp / "run"
+    try:
+        cmd = [
+            sys.executable, "-m", "gossamer", "run", CONFIG, "--out", str(out_dir),
+            "--set", f"partition.num_nodes={clients}", "--set", f"stop.rounds={rounds}",
+        ]  # fmt: skip
+        env = dict(os.environ)
+        # Benchmark this checkout, as an editable install would.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p
+        )
+        child = run_child(cmd, env, timeout_s)
+        _fill_common(result, child)
+        if child.returncode != 0:
+            result.error = _failure(child)
+            return result
+        try:
+            summary = json.loads((out_dir / "summary.json").read_text())
+            result.loop_s = float(summary["loop_time_s"])
+            with open(out_dir / "metrics.csv", newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("round") not in (None, "")]
+            result.accuracy = [
+                float(r["test_accuracy"])
+                for r in rows
+                if int(float(r["round"])) >= 1 and r.get("test_accuracy") not in (None, "")
+            ]
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            result.error = f"exit 0 but could not read {out_dir}: {type(exc).__name__}: {exc}"
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_baseline(way: str, script: str, clients: int, rounds: int, timeout_s: float) -> Run:
+    result = Run(way)
+    cmd = [
+        sys.executable,
+        str(BASELINES / script),
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BASELINES), env.get("PYTHONPATH")) if p)
+    child = run_child(cmd, env, timeout_s)
+    _fill_common(result, child)
+    if way == "flower" and child.returncode == SKIPPED_EXIT:
+        result.skipped = FLOWER_MISSING
+        return result
+    report = last_json_line(child.stdout)
+    if child.returncode != 0 or report is None:
+        result.error = _failure(child)
+        return result
+    result.loop_s = float(report["loop_s"])
+    result.accuracy = [float(a) for a in report["accuracy"]]
+    return result
+
+
+def _fill_common(result: Run, child: Child) -> None:
+    result.whole_s, result.peak_mib, result.tree_peak_mib = (
+        child.whole_s,
+        child.peak_mib,
+        child.tree_peak_mib,
+    )
+
+
+def _failure(child: Child) -> str:
+    why = "timed out" if child.timed_out else f"exit {child.returncode}"
+    return f"{why}; stderr tail:\n{tail(child.stderr) or '(empty)'}"
+
+
+def run_way(way: str, clients: int, rounds: int, timeout_s: float) -> Run:
+    if way == "gossamer":
+        return run_gossamer(clients, rounds, timeout_s)
+    if way == "flower" and importlib.util.find_spec("flwr") is None:
+        return Run("flower", skipped=FLOWER_MISSING)
+    script = {"sequential": "sequential.py", "batched": "batched.py", "flower": "flower_fedavg.py"}[
+        way
+    ]
+    return run_baseline(way, script, clients, rounds, timeout_s)
+
+
+# ---------------------------------------------------------------- summary
+
+
+@dataclass
+class WaySummary:
+    way: str
+    runs: list[Run]
+
+    @property
+    def ok(self) -> list[Run]:
+        return [r for r in self.runs if r.error is None and r.skipped is None]
+
+    def median(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.ok if getattr(r, attr) is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def curve(self) -> list[float] | None:
+        return self.ok[-1].accuracy if self.ok else None
+
+    @property
+    def final_acc(self) -> float | None:
+        return self.curve[-1] if self.curve else None
+
+    @property
+    def status(self) -> str:
+        if self.runs and self.runs[-1].skipped:
+            return self.runs[-1].skipped
+        failed = len(self.runs) - len(self.ok)
+        if failed:
+            return f"FAILED {failed}/{len(self.runs)}"
+        if len({tuple(r.accuracy) for r in self.ok}) > 1:
+            return "ok (accuracy differs between repeats!)"
+        return "ok"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def max_diff_pp(a: list[float] | None, b: list[float] | None) -> float | None:
+    if not a or not b:
+        return None
+    if len(a) != len(b):
+        return float("nan")
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) * 100.0
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """format(value, spec), or a dash as wide as spec asks when there is no value."""
+    width = int(spec.split(".")[0]) if spec[:1].isdigit() else 0
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> dict:
+    import torch  # only for the version line; the children import it themselves
+
+    print(
+        f"\nMNIST-5k FedAvg  K={args.clients}  rounds={args.rounds}  repeats={args.repeats}  "
+        f"(python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs)"
+    )
+    header = f"{'way':<11} {'whole s':>8} {'loop s':>8} {'peak MiB':>9} {'tree MiB':>9} {'final acc':>9}  status"
+    print(header)
+    print("-" * len(header))
+    for s in summaries.values():
+        print(
+            f"{s.way:<11} {fmt(s.median('whole_s'), '8.2f')} {fmt(s.median('loop_s'), '8.2f')} "
+            f"{fmt(s.median('peak_mib'), '9.0f')} {fmt(s.median('tree_peak_mib'), '9.0f')} "
+            f"{fmt(s.final_acc, '9.4f')}  {s.status}"
+        )
+    print(
+        "(times: median over repeats; peak MiB: largest single process; tree MiB: sampled sum over the process tree)"
+    )
+
+    g, q, b, f = (summaries.get(w) for w in WAYS)
+
+    def get(s: WaySummary | None, attr: str) -> float | None:
+        return s.median(attr) if s is not None else None
+
+    ratios = {
+        "flower_over_gossamer": ratio(get(f, "whole_s"), get(g, "whole_s")),
+        "sequential_over_gossamer": ratio(get(q, "whole_s"), get(g, "whole_s")),
+        "gossamer_loop_over_batched_loop": ratio(get(g, "loop_s"), get(b, "loop_s")),
+        "max_acc_diff_pp_gossamer_vs_sequential": max_diff_pp(
+            g.curve if g else None, q.curve if q else None
+        ),
+        "max_acc_diff_pp_batched_vs_sequential": max_diff_pp(
+            b.curve if b else None, q.curve if q else None
+        ),
+    }
+    lines = (
+        ("flower / gossamer, whole process", "flower_over_gossamer", "x"),
+        ("sequential / gossamer, whole process", "sequential_over_gossamer", "x"),
+        ("gossamer loop / batched loop", "gossamer_loop_over_batched_loop", "x"),
+        (
+            "max per-round accuracy |gossamer - sequential|",
+            "max_acc_diff_pp_gossamer_vs_sequential",
+            " pp",
+        ),
+        (
+            "max per-round accuracy |batched - sequential|",
+            "max_acc_diff_pp_batched_vs_sequential",
+            " pp",
+        ),
+    )
+    print("\nratios (same run)")
+    for label, key, unit in lines:
+        value = ratios[key]
+        print(f"  {label:<48} {'n/a' if value is None else f'{value:.2f}{unit}'}")
+    return ratios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--clients",
+        type=int,
+        required=True,
+        help="K; must divide 4000 (100: 4 steps/round, 400: 1)",
+    )
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    parser.add_argument("--skip-flower", action="store_true", help="Flower takes minutes")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per way (interleaved); times are medians"
+    )
+    parser.add_argument(
+        "--ways", default=",".join(WAYS), help=f"comma-separated subset of {','.join(WAYS)}"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    args = parser.parse_args()
+    if args.clients < 1 or 4000 % args.clients:
+        parser.error(f"--clients must divide 4000, got {args.clients}")
+    if args.repeats < 1 or args.rounds < 1:
+        parser.error("--repeats and --rounds must be >= 1")
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if bad := [w for w in ways if w not in WAYS]:
+        parser.error(f"unknown way(s) {bad}; choose from {list(WAYS)}")
+    if args.skip_flower and "flower" in ways:
+        ways.remove("flower")
+
+    summaries = {w: WaySummary(w, []) for w in ways}
+    for rep in range(args.repeats):
+        for way in ways:
+            if summaries[way].runs and summaries[way].runs[-1].skipped:
+                continue
+            print(
+                f"[{rep + 1}/{args.repeats}] {way} K={args.clients} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            result = run_way(way, args.clients, args.rounds, args.timeout)
+            summaries[way].runs.append(result)
+            if result.skipped:
+                print(f"{way}: {result.skipped}", flush=True)
+            elif result.error:
+                print(f"{way}: FAILED ({result.error})", flush=True)
+            else:
+                print(
+                    f"{way}: whole {result.whole_s:.2f} s, loop {fmt(result.loop_s, '.2f')} s, "
+                    f"final acc {fmt(result.accuracy[-1] if result.accuracy else None, '.4f')}",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+
+    ratios = print_report(summaries, args)
+    if args.skip_flower:
+        print("flower: skipped (--skip-flower)")
+
+    if args.json:
+        out: dict[str, object] = {}
+        for way in WAYS:
+            s = summaries.get(way)
+            out[f"{way}_s"] = s.median("whole_s") if s else None
+            out[f"{way}_loop_s"] = s.median("loop_s") if s else None
+            out[f"{way}_acc"] = s.final_acc if s else None
+        for way in WAYS:
+            s = summaries.get(way)
+            out[f"{way}_curve"] = s.curve if s else None
+            out[f"{way}_peak_mib"] = s.median("peak_mib") if s else None
+            out[f"{way}_tree_peak_mib"] = s.median("tree_peak_mib") if s else None
+            out[f"{way}_runs_s"] = [r.whole_s for r in s.ok] if s else []
+            out[f"{way}_loop_runs_s"] = [r.loop_s for r in s.ok] if s else []
+            out[f"{way}_status"] = s.status if s else "not run"
+        out.update(ratios)
+        out.update(
+            clients=args.clients, rounds=args.rounds, repeats=args.repeats, cpus=os.cpu_count()
+        )
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""What every algorithm is: a frozen dataclass of hyper-parameters and pure tensor functions.
+
+An algorithm never imports the engine. It names the execution ``pattern`` it follows
+(synchronous FL rounds, synchronous DL rounds, asynchronous gossip); an executor (the
+simulator, vectorized over nodes, or the runtime, one node per process) drives that
+pattern and calls the algorithm's functions on stacked tensors with a leading node axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, TypeAdapter
+
+Family = Literal["fl", "dl"]
+Pattern = Literal["sync_fl", "sync_dl", "async_gossip"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Base of all algorithms: hyper-parameters validated from a config mapping."""
+
+    family: ClassVar[Family]
+    pattern: ClassVar[Pattern]
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Algorithm:
+        """Build from ``algorithm.params``; unknown or ill-typed fields raise a one-line error."""
+        return TypeAdapter(cls).validate_python(dict(params))

@@ -1,0 +1,1 @@
+"""Fully decentralized algorithms."""

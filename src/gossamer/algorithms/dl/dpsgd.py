@@ -1,0 +1,39 @@
+"""D-PSGD: every node trains locally, then averages with its neighbours through a mixing matrix.
+
+Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms? A Case
+Study for Decentralized Parallel Stochastic Gradient Descent", NeurIPS 2017,
+arXiv:1705.09056.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gossamer.algorithms.base import Algorithm
+
+
+@dataclass(frozen=True)
+class DPSGD(Algorithm):
+    """Decentralized parallel SGD: local training, then ``gossip_steps`` mixing steps ``X <- W X``.
+
+    ``W`` is the doubly stochastic mixing matrix of the topology (``topology.mixing``,
+    Metropolis-Hastings by default). In the simulator ``W`` is one sparse ``[N, N]`` matrix;
+    in the runtime a node applies its own row to the models it received.
+    """
+
+    family = "dl"
+    pattern = "sync_dl"
+
+    gossip_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.gossip_steps < 1:
+            raise ValueError("gossip_steps must be >= 1")
+
+    def mix(self, mixing: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``gossip_steps`` applications of the (sparse) mixing matrix to rows ``[N, P]``."""
+        for _ in range(self.gossip_steps):
+            params = mixing @ params if mixing.layout == torch.strided else torch.sparse.mm(mixing, params)
+        return params

@@ -1,0 +1,1 @@
+"""Federated (server-based) algorithms."""

@@ -1,0 +1,76 @@
+"""FedAvg: sample clients, train locally, average their updates at the server.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017, arXiv:1602.05629.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gossamer.algorithms.base import Algorithm
+
+
+@dataclass
+class ServerState:
+    """The server's model ``[P]`` and the number of completed rounds."""
+
+    params: torch.Tensor
+    round: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FedAvg(Algorithm):
+    """Federated averaging with client sampling, sample weighting and a server learning rate.
+
+    Each round a ``client_fraction`` of the available clients (at least ``min_clients``)
+    trains from the global model and uploads its model delta; the server moves the global
+    model by ``server_lr`` times the (sample- or uniformly-) weighted mean delta.
+    ``server_lr = 1`` is exactly the weighted average of the client models.
+    """
+
+    family = "fl"
+    pattern = "sync_fl"
+
+    client_fraction: float = 1.0
+    min_clients: int = 1
+    server_lr: float = 1.0
+    weighting: Literal["samples", "uniform"] = "samples"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError("client_fraction must be in (0, 1]")
+        if self.min_clients < 1:
+            raise ValueError("min_clients must be >= 1")
+        if self.server_lr <= 0:
+            raise ValueError("server_lr must be > 0")
+
+    def init_state(self, params: torch.Tensor) -> ServerState:
+        return ServerState(params.clone())
+
+    def select(self, candidates: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+        """Pick ``max(min_clients, round(fraction * |candidates|))`` clients, sorted by id."""
+        if self.client_fraction >= 1 or len(candidates) == 0:
+            return np.sort(candidates)
+        k = min(len(candidates), max(self.min_clients, round(self.client_fraction * len(candidates))))
+        return np.sort(generator.choice(candidates, size=k, replace=False))
+
+    def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """What each client uploads: its model delta ``[B, P]``."""
+        return trained - start
+
+    def aggregate(self, state: ServerState, deltas: torch.Tensor, num_samples: np.ndarray) -> ServerState:
+        """New server state from client deltas ``[B, P]`` and their sample counts ``[B]``."""
+        if deltas.shape[0] == 0:
+            return ServerState(state.params, state.round + 1, state.extra)
+        if self.weighting == "samples":
+            weights = torch.as_tensor(num_samples, dtype=deltas.dtype)
+        else:
+            weights = torch.ones(deltas.shape[0], dtype=deltas.dtype)
+        mean_delta = weights @ deltas / weights.sum()
+        return ServerState(state.params + self.server_lr * mean_delta, state.round + 1, state.extra)

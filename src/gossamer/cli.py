@@ -1,0 +1,161 @@
+"""Command line: ``gossamer run | plot | validate | list``.
+
+User errors (config, data, paths) print one line and exit with code 2; bugs raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def _run_dir(cfg, out: str | None) -> Path:
+    if out is not None:
+        path = Path(out)
+        if (path / "metrics.csv").exists():
+            raise UserError(f"--out: {path} already holds a run; use --resume {path} or another directory")
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+
+_RESUME_OVERRIDABLE = ("stop.", "output.progress")
+
+
+def _load_for_run(args: argparse.Namespace):
+    from gossamer import config as config_mod
+
+    if args.resume is None:
+        if args.config is None:
+            raise UserError("CONFIG: give a config file (or --resume RUN_DIR)")
+        return config_mod.load(args.config, args.set), False
+    run_dir = Path(args.resume)
+    stored = run_dir / "config.yaml"
+    if not stored.exists():
+        raise UserError(f"--resume: {run_dir} holds no config.yaml; is it a run directory?")
+    bad = [s for s in args.set if not s.startswith(_RESUME_OVERRIDABLE)]
+    if bad:
+        raise UserError(f"--set {bad[0]}: only stop.* and output.progress may change on --resume")
+    cfg = config_mod.load(stored, args.set)
+    if args.config is not None:
+        given = config_mod.load(args.config, args.set)
+        if config_mod.dump(given) != config_mod.dump(cfg):
+            first = _first_difference(given.to_dict(), cfg.to_dict())
+            raise UserError(f"--resume: {args.config} differs from the run's config at {first}")
+    return cfg, True
+
+
+def _first_difference(a: object, b: object, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "(top level)"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg, resume = _load_for_run(args)
+    run_dir = Path(args.resume) if resume else _run_dir(cfg, args.out)
+    from gossamer.metrics.progress import Progress
+    from gossamer.sim.runner import Runner
+
+    progress = Progress(cfg.stop.rounds, enabled=cfg.output.progress and not args.quiet)
+    runner = Runner(cfg, run_dir, on_row=progress.update, start_time=start)
+    runner.prepare(resume)
+    progress.start(runner.driver.round)
+    try:
+        summary = runner.run()
+    finally:
+        progress.close()
+    acc = summary["final_test_accuracy"]
+    print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy {acc:.4f}, "
+          f"simulated {summary['sim_time_s']:.1f} s, {summary['bytes_sent_total'] / 1e6:.1f} MB sent, "
+          f"wall {summary['wall_time_s']:.1f} s")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gossamer.metrics.plot import plot_runs
+
+    written = plot_runs([Path(p) for p in args.runs], Path(args.out) if args.out else None)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.sim.experiment import build_experiment
+
+    cfg = config_mod.load(args.config, args.set)
+    exp = build_experiment(cfg)
+    print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, "
+          f"{exp.spec.numel} parameters, message {exp.message_bytes} bytes")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.data import DATASETS, PARTITIONERS
+    from gossamer.models import MODELS
+    from gossamer.topology import MIXING, TOPOLOGIES
+
+    for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, MIXING):
+        print(f"{reg.kind}: {', '.join(reg.names())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gossamer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment in the simulator")
+    run.add_argument("config", nargs="?", help="experiment YAML")
+    run.add_argument("--out", help="run directory (default: output.dir/NAME-TIMESTAMP)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set partition.num_nodes=400")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    plot = sub.add_parser("plot", help="plot accuracy against round, simulated time and bytes")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="folder for the PNGs (default: the first run directory)")
+    plot.set_defaults(func=cmd_plot)
+    val = sub.add_parser("validate", help="check a config (schema, data, topology) without running")
+    val.add_argument("config")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=cmd_validate)
+    lst = sub.add_parser("list", help="list registered algorithms, datasets, models, topologies")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gossamer.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UserError) as exc:
+        prefix = "config error: " if isinstance(exc, ConfigError) else "error: "
+        print(f"gossamer: {prefix}{exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("gossamer: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The experiment schema: one YAML file fully describes a run.
+
+Validation happens in two stages, both reported as one line ``field: what is wrong``:
+the schema (types, unknown fields, names of registered parts) when the file is loaded,
+and semantic checks that need the data or the graph (more nodes than samples, a
+disconnected topology for D-PSGD) when the experiment is built.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the experiment config; ``str()`` is one line naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "mnist5k"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.data import DATASETS
+        return _check_name(DATASETS, v)
+
+
+class PartitionConfig(_Strict):
+    name: str = "iid"
+    num_nodes: int = Field(10, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.data import PARTITIONERS
+        return _check_name(PARTITIONERS, v)
+
+
+class ModelConfig(_Strict):
+    name: str = "mlp"
+    params: dict[str, Any] = Field(default_factory=dict)
+    init: Literal["same", "independent"] = "same"
+    forward: Literal["auto", "vmap", "stacked"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.models import MODELS
+        return _check_name(MODELS, v)
+
+
+class AlgorithmConfig(_Strict):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.algorithms import ALGORITHMS
+        return _check_name(ALGORITHMS, v)
+
+
+class LocalConfig(_Strict):
+    """Local training of every node: ``epochs`` over its data, or a fixed number of ``steps``."""
+
+    epochs: float | None = Field(1, gt=0)
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LocalConfig:
+        if self.steps is not None and self.epochs not in (None, 1):
+            raise ValueError("set either epochs or steps, not both")
+        if self.epochs is not None and self.steps is None and float(self.epochs) != int(self.epochs):
+            raise ValueError("epochs must be a whole number (use steps for partial epochs)")
+        return self
+
+
+class TopologyConfig(_Strict):
+    name: str = "random_regular"
+    params: dict[str, Any] = Field(default_factory=dict)
+    mixing: str = "metropolis_hastings"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.topology import TOPOLOGIES
+        return _check_name(TOPOLOGIES, v)
+
+    @field_validator("mixing")
+    @classmethod
+    def _known_mixing(cls, v: str) -> str:
+        from gossamer.topology import MIXING
+        return _check_name(MIXING, v)
+
+
+class Distribution(_Strict):
+    """A per-node quantity: a constant, a distribution, or explicit per-node ``values``.
+
+    ``lognormal`` is parameterized by its median and sigma (of the log); ``tiers`` draws
+    one of ``values`` with probabilities ``probs``; ``values`` alone lists one per node.
+    """
+
+    dist: Literal["constant", "uniform", "lognormal", "exponential", "tiers", "per_node"] = "constant"
+    value: float | None = Field(None, ge=0)
+    low: float | None = Field(None, ge=0)
+    high: float | None = Field(None, ge=0)
+    median: float | None = Field(None, gt=0)
+    sigma: float | None = Field(None, ge=0)
+    mean: float | None = Field(None, gt=0)
+    values: list[float] | None = None
+    probs: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Distribution:
+        need = {"constant": ["value"], "uniform": ["low", "high"], "lognormal": ["median", "sigma"],
+                "exponential": ["mean"], "tiers": ["values"], "per_node": ["values"]}[self.dist]
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"dist {self.dist} needs {', '.join(missing)}")
+        if self.dist == "uniform" and self.low > self.high:  # type: ignore[operator]
+            raise ValueError("uniform needs low <= high")
+        if self.values is not None and any(v < 0 for v in self.values):
+            raise ValueError("values must be >= 0")
+        if self.dist == "tiers" and self.probs is not None:
+            if len(self.probs) != len(self.values or []) or abs(sum(self.probs) - 1) > 1e-6:
+                raise ValueError("tiers needs probs of the same length as values, summing to 1")
+        return self
+
+
+def _const(value: float) -> Distribution:
+    return Distribution(dist="constant", value=value)
+
+
+class AvailabilityConfig(_Strict):
+    """Node on/off: always on, or a two-state Markov process with exponential durations."""
+
+    model: Literal["always", "markov"] = "always"
+    mean_on_s: float = Field(600.0, gt=0)
+    mean_off_s: float = Field(60.0, gt=0)
+    initial_on_fraction: float | None = Field(None, ge=0, le=1)
+
+
+class SystemConfig(_Strict):
+    """Simulated device and network: seconds per training sample, latency, bandwidth (bytes/s)."""
+
+    sample_time_s: Distribution = Field(default_factory=lambda: _const(0.001))
+    latency_s: Distribution = Field(default_factory=lambda: _const(0.05))
+    bandwidth_up_Bps: Distribution = Field(default_factory=lambda: _const(1.25e6))
+    bandwidth_down_Bps: Distribution = Field(default_factory=lambda: _const(1.25e7))
+    server_bandwidth_Bps: float | None = Field(None, gt=0)
+    availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
+
+
+class StopConfig(_Strict):
+    rounds: int = Field(20, ge=1)
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    max_sim_time_s: float | None = Field(None, gt=0)
+
+
+class EvalConfig(_Strict):
+    """Evaluation cadence and cost controls (DL evaluation of every node dominates at scale)."""
+
+    every: int = Field(1, ge=1)
+    nodes: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
+    batch_size: int = Field(1000, ge=1)
+    average_model: bool = True
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs"
+    checkpoint_every: int = Field(5, ge=0)
+    progress: bool = True
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = Field(0, ge=0, lt=2**32)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    topology: TopologyConfig | None = None
+    system: SystemConfig = Field(default_factory=SystemConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def _check_name(registry: Any, value: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}; known: {', '.join(registry.names())}")
+    return value
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value parsed as YAML (numbers, booleans, lists), or the plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw config mapping (returns a copy)."""
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", f"expected key=value, got {item!r}")
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(key, f"{part} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return result
+
+
+def validate(raw: Any) -> ExperimentConfig:
+    """Validate a raw mapping; raise :class:`ConfigError` with one line on failure."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", "config must be a YAML mapping of sections")
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("", _format_error(exc)) from None
+    from gossamer.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS.get(cfg.algorithm.name)
+    try:
+        algo.from_params(cfg.algorithm.params)
+    except (TypeError, ValueError, ValidationError) as exc:
+        text = _format_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise ConfigError("algorithm.params", text) from None
+    if algo.family == "dl" and cfg.topology is None:
+        raise ConfigError("topology", f"algorithm {cfg.algorithm.name} needs a topology section")
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a YAML experiment file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config {str(path)!r}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("", f"{path}: invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path}: config must be a YAML mapping of sections")
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,101 @@
+"""Synthetic(alpha, beta): the naturally partitioned softmax-regression task of FedProx.
+
+FedProx — Tian Li, Anit Kumar Sahu, Manzil Zaheer, et al., "Federated Optimization in
+Heterogeneous Networks", MLSys 2020. arXiv:1812.06127
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gossamer.data.datasets import DATASETS, Dataset, from_arrays
+
+
+@DATASETS.register("synthetic")
+def synthetic(
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    num_nodes: int = 30,
+    dim: int = 60,
+    num_classes: int = 10,
+    seed: int = 0,
+    iid: bool = False,
+    test_fraction: float = 0.2,
+    samples_per_user: int | None = None,
+) -> Dataset:
+    """Synthetic(alpha, beta) of Li et al. 2020 (arXiv:1812.06127), one user per node.
+
+    User k: u_k ~ N(0, alpha^2), W_k ~ N(u_k, 1), b_k ~ N(u_k, 1); B_k ~ N(0, beta^2),
+    v_k ~ N(B_k, 1); x ~ N(v_k, diag(j^-1.2)); y = argmax(W_k x + b_k). alpha and beta are
+    standard deviations, as in the FedProx generator. `iid=True`: one W, b ~ N(0, 1) and
+    v_k = 0 for all users. Sizes ~ int(lognormal(4, 2)) + 50 unless `samples_per_user` is set.
+    As in that generator, u_k adds the same u_k * (sum(x) + 1) to every class logit, so the data
+    do not depend on alpha (same seed, same data); beta moves the users' distributions apart.
+    Each user's last round(test_fraction * n_k) samples go to the pooled test set;
+    `natural_partition[k]` lists user k's train rows.
+    """
+    _validate(alpha, beta, num_nodes, dim, num_classes, test_fraction, samples_per_user)
+    rng = np.random.RandomState(seed)
+    if samples_per_user is None:
+        sizes = rng.lognormal(4, 2, num_nodes).astype(np.int64) + 50
+    else:
+        sizes = np.full(num_nodes, samples_per_user, dtype=np.int64)
+    if iid:
+        mean_w = np.zeros(num_nodes)
+        mean_x = np.zeros((num_nodes, dim))
+        shared = (rng.normal(0, 1, (dim, num_classes)), rng.normal(0, 1, num_classes))
+    else:
+        mean_w = rng.normal(0, alpha, num_nodes)
+        centers = rng.normal(0, beta, num_nodes)
+        mean_x = rng.normal(centers[:, None], 1, (num_nodes, dim))
+    feature_std = np.power(np.arange(1, dim + 1, dtype=np.float64), -1.2) ** 0.5
+
+    train_x, train_y, test_x, test_y, natural = [], [], [], [], []
+    offset = 0
+    for k in range(num_nodes):
+        if iid:
+            weight, bias = shared
+        else:
+            weight = rng.normal(mean_w[k], 1, (dim, num_classes))
+            bias = rng.normal(mean_w[k], 1, num_classes)
+        x = mean_x[k] + rng.standard_normal((sizes[k], dim)) * feature_std
+        y = np.argmax(x @ weight + bias, axis=1)
+        num_train = int(sizes[k]) - int(round(test_fraction * sizes[k]))
+        train_x.append(x[:num_train])
+        train_y.append(y[:num_train])
+        test_x.append(x[num_train:])
+        test_y.append(y[num_train:])
+        natural.append(np.arange(offset, offset + num_train, dtype=np.int64))
+        offset += num_train
+    train = (np.concatenate(train_x), np.concatenate(train_y))
+    test = (np.concatenate(test_x), np.concatenate(test_y))
+    return from_arrays("synthetic", train, test, num_classes, (dim,), natural)
+
+
+def _validate(
+    alpha: float,
+    beta: float,
+    num_nodes: int,
+    dim: int,
+    num_classes: int,
+    test_fraction: float,
+    samples_per_user: int | None,
+) -> None:
+    if alpha < 0 or beta < 0:
+        raise ValueError(
+            f"synthetic: alpha and beta must be >= 0, got alpha={alpha!r}, beta={beta!r}"
+        )
+    if num_nodes < 1 or dim < 1 or num_classes < 2:
+        raise ValueError(
+            f"synthetic: need num_nodes >= 1, dim >= 1, num_classes >= 2; "
+            f"got {num_nodes!r}, {dim!r}, {num_classes!r}"
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"synthetic: test_fraction must be in (0, 1), got {test_fraction!r}")
+    if (
+        samples_per_user is not None
+        and samples_per_user - round(test_fraction * samples_per_user) < 1
+    ):
+        raise ValueError(
+            f"synthetic: samples_per_user={samples_per_user!r} leaves no training sample per user"
+        )

@@ -1,0 +1,143 @@
+"""MNIST, Fashion-MNIST (IDX files) and CIFAR-10 (binary version) read from a local folder.
+
+Files are parsed with numpy, never unpickled. `download=True` fetches missing files from `url`.
+Fashion-MNIST — Han Xiao, Kashif Rasul, Roland Vollgraf, "Fashion-MNIST: a Novel Image Dataset
+for Benchmarking Machine Learning Algorithms", arXiv preprint 2017. arXiv:1708.07747
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from gossamer.data.datasets import DATASETS, Dataset, from_arrays
+from gossamer.data.download import extract_tar, fetch
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+
+
+def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
+    """Decode IDX bytes (LeCun's MNIST format): magic 0,0,dtype,ndim; big-endian dims; data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise ValueError(f"{source}: bad IDX magic number {data[:4].hex() or '(empty)'}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{source}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{source}: IDX dims {dims} need {expected} data bytes, found {len(data) - header}"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file, gunzipping it when its name ends in .gz."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    return parse_idx(raw, str(path))
+
+
+def _find_idx(name: str, root: Path, stem: str, download: bool, url: str) -> Path:
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    if not download:
+        raise ValueError(
+            f"{name}: missing file {root / stem}[.gz] (pass download=True to fetch it)"
+        )
+    return fetch(url.rstrip("/") + f"/{stem}.gz", root / f"{stem}.gz")
+
+
+def _idx_dataset(name: str, root: str, download: bool, url: str, image: bool) -> Dataset:
+    folder = Path(root).expanduser()
+    arrays = {
+        key: read_idx(_find_idx(name, folder, stem, download, url))
+        for key, stem in IDX_FILES.items()
+    }
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(
+                f"{name}: {split} images {x.shape} and labels {y.shape} do not match [N, 28, 28] / [N]"
+            )
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise ValueError(f"{name}: {split} labels outside 0..9 in {folder}")
+    shape = (1, 28, 28) if image else (784,)
+    train = (_scaled(arrays["train_x"]), arrays["train_y"])
+    test = (_scaled(arrays["test_x"]), arrays["test_y"])
+    return from_arrays(name, train, test, 10, shape)
+
+
+def _scaled(pixels: np.ndarray) -> np.ndarray:
+    x = pixels.astype(np.float32)
+    x /= 255.0
+    return x
+
+
+@DATASETS.register("mnist")
+def mnist(root: str, download: bool = False, url: str = MNIST_URL, image: bool = False) -> Dataset:
+    """MNIST (LeCun et al. 1998) from the four IDX files in `root`; shape (784,) or (1, 28, 28)."""
+    return _idx_dataset("mnist", root, download, url, image)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(
+    root: str, download: bool = False, url: str = FASHION_MNIST_URL, image: bool = False
+) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017, arXiv:1708.07747) from IDX files in `root`."""
+    return _idx_dataset("fashion_mnist", root, download, url, image)
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: str, download: bool = False, url: str = CIFAR10_URL) -> Dataset:
+    """CIFAR-10 (Krizhevsky 2009) binary version from `root`/cifar-10-batches-bin; shape (3, 32, 32)."""
+    folder = Path(root).expanduser() / CIFAR10_FOLDER
+    train_files = [f"data_batch_{i}.bin" for i in range(1, 6)]
+    names = [*train_files, "test_batch.bin"]
+    if download and not all((folder / n).is_file() for n in names):
+        archive = fetch(url, Path(root).expanduser() / "cifar-10-binary.tar.gz")
+        extract_tar(archive, folder.parent, CIFAR10_FOLDER)
+    train = [read_cifar_batch(_require(folder / n)) for n in train_files]
+    test = read_cifar_batch(_require(folder / "test_batch.bin"))
+    train_x = np.concatenate([x for x, _ in train])
+    train_y = np.concatenate([y for _, y in train])
+    return from_arrays("cifar10", (train_x, train_y), test, 10, (3, 32, 32))
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+        raise ValueError(
+            f"{path}: size {raw.size} is not a positive multiple of {CIFAR10_RECORD}-byte records"
+        )
+    records = raw.reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise ValueError(f"{path}: label {labels.max()} outside 0..9")
+    return _scaled(records[:, 1:]), labels
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"cifar10: missing file {path} (pass download=True to fetch it)")
+    return path

@@ -1,0 +1,18 @@
+"""Model zoo and functional helpers for stacked (one row per node) parameters."""
+
+from gossamer.models.functional import (
+    ModelNotVectorizable,
+    ParamSpec,
+    StackedForward,
+    make_stacked_forward,
+)
+from gossamer.models.zoo import MODELS, build_model
+
+__all__ = [
+    "MODELS",
+    "ModelNotVectorizable",
+    "ParamSpec",
+    "StackedForward",
+    "build_model",
+    "make_stacked_forward",
+]

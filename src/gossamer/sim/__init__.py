@@ -1,0 +1,1 @@
+"""The vectorized simulator: population state, batched training, simulated clock, drivers."""

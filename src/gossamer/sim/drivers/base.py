@@ -1,0 +1,70 @@
+"""Shared driver state: the round counter, the simulated clock, byte counters, timers."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer.sim.experiment import Experiment
+
+
+class Driver:
+    """Runs one algorithm pattern round by round; subclasses fill ``run_round``/``evaluate``."""
+
+    columns: list[str] = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy",
+                          "test_loss", "train_loss"]
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.round = 0
+        self.sim_time = 0.0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.train_loss: float | None = None
+        self.timers: dict[str, float] = {"train_s": 0.0, "communicate_s": 0.0, "eval_s": 0.0}
+
+    @contextmanager
+    def timer(self, key: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timers[key] += time.perf_counter() - start
+
+    def run_round(self) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def base_row(self) -> dict[str, Any]:
+        return {"round": self.round, "sim_time_s": self.sim_time, "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down, "train_loss": self.train_loss}
+
+    # --- checkpointing: tensors and plain values only, loaded with weights_only=True ---------
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "sim_time": self.sim_time, "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down, "train_loss": self.train_loss,
+                "availability": {k: _to_tensor(v) for k, v in self.exp.availability.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.sim_time = int(state["round"]), float(state["sim_time"])
+        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.train_loss = state["train_loss"]
+        self.exp.availability.load_state_dict(
+            {k: _to_numpy(v) for k, v in state["availability"].items()})
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+def _to_tensor(v: Any) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+
+
+def _to_numpy(v: Any) -> Any:
+    return v.numpy() if isinstance(v, torch.Tensor) else v

@@ -1,0 +1,129 @@
+"""Build everything a run needs from a validated config, with semantic checks.
+
+The semantic checks need the data and the graph, so they live here rather than in the
+schema; they raise :class:`ConfigError` naming the field, like schema errors do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gossamer import rng, wire
+from gossamer.algorithms import ALGORITHMS, Algorithm
+from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.data import Dataset, load_dataset, partition
+from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
+from gossamer.sim.evaluator import BatchedEvaluator
+from gossamer.sim.system import Availability, SystemProfile
+from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
+from gossamer.topology import Topology, make_topology, mixing_matrix, spectral_gap, to_torch_sparse
+
+
+@dataclass
+class Experiment:
+    """The built parts of one run; drivers read from it and never touch the config again."""
+
+    cfg: ExperimentConfig
+    algorithm: Algorithm
+    dataset: Dataset
+    shards: list[np.ndarray]
+    model: torch.nn.Module
+    spec: ParamSpec
+    init_params: torch.Tensor          # [P] or [N, P] (independent init)
+    trainer: BatchedTrainer
+    evaluator: BatchedEvaluator
+    system: SystemProfile
+    availability: Availability
+    message_bytes: int
+    topology: Topology | None = None
+    mixing: torch.Tensor | None = None
+    mixing_scipy: object | None = None
+    spectral_gap: float | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.cfg.partition.num_nodes
+
+
+def _user_error(field: str):
+    """Turn a ValueError/KeyError raised while building a part into a ConfigError on ``field``."""
+
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, typ, exc, tb):
+            if exc is not None and isinstance(exc, (ValueError, KeyError, TypeError)) \
+                    and not isinstance(exc, ConfigError):
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise ConfigError(field, str(message).splitlines()[0]) from None
+            return False
+
+    return _Ctx()
+
+
+def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+    n = cfg.partition.num_nodes
+    with _user_error("data.params"):
+        dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
+    samples = len(dataset.y_train)
+    if n > samples and cfg.partition.params.get("relay_fraction", 0) == 0 and algorithm.family == "fl":
+        raise ConfigError("partition.num_nodes",
+                          f"{n} clients but only {samples} training samples")
+    with _user_error("partition"):
+        params = dict(cfg.partition.params)
+        if cfg.partition.name == "natural":
+            if dataset.natural_partition is None:
+                raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
+            params["natural"] = dataset.natural_partition
+        shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
+    with _user_error("model.params"):
+        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed,
+                            **cfg.model.params)
+    spec = ParamSpec.from_module(model)
+    try:
+        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward)
+    except ModelNotVectorizable as exc:
+        raise ConfigError("model", str(exc)) from None
+    init = spec.flatten(model)
+    if cfg.model.init == "independent":
+        init = torch.stack([
+            spec.flatten(build_model(cfg.model.name, dataset.input_shape, dataset.num_classes,
+                                     int(rng.hash_u64(cfg.seed, rng.STREAM_INIT, i)[0] % 2**31),
+                                     **cfg.model.params))
+            for i in range(n)])
+    local = cfg.local
+    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
+                             local.steps, local.shuffle)
+    trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
+                             SGD(local.lr, local.momentum, local.weight_decay), cfg.seed)
+    x_test, y_test = dataset.x_test, dataset.y_test
+    if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
+        keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
+        x_test, y_test = x_test[keep], y_test[keep]
+    evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
+    system = SystemProfile.from_config(cfg.system, n, cfg.seed)
+    availability = Availability.from_config(cfg.system, n, cfg.seed)
+    exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator, system,
+                     availability, wire.encoded_size(spec.numel))
+    if algorithm.family == "dl":
+        _attach_topology(exp)
+    return exp
+
+
+def _attach_topology(exp: Experiment) -> None:
+    cfg = exp.cfg
+    assert cfg.topology is not None
+    with _user_error("topology.params"):
+        topo = make_topology(cfg.topology.name, exp.num_nodes, cfg.seed, **cfg.topology.params)
+    if exp.num_nodes > 1 and not topo.is_connected():
+        raise ConfigError("topology", f"{cfg.topology.name} graph with {exp.num_nodes} nodes is "
+                          "disconnected; decentralized training cannot reach consensus on it")
+    w = mixing_matrix(cfg.topology.mixing, topo)
+    exp.topology, exp.mixing_scipy = topo, w
+    exp.mixing = to_torch_sparse(w)
+    exp.spectral_gap = float(spectral_gap(w)) if exp.num_nodes > 1 else 1.0

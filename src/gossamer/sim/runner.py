@@ -1,0 +1,159 @@
+"""The run loop: drive rounds, evaluate on cadence, record metrics, checkpoint, stop, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gossamer.config import ExperimentConfig, dump
+from gossamer.metrics.runstore import (
+    MetricsWriter,
+    atomic_write_text,
+    environment,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from gossamer.sim.drivers import DRIVERS, Driver
+from gossamer.sim.experiment import Experiment, build_experiment
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Runner:
+    """Owns a run directory and executes one experiment in the simulator."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *,
+                 on_row: Callable[[dict[str, Any]], None] | None = None,
+                 start_time: float | None = None) -> None:
+        self.cfg, self.run_dir, self.on_row = cfg, Path(run_dir), on_row
+        self.start_time = time.perf_counter() if start_time is None else start_time
+        self.exp: Experiment = build_experiment(cfg)
+        self.driver: Driver = DRIVERS[self.exp.algorithm.pattern](self.exp)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns)
+        self.stopped_by: str | None = None
+        self.time_to_target: float | None = None
+        self.rounds_to_target: int | None = None
+        self.best_accuracy: float | None = None
+        self.last_row: dict[str, Any] | None = None
+        self.loop_time = 0.0
+
+    # --- files -------------------------------------------------------------------------------
+    def prepare(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self.run_dir / "checkpoints" / CHECKPOINT
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt)
+            self.driver.load_state_dict(state["driver"])
+            for key in ("time_to_target", "rounds_to_target", "best_accuracy", "last_row"):
+                setattr(self, key, state["runner"][key])
+            self.loop_time = float(state["runner"]["loop_time"])
+            self.metrics.load_existing(self.driver.round)
+            return
+        if resume:                                   # interrupted before the first checkpoint
+            self.metrics.load_existing(-1)
+            self.metrics.rows.clear()
+            (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump(self.cfg))
+        write_json(self.run_dir / "environment.json", environment())
+
+    def checkpoint(self) -> None:
+        state = {"driver": self.driver.state_dict(),
+                 "runner": {"time_to_target": self.time_to_target,
+                            "rounds_to_target": self.rounds_to_target,
+                            "best_accuracy": self.best_accuracy, "last_row": self.last_row,
+                            "loop_time": self.loop_time}}
+        save_checkpoint(self.run_dir / "checkpoints" / CHECKPOINT, state)
+
+    # --- loop --------------------------------------------------------------------------------
+    def _record(self, row: dict[str, Any]) -> None:
+        self.metrics.append(row)
+        self.last_row = row
+        acc = row.get("test_accuracy")
+        if acc is not None:
+            self.best_accuracy = acc if self.best_accuracy is None else max(self.best_accuracy, acc)
+            target = self.cfg.stop.target_accuracy
+            if target is not None and acc >= target and self.time_to_target is None:
+                self.time_to_target, self.rounds_to_target = row["sim_time_s"], row["round"]
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def _should_stop(self) -> str | None:
+        stop, d = self.cfg.stop, self.driver
+        if stop.target_accuracy is not None and self.time_to_target is not None:
+            return "target_accuracy"
+        if stop.max_sim_time_s is not None and d.sim_time >= stop.max_sim_time_s:
+            return "max_sim_time_s"
+        if d.round >= stop.rounds:
+            return "rounds"
+        return None
+
+    def run(self) -> dict[str, Any]:
+        loop_start = time.perf_counter()
+        d, every = self.driver, self.cfg.eval.every
+        ckpt_every = self.cfg.output.checkpoint_every
+        if d.round == 0 and self.last_row is None:
+            self._record(d.evaluate())
+        kill_at = int(os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND", "0"))
+        while (reason := self._should_stop()) is None:
+            d.run_round()
+            final = self._final_round()
+            if d.round % every == 0 or final:
+                self._record(d.evaluate())
+            if ckpt_every and (d.round % ckpt_every == 0):
+                self.loop_time += time.perf_counter() - loop_start
+                loop_start = time.perf_counter()
+                self.checkpoint()
+            if kill_at and d.round == kill_at:         # tests: die like kill -9, mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.stopped_by = reason
+        if self.last_row is None or self.last_row["round"] != d.round:
+            self._record(d.evaluate())
+        self.loop_time += time.perf_counter() - loop_start
+        if ckpt_every:
+            self.checkpoint()
+        self.save_final_model()
+        summary = self.summary()
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _final_round(self) -> bool:
+        stop, d = self.cfg.stop, self.driver
+        return d.round >= stop.rounds or (stop.max_sim_time_s is not None
+                                          and d.sim_time >= stop.max_sim_time_s)
+
+    def save_final_model(self) -> None:
+        params = self.driver.global_params()
+        self.exp.spec.load_into(self.exp.model, params)
+        state = {k: v.detach().clone() for k, v in self.exp.model.state_dict().items()}
+        save_checkpoint(self.run_dir / "model.pt", state)
+
+    def summary(self) -> dict[str, Any]:
+        d, row = self.driver, self.last_row or {}
+        out = {
+            "name": self.cfg.name,
+            "algorithm": self.cfg.algorithm.name,
+            "num_nodes": self.exp.num_nodes,
+            "num_params": self.exp.spec.numel,
+            "message_bytes": self.exp.message_bytes,
+            "rounds": d.round,
+            "stopped_by": self.stopped_by,
+            "final_test_accuracy": row.get("test_accuracy"),
+            "final_test_loss": row.get("test_loss"),
+            "best_test_accuracy": self.best_accuracy,
+            "target_accuracy": self.cfg.stop.target_accuracy,
+            "time_to_target_s": self.time_to_target,
+            "rounds_to_target": self.rounds_to_target,
+            "bytes_sent_total": d.bytes_up,
+            "bytes_received_total": d.bytes_down,
+            "sim_time_s": d.sim_time,
+            "wall_time_s": time.perf_counter() - self.start_time,
+            "loop_time_s": self.loop_time,
+            **{f"{k}": v for k, v in d.timers.items()},
+        }
+        out.update(d.summary())
+        return out

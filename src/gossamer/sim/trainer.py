@@ -1,0 +1,148 @@
+"""Batched local training: every node that acts at the same simulated moment, in one call.
+
+The acting nodes' parameters are rows of a ``[B, P]`` tensor. Each local step gathers one
+mini-batch per node (``[B, n, ...]``), runs the stacked forward, sums the per-node mean
+losses and takes one autograd pass: since node ``b``'s loss depends only on row ``b``,
+the gradient of the sum is every node's own gradient. Nodes with fewer batches than the
+busiest node are masked, so unequal data sizes need no Python loop over nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gossamer import rng
+from gossamer.models import ParamSpec, StackedForward
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """How much a node trains per activation: whole ``epochs`` or a fixed number of ``steps``."""
+
+    batch_size: int
+    epochs: int | None = 1
+    steps: int | None = None
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain SGD with optional heavy-ball momentum and weight decay (fresh state per activation)."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    params: torch.Tensor          # [B, P] trained rows
+    samples: np.ndarray           # [B] samples processed per node (drives compute time)
+    steps: np.ndarray             # [B] optimizer steps per node
+    loss: torch.Tensor            # [B] mean training loss per node over its steps
+
+
+class BatchedTrainer:
+    """Trains stacked rows of the population on their own data shards."""
+
+    def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
+                 shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int) -> None:
+        self.forward, self.spec = forward, spec
+        self.x, self.y = x, y
+        self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
+        self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        width = max(1, int(self.sizes.max(initial=0)))
+        padded = np.zeros((len(shards), width), dtype=np.int64)
+        for i, shard in enumerate(shards):
+            padded[i, : len(shard)] = shard
+        self.shards = padded
+
+    # --- data schedule -------------------------------------------------------------------
+    def _order(self, nodes: np.ndarray, keys: np.ndarray, epoch: int) -> np.ndarray:
+        """Per-node sample order for one epoch ``[B, width]``; padding sorts last."""
+        width = self.shards.shape[1]
+        pos = np.arange(width)
+        if not self.schedule.shuffle:
+            return np.broadcast_to(pos, (len(nodes), width))
+        u = rng.uniform(self.seed, rng.STREAM_DATA_ORDER, nodes[:, None], keys[:, None], epoch,
+                        pos[None, :])
+        u = np.where(pos[None, :] < self.sizes[nodes][:, None], u, 2.0)
+        return np.argsort(u, axis=1, kind="stable")
+
+    def batches(self, nodes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices ``[B, T, n]`` and a validity mask of the same shape.
+
+        ``keys`` (one per node, e.g. the round) select a fresh shuffle per activation.
+        In epoch mode every epoch ends with a partial batch if the shard size is not a
+        multiple of the batch size; in step mode batches run on across epochs.
+        """
+        bs, sizes = self.schedule.batch_size, self.sizes[nodes]
+        if self.schedule.steps is not None:
+            steps = self.schedule.steps
+            flat = np.arange(steps * bs)
+            safe = np.maximum(sizes, 1)[:, None]
+            epoch, within = flat[None, :] // safe, flat[None, :] % safe
+            n_epochs = int(epoch.max(initial=0)) + 1
+            orders = np.stack([self._order(nodes, keys, e) for e in range(n_epochs)], axis=1)
+            pos = np.take_along_axis(orders.reshape(len(nodes), -1),
+                                     epoch * orders.shape[2] + within, axis=1)
+            idx = np.take_along_axis(self.shards[nodes], pos, axis=1).reshape(len(nodes), steps, bs)
+            valid = np.broadcast_to((sizes > 0)[:, None, None], idx.shape)
+            return idx, np.ascontiguousarray(valid)
+        epochs = int(self.schedule.epochs or 1)
+        per_epoch = -(-sizes // bs)                       # batches per epoch per node
+        width = int(per_epoch.max(initial=0))
+        slot = np.arange(width * bs).reshape(width, bs)
+        idx_parts, valid_parts = [], []
+        for e in range(epochs):
+            order = self._order(nodes, keys, e)
+            take = np.minimum(slot.reshape(1, -1), order.shape[1] - 1)
+            pos = np.take_along_axis(order, np.broadcast_to(take, (len(nodes), take.shape[1])), axis=1)
+            idx_parts.append(np.take_along_axis(self.shards[nodes], pos, axis=1).reshape(-1, width, bs))
+            valid_parts.append(slot[None] < sizes[:, None, None])
+        idx, valid = np.concatenate(idx_parts, axis=1), np.concatenate(valid_parts, axis=1)
+        if epochs > 1 and width > 0:                      # move each node's real steps first
+            step_ok = valid.any(axis=2)
+            order = np.argsort(~step_ok, axis=1, kind="stable")
+            idx = np.take_along_axis(idx, order[:, :, None], axis=1)
+            valid = np.take_along_axis(valid, order[:, :, None], axis=1)
+            last = int(step_ok.sum(axis=1).max(initial=0))
+            idx, valid = idx[:, :last], valid[:, :last]
+        return idx, valid
+
+    # --- training --------------------------------------------------------------------------
+    def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int) -> TrainResult:
+        """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
+        idx, valid = self.batches(nodes, keys)
+        w = params.detach().clone()
+        opt = self.optimizer
+        buf = torch.zeros_like(w) if opt.momentum > 0 else None
+        loss_sum = torch.zeros(len(nodes))
+        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
+        counts = valid_t.sum(dim=2).to(w.dtype)                      # [B, T]
+        for t in range(idx.shape[1]):
+            weight = valid_t[:, t].to(w.dtype)                       # [B, n]
+            active = (counts[:, t] > 0).to(w.dtype).unsqueeze(1)     # [B, 1]
+            xb, yb = self.x[idx_t[:, t]], self.y[idx_t[:, t]]
+            w.requires_grad_(True)
+            logits = self.forward(self.spec.views(w), xb)
+            per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            per_node = (per_sample.view_as(weight) * weight).sum(1) / counts[:, t].clamp(min=1)
+            (grad,) = torch.autograd.grad(per_node.sum(), w)
+            w = w.detach()
+            loss_sum += per_node.detach()
+            if opt.weight_decay:
+                grad = grad + opt.weight_decay * w
+            if buf is not None:
+                buf = torch.where(active > 0, opt.momentum * buf + grad, buf)
+                grad = buf
+            w.sub_(opt.lr * active * grad)
+        steps = valid.any(axis=2).sum(axis=1)
+        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
+        return TrainResult(w, valid.sum(axis=(1, 2)), steps, loss)

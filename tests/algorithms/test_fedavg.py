@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from gossamer.algorithms import FedAvg
+
+
+def test_weighted_average_of_two_clients_by_hand():
+    algo = FedAvg()
+    state = algo.init_state(torch.tensor([1.0, 2.0, 3.0]))
+    trained = torch.tensor([[2.0, 2.0, 2.0], [5.0, -1.0, 0.0]])
+    deltas = algo.client_message(trained, state.params)
+    new = algo.aggregate(state, deltas, np.array([30, 10]))
+    # (30 * [2,2,2] + 10 * [5,-1,0]) / 40
+    assert torch.allclose(new.params, torch.tensor([2.75, 1.25, 1.5]))
+    assert new.round == 1
+
+
+def test_uniform_weighting_and_server_lr():
+    algo = FedAvg(weighting="uniform", server_lr=0.5)
+    state = algo.init_state(torch.zeros(2))
+    new = algo.aggregate(state, torch.tensor([[2.0, 0.0], [0.0, 4.0]]), np.array([1, 99]))
+    assert torch.allclose(new.params, torch.tensor([0.5, 1.0]))
+
+
+def test_selection_fraction_is_deterministic_under_a_seed():
+    algo = FedAvg(client_fraction=0.3, min_clients=2)
+    cands = np.arange(10)
+    a = algo.select(cands, np.random.default_rng(1))
+    b = algo.select(cands, np.random.default_rng(1))
+    assert len(a) == 3 and np.array_equal(a, b) and len(set(a)) == 3
+    assert len(algo.select(np.arange(4), np.random.default_rng(1))) == 2     # min_clients
+
+
+def test_bad_params_rejected():
+    with pytest.raises(ValueError, match="client_fraction"):
+        FedAvg.from_params({"client_fraction": 1.5})
+    with pytest.raises(ValueError):
+        FedAvg.from_params({"no_such_field": 1})
