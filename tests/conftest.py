@@ -1,0 +1,51 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(algorithm: str = "fedavg", **overrides) -> dict:
+    """A tiny, fast experiment on scikit-learn digits."""
+    cfg = {
+        "name": f"tiny-{algorithm}", "seed": 0,
+        "data": {"dataset": "digits"},
+        "partition": {"name": "iid", "num_nodes": 8},
+        "model": {"name": "mlp", "params": {"hidden": [16]}},
+        "algorithm": {"name": algorithm},
+        "local": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+        "stop": {"rounds": 6},
+        "output": {"progress": False, "checkpoint_every": 2},
+    }
+    if algorithm in ("dpsgd", "gossip"):
+        cfg["topology"] = {"name": "ring"}
+    if algorithm == "gossip":
+        cfg["algorithm"]["params"] = {"mode": "push_pull", "period_s": 1.0}
+        cfg["local"] = {"steps": 2, "batch_size": 16, "lr": 0.1}
+        cfg["system"] = {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01}}
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def _write(cfg: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+    return _write
+
+
+def gossamer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gossamer", *args]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env

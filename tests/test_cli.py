@@ -1,0 +1,107 @@
+"""End-to-end: the CLI, the run directory, determinism, and resume after kill -9."""
+
+import csv
+import json
+import subprocess
+
+import pytest
+import torch
+
+from gossamer import wire
+from gossamer.cli import main
+from tests.conftest import gossamer_cmd, small_config, subprocess_env
+
+
+def _run(write_config, tmp_path, cfg, name):
+    out = tmp_path / name
+    assert main(["run", str(write_config(cfg, f"{name}.yaml")), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _rows(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd", "gossip"])
+def test_run_directory_contents(write_config, tmp_path, algorithm):
+    out = _run(write_config, tmp_path, small_config(algorithm), "run")
+    for name in ("config.yaml", "metrics.csv", "summary.json", "environment.json", "model.pt",
+                 "checkpoints/checkpoint.pt"):
+        assert (out / name).exists(), name
+    rows = _rows(out)
+    assert [int(r["round"]) for r in rows] == list(range(7))
+    for col in ("round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"):
+        assert col in rows[0]
+    if algorithm != "fedavg":
+        for col in ("acc_min", "acc_max", "acc_median", "avg_model_accuracy", "consensus_distance"):
+            assert rows[-1][col] != ""
+    assert [float(r["sim_time_s"]) for r in rows] == sorted(float(r["sim_time_s"]) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("final_test_accuracy", "bytes_sent_total", "sim_time_s", "wall_time_s", "loop_time_s"):
+        assert summary[key] is not None
+    assert summary["final_test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
+    if algorithm != "fedavg":
+        assert 0 < summary["spectral_gap"] <= 1
+
+
+def test_fedavg_bytes_equal_encoded_message_sizes(write_config, tmp_path):
+    cfg = small_config("fedavg")
+    cfg["algorithm"]["params"] = {"client_fraction": 0.5}
+    out = _run(write_config, tmp_path, cfg, "bytes")
+    state = torch.load(out / "model.pt", weights_only=True)
+    flat = torch.cat([v.reshape(-1) for v in state.values()])
+    msg = len(wire.encode(flat))
+    rows = _rows(out)
+    assert int(rows[-1]["bytes_up"]) == 6 * 4 * msg == int(rows[-1]["bytes_down"])
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd", "gossip"])
+def test_same_config_and_seed_give_identical_metrics(write_config, tmp_path, algorithm):
+    a = _run(write_config, tmp_path, small_config(algorithm), "a")
+    b = _run(write_config, tmp_path, small_config(algorithm), "b")
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+    other = small_config(algorithm)
+    other["seed"] = 1
+    c = _run(write_config, tmp_path, other, "c")
+    assert (a / "metrics.csv").read_bytes() != (c / "metrics.csv").read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd", "gossip"])
+def test_resume_after_kill_matches_uninterrupted_run(write_config, tmp_path, algorithm):
+    cfg = small_config(algorithm)
+    path = write_config(cfg)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = subprocess_env()
+    subprocess.run(gossamer_cmd("run", str(path), "--out", str(full), "--quiet"), check=True, env=env)
+    proc = subprocess.run(gossamer_cmd("run", str(path), "--out", str(killed), "--quiet"),
+                          env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3"))
+    assert proc.returncode == -9                       # really killed, mid-run
+    assert [r["round"] for r in _rows(killed)] == ["0", "1", "2", "3"]
+    subprocess.run(gossamer_cmd("run", "--resume", str(killed), "--quiet"), check=True, env=env)
+    assert (full / "metrics.csv").read_bytes() == (killed / "metrics.csv").read_bytes()
+
+
+def test_refuses_to_overwrite_and_checks_resume_config(write_config, tmp_path, capsys):
+    cfg_path = write_config(small_config("fedavg"))
+    out = tmp_path / "r"
+    assert main(["run", str(cfg_path), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(cfg_path), "--out", str(out), "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["run", "--resume", str(out), "--set", "local.lr=1"]) == 2
+    assert "only stop.*" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    # extending a finished run continues from its last checkpoint
+    assert main(["run", "--resume", str(out), "--set", "stop.rounds=8", "--quiet"]) == 0
+    assert [int(r["round"]) for r in _rows(out)] == list(range(9))
+
+
+def test_plot_writes_figures(write_config, tmp_path):
+    a = _run(write_config, tmp_path, small_config("fedavg"), "a")
+    b = _run(write_config, tmp_path, small_config("dpsgd"), "b")
+    figs = tmp_path / "figs"
+    assert main(["plot", str(a), str(b), "--out", str(figs)]) == 0
+    for name in ("accuracy_vs_round.png", "accuracy_vs_time.png", "accuracy_vs_bytes.png"):
+        assert (figs / name).stat().st_size > 1000
+    assert main(["plot", str(tmp_path / "missing")]) == 2
