@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -37,9 +38,16 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "benchmarks" / "baselines"
 CONFIG = "benchmarks/configs/mnist5k_fedavg.yaml"
 WAYS = ("gossamer", "sequential", "batched", "flower")
+BASELINE_SCRIPTS = {
+    "sequential": "sequential.py",
+    "batched": "batched.py",
+    "flower": "flower_fedavg.py",
+}
 FLOWER_MISSING = "skipped (flwr not installed; pip install 'gossamer[bench]')"
 SKIPPED_EXIT = 3  # the Flower baseline exits with this when flwr cannot be imported
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BUSY_CORES = 0.2  # other processes using more than this many cores on average spoil the timings
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Run:
     loop_s: float | None = None
     peak_mib: float | None = None  # largest single process (wait4 ru_maxrss of the child tree)
     tree_peak_mib: float | None = None  # sampled peak of the summed RSS of the process tree
+    other_cores: float | None = None  # mean cores used by other processes while this ran
     accuracy: list[float] = field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
@@ -80,34 +89,49 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _tree_rss_mib(root: int) -> float:
-    total = 0
-    for pid in _descendants(root):
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total * PAGE_MIB
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
-class TreeMemorySampler(threading.Thread):
-    """Samples the summed RSS of a process tree (Ray starts many processes) every `interval` s."""
+class TreeSampler(threading.Thread):
+    """Every `interval` s: summed RSS of a process tree (Ray starts many processes) and each
+    member's CPU time, so CPU used by processes the child never waits for is still counted."""
 
     def __init__(self, root: int, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.root, self.interval, self.peak = root, interval, 0.0
+        self.root, self.interval = root, interval
+        self.peak_mib = 0.0
+        self.cpu_s: dict[int, float] = {}
         self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        rss_pages = 0
+        for pid in _descendants(self.root):
+            try:
+                with open(f"/proc/{pid}/statm", "rb") as f:
+                    rss_pages += int(f.read().split()[1])
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+            self.cpu_s[pid] = max(cpu, self.cpu_s.get(pid, 0.0))
+        self.peak_mib = max(self.peak_mib, rss_pages * PAGE_MIB)
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _tree_rss_mib(self.root))
+            self.sample()
             self._stop_event.wait(self.interval)
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         self._stop_event.set()
         self.join()
-        return self.peak
 
 
 @dataclass
@@ -116,6 +140,7 @@ class Child:
     whole_s: float
     peak_mib: float
     tree_peak_mib: float
+    other_cores: float  # mean number of cores busy with processes outside this run
     stdout: str
     stderr: str
     timed_out: bool
@@ -124,11 +149,13 @@ class Child:
 def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> Child:
     """Run cmd in a fresh process; wall time around it, its own rusage via wait4 (not a delta)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        busy_before = _busy_cpu_s()
+        self_before = _own_cpu_s()
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True
         )
-        sampler = TreeMemorySampler(proc.pid)
+        sampler = TreeSampler(proc.pid)
         sampler.start()
         timed_out = threading.Event()
 
@@ -145,19 +172,27 @@ def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> Child:
         whole_s = time.perf_counter() - start
         timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
-        tree_peak = sampler.stop()
+        sampler.stop()
         _reap_leftovers(proc.pid)
+        child_cpu = max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu_s.values()))
+        other_cpu = _busy_cpu_s() - busy_before - child_cpu - (_own_cpu_s() - self_before)
         out.seek(0)
         err.seek(0)
         return Child(
             returncode=proc.returncode,
             whole_s=whole_s,
             peak_mib=usage.ru_maxrss / 1024.0,  # KiB on Linux
-            tree_peak_mib=tree_peak,
+            tree_peak_mib=sampler.peak_mib,
+            other_cores=max(0.0, other_cpu) / whole_s,
             stdout=out.read(),
             stderr=err.read(),
             timed_out=timed_out.is_set(),
         )
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reap_leftovers(pgid: int) -> None:
@@ -249,11 +284,8 @@ def run_baseline(way: str, script: str, clients: int, rounds: int, timeout_s: fl
 
 
 def _fill_common(result: Run, child: Child) -> None:
-    result.whole_s, result.peak_mib, result.tree_peak_mib = (
-        child.whole_s,
-        child.peak_mib,
-        child.tree_peak_mib,
-    )
+    result.whole_s, result.peak_mib = child.whole_s, child.peak_mib
+    result.tree_peak_mib, result.other_cores = child.tree_peak_mib, child.other_cores
 
 
 def _failure(child: Child) -> str:
@@ -263,13 +295,19 @@ def _failure(child: Child) -> str:
 
 def run_way(way: str, clients: int, rounds: int, timeout_s: float) -> Run:
     if way == "gossamer":
-        return run_gossamer(clients, rounds, timeout_s)
+        return check_rounds(run_gossamer(clients, rounds, timeout_s), rounds)
     if way == "flower" and importlib.util.find_spec("flwr") is None:
         return Run("flower", skipped=FLOWER_MISSING)
-    script = {"sequential": "sequential.py", "batched": "batched.py", "flower": "flower_fedavg.py"}[
-        way
-    ]
-    return run_baseline(way, script, clients, rounds, timeout_s)
+    return check_rounds(
+        run_baseline(way, BASELINE_SCRIPTS[way], clients, rounds, timeout_s), rounds
+    )
+
+
+def check_rounds(result: Run, rounds: int) -> Run:
+    """A run that did not report one accuracy per round is a failure, not a fast run."""
+    if result.error is None and result.skipped is None and len(result.accuracy) != rounds:
+        result.error = f"expected {rounds} per-round accuracies, got {len(result.accuracy)}"
+    return result
 
 
 # ---------------------------------------------------------------- summary
@@ -305,7 +343,15 @@ class WaySummary:
             return f"FAILED {failed}/{len(self.runs)}"
         if len({tuple(r.accuracy) for r in self.ok}) > 1:
             return "ok (accuracy differs between repeats!)"
+        busy = self.worst_other_cores
+        if busy is not None and busy > BUSY_CORES:
+            return f"ok (machine busy: other processes used {busy:.1f} cores)"
         return "ok"
+
+    @property
+    def worst_other_cores(self) -> float | None:
+        values = [r.other_cores for r in self.ok if r.other_cores is not None]
+        return max(values) if values else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -345,6 +391,11 @@ def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> 
     print(
         "(times: median over repeats; peak MiB: largest single process; tree MiB: sampled sum over the process tree)"
     )
+    if any((s.worst_other_cores or 0.0) > BUSY_CORES for s in summaries.values()):
+        print(
+            "WARNING: other processes were using the CPUs during some runs; those timings are "
+            "unreliable (PyTorch threads slow down badly when cores are oversubscribed)."
+        )
 
     g, q, b, f = (summaries.get(w) for w in WAYS)
 
@@ -455,6 +506,7 @@ def main() -> int:
             out[f"{way}_runs_s"] = [r.whole_s for r in s.ok] if s else []
             out[f"{way}_loop_runs_s"] = [r.loop_s for r in s.ok] if s else []
             out[f"{way}_status"] = s.status if s else "not run"
+            out[f"{way}_other_cores"] = [r.other_cores for r in s.ok] if s else []
         out.update(ratios)
         out.update(
             clients=args.clients, rounds=args.rounds, repeats=args.repeats, cpus=os.cpu_count()

@@ -116,33 +116,55 @@ class BatchedTrainer:
 
     # --- training --------------------------------------------------------------------------
     def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int) -> TrainResult:
-        """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``."""
+        """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``.
+
+        Each parameter is trained as its own stacked leaf ``[B, *shape]`` (autograd through
+        slices of one flat tensor would materialize a full ``[B, P]`` gradient per slice).
+        """
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         idx, valid = self.batches(nodes, keys)
-        w = params.detach().clone()
+        names = self.spec.names
+        leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         opt = self.optimizer
-        buf = torch.zeros_like(w) if opt.momentum > 0 else None
+        bufs = [torch.zeros_like(leaf) for leaf in leaves] if opt.momentum > 0 else None
         loss_sum = torch.zeros(len(nodes))
         idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
-        counts = valid_t.sum(dim=2).to(w.dtype)                      # [B, T]
+        counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
         for t in range(idx.shape[1]):
-            weight = valid_t[:, t].to(w.dtype)                       # [B, n]
-            active = (counts[:, t] > 0).to(w.dtype).unsqueeze(1)     # [B, 1]
+            weight = valid_t[:, t].to(params.dtype)                   # [B, n]
+            active = counts[:, t] > 0                                 # [B]
             xb, yb = self.x[idx_t[:, t]], self.y[idx_t[:, t]]
-            w.requires_grad_(True)
-            logits = self.forward(self.spec.views(w), xb)
+            for leaf in leaves:
+                leaf.requires_grad_(True)
+            logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
             per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             per_node = (per_sample.view_as(weight) * weight).sum(1) / counts[:, t].clamp(min=1)
-            (grad,) = torch.autograd.grad(per_node.sum(), w)
-            w = w.detach()
+            grads = torch.autograd.grad(per_node.sum(), leaves)
             loss_sum += per_node.detach()
-            if opt.weight_decay:
-                grad = grad + opt.weight_decay * w
-            if buf is not None:
-                buf = torch.where(active > 0, opt.momentum * buf + grad, buf)
-                grad = buf
-            w.sub_(opt.lr * active * grad)
+            leaves = [leaf.detach() for leaf in leaves]
+            self._sgd_step(leaves, list(grads), bufs, active)
+        out = torch.empty_like(params)
+        for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
+            view.copy_(leaf)
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
-        return TrainResult(w, valid.sum(axis=(1, 2)), steps, loss)
+        return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)
+
+    def _sgd_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
+                  bufs: list[torch.Tensor] | None, active: torch.Tensor) -> None:
+        """One masked SGD step in place: nodes without a batch at this step do not move."""
+        opt = self.optimizer
+        all_active = bool(active.all())
+        for k, (leaf, grad) in enumerate(zip(leaves, grads, strict=True)):
+            mask = active.view(-1, *([1] * (leaf.dim() - 1)))
+            if opt.weight_decay:
+                grad = grad + opt.weight_decay * leaf
+            if bufs is not None:
+                momentum = opt.momentum * bufs[k] + grad
+                bufs[k] = momentum if all_active else torch.where(mask, momentum, bufs[k])
+                grad = bufs[k]
+            if all_active:
+                leaf.sub_(grad, alpha=opt.lr)
+            else:
+                leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype)), alpha=opt.lr)
