@@ -9,8 +9,8 @@ def test_weighted_average_of_two_clients_by_hand():
     algo = FedAvg()
     state = algo.init_state(torch.tensor([1.0, 2.0, 3.0]))
     trained = torch.tensor([[2.0, 2.0, 2.0], [5.0, -1.0, 0.0]])
-    deltas = algo.client_message(trained, state.params)
-    new = algo.aggregate(state, deltas, np.array([30, 10]))
+    sent = algo.client_message(trained, state.params)
+    new = algo.aggregate(state, sent, np.array([30, 10]))
     # (30 * [2,2,2] + 10 * [5,-1,0]) / 40
     assert torch.allclose(new.params, torch.tensor([2.75, 1.25, 1.5]))
     assert new.round == 1
@@ -20,7 +20,7 @@ def test_uniform_weighting_and_server_lr():
     algo = FedAvg(weighting="uniform", server_lr=0.5)
     state = algo.init_state(torch.zeros(2))
     new = algo.aggregate(state, torch.tensor([[2.0, 0.0], [0.0, 4.0]]), np.array([1, 99]))
-    assert torch.allclose(new.params, torch.tensor([0.5, 1.0]))
+    assert torch.allclose(new.params, torch.tensor([0.5, 1.0]))     # half-way to the mean model
 
 
 def test_selection_fraction_is_deterministic_under_a_seed():

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from gossamer import config, wire
-from gossamer.sim.drivers import GossipDriver, SyncDLDriver, SyncFLDriver
+from gossamer.sim.drivers.gossip import GossipDriver
+from gossamer.sim.drivers.sync_dl import SyncDLDriver
+from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import build_experiment
 from gossamer.sim.system import Availability
 from tests.conftest import small_config

@@ -7,6 +7,7 @@ schema; they raise :class:`ConfigError` naming the field, like schema errors do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_s
 from gossamer.sim.evaluator import BatchedEvaluator
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
-from gossamer.topology import Topology, make_topology, mixing_matrix, spectral_gap, to_torch_sparse
+
+if TYPE_CHECKING:
+    from gossamer.topology import Topology
 
 
 @dataclass
@@ -99,8 +102,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     local = cfg.local
     schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
                              local.steps, local.shuffle)
+    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
-                             SGD(local.lr, local.momentum, local.weight_decay), cfg.seed)
+                             SGD(local.lr, local.momentum, local.weight_decay), cfg.seed, kernel)
     x_test, y_test = dataset.x_test, dataset.y_test
     if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
         keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
@@ -116,6 +120,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
 
 
 def _attach_topology(exp: Experiment) -> None:
+    from gossamer.topology import make_topology, mixing_matrix, spectral_gap, to_torch_sparse
+
     cfg = exp.cfg
     assert cfg.topology is not None
     with _user_error("topology.params"):

@@ -18,7 +18,8 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
-from gossamer.sim.drivers import DRIVERS, Driver
+from gossamer.sim.allocator import tune_allocator
+from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
 
 CHECKPOINT = "checkpoint.pt"
@@ -32,8 +33,9 @@ class Runner:
                  start_time: float | None = None) -> None:
         self.cfg, self.run_dir, self.on_row = cfg, Path(run_dir), on_row
         self.start_time = time.perf_counter() if start_time is None else start_time
+        tune_allocator()
         self.exp: Experiment = build_experiment(cfg)
-        self.driver: Driver = DRIVERS[self.exp.algorithm.pattern](self.exp)
+        self.driver: Driver = driver_for(self.exp.algorithm.pattern)(self.exp)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns)
         self.stopped_by: str | None = None
         self.time_to_target: float | None = None

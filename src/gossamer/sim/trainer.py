@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gossamer import rng
 from gossamer.models import ParamSpec, StackedForward
+from gossamer.models.zoo import DenseKernel
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,10 @@ class BatchedTrainer:
     """Trains stacked rows of the population on their own data shards."""
 
     def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
-                 shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int) -> None:
+                 shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int,
+                 kernel: DenseKernel | None = None) -> None:
         self.forward, self.spec = forward, spec
+        self.kernel = kernel if optimizer.momentum == 0 else None
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
         self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
@@ -124,6 +127,8 @@ class BatchedTrainer:
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         idx, valid = self.batches(nodes, keys)
+        if self.kernel is not None:
+            return self._train_fused(params, idx, valid)
         names = self.spec.names
         leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         opt = self.optimizer
@@ -168,3 +173,29 @@ class BatchedTrainer:
                 leaf.sub_(grad, alpha=opt.lr)
             else:
                 leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype)), alpha=opt.lr)
+
+    def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray) -> TrainResult:
+        """The same SGD through the model's fused kernel (hand-written backward, in place)."""
+        kernel, opt = self.kernel, self.optimizer
+        assert kernel is not None
+        leaves = kernel.leaves({k: torch.empty(v.shape, dtype=v.dtype).copy_(v)
+                                for k, v in self.spec.views(params).items()})
+        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
+        counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
+        loss_sum = torch.zeros(len(idx))
+        with torch.no_grad():
+            for t in range(idx.shape[1]):
+                weight = valid_t[:, t].to(params.dtype) / counts[:, t].clamp(min=1).unsqueeze(1)
+                decay = None
+                if opt.weight_decay:
+                    decay = 1 - opt.lr * opt.weight_decay * (counts[:, t] > 0).to(params.dtype)
+                take = idx_t[:, t].reshape(-1)
+                xb = self.x.index_select(0, take).view(*idx_t[:, t].shape, *self.x.shape[1:])
+                yb = self.y.index_select(0, take).view(idx_t[:, t].shape)
+                loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr, decay)
+            out = torch.empty(params.shape, dtype=params.dtype)
+            for view, leaf in zip(self.spec.views(out).values(), kernel.params(leaves), strict=True):
+                view.copy_(leaf)
+        steps = valid.any(axis=2).sum(axis=1)
+        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
+        return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 def canonical_edges(num_nodes: int, edges: np.ndarray) -> np.ndarray:
@@ -102,6 +105,8 @@ class Topology:
 
     def to_networkx(self) -> nx.Graph:
         """The same graph as a `networkx.Graph` with integer nodes 0..N-1."""
+        import networkx as nx
+
         graph = nx.Graph()
         graph.add_nodes_from(range(self.num_nodes))
         graph.add_edges_from(self.edges.tolist())

@@ -12,13 +12,16 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from gossamer.registry import Registry
 from gossamer.topology.core import Topology
 from gossamer.topology.edge_list import read_edge_list
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 Generator = Callable[..., Topology]
 TOPOLOGIES: Registry[Generator] = Registry("topology")
@@ -49,6 +52,13 @@ def _check_params(name: str, generator: Generator, params: dict[str, object]) ->
     missing = [p.name for p in accepted if p.default is p.empty and p.name not in params]
     if missing:
         raise ValueError(f"topology {name!r} needs parameter(s) {', '.join(missing)}")
+
+
+def _nx():
+    """networkx, imported on first use (it costs ~0.15 s at start-up)."""
+    import networkx
+
+    return networkx
 
 
 def _from_networkx(num_nodes: int, graph: nx.Graph) -> Topology:
@@ -185,7 +195,7 @@ def random_regular(num_nodes: int, seed: int, *, degree: int) -> Topology:
         raise ValueError(
             f"topology 'random_regular': degree * num_nodes must be even, got {degree} * {num_nodes}"
         )
-    return _from_networkx(num_nodes, nx.random_regular_graph(degree, num_nodes, seed=seed))
+    return _from_networkx(num_nodes, _nx().random_regular_graph(degree, num_nodes, seed=seed))
 
 
 @TOPOLOGIES.register("barabasi_albert")
@@ -194,7 +204,7 @@ def barabasi_albert(num_nodes: int, seed: int, *, m: int) -> Topology:
     m = _require_int("barabasi_albert", "m", m)
     if not 1 <= m < num_nodes:
         raise ValueError(f"topology 'barabasi_albert': m must be in [1, {num_nodes - 1}], got {m}")
-    return _from_networkx(num_nodes, nx.barabasi_albert_graph(num_nodes, m, seed=seed))
+    return _from_networkx(num_nodes, _nx().barabasi_albert_graph(num_nodes, m, seed=seed))
 
 
 @TOPOLOGIES.register("watts_strogatz")
@@ -206,7 +216,7 @@ def watts_strogatz(num_nodes: int, seed: int, *, k: int, p: float) -> Topology:
         raise ValueError(
             f"topology 'watts_strogatz': k must be even and in [2, {num_nodes - 1}], got {k}"
         )
-    return _from_networkx(num_nodes, nx.watts_strogatz_graph(num_nodes, k, p, seed=seed))
+    return _from_networkx(num_nodes, _nx().watts_strogatz_graph(num_nodes, k, p, seed=seed))
 
 
 @TOPOLOGIES.register("edge_list")

@@ -29,9 +29,9 @@ class FedAvg(Algorithm):
     """Federated averaging with client sampling, sample weighting and a server learning rate.
 
     Each round a ``client_fraction`` of the available clients (at least ``min_clients``)
-    trains from the global model and uploads its model delta; the server moves the global
-    model by ``server_lr`` times the (sample- or uniformly-) weighted mean delta.
-    ``server_lr = 1`` is exactly the weighted average of the client models.
+    trains from the global model and uploads its model, as in the paper; the server moves
+    the global model by ``server_lr`` times the step to the (sample- or uniformly-) weighted
+    average model. ``server_lr = 1`` is exactly that average.
     """
 
     family = "fl"
@@ -61,16 +61,18 @@ class FedAvg(Algorithm):
         return np.sort(generator.choice(candidates, size=k, replace=False))
 
     def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """What each client uploads: its model delta ``[B, P]``."""
-        return trained - start
+        """What each client uploads: its trained model ``[B, P]``."""
+        return trained
 
-    def aggregate(self, state: ServerState, deltas: torch.Tensor, num_samples: np.ndarray) -> ServerState:
-        """New server state from client deltas ``[B, P]`` and their sample counts ``[B]``."""
-        if deltas.shape[0] == 0:
+    def aggregate(self, state: ServerState, models: torch.Tensor, num_samples: np.ndarray) -> ServerState:
+        """New server state from client models ``[B, P]`` and their sample counts ``[B]``."""
+        if models.shape[0] == 0:
             return ServerState(state.params, state.round + 1, state.extra)
         if self.weighting == "samples":
-            weights = torch.as_tensor(num_samples, dtype=deltas.dtype)
+            weights = torch.as_tensor(num_samples, dtype=models.dtype)
         else:
-            weights = torch.ones(deltas.shape[0], dtype=deltas.dtype)
-        mean_delta = weights @ deltas / weights.sum()
-        return ServerState(state.params + self.server_lr * mean_delta, state.round + 1, state.extra)
+            weights = torch.ones(models.shape[0], dtype=models.dtype)
+        average = (weights / weights.sum()) @ models
+        if self.server_lr != 1.0:
+            average = state.params + self.server_lr * (average - state.params)
+        return ServerState(average, state.round + 1, state.extra)

@@ -1,14 +1,22 @@
-"""Executors of the algorithm patterns in the simulator, one per pattern."""
+"""Executors of the algorithm patterns in the simulator, one per pattern (imported on demand)."""
+
+from __future__ import annotations
+
+import importlib
 
 from gossamer.sim.drivers.base import Driver
-from gossamer.sim.drivers.gossip import GossipDriver
-from gossamer.sim.drivers.sync_dl import SyncDLDriver
-from gossamer.sim.drivers.sync_fl import SyncFLDriver
 
-DRIVERS: dict[str, type[Driver]] = {
-    "sync_fl": SyncFLDriver,
-    "sync_dl": SyncDLDriver,
-    "async_gossip": GossipDriver,
+_DRIVERS = {
+    "sync_fl": "gossamer.sim.drivers.sync_fl:SyncFLDriver",
+    "sync_dl": "gossamer.sim.drivers.sync_dl:SyncDLDriver",
+    "async_gossip": "gossamer.sim.drivers.gossip:GossipDriver",
 }
 
-__all__ = ["DRIVERS", "Driver", "GossipDriver", "SyncDLDriver", "SyncFLDriver"]
+
+def driver_for(pattern: str) -> type[Driver]:
+    """The simulator's executor class for an algorithm pattern."""
+    module, _, name = _DRIVERS[pattern].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["Driver", "driver_for"]

@@ -1,0 +1,30 @@
+"""The shipped examples: every config validates; quickstart learns; D-PSGD runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gossamer import config
+from gossamer.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    config.load(path)
+
+
+def test_quickstart_reaches_085(tmp_path):
+    out = tmp_path / "quickstart"
+    assert main(["run", str(EXAMPLES / "quickstart.yaml"), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_accuracy"] >= 0.85
+
+
+def test_dpsgd_example_runs(tmp_path):
+    out = tmp_path / "dpsgd"
+    assert main(["run", str(EXAMPLES / "dpsgd.yaml"), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 10 and summary["final_test_accuracy"] > 0.5
