@@ -105,3 +105,19 @@ def test_plot_writes_figures(write_config, tmp_path):
     for name in ("accuracy_vs_round.png", "accuracy_vs_time.png", "accuracy_vs_bytes.png"):
         assert (figs / name).stat().st_size > 1000
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_stop_rules_target_accuracy_and_simulated_time(write_config, tmp_path):
+    cfg = small_config("fedavg", stop={"rounds": 50, "target_accuracy": 0.6})
+    out = _run(write_config, tmp_path, cfg, "target")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = _rows(out)
+    first = next(r for r in rows if float(r["test_accuracy"]) >= 0.6)
+    assert summary["stopped_by"] == "target_accuracy" and summary["rounds"] < 50
+    assert summary["time_to_target_s"] == pytest.approx(float(first["sim_time_s"]))
+    assert int(rows[-1]["round"]) == int(first["round"]) == summary["rounds_to_target"]
+    cfg = small_config("dpsgd", stop={"rounds": 50, "max_sim_time_s": 1.0})
+    out = _run(write_config, tmp_path, cfg, "budget")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_sim_time_s" and summary["sim_time_s"] >= 1.0
+    assert float(_rows(out)[-2]["sim_time_s"]) < 1.0

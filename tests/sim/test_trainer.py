@@ -7,7 +7,7 @@ from gossamer.models import ParamSpec, build_model, make_stacked_forward
 from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
 
 
-def _setup(sizes, schedule, opt, seed=0):
+def _setup(sizes, schedule, opt, seed=0, fused=False):
     g = torch.Generator().manual_seed(0)
     total = sum(sizes)
     x = torch.randn(total, 6, generator=g)
@@ -17,7 +17,8 @@ def _setup(sizes, schedule, opt, seed=0):
     forward = make_stacked_forward(model, spec, x[0])
     bounds = np.cumsum([0, *sizes])
     shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-    return BatchedTrainer(forward, spec, x, y, shards, schedule, opt, seed=3), model, spec, x, y
+    kernel = model.stacked_kernel if fused else None
+    return BatchedTrainer(forward, spec, x, y, shards, schedule, opt, seed=3, kernel=kernel), model, spec, x, y
 
 
 def _sequential(trainer, model, spec, x, y, rows, nodes, key, opt):
@@ -42,10 +43,13 @@ def _sequential(trainer, model, spec, x, y, rows, nodes, key, opt):
 @pytest.mark.parametrize("schedule", [LocalSchedule(4, epochs=1, shuffle=False),
                                       LocalSchedule(3, epochs=2, shuffle=True),
                                       LocalSchedule(4, epochs=None, steps=5, shuffle=True)])
-@pytest.mark.parametrize("opt", [SGD(0.1), SGD(0.05, momentum=0.9, weight_decay=1e-3)])
-def test_batched_training_equals_sequential(schedule, opt):
+@pytest.mark.parametrize("opt", [SGD(0.1), SGD(0.05, momentum=0.9, weight_decay=1e-3),
+                                 SGD(0.1, weight_decay=1e-2)])
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+def test_batched_training_equals_sequential(schedule, opt, fused):
     sizes = [8, 5, 11, 0, 3]
-    trainer, model, spec, x, y = _setup(sizes, schedule, opt)
+    trainer, model, spec, x, y = _setup(sizes, schedule, opt, fused=fused)
+    assert (trainer.kernel is not None) == (fused and opt.momentum == 0)
     nodes = np.arange(len(sizes))
     rows = torch.randn(len(sizes), spec.numel) * 0.3
     result = trainer.train(rows, nodes, keys=7)
