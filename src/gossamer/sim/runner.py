@@ -155,6 +155,7 @@ class Runner:
             "sim_time_s": d.sim_time,
             "wall_time_s": time.perf_counter() - self.start_time,
             "loop_time_s": self.loop_time,
+            "node_steps": d.node_steps,
             **{f"{k}": v for k, v in d.timers.items()},
         }
         out.update(d.summary())

@@ -55,6 +55,7 @@ class BatchedTrainer:
                  kernel: DenseKernel | None = None) -> None:
         self.forward, self.spec = forward, spec
         self.kernel = kernel if optimizer.momentum == 0 else None
+        self._buffer: torch.Tensor | None = None
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
         self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
@@ -174,12 +175,32 @@ class BatchedTrainer:
             else:
                 leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype)), alpha=opt.lr)
 
+    def _workspace(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copy rows ``[B, P]`` into a reused parameter-major buffer: one contiguous
+        ``[B, *shape]`` block per parameter (reuse avoids page faults on every call)."""
+        rows = params.shape[0]
+        if self._buffer is None or self._buffer.numel() < rows * self.spec.numel:
+            self._buffer = torch.empty(rows * self.spec.numel, dtype=params.dtype)
+        blocks = {}
+        broadcast = params.stride(0) == 0                         # every row the same model
+        for (name, view), offset in zip(self.spec.views(params).items(), self.spec.offsets, strict=True):
+            size = view[0].numel()
+            block = self._buffer[rows * offset: rows * (offset + size)].view(view.shape)
+            block.copy_(view[:1].expand_as(view) if broadcast else view)
+            blocks[name] = block
+        return blocks
+
     def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray) -> TrainResult:
         """The same SGD through the model's fused kernel (hand-written backward, in place)."""
         kernel, opt = self.kernel, self.optimizer
         assert kernel is not None
-        leaves = kernel.leaves({k: torch.empty(v.shape, dtype=v.dtype).copy_(v)
-                                for k, v in self.spec.views(params).items()})
+        in_rows = idx.shape[1] <= 2
+        if in_rows:           # few steps: update views of the output rows, no copy back
+            out = torch.empty(params.shape, dtype=params.dtype)
+            out.copy_(params)
+            leaves = kernel.leaves(self.spec.views(out))
+        else:                 # many steps: contiguous blocks make every batched update faster
+            leaves = kernel.leaves(self._workspace(params))
         idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
         loss_sum = torch.zeros(len(idx))
@@ -193,9 +214,10 @@ class BatchedTrainer:
                 xb = self.x.index_select(0, take).view(*idx_t[:, t].shape, *self.x.shape[1:])
                 yb = self.y.index_select(0, take).view(idx_t[:, t].shape)
                 loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr, decay)
-            out = torch.empty(params.shape, dtype=params.dtype)
-            for view, leaf in zip(self.spec.views(out).values(), kernel.params(leaves), strict=True):
-                view.copy_(leaf)
+            if not in_rows:
+                out = torch.empty(params.shape, dtype=params.dtype)
+                for view, leaf in zip(self.spec.views(out).values(), kernel.params(leaves), strict=True):
+                    view.copy_(leaf)
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
         return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)

@@ -25,6 +25,7 @@ class Driver:
         self.bytes_up = 0
         self.bytes_down = 0
         self.train_loss: float | None = None
+        self.node_steps = 0                      # local SGD steps summed over nodes
         self.timers: dict[str, float] = {"train_s": 0.0, "communicate_s": 0.0, "eval_s": 0.0}
 
     @contextmanager
@@ -49,12 +50,14 @@ class Driver:
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "sim_time": self.sim_time, "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down, "train_loss": self.train_loss,
+                "node_steps": self.node_steps,
                 "availability": {k: _to_tensor(v) for k, v in self.exp.availability.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round, self.sim_time = int(state["round"]), float(state["sim_time"])
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.train_loss = state["train_loss"]
+        self.node_steps = int(state["node_steps"])
         self.exp.availability.load_state_dict(
             {k: _to_numpy(v) for k, v in state["availability"].items()})
 

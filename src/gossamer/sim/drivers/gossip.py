@@ -169,6 +169,7 @@ class GossipDriver(SyncDLDriver):
         trained = torch.from_numpy(result.steps > 0)
         self.age[idx] = age + trained.to(age.dtype)
         self.updates[nodes] += 1
+        self.node_steps += int(result.steps.sum())
         if trained.any():
             self.train_loss = float(result.loss[trained].mean())
 

@@ -60,6 +60,7 @@ class SyncDLDriver(Driver):
                 result = exp.trainer.train(self.params[train_ids], train_ids, r)
                 self.params[train_ids] = result.params
                 samples[train_ids] = result.samples
+                self.node_steps += int(result.steps.sum())
                 self.train_loss = float(result.loss.mean())
         with self.timer("communicate_s"):
             self.params = exp.algorithm.mix(self._mixing(online), self.params)

@@ -52,6 +52,7 @@ class SyncFLDriver(Driver):
                     + exp.system.upload_s(ids, nbytes))
         self.sim_time += float(client_s.max()) + 2 * exp.system.server_fanout_s(len(ids) * nbytes)
         self.train_loss = float(result.loss.mean())
+        self.node_steps += int(result.steps.sum())
         self.round = r
 
     def evaluate(self) -> dict[str, Any]:
