@@ -54,9 +54,9 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least-squares a + b x, and the largest relative deviation of ys from it."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
     a = my - b * mx
-    dev = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys))
+    dev = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys, strict=True))
     return a, b, dev
 
 
