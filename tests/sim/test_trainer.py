@@ -81,3 +81,15 @@ def test_unshuffled_order_is_consecutive():
     trainer, *_ = _setup([8], LocalSchedule(4, epochs=1, shuffle=False), SGD(0.1))
     idx, valid = trainer.batches(np.array([0]), np.array([0]))
     assert idx[0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and valid.all()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+@pytest.mark.parametrize("schedule", [LocalSchedule(4, epochs=1), LocalSchedule(2, epochs=2)])
+def test_inplace_training_equals_copying_training(fused, schedule):
+    trainer, _, spec, *_ = _setup([8, 5, 6], schedule, SGD(0.1), fused=fused)
+    rows = torch.randn(3, spec.numel) * 0.3
+    copied = trainer.train(rows, np.arange(3), keys=2)
+    target = rows.clone()
+    result = trainer.train(target, np.arange(3), keys=2, inplace=True)
+    assert result.params is target and torch.equal(target, copied.params)
+    assert not torch.equal(rows, copied.params)                # the input was not modified

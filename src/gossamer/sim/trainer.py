@@ -119,8 +119,12 @@ class BatchedTrainer:
         return idx, valid
 
     # --- training --------------------------------------------------------------------------
-    def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int) -> TrainResult:
+    def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
+              inplace: bool = False) -> TrainResult:
         """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``.
+
+        With ``inplace`` the trained rows are written back into ``params`` (a dense tensor,
+        not an expanded view) and returned, saving a population-sized copy.
 
         Each parameter is trained as its own stacked leaf ``[B, *shape]`` (autograd through
         slices of one flat tensor would materialize a full ``[B, P]`` gradient per slice).
@@ -129,7 +133,7 @@ class BatchedTrainer:
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         idx, valid = self.batches(nodes, keys)
         if self.kernel is not None:
-            return self._train_fused(params, idx, valid)
+            return self._train_fused(params, idx, valid, inplace)
         names = self.spec.names
         leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         opt = self.optimizer
@@ -150,7 +154,7 @@ class BatchedTrainer:
             loss_sum += per_node.detach()
             leaves = [leaf.detach() for leaf in leaves]
             self._sgd_step(leaves, list(grads), bufs, active)
-        out = torch.empty_like(params)
+        out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
         for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
             view.copy_(leaf)
         steps = valid.any(axis=2).sum(axis=1)
@@ -190,14 +194,17 @@ class BatchedTrainer:
             blocks[name] = block
         return blocks
 
-    def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray) -> TrainResult:
+    def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray,
+                     inplace: bool) -> TrainResult:
         """The same SGD through the model's fused kernel (hand-written backward, in place)."""
         kernel, opt = self.kernel, self.optimizer
         assert kernel is not None
         in_rows = idx.shape[1] <= 2
         if in_rows:           # few steps: update views of the output rows, no copy back
-            out = torch.empty(params.shape, dtype=params.dtype)
-            out.copy_(params)
+            out = params
+            if not inplace:
+                out = torch.empty(params.shape, dtype=params.dtype)
+                out.copy_(params)
             leaves = kernel.leaves(self.spec.views(out))
         else:                 # many steps: contiguous blocks make every batched update faster
             leaves = kernel.leaves(self._workspace(params))
@@ -215,7 +222,7 @@ class BatchedTrainer:
                 yb = self.y.index_select(0, take).view(idx_t[:, t].shape)
                 loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr, decay)
             if not in_rows:
-                out = torch.empty(params.shape, dtype=params.dtype)
+                out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
                 for view, leaf in zip(self.spec.views(out).values(), kernel.params(leaves), strict=True):
                     view.copy_(leaf)
         steps = valid.any(axis=2).sum(axis=1)

@@ -32,8 +32,16 @@ class DPSGD(Algorithm):
         if self.gossip_steps < 1:
             raise ValueError("gossip_steps must be >= 1")
 
-    def mix(self, mixing: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """``gossip_steps`` applications of the (sparse) mixing matrix to rows ``[N, P]``."""
+    def mix(self, mixing: torch.Tensor, params: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """``gossip_steps`` products of the (sparse or dense) mixing matrix with rows ``[N, P]``.
+
+        ``out``, a scratch tensor shaped like ``params``, avoids allocating: the two buffers
+        alternate between steps and the returned tensor is one of them.
+        """
+        src = params
+        dst = torch.empty_like(params) if out is None else out
         for _ in range(self.gossip_steps):
-            params = mixing @ params if mixing.layout == torch.strided else torch.sparse.mm(mixing, params)
-        return params
+            torch.mm(mixing, src, out=dst)
+            src, dst = dst, src
+        return src

@@ -164,7 +164,7 @@ class GossipDriver(SyncDLDriver):
             self.params[idx], self.age[idx], torch.stack([m for m, _ in received]),
             torch.tensor([a for _, a in received]))
         with self.timer("train_s"):
-            result = self.exp.trainer.train(merged, nodes, self.updates[nodes])
+            result = self.exp.trainer.train(merged, nodes, self.updates[nodes], inplace=True)
         self.params[idx] = result.params
         trained = torch.from_numpy(result.steps > 0)
         self.age[idx] = age + trained.to(age.dtype)

@@ -26,6 +26,7 @@ class SyncDLDriver(Driver):
         n = exp.num_nodes
         init = exp.init_params
         self.params = init.expand(n, -1).clone() if init.dim() == 1 else init.clone()
+        self._spare: torch.Tensor | None = None      # mixing output buffer, reused every round
         self.degrees = exp.topology.degrees()
         self.has_data = exp.trainer.sizes > 0
         cfg = exp.cfg.eval
@@ -56,14 +57,22 @@ class SyncDLDriver(Driver):
         train_ids = np.flatnonzero(online & self.has_data)
         samples = np.zeros(exp.num_nodes)
         with self.timer("train_s"):
+            if len(train_ids) == exp.num_nodes:      # everyone trains: update rows in place
+                result = exp.trainer.train(self.params, train_ids, r, inplace=True)
+            elif len(train_ids):
+                rows = self.params[train_ids]
+                result = exp.trainer.train(rows, train_ids, r, inplace=True)
+                self.params[train_ids] = rows
             if len(train_ids):
-                result = exp.trainer.train(self.params[train_ids], train_ids, r)
-                self.params[train_ids] = result.params
                 samples[train_ids] = result.samples
                 self.node_steps += int(result.steps.sum())
                 self.train_loss = float(result.loss.mean())
         with self.timer("communicate_s"):
-            self.params = exp.algorithm.mix(self._mixing(online), self.params)
+            if self._spare is None:
+                self._spare = torch.empty_like(self.params)
+            mixed = exp.algorithm.mix(self._mixing(online), self.params, out=self._spare)
+            if mixed is not self.params:                # the buffers swapped roles
+                self._spare, self.params = self.params, mixed
         steps = exp.algorithm.gossip_steps
         degree = self._online_degrees(online)
         sent = int(degree.sum()) * steps * exp.message_bytes
@@ -84,7 +93,7 @@ class SyncDLDriver(Driver):
         with self.timer("eval_s"):
             acc, loss = self.exp.evaluator.evaluate(self.params[self.eval_nodes])
             mean = self.params.mean(0, keepdim=True)
-            consensus = float(((self.params - mean) ** 2).sum(1).mean())
+            consensus = consensus_distance(self.params, mean)
             row.update(test_accuracy=float(acc.mean()), test_loss=float(loss.mean()),
                        acc_min=float(acc.min()), acc_median=float(acc.median()),
                        acc_max=float(acc.max()), consensus_distance=consensus)
@@ -107,3 +116,16 @@ class SyncDLDriver(Driver):
 
     def summary(self) -> dict[str, Any]:
         return {"spectral_gap": self.exp.spectral_gap, "num_edges": int(len(self.exp.topology.edges))}
+
+
+def consensus_distance(params: torch.Tensor, mean: torch.Tensor, chunk_bytes: int = 16 << 20) -> float:
+    """(1/N) sum_i ||x_i - mean||^2, in row chunks so no population-sized temporary is made.
+
+    Kong et al., "Consensus Control for Decentralized Deep Learning", ICML 2021.
+    """
+    rows = max(1, chunk_bytes // (params.shape[1] * params.element_size()))
+    total = 0.0
+    for start in range(0, params.shape[0], rows):
+        diff = params[start:start + rows] - mean
+        total += float(diff.square_().sum())
+    return total / params.shape[0]
