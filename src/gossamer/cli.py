@@ -118,6 +118,63 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.runtime.fl_server import Coordinator
+
+    _configure_logging(True)
+    if args.resume:
+        cfg = config_mod.load(Path(args.resume) / "config.yaml", args.set)
+        run_dir = Path(args.resume)
+    else:
+        cfg = config_mod.load(args.config, args.set)
+        run_dir = _run_dir(cfg, args.out)
+    summary = Coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
+    print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy "
+          f"{summary['final_test_accuracy']:.4f}, {summary['bytes_sent_total'] / 1e6:.1f} MB moved, "
+          f"wall {summary['wall_time_s']:.1f} s")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.runtime.fl_client import Client
+
+    _configure_logging(True)
+    cfg = config_mod.load(args.config, args.set)
+    try:
+        client = Client(cfg, args.id, args.server)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    rounds = client.run()
+    print(f"client {args.id}: trained {rounds} rounds")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.runtime.launcher import launch
+
+    overrides = list(args.set) + ([f"partition.num_nodes={args.nodes}"] if args.nodes else [])
+    cfg = config_mod.load(args.config, overrides)
+    run_dir = _run_dir(cfg, args.out)
+    code = launch(cfg, run_dir)
+    if code == 0 and (run_dir / "summary.json").exists():
+        import json
+
+        s = json.loads((run_dir / "summary.json").read_text())
+        print(f"run {run_dir}: {s['rounds']} rounds on {cfg.partition.num_nodes} processes, "
+              f"test accuracy {s['final_test_accuracy']:.4f}, wall {s['wall_time_s']:.1f} s")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gossamer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,10 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
     lst = sub.add_parser("list", help="list registered algorithms, datasets, models, topologies")
     lst.set_defaults(func=cmd_list)
+    srv = sub.add_parser("server", help="run the FL coordinator of a real deployment")
+    srv.add_argument("config", nargs="?")
+    srv.add_argument("--out", help="run directory")
+    srv.add_argument("--listen", help="HOST:PORT to listen on (default runtime.server; port 0: any free)")
+    srv.add_argument("--resume", metavar="RUN_DIR", help="continue from the server's last checkpoint")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    srv.set_defaults(func=cmd_server)
+    cli = sub.add_parser("client", help="run one FL client of a real deployment")
+    cli.add_argument("config")
+    cli.add_argument("--id", type=int, required=True, help="this client's node id")
+    cli.add_argument("--server", help="HOST:PORT of the coordinator (default runtime.server)")
+    cli.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cli.set_defaults(func=cmd_client)
+    lau = sub.add_parser("launch", help="run server and clients as local processes")
+    lau.add_argument("config")
+    lau.add_argument("--nodes", type=int, help="number of clients (sets partition.num_nodes)")
+    lau.add_argument("--out", help="run directory")
+    lau.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    lau.set_defaults(func=cmd_launch)
+    sub.add_parser("certs", help="generate a self-signed CA and node certificates "
+                   "(gossamer certs --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certs"]:                     # its own parser (gossamer.runtime.security)
+        from gossamer.runtime.security import certs_main
+
+        return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     from gossamer.config import ConfigError
 

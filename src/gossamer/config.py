@@ -193,6 +193,43 @@ class OutputConfig(_Strict):
     progress: bool = True
 
 
+class SecuritySection(_Strict):
+    """Transport security of the runtime: TLS (optionally mutual) and a shared token."""
+
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    require_client_cert: bool = False
+    token: str | None = None
+    token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecuritySection:
+        if self.tls and (self.cert is None or self.key is None):
+            raise ValueError("tls needs cert and key")
+        if self.require_client_cert and not self.tls:
+            raise ValueError("require_client_cert needs tls")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    """Real deployment (``gossamer server | client | launch``): addresses, timeouts, limits."""
+
+    server: str = "127.0.0.1:50051"
+    run_id: str = "gossamer"
+    min_clients: int | None = Field(None, ge=1)
+    join_timeout_s: float = Field(60.0, gt=0)
+    round_timeout_s: float = Field(120.0, gt=0)
+    poll_interval_s: float = Field(0.2, gt=0)
+    max_message_bytes: int = Field(256 << 20, ge=1024)
+    chunk_bytes: int = Field(1 << 20, ge=1024)
+    retry_max_s: float = Field(5.0, gt=0)
+    security: SecuritySection = Field(default_factory=SecuritySection)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
@@ -206,6 +243,7 @@ class ExperimentConfig(_Strict):
     stop: StopConfig = Field(default_factory=StopConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

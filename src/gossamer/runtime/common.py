@@ -1,0 +1,60 @@
+"""Shared runtime plumbing: security from the config, raw-bytes gRPC handlers, retries."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from gossamer.config import ExperimentConfig
+from gossamer.runtime.codec import Limits
+from gossamer.runtime.security import SecurityConfig
+
+T = TypeVar("T")
+log = logging.getLogger("gossamer.runtime")
+
+# gRPC messages are single frames (one chunk plus a little metadata); the codec bounds the
+# whole model message by max_message_bytes.
+FRAME_OVERHEAD = 64 << 10
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+
+
+def security(cfg: ExperimentConfig) -> SecurityConfig:
+    s = cfg.runtime.security
+    sec = SecurityConfig(tls=s.tls, ca=s.ca, cert=s.cert, key=s.key,
+                         require_client_cert=s.require_client_cert, token=s.token,
+                         token_file=s.token_file)
+    sec.validate()
+    return sec
+
+
+def limits(cfg: ExperimentConfig) -> Limits:
+    return Limits(cfg.runtime.max_message_bytes, cfg.runtime.chunk_bytes)
+
+
+def grpc_options(cfg: ExperimentConfig) -> list[tuple[str, int]]:
+    size = cfg.runtime.chunk_bytes + FRAME_OVERHEAD
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def retry(call: Callable[[], T], *, deadline_s: float, max_backoff_s: float,
+          what: str = "call") -> T:
+    """Run ``call`` until it succeeds, retrying transient gRPC errors with capped exponential
+    backoff and jitter until ``deadline_s`` seconds have passed; then re-raise."""
+    end = time.monotonic() + deadline_s
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code not in RETRYABLE or time.monotonic() + delay > end:
+                raise
+            log.info("%s failed (%s); retrying in %.2f s", what, code, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(max_backoff_s, delay * 2)

@@ -1,0 +1,110 @@
+"""An FL client process: join, then pull tasks, train locally, push the model back.
+
+Local training is the simulator's own ``BatchedTrainer`` with a batch of one node, driven by
+the same counter-based random streams, so client ``i`` computes exactly what simulated node
+``i`` computes. Transient errors (the server restarting, a dropped connection) are retried
+with capped exponential backoff; the client exits when the server says the run is done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+
+from gossamer.config import ExperimentConfig
+from gossamer.runtime import schema
+from gossamer.runtime.codec import WireError, model_frames, parse, read_model
+from gossamer.runtime.common import grpc_options, limits, log, retry, security
+from gossamer.runtime.security import intercept_channel, make_channel
+from gossamer.sim.experiment import build_experiment
+
+
+class Client:
+    def __init__(self, cfg: ExperimentConfig, node_id: int, server: str | None = None) -> None:
+        self.cfg, self.node = cfg, node_id
+        self.exp = build_experiment(cfg)
+        if not 0 <= node_id < self.exp.num_nodes:
+            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        self.algorithm = self.exp.algorithm
+        self.limits = limits(cfg)
+        sec = security(cfg)
+        channel = make_channel(server or cfg.runtime.server, sec, grpc_options(cfg))
+        token = sec.resolved_token()
+        self.channel = intercept_channel(channel, token) if token else channel
+        self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
+        self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
+        self._put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+        self.num_samples = int(self.exp.trainer.sizes[node_id])
+        self.last_round = 0
+
+    def _retry(self, call, what: str):
+        rt = self.cfg.runtime
+        return retry(call, deadline_s=rt.join_timeout_s, max_backoff_s=rt.retry_max_s, what=what)
+
+    def join(self) -> None:
+        req = schema.JoinRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
+                                 num_samples=self.num_samples).SerializeToString()
+        reply = parse(schema.JoinReply, self._retry(lambda: self._join(req, timeout=10), "join"))
+        if not reply.ok:
+            raise RuntimeError(f"server refused client {self.node}: {reply.reason}")
+        if reply.num_params != self.exp.spec.numel:
+            raise RuntimeError("server model size differs from this client's config")
+
+    def _fetch(self) -> tuple[object, object]:
+        """One GetTask call: (header, (meta, model) or None)."""
+        req = schema.TaskRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
+                                 last_round=self.last_round).SerializeToString()
+        frames = iter(self._get_task(req, timeout=self.cfg.runtime.round_timeout_s))
+        header = parse(schema.TaskFrame, next(frames)).header
+        if header.kind != schema.TaskHeader.TRAIN:
+            return header, None
+        model = read_model((parse(schema.TaskFrame, f).model for f in frames),
+                           expected_numel=self.exp.spec.numel, run_id=self.cfg.runtime.run_id,
+                           limits=self.limits)
+        return header, model
+
+    def run(self) -> int:
+        """Serve tasks until the server says DONE; returns the number of rounds trained."""
+        self.join()
+        trained = 0
+        while True:
+            try:
+                header, model = self._retry(self._fetch, "get task")
+            except WireError as exc:
+                log.warning("client %d: bad task from server (%s); asking again", self.node, exc)
+                time.sleep(self.cfg.runtime.poll_interval_s)
+                continue
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                log.info("client %d: server unreachable (%s); rejoining", self.node, exc.code())
+                self.join()
+                continue
+            if header.kind == schema.TaskHeader.DONE:
+                return trained
+            if header.kind == schema.TaskHeader.JOIN:
+                self.join()
+                continue
+            if header.kind == schema.TaskHeader.WAIT:
+                time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
+                continue
+            self._train_and_send(int(header.round), model[1].float())
+            trained += 1
+
+    def _train_and_send(self, round_: int, start) -> None:
+        if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == str(round_):
+            os.kill(os.getpid(), signal.SIGKILL)              # tests: die mid-round like kill -9
+        nodes = np.array([self.node])
+        result = self.exp.trainer.train(start.reshape(1, -1), nodes, round_)
+        message = self.algorithm.client_message(result.params, start.reshape(1, -1))[0]
+        frames = [f.SerializeToString() for f in model_frames(
+            message, sender=self.node, round=round_, meta=self.num_samples,
+            run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+        ack = parse(schema.Ack, self._retry(lambda: self._put(iter(frames), timeout=60), "put update"))
+        if not ack.ok:
+            log.warning("client %d: update for round %d rejected: %s", self.node, round_, ack.reason)
+        self.last_round = round_

@@ -1,0 +1,182 @@
+"""FedAvg on real processes over gRPC on loopback: end to end, parity, faults, rejections."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+import torch
+
+from gossamer.cli import main
+from gossamer.runtime import schema
+from gossamer.runtime.codec import model_frames
+from tests.conftest import gossamer_cmd, small_config, subprocess_env
+
+
+def _cfg(**runtime):
+    cfg = small_config("fedavg", stop={"rounds": 3})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["runtime"] = {"round_timeout_s": 20, "join_timeout_s": 60, "poll_interval_s": 0.1, **runtime}
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+class Procs:
+    """Processes started by a test; all are killed at the end, whatever happens."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, *args, env=None):
+        p = subprocess.Popen(gossamer_cmd(*args), env=env or subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.close()
+
+
+def test_launch_matches_the_simulator(write_config, tmp_path):
+    path = write_config(_cfg())
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    assert [r["round"] for r in real] == ["0", "1", "2", "3"]
+    assert [r["test_accuracy"] for r in real] == [r["test_accuracy"] for r in sim]
+    assert all(r["participants"] == "4" for r in real[1:])
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert summary["executor"] == "runtime" and summary["bytes_up_total"] > 3 * 4 * 4 * 1000
+
+
+def test_killed_client_is_dropped_and_the_run_finishes(write_config, tmp_path, procs):
+    port = _free_port()
+    path = write_config(_cfg(round_timeout_s=3, server=f"127.0.0.1:{port}"))
+    out = tmp_path / "run"
+    server = procs.start("server", str(path), "--out", str(out))
+    victim = None
+    for i in range(4):
+        env = subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="2") if i == 3 else None
+        p = procs.start("client", str(path), "--id", str(i), env=env)
+        victim = p if i == 3 else victim
+    assert server.wait(timeout=120) == 0, server.stdout.read().decode()[-2000:]
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["participants"] for r in rows[1:]] == ["4", "3", "3"]
+
+
+def test_server_restart_loses_and_repeats_no_round(write_config, tmp_path, procs):
+    port = _free_port()
+    path = write_config(_cfg(server=f"127.0.0.1:{port}", join_timeout_s=90))
+    reference = tmp_path / "reference"                # the simulator gives the same numbers
+    assert main(["run", str(path), "--out", str(reference), "--quiet"]) == 0
+    out = tmp_path / "run"
+    first = procs.start("server", str(path), "--out", str(out),
+                        env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="1"))
+    clients = [procs.start("client", str(path), "--id", str(i)) for i in range(4)]
+    assert first.wait(timeout=120) == -signal.SIGKILL
+    assert [r["round"] for r in _rows(out)] == ["0", "1"]
+    time.sleep(0.5)
+    second = procs.start("server", "--resume", str(out))
+    assert second.wait(timeout=120) == 0, second.stdout.read().decode()[-2000:]
+    for c in clients:
+        assert c.wait(timeout=30) == 0
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in _rows(reference)]
+
+
+def _serve_once(write_config, tmp_path, procs, **runtime):
+    port = _free_port()
+    path = write_config(_cfg(server=f"127.0.0.1:{port}", join_timeout_s=30, **runtime))
+    server = procs.start("server", str(path), "--out", str(tmp_path / "run"))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "server.json").exists():
+        assert server.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return path, f"127.0.0.1:{port}"
+
+
+def _put(channel, frames, metadata=()):
+    put = channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+    return schema.Ack.FromString(put(iter(frames), timeout=10, metadata=metadata))
+
+
+def test_bad_messages_are_rejected_and_the_server_keeps_serving(write_config, tmp_path, procs):
+    _, address = _serve_once(write_config, tmp_path, procs)
+    with grpc.insecure_channel(address) as channel:
+        wrong_shape = [f.SerializeToString() for f in model_frames(torch.zeros(7), run_id="gossamer")]
+        ack = _put(channel, wrong_shape)
+        assert not ack.ok and "expected" in ack.reason
+        ack = _put(channel, [b"\x08\x96\x01garbage", os.urandom(64)])
+        assert not ack.ok and ack.reason
+        spec = schema.TensorSpec(dtype="float32", shape=[10], num_bytes=41)
+        lying = [schema.Frame(meta=schema.ModelMeta(tensor=spec, run_id="gossamer")).SerializeToString()]
+        ack = _put(channel, lying)
+        assert not ack.ok and "header says 41" in ack.reason
+        join = channel.unary_unary(schema.method("Coordinator", "Join"))
+        reply = schema.JoinReply.FromString(join(schema.JoinRequest(
+            node_id=0, run_id="gossamer", num_samples=10).SerializeToString(), timeout=10))
+        assert reply.ok                                            # still serving
+
+
+def test_oversized_message_is_rejected(write_config, tmp_path, procs):
+    _, address = _serve_once(write_config, tmp_path, procs, max_message_bytes=4096)
+    with grpc.insecure_channel(address) as channel:
+        frames = [f.SerializeToString() for f in model_frames(torch.zeros(5000), run_id="gossamer")]
+        ack = _put(channel, frames)
+        assert not ack.ok and "exceeds the cap" in ack.reason
+
+
+def test_wrong_token_is_rejected(write_config, tmp_path, procs):
+    _, address = _serve_once(write_config, tmp_path, procs, security={"token": "s3cret-token"})
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _put(channel, [], metadata=(("authorization", "Bearer wrong"),))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            _put(channel, [])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ack = _put(channel, [], metadata=(("authorization", "Bearer s3cret-token"),))
+        assert not ack.ok                                          # authenticated, then rejected as empty
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_server(write_config, tmp_path, procs):
+    certs = tmp_path / "certs"
+    assert main(["certs", "--out", str(certs), "--names", "server"]) == 0
+    security = {"tls": True, "ca": str(certs / "ca.pem"), "cert": str(certs / "server.pem"),
+                "key": str(certs / "server.key")}
+    _, address = _serve_once(write_config, tmp_path, procs, security=security)
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _put(channel, [])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    creds = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes())
+    with grpc.secure_channel(address, creds) as channel:
+        assert not _put(channel, []).ok                            # TLS works; empty message rejected
