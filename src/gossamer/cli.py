@@ -158,6 +158,23 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.runtime.dl_peer import Peer
+
+    _configure_logging(True)
+    cfg = config_mod.load(args.config, args.set)
+    try:
+        peer = Peer(cfg, args.id, Path(args.out), listen=args.listen, resume=args.resume)
+    except ValueError as exc:
+        if isinstance(exc, config_mod.ConfigError):
+            raise
+        raise UserError(str(exc)) from None
+    peer.run(Path(args.peers))
+    print(f"peer {args.id}: {peer.round} rounds")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.runtime.launcher import launch
@@ -172,6 +189,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         s = json.loads((run_dir / "summary.json").read_text())
         print(f"run {run_dir}: {s['rounds']} rounds on {cfg.partition.num_nodes} processes, "
               f"test accuracy {s['final_test_accuracy']:.4f}, wall {s['wall_time_s']:.1f} s")
+    elif code != 0:
+        print(f"gossamer: launch failed (exit {code}); logs in {run_dir}/logs", file=sys.stderr)
     return code
 
 
@@ -209,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--server", help="HOST:PORT of the coordinator (default runtime.server)")
     cli.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cli.set_defaults(func=cmd_client)
+    peer = sub.add_parser("peer", help="run one decentralized peer of a real deployment")
+    peer.add_argument("config")
+    peer.add_argument("--id", type=int, required=True)
+    peer.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free)")
+    peer.add_argument("--peers", required=True, help="JSON file: node id -> HOST:PORT")
+    peer.add_argument("--out", required=True, help="run directory (peers/ holds per-peer files)")
+    peer.add_argument("--resume", action="store_true", help="continue from this peer's checkpoint")
+    peer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    peer.set_defaults(func=cmd_peer)
     lau = sub.add_parser("launch", help="run server and clients as local processes")
     lau.add_argument("config")
     lau.add_argument("--nodes", type=int, help="number of clients (sets partition.num_nodes)")

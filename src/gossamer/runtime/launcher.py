@@ -56,8 +56,12 @@ def _wait_for_address(run_dir: Path, server: subprocess.Popen, timeout_s: float)
 
 
 def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 120.0) -> int:
-    """Run ``cfg`` on real processes; returns the coordinator's exit code."""
+    """Run ``cfg`` on real processes; returns the coordinator's (or the worst peer's) exit code."""
+    from gossamer.algorithms import ALGORITHMS
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ALGORITHMS.get(cfg.algorithm.name).family == "dl":
+        return _launch_peers(cfg, run_dir, startup_timeout_s)
     host = cfg.runtime.server.rsplit(":", 1)[0]
     config_path = run_dir / "launch.yaml"
     config_path.write_text(dump(cfg))
@@ -80,6 +84,51 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 1
             except subprocess.TimeoutExpired:
                 pass
         return code
+    finally:
+        _stop(procs)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float) -> int:
+    """One ``gossamer peer`` process per node; the launcher gathers their addresses into a
+    peers file, waits for all of them, and merges their metrics."""
+    from gossamer.metrics.runstore import atomic_write_text, environment, write_json
+    from gossamer.runtime.dl_peer import merge_peer_metrics
+
+    host = cfg.runtime.server.rsplit(":", 1)[0]
+    config_path = run_dir / "config.yaml"
+    atomic_write_text(config_path, dump(cfg))
+    write_json(run_dir / "environment.json", environment())
+    peers_file = run_dir / "peers.json"
+    peers_file.unlink(missing_ok=True)
+    n = cfg.partition.num_nodes
+    procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        for i in range(n):
+            (run_dir / "peers" / f"address-{i}.json").unlink(missing_ok=True)
+            procs.append(_spawn(["peer", str(config_path), "--id", str(i), "--listen", f"{host}:0",
+                                 "--peers", str(peers_file), "--out", str(run_dir)],
+                                run_dir / "logs" / f"peer-{i}.log"))
+        addresses = {}
+        end = time.monotonic() + startup_timeout_s
+        while len(addresses) < n:
+            for i in range(n):
+                path = run_dir / "peers" / f"address-{i}.json"
+                if i not in addresses and path.exists():
+                    addresses[i] = json.loads(path.read_text())["address"]
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError(f"a peer exited early; see {run_dir}/logs")
+            if time.monotonic() > end:
+                raise RuntimeError("peers did not start listening in time")
+            time.sleep(0.05)
+        atomic_write_text(peers_file, json.dumps({str(k): v for k, v in sorted(addresses.items())}))
+        codes = [p.wait() for p in procs]
+        if any(c > 0 for c in codes):                 # an error, not a node killed by a signal
+            return max(codes)
+        killed = [i for i, c in enumerate(codes) if c < 0]
+        merge_peer_metrics(cfg, run_dir, killed)
+        return 0
     finally:
         _stop(procs)
         signal.signal(signal.SIGTERM, previous)

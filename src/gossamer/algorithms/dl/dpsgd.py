@@ -32,6 +32,11 @@ class DPSGD(Algorithm):
         if self.gossip_steps < 1:
             raise ValueError("gossip_steps must be >= 1")
 
+    def mix_row(self, weights: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
+        """One node's step of ``X <- W X``: its row of ``W`` (``[k]``) times the models it holds
+        (``[k, P]``: its own and its neighbours'). The runtime's per-process form of :meth:`mix`."""
+        return weights.to(models.dtype) @ models
+
     def mix(self, mixing: torch.Tensor, params: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """``gossip_steps`` products of the (sparse or dense) mixing matrix with rows ``[N, P]``.

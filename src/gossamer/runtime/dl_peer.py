@@ -1,0 +1,266 @@
+"""A decentralized peer process: the synchronous D-PSGD pattern over gRPC.
+
+Every round a peer trains on its shard (the simulator's trainer, one row), pushes its model
+to each neighbour, waits for its neighbours' models of the same round (at most
+``runtime.round_timeout_s``), and mixes with its row of the mixing matrix. A neighbour that
+did not deliver in time is skipped and its weight folded onto the peer's own, exactly as the
+simulator's ``renormalize_for_available`` does for offline nodes. Each peer checkpoints
+after every round; restarted with ``--resume`` it continues from there. Metrics rows
+(own model's test accuracy and loss, bytes, wall seconds) go to ``peers/metrics-<id>.csv``;
+the launcher merges them into the run's ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
+from gossamer.runtime import schema
+from gossamer.runtime.codec import WireError, model_frames, read_raw_model
+from gossamer.runtime.common import grpc_options, limits, log, retry, security
+from gossamer.runtime.security import (
+    TokenAuthInterceptor,
+    add_port,
+    intercept_channel,
+    make_channel,
+)
+from gossamer.sim.experiment import build_experiment
+
+PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
+
+
+def read_peers(path: Path, num_nodes: int) -> dict[int, str]:
+    """A peers file: JSON object mapping node id to ``host:port`` for every node."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        peers = {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError("--peers", f"cannot read peers file {path}: {exc}") from None
+    missing = sorted(set(range(num_nodes)) - set(peers))
+    if missing:
+        raise ConfigError("--peers", f"peers file lacks nodes {missing[:5]}")
+    return peers
+
+
+class Peer:
+    def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
+                 listen: str = "127.0.0.1:0", resume: bool = False) -> None:
+        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
+        self.exp = build_experiment(cfg)
+        self.algorithm = self.exp.algorithm
+        if self.algorithm.pattern != "sync_dl":
+            raise ConfigError("algorithm.name", f"gossamer peer runs synchronous decentralized "
+                              f"algorithms; {cfg.algorithm.name} is not one yet")
+        if not 0 <= node_id < self.exp.num_nodes:
+            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        self.listen = listen
+        self.security, self.limits = security(cfg), limits(cfg)
+        self.token = self.security.resolved_token()
+        self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
+        row = self.exp.mixing_scipy.getrow(node_id)
+        self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        init = self.exp.init_params
+        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
+        self.round = 0
+        self.bytes_up = self.bytes_down = 0
+        self.elapsed_before = 0.0
+        self.inbox: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self.lock = threading.Condition()
+        self.peer_dir = self.run_dir / "peers"
+        self.peer_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
+        self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
+        if resume and self.ckpt.exists():
+            state = load_checkpoint(self.ckpt)
+            self.params, self.round = state["params"], int(state["round"])
+            self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+            self.elapsed_before = float(state["elapsed"])
+            self.metrics.load_existing(self.round)
+
+    # --- the Peer service ---------------------------------------------------------------------
+    def push(self, chunks, context: grpc.ServicerContext) -> bytes:
+        size = 0
+
+        def counted():
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+
+        try:
+            meta, tensor = read_raw_model(counted(), expected_numel=self.exp.spec.numel,
+                                          run_id=self.cfg.runtime.run_id, limits=self.limits)
+        except WireError as exc:
+            log.warning("peer %d rejected a message: %s", self.node, exc)
+            return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
+        sender = int(meta.sender)
+        if sender not in self.weights or sender == self.node:
+            return schema.Ack(ok=False, reason=f"{sender} is not a neighbour").SerializeToString()
+        with self.lock:
+            self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor.float().clone()
+            self.bytes_down += size
+            self.lock.notify_all()
+        return schema.Ack(ok=True).SerializeToString()
+
+    # --- rounds ---------------------------------------------------------------------------------
+    def _send(self, stubs: dict[int, Any], round_: int, step: int) -> None:
+        frames = [f.SerializeToString() for f in model_frames(
+            self.params[0], sender=self.node, round=round_, meta=step,
+            run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+        nbytes = sum(len(f) for f in frames)
+
+        def one(j: int) -> None:
+            try:
+                retry(lambda: stubs[j](iter(frames), timeout=30), what=f"push to {j}",
+                      deadline_s=self.cfg.runtime.round_timeout_s,
+                      max_backoff_s=self.cfg.runtime.retry_max_s)
+                with self.lock:
+                    self.bytes_up += nbytes
+            except grpc.RpcError as exc:
+                log.warning("peer %d: neighbour %d unreachable (%s)", self.node, j, exc.code())
+
+        threads = [threading.Thread(target=one, args=(j,), daemon=True) for j in self.neighbors]
+        for t in threads:
+            t.start()
+        self._senders = threads
+
+    def _mix(self, round_: int, step: int) -> None:
+        key = (round_, step)
+        with self.lock:
+            self.lock.wait_for(lambda: len(self.inbox.get(key, {})) == len(self.neighbors),
+                               timeout=self.cfg.runtime.round_timeout_s)
+            got = self.inbox.pop(key, {})
+        missing = [j for j in self.neighbors if j not in got]
+        if missing:
+            log.warning("peer %d round %d: no model from %s; mixing without them",
+                        self.node, round_, missing)
+        own = self.weights[self.node] + sum(self.weights[j] for j in missing)
+        ids = sorted(got)
+        weights = torch.tensor([own] + [self.weights[j] for j in ids], dtype=torch.float64)
+        models = torch.cat([self.params] + [got[j].reshape(1, -1) for j in ids])
+        self.params = self.algorithm.mix_row(weights, models).reshape(1, -1)
+
+    def _row(self, start: float) -> dict[str, Any]:
+        acc, loss = self.exp.evaluator.evaluate(self.params)
+        return {"round": self.round, "sim_time_s": self.elapsed_before + time.monotonic() - start,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "test_accuracy": float(acc[0]), "test_loss": float(loss[0])}
+
+    def run(self, peers: dict[int, str] | Path) -> None:
+        start = time.monotonic()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(self.neighbors) + 4),
+                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
+                             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "gossamer.v1.Peer", {"Push": grpc.stream_unary_rpc_method_handler(self.push)})])
+        port = add_port(server, self.listen, self.security)
+        server.start()
+        write_json(self.peer_dir / f"address-{self.node}.json",
+                   {"address": f"{self.listen.rsplit(':', 1)[0]}:{port}"})
+        try:
+            if isinstance(peers, Path):
+                peers = self._wait_for_peers(peers)
+            stubs = {}
+            for j in self.neighbors:
+                channel = make_channel(peers[j], self.security, grpc_options(self.cfg))
+                channel = intercept_channel(channel, self.token) if self.token else channel
+                stubs[j] = channel.stream_unary(schema.method("Peer", "Push"))
+            self._rounds(stubs, start)
+        finally:
+            time.sleep(0.5)                 # let neighbours finish their last pushes to us
+            server.stop(grace=1.0).wait()
+
+    def _wait_for_peers(self, path: Path) -> dict[int, str]:
+        end = time.monotonic() + self.cfg.runtime.join_timeout_s
+        while not path.exists():
+            if time.monotonic() > end:
+                raise RuntimeError(f"peers file {path} did not appear")
+            time.sleep(0.05)
+        return read_peers(path, self.exp.num_nodes)
+
+    def _rounds(self, stubs: dict[int, Any], start: float) -> None:
+        every = self.cfg.eval.every
+        if self.round == 0 and not self.metrics.rows:
+            self.metrics.append(self._row(start))
+        node = np.array([self.node])
+        for r in range(self.round + 1, self.cfg.stop.rounds + 1):
+            if self.exp.trainer.sizes[self.node] > 0:
+                self.exp.trainer.train(self.params, node, r, inplace=True)
+            for step in range(self.algorithm.gossip_steps):
+                self._send(stubs, r, step)
+                self._mix(r, step)
+                for t in self._senders:
+                    t.join()
+            self.round = r
+            if r % every == 0 or r == self.cfg.stop.rounds:
+                self.metrics.append(self._row(start))
+                save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]})
+            save_checkpoint(self.ckpt, {"params": self.params, "round": r, "bytes_up": self.bytes_up,
+                                        "bytes_down": self.bytes_down,
+                                        "elapsed": self.elapsed_before + time.monotonic() - start})
+            if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def merge_peer_metrics(cfg: ExperimentConfig, run_dir: Path,
+                       killed: list[int] | None = None) -> dict[str, Any]:
+    """Merge ``peers/metrics-*.csv`` into the simulator's DL ``metrics.csv`` and a summary.
+
+    Per evaluated round: mean/min/median/max of the peers' test accuracy, summed bytes, the
+    slowest peer's wall time, and the accuracy of the average model and the consensus
+    distance, computed from the models the peers saved at that round. Peers that died
+    (``killed``) count for the rounds they completed.
+    """
+    import csv
+
+    from gossamer.sim.drivers.sync_dl import SyncDLDriver, consensus_distance
+
+    exp = build_experiment(cfg)
+    n = exp.num_nodes
+    per_peer = []
+    for i in range(n):
+        with (run_dir / "peers" / f"metrics-{i}.csv").open() as f:
+            per_peer.append({int(r["round"]): r for r in csv.DictReader(f)})
+    rounds = sorted(set.union(*(set(p) for p in per_peer)))
+    writer = MetricsWriter(run_dir / "metrics.csv", SyncDLDriver.columns)
+    writer.load_existing(-1)
+    (run_dir / "metrics.csv").unlink(missing_ok=True)
+    row: dict[str, Any] = {}
+    for r in rounds:
+        have = [i for i in range(n) if r in per_peer[i]]
+        acc = torch.tensor([float(per_peer[i][r]["test_accuracy"]) for i in have])
+        loss = torch.tensor([float(per_peer[i][r]["test_loss"]) for i in have])
+        row = {"round": r, "sim_time_s": max(float(per_peer[i][r]["sim_time_s"]) for i in have),
+               "bytes_up": sum(int(per_peer[i][r]["bytes_up"]) for i in have),
+               "bytes_down": sum(int(per_peer[i][r]["bytes_down"]) for i in have),
+               "test_accuracy": float(acc.mean()), "test_loss": float(loss.mean()),
+               "acc_min": float(acc.min()), "acc_median": float(acc.median()),
+               "acc_max": float(acc.max())}
+        files = [run_dir / "peers" / f"model-{i}-r{r}.pt" for i in have]
+        if r > 0 and all(f.exists() for f in files):
+            models = torch.stack([load_checkpoint(f)["params"] for f in files])
+            mean = models.mean(0, keepdim=True)
+            avg_acc, avg_loss = exp.evaluator.evaluate(mean)
+            row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]),
+                       consensus_distance=consensus_distance(models, mean))
+        writer.append(row)
+    summary = {"name": cfg.name, "algorithm": cfg.algorithm.name, "executor": "runtime",
+               "num_nodes": n, "num_params": exp.spec.numel, "rounds": row.get("round", 0),
+               "final_test_accuracy": row.get("test_accuracy"),
+               "bytes_sent_total": row.get("bytes_up", 0), "sim_time_s": row.get("sim_time_s"),
+               "wall_time_s": row.get("sim_time_s"), "spectral_gap": exp.spectral_gap,
+               "failed_peers": sorted(killed or [])}
+    write_json(run_dir / "summary.json", summary)
+    return summary
