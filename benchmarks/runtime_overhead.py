@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -47,6 +48,8 @@ sys.path.insert(0, str(SRC))  # part 2 imports the codec of this checkout
 CHUNKS = (256 << 10, 1 << 20, 4 << 20)
 FRAME_OVERHEAD = 64 << 10  # as gossamer.runtime.common: gRPC messages are one chunk + metadata
 MiB = float(1 << 20)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BUSY_CORES = 0.2  # other processes using more than this many cores on average spoil the timings
 
 
 def median(values: list[float]) -> float | None:
@@ -118,11 +121,27 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_child(args: list[str], timeout_s: float, log_path: Path) -> tuple[float, str | None]:
-    """Run `python -m gossamer ARGS`; returns (whole-process wall seconds, error or None)."""
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_child(args: list[str], timeout_s: float, log_path: Path) -> tuple[float, float, str | None]:
+    """Run `python -m gossamer ARGS`; returns (whole-process wall seconds, mean cores used by
+    processes other than this child's tree meanwhile, error or None). The launcher reaps its
+    server and clients, so their CPU time reaches RUSAGE_CHILDREN here."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     with log_path.open("wb") as log:
+        busy0, own0 = _busy_cpu_s(), _children_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "gossamer", *args], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,12 +149,13 @@ def run_child(args: list[str], timeout_s: float, log_path: Path) -> tuple[float,
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_tree(proc)
-            return time.perf_counter() - t0, f"timed out after {timeout_s:.0f} s"
+            return time.perf_counter() - t0, None, f"timed out after {timeout_s:.0f} s"
         whole = time.perf_counter() - t0
+        other = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - own0)) / whole
     if code != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-        return whole, f"exit code {code}: " + " | ".join(tail)
-    return whole, None
+        return whole, other, f"exit code {code}: " + " | ".join(tail)
+    return whole, other, None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -145,9 +165,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def run_sim(cfg: Path, out: Path, rounds: int, timeout_s: float) -> dict:
-    whole, err = run_child(["run", str(cfg), "--out", str(out), "--quiet"], timeout_s,
-                           out.parent / f"{out.name}.log")
-    res: dict = {"whole_s": whole, "error": err}
+    whole, other, err = run_child(["run", str(cfg), "--out", str(out), "--quiet"], timeout_s,
+                                  out.parent / f"{out.name}.log")
+    res: dict = {"whole_s": whole, "other_cores": other, "error": err}
     if err is None:
         summary = json.loads((out / "summary.json").read_text())
         rows = [r for r in read_metrics(out) if r["round"] >= 1]
@@ -157,9 +177,9 @@ def run_sim(cfg: Path, out: Path, rounds: int, timeout_s: float) -> dict:
 
 
 def run_runtime(cfg: Path, out: Path, timeout_s: float) -> dict:
-    whole, err = run_child(["launch", str(cfg), "--out", str(out)], timeout_s,
-                           out.parent / f"{out.name}.log")
-    res: dict = {"whole_s": whole, "error": err}
+    whole, other, err = run_child(["launch", str(cfg), "--out", str(out)], timeout_s,
+                                  out.parent / f"{out.name}.log")
+    res: dict = {"whole_s": whole, "other_cores": other, "error": err}
     if err is None:
         summary = json.loads((out / "summary.json").read_text())
         rows = read_metrics(out)
@@ -173,6 +193,13 @@ def run_runtime(cfg: Path, out: Path, timeout_s: float) -> dict:
     return res
 
 
+def _progress(run: dict) -> str:
+    if run["error"]:
+        return run["error"]
+    return (f"{run['whole_s']:.1f} s, {run['per_round_s']:.3f} s/round, "
+            f"other processes used {run['other_cores']:.2f} cores")
+
+
 def part1(nodes: int, rounds: int, repeats: int, timeout_s: float) -> dict:
     sims, rts = [], []
     with tempfile.TemporaryDirectory(prefix="gossamer-overhead-") as tmp:
@@ -182,14 +209,12 @@ def part1(nodes: int, rounds: int, repeats: int, timeout_s: float) -> dict:
         for rep in range(repeats):
             s = run_sim(cfg, tmp_path / f"sim-{rep}", rounds, timeout_s)
             sims.append(s)
-            print(f"  repeat {rep + 1}/{repeats} sim: "
-                  + (s["error"] or f"{s['whole_s']:.1f} s, {s['per_round_s']:.3f} s/round"),
-                  file=sys.stderr, flush=True)
+            print(f"  repeat {rep + 1}/{repeats} sim: " + _progress(s), file=sys.stderr,
+                  flush=True)
             r = run_runtime(cfg, tmp_path / f"runtime-{rep}", timeout_s)
             rts.append(r)
-            print(f"  repeat {rep + 1}/{repeats} runtime: "
-                  + (r["error"] or f"{r['whole_s']:.1f} s, {r['per_round_s']:.3f} s/round"),
-                  file=sys.stderr, flush=True)
+            print(f"  repeat {rep + 1}/{repeats} runtime: " + _progress(r), file=sys.stderr,
+                  flush=True)
 
     def med(runs: list[dict], key: str) -> float | None:
         return median([x.get(key) for x in runs if x["error"] is None])
@@ -208,6 +233,8 @@ def part1(nodes: int, rounds: int, repeats: int, timeout_s: float) -> dict:
         "runtime_per_round_runs": [x.get("per_round_s") for x in rts],
         "sim_whole_runs": [x["whole_s"] for x in sims],
         "runtime_whole_runs": [x["whole_s"] for x in rts],
+        "other_cores_max": max((x["other_cores"] for x in sims + rts
+                                if x["other_cores"] is not None), default=None),
         "errors": [x["error"] for x in sims + rts if x["error"]],
         "sim_curve": sim_ok[0]["curve"] if sim_ok else None,
         "runtime_curve": rt_ok[0]["curve"] if rt_ok else None,
@@ -325,6 +352,8 @@ def main() -> int:
         print(f"\n{'':34}{'sim':>10}{'runtime':>10}")
         print(f"{'per round s (median)':34}{fmt(p1['sim_per_round_s']):>10}"
               f"{fmt(p1['runtime_per_round_s']):>10}   runtime: rounds 2..{a.rounds}")
+        print(f"{'  each repeat':34}" + "   ".join(
+            "/".join(fmt(v) for v in p1[f"{w}_per_round_runs"]) for w in ("sim", "runtime")))
         print(f"{'round 1 s (warm-up)':34}{'':>10}{fmt(p1['runtime_round1_s']):>10}")
         print(f"{'start-up s (all clients joined)':34}{'':>10}{fmt(p1['runtime_startup_s']):>10}")
         print(f"{'FL loop s / server wall s':34}{fmt(p1['sim_loop_s'], '.2f'):>10}"
@@ -342,6 +371,10 @@ def main() -> int:
         if p1["runtime_bytes_up"] is not None:
             print(f"runtime bytes up / down over the run: {p1['runtime_bytes_up'] / MiB:.1f} / "
                   f"{p1['runtime_bytes_down'] / MiB:.1f} MiB")
+        busy = p1["other_cores_max"]
+        if busy is not None and busy > BUSY_CORES:
+            print(f"warning: other processes used up to {busy:.2f} cores during a run; "
+                  "timings are noisy (see the per-repeat lines on stderr)")
         for e in p1["errors"]:
             print(f"error: {e}")
     if not a.skip_transport:

@@ -2,9 +2,11 @@
 
 import csv
 import json
+import socket
+import subprocess
 
 from gossamer.cli import main
-from tests.conftest import small_config
+from tests.conftest import gossamer_cmd, small_config, subprocess_env
 
 
 def _cfg():
@@ -42,3 +44,42 @@ def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monk
     assert float(rows[-1]["test_accuracy"]) > float(rows[1]["test_accuracy"])
     log = (tmp_path / "run" / "logs" / "peer-0.log").read_text()
     assert "no model from [3]" in log
+
+
+def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
+    ports = []
+    for _ in range(4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cfg = _cfg()
+    cfg["stop"] = {"rounds": 100}
+    cfg["eval"] = {"every": 10}
+    cfg["runtime"] = {"round_timeout_s": 3, "join_timeout_s": 60}
+    path = write_config(cfg)
+    out = tmp_path / "run"
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({str(i): f"127.0.0.1:{p}" for i, p in enumerate(ports)}))
+
+    def start(i, *extra, env=None):
+        log = (tmp_path / f"peer-{i}{'-resumed' if extra else ''}.log").open("wb")
+        return subprocess.Popen(gossamer_cmd("peer", str(path), "--id", str(i), "--listen",
+                                             f"127.0.0.1:{ports[i]}", "--peers", str(peers),
+                                             "--out", str(out), *extra),
+                                env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+
+    procs = [start(i, env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3:20") if i == 3 else None)
+             for i in range(4)]
+    try:
+        assert procs[3].wait(timeout=90) == -9
+        procs[3] = start(3, "--resume")
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    with (out / "peers" / "metrics-3.csv").open() as f:
+        rounds = [int(r["round"]) for r in csv.DictReader(f)]
+    assert rounds[:3] == [0, 10, 20] and rounds[-1] == 100      # back after the restart, to the end
+    assert "catching up" in (tmp_path / "peer-3-resumed.log").read_text()

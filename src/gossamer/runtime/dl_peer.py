@@ -77,7 +77,10 @@ class Peer:
         self.bytes_up = self.bytes_down = 0
         self.elapsed_before = 0.0
         self.inbox: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self.down: set[int] = set()                   # neighbours that missed a round
+        self.latest: dict[int, int] = {}              # latest round heard from each neighbour
         self.lock = threading.Condition()
+        self.sender = futures.ThreadPoolExecutor(max_workers=2 * max(1, len(self.neighbors)))
         self.peer_dir = self.run_dir / "peers"
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
@@ -109,7 +112,10 @@ class Peer:
         if sender not in self.weights or sender == self.node:
             return schema.Ack(ok=False, reason=f"{sender} is not a neighbour").SerializeToString()
         with self.lock:
-            self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor.float().clone()
+            if int(meta.round) >= self.round:         # older rounds are over: drop
+                self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor.float().clone()
+            self.latest[sender] = max(self.latest.get(sender, 0), int(meta.round))
+            self.down.discard(sender)
             self.bytes_down += size
             self.lock.notify_all()
         return schema.Ack(ok=True).SerializeToString()
@@ -122,27 +128,30 @@ class Peer:
         nbytes = sum(len(f) for f in frames)
 
         def one(j: int) -> None:
+            # a neighbour known to be down gets one quick try, so a restarted one hears from us
+            patience = 1.0 if j in self.down else self.cfg.runtime.round_timeout_s
             try:
-                retry(lambda: stubs[j](iter(frames), timeout=30), what=f"push to {j}",
-                      deadline_s=self.cfg.runtime.round_timeout_s,
-                      max_backoff_s=self.cfg.runtime.retry_max_s)
+                retry(lambda: stubs[j](iter(frames), timeout=patience + 5), what=f"push to {j}",
+                      deadline_s=patience, max_backoff_s=self.cfg.runtime.retry_max_s)
                 with self.lock:
                     self.bytes_up += nbytes
             except grpc.RpcError as exc:
                 log.warning("peer %d: neighbour %d unreachable (%s)", self.node, j, exc.code())
 
-        threads = [threading.Thread(target=one, args=(j,), daemon=True) for j in self.neighbors]
-        for t in threads:
-            t.start()
-        self._senders = threads
+        for j in self.neighbors:                      # in the background: never wait on a slow link
+            self.sender.submit(one, j)
 
     def _mix(self, round_: int, step: int) -> None:
         key = (round_, step)
         with self.lock:
-            self.lock.wait_for(lambda: len(self.inbox.get(key, {})) == len(self.neighbors),
+            expected = set(self.neighbors) - self.down
+            self.lock.wait_for(lambda: expected <= set(self.inbox.get(key, {})),
                                timeout=self.cfg.runtime.round_timeout_s)
             got = self.inbox.pop(key, {})
-        missing = [j for j in self.neighbors if j not in got]
+            missing = [j for j in self.neighbors if j not in got]
+            self.down |= set(missing)
+            for old in [k for k in self.inbox if k[0] < round_]:
+                del self.inbox[old]
         if missing:
             log.warning("peer %d round %d: no model from %s; mixing without them",
                         self.node, round_, missing)
@@ -151,6 +160,16 @@ class Peer:
         weights = torch.tensor([own] + [self.weights[j] for j in ids], dtype=torch.float64)
         models = torch.cat([self.params] + [got[j].reshape(1, -1) for j in ids])
         self.params = self.algorithm.mix_row(weights, models).reshape(1, -1)
+
+    def _next_round(self, r: int) -> int:
+        """The round to run next: r + 1, or the neighbours' round if this peer fell behind
+        (it was down); it then continues from its own model at their pace."""
+        with self.lock:
+            ahead = max(self.latest.values(), default=0)
+        if ahead > r + 1:
+            log.warning("peer %d: behind (round %d, neighbours at %d); catching up", self.node, r, ahead)
+            return min(ahead, self.cfg.stop.rounds)
+        return r + 1
 
     def _row(self, start: float) -> dict[str, Any]:
         acc, loss = self.exp.evaluator.evaluate(self.params)
@@ -179,7 +198,8 @@ class Peer:
                 stubs[j] = channel.stream_unary(schema.method("Peer", "Push"))
             self._rounds(stubs, start)
         finally:
-            time.sleep(0.5)                 # let neighbours finish their last pushes to us
+            self.sender.shutdown(wait=True)           # our last pushes reach the neighbours
+            time.sleep(0.5)                           # and theirs reach us
             server.stop(grace=1.0).wait()
 
     def _wait_for_peers(self, path: Path) -> dict[int, str]:
@@ -195,14 +215,14 @@ class Peer:
         if self.round == 0 and not self.metrics.rows:
             self.metrics.append(self._row(start))
         node = np.array([self.node])
-        for r in range(self.round + 1, self.cfg.stop.rounds + 1):
+        r = self.round
+        while r < self.cfg.stop.rounds:
+            r = self._next_round(r)
             if self.exp.trainer.sizes[self.node] > 0:
                 self.exp.trainer.train(self.params, node, r, inplace=True)
             for step in range(self.algorithm.gossip_steps):
                 self._send(stubs, r, step)
                 self._mix(r, step)
-                for t in self._senders:
-                    t.join()
             self.round = r
             if r % every == 0 or r == self.cfg.stop.rounds:
                 self.metrics.append(self._row(start))
