@@ -118,24 +118,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_runtime(cfg) -> None:
+    """Logging for long-running processes, and the configured thread count."""
     import logging
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.runtime.threads_per_process is not None:
+        torch.set_num_threads(cfg.runtime.threads_per_process)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.runtime.fl_server import Coordinator
 
-    _configure_logging(True)
     if args.resume:
         cfg = config_mod.load(Path(args.resume) / "config.yaml", args.set)
         run_dir = Path(args.resume)
     else:
         cfg = config_mod.load(args.config, args.set)
         run_dir = _run_dir(cfg, args.out)
+    _configure_runtime(cfg)
     summary = Coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
     print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy "
           f"{summary['final_test_accuracy']:.4f}, {summary['bytes_sent_total'] / 1e6:.1f} MB moved, "
@@ -147,8 +151,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.runtime.fl_client import Client
 
-    _configure_logging(True)
     cfg = config_mod.load(args.config, args.set)
+    _configure_runtime(cfg)
     try:
         client = Client(cfg, args.id, args.server)
     except ValueError as exc:
@@ -160,18 +164,25 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
+    from gossamer.algorithms import ALGORITHMS
     from gossamer.runtime.dl_peer import Peer
+    from gossamer.runtime.gossip_peer import GossipPeer
 
-    _configure_logging(True)
     cfg = config_mod.load(args.config, args.set)
+    _configure_runtime(cfg)
     try:
-        peer = Peer(cfg, args.id, Path(args.out), listen=args.listen, resume=args.resume)
+        if ALGORITHMS.get(cfg.algorithm.name).pattern == "async_gossip":
+            if args.resume:
+                raise UserError("--resume: gossip peers restart from a fresh clock; drop --resume")
+            peer = GossipPeer(cfg, args.id, Path(args.out), listen=args.listen)
+        else:
+            peer = Peer(cfg, args.id, Path(args.out), listen=args.listen, resume=args.resume)
     except ValueError as exc:
         if isinstance(exc, config_mod.ConfigError):
             raise
         raise UserError(str(exc)) from None
     peer.run(Path(args.peers))
-    print(f"peer {args.id}: {peer.round} rounds")
+    print(f"peer {args.id}: done")
     return 0
 
 

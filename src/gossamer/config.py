@@ -227,6 +227,7 @@ class RuntimeConfig(_Strict):
     max_message_bytes: int = Field(256 << 20, ge=1024)
     chunk_bytes: int = Field(1 << 20, ge=1024)
     retry_max_s: float = Field(5.0, gt=0)
+    threads_per_process: int | None = Field(None, ge=1)
     security: SecuritySection = Field(default_factory=SecuritySection)
 
 

@@ -21,7 +21,8 @@ from tests.conftest import gossamer_cmd, small_config, subprocess_env
 def _cfg(**runtime):
     cfg = small_config("fedavg", stop={"rounds": 3})
     cfg["partition"]["num_nodes"] = 4
-    cfg["runtime"] = {"round_timeout_s": 20, "join_timeout_s": 60, "poll_interval_s": 0.1, **runtime}
+    cfg["runtime"] = {"round_timeout_s": 20, "join_timeout_s": 60, "poll_interval_s": 0.1,
+                      "threads_per_process": 2, **runtime}      # the simulator's threads: exact parity
     return cfg
 
 

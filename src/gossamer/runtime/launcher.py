@@ -20,14 +20,24 @@ from pathlib import Path
 from gossamer.config import ExperimentConfig, dump
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", "gossamer", *args], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def threads_per_process(cfg: ExperimentConfig, processes: int) -> int:
+    """Threads for each child: the config's, or the cores shared out (at least one). More
+    threads than cores makes every process spin: 8 clients with 2 threads each on 2 cores
+    ran rounds 10x slower than with 1 thread each (docs/benchmarks.md)."""
+    if cfg.runtime.threads_per_process is not None:
+        return cfg.runtime.threads_per_process
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
@@ -69,13 +79,14 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 1
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         (run_dir / "server.json").unlink(missing_ok=True)
+        threads = threads_per_process(cfg, cfg.partition.num_nodes + 1)
         server = _spawn(["server", str(config_path), "--out", str(run_dir), "--listen", f"{host}:0"],
-                        run_dir / "logs" / "server.log")
+                        run_dir / "logs" / "server.log", threads)
         procs.append(server)
         address = _wait_for_address(run_dir, server, startup_timeout_s)
         for i in range(cfg.partition.num_nodes):
             procs.append(_spawn(["client", str(config_path), "--id", str(i), "--server", address],
-                                run_dir / "logs" / f"client-{i}.log"))
+                                run_dir / "logs" / f"client-{i}.log", threads))
         code = server.wait()
         clients_end = time.monotonic() + 10
         for p in procs[1:]:
@@ -102,6 +113,7 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
     peers_file = run_dir / "peers.json"
     peers_file.unlink(missing_ok=True)
     n = cfg.partition.num_nodes
+    threads = threads_per_process(cfg, n)
     procs: list[subprocess.Popen] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -109,7 +121,7 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
             (run_dir / "peers" / f"address-{i}.json").unlink(missing_ok=True)
             procs.append(_spawn(["peer", str(config_path), "--id", str(i), "--listen", f"{host}:0",
                                  "--peers", str(peers_file), "--out", str(run_dir)],
-                                run_dir / "logs" / f"peer-{i}.log"))
+                                run_dir / "logs" / f"peer-{i}.log", threads))
         addresses = {}
         end = time.monotonic() + startup_timeout_s
         while len(addresses) < n:

@@ -1,0 +1,236 @@
+"""An asynchronous gossip-learning peer process over gRPC.
+
+The simulator's event loop, one node at a time, on the wall clock: the peer's clock fires
+after exponential gaps (mean ``period_s``) drawn from the same counter-based stream as in
+the simulator; it picks a neighbour with the same draw and pushes its model (``push``),
+pulls the neighbour's (``pull``), or both (``push_pull``). Received models queue up and a
+worker merges and trains on them one at a time with the algorithm's ``merge_models`` and
+the simulator's trainer. A "round" is one ``period_s`` of wall time; metrics rows are
+written every ``eval.every`` rounds, in the same per-peer format as the D-PSGD peer.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from gossamer import rng
+from gossamer.config import ExperimentConfig
+from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
+from gossamer.runtime import schema
+from gossamer.runtime.codec import WireError, model_frames, parse, read_model, read_raw_model
+from gossamer.runtime.common import grpc_options, limits, log, security
+from gossamer.runtime.dl_peer import PEER_COLUMNS, read_peers
+from gossamer.runtime.security import (
+    TokenAuthInterceptor,
+    add_port,
+    intercept_channel,
+    make_channel,
+)
+from gossamer.sim.experiment import build_experiment
+
+
+class GossipPeer:
+    def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
+                 listen: str = "127.0.0.1:0") -> None:
+        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
+        self.exp = build_experiment(cfg)
+        self.algorithm = self.exp.algorithm
+        if not 0 <= node_id < self.exp.num_nodes:
+            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        self.listen = listen
+        self.security, self.limits = security(cfg), limits(cfg)
+        self.token = self.security.resolved_token()
+        self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
+        init = self.exp.init_params
+        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
+        self.age = 0
+        self.updates = 0
+        self.lock = threading.Lock()
+        self.received: queue.Queue = queue.Queue()
+        self.bytes_up = self.bytes_down = 0
+        self.dropped = 0
+        self.peer_dir = self.run_dir / "peers"
+        self.peer_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
+        self.stop = threading.Event()
+
+    # --- the Peer service -------------------------------------------------------------------------
+    def _accept(self, chunks) -> tuple[object, torch.Tensor, int]:
+        size = 0
+
+        def counted():
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+
+        meta, tensor = read_raw_model(counted(), expected_numel=self.exp.spec.numel,
+                                      run_id=self.cfg.runtime.run_id, limits=self.limits)
+        return meta, tensor, size
+
+    def push(self, chunks, context: grpc.ServicerContext) -> bytes:
+        try:
+            meta, tensor, size = self._accept(chunks)
+        except WireError as exc:
+            log.warning("peer %d rejected a message: %s", self.node, exc)
+            return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
+        if int(meta.sender) not in self.neighbors:
+            return schema.Ack(ok=False, reason="not a neighbour").SerializeToString()
+        with self.lock:
+            self.bytes_down += size
+        self.received.put((tensor.float().clone(), int(meta.meta)))
+        return schema.Ack(ok=True).SerializeToString()
+
+    def pull(self, data: bytes, context: grpc.ServicerContext):
+        try:
+            req = parse(schema.PullRequest, data)
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if req.node_id not in self.neighbors:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a neighbour")
+        for frame in self._frames():
+            data = frame.SerializeToString()
+            with self.lock:
+                self.bytes_up += len(data)
+            yield data
+
+    def _frames(self) -> list:
+        with self.lock:
+            row, age = self.params[0].clone(), self.age
+        return list(model_frames(row, sender=self.node, meta=age, run_id=self.cfg.runtime.run_id,
+                                 chunk_bytes=self.limits.chunk_bytes))
+
+    # --- the worker: merge and train on received models, one at a time -----------------------
+    def _work(self) -> None:
+        node = np.array([self.node])
+        while not self.stop.is_set():
+            try:
+                tensor, age = self.received.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            with self.lock:
+                own, own_age = self.params, torch.tensor([float(self.age)])
+            merged, new_age = self.algorithm.merge_models(own, own_age, tensor.reshape(1, -1),
+                                                          torch.tensor([float(age)]))
+            result = self.exp.trainer.train(merged, node, np.array([self.updates]), inplace=True)
+            with self.lock:
+                self.params = result.params
+                self.age = int(new_age[0]) + int(result.steps[0] > 0)
+                self.updates += 1
+
+    # --- the clock: wake, pick a neighbour, exchange -------------------------------------------
+    def _gap(self, k: int) -> float:
+        u = rng.uniform_scalar(self.cfg.seed, rng.STREAM_GOSSIP, self.node, k, 0)
+        period = self.algorithm.period_s
+        if self.algorithm.poisson:
+            return -math.log1p(-u) * period
+        return u * period if k == 0 else period
+
+    def _exchange(self, k: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
+        if not self.neighbors:
+            return
+        u = rng.uniform_scalar(self.cfg.seed, rng.STREAM_GOSSIP, self.node, k, 1)
+        peer = self.neighbors[int(u * len(self.neighbors))]
+        mode = self.algorithm.mode
+        try:
+            if mode in ("push", "push_pull"):
+                frames = [f.SerializeToString() for f in self._frames()]
+                pushers[peer](iter(frames), timeout=10)
+                with self.lock:
+                    self.bytes_up += sum(len(f) for f in frames)
+            if mode in ("pull", "push_pull"):
+                req = schema.PullRequest(node_id=self.node, run_id=self.cfg.runtime.run_id)
+                raw = list(pullers[peer](req.SerializeToString(), timeout=10))
+                meta, tensor = read_model((parse(schema.Frame, b) for b in raw),
+                                          expected_numel=self.exp.spec.numel,
+                                          run_id=self.cfg.runtime.run_id, limits=self.limits)
+                with self.lock:
+                    self.bytes_down += sum(len(b) for b in raw)
+                self.received.put((tensor.float().clone(), int(meta.meta)))
+        except (grpc.RpcError, WireError) as exc:
+            self.dropped += 1
+            log.info("peer %d: exchange with %d failed (%s)", self.node, peer,
+                     exc.code() if isinstance(exc, grpc.RpcError) else exc)
+
+    def _row(self, round_: int, elapsed: float) -> dict[str, Any]:
+        with self.lock:
+            params = self.params.clone()
+            row = {"round": round_, "sim_time_s": elapsed, "bytes_up": self.bytes_up,
+                   "bytes_down": self.bytes_down}
+        acc, loss = self.exp.evaluator.evaluate(params)
+        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
+        if round_ > 0:
+            save_checkpoint(self.peer_dir / f"model-{self.node}-r{round_}.pt", {"params": params[0]})
+        return row
+
+    def run(self, peers: dict[int, str] | Path) -> None:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(self.neighbors) + 4),
+                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
+                             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gossamer.v1.Peer", {
+            "Push": grpc.stream_unary_rpc_method_handler(self.push),
+            "Pull": grpc.unary_stream_rpc_method_handler(self.pull)})])
+        port = add_port(server, self.listen, self.security)
+        server.start()
+        write_json(self.peer_dir / f"address-{self.node}.json",
+                   {"address": f"{self.listen.rsplit(':', 1)[0]}:{port}"})
+        worker = threading.Thread(target=self._work, daemon=True)
+        try:
+            if isinstance(peers, Path):
+                peers = _wait_for(peers, self.exp.num_nodes, self.cfg.runtime.join_timeout_s)
+            pushers, pullers = {}, {}
+            for j in self.neighbors:
+                channel = make_channel(peers[j], self.security, grpc_options(self.cfg))
+                channel = intercept_channel(channel, self.token) if self.token else channel
+                pushers[j] = channel.stream_unary(schema.method("Peer", "Push"))
+                pullers[j] = channel.unary_stream(schema.method("Peer", "Pull"))
+            worker.start()
+            self._clock(pushers, pullers)
+        finally:
+            self.stop.set()
+            if worker.is_alive():
+                worker.join(timeout=5)
+            time.sleep(0.5)
+            server.stop(grace=1.0).wait()
+
+    def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
+        period, every = self.algorithm.period_s, self.cfg.eval.every
+        end_round = self.cfg.stop.rounds
+        if self.cfg.stop.max_sim_time_s is not None:
+            end_round = min(end_round, math.ceil(self.cfg.stop.max_sim_time_s / period))
+        evals = list(range(every, end_round + 1, every))
+        if not evals or evals[-1] != end_round:
+            evals.append(end_round)
+        start = time.monotonic()
+        self.metrics.append(self._row(0, 0.0))
+        k, wake, i = 0, self._gap(0), 0
+        while i < len(evals):
+            now, due = time.monotonic() - start, evals[i] * period
+            if wake <= now and wake < due:
+                self._exchange(k, pushers, pullers)
+                k += 1
+                wake += self._gap(k)
+            elif due <= now:
+                self.metrics.append(self._row(evals[i], now))
+                i += 1
+            else:
+                time.sleep(max(0.0, min(wake, due) - now))
+
+
+def _wait_for(path: Path, num_nodes: int, timeout_s: float) -> dict[int, str]:
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > end:
+            raise RuntimeError(f"peers file {path} did not appear")
+        time.sleep(0.05)
+    return read_peers(path, num_nodes)
