@@ -181,3 +181,41 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(write_config, tmp_path, pr
     creds = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes())
     with grpc.secure_channel(address, creds) as channel:
         assert not _put(channel, []).ok                            # TLS works; empty message rejected
+
+
+def _live_processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and int(entry) != os.getpid():
+                pids.append(int(entry))
+    return pids
+
+
+def test_ctrl_c_on_the_launcher_stops_every_process(write_config, tmp_path):
+    cfg = _cfg()
+    cfg["stop"] = {"rounds": 1000}
+    path = write_config(cfg)
+    out = tmp_path / "interrupted"
+    launcher = subprocess.Popen(gossamer_cmd("launch", str(path), "--out", str(out)),
+                                env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.csv").exists():               # the run is under way
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(_live_processes_mentioning(str(out))) >= 5      # server + 4 clients
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while _live_processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_processes_mentioning(str(out)) == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
