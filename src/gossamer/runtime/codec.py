@@ -126,6 +126,20 @@ def read_raw_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, t
     return read_model((parse(schema.Frame, data) for data in chunks), **kwargs)
 
 
+def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, torch.Tensor, int]:
+    """:func:`read_raw_model`, also returning the bytes received (for honest byte counts)."""
+    size = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal size
+        for chunk in chunks:
+            size += len(chunk)
+            yield chunk
+
+    meta, tensor = read_raw_model(counted(), **kwargs)
+    return meta, tensor, size
+
+
 def frames_size(frames: Iterable[object]) -> int:
     """Bytes these frames occupy serialized: what is really sent (gRPC framing aside)."""
     return sum(frame.ByteSize() for frame in frames)

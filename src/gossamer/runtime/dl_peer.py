@@ -28,7 +28,7 @@ import torch
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, read_raw_model
+from gossamer.runtime.codec import WireError, model_frames, read_counted_model
 from gossamer.runtime.common import grpc_options, limits, log, retry, security
 from gossamer.runtime.security import (
     TokenAuthInterceptor,
@@ -94,16 +94,8 @@ class Peer:
 
     # --- the Peer service ---------------------------------------------------------------------
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
-        size = 0
-
-        def counted():
-            nonlocal size
-            for chunk in chunks:
-                size += len(chunk)
-                yield chunk
-
         try:
-            meta, tensor = read_raw_model(counted(), expected_numel=self.exp.spec.numel,
+            meta, tensor, size = read_counted_model(chunks, expected_numel=self.exp.spec.numel,
                                           run_id=self.cfg.runtime.run_id, limits=self.limits)
         except WireError as exc:
             log.warning("peer %d rejected a message: %s", self.node, exc)

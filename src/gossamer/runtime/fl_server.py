@@ -37,7 +37,7 @@ from gossamer.metrics.runstore import (
     write_json,
 )
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_raw_model
+from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
 from gossamer.runtime.common import grpc_options, limits, log, security
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
 from gossamer.sim.experiment import build_experiment
@@ -135,16 +135,8 @@ class Coordinator:
             self.bytes_down += n
 
     def put_update(self, chunks, context: grpc.ServicerContext) -> bytes:
-        size = 0
-
-        def counted():
-            nonlocal size
-            for chunk in chunks:
-                size += len(chunk)
-                yield chunk
-
         try:
-            meta, tensor = read_raw_model(counted(), expected_numel=self.numel,
+            meta, tensor, size = read_counted_model(chunks, expected_numel=self.numel,
                                           run_id=self.cfg.runtime.run_id, limits=self.limits)
         except WireError as exc:
             return self._reject(str(exc))

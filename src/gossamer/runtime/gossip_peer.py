@@ -27,7 +27,7 @@ from gossamer import rng
 from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_model, read_raw_model
+from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model, read_model
 from gossamer.runtime.common import grpc_options, limits, log, security
 from gossamer.runtime.dl_peer import PEER_COLUMNS, read_peers
 from gossamer.runtime.security import (
@@ -65,22 +65,10 @@ class GossipPeer:
         self.stop = threading.Event()
 
     # --- the Peer service -------------------------------------------------------------------------
-    def _accept(self, chunks) -> tuple[object, torch.Tensor, int]:
-        size = 0
-
-        def counted():
-            nonlocal size
-            for chunk in chunks:
-                size += len(chunk)
-                yield chunk
-
-        meta, tensor = read_raw_model(counted(), expected_numel=self.exp.spec.numel,
-                                      run_id=self.cfg.runtime.run_id, limits=self.limits)
-        return meta, tensor, size
-
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
-            meta, tensor, size = self._accept(chunks)
+            meta, tensor, size = read_counted_model(chunks, expected_numel=self.exp.spec.numel,
+                                                    run_id=self.cfg.runtime.run_id, limits=self.limits)
         except WireError as exc:
             log.warning("peer %d rejected a message: %s", self.node, exc)
             return schema.Ack(ok=False, reason=str(exc)).SerializeToString()

@@ -15,10 +15,8 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gossamer.metrics.runstore import atomic_write_bytes
 
 FIELD = "runtime.security"
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -122,21 +122,6 @@ def generate_node_cert(ca_cert_pem: bytes, ca_key_pem: bytes, name: str,
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_names(names: Sequence[str]) -> None:
     if not names:
         raise ValueError("names: need at least one node name")
@@ -172,7 +157,7 @@ def write_certs(out_dir: Path, names: Sequence[str], hosts: Sequence[str] = DEFA
     written: dict[str, Path] = {}
     for file, data in blobs.items():
         written[file] = out_dir / file
-        _atomic_write(written[file], data, 0o600 if file.endswith(".key") else 0o644)
+        atomic_write_bytes(written[file], data, 0o600 if file.endswith(".key") else 0o644)
     return written
 
 
