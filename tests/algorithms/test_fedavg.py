@@ -37,3 +37,18 @@ def test_bad_params_rejected():
         FedAvg.from_params({"client_fraction": 1.5})
     with pytest.raises(ValueError):
         FedAvg.from_params({"no_such_field": 1})
+
+
+def test_robust_aggregator_slot_resists_an_outlier():
+    algo = FedAvg.from_params({"aggregator": "median"})
+    state = algo.init_state(torch.zeros(2))
+    models = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [1e6, -1e6]])
+    new = algo.aggregate(state, models, np.array([1, 1, 1, 1]))
+    assert torch.allclose(new.params, torch.tensor([2.5, 1.5]))
+    mean = FedAvg().aggregate(state, models, np.array([1, 1, 1, 1]))
+    assert mean.params.abs().max() > 1e5
+
+
+def test_unknown_aggregator_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown aggregator 'avg'"):
+        FedAvg.from_params({"aggregator": "avg"})

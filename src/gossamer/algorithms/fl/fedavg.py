@@ -7,7 +7,7 @@ Data", AISTATS 2017, arXiv:1602.05629.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ class FedAvg(Algorithm):
     trains from the global model and uploads its model, as in the paper; the server moves
     the global model by ``server_lr`` times the step to the (sample- or uniformly-) weighted
     average model. ``server_lr = 1`` is exactly that average.
+
+    ``aggregator`` replaces the weighted average by a robust rule from
+    :mod:`gossamer.aggregators` (``median``, ``trimmed_mean``, ``krum``, ...), configured by
+    ``aggregator_params`` (e.g. ``{f: 2}``); the client weights are passed to it.
     """
 
     family = "fl"
@@ -41,8 +45,15 @@ class FedAvg(Algorithm):
     min_clients: int = 1
     server_lr: float = 1.0
     weighting: Literal["samples", "uniform"] = "samples"
+    aggregator: str = "mean"
+    aggregator_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from gossamer.aggregators import AGGREGATORS
+
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: "
+                             f"{', '.join(AGGREGATORS.names())}")
         if not 0 < self.client_fraction <= 1:
             raise ValueError("client_fraction must be in (0, 1]")
         if self.min_clients < 1:
@@ -72,7 +83,12 @@ class FedAvg(Algorithm):
             weights = torch.as_tensor(num_samples, dtype=models.dtype)
         else:
             weights = torch.ones(models.shape[0], dtype=models.dtype)
-        average = (weights / weights.sum()) @ models
+        if self.aggregator == "mean":
+            average = (weights / weights.sum()) @ models
+        else:
+            from gossamer.aggregators import aggregate
+
+            average = aggregate(self.aggregator, models, weights, **self.aggregator_params)
         if self.server_lr != 1.0:
             average = state.params + self.server_lr * (average - state.params)
         return ServerState(average, state.round + 1, state.extra)
