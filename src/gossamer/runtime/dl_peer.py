@@ -27,15 +27,9 @@ import torch
 
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
-from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, read_counted_model
-from gossamer.runtime.common import grpc_options, limits, log, retry, security
-from gossamer.runtime.security import (
-    TokenAuthInterceptor,
-    add_port,
-    intercept_channel,
-    make_channel,
-)
+from gossamer.runtime import peering, schema
+from gossamer.runtime.codec import WireError, model_frames
+from gossamer.runtime.common import limits, log, retry, security
 from gossamer.sim.experiment import build_experiment
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
@@ -95,17 +89,15 @@ class Peer:
     # --- the Peer service ---------------------------------------------------------------------
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
-            meta, tensor, size = read_counted_model(chunks, expected_numel=self.exp.spec.numel,
-                                          run_id=self.cfg.runtime.run_id, limits=self.limits)
+            meta, tensor, size = peering.accept_push(
+                chunks, node=self.node, neighbors=self.neighbors, numel=self.exp.spec.numel,
+                run_id=self.cfg.runtime.run_id, limits=self.limits)
         except WireError as exc:
-            log.warning("peer %d rejected a message: %s", self.node, exc)
-            return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
+            return peering.reject(self.node, exc)
         sender = int(meta.sender)
-        if sender not in self.weights or sender == self.node:
-            return schema.Ack(ok=False, reason=f"{sender} is not a neighbour").SerializeToString()
         with self.lock:
             if int(meta.round) >= self.round:         # older rounds are over: drop
-                self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor.float().clone()
+                self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor
             self.latest[sender] = max(self.latest.get(sender, 0), int(meta.round))
             self.down.discard(sender)
             self.bytes_down += size
@@ -171,36 +163,20 @@ class Peer:
 
     def run(self, peers: dict[int, str] | Path) -> None:
         start = time.monotonic()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(self.neighbors) + 4),
-                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
-                             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [])
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "gossamer.v1.Peer", {"Push": grpc.stream_unary_rpc_method_handler(self.push)})])
-        port = add_port(server, self.listen, self.security)
-        server.start()
-        write_json(self.peer_dir / f"address-{self.node}.json",
-                   {"address": f"{self.listen.rsplit(':', 1)[0]}:{port}"})
+        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen,
+                               {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
+                               self.peer_dir, len(self.neighbors) + 4)
         try:
             if isinstance(peers, Path):
-                peers = self._wait_for_peers(peers)
-            stubs = {}
-            for j in self.neighbors:
-                channel = make_channel(peers[j], self.security, grpc_options(self.cfg))
-                channel = intercept_channel(channel, self.token) if self.token else channel
-                stubs[j] = channel.stream_unary(schema.method("Peer", "Push"))
+                peers = peering.wait_for_peers(peers, self.exp.num_nodes,
+                                               self.cfg.runtime.join_timeout_s)
+            links = peering.channels(self.cfg, self.security, self.token, peers, self.neighbors)
+            stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
             self._rounds(stubs, start)
         finally:
             self.sender.shutdown(wait=True)           # our last pushes reach the neighbours
             time.sleep(0.5)                           # and theirs reach us
             server.stop(grace=1.0).wait()
-
-    def _wait_for_peers(self, path: Path) -> dict[int, str]:
-        end = time.monotonic() + self.cfg.runtime.join_timeout_s
-        while not path.exists():
-            if time.monotonic() > end:
-                raise RuntimeError(f"peers file {path} did not appear")
-            time.sleep(0.05)
-        return read_peers(path, self.exp.num_nodes)
 
     def _rounds(self, stubs: dict[int, Any], start: float) -> None:
         every = self.cfg.eval.every

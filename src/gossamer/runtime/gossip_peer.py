@@ -15,7 +15,6 @@ import math
 import queue
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,11 @@ import torch
 
 from gossamer import rng
 from gossamer.config import ExperimentConfig
-from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
-from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model, read_model
-from gossamer.runtime.common import grpc_options, limits, log, security
-from gossamer.runtime.dl_peer import PEER_COLUMNS, read_peers
-from gossamer.runtime.security import (
-    TokenAuthInterceptor,
-    add_port,
-    intercept_channel,
-    make_channel,
-)
+from gossamer.metrics.runstore import MetricsWriter, save_checkpoint
+from gossamer.runtime import peering, schema
+from gossamer.runtime.codec import WireError, model_frames, parse, read_model
+from gossamer.runtime.common import limits, log, security
+from gossamer.runtime.dl_peer import PEER_COLUMNS
 from gossamer.sim.experiment import build_experiment
 
 
@@ -67,16 +60,14 @@ class GossipPeer:
     # --- the Peer service -------------------------------------------------------------------------
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
-            meta, tensor, size = read_counted_model(chunks, expected_numel=self.exp.spec.numel,
-                                                    run_id=self.cfg.runtime.run_id, limits=self.limits)
+            meta, tensor, size = peering.accept_push(
+                chunks, node=self.node, neighbors=self.neighbors, numel=self.exp.spec.numel,
+                run_id=self.cfg.runtime.run_id, limits=self.limits)
         except WireError as exc:
-            log.warning("peer %d rejected a message: %s", self.node, exc)
-            return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
-        if int(meta.sender) not in self.neighbors:
-            return schema.Ack(ok=False, reason="not a neighbour").SerializeToString()
+            return peering.reject(self.node, exc)
         with self.lock:
             self.bytes_down += size
-        self.received.put((tensor.float().clone(), int(meta.meta)))
+        self.received.put((tensor, int(meta.meta)))
         return schema.Ack(ok=True).SerializeToString()
 
     def pull(self, data: bytes, context: grpc.ServicerContext):
@@ -162,26 +153,18 @@ class GossipPeer:
         return row
 
     def run(self, peers: dict[int, str] | Path) -> None:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=len(self.neighbors) + 4),
-                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
-                             interceptors=[TokenAuthInterceptor(self.token)] if self.token else [])
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gossamer.v1.Peer", {
+        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen, {
             "Push": grpc.stream_unary_rpc_method_handler(self.push),
-            "Pull": grpc.unary_stream_rpc_method_handler(self.pull)})])
-        port = add_port(server, self.listen, self.security)
-        server.start()
-        write_json(self.peer_dir / f"address-{self.node}.json",
-                   {"address": f"{self.listen.rsplit(':', 1)[0]}:{port}"})
+            "Pull": grpc.unary_stream_rpc_method_handler(self.pull)}, self.peer_dir,
+            len(self.neighbors) + 4)
         worker = threading.Thread(target=self._work, daemon=True)
         try:
             if isinstance(peers, Path):
-                peers = _wait_for(peers, self.exp.num_nodes, self.cfg.runtime.join_timeout_s)
-            pushers, pullers = {}, {}
-            for j in self.neighbors:
-                channel = make_channel(peers[j], self.security, grpc_options(self.cfg))
-                channel = intercept_channel(channel, self.token) if self.token else channel
-                pushers[j] = channel.stream_unary(schema.method("Peer", "Push"))
-                pullers[j] = channel.unary_stream(schema.method("Peer", "Pull"))
+                peers = peering.wait_for_peers(peers, self.exp.num_nodes,
+                                               self.cfg.runtime.join_timeout_s)
+            links = peering.channels(self.cfg, self.security, self.token, peers, self.neighbors)
+            pushers = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
+            pullers = {j: c.unary_stream(schema.method("Peer", "Pull")) for j, c in links.items()}
             worker.start()
             self._clock(pushers, pullers)
         finally:
@@ -213,12 +196,3 @@ class GossipPeer:
                 i += 1
             else:
                 time.sleep(max(0.0, min(wake, due) - now))
-
-
-def _wait_for(path: Path, num_nodes: int, timeout_s: float) -> dict[int, str]:
-    end = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > end:
-            raise RuntimeError(f"peers file {path} did not appear")
-        time.sleep(0.05)
-    return read_peers(path, num_nodes)

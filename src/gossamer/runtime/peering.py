@@ -1,0 +1,75 @@
+"""What every decentralized peer process shares: its server, its links, accepting pushes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+
+from gossamer.config import ExperimentConfig
+from gossamer.metrics.runstore import write_json
+from gossamer.runtime import schema
+from gossamer.runtime.codec import Limits, WireError, read_counted_model
+from gossamer.runtime.common import grpc_options, log
+from gossamer.runtime.security import (
+    SecurityConfig,
+    TokenAuthInterceptor,
+    add_port,
+    intercept_channel,
+    make_channel,
+)
+
+
+def serve(cfg: ExperimentConfig, security: SecurityConfig, token: str | None, node: int,
+          listen: str, handlers: dict[str, grpc.RpcMethodHandler], peer_dir: Path,
+          workers: int) -> grpc.Server:
+    """Start this peer's ``Peer`` service and publish its address in ``peer_dir``."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=grpc_options(cfg) + [("grpc.so_reuseport", 0)],
+                         interceptors=[TokenAuthInterceptor(token)] if token else [])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("gossamer.v1.Peer", handlers)])
+    port = add_port(server, listen, security)
+    server.start()
+    write_json(peer_dir / f"address-{node}.json", {"address": f"{listen.rsplit(':', 1)[0]}:{port}"})
+    return server
+
+
+def wait_for_peers(path: Path, num_nodes: int, timeout_s: float) -> dict[int, str]:
+    """Wait for the peers file (the launcher writes it once every peer listens), then read it."""
+    from gossamer.runtime.dl_peer import read_peers
+
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > end:
+            raise RuntimeError(f"peers file {path} did not appear")
+        time.sleep(0.05)
+    return read_peers(path, num_nodes)
+
+
+def channels(cfg: ExperimentConfig, security: SecurityConfig, token: str | None,
+             peers: dict[int, str], neighbors: Iterable[int]) -> dict[int, grpc.Channel]:
+    """One (secured, authenticated) channel per neighbour."""
+    out = {}
+    for j in neighbors:
+        channel = make_channel(peers[j], security, grpc_options(cfg))
+        out[j] = intercept_channel(channel, token) if token else channel
+    return out
+
+
+def accept_push(chunks, *, node: int, neighbors: Iterable[int], numel: int, run_id: str,
+                limits: Limits) -> tuple[object, torch.Tensor, int]:
+    """Validate a pushed model from a neighbour: (meta, tensor, bytes), or WireError."""
+    meta, tensor, size = read_counted_model(chunks, expected_numel=numel, run_id=run_id,
+                                            limits=limits)
+    if int(meta.sender) not in neighbors or int(meta.sender) == node:
+        raise WireError(f"{int(meta.sender)} is not a neighbour")
+    return meta, tensor.float().clone(), size
+
+
+def reject(node: int, exc: WireError) -> bytes:
+    log.warning("peer %d rejected a message: %s", node, exc)
+    return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
