@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proctools import busy_cpu_s, descendants
+
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "benchmarks" / "baselines"
 CONFIG = "benchmarks/configs/mnist5k_fedavg.yaml"
@@ -68,36 +70,6 @@ class Run:
 # ---------------------------------------------------------------- process measurement
 
 
-def _descendants(root: int) -> list[int]:
-    """root and every live process below it, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-            int, f.readline().split()[1:9]
-        )
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
 class TreeSampler(threading.Thread):
     """Every `interval` s: summed RSS of a process tree (Ray starts many processes) and each
     member's CPU time, so CPU used by processes the child never waits for is still counted."""
@@ -111,7 +83,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         rss_pages = 0
-        for pid in _descendants(self.root):
+        for pid in descendants(self.root):
             try:
                 with open(f"/proc/{pid}/statm", "rb") as f:
                     rss_pages += int(f.read().split()[1])
@@ -149,7 +121,7 @@ class Child:
 def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> Child:
     """Run cmd in a fresh process; wall time around it, its own rusage via wait4 (not a delta)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        busy_before = _busy_cpu_s()
+        busy_before = busy_cpu_s()
         self_before = _own_cpu_s()
         start = time.perf_counter()
         proc = subprocess.Popen(
@@ -175,7 +147,7 @@ def run_child(cmd: list[str], env: dict[str, str], timeout_s: float) -> Child:
         sampler.stop()
         _reap_leftovers(proc.pid)
         child_cpu = max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu_s.values()))
-        other_cpu = _busy_cpu_s() - busy_before - child_cpu - (_own_cpu_s() - self_before)
+        other_cpu = busy_cpu_s() - busy_before - child_cpu - (_own_cpu_s() - self_before)
         out.seek(0)
         err.seek(0)
         return Child(

@@ -42,13 +42,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from proctools import busy_cpu_s, descendants
+
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 sys.path.insert(0, str(SRC))  # part 2 imports the codec of this checkout
 CHUNKS = (256 << 10, 1 << 20, 4 << 20)
 FRAME_OVERHEAD = 64 << 10  # as gossamer.runtime.common: gRPC messages are one chunk + metadata
 MiB = float(1 << 20)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BUSY_CORES = 0.2  # other processes using more than this many cores on average spoil the timings
 
 
@@ -77,32 +78,10 @@ def write_config(path: Path, nodes: int, rounds: int) -> None:
     path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process below root (Linux /proc); the launcher puts each child in its own
-    session, so killing the launcher's process group alone would not reach them."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGTERM the child (the launcher then stops its own children), then SIGKILL whatever
     of the tree is left: the child's process group and each descendant by pid."""
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)[1:]   # the child's own tree, not itself
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -121,14 +100,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores, /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-            int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
 def _children_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -141,7 +112,7 @@ def run_child(args: list[str], timeout_s: float, log_path: Path) -> tuple[float,
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     with log_path.open("wb") as log:
-        busy0, own0 = _busy_cpu_s(), _children_cpu_s()
+        busy0, own0 = busy_cpu_s(), _children_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "gossamer", *args], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -151,7 +122,7 @@ def run_child(args: list[str], timeout_s: float, log_path: Path) -> tuple[float,
             _kill_tree(proc)
             return time.perf_counter() - t0, None, f"timed out after {timeout_s:.0f} s"
         whole = time.perf_counter() - t0
-        other = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - own0)) / whole
+        other = max(0.0, (busy_cpu_s() - busy0) - (_children_cpu_s() - own0)) / whole
     if code != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         return whole, other, f"exit code {code}: " + " | ".join(tail)

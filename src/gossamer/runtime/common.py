@@ -25,10 +25,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 
 def security(cfg: ExperimentConfig) -> SecurityConfig:
-    s = cfg.runtime.security
-    sec = SecurityConfig(tls=s.tls, ca=s.ca, cert=s.cert, key=s.key,
-                         require_client_cert=s.require_client_cert, token=s.token,
-                         token_file=s.token_file)
+    sec = SecurityConfig(**cfg.runtime.security.model_dump())
     sec.validate()
     return sec
 
