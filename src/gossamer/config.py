@@ -231,6 +231,146 @@ class RuntimeConfig(_Strict):
     security: SecuritySection = Field(default_factory=SecuritySection)
 
 
+class CrashConfig(_Strict):
+    """Permanent crashes: a ``fraction`` of nodes (drawn at random) dies, each at a time from ``at_s``."""
+
+    fraction: float = Field(ge=0, le=1)
+    at_s: Distribution
+
+
+class ChurnConfig(_Strict):
+    """Leave and rejoin: sessions drawn from ``on_s``/``off_s`` for a ``fraction`` of nodes, or a trace.
+
+    The trace is a CSV file with header ``node,leave_s,rejoin_s``, one offline interval per
+    row (``rejoin_s`` empty: the node never returns); nodes not in it stay online.
+    """
+
+    fraction: float = Field(1.0, ge=0, le=1)
+    on_s: Distribution | None = None
+    off_s: Distribution | None = None
+    start_online: bool = True
+    trace: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ChurnConfig:
+        if self.trace is not None:
+            extra = sorted(self.model_fields_set - {"trace"})
+            if extra:
+                raise ValueError(f"a trace replaces {', '.join(extra)}; set trace alone")
+            return self
+        if self.on_s is None or self.off_s is None:
+            raise ValueError("set trace, or on_s and off_s")
+        for name in ("on_s", "off_s"):
+            spec: Distribution = getattr(self, name)
+            values = spec.values or []
+            if (spec.dist == "constant" and not spec.value) or (spec.dist == "uniform" and not spec.high) \
+                    or (spec.dist in ("tiers", "per_node") and min(values, default=0) <= 0):
+                raise ValueError(f"{name} durations must be > 0")
+        return self
+
+
+class FaultEventConfig(_Strict):
+    """A scheduled removal or restoration of nodes at ``at_s`` (disasters, recoveries).
+
+    ``remove`` takes ``fraction`` (of the eligible nodes: alive and matching ``select``),
+    ``count`` or explicit ``nodes``; ``restore`` brings back removed nodes: all of them when
+    none of the three is set, else a fraction, count or list of them.
+    """
+
+    at_s: float = Field(ge=0)
+    action: Literal["remove", "restore"]
+    fraction: float | None = Field(None, ge=0, le=1)
+    count: int | None = Field(None, ge=0)
+    nodes: list[int] | None = None
+    select: Literal["random", "highest_degree", "data_holders", "relay_only"] = "random"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FaultEventConfig:
+        given = sum(v is not None for v in (self.fraction, self.count, self.nodes))
+        if given > 1 or (given == 0 and self.action == "remove"):
+            raise ValueError("set exactly one of fraction, count, nodes")
+        return self
+
+
+class PartitionFaultConfig(_Strict):
+    """A network split at ``at_s`` until ``heal_s`` (None: never heals).
+
+    Nodes are split into ``groups`` near-equal random groups, by ``fractions``, or into the
+    explicit ``nodes`` lists; in FL only group 0 reaches the server.
+    """
+
+    at_s: float = Field(ge=0)
+    heal_s: float | None = None
+    groups: int | None = Field(None, ge=1)
+    fractions: list[float] | None = None
+    nodes: list[list[int]] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> PartitionFaultConfig:
+        if sum(v is not None for v in (self.groups, self.fractions, self.nodes)) != 1:
+            raise ValueError("set exactly one of groups, fractions, nodes")
+        if self.heal_s is not None and not self.heal_s > self.at_s:
+            raise ValueError(f"heal_s ({self.heal_s}) must be after at_s ({self.at_s})")
+        if self.fractions is not None and (any(not 0 <= f <= 1 for f in self.fractions)
+                                           or abs(sum(self.fractions) - 1) > 1e-6):
+            raise ValueError("fractions must lie in [0, 1] and sum to 1")
+        return self
+
+
+class MessageLossConfig(_Strict):
+    prob: float = Field(ge=0, le=1)
+
+
+class DelaySpikeConfig(_Strict):
+    prob: float = Field(ge=0, le=1)
+    delay_s: float = Field(ge=0)
+
+
+class StragglerConfig(_Strict):
+    """A ``fraction`` of nodes computes ``factor`` times slower: the same nodes, or re-drawn per round."""
+
+    fraction: float = Field(ge=0, le=1)
+    factor: float = Field(ge=1)
+    mode: Literal["fixed", "per_round"] = "fixed"
+
+
+class FaultsConfig(_Strict):
+    """Fault models (all optional); ``rejoin`` says whether a returning node keeps its state."""
+
+    crash: CrashConfig | None = None
+    churn: ChurnConfig | None = None
+    events: list[FaultEventConfig] = Field(default_factory=list)
+    partitions: list[PartitionFaultConfig] = Field(default_factory=list)
+    message_loss: MessageLossConfig | None = None
+    delay_spikes: DelaySpikeConfig | None = None
+    stragglers: StragglerConfig | None = None
+    rejoin: Literal["resume", "fresh"] = "resume"
+
+
+class AdversaryConfig(_Strict):
+    """Byzantine nodes: which (a random ``fraction`` or explicit ``nodes``) and the ``attack``
+    they mount (a name from ``gossamer list``), configured by ``params``."""
+
+    attack: str | None = None
+    fraction: float = Field(0.0, ge=0, le=1)
+    nodes: list[int] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("attack")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        from gossamer.attacks import ATTACKS
+        return v if v is None else _check_name(ATTACKS, v)
+
+    @model_validator(mode="after")
+    def _who(self) -> AdversaryConfig:
+        if self.nodes is not None and self.fraction:
+            raise ValueError("set fraction or nodes, not both")
+        if self.attack is not None and self.nodes is None and self.fraction == 0:
+            raise ValueError("an attack needs attackers: set fraction > 0 or nodes")
+        return self
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
@@ -245,6 +385,8 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

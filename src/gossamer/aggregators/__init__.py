@@ -1,5 +1,12 @@
-"""Robust aggregation rules over a stacked tensor of client updates, selectable by name."""
+"""Robust aggregation rules over stacked updates, selectable by name.
 
-from gossamer.aggregators.robust import AGGREGATORS, aggregate
+A rule maps ``updates [B, P]`` (``weights [B]``) to ``[P]``, or ``G`` groups at once,
+``[G, B, P]`` (``weights [G, B]``) to ``[G, P]``; see :mod:`gossamer.aggregators.base`.
+:func:`check_aggregator` says, before a run, whether a rule can run on ``n`` inputs.
+"""
 
-__all__ = ["AGGREGATORS", "aggregate"]
+from gossamer.aggregators import bristle, coordinate, flag, iterative, krum  # noqa: F401 (register)
+from gossamer.aggregators.base import AGGREGATORS, aggregate
+from gossamer.aggregators.check import check_aggregator
+
+__all__ = ["AGGREGATORS", "aggregate", "check_aggregator"]

@@ -17,7 +17,9 @@ from gossamer.algorithms import ALGORITHMS, Algorithm
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.data import Dataset, load_dataset, partition
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
+from gossamer.sim.adversary import Adversary
 from gossamer.sim.evaluator import BatchedEvaluator
+from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
 
@@ -45,10 +47,19 @@ class Experiment:
     mixing: torch.Tensor | None = None
     mixing_scipy: object | None = None
     spectral_gap: float | None = None
+    faults: Faults | None = None
+    adversary: Adversary | None = None
 
     @property
     def num_nodes(self) -> int:
         return self.cfg.partition.num_nodes
+
+    def online(self, t: float) -> np.ndarray:
+        """Bool ``[N]``: nodes up at simulated time ``t`` (availability and fault models)."""
+        up = self.availability.at(t)
+        if self.faults is not None and self.faults.enabled:
+            up &= self.faults.alive(t)
+        return up
 
 
 def _user_error(field: str):
@@ -116,7 +127,33 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                      availability, wire.encoded_size(spec.numel))
     if algorithm.family == "dl":
         _attach_topology(exp)
+    _attach_faults_and_adversary(exp)
     return exp
+
+
+def _attach_faults_and_adversary(exp: Experiment) -> None:
+    cfg, n = exp.cfg, exp.num_nodes
+    degrees = exp.topology.degrees() if exp.topology is not None else None
+    exp.faults = Faults.from_config(cfg, n, degrees=degrees, has_data=exp.trainer.sizes > 0)
+    exp.adversary = Adversary.from_config(cfg, n)
+    if exp.adversary.data_attack:
+        exp.trainer.y = exp.adversary.poison_labels(exp.trainer.y, exp.shards, exp.dataset.num_classes)
+    name = getattr(exp.algorithm, "aggregator", "mean")
+    if name != "mean":
+        from gossamer.aggregators import check_aggregator
+
+        if exp.algorithm.family == "fl":
+            holders = int((exp.trainer.sizes > 0).sum())
+            smallest = exp.algorithm.expected_clients(holders)
+            what = f"{smallest} clients per round"
+        else:
+            smallest = int(exp.topology.degrees().min()) + 1
+            what = f"{smallest} models at the least connected node (its own and its neighbours')"
+        try:
+            check_aggregator(name, smallest, **exp.algorithm.aggregator_params)
+        except ValueError as exc:
+            raise ConfigError("algorithm.params.aggregator",
+                              f"{name} cannot run on {what}: {str(exc).splitlines()[0]}") from None
 
 
 def _attach_topology(exp: Experiment) -> None:

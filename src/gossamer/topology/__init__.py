@@ -11,6 +11,7 @@ from gossamer.topology.mixing import (
     spectral_gap,
     to_torch_sparse,
     uniform_neighbor,
+    without_links,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "mixing_matrix",
     "read_edge_list",
     "renormalize_for_available",
+    "without_links",
     "spectral_gap",
     "to_torch_sparse",
     "uniform_neighbor",

@@ -155,3 +155,20 @@ def renormalize_for_available(
     diagonal = W.diagonal() + np.bincount(rows[spill], data[spill], minlength=n)
     diagonal = np.where(mask, diagonal, 1.0)
     return _with_diagonal(rows[keep], cols[keep], data[keep], diagonal)
+
+
+def without_links(W: sp.spmatrix, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    """``W`` with the entries ``(rows[e], cols[e])`` removed (messages from ``cols`` to ``rows``
+    that did not arrive): each receiver moves the lost weight onto its own diagonal, so rows
+    still sum to one. The result is row-stochastic; symmetric only if the removals are."""
+    W = sp.csr_matrix(W)
+    n = W.shape[0]
+    if len(rows) == 0:
+        return W
+    coo = sp.coo_matrix(W)
+    key = coo.row.astype(np.int64) * n + coo.col
+    removed = np.isin(key, np.asarray(rows, dtype=np.int64) * n + np.asarray(cols, dtype=np.int64))
+    removed &= coo.row != coo.col
+    diagonal = W.diagonal() + np.bincount(coo.row[removed], coo.data[removed], minlength=n)
+    keep = ~removed & (coo.row != coo.col)
+    return _with_diagonal(coo.row[keep], coo.col[keep], coo.data[keep], diagonal)

@@ -7,7 +7,8 @@ arXiv:1705.09056.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,16 +22,28 @@ class DPSGD(Algorithm):
     ``W`` is the doubly stochastic mixing matrix of the topology (``topology.mixing``,
     Metropolis-Hastings by default). In the simulator ``W`` is one sparse ``[N, N]`` matrix;
     in the runtime a node applies its own row to the models it received.
+
+    ``aggregator`` replaces each node's weighted average by a robust rule of
+    :mod:`gossamer.aggregators` over the models it holds (its own and its neighbours'),
+    weighted by its row of ``W``; ``aggregator_params`` configures it (e.g. ``{f: 1}``).
+    ``centered_clipping`` clips the others around the node's own model.
     """
 
     family = "dl"
     pattern = "sync_dl"
 
     gossip_steps: int = 1
+    aggregator: str = "mean"
+    aggregator_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from gossamer.aggregators import AGGREGATORS
+
         if self.gossip_steps < 1:
             raise ValueError("gossip_steps must be >= 1")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: "
+                             f"{', '.join(AGGREGATORS.names())}")
 
     def mix_row(self, weights: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
         """One node's step of ``X <- W X``: its row of ``W`` (``[k]``) times the models it holds

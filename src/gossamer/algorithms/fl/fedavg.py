@@ -64,11 +64,17 @@ class FedAvg(Algorithm):
     def init_state(self, params: torch.Tensor) -> ServerState:
         return ServerState(params.clone())
 
+    def expected_clients(self, candidates: int) -> int:
+        """How many clients :meth:`select` picks from ``candidates`` available ones."""
+        if self.client_fraction >= 1:
+            return candidates
+        return min(candidates, max(self.min_clients, round(self.client_fraction * candidates)))
+
     def select(self, candidates: np.ndarray, generator: np.random.Generator) -> np.ndarray:
         """Pick ``max(min_clients, round(fraction * |candidates|))`` clients, sorted by id."""
         if self.client_fraction >= 1 or len(candidates) == 0:
             return np.sort(candidates)
-        k = min(len(candidates), max(self.min_clients, round(self.client_fraction * len(candidates))))
+        k = self.expected_clients(len(candidates))
         return np.sort(generator.choice(candidates, size=k, replace=False))
 
     def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ _DRIVERS = {
     "sync_fl": "gossamer.sim.drivers.sync_fl:SyncFLDriver",
     "sync_dl": "gossamer.sim.drivers.sync_dl:SyncDLDriver",
     "async_gossip": "gossamer.sim.drivers.gossip:GossipDriver",
+    "sampled_dl": "gossamer.sim.drivers.modest:ModestDriver",
 }
 
 

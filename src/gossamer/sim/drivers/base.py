@@ -51,23 +51,38 @@ class Driver:
         return {"round": self.round, "sim_time": self.sim_time, "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down, "train_loss": self.train_loss,
                 "node_steps": self.node_steps,
-                "availability": {k: _to_tensor(v) for k, v in self.exp.availability.state_dict().items()}}
+                "availability": _to_tensor(self.exp.availability.state_dict()),
+                "faults": _to_tensor(self.exp.faults.state_dict()) if self.exp.faults is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round, self.sim_time = int(state["round"]), float(state["sim_time"])
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.train_loss = state["train_loss"]
         self.node_steps = int(state["node_steps"])
-        self.exp.availability.load_state_dict(
-            {k: _to_numpy(v) for k, v in state["availability"].items()})
+        self.exp.availability.load_state_dict(_to_numpy(state["availability"]))
+        if self.exp.faults is not None and state.get("faults") is not None:
+            self.exp.faults.load_state_dict(_to_numpy(state["faults"]))
 
     def summary(self) -> dict[str, Any]:
         return {}
 
 
 def _to_tensor(v: Any) -> Any:
-    return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+    """Numpy arrays (also inside dicts and lists) as tensors, so checkpoints load weights-only."""
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    if isinstance(v, dict):
+        return {k: _to_tensor(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_tensor(x) for x in v)
+    return v
 
 
 def _to_numpy(v: Any) -> Any:
-    return v.numpy() if isinstance(v, torch.Tensor) else v
+    if isinstance(v, torch.Tensor):
+        return v.numpy()
+    if isinstance(v, dict):
+        return {k: _to_numpy(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_numpy(x) for x in v)
+    return v

@@ -28,7 +28,7 @@ from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 
 WAKE, REQUEST, ARRIVE, APPLY = 0, 1, 2, 3
-READ, WRITE = 0, 1
+READ, WRITE, RESET = 0, 1, 2
 
 
 class GossipDriver(SyncDLDriver):
@@ -55,7 +55,10 @@ class GossipDriver(SyncDLDriver):
         per_update = (sched.steps * sched.batch_size if sched.steps else (sched.epochs or 1) * sizes)
         self.update_samples = np.where(sizes > 0, per_update, 0)
         self.compute_s = sys_.sample_time_s * self.update_samples
-        self._always = np.ones(n, dtype=bool) if exp.availability.model == "always" else None
+        self.faults = exp.faults if exp.faults is not None and exp.faults.enabled else None
+        quiet = exp.availability.model == "always" and self.faults is None
+        self._always = np.ones(n, dtype=bool) if quiet else None
+        self.receiver: dict[int, int] = {}          # message id -> receiver (attacks need it)
         self.delta = float(np.min(sys_.latency_s + wire.HEADER_BYTES / sys_.bandwidth_up_Bps))
         for i in range(n):
             self._push(self._wake_gap(i, 0), WAKE, i, 0, 0)
@@ -79,10 +82,24 @@ class GossipDriver(SyncDLDriver):
         u = rng.uniform_scalar(self.exp.cfg.seed, rng.STREAM_GOSSIP, node, k, 1)
         return int(topo.indices[lo + int(u * (hi - lo))])
 
-    def _delay(self, sender: int, receiver: int, nbytes: int) -> float:
+    def _delay(self, sender: int, receiver: int, nbytes: int, key: int = 0) -> float:
         s = self.exp.system
+        extra = 0.0
+        if self.faults is not None:
+            extra = float(self.faults.extra_delay(key, np.array([sender]), np.array([receiver]))[0])
         return float(s.latency_s[sender] + nbytes / s.bandwidth_up_Bps[sender]
-                     + nbytes / s.bandwidth_down_Bps[receiver])
+                     + nbytes / s.bandwidth_down_Bps[receiver]) + extra
+
+    def _online(self, t: float, ops: list) -> np.ndarray:
+        online = self.exp.online(t)
+        if self.faults is not None and self.faults.rejoin_fresh:
+            for node in self.faults.rejoined().tolist():
+                ops.append((RESET, node, -1))
+        return online
+
+    def _reachable(self, t: float, sender: int, receiver: int) -> bool:
+        return self.faults is None or bool(
+            self.faults.connected(t, np.array([sender]), np.array([receiver]))[0])
 
     # --- the two phases of a window ------------------------------------------------------------
     def _schedule_window(self, t_end: float) -> list[tuple]:
@@ -91,36 +108,39 @@ class GossipDriver(SyncDLDriver):
         while self.heap and self.heap[0][0] < t_end:
             heapq.heappush(local, heapq.heappop(self.heap))
         ops: list[tuple] = []
-        avail = self.exp.availability
         mode, nbytes = self.exp.algorithm.mode, self.exp.message_bytes
         while local:
             t, _, kind, node, a, b = heapq.heappop(local)
             self.events += 1
-            online = self._always if self._always is not None else avail.at(t)
+            online = self._always if self._always is not None else self._online(t, ops)
             if kind == WAKE:
                 nxt = t + self._wake_gap(node, a + 1)
                 self._push(nxt, WAKE, node, a + 1, 0, local if nxt < t_end else None)
                 peer = self._peer(node, a)
-                if not online[node] or peer < 0:
+                if not online[node] or peer < 0 or not self._reachable(t, node, peer):
                     continue
                 if mode == "pull":
                     self.bytes_up += wire.HEADER_BYTES
-                    self._push(t + self._delay(node, peer, wire.HEADER_BYTES), REQUEST, peer, node, 0)
+                    self._push(t + self._delay(node, peer, wire.HEADER_BYTES, -1 - a), REQUEST, peer, node, 0)
                 else:
                     self._send(ops, t, node, peer, reply_to=node if mode == "push_pull" else -1)
             elif kind == REQUEST:
-                if online[node]:
+                if online[node] and self._reachable(t, node, a):
                     self.bytes_down += wire.HEADER_BYTES
                     self._send(ops, t, node, a, reply_to=-1)
             elif kind == ARRIVE:
                 if not online[node]:
                     self.dropped += 1
                     self.messages.pop(a, None)
+                    self.receiver.pop(a, None)
                     continue
                 self.bytes_down += nbytes
-                if b >= 0:                                  # push-pull: answer with own model
+                if b >= 0 and self._reachable(t, node, b):  # push-pull: answer with own model
                     self._send(ops, t, node, b, reply_to=-1)
-                done = max(t, self.busy_until[node]) + self.compute_s[node]
+                compute = self.compute_s[node]
+                if self.faults is not None:
+                    compute *= float(self.faults.slowdown(self.round + 1, np.array([node]))[0])
+                done = max(t, self.busy_until[node]) + compute
                 self.busy_until[node] = done
                 self._push(done, APPLY, node, a, 0, local if done < t_end else None)
             else:
@@ -130,10 +150,14 @@ class GossipDriver(SyncDLDriver):
     def _send(self, ops: list, t: float, sender: int, receiver: int, reply_to: int) -> None:
         msg = self.next_msg
         self.next_msg += 1
-        ops.append((READ, sender, msg))
         self.bytes_up += self.exp.message_bytes
-        self._push(t + self._delay(sender, receiver, self.exp.message_bytes), ARRIVE, receiver, msg,
-                   reply_to)
+        if self.faults is not None and self.faults.lost(msg, np.array([sender]), np.array([receiver]))[0]:
+            self.dropped += 1                          # sent, never arrives
+            return
+        ops.append((READ, sender, msg))
+        self.receiver[msg] = receiver
+        self._push(t + self._delay(sender, receiver, self.exp.message_bytes, msg), ARRIVE, receiver,
+                   msg, reply_to)
 
     def _run_ops(self, ops: list[tuple]) -> None:
         """Phase 2: apply reads and writes in waves with each node at most once per wave."""
@@ -148,17 +172,42 @@ class GossipDriver(SyncDLDriver):
         for wave in waves:
             reads = [op for op in wave if op[0] == READ]
             writes = [op for op in wave if op[0] == WRITE]
+            resets = [op[1] for op in wave if op[0] == RESET]
             if reads:
                 nodes = torch.tensor([op[1] for op in reads])
-                rows, ages = self.params[nodes].clone(), self.age[nodes]
+                rows, ages = self._outgoing(reads, self.params[nodes].clone()), self.age[nodes]
                 for j, op in enumerate(reads):
                     self.messages[op[2]] = (rows[j], float(ages[j]))
             if writes:
                 self._apply(writes)
+            if resets:
+                self._restart(np.array(resets))
+                self.age[torch.tensor(resets)] = 0.0
+
+    def _outgoing(self, reads: list[tuple], rows: torch.Tensor) -> torch.Tensor:
+        """What the readers send: Byzantine senders replace their model by an attack crafted
+        against the receiver's current model (the receiver's model is the honest reference)."""
+        adv = self.exp.adversary
+        if adv is None or not adv.model_attack:
+            return rows
+        byz = np.array([adv.byzantine[op[1]] for op in reads])
+        if not byz.any():
+            return rows
+        pick = np.flatnonzero(byz)
+        receivers = torch.tensor([self.receiver[reads[j][2]] for j in pick])
+        own = self.params[receivers]
+        held = torch.stack([own, rows[torch.from_numpy(pick)]], dim=1)        # [F, 2, P]
+        mask = np.zeros((len(pick), 2), dtype=bool)
+        mask[:, 1] = True
+        crafted = adv.corrupt(held, own, mask, self.round + 1, key=reads[pick[0]][2])
+        rows[torch.from_numpy(pick)] = crafted[:, 1]
+        return rows
 
     def _apply(self, writes: list[tuple]) -> None:
         nodes = np.array([op[1] for op in writes], dtype=np.int64)
         received = [self.messages.pop(op[2]) for op in writes]
+        for op in writes:
+            self.receiver.pop(op[2], None)
         idx = torch.from_numpy(nodes)
         merged, age = self.exp.algorithm.merge_models(
             self.params[idx], self.age[idx], torch.stack([m for m, _ in received]),
@@ -183,7 +232,9 @@ class GossipDriver(SyncDLDriver):
                 ops = self._schedule_window(t_end)
             self._run_ops(ops)
         self.sim_time = boundary
-        self.exp.availability.at(boundary)
+        ops: list[tuple] = []
+        self.last_online = self._online(boundary, ops)
+        self._run_ops(ops)
         self.round += 1
 
     def evaluate(self) -> dict[str, Any]:
@@ -203,7 +254,8 @@ class GossipDriver(SyncDLDriver):
             heap_ints=torch.tensor([e[1:] for e in heap], dtype=torch.int64).reshape(-1, 5),
             msg_ids=torch.tensor(ids, dtype=torch.int64),
             msg_rows=torch.stack([self.messages[i][0] for i in ids]) if ids else torch.zeros(0),
-            msg_ages=torch.tensor([self.messages[i][1] for i in ids], dtype=torch.float64))
+            msg_ages=torch.tensor([self.messages[i][1] for i in ids], dtype=torch.float64),
+            msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids], dtype=torch.int64))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,3 +270,5 @@ class GossipDriver(SyncDLDriver):
         heapq.heapify(self.heap)
         self.messages = {int(i): (state["msg_rows"][j].clone(), float(state["msg_ages"][j]))
                          for j, i in enumerate(state["msg_ids"].tolist())}
+        receivers = state.get("msg_receivers", torch.full((len(self.messages),), -1)).tolist()
+        self.receiver = {int(i): int(receivers[j]) for j, i in enumerate(state["msg_ids"].tolist())}

@@ -1,8 +1,11 @@
 """Synchronous decentralized rounds: every online node trains, then models are mixed.
 
 The round's mixing is one sparse product ``X <- W X``; offline nodes keep their row and
-their online neighbours fold the missing weight onto themselves. A round lasts as long
-as the slowest online node's compute plus sending its model to each online neighbour.
+their online neighbours fold the missing weight onto themselves, as does a node whose
+message from a neighbour was cut by a partition or lost. With a robust merge rule or
+Byzantine neighbours, each node's merge runs over the stack of models it holds
+(:mod:`gossamer.sim.gathered`). A round lasts as long as the slowest online node's compute
+plus sending its model to each reachable neighbour.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import torch
 
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
-from gossamer.topology import renormalize_for_available, to_torch_sparse
+from gossamer.sim.gathered import MergeStats, gathered_merge, local_losses
+from gossamer.topology import renormalize_for_available, to_torch_sparse, without_links
 
 
 class SyncDLDriver(Driver):
     columns = Driver.columns + ["acc_min", "acc_median", "acc_max", "avg_model_accuracy",
-                                "avg_model_loss", "consensus_distance"]
+                                "avg_model_loss", "consensus_distance", "online", "isolated",
+                                "lost_messages", "merges_skipped"]
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
@@ -29,6 +34,11 @@ class SyncDLDriver(Driver):
         self._spare: torch.Tensor | None = None      # mixing output buffer, reused every round
         self.degrees = exp.topology.degrees()
         self.has_data = exp.trainer.sizes > 0
+        topo = exp.topology
+        self.link_dst = np.repeat(np.arange(n), np.diff(topo.indptr))   # directed links src -> dst
+        self.link_src = topo.indices.astype(np.int64)
+        self.last_online = np.ones(n, dtype=bool)
+        self.isolated = self.lost = self.skipped = 0
         cfg = exp.cfg.eval
         if cfg.nodes is not None and cfg.nodes < n:
             from gossamer import rng
@@ -36,24 +46,50 @@ class SyncDLDriver(Driver):
             self.eval_nodes = np.sort(pick)
         else:
             self.eval_nodes = np.arange(n)
+        adv = exp.adversary
+        self.honest = np.ones(n, dtype=bool)
+        if adv is not None and adv.enabled:              # metrics describe honest nodes only
+            self.honest = ~adv.byzantine
+            self.eval_nodes = self.eval_nodes[self.honest[self.eval_nodes]]
+        self.aggregator = getattr(exp.algorithm, "aggregator", "mean")
+        self.gathered = self.aggregator != "mean" or (adv is not None and adv.model_attack)
 
-    def _mixing(self, online: np.ndarray) -> torch.Tensor:
-        if online.all():
-            return self.exp.mixing
-        return to_torch_sparse(renormalize_for_available(self.exp.mixing_scipy, online))
+    # --- who hears whom this round -------------------------------------------------------------
+    def _links(self, online: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Masks over the directed links: sent (both ends up, not cut by a partition), delivered."""
+        src, dst = self.link_src, self.link_dst
+        sent = online[src] & online[dst]
+        faults = self.exp.faults
+        if not faults.enabled:
+            return sent, sent
+        sent &= faults.connected(self.sim_time, src, dst)
+        return sent, sent & ~faults.lost(r, src, dst)
 
-    def _online_degrees(self, online: np.ndarray) -> np.ndarray:
-        """Number of online neighbours of every online node (0 for offline nodes)."""
-        if online.all():
-            return self.degrees
-        topo = self.exp.topology
-        rows = np.repeat(np.arange(len(online)), np.diff(topo.indptr))
-        counts = np.bincount(rows, weights=online[topo.indices], minlength=len(online))
-        return counts.astype(np.int64) * online
+    def _round_mixing(self, online: np.ndarray, delivered: np.ndarray):
+        """This round's mixing matrix (scipy), or None when it is the topology's own."""
+        if online.all() and delivered.all():
+            return None
+        w = renormalize_for_available(self.exp.mixing_scipy, online)
+        missing = online[self.link_src] & online[self.link_dst] & ~delivered
+        if missing.any():
+            w = without_links(w, self.link_dst[missing], self.link_src[missing])
+        return w
 
+    def _restart(self, nodes: np.ndarray) -> None:
+        """Nodes that rejoin with a fresh model start again from the initial parameters."""
+        if len(nodes):
+            init = self.exp.init_params
+            idx = torch.from_numpy(np.asarray(nodes, dtype=np.int64))
+            self.params[idx] = init if init.dim() == 1 else init[idx]
+
+    # --- one round ------------------------------------------------------------------------------
     def run_round(self) -> None:
         exp, r = self.exp, self.round + 1
-        online = exp.availability.at(self.sim_time)
+        faults = exp.faults
+        online = exp.online(self.sim_time)
+        if faults.enabled and faults.rejoin_fresh:
+            self._restart(faults.rejoined())
+        self.last_online = online
         train_ids = np.flatnonzero(online & self.has_data)
         samples = np.zeros(exp.num_nodes)
         with self.timer("train_s"):
@@ -67,52 +103,111 @@ class SyncDLDriver(Driver):
                 samples[train_ids] = result.samples
                 self.node_steps += int(result.steps.sum())
                 self.train_loss = float(result.loss.mean())
+        sent, delivered = self._links(online, r)
+        mixing = self._round_mixing(online, delivered)
         with self.timer("communicate_s"):
-            if self._spare is None:
-                self._spare = torch.empty_like(self.params)
-            mixed = exp.algorithm.mix(self._mixing(online), self.params, out=self._spare)
-            if mixed is not self.params:                # the buffers swapped roles
-                self._spare, self.params = self.params, mixed
-        steps = exp.algorithm.gossip_steps
-        degree = self._online_degrees(online)
-        sent = int(degree.sum()) * steps * exp.message_bytes
-        self.bytes_up += sent
-        self.bytes_down += sent
-        nodes = np.arange(exp.num_nodes)
-        send_s = steps * (degree * exp.message_bytes / exp.system.bandwidth_up_Bps
-                          + exp.system.latency_s)
-        recv_s = steps * degree * exp.message_bytes / exp.system.bandwidth_down_Bps
-        node_s = exp.system.compute_s(nodes, samples) + np.maximum(send_s, recv_s)
-        self.sim_time += float(node_s[online].max()) if online.any() else 0.0
-        if not online.any():
-            self.sim_time = float(max(self.sim_time, exp.availability.next_switch.min()))
+            if self.gathered:
+                self._merge_gathered(mixing, online, r)
+            else:
+                self._mix(mixing)
+        self._account(online, samples, sent, delivered, r)
         self.round = r
 
+    def _mix(self, mixing) -> None:
+        if self._spare is None:
+            self._spare = torch.empty_like(self.params)
+        w = self.exp.mixing if mixing is None else to_torch_sparse(mixing)
+        mixed = self.exp.algorithm.mix(w, self.params, out=self._spare)
+        if mixed is not self.params:                # the buffers swapped roles
+            self._spare, self.params = self.params, mixed
+
+    def _merge_gathered(self, mixing, online: np.ndarray, r: int) -> None:
+        """Robust merge and/or Byzantine messages: each honest online node merges what it holds."""
+        exp, adv = self.exp, self.exp.adversary
+        w = exp.mixing_scipy if mixing is None else mixing
+        receivers = np.flatnonzero(online & self.honest)
+        stats = MergeStats()
+        attack = adv is not None and adv.model_attack
+        params = dict(getattr(exp.algorithm, "aggregator_params", {}))
+        for step in range(exp.algorithm.gossip_steps):
+            def corrupt(held, own, byz, key, step=step):
+                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + key)
+
+            merged = gathered_merge(
+                w, self.params, receivers, aggregator=self.aggregator, params=params,
+                byzantine=adv.byzantine if attack else None, corrupt=corrupt if attack else None,
+                losses=local_losses(exp.trainer), stats=stats)
+            self.params[torch.from_numpy(receivers)] = merged
+        self.skipped += stats.skipped
+
+    def _account(self, online: np.ndarray, samples: np.ndarray, sent: np.ndarray,
+                 delivered: np.ndarray, r: int) -> None:
+        """Bytes, lost messages, isolated nodes and the round's simulated duration."""
+        exp, faults, n = self.exp, self.exp.faults, self.exp.num_nodes
+        steps, nbytes = exp.algorithm.gossip_steps, exp.message_bytes
+        out_deg = np.bincount(self.link_src[sent], minlength=n)
+        in_deg = np.bincount(self.link_dst[delivered], minlength=n)
+        self.bytes_up += int(sent.sum()) * steps * nbytes
+        self.bytes_down += int(delivered.sum()) * steps * nbytes
+        self.lost += int((sent & ~delivered).sum()) * steps
+        self.isolated = int((online & (in_deg == 0)).sum()) if n > 1 else 0
+        nodes = np.arange(n)
+        compute_s = exp.system.compute_s(nodes, samples)
+        spike = np.zeros(n)
+        if faults.enabled:
+            compute_s = compute_s * faults.slowdown(r, nodes)
+            extra = faults.extra_delay(r, self.link_src[sent], self.link_dst[sent])
+            np.maximum.at(spike, self.link_dst[sent], extra)
+        send_s = steps * (out_deg * nbytes / exp.system.bandwidth_up_Bps + exp.system.latency_s)
+        recv_s = steps * in_deg * nbytes / exp.system.bandwidth_down_Bps
+        node_s = compute_s + np.maximum(send_s, recv_s) + spike
+        if online.any():
+            self.sim_time += float(node_s[online].max())
+        else:                                  # nobody up: jump to the next change
+            nxt = exp.availability.next_switch.min() if exp.availability.model != "always" else np.inf
+            if faults.enabled:
+                nxt = min(nxt, faults.next_change())
+            if np.isfinite(nxt):
+                self.sim_time = float(max(self.sim_time, nxt))
+
+    # --- metrics ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         row = self.base_row()
+        nodes = self.eval_nodes
+        if self.exp.faults.enabled:            # nodes that are gone are not measured
+            up = nodes[self.last_online[nodes]]
+            nodes = up if len(up) else nodes
         with self.timer("eval_s"):
-            acc, loss = self.exp.evaluator.evaluate(self.params[self.eval_nodes])
-            mean = self.params.mean(0, keepdim=True)
-            consensus = consensus_distance(self.params, mean)
+            acc, loss = self.exp.evaluator.evaluate(self.params[nodes])
+            population = self.params if self.honest.all() else self.params[torch.from_numpy(self.honest)]
+            mean = population.mean(0, keepdim=True)
+            consensus = consensus_distance(population, mean)
             row.update(test_accuracy=float(acc.mean()), test_loss=float(loss.mean()),
                        acc_min=float(acc.min()), acc_median=float(acc.median()),
-                       acc_max=float(acc.max()), consensus_distance=consensus)
+                       acc_max=float(acc.max()), consensus_distance=consensus,
+                       online=int(self.last_online.sum()), isolated=self.isolated,
+                       lost_messages=self.lost, merges_skipped=self.skipped)
             if self.exp.cfg.eval.average_model:
                 avg_acc, avg_loss = self.exp.evaluator.evaluate(mean)
                 row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]))
         return row
 
     def global_params(self) -> torch.Tensor:
-        return self.params.mean(0)
+        return self.params[torch.from_numpy(self.honest)].mean(0)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["params"] = self.params
+        state.update(params=self.params, last_online=torch.from_numpy(self.last_online.copy()),
+                     isolated=self.isolated, lost=self.lost, skipped=self.skipped)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.params = state["params"].clone()
+        if "last_online" in state:
+            self.last_online = state["last_online"].numpy().copy()
+            self.isolated, self.lost = int(state["isolated"]), int(state["lost"])
+            self.skipped = int(state["skipped"])
 
     def summary(self) -> dict[str, Any]:
         return {"spectral_gap": self.exp.spectral_gap, "num_edges": int(len(self.exp.topology.edges))}

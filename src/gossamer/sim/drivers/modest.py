@@ -1,0 +1,191 @@
+"""MoDeST rounds on the simulated clock: sample, dispatch, train in one batched call, aggregate.
+
+Round ``r``: each aggregator of round ``r - 1`` pings the round's ranked candidates (the
+registry view) until it has ``sample_size`` responsive trainers, then sends them its model
+one after another over its uplink; a trainer starts from the first model that arrives. The
+trainers train (one batched call), ping the round's aggregator candidates the same way and
+send their model to each; an aggregator averages the first ``ceil(success_fraction * s)``
+arrivals. The round ends, and the next starts, when the first aggregate exists. Before
+any aggregate exists (round 1), the sampled nodes that are online start from the initial
+model without pings, as every node holds it.
+
+Simplifications: responsiveness is read once when the trainers are sampled and once when
+the first trainer finishes (trainers offline then do not deliver; an aggregator, once
+found responsive, stays so until it has sent its aggregate); pings cost round-trip latency
+and ``timeout_s`` but no bytes; downlinks are not shared between concurrent messages; the
+registry is one view shared by all nodes, updated with each round's messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer.algorithms.dl.modest import Probe, aggregate, probe, quorum_mask, rank, sample
+from gossamer.sim.drivers.base import Driver
+from gossamer.sim.experiment import Experiment
+from gossamer.sim.trainer import TrainResult
+
+
+class ModestDriver(Driver):
+    columns = Driver.columns + ["participants", "aggregators", "timeouts", "view_size"]
+
+    def __init__(self, exp: Experiment) -> None:
+        super().__init__(exp)
+        self.algorithm = exp.algorithm
+        self.has_data = exp.trainer.sizes > 0
+        self.view = np.ones(exp.num_nodes, dtype=bool)      # every node registered at the start
+        init = exp.init_params
+        self.aggregates = init.reshape(1, -1).clone() if init.dim() == 1 else init[:1].clone()
+        self.agg_ids = np.empty(0, dtype=np.int64)           # aggregators of the last round
+        self.agg_ready = np.empty(0)                         # when each had its aggregate
+        self.participants = self.num_aggregators = self.timeouts = 0
+        self.total_timeouts = self.stalled_rounds = 0
+
+    def _alive(self, t: float) -> np.ndarray:
+        """Responsive nodes ``[N]`` at ``t``: online, and not crashed when faults are enabled."""
+        alive = self.exp.availability.at(t)
+        faults = getattr(self.exp, "faults", None)
+        if faults is not None and faults.enabled:
+            alive = alive & faults.alive(t)
+        return alive
+
+    def _wait(self, t: float) -> None:
+        """Nobody to work with: wait out a timeout, and at least until the next availability (or
+        fault) change; the next round samples again."""
+        avail, faults = self.exp.availability, getattr(self.exp, "faults", None)
+        change = float(avail.next_switch.min()) if avail.model != "always" else np.inf
+        if faults is not None and faults.enabled:
+            change = min(change, float(faults.next_change()))
+        t_next = t + self.algorithm.timeout_s
+        if np.isfinite(change):
+            t_next = max(t_next, change)
+        self.sim_time = t_next
+        self.agg_ready = np.maximum(self.agg_ready, t_next)
+        self.num_aggregators = 0
+        self.stalled_rounds += 1
+
+    def _fan_out(self, senders: np.ndarray, start: np.ndarray, found: Probe) -> np.ndarray:
+        """Arrival times ``[len(senders), len(found.chosen)]`` of the senders' models.
+
+        Each sender pings ``found``'s candidates from ``start`` (a ping costs a round trip, a
+        silent candidate ``timeout_s``), then sends one copy after another over its uplink to
+        the chosen nodes; a copy for itself costs nothing."""
+        s, nbytes, timeout = self.exp.system, self.exp.message_bytes, self.algorithm.timeout_s
+        recv, lat = found.chosen, self.exp.system.latency_s
+        other = senders[:, None] != recv[None, :]
+        rtt = np.where(other, lat[senders][:, None] + lat[recv][None, :], 0.0)
+        known = start + np.maximum(found.waves * timeout,
+                                   (found.wave * timeout + rtt).max(axis=1, initial=0.0))
+        slot = np.cumsum(other, axis=1)                      # position on the sender's uplink
+        wire = (lat[senders][:, None] + slot * nbytes / s.bandwidth_up_Bps[senders][:, None]
+                + nbytes / s.bandwidth_down_Bps[recv][None, :])
+        return known[:, None] + np.where(other, wire, 0.0)
+
+    def run_round(self) -> None:
+        exp, algo, r = self.exp, self.algorithm, self.round + 1
+        seed, t0 = exp.cfg.seed, self.sim_time
+        self.round, self.timeouts, self.participants = r, 0, 0
+        alive = self._alive(t0)
+        view = self.view
+        if algo.announce_churn:           # joins and leaves announced so far ride on this round's messages
+            self.view = exp.availability.at(t0).copy()
+        pool = np.flatnonzero(view & self.has_data)
+        bootstrap = len(self.agg_ids) == 0   # no aggregate yet: sampled nodes start from the initial model
+        if bootstrap:
+            ids = sample(pool, seed, r, algo.sample_size)
+            ids = ids[alive[ids]]
+        else:
+            ranked = rank(pool, seed, r)
+            trainers = probe(ranked, alive[ranked], algo.sample_size)
+            ids = trainers.chosen
+        if len(ids) == 0:
+            self._wait(t0)
+            return
+        if bootstrap:
+            start, sent = np.full(len(ids), t0), 0
+            init = exp.init_params
+            rows = init.expand(len(ids), -1) if init.dim() == 1 else init[torch.from_numpy(ids)]
+        else:                             # the last round's aggregators feed the trainers
+            arrival = self._fan_out(self.agg_ids, self.agg_ready, trainers)
+            start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
+            sent = int(np.isfinite(arrival).sum() - np.isin(self.agg_ids, ids).sum())
+            self.timeouts += len(self.agg_ids) * len(trainers.skipped)
+        with self.timer("train_s"):
+            result = exp.trainer.train(rows, ids, r)
+        self.train_loss = float(result.loss.mean())
+        self.node_steps += int(result.steps.sum())
+        self.participants = len(ids)
+        done = start + exp.system.compute_s(ids, result.samples)
+        sent += self._upload(view, ids, done, result, seed, r)
+        self.bytes_up += sent * exp.message_bytes
+        self.bytes_down += sent * exp.message_bytes
+        self.total_timeouts += self.timeouts
+
+    def _upload(self, view: np.ndarray, ids: np.ndarray, done: np.ndarray, result: TrainResult,
+                seed: int, r: int) -> int:
+        """Trainers find the round's aggregators (the first responsive of round ``r + 1``'s
+        ranking) and send them their models; each aggregator averages its first arrivals.
+        Returns the number of model messages sent."""
+        algo = self.algorithm
+        t1 = float(done.min())
+        alive = self._alive(t1)
+        delivering = alive[ids]                              # trainers gone by now deliver nothing
+        ranked = rank(np.flatnonzero(view), seed, r + 1)
+        aggs = probe(ranked, alive[ranked], algo.aggregators)
+        self.timeouts += int(delivering.sum()) * len(aggs.skipped)
+        if len(aggs.chosen) == 0 or not delivering.any():
+            self._wait(t1)
+            return 0
+        arrival = np.full((len(aggs.chosen), len(ids)), np.inf)
+        arrival[:, delivering] = self._fan_out(ids[delivering], done[delivering], aggs).T
+        q = algo.quorum(len(ids))
+        mask = quorum_mask(arrival, q)
+        weights = torch.from_numpy(mask).to(torch.float64) * algo.model_weights(result.samples)
+        with self.timer("communicate_s"):
+            self.aggregates = aggregate(result.params, weights)
+        last = np.where(mask, arrival, -np.inf).max(axis=1)
+        short = mask.sum(axis=1) < q                         # waited a timeout for models that never came
+        self.agg_ready = last + np.where(short, algo.timeout_s, 0.0)
+        self.agg_ids, self.num_aggregators = aggs.chosen, len(aggs.chosen)
+        self.sim_time = float(self.agg_ready.min())
+        return int(np.isfinite(arrival).sum() - np.isin(ids[delivering], aggs.chosen).sum())
+
+    def evaluate(self) -> dict[str, Any]:
+        with self.timer("eval_s"):
+            acc, loss = self.exp.evaluator.evaluate(self.aggregates[:1])
+        row = self.base_row()
+        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
+                   participants=self.participants, aggregators=self.num_aggregators,
+                   timeouts=self.timeouts, view_size=int(self.view.sum()))
+        return row
+
+    def global_params(self) -> torch.Tensor:
+        """The first aggregator's (in rank order) model of the last round ``[P]``."""
+        return self.aggregates[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(view=torch.from_numpy(self.view.copy()), aggregates=self.aggregates,
+                     agg_ids=torch.from_numpy(self.agg_ids.copy()),
+                     agg_ready=torch.from_numpy(self.agg_ready.copy()),
+                     counters=[self.participants, self.num_aggregators, self.timeouts,
+                               self.total_timeouts, self.stalled_rounds])
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.view = state["view"].numpy().copy()
+        self.aggregates = state["aggregates"].clone()
+        self.agg_ids = state["agg_ids"].numpy().copy()
+        self.agg_ready = state["agg_ready"].numpy().copy()
+        (self.participants, self.num_aggregators, self.timeouts, self.total_timeouts,
+         self.stalled_rounds) = (int(v) for v in state["counters"])
+
+    def summary(self) -> dict[str, Any]:
+        algo = self.algorithm
+        return {"sample_size": algo.sample_size, "aggregators": algo.aggregators,
+                "quorum": algo.quorum(), "timeouts_total": self.total_timeouts,
+                "stalled_rounds": self.stalled_rounds}

@@ -1,0 +1,117 @@
+"""Decentralized merging node by node, vectorized: what D-PSGD does when ``W @ X`` is not enough.
+
+Plain D-PSGD mixing is one sparse product. A robust merge (median, Krum, ... of the models a
+node holds) or a Byzantine neighbour that sends each receiver a different model needs, for
+every receiver ``i``, the stack of models it holds: its own and one per in-neighbour.
+Receivers are grouped by how many models they hold, so each group is one dense
+``[G, k, P]`` tensor; a group is split into chunks that bound memory. Rules and attacks are
+the pure functions of :mod:`gossamer.aggregators` and :mod:`gossamer.attacks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+# corrupt(messages [G, k, P], receivers' models [G, P], byzantine [G, k], key) -> messages
+Corrupt = Callable[[torch.Tensor, torch.Tensor, np.ndarray, int], torch.Tensor]
+# losses(candidates [G, k, P], receivers [G]) -> [G, k], each candidate on the receiver's data
+Losses = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+@dataclass
+class MergeStats:
+    skipped: int = 0          # receivers whose rule could not run on what they held (kept their model)
+
+
+def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, aggregator: str,
+                   params: dict, byzantine: np.ndarray | None = None, corrupt: Corrupt | None = None,
+                   losses: Losses | None = None, chunk_bytes: int = 128 << 20,
+                   stats: MergeStats | None = None) -> torch.Tensor:
+    """New models ``[len(receivers), P]`` of ``receivers`` after one merge step.
+
+    Args:
+        W: effective mixing matrix ``[N, N]`` of this step (CSR, diagonal included); row ``i``
+            lists what node ``i`` holds and the weights it gives them.
+        X: models ``[N, P]`` before the step.
+        receivers: node ids to merge (others keep their rows; the caller writes results back).
+        aggregator: a rule of :mod:`gossamer.aggregators`; ``mean`` is the weighted average
+            (equal to ``W @ X`` on those rows).
+        byzantine, corrupt: Byzantine senders ``[N]`` and the function crafting what they send.
+    """
+    from gossamer.aggregators import AGGREGATORS, aggregate, check_aggregator
+
+    W = sp.csr_matrix(W)
+    out = X[torch.from_numpy(receivers)].clone()
+    counts = np.diff(W.indptr)[receivers]
+    rule = AGGREGATORS.get(aggregator)
+    needs_losses = getattr(rule, "needs_losses", False)
+    row_bytes = X.shape[1] * X.element_size()
+    for k in np.unique(counts):
+        members = np.flatnonzero(counts == k)
+        if k <= 1:
+            continue                                   # holds only its own model
+        try:
+            check_aggregator(aggregator, int(k), **params)
+        except ValueError:
+            if stats is not None:
+                stats.skipped += len(members)
+            continue
+        cols, weights = _own_first(W, receivers[members], int(k))
+        step = max(1, chunk_bytes // (int(k) * row_bytes))
+        for c0 in range(0, len(members), step):
+            sl = slice(c0, c0 + step)
+            idx = torch.from_numpy(cols[sl])
+            held = X[idx]                                               # [g, k, P]
+            own = held[:, 0]
+            if corrupt is not None and byzantine is not None:
+                byz = byzantine[cols[sl]]
+                byz[:, 0] = False
+                if byz.any():
+                    held = corrupt(held, own, byz, int(receivers[members[c0]]))
+            w = torch.from_numpy(weights[sl]).to(X.dtype)
+            extra = {}
+            if needs_losses and losses is not None:
+                extra["losses"] = losses(held, receivers[members[sl]])
+            if aggregator == "centered_clipping" and "center" not in params:
+                extra["center"] = own
+            if aggregator == "mean":
+                merged = torch.bmm(w.unsqueeze(1), held).squeeze(1)
+            else:
+                merged = aggregate(aggregator, held, w, **params, **extra)
+            out[torch.from_numpy(members[sl])] = merged.to(X.dtype)
+    return out
+
+
+def _own_first(W: sp.csr_matrix, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column ids and weights ``[len(rows), k]`` of each row's entries, the row's own id first."""
+    at = W.indptr[rows][:, None] + np.arange(k)[None, :]
+    cols, vals = W.indices[at], W.data[at]
+    order = np.argsort(cols != rows[:, None], axis=1, kind="stable")   # own id first
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def local_losses(trainer, samples: int = 64) -> Losses:
+    """A :data:`Losses` that scores candidates by cross-entropy on up to ``samples`` of the
+    receiver's own training rows (the first ones of its shard: fixed, so scores are comparable
+    across rounds). Receivers without data score every candidate 0."""
+
+    def score(held: torch.Tensor, receivers: np.ndarray) -> torch.Tensor:
+        g, k, p = held.shape
+        m = min(samples, trainer.shards.shape[1])
+        take = torch.from_numpy(trainer.shards[receivers, :m])                  # [g, m]
+        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None])
+        x = trainer.x[take].repeat_interleave(k, dim=0)                          # [g*k, m, ...]
+        y = trainer.y[take].repeat_interleave(k, dim=0)
+        with torch.no_grad():
+            logits = trainer.forward(trainer.spec.views(held.reshape(g * k, p)), x)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g * k, m)
+        mask = valid.repeat_interleave(k, dim=0).to(ce.dtype)
+        return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).view(g, k)
+
+    return score
