@@ -108,12 +108,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from gossamer.aggregators import AGGREGATORS
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.attacks import ATTACKS
     from gossamer.data import DATASETS, PARTITIONERS
     from gossamer.models import MODELS
     from gossamer.topology import MIXING, TOPOLOGIES
 
-    for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, MIXING):
+    for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, MIXING, AGGREGATORS, ATTACKS):
         print(f"{reg.kind}: {', '.join(reg.names())}")
     return 0
 

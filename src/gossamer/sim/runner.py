@@ -158,5 +158,21 @@ class Runner:
             "node_steps": d.node_steps,
             **{f"{k}": v for k, v in d.timers.items()},
         }
+        faults, adv = self.exp.faults, self.exp.adversary
+        if faults is not None and faults.enabled:
+            out["faults_applied"] = _plain(faults.applied_events())
+        if adv is not None and adv.enabled:
+            out["byzantine_nodes"] = [int(i) for i in adv.byzantine.nonzero()[0]]
         out.update(d.summary())
         return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars and arrays as Python numbers and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
