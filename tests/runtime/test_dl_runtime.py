@@ -83,3 +83,14 @@ def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
         rounds = [int(r["round"]) for r in csv.DictReader(f)]
     assert rounds[:3] == [0, 10, 20] and rounds[-1] == 100      # back after the restart, to the end
     assert "catching up" in (tmp_path / "peer-3-resumed.log").read_text()
+
+
+def test_peers_with_a_robust_merge_match_the_simulator(write_config, tmp_path):
+    cfg = _cfg()
+    cfg["algorithm"] = {"name": "dpsgd", "params": {"aggregator": "median"}}
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    for key in ("test_accuracy", "acc_min", "acc_max"):
+        assert [r[key] for r in real[1:]] == [r[key] for r in sim[1:]], key

@@ -25,12 +25,14 @@ import grpc
 import numpy as np
 import torch
 
+from gossamer.aggregators import needs_losses
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames
 from gossamer.runtime.common import limits, log, retry, security
 from gossamer.sim.experiment import build_experiment
+from gossamer.sim.gathered import local_losses
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
 
@@ -143,7 +145,10 @@ class Peer:
         ids = sorted(got)
         weights = torch.tensor([own] + [self.weights[j] for j in ids], dtype=torch.float64)
         models = torch.cat([self.params] + [got[j].reshape(1, -1) for j in ids])
-        self.params = self.algorithm.mix_row(weights, models).reshape(1, -1)
+        losses = None
+        if needs_losses(self.algorithm.aggregator):      # Bristle scores on this node's data
+            losses = local_losses(self.exp.trainer)(models[None], np.array([self.node]))[0]
+        self.params = self.algorithm.mix_row(weights, models, losses).reshape(1, -1)
 
     def _next_round(self, r: int) -> int:
         """The round to run next: r + 1, or the neighbours' round if this peer fell behind

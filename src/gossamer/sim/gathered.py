@@ -44,21 +44,18 @@ def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, 
             (equal to ``W @ X`` on those rows).
         byzantine, corrupt: Byzantine senders ``[N]`` and the function crafting what they send.
     """
-    from gossamer.aggregators import AGGREGATORS, aggregate, check_aggregator
+    from gossamer.aggregators import can_merge, merge_held, needs_losses
 
     W = sp.csr_matrix(W)
     out = X[torch.from_numpy(receivers)].clone()
     counts = np.diff(W.indptr)[receivers]
-    rule = AGGREGATORS.get(aggregator)
-    needs_losses = getattr(rule, "needs_losses", False)
+    scored = needs_losses(aggregator) and losses is not None
     row_bytes = X.shape[1] * X.element_size()
     for k in np.unique(counts):
         members = np.flatnonzero(counts == k)
         if k <= 1:
             continue                                   # holds only its own model
-        try:
-            check_aggregator(aggregator, int(k), **params)
-        except ValueError:
+        if not can_merge(aggregator, int(k), params):
             if stats is not None:
                 stats.skipped += len(members)
             continue
@@ -66,24 +63,14 @@ def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, 
         step = max(1, chunk_bytes // (int(k) * row_bytes))
         for c0 in range(0, len(members), step):
             sl = slice(c0, c0 + step)
-            idx = torch.from_numpy(cols[sl])
-            held = X[idx]                                               # [g, k, P]
-            own = held[:, 0]
+            held = X[torch.from_numpy(cols[sl])]                          # [g, k, P]
             if corrupt is not None and byzantine is not None:
                 byz = byzantine[cols[sl]]
                 byz[:, 0] = False
                 if byz.any():
-                    held = corrupt(held, own, byz, int(receivers[members[c0]]))
-            w = torch.from_numpy(weights[sl]).to(X.dtype)
-            extra = {}
-            if needs_losses and losses is not None:
-                extra["losses"] = losses(held, receivers[members[sl]])
-            if aggregator == "centered_clipping" and "center" not in params:
-                extra["center"] = own
-            if aggregator == "mean":
-                merged = torch.bmm(w.unsqueeze(1), held).squeeze(1)
-            else:
-                merged = aggregate(aggregator, held, w, **params, **extra)
+                    held = corrupt(held, held[:, 0], byz, int(receivers[members[c0]]))
+            scores = losses(held, receivers[members[sl]]) if scored else None
+            merged = merge_held(aggregator, held, torch.from_numpy(weights[sl]), params, scores)
             out[torch.from_numpy(members[sl])] = merged.to(X.dtype)
     return out
 

@@ -45,10 +45,20 @@ class DPSGD(Algorithm):
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: "
                              f"{', '.join(AGGREGATORS.names())}")
 
-    def mix_row(self, weights: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
-        """One node's step of ``X <- W X``: its row of ``W`` (``[k]``) times the models it holds
-        (``[k, P]``: its own and its neighbours'). The runtime's per-process form of :meth:`mix`."""
-        return weights.to(models.dtype) @ models
+    def mix_row(self, weights: torch.Tensor, models: torch.Tensor,
+                losses: torch.Tensor | None = None) -> torch.Tensor:
+        """One node's merge, the runtime's per-process form of :meth:`mix`: its row of ``W``
+        (``[k]``) and the models it holds (``[k, P]``, its own first). With a robust
+        ``aggregator`` the rule runs over them instead (a node whose rule cannot run on ``k``
+        models keeps its own); ``losses [k]`` feed rules that score candidates (Bristle)."""
+        from gossamer.aggregators import can_merge, merge_held
+
+        if self.aggregator == "mean":
+            return weights.to(models.dtype) @ models
+        if not can_merge(self.aggregator, models.shape[0], self.aggregator_params):
+            return models[0]
+        scores = None if losses is None else losses[None]
+        return merge_held(self.aggregator, models[None], weights[None], self.aggregator_params, scores)[0]
 
     def mix(self, mixing: torch.Tensor, params: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
