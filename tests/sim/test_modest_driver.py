@@ -1,9 +1,9 @@
 import csv
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from gossamer import config
 from gossamer.algorithms.dl.modest import probe, rank, sample
@@ -135,16 +135,30 @@ def test_no_responsive_node_waits_for_the_next_switch_and_retries():
 
 
 def test_crashed_nodes_never_train():
-    d = _driver(_config(nodes=16, sample_size=6, timeout_s=1.0))
-    crashed = np.zeros(16, dtype=bool)
-    crashed[rank(np.arange(16), d.exp.cfg.seed, 2)[:3]] = True
-    d.exp.faults = SimpleNamespace(enabled=True, alive=lambda t: ~crashed, next_change=lambda: np.inf)
+    seed = 0
+    victims = rank(np.arange(16), seed, 2)[:3]
+    cfg = _config(nodes=16, sample_size=6, timeout_s=1.0)
+    cfg["faults"] = {"events": [{"at_s": 0.0, "action": "remove", "nodes": victims.tolist()}]}
+    d = _driver(cfg)
+    crashed = np.isin(np.arange(16), victims)
     calls = _record_trainers(d)
     for _ in range(4):
         d.run_round()
     assert not any(crashed[ids].any() for ids in calls)
     assert all(len(ids) == 6 for ids in calls)
     assert d.total_timeouts > 0 and not np.isin(d.agg_ids, np.flatnonzero(crashed)).any()
+
+
+def test_lost_uploads_and_stragglers_apply_to_modest():
+    cfg = _config(nodes=16, sample_size=6, timeout_s=1.0)
+    clean = _driver(cfg)
+    cfg["faults"] = {"message_loss": {"prob": 0.3}, "stragglers": {"fraction": 0.5, "factor": 10.0}}
+    faulty = _driver(cfg)
+    for _ in range(4):
+        clean.run_round()
+        faulty.run_round()
+    assert faulty.sim_time > clean.sim_time
+    assert faulty.exp.faults.enabled and torch.isfinite(faulty.aggregates).all()
 
 
 def test_state_dict_round_trip_resumes_identically(tmp_path):

@@ -110,15 +110,30 @@ class ModestDriver(Driver):
             rows = init.expand(len(ids), -1) if init.dim() == 1 else init[torch.from_numpy(ids)]
         else:                             # the last round's aggregators feed the trainers
             arrival = self._fan_out(self.agg_ids, self.agg_ready, trainers)
-            start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
             sent = int(np.isfinite(arrival).sum() - np.isin(self.agg_ids, ids).sum())
+            arrival = self._network_faults(arrival, self.agg_ids, ids, 2 * r)
+            reached = np.isfinite(arrival).any(axis=0)       # trainers that got no model sit out
+            ids, arrival = ids[reached], arrival[:, reached]
             self.timeouts += len(self.agg_ids) * len(trainers.skipped)
+            if len(ids) == 0:
+                self.bytes_up += sent * exp.message_bytes
+                self._wait(t0)
+                return
+            start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
         with self.timer("train_s"):
             result = exp.trainer.train(rows, ids, r)
+        adv = exp.adversary
+        if adv is not None and adv.model_attack:         # Byzantine trainers craft their upload
+            updates = result.params - rows
+            crafted = adv.corrupt(updates, torch.zeros_like(updates[0]), adv.byzantine[ids], r)
+            result = TrainResult(rows + crafted, result.samples, result.steps, result.loss)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
         self.participants = len(ids)
-        done = start + exp.system.compute_s(ids, result.samples)
+        compute = exp.system.compute_s(ids, result.samples)
+        if exp.faults is not None and exp.faults.enabled:
+            compute = compute * exp.faults.slowdown(r, ids)
+        done = start + compute
         sent += self._upload(view, ids, done, result, seed, r)
         self.bytes_up += sent * exp.message_bytes
         self.bytes_down += sent * exp.message_bytes
@@ -141,6 +156,11 @@ class ModestDriver(Driver):
             return 0
         arrival = np.full((len(aggs.chosen), len(ids)), np.inf)
         arrival[:, delivering] = self._fan_out(ids[delivering], done[delivering], aggs).T
+        sent = int(np.isfinite(arrival).sum() - np.isin(ids[delivering], aggs.chosen).sum())
+        arrival = self._network_faults(arrival.T, ids, aggs.chosen, 2 * r + 1).T
+        if not np.isfinite(arrival).any():
+            self._wait(t1)
+            return sent
         q = algo.quorum(len(ids))
         mask = quorum_mask(arrival, q)
         weights = torch.from_numpy(mask).to(torch.float64) * algo.model_weights(result.samples)
@@ -151,7 +171,21 @@ class ModestDriver(Driver):
         self.agg_ready = last + np.where(short, algo.timeout_s, 0.0)
         self.agg_ids, self.num_aggregators = aggs.chosen, len(aggs.chosen)
         self.sim_time = float(self.agg_ready.min())
-        return int(np.isfinite(arrival).sum() - np.isin(ids[delivering], aggs.chosen).sum())
+        return sent
+
+    def _network_faults(self, arrival: np.ndarray, senders: np.ndarray, receivers: np.ndarray,
+                        key: int) -> np.ndarray:
+        """Arrival times ``[senders, receivers]`` after message loss (never arrives), delay
+        spikes and partitions (not sent across); a node's copy to itself is never affected."""
+        faults = self.exp.faults
+        if faults is None or not faults.enabled:
+            return arrival
+        src = np.broadcast_to(senders[:, None], arrival.shape).ravel()
+        dst = np.broadcast_to(receivers[None, :], arrival.shape).ravel()
+        remote = src != dst
+        gone = (faults.lost(key, src, dst) | ~faults.connected(self.sim_time, src, dst)) & remote
+        delay = np.where(remote, faults.extra_delay(key, src, dst), 0.0)
+        return np.where(gone.reshape(arrival.shape), np.inf, arrival + delay.reshape(arrival.shape))
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
