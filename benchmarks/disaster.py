@@ -5,7 +5,7 @@ Communications on Fully Decentralized Learning in Disaster Scenarios" (2023,
 arXiv:2310.02986): D-PSGD over a Barabasi-Albert graph of 100 devices, 50 with IID MNIST-5k
 data and 50 relay-only (`examples/disaster/base.yaml`). At t = --at-s simulated seconds a
 scheduled event removes `count` devices chosen at random among the data holders, among the
-relays, or among all devices. The value is the final mean test accuracy of the surviving
+relays, or among all devices, or the highest-degree devices (hubs, data or not). The value is the final mean test accuracy of the surviving
 devices (relays included: they hold and average models too), with the number of connected
 components the survivors form and the consensus distance among them.
 
@@ -26,7 +26,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "examples/disaster/base.yaml"
-SELECT = {"data holders": "data_holders", "relays": "relay_only", "random": "random"}
+SELECT = {"data holders": "data_holders", "relays": "relay_only", "random": "random",
+          "hubs": "highest_degree"}
+COLORS = {"none": "k", "data holders": "tab:blue", "relays": "tab:orange", "random": "tab:green",
+          "hubs": "tab:red"}
 
 
 def run(job: tuple) -> dict:
@@ -81,14 +84,15 @@ def figure(results: list[dict], path: Path) -> None:
         rows = sorted((r for r in results if r["scenario"] == label), key=lambda r: r["count"])
         if rows:
             right.plot([0] + [r["count"] for r in rows], [base["accuracy"]] + [r["accuracy"] for r in rows],
-                       marker="o", label=f"remove {label}")
+                       marker="o", label=f"remove {label}", color=COLORS[label])
     right.set_xlabel("devices removed (of 100)")
     right.set_ylabel("final mean accuracy of survivors")
     right.legend()
     biggest = max(r["count"] for r in results)
     for r in [base] + [r for r in results if r["count"] == biggest]:
         xs, ys = zip(*r["curve"], strict=True)
-        left.plot(xs, ys, label="no removal" if r["count"] == 0 else f"remove {biggest} {r['scenario']}")
+        left.plot(xs, ys, label="no removal" if r["count"] == 0 else f"remove {biggest} {r['scenario']}",
+                  color=COLORS[r["scenario"]])
     left.set_xlabel("round")
     left.set_ylabel("mean test accuracy")
     left.legend()

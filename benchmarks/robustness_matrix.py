@@ -168,6 +168,12 @@ def main() -> None:
 
 
 def run_all(args) -> tuple[list[dict], float]:
+    # import everything before forking: workers then run exactly the code the run started with
+    import gossamer.aggregators
+    import gossamer.attacks
+    import gossamer.sim.gathered
+    import gossamer.sim.runner  # noqa: F401
+
     jobs = jobs_for(args)
     start = time.perf_counter()
     results = []
