@@ -121,3 +121,18 @@ def test_stop_rules_target_accuracy_and_simulated_time(write_config, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "max_sim_time_s" and summary["sim_time_s"] >= 1.0
     assert float(_rows(out)[-2]["sim_time_s"]) < 1.0
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"faults": {"events": [{"at_s": 50, "action": "remove", "fraction": 1.5}]}}, "faults.events.0.fraction"),
+    ({"faults": {"events": [{"at_s": 50, "action": "remove", "nodes": [42]}]}}, "faults.events.0.nodes"),
+    ({"faults": {"partitions": [{"at_s": 50, "groups": 2}]}, "stop": {"rounds": 3, "max_sim_time_s": 10}},
+     "faults.partitions.0.at_s"),
+    ({"adversary": {"attack": "alie", "fraction": -0.1}}, "adversary.fraction"),
+])
+def test_bad_fault_and_adversary_configs_exit_2_with_one_line(write_config, capsys, section, expected):
+    cfg = small_config("dpsgd")
+    cfg.update(section)
+    assert main(["validate", str(write_config(cfg))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
