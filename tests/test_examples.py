@@ -28,3 +28,22 @@ def test_dpsgd_example_runs(tmp_path):
     assert main(["run", str(EXAMPLES / "dpsgd.yaml"), "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 10 and summary["final_test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_build(path):
+    """The semantic checks too (aggregator requirements, fault node ids, ...), not just the schema."""
+    from gossamer.sim.experiment import build_experiment
+
+    build_experiment(config.load(path))
+
+
+def test_robustness_examples_show_the_attack_and_the_defence(tmp_path):
+    accuracy = {}
+    for name in ("clean_mean", "signflip20_mean", "signflip20_median"):
+        out = tmp_path / name
+        assert main(["run", str(EXAMPLES / "robustness" / f"{name}.yaml"), "--out", str(out), "--quiet",
+                     "--set", "stop.rounds=10"]) == 0
+        accuracy[name] = json.loads((out / "summary.json").read_text())["final_test_accuracy"]
+    assert accuracy["signflip20_mean"] < 0.3
+    assert accuracy["signflip20_median"] > accuracy["clean_mean"] - 0.05
