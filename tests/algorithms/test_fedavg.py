@@ -52,3 +52,11 @@ def test_robust_aggregator_slot_resists_an_outlier():
 def test_unknown_aggregator_is_a_config_error():
     with pytest.raises(ValueError, match="unknown aggregator 'avg'"):
         FedAvg.from_params({"aggregator": "avg"})
+
+
+def test_bristle_at_the_server_keeps_the_models_closest_to_the_global_model():
+    algo = FedAvg(aggregator="bristle", aggregator_params={"f": 1}, weighting="uniform")
+    state = algo.init_state(torch.zeros(3))
+    models = torch.tensor([[100.0, 100.0, 100.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    new = algo.aggregate(state, models, np.ones(4))
+    assert torch.allclose(new.params, torch.full((3,), 1 / 3))     # the far model (row 0) is dropped
