@@ -34,6 +34,9 @@ BASE = {"fedavg": REPO / "examples/robustness/clean_mean.yaml",
 ATTACKS = ["sign_flip", "gaussian", "scaling", "label_flip", "alie", "ipm", "min_max", "min_sum"]
 ATTACK_PARAMS = {"sign_flip": {"scale": 4.0}, "gaussian": {"sigma": 1.0}, "scaling": {"scale": 10.0},
                  "ipm": {"epsilon": 0.5}}
+# centered clipping's radius at the scale of the updates here (median client update norm in
+# round 1: 0.23); the rule's default tau = 10 never clips in this setting, i.e. equals the mean
+RULE_PARAMS = {"centered_clipping": {"tau": 0.1}}
 AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
                "geometric_median", "centered_clipping", "flag", "bristle"]
 DL_DEGREE = 10
@@ -52,7 +55,7 @@ def cell_config(algorithm: str, aggregator: str, attack: str | None, fraction: f
     f = defender_f(algorithm, fraction if attack else 0.1, nodes)
     params = dict(raw["algorithm"].get("params", {}))
     params["aggregator"] = aggregator
-    params["aggregator_params"] = {} if aggregator == "mean" else {"f": f}
+    params["aggregator_params"] = {} if aggregator == "mean" else {"f": f, **RULE_PARAMS.get(aggregator, {})}
     raw["algorithm"]["params"] = params
     raw["output"] = {"progress": False, "checkpoint_every": 0}
     raw["eval"] = dict(raw.get("eval", {}), every=1000)          # the final round is always evaluated

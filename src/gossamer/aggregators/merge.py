@@ -31,9 +31,11 @@ def merge_held(name: str, held: torch.Tensor, weights: torch.Tensor, params: dic
     """Merge ``held [G, k, P]`` (row 0 of each group is the node's own model) with the node's
     mixing weights ``[G, k]`` into ``[G, P]``.
 
-    ``mean`` is the weighted average (one D-PSGD row of ``W X``). ``centered_clipping``
-    clips around the node's own model unless ``params`` names a center; rules that need
-    losses get ``losses [G, k]`` when given.
+    ``mean`` is the weighted average (one D-PSGD row of ``W X``). Other rules run on the
+    differences to the node's own model and the result is added back, so direction-based
+    rules (Flag) see update directions, Bristle keeps the models closest to the node's own
+    and ``centered_clipping`` clips around it (unless ``params`` names a center); rules that
+    need losses get ``losses [G, k]`` when given.
     """
     weights = weights.to(held.dtype)
     if name == "mean":
@@ -41,6 +43,9 @@ def merge_held(name: str, held: torch.Tensor, weights: torch.Tensor, params: dic
     extra: dict = {}
     if losses is not None and needs_losses(name):
         extra["losses"] = losses
+    own = held[:, :1]
     if name == "centered_clipping" and "center" not in params:
-        extra["center"] = held[:, 0]
-    return aggregate(name, held, weights, **params, **extra).to(held.dtype)
+        extra["center"] = torch.zeros_like(own[:, 0])        # clip around the node's own model
+    # the rule sees updates relative to the node's own model (row 0 becomes zero): Flag and
+    # Bristle are not translation-invariant; the others give the same result either way
+    return (own[:, 0] + aggregate(name, held - own, weights, **params, **extra)).to(held.dtype)

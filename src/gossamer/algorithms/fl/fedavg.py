@@ -35,9 +35,10 @@ class FedAvg(Algorithm):
 
     ``aggregator`` replaces the weighted average by a robust rule from
     :mod:`gossamer.aggregators` (``median``, ``trimmed_mean``, ``krum``, ...), configured by
-    ``aggregator_params`` (e.g. ``{f: 2}``); the client weights are passed to it. ``bristle``
-    keeps the client models closest to the global model (the server has no data to score
-    them on, so the kept models are averaged by weight).
+    ``aggregator_params`` (e.g. ``{f: 2}``); the client weights are passed to it. Rules work on
+    the updates (client model minus global model), so ``bristle`` keeps the clients that
+    moved least (the server has no data to score them on: kept updates are averaged by
+    weight) and ``flag`` sees update directions.
     """
 
     family = "fl"
@@ -96,10 +97,12 @@ class FedAvg(Algorithm):
         else:
             from gossamer.aggregators import aggregate
 
+            # rules see updates (model - global): Flag and Bristle are not translation-invariant
             extra = {}
             if self.aggregator == "bristle" and "center" not in self.aggregator_params:
-                extra["center"] = state.params     # closest to the global model, not to a client's
-            average = aggregate(self.aggregator, models, weights, **self.aggregator_params, **extra)
+                extra["center"] = torch.zeros_like(state.params)      # the global model
+            average = state.params + aggregate(self.aggregator, models - state.params, weights,
+                                               **self.aggregator_params, **extra)
         if self.server_lr != 1.0:
             average = state.params + self.server_lr * (average - state.params)
         return ServerState(average, state.round + 1, state.extra)
