@@ -21,6 +21,7 @@ STREAM_FAULTS = 8
 STREAM_ATTACK = 9
 STREAM_SAMPLE = 10      # decentralized sampling (MoDeST)
 STREAM_ASYNC_FL = 11    # asynchronous FL dispatch choices
+STREAM_ANARCHIC = 12    # anarchic FL: clients' own think times and local step counts
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

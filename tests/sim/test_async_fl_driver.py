@@ -41,11 +41,11 @@ def _spy_updates(d: AsyncFLDriver) -> list[dict]:
     """Record every server update: model before/after, the applied tasks, their staleness."""
     seen, update = [], d._update
 
-    def spy():
-        before, buffer = d.state.params.clone(), list(d.buffer)
-        update()
+    def spy(entries):
+        before = d.state.params.clone()
+        update(entries)
         seen.append({"before": before, "after": d.state.params.clone(), "t": d.sim_time,
-                     "tasks": [task for task, _ in buffer], "staleness": [s for _, s in buffer]})
+                     "tasks": [task for task, _ in entries], "staleness": [s for _, s in entries]})
 
     d._update = spy
     return seen
@@ -156,16 +156,17 @@ def test_max_staleness_discards_and_counts():
     assert d.summary()["discarded_stale"] == a.discarded
 
 
-@pytest.mark.parametrize("name", ["fedasync", "fedbuff", "fedfix"])
+@pytest.mark.parametrize("name", ["fedasync", "fedbuff", "fedfix", "fedcompass", "afa_cd"])
 def test_concurrency_is_never_exceeded(name):
-    params = {"fedbuff": {"buffer_size": 2}, "fedfix": {"delta_t_s": 0.2}}.get(name, {})
+    params = {"fedbuff": {"buffer_size": 2}, "fedfix": {"delta_t_s": 0.2}, "fedcompass": {"max_local_steps": 8},
+              "afa_cd": {"buffer_size": 2}}.get(name, {})
     cfg = _cfg(name, concurrency=3, **params)
     cfg["system"]["availability"] = {"model": "markov", "mean_on_s": 2.0, "mean_off_s": 1.0}
     d = _driver(cfg)
     start = d._start
 
-    def checked(nodes, t):
-        start(nodes, t)
+    def checked(nodes, t, steps=None):
+        start(nodes, t, steps)
         clients = [task.client for task in d.tasks]
         assert len(clients) <= 3 and len(set(clients)) == len(clients)
 
@@ -175,8 +176,11 @@ def test_concurrency_is_never_exceeded(name):
     assert d.max_in_flight == 3
 
 
-def test_batched_training_equals_training_each_task_alone():
-    cfg = _cfg("fedasync", concurrency=5)
+@pytest.mark.parametrize("name,params", [("fedasync", {"concurrency": 5}), ("fedcompass", {"max_local_steps": 9}),
+                                         ("afa_cd", {"buffer_size": 2, "max_local_steps": 7})])
+def test_batched_training_equals_training_each_task_alone(name, params):
+    """Tasks of different lengths (FedCompass, AFA) train in one call as they would alone."""
+    cfg = _cfg(name, **params)
     batched, single = _driver(cfg), _driver(cfg)
     train_one = single._train_pending
 
@@ -188,11 +192,215 @@ def test_batched_training_equals_training_each_task_alone():
             single.tasks = others
 
     single._train_pending = alone
+    sizes, train = [], batched.exp.trainer.train
+
+    def spy(rows, nodes, keys, **kw):
+        if kw.get("steps") is not None:
+            sizes.append(len(set(kw["steps"].tolist())))
+        return train(rows, nodes, keys, **kw)
+
+    batched.exp.trainer.train = spy
     for _ in range(10):
         batched.run_round()
         single.run_round()
     assert batched.sim_time == single.sim_time
+    if name != "fedasync":
+        assert max(sizes) > 1                     # one call held tasks of different lengths
     assert torch.allclose(batched.state.params, single.state.params, atol=1e-5)
+
+
+# --- FedCompass: groups of arrival on the simulated clock ---------------------------------------
+TIERS = {"sample_time_s": {"dist": "per_node", "values": np.linspace(0.001, 0.01, 8).tolist()},
+         "latency_s": {"dist": "constant", "value": 0.0},
+         "bandwidth_up_Bps": {"dist": "constant", "value": 1e15},
+         "bandwidth_down_Bps": {"dist": "constant", "value": 1e15}}
+
+
+def _spy_compass(d: AsyncFLDriver) -> tuple[list[dict], list[tuple[int, float]], list[tuple]]:
+    """Record every group aggregation, every speed measurement and every dispatch."""
+    closed, measured, started = [], [], []
+    close, arrival, start = d._close_group, d._compass_arrival, d._start
+
+    def spy_close(g):
+        group = d.schedule.groups[g]
+        info = {"g": g, "t": d.sim_time, "created": group.created_s, "expected": group.expected_s,
+                "latest": group.latest_s, "arrived": list(group.arrived),
+                "in_group": [task for task, _ in d.group_buffer.get(g, [])], "general": list(d.buffer)}
+        closed.append(info)
+        return close(g)
+
+    def spy_arrival(task, entry, t):
+        measured.append((task.client, (t - task.dispatch_s) / task.assigned))
+        return arrival(task, entry, t)
+
+    def spy_start(nodes, t, steps=None):
+        started.append((nodes.copy(), t, None if steps is None else steps.copy(),
+                        d.schedule.speed[nodes].copy(), d.schedule.group[nodes].copy()))
+        start(nodes, t, steps)
+
+    d._close_group, d._compass_arrival, d._start = spy_close, spy_arrival, spy_start
+    return closed, measured, started
+
+
+def test_fedcompass_groups_arrivals_and_gives_faster_clients_more_steps():
+    d = _driver(_cfg("fedcompass", system=TIERS, max_local_steps=20))
+    closed, measured, started = _spy_compass(d)
+    updates = _spy_updates(d)
+    for r in range(1, 41):
+        d.run_round()
+        assert d.state.version == r                      # one round = one server update
+    per_step = np.array(TIERS["sample_time_s"]["values"]) * d.batch_size
+    assert np.allclose(d.schedule.speed, per_step)      # exact profile: the estimate is the truth
+    # at the start every client trains Q_max steps in no group, and its first arrival is alone
+    nodes, t0, steps, _, group = started[0]
+    assert t0 == 0.0 and len(nodes) == 8 and (steps == 20).all() and (group == -1).all()
+    singles = [u for u in updates if len(u["tasks"]) == 1 and u["tasks"][0].start_version == 0
+               and u["tasks"][0].assigned == 20 and u["tasks"][0].dispatch_s == 0.0]
+    assert sorted(u["tasks"][0].client for u in singles) == list(range(8))
+    # groups: arrivals aggregated together lie in [created, latest) and within (latest - expected)
+    grouped = [c for c in closed if len(c["in_group"]) > 1]
+    assert len(grouped) >= 3
+    for c in closed:
+        ends = [task.end_s for task in c["in_group"]]
+        assert all(c["created"] <= e < c["latest"] for e in ends)
+        assert max(ends) - min(ends) <= c["latest"] - c["expected"] + 1e-12
+        assert sorted(task.client for task in c["in_group"]) == sorted(c["arrived"])
+        assert c["t"] == pytest.approx(max(ends)) or c["t"] == pytest.approx(c["latest"])
+    # in a group, clients sent off together get more steps the faster they are
+    pairs = 0
+    for nodes, _, steps, speed, group in started[1:]:
+        for i in range(len(nodes)):
+            for j in range(len(nodes)):
+                if group[i] == group[j] >= 0 and speed[i] < speed[j]:
+                    assert steps[i] >= steps[j]
+                    pairs += steps[i] > steps[j]
+    assert pairs > 0
+    assert d.client_steps[0] > d.client_steps[-1]       # the fastest trains more than the slowest
+
+
+def test_fedcompass_group_membership_and_idle_time():
+    d = _driver(_cfg("fedcompass", system=TIERS, max_local_steps=20))
+    closed, _, started = _spy_compass(d)
+    members: dict[int, list[int]] = {}
+    assign = d.compass.assign
+
+    def spy_assign(sched, client, t):
+        steps = assign(sched, client, t)
+        members.setdefault(int(sched.group[client]), []).append(client)
+        return steps
+
+    object.__setattr__(d.compass, "assign", spy_assign)      # a frozen dataclass
+    _rows(d, 30)
+    for c in closed:                                  # a group aggregates the clients assigned to it
+        assert set(c["arrived"]) <= set(members[c["g"]])
+    # waiting in a group is idle time: always available, so every client waits from its arrival
+    # until its group aggregates and is served again at once (at the next round's dispatch point)
+    d._dispatch(d.sim_time)
+    waited = sum(c["t"] - task.end_s for c in closed for task in c["in_group"])
+    assert d.acct.client_idle_s.sum() == pytest.approx(waited) and waited > 0
+
+
+def test_fedcompass_speed_estimate_follows_the_momentum_formula():
+    system = {**VARIED, "latency_s": {"dist": "constant", "value": 0.05}}   # per-step times vary with steps
+    d = _driver(_cfg("fedcompass", system=system, max_local_steps=15, speed_momentum=0.7))
+    _, measured, _ = _spy_compass(d)
+    _rows(d, 25)
+    speed = np.full(8, np.nan)
+    for c, value in measured:
+        speed[c] = value if np.isnan(speed[c]) else 0.3 * speed[c] + 0.7 * value
+    assert np.allclose(d.schedule.speed, speed, equal_nan=True) and not np.isnan(speed).any()
+
+
+def test_fedcompass_late_arrivals_go_to_the_general_buffer():
+    cfg = _cfg("fedcompass", system=TIERS, max_local_steps=20, latest_time_factor=1.0)
+    cfg["faults"] = {"stragglers": {"fraction": 0.3, "factor": 3.0, "mode": "per_round"}}
+    d = _driver(cfg)
+    closed, _, _ = _spy_compass(d)
+    _rows(d, 40)
+    late = [entry for c in closed for entry in c["general"]]
+    assert late                                       # stragglers miss their group's latest arrival
+    for c in closed:
+        for task, _ in c["general"]:
+            assert task.end_s <= c["t"]
+
+
+# --- Anarchic FL: clients choose when and how long ------------------------------------------------
+def test_afa_local_steps_follow_the_clients_own_draws():
+    cfg = _cfg("afa_cd", buffer_size=3, min_local_steps=2, max_local_steps=9, think_time_s=0.3)
+    d = _driver(cfg)
+    tasks: list = []
+    start = d._start
+
+    def spy(nodes, t, steps=None):
+        before = d.client_tasks[nodes].copy()
+        start(nodes, t, steps)
+        tasks.extend(zip(nodes.tolist(), before.tolist(), steps.tolist(), [t] * len(nodes), strict=True))
+
+    d._start = spy
+    _rows(d, 12)
+    nodes, counts, steps, _ = map(np.array, zip(*tasks, strict=True))
+    assert steps.min() >= 2 and steps.max() <= 9 and len(set(steps.tolist())) > 3
+    assert np.array_equal(steps, d.algorithm.task_steps(0, nodes, counts))
+    cfg["seed"] = 5
+    other = _driver(cfg)
+    _rows(other, 3)
+    assert not np.array_equal(other.algorithm.task_steps(5, nodes, counts), steps)
+    # always online, no cap: a client starts its first task exactly when its think time ends
+    first = {c: t for c, k, _, t in tasks if k == 0}
+    assert all(first[c] == pytest.approx(d.algorithm.think_time(0, np.array([c]), np.array([0]))[0]) for c in first)
+
+
+def test_afa_cd_aggregates_exactly_m_updates():
+    d = _driver(_cfg("afa_cd", buffer_size=4, server_lr=0.5, max_local_steps=6))
+    seen = _spy_updates(d)
+    for r in range(1, 8):
+        before = d.accepted
+        d.run_round()
+        assert d.accepted - before == 4 and d.state.version == r
+    lr = d.exp.cfg.local.lr
+    for u in seen:
+        assert len(u["tasks"]) == 4
+        g = torch.stack([task.message for task in u["tasks"]]).mean(dim=0)
+        assert torch.allclose(u["after"], u["before"] - 0.5 * lr * g, atol=1e-6)
+    assert max(s for u in seen for s in u["staleness"]) > 0
+
+
+def test_afa_uploads_are_average_directions():
+    d = _driver(_cfg("afa_cd", buffer_size=2, max_local_steps=5))
+    calls, train = [], d.exp.trainer.train
+
+    def spy(rows, nodes, keys, **kw):
+        result = train(rows, nodes, keys, **kw)
+        calls.append((rows.clone(), np.asarray(keys).copy(), result.params.clone(), kw["steps"].copy()))
+        return result
+
+    d.exp.trainer.train = spy
+    seen = _spy_updates(d)
+    _rows(d, 4)
+    lr = d.exp.cfg.local.lr
+    trained = {int(k): (row, out, s) for rows, keys, outs, steps in calls
+               for k, row, out, s in zip(keys, rows, outs, steps, strict=True)}
+    for u in seen:
+        for task in u["tasks"]:
+            row, out, s = trained[task.task_id]
+            assert s == task.assigned == task.steps
+            assert torch.allclose(task.message, (row - out) / (lr * s), atol=1e-5)
+
+
+def test_afa_cs_steps_with_every_clients_latest_direction():
+    d = _driver(_cfg("afa_cs", buffer_size=3, server_lr=2.0, max_local_steps=6))
+    seen = _spy_updates(d)
+    latest = torch.zeros(8, d.state.params.numel())
+    lr = d.exp.cfg.local.lr
+    for _ in range(8):
+        d.run_round()
+        u = seen[-1]
+        assert len(u["tasks"]) == 3
+        for task in u["tasks"]:
+            latest[task.client] = task.message
+        assert torch.allclose(u["after"], u["before"] - 2.0 * lr * latest.mean(dim=0), atol=1e-6)
+        assert torch.allclose(d.state.memory, latest)
+    assert (latest.abs().sum(dim=1) > 0).sum() > 3
 
 
 # --- determinism and resume ----------------------------------------------------------------------
@@ -216,9 +424,12 @@ FAULTS = {"message_loss": {"prob": 0.2}, "stragglers": {"fraction": 0.3, "factor
           "delay_spikes": {"prob": 0.2, "delay_s": 0.5}}
 
 
-@pytest.mark.parametrize("name,params", [("fedasync", {"concurrency": 4}),
-                                         ("fedbuff", {"buffer_size": 3, "concurrency": 5}),
-                                         ("fedfix", {"delta_t_s": 0.4, "concurrency": 6, "max_staleness": 2})])
+@pytest.mark.parametrize("name,params", [
+    ("fedasync", {"concurrency": 4}), ("fedbuff", {"buffer_size": 3, "concurrency": 5}),
+    ("fedfix", {"delta_t_s": 0.4, "concurrency": 6, "max_staleness": 2}),
+    ("fedcompass", {"max_local_steps": 12}),
+    ("afa_cd", {"buffer_size": 3, "max_local_steps": 8, "think_time_s": 0.2}),
+    ("afa_cs", {"buffer_size": 2, "min_local_steps": 2, "max_local_steps": 6, "max_staleness": 3})])
 def test_state_dict_round_trip_resumes_identically(tmp_path, name, params):
     cfg = _cfg(name, **params)
     cfg["faults"] = FAULTS
@@ -229,10 +440,15 @@ def test_state_dict_round_trip_resumes_identically(tmp_path, name, params):
         _rows(first, 1)
         split += 1
         mixed = any(t.message is not None for t in first.tasks) and any(t.start is not None for t in first.tasks)
-        if split >= 3 and (mixed or name != "fedasync"):
+        waiting = bool(first.group_buffer)      # FedCompass: clients wait in a group with their updates
+        if split >= 3 and (mixed or name != "fedasync") and (waiting or name != "fedcompass"):
             break
     if name == "fedasync":        # the checkpoint holds trained and untrained in-flight tasks
         assert mixed
+    if name == "fedcompass":
+        assert waiting and any(g.open for g in first.schedule.groups.values())
+    if name == "afa_cs":
+        assert torch.count_nonzero(first.state.memory) > 0
     save_checkpoint(tmp_path / "ckpt.pt", {"driver": first.state_dict()})
     resumed = _driver(cfg)
     resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt")["driver"])
@@ -261,10 +477,13 @@ def _driver_after(cfg: dict, rounds: int) -> AsyncFLDriver:
     return d
 
 
-def test_runner_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("name,params", [("fedbuff", {"buffer_size": 2, "concurrency": 4}),
+                                         ("fedcompass", {"max_local_steps": 10}),
+                                         ("afa_cs", {"buffer_size": 2, "think_time_s": 0.2})])
+def test_runner_resume_matches_uninterrupted_run(tmp_path, name, params):
     from gossamer.sim.runner import Runner
 
-    cfg = _cfg("fedbuff", buffer_size=2, concurrency=4)
+    cfg = _cfg(name, **params)
     cfg["system"]["availability"] = {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 1.0}
     cfg["faults"] = {"message_loss": {"prob": 0.1}}
     full = Runner(config.validate(cfg), tmp_path / "a")
@@ -288,9 +507,11 @@ def test_runner_resume_matches_uninterrupted_run(tmp_path):
 
 
 # --- faults, adversaries, idle servers --------------------------------------------------------------
-@pytest.mark.parametrize("name,attack", [("fedasync", "sign_flip"), ("fedbuff", "alie"), ("fedfix", "gaussian")])
+@pytest.mark.parametrize("name,attack", [("fedasync", "sign_flip"), ("fedbuff", "alie"), ("fedfix", "gaussian"),
+                                         ("fedcompass", "sign_flip"), ("afa_cs", "scaling")])
 def test_runs_with_faults_and_attackers(name, attack):
-    params = {"fedbuff": {"buffer_size": 3}, "fedfix": {"delta_t_s": 0.3}}.get(name, {})
+    params = {"fedbuff": {"buffer_size": 3}, "fedfix": {"delta_t_s": 0.3}, "fedcompass": {"max_local_steps": 10},
+              "afa_cs": {"buffer_size": 3, "think_time_s": 0.1}}.get(name, {})
     cfg = _cfg(name, nodes=12, concurrency=6, **params)
     cfg["faults"] = {**FAULTS, "message_loss": {"prob": 0.3},
                      "churn": {"fraction": 0.5, "on_s": {"dist": "exponential", "mean": 2.0},
@@ -360,7 +581,8 @@ def _doc_configs() -> list[dict]:
 
 def test_docs_configs_build_and_run_a_round():
     configs = _doc_configs()
-    assert {c["algorithm"]["name"] for c in configs} >= {"fedasync", "fedbuff", "fedfix"}
+    assert {c["algorithm"]["name"] for c in configs} >= {"fedasync", "fedbuff", "fedfix", "fedcompass",
+                                                          "afa_cd", "afa_cs"}
     for raw in configs:
         d = _driver(raw)
         d.run_round()

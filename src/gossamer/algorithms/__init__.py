@@ -4,6 +4,7 @@ from gossamer.algorithms.base import Algorithm
 from gossamer.algorithms.dl.dpsgd import DPSGD
 from gossamer.algorithms.dl.gossip import GossipLearning
 from gossamer.algorithms.dl.modest import MoDeST
+from gossamer.algorithms.fl.anarchic import AFACD, AFACS
 from gossamer.algorithms.fl.async_fl import FedAsync, FedBuff, FedFix
 from gossamer.algorithms.fl.fedamd import FedAMD
 from gossamer.algorithms.fl.fedavg import (
@@ -15,6 +16,7 @@ from gossamer.algorithms.fl.fedavg import (
     FedProx,
     FedYogi,
 )
+from gossamer.algorithms.fl.fedcompass import FedCompass
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.registry import Registry
 
@@ -35,5 +37,8 @@ ALGORITHMS.register("modest")(MoDeST)
 ALGORITHMS.register("fedasync")(FedAsync)
 ALGORITHMS.register("fedbuff")(FedBuff)
 ALGORITHMS.register("fedfix")(FedFix)
+ALGORITHMS.register("fedcompass")(FedCompass)
+ALGORITHMS.register("afa_cd")(AFACD)
+ALGORITHMS.register("afa_cs")(AFACS)
 
 __all__ = ["ALGORITHMS", "Algorithm", "DPSGD", "FedAvg", "GossipLearning", "MoDeST"]

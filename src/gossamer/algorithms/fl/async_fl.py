@@ -1,10 +1,12 @@
 """Asynchronous FL: the server updates the model as client updates arrive, not in rounds.
 
-Three server rules over one execution pattern (``async_fl``): FedAsync mixes every arrival
-into the model, FedBuff applies a buffer of ``buffer_size`` arrivals, FedFix aggregates what
-arrived in each fixed period. All three take Papaya's controls (Huba et al., "Papaya:
-Practical, Private, and Scalable Federated Learning", MLSys 2022, arXiv:2111.04877):
-``concurrency`` (clients training at once) and ``max_staleness`` (staler updates are dropped).
+Server rules over one execution pattern (``async_fl``): FedAsync mixes every arrival into
+the model, FedBuff applies a buffer of ``buffer_size`` arrivals, FedFix aggregates what
+arrived in each fixed period; FedCompass (``fedcompass.py``) and Anarchic FL
+(``anarchic.py``) also choose each task's number of local steps. All take Papaya's controls
+(Huba et al., "Papaya: Practical, Private, and Scalable Federated Learning", MLSys 2022,
+arXiv:2111.04877): ``concurrency`` (clients training at once) and ``max_staleness`` (staler
+updates are dropped).
 
 Staleness of an update = server version when it arrives minus the version it started from.
 """
@@ -20,7 +22,8 @@ import torch
 from gossamer.algorithms.base import Algorithm
 
 StalenessFn = Literal["constant", "polynomial", "hinge"]
-Trigger = Literal["arrival", "buffer", "period"]
+Trigger = Literal["arrival", "buffer", "period", "group"]
+Weighting = Literal["samples", "uniform"]
 
 
 def staleness_weight(staleness: np.ndarray | int, fn: StalenessFn = "constant", a: float = 0.5,
@@ -44,9 +47,21 @@ def staleness_weight(staleness: np.ndarray | int, fn: StalenessFn = "constant", 
     raise ValueError(f"unknown staleness function {fn!r}")
 
 
+def importance(weighting: Weighting, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Client importance ``p_i`` of ``clients`` ``[B]`` given every client's sample count ``sizes``
+    ``[N]``: ``samples`` is ``n_i / sum_j n_j`` over all N clients, ``uniform`` is 1 / (clients
+    with data)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if weighting == "samples":
+        return sizes[np.asarray(clients, dtype=np.int64)] / sizes.sum()
+    return np.full(len(clients), 1.0 / max(1, int((sizes > 0).sum())))
+
+
 @dataclass
 class AsyncServerState:
-    """The server's model ``[P]`` and its version (number of model updates so far)."""
+    """The server's model ``[P]`` and its version (number of model updates so far).
+
+    Rules with more server state subclass this; the driver checkpoints every field."""
 
     params: torch.Tensor
     version: int = 0
@@ -57,23 +72,27 @@ class AsyncFL(Algorithm):
     """Papaya's controls, shared by the three rules; subclasses define ``aggregate``.
 
     ``trigger`` says when the server updates: on every accepted arrival, after a full
-    buffer, or at the end of each period. ``client_message`` is what a client uploads
-    (the update ``trained - start`` unless a rule says otherwise).
+    buffer, at the end of each period, or when an arrival group completes (FedCompass).
+    ``client_message`` is what a client uploads (the update ``trained - start`` unless a
+    rule says otherwise). ``self_dispatch``: clients decide themselves when to work
+    (:meth:`think_time`); :meth:`task_steps` gives each task its own number of local steps
+    (None: the ``local`` schedule). ``concurrency`` null means every client.
     """
 
     family = "fl"
     pattern = "async_fl"
     trigger: ClassVar[Trigger]
+    self_dispatch: ClassVar[bool] = False
 
-    concurrency: int = 10
+    concurrency: int | None = 10
     max_staleness: int | None = None
     staleness_fn: StalenessFn = "polynomial"
     a: float = 0.5
     b: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1 or null (every client)")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError("max_staleness must be >= 0 or null")
         if self.a < 0 or self.b < 0:
@@ -90,15 +109,29 @@ class AsyncFL(Algorithm):
         """``s(staleness)`` per update ``[B]`` with this rule's staleness function."""
         return staleness_weight(staleness, self.staleness_fn, self.a, self.b)
 
-    def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """What each client uploads ``[B, P]``: its update, trained model minus start model."""
+    def task_steps(self, seed: int, clients: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """Local steps of each client's next task (``counts``: tasks each client started so far);
+        None: every task follows the ``local`` schedule."""
+        return None
+
+    def think_time(self, seed: int, clients: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Seconds a self-dispatching client waits before starting its next task."""
+        return np.zeros(len(clients))
+
+    def client_message(self, trained: torch.Tensor, start: torch.Tensor, steps: np.ndarray | None = None,
+                       lr: float | None = None) -> torch.Tensor:
+        """What each client uploads ``[B, P]``: its update, trained model minus start model.
+
+        ``steps`` ``[B]`` (local steps taken) and ``lr`` (local learning rate) are for rules
+        whose upload is normalized by them (Anarchic FL)."""
         return trained - start
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
         """One server update from the accepted ``messages`` ``[B, P]`` since the previous one.
 
-        ``staleness`` and ``clients`` are ``[B]``; ``sizes`` ``[N]`` are every client's sample counts.
+        ``staleness`` and ``clients`` are ``[B]``; ``sizes`` ``[N]`` are every client's sample counts;
+        ``lr`` is the local learning rate (for rules with two-sided learning rates).
         """
         raise NotImplementedError
 
@@ -121,12 +154,13 @@ class FedAsync(AsyncFL):
         if not 0 < self.alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
 
-    def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def client_message(self, trained: torch.Tensor, start: torch.Tensor, steps: np.ndarray | None = None,
+                       lr: float | None = None) -> torch.Tensor:
         """FedAsync clients upload their trained model ``[B, P]``."""
         return trained
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
         """Mix the client models in arrival order (the driver passes one at a time)."""
         x = state.params
         for model, w in zip(messages, self.weights(staleness), strict=True):
@@ -156,7 +190,7 @@ class FedBuff(AsyncFL):
             raise ValueError("server_lr must be > 0")
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
         """Apply one full buffer (``B == buffer_size`` updates)."""
         if messages.shape[0] != self.buffer_size:
             raise ValueError(f"FedBuff applies exactly {self.buffer_size} updates, got {messages.shape[0]}")
@@ -187,7 +221,7 @@ class FedFix(AsyncFL):
     trigger = "period"
     delta_t_s: float = 1.0
     server_lr: float = 1.0
-    weighting: Literal["samples", "uniform"] = "samples"
+    weighting: Weighting = "samples"
     staleness_fn: StalenessFn = "constant"
 
     def __post_init__(self) -> None:
@@ -199,13 +233,10 @@ class FedFix(AsyncFL):
 
     def importance(self, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """``p_i`` of ``clients`` ``[B]`` given every client's sample count ``sizes`` ``[N]``."""
-        sizes = np.asarray(sizes, dtype=np.float64)
-        if self.weighting == "samples":
-            return sizes[clients] / sizes.sum()
-        return np.full(len(clients), 1.0 / max(1, int((sizes > 0).sum())))
+        return importance(self.weighting, clients, sizes)
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
         """Aggregate the period's updates (possibly none: the model stays, the version advances)."""
         if messages.shape[0] == 0:
             return AsyncServerState(state.params, state.version + 1)
