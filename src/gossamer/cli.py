@@ -133,7 +133,7 @@ def _configure_runtime(cfg) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
-    from gossamer.runtime.fl_server import Coordinator
+    from gossamer.runtime.fl_server import make_coordinator
 
     if args.resume:
         cfg = config_mod.load(Path(args.resume) / "config.yaml", args.set)
@@ -142,9 +142,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config, args.set)
         run_dir = _run_dir(cfg, args.out)
     _configure_runtime(cfg)
-    summary = Coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
+    summary = make_coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
     print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy "
-          f"{summary['final_test_accuracy']:.4f}, {summary['bytes_sent_total'] / 1e6:.1f} MB moved, "
+          f"{summary['final_test_accuracy']:.4f}, "
+          f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.1f} MB moved, "
           f"wall {summary['wall_time_s']:.1f} s")
     return 0
 

@@ -130,17 +130,18 @@ def test_uploads_are_deltas_from_the_model_each_client_started_from():
 
     def spy(rows, nodes, keys, **kw):
         result = train(rows, nodes, keys, **kw)
-        calls.append((rows.clone(), np.asarray(keys).copy(), result.params.clone()))
+        calls.append((rows.clone(), list(zip(nodes.tolist(), np.asarray(keys).tolist(), strict=True)),
+                      result.params.clone()))
         return result
 
     d.exp.trainer.train = spy
     seen = _spy_updates(d)
     for _ in range(4):
         d.run_round()
-    trained = {int(k): (row, out) for rows, keys, outs in calls for k, row, out in zip(keys, rows, outs, strict=True)}
+    trained = {k: (row, out) for rows, keys, outs in calls for k, row, out in zip(keys, rows, outs, strict=True)}
     for u in seen:
         for task in u["tasks"]:
-            row, out = trained[task.task_id]
+            row, out = trained[(task.client, task.key)]     # data order: (client, its task count)
             assert torch.allclose(task.message, out - row)
     assert len(calls) < len(trained)               # tasks are trained in batches
 
@@ -371,18 +372,19 @@ def test_afa_uploads_are_average_directions():
 
     def spy(rows, nodes, keys, **kw):
         result = train(rows, nodes, keys, **kw)
-        calls.append((rows.clone(), np.asarray(keys).copy(), result.params.clone(), kw["steps"].copy()))
+        calls.append((rows.clone(), list(zip(nodes.tolist(), np.asarray(keys).tolist(), strict=True)),
+                      result.params.clone(), kw["steps"].copy()))
         return result
 
     d.exp.trainer.train = spy
     seen = _spy_updates(d)
     _rows(d, 4)
     lr = d.exp.cfg.local.lr
-    trained = {int(k): (row, out, s) for rows, keys, outs, steps in calls
+    trained = {k: (row, out, s) for rows, keys, outs, steps in calls
                for k, row, out, s in zip(keys, rows, outs, steps, strict=True)}
     for u in seen:
         for task in u["tasks"]:
-            row, out, s = trained[task.task_id]
+            row, out, s = trained[(task.client, task.key)]
             assert s == task.assigned == task.steps
             assert torch.allclose(task.message, (row - out) / (lr * s), atol=1e-5)
 

@@ -41,7 +41,9 @@ class Client:
         self.num_samples = int(self.exp.trainer.sizes[node_id])
         # what the algorithm keeps on this client between rounds (SCAFFOLD's control variate);
         # a restarted client process starts it afresh
-        self.client_state = self.algorithm.init_client_state(self.exp.spec.numel)
+        init = getattr(self.algorithm, "init_client_state", None)       # asynchronous rules keep none
+        self.client_state = init(self.exp.spec.numel) if init is not None else None
+        self.download_numel = getattr(self.algorithm, "download_vectors", 1) * self.exp.spec.numel
         self.last_round = 0
 
     def _retry(self, call, what: str):
@@ -66,7 +68,7 @@ class Client:
         if header.kind != schema.TaskHeader.TRAIN:
             return header, None
         model = read_model((parse(schema.TaskFrame, f).model for f in frames),
-                           expected_numel=self.algorithm.download_vectors * self.exp.spec.numel,
+                           expected_numel=self.download_numel,
                            run_id=self.cfg.runtime.run_id,
                            limits=self.limits)
         return header, model
@@ -96,13 +98,20 @@ class Client:
             if header.kind == schema.TaskHeader.WAIT:
                 time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
                 continue
-            self._train_and_send(int(header.round), model[1].float())
+            self._train_and_send(int(header.round), model[1].float(), int(header.steps))
             trained += 1
 
-    def _train_and_send(self, round_: int, start) -> None:
+    def _train_and_send(self, round_: int, start, steps: int = 0) -> None:
+        """Train the task of ``round_`` (synchronous: the round; asynchronous: the task's
+        data-order key, with ``steps`` local steps, 0 for the local schedule) and upload."""
         if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == str(round_):
             os.kill(os.getpid(), signal.SIGKILL)              # tests: die mid-round like kill -9
         nodes, algo = np.array([self.node]), self.algorithm
+        if algo.pattern == "async_fl":
+            model = start.reshape(1, -1)
+            result = self.exp.trainer.train(model, nodes, round_, steps=np.array([steps]) if steps else None)
+            self._send(algo.client_message(result.params, model, result.steps, self.cfg.local.lr)[0], round_)
+            return
         payload = start.reshape(-1)
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
         objective = algo.local_objective(payload, state)
@@ -115,7 +124,9 @@ class Client:
                                                     self.cfg.local.lr)
         if new_state is not None:
             self.client_state = new_state[0]
-        message = uploads[0]
+        self._send(uploads[0], round_)
+
+    def _send(self, message, round_: int) -> None:
         frames = [f.SerializeToString() for f in model_frames(
             message, sender=self.node, round=round_, meta=self.num_samples,
             run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]

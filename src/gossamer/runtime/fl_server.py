@@ -56,40 +56,50 @@ class RoundState:
 
 
 class Coordinator:
-    """Serves the Coordinator gRPC service and drives rounds with the configured algorithm."""
+    """Serves the Coordinator gRPC service and drives rounds with the configured algorithm.
+
+    Build one with :func:`make_coordinator`, which picks the class for the algorithm's
+    pattern (this one: ``sync_fl``; ``runtime/async_server.py``: ``async_fl``)."""
+
+    pattern = "sync_fl"
+    columns = COLUMNS
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                  listen: str | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.exp = build_experiment(cfg)
         self.algorithm = self.exp.algorithm
-        if self.algorithm.pattern == "async_fl":
-            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} (asynchronous FL) runs in "
-                              "the simulator only so far: use gossamer run")
-        if self.algorithm.pattern != "sync_fl":
+        if self.algorithm.family != "fl":
             raise ConfigError("algorithm.name", f"{cfg.algorithm.name} is not a server-based "
                               "algorithm; use gossamer peer")
+        if self.algorithm.pattern != self.pattern:
+            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs the {self.algorithm.pattern} "
+                              f"pattern, not {self.pattern}")
         self.listen = listen or cfg.runtime.server
         self.security, self.limits = security(cfg), limits(cfg)
         self.token = self.security.resolved_token()
         self.numel = self.exp.spec.numel
-        self.upload_numel = self.algorithm.upload_vectors * self.numel
-        self.state = self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
+        self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
+        self.state = self._init_state()
         self.lock = threading.Condition()
         self.clients: dict[int, int] = {}             # node id -> shard size
         self.stale: set[int] = set()                  # missed a round; not selected until heard
         self.current = RoundState()
         self.done = False
+        self.told_done: set[int] = set()             # clients that were told the run is over
         self.bytes_up = self.bytes_down = 0
         self.elapsed_before = 0.0                     # wall seconds of earlier runs (resume)
         self.rejected = 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", COLUMNS)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.columns)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore()
         else:
             atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
             write_json(self.run_dir / "environment.json", environment())
+
+    def _init_state(self):
+        return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
 
     # --- gRPC handlers (raw bytes in and out; parsing is ours) ----------------------------
     def _reject(self, reason: str) -> bytes:
@@ -123,6 +133,8 @@ class Coordinator:
             self.stale.discard(req.node_id)
             if self.done:
                 header, frames = schema.TaskHeader(kind=schema.TaskHeader.DONE), []
+                self.told_done.add(req.node_id)
+                self.lock.notify_all()
             elif req.node_id not in self.clients:
                 header, frames = schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
             elif (req.node_id in self.current.selected and req.node_id not in self.current.received):
@@ -235,7 +247,9 @@ class Coordinator:
             with self.lock:
                 self.done = True
                 self.lock.notify_all()
-            time.sleep(min(2.0, 5 * self.cfg.runtime.poll_interval_s))   # let clients see DONE
+                # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
+                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
+                                   timeout=self.cfg.runtime.retry_max_s + 1.0)
             server.stop(grace=1.0).wait()
 
     def _on_auth_reject(self, reason: str) -> None:
@@ -244,6 +258,7 @@ class Coordinator:
 
     def _rounds(self, start: float) -> dict[str, Any]:
         self._wait_for_clients(start)
+        start = time.monotonic()                     # the clock starts once the clients have joined
         stop = self.cfg.stop
         if self.state.round == 0 and not self.metrics.rows:
             self.metrics.append(self._evaluate(0, start))
@@ -268,7 +283,7 @@ class Coordinator:
                    "num_nodes": self.exp.num_nodes, "num_params": self.numel,
                    "rounds": int(last["round"]), "stopped_by": stopped_by,
                    "final_test_accuracy": float(last["test_accuracy"]),
-                   "bytes_sent_total": self.bytes_up + self.bytes_down,
+                   "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,  # as the simulator
                    "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
                    "sim_time_s": float(last["sim_time_s"]),
                    "wall_time_s": self.elapsed_before + time.monotonic() - start,
@@ -297,3 +312,15 @@ class Coordinator:
         self.clients = {int(i): int(n) for i, n in state["clients"].tolist()}
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)
+
+
+def make_coordinator(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+                     listen: str | None = None) -> Coordinator:
+    """The coordinator for ``cfg``'s algorithm: synchronous rounds or asynchronous updates."""
+    from gossamer.algorithms import ALGORITHMS
+
+    if ALGORITHMS.get(cfg.algorithm.name).pattern == "async_fl":
+        from gossamer.runtime.async_server import AsyncCoordinator
+
+        return AsyncCoordinator(cfg, run_dir, resume=resume, listen=listen)
+    return Coordinator(cfg, run_dir, resume=resume, listen=listen)

@@ -42,7 +42,7 @@ from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import Experiment
 
-_INT_FIELDS = ("task_id", "client", "start_version", "samples", "steps", "assigned")
+_INT_FIELDS = ("task_id", "client", "start_version", "samples", "steps", "assigned", "key")
 _FLOAT_FIELDS = ("dispatch_s", "end_s", "loss")
 _BOOL_FIELDS = ("received", "delivered")
 
@@ -51,7 +51,7 @@ _BOOL_FIELDS = ("received", "delivered")
 class Task:
     """One client's job: download, train, upload. ``start`` until trained, then ``message``."""
 
-    task_id: int                     # also its data-order key and fault-message key
+    task_id: int                     # its fault-message key
     client: int
     start_version: int
     dispatch_s: float
@@ -64,6 +64,7 @@ class Task:
     loss: float = 0.0
     steps: int = 0
     assigned: int = 0                # local steps the algorithm chose; 0: the local schedule
+    key: int = 0                     # data-order key: tasks the client had started before this one
 
 
 Entry = tuple[Task, int]             # an accepted update and its staleness
@@ -222,6 +223,7 @@ class AsyncFLDriver(Driver):
         nbytes, server, b = exp.message_bytes, exp.num_nodes, len(nodes)
         ids = np.arange(self.next_task, self.next_task + b)
         self.next_task += b
+        keys = self.client_tasks[nodes].copy()      # per client, so a real client computes the same
         self.client_tasks[nodes] += 1
         samples = self.planned[nodes] if steps is None else \
             np.where(self.has_data[nodes], steps * self.batch_size, 0).astype(np.int64)
@@ -245,7 +247,7 @@ class AsyncFLDriver(Driver):
             ok = bool(received[j] and sent[j])
             self.tasks.append(Task(int(ids[j]), c, self.state.version, t, float(end[j]), bool(received[j]),
                                    ok, int(samples[j]), self.state.params if ok else None,
-                                   assigned=0 if steps is None else int(steps[j])))
+                                   assigned=0 if steps is None else int(steps[j]), key=int(keys[j])))
         self.max_in_flight = max(self.max_in_flight, len(self.tasks))
 
     # --- arrivals, training, updates -----------------------------------------------------------
@@ -350,7 +352,7 @@ class AsyncFLDriver(Driver):
         pending = [first] + [x for x in self.tasks if x.delivered and x.message is None]
         rows = torch.stack([x.start for x in pending])
         nodes = np.array([x.client for x in pending], dtype=np.int64)
-        keys = np.array([x.task_id for x in pending], dtype=np.int64)
+        keys = np.array([x.key for x in pending], dtype=np.int64)
         steps = np.array([x.assigned for x in pending], dtype=np.int64) if first.assigned else None
         with self.timer("train_s"):
             result = exp.trainer.train(rows, nodes, keys, steps=steps)
@@ -358,7 +360,7 @@ class AsyncFLDriver(Driver):
                 raise RuntimeError("trainer processed a different number of samples than planned")
             trained = result.params
             if self.attack:
-                trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], int(keys[0]))
+                trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
             messages = self.algorithm.client_message(trained, rows, result.steps, self.lr)
         for i, task in enumerate(pending):
             task.message, task.start = messages[i].clone(), None
@@ -479,7 +481,8 @@ def _tasks_from(arrays: dict[str, Any], starts: dict[int, torch.Tensor]) -> list
         task = Task(*(int(cols[f][i]) for f in ("task_id", "client", "start_version")),
                     float(cols["dispatch_s"][i]), float(cols["end_s"][i]), bool(cols["received"][i]),
                     bool(cols["delivered"][i]), int(cols["samples"][i]), loss=float(cols["loss"][i]),
-                    steps=int(cols["steps"][i]), assigned=int(cols["assigned"][i]) if "assigned" in cols else 0)
+                    steps=int(cols["steps"][i]), assigned=int(cols["assigned"][i]) if "assigned" in cols else 0,
+                    key=int(cols["key"][i]) if "key" in cols else int(cols["task_id"][i]))
         if cols["trained"][i]:
             task.message = next(messages).clone()
         elif task.delivered:
