@@ -4,6 +4,7 @@ from gossamer.algorithms.base import Algorithm
 from gossamer.algorithms.dl.dpsgd import DPSGD
 from gossamer.algorithms.dl.gossip import GossipLearning
 from gossamer.algorithms.dl.modest import MoDeST
+from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
 from gossamer.algorithms.fl.async_fl import FedAsync, FedBuff, FedFix
 from gossamer.algorithms.fl.fedamd import FedAMD
@@ -40,5 +41,7 @@ ALGORITHMS.register("fedfix")(FedFix)
 ALGORITHMS.register("fedcompass")(FedCompass)
 ALGORITHMS.register("afa_cd")(AFACD)
 ALGORITHMS.register("afa_cs")(AFACS)
+ALGORITHMS.register("random_walk")(RandomWalk)
+ALGORITHMS.register("srrw")(SRRW)
 
 __all__ = ["ALGORITHMS", "Algorithm", "DPSGD", "FedAvg", "GossipLearning", "MoDeST"]

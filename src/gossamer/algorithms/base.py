@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, TypeAdapter
 
 Family = Literal["fl", "dl"]
-Pattern = Literal["sync_fl", "sync_dl", "async_gossip", "sampled_dl", "async_fl"]
+Pattern = Literal["sync_fl", "sync_dl", "async_gossip", "sampled_dl", "async_fl",
+                  "random_walk"]
 
 
 @dataclass(frozen=True)

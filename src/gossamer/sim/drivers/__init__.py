@@ -12,6 +12,7 @@ _DRIVERS = {
     "async_gossip": "gossamer.sim.drivers.gossip:GossipDriver",
     "sampled_dl": "gossamer.sim.drivers.modest:ModestDriver",
     "async_fl": "gossamer.sim.drivers.async_fl:AsyncFLDriver",
+    "random_walk": "gossamer.sim.drivers.random_walk:RandomWalkDriver",
 }
 
 
