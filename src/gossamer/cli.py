@@ -113,9 +113,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from gossamer.attacks import ATTACKS
     from gossamer.data import DATASETS, PARTITIONERS
     from gossamer.models import MODELS
-    from gossamer.topology import MIXING, TOPOLOGIES
+    from gossamer.topology import DYNAMIC_TOPOLOGIES, MIXING, TOPOLOGIES
 
-    for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, MIXING, AGGREGATORS, ATTACKS):
+    for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, DYNAMIC_TOPOLOGIES, MIXING,
+                AGGREGATORS, ATTACKS):
         print(f"{reg.kind}: {', '.join(reg.names())}")
     return 0
 
@@ -168,18 +169,16 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_peer(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.algorithms import ALGORITHMS
-    from gossamer.runtime.dl_peer import Peer
-    from gossamer.runtime.gossip_peer import GossipPeer
+    from gossamer.runtime.roles import peer_class
 
     cfg = config_mod.load(args.config, args.set)
     _configure_runtime(cfg)
+    pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
     try:
-        if ALGORITHMS.get(cfg.algorithm.name).pattern == "async_gossip":
-            if args.resume:
-                raise UserError("--resume: gossip peers restart from a fresh clock; drop --resume")
-            peer = GossipPeer(cfg, args.id, Path(args.out), listen=args.listen)
-        else:
-            peer = Peer(cfg, args.id, Path(args.out), listen=args.listen, resume=args.resume)
+        if pattern == "async_gossip" and args.resume:
+            raise UserError("--resume: gossip peers restart from a fresh clock; drop --resume")
+        peer = peer_class(pattern, cfg.algorithm.name)(cfg, args.id, Path(args.out),
+                                                       listen=args.listen, resume=args.resume)
     except ValueError as exc:
         if isinstance(exc, config_mod.ConfigError):
             raise

@@ -76,7 +76,12 @@ class AlgorithmConfig(_Strict):
 
 
 class LocalConfig(_Strict):
-    """Local training of every node: ``epochs`` over its data, or a fixed number of ``steps``."""
+    """Local training of every node: ``epochs`` over its data, or a fixed number of ``steps``.
+
+    ``sam_rho`` > 0 makes every local step sharpness-aware (SAM, as in DFedSAM): the gradient
+    is taken at ``w + sam_rho * g / ||g||`` (``g``: the mini-batch gradient at ``w``, one norm
+    per node), for every algorithm; 0 is plain SGD. See docs/dpsgd_variants.md.
+    """
 
     epochs: float | None = Field(1, gt=0)
     steps: int | None = Field(None, ge=1)
@@ -85,6 +90,7 @@ class LocalConfig(_Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     shuffle: bool = True
+    sam_rho: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_budget(self) -> LocalConfig:
@@ -96,15 +102,36 @@ class LocalConfig(_Strict):
 
 
 class TopologyConfig(_Strict):
+    """A static generator, ``resample: every_round`` to re-draw a random one every round, or a
+    dynamic topology (``one_peer_exponential``, ``peer_sampling``); see docs/topologies.md."""
+
     name: str = "random_regular"
     params: dict[str, Any] = Field(default_factory=dict)
     mixing: str = "metropolis_hastings"
+    resample: Literal["never", "every_round"] = "never"
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from gossamer.topology import TOPOLOGIES
-        return _check_name(TOPOLOGIES, v)
+        from gossamer.topology import DYNAMIC_TOPOLOGIES, TOPOLOGIES
+        if v in DYNAMIC_TOPOLOGIES:
+            return v
+        if v not in TOPOLOGIES:
+            known = ", ".join(sorted([*TOPOLOGIES.names(), *DYNAMIC_TOPOLOGIES.names()]))
+            raise ValueError(f"unknown topology {v!r}; known: {known}")
+        return v
+
+    @field_validator("resample")
+    @classmethod
+    def _resample_random(cls, v: str, info) -> str:
+        from gossamer.topology import DYNAMIC_TOPOLOGIES, RANDOM_TOPOLOGIES
+        name = info.data.get("name")
+        if v == "every_round" and name in DYNAMIC_TOPOLOGIES:
+            raise ValueError(f"{name} changes every round by itself; leave resample at never")
+        if v == "every_round" and name is not None and name not in RANDOM_TOPOLOGIES:
+            raise ValueError(f"every_round re-draws a random graph, but {name} does not depend on "
+                             f"the seed; random ones: {', '.join(sorted(RANDOM_TOPOLOGIES))}")
+        return v
 
     @field_validator("mixing")
     @classmethod

@@ -24,3 +24,13 @@ def test_gossip_peers_learn(write_config, tmp_path, mode):
     assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"]) + 0.1
     assert int(rows[-1]["bytes_up"]) > 0 and rows[-1]["avg_model_accuracy"] != ""
     assert json.loads((out / "summary.json").read_text())["executor"] == "runtime"
+
+
+def test_a_gossip_peer_refuses_dual_clocks_which_only_the_simulator_runs(tmp_path):
+    from gossamer import config
+    from gossamer.runtime.gossip_peer import GossipPeer
+
+    cfg = small_config("gossip")
+    cfg["algorithm"]["params"] = {"clocks": "dual"}
+    with pytest.raises(ValueError, match="clocks"):
+        GossipPeer(config.validate(cfg), 0, tmp_path)

@@ -76,10 +76,19 @@ def test_markov_availability_matches_stationary_fraction():
     assert np.array_equal(avail.at(300.0), other.at(300.0))
 
 
-@pytest.mark.parametrize("mode", ["push", "pull", "push_pull"])
-def test_batched_gossip_equals_one_event_at_a_time(mode):
+@pytest.mark.parametrize("mode,extra", [
+    ("push", {}), ("pull", {}), ("push_pull", {}),
+    # DADAO dual clocks (merge on arrival, local updates on their own clock) and the
+    # variance-corrected merge on independently initialized nodes
+    ("push", {"clocks": "dual", "compute_period_s": 0.3, "merge": "variance_corrected"}),
+    ("pull", {"clocks": "dual", "compute_period_s": 0.3}),
+    ("push_pull", {"clocks": "dual", "compute_period_s": 0.02, "merge": "average"}),
+])
+def test_batched_gossip_equals_one_event_at_a_time(mode, extra):
     cfg = small_config("gossip")
-    cfg["algorithm"]["params"]["mode"] = mode
+    cfg["algorithm"]["params"].update(mode=mode, **extra)
+    if extra:
+        cfg["model"]["init"] = "independent"
     batched = GossipDriver(_exp(cfg))
     single = GossipDriver(_exp(cfg))
     single.delta = 0.0                                           # windows of one instant
@@ -90,3 +99,5 @@ def test_batched_gossip_equals_one_event_at_a_time(mode):
     assert batched.bytes_up == single.bytes_up and batched.bytes_down == single.bytes_down
     assert torch.allclose(batched.params, single.params, atol=1e-5)
     assert torch.equal(batched.age, single.age)
+    assert batched.compute_skipped == single.compute_skipped
+    assert batched.node_steps == single.node_steps > 0

@@ -1,8 +1,10 @@
 """Algorithms, registered by name: ``algorithm.name`` in a config selects one."""
 
 from gossamer.algorithms.base import Algorithm
+from gossamer.algorithms.dl.dfedsam import DFedSAM, DFedSAMMGS
 from gossamer.algorithms.dl.dpsgd import DPSGD
 from gossamer.algorithms.dl.gossip import GossipLearning
+from gossamer.algorithms.dl.gradient_tracking import GradientTracking
 from gossamer.algorithms.dl.modest import MoDeST
 from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
@@ -33,6 +35,9 @@ ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)
 ALGORITHMS.register("fedamd")(FedAMD)
 ALGORITHMS.register("dpsgd")(DPSGD)
+ALGORITHMS.register("dfedsam")(DFedSAM)
+ALGORITHMS.register("dfedsam_mgs")(DFedSAMMGS)
+ALGORITHMS.register("gradient_tracking")(GradientTracking)
 ALGORITHMS.register("gossip")(GossipLearning)
 ALGORITHMS.register("modest")(MoDeST)
 ALGORITHMS.register("fedasync")(FedAsync)

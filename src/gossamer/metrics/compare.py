@@ -2,7 +2,7 @@
 
 The table gives, per run, the simulated time (and bytes) to each target accuracy, the final
 and best accuracy, total bytes and simulated time; the figure plots test accuracy against
-simulated time for every run. Times to a target are read from ``metrics.csv`` at the
+simulated time and against bytes for every run. Times to a target are read from ``metrics.csv`` at the
 evaluation rows, so their resolution is the run's ``eval.every``.
 """
 
@@ -67,22 +67,30 @@ def table(rows: list[dict[str, Any]], targets: list[float]) -> str:
 
 
 def figure(run_dirs: list[Path], path: Path, targets: list[float]) -> None:
+    """Test accuracy against simulated time (left) and against total bytes (right, log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for d in run_dirs:
         cols = read_metrics(d)
-        ax.plot(cols["sim_time_s"], cols["test_accuracy"], label=d.name, linewidth=1.2)
-    for t in targets:
-        ax.axhline(t, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("simulated time (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(bottom=max(0.0, min(targets, default=0.5) - 0.3))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax_t.plot(cols["sim_time_s"], cols["test_accuracy"], label=d.name, linewidth=1.2)
+        total = [(u + v) / 1e6 for u, v in zip(cols["bytes_up"], cols["bytes_down"], strict=True)]
+        keep = [i for i, b in enumerate(total) if b > 0]          # the log axis drops round 0
+        ax_b.plot([total[i] for i in keep], [cols["test_accuracy"][i] for i in keep],
+                  label=d.name, linewidth=1.2)
+    for ax in (ax_t, ax_b):
+        for t in targets:
+            ax.axhline(t, color="grey", linestyle=":", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    ax_t.set_xlabel("simulated time (s)")
+    ax_b.set_xlabel("bytes sent + received, all nodes (MB, log scale)")
+    ax_b.set_xscale("log")
+    ax_t.set_ylabel("test accuracy")
+    ax_t.set_ylim(bottom=max(0.0, min(targets, default=0.5) - 0.3))
+    ax_t.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -90,7 +98,8 @@ def figure(run_dirs: list[Path], path: Path, targets: list[float]) -> None:
 
 
 def compare(run_dirs: list[Path], targets: list[float], out: Path) -> tuple[Path, Path]:
-    """Write ``comparison.md`` (table), ``comparison.json`` and ``accuracy_vs_time.png`` into ``out``."""
+    """Write ``comparison.md`` (table), ``comparison.json`` and ``accuracy_vs_time.png`` (accuracy
+    against simulated time and against bytes) into ``out``."""
     rows = [summarize(d, targets) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"

@@ -4,7 +4,9 @@ Every round a peer trains on its shard (the simulator's trainer, one row), pushe
 to each neighbour, waits for its neighbours' models of the same round (at most
 ``runtime.round_timeout_s``), and mixes with its row of the mixing matrix. A neighbour that
 did not deliver in time is skipped and its weight folded onto the peer's own, exactly as the
-simulator's ``renormalize_for_available`` does for offline nodes. Each peer checkpoints
+simulator's ``renormalize_for_available`` does for offline nodes. On a dynamic topology
+(a graph per round) every peer computes round r's links and mixing row itself from
+(seed, r), as the simulator does, and accepts pushes from any node. Each peer checkpoints
 after every round; restarted with ``--resume`` it continues from there. Metrics rows
 (own model's test accuracy and loss, bytes, wall seconds) go to ``peers/metrics-<id>.csv``;
 the launcher merges them into the run's ``metrics.csv``.
@@ -59,14 +61,23 @@ class Peer:
         if self.algorithm.pattern != "sync_dl":
             raise ConfigError("algorithm.name", f"gossamer peer runs synchronous decentralized "
                               f"algorithms; {cfg.algorithm.name} is not one yet")
+        if self.algorithm.final_merge:
+            raise ConfigError("algorithm.params.final_merge", "the global merge (an all-reduce) "
+                              "runs in the simulator only; peers cannot run it yet")
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.listen = listen
         self.security, self.limits = security(cfg), limits(cfg)
         self.token = self.security.resolved_token()
-        self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
-        row = self.exp.mixing_scipy.getrow(node_id)
-        self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        self.dynamic = self.exp.dynamic
+        if self.dynamic is None:
+            self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
+            row = self.exp.mixing_scipy.getrow(node_id)
+            self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+            self.senders = self.receivers = self.neighbors
+        else:   # a graph per round: anyone may become a neighbour; `_use_round` picks the round's
+            self.neighbors = [j for j in range(self.exp.num_nodes) if j != node_id]
+            self.weights, self.senders, self.receivers = {}, [], []
         init = self.exp.init_params
         self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
         self.round = 0
@@ -107,6 +118,20 @@ class Peer:
         return schema.Ack(ok=True).SerializeToString()
 
     # --- rounds ---------------------------------------------------------------------------------
+    def _use_round(self, r: int) -> None:
+        """Round ``r``'s links of a dynamic topology: whom this peer sends to and hears from, and
+        its row of that round's mixing matrix, the same pure function of (seed, r) the
+        simulator uses, so every peer computes the same graph alone."""
+        if self.dynamic is None:
+            return
+        from gossamer.topology import mixing_matrix
+
+        links = self.dynamic.links(r)
+        self.receivers = links.dst[links.src == self.node].tolist()
+        self.senders = links.src[links.dst == self.node].tolist()
+        row = mixing_matrix(self.cfg.topology.mixing, self.dynamic.graph(r)).getrow(self.node)
+        self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+
     def _send(self, stubs: dict[int, Any], round_: int, step: int) -> None:
         frames = [f.SerializeToString() for f in model_frames(
             self.params[0], sender=self.node, round=round_, meta=step,
@@ -124,17 +149,17 @@ class Peer:
             except grpc.RpcError as exc:
                 log.warning("peer %d: neighbour %d unreachable (%s)", self.node, j, exc.code())
 
-        for j in self.neighbors:                      # in the background: never wait on a slow link
+        for j in self.receivers:                      # in the background: never wait on a slow link
             self.sender.submit(one, j)
 
     def _mix(self, round_: int, step: int) -> None:
         key = (round_, step)
         with self.lock:
-            expected = set(self.neighbors) - self.down
+            expected = set(self.senders) - self.down
             self.lock.wait_for(lambda: expected <= set(self.inbox.get(key, {})),
                                timeout=self.cfg.runtime.round_timeout_s)
-            got = self.inbox.pop(key, {})
-            missing = [j for j in self.neighbors if j not in got]
+            got = {j: t for j, t in self.inbox.pop(key, {}).items() if j in self.weights}
+            missing = [j for j in self.senders if j not in got]
             self.down |= set(missing)
             for old in [k for k in self.inbox if k[0] < round_]:
                 del self.inbox[old]
@@ -191,9 +216,10 @@ class Peer:
         r = self.round
         while r < self.cfg.stop.rounds:
             r = self._next_round(r)
+            self._use_round(r)
             if self.exp.trainer.sizes[self.node] > 0:
                 self.exp.trainer.train(self.params, node, r, inplace=True)
-            for step in range(self.algorithm.gossip_steps):
+            for step in range(self.algorithm.gossip_steps_at(r, self.cfg.stop.rounds)):
                 self._send(stubs, r, step)
                 self._mix(r, step)
             self.round = r
@@ -205,6 +231,8 @@ class Peer:
                                         "elapsed": self.elapsed_before + time.monotonic() - start})
             if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("GOSSAMER_TEST_ROUND_PAUSE_S"):   # tests: a slow peer, on purpose
+                time.sleep(float(os.environ["GOSSAMER_TEST_ROUND_PAUSE_S"]))
 
 
 def merge_peer_metrics(cfg: ExperimentConfig, run_dir: Path,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gossamer import rng
-from gossamer.config import ExperimentConfig
+from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, save_checkpoint
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
@@ -34,12 +34,21 @@ from gossamer.sim.experiment import build_experiment
 
 class GossipPeer:
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
-                 listen: str = "127.0.0.1:0") -> None:
+                 listen: str = "127.0.0.1:0", resume: bool = False) -> None:
+        if resume:
+            raise ValueError("--resume: gossip peers restart from a fresh clock; drop --resume")
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
         self.exp = build_experiment(cfg)
         self.algorithm = self.exp.algorithm
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        if self.exp.dynamic is not None:
+            raise ConfigError("topology.name", f"gossip peers need a static graph; {cfg.topology.name} "
+                              "(a graph per round) runs in the simulator, or with `gossamer peer` "
+                              "for synchronous algorithms such as dpsgd")
+        if self.algorithm.clocks != "single":
+            raise ValueError("algorithm.params.clocks: dual clocks run in the simulator only; "
+                             "a runtime gossip peer has one clock (clocks: single)")
         self.listen = listen
         self.security, self.limits = security(cfg), limits(cfg)
         self.token = self.security.resolved_token()
@@ -100,7 +109,7 @@ class GossipPeer:
             with self.lock:
                 own, own_age = self.params, torch.tensor([float(self.age)])
             merged, new_age = self.algorithm.merge_models(own, own_age, tensor.reshape(1, -1),
-                                                          torch.tensor([float(age)]))
+                                                          torch.tensor([float(age)]), spec=self.exp.spec)
             result = self.exp.trainer.train(merged, node, np.array([self.updates]), inplace=True)
             with self.lock:
                 self.params = result.params

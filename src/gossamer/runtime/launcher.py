@@ -104,7 +104,11 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
     """One ``gossamer peer`` process per node; the launcher gathers their addresses into a
     peers file, waits for all of them, and merges their metrics."""
     from gossamer.metrics.runstore import atomic_write_text, environment, write_json
-    from gossamer.runtime.dl_peer import merge_peer_metrics
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.runtime.roles import merger, peer_class
+
+    pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
+    peer_class(pattern, cfg.algorithm.name)          # refuse an unsupported pattern before spawning
 
     host = cfg.runtime.server.rsplit(":", 1)[0]
     config_path = run_dir / "config.yaml"
@@ -139,7 +143,7 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
         if any(c > 0 for c in codes):                 # an error, not a node killed by a signal
             return max(codes)
         killed = [i for i, c in enumerate(codes) if c < 0]
-        merge_peer_metrics(cfg, run_dir, killed)
+        merger(pattern)(cfg, run_dir, killed)
         return 0
     finally:
         _stop(procs)

@@ -6,6 +6,7 @@ schema; they raise :class:`ConfigError` naming the field, like schema errors do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from gossamer.sim.system import Availability, SystemProfile
 from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
 
 if TYPE_CHECKING:
-    from gossamer.topology import Topology
+    from gossamer.topology import DynamicTopology, Topology
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Experiment:
     spectral_gap: float | None = None
     faults: Faults | None = None
     adversary: Adversary | None = None
+    dynamic: DynamicTopology | None = None   # a graph per round; then `topology` is the union
+                                             # of its first window and `mixing` is None
 
     @property
     def num_nodes(self) -> int:
@@ -115,7 +118,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                              local.steps, local.shuffle)
     kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
-                             SGD(local.lr, local.momentum, local.weight_decay), cfg.seed, kernel)
+                             SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)),
+                             cfg.seed, kernel)
     x_test, y_test = dataset.x_test, dataset.y_test
     if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
         keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
@@ -127,6 +131,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                 raise ConfigError(f"system.{field}", "decentralized algorithms send peer to peer "
                                   "with one latency per node: set system.latency_s")
     system = SystemProfile.from_config(cfg.system, n, cfg.seed)
+    if trainer.optimizer.sam_rho:       # SAM takes two gradients per step: twice the compute
+        system = dataclasses.replace(system, sample_time_s=2 * system.sample_time_s)
     availability = Availability.from_config(cfg.system, n, cfg.seed)
     exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator, system,
                      availability, wire.encoded_size(spec.numel))
@@ -134,6 +140,23 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         _attach_topology(exp)
     _attach_faults_and_adversary(exp)
     return exp
+
+
+def _sam_rho(cfg: ExperimentConfig, algorithm: Algorithm) -> float:
+    """SAM's radius for local training: ``local.sam_rho``, or the one a SAM algorithm
+    (``dfedsam``: ``algorithm.params.rho``) sets; both set to different values is an error."""
+    from gossamer.algorithms.fl.fedamd import FedAMD
+
+    own = float(getattr(algorithm, "local_sam_rho", 0.0))
+    rho = cfg.local.sam_rho
+    if own and rho and own != rho:
+        raise ConfigError("local.sam_rho", f"algorithm {cfg.algorithm.name} sets SAM's radius "
+                          f"(params.rho = {own}); set it in one place")
+    rho = rho or own
+    if rho and isinstance(algorithm, FedAMD):
+        raise ConfigError("local.sam_rho", "SAM does not combine with FedAMD's recursive "
+                          "direction; set it to 0")
+    return rho
 
 
 def _attach_faults_and_adversary(exp: Experiment) -> None:
@@ -151,6 +174,12 @@ def _attach_faults_and_adversary(exp: Experiment) -> None:
             holders = int((exp.trainer.sizes > 0).sum())
             smallest = exp.algorithm.expected_clients(holders)
             what = f"{smallest} clients per round"
+        elif exp.dynamic is not None:
+            from gossamer.topology import window_links
+
+            smallest = min(int(links.in_degrees.min()) for links in window_links(exp.dynamic)) + 1
+            what = (f"{smallest} models at the least connected node of rounds 1..{exp.dynamic.window} "
+                    "(its own and the ones it received)")
         else:
             smallest = int(exp.topology.degrees().min()) + 1
             what = f"{smallest} models at the least connected node (its own and its neighbours')"
@@ -162,10 +191,22 @@ def _attach_faults_and_adversary(exp: Experiment) -> None:
 
 
 def _attach_topology(exp: Experiment) -> None:
-    from gossamer.topology import make_topology, mixing_matrix, spectral_gap, to_torch_sparse
+    from gossamer.topology import (
+        make_dynamic,
+        make_topology,
+        mixing_matrix,
+        spectral_gap,
+        to_torch_sparse,
+    )
 
     cfg = exp.cfg
     assert cfg.topology is not None
+    with _user_error("topology.params"):
+        dynamic = make_dynamic(cfg.topology.name, exp.num_nodes, cfg.seed, cfg.topology.resample,
+                               **cfg.topology.params)
+    if dynamic is not None:
+        _attach_dynamic(exp, dynamic)
+        return
     with _user_error("topology.params"):
         topo = make_topology(cfg.topology.name, exp.num_nodes, cfg.seed, **cfg.topology.params)
     if exp.num_nodes > 1 and not topo.is_connected():
@@ -175,3 +216,17 @@ def _attach_topology(exp: Experiment) -> None:
     exp.topology, exp.mixing_scipy = topo, w
     exp.mixing = to_torch_sparse(w)
     exp.spectral_gap = float(spectral_gap(w)) if exp.num_nodes > 1 else 1.0
+
+
+def _attach_dynamic(exp: Experiment, dynamic: DynamicTopology) -> None:
+    """A graph per round. Rule: one round's graph may be disconnected, but the union of rounds
+    1..window (ceil(log2 N)) must be strongly connected, so every model can reach every node."""
+    from gossamer.topology import union_links
+
+    cfg, n, window = exp.cfg, exp.num_nodes, dynamic.window
+    with _user_error("topology.params"):
+        union = union_links(dynamic)
+    if n > 1 and not union.is_strongly_connected():
+        raise ConfigError("topology", f"{cfg.topology.name} with {n} nodes: the union of rounds 1..{window} "
+                          "is disconnected; decentralized training cannot reach consensus on it")
+    exp.dynamic, exp.topology = dynamic, union.undirected()

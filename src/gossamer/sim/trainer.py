@@ -42,11 +42,21 @@ def local_steps(schedule: LocalSchedule, num_samples: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SGD:
-    """Plain SGD with optional heavy-ball momentum and weight decay (fresh state per activation)."""
+    """Plain SGD with optional heavy-ball momentum and weight decay (fresh state per activation).
+
+    ``sam_rho`` > 0 makes it sharpness-aware (SAM): the mini-batch gradient ``g`` at ``w`` sets
+    the ascent step ``e = sam_rho * g / (||g|| + 1e-12)`` (one norm per node over all its
+    parameters), and the step uses the gradient at ``w + e`` on the same mini-batch in place
+    of ``g``; weight decay, momentum and an algorithm's terms are unchanged (evaluated at
+    ``w``). Both training paths support it (the fused kernel with two kernel steps).
+    As used by DFedSAM: Shi et al., "Improving the Model Consistency of Decentralized
+    Federated Learning", ICML 2023, arXiv:2302.04083.
+    """
 
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+    sam_rho: float = 0.0
 
 
 @dataclass
@@ -171,6 +181,8 @@ class BatchedTrainer:
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         idx, valid = self.batches(nodes, keys, steps)
         objective = objective or LocalObjective()
+        if objective.recursive and self.optimizer.sam_rho:
+            raise ValueError("local.sam_rho: SAM does not combine with a recursive direction (FedAMD)")
         if self.kernel is not None and not objective.recursive:
             return self._train_fused(params, idx, valid, inplace, objective)
         names = self.spec.names
@@ -201,10 +213,12 @@ class BatchedTrainer:
             logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
             per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             per_node = (per_sample.view_as(weight) * weight).sum(1) / counts[:, t].clamp(min=1)
-            grads = torch.autograd.grad(per_node.sum(), leaves)
+            grads = list(torch.autograd.grad(per_node.sum(), leaves))
             loss_sum += per_node.detach()
             leaves = [leaf.detach() for leaf in leaves]
-            self._sgd_step(leaves, list(grads), bufs, active, objective, terms)
+            if opt.sam_rho:
+                grads = self._sam_gradient(leaves, grads, xb, yb, weight, counts[:, t])
+            self._sgd_step(leaves, grads, bufs, active, objective, terms)
         out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
         for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
             view.copy_(leaf)
@@ -217,6 +231,18 @@ class BatchedTrainer:
         logits = self.forward(dict(zip(self.spec.names, leaves, strict=True)), xb)
         per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
         return (per_sample.view_as(weight) * weight).sum(1) / count.clamp(min=1)
+
+    def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,
+                      yb: torch.Tensor, weight: torch.Tensor, count: torch.Tensor) -> list[torch.Tensor]:
+        """SAM: each node's gradient at ``w + rho * g / ||g||`` on the same mini-batch.
+
+        Nodes without a batch have ``g = 0``, so no perturbation (and their step is masked)."""
+        sq = sum(g.flatten(1).square().sum(1) for g in grads)
+        scale = self.optimizer.sam_rho / (sq.sqrt() + 1e-12)                     # [B]
+        perturbed = [(leaf + g * scale.view(-1, *([1] * (g.dim() - 1)))).requires_grad_(True)
+                     for leaf, g in zip(leaves, grads, strict=True)]
+        per_node = self._per_node_loss(perturbed, xb, yb, weight, count)
+        return list(torch.autograd.grad(per_node.sum(), perturbed))
 
     def _recursive_direction(self, leaves, previous, direction, xb, yb, weight, count, active,
                              loss_sum) -> list[torch.Tensor]:
@@ -300,6 +326,33 @@ class BatchedTrainer:
             else:
                 leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype)), alpha=opt.lr)
 
+    def _fused_sam_step(self, leaves: list[torch.Tensor], buffers: list[tuple[torch.Tensor, torch.Tensor]],
+                        xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor, lr: float,
+                        decay: torch.Tensor | None) -> torch.Tensor:
+        """One SAM step through the fused kernel, which has no gradient tensors: a step of lr 1
+        from ``w`` gives ``g = w - (w - g)``; then a step of ``lr`` from ``w + e`` and ``- e``
+        give ``w - lr g(w + e)``; weight decay is applied at ``w`` (``decay``: 1 - lr wd, 1 for
+        nodes without a batch). Returns the loss at ``w`` ``[B]``."""
+        kernel = self.kernel
+        assert kernel is not None
+        for leaf, (start, _) in zip(leaves, buffers, strict=True):
+            start.copy_(leaf)
+        loss = kernel.sgd_step(leaves, xb, yb, weight, 1.0, None)
+        sq = torch.zeros(len(weight), dtype=weight.dtype)
+        for leaf, (start, step) in zip(leaves, buffers, strict=True):
+            torch.sub(start, leaf, out=step)                               # g
+            sq += step.flatten(1).square().sum(1)
+        scale = (self.optimizer.sam_rho / (sq.sqrt() + 1e-12)).view(-1, 1, 1)
+        for leaf, (start, step) in zip(leaves, buffers, strict=True):
+            step.mul_(scale)                                               # e
+            torch.add(start, step, out=leaf)
+        kernel.sgd_step(leaves, xb, yb, weight, lr, None)
+        for leaf, (start, step) in zip(leaves, buffers, strict=True):
+            leaf.sub_(step)
+            if decay is not None:
+                leaf.add_(start * (decay - 1).view(-1, 1, 1))
+        return loss
+
     def _workspace(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copy rows ``[B, P]`` into a reused parameter-major buffer: one contiguous
         ``[B, *shape]`` block per parameter (reuse avoids page faults on every call)."""
@@ -336,6 +389,8 @@ class BatchedTrainer:
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
         loss_sum = torch.zeros(len(idx))
         terms = self._objective_views(objective, kernel) if objective.adds_terms else None
+        sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
+            if opt.sam_rho else []
         with torch.no_grad():
             for t in range(idx.shape[1]):
                 active = counts[:, t] > 0
@@ -349,7 +404,11 @@ class BatchedTrainer:
                 take = idx_t[:, t].reshape(-1)
                 xb = self.x.index_select(0, take).view(*idx_t[:, t].shape, *self.x.shape[1:])
                 yb = self.y.index_select(0, take).view(idx_t[:, t].shape)
-                loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr * objective.grad_scale, decay)
+                if opt.sam_rho:
+                    loss_sum += self._fused_sam_step(leaves, sam_buffers, xb, yb, weight,
+                                                     opt.lr * objective.grad_scale, decay)
+                else:
+                    loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr * objective.grad_scale, decay)
                 if extras is not None:
                     all_active = bool(active.all())
                     for leaf, extra in zip(leaves, extras, strict=True):

@@ -1,4 +1,5 @@
-"""The `Topology` value: an undirected simple graph on nodes 0..N-1 stored as an edge array."""
+"""Graph values: `Topology` (an undirected simple graph on nodes 0..N-1 stored as an edge array)
+and `Links` (the directed links one round of communication uses)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,115 @@ class Topology:
 
     def __repr__(self) -> str:
         return f"Topology(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Links:
+    """Directed communication links of one round: a model travels ``src[e] -> dst[e]``.
+
+    ``src`` and ``dst`` are int64 ``[L]``, sorted by receiver then sender (the row order of a
+    mixing matrix), without duplicates or self-links. An undirected `Topology` is the special
+    case with every edge in both directions (`from_topology`).
+    """
+
+    num_nodes: int
+    src: np.ndarray
+    dst: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = int(self.num_nodes)
+        src = np.asarray(self.src, dtype=np.int64).ravel()
+        dst = np.asarray(self.dst, dtype=np.int64).ravel()
+        if src.shape != dst.shape:
+            raise ValueError(f"src and dst must have the same length, got {src.size} and {dst.size}")
+        if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= n):
+            raise ValueError(f"link endpoints must lie in 0..{n - 1}")
+        if np.any(src == dst):
+            raise ValueError("self-links are not allowed")
+        keys = dst * n + src
+        if not np.all(keys[1:] > keys[:-1]):
+            keys = np.sort(keys)
+            keep = np.ones(keys.shape[0], dtype=bool)
+            np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+            keys = keys[keep]
+            src, dst = keys % n, keys // n
+        for a in (src, dst):
+            a.setflags(write=False)
+        object.__setattr__(self, "num_nodes", n)
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "dst", dst)
+
+    @classmethod
+    def from_topology(cls, topology: Topology) -> Links:
+        """Both directions of every edge of an undirected graph."""
+        dst = np.repeat(np.arange(topology.num_nodes, dtype=np.int64), topology.degrees())
+        return cls(topology.num_nodes, topology.indices.astype(np.int64), dst)
+
+    @property
+    def num_links(self) -> int:
+        """Number of directed links L."""
+        return int(self.src.shape[0])
+
+    @cached_property
+    def in_degrees(self) -> np.ndarray:
+        """Models each node receives, int64 [N]."""
+        return np.bincount(self.dst, minlength=self.num_nodes).astype(np.int64)
+
+    @cached_property
+    def out_degrees(self) -> np.ndarray:
+        """Models each node sends, int64 [N]."""
+        return np.bincount(self.src, minlength=self.num_nodes).astype(np.int64)
+
+    @cached_property
+    def _out_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.src * self.num_nodes + self.dst, kind="stable")
+        indptr = np.zeros(self.num_nodes + 1, dtype=np.int64)
+        np.cumsum(self.out_degrees, out=indptr[1:])
+        return indptr, self.dst[order]
+
+    def out_neighbors(self, node: int) -> np.ndarray:
+        """Sorted ids of the nodes ``node`` sends to."""
+        indptr, indices = self._out_csr
+        return indices[indptr[node] : indptr[node + 1]]
+
+    @property
+    def out_indptr(self) -> np.ndarray:
+        """CSR row pointer [N+1] over senders: ``node`` sends to ``out_indices[out_indptr[node]:...]``."""
+        return self._out_csr[0]
+
+    @property
+    def out_indices(self) -> np.ndarray:
+        """Receivers grouped by sender, ascending within a sender, int64 [L]."""
+        return self._out_csr[1]
+
+    def adjacency(self) -> sp.csr_matrix:
+        """0/1 matrix [N, N] with entry (dst, src) for every link (the mixing matrix pattern)."""
+        n = self.num_nodes
+        data = np.ones(self.num_links, dtype=np.float64)
+        return sp.csr_matrix((data, (self.dst, self.src)), shape=(n, n))
+
+    def is_symmetric(self) -> bool:
+        """True when every link has its reverse (an undirected graph)."""
+        n = self.num_nodes
+        return np.array_equal(np.sort(self.src * n + self.dst), self.dst * n + self.src)
+
+    def is_strongly_connected(self) -> bool:
+        """True when every node can reach every other node along the links."""
+        count, _ = connected_components(self.adjacency(), directed=True, connection="strong")
+        return count == 1
+
+    def undirected(self) -> Topology:
+        """The graph with every link made an undirected edge."""
+        return Topology(self.num_nodes, np.stack([self.src, self.dst], axis=1))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Links):
+            return NotImplemented
+        return (self.num_nodes == other.num_nodes and np.array_equal(self.src, other.src)
+                and np.array_equal(self.dst, other.dst))
+
+    def __hash__(self) -> int:
+        return hash((self.num_nodes, self.src.tobytes(), self.dst.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"Links(num_nodes={self.num_nodes}, num_links={self.num_links})"

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 Generator = Callable[..., Topology]
 TOPOLOGIES: Registry[Generator] = Registry("topology")
+# Generators whose graph depends on the seed: the ones `resample: every_round` can re-draw.
+RANDOM_TOPOLOGIES = frozenset({"erdos_renyi", "random_regular", "barabasi_albert", "watts_strogatz"})
 
 
 def make_topology(name: str, num_nodes: int, seed: int, **params: object) -> Topology:

@@ -1,7 +1,10 @@
 """Mixing (gossip) matrices built from a topology, their torch form, and their spectral gap.
 
 A mixing matrix W is [N, N] float64 scipy CSR; one gossip step on stacked node parameters
-X [N, P] is `W @ X`. Everything here is vectorized over nodes and edges.
+X [N, P] is `W @ X`: row i holds the weights node i gives to its own model and to each model
+it receives. A rule takes an undirected `Topology` or a round's directed `Links` (dynamic
+topologies); on links, degrees become in-degrees (models received) and out-degrees (sent).
+Everything here is vectorized over nodes and edges.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigs, eigsh
 
 from gossamer.registry import Registry
-from gossamer.topology.core import Topology
+from gossamer.topology.core import Links, Topology
 
-MixingRule = Callable[[Topology], sp.csr_matrix]
+MixingRule = Callable[[Topology | Links], sp.csr_matrix]
 MIXING: Registry[MixingRule] = Registry("mixing")
 
 
-def mixing_matrix(name: str, topology: Topology) -> sp.csr_matrix:
-    """Build the mixing matrix of the registered rule `name` for `topology`."""
+def mixing_matrix(name: str, topology: Topology | Links) -> sp.csr_matrix:
+    """Build the mixing matrix of the registered rule `name` for a graph or a round's links."""
     return MIXING.get(name)(topology)
 
 
@@ -39,12 +42,19 @@ def _with_diagonal(
 
 
 @MIXING.register("metropolis_hastings")
-def metropolis_hastings(topology: Topology) -> sp.csr_matrix:
+def metropolis_hastings(topology: Topology | Links) -> sp.csr_matrix:
     """W_ij = 1 / (1 + max(d_i, d_j)) on edges, W_ii = 1 - sum_j W_ij: symmetric, doubly stochastic.
 
     The Metropolis weights of Xiao, Boyd & Lall, 2005, "A Scheme for Robust Distributed
-    Sensor Fusion Based on Average Consensus" (IPSN).
+    Sensor Fusion Based on Average Consensus" (IPSN). On directed links j -> i the weight is
+    1 / (1 + max(in_i, out_j)): the same on an undirected graph, 1/2 on a one-peer round,
+    row-stochastic always and doubly stochastic when every node sends and receives d models.
     """
+    if isinstance(topology, Links):
+        links = topology
+        weight = 1.0 / (1.0 + np.maximum(links.in_degrees[links.dst], links.out_degrees[links.src]))
+        spent = np.bincount(links.dst, weight, minlength=links.num_nodes)
+        return _with_diagonal(links.dst, links.src, weight, 1.0 - spent)
     degrees = topology.degrees()
     u, v = topology.edges[:, 0], topology.edges[:, 1]
     weight = 1.0 / (1.0 + np.maximum(degrees[u], degrees[v]))
@@ -56,8 +66,17 @@ def metropolis_hastings(topology: Topology) -> sp.csr_matrix:
 
 
 @MIXING.register("uniform_neighbor")
-def uniform_neighbor(topology: Topology) -> sp.csr_matrix:
-    """W_ij = 1 / (d_i + 1) for j = i and each neighbour j: row-stochastic, not symmetric in general."""
+def uniform_neighbor(topology: Topology | Links) -> sp.csr_matrix:
+    """W_ij = 1 / (d_i + 1) for j = i and each neighbour j: row-stochastic, not symmetric in general.
+
+    On directed links d_i is the in-degree: a node averages its own model and every model it
+    received with equal weights, the rule of Epidemic Learning (de Vos et al., 2023,
+    arXiv:2310.01972).
+    """
+    if isinstance(topology, Links):
+        links = topology
+        share = 1.0 / (links.in_degrees + 1.0)
+        return _with_diagonal(links.dst, links.src, share[links.dst], share)
     share = 1.0 / (topology.degrees() + 1.0)
     rows = np.repeat(np.arange(topology.num_nodes), topology.degrees())
     return _with_diagonal(rows, topology.indices, share[rows], share)

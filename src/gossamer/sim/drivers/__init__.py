@@ -13,6 +13,7 @@ _DRIVERS = {
     "sampled_dl": "gossamer.sim.drivers.modest:ModestDriver",
     "async_fl": "gossamer.sim.drivers.async_fl:AsyncFLDriver",
     "random_walk": "gossamer.sim.drivers.random_walk:RandomWalkDriver",
+    "gradient_tracking": "gossamer.sim.drivers.gradient_tracking:GradientTrackingDriver",
 }
 
 

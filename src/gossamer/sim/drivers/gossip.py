@@ -1,9 +1,15 @@
 """Event-driven asynchronous gossip on the simulated clock, batched across independent events.
 
-Events: a node's clock fires (WAKE), a pull request arrives (REQUEST), a model arrives
-(ARRIVE), a node finishes merging and training on a received model (APPLY). A node
-processes received models one at a time, so an APPLY lands at
-``max(arrival, node busy until) + compute time``: the effect appears at its simulated time.
+Events: a node's communication clock fires (WAKE), a pull request arrives (REQUEST), a model
+arrives (ARRIVE), a node finishes merging and training on a received model (APPLY). With
+one clock per node (``clocks: single``) a node processes received models one at a time, so
+an APPLY lands at ``max(arrival, node busy until) + compute time``: the effect appears at
+its simulated time. With ``clocks: dual`` (DADAO) a received model is merged at its arrival
+(MERGE), and a node's computation clock (TICK) starts a local update when the node is online
+and idle; the update lands (DONE) one compute time later, is applied to the node's model as
+it is then (merges that arrived meanwhile included), and ticks that find the node busy or
+offline are skipped (``compute_skipped``): no backlog builds up, and with Poisson ticks a
+node's update rate is ``1 / (compute_period_s + compute time)``.
 
 Batching: every message takes at least ``delta`` seconds, so no event handled in
 ``[t0, t0 + delta)`` can create a model-reading event inside the window except through
@@ -11,7 +17,12 @@ scheduling, which does not depend on model values (clocks and peer choices are
 counter-based random draws). Each window is therefore handled in two phases: scheduling
 in time order in Python, then the model reads and writes in waves where each node
 appears at most once per wave, each wave one batched tensor call. The result equals
-processing events one by one.
+processing events one by one (tested). Phase 1 keeps Python work per event small: the
+window's clock gaps and peer choices are drawn as arrays, per-node constants are Python
+lists, and without faults an update that completes inside the window is recorded as a
+timed write instead of a queued event (phase 2 orders each node's operations by time).
+Messages in flight are copy-on-write references to the sender's row
+(:class:`~gossamer.sim.messages.MessageStore`), so most sends copy nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +37,10 @@ import torch
 from gossamer import rng, wire
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
+from gossamer.sim.messages import MessageStore
 
-WAKE, REQUEST, ARRIVE, APPLY = 0, 1, 2, 3
-READ, WRITE, RESET = 0, 1, 2
+WAKE, REQUEST, ARRIVE, APPLY, TICK, DONE = 0, 1, 2, 3, 4, 5
+READ, WRITE, RESET, MERGE, TRAIN = 0, 1, 2, 3, 4     # model operations: (time, kind, node, message)
 
 
 class GossipDriver(SyncDLDriver):
@@ -40,61 +52,115 @@ class GossipDriver(SyncDLDriver):
         super().__init__(exp)
         algo, n = exp.algorithm, exp.num_nodes
         self.period = algo.period_s
+        self.dual = algo.clocks == "dual"
         self.age = torch.zeros(n)
         self.updates = np.zeros(n, dtype=np.int64)
-        self.busy_until = np.zeros(n)
+        self.busy_until: list[float] = [0.0] * n
         self.heap: list[tuple] = []
         self.seq = 0
-        self.messages: dict[int, tuple[torch.Tensor, float]] = {}
+        self.messages = MessageStore(exp.spec.numel)  # models in flight, copy-on-write
         self.next_msg = 0
         self.events = 0
         self.dropped = 0
+        self.compute_skipped = 0                      # dual clocks: ticks that found the node busy/offline
         sys_ = exp.system
         sizes = exp.trainer.sizes
         sched = exp.trainer.schedule
         per_update = (sched.steps * sched.batch_size if sched.steps else (sched.epochs or 1) * sizes)
         self.update_samples = np.where(sizes > 0, per_update, 0)
         self.compute_s = sys_.sample_time_s * self.update_samples
+        self._compute, self._latency = self.compute_s.tolist(), sys_.latency_s.tolist()
+        self._bw_up, self._bw_down = sys_.bandwidth_up_Bps.tolist(), sys_.bandwidth_down_Bps.tolist()
         self.faults = exp.faults if exp.faults is not None and exp.faults.enabled else None
         quiet = exp.availability.model == "always" and self.faults is None
         self._always = np.ones(n, dtype=bool) if quiet else None
         self.receiver: dict[int, int] = {}          # message id -> receiver (attacks need it)
         self.delta = float(np.min(sys_.latency_s + wire.HEADER_BYTES / sys_.bandwidth_up_Bps))
-        for i in range(n):
-            self._push(self._wake_gap(i, 0), WAKE, i, 0, 0)
+        nodes = np.arange(n)
+        first = [(t, WAKE, i) for i, t in enumerate(self._gaps(WAKE, nodes, np.zeros(n, dtype=np.int64)))]
+        if self.dual:                               # only nodes with data have a computation clock
+            holders = np.flatnonzero(self.has_data)
+            ticks = self._gaps(TICK, holders, np.zeros(len(holders), dtype=np.int64))
+            first += [(t, TICK, int(i)) for i, t in zip(holders.tolist(), ticks, strict=True)]
+        for seq, (t, kind, i) in enumerate(first, start=1):
+            self.heap.append((t, seq, kind, i, 0, 0))
+        self.seq = len(first)
+        heapq.heapify(self.heap)
 
     # --- scheduling helpers ------------------------------------------------------------------
     def _push(self, t: float, kind: int, node: int, a: int, b: int, target: list | None = None) -> None:
         self.seq += 1
         heapq.heappush(self.heap if target is None else target, (t, self.seq, kind, node, a, b))
 
-    def _wake_gap(self, node: int, k: int) -> float:
-        u = rng.uniform_scalar(self.exp.cfg.seed, rng.STREAM_GOSSIP, node, k, 0)
+    def _clock(self, kind: int) -> tuple[int, float]:
+        """(random stream, mean gap) of the communication (WAKE) or computation (TICK) clock."""
+        if kind == WAKE:
+            return rng.STREAM_GOSSIP, self.period
+        return rng.STREAM_GOSSIP_COMPUTE, self.exp.algorithm.compute_period_s
+
+    def _gap(self, kind: int, node: int, k: int) -> float:
+        """Gap from a node's k-th clock tick to its next: exponential, or periodic with a random phase."""
+        stream, period = self._clock(kind)
+        u = rng.uniform_scalar(self.exp.cfg.seed, stream, node, k, 0)
         if self.exp.algorithm.poisson:
-            return -math.log1p(-u) * self.period
-        return u * self.period if k == 0 else self.period
+            return -math.log1p(-u) * period
+        return u * period if k == 0 else period
+
+    def _gaps(self, kind: int, nodes: np.ndarray, ks: np.ndarray) -> list[float]:
+        """:meth:`_gap` for many (node, k) at once (the same values: one vectorized draw)."""
+        stream, period = self._clock(kind)
+        u = rng.uniform(self.exp.cfg.seed, stream, nodes, ks, 0).tolist()
+        if self.exp.algorithm.poisson:
+            return [-math.log1p(-x) * period for x in u]
+        return [x * period if k == 0 else period for x, k in zip(u, ks.tolist(), strict=True)]
+
+    def _due_gaps(self, due: list[tuple], kind: int) -> dict[int, float]:
+        """Next gaps of the clock ticks of ``kind`` in a window, drawn at once: node -> gap.
+        A node has one pending tick per clock, so each node appears at most once."""
+        picked = [(e[3], e[4] + 1) for e in due if e[2] == kind]
+        if not picked:
+            return {}
+        nodes, ks = np.array(picked, dtype=np.int64).T
+        return dict(zip(nodes.tolist(), self._gaps(kind, nodes, ks), strict=True))
 
     def _peer(self, node: int, k: int) -> int:
-        topo = self.exp.topology
-        lo, hi = int(topo.indptr[node]), int(topo.indptr[node + 1])
+        dynamic = self.exp.dynamic
+        if dynamic is None:
+            indptr, indices = self.exp.topology.indptr, self.exp.topology.indices
+        else:                        # this period's graph (peer sampling: the node's view)
+            links = dynamic.links(self.round + 1)
+            indptr, indices = links.out_indptr, links.out_indices
+        lo, hi = int(indptr[node]), int(indptr[node + 1])
         if hi == lo:
             return -1
         u = rng.uniform_scalar(self.exp.cfg.seed, rng.STREAM_GOSSIP, node, k, 1)
-        return int(topo.indices[lo + int(u * (hi - lo))])
+        return int(indices[lo + int(u * (hi - lo))])
+
+    def _peers(self, nodes: np.ndarray, ks: np.ndarray) -> np.ndarray:
+        """:meth:`_peer` for many wakes of this period at once, with the same draws (tested equal):
+        the per-wake scalar draw is the largest cost of scheduling at scale."""
+        dynamic = self.exp.dynamic
+        if dynamic is None:
+            indptr, indices = self.exp.topology.indptr, self.exp.topology.indices
+        else:
+            links = dynamic.links(self.round + 1)
+            indptr, indices = links.out_indptr, links.out_indices
+        lo, hi = np.asarray(indptr)[nodes], np.asarray(indptr)[nodes + 1]
+        u = rng.uniform(self.exp.cfg.seed, rng.STREAM_GOSSIP, nodes, ks, 1)
+        pick = np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(indices) - 1, 0))
+        return np.where(hi > lo, np.asarray(indices)[pick] if len(indices) else -1, -1)
 
     def _delay(self, sender: int, receiver: int, nbytes: int, key: int = 0) -> float:
-        s = self.exp.system
-        extra = 0.0
+        delay = self._latency[sender] + nbytes / self._bw_up[sender] + nbytes / self._bw_down[receiver]
         if self.faults is not None:
-            extra = float(self.faults.extra_delay(key, np.array([sender]), np.array([receiver]))[0])
-        return float(s.latency_s[sender] + nbytes / s.bandwidth_up_Bps[sender]
-                     + nbytes / s.bandwidth_down_Bps[receiver]) + extra
+            delay += float(self.faults.extra_delay(key, np.array([sender]), np.array([receiver]))[0])
+        return delay
 
     def _online(self, t: float, ops: list) -> np.ndarray:
         online = self.exp.online(t)
         if self.faults is not None and self.faults.rejoin_fresh:
             for node in self.faults.rejoined().tolist():
-                ops.append((RESET, node, -1))
+                ops.append((t, RESET, node, -1))
         return online
 
     def _reachable(self, t: float, sender: int, receiver: int) -> bool:
@@ -103,124 +169,205 @@ class GossipDriver(SyncDLDriver):
 
     # --- the two phases of a window ------------------------------------------------------------
     def _schedule_window(self, t_end: float) -> list[tuple]:
-        """Phase 1: handle the window's events in time order; return model reads/writes."""
-        local: list[tuple] = []
-        while self.heap and self.heap[0][0] < t_end:
-            heapq.heappush(local, heapq.heappop(self.heap))
+        """Phase 1: handle the window's events in time order; return the model operations
+        ``(time, kind, node, message)`` (phase 2 orders each node's operations by time)."""
+        heap, local = self.heap, []
+        while heap and heap[0][0] < t_end:
+            local.append(heapq.heappop(heap))        # popped in order: already a heap
         ops: list[tuple] = []
-        mode, nbytes = self.exp.algorithm.mode, self.exp.message_bytes
+        algo = self.exp.algorithm
+        mode, nbytes, dual = algo.mode, self.exp.message_bytes, self.dual
+        gaps = {WAKE: self._due_gaps(local, WAKE), TICK: self._due_gaps(local, TICK) if dual else {}}
+        due = [(e[3], e[4]) for e in local if e[2] == WAKE]      # each node has one pending wake
+        nodes, ks = np.array(due, dtype=np.int64).reshape(-1, 2).T
+        peers = dict(zip(nodes.tolist(), self._peers(nodes, ks).tolist(), strict=True))
+        busy, pop, push, always = self.busy_until, heapq.heappop, heapq.heappush, self._always
+        # Without faults or churn nothing happens at an update's completion but its model write,
+        # so an update that completes inside the window is not queued as an event: its write
+        # is recorded at its time (it still counts as an event).
+        direct = always is not None
+        events = 0
         while local:
-            t, _, kind, node, a, b = heapq.heappop(local)
-            self.events += 1
-            online = self._always if self._always is not None else self._online(t, ops)
+            t, _, kind, node, a, b = pop(local)
+            events += 1
+            online = always if direct else self._online(t, ops)
+            if kind == WAKE or kind == TICK:            # a clock ticks: schedule its next tick
+                gap = gaps[kind].pop(node, None)
+                nxt = t + (gap if gap is not None else self._gap(kind, node, a + 1))
+                self.seq += 1
+                push(local if nxt < t_end else heap, (nxt, self.seq, kind, node, a + 1, 0))
             if kind == WAKE:
-                nxt = t + self._wake_gap(node, a + 1)
-                self._push(nxt, WAKE, node, a + 1, 0, local if nxt < t_end else None)
-                peer = self._peer(node, a)
-                if not online[node] or peer < 0 or not self._reachable(t, node, peer):
+                peer = peers.pop(node, None)
+                if peer is None:                        # a second wake in the window
+                    peer = self._peer(node, a)
+                if not online[node] or peer < 0 or not (direct or self._reachable(t, node, peer)):
                     continue
                 if mode == "pull":
                     self.bytes_up += wire.HEADER_BYTES
+                    self.node_bytes[node] += wire.HEADER_BYTES
                     self._push(t + self._delay(node, peer, wire.HEADER_BYTES, -1 - a), REQUEST, peer, node, 0)
                 else:
                     self._send(ops, t, node, peer, reply_to=node if mode == "push_pull" else -1)
+            elif kind == TICK:                          # start a local update if online and idle
+                if not online[node] or busy[node] > t:
+                    self.compute_skipped += 1
+                    continue
+                busy[node] = done = t + self._compute_time(node)
+                if direct and done < t_end:
+                    ops.append((done, TRAIN, node, -1))
+                    events += 1
+                else:
+                    self._push(done, DONE, node, 0, 0, local if done < t_end else None)
+            elif kind == DONE:
+                ops.append((t, TRAIN, node, -1))
             elif kind == REQUEST:
                 if online[node] and self._reachable(t, node, a):
                     self.bytes_down += wire.HEADER_BYTES
+                    self.node_bytes[node] += wire.HEADER_BYTES
                     self._send(ops, t, node, a, reply_to=-1)
             elif kind == ARRIVE:
                 if not online[node]:
                     self.dropped += 1
-                    self.messages.pop(a, None)
+                    self.messages.discard(a)
                     self.receiver.pop(a, None)
                     continue
                 self.bytes_down += nbytes
+                self.node_bytes[node] += nbytes
                 if b >= 0 and self._reachable(t, node, b):  # push-pull: answer with own model
                     self._send(ops, t, node, b, reply_to=-1)
-                compute = self.compute_s[node]
-                if self.faults is not None:
-                    compute *= float(self.faults.slowdown(self.round + 1, np.array([node]))[0])
-                done = max(t, self.busy_until[node]) + compute
-                self.busy_until[node] = done
-                self._push(done, APPLY, node, a, 0, local if done < t_end else None)
+                if dual:                                # merged on arrival, trained on its own clock
+                    ops.append((t, MERGE, node, a))
+                    continue
+                busy[node] = done = max(t, busy[node]) + self._compute_time(node)
+                if direct and done < t_end:
+                    ops.append((done, WRITE, node, a))
+                    events += 1
+                else:
+                    self._push(done, APPLY, node, a, 0, local if done < t_end else None)
             else:
-                ops.append((WRITE, node, a))
+                ops.append((t, WRITE, node, a))
+        self.events += events
         return ops
+
+    def _compute_time(self, node: int) -> float:
+        """Simulated seconds of one local update (stragglers slowed down by the fault schedule)."""
+        compute = self._compute[node]
+        if self.faults is not None:
+            compute *= float(self.faults.slowdown(self.round + 1, np.array([node]))[0])
+        return compute
 
     def _send(self, ops: list, t: float, sender: int, receiver: int, reply_to: int) -> None:
         msg = self.next_msg
         self.next_msg += 1
-        self.bytes_up += self.exp.message_bytes
+        nbytes = self.exp.message_bytes
+        self.bytes_up += nbytes
+        self.node_bytes[sender] += nbytes
         if self.faults is not None and self.faults.lost(msg, np.array([sender]), np.array([receiver]))[0]:
             self.dropped += 1                          # sent, never arrives
             return
-        ops.append((READ, sender, msg))
+        ops.append((t, READ, sender, msg))
         self.receiver[msg] = receiver
-        self._push(t + self._delay(sender, receiver, self.exp.message_bytes, msg), ARRIVE, receiver,
-                   msg, reply_to)
+        self.seq += 1
+        heapq.heappush(self.heap, (t + self._delay(sender, receiver, nbytes, msg), self.seq, ARRIVE,
+                                   receiver, msg, reply_to))
 
     def _run_ops(self, ops: list[tuple]) -> None:
-        """Phase 2: apply reads and writes in waves with each node at most once per wave."""
-        count: dict[int, int] = {}
-        waves: list[list[tuple]] = []
-        for op in ops:
-            w = count.get(op[1], 0)
-            count[op[1]] = w + 1
-            if w == len(waves):
-                waves.append([])
-            waves[w].append(op)
-        for wave in waves:
-            reads = [op for op in wave if op[0] == READ]
-            writes = [op for op in wave if op[0] == WRITE]
-            resets = [op[1] for op in wave if op[0] == RESET]
-            if reads:
-                nodes = torch.tensor([op[1] for op in reads])
-                rows, ages = self._outgoing(reads, self.params[nodes].clone()), self.age[nodes]
-                for j, op in enumerate(reads):
-                    self.messages[op[2]] = (rows[j], float(ages[j]))
-            if writes:
-                self._apply(writes)
-            if resets:
-                self._restart(np.array(resets))
-                self.age[torch.tensor(resets)] = 0.0
+        """Phase 2: apply reads and writes in waves with each node at most once per wave.
 
-    def _outgoing(self, reads: list[tuple], rows: torch.Tensor) -> torch.Tensor:
-        """What the readers send: Byzantine senders replace their model by an attack crafted
-        against the receiver's current model (the receiver's model is the honest reference)."""
+        An op's wave is the number of earlier ops of the same node in the window, so every
+        node's ops keep their time order and the ops of one wave touch distinct nodes."""
+        if not ops:
+            return
+        timed = np.array(ops, dtype=np.float64)              # [M, 4]: time, kind, node, message
+        order = np.lexsort((np.arange(len(ops)), timed[:, 0], timed[:, 2]))   # by node, then time
+        table = timed[order, 1:].astype(np.int64)            # [M, 3]: kind, node, message
+        nodes = table[:, 1]
+        first = np.r_[0, np.flatnonzero(nodes[1:] != nodes[:-1]) + 1]
+        wave = np.arange(len(nodes)) - np.repeat(first, np.diff(np.r_[first, len(nodes)]))
+        waves = int(wave.max()) + 1
+        for w in range(waves):
+            part = table if waves == 1 else table[wave == w]
+            kind = part[:, 0]
+            self.messages.detach(part[kind != READ, 1].tolist(), self.params)   # rows about to change
+            resets = part[kind == RESET, 1]
+            if len(resets):
+                self._restart(resets)
+                self.age[torch.from_numpy(resets)] = 0.0
+            reads = part[kind == READ]
+            if len(reads):
+                self._read(reads[:, 1], reads[:, 2])
+            for op, train in ((WRITE, True), (MERGE, False)):
+                merges = part[kind == op]
+                if len(merges):
+                    self._merge(merges[:, 1], merges[:, 2], train)
+            trains = part[kind == TRAIN, 1]
+            if len(trains):
+                idx = torch.from_numpy(trains)
+                rows = self.params.index_select(0, idx)
+                trained = self._local_update(rows, trains)
+                self.params.index_copy_(0, idx, rows)
+                self.age[idx] += trained.to(self.age.dtype)
+
+    def _read(self, nodes: np.ndarray, msgs: np.ndarray) -> None:
+        """Senders' models become messages: references to their rows (copied only if the row
+        changes before the message is merged); Byzantine senders' crafted rows are copied."""
+        ages = self.age[torch.from_numpy(nodes)].tolist()
         adv = self.exp.adversary
-        if adv is None or not adv.model_attack:
-            return rows
-        byz = np.array([adv.byzantine[op[1]] for op in reads])
-        if not byz.any():
-            return rows
-        pick = np.flatnonzero(byz)
-        receivers = torch.tensor([self.receiver[reads[j][2]] for j in pick])
-        own = self.params[receivers]
-        held = torch.stack([own, rows[torch.from_numpy(pick)]], dim=1)        # [F, 2, P]
-        mask = np.zeros((len(pick), 2), dtype=bool)
-        mask[:, 1] = True
-        crafted = adv.corrupt(held, own, mask, self.round + 1, key=reads[pick[0]][2])
-        rows[torch.from_numpy(pick)] = crafted[:, 1]
-        return rows
+        byz = adv.byzantine[nodes] if adv is not None and adv.model_attack else np.zeros(len(nodes), dtype=bool)
+        honest, pick = np.flatnonzero(~byz), np.flatnonzero(byz)
+        self.messages.put(msgs[honest].tolist(), nodes[honest].tolist(), [ages[j] for j in honest])
+        if len(pick):
+            self.messages.put_rows(msgs[pick].tolist(), self._crafted(nodes[pick], msgs[pick]),
+                                   [ages[j] for j in pick])
 
-    def _apply(self, writes: list[tuple]) -> None:
-        nodes = np.array([op[1] for op in writes], dtype=np.int64)
-        received = [self.messages.pop(op[2]) for op in writes]
-        for op in writes:
-            self.receiver.pop(op[2], None)
+    def _crafted(self, nodes: np.ndarray, msgs: np.ndarray) -> torch.Tensor:
+        """What Byzantine senders send: an attack crafted against the receiver's current model
+        (the receiver's model is the honest reference)."""
+        receivers = torch.tensor([self.receiver[m] for m in msgs.tolist()], dtype=torch.int64)
+        own = self.params[receivers]
+        held = torch.stack([own, self.params[torch.from_numpy(nodes)]], dim=1)     # [F, 2, P]
+        mask = np.zeros((len(nodes), 2), dtype=bool)
+        mask[:, 1] = True
+        return self.exp.adversary.corrupt(held, own, mask, self.round + 1, key=int(msgs[0]))[:, 1]
+
+    def _merge(self, nodes: np.ndarray, msgs: np.ndarray, train: bool) -> None:
+        """Receivers merge the messages ``msgs`` into their models (then train, one clock)."""
+        received, received_age, order = self.messages.take(msgs.tolist(), self.params)
+        nodes = nodes[order]                          # the ops of a wave are independent: any order
         idx = torch.from_numpy(nodes)
         merged, age = self.exp.algorithm.merge_models(
-            self.params[idx], self.age[idx], torch.stack([m for m, _ in received]),
-            torch.tensor([a for _, a in received]))
-        with self.timer("train_s"):
-            result = self.exp.trainer.train(merged, nodes, self.updates[nodes], inplace=True)
-        self.params[idx] = result.params
-        trained = torch.from_numpy(result.steps > 0)
-        self.age[idx] = age + trained.to(age.dtype)
+            self.params.index_select(0, idx), self.age[idx], received, received_age, spec=self.exp.spec)
+        for m in msgs.tolist():
+            self.receiver.pop(m, None)
+        if train:
+            age = age + self._local_update(merged, nodes).to(age.dtype)
+        self.params.index_copy_(0, idx, merged)
+        self.age[idx] = age
+
+    def _local_update(self, rows: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """Train ``rows`` ``[B, P]`` in place (nodes without data keep theirs); returns which trained."""
+        trained = torch.zeros(len(nodes), dtype=torch.bool)
+        keys = self.updates[nodes]
         self.updates[nodes] += 1
+        holders = np.flatnonzero(self.has_data[nodes])
+        if not len(holders):
+            return trained
+        with self.timer("train_s"):
+            if len(holders) == len(nodes):
+                result = self.exp.trainer.train(rows, nodes, keys, inplace=True)
+                if result.params is not rows:
+                    rows.copy_(result.params)
+            else:
+                pick = torch.from_numpy(holders)
+                result = self.exp.trainer.train(rows.index_select(0, pick), nodes[holders], keys[holders],
+                                                inplace=True)
+                rows.index_copy_(0, pick, result.params)
+        done = torch.from_numpy(result.steps > 0)
+        trained[torch.from_numpy(holders)] = done
         self.node_steps += int(result.steps.sum())
-        if trained.any():
-            self.train_loss = float(result.loss[trained].mean())
+        if done.any():
+            self.train_loss = float(result.loss[done].mean())
+        return trained
 
     # --- driver API ----------------------------------------------------------------------------
     def run_round(self) -> None:
@@ -244,17 +391,17 @@ class GossipDriver(SyncDLDriver):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        ids = sorted(self.messages)
+        ids, rows, ages = self.messages.state(self.params)
         heap = sorted(self.heap)
         state.update(
             age=self.age.clone(), updates=torch.from_numpy(self.updates.copy()),
-            busy_until=torch.from_numpy(self.busy_until.copy()), seq=self.seq, next_msg=self.next_msg,
-            events=self.events, dropped=self.dropped,
+            busy_until=torch.tensor(self.busy_until, dtype=torch.float64), seq=self.seq,
+            next_msg=self.next_msg, events=self.events, dropped=self.dropped,
+            compute_skipped=self.compute_skipped,
             heap_time=torch.tensor([e[0] for e in heap], dtype=torch.float64),
             heap_ints=torch.tensor([e[1:] for e in heap], dtype=torch.int64).reshape(-1, 5),
             msg_ids=torch.tensor(ids, dtype=torch.int64),
-            msg_rows=torch.stack([self.messages[i][0] for i in ids]) if ids else torch.zeros(0),
-            msg_ages=torch.tensor([self.messages[i][1] for i in ids], dtype=torch.float64),
+            msg_rows=rows, msg_ages=ages,
             msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids], dtype=torch.int64))
         return state
 
@@ -262,13 +409,14 @@ class GossipDriver(SyncDLDriver):
         super().load_state_dict(state)
         self.age = state["age"].clone()
         self.updates = state["updates"].numpy().copy()
-        self.busy_until = state["busy_until"].numpy().copy()
+        self.busy_until = state["busy_until"].tolist()
         self.seq, self.next_msg = int(state["seq"]), int(state["next_msg"])
         self.events, self.dropped = int(state["events"]), int(state["dropped"])
+        self.compute_skipped = int(state.get("compute_skipped", 0))
         self.heap = [(float(t), *map(int, ints)) for t, ints in
                      zip(state["heap_time"].tolist(), state["heap_ints"].tolist(), strict=True)]
         heapq.heapify(self.heap)
-        self.messages = {int(i): (state["msg_rows"][j].clone(), float(state["msg_ages"][j]))
-                         for j, i in enumerate(state["msg_ids"].tolist())}
-        receivers = state.get("msg_receivers", torch.full((len(self.messages),), -1)).tolist()
+        ids = state["msg_ids"].tolist()
+        self.messages.load(ids, state["msg_rows"], state["msg_ages"].tolist())
+        receivers = state.get("msg_receivers", torch.full((len(ids),), -1)).tolist()
         self.receiver = {int(i): int(receivers[j]) for j, i in enumerate(state["msg_ids"].tolist())}

@@ -30,7 +30,8 @@ from gossamer.sim.trainer import TrainResult
 
 
 class ModestDriver(Driver):
-    columns = Driver.columns + ["participants", "aggregators", "timeouts", "view_size"]
+    columns = Driver.columns + ["participants", "aggregators", "timeouts", "view_size",
+                                "bytes_per_node_mean", "bytes_per_node_max"]
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
@@ -43,6 +44,7 @@ class ModestDriver(Driver):
         self.agg_ready = np.empty(0)                         # when each had its aggregate
         self.participants = self.num_aggregators = self.timeouts = 0
         self.total_timeouts = self.stalled_rounds = 0
+        self.node_bytes = np.zeros(exp.num_nodes, dtype=np.int64)   # bytes each node sent plus received
 
     def _alive(self, t: float) -> np.ndarray:
         """Responsive nodes ``[N]`` at ``t``: online, and not crashed when faults are enabled."""
@@ -111,14 +113,17 @@ class ModestDriver(Driver):
         else:                             # the last round's aggregators feed the trainers
             arrival = self._fan_out(self.agg_ids, self.agg_ready, trainers)
             sent = int(np.isfinite(arrival).sum() - np.isin(self.agg_ids, ids).sum())
+            feeds = (self.agg_ids, ids, np.isfinite(arrival) & (self.agg_ids[:, None] != ids[None, :]))
             arrival = self._network_faults(arrival, self.agg_ids, ids, 2 * r)
             reached = np.isfinite(arrival).any(axis=0)       # trainers that got no model sit out
             ids, arrival = ids[reached], arrival[:, reached]
             self.timeouts += len(self.agg_ids) * len(trainers.skipped)
             if len(ids) == 0:
                 self.bytes_up += sent * exp.message_bytes
+                self._traffic(*feeds, received=False)
                 self._wait(t0)
                 return
+            self._traffic(*feeds)
             start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
         with self.timer("train_s"):
             result = exp.trainer.train(rows, ids, r)
@@ -157,6 +162,7 @@ class ModestDriver(Driver):
         arrival = np.full((len(aggs.chosen), len(ids)), np.inf)
         arrival[:, delivering] = self._fan_out(ids[delivering], done[delivering], aggs).T
         sent = int(np.isfinite(arrival).sum() - np.isin(ids[delivering], aggs.chosen).sum())
+        self._traffic(ids, aggs.chosen, (np.isfinite(arrival) & (aggs.chosen[:, None] != ids[None, :])).T)
         arrival = self._network_faults(arrival.T, ids, aggs.chosen, 2 * r + 1).T
         if not np.isfinite(arrival).any():
             self._wait(t1)
@@ -172,6 +178,15 @@ class ModestDriver(Driver):
         self.agg_ids, self.num_aggregators = aggs.chosen, len(aggs.chosen)
         self.sim_time = float(self.agg_ready.min())
         return sent
+
+    def _traffic(self, senders: np.ndarray, receivers: np.ndarray, sent: np.ndarray,
+                 received: bool = True) -> None:
+        """Per-node bytes of the model messages ``sent[s, r]`` from ``senders[s]`` to
+        ``receivers[r]`` (copies to oneself excluded), counted like the byte totals."""
+        nbytes = self.exp.message_bytes
+        np.add.at(self.node_bytes, senders, sent.sum(axis=1) * nbytes)
+        if received:
+            np.add.at(self.node_bytes, receivers, sent.sum(axis=0) * nbytes)
 
     def _network_faults(self, arrival: np.ndarray, senders: np.ndarray, receivers: np.ndarray,
                         key: int) -> np.ndarray:
@@ -193,7 +208,9 @@ class ModestDriver(Driver):
         row = self.base_row()
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
                    participants=self.participants, aggregators=self.num_aggregators,
-                   timeouts=self.timeouts, view_size=int(self.view.sum()))
+                   timeouts=self.timeouts, view_size=int(self.view.sum()),
+                   bytes_per_node_mean=float(self.node_bytes.mean()),
+                   bytes_per_node_max=int(self.node_bytes.max()))
         return row
 
     def global_params(self) -> torch.Tensor:
@@ -205,6 +222,7 @@ class ModestDriver(Driver):
         state.update(view=torch.from_numpy(self.view.copy()), aggregates=self.aggregates,
                      agg_ids=torch.from_numpy(self.agg_ids.copy()),
                      agg_ready=torch.from_numpy(self.agg_ready.copy()),
+                     node_bytes=torch.from_numpy(self.node_bytes.copy()),
                      counters=[self.participants, self.num_aggregators, self.timeouts,
                                self.total_timeouts, self.stalled_rounds])
         return state
@@ -215,6 +233,8 @@ class ModestDriver(Driver):
         self.aggregates = state["aggregates"].clone()
         self.agg_ids = state["agg_ids"].numpy().copy()
         self.agg_ready = state["agg_ready"].numpy().copy()
+        if "node_bytes" in state:
+            self.node_bytes = state["node_bytes"].numpy().copy()
         (self.participants, self.num_aggregators, self.timeouts, self.total_timeouts,
          self.stalled_rounds) = (int(v) for v in state["counters"])
 
@@ -222,4 +242,6 @@ class ModestDriver(Driver):
         algo = self.algorithm
         return {"sample_size": algo.sample_size, "aggregators": algo.aggregators,
                 "quorum": algo.quorum(), "timeouts_total": self.total_timeouts,
-                "stalled_rounds": self.stalled_rounds}
+                "stalled_rounds": self.stalled_rounds,
+                "mean_bytes_per_node": float(self.node_bytes.mean()),
+                "max_bytes_per_node": int(self.node_bytes.max())}

@@ -10,21 +10,33 @@ plus sending its model to each reachable neighbour.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from gossamer.sim.drivers.base import Driver
+from gossamer.config import ConfigError
+from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gathered import MergeStats, gathered_merge, local_losses
-from gossamer.topology import renormalize_for_available, to_torch_sparse, without_links
+from gossamer.topology import (
+    mixing_matrix,
+    renormalize_for_available,
+    to_torch_sparse,
+    window_links,
+    window_spectral_gap,
+    without_links,
+)
+
+if TYPE_CHECKING:
+    from gossamer.algorithms.local import LocalObjective
 
 
 class SyncDLDriver(Driver):
     columns = Driver.columns + ["acc_min", "acc_median", "acc_max", "avg_model_accuracy",
                                 "avg_model_loss", "consensus_distance", "online", "isolated",
-                                "lost_messages", "merges_skipped"]
+                                "lost_messages", "merges_skipped", "bytes_per_node_mean",
+                                "bytes_per_node_max"]
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
@@ -37,6 +49,8 @@ class SyncDLDriver(Driver):
         topo = exp.topology
         self.link_dst = np.repeat(np.arange(n), np.diff(topo.indptr))   # directed links src -> dst
         self.link_src = topo.indices.astype(np.int64)
+        self.mixing, self.mixing_scipy = exp.mixing, exp.mixing_scipy   # dynamic: set every round
+        self.node_bytes = np.zeros(n, dtype=np.int64)   # bytes each node sent plus received
         self.last_online = np.ones(n, dtype=bool)
         self.isolated = self.lost = self.skipped = 0
         cfg = exp.cfg.eval
@@ -53,8 +67,21 @@ class SyncDLDriver(Driver):
             self.eval_nodes = self.eval_nodes[self.honest[self.eval_nodes]]
         self.aggregator = getattr(exp.algorithm, "aggregator", "mean")
         self.gathered = self.aggregator != "mean" or (adv is not None and adv.model_attack)
+        self.message_bytes = exp.message_bytes          # per gossip message (subclasses: more vectors)
+        self.round_gossip_steps = getattr(exp.algorithm, "gossip_steps", 1)   # set every round
+        _check_final_merge(exp, self.gathered)
 
     # --- who hears whom this round -------------------------------------------------------------
+    def _use_round_graph(self, r: int) -> None:
+        """A dynamic topology's links and mixing matrix for round ``r`` (a static one's are fixed)."""
+        dynamic = self.exp.dynamic
+        if dynamic is None:
+            return
+        links = dynamic.links(r)
+        self.link_src, self.link_dst = links.src, links.dst
+        self.mixing_scipy = mixing_matrix(self.exp.cfg.topology.mixing, dynamic.graph(r))
+        self.mixing = to_torch_sparse(self.mixing_scipy)
+
     def _links(self, online: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Masks over the directed links: sent (both ends up, not cut by a partition), delivered."""
         src, dst = self.link_src, self.link_dst
@@ -69,7 +96,7 @@ class SyncDLDriver(Driver):
         """This round's mixing matrix (scipy), or None when it is the topology's own."""
         if online.all() and delivered.all():
             return None
-        w = renormalize_for_available(self.exp.mixing_scipy, online)
+        w = renormalize_for_available(self.mixing_scipy, online)
         missing = online[self.link_src] & online[self.link_dst] & ~delivered
         if missing.any():
             w = without_links(w, self.link_dst[missing], self.link_src[missing])
@@ -90,19 +117,23 @@ class SyncDLDriver(Driver):
         if faults.enabled and faults.rejoin_fresh:
             self._restart(faults.rejoined())
         self.last_online = online
+        self.round_gossip_steps = exp.algorithm.gossip_steps_at(r, exp.cfg.stop.rounds)
         train_ids = np.flatnonzero(online & self.has_data)
         samples = np.zeros(exp.num_nodes)
         with self.timer("train_s"):
+            objective = self._local_objective(train_ids)
+            extra = {} if objective is None else {"objective": objective}
             if len(train_ids) == exp.num_nodes:      # everyone trains: update rows in place
-                result = exp.trainer.train(self.params, train_ids, r, inplace=True)
+                result = exp.trainer.train(self.params, train_ids, r, inplace=True, **extra)
             elif len(train_ids):
                 rows = self.params[train_ids]
-                result = exp.trainer.train(rows, train_ids, r, inplace=True)
+                result = exp.trainer.train(rows, train_ids, r, inplace=True, **extra)
                 self.params[train_ids] = rows
             if len(train_ids):
                 samples[train_ids] = result.samples
                 self.node_steps += int(result.steps.sum())
                 self.train_loss = float(result.loss.mean())
+        self._use_round_graph(r)
         sent, delivered = self._links(online, r)
         mixing = self._round_mixing(online, delivered)
         with self.timer("communicate_s"):
@@ -111,25 +142,57 @@ class SyncDLDriver(Driver):
             else:
                 self._mix(mixing)
         self._account(online, samples, sent, delivered, r)
+        if getattr(exp.algorithm, "final_merge", False) and r == exp.cfg.stop.rounds:
+            with self.timer("communicate_s"):
+                self._final_merge(online)
         self.round = r
+
+    def _local_objective(self, train_ids: np.ndarray) -> LocalObjective | None:
+        """What the algorithm adds to the local steps of ``train_ids`` (called just before
+        they train; rows in ``train_ids`` order). Plain D-PSGD adds nothing."""
+        return None
+
+    def _final_merge(self, online: np.ndarray) -> None:
+        """The single global merge after the last round: every online node gets the exact mean.
+
+        Costed as a ring all-reduce among the ``k`` online nodes: each sends and receives
+        ``2 (k - 1)`` chunks of ``ceil(P / k)`` parameters, one chunk per transfer step, and a
+        step lasts as long as the slowest node's latency plus chunk upload (or download)."""
+        from gossamer import wire
+        from gossamer.algorithms.dl.dpsgd import global_average
+
+        members = np.flatnonzero(online)
+        k = len(members)
+        if k < 2:
+            return
+        global_average(self.params, None if k == self.exp.num_nodes else torch.from_numpy(members))
+        system = self.exp.system
+        chunk = wire.encoded_size(-(-self.exp.spec.numel // k))
+        transfers = 2 * (k - 1)
+        self.bytes_up += transfers * k * chunk
+        self.bytes_down += transfers * k * chunk
+        self.node_bytes[members] += 2 * transfers * chunk
+        step_s = np.maximum(system.latency_s[members] + chunk / system.bandwidth_up_Bps[members],
+                            chunk / system.bandwidth_down_Bps[members])
+        self.sim_time += transfers * float(step_s.max())
 
     def _mix(self, mixing) -> None:
         if self._spare is None:
             self._spare = torch.empty_like(self.params)
-        w = self.exp.mixing if mixing is None else to_torch_sparse(mixing)
-        mixed = self.exp.algorithm.mix(w, self.params, out=self._spare)
+        w = self.mixing if mixing is None else to_torch_sparse(mixing)
+        mixed = self.exp.algorithm.mix(w, self.params, out=self._spare, steps=self.round_gossip_steps)
         if mixed is not self.params:                # the buffers swapped roles
             self._spare, self.params = self.params, mixed
 
     def _merge_gathered(self, mixing, online: np.ndarray, r: int) -> None:
         """Robust merge and/or Byzantine messages: each honest online node merges what it holds."""
         exp, adv = self.exp, self.exp.adversary
-        w = exp.mixing_scipy if mixing is None else mixing
+        w = self.mixing_scipy if mixing is None else mixing
         receivers = np.flatnonzero(online & self.honest)
         stats = MergeStats()
         attack = adv is not None and adv.model_attack
         params = dict(getattr(exp.algorithm, "aggregator_params", {}))
-        for step in range(exp.algorithm.gossip_steps):
+        for step in range(self.round_gossip_steps):
             def corrupt(held, own, byz, key, step=step):
                 return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + key)
 
@@ -144,11 +207,12 @@ class SyncDLDriver(Driver):
                  delivered: np.ndarray, r: int) -> None:
         """Bytes, lost messages, isolated nodes and the round's simulated duration."""
         exp, faults, n = self.exp, self.exp.faults, self.exp.num_nodes
-        steps, nbytes = exp.algorithm.gossip_steps, exp.message_bytes
+        steps, nbytes = self.round_gossip_steps, self.message_bytes
         out_deg = np.bincount(self.link_src[sent], minlength=n)
         in_deg = np.bincount(self.link_dst[delivered], minlength=n)
         self.bytes_up += int(sent.sum()) * steps * nbytes
         self.bytes_down += int(delivered.sum()) * steps * nbytes
+        self.node_bytes += (out_deg + in_deg) * (steps * nbytes)
         self.lost += int((sent & ~delivered).sum()) * steps
         self.isolated = int((online & (in_deg == 0)).sum()) if n > 1 else 0
         nodes = np.arange(n)
@@ -186,7 +250,9 @@ class SyncDLDriver(Driver):
                        acc_min=float(acc.min()), acc_median=float(acc.median()),
                        acc_max=float(acc.max()), consensus_distance=consensus,
                        online=int(self.last_online.sum()), isolated=self.isolated,
-                       lost_messages=self.lost, merges_skipped=self.skipped)
+                       lost_messages=self.lost, merges_skipped=self.skipped,
+                       bytes_per_node_mean=float(self.node_bytes.mean()),
+                       bytes_per_node_max=int(self.node_bytes.max()))
             if self.exp.cfg.eval.average_model:
                 avg_acc, avg_loss = self.exp.evaluator.evaluate(mean)
                 row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]))
@@ -198,7 +264,10 @@ class SyncDLDriver(Driver):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(params=self.params, last_online=torch.from_numpy(self.last_online.copy()),
-                     isolated=self.isolated, lost=self.lost, skipped=self.skipped)
+                     isolated=self.isolated, lost=self.lost, skipped=self.skipped,
+                     node_bytes=torch.from_numpy(self.node_bytes.copy()))
+        if self.exp.dynamic is not None:
+            state["topology"] = _to_tensor(self.exp.dynamic.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,9 +277,43 @@ class SyncDLDriver(Driver):
             self.last_online = state["last_online"].numpy().copy()
             self.isolated, self.lost = int(state["isolated"]), int(state["lost"])
             self.skipped = int(state["skipped"])
+        if "node_bytes" in state:
+            self.node_bytes = state["node_bytes"].numpy().copy()
+        if self.exp.dynamic is not None and "topology" in state:
+            self.exp.dynamic.load_state_dict(_to_numpy(state["topology"]))
 
     def summary(self) -> dict[str, Any]:
-        return {"spectral_gap": self.exp.spectral_gap, "num_edges": int(len(self.exp.topology.edges))}
+        out = {"mean_bytes_per_node": float(self.node_bytes.mean()),
+               "max_bytes_per_node": int(self.node_bytes.max())}
+        dynamic = self.exp.dynamic
+        if dynamic is None:
+            return {"spectral_gap": self.exp.spectral_gap, "num_edges": int(len(self.exp.topology.edges)), **out}
+        rule = self.exp.cfg.topology.mixing
+        # No single W: the per-round gap of the product over the first window (None above 2,000 nodes).
+        gap = window_spectral_gap(dynamic, lambda graph: mixing_matrix(rule, graph))
+        return {"spectral_gap": gap, "spectral_gap_rounds": dynamic.window, "num_edges": None,
+                "links_per_round_first_window": float(np.mean(
+                    [links.num_links for links in window_links(dynamic)])), **out}
+
+
+def _check_final_merge(exp: Experiment, gathered: bool) -> None:
+    """``final_merge`` averages every model after round ``stop.rounds``: refuse set-ups where
+    that run end may not come or one exact average cannot be formed."""
+    if not getattr(exp.algorithm, "final_merge", False):
+        return
+    stop = exp.cfg.stop
+    if stop.max_sim_time_s is not None:
+        raise ConfigError("stop.max_sim_time_s", "final_merge merges after round stop.rounds; a run "
+                          "that may stop earlier would never merge: unset max_sim_time_s")
+    if stop.target_accuracy is not None and stop.stop_at_target:
+        raise ConfigError("stop.stop_at_target", "final_merge merges after round stop.rounds; a run "
+                          "that stops at the target would never merge: set stop_at_target: false")
+    if gathered:
+        raise ConfigError("algorithm.params.final_merge", "the global merge is a plain average: it "
+                          "does not combine with a robust aggregator or model attacks")
+    if exp.cfg.faults.partitions:
+        raise ConfigError("faults.partitions", "final_merge's all-reduce needs every online node to "
+                          "reach every other: not supported with network partitions")
 
 
 def consensus_distance(params: torch.Tensor, mean: torch.Tensor, chunk_bytes: int = 16 << 20) -> float:

@@ -1,0 +1,41 @@
+"""Which process class runs each decentralized algorithm pattern on real processes.
+
+``gossamer peer`` builds ``PEER_ROLES[pattern]`` for the config's algorithm; ``gossamer launch``
+starts one such process per node and then calls ``MERGERS[pattern]`` (default: the D-PSGD
+merge of ``peers/metrics-<id>.csv``) to write the run's ``metrics.csv`` and ``summary.json``.
+A new pattern gets a runtime by adding its entries here ("module:attribute", imported lazily).
+A peer class takes ``(cfg, node_id, run_dir, *, listen, resume)`` and has ``run(peers_file)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+PEER_ROLES: dict[str, str] = {
+    "sync_dl": "gossamer.runtime.dl_peer:Peer",
+    "async_gossip": "gossamer.runtime.gossip_peer:GossipPeer",
+}
+
+MERGERS: dict[str, str] = {}
+DEFAULT_MERGER = "gossamer.runtime.dl_peer:merge_peer_metrics"
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def peer_class(pattern: str, algorithm: str) -> Any:
+    """The process class for ``pattern``, or a ConfigError naming ``algorithm.name``."""
+    if pattern not in PEER_ROLES:
+        from gossamer.config import ConfigError
+
+        runnable = ", ".join(sorted(PEER_ROLES))
+        raise ConfigError("algorithm.name", f"{algorithm} ({pattern}) has no runtime peer yet; peers "
+                          f"run the patterns {runnable}; use `gossamer run` (the simulator)")
+    return _load(PEER_ROLES[pattern])
+
+
+def merger(pattern: str) -> Any:
+    return _load(MERGERS.get(pattern, DEFAULT_MERGER))
