@@ -53,3 +53,20 @@ def subprocess_env(**extra: str) -> dict:
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+def run_split(cfg: dict, tmp_path: Path, *, split: int, total: int):
+    """Run ``cfg`` for ``total`` rounds uninterrupted into ``tmp_path/a``, and into
+    ``tmp_path/b`` first for ``split`` rounds, then a new runner resumed from that checkpoint
+    up to ``total``. Returns that resumed runner prepared but not run, so a test can inspect
+    what it restored before ``rest.run()``; compare ``a/`` and ``b/`` afterwards."""
+    from gossamer import config
+    from gossamer.sim.runner import Runner
+
+    for out, rounds in ((tmp_path / "a", total), (tmp_path / "b", split)):
+        runner = Runner(config.validate({**cfg, "stop": {**cfg.get("stop", {}), "rounds": rounds}}), out)
+        runner.prepare(resume=False)
+        runner.run()
+    rest = Runner(config.validate({**cfg, "stop": {**cfg.get("stop", {}), "rounds": total}}), tmp_path / "b")
+    rest.prepare(resume=True)
+    return rest

@@ -13,7 +13,7 @@ from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import build_experiment
 from gossamer.sim.gathered import MergeStats, gathered_merge
 from gossamer.topology import make_topology, metropolis_hastings
-from tests.conftest import small_config
+from tests.conftest import run_split, small_config
 
 
 def _cfg(name, /, **sections):
@@ -237,7 +237,6 @@ def test_dl_partition_stops_models_crossing_until_it_heals():
 
 
 def test_dl_attack_and_robust_merge_run_resume_identically(tmp_path):
-    from gossamer.sim.runner import Runner
 
     cfg = _cfg("dpsgd", algorithm={"name": "dpsgd", "params": {"aggregator": "trimmed_mean",
                                                                         "aggregator_params": {"f": 1}}},
@@ -245,17 +244,7 @@ def test_dl_attack_and_robust_merge_run_resume_identically(tmp_path):
                        adversary={"attack": "alie", "fraction": 0.25},
                        faults={"message_loss": {"prob": 0.1}, "stragglers": {"fraction": 0.25, "factor": 3}})
     cfg["output"] = {"progress": False, "checkpoint_every": 2}
-    full = Runner(config.validate(cfg), tmp_path / "a")
-    full.prepare(resume=False)
-    full.run()
-    cfg["stop"] = {"rounds": 4}
-    part = Runner(config.validate(cfg), tmp_path / "b")
-    part.prepare(resume=False)
-    part.run()
-    cfg["stop"] = {"rounds": 6}
-    rest = Runner(config.validate(cfg), tmp_path / "b")
-    rest.prepare(resume=True)
-    rest.run()
+    run_split(cfg, tmp_path, split=4, total=6).run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
 
 

@@ -17,7 +17,7 @@ from gossamer.sim.drivers.async_fl import AsyncFLDriver
 from gossamer.sim.drivers.base import _to_numpy, _to_tensor
 from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import build_experiment
-from tests.conftest import small_config
+from tests.conftest import run_split, small_config
 
 VARIED = {"sample_time_s": {"dist": "uniform", "low": 0.0005, "high": 0.005}}
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "async_fl.md"
@@ -483,22 +483,11 @@ def _driver_after(cfg: dict, rounds: int) -> AsyncFLDriver:
                                          ("fedcompass", {"max_local_steps": 10}),
                                          ("afa_cs", {"buffer_size": 2, "think_time_s": 0.2})])
 def test_runner_resume_matches_uninterrupted_run(tmp_path, name, params):
-    from gossamer.sim.runner import Runner
 
     cfg = _cfg(name, **params)
     cfg["system"]["availability"] = {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 1.0}
     cfg["faults"] = {"message_loss": {"prob": 0.1}}
-    full = Runner(config.validate(cfg), tmp_path / "a")
-    full.prepare(resume=False)
-    full.run()
-    cfg["stop"] = {"rounds": 3}
-    part = Runner(config.validate(cfg), tmp_path / "b")
-    part.prepare(resume=False)
-    part.run()
-    cfg["stop"] = {"rounds": 6}
-    rest = Runner(config.validate(cfg), tmp_path / "b")
-    rest.prepare(resume=True)
-    rest.run()
+    run_split(cfg, tmp_path, split=3, total=6).run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
     header = (tmp_path / "a/metrics.csv").read_text().splitlines()[0].split(",")
     assert {"updates", "mean_staleness", "in_flight", "accepted", "discarded"} <= set(header)

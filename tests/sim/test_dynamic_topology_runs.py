@@ -10,8 +10,7 @@ from gossamer.sim.drivers.gossip import GossipDriver
 from gossamer.sim.drivers.modest import ModestDriver
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import build_experiment
-from gossamer.sim.runner import Runner
-from tests.conftest import small_config
+from tests.conftest import run_split, small_config
 
 DYNAMIC = {
     "resampled_regular": {"name": "random_regular", "params": {"degree": 3}, "resample": "every_round"},
@@ -61,17 +60,7 @@ def test_static_topology_keeps_its_one_mixing_matrix():
 
 @pytest.mark.parametrize("kind", ["resampled_regular", "peer_sampling"])
 def test_dynamic_run_resumes_identically(tmp_path, kind):
-    cfg = small_config("dpsgd", topology=DYNAMIC[kind])
-    full = Runner(config.validate(cfg), tmp_path / "a")
-    full.prepare(resume=False)
-    full.run()
-    cfg["stop"] = {"rounds": 4}
-    part = Runner(config.validate(cfg), tmp_path / "b")
-    part.prepare(resume=False)
-    part.run()
-    cfg["stop"] = {"rounds": 6}
-    rest = Runner(config.validate(cfg), tmp_path / "b")
-    rest.prepare(resume=True)
+    rest = run_split(small_config("dpsgd", topology=DYNAMIC[kind]), tmp_path, split=4, total=6)
     if kind == "peer_sampling":                            # the views came from the checkpoint
         assert rest.exp.dynamic.state_dict()["round"] == 4
     rest.run()

@@ -13,8 +13,7 @@ from gossamer.config import ConfigError
 from gossamer.sim.drivers import driver_for
 from gossamer.sim.drivers.random_walk import RandomWalkDriver
 from gossamer.sim.experiment import build_experiment
-from gossamer.sim.runner import Runner
-from tests.conftest import small_config
+from tests.conftest import run_split, small_config
 
 FIXED = {"sample_time_s": {"dist": "constant", "value": 0.001},
          "latency_s": {"dist": "constant", "value": 0.05},
@@ -127,18 +126,7 @@ def test_runner_resume_matches_uninterrupted_run(tmp_path):
     cfg = _cfg("srrw", topology=BA, nodes=10, num_tokens=3, alpha=3.0)
     cfg["system"]["availability"] = {"model": "markov", "mean_on_s": 2.0, "mean_off_s": 1.0}
     cfg["faults"] = {"message_loss": {"prob": 0.2}, "stragglers": {"fraction": 0.3, "factor": 3.0}}
-    cfg["stop"] = {"rounds": 8}
-    full = Runner(config.validate(cfg), tmp_path / "a")
-    full.prepare(resume=False)
-    full.run()
-    cfg["stop"] = {"rounds": 4}
-    part = Runner(config.validate(cfg), tmp_path / "b")
-    part.prepare(resume=False)
-    part.run()
-    cfg["stop"] = {"rounds": 8}
-    rest = Runner(config.validate(cfg), tmp_path / "b")
-    rest.prepare(resume=True)
-    rest.run()
+    run_split(cfg, tmp_path, split=4, total=8).run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("a", "b"))
     assert a["visits_per_node"] == b["visits_per_node"] and a["bytes_sent_total"] == b["bytes_sent_total"]
