@@ -10,10 +10,23 @@ simulator's ``renormalize_for_available`` does for offline nodes. On a dynamic t
 after every round; restarted with ``--resume`` it continues from there. Metrics rows
 (own model's test accuracy and loss, bytes, wall seconds) go to ``peers/metrics-<id>.csv``;
 the launcher merges them into the run's ``metrics.csv``.
+
+``final_merge`` (the single global merge after round ``stop.rounds``): every peer sends its
+model to every other peer, waits for theirs (at most ``round_timeout_s``; peers that did not
+deliver, e.g. dead ones, are left out, as the simulator leaves out offline nodes), and takes
+the exact mean of the models it holds, stacked in node-id order as the simulator's all-reduce
+averages its rows, so all peers that hear each other hold the same model. The round's
+metrics row is written after the merge, as the simulator's is. It is a direct all-to-all
+exchange, not a ring all-reduce: ``n - 1`` model messages each way per peer (the real bytes
+are counted), where the simulator counts a ring's ``2 (n - 1)`` chunks of ``P / n`` values.
+
+:class:`GradientTrackingPeer` runs the ``gradient_tracking`` pattern: a message is one frame
+of ``2 P`` values, the model and the tracker's direction ``y``, mixed with the same row.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -31,12 +44,14 @@ from gossamer.aggregators import needs_losses
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
 from gossamer.runtime import peering, schema
-from gossamer.runtime.codec import WireError, model_frames
+from gossamer.runtime.codec import WireError, model_frames, parse
 from gossamer.runtime.common import limits, log, retry, security
 from gossamer.sim.experiment import build_experiment
 from gossamer.sim.gathered import local_losses
+from gossamer.sim.trainer import local_steps
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
+FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)
 
 
 def read_peers(path: Path, num_nodes: int) -> dict[int, str]:
@@ -53,17 +68,16 @@ def read_peers(path: Path, num_nodes: int) -> dict[int, str]:
 
 
 class Peer:
+    pattern = "sync_dl"     # the algorithm pattern this class runs
+    vectors = 1             # model-sized vectors per gossip message
+
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
         self.exp = build_experiment(cfg)
+        self.check_config(cfg)
         self.algorithm = self.exp.algorithm
-        if self.algorithm.pattern != "sync_dl":
-            raise ConfigError("algorithm.name", f"gossamer peer runs synchronous decentralized "
-                              f"algorithms; {cfg.algorithm.name} is not one yet")
-        if self.algorithm.final_merge:
-            raise ConfigError("algorithm.params.final_merge", "the global merge (an all-reduce) "
-                              "runs in the simulator only; peers cannot run it yet")
+        self.final_merge = bool(getattr(self.algorithm, "final_merge", False))
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.listen = listen
@@ -78,6 +92,9 @@ class Peer:
         else:   # a graph per round: anyone may become a neighbour; `_use_round` picks the round's
             self.neighbors = [j for j in range(self.exp.num_nodes) if j != node_id]
             self.weights, self.senders, self.receivers = {}, [], []
+        # whom this peer links to: its neighbours, or everyone when the final merge needs it
+        others = [j for j in range(self.exp.num_nodes) if j != node_id]
+        self.contacts = others if self.final_merge else self.neighbors
         init = self.exp.init_params
         self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
         self.round = 0
@@ -88,6 +105,7 @@ class Peer:
         self.latest: dict[int, int] = {}              # latest round heard from each neighbour
         self.lock = threading.Condition()
         self.sender = futures.ThreadPoolExecutor(max_workers=2 * max(1, len(self.neighbors)))
+        self._init_state()
         self.peer_dir = self.run_dir / "peers"
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
@@ -97,25 +115,71 @@ class Peer:
             self.params, self.round = state["params"], int(state["round"])
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
             self.elapsed_before = float(state["elapsed"])
+            self._load_state(state)
             self.metrics.load_existing(self.round)
+
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        """What this peer refuses, as one-line errors naming the field (the launcher asks
+        before spawning): another pattern, and the simulator's refusals of the final merge."""
+        from types import SimpleNamespace
+
+        from gossamer.algorithms import ALGORITHMS
+        from gossamer.sim.drivers.sync_dl import _check_final_merge
+
+        kind = ALGORITHMS.get(cfg.algorithm.name)
+        if kind.pattern != cls.pattern:
+            raise ConfigError("algorithm.name", f"this peer runs the {cls.pattern} pattern; "
+                              f"{cfg.algorithm.name} is {kind.pattern} (see runtime/roles.py)")
+        try:
+            algorithm = kind.from_params(cfg.algorithm.params)
+        except ValueError as exc:
+            raise ConfigError("algorithm.params", str(exc).splitlines()[0]) from None
+        _check_final_merge(SimpleNamespace(algorithm=algorithm, cfg=cfg), algorithm.aggregator != "mean")
+
+    # --- what a subclass adds to a peer's state -------------------------------------------------
+    def _init_state(self) -> None:
+        """Extra per-node state (gradient tracking: the correction), before any resume."""
+
+    def _state(self) -> dict[str, Any]:
+        """Extra tensors for the checkpoint."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` saved."""
 
     # --- the Peer service ---------------------------------------------------------------------
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
-            meta, tensor, size = peering.accept_push(
-                chunks, node=self.node, neighbors=self.neighbors, numel=self.exp.spec.numel,
-                run_id=self.cfg.runtime.run_id, limits=self.limits)
+            meta, tensor, size = self._accept(chunks)
         except WireError as exc:
             return peering.reject(self.node, exc)
         sender = int(meta.sender)
         with self.lock:
             if int(meta.round) >= self.round:         # older rounds are over: drop
                 self.inbox.setdefault((int(meta.round), int(meta.meta)), {})[sender] = tensor
-            self.latest[sender] = max(self.latest.get(sender, 0), int(meta.round))
+            if int(meta.meta) != FINAL_MERGE:         # a final merge says nothing of a round's pace
+                self.latest[sender] = max(self.latest.get(sender, 0), int(meta.round))
             self.down.discard(sender)
             self.bytes_down += size
             self.lock.notify_all()
         return schema.Ack(ok=True).SerializeToString()
+
+    def _accept(self, chunks) -> tuple[Any, torch.Tensor, int]:
+        """Validate a push. Its first frame says what it is: a gossip message (``vectors``
+        model-sized vectors, from a neighbour) or a final-merge model (one vector, from any
+        peer when the final merge is on); the payload is then checked against that."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            raise WireError("a model message must start with its metadata")
+        head = parse(schema.Frame, first)
+        final = head.WhichOneof("body") == "meta" and int(head.meta.meta) == FINAL_MERGE
+        return peering.accept_push(
+            itertools.chain([first], chunks), node=self.node,
+            neighbors=self.contacts if final else self.neighbors,
+            numel=self.exp.spec.numel * (1 if final else self.vectors),
+            run_id=self.cfg.runtime.run_id, limits=self.limits)
 
     # --- rounds ---------------------------------------------------------------------------------
     def _use_round(self, r: int) -> None:
@@ -132,10 +196,13 @@ class Peer:
         row = mixing_matrix(self.cfg.topology.mixing, self.dynamic.graph(r)).getrow(self.node)
         self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
 
-    def _send(self, stubs: dict[int, Any], round_: int, step: int) -> None:
+    def _send(self, stubs: dict[int, Any], round_: int, step: int, payload: torch.Tensor | None = None,
+              to: list[int] | None = None) -> list[futures.Future]:
+        """Push ``payload`` (default: the model) to ``to`` (default: this round's receivers),
+        in the background; returns the pushes' futures."""
         frames = [f.SerializeToString() for f in model_frames(
-            self.params[0], sender=self.node, round=round_, meta=step,
-            run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+            self.params[0] if payload is None else payload, sender=self.node, round=round_,
+            meta=step, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
         nbytes = sum(len(f) for f in frames)
 
         def one(j: int) -> None:
@@ -149,10 +216,12 @@ class Peer:
             except grpc.RpcError as exc:
                 log.warning("peer %d: neighbour %d unreachable (%s)", self.node, j, exc.code())
 
-        for j in self.receivers:                      # in the background: never wait on a slow link
-            self.sender.submit(one, j)
+        # in the background: never wait on a slow link
+        return [self.sender.submit(one, j) for j in (self.receivers if to is None else to)]
 
-    def _mix(self, round_: int, step: int) -> None:
+    def _gather(self, round_: int, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Wait for this step's messages; returns the mixing weights (own first, the missing
+        neighbours' folded onto it) and the received payloads, in node-id order."""
         key = (round_, step)
         with self.lock:
             expected = set(self.senders) - self.down
@@ -169,11 +238,46 @@ class Peer:
         own = self.weights[self.node] + sum(self.weights[j] for j in missing)
         ids = sorted(got)
         weights = torch.tensor([own] + [self.weights[j] for j in ids], dtype=torch.float64)
-        models = torch.cat([self.params] + [got[j].reshape(1, -1) for j in ids])
+        return weights, [got[j].reshape(1, -1) for j in ids]
+
+    def _mix(self, round_: int, step: int) -> None:
+        weights, received = self._gather(round_, step)
+        models = torch.cat([self.params] + received)
         losses = None
         if needs_losses(self.algorithm.aggregator):      # Bristle scores on this node's data
             losses = local_losses(self.exp.trainer)(models[None], np.array([self.node]))[0]
         self.params = self.algorithm.mix_row(weights, models, losses).reshape(1, -1)
+
+    def _round(self, stubs: dict[int, Any], r: int) -> None:
+        """Round ``r``: train on the own shard, then the round's gossip steps."""
+        if self.exp.trainer.sizes[self.node] > 0:
+            self.exp.trainer.train(self.params, np.array([self.node]), r, inplace=True)
+        for step in range(self.algorithm.gossip_steps_at(r, self.cfg.stop.rounds)):
+            self._send(stubs, r, step)
+            self._mix(r, step)
+
+    def _merge_all(self, stubs: dict[int, Any], r: int) -> None:
+        """The final merge after round ``r``: send the model to every other peer, wait for
+        theirs, and take the exact mean of the models held, in node-id order (the simulator's
+        all-reduce over its online rows). A peer that does not deliver in time is left out."""
+        others = [j for j in range(self.exp.num_nodes) if j != self.node]
+        sent = dict(zip(others, self._send(stubs, r, FINAL_MERGE, to=others), strict=True))
+        key = (r, FINAL_MERGE)
+        with self.lock:
+            expected = set(others) - self.down
+            self.lock.wait_for(lambda: expected <= set(self.inbox.get(key, {})),
+                               timeout=self.cfg.runtime.round_timeout_s)
+            got = dict(self.inbox.pop(key, {}))
+        # the row counts the bytes sent: wait for the pushes to the peers that answered
+        futures.wait([sent[j] for j in got], timeout=self.cfg.runtime.round_timeout_s + 5)
+        missing = [j for j in others if j not in got]
+        if missing:
+            log.warning("peer %d: final merge without %s (no model in time)", self.node, missing)
+        if not got:                                   # alone: nothing to merge with
+            return
+        got[self.node] = self.params[0]
+        models = torch.stack([got[j].to(self.params.dtype) for j in sorted(got)])
+        self.params = models.mean(0, keepdim=True)
 
     def _next_round(self, r: int) -> int:
         """The round to run next: r + 1, or the neighbours' round if this peer fell behind
@@ -195,12 +299,12 @@ class Peer:
         start = time.monotonic()
         server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen,
                                {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
-                               self.peer_dir, len(self.neighbors) + 4)
+                               self.peer_dir, len(self.contacts) + 4)
         try:
             if isinstance(peers, Path):
                 peers = peering.wait_for_peers(peers, self.exp.num_nodes,
                                                self.cfg.runtime.join_timeout_s)
-            links = peering.channels(self.cfg, self.security, self.token, peers, self.neighbors)
+            links = peering.channels(self.cfg, self.security, self.token, peers, self.contacts)
             stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
             self._rounds(stubs, start)
         finally:
@@ -212,27 +316,69 @@ class Peer:
         every = self.cfg.eval.every
         if self.round == 0 and not self.metrics.rows:
             self.metrics.append(self._row(start))
-        node = np.array([self.node])
         r = self.round
         while r < self.cfg.stop.rounds:
             r = self._next_round(r)
             self._use_round(r)
-            if self.exp.trainer.sizes[self.node] > 0:
-                self.exp.trainer.train(self.params, node, r, inplace=True)
-            for step in range(self.algorithm.gossip_steps_at(r, self.cfg.stop.rounds)):
-                self._send(stubs, r, step)
-                self._mix(r, step)
+            self._round(stubs, r)
+            if self.final_merge and r == self.cfg.stop.rounds:
+                self._merge_all(stubs, r)
             self.round = r
             if r % every == 0 or r == self.cfg.stop.rounds:
                 self.metrics.append(self._row(start))
                 save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]})
             save_checkpoint(self.ckpt, {"params": self.params, "round": r, "bytes_up": self.bytes_up,
                                         "bytes_down": self.bytes_down,
-                                        "elapsed": self.elapsed_before + time.monotonic() - start})
+                                        "elapsed": self.elapsed_before + time.monotonic() - start,
+                                        **self._state()})
             if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
                 os.kill(os.getpid(), signal.SIGKILL)
             if os.environ.get("GOSSAMER_TEST_ROUND_PAUSE_S"):   # tests: a slow peer, on purpose
                 time.sleep(float(os.environ["GOSSAMER_TEST_ROUND_PAUSE_S"]))
+
+
+class GradientTrackingPeer(Peer):
+    """A peer of the ``gradient_tracking`` pattern (:mod:`gossamer.sim.drivers.gradient_tracking`,
+    one node): local steps along ``g + c``, then ``y = (x - z) / (K lr)``; every gossip step
+    sends one frame of ``2 P`` values (the model and ``y``), and both are mixed with the same
+    row (missing neighbours folded onto the own weight); after the round's steps
+    ``c <- c - y + (W^Q y)``. The correction ``c`` is checkpointed with the model."""
+
+    pattern = "gradient_tracking"
+    vectors = 2
+
+    def _init_state(self) -> None:
+        trainer = self.exp.trainer
+        empty = int((trainer.sizes == 0).sum())
+        if empty:                                     # the simulator's refusal
+            raise ConfigError("partition", f"gradient tracking needs data at every node; {empty} "
+                              "nodes hold none (relay-only nodes have no gradient to track)")
+        self.correction = self.algorithm.init_correction(1, self.exp.spec.numel, self.params.dtype)
+        self.lr = trainer.optimizer.lr
+        self.local_steps = local_steps(trainer.schedule, trainer.sizes)[[self.node]]
+
+    def _state(self) -> dict[str, Any]:
+        return {"correction": self.correction}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.correction = state["correction"].clone()
+
+    def _round(self, stubs: dict[int, Any], r: int) -> None:
+        algo, numel = self.algorithm, self.exp.spec.numel
+        start = self.params.clone()
+        self.exp.trainer.train(self.params, np.array([self.node]), r, inplace=True,
+                               objective=algo.local_objective(self.correction))
+        y = algo.directions(start, self.params, self.local_steps, self.lr, self.correction, out=start)
+        steps = algo.gossip_steps_at(r, self.cfg.stop.rounds)
+        if not steps:                                 # no gossip: the correction stays
+            return
+        algo.remove_directions(self.correction, y)
+        for step in range(steps):
+            self._send(stubs, r, step, torch.cat([self.params[0], y[0]]))
+            weights, received = self._gather(r, step)
+            self.params = algo.mix_row(weights, torch.cat([self.params] + [m[:, :numel] for m in received]))[None]
+            y = algo.mix_row(weights, torch.cat([y] + [m[:, numel:] for m in received]))[None]
+        algo.add_mixed(self.correction, y)
 
 
 def merge_peer_metrics(cfg: ExperimentConfig, run_dir: Path,

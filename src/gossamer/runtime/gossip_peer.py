@@ -7,6 +7,17 @@ pulls the neighbour's (``pull``), or both (``push_pull``). Received models queue
 worker merges and trains on them one at a time with the algorithm's ``merge_models`` and
 the simulator's trainer. A "round" is one ``period_s`` of wall time; metrics rows are
 written every ``eval.every`` rounds, in the same per-peer format as the D-PSGD peer.
+
+With ``clocks: dual`` (DADAO) the exchange clock above only communicates: a received model
+is merged on arrival, without training. A second thread runs the computation clock (mean gap
+``compute_period_s``, the simulator's ``STREAM_GOSSIP_COMPUTE`` draws; only a peer with data
+has one): at each tick it takes one local update on the own data, unless the previous update
+is still running, in which case the tick is skipped (as in the simulator, no backlog builds
+up). The update is computed from the model at the tick and applied as a delta to the model
+as it is when it completes, so merges that arrived meanwhile are kept (the simulator takes
+the gradient at completion; on real processes training takes time). At the end each peer
+writes ``peers/gossip-<id>.json``: exchanges, failed exchanges, merges, local updates,
+computation ticks and skipped ticks.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 
 from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.metrics.runstore import MetricsWriter, save_checkpoint
+from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, security
@@ -46,9 +57,7 @@ class GossipPeer:
             raise ConfigError("topology.name", f"gossip peers need a static graph; {cfg.topology.name} "
                               "(a graph per round) runs in the simulator, or with `gossamer peer` "
                               "for synchronous algorithms such as dpsgd")
-        if self.algorithm.clocks != "single":
-            raise ValueError("algorithm.params.clocks: dual clocks run in the simulator only; "
-                             "a runtime gossip peer has one clock (clocks: single)")
+        self.dual = self.algorithm.clocks == "dual"
         self.listen = listen
         self.security, self.limits = security(cfg), limits(cfg)
         self.token = self.security.resolved_token()
@@ -61,6 +70,9 @@ class GossipPeer:
         self.received: queue.Queue = queue.Queue()
         self.bytes_up = self.bytes_down = 0
         self.dropped = 0
+        self.exchanges = self.merges = 0              # exchange-clock ticks, models merged
+        self.ticks = self.skipped = 0                 # computation-clock ticks (dual), skipped ones
+        self.version = 0                              # bumped by every merge (dual clocks)
         self.peer_dir = self.run_dir / "peers"
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
@@ -106,6 +118,15 @@ class GossipPeer:
                 tensor, age = self.received.get(timeout=0.05)
             except queue.Empty:
                 continue
+            if self.dual:                             # merged on arrival; training has its own clock
+                with self.lock:
+                    self.params, new_age = self.algorithm.merge_models(
+                        self.params, torch.tensor([float(self.age)]), tensor.reshape(1, -1),
+                        torch.tensor([float(age)]), spec=self.exp.spec)
+                    self.age = int(new_age[0])
+                    self.version += 1
+                    self.merges += 1
+                continue
             with self.lock:
                 own, own_age = self.params, torch.tensor([float(self.age)])
             merged, new_age = self.algorithm.merge_models(own, own_age, tensor.reshape(1, -1),
@@ -115,11 +136,48 @@ class GossipPeer:
                 self.params = result.params
                 self.age = int(new_age[0]) + int(result.steps[0] > 0)
                 self.updates += 1
+                self.merges += 1
+
+    # --- dual clocks: the computation clock ----------------------------------------------------
+    def _compute(self, start: float, end_s: float) -> None:
+        """Tick on the computation clock until ``end_s`` (seconds after ``start``); a tick
+        takes one local update, or is skipped if the previous one is still running."""
+        k, tick = 0, self._gap(0, compute=True)
+        while tick < end_s:
+            wait = tick - (time.monotonic() - start)
+            if wait > 0 and self.stop.wait(wait):
+                return
+            self.ticks += 1
+            self._local_update()
+            done = time.monotonic() - start
+            k, tick = k + 1, tick + self._gap(k + 1, compute=True)
+            while tick < min(done, end_s):            # ticks that found the peer busy
+                self.ticks += 1
+                self.skipped += 1
+                k, tick = k + 1, tick + self._gap(k + 1, compute=True)
+
+    def _local_update(self) -> None:
+        """One update on the own data from the model at the tick, applied as a delta to the
+        model as it is now (exactly the trained model when nothing was merged meanwhile)."""
+        with self.lock:
+            before, version, key = self.params.clone(), self.version, self.updates
+        result = self.exp.trainer.train(before.clone(), np.array([self.node]), np.array([key]),
+                                        inplace=True)
+        with self.lock:
+            if self.version == version:
+                self.params = result.params
+            else:
+                self.params = self.params + (result.params - before)
+            self.age += int(result.steps[0] > 0)
+            self.updates += 1
 
     # --- the clock: wake, pick a neighbour, exchange -------------------------------------------
-    def _gap(self, k: int) -> float:
-        u = rng.uniform_scalar(self.cfg.seed, rng.STREAM_GOSSIP, self.node, k, 0)
-        period = self.algorithm.period_s
+    def _gap(self, k: int, compute: bool = False) -> float:
+        """Gap from the k-th tick to the next of the exchange (or computation) clock: the
+        simulator's counter-based draw, exponential or periodic with a random phase."""
+        stream = rng.STREAM_GOSSIP_COMPUTE if compute else rng.STREAM_GOSSIP
+        period = self.algorithm.compute_period_s if compute else self.algorithm.period_s
+        u = rng.uniform_scalar(self.cfg.seed, stream, self.node, k, 0)
         if self.algorithm.poisson:
             return -math.log1p(-u) * period
         return u * period if k == 0 else period
@@ -127,6 +185,7 @@ class GossipPeer:
     def _exchange(self, k: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
         if not self.neighbors:
             return
+        self.exchanges += 1
         u = rng.uniform_scalar(self.cfg.seed, rng.STREAM_GOSSIP, self.node, k, 1)
         peer = self.neighbors[int(u * len(self.neighbors))]
         mode = self.algorithm.mode
@@ -167,6 +226,7 @@ class GossipPeer:
             "Pull": grpc.unary_stream_rpc_method_handler(self.pull)}, self.peer_dir,
             len(self.neighbors) + 4)
         worker = threading.Thread(target=self._work, daemon=True)
+        computer: threading.Thread | None = None
         try:
             if isinstance(peers, Path):
                 peers = peering.wait_for_peers(peers, self.exp.num_nodes,
@@ -175,24 +235,39 @@ class GossipPeer:
             pushers = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
             pullers = {j: c.unary_stream(schema.method("Peer", "Pull")) for j, c in links.items()}
             worker.start()
-            self._clock(pushers, pullers)
+            start, end_s = time.monotonic(), self._end_round() * self.algorithm.period_s
+            self.metrics.append(self._row(0, 0.0))
+            if self.dual and self.exp.trainer.sizes[self.node] > 0:   # only data holders compute
+                computer = threading.Thread(target=self._compute, args=(start, end_s), daemon=True)
+                computer.start()
+            self._clock(pushers, pullers, start)
+            if computer is not None:                  # its last tick is before end_s: let it finish
+                computer.join(timeout=self.cfg.runtime.round_timeout_s)
         finally:
             self.stop.set()
-            if worker.is_alive():
-                worker.join(timeout=5)
+            for thread in (worker, computer):
+                if thread is not None and thread.is_alive():
+                    thread.join(timeout=5)
+            write_json(self.peer_dir / f"gossip-{self.node}.json", {
+                "clocks": self.algorithm.clocks, "exchanges": self.exchanges,
+                "exchanges_failed": self.dropped, "merges": self.merges, "updates": self.updates,
+                "compute_ticks": self.ticks, "compute_skipped": self.skipped})
             time.sleep(0.5)
             server.stop(grace=1.0).wait()
 
-    def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
-        period, every = self.algorithm.period_s, self.cfg.eval.every
+    def _end_round(self) -> int:
+        """The last round (period) the peer runs: ``stop.rounds``, or fewer by ``max_sim_time_s``."""
         end_round = self.cfg.stop.rounds
         if self.cfg.stop.max_sim_time_s is not None:
-            end_round = min(end_round, math.ceil(self.cfg.stop.max_sim_time_s / period))
+            end_round = min(end_round, math.ceil(self.cfg.stop.max_sim_time_s / self.algorithm.period_s))
+        return end_round
+
+    def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any], start: float) -> None:
+        period, every = self.algorithm.period_s, self.cfg.eval.every
+        end_round = self._end_round()
         evals = list(range(every, end_round + 1, every))
         if not evals or evals[-1] != end_round:
             evals.append(end_round)
-        start = time.monotonic()
-        self.metrics.append(self._row(0, 0.0))
         k, wake, i = 0, self._gap(0), 0
         while i < len(evals):
             now, due = time.monotonic() - start, evals[i] * period

@@ -103,12 +103,14 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 1
 def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float) -> int:
     """One ``gossamer peer`` process per node; the launcher gathers their addresses into a
     peers file, waits for all of them, and merges their metrics."""
-    from gossamer.metrics.runstore import atomic_write_text, environment, write_json
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.metrics.runstore import atomic_write_text, environment, write_json
     from gossamer.runtime.roles import merger, peer_class
 
     pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
-    peer_class(pattern, cfg.algorithm.name)          # refuse an unsupported pattern before spawning
+    role = peer_class(pattern, cfg.algorithm.name)   # refuse an unsupported pattern before spawning
+    if hasattr(role, "check_config"):                # and what the role cannot run, in one line
+        role.check_config(cfg)
 
     host = cfg.runtime.server.rsplit(":", 1)[0]
     config_path = run_dir / "config.yaml"

@@ -14,10 +14,16 @@ from typing import Any
 
 PEER_ROLES: dict[str, str] = {
     "sync_dl": "gossamer.runtime.dl_peer:Peer",
+    "gradient_tracking": "gossamer.runtime.dl_peer:GradientTrackingPeer",
     "async_gossip": "gossamer.runtime.gossip_peer:GossipPeer",
+    "sampled_dl": "gossamer.runtime.modest_peer:ModestPeer",
+    "random_walk": "gossamer.runtime.walk_peer:WalkPeer",
 }
 
-MERGERS: dict[str, str] = {}
+MERGERS: dict[str, str] = {
+    "sampled_dl": "gossamer.runtime.modest_merge:merge_modest_metrics",
+    "random_walk": "gossamer.runtime.walk_merge:merge_walk_metrics",
+}
 DEFAULT_MERGER = "gossamer.runtime.dl_peer:merge_peer_metrics"
 
 

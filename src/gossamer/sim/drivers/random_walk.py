@@ -27,6 +27,27 @@ from gossamer.algorithms.dl.random_walk import total_variation
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
+from gossamer.sim.trainer import BatchedTrainer, TrainResult
+
+
+def start_nodes(seed: int, num_nodes: int, tokens: int) -> np.ndarray:
+    """Where the tokens start ``[T]``: distinct random nodes when there are enough of them."""
+    g = rng.generator(seed, rng.STREAM_RANDOM_WALK, 0)
+    start = g.permutation(num_nodes)[:tokens] if tokens <= num_nodes else g.integers(0, num_nodes, tokens)
+    return np.asarray(start, dtype=np.int64)
+
+
+def train_visits(trainer: BatchedTrainer, rows: torch.Tensor, nodes: np.ndarray, keys: np.ndarray,
+                 weights: np.ndarray | None) -> tuple[torch.Tensor, TrainResult]:
+    """Train the tokens ``rows`` ``[B, P]`` visiting ``nodes`` with data-order ``keys``; with
+    ``weights`` ``[N]`` (reweighting) each visit's displacement is scaled by its node's weight.
+    The simulator and a runtime peer (a batch of one) both call this."""
+    before = rows.clone() if weights is not None else None
+    result = trainer.train(rows, nodes, keys, inplace=True)
+    if before is not None:                     # importance weight on the visit's displacement
+        w = torch.from_numpy(weights[nodes]).to(rows.dtype).unsqueeze(1)
+        rows = torch.lerp(before, rows, w)
+    return rows, result
 
 
 class RandomWalkDriver(Driver):
@@ -55,9 +76,7 @@ class RandomWalkDriver(Driver):
         self.reweighted = not np.allclose(self.weights[exp.trainer.sizes > 0], 1.0)
         history = wire.encoded_size(n, torch.int32) if algo.self_repellent else 0
         self.hop_bytes = exp.message_bytes + history     # the model, plus SRRW's visit counts
-        g = rng.generator(exp.cfg.seed, rng.STREAM_RANDOM_WALK, 0)
-        start = g.permutation(n)[: self.tokens] if self.tokens <= n else g.integers(0, n, self.tokens)
-        self.position = np.asarray(start, dtype=np.int64)
+        self.position = start_nodes(exp.cfg.seed, n, self.tokens)
         init = exp.init_params
         self.params = (init.expand(self.tokens, -1) if init.dim() == 1
                        else init[torch.from_numpy(self.position)]).clone()
@@ -121,13 +140,10 @@ class RandomWalkDriver(Driver):
         """One batched trainer call for the tokens at ``nodes``; returns samples processed."""
         exp = self.exp
         idx = torch.from_numpy(tokens)
-        rows = self.params[idx]
-        before = rows.clone() if self.reweighted else None
         with self.timer("train_s"):
-            result = exp.trainer.train(rows, nodes, (r - 1) * self.tokens + tokens, inplace=True)
-            if before is not None:             # importance weight on the visit's displacement
-                w = torch.from_numpy(self.weights[nodes]).to(rows.dtype).unsqueeze(1)
-                rows = torch.lerp(before, rows, w)
+            rows, result = train_visits(exp.trainer, self.params[idx], nodes,
+                                        (r - 1) * self.tokens + tokens,
+                                        self.weights if self.reweighted else None)
         self.params[idx] = rows
         np.add.at(self.visits, (tokens, nodes), 1)
         trained = result.steps > 0

@@ -1,0 +1,373 @@
+"""A MoDeST peer process: decentralized sampling over gRPC, without a coordinator.
+
+Every peer computes each round's rankings itself with the pure functions of
+``algorithms/dl/modest.py`` (the simulator's seed and round keys), so nobody tells anybody
+who the sample is. A peer acts only when a model reaches it:
+
+- a model tagged ``TRAIN`` for round ``r`` (from an aggregator of round ``r - 1``; in round 1
+  the first ``sample_size`` of the ranking start from the initial model by themselves): the
+  first one to arrive is trained with the simulator's trainer and data-order key ``r``, and
+  the result goes to round ``r``'s aggregators, the first ``aggregators`` responsive nodes of
+  round ``r + 1``'s ranking (later ``TRAIN`` copies are ignored);
+- models tagged ``AGGREGATE`` for round ``r``: the peer is an aggregator; it averages the
+  first ``ceil(success_fraction * sample_size)`` to arrive (``modest.aggregate``, stacked in
+  the round's rank order as the simulator's columns are), or those it has once ``timeout_s``
+  passed without a new one, and sends the average to the ``sample_size`` trainers of round
+  ``r + 1``. After round ``stop.rounds`` it tells every peer that the run is over (a ``DONE``
+  message: ``ModelMeta.kind = 3``, no tensor) and every peer exits.
+
+Finding the responsive nodes follows :func:`~gossamer.algorithms.dl.modest.probe`: the push
+of the model is the ping. A sender pushes to the first ``k`` candidates at once; a push not
+accepted within ``timeout_s`` (retried on transient errors) counts as unresponsive and is
+replaced by the next candidate, wave after wave. A peer that hears nothing for
+``runtime.join_timeout_s + runtime.round_timeout_s`` gives up (the run stalled, e.g. every
+final aggregator died). Rows go to ``peers/metrics-<id>.csv`` (:data:`COLUMNS`); the launcher
+merges them with ``runtime/modest_merge.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from gossamer.algorithms.dl.modest import aggregate, rank, sample
+from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint
+from gossamer.runtime import peering, schema
+from gossamer.runtime.codec import WireError, model_frames, parse, read_model
+from gossamer.runtime.common import limits, log, retry, security
+from gossamer.sim.experiment import build_experiment
+
+TRAIN, AGGREGATE = 0, 1     # bit 0 of ModelMeta.meta: what the receiver does (the rest: samples)
+MODEL, DONE = 1, 3          # ModelMeta.kind: a model, or "the run is over" (an empty tensor)
+COLUMNS = ["round", "role", "wall_time", "bytes_up", "bytes_down", "sent", "test_accuracy",
+           "test_loss", "train_loss", "samples", "models", "rank", "timeouts"]
+
+
+@dataclass
+class Arrival:
+    sender: int
+    tensor: torch.Tensor        # [P]
+    samples: int                # the trainer's sample count (weighting "samples")
+    t: float = 0.0              # time.monotonic() of arrival
+
+
+def _wall() -> str:
+    """Unix time as text to the microsecond (metrics floats keep only 8 digits)."""
+    return f"{time.time():.6f}"
+
+
+class ModestPeer:
+    def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
+                 listen: str = "127.0.0.1:0", resume: bool = False) -> None:
+        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
+        self.exp = build_experiment(cfg)
+        self.algorithm = algo = self.exp.algorithm
+        if algo.pattern != "sampled_dl":
+            raise ConfigError("algorithm.name", f"this peer runs the sampled_dl pattern; "
+                              f"{cfg.algorithm.name} is {algo.pattern} (see runtime/roles.py)")
+        if self.exp.adversary is not None and self.exp.adversary.model_attack:
+            raise ConfigError("adversary", "Byzantine MoDeST trainers run in the simulator only")
+        n = self.exp.num_nodes
+        if not 0 <= node_id < n:
+            raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
+        self.listen, self.security, self.limits = listen, security(cfg), limits(cfg)
+        self.token = self.security.resolved_token()
+        self.everyone = np.arange(n)                                  # the view: no registry
+        self.pool = np.flatnonzero(self.exp.trainer.sizes > 0)       # who can train
+        self.k = min(algo.sample_size, len(self.pool))
+        self.quorum = algo.quorum(len(self.pool))
+        self.stall_s = cfg.runtime.join_timeout_s + cfg.runtime.round_timeout_s
+        init = self.exp.init_params
+        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
+        self.trained = self.aggregated = 0          # the last round this peer trained / aggregated
+        self.done_at: int | None = None
+        self.done_from: set[int] = set()
+        self.bytes_up = self.bytes_down = 0
+        self.inbox: dict[tuple[int, int], list[Arrival]] = {}
+        self.lock = threading.Condition()
+        self.rows_lock = threading.Lock()
+        self.last_heard = self.free_since = time.monotonic()
+        self.stubs: dict[int, Any] = {}
+        self.jobs = futures.ThreadPoolExecutor(max_workers=4)        # fan-outs, one per model sent
+        self.pushers = futures.ThreadPoolExecutor(max_workers=max(8, self.k + algo.aggregators))
+        self.peer_dir = self.run_dir / "peers"
+        self.peer_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", COLUMNS)
+        self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
+        if resume and self.ckpt.exists():
+            state = load_checkpoint(self.ckpt)
+            self.params = state["params"]
+            self.trained, self.aggregated = int(state["trained"]), int(state["aggregated"])
+            self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+            self.metrics.load_existing(1 << 62)        # every row: they are written after the work
+
+    # --- the Peer service ---------------------------------------------------------------------
+    def push(self, chunks, context: grpc.ServicerContext) -> bytes:
+        try:
+            meta, tensor, size = self._read(chunks)
+            sender, r, kind = int(meta.sender), int(meta.round), int(meta.kind)
+            if not 0 <= sender < self.exp.num_nodes or sender == self.node:
+                raise WireError(f"{sender} is not another peer of this run")
+            if kind == DONE and r < self.cfg.stop.rounds:
+                raise WireError(f"the run ends at round {self.cfg.stop.rounds}, not {r}")
+            if kind == MODEL and not 1 <= r <= self.cfg.stop.rounds:
+                raise WireError(f"round {r} is outside 1..{self.cfg.stop.rounds}")
+        except WireError as exc:
+            return peering.reject(self.node, exc)
+        with self.lock:
+            self.bytes_down += size
+            self.last_heard = time.monotonic()
+            if kind == DONE:
+                self.done_at = max(self.done_at or 0, r)
+                self.done_from.add(sender)
+            else:
+                self._deliver(r, int(meta.meta) & 1, Arrival(
+                    sender, tensor.float().reshape(-1).clone(), int(meta.meta) >> 1))
+            self.lock.notify_all()
+        return schema.Ack(ok=True).SerializeToString()
+
+    def _read(self, chunks) -> tuple[object, torch.Tensor, int]:
+        """A validated message (meta, tensor, bytes): a model of the spec's size, or an empty
+        DONE notice; the declared size is checked before any payload is read."""
+        size = 0
+
+        def frames():
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                yield parse(schema.Frame, chunk)
+
+        stream = frames()
+        first = next(stream, None)
+        if first is None or first.WhichOneof("body") != "meta":
+            raise WireError("a model message must start with its metadata")
+        kind = int(first.meta.kind)
+        if kind not in (MODEL, DONE):
+            raise WireError(f"unknown message kind {kind}")
+        meta, tensor = read_model(itertools.chain([first], stream), run_id=self.cfg.runtime.run_id,
+                                  expected_numel=self.exp.spec.numel if kind == MODEL else 0,
+                                  limits=self.limits)
+        return meta, tensor, size
+
+    def _deliver(self, r: int, purpose: int, arrival: Arrival) -> None:
+        """File a model (under the lock); models for rounds this peer is done with are dropped."""
+        if r <= (self.trained if purpose == TRAIN else self.aggregated):
+            return
+        arrival.t = time.monotonic()
+        self.inbox.setdefault((r, purpose), []).append(arrival)
+
+    # --- the event loop: act on the lowest round first, training before aggregating ----------
+    def _loop(self) -> None:
+        if self.trained == 0 and self.node in sample(self.pool, self.cfg.seed, 1, self.algorithm.sample_size):
+            with self.lock:      # round 1: no aggregate exists yet, every node holds the initial model
+                self._deliver(1, TRAIN, Arrival(self.node, self.params[0].clone(), 0))
+        while True:
+            with self.lock:
+                task = self._next_task(time.monotonic())
+                while task is None:
+                    now = time.monotonic()
+                    open_ = self._open_aggregations()
+                    if self.done_at is not None and not open_:
+                        return
+                    if now - max(self.last_heard, self.free_since) > self.stall_s and not open_:
+                        log.warning("peer %d: heard nothing for %.0f s; the run stalled, stopping",
+                                    self.node, self.stall_s)
+                        return
+                    self.lock.wait(timeout=self._wait_s(now))
+                    task = self._next_task(time.monotonic())
+            task()
+            with self.lock:
+                self.free_since = time.monotonic()
+
+    def _open_aggregations(self) -> list[tuple[int, list[Arrival]]]:
+        return [(r, a) for (r, p), a in self.inbox.items() if p == AGGREGATE and r > self.aggregated]
+
+    def _wait_s(self, now: float) -> float:
+        """Until the next aggregation times out, or the stall limit (under the lock)."""
+        timeout = self.algorithm.timeout_s
+        ends = [max(a[-1].t, self.free_since) + timeout for _, a in self._open_aggregations()]
+        ends.append(max(self.last_heard, self.free_since) + self.stall_s)
+        return max(0.01, min(ends) - now)
+
+    def _next_task(self, now: float):
+        """The next ready task (under the lock): a model to train from, or a quorum (or a
+        timeout's worth of waiting; time spent busy does not count) to aggregate."""
+        timeout, ready = self.algorithm.timeout_s, []
+        for (r, purpose), arrivals in self.inbox.items():
+            if purpose == TRAIN and r > self.trained:
+                ready.append((r, purpose))
+            elif purpose == AGGREGATE and r > self.aggregated and (
+                    len(arrivals) >= self.quorum or now - max(arrivals[-1].t, self.free_since) >= timeout):
+                ready.append((r, purpose))
+        if not ready:
+            return None
+        r, purpose = min(ready)
+        arrivals = self.inbox.pop((r, purpose))
+        for key in [key for key in self.inbox if key[1] == purpose and key[0] < r]:
+            del self.inbox[key]                       # overtaken: those rounds are over
+        if purpose == TRAIN:
+            self.trained = r
+            return lambda: self._train(r, arrivals[0])
+        self.aggregated = r
+        return lambda: self._aggregate(r, arrivals[:self.quorum])
+
+    # --- the work --------------------------------------------------------------------------------
+    def _train(self, r: int, start: Arrival) -> None:
+        params = start.tensor.reshape(1, -1).clone()
+        result = self.exp.trainer.train(params, np.array([self.node]), r, inplace=True)
+        self.params = params
+        samples = int(result.samples[0])
+        self._checkpoint()
+        ranked = rank(self.everyone, self.cfg.seed, r + 1)       # round r's aggregator candidates
+        self._submit(self._send_model, r, AGGREGATE, ranked, self.algorithm.aggregators,
+                     Arrival(self.node, params[0].clone(), samples),
+                     {"train_loss": float(result.loss[0]), "samples": samples})
+
+    def _aggregate(self, r: int, arrivals: list[Arrival]) -> None:
+        position = {int(j): i for i, j in enumerate(rank(self.pool, self.cfg.seed, r))}
+        arrivals = sorted(arrivals, key=lambda a: position.get(a.sender, len(position)))
+        models = torch.stack([a.tensor for a in arrivals])
+        weights = self.algorithm.model_weights(np.array([a.samples for a in arrivals]))
+        self.params = aggregate(models, weights).reshape(1, -1)
+        wall = _wall()
+        if r < self.cfg.stop.rounds:       # feed round r + 1's trainers
+            self._submit(self._send_model, r + 1, TRAIN, rank(self.pool, self.cfg.seed, r + 1),
+                         self.k, Arrival(self.node, self.params[0].clone(), 0), {})
+        else:
+            with self.lock:
+                told = self.done_at is not None      # another aggregator already told everyone
+                self.done_at = r
+            if not told:
+                self._submit(self._broadcast_done, r)
+        row = {"models": len(arrivals), "wall_time": wall,
+               "rank": int(np.flatnonzero(rank(self.everyone, self.cfg.seed, r + 1) == self.node)[0])}
+        if r % self.cfg.eval.every == 0 or r == self.cfg.stop.rounds:
+            acc, loss = self.exp.evaluator.evaluate(self.params)
+            row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
+            save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]})
+        self._record(r, "aggregate", **row)
+        self._checkpoint()
+
+    # --- sending ------------------------------------------------------------------------------
+    def _submit(self, fn, *args: Any) -> None:
+        """Run ``fn`` in the background (sending never blocks the event loop); log its failure."""
+        def report(done: futures.Future) -> None:
+            if done.exception() is not None:
+                log.error("peer %d: %s failed: %r", self.node, fn.__name__, done.exception())
+
+        self.jobs.submit(fn, *args).add_done_callback(report)
+
+    def _send_model(self, r: int, purpose: int, ranked: np.ndarray, k: int, local: Arrival,
+                    row: dict[str, Any]) -> None:
+        """Send a model to the first ``k`` responsive of ``ranked`` (:func:`probe`'s waves) and
+        record the row: ``train`` (round ``r``'s upload) or ``feed`` (round ``r``'s start)."""
+        frames = [f.SerializeToString() for f in model_frames(
+            local.tensor, sender=self.node, round=r, meta=(local.samples << 1) | purpose,
+            run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+        chosen, skipped, pos = [], [], min(k, len(ranked))
+        pending = [int(j) for j in ranked[:pos]]
+        while pending:
+            ok = list(self.pushers.map(lambda j: self._push_model(j, r, purpose, frames, local), pending))
+            chosen += [j for j, good in zip(pending, ok, strict=True) if good]
+            failed = [j for j, good in zip(pending, ok, strict=True) if not good]
+            if failed:
+                log.warning("peer %d round %d: %s did not answer within %.1f s; taking the next "
+                            "candidates", self.node, r, failed, self.algorithm.timeout_s)
+            skipped += failed
+            pending = [int(j) for j in ranked[pos:pos + len(failed)]]
+            pos += len(pending)
+        if not chosen:
+            log.warning("peer %d round %d: nobody to send to", self.node, r)
+        sent = sum(len(f) for f in frames) * sum(j != self.node for j in chosen)
+        role = "train" if purpose == AGGREGATE else "feed"
+        self._record(r, role, sent=sent, timeouts=len(skipped), **row)
+        self._maybe_die(r if purpose == AGGREGATE else r - 1)
+
+    def _push_model(self, j: int, r: int, purpose: int, frames: list[bytes], local: Arrival) -> bool:
+        if j == self.node:                           # a copy for oneself costs nothing
+            with self.lock:
+                self._deliver(r, purpose, Arrival(j, local.tensor, local.samples))
+                self.lock.notify_all()
+            return True
+        return self._push(j, frames)
+
+    def _push(self, j: int, frames: list[bytes]) -> bool:
+        """One message to peer ``j``: True once accepted, False when it did not answer within
+        ``timeout_s`` (transient errors are retried until then) or rejected the message."""
+        timeout = self.algorithm.timeout_s
+        call_s = max(timeout, self.cfg.runtime.round_timeout_s)     # the transfer itself may take long
+        try:
+            reply = retry(lambda: self.stubs[j](iter(frames), timeout=call_s),
+                          what=f"push to {j}", deadline_s=timeout,
+                          max_backoff_s=min(self.cfg.runtime.retry_max_s, timeout / 4))
+            ack = parse(schema.Ack, reply)
+        except (grpc.RpcError, WireError):
+            return False
+        if not ack.ok:
+            log.warning("peer %d: peer %d rejected a message: %s", self.node, j, ack.reason)
+            return False
+        with self.lock:
+            self.bytes_up += sum(len(f) for f in frames)
+        return True
+
+    def _broadcast_done(self, r: int) -> None:
+        frames = [f.SerializeToString() for f in model_frames(
+            torch.empty(0), kind=DONE, sender=self.node, round=r, run_id=self.cfg.runtime.run_id)]
+        with self.lock:
+            targets = [j for j in range(self.exp.num_nodes) if j != self.node and j not in self.done_from]
+        list(self.pushers.map(lambda j: self._push(j, frames), targets))
+
+    # --- records --------------------------------------------------------------------------------
+    def _record(self, r: int, role: str, **values: Any) -> None:
+        with self.lock:
+            row = {"round": r, "role": role, "wall_time": _wall(), "bytes_up": self.bytes_up,
+                   "bytes_down": self.bytes_down}
+        row.update(values)
+        with self.rows_lock:
+            self.metrics.append(row)
+
+    def _checkpoint(self) -> None:
+        with self.lock:
+            state = {"params": self.params, "trained": self.trained, "aggregated": self.aggregated,
+                     "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        save_checkpoint(self.ckpt, state)
+
+    def _maybe_die(self, r: int) -> None:
+        """Tests: ``GOSSAMER_TEST_KILL_AT_ROUND=id:r`` kills this peer like ``kill -9`` once it
+        has sent its first model for round ``r`` (a trainer's upload, an aggregator's feed)."""
+        if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def run(self, peers: dict[int, str] | Path) -> None:
+        workers = self.k + self.algorithm.aggregators + 8
+        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen,
+                               {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
+                               self.peer_dir, workers)
+        try:
+            if isinstance(peers, Path):
+                peers = peering.wait_for_peers(peers, self.exp.num_nodes, self.cfg.runtime.join_timeout_s)
+            others = [j for j in range(self.exp.num_nodes) if j != self.node]
+            links = peering.channels(self.cfg, self.security, self.token, peers, others)
+            self.stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
+            with self.lock:
+                self.last_heard = self.free_since = time.monotonic()
+            self._record(max(self.trained, self.aggregated), "start")
+            self._loop()
+        finally:
+            self.jobs.shutdown(wait=True)             # our last models and notices go out
+            self.pushers.shutdown(wait=True)
+            self._record(max(self.trained, self.aggregated), "exit")
+            time.sleep(0.5)                           # and late ones reach us
+            server.stop(grace=1.0).wait()
