@@ -53,7 +53,7 @@ def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     cfg = _cfg()
-    cfg["stop"] = {"rounds": 100}
+    cfg["stop"] = {"rounds": 60}
     cfg["eval"] = {"every": 10}
     cfg["runtime"] = {"round_timeout_s": 3, "join_timeout_s": 60}
     path = write_config(cfg)
@@ -69,7 +69,7 @@ def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
                                 env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
     # the others pause 0.1 s per round so they are still running when peer 3 is back (a fresh
-    # process needs seconds to start; unpaused, they could finish all 100 rounds before that)
+    # process needs seconds to start; unpaused, they could finish all 60 rounds before that)
     procs = [start(i, env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3:20") if i == 3
                    else subprocess_env(GOSSAMER_TEST_ROUND_PAUSE_S="0.1")) for i in range(4)]
     try:
@@ -84,7 +84,7 @@ def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
     with (out / "peers" / "metrics-3.csv").open() as f:
         rows = list(csv.DictReader(f))
     rounds = [int(r["round"]) for r in rows]
-    assert rounds[:3] == [0, 10, 20] and rounds[-1] == 100      # back after the restart, to the end
+    assert rounds[:3] == [0, 10, 20] and rounds[-1] == 60       # back after the restart, to the end
     # and it heard from its neighbours again (whether it had to catch up, or they waited a round
     # timeout for it and it came back in step, depends on how long the restart took)
     assert int(rows[-1]["bytes_down"]) > int(rows[2]["bytes_down"])
