@@ -111,12 +111,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from gossamer.aggregators import AGGREGATORS
     from gossamer.algorithms import ALGORITHMS
     from gossamer.attacks import ATTACKS
+    from gossamer.compression import COMPRESSORS
     from gossamer.data import DATASETS, PARTITIONERS
     from gossamer.models import MODELS
     from gossamer.topology import DYNAMIC_TOPOLOGIES, MIXING, TOPOLOGIES
 
     for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, DYNAMIC_TOPOLOGIES, MIXING,
-                AGGREGATORS, ATTACKS):
+                AGGREGATORS, ATTACKS, COMPRESSORS):
         print(f"{reg.kind}: {', '.join(reg.names())}")
     return 0
 

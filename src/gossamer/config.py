@@ -464,6 +464,30 @@ class AdversaryConfig(_Strict):
         return self
 
 
+class CompressorConfig(_Strict):
+    """A registered compressor (``gossamer list``; docs/compression.md) and its params."""
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.compression import COMPRESSORS
+        return _check_name(COMPRESSORS, v)
+
+
+class CompressionConfig(_Strict):
+    """What clients upload, compressed: ``uplink`` compresses each client's model update (its
+    trained model minus the model it started from) and ``feedback`` keeps what compression
+    dropped: ``ef`` (error feedback: the residual is added to the next update) or ``ef21``
+    (client and server track an estimate of the update and send compressed differences).
+    Synchronous FL in the simulator; see docs/compression.md."""
+
+    uplink: CompressorConfig | None = None
+    feedback: Literal["none", "ef", "ef21"] = "none"
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
@@ -480,6 +504,7 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

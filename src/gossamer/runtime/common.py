@@ -55,3 +55,13 @@ def retry(call: Callable[[], T], *, deadline_s: float, max_backoff_s: float,
             log.info("%s failed (%s); retrying in %.2f s", what, code, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(max_backoff_s, delay * 2)
+
+
+def refuse_simulator_only(cfg) -> None:
+    """One-line refusal of config sections the runtime does not run yet (instead of silently
+    running without them)."""
+    from gossamer.config import ConfigError
+
+    if cfg.compression.uplink is not None:
+        raise ConfigError("compression.uplink", "upload compression runs in the simulator only so "
+                          "far; real clients would upload uncompressed (remove it for launch)")

@@ -18,7 +18,14 @@ import numpy as np
 from gossamer.config import ExperimentConfig
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
-from gossamer.runtime.common import grpc_options, limits, log, retry, security
+from gossamer.runtime.common import (
+    grpc_options,
+    limits,
+    log,
+    refuse_simulator_only,
+    retry,
+    security,
+)
 from gossamer.runtime.security import intercept_channel, make_channel
 from gossamer.sim.experiment import build_experiment
 
@@ -26,6 +33,7 @@ from gossamer.sim.experiment import build_experiment
 class Client:
     def __init__(self, cfg: ExperimentConfig, node_id: int, server: str | None = None) -> None:
         self.cfg, self.node = cfg, node_id
+        refuse_simulator_only(cfg)
         self.exp = build_experiment(cfg)
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")

@@ -318,7 +318,9 @@ def make_coordinator(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = Fal
                      listen: str | None = None) -> Coordinator:
     """The coordinator for ``cfg``'s algorithm: synchronous rounds or asynchronous updates."""
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.runtime.common import refuse_simulator_only
 
+    refuse_simulator_only(cfg)
     if ALGORITHMS.get(cfg.algorithm.name).pattern == "async_fl":
         from gossamer.runtime.async_server import AsyncCoordinator
 

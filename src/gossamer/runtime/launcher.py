@@ -68,7 +68,9 @@ def _wait_for_address(run_dir: Path, server: subprocess.Popen, timeout_s: float)
 def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 120.0) -> int:
     """Run ``cfg`` on real processes; returns the coordinator's (or the worst peer's) exit code."""
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.runtime.common import refuse_simulator_only
 
+    refuse_simulator_only(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ALGORITHMS.get(cfg.algorithm.name).family == "dl":
         return _launch_peers(cfg, run_dir, startup_timeout_s)

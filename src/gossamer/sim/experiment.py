@@ -15,6 +15,7 @@ import torch
 
 from gossamer import rng, wire
 from gossamer.algorithms import ALGORITHMS, Algorithm
+from gossamer.compression.base import Compressor
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.data import Dataset, load_dataset, partition
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
@@ -52,6 +53,7 @@ class Experiment:
     adversary: Adversary | None = None
     dynamic: DynamicTopology | None = None   # a graph per round; then `topology` is the union
                                              # of its first window and `mixing` is None
+    uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
 
     @property
     def num_nodes(self) -> int:
@@ -139,7 +141,33 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     if algorithm.family == "dl":
         _attach_topology(exp)
     _attach_faults_and_adversary(exp)
+    _attach_compression(exp)
     return exp
+
+
+def _attach_compression(exp: Experiment) -> None:
+    """Build ``compression.uplink`` and refuse what the drivers cannot run with it."""
+    from gossamer.compression import build_compressor
+
+    cfg, algorithm = exp.cfg, exp.algorithm
+    comp = cfg.compression
+    if comp.uplink is None:
+        if comp.feedback != "none":
+            raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")
+        return
+    if algorithm.pattern != "sync_fl":
+        raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
+                          f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
+    if hasattr(algorithm, "anchors"):
+        raise ConfigError("compression.uplink", "FedAMD's anchors upload full gradients; "
+                          "compression is not supported with fedamd")
+    with _user_error("compression.uplink.params"):
+        exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
+    variable = exp.uplink.nominal_bytes(exp.spec.numel) is None
+    if variable and (algorithm.deadline_s is not None or algorithm.over_selection):
+        raise ConfigError("compression.uplink", f"{comp.uplink.name} makes upload sizes depend on "
+                          "the update, so arrival times are known only after training; it cannot "
+                          "be combined with a round deadline or over-selection")
 
 
 def _sam_rho(cfg: ExperimentConfig, algorithm: Algorithm) -> float:

@@ -42,11 +42,12 @@ class FLAccounting:
         self.server_idle_s = 0.0
 
     # --- events ------------------------------------------------------------------------------
-    def download(self, nodes: np.ndarray, nbytes: int) -> None:
-        np.add.at(self.bytes_down, np.asarray(nodes, dtype=np.int64), int(nbytes))
+    def download(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> None:
+        np.add.at(self.bytes_down, np.asarray(nodes, dtype=np.int64), np.asarray(nbytes, dtype=np.int64))
 
-    def upload(self, nodes: np.ndarray, nbytes: int) -> None:
-        np.add.at(self.bytes_up, np.asarray(nodes, dtype=np.int64), int(nbytes))
+    def upload(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> None:
+        """Add ``nbytes`` (one size for all, or one per node) to each node's upload count."""
+        np.add.at(self.bytes_up, np.asarray(nodes, dtype=np.int64), np.asarray(nbytes, dtype=np.int64))
 
     def completed(self, nodes: np.ndarray) -> None:
         np.add.at(self.participation, np.asarray(nodes, dtype=np.int64), 1)

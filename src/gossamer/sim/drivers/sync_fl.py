@@ -34,7 +34,17 @@ class SyncFLDriver(Driver):
         self.dropped = 0
         numel = exp.spec.numel
         self.down_bytes = wire.encoded_size(algo.download_vectors * numel)
-        self.up_bytes = wire.encoded_size(algo.upload_vectors * numel)
+        self.up_bytes: int | None = wire.encoded_size(algo.upload_vectors * numel)
+        self.uplink, self.feedback = exp.uplink, exp.cfg.compression.feedback
+        self.memory: torch.Tensor | None = None          # EF residuals / EF21 estimates [N, P]
+        if self.uplink is not None:
+            # the model block is compressed; further blocks (e.g. SCAFFOLD's) travel as float32
+            nominal = self.uplink.nominal_bytes(numel)
+            self.raw_up = wire.HEADER_BYTES + 4 * numel * (algo.upload_vectors - 1)
+            self.up_bytes = None if nominal is None else self.raw_up + nominal
+            if self.feedback != "none":
+                self.memory = torch.zeros(exp.num_nodes, numel)
+        self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
         self.accounting = FLAccounting(exp.num_nodes)
         self.client_state: torch.Tensor | None = None
         if algo.client_state_vectors:
@@ -84,7 +94,8 @@ class SyncFLDriver(Driver):
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
         compute_s = system.compute_s(got, samples)
-        up_s = system.upload_s(got, self.up_bytes)
+        # a value-dependent upload size (compression) is priced after training, below
+        up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
         delivered = np.ones(len(got), dtype=bool)
         if faults.enabled:
             compute_s = compute_s * faults.slowdown(r, got)
@@ -97,13 +108,17 @@ class SyncFLDriver(Driver):
         self.lost += int((~received).sum() + (keep & ~delivered).sum())
         trained = got[keep]
         acc = self.accounting
+        self.sent_up = np.full(len(trained), self.up_bytes or 0, dtype=np.int64)
         if len(trained):
             if anchors is None:
                 self._train_and_aggregate(r, trained, delivered[keep])
             else:
                 self._anchor_round(r, trained, delivered[keep], anchors[keep])
-            self.bytes_up += len(trained) * self.up_bytes
-            acc.upload(trained, self.up_bytes)
+            if self.up_bytes is None:          # sizes known now: the uploads' real times
+                arrival[keep] += system.upload_s(trained, self.sent_up)
+                round_s = float(arrival[keep].max())
+            self.bytes_up += int(self.sent_up.sum())
+            acc.upload(trained, self.sent_up)
             arrived = trained[delivered[keep]]
             acc.completed(arrived)
             acc.accepted(np.zeros(len(arrived), dtype=np.int64))   # synchronous: never stale
@@ -114,7 +129,7 @@ class SyncFLDriver(Driver):
         if not received.any():
             round_s = float(down_s.max())
         self.sim_time += round_s + system.server_fanout_s(len(ids) * self.down_bytes) \
-            + system.server_fanout_s(len(trained) * self.up_bytes)
+            + system.server_fanout_s(int(self.sent_up.sum()))
         self.round = r
 
     def _accept(self, arrival: np.ndarray, delivered: np.ndarray, wanted: int) -> tuple[np.ndarray, float]:
@@ -158,12 +173,39 @@ class SyncFLDriver(Driver):
                 uploads = uploads.clone()
                 uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
                                                            exp.adversary.byzantine[trained], r)
+        if self.uplink is not None:
+            with self.timer("communicate_s"):
+                uploads = self._compress_uploads(uploads, start, trained, r)
         keep = torch.from_numpy(delivered)
         with self.timer("communicate_s"):
             self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
                                         result.steps[delivered], lr)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
+
+    def _compress_uploads(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
+                          r: int) -> torch.Tensor:
+        """Each client sends its update ``model - start`` compressed (with error feedback or
+        EF21 when configured); the server rebuilds ``start + decoded``. Sets ``sent_up``."""
+        from gossamer.compression import ef21, error_feedback
+
+        numel = self.exp.spec.numel
+        delta = uploads[:, :numel] - start
+        keys = trained.astype(np.int64) * (1 << 32) + r     # the client's draws in this round
+        seed, idx = self.exp.cfg.seed, torch.from_numpy(trained)
+        if self.feedback == "ef":
+            enc, decoded, self.memory[idx] = error_feedback(self.uplink, delta, self.memory[idx],
+                                                            seed=seed, keys=keys)
+        elif self.feedback == "ef21":                      # both ends hold the same estimate
+            enc, decoded = ef21(self.uplink, delta, self.memory[idx], seed=seed, keys=keys)
+            self.memory[idx] = decoded
+        else:
+            enc = self.uplink.compress(delta, seed=seed, keys=keys)
+            decoded = self.uplink.decompress(enc)
+        self.sent_up = self.raw_up + enc.nbytes
+        uploads = uploads.clone()
+        uploads[:, :numel] = start + decoded
+        return uploads
 
     def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
         """FedAMD: anchors upload full-shard gradients at the global model, miners train."""
@@ -217,6 +259,7 @@ class SyncFLDriver(Driver):
                      server_extra=dict(self.state.extra), participants=self.participants,
                      lost=self.lost, dropped=self.dropped,
                      client_state=None if self.client_state is None else self.client_state.clone(),
+                     compression_memory=None if self.memory is None else self.memory.clone(),
                      accounting=_to_tensor(self.accounting.state_dict()))
         return state
 
@@ -230,3 +273,5 @@ class SyncFLDriver(Driver):
             self.accounting.load_state_dict(state["accounting"])
         if state.get("client_state") is not None:
             self.client_state = state["client_state"].clone()
+        if state.get("compression_memory") is not None:
+            self.memory = state["compression_memory"].clone()

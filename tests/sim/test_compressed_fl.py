@@ -1,0 +1,134 @@
+"""Synchronous FL with compressed uploads: bytes from the real encoding, feedback memory,
+resume, and one-line refusals of what does not combine."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gossamer import config, wire
+from gossamer.cli import main
+from gossamer.compression import build_compressor
+from gossamer.sim.drivers.sync_fl import SyncFLDriver
+from gossamer.sim.experiment import build_experiment
+from gossamer.sim.runner import Runner
+from tests.conftest import run_split, small_config
+
+TOPK_EF = {"uplink": {"name": "topk", "params": {"density": 0.01}}, "feedback": "ef"}
+
+
+def _run(cfg, out):
+    runner = Runner(config.validate(cfg), out)
+    runner.prepare(resume=False)
+    runner.run()
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_the_identity_compressor_changes_nothing(tmp_path):
+    cfg = small_config("fedavg", stop={"rounds": 3})
+    _run(cfg, tmp_path / "plain")
+    cfg["compression"] = {"uplink": {"name": "none"}, "feedback": "ef"}
+    _run(cfg, tmp_path / "none")
+    assert (tmp_path / "plain/metrics.csv").read_bytes() == (tmp_path / "none/metrics.csv").read_bytes()
+
+
+def test_topk_uploads_cost_their_encoding_and_the_server_gets_start_plus_decoded(tmp_path):
+    cfg = small_config("fedavg", stop={"rounds": 3}, compression=TOPK_EF)
+    exp = build_experiment(config.validate(cfg))
+    driver = SyncFLDriver(exp)
+    start = driver.state.params.clone()
+    driver.run_round()
+    numel, n = exp.spec.numel, exp.num_nodes
+    comp = build_compressor("topk", {"density": 0.01})
+    # every client's upload: the header plus the top-k payload, exactly as encoded
+    enc = comp.compress(torch.randn(1, numel))
+    per_client = wire.HEADER_BYTES + len(comp.to_bytes(enc, 0))
+    assert driver.sent_up.tolist() == [per_client] * n
+    assert driver.bytes_up == n * per_client
+    # each client's residual is what top-k dropped: zero on (at least) the k coordinates sent
+    k = comp.k_for(numel)
+    assert ((driver.memory != 0).sum(1) <= numel - k).all() and (driver.memory != 0).any(1).all()
+    # the new global model moved from the start on at most n * k coordinates
+    moved = int((driver.state.params != start).sum())
+    assert 0 < moved <= n * k
+
+
+def test_error_feedback_sends_every_update_eventually():
+    """With EF the sum of what the server received plus the clients' residuals equals the sum
+    of the clients' true updates (checked on one client over rounds, full participation)."""
+    cfg = small_config("fedavg", stop={"rounds": 4}, compression=TOPK_EF)
+    cfg["partition"]["num_nodes"] = 2
+    exp = build_experiment(config.validate(cfg))
+    driver = SyncFLDriver(exp)
+    sent, true = torch.zeros(exp.spec.numel), torch.zeros(exp.spec.numel)
+    real = driver._compress_uploads
+
+    def spy(uploads, start, trained, r):
+        true.add_(uploads[0, : exp.spec.numel] - start)
+        out = real(uploads, start, trained, r)
+        sent.add_(out[0, : exp.spec.numel] - start)
+        return out
+
+    driver._compress_uploads = spy
+    for _ in range(4):
+        driver.run_round()
+    assert torch.allclose(sent + driver.memory[0], true, atol=1e-5)
+
+
+def test_value_dependent_sizes_price_the_upload_after_training(tmp_path):
+    """threshold sends a count that depends on the update: uploads are priced from the real
+    sizes, and a thin uplink makes the compressed run's clock shorter by exactly that time."""
+    cfg = small_config("fedavg", stop={"rounds": 2})
+    cfg["system"] = {"bandwidth_up_Bps": {"dist": "constant", "value": 1e4}}
+    plain = _run(cfg, tmp_path / "plain")
+    cfg["compression"] = {"uplink": {"name": "threshold", "params": {"tau": 0.02}}}
+    small = _run(cfg, tmp_path / "small")
+    summary_bytes = sum(small["bytes_up_per_client"])
+    assert summary_bytes == small["bytes_sent_total"] < plain["bytes_sent_total"] / 2
+    assert small["sim_time_s"] < plain["sim_time_s"]
+
+
+@pytest.mark.parametrize("comp", [TOPK_EF, {"uplink": {"name": "qsgd", "params": {"levels": 4}},
+                                            "feedback": "ef21"}])
+def test_compressed_runs_resume_identically(tmp_path, comp):
+    cfg = small_config("fedavg", stop={"rounds": 6}, compression=comp)
+    cfg["algorithm"]["params"] = {"client_fraction": 0.5}
+    run_split(cfg, tmp_path, split=3, total=6).run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
+def test_scaffold_compresses_the_model_block_and_sends_the_rest_raw():
+    cfg = small_config("scaffold", stop={"rounds": 1}, compression=TOPK_EF)
+    exp = build_experiment(config.validate(cfg))
+    driver = SyncFLDriver(exp)
+    driver.run_round()
+    numel = exp.spec.numel
+    comp = build_compressor("topk", {"density": 0.01})
+    payload = len(comp.to_bytes(comp.compress(torch.randn(1, numel)), 0))
+    assert np.all(driver.sent_up == wire.HEADER_BYTES + payload + 4 * numel)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"algorithm": {"name": "dpsgd"}, "topology": {"name": "ring"}, "compression": TOPK_EF},
+     "compression.uplink"),
+    ({"compression": {"feedback": "ef"}}, "compression.feedback"),
+    ({"compression": {"uplink": {"name": "threshold", "params": {"tau": 0.1}}},
+      "algorithm": {"name": "fedavg", "params": {"deadline_s": 5.0}}}, "compression.uplink"),
+    ({"compression": {"uplink": {"name": "topk", "params": {"density": 2}}}},
+     "compression.uplink.params"),
+    ({"compression": {"uplink": {"name": "zip"}}}, "compression.uplink.name"),
+])
+def test_bad_compression_configs_are_one_line_exit_2(write_config, tmp_path, capsys, change, field):
+    cfg = small_config("fedavg", stop={"rounds": 1})
+    cfg.update(change)
+    code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{field}:" in err[0], err
+
+
+def test_the_runtime_refuses_compression_in_one_line(write_config, tmp_path, capsys):
+    cfg = small_config("fedavg", stop={"rounds": 1}, compression=TOPK_EF)
+    code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "compression.uplink: " in err[0], err
