@@ -480,12 +480,26 @@ class CompressorConfig(_Strict):
 class CompressionConfig(_Strict):
     """What clients upload, compressed: ``uplink`` compresses each client's model update (its
     trained model minus the model it started from) and ``feedback`` keeps what compression
-    dropped: ``ef`` (error feedback: the residual is added to the next update) or ``ef21``
-    (client and server track an estimate of the update and send compressed differences).
+    dropped: ``ef`` (error feedback: the residual is added to the next update), ``ef21``
+    (client and server track an estimate of the update and send compressed differences) or
+    ``dgc`` (Deep Gradient Compression applied to each round's update: momentum correction,
+    optional clipping, momentum factor masking, density warm-up).
     Synchronous FL in the simulator; see docs/compression.md."""
 
     uplink: CompressorConfig | None = None
-    feedback: Literal["none", "ef", "ef21"] = "none"
+    feedback: Literal["none", "ef", "ef21", "dgc"] = "none"
+    # feedback: dgc (Deep Gradient Compression on each round's update; uplink must be topk):
+    momentum: float = Field(0.9, ge=0, lt=1)          # momentum correction factor
+    clip_norm: float | None = Field(None, gt=0)       # local clipping of each update's norm
+    warmup_rounds: int = Field(0, ge=0)               # density falls from 25% to the target
+
+    @model_validator(mode="after")
+    def _dgc_needs_topk(self) -> CompressionConfig:
+        if self.feedback == "dgc" and (self.uplink is None or self.uplink.name != "topk"
+                                       or "density" not in self.uplink.params):
+            raise ValueError("feedback dgc sparsifies with top-k: set compression.uplink to "
+                             "{name: topk, params: {density: ...}}")
+        return self
 
 
 class ExperimentConfig(_Strict):

@@ -132,3 +132,38 @@ def test_the_runtime_refuses_compression_in_one_line(write_config, tmp_path, cap
     code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "compression.uplink: " in err[0], err
+
+
+def test_dgc_without_momentum_is_error_feedback(tmp_path):
+    cfg = small_config("fedavg", stop={"rounds": 4}, compression=TOPK_EF)
+    _run(cfg, tmp_path / "ef")
+    cfg["compression"] = {**TOPK_EF, "feedback": "dgc", "momentum": 0.0}
+    _run(cfg, tmp_path / "dgc")
+    assert (tmp_path / "ef/metrics.csv").read_bytes() == (tmp_path / "dgc/metrics.csv").read_bytes()
+
+
+def test_dgc_warm_up_sends_denser_updates_first_and_resumes_exactly(tmp_path):
+    from gossamer.compression import dgc_density
+
+    comp = {"uplink": {"name": "topk", "params": {"density": 0.01}}, "feedback": "dgc",
+            "warmup_rounds": 3, "clip_norm": 1.0}
+    cfg = small_config("fedavg", stop={"rounds": 5}, compression=comp)
+    driver = SyncFLDriver(build_experiment(config.validate(cfg)))
+    numel = driver.exp.spec.numel
+    sizes = []
+    for r in range(5):
+        driver.run_round()
+        sizes.append(int(driver.sent_up[0]))
+        k = build_compressor("topk", {"density": dgc_density(r, 0.01, 3)}).k_for(numel)
+        assert (driver.memory != 0).sum(1).max() <= numel - k       # masked where sent
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3] == sizes[4]
+    run_split(cfg, tmp_path, split=2, total=5).run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
+def test_dgc_needs_topk(write_config, tmp_path, capsys):
+    cfg = small_config("fedavg", stop={"rounds": 1})
+    cfg["compression"] = {"uplink": {"name": "qsgd"}, "feedback": "dgc"}
+    code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "compression: feedback dgc sparsifies with top-k" in err[0], err

@@ -36,7 +36,8 @@ class SyncFLDriver(Driver):
         self.down_bytes = wire.encoded_size(algo.download_vectors * numel)
         self.up_bytes: int | None = wire.encoded_size(algo.upload_vectors * numel)
         self.uplink, self.feedback = exp.uplink, exp.cfg.compression.feedback
-        self.memory: torch.Tensor | None = None          # EF residuals / EF21 estimates [N, P]
+        self.memory: torch.Tensor | None = None          # EF residuals / EF21 estimates /
+        self.momentum: torch.Tensor | None = None        # DGC accumulation; DGC momentum [N, P]
         if self.uplink is not None:
             # the model block is compressed; further blocks (e.g. SCAFFOLD's) travel as float32
             nominal = self.uplink.nominal_bytes(numel)
@@ -44,6 +45,9 @@ class SyncFLDriver(Driver):
             self.up_bytes = None if nominal is None else self.raw_up + nominal
             if self.feedback != "none":
                 self.memory = torch.zeros(exp.num_nodes, numel)
+            if self.feedback == "dgc":
+                self.momentum = torch.zeros(exp.num_nodes, numel)
+                self.up_bytes = None                     # set per round (the warm-up's density)
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
         self.accounting = FLAccounting(exp.num_nodes)
         self.client_state: torch.Tensor | None = None
@@ -94,6 +98,13 @@ class SyncFLDriver(Driver):
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
         compute_s = system.compute_s(got, samples)
+        if self.feedback == "dgc":                                  # this round's density
+            from gossamer.compression import dgc_nominal_bytes
+
+            comp = exp.cfg.compression
+            self.up_bytes = self.raw_up + dgc_nominal_bytes(
+                exp.spec.numel, round=r - 1, density=float(comp.uplink.params["density"]),
+                warmup_rounds=comp.warmup_rounds)
         # a value-dependent upload size (compression) is priced after training, below
         up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
         delivered = np.ones(len(got), dtype=bool)
@@ -187,7 +198,7 @@ class SyncFLDriver(Driver):
                           r: int) -> torch.Tensor:
         """Each client sends its update ``model - start`` compressed (with error feedback or
         EF21 when configured); the server rebuilds ``start + decoded``. Sets ``sent_up``."""
-        from gossamer.compression import ef21, error_feedback
+        from gossamer.compression import dgc_step, ef21, error_feedback
 
         numel = self.exp.spec.numel
         delta = uploads[:, :numel] - start
@@ -196,6 +207,14 @@ class SyncFLDriver(Driver):
         if self.feedback == "ef":
             enc, decoded, self.memory[idx] = error_feedback(self.uplink, delta, self.memory[idx],
                                                             seed=seed, keys=keys)
+        elif self.feedback == "dgc":
+            comp = self.exp.cfg.compression
+            step = dgc_step(delta, self.momentum[idx], self.memory[idx], round=r - 1,
+                            density=float(comp.uplink.params["density"]),
+                            momentum_factor=comp.momentum, clip_norm=comp.clip_norm,
+                            warmup_rounds=comp.warmup_rounds)
+            enc, decoded = step.encoded, step.decoded
+            self.momentum[idx], self.memory[idx] = step.momentum, step.accumulation
         elif self.feedback == "ef21":                      # both ends hold the same estimate
             enc, decoded = ef21(self.uplink, delta, self.memory[idx], seed=seed, keys=keys)
             self.memory[idx] = decoded
@@ -260,6 +279,7 @@ class SyncFLDriver(Driver):
                      lost=self.lost, dropped=self.dropped,
                      client_state=None if self.client_state is None else self.client_state.clone(),
                      compression_memory=None if self.memory is None else self.memory.clone(),
+                     compression_momentum=None if self.momentum is None else self.momentum.clone(),
                      accounting=_to_tensor(self.accounting.state_dict()))
         return state
 
@@ -275,3 +295,5 @@ class SyncFLDriver(Driver):
             self.client_state = state["client_state"].clone()
         if state.get("compression_memory") is not None:
             self.memory = state["compression_memory"].clone()
+        if state.get("compression_momentum") is not None:
+            self.momentum = state["compression_momentum"].clone()
