@@ -1,6 +1,7 @@
 """Algorithms, registered by name: ``algorithm.name`` in a config selects one."""
 
 from gossamer.algorithms.base import Algorithm
+from gossamer.algorithms.dl.choco import Choco
 from gossamer.algorithms.dl.dfedsam import DFedSAM, DFedSAMMGS
 from gossamer.algorithms.dl.dpsgd import DPSGD
 from gossamer.algorithms.dl.gossip import GossipLearning
@@ -38,6 +39,7 @@ ALGORITHMS.register("dpsgd")(DPSGD)
 ALGORITHMS.register("dfedsam")(DFedSAM)
 ALGORITHMS.register("dfedsam_mgs")(DFedSAMMGS)
 ALGORITHMS.register("gradient_tracking")(GradientTracking)
+ALGORITHMS.register("choco")(Choco)
 ALGORITHMS.register("gossip")(GossipLearning)
 ALGORITHMS.register("modest")(MoDeST)
 ALGORITHMS.register("fedasync")(FedAsync)

@@ -14,6 +14,7 @@ _DRIVERS = {
     "async_fl": "gossamer.sim.drivers.async_fl:AsyncFLDriver",
     "random_walk": "gossamer.sim.drivers.random_walk:RandomWalkDriver",
     "gradient_tracking": "gossamer.sim.drivers.gradient_tracking:GradientTrackingDriver",
+    "choco": "gossamer.sim.drivers.choco:ChocoDriver",
 }
 
 
