@@ -502,6 +502,56 @@ class CompressionConfig(_Strict):
         return self
 
 
+class DPConfig(_Strict):
+    """Differential privacy (docs/privacy.md). ``level: client`` is DP-FedAvg (McMahan et al.
+    2018, arXiv:1710.06963): each client's update is clipped to ``clip_norm`` and Gaussian noise
+    of std ``noise_multiplier * clip_norm`` is added to their sum, by the server (``noise:
+    server``) or in shares by the clients (``noise: clients``). ``level: sample`` is DP-SGD in
+    local training (Abadi et al. 2016, arXiv:1607.00133). Epsilon at ``delta`` comes from
+    opacus' ``accountant``."""
+
+    level: Literal["client", "sample"]
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+    noise: Literal["server", "clients"] = "server"
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _noise_is_client_level(self) -> DPConfig:
+        if self.level == "sample" and self.noise != "server":
+            raise ValueError("noise: clients is for level client (DP-SGD noise is local)")
+        return self
+
+
+class SecureAggregationConfig(_Strict):
+    """Secure aggregation of FL uploads (Bonawitz et al. 2017; docs/privacy.md): the server gets
+    only the sum of the clients' masked fixed-point updates. ``threshold``: how many clients
+    must survive, as a fraction of the round's clients (``0.5``: ``max(2, ceil(0.5 n))``) or a
+    count (``10``); ``bits``: the ring ``Z_{2^bits}``; ``clip``: each update coordinate is
+    clipped to ``[-clip, clip]`` before encoding."""
+
+    threshold: int | float = 0.5
+    bits: int = Field(32, ge=8, le=62)
+    clip: float = Field(1.0, gt=0)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: int | float) -> int | float:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("a count threshold must be >= 2 (a sum of one client is that client)")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a fractional threshold must lie in (0, 1]; give counts as integers")
+        return v
+
+
+class PrivacyConfig(_Strict):
+    """Privacy of what clients reveal: differential privacy and secure aggregation."""
+
+    dp: DPConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
@@ -519,6 +569,7 @@ class ExperimentConfig(_Strict):
     adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

@@ -23,7 +23,7 @@ from gossamer.sim.adversary import Adversary
 from gossamer.sim.evaluator import BatchedEvaluator
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
-from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
+from gossamer.sim.trainer import DPSGD, SGD, BatchedTrainer, LocalSchedule
 
 if TYPE_CHECKING:
     from gossamer.topology import DynamicTopology, Topology
@@ -121,7 +121,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
                              SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)),
-                             cfg.seed, kernel)
+                             cfg.seed, kernel, dp=_dp_sgd(cfg))
     x_test, y_test = dataset.x_test, dataset.y_test
     if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
         keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
@@ -142,7 +142,43 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         _attach_topology(exp)
     _attach_faults_and_adversary(exp)
     _attach_compression(exp)
+    _check_privacy(exp)
+    if cfg.privacy.secure_aggregation is not None:         # docs/privacy.md
+        from gossamer.privacy.secagg import check_config
+
+        check_config(cfg, exp.algorithm, exp.num_nodes)
     return exp
+
+
+def _dp_sgd(cfg: ExperimentConfig) -> DPSGD | None:
+    dp = cfg.privacy.dp
+    return DPSGD(dp.clip_norm, dp.noise_multiplier) if dp is not None and dp.level == "sample" else None
+
+
+def _check_privacy(exp: Experiment) -> None:
+    """Refuse what differential privacy cannot run with (docs/privacy.md)."""
+    cfg, algorithm, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
+    if dp is None:
+        return
+    if hasattr(algorithm, "anchors"):
+        raise ConfigError("privacy.dp", "FedAMD's anchors upload full-shard gradients; DP is not "
+                          "supported with fedamd")
+    if dp.level == "sample":
+        if exp.trainer.optimizer.sam_rho:
+            raise ConfigError("privacy.dp", "DP-SGD does not combine with SAM (local.sam_rho)")
+        return
+    if algorithm.pattern != "sync_fl":
+        raise ConfigError("privacy.dp.level", f"client-level DP runs with synchronous FL "
+                          f"algorithms; {cfg.algorithm.name} is {algorithm.pattern}")
+    if algorithm.upload_vectors != 1:
+        raise ConfigError("privacy.dp.level", f"{cfg.algorithm.name} uploads more than the model "
+                          "update (e.g. control variates), which client-level DP does not bound")
+    if getattr(algorithm, "aggregator", "mean") != "mean":
+        raise ConfigError("privacy.dp.level", "client-level DP averages clipped updates; it "
+                          "does not combine with a robust aggregator")
+    if cfg.compression.uplink is not None:
+        raise ConfigError("privacy.dp.level", "client-level DP does not combine with upload "
+                          "compression yet")
 
 
 def _attach_compression(exp: Experiment) -> None:

@@ -19,6 +19,7 @@ from gossamer import rng
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, StackedForward
 from gossamer.models.zoo import DenseKernel
+from gossamer.privacy.dp import TAG_SGD, clip_factors, gaussian
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,16 @@ class SGD:
     sam_rho: float = 0.0
 
 
+@dataclass(frozen=True)
+class DPSGD:
+    """Sample-level DP-SGD (Abadi et al. 2016, arXiv:1607.00133): every per-sample gradient
+    clipped to L2 norm ``clip_norm`` (over all parameters), Gaussian noise of std
+    ``noise_multiplier * clip_norm`` added to their sum, divided by the batch's sample count."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+
 @dataclass
 class TrainResult:
     params: torch.Tensor          # [B, P] trained rows
@@ -72,9 +83,11 @@ class BatchedTrainer:
 
     def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
                  shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int,
-                 kernel: DenseKernel | None = None) -> None:
+                 kernel: DenseKernel | None = None, dp: DPSGD | None = None) -> None:
         self.forward, self.spec = forward, spec
-        self.kernel = kernel if optimizer.momentum == 0 else None
+        # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
+        self.kernel = kernel if optimizer.momentum == 0 and dp is None else None
+        self.dp = dp
         self._buffer: torch.Tensor | None = None
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
@@ -183,6 +196,8 @@ class BatchedTrainer:
         objective = objective or LocalObjective()
         if objective.recursive and self.optimizer.sam_rho:
             raise ValueError("local.sam_rho: SAM does not combine with a recursive direction (FedAMD)")
+        if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
+            raise ValueError("privacy.dp: DP-SGD does not combine with SAM or FedAMD")
         if self.kernel is not None and not objective.recursive:
             return self._train_fused(params, idx, valid, inplace, objective)
         names = self.spec.names
@@ -208,6 +223,10 @@ class BatchedTrainer:
                 previous = [leaf.clone() for leaf in leaves]
                 self._sgd_step(leaves, grads, bufs, active, None, None)
                 continue
+            if self.dp is not None:
+                grads = self._dp_gradient(leaves, xb, yb, weight, counts[:, t], nodes, keys, t, loss_sum)
+                self._sgd_step(leaves, grads, bufs, active, objective, terms)
+                continue
             for leaf in leaves:
                 leaf.requires_grad_(True)
             logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
@@ -225,6 +244,43 @@ class BatchedTrainer:
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
         return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)
+
+    def _dp_gradient(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                     weight: torch.Tensor, count: torch.Tensor, nodes: np.ndarray, keys: np.ndarray,
+                     step: int, loss_sum: torch.Tensor) -> list[torch.Tensor]:
+        """DP-SGD's noisy mean of clipped per-sample gradients, ``[B, *shape]`` per leaf.
+
+        Per-sample gradients come from the same stacked forward: each sample becomes its own
+        row (its node's parameters repeated), so one autograd pass gives every sample's
+        gradient; nodes are processed in chunks of at most ~2**25 gradient values. Noise for
+        node ``b`` is keyed by ``(node, key, step)``."""
+        dp, names = self.dp, self.spec.names
+        assert dp is not None
+        b, n = weight.shape
+        grads = [torch.empty_like(leaf) for leaf in leaves]
+        chunk = max(1, (1 << 25) // max(1, n * self.spec.numel))
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            rows = [leaf[s:e].repeat_interleave(n, 0).requires_grad_(True) for leaf in leaves]
+            x = xb[s:e].reshape((e - s) * n, 1, *xb.shape[2:])
+            logits = self.forward(dict(zip(names, rows, strict=True)), x)
+            per_sample = F.cross_entropy(logits.flatten(0, 1), yb[s:e].reshape(-1), reduction="none")
+            sample_grads = torch.autograd.grad(per_sample.sum(), rows)
+            sq = sum(g.flatten(1).square().sum(1) for g in sample_grads)
+            factor = clip_factors(sq, dp.clip_norm) * weight[s:e].reshape(-1)
+            for out, g in zip(grads, sample_grads, strict=True):
+                scaled = g * factor.view(-1, *([1] * (g.dim() - 1)))
+                out[s:e] = scaled.view(e - s, n, *g.shape[1:]).sum(1)
+            loss = (per_sample.detach().view(e - s, n) * weight[s:e]).sum(1)
+            loss_sum[s:e] += loss / count[s:e].clamp(min=1)
+        if dp.noise_multiplier > 0:
+            key_rows = np.stack([nodes, keys, np.full(b, step)], axis=1)
+            noise = gaussian(self.seed, TAG_SGD, key_rows, self.spec.numel).to(leaves[0].dtype)
+            noise.mul_(dp.noise_multiplier * dp.clip_norm)
+            for out, z in zip(grads, self.spec.views(noise).values(), strict=True):
+                out.add_(z)
+        denom = count.clamp(min=1)
+        return [g.div_(denom.view(-1, *([1] * (g.dim() - 1)))) for g in grads]
 
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                        weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,20 @@ class SyncFLDriver(Driver):
                 self.up_bytes = None                     # set per round (the warm-up's density)
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
         self.accounting = FLAccounting(exp.num_nodes)
+        self.dp, self.dp_ledger = exp.cfg.privacy.dp, None
+        if self.dp is not None:                         # differential privacy (docs/privacy.md)
+            from gossamer.privacy import DPLedger
+
+            self.dp_ledger = DPLedger(self.dp.level, self.dp.noise_multiplier, self.dp.delta,
+                                      self.dp.accountant, exp.trainer.sizes, exp.cfg.local.batch_size)
+            self.columns = self.columns + ["epsilon"]
+        self.selection = (0, 0)                         # this round's (selected, candidates)
+        self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
+        if self.secagg is not None:                     # secure aggregation (docs/privacy.md)
+            from gossamer.privacy.secagg import ring_bytes
+
+            self.up_bytes = wire.HEADER_BYTES + ring_bytes(numel, self.secagg.bits)   # masked vector
+            self.columns = self.columns + ["secagg_aborted"]
         self.client_state: torch.Tensor | None = None
         if algo.client_state_vectors:
             first = algo.init_client_state(numel)
@@ -78,6 +92,7 @@ class SyncFLDriver(Driver):
         candidates = self._candidates()
         ids = algo.select(candidates, rng.generator(exp.cfg.seed, rng.STREAM_SELECT, r))
         self.participants = len(ids)
+        self.selection = (len(ids), len(candidates))
         if len(ids) == 0:
             self._idle_round(r)
             return
@@ -92,6 +107,7 @@ class SyncFLDriver(Driver):
         self.accounting.download(ids, self.down_bytes)
         # every client that got the payload: arrival times from the schedule, before training
         got = ids[received]
+        self.round_clients = got                                    # secure aggregation's U1
         samples = exp.trainer.samples(got, r)
         anchors = None
         if hasattr(algo, "anchors"):                                # FedAMD: roles per client
@@ -187,6 +203,11 @@ class SyncFLDriver(Driver):
         if self.uplink is not None:
             with self.timer("communicate_s"):
                 uploads = self._compress_uploads(uploads, start, trained, r)
+        if self.dp is not None:
+            uploads = self._privatize(uploads, start, trained, delivered, result.steps, r)
+        if self.secagg is not None:
+            with self.timer("communicate_s"):
+                uploads, delivered = self._secure_mean(uploads, start, trained, delivered, r)
         keep = torch.from_numpy(delivered)
         with self.timer("communicate_s"):
             self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
@@ -226,6 +247,55 @@ class SyncFLDriver(Driver):
         uploads[:, :numel] = start + decoded
         return uploads
 
+    def _privatize(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
+                   delivered: np.ndarray, steps: np.ndarray, r: int) -> torch.Tensor:
+        """Client level: DP-FedAvg on the delivered updates (clipped, noised, averaged over
+        the clients the round selected); sample level: count the DP-SGD steps taken."""
+        if self.dp.level == "sample":
+            self.dp_ledger.sample_steps(trained, steps)
+            return uploads
+        from gossamer.privacy import dp_fedavg_updates
+
+        dp, (selected, candidates) = self.dp, self.selection
+        expected = self.algorithm.expected_clients(candidates)
+        keep = torch.from_numpy(delivered)
+        uploads = uploads.clone()
+        if keep.any():
+            uploads[keep] = start + dp_fedavg_updates(
+                uploads[keep] - start, trained[delivered], r, clip_norm=dp.clip_norm,
+                noise_multiplier=dp.noise_multiplier, noise=dp.noise, expected=expected,
+                seed=self.exp.cfg.seed)
+        self.dp_ledger.client_round(selected, candidates)
+        return uploads
+
+    def _secure_mean(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
+                     delivered: np.ndarray, r: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Secure aggregation: the clients that got the payload run the protocol, clients whose
+        upload was lost or late drop after sharing keys, and the server learns only the weighted
+        mean of the delivered updates; every delivered row becomes that mean (the algorithm's
+        average of equal rows returns it). Aborted: no row is delivered. Counts the bytes."""
+        from gossamer.privacy.secagg import secure_mean
+
+        exp, sa, numel, members = self.exp, self.secagg, self.exp.spec.numel, self.round_clients
+        weights = self.algorithm.weights(exp.trainer.sizes[members], torch.float64).numpy()
+        out = secure_mean(members, (uploads[:, :numel] - start).double().numpy(), trained,
+                          trained[delivered], weights, threshold=sa.threshold, bits=sa.bits,
+                          clip=sa.clip, seed=[exp.cfg.seed, r], round=r)
+        at = np.searchsorted(members, trained)
+        self.sent_up = out.sent[at] + np.where(delivered, 0, self.up_bytes)   # lost in flight
+        late = np.setdiff1d(np.arange(len(members)), at)          # only ran the key rounds
+        self.accounting.upload(members[late], out.sent[late])
+        self.accounting.download(members, out.received)
+        self.bytes_up += int(out.sent[late].sum())
+        self.bytes_down += int(out.received.sum())
+        self.secagg_clipped += out.clipped
+        if out.mean is None:
+            self.secagg_aborted += 1
+            return uploads, np.zeros_like(delivered)
+        uploads = uploads.clone()
+        uploads[torch.from_numpy(delivered), :numel] = start + torch.from_numpy(out.mean).to(uploads.dtype)
+        return uploads, delivered
+
     def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
         """FedAMD: anchors upload full-shard gradients at the global model, miners train."""
         exp, algo = self.exp, self.algorithm
@@ -264,10 +334,19 @@ class SyncFLDriver(Driver):
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
                    participants=self.participants, lost_messages=self.lost,
                    dropped=self.dropped)
+        if self.dp_ledger is not None:
+            row["epsilon"] = self.dp_ledger.epsilon()
+        if self.secagg is not None:
+            row["secagg_aborted"] = self.secagg_aborted
         return row
 
     def summary(self) -> dict[str, Any]:
-        return self.accounting.summary()
+        out = self.accounting.summary()
+        if self.dp_ledger is not None:
+            out.update(dp_epsilon=self.dp_ledger.epsilon(), dp_delta=self.dp.delta)
+        if self.secagg is not None:
+            out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
+        return out
 
     def global_params(self) -> torch.Tensor:
         return self.state.params
@@ -281,6 +360,10 @@ class SyncFLDriver(Driver):
                      compression_memory=None if self.memory is None else self.memory.clone(),
                      compression_momentum=None if self.momentum is None else self.momentum.clone(),
                      accounting=_to_tensor(self.accounting.state_dict()))
+        if self.dp_ledger is not None:
+            state["dp_ledger"] = self.dp_ledger.state_dict()
+        if self.secagg is not None:
+            state.update(secagg_aborted=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -297,3 +380,7 @@ class SyncFLDriver(Driver):
             self.memory = state["compression_memory"].clone()
         if state.get("compression_momentum") is not None:
             self.momentum = state["compression_momentum"].clone()
+        if self.dp_ledger is not None and state.get("dp_ledger") is not None:
+            self.dp_ledger.load_state_dict(state["dp_ledger"])
+        self.secagg_aborted = int(state.get("secagg_aborted", 0))
+        self.secagg_clipped = int(state.get("secagg_clipped", 0))

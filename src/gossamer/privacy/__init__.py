@@ -1,0 +1,8 @@
+"""Privacy: differential privacy (client and sample level) with accounting; secure aggregation."""
+
+from gossamer.privacy.accounting import DPLedger, epsilon
+from gossamer.privacy.dp import clip_rows, dp_fedavg_updates, gaussian
+from gossamer.privacy.secagg import SecAggResult, SecureMean, run_protocol, secure_mean
+
+__all__ = ["DPLedger", "SecAggResult", "SecureMean", "clip_rows", "dp_fedavg_updates", "epsilon",
+           "gaussian", "run_protocol", "secure_mean"]

@@ -1,0 +1,91 @@
+"""Privacy accounting with opacus' accountants (RDP: Mironov 2017, arXiv:1702.07476; or PRV).
+
+Both account the Poisson-subsampled Gaussian mechanism. Gossamer samples clients (client
+level) and batches (sample level) with a fixed size instead; like opacus' own DP-SGD, the
+sampling rate ``q`` is accounted as if it were Poisson's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` after ``history``: ``(noise_multiplier, sample_rate, steps)`` entries
+    composed, computed by opacus (``rdp``: ``RDPAccountant``; ``prv``: ``PRVAccountant``).
+    No steps: 0; a step without noise: infinity."""
+    history = [(float(z), float(q), int(s)) for z, q, s in history if s > 0]
+    if not history:
+        return 0.0
+    if any(z <= 0 for z, _, _ in history):
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = history
+    return float(acc.get_epsilon(delta))
+
+
+class DPLedger:
+    """What a run has spent: per-round client sampling rates (client level) or each node's
+    DP-SGD steps (sample level); :meth:`epsilon` is the bound for the most exposed
+    client or sample.
+
+    Sample level: node ``i`` samples batches of ``batch_size`` from its ``sizes[i]`` samples,
+    ``q_i = min(1, batch_size / sizes[i])``; its epsilon composes its own steps only (its data
+    take part in nothing else), and the run reports the maximum over nodes.
+    """
+
+    def __init__(self, level: str, noise_multiplier: float, delta: float, accountant: str,
+                 sizes: np.ndarray, batch_size: int) -> None:
+        self.level, self.noise_multiplier, self.delta = level, noise_multiplier, delta
+        self.accountant = accountant
+        sizes = np.asarray(sizes, dtype=np.int64)
+        self.rates = np.minimum(1.0, batch_size / np.maximum(sizes, 1))
+        self.steps = np.zeros(len(sizes), dtype=np.int64)          # sample level, per node
+        self.rounds: list[tuple[float, int]] = []                  # client level: (q, rounds)
+        self._cached: float | None = 0.0
+
+    def client_round(self, selected: int, candidates: int) -> None:
+        """One DP-FedAvg round that sampled ``selected`` of ``candidates`` clients."""
+        q = min(1.0, selected / max(candidates, 1))
+        if self.rounds and self.rounds[-1][0] == q:
+            self.rounds[-1] = (q, self.rounds[-1][1] + 1)
+        else:
+            self.rounds.append((q, 1))
+        self._cached = None
+
+    def sample_steps(self, nodes: np.ndarray, steps: np.ndarray) -> None:
+        """``nodes`` took ``steps`` DP-SGD steps each."""
+        np.add.at(self.steps, np.asarray(nodes, dtype=np.int64), np.asarray(steps, dtype=np.int64))
+        self._cached = None
+
+    def history(self) -> list[list[tuple[float, float, int]]]:
+        """The accountant histories to bound: one for client level, one per distinct sampling
+        rate (its most-trained node) for sample level."""
+        z = self.noise_multiplier
+        if self.level == "client":
+            return [[(z, q, n) for q, n in self.rounds]]
+        out = []
+        for q in np.unique(self.rates[self.steps > 0]):
+            out.append([(z, float(q), int(self.steps[self.rates == q].max()))])
+        return out
+
+    def epsilon(self) -> float:
+        if self._cached is None:
+            self._cached = max((epsilon(h, self.delta, self.accountant) for h in self.history()),
+                               default=0.0)
+        return self._cached
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        rounds = torch.tensor(self.rounds, dtype=torch.float64).reshape(-1, 2)
+        return {"steps": torch.from_numpy(self.steps.copy()), "rounds": rounds}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps = state["steps"].numpy().astype(np.int64).copy()
+        self.rounds = [(float(q), int(n)) for q, n in state["rounds"].tolist()]
+        self._cached = None

@@ -1,0 +1,188 @@
+"""DP in runs: DP-FedAvg and DP-SGD against their plain counterparts, epsilon in the metrics,
+determinism and resume, one-line refusals."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from gossamer import config
+from gossamer.cli import main
+from gossamer.sim.experiment import build_experiment
+from gossamer.sim.runner import Runner
+from tests.conftest import run_split, small_config
+
+CLIENT = {"level": "client", "clip_norm": 1.0, "noise_multiplier": 1.0}
+SAMPLE = {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0}
+
+
+def _run(cfg, out):
+    runner = Runner(config.validate(cfg), out)
+    runner.prepare(resume=False)
+    runner.run()
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    return json.loads((out / "summary.json").read_text()), rows, runner.driver.global_params()
+
+
+def _fedavg(rounds=3, **params):
+    cfg = small_config("fedavg", stop={"rounds": rounds})
+    cfg["algorithm"]["params"] = params
+    return cfg
+
+
+def test_client_dp_without_noise_or_clipping_is_uniform_fedavg(tmp_path):
+    # every client delivers, so the fixed denominator equals the number of updates averaged
+    cfg = _fedavg(weighting="uniform")
+    _, _, plain = _run(cfg, tmp_path / "plain")
+    cfg["privacy"] = {"dp": {**CLIENT, "clip_norm": 1e6, "noise_multiplier": 0.0}}
+    summary, rows, dp = _run(cfg, tmp_path / "dp")
+    assert torch.allclose(plain, dp, atol=1e-5)
+    assert summary["dp_epsilon"] == float("inf") and rows[-1]["epsilon"] == "inf"
+
+
+def test_client_dp_divides_by_the_selected_clients_when_uploads_are_lost(tmp_path):
+    from gossamer.sim.drivers.sync_fl import SyncFLDriver
+
+    cfg = _fedavg(rounds=1)
+    cfg["privacy"] = {"dp": {**CLIENT, "clip_norm": 1e6, "noise_multiplier": 0.0}}
+    exp = build_experiment(config.validate(cfg))
+    driver = SyncFLDriver(exp)
+    start = driver.state.params.clone()
+    trained = np.arange(8)
+    delivered = np.array([True, False] * 4)
+    driver.selection = (8, 8)
+    uploads = start + torch.randn(8, start.numel()) * 0.01
+    rows = driver._privatize(uploads, start, trained, delivered, np.ones(8, dtype=np.int64), 1)
+    expected = (uploads[torch.from_numpy(delivered)] - start).sum(0) / 8
+    assert torch.allclose(rows[0] - start, expected, atol=1e-6)
+
+
+def test_client_dp_update_norm_is_bounded_by_clip_norm(tmp_path):
+    cfg = _fedavg(rounds=1)
+    _, _, plain = _run(cfg, tmp_path / "plain")
+    exp_init = build_experiment(config.validate(cfg)).init_params
+    cfg["privacy"] = {"dp": {**CLIENT, "clip_norm": 0.01, "noise_multiplier": 0.0}}
+    _, _, dp = _run(cfg, tmp_path / "dp")
+    assert float((plain - exp_init).norm()) > 0.1
+    assert float((dp - exp_init).norm()) <= 0.01 + 1e-6
+
+
+def test_dp_sgd_without_noise_or_clipping_is_sgd():
+    cfg = small_config("fedavg", local={"epochs": 1, "batch_size": 16, "lr": 0.1, "momentum": 0.5})
+    plain = build_experiment(config.validate(cfg))
+    cfg["privacy"] = {"dp": {**SAMPLE, "clip_norm": 1e6, "noise_multiplier": 0.0}}
+    dp = build_experiment(config.validate(cfg))
+    rows, nodes = plain.init_params.expand(8, -1), np.arange(8)
+    a, b = plain.trainer.train(rows, nodes, 1), dp.trainer.train(rows, nodes, 1)
+    assert torch.allclose(a.params, b.params, atol=1e-5)
+    assert torch.allclose(a.loss, b.loss, atol=1e-5) and np.array_equal(a.steps, b.steps)
+
+
+def test_dp_sgd_clips_every_per_sample_gradient():
+    """One step, one node, no noise: the update is lr times the mean of clipped per-sample
+    gradients, computed here one sample at a time with the plain module."""
+    cfg = small_config("fedavg", local={"steps": 1, "batch_size": 6, "lr": 1.0, "shuffle": False})
+    cfg["privacy"] = {"dp": {**SAMPLE, "clip_norm": 0.05, "noise_multiplier": 0.0}}
+    exp = build_experiment(config.validate(cfg))
+    start = exp.init_params
+    out = exp.trainer.train(start.unsqueeze(0), np.array([3]), 1).params[0]
+    idx, _ = exp.trainer.batches(np.array([3]), np.array([1]))
+    model, spec = exp.model, exp.spec
+    clipped = []
+    for i in idx[0, 0]:
+        spec.load_into(model, start)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(exp.trainer.x[i: i + 1]), exp.trainer.y[i: i + 1])
+        loss.backward()
+        g = torch.cat([p.grad.flatten() for _, p in model.named_parameters()])
+        assert float(g.norm()) > 0.05                                    # clipping is active
+        clipped.append(g * min(1.0, 0.05 / float(g.norm())))
+    assert torch.allclose(start - out, torch.stack(clipped).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+def test_dp_sgd_noise_has_the_configured_std(algorithm):
+    # lr 1, zero-effect clipping (tiny clip): the step is almost pure noise, std z C / batch
+    cfg = small_config(algorithm, local={"steps": 1, "batch_size": 16, "lr": 1.0})
+    cfg["privacy"] = {"dp": {**SAMPLE, "clip_norm": 1e-3, "noise_multiplier": 50.0}}
+    exp = build_experiment(config.validate(cfg))
+    start = exp.init_params.reshape(-1, exp.spec.numel)[:1].expand(8, -1)
+    step = start - exp.trainer.train(start, np.arange(8), 1).params
+    std = float(step.double().std())
+    target = 50.0 * 1e-3 / 16
+    assert abs(std - target) < 0.02 * target
+
+
+def test_epsilon_is_the_accountants_value(tmp_path):
+    cfg = _fedavg(rounds=5, client_fraction=0.25)
+    cfg["privacy"] = {"dp": {**CLIENT, "noise_multiplier": 1.3, "delta": 1e-4}}
+    summary, rows, _ = _run(cfg, tmp_path / "client")
+    acc = RDPAccountant()
+    acc.history = [(1.3, 2 / 8, 5)]
+    assert summary["dp_epsilon"] == acc.get_epsilon(1e-4) and summary["dp_delta"] == 1e-4
+    assert float(rows[-1]["epsilon"]) == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
+    acc.history = [(1.3, 2 / 8, 2)]
+    assert float(rows[2]["epsilon"]) == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
+
+    cfg = small_config("fedavg", stop={"rounds": 2})
+    cfg["privacy"] = {"dp": SAMPLE}
+    summary, _, _ = _run(cfg, tmp_path / "sample")
+    exp = build_experiment(config.validate(cfg))
+    sizes = exp.trainer.sizes
+    expected = []
+    for size in np.unique(sizes):
+        acc = RDPAccountant()
+        acc.history = [(1.0, 16 / size, 2 * -(-int(size) // 16))]
+        expected.append(acc.get_epsilon(1e-5))
+    assert summary["dp_epsilon"] == pytest.approx(max(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("dp", [{**CLIENT, "noise": "clients"}, SAMPLE])
+def test_dp_runs_are_deterministic_and_resume_exactly(tmp_path, dp):
+    cfg = _fedavg(rounds=4, client_fraction=0.5)
+    cfg["privacy"] = {"dp": dp}
+    rest = run_split(cfg, tmp_path, split=2, total=4)
+    assert rest.driver.dp_ledger.epsilon() > 0
+    rest.run()
+    a, b = (tmp_path / "a/metrics.csv").read_bytes(), (tmp_path / "b/metrics.csv").read_bytes()
+    assert a == b and b"epsilon" in a
+
+
+def test_dp_sgd_trains_decentralized_algorithms(tmp_path):
+    cfg = small_config("dpsgd", stop={"rounds": 2})
+    _, _, plain = _run(cfg, tmp_path / "plain")
+    cfg["privacy"] = {"dp": {**SAMPLE, "clip_norm": 1e6, "noise_multiplier": 0.0}}
+    _, _, same = _run(cfg, tmp_path / "same")
+    cfg["privacy"] = {"dp": SAMPLE}
+    _, _, noisy = _run(cfg, tmp_path / "noisy")
+    assert torch.allclose(plain, same, atol=1e-4) and not torch.allclose(plain, noisy, atol=1e-3)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"privacy": {"dp": {**CLIENT, "clip_norm": -1.0}}}, "privacy.dp.clip_norm"),
+    ({"privacy": {"dp": {**CLIENT, "delta": 1.0}}}, "privacy.dp.delta"),
+    ({"privacy": {"dp": {**SAMPLE, "noise": "clients"}}}, "privacy.dp"),
+    ({"privacy": {"dp": CLIENT}, "algorithm": {"name": "scaffold"}}, "privacy.dp.level"),
+    ({"privacy": {"dp": CLIENT},
+      "algorithm": {"name": "fedavg", "params": {"aggregator": "median"}}}, "privacy.dp.level"),
+    ({"privacy": {"dp": CLIENT}, "algorithm": {"name": "dpsgd"}, "topology": {"name": "ring"}},
+     "privacy.dp.level"),
+    ({"privacy": {"dp": SAMPLE}, "local": {"epochs": 1, "batch_size": 16, "lr": 0.1, "sam_rho": 0.05}},
+     "privacy.dp"),
+])
+def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, change, field):
+    cfg = small_config("fedavg", stop={"rounds": 1})
+    cfg.update(change)
+    code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{field}:" in err[0], err
+
+
+def test_the_runtime_refuses_dp_in_one_line(write_config, tmp_path, capsys):
+    cfg = small_config("fedavg", stop={"rounds": 1}, privacy={"dp": CLIENT})
+    code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "privacy.dp: " in err[0], err
