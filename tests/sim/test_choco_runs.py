@@ -7,30 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from gossamer import config, wire
+from gossamer import wire
 from gossamer.cli import main
-from gossamer.sim.drivers import driver_for
-from gossamer.sim.experiment import build_experiment
-from tests.conftest import run_split, small_config
+from tests.conftest import run_split
+from tests.sim.test_dpsgd_variants_runs import _cfg as dpsgd_cfg
+from tests.sim.test_dpsgd_variants_runs import _driver, _rounds
 
 TOPK = {"compressor": "topk", "compressor_params": {"density": 0.1}, "gamma": 0.3}
 
 
 def _cfg(params=None, name="choco", **overrides):
-    cfg = small_config("dpsgd", **overrides)
-    cfg["algorithm"] = {"name": name, "params": params or {}}
-    return cfg
-
-
-def _driver(cfg):
-    exp = build_experiment(config.validate(cfg))
-    return driver_for(exp.algorithm.pattern)(exp)
-
-
-def _rounds(driver, k):
-    for _ in range(k):
-        driver.run_round()
-    return driver
+    return dpsgd_cfg(params, name, **overrides)
 
 
 @pytest.mark.parametrize("params", [{}, {"gossip_steps": 2}])

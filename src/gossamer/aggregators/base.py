@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 
 import torch
 
+from gossamer.checks import as_int  # noqa: F401  (re-exported for the parts)
 from gossamer.registry import Registry
 
 Aggregator = Callable[..., torch.Tensor]
@@ -49,19 +49,6 @@ def aggregate(
 
 
 # ---------------------------------------------------------------- parameter checks
-
-
-def as_int(name: str, value, lo: int | None = None) -> int:
-    """``value`` as an int (bools refused) that is at least ``lo``; one-line error otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return v
 
 
 def as_float(name: str, value, *, positive: bool = False) -> float:

@@ -25,7 +25,6 @@ the message header (sender id and round). Byte layouts are little-endian; see
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from gossamer import rng
+from gossamer.checks import as_int  # noqa: F401  (re-exported for the parts)
 from gossamer.registry import Registry
 
 
@@ -179,20 +179,6 @@ def row_uniform(seed: int, keys: np.ndarray, tag: int, numel: int, *extra: int,
 
 
 # ---------------------------------------------------------------- parameter checks
-
-
-def as_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]`` (bools refused); one-line ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    return v
 
 
 def as_density(name: str, value: Any) -> float:

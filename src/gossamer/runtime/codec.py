@@ -126,18 +126,24 @@ def read_raw_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, t
     return read_model((parse(schema.Frame, data) for data in chunks), **kwargs)
 
 
-def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, torch.Tensor, int]:
-    """:func:`read_raw_model`, also returning the bytes received (for honest byte counts)."""
-    size = 0
+class Counted:
+    """Raw chunks passed through unchanged while ``size`` sums their bytes (what was really
+    received, for honest byte counts)."""
 
-    def counted() -> Iterator[bytes]:
-        nonlocal size
-        for chunk in chunks:
-            size += len(chunk)
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks, self.size = chunks, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.size += len(chunk)
             yield chunk
 
-    meta, tensor = read_raw_model(counted(), **kwargs)
-    return meta, tensor, size
+
+def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, torch.Tensor, int]:
+    """:func:`read_raw_model`, also returning the bytes received (for honest byte counts)."""
+    counted = Counted(chunks)
+    meta, tensor = read_raw_model(iter(counted), **kwargs)
+    return meta, tensor, counted.size
 
 
 def frames_size(frames: Iterable[object]) -> int:

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from gossamer.runtime import schema
-from gossamer.runtime.codec import Limits, WireError, check_meta, model_frames, parse, read_model
+from gossamer.runtime.codec import (
+    Counted,
+    Limits,
+    WireError,
+    check_meta,
+    model_frames,
+    parse,
+    read_model,
+)
 
 KIND_MODEL, KIND_DONE, KIND_VISITS, KIND_ABORT = 1, 3, 4, 5
 
@@ -89,15 +97,8 @@ class _Messages:
 
 def read_message(chunks: Iterable[bytes], expect: Expect) -> tuple[Any, Token | None, int]:
     """Validate a pushed token or notice: ``(meta, token or None, bytes received)``."""
-    size = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal size
-        for chunk in chunks:
-            size += len(chunk)
-            yield chunk
-
-    stream = _Messages(parse(schema.Frame, c) for c in counted())
+    counted = Counted(chunks)
+    stream = _Messages(parse(schema.Frame, c) for c in counted)
     first = stream.next()
     head = next(first, None) if first is not None else None
     if head is None or head.WhichOneof("body") != "meta":
@@ -111,7 +112,7 @@ def read_message(chunks: Iterable[bytes], expect: Expect) -> tuple[Any, Token | 
             raise WireError("a notice carries no payload")
         if value >= (expect.num_nodes if kind == KIND_ABORT else expect.tokens):
             raise WireError(f"notice about an unknown {'peer' if kind == KIND_ABORT else 'token'}")
-        return meta, None, size
+        return meta, None, counted.size
     if kind != KIND_MODEL or value >= expect.tokens or not 1 <= hops <= expect.rounds:
         raise WireError(f"no token {value} at hop {hops} (kind {kind}) in this run")
     _, params = read_model(_chain(head, first), expected_numel=expect.numel,
@@ -131,7 +132,7 @@ def read_message(chunks: Iterable[bytes], expect: Expect) -> tuple[Any, Token | 
         extra = stream.next()
     if extra is not None:
         raise WireError("unexpected extra message")
-    return meta, Token(value, hops, params.float().clone().reshape(1, -1), visits), size
+    return meta, Token(value, hops, params.float().clone().reshape(1, -1), visits), counted.size
 
 
 def _chain(head: Any, rest: Iterator[Any]) -> Iterator[Any]:
