@@ -488,6 +488,9 @@ class CompressionConfig(_Strict):
 
     uplink: CompressorConfig | None = None
     feedback: Literal["none", "ef", "ef21", "dgc"] = "none"
+    # the server's broadcast: each client keeps an estimate of the global model and receives
+    # the compressed difference (EF21-P style); clients train from their estimate
+    downlink: CompressorConfig | None = None
     # feedback: dgc (Deep Gradient Compression on each round's update; uplink must be topk):
     momentum: float = Field(0.9, ge=0, lt=1)          # momentum correction factor
     clip_norm: float | None = Field(None, gt=0)       # local clipping of each update's norm
@@ -508,19 +511,31 @@ class DPConfig(_Strict):
     of std ``noise_multiplier * clip_norm`` is added to their sum, by the server (``noise:
     server``) or in shares by the clients (``noise: clients``). ``level: sample`` is DP-SGD in
     local training (Abadi et al. 2016, arXiv:1607.00133). Epsilon at ``delta`` comes from
-    opacus' ``accountant``."""
+    opacus' ``accountant``. ``mechanism: rqm`` (client level) replaces clipping and noise by
+    the Randomized Quantization Mechanism (Youn et al. 2023, arXiv:2306.11913) on every update
+    coordinate: ``clip_norm`` is then the per-coordinate bound ``c``, with ``levels``, ``q`` and
+    ``extension`` (the paper's Delta); its epsilon is exact RDP composed over coordinates and
+    rounds."""
 
     level: Literal["client", "sample"]
     clip_norm: float = Field(gt=0)
-    noise_multiplier: float = Field(ge=0)
+    noise_multiplier: float | None = Field(None, ge=0)
     noise: Literal["server", "clients"] = "server"
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
+    mechanism: Literal["gaussian", "rqm"] = "gaussian"
+    levels: int = Field(2, ge=2, le=65536)            # rqm: quantization levels m
+    q: float = Field(0.5, gt=0, le=1)                 # rqm: keep probability of interior levels
+    extension: float = Field(1.0, gt=0)               # rqm: the paper's Delta (range beyond c)
 
     @model_validator(mode="after")
     def _noise_is_client_level(self) -> DPConfig:
         if self.level == "sample" and self.noise != "server":
             raise ValueError("noise: clients is for level client (DP-SGD noise is local)")
+        if self.mechanism == "gaussian" and self.noise_multiplier is None:
+            raise ValueError("noise_multiplier is required with mechanism gaussian")
+        if self.mechanism == "rqm" and self.level != "client":
+            raise ValueError("mechanism rqm is client level (each client quantizes its update)")
         return self
 
 

@@ -26,6 +26,7 @@ STREAM_RANDOM_WALK = 20  # random-walk learning: token start nodes and hops
 STREAM_GOSSIP_COMPUTE = 21  # asynchronous gossip: the computation clock of dual-clock nodes
 STREAM_COMPRESS = 22    # compressors: random-k indices, stochastic rounding, PowerSGD init
 STREAM_DP = 23          # differential privacy: Gaussian noise of DP-FedAvg and DP-SGD
+STREAM_ZO = 24          # zeroth-order FL: shared perturbation directions and code rounding
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

@@ -39,4 +39,7 @@ CASES = [
     ("powersgd", {"rank": 2}),
     ("lgreco", {"density": 0.1}),
     ("lgreco", {"density": 0.3, "candidates": [0.05, 0.6, 1.0], "bins": 50}),
+    ("rqm", {"c": 1.0, "levels": 5, "q": 0.4, "extension": 0.5}),   # 3-bit indices
+    ("rqm", {"c": 0.5, "levels": 2, "q": 1.0}),                       # endpoints only, 1 bit
+    ("rqm", {"c": 2.0, "levels": 256, "q": 0.1, "extension": 0.0}),   # 8-bit indices
 ]

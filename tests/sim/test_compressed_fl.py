@@ -167,3 +167,67 @@ def test_dgc_needs_topk(write_config, tmp_path, capsys):
     code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "compression: feedback dgc sparsifies with top-k" in err[0], err
+
+
+# --- the broadcast ----------------------------------------------------------------------------
+def test_an_identity_broadcast_changes_nothing_but_rounding(tmp_path):
+    """A client's copy is updated as ``copy + (x - copy)``, equal to x up to float rounding."""
+    import csv
+
+    cfg = small_config("fedavg", stop={"rounds": 3})
+    cfg["algorithm"]["params"] = {"client_fraction": 0.5}
+    plain = _run(cfg, tmp_path / "plain")
+    cfg["compression"] = {"downlink": {"name": "none"}}
+    same = _run(cfg, tmp_path / "none")
+    assert plain["bytes_received_total"] == same["bytes_received_total"]
+    assert plain["sim_time_s"] == same["sim_time_s"]
+    rows = [list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("plain", "none")]
+    for a, b in zip(*rows, strict=True):
+        assert float(a["test_loss"]) == pytest.approx(float(b["test_loss"]), rel=1e-5)
+
+
+def test_clients_receive_the_compressed_difference_to_their_copy_and_train_from_it():
+    cfg = small_config("fedavg", stop={"rounds": 3},
+                       compression={"downlink": {"name": "quantize", "params": {"bits": 8}}})
+    cfg["algorithm"]["params"] = {"client_fraction": 0.5}
+    exp = build_experiment(config.validate(cfg))
+    driver = SyncFLDriver(exp)
+    numel = exp.spec.numel
+    per_client = wire.HEADER_BYTES + build_compressor("quantize", {"bits": 8}).nominal_bytes(numel)
+    seen, real_train = {}, exp.trainer.train
+
+    def spy(rows, nodes, key, **kw):
+        seen["rows"], seen["nodes"] = rows.clone(), np.asarray(nodes)
+        return real_train(rows, nodes, key, **kw)
+
+    exp.trainer.train = spy
+    for r in range(3):
+        before, global_before = driver.estimate.clone(), driver.state.params.clone()
+        down_before = driver.bytes_down
+        driver.run_round()
+        ids = seen["nodes"]
+        assert driver.bytes_down - down_before == len(ids) * per_client
+        others = np.setdiff1d(np.arange(exp.num_nodes), ids)
+        assert torch.equal(driver.estimate[others], before[others])       # nobody else moved
+        # the selected trained from their (updated) copy, which is close to, not equal to, x
+        assert torch.equal(seen["rows"], driver.estimate[torch.from_numpy(ids)])
+        gap = (driver.estimate[torch.from_numpy(ids)] - global_before).abs().max()
+        assert gap < 0.05 and (r == 0 or gap > 0)     # round 1: x is still the shared init
+
+
+def test_compressed_broadcast_and_uploads_resume_identically(tmp_path):
+    cfg = small_config("fedavg", stop={"rounds": 6}, compression={
+        **TOPK_EF, "downlink": {"name": "topk", "params": {"density": 0.1}}})
+    cfg["algorithm"]["params"] = {"client_fraction": 0.5}
+    run_split(cfg, tmp_path, split=3, total=6).run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "fedprox", "params": {"prox_mu": 0.1}}, {"name": "scaffold"}])
+def test_broadcast_compression_refuses_algorithms_that_need_the_exact_model(
+        write_config, tmp_path, capsys, algorithm):
+    cfg = small_config("fedavg", stop={"rounds": 1}, compression={"downlink": {"name": "quantize"}})
+    cfg["algorithm"] = algorithm
+    code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "compression.downlink: " in err[0], err

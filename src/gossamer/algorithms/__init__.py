@@ -22,6 +22,7 @@ from gossamer.algorithms.fl.fedavg import (
 )
 from gossamer.algorithms.fl.fedcompass import FedCompass
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
+from gossamer.algorithms.fl.zo import ZOFedAvg
 from gossamer.registry import Registry
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
@@ -50,5 +51,6 @@ ALGORITHMS.register("afa_cd")(AFACD)
 ALGORITHMS.register("afa_cs")(AFACS)
 ALGORITHMS.register("random_walk")(RandomWalk)
 ALGORITHMS.register("srrw")(SRRW)
+ALGORITHMS.register("zo_fedavg")(ZOFedAvg)
 
 __all__ = ["ALGORITHMS", "Algorithm", "DPSGD", "FedAvg", "GossipLearning", "MoDeST"]

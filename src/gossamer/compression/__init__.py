@@ -1,7 +1,7 @@
 """Compressors over stacked rows ``[N, P]``, selectable by name, exact about bytes.
 
 Registered (see ``docs/compression.md``): ``none``, ``topk``, ``randk``, ``threshold``,
-``qsgd``, ``quantize``, ``sign``, ``powersgd``, ``lgreco``. Stateful schemes are pure
+``qsgd``, ``quantize``, ``sign``, ``powersgd``, ``lgreco``, ``rqm``. Stateful schemes are pure
 functions over caller-held memory: :func:`error_feedback`, :func:`ef21` and :func:`dgc_step`.
 """
 
@@ -12,11 +12,12 @@ from gossamer.compression.feedback import ef21, ef21_receive, error_feedback
 from gossamer.compression.powersgd import PowerSGD
 from gossamer.compression.qsgd import QSGD
 from gossamer.compression.quantize import Quantize, ScaledSign
+from gossamer.compression.rqm import RQM
 from gossamer.compression.sparse import Identity, RandK, Threshold, TopK
 
 __all__ = [
     "COMPRESSORS", "Compressor", "DGCStep", "Encoded", "Identity", "LGreCo", "PowerSGD", "QSGD",
-    "Quantize", "RandK", "ScaledSign", "Threshold", "TopK", "build_compressor",
+    "Quantize", "RQM", "RandK", "ScaledSign", "Threshold", "TopK", "build_compressor",
     "choose_assignment", "dgc_density", "dgc_nominal_bytes", "dgc_step", "ef21", "ef21_receive",
     "error_feedback",
 ]

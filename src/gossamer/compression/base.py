@@ -140,6 +140,7 @@ TAG_RANDK = 1
 TAG_QSGD = 2
 TAG_QUANTIZE = 3
 TAG_POWERSGD = 4
+TAG_RQM = 5
 
 
 def _signed(value: int) -> int:

@@ -60,8 +60,12 @@ def retry(call: Callable[[], T], *, deadline_s: float, max_backoff_s: float,
 def refuse_simulator_only(cfg) -> None:
     """One-line refusal of config sections the runtime does not run yet (instead of silently
     running without them)."""
+    from gossamer.algorithms import ALGORITHMS
     from gossamer.config import ConfigError
 
+    if ALGORITHMS.get(cfg.algorithm.name).pattern == "zo_fl":
+        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} (zo_fl) runs in the simulator "
+                          "only so far; use `gossamer run`")
     if cfg.compression.uplink is not None:
         raise ConfigError("compression.uplink", "upload compression runs in the simulator only so "
                           "far; real clients would upload uncompressed (remove it for launch)")

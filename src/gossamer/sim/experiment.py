@@ -54,6 +54,7 @@ class Experiment:
     dynamic: DynamicTopology | None = None   # a graph per round; then `topology` is the union
                                              # of its first window and `mixing` is None
     uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
+    downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
 
     @property
     def num_nodes(self) -> int:
@@ -179,6 +180,9 @@ def _check_privacy(exp: Experiment) -> None:
     if cfg.compression.uplink is not None:
         raise ConfigError("privacy.dp.level", "client-level DP does not combine with upload "
                           "compression yet")
+    if dp.mechanism == "rqm" and cfg.privacy.secure_aggregation is not None:
+        raise ConfigError("privacy.dp.mechanism", "rqm uploads are level indices, not ring "
+                          "elements; it does not combine with secure aggregation")
 
 
 def _attach_compression(exp: Experiment) -> None:
@@ -187,6 +191,18 @@ def _attach_compression(exp: Experiment) -> None:
 
     cfg, algorithm = exp.cfg, exp.algorithm
     comp = cfg.compression
+    if comp.downlink is not None:
+        if algorithm.pattern != "sync_fl":
+            raise ConfigError("compression.downlink", f"broadcast compression runs with synchronous "
+                              f"FL algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
+        if (algorithm.download_vectors != 1 or getattr(algorithm, "prox_mu", 0)
+                or getattr(algorithm, "momentum_beta", None) is not None
+                or algorithm.client_state_vectors or hasattr(algorithm, "anchors")):
+            raise ConfigError("compression.downlink", f"{cfg.algorithm.name} sends clients more than "
+                              "the model, or uses the global model in local training; broadcast "
+                              "compression supports FedAvg and the server optimizers")
+        with _user_error("compression.downlink.params"):
+            exp.downlink = build_compressor(comp.downlink.name, comp.downlink.params, spec=exp.spec)
     if comp.uplink is None:
         if comp.feedback != "none":
             raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")

@@ -333,6 +333,27 @@ class BatchedTrainer:
             view.copy_(g)
         return out, per_node.detach()
 
+    @torch.no_grad()
+    def batch_losses(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray,
+                     budget: int = 1 << 24) -> torch.Tensor:
+        """Forward only: row ``r`` of ``params`` ``[R, P]``'s mean loss on the samples
+        ``idx[r]`` ``[R, n]`` where ``valid[r]`` (0 for a row without samples), ``[R]`` float64.
+
+        One stacked forward per chunk of rows, chunks bounded by ``budget`` input values plus
+        parameter values (zeroth-order training: two evaluations per perturbation)."""
+        rows, n = idx.shape
+        per_row = n * max(1, self.x[0].numel()) + self.spec.numel
+        chunk = max(1, budget // per_row)
+        out = torch.zeros(rows, dtype=torch.float64)
+        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(np.ascontiguousarray(valid))
+        for s in range(0, rows, chunk):
+            e = min(rows, s + chunk)
+            weight = valid_t[s:e].to(params.dtype)
+            leaves = list(self.spec.views(params[s:e]).values())
+            xb, yb = self.x[idx_t[s:e]], self.y[idx_t[s:e]]
+            out[s:e] = self._per_node_loss(leaves, xb, yb, weight, weight.sum(1)).double()
+        return out
+
     def _objective_views(self, objective: LocalObjective, kernel: DenseKernel | None
                          ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per-leaf ``(anchor, correction)`` views in the layout the training path uses."""

@@ -15,6 +15,7 @@ _DRIVERS = {
     "random_walk": "gossamer.sim.drivers.random_walk:RandomWalkDriver",
     "gradient_tracking": "gossamer.sim.drivers.gradient_tracking:GradientTrackingDriver",
     "choco": "gossamer.sim.drivers.choco:ChocoDriver",
+    "zo_fl": "gossamer.sim.drivers.zo_fl:ZOFLDriver",
 }
 
 

@@ -49,9 +49,26 @@ class SyncFLDriver(Driver):
                 self.momentum = torch.zeros(exp.num_nodes, numel)
                 self.up_bytes = None                     # set per round (the warm-up's density)
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
+        self.downlink = exp.downlink
+        self.estimate: torch.Tensor | None = None        # each client's copy of the global model
+        if self.downlink is not None:
+            init = exp.init_params.reshape(-1)
+            self.estimate = init.expand(exp.num_nodes, -1).clone()
         self.accounting = FLAccounting(exp.num_nodes)
         self.dp, self.dp_ledger = exp.cfg.privacy.dp, None
-        if self.dp is not None:                         # differential privacy (docs/privacy.md)
+        self.rqm = None
+        if self.dp is not None and self.dp.mechanism == "rqm":   # RQM uploads (docs/privacy.md)
+            from gossamer.compression.rqm import RQM
+            from gossamer.privacy.rqm import RQMLedger
+
+            dp = self.dp
+            self.rqm = RQM(c=dp.clip_norm, levels=dp.levels, q=dp.q, extension=dp.extension)
+            self.dp_ledger = RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels,
+                                       q=dp.q, coordinates=numel, delta=dp.delta,
+                                       num_clients=exp.num_nodes)
+            self.up_bytes = wire.HEADER_BYTES + self.rqm.nominal_bytes(numel)
+            self.columns = self.columns + ["epsilon"]
+        elif self.dp is not None:                       # differential privacy (docs/privacy.md)
             from gossamer.privacy import DPLedger
 
             self.dp_ledger = DPLedger(self.dp.level, self.dp.noise_multiplier, self.dp.delta,
@@ -97,14 +114,20 @@ class SyncFLDriver(Driver):
             self._idle_round(r)
             return
         server, system = exp.num_nodes, exp.system                 # the server's id in fault keys
-        down_s = system.download_s(ids, self.down_bytes)
+        down_bytes, decoded = self.down_bytes, None
+        if self.downlink is not None:                               # compressed broadcast
+            down_bytes, decoded = self._broadcast(ids, r)
+        down_s = system.download_s(ids, down_bytes)
         received = np.ones(len(ids), dtype=bool)
         if faults.enabled:                                          # 2r: downlink, 2r+1: uplink
             to = np.full(len(ids), server)
             received = ~faults.lost(2 * r, to, ids)
             down_s = down_s + faults.extra_delay(2 * r, to, ids)
-        self.bytes_down += len(ids) * self.down_bytes
-        self.accounting.download(ids, self.down_bytes)
+        if decoded is not None:     # acknowledged deliveries move both copies of the estimate
+            self.estimate[torch.from_numpy(ids[received])] += decoded[torch.from_numpy(received)]
+        sent_down = int(np.sum(np.broadcast_to(down_bytes, len(ids))))
+        self.bytes_down += sent_down
+        self.accounting.download(ids, down_bytes)
         # every client that got the payload: arrival times from the schedule, before training
         got = ids[received]
         self.round_clients = got                                    # secure aggregation's U1
@@ -155,7 +178,7 @@ class SyncFLDriver(Driver):
             self.state = ServerState(self.state.params, r, self.state.extra)
         if not received.any():
             round_s = float(down_s.max())
-        self.sim_time += round_s + system.server_fanout_s(len(ids) * self.down_bytes) \
+        self.sim_time += round_s + system.server_fanout_s(sent_down) \
             + system.server_fanout_s(int(self.sent_up.sum()))
         self.round = r
 
@@ -191,8 +214,14 @@ class SyncFLDriver(Driver):
         cstate = self.client_state[trained] if self.client_state is not None else None
         with self.timer("train_s"):
             objective = algo.local_objective(payload, cstate)
-            result = exp.trainer.train(start.expand(len(trained), -1), trained, r, objective=objective)
+            starts = start.expand(len(trained), -1)
+            if self.estimate is not None:          # clients start from their copy of the model
+                starts = self.estimate[torch.from_numpy(trained)]
+            result = exp.trainer.train(starts, trained, r, objective=objective)
             uploads, new_state = algo.client_update(result.params, payload, cstate, result.steps, lr)
+            if self.estimate is not None:          # the server applies each update to its model
+                uploads = uploads.clone()
+                uploads[:, : exp.spec.numel] += start - starts
             if new_state is not None and self.client_state is not None:
                 self.client_state[trained] = new_state
             if exp.adversary.model_attack:
@@ -214,6 +243,16 @@ class SyncFLDriver(Driver):
                                         result.steps[delivered], lr)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
+
+    def _broadcast(self, ids: np.ndarray, r: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Compressed broadcast: each selected client gets ``C(x - estimate_i)``; returns the
+        per-client download sizes and the decoded differences (applied on delivery)."""
+        numel = self.exp.spec.numel
+        diff = self.state.params.reshape(1, -1) - self.estimate[torch.from_numpy(ids)]
+        keys = ids.astype(np.int64) * (1 << 32) + (1 << 31) + r    # apart from the uploads' keys
+        enc = self.downlink.compress(diff, seed=self.exp.cfg.seed, keys=keys)
+        sizes = wire.HEADER_BYTES + enc.nbytes + 4 * numel * (self.algorithm.download_vectors - 1)
+        return sizes, self.downlink.decompress(enc)
 
     def _compress_uploads(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
                           r: int) -> torch.Tensor:
@@ -253,6 +292,14 @@ class SyncFLDriver(Driver):
         the clients the round selected); sample level: count the DP-SGD steps taken."""
         if self.dp.level == "sample":
             self.dp_ledger.sample_steps(trained, steps)
+            return uploads
+        if self.rqm is not None:       # every trained client sends its update RQM-quantized
+            numel = self.exp.spec.numel
+            keys = trained.astype(np.int64) * (1 << 32) + r
+            enc = self.rqm.compress(uploads[:, :numel] - start, seed=self.exp.cfg.seed, keys=keys)
+            uploads = uploads.clone()
+            uploads[:, :numel] = start + self.rqm.decompress(enc)
+            self.dp_ledger.released(trained)
             return uploads
         from gossamer.privacy import dp_fedavg_updates
 
@@ -359,6 +406,7 @@ class SyncFLDriver(Driver):
                      client_state=None if self.client_state is None else self.client_state.clone(),
                      compression_memory=None if self.memory is None else self.memory.clone(),
                      compression_momentum=None if self.momentum is None else self.momentum.clone(),
+                     client_estimates=None if self.estimate is None else self.estimate.clone(),
                      accounting=_to_tensor(self.accounting.state_dict()))
         if self.dp_ledger is not None:
             state["dp_ledger"] = self.dp_ledger.state_dict()
@@ -380,6 +428,8 @@ class SyncFLDriver(Driver):
             self.memory = state["compression_memory"].clone()
         if state.get("compression_momentum") is not None:
             self.momentum = state["compression_momentum"].clone()
+        if state.get("client_estimates") is not None:
+            self.estimate = state["client_estimates"].clone()
         if self.dp_ledger is not None and state.get("dp_ledger") is not None:
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
