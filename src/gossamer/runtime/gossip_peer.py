@@ -175,12 +175,7 @@ class GossipPeer:
     def _gap(self, k: int, compute: bool = False) -> float:
         """Gap from the k-th tick to the next of the exchange (or computation) clock: the
         simulator's counter-based draw, exponential or periodic with a random phase."""
-        stream = rng.STREAM_GOSSIP_COMPUTE if compute else rng.STREAM_GOSSIP
-        period = self.algorithm.compute_period_s if compute else self.algorithm.period_s
-        u = rng.uniform_scalar(self.cfg.seed, stream, self.node, k, 0)
-        if self.algorithm.poisson:
-            return -math.log1p(-u) * period
-        return u * period if k == 0 else period
+        return self.algorithm.clock_gap(self.cfg.seed, self.node, k, compute=compute)
 
     def _exchange(self, k: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
         if not self.neighbors:

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
+from gossamer import rng
 from gossamer.algorithms.base import Algorithm
 
 if TYPE_CHECKING:
@@ -111,6 +113,32 @@ class GossipLearning(Algorithm):
             raise ValueError("period_s must be > 0")
         if self.compute_period_s <= 0:
             raise ValueError("compute_period_s must be > 0")
+
+    # --- the clocks: pure functions of (seed, node, tick), shared by simulator and peers ------
+    def _clock(self, compute: bool) -> tuple[int, float]:
+        """(random stream, mean gap) of the exchange or the computation clock."""
+        if compute:
+            return rng.STREAM_GOSSIP_COMPUTE, self.compute_period_s
+        return rng.STREAM_GOSSIP, self.period_s
+
+    def _gap_from(self, u: float, k: int, period: float) -> float:
+        if self.poisson:
+            return -math.log1p(-u) * period
+        return u * period if k == 0 else period      # periodic, after a random phase
+
+    def clock_gap(self, seed: int, node: int, k: int, *, compute: bool = False) -> float:
+        """Gap from a node's k-th tick of its exchange (or computation) clock to the next:
+        exponential with mean ``period_s`` (``compute_period_s``), or with ``poisson: false``
+        the period after a phase uniform in [0, period)."""
+        stream, period = self._clock(compute)
+        return self._gap_from(rng.uniform_scalar(seed, stream, node, k, 0), k, period)
+
+    def clock_gaps(self, seed: int, nodes: np.ndarray, ks: np.ndarray, *,
+                   compute: bool = False) -> list[float]:
+        """:meth:`clock_gap` for many (node, k) at once: the same values, one vectorized draw."""
+        stream, period = self._clock(compute)
+        u = rng.uniform(seed, stream, nodes, ks, 0).tolist()
+        return [self._gap_from(x, k, period) for x, k in zip(u, np.asarray(ks).tolist(), strict=True)]
 
     def merge_models(self, own: torch.Tensor, own_age: torch.Tensor, received: torch.Tensor,
                      received_age: torch.Tensor, spec: ParamSpec | None = None

@@ -92,27 +92,13 @@ class GossipDriver(SyncDLDriver):
         self.seq += 1
         heapq.heappush(self.heap if target is None else target, (t, self.seq, kind, node, a, b))
 
-    def _clock(self, kind: int) -> tuple[int, float]:
-        """(random stream, mean gap) of the communication (WAKE) or computation (TICK) clock."""
-        if kind == WAKE:
-            return rng.STREAM_GOSSIP, self.period
-        return rng.STREAM_GOSSIP_COMPUTE, self.exp.algorithm.compute_period_s
-
     def _gap(self, kind: int, node: int, k: int) -> float:
-        """Gap from a node's k-th clock tick to its next: exponential, or periodic with a random phase."""
-        stream, period = self._clock(kind)
-        u = rng.uniform_scalar(self.exp.cfg.seed, stream, node, k, 0)
-        if self.exp.algorithm.poisson:
-            return -math.log1p(-u) * period
-        return u * period if k == 0 else period
+        """Gap from a node's k-th clock tick to its next (the algorithm's clock rule)."""
+        return self.exp.algorithm.clock_gap(self.exp.cfg.seed, node, k, compute=kind == TICK)
 
     def _gaps(self, kind: int, nodes: np.ndarray, ks: np.ndarray) -> list[float]:
         """:meth:`_gap` for many (node, k) at once (the same values: one vectorized draw)."""
-        stream, period = self._clock(kind)
-        u = rng.uniform(self.exp.cfg.seed, stream, nodes, ks, 0).tolist()
-        if self.exp.algorithm.poisson:
-            return [-math.log1p(-x) * period for x in u]
-        return [x * period if k == 0 else period for x, k in zip(u, ks.tolist(), strict=True)]
+        return self.exp.algorithm.clock_gaps(self.exp.cfg.seed, nodes, ks, compute=kind == TICK)
 
     def _due_gaps(self, due: list[tuple], kind: int) -> dict[int, float]:
         """Next gaps of the clock ticks of ``kind`` in a window, drawn at once: node -> gap.
