@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(func=cmd_compare)
     sub.add_parser("certs", help="generate a self-signed CA and node certificates "
                    "(gossamer certs --help)")
+    sub.add_parser("tokens", help="generate a node secret and per-node tokens that bind node ids "
+                   "(gossamer tokens --help)")
     return parser
 
 
@@ -322,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         from gossamer.runtime.security import certs_main
 
         return certs_main(argv[1:])
+    if argv[:1] == ["tokens"]:
+        from gossamer.runtime.security import tokens_main
+
+        return tokens_main(argv[1:])
     args = build_parser().parse_args(argv)
     from gossamer.config import ConfigError
 

@@ -287,7 +287,14 @@ class OutputConfig(_Strict):
 
 
 class SecuritySection(_Strict):
-    """Transport security of the runtime: TLS (optionally mutual) and a shared token."""
+    """Transport security of the runtime: TLS (optionally mutual) and tokens.
+
+    ``token``/``token_file``: one bearer token shared by every node (membership only: the
+    node ids it claims are not bound). ``node_tokens_dir``: a folder from ``gossamer tokens``;
+    the server reads ``node-secret`` there, client ``i`` reads ``node-<i>.token``, and each
+    token is valid for its own node id only. Client certificates whose common name is
+    ``node-<i>`` bind node ``i`` the same way (docs/runtime.md, threat model). A token
+    without TLS needs ``allow_insecure: true``."""
 
     tls: bool = False
     ca: str | None = None
@@ -296,6 +303,8 @@ class SecuritySection(_Strict):
     require_client_cert: bool = False
     token: str | None = None
     token_file: str | None = None
+    node_tokens_dir: str | None = None
+    allow_insecure: bool = False
 
     @model_validator(mode="after")
     def _complete(self) -> SecuritySection:
@@ -305,11 +314,26 @@ class SecuritySection(_Strict):
             raise ValueError("require_client_cert needs tls")
         if self.token is not None and self.token_file is not None:
             raise ValueError("set token or token_file, not both")
+        if self.node_tokens_dir is not None and (self.token is not None or self.token_file is not None):
+            raise ValueError("node_tokens_dir replaces the shared token; set one of them")
+        tokens = self.token is not None or self.token_file is not None or self.node_tokens_dir is not None
+        if tokens and not self.tls and not self.allow_insecure:
+            raise ValueError("a token without tls travels in clear text; set tls: true, or "
+                             "allow_insecure: true on a trusted network")
         return self
 
 
 class RuntimeConfig(_Strict):
-    """Real deployment (``gossamer server | client | launch``): addresses, timeouts, limits."""
+    """Real deployment (``gossamer server | client | launch``): addresses, timeouts, limits.
+
+    ``min_clients``: joined clients to wait for before the first round (default all).
+    ``min_participants``: the fewest accepted uploads a round (or, in asynchronous FL, the
+    run) may proceed with; a round short of it is redone, and after ``quorum_timeout_s``
+    without enough uploads the run fails (exit code 3). ``upload_timeout_s`` bounds every
+    upload and task stream; ``max_inflight_per_client`` bounds a client's concurrent calls;
+    ``max_client_samples`` bounds the sample count a client may claim (the server also
+    refuses counts above the shard it knows); after ``max_rejections`` rejected messages a
+    client is refused for the rest of the run."""
 
     server: str = "127.0.0.1:50051"
     run_id: str = "gossamer"
@@ -321,6 +345,12 @@ class RuntimeConfig(_Strict):
     chunk_bytes: int = Field(1 << 20, ge=1024)
     retry_max_s: float = Field(5.0, gt=0)
     threads_per_process: int | None = Field(None, ge=1)
+    min_participants: int = Field(1, ge=1)
+    quorum_timeout_s: float = Field(300.0, gt=0)
+    upload_timeout_s: float = Field(60.0, gt=0)
+    max_inflight_per_client: int = Field(2, ge=1)
+    max_client_samples: int | None = Field(None, ge=1)
+    max_rejections: int = Field(3, ge=1)
     security: SecuritySection = Field(default_factory=SecuritySection)
 
 

@@ -183,7 +183,7 @@ def test_oversized_message_is_rejected(write_config, tmp_path, procs):
 
 
 def test_wrong_token_is_rejected(write_config, tmp_path, procs):
-    _, address = _serve_once(write_config, tmp_path, procs, security={"token": "s3cret-token"})
+    _, address = _serve_once(write_config, tmp_path, procs, security={"token": "s3cret-token", "allow_insecure": True})
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as err:
             _put(channel, [], metadata=(("authorization", "Bearer wrong"),))

@@ -24,9 +24,17 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 
 
-def security(cfg: ExperimentConfig) -> SecurityConfig:
+def security(cfg: ExperimentConfig, *, peer: bool = False) -> SecurityConfig:
+    """The checked security settings; ``peer``: for a decentralized peer, which has no server
+    to hold the node secret, so node ids are bound by client certificates only."""
     sec = SecurityConfig(**cfg.runtime.security.model_dump())
     sec.validate()
+    if peer and sec.node_tokens_dir is not None:
+        from gossamer.config import ConfigError
+
+        raise ConfigError("runtime.security.node_tokens_dir", "node tokens are checked by a server "
+                          "holding the node secret; decentralized peers bind node ids with client "
+                          "certificates named node-<id> (require_client_cert)")
     return sec
 
 

@@ -81,7 +81,7 @@ class Peer:
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.listen = listen
-        self.security, self.limits = security(cfg), limits(cfg)
+        self.security, self.limits = security(cfg, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.dynamic = self.exp.dynamic
         if self.dynamic is None:

@@ -41,7 +41,7 @@ class Client:
         self.limits = limits(cfg)
         sec = security(cfg)
         channel = make_channel(server or cfg.runtime.server, sec, grpc_options(cfg))
-        token = sec.resolved_token()
+        token = sec.resolved_token(node_id)
         self.channel = intercept_channel(channel, token) if token else channel
         self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
         self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))

@@ -59,7 +59,7 @@ class GossipPeer:
                               "for synchronous algorithms such as dpsgd")
         self.dual = self.algorithm.clocks == "dual"
         self.listen = listen
-        self.security, self.limits = security(cfg), limits(cfg)
+        self.security, self.limits = security(cfg, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
         init = self.exp.init_params

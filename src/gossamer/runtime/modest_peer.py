@@ -82,7 +82,7 @@ class ModestPeer:
         n = self.exp.num_nodes
         if not 0 <= node_id < n:
             raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
-        self.listen, self.security, self.limits = listen, security(cfg), limits(cfg)
+        self.listen, self.security, self.limits = listen, security(cfg, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.everyone = np.arange(n)                                  # the view: no registry
         self.pool = np.flatnonzero(self.exp.trainer.sizes > 0)       # who can train

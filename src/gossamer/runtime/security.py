@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -217,6 +218,8 @@ class SecurityConfig:
     require_client_cert: bool = False
     token: str | None = None
     token_file: str | None = None
+    node_tokens_dir: str | None = None
+    allow_insecure: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with one line naming the field if the settings do not fit together."""
@@ -234,21 +237,138 @@ class SecurityConfig:
             raise ValueError(f"{FIELD}.token_file: set token or token_file, not both")
         if self.token is not None:
             _check_token(self.token, "token")
+        if self.node_tokens_dir is not None and (self.token is not None or self.token_file is not None):
+            raise ValueError(f"{FIELD}.node_tokens_dir: replaces the shared token; set one of them")
+        has_token = self.token is not None or self.token_file is not None or self.node_tokens_dir
+        if has_token and not self.tls and not self.allow_insecure:
+            raise ValueError(f"{FIELD}.allow_insecure: a token without tls travels in clear text; "
+                             "set tls: true, or allow_insecure: true on a trusted network")
 
-    def resolved_token(self) -> str | None:
-        """The shared token, read from ``token_file`` if given (stripped); None if no token."""
+    @property
+    def binds_identity(self) -> bool:
+        """Whether the channel proves which node a caller is (node tokens or client certs)."""
+        return self.node_tokens_dir is not None or self.require_client_cert
+
+    def resolved_token(self, node: int | None = None) -> str | None:
+        """The bearer token this process presents: node ``node``'s own token with
+        ``node_tokens_dir``, else the shared token (``token_file`` stripped); None if none."""
+        if self.node_tokens_dir is not None:
+            if node is None:
+                return None
+            path = Path(self.node_tokens_dir) / f"node-{node}.token"
+            return _check_token(_read_text(path, "node_tokens_dir"), "node_tokens_dir")
         if self.token is not None:
             return _check_token(self.token, "token")
         if self.token_file is None:
             return None
+        return _check_token(_read_text(Path(self.token_file), "token_file"), "token_file")
+
+    def node_secret(self) -> bytes | None:
+        """The server's secret from which every node token is derived (``node_tokens_dir``)."""
+        if self.node_tokens_dir is None:
+            return None
+        text = _read_text(Path(self.node_tokens_dir) / SECRET_FILE, "node_tokens_dir")
         try:
-            text = Path(self.token_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise ValueError(f"{FIELD}.token_file: cannot read {self.token_file}: {reason}") from None
-        if not text:
-            raise ValueError(f"{FIELD}.token_file: {self.token_file} is empty")
-        return _check_token(text, "token_file")
+            secret = bytes.fromhex(text)
+        except ValueError:
+            secret = b""
+        if len(secret) < 16:
+            raise ValueError(f"{FIELD}.node_tokens_dir: {SECRET_FILE} is not a hex secret of at "
+                             "least 16 bytes (write one with gossamer tokens)")
+        return secret
+
+
+def _read_text(path: Path, field: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"{FIELD}.{field}: cannot read {path}: {reason}") from None
+    if not text:
+        raise ValueError(f"{FIELD}.{field}: {path} is empty")
+    return text
+
+
+# --------------------------------------------------------------------------- node tokens
+
+SECRET_FILE = "node-secret"
+_NODE_TOKEN_RE = re.compile(r"(0|[1-9][0-9]{0,9})\.([0-9a-f]{64})")
+_CN_RE = re.compile(r"node-(0|[1-9][0-9]{0,9})")
+
+
+def node_token(secret: bytes, node: int) -> str:
+    """Node ``node``'s bearer token: ``<node>.<HMAC-SHA256(secret, node)>``. Only the holder of
+    ``secret`` (the server) can make one, so a token proves its node id."""
+    mac = hmac.new(secret, f"gossamer-node:{node}".encode(), hashlib.sha256).hexdigest()
+    return f"{node}.{mac}"
+
+
+def token_node(secret: bytes, credential: str) -> int | None:
+    """The node id ``credential`` is a valid token for, or None."""
+    match = _NODE_TOKEN_RE.fullmatch(credential)
+    if match is None:
+        return None
+    node = int(match.group(1))
+    return node if hmac.compare_digest(node_token(secret, node), credential) else None
+
+
+def write_node_tokens(out_dir: Path, num_nodes: int, overwrite: bool = False) -> list[Path]:
+    """Write ``node-secret`` (keep it on the server only) and ``node-<i>.token`` for every node
+    (hand each client its own), all mode 0600; refuses to replace a secret unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if num_nodes < 1:
+        raise ValueError("--nodes: need at least one node")
+    if (out_dir / SECRET_FILE).exists() and not overwrite:
+        raise ValueError(f"{out_dir / SECRET_FILE} already exists; use --overwrite to replace it "
+                         "(every token handed out stops working)")
+    secret = os.urandom(32)
+    written = [out_dir / SECRET_FILE]
+    atomic_write_bytes(written[0], secret.hex().encode(), 0o600)
+    for node in range(num_nodes):
+        written.append(out_dir / f"node-{node}.token")
+        atomic_write_bytes(written[-1], node_token(secret, node).encode(), 0o600)
+    return written
+
+
+def tokens_main(argv: list[str]) -> int:
+    """``gossamer tokens --out DIR --nodes N [--overwrite]``; exit code."""
+    parser = _Parser(prog="gossamer tokens",
+                     description="Create a node secret and one token per node id "
+                                 "(runtime.security.node_tokens_dir).")
+    parser.add_argument("--out", required=True, help="directory to write the files to")
+    parser.add_argument("--nodes", required=True, type=int, help="number of node ids (0..N-1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing secret")
+    try:
+        args = parser.parse_args(argv)
+        written = write_node_tokens(Path(args.out), args.nodes, overwrite=args.overwrite)
+    except (_UsageError, ValueError) as exc:
+        print(f"gossamer: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"gossamer: error: --out: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return 2
+    print(f"wrote {written[0]} (server only) and {len(written) - 1} node tokens in {args.out}")
+    return 0
+
+
+def caller_node(context: grpc.ServicerContext, secret: bytes | None) -> int | None:
+    """The node id the authenticated channel proves for this call: from a node token (with
+    ``secret``) or from a client certificate named ``node-<i>``; None if neither binds one."""
+    if secret is not None:
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTH_KEY:
+                scheme, _, credential = str(value).partition(" ")
+                if scheme.lower() == "bearer":
+                    node = token_node(secret, credential.strip())
+                    if node is not None:
+                        return node
+        return None
+    names = (context.auth_context() or {}).get("x509_common_name") or []
+    for name in names:
+        match = _CN_RE.fullmatch(name.decode("ascii", "replace") if isinstance(name, bytes) else name)
+        if match is not None:
+            return int(match.group(1))
+    return None
 
 
 # --------------------------------------------------------------------------- credentials
@@ -361,9 +481,18 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     the request is never deserialized. ``on_reject(reason)`` lets the runtime log rejections.
     """
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
-        self._digest = _digest(_check_token(token, "token"))
+    def __init__(self, token: str | None, on_reject: Callable[[str], None] | None = None, *,
+                 node_secret: bytes | None = None) -> None:
+        if (token is None) == (node_secret is None):
+            raise ValueError("give a shared token or a node secret")
+        self._digest = _digest(_check_token(token, "token")) if token is not None else b""
+        self._secret = node_secret
         self._on_reject = on_reject
+
+    def _valid(self, credential: str) -> bool:
+        if self._secret is not None:
+            return token_node(self._secret, credential) is not None
+        return hmac.compare_digest(_digest(credential), self._digest)
 
     def _reject_reason(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         values = [value for key, value in (metadata or ()) if key == AUTH_KEY]
@@ -373,7 +502,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             scheme, _, credential = str(value).partition(" ")
             if scheme.lower() != "bearer" or not credential:
                 return "malformed authorization metadata"
-            if not hmac.compare_digest(_digest(credential.strip()), self._digest):
+            if not self._valid(credential.strip()):
                 return "invalid token"
         return None
 

@@ -93,7 +93,7 @@ class WalkPeer:
         if not 0 <= node_id < n:
             raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
         self.listen = listen
-        self.security, self.limits = security(cfg), limits(cfg)
+        self.security, self.limits = security(cfg, peer=True), limits(cfg)
         self.auth = self.security.resolved_token()
         self.neighbors = [int(j) for j in exp.topology.neighbors(node_id)]
         self.tokens, self.rounds = algo.num_tokens, cfg.stop.rounds
