@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 3
 
 
 class UserError(Exception):
@@ -65,10 +66,29 @@ def _first_difference(a: object, b: object, prefix: str = "") -> str:
     return prefix.rstrip(".") or "(top level)"
 
 
+def _resumable(run_dir: Path, command: str, accepted: tuple[str, ...]) -> None:
+    from gossamer.metrics.rundir import check_resume
+
+    try:
+        check_resume(run_dir, command, accepted)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _record_mode(run_dir: Path, mode: str) -> None:
+    from gossamer.metrics.rundir import record
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record(run_dir, mode)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.resume is not None:
+        _resumable(Path(args.resume), "gossamer run", ("simulator",))
     cfg, resume = _load_for_run(args)
     run_dir = Path(args.resume) if resume else _run_dir(cfg, args.out)
+    _record_mode(run_dir, "simulator")
     from gossamer.metrics.progress import Progress
     from gossamer.sim.runner import Runner
 
@@ -135,16 +155,28 @@ def _configure_runtime(cfg) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
+    from gossamer.runtime.common import RunFailed
     from gossamer.runtime.fl_server import make_coordinator
 
     if args.resume:
-        cfg = config_mod.load(Path(args.resume) / "config.yaml", args.set)
         run_dir = Path(args.resume)
+        _resumable(run_dir, "gossamer server", ("server", "launch"))
+        if not (run_dir / "config.yaml").exists():
+            raise UserError(f"--resume: {run_dir} holds no config.yaml; is it a run directory?")
+        cfg = config_mod.load(run_dir / "config.yaml", args.set)
     else:
+        if args.config is None:
+            raise UserError("CONFIG: give a config file (or --resume RUN_DIR)")
         cfg = config_mod.load(args.config, args.set)
         run_dir = _run_dir(cfg, args.out)
+    _record_mode(run_dir, "server")
     _configure_runtime(cfg)
-    summary = make_coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
+    try:
+        summary = make_coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
+    except RunFailed as exc:
+        print(f"gossamer: run failed: {exc}; resume with gossamer server --resume {run_dir}",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy "
           f"{summary['final_test_accuracy']:.4f}, "
           f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.1f} MB moved, "
@@ -173,6 +205,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from gossamer.runtime.roles import peer_class
 
     cfg = config_mod.load(args.config, args.set)
+    if args.resume:
+        _resumable(Path(args.out), "gossamer launch", ("launch",))
     _configure_runtime(cfg)
     pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
     try:                        # a peer class refuses what it cannot do (e.g. gossip --resume)
@@ -192,9 +226,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from gossamer.runtime.launcher import launch
 
     overrides = list(args.set) + ([f"partition.num_nodes={args.nodes}"] if args.nodes else [])
-    cfg = config_mod.load(args.config, overrides)
-    run_dir = _run_dir(cfg, args.out)
-    code = launch(cfg, run_dir)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        _resumable(run_dir, "gossamer launch", ("launch",))
+        bad = [s for s in overrides if not s.startswith(_RESUME_OVERRIDABLE)]
+        if args.config is not None or bad:
+            raise UserError("--resume: the run's own config is used; give no CONFIG, --nodes or --set "
+                            "other than stop.*")
+        if not (run_dir / "config.yaml").exists():
+            raise UserError(f"--resume: {run_dir} holds no config.yaml; is it a run directory?")
+        cfg = config_mod.load(run_dir / "config.yaml", overrides)
+    else:
+        if args.config is None:
+            raise UserError("CONFIG: give a config file (or --resume RUN_DIR)")
+        cfg = config_mod.load(args.config, overrides)
+        run_dir = _run_dir(cfg, args.out)
+    _record_mode(run_dir, "launch")
+    code = launch(cfg, run_dir, resume=args.resume is not None)
     if code == 0 and (run_dir / "summary.json").exists():
         import json
 
@@ -202,7 +250,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"run {run_dir}: {s['rounds']} rounds on {cfg.partition.num_nodes} processes, "
               f"test accuracy {s['final_test_accuracy']:.4f}, wall {s['wall_time_s']:.1f} s")
     elif code != 0:
-        print(f"gossamer: launch failed (exit {code}); logs in {run_dir}/logs", file=sys.stderr)
+        print(f"gossamer: launch failed (exit {code}); logs in {run_dir}/logs; resume with "
+              f"gossamer launch --resume {run_dir}", file=sys.stderr)
     return code
 
 
@@ -297,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     peer.set_defaults(func=cmd_peer)
     lau = sub.add_parser("launch", help="run server and clients as local processes")
-    lau.add_argument("config")
+    lau.add_argument("config", nargs="?")
+    lau.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted launch")
     lau.add_argument("--nodes", type=int, help="number of clients (sets partition.num_nodes)")
     lau.add_argument("--out", help="run directory")
     lau.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -338,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gossamer: {prefix}{exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("gossamer: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        how = (f"gossamer {args.command} --resume RUN_DIR" if args.command in ("run", "server", "launch")
+               else "--resume")
+        print(f"gossamer: interrupted; resume with {how}", file=sys.stderr)
         return 130
 
 

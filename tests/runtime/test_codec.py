@@ -31,8 +31,11 @@ def _raw(frames):
 def test_round_trip(dtype, chunk):
     x = torch.randn(3, 50).to(dtype)
     frames = list(model_frames(x, sender=4, round=9, meta=11, run_id="r1", chunk_bytes=chunk))
-    meta, y = read_raw_model(_raw(frames), expected_numel=150, run_id="r1")
+    meta, y = read_raw_model(_raw(frames), run_id="r1")
     assert torch.equal(x, y) and y.dtype == dtype and (meta.sender, meta.round, meta.meta) == (4, 9, 11)
+    flat = list(model_frames(x.reshape(-1), run_id="r1", chunk_bytes=chunk))
+    _, y = read_raw_model(_raw(flat), expected_numel=150, run_id="r1", dtype=dtype)
+    assert torch.equal(x.reshape(-1), y)
     assert frames_size(frames) == sum(len(b) for b in _raw(frames))
     assert frames_size(frames) >= x.numel() * x.element_size()
 
@@ -96,3 +99,20 @@ def test_descriptor_set_matches_the_proto():
     pytest.importorskip("grpc_tools")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"])
     assert proc.returncode == 0, "run: python scripts/gen_proto.py"
+
+
+def test_a_model_must_be_the_flat_row_of_the_expected_dtype_with_finite_values():
+    # the right element count in another shape ([10, 65] for a 650-element model) is refused
+    wrong_shape = _raw(model_frames(torch.zeros(10, 65)))
+    with pytest.raises(WireError, match=r"shape \[10, 65\] where the flat \[650\]"):
+        read_raw_model(wrong_shape, expected_numel=650)
+    with pytest.raises(WireError, match="float64 where float32 is expected"):
+        read_raw_model(_raw(model_frames(torch.zeros(650, dtype=torch.float64))),
+                       expected_numel=650, dtype=torch.float32)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(650)
+        x[17] = bad
+        with pytest.raises(WireError, match="non-finite"):
+            read_raw_model(_raw(model_frames(x)), expected_numel=650)
+        with pytest.raises(WireError, match="non-finite"):     # in every dtype, bfloat16 too
+            read_raw_model(_raw(model_frames(x.to(torch.bfloat16))), expected_numel=650)

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 
@@ -54,9 +53,10 @@ from gossamer.algorithms.fl.fedcompass import CompassSchedule, FedCompass
 from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import load_checkpoint, save_checkpoint, write_json
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
-from gossamer.runtime.common import log
+from gossamer.runtime.codec import model_frames
+from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.fl_server import Coordinator
+from gossamer.runtime.guard import Refused
 from gossamer.sim.drivers.fl_accounting import FLAccounting
 
 ASYNC_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
@@ -117,39 +117,28 @@ class AsyncCoordinator(Coordinator):
         """Wall seconds since the run began (earlier runs included after a resume)."""
         return self.elapsed_before + time.monotonic() - self.started
 
-    # --- GetTask: dispatch ---------------------------------------------------------------------
-    def get_task(self, data: bytes, context: grpc.ServicerContext):
-        try:
-            req = parse(schema.TaskRequest, data)
-        except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        poll = self.cfg.runtime.poll_interval_s
-        wait = schema.TaskHeader(kind=schema.TaskHeader.WAIT, retry_after_s=poll)
-        frames: list[bytes] = []
+    # --- GetTask: dispatch (the handler is the base class's) -----------------------------------
+    def _task(self, node: int) -> tuple[object, list[bytes]]:
+        """What ``node`` is told when it asks for work (lock held)."""
+        if self.done:
+            self.told_done.add(node)
+            self.lock.notify_all()
+            return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
+        if node not in self.clients:
+            return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
+        if not self.closing and self.running:
+            task = self.tasks.get(node)                    # it restarted mid-task: the same task again
+            if task is None:
+                task = self._dispatch(node)
+            if task is not None:
+                return self._train_header(task), self.frames[task.version]
+        return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
+                                 retry_after_s=self.cfg.runtime.poll_interval_s), []
+
+    def _count_down(self, n: int, node: int) -> None:
         with self.lock:
-            node = int(req.node_id)
-            if self.done:
-                header = schema.TaskHeader(kind=schema.TaskHeader.DONE)
-                self.told_done.add(node)
-                self.lock.notify_all()
-            elif node not in self.clients:
-                header = schema.TaskHeader(kind=schema.TaskHeader.JOIN)
-            elif self.closing or not self.running:
-                header = wait
-            elif node in self.tasks:                       # it restarted mid-task: the same task again
-                task = self.tasks[node]
-                header = self._train_header(task)
-                frames = self.frames[task.version]
-            elif (task := self._dispatch(node)) is not None:
-                header, frames = self._train_header(task), self.frames[task.version]
-            else:
-                header = wait
-        yield schema.TaskFrame(header=header).SerializeToString()
-        for frame in frames:
-            self._count_down(len(frame))
-            with self.lock:
-                self.acct.download([node], len(frame))
-            yield frame
+            self.bytes_down += n
+            self.acct.download([node], n)
 
     @staticmethod
     def _train_header(task: LiveTask):
@@ -188,36 +177,38 @@ class AsyncCoordinator(Coordinator):
         self.acct.assigned(np.array([node]), t)
         return task
 
-    # --- PutUpdate: arrivals --------------------------------------------------------------------
-    def put_update(self, chunks, context: grpc.ServicerContext) -> bytes:
-        try:
-            meta, tensor, size = read_counted_model(chunks, expected_numel=self.numel,
-                                                    run_id=self.cfg.runtime.run_id, limits=self.limits)
-        except WireError as exc:
-            return self._reject(str(exc))
+    # --- PutUpdate: arrivals (the handler is the base class's) ---------------------------------
+    def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                size: int) -> None:
         with self.lock:
-            node, t = int(meta.sender), self.clock()
+            t = self.clock()
             task = self.tasks.get(node)
             if task is None or task.key != meta.round:
-                return self._reject(f"update from {node} for task {meta.round} is not expected")
+                raise Refused(f"update from {node} for task {meta.round} is not expected", bound,
+                              strike=False)
             self._finish(node, t)
             self.bytes_up += size
             self.acct.upload([node], size)
             self.acct.completed([node])
+            self.last_arrival = time.monotonic()
             if self.closing:                               # the run has its updates: not applied
-                return schema.Ack(ok=True).SerializeToString()
+                return
             staleness = self.state.version - task.version
             entry: Entry | None = None
             if self.algorithm.accepts(staleness):
                 self.acct.accepted(staleness)
                 self.accepted += 1
-                entry = (node, tensor.float().clone(), staleness)
+                entry = (node, tensor, staleness)
             else:
                 self.acct.discard()
             entries = self._arrival(node, task, entry, t)
             if entries is not None:
                 self._apply(entries)
-        return schema.Ack(ok=True).SerializeToString()
+
+    def _client_failed(self, node: int) -> None:
+        """A rejected upload ends ``node``'s task like a lost one (lock held)."""
+        if node in self.tasks:
+            self._drop_task(node, self.clock())
 
     def _finish(self, node: int, t: float) -> None:
         """``node``'s task ends (delivered or dropped): free its slot (lock held)."""
@@ -294,14 +285,7 @@ class AsyncCoordinator(Coordinator):
         timeout = self.cfg.runtime.round_timeout_s
         for node in [c for c, task in self.tasks.items() if t - task.dispatch_s > timeout]:
             log.warning("client %d: task %d not delivered in %.0f s; dropped", node, self.tasks[node].key, timeout)
-            self.lost += 1
-            self._finish(node, t)
-            if self.schedule is not None:
-                g = self.schedule.leave(node)
-                group = self.schedule.groups.get(g)
-                if group is not None and group.open and not group.members and not self.closing:
-                    if (entries := self._close_group(g)) is not None:
-                        self._apply(entries)
+            self._drop_task(node, t)
         nxt = min((task.dispatch_s + timeout for task in self.tasks.values()), default=math.inf)
         if algo.trigger == "period" and not self.closing:
             while t >= self.boundary and not self.closing:
@@ -322,6 +306,17 @@ class AsyncCoordinator(Coordinator):
                     group.open = False
             nxt = min([nxt] + [g.latest_s for g in self.schedule.groups.values() if g.open])
         return nxt
+
+    def _drop_task(self, node: int, t: float) -> None:
+        """``node``'s task is lost (not delivered in time, or its upload was rejected)."""
+        self.lost += 1
+        self._finish(node, t)
+        if self.schedule is not None:
+            g = self.schedule.leave(node)
+            group = self.schedule.groups.get(g)
+            if group is not None and group.open and not group.members and not self.closing:
+                if (entries := self._close_group(g)) is not None:
+                    self._apply(entries)
 
     # --- the main thread: timers, evaluation, checkpoints, stop rules ---------------------------
     def _rounds(self, start: float) -> dict[str, Any]:
@@ -344,6 +339,7 @@ class AsyncCoordinator(Coordinator):
         every, stop = cfg.eval.every, cfg.stop
         stalled_after = cfg.runtime.join_timeout_s + cfg.runtime.round_timeout_s
         last_progress, last_version = time.monotonic(), self.state.version
+        self.last_arrival = time.monotonic()
         stopped_by, best, reached = "rounds", None, {}
         while True:
             with self.lock:
@@ -354,10 +350,15 @@ class AsyncCoordinator(Coordinator):
                 self._timers(self.clock())
                 if self.state.version != last_version:
                     last_progress, last_version = time.monotonic(), self.state.version
+                silent = time.monotonic() - self.last_arrival
+                if not self.closing and silent > cfg.runtime.quorum_timeout_s:
+                    raise RunFailed(f"no upload accepted for runtime.quorum_timeout_s "
+                                    f"({cfg.runtime.quorum_timeout_s:g} s); {len(self.clients)} "
+                                    f"clients joined, {len(self.tasks)} tasks in flight")
                 if self.state.version < due:
                     if time.monotonic() - last_progress > stalled_after:
-                        stopped_by = "stalled"
-                        log.warning("no model update for %.0f s; stopping", stalled_after)
+                        raise RunFailed(f"no model update for {stalled_after:g} s (runtime."
+                                        "join_timeout_s + round_timeout_s)")
                     elif stop.max_sim_time_s is None or self.clock() < stop.max_sim_time_s:
                         continue
                     else:
@@ -458,7 +459,7 @@ class AsyncCoordinator(Coordinator):
                                          version=int(state["round"]), **dict(state["extra"]))
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.elapsed_before = float(state["elapsed"])
-        self.clients = {int(i): int(n) for i, n in state["clients"].tolist()}
+        # clients are not restored: updates resume once they have joined again
         self.accepted, self.lost = int(state["accepted"]), int(state["lost"])
         self.client_tasks = state["client_tasks"].numpy().copy()
         if state["speed"] is not None and self.schedule is not None:

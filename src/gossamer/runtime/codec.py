@@ -2,11 +2,13 @@
 
 Everything a node receives is checked before use, in this order: the frame parses as the
 schema says; the first frame declares dtype, shape and byte count; the dtype is one we
-know; shape, dtype and byte count agree; the byte count is under the size cap; the element
-count matches the model spec; the run id matches; then chunks are accumulated without
-ever exceeding the declared size, and the total must equal it. Any failure raises
-:class:`WireError` with a short reason, which the receiver logs and answers; it never
-crashes the node, and nothing is unpickled.
+know (and the one expected, where the receiver expects one); shape, dtype and byte count
+agree; the byte count is under the size cap; the shape is exactly the flat ``[numel]`` of
+the model spec (a model travels as one flat row, so ``[10, 65]`` for a 650-element model is
+refused, not reshaped); the run id matches; then chunks are accumulated without ever
+exceeding the declared size, and the total must equal it; last, every value must be finite.
+Any failure raises :class:`WireError` with a short reason, which the receiver logs and
+answers; it never crashes the node, and nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -68,11 +70,16 @@ def model_frames(tensor: torch.Tensor, *, kind: int = 1, sender: int = 0, round:
 
 
 def check_meta(meta: object, *, expected_numel: int | None, run_id: str | None,
-               limits: Limits) -> tuple[torch.dtype, tuple[int, ...], int]:
-    """Validate a ModelMeta's declared tensor; returns (dtype, shape, num_bytes)."""
+               limits: Limits, dtype: torch.dtype | None = None) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """Validate a ModelMeta's declared tensor; returns (dtype, shape, num_bytes).
+
+    ``expected_numel``: the message must be the flat ``[expected_numel]`` row; ``dtype``: the
+    one dtype accepted (None: any known dtype)."""
     spec = meta.tensor
     if spec.dtype not in DTYPES:
         raise WireError(f"unknown dtype {spec.dtype[:32]!r}")
+    if dtype is not None and DTYPES[spec.dtype] != dtype:
+        raise WireError(f"dtype {spec.dtype} where {_NAMES[dtype]} is expected")
     if (len(spec.shape) > MAX_DIMS or any(d < 0 or d > MAX_ELEMENTS for d in spec.shape)
             or math.prod(max(d, 1) for d in spec.shape) > MAX_ELEMENTS):
         raise WireError("invalid shape")
@@ -87,13 +94,16 @@ def check_meta(meta: object, *, expected_numel: int | None, run_id: str | None,
                         f"{limits.max_message_bytes}")
     if expected_numel is not None and numel != expected_numel:
         raise WireError(f"model has {numel} elements, expected {expected_numel}")
+    if expected_numel is not None and list(spec.shape) != [expected_numel]:
+        raise WireError(f"shape {list(spec.shape)} where the flat [{expected_numel}] is expected")
     if run_id is not None and meta.run_id != run_id:
         raise WireError("message belongs to another run")
     return dtype, tuple(spec.shape), spec.num_bytes
 
 
 def read_model(frames: Iterable[object], *, expected_numel: int | None = None,
-               run_id: str | None = None, limits: Limits = Limits()) -> tuple[object, torch.Tensor]:
+               run_id: str | None = None, limits: Limits = Limits(),
+               dtype: torch.dtype | None = None) -> tuple[object, torch.Tensor]:
     """Reassemble and validate one model message from frames (parsed ``Frame`` objects)."""
     iterator = iter(frames)
     first = next(iterator, None)
@@ -101,7 +111,7 @@ def read_model(frames: Iterable[object], *, expected_numel: int | None = None,
         raise WireError("a model message must start with its metadata")
     meta = first.meta
     dtype, shape, size = check_meta(meta, expected_numel=expected_numel, run_id=run_id,
-                                    limits=limits)
+                                    limits=limits, dtype=dtype)
     buffer = bytearray(size)
     filled = 0
     for frame in iterator:
@@ -118,6 +128,8 @@ def read_model(frames: Iterable[object], *, expected_numel: int | None = None,
     tensor = torch.frombuffer(buffer, dtype=storage) if size else torch.empty(0, dtype=storage)
     if dtype == torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
+    if not bool(torch.isfinite(tensor).all()):
+        raise WireError("the tensor holds non-finite values (NaN or infinity)")
     return meta, tensor.reshape(shape)
 
 

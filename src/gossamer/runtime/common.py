@@ -24,6 +24,11 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 
 
+class RunFailed(RuntimeError):
+    """A deployment could not go on (no quorum of clients within its bounded wait); the CLI
+    reports it in one line with exit code 3. The last checkpoint stays for ``--resume``."""
+
+
 def security(cfg: ExperimentConfig, *, peer: bool = False) -> SecurityConfig:
     """The checked security settings; ``peer``: for a decentralized peer, which has no server
     to hold the node secret, so node ids are bound by client certificates only."""

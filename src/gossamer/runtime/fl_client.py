@@ -112,7 +112,8 @@ class Client:
     def _train_and_send(self, round_: int, start, steps: int = 0) -> None:
         """Train the task of ``round_`` (synchronous: the round; asynchronous: the task's
         data-order key, with ``steps`` local steps, 0 for the local schedule) and upload."""
-        if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == str(round_):
+        if str(round_) in (os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND"),
+                           os.environ.get("GOSSAMER_TEST_KILL_CLIENT_AT_ROUND")):
             os.kill(os.getpid(), signal.SIGKILL)              # tests: die mid-round like kill -9
         nodes, algo = np.array([self.node]), self.algorithm
         if algo.pattern == "async_fl":

@@ -6,8 +6,18 @@ client has delivered or ``runtime.round_timeout_s`` has passed; late or dead cli
 dropped from that round and not selected again until they contact the server. After every
 round the server checkpoints atomically; restarted with ``--resume`` it continues from the
 last completed round: updates of an interrupted round are discarded and the round is redone,
-so nothing is lost or counted twice. Metrics use wall-clock seconds for ``sim_time_s`` and
-the real serialized bytes.
+so nothing is lost or counted twice; a resumed server waits for its clients to join again
+before it starts the interrupted round. Metrics use wall-clock seconds for ``sim_time_s``
+and the real serialized bytes.
+
+Every caller is treated as hostile (``runtime/guard.py``): the node a call acts for comes
+from the channel where the deployment binds ids; uploads must be the flat float32 row of
+the model with finite values and the sample count the client joined with, which the
+server bounds by the shard it knows; a rejected upload is that client's failure for the
+round (the round no longer waits for it), never the server's. A round aggregates only if
+at least ``runtime.min_participants`` uploads arrived; otherwise it is redone, and after
+``runtime.quorum_timeout_s`` without a quorum the run fails (:class:`RunFailed`, exit
+code 3) instead of reporting empty rounds as progress.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ from gossamer.metrics.runstore import (
 )
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
-from gossamer.runtime.common import grpc_options, limits, log, security
+from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
+from gossamer.runtime.guard import Busy, CallerGuard, Refused
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
 from gossamer.sim.experiment import build_experiment
 from gossamer.sim.trainer import local_steps
@@ -53,6 +64,11 @@ class RoundState:
     selected: set[int] = field(default_factory=set)
     received: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     model_frames: list[bytes] = field(default_factory=list)
+    failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
+
+    def open(self) -> set[int]:
+        """Selected clients whose upload is still awaited."""
+        return self.selected - self.failed - set(self.received)
 
 
 class Coordinator:
@@ -78,6 +94,11 @@ class Coordinator:
         self.listen = listen or cfg.runtime.server
         self.security, self.limits = security(cfg), limits(cfg)
         self.token = self.security.resolved_token()
+        rt = cfg.runtime
+        self.guard = CallerGuard(self.security, max_inflight=rt.max_inflight_per_client,
+                                 stream_timeout_s=rt.upload_timeout_s, max_rejections=rt.max_rejections)
+        # the most samples each client may claim: its shard as the server knows it, capped
+        self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
         self.numel = self.exp.spec.numel
         self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
         self.state = self._init_state()
@@ -103,9 +124,27 @@ class Coordinator:
 
     # --- gRPC handlers (raw bytes in and out; parsing is ours) ----------------------------
     def _reject(self, reason: str) -> bytes:
+        return self._refused(Refused(reason))
+
+    def _refused(self, exc: Refused) -> bytes:
+        """Log a rejection; a proven node's bad message is its failure (and a strike)."""
         self.rejected += 1
-        log.warning("rejected a message: %s", reason)
-        return schema.Ack(ok=False, reason=reason).SerializeToString()
+        log.warning("rejected a message: %s", exc)
+        if exc.node is not None and exc.fails:
+            banned = self.guard.strike(exc)
+            with self.lock:
+                self._client_failed(exc.node)
+                if banned:
+                    self.clients.pop(exc.node, None)
+                self.lock.notify_all()
+        return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
+
+    def _client_failed(self, node: int) -> None:
+        """``node`` failed its current task (lock held): the round stops waiting for it."""
+        cur = self.current
+        if node in cur.selected and node not in cur.received:
+            cur.failed.add(node)
+            self.stale.add(node)
 
     def join(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -116,57 +155,107 @@ class Coordinator:
             return schema.JoinReply(ok=False, reason="wrong run id").SerializeToString()
         if req.node_id >= self.exp.num_nodes:
             return schema.JoinReply(ok=False, reason="node id out of range").SerializeToString()
+        try:
+            node = self.guard.acting(context, int(req.node_id))
+            if req.num_samples > self.max_samples[node]:
+                raise Refused(f"node {node} claims {req.num_samples} samples, at most "
+                              f"{int(self.max_samples[node])} are plausible", node)
+        except Refused as exc:
+            self._refused(exc)
+            return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
         with self.lock:
-            self.clients[req.node_id] = int(req.num_samples)
-            self.stale.discard(req.node_id)
+            self.clients[node] = int(req.num_samples)
+            self.stale.discard(node)
             self.lock.notify_all()
-        log.info("client %d joined (%d samples)", req.node_id, req.num_samples)
+        log.info("client %d joined (%d samples)", node, req.num_samples)
         return schema.JoinReply(ok=True, num_params=self.numel, dtype="float32").SerializeToString()
+
+    def _slot(self, context: grpc.ServicerContext, node: int | None):
+        """A bounded, deadline-cancelled call slot for ``node`` (its connection when unbound)."""
+        return self.guard.stream(context, node if node is not None else context.peer())
 
     def get_task(self, data: bytes, context: grpc.ServicerContext):
         try:
             req = parse(schema.TaskRequest, data)
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        poll = self.cfg.runtime.poll_interval_s
-        with self.lock:
-            self.stale.discard(req.node_id)
-            if self.done:
-                header, frames = schema.TaskHeader(kind=schema.TaskHeader.DONE), []
-                self.told_done.add(req.node_id)
-                self.lock.notify_all()
-            elif req.node_id not in self.clients:
-                header, frames = schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
-            elif (req.node_id in self.current.selected and req.node_id not in self.current.received):
-                header = schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=self.current.number)
-                frames = self.current.model_frames
-            else:
-                header, frames = schema.TaskHeader(kind=schema.TaskHeader.WAIT, retry_after_s=poll), []
-        yield schema.TaskFrame(header=header).SerializeToString()
-        for frame in frames:
-            self._count_down(len(frame))
-            yield frame
+        try:
+            node = self.guard.acting(context, int(req.node_id))
+            with self._slot(context, self.guard.bound(context)):
+                with self.lock:
+                    header, frames = self._task(node)
+                yield schema.TaskFrame(header=header).SerializeToString()
+                for frame in frames:
+                    self._count_down(len(frame), node)
+                    yield frame
+        except Refused as exc:
+            self._refused(exc)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, str(exc))
 
-    def _count_down(self, n: int) -> None:
+    def _task(self, node: int) -> tuple[object, list[bytes]]:
+        """What ``node`` is told when it asks for work (lock held): header and model frames."""
+        if node in self.stale:
+            self.stale.discard(node)
+            self.lock.notify_all()                          # it is reachable again
+        cur = self.current
+        if self.done:
+            self.told_done.add(node)
+            self.lock.notify_all()
+            return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
+        if node not in self.clients:
+            return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
+        if node in cur.open():
+            return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number), cur.model_frames
+        return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
+                                 retry_after_s=self.cfg.runtime.poll_interval_s), []
+
+    def _count_down(self, n: int, node: int) -> None:
         with self.lock:
             self.bytes_down += n
 
     def put_update(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
-            meta, tensor, size = read_counted_model(chunks, expected_numel=self.upload_numel,
-                                          run_id=self.cfg.runtime.run_id, limits=self.limits)
-        except WireError as exc:
-            return self._reject(str(exc))
+            bound = self.guard.bound(context)
+            with self._slot(context, bound) as slot:
+                try:
+                    meta, tensor, size = read_counted_model(
+                        chunks, expected_numel=self.upload_numel, run_id=self.cfg.runtime.run_id,
+                        limits=self.limits, dtype=torch.float32)
+                except WireError as exc:
+                    raise Refused(str(exc), bound) from None
+                except grpc.RpcError:
+                    if slot["expired"]:
+                        raise Refused("upload not complete within runtime.upload_timeout_s "
+                                      f"({self.cfg.runtime.upload_timeout_s:g} s)", bound) from None
+                    raise Refused("the upload stream broke off", bound, strike=False,
+                                  fails=True) from None
+                node = int(meta.sender)
+                if bound is not None and node != bound:
+                    raise Refused(f"node {bound} may not upload as node {node}", bound)
+                self._accept(node, bound, meta, tensor.float().clone(), size)
+        except Refused as exc:
+            return self._refused(exc)
+        return schema.Ack(ok=True).SerializeToString()
+
+    def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                size: int) -> None:
+        """File a validated upload of the current round, or raise :class:`Refused`."""
         with self.lock:
-            node, cur = int(meta.sender), self.current
-            if meta.round != cur.number or node not in cur.selected:
-                return self._reject(f"update from {node} for round {meta.round} is not expected")
-            if node in cur.received:
-                return self._reject(f"duplicate update from {node} for round {meta.round}")
-            cur.received[node] = (tensor.float().clone(), int(meta.meta))
+            cur = self.current
+            if node not in self.clients:
+                raise Refused(f"node {node} has not joined", bound, strike=False)
+            if int(meta.meta) != self.clients[node]:
+                raise Refused(f"node {node} reports {int(meta.meta)} samples but joined with "
+                              f"{self.clients[node]}", bound)
+            if meta.round != cur.number or node not in cur.open():
+                if node in cur.received and meta.round == cur.number:
+                    raise Refused(f"duplicate update from {node} for round {meta.round}", bound, strike=False)
+                raise Refused(f"update from {node} for round {meta.round} is not expected", bound,
+                              strike=False)
+            cur.received[node] = (tensor, self.clients[node])
             self.bytes_up += size
             self.lock.notify_all()
-        return schema.Ack(ok=True).SerializeToString()
 
     # --- rounds -------------------------------------------------------------------------------
     def _wait_for_clients(self, start: float) -> None:
@@ -174,48 +263,81 @@ class Coordinator:
         with self.lock:
             self.lock.wait_for(lambda: len(self.clients) >= need,
                                timeout=self.cfg.runtime.join_timeout_s)
-            if not self.clients:
-                raise RuntimeError("no client joined within runtime.join_timeout_s")
+            if len(self.clients) < self.cfg.runtime.min_participants:
+                raise RunFailed(f"{len(self.clients)} clients joined within runtime.join_timeout_s "
+                                f"({self.cfg.runtime.join_timeout_s:g} s); runtime.min_participants "
+                                f"is {self.cfg.runtime.min_participants}")
         log.info("%d clients joined after %.1f s", len(self.clients), time.monotonic() - start)
 
+    def _candidates(self) -> list[int]:
+        return sorted(set(self.clients) - self.stale)
+
     def _run_round(self, r: int) -> None:
+        """Round ``r``: redone until ``runtime.min_participants`` uploads arrive in one attempt,
+        for at most ``runtime.quorum_timeout_s``; then :class:`RunFailed`."""
+        rt = self.cfg.runtime
+        give_up = time.monotonic() + rt.quorum_timeout_s
+        while True:
+            received = self._attempt(r, give_up)
+            if len(received) >= rt.min_participants:
+                break
+            if time.monotonic() >= give_up:
+                raise RunFailed(f"round {r}: {len(received)} uploads, fewer than runtime."
+                                f"min_participants ({rt.min_participants}), for runtime."
+                                f"quorum_timeout_s ({rt.quorum_timeout_s:g} s)")
+            log.warning("round %d: %d uploads, fewer than runtime.min_participants (%d); redoing it",
+                        r, len(received), rt.min_participants)
+        algo = self.algorithm
+        nodes = sorted(received)
+        uploads = torch.stack([received[i][0] for i in nodes])
+        sizes = np.array([received[i][1] for i in nodes])
+        steps = local_steps(self.exp.trainer.schedule, sizes)
+        if hasattr(algo, "anchors"):                       # FedAMD: roles from the shared seed
+            ids = np.array(nodes, dtype=np.int64)
+            self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr,
+                                        clients=ids, anchors=algo.anchors(self.cfg.seed, r, ids))
+        else:
+            self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr)
+        self.participants = len(received)
+
+    def _attempt(self, r: int, give_up: float) -> dict[int, tuple[torch.Tensor, int]]:
+        """Select, hand out the model, wait for uploads; the uploads received."""
+        rt, algo = self.cfg.runtime, self.algorithm
         with self.lock:
-            candidates = np.array(sorted(set(self.clients) - self.stale), dtype=np.int64)
-            ids = self.algorithm.select(candidates, rng.generator(self.cfg.seed, rng.STREAM_SELECT, r))
+            if not self.lock.wait_for(lambda: len(self._candidates()) >= rt.min_participants,
+                                      timeout=max(0.0, give_up - time.monotonic())):
+                raise RunFailed(f"round {r}: {len(self._candidates())} of {len(self.clients)} joined "
+                                f"clients reachable, fewer than runtime.min_participants "
+                                f"({rt.min_participants}), for runtime.quorum_timeout_s "
+                                f"({rt.quorum_timeout_s:g} s)")
+            candidates = np.array(self._candidates(), dtype=np.int64)
+            ids = algo.select(candidates, rng.generator(self.cfg.seed, rng.STREAM_SELECT, r))
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                self.algorithm.broadcast(self.state), round=r, run_id=self.cfg.runtime.run_id,
+                algo.broadcast(self.state), round=r, run_id=rt.run_id,
                 chunk_bytes=self.limits.chunk_bytes)]
             self.current = RoundState(r, {int(i) for i in ids}, {}, frames)
             self.lock.notify_all()
-            algo = self.algorithm
             # over-selection: the round closes at the first `wanted` uploads; a deadline (wall
             # seconds here) drops the clients still training, like runtime.round_timeout_s
             need = min(len(ids), algo.wanted(len(candidates))) if algo.over_selection else len(ids)
-            timeout = self.cfg.runtime.round_timeout_s
+            timeout = rt.round_timeout_s
             if algo.deadline_s is not None:
                 timeout = min(timeout, algo.deadline_s)
-            finished = self.lock.wait_for(lambda: len(self.current.received) >= need, timeout=timeout)
-            received = dict(self.current.received)
-            late = self.current.selected - set(received)
+            cur = self.current
+            finished = self.lock.wait_for(lambda: len(cur.received) >= need or not cur.open(),
+                                          timeout=timeout)
+            received = dict(cur.received)
+            late = cur.open()
             if not finished:
                 self.stale |= late
                 log.warning("round %d: dropped %d late clients %s", r, len(late), sorted(late))
             elif late:
                 log.info("round %d: closed after %d uploads (over-selection)", r, len(received))
-        if received:
-            nodes = sorted(received)
-            uploads = torch.stack([received[i][0] for i in nodes])
-            sizes = np.array([received[i][1] for i in nodes])
-            steps = local_steps(self.exp.trainer.schedule, sizes)
-            if hasattr(algo, "anchors"):                       # FedAMD: roles from the shared seed
-                ids = np.array(nodes, dtype=np.int64)
-                self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr,
-                                            clients=ids, anchors=algo.anchors(self.cfg.seed, r, ids))
-            else:
-                self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr)
-        else:
-            self.state = ServerState(self.state.params, r, self.state.extra)
-        self.participants = len(received)
+            if cur.failed:
+                log.warning("round %d: %d clients failed (rejected uploads) %s", r, len(cur.failed),
+                            sorted(cur.failed))
+            self.current = RoundState(r)                   # late uploads are refused as unexpected
+        return received
 
     def _evaluate(self, r: int, start: float) -> dict[str, Any]:
         acc, loss = self.exp.evaluator.evaluate(self.state.params.reshape(1, -1))
@@ -227,10 +349,32 @@ class Coordinator:
     def serve(self) -> dict[str, Any]:
         """Run the whole experiment; returns the summary (also written to summary.json)."""
         start = time.monotonic()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, self.exp.num_nodes + 4)),
+        server = self.start_server()
+        try:
+            return self._rounds(start)
+        except RunFailed as exc:
+            log.error("run failed: %s", exc)
+            self._write_failure(str(exc), start)
+            raise
+        finally:
+            with self.lock:
+                self.done = True
+                self.lock.notify_all()
+                # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
+                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
+                                   timeout=self.cfg.runtime.retry_max_s + 1.0)
+            server.stop(grace=1.0).wait()
+
+    def start_server(self) -> grpc.Server:
+        """Listen (address in ``server.json``) and serve the handlers; rounds are ``serve``'s."""
+        # every client may hold its in-flight bound of calls, and a few threads stay spare
+        workers = max(8, self.exp.num_nodes * self.cfg.runtime.max_inflight_per_client + 4)
+        secret = self.guard.secret
+        auth = ([TokenAuthInterceptor(self.token, self._on_auth_reject, node_secret=secret)]
+                if self.token or secret else [])
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                              options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
-                             interceptors=[TokenAuthInterceptor(self.token, self._on_auth_reject)]
-                             if self.token else [])
+                             interceptors=auth)
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
             "gossamer.v1.Coordinator", {
                 "Join": grpc.unary_unary_rpc_method_handler(self.join),
@@ -240,17 +384,21 @@ class Coordinator:
         host = self.listen.rsplit(":", 1)[0]
         write_json(self.run_dir / "server.json", {"address": f"{host}:{port}"})
         server.start()
+        self.port = port
         log.info("coordinator listening on %s:%d", host, port)
-        try:
-            return self._rounds(start)
-        finally:
-            with self.lock:
-                self.done = True
-                self.lock.notify_all()
-                # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
-                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
-                                   timeout=self.cfg.runtime.retry_max_s + 1.0)
-            server.stop(grace=1.0).wait()
+        return server
+
+    def _write_failure(self, reason: str, start: float) -> None:
+        """summary.json of a failed run: where it stopped and why (the checkpoint stays)."""
+        last = self.metrics.rows[-1] if self.metrics.rows else None
+        write_json(self.run_dir / "summary.json", {
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
+            "num_nodes": self.exp.num_nodes, "stopped_by": "failed", "error": reason,
+            "rounds": int(last["round"]) if last else 0,
+            "final_test_accuracy": float(last["test_accuracy"]) if last else None,
+            "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
+            "wall_time_s": self.elapsed_before + time.monotonic() - start,
+            "rejected_messages": self.rejected})
 
     def _on_auth_reject(self, reason: str) -> None:
         self.rejected += 1
@@ -309,7 +457,7 @@ class Coordinator:
         self.state = ServerState(state["params"], int(state["round"]), dict(state["extra"]))
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.elapsed_before = float(state["elapsed"])
-        self.clients = {int(i): int(n) for i, n in state["clients"].tolist()}
+        # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)
 

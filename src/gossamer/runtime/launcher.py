@@ -4,7 +4,10 @@ The launcher writes the resolved config into the run directory, starts the coord
 a free port (it reports its address in ``server.json``), starts one client process per
 node, and waits for the coordinator to finish. Every process logs to ``logs/``. On Ctrl-C,
 SIGTERM, or any failure every child is terminated (SIGKILL after a grace period), so no
-process is left behind. The run directory has the simulator's format.
+process is left behind. The run directory has the simulator's format. Unless the config
+names credentials of its own, FL clients get per-node tokens (``run_dir/secrets``), so each
+can act only as its own node. ``gossamer launch --resume RUN_DIR`` restarts every process
+from its checkpoint; a server that cannot gather a quorum of clients fails (exit code 3).
 """
 
 from __future__ import annotations
@@ -65,15 +68,37 @@ def _wait_for_address(run_dir: Path, server: subprocess.Popen, timeout_s: float)
     raise RuntimeError("server did not start listening in time")
 
 
-def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 120.0) -> int:
-    """Run ``cfg`` on real processes; returns the coordinator's (or the worst peer's) exit code."""
+def with_node_tokens(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """``cfg`` with per-node tokens in ``run_dir/secrets`` when it names no credentials of its
+    own, so that a launched client can only act as its own node id (the secret is kept, and
+    reused on ``--resume``)."""
+    from gossamer import config as config_mod
+    from gossamer.runtime.security import SECRET_FILE, write_node_tokens
+
+    sec = cfg.runtime.security
+    if sec.token or sec.token_file or sec.node_tokens_dir or sec.require_client_cert:
+        return cfg
+    secrets = (run_dir / "secrets").resolve()
+    if not (secrets / SECRET_FILE).exists():
+        write_node_tokens(secrets, cfg.partition.num_nodes)
+    overrides = [f"runtime.security.node_tokens_dir={secrets}"]
+    if not sec.tls:                                  # the launcher's own processes, as configured
+        overrides.append("runtime.security.allow_insecure=true")
+    return config_mod.validate(config_mod.apply_overrides(cfg.to_dict(), overrides))
+
+
+def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+           startup_timeout_s: float = 120.0) -> int:
+    """Run ``cfg`` on real processes (``resume``: continue the run in ``run_dir`` from its
+    checkpoints); returns the coordinator's (or the worst peer's) exit code."""
     from gossamer.algorithms import ALGORITHMS
     from gossamer.runtime.common import refuse_simulator_only
 
     refuse_simulator_only(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ALGORITHMS.get(cfg.algorithm.name).family == "dl":
-        return _launch_peers(cfg, run_dir, startup_timeout_s)
+        return _launch_peers(cfg, run_dir, startup_timeout_s, resume)
+    cfg = with_node_tokens(cfg, run_dir)
     host = cfg.runtime.server.rsplit(":", 1)[0]
     config_path = run_dir / "launch.yaml"
     config_path.write_text(dump(cfg))
@@ -82,7 +107,8 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 1
     try:
         (run_dir / "server.json").unlink(missing_ok=True)
         threads = threads_per_process(cfg, cfg.partition.num_nodes + 1)
-        server = _spawn(["server", str(config_path), "--out", str(run_dir), "--listen", f"{host}:0"],
+        what = ["--resume", str(run_dir)] if resume else [str(config_path), "--out", str(run_dir)]
+        server = _spawn(["server", *what, "--listen", f"{host}:0"],
                         run_dir / "logs" / "server.log", threads)
         procs.append(server)
         address = _wait_for_address(run_dir, server, startup_timeout_s)
@@ -102,7 +128,8 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, startup_timeout_s: float = 1
         signal.signal(signal.SIGTERM, previous)
 
 
-def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float) -> int:
+def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float,
+                  resume: bool = False) -> int:
     """One ``gossamer peer`` process per node; the launcher gathers their addresses into a
     peers file, waits for all of them, and merges their metrics."""
     from gossamer.algorithms import ALGORITHMS
@@ -128,7 +155,8 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
         for i in range(n):
             (run_dir / "peers" / f"address-{i}.json").unlink(missing_ok=True)
             procs.append(_spawn(["peer", str(config_path), "--id", str(i), "--listen", f"{host}:0",
-                                 "--peers", str(peers_file), "--out", str(run_dir)],
+                                 "--peers", str(peers_file), "--out", str(run_dir)]
+                                + (["--resume"] if resume else []),
                                 run_dir / "logs" / f"peer-{i}.log", threads))
         addresses = {}
         end = time.monotonic() + startup_timeout_s

@@ -1,0 +1,284 @@
+"""An authenticated hostile client against a live FL server: everything it tries is rejected,
+the honest clients finish the run, and the result equals the run without it."""
+
+import csv
+import json
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from gossamer.cli import main
+from gossamer.runtime import schema
+from gossamer.runtime.codec import model_frames
+from gossamer.runtime.security import node_token
+from tests.conftest import small_config
+from tests.runtime.test_fl_runtime import _free_port, procs  # noqa: F401  (fixture)
+
+HOSTILE = 3
+NUMEL = 64 * 16 + 16 + 16 * 10 + 10                  # the MLP 64-16-10 on digits
+
+
+def _cfg(tokens, port, **runtime):
+    cfg = small_config("fedavg", stop={"rounds": 3})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["runtime"] = {"server": f"127.0.0.1:{port}", "round_timeout_s": 60, "join_timeout_s": 60,
+                      "poll_interval_s": 0.05, "threads_per_process": 2, "upload_timeout_s": 2,
+                      "security": {"node_tokens_dir": str(tokens), "allow_insecure": True}, **runtime}
+    return cfg
+
+
+def _rows(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _shard(cfg_path, node):
+    from gossamer import config
+    from gossamer.sim.experiment import build_experiment
+
+    return int(build_experiment(config.load(cfg_path)).trainer.sizes[node])
+
+
+def _tokens(tmp_path):
+    out = tmp_path / "tokens"
+    assert main(["tokens", "--out", str(out), "--nodes", "4"]) == 0
+    return out
+
+
+class Hostile:
+    """Node 3, with its own valid token, doing everything a participant should not."""
+
+    def __init__(self, address, token, numel):
+        self.channel = grpc.insecure_channel(address)
+        self.auth = (("authorization", f"Bearer {token}"),)
+        self.numel = numel
+        self.outcomes: dict[str, str] = {}
+
+    def call(self, method, kind, request, **kw):
+        stub = getattr(self.channel, kind)(schema.method("Coordinator", method))
+        return stub(request, timeout=30, metadata=kw.pop("metadata", self.auth), wait_for_ready=True,
+                    **kw)
+
+    def join(self, node, samples):
+        reply = schema.JoinReply.FromString(self.call("Join", "unary_unary", schema.JoinRequest(
+            node_id=node, run_id="gossamer", num_samples=samples).SerializeToString()))
+        return reply.ok, reply.reason
+
+    def task(self, node=HOSTILE):
+        frames = list(self.call("GetTask", "unary_stream", schema.TaskRequest(
+            node_id=node, run_id="gossamer").SerializeToString()))
+        return schema.TaskFrame.FromString(frames[0]).header
+
+    def put(self, tensor, *, sender=HOSTILE, round_=1, samples=0, frames=None):
+        frames = frames or [f.SerializeToString() for f in model_frames(
+            tensor, sender=sender, round=round_, meta=samples, run_id="gossamer")]
+        ack = schema.Ack.FromString(self.call("PutUpdate", "stream_unary", iter(frames)))
+        return ack.ok, ack.reason
+
+    def stalled(self, count, round_, samples):
+        """``count`` uploads that send their header and stall; their outcomes."""
+        head = [f.SerializeToString() for f in model_frames(
+            torch.zeros(self.numel), sender=HOSTILE, round=round_, meta=samples, run_id="gossamer")][0]
+        release = threading.Event()
+
+        def frames():
+            yield head
+            release.wait(20)
+
+        results = []
+
+        def one():
+            try:
+                ack = schema.Ack.FromString(self.call("PutUpdate", "stream_unary", frames()))
+                results.append(ack.reason)
+            except grpc.RpcError as exc:
+                results.append(exc.code().name)
+
+        threads = [threading.Thread(target=one) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        release.set()
+        return results
+
+    def broken_off(self, round_, samples):
+        """An upload cut off by the client after its header and half the data."""
+        frames = [f.SerializeToString() for f in model_frames(
+            torch.zeros(self.numel), sender=HOSTILE, round=round_, meta=samples, run_id="gossamer",
+            chunk_bytes=self.numel * 2)]
+        gate = threading.Event()
+
+        def cut():
+            yield frames[0]
+            yield frames[1]
+            gate.wait(10)
+
+        stub = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+        future = stub.future(cut(), timeout=30, metadata=self.auth, wait_for_ready=True)
+        time.sleep(0.5)
+        future.cancel()
+        gate.set()
+        return future.cancelled()
+
+    def attack(self, samples):
+        o = self.outcomes
+        o["huge join"] = self.join(HOSTILE, 2**63 - 1)[1]
+        o["join as 0"] = self.join(0, samples)[1]
+        assert self.join(HOSTILE, samples) == (True, "")
+        while (header := self.task()).kind != schema.TaskHeader.TRAIN:
+            assert header.kind != schema.TaskHeader.DONE
+            time.sleep(0.02)
+        r, numel = header.round, self.numel
+        good = torch.zeros(numel)
+        o["wrong shape"] = self.put(good.reshape(2, numel // 2), round_=r, samples=samples)[1]
+        o["nan"] = self.put(good.clone().fill_(float("nan")), round_=r, samples=samples)[1]
+        inf = good.clone()
+        inf[5] = float("inf")
+        o["inf"] = self.put(inf, round_=r, samples=samples)[1]
+        o["float64"] = self.put(good.double(), round_=r, samples=samples)[1]
+        o["huge count"] = self.put(good, round_=r, samples=2**63 - 1)[1]
+        o["spoofed sender"] = self.put(good, sender=0, round_=r, samples=samples)[1]
+        o["replay"] = self.put(good, round_=r, samples=samples)[1]
+        o["stalled"] = self.stalled(12, r, samples)
+        o["broken off"] = self.broken_off(r, samples)
+        try:
+            self.task(node=0)
+        except grpc.RpcError as exc:
+            o["task as 0"] = exc.code().name
+        forged = (("authorization", f"Bearer 0.{'0' * 64}"),)
+        try:
+            self.call("Join", "unary_unary", b"", metadata=forged)
+        except grpc.RpcError as exc:
+            o["forged token"] = exc.code().name
+
+
+def _run(tmp_path, procs, name, port, cfg_path, clients, hostile_samples=None, expect=0):  # noqa: F811
+    out = tmp_path / name
+    server = procs.start("server", str(cfg_path), "--out", str(out))
+    for i in clients:
+        procs.start("client", str(cfg_path), "--id", str(i))
+    hostile = None
+    if hostile_samples is not None:
+        tokens = tmp_path / "tokens"
+        token = (tokens / f"node-{HOSTILE}.token").read_text().strip()
+        hostile = Hostile(f"127.0.0.1:{port}", token, numel=NUMEL)
+        worker = threading.Thread(target=hostile.attack, args=(hostile_samples,), daemon=True)
+        worker.start()
+    assert server.wait(timeout=240) == expect, server.stdout.read().decode()[-3000:]
+    if hostile is not None:
+        worker.join(30)
+    return out, hostile
+
+
+def test_a_hostile_client_is_rejected_and_the_run_equals_the_one_without_it(write_config, tmp_path,
+                                                                             procs):  # noqa: F811
+    tokens = _tokens(tmp_path)
+    port = _free_port()
+    reference_cfg = write_config(_cfg(tokens, port, min_clients=3), "reference.yaml")
+    reference, _ = _run(tmp_path, procs, "reference", port, reference_cfg, clients=range(3))
+    port = _free_port()
+    cfg = write_config(_cfg(tokens, port, min_clients=4, max_rejections=100), "hostile.yaml")
+    samples = _shard(cfg, HOSTILE)
+    out, hostile = _run(tmp_path, procs, "hostile", port, cfg, clients=range(3),
+                        hostile_samples=samples)
+    o = hostile.outcomes
+    assert "plausible" in o["huge join"]
+    assert "may not act as node 0" in o["join as 0"]
+    assert "where the flat" in o["wrong shape"]
+    assert "non-finite" in o["nan"] and "non-finite" in o["inf"]
+    assert "float64 where float32" in o["float64"]
+    assert "samples but joined with" in o["huge count"]
+    assert "may not upload as node 0" in o["spoofed sender"]
+    assert "not expected" in o["replay"]                 # its round no longer waits for it
+    # 12 stalled streams: 2 held (the in-flight bound) until the upload deadline, 10 refused
+    assert sum("calls in flight" in x for x in o["stalled"]) == 10, o["stalled"]
+    assert sum(x == "CANCELLED" for x in o["stalled"]) == 2, o["stalled"]
+    assert o["broken off"]
+    assert o["task as 0"] == "PERMISSION_DENIED"
+    assert o["forged token"] == "UNAUTHENTICATED"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "rounds" and summary["rejected_messages"] >= 12
+    rows, ref = _rows(out), _rows(reference)
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in ref]
+    assert [r["test_loss"] for r in rows] == [r["test_loss"] for r in ref]
+    assert [r["participants"] for r in rows[1:]] == ["3", "3", "3"]
+
+
+def test_a_client_is_refused_for_the_run_after_max_rejections(write_config, tmp_path, procs):  # noqa: F811
+    tokens = _tokens(tmp_path)
+    port = _free_port()
+    cfg = write_config(_cfg(tokens, port, min_clients=4, max_rejections=2))
+    out = tmp_path / "run"
+    server = procs.start("server", str(cfg), "--out", str(out))
+    for i in range(3):
+        procs.start("client", str(cfg), "--id", str(i))
+    token = (tokens / f"node-{HOSTILE}.token").read_text().strip()
+    hostile = Hostile(f"127.0.0.1:{port}", token, numel=NUMEL)
+    assert hostile.join(HOSTILE, _shard(cfg, HOSTILE))[0]
+    bad = torch.full((NUMEL,), float("nan"))
+    assert "non-finite" in hostile.put(bad)[1]
+    assert "non-finite" in hostile.put(bad)[1]
+    ok, reason = hostile.put(torch.zeros(NUMEL))
+    assert not ok and "refused for this run after 2 rejected messages" in reason
+    assert "refused for this run" in hostile.join(HOSTILE, 1)[1]
+    assert server.wait(timeout=240) == 0
+    rows = _rows(out)
+    assert [r["participants"] for r in rows[1:]] == ["3", "3", "3"]
+
+
+def test_node_tokens_bind_ids_and_a_shared_token_needs_tls_or_allow_insecure(tmp_path, capsys):
+    secret = bytes(range(32))
+    from gossamer.runtime.security import token_node
+
+    assert token_node(secret, node_token(secret, 7)) == 7
+    assert token_node(secret, node_token(secret, 7).replace("7.", "8.", 1)) is None
+    assert token_node(bytes(32), node_token(secret, 7)) is None
+    assert token_node(secret, "7." + "z" * 64) is None
+    cfg = small_config("fedavg")
+    cfg["runtime"] = {"security": {"token": "abc"}}
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "allow_insecure" in err[0]
+
+
+@pytest.mark.parametrize("mode", ["server", "launch"])
+def test_when_every_client_is_gone_the_run_fails_with_exit_code_3(write_config, tmp_path, procs,  # noqa: F811
+                                                                   mode, capsys):
+    from tests.conftest import subprocess_env
+
+    port = _free_port()
+    cfg = small_config("fedavg", stop={"rounds": 6})
+    cfg["partition"]["num_nodes"] = 2
+    cfg["runtime"] = {"server": f"127.0.0.1:{port}", "round_timeout_s": 3, "quorum_timeout_s": 3,
+                      "poll_interval_s": 0.05, "threads_per_process": 1}
+    path = write_config(cfg)
+    out = tmp_path / "run"
+    if mode == "server":
+        server = procs.start("server", str(path), "--out", str(out))
+        for i in range(2):
+            procs.start("client", str(path), "--id", str(i),
+                        env=subprocess_env(GOSSAMER_TEST_KILL_CLIENT_AT_ROUND="2"))
+        assert server.wait(timeout=120) == 3
+        text = server.stdout.read().decode().strip().splitlines()
+        assert text[-1].startswith("gossamer: run failed: round 2:"), text[-3:]
+    else:
+        import os
+
+        os.environ["GOSSAMER_TEST_KILL_CLIENT_AT_ROUND"] = "2"
+        try:
+            assert main(["launch", str(path), "--out", str(out)]) == 3
+        finally:
+            del os.environ["GOSSAMER_TEST_KILL_CLIENT_AT_ROUND"]
+        assert "launch failed (exit 3)" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "failed" and "min_participants" in summary["error"]
+    assert [r["round"] for r in _rows(out)] == ["0", "1"]       # no empty round was recorded
