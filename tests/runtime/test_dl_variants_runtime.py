@@ -21,10 +21,15 @@ def _launch_and_simulate(write_config, tmp_path, cfg):
     return _rows(tmp_path / "real"), _rows(tmp_path / "sim")
 
 
-def test_peers_with_a_final_merge_match_the_simulator(write_config, tmp_path):
+def test_peers_with_a_final_merge_match_the_simulator(write_config, tmp_path, monkeypatch):
     """Local training only, then one all-to-all merge after the last round: the round-3 row
-    (written after the merge) equals the simulator's, and every peer holds the same model."""
+    (written after the merge) equals the simulator's, and every peer holds the same model.
+    Peer 3 is slow on purpose: it reaches the merge ~3 s after the others, past their
+    round_timeout_s; alive, it is waited for (only a peer that cannot be reached is left out),
+    so the result does not depend on which peer finishes its local rounds first."""
+    monkeypatch.setenv("GOSSAMER_TEST_ROUND_PAUSE_S", "3:1.5")
     cfg = _cfg()
+    cfg["runtime"]["round_timeout_s"] = 2
     cfg["algorithm"] = {"name": "dpsgd", "params": {"schedule": "local_only", "final_merge": True}}
     real, sim = _launch_and_simulate(write_config, tmp_path, cfg)
     assert [r["round"] for r in real] == ["0", "1", "2", "3"]

@@ -12,13 +12,16 @@ after every round; restarted with ``--resume`` it continues from there. Metrics 
 the launcher merges them into the run's ``metrics.csv``.
 
 ``final_merge`` (the single global merge after round ``stop.rounds``): every peer sends its
-model to every other peer, waits for theirs (at most ``round_timeout_s``; peers that did not
-deliver, e.g. dead ones, are left out, as the simulator leaves out offline nodes), and takes
-the exact mean of the models it holds, stacked in node-id order as the simulator's all-reduce
-averages its rows, so all peers that hear each other hold the same model. The round's
-metrics row is written after the merge, as the simulator's is. It is a direct all-to-all
-exchange, not a ring all-reduce: ``n - 1`` model messages each way per peer (the real bytes
-are counted), where the simulator counts a ring's ``2 (n - 1)`` chunks of ``P / n`` values.
+model to every other peer, waits for theirs, and takes the exact mean of the models it holds,
+stacked in node-id order as the simulator's all-reduce averages its rows, so all peers that
+hear each other hold the same model. Who is left out is decided by reachability, not by who
+finishes first: a peer that acknowledged our model is alive and is waited for (up to
+``join_timeout_s``: a slow peer reaches the merge late, not never); a peer our push could not
+reach within ``round_timeout_s`` (a dead one) is left out, as the simulator leaves out
+offline nodes. The round's metrics row is written after the merge, as the simulator's is.
+It is a direct all-to-all exchange, not a ring all-reduce: ``n - 1`` model messages each way
+per peer (the real bytes are counted), where the simulator counts a ring's ``2 (n - 1)``
+chunks of ``P / n`` values.
 
 :class:`GradientTrackingPeer` runs the ``gradient_tracking`` pattern: a message is one frame
 of ``2 P`` values, the model and the tracker's direction ``y``, mixed with the same row.
@@ -205,7 +208,8 @@ class Peer:
             meta=step, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
         nbytes = sum(len(f) for f in frames)
 
-        def one(j: int) -> None:
+        def one(j: int) -> bool:
+            """Push to ``j``; whether ``j`` acknowledged it (it is alive)."""
             # a neighbour known to be down gets one quick try, so a restarted one hears from us
             patience = 1.0 if j in self.down else self.cfg.runtime.round_timeout_s
             try:
@@ -213,8 +217,10 @@ class Peer:
                       deadline_s=patience, max_backoff_s=self.cfg.runtime.retry_max_s)
                 with self.lock:
                     self.bytes_up += nbytes
+                return True
             except grpc.RpcError as exc:
                 log.warning("peer %d: neighbour %d unreachable (%s)", self.node, j, exc.code())
+                return False
 
         # in the background: never wait on a slow link
         return [self.sender.submit(one, j) for j in (self.receivers if to is None else to)]
@@ -259,14 +265,29 @@ class Peer:
     def _merge_all(self, stubs: dict[int, Any], r: int) -> None:
         """The final merge after round ``r``: send the model to every other peer, wait for
         theirs, and take the exact mean of the models held, in node-id order (the simulator's
-        all-reduce over its online rows). A peer that does not deliver in time is left out."""
+        all-reduce over its online rows). A peer is left out only when our push to it failed
+        (it is down: the simulator's offline node) or, having acknowledged it, it sent nothing
+        for ``join_timeout_s``; a live peer that is merely slower is waited for, so the merge
+        does not depend on which peer finished its rounds first."""
         others = [j for j in range(self.exp.num_nodes) if j != self.node]
         sent = dict(zip(others, self._send(stubs, r, FINAL_MERGE, to=others), strict=True))
         key = (r, FINAL_MERGE)
+
+        def wake(_: futures.Future) -> None:          # a push finished: re-check who is awaited
+            with self.lock:
+                self.lock.notify_all()
+
+        for f in sent.values():
+            f.add_done_callback(wake)
+
+        def unreachable(j: int) -> bool:
+            return sent[j].done() and (sent[j].exception() is not None or not sent[j].result())
+
         with self.lock:
-            expected = set(others) - self.down
-            self.lock.wait_for(lambda: expected <= set(self.inbox.get(key, {})),
-                               timeout=self.cfg.runtime.round_timeout_s)
+            self.lock.wait_for(lambda: all(j in self.inbox.get(key, {}) or unreachable(j)
+                                           for j in others),
+                               timeout=max(self.cfg.runtime.join_timeout_s,
+                                           self.cfg.runtime.round_timeout_s + 5))
             got = dict(self.inbox.pop(key, {}))
         # the row counts the bytes sent: wait for the pushes to the peers that answered
         futures.wait([sent[j] for j in got], timeout=self.cfg.runtime.round_timeout_s + 5)
@@ -333,8 +354,16 @@ class Peer:
                                         **self._state()})
             if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if os.environ.get("GOSSAMER_TEST_ROUND_PAUSE_S"):   # tests: a slow peer, on purpose
-                time.sleep(float(os.environ["GOSSAMER_TEST_ROUND_PAUSE_S"]))
+            self._test_pause()
+
+    def _test_pause(self) -> None:
+        """Tests: ``GOSSAMER_TEST_ROUND_PAUSE_S=s`` makes every peer sleep ``s`` seconds after
+        each round, ``id:s`` only peer ``id`` (a slow peer, on purpose)."""
+        pause = os.environ.get("GOSSAMER_TEST_ROUND_PAUSE_S")
+        if pause:
+            node, _, seconds = pause.rpartition(":")
+            if not node or int(node) == self.node:
+                time.sleep(float(seconds))
 
 
 class GradientTrackingPeer(Peer):
