@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import socket
 import subprocess
 
@@ -47,34 +48,41 @@ def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monk
 
 
 def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
+    """Peer 3 dies after round 5; the others (all its neighbours: a complete graph) skip it
+    from round 6 on and hold after round 10 until they hear from it again, so events, not
+    timings, order the run. Restarted with --resume, peer 3 continues from its round-5
+    checkpoint, pushes its round-6 model (which releases them), sees them two rounds ahead,
+    jumps to their round and runs in step with them to round 20."""
     ports = []
     for _ in range(4):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     cfg = _cfg()
-    cfg["stop"] = {"rounds": 60}
-    cfg["eval"] = {"every": 10}
-    cfg["runtime"] = {"round_timeout_s": 3, "join_timeout_s": 60}
+    cfg["topology"] = {"name": "complete"}
+    cfg["stop"] = {"rounds": 20}
+    cfg["eval"] = {"every": 5}
+    # join_timeout_s bounds the hold: a restart on a loaded machine can take a minute
+    cfg["runtime"] = {"round_timeout_s": 2, "join_timeout_s": 300}
     path = write_config(cfg)
     out = tmp_path / "run"
     peers = tmp_path / "peers.json"
     peers.write_text(json.dumps({str(i): f"127.0.0.1:{p}" for i, p in enumerate(ports)}))
 
-    def start(i, *extra, env=None):
+    def start(i, *extra, env):
         log = (tmp_path / f"peer-{i}{'-resumed' if extra else ''}.log").open("wb")
         return subprocess.Popen(gossamer_cmd("peer", str(path), "--id", str(i), "--listen",
                                              f"127.0.0.1:{ports[i]}", "--peers", str(peers),
                                              "--out", str(out), *extra),
-                                env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    # the others pause 0.1 s per round so they are still running when peer 3 is back (a fresh
-    # process needs seconds to start; unpaused, they could finish all 60 rounds before that)
-    procs = [start(i, env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3:20") if i == 3
-                   else subprocess_env(GOSSAMER_TEST_ROUND_PAUSE_S="0.1")) for i in range(4)]
+    procs = [start(i, env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3:5") if i == 3
+                   else subprocess_env(GOSSAMER_TEST_HOLD_AT_ROUND="10:3")) for i in range(4)]
     try:
         assert procs[3].wait(timeout=90) == -9
-        procs[3] = start(3, "--resume")
+        # a long round timeout for the resumed peer: its round 6 ends when it sees its
+        # neighbours ahead (they are held until its round-6 push), never by a timer
+        procs[3] = start(3, "--resume", "--set", "runtime.round_timeout_s=60", env=subprocess_env())
         for p in procs:
             assert p.wait(timeout=120) == 0
     finally:
@@ -84,10 +92,16 @@ def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
     with (out / "peers" / "metrics-3.csv").open() as f:
         rows = list(csv.DictReader(f))
     rounds = [int(r["round"]) for r in rows]
-    assert rounds[:3] == [0, 10, 20] and rounds[-1] == 60       # back after the restart, to the end
-    # and it heard from its neighbours again (whether it had to catch up, or they waited a round
-    # timeout for it and it came back in step, depends on how long the restart took)
-    assert int(rows[-1]["bytes_down"]) > int(rows[2]["bytes_down"])
+    assert rounds[:2] == [0, 5] and rounds[-1] == 20     # resumed from round 5, to the end
+    assert 10 not in rounds                              # it skipped the rounds it missed
+    resumed = (tmp_path / "peer-3-resumed.log").read_text()
+    caught = re.search(r"peer 3: behind \(round 6, neighbours at (\d+)\); catching up", resumed)
+    assert caught and int(caught[1]) > 10, resumed
+    assert int(rows[-1]["bytes_down"]) > int(rows[1]["bytes_down"])      # it heard them again
+    for i in range(3):                        # they skipped the dead peer (from round 5 or 6)
+        assert "no model from [3]" in (tmp_path / f"peer-{i}.log").read_text()
+    others = [list(csv.DictReader((out / "peers" / f"metrics-{i}.csv").open())) for i in range(3)]
+    assert all([int(r["round"]) for r in rows_i] == [0, 5, 10, 15, 20] for rows_i in others)
 
 
 def test_a_peer_that_fell_behind_jumps_to_its_neighbours_round(tmp_path):

@@ -227,15 +227,22 @@ class Peer:
 
     def _gather(self, round_: int, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Wait for this step's messages; returns the mixing weights (own first, the missing
-        neighbours' folded onto it) and the received payloads, in node-id order."""
+        neighbours' folded onto it) and the received payloads, in node-id order. A neighbour
+        already two rounds ahead (this peer was down and is catching up: the neighbour gave
+        up on it) will not send this round's message: it is not waited for, nor marked down.
+        One round ahead is normal in step (its message for this round may still be in flight)."""
         key = (round_, step)
+
+        def ahead() -> set[int]:
+            return {j for j in self.senders if self.latest.get(j, 0) > round_ + 1}
+
         with self.lock:
             expected = set(self.senders) - self.down
-            self.lock.wait_for(lambda: expected <= set(self.inbox.get(key, {})),
+            self.lock.wait_for(lambda: expected - ahead() <= set(self.inbox.get(key, {})),
                                timeout=self.cfg.runtime.round_timeout_s)
             got = {j: t for j, t in self.inbox.pop(key, {}).items() if j in self.weights}
             missing = [j for j in self.senders if j not in got]
-            self.down |= set(missing)
+            self.down |= set(missing) - ahead()
             for old in [k for k in self.inbox if k[0] < round_]:
                 del self.inbox[old]
         if missing:
@@ -354,16 +361,25 @@ class Peer:
                                         **self._state()})
             if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._test_pause()
+            self._test_pause(r)
 
-    def _test_pause(self) -> None:
+    def _test_pause(self, r: int) -> None:
         """Tests: ``GOSSAMER_TEST_ROUND_PAUSE_S=s`` makes every peer sleep ``s`` seconds after
-        each round, ``id:s`` only peer ``id`` (a slow peer, on purpose)."""
+        each round, ``id:s`` only peer ``id`` (a slow peer, on purpose);
+        ``GOSSAMER_TEST_HOLD_AT_ROUND=r:j`` holds the peer after round ``r`` until it hears from
+        neighbour ``j`` again (at most ``join_timeout_s``), so a test can order a restart by
+        events instead of timings."""
         pause = os.environ.get("GOSSAMER_TEST_ROUND_PAUSE_S")
         if pause:
             node, _, seconds = pause.rpartition(":")
             if not node or int(node) == self.node:
                 time.sleep(float(seconds))
+        hold = os.environ.get("GOSSAMER_TEST_HOLD_AT_ROUND", "")
+        at, _, node = hold.partition(":")
+        if hold and int(at) == r:
+            with self.lock:
+                self.lock.wait_for(lambda: int(node) not in self.down,
+                                   timeout=self.cfg.runtime.join_timeout_s)
 
 
 class GradientTrackingPeer(Peer):

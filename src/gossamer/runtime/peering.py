@@ -52,10 +52,17 @@ def wait_for_peers(path: Path, num_nodes: int, timeout_s: float) -> dict[int, st
 
 def channels(cfg: ExperimentConfig, security: SecurityConfig, token: str | None,
              peers: dict[int, str], neighbors: Iterable[int]) -> dict[int, grpc.Channel]:
-    """One (secured, authenticated) channel per neighbour."""
+    """One (secured, authenticated) channel per neighbour. A channel whose peer went down
+    retries the connection with gRPC's backoff, by default growing to 2 minutes, failing every
+    push meanwhile: a restarted peer would stay unreachable long after it listens again. Peer
+    channels cap that backoff at 1 s (``runtime.retry_max_s`` if smaller)."""
+    cap_ms = int(1000 * min(1.0, cfg.runtime.retry_max_s))
+    options = grpc_options(cfg) + [("grpc.initial_reconnect_backoff_ms", min(100, cap_ms)),
+                                   ("grpc.min_reconnect_backoff_ms", min(100, cap_ms)),
+                                   ("grpc.max_reconnect_backoff_ms", cap_ms)]
     out = {}
     for j in neighbors:
-        channel = make_channel(peers[j], security, grpc_options(cfg))
+        channel = make_channel(peers[j], security, options)
         out[j] = intercept_channel(channel, token) if token else channel
     return out
 
