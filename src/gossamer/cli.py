@@ -380,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         return tokens_main(argv[1:])
     args = build_parser().parse_args(argv)
     from gossamer.config import ConfigError
+    from gossamer.metrics.runstore import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, CheckpointError) as exc:
         prefix = "config error: " if isinstance(exc, ConfigError) else "error: "
         print(f"gossamer: {prefix}{exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -45,7 +45,13 @@ import torch
 
 from gossamer.aggregators import needs_losses
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
+from gossamer.metrics.runstore import (
+    MetricsWriter,
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse
 from gossamer.runtime.common import limits, log, retry, security
@@ -113,8 +119,8 @@ class Peer:
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
         self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
-        if resume and self.ckpt.exists():
-            state = load_checkpoint(self.ckpt)
+        if resume and checkpoint_exists(self.ckpt):
+            state = load_checkpoint(self.ckpt)        # or checkpoint-i.prev.pt, if damaged
             self.params, self.round = state["params"], int(state["round"])
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
             self.elapsed_before = float(state["elapsed"])
@@ -354,7 +360,8 @@ class Peer:
             self.round = r
             if r % every == 0 or r == self.cfg.stop.rounds:
                 self.metrics.append(self._row(start))
-                save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]})
+                save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]},
+                                keep_previous=False)
             save_checkpoint(self.ckpt, {"params": self.params, "round": r, "bytes_up": self.bytes_up,
                                         "bytes_down": self.bytes_down,
                                         "elapsed": self.elapsed_before + time.monotonic() - start,

@@ -212,7 +212,8 @@ class GossipPeer:
         acc, loss = self.exp.evaluator.evaluate(params)
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
         if round_ > 0:
-            save_checkpoint(self.peer_dir / f"model-{self.node}-r{round_}.pt", {"params": params[0]})
+            save_checkpoint(self.peer_dir / f"model-{self.node}-r{round_}.pt", {"params": params[0]},
+                            keep_previous=False)
         return row
 
     def run(self, peers: dict[int, str] | Path) -> None:

@@ -125,4 +125,5 @@ def _save_model(exp: Any, source: Path, target: Path) -> None:
     if not source.exists():
         return
     exp.spec.load_into(exp.model, load_checkpoint(source)["params"])
-    save_checkpoint(target, {k: v.detach().clone() for k, v in exp.model.state_dict().items()})
+    save_checkpoint(target, {k: v.detach().clone() for k, v in exp.model.state_dict().items()},
+                    keep_previous=False)

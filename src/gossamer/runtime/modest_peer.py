@@ -43,7 +43,12 @@ import torch
 
 from gossamer.algorithms.dl.modest import aggregate, rank, sample
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint
+from gossamer.metrics.runstore import (
+    MetricsWriter,
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, retry, security
@@ -106,8 +111,8 @@ class ModestPeer:
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", COLUMNS)
         self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
-        if resume and self.ckpt.exists():
-            state = load_checkpoint(self.ckpt)
+        if resume and checkpoint_exists(self.ckpt):
+            state = load_checkpoint(self.ckpt)        # or checkpoint-i.prev.pt, if damaged
             self.params = state["params"]
             self.trained, self.aggregated = int(state["trained"]), int(state["aggregated"])
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
@@ -256,7 +261,8 @@ class ModestPeer:
         if r % self.cfg.eval.every == 0 or r == self.cfg.stop.rounds:
             acc, loss = self.exp.evaluator.evaluate(self.params)
             row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
-            save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]})
+            save_checkpoint(self.peer_dir / f"model-{self.node}-r{r}.pt", {"params": self.params[0]},
+                            keep_previous=False)
         self._record(r, "aggregate", **row)
         self._checkpoint()
 

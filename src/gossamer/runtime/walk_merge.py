@@ -115,7 +115,8 @@ def merge_walk_metrics(cfg: ExperimentConfig, run_dir: Path,
         params = torch.stack([load_checkpoint(f)["params"] for f in final]).mean(0)
         exp.spec.load_into(exp.model, params)
         save_checkpoint(run_dir / "model.pt",
-                        {k: v.detach().clone() for k, v in exp.model.state_dict().items()})
+                        {k: v.detach().clone() for k, v in exp.model.state_dict().items()},
+                        keep_previous=False)
     summary = {"name": cfg.name, "algorithm": cfg.algorithm.name, "executor": "runtime",
                "num_nodes": n, "num_params": exp.spec.numel, "rounds": row.get("round", 0),
                "stopped_by": "rounds" if min(hops_done) >= cfg.stop.rounds else "incomplete",

@@ -230,7 +230,8 @@ class WalkPeer:
         if r % self.cfg.eval.every == 0 or r == self.rounds:
             acc, loss = self.exp.evaluator.evaluate(token.params)
             record.update(acc=float(acc[0]), loss=float(loss[0]))
-            save_checkpoint(self.peer_dir / f"token-{token.id}-r{r}.pt", {"params": token.params[0]})
+            save_checkpoint(self.peer_dir / f"token-{token.id}-r{r}.pt", {"params": token.params[0]},
+                            keep_previous=False)
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -13,6 +13,7 @@ from gossamer.config import ExperimentConfig, dump
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
+    checkpoint_exists,
     environment,
     load_checkpoint,
     save_checkpoint,
@@ -49,8 +50,8 @@ class Runner:
     def prepare(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.run_dir / "checkpoints" / CHECKPOINT
-        if resume and ckpt.exists():
-            state = load_checkpoint(ckpt)
+        if resume and checkpoint_exists(ckpt):
+            state = load_checkpoint(ckpt)             # falls back to checkpoint.prev.pt if damaged
             self.driver.load_state_dict(state["driver"])
             for key in ("time_to_target", "rounds_to_target", "best_accuracy", "last_row"):
                 setattr(self, key, state["runner"][key])
@@ -140,7 +141,7 @@ class Runner:
         params = self.driver.global_params()
         self.exp.spec.load_into(self.exp.model, params)
         state = {k: v.detach().clone() for k, v in self.exp.model.state_dict().items()}
-        save_checkpoint(self.run_dir / "model.pt", state)
+        save_checkpoint(self.run_dir / "model.pt", state, keep_previous=False)
 
     def summary(self) -> dict[str, Any]:
         d, row = self.driver, self.last_row or {}
