@@ -170,14 +170,50 @@ def custom(input_shape: tuple[int, ...], num_classes: int, path: str = "",
     """A user ``nn.Module`` given as ``package.module:Class`` (or a factory function).
 
     With ``pass_shapes`` it is called as ``Class(input_shape, num_classes, **kwargs)``.
+    What may be named (checked before anything is called): an ``nn.Module`` subclass from
+    any module, or a Python function defined in the user's own code, whose result must be an
+    ``nn.Module``. Refused: anything from the standard library or builtins (never imported),
+    builtin functions and other callables, classes that are not ``nn.Module`` subclasses, and
+    functions of torch, numpy, yaml, gossamer and other packages that ship no models.
     """
-    module_name, _, attr = path.partition(":")
+    import inspect
+    import sys
+
+    module_name, _, attr = path.partition(":") if isinstance(path, str) else ("", "", "")
     if not module_name or not attr:
         raise ValueError(f"model.params.path must look like 'package.module:Class', got {path!r}")
+
+    # packages whose functions are never model factories (several load or run arbitrary
+    # code); their nn.Module classes (torch.nn:Linear) stay allowed
+    no_factories = {"torch", "gossamer", "numpy", "yaml", "pickle", "dill", "cloudpickle", "joblib",
+                    "pip", "setuptools", "pkg_resources", "_pytest", "pytest", "IPython", "grpc",
+                    "pydantic", "scipy", "sklearn", "pandas", "matplotlib"}
+
+    def _system(name: str) -> bool:
+        top = name.partition(".")[0]
+        return top in sys.stdlib_module_names or top in sys.builtin_module_names
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"model.params.path {path!r} {why}; it must name an nn.Module subclass "
+                          f"or a model factory function of your own code")
+
+    if _system(module_name):
+        raise refuse("is in the Python standard library")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"model.params.path {path!r} cannot be imported: {exc}") from None
+    if inspect.isclass(factory):
+        if not issubclass(factory, nn.Module):
+            raise refuse(f"is a class that is not an nn.Module subclass ({factory.__name__})")
+    elif not inspect.isfunction(factory):
+        raise refuse(f"is not a class or Python function ({type(factory).__name__})")
+    else:
+        defined_in = getattr(factory, "__module__", None) or ""
+        if _system(defined_in) or defined_in.partition(".")[0] in no_factories:
+            raise refuse(f"is a function of {defined_in or 'an unknown module'}, not a model factory")
     args = (tuple(input_shape), num_classes) if pass_shapes else ()
     model = factory(*args, **(kwargs or {}))
     if not isinstance(model, nn.Module):
