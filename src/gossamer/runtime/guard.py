@@ -18,7 +18,9 @@ guard gives the coordinator three things:
 
 from __future__ import annotations
 
+import heapq
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +47,37 @@ class Busy(Refused):
     """The caller already holds as many calls as it may."""
 
 
+class Watchdog:
+    """One thread that cancels calls past their deadline (a timer thread per call would cost
+    a thread start on every upload)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.heap: list[tuple[float, int, grpc.ServicerContext, dict[str, bool]]] = []
+        self.count = 0
+        self.thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, context: grpc.ServicerContext, state: dict[str, bool]) -> None:
+        with self.cond:
+            self.count += 1
+            heapq.heappush(self.heap, (deadline, self.count, context, state))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="gossamer-watchdog", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                while self.heap and (self.heap[0][3]["done"] or self.heap[0][0] <= now):
+                    _, _, context, state = heapq.heappop(self.heap)
+                    if not state["done"]:
+                        state["expired"] = True
+                        context.cancel()
+                self.cond.wait(self.heap[0][0] - now if self.heap else None)
+
+
 class CallerGuard:
     def __init__(self, security: SecurityConfig, *, max_inflight: int, stream_timeout_s: float,
                  max_rejections: int) -> None:
@@ -56,6 +89,7 @@ class CallerGuard:
         self.inflight: Counter[object] = Counter()
         self.strikes: Counter[int] = Counter()
         self.banned: set[int] = set()
+        self.watchdog = Watchdog()
         if not self.binds:
             log.warning("node ids are not bound to the channel: any authenticated caller may act "
                         "as any node (set runtime.security.node_tokens_dir, or require client "
@@ -90,19 +124,12 @@ class CallerGuard:
             if self.inflight[key] >= self.max_inflight:
                 raise Busy(f"{key} already has {self.max_inflight} calls in flight", strike=False)
             self.inflight[key] += 1
-        state = {"expired": False}
-
-        def expire() -> None:
-            state["expired"] = True
-            context.cancel()
-
-        timer = threading.Timer(self.stream_timeout_s, expire)
-        timer.daemon = True
-        timer.start()
+        state = {"expired": False, "done": False}
+        self.watchdog.watch(time.monotonic() + self.stream_timeout_s, context, state)
         try:
             yield state
         finally:
-            timer.cancel()
+            state["done"] = True
             with self.lock:
                 self.inflight[key] -= 1
                 if not self.inflight[key]:
