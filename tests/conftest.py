@@ -35,6 +35,15 @@ def small_config(algorithm: str = "fedavg", **overrides) -> dict:
     return cfg
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort: the order is otherwise unchanged, and the same on every
+    xdist worker): with load scheduling the long runtime tests then overlap the short ones
+    instead of starting last and forming the run's tail. The other real-process tests
+    (tests/runtime/) come next."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 "tests/runtime/" not in item.nodeid.replace("\\", "/")))
+
+
 @pytest.fixture
 def write_config(tmp_path):
     def _write(cfg: dict, name: str = "config.yaml") -> Path:

@@ -68,18 +68,20 @@ def test_same_config_and_seed_give_identical_metrics(write_config, tmp_path, alg
     assert (a / "metrics.csv").read_bytes() != (c / "metrics.csv").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd", "gossip"])
 def test_resume_after_kill_matches_uninterrupted_run(write_config, tmp_path, algorithm):
+    """Only the killed run needs a process of its own (SIGKILL mid-run); the uninterrupted
+    reference and the resume run in this one (each process start costs seconds)."""
     cfg = small_config(algorithm)
     path = write_config(cfg)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    env = subprocess_env()
-    subprocess.run(gossamer_cmd("run", str(path), "--out", str(full), "--quiet"), check=True, env=env)
+    assert main(["run", str(path), "--out", str(full), "--quiet"]) == 0
     proc = subprocess.run(gossamer_cmd("run", str(path), "--out", str(killed), "--quiet"),
                           env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="3"))
     assert proc.returncode == -9                       # really killed, mid-run
     assert [r["round"] for r in _rows(killed)] == ["0", "1", "2", "3"]
-    subprocess.run(gossamer_cmd("run", "--resume", str(killed), "--quiet"), check=True, env=env)
+    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
     assert (full / "metrics.csv").read_bytes() == (killed / "metrics.csv").read_bytes()
 
 
@@ -158,6 +160,7 @@ def test_bad_fault_and_adversary_configs_exit_2_with_one_line(write_config, caps
     assert len(err.splitlines()) == 1 and expected in err, err
 
 
+@pytest.mark.slow
 def test_compare_runs_configs_and_writes_table_and_figure(write_config, tmp_path, capsys):
     a = write_config(small_config("fedavg", stop={"rounds": 3}), "sync.yaml")
     cfg = small_config("fedbuff", stop={"rounds": 6})

@@ -4,6 +4,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from gossamer.cli import main
 from tests.conftest import small_config
 from tests.runtime.test_fl_runtime import _free_port, _rows, procs  # noqa: F401  (fixture)
@@ -20,6 +22,7 @@ def _cfg(name, rounds, **params):
     return cfg
 
 
+@pytest.mark.slow
 def test_fedfix_on_real_processes_matches_the_simulator(write_config, tmp_path):
     """Every client idle at a period boundary trains from that period's model with the data
     order keyed by its own task count, so the real run's models equal the simulated ones
@@ -38,6 +41,7 @@ def test_fedfix_on_real_processes_matches_the_simulator(write_config, tmp_path):
     assert summary["staleness_histogram"] == {"0": 12}
 
 
+@pytest.mark.slow
 def test_fedcompass_server_restart_continues_from_its_checkpoint(write_config, tmp_path, procs):  # noqa: F811
     """FedCompass groups on the wall clock; the server dies after update 3 and resumes: no row is
     repeated or lost, and the run ends at ``stop.rounds`` updates."""

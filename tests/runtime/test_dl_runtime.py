@@ -6,6 +6,8 @@ import re
 import socket
 import subprocess
 
+import pytest
+
 from gossamer.cli import main
 from tests.conftest import gossamer_cmd, small_config, subprocess_env
 
@@ -22,6 +24,7 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_peers_on_a_ring_match_the_simulator(write_config, tmp_path):
     path = write_config(_cfg())
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
@@ -34,9 +37,12 @@ def test_peers_on_a_ring_match_the_simulator(write_config, tmp_path):
     assert summary["executor"] == "runtime" and summary["failed_peers"] == []
 
 
+@pytest.mark.slow
 def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monkeypatch):
     monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")      # peer 3 dies after round 1
-    path = write_config(_cfg())
+    cfg = _cfg()
+    cfg["runtime"]["round_timeout_s"] = 2         # how long its neighbours wait for it, once
+    path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "run")]) == 0
     rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
@@ -47,6 +53,7 @@ def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monk
     assert "no model from [3]" in log
 
 
+@pytest.mark.slow
 def test_a_restarted_peer_rejoins_and_catches_up(write_config, tmp_path):
     """Peer 3 dies after round 5; the others (all its neighbours: a complete graph) skip it
     from round 6 on and hold after round 10 until they hear from it again, so events, not
@@ -120,6 +127,7 @@ def test_a_peer_that_fell_behind_jumps_to_its_neighbours_round(tmp_path):
     assert peer._next_round(5) == 100               # never past stop.rounds
 
 
+@pytest.mark.slow
 def test_peers_with_a_robust_merge_match_the_simulator(write_config, tmp_path):
     cfg = _cfg()
     cfg["algorithm"] = {"name": "dpsgd", "params": {"aggregator": "median"}}

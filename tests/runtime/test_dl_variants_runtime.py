@@ -21,6 +21,7 @@ def _launch_and_simulate(write_config, tmp_path, cfg):
     return _rows(tmp_path / "real"), _rows(tmp_path / "sim")
 
 
+@pytest.mark.slow
 def test_peers_with_a_final_merge_match_the_simulator(write_config, tmp_path, monkeypatch):
     """Local training only, then one all-to-all merge after the last round: the round-3 row
     (written after the merge) equals the simulator's, and every peer holds the same model.
@@ -45,9 +46,11 @@ def test_peers_with_a_final_merge_match_the_simulator(write_config, tmp_path, mo
     assert 12 * 4 * numel < int(last["bytes_up"]) < 12 * (4 * numel + 200)
 
 
+@pytest.mark.slow
 def test_the_final_merge_leaves_out_a_dead_peer(write_config, tmp_path, monkeypatch):
     monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")      # peer 3 dies after round 1
     cfg = _cfg()
+    cfg["runtime"]["round_timeout_s"] = 2     # the wait for the dead peer (gossip and merge)
     cfg["algorithm"] = {"name": "dpsgd", "params": {"final_merge": True}}
     path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "run")]) == 0
@@ -88,6 +91,7 @@ def test_gradient_tracking_has_its_own_peer_class(tmp_path):
         GradientTrackingPeer(config.validate(cfg), 0, tmp_path)
 
 
+@pytest.mark.slow
 def test_gradient_tracking_peers_match_the_simulator(write_config, tmp_path):
     """Model and tracker travel in one frame of 2P values; the rows equal the simulator's,
     the bytes are two vectors per message, and a peer resumes with its correction."""
@@ -119,6 +123,7 @@ def test_a_gossip_peer_refuses_a_dynamic_topology(tmp_path):
         GossipPeer(config.validate(cfg), 0, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", [{"name": "one_peer_exponential"},
                                       {"name": "peer_sampling", "params": {"view_size": 2}}],
                          ids=["one_peer_exponential", "peer_sampling"])

@@ -104,6 +104,7 @@ def _assert_as_simulated(cfg, real_dir, sim_dir, framing):
     assert summary["node_steps"] == simulated["node_steps"] and summary["reroutes"] == 0
 
 
+@pytest.mark.slow
 def test_srrw_tokens_on_peer_processes_walk_and_learn_as_in_the_simulator(write_config, tmp_path):
     # SRRW over the Metropolis-Hastings chain (self-loops: a token may stay), 2 tokens, one
     # process per node; the visit counts travel with the model
