@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gossamer.data import load_dataset
-from gossamer.data.vision import IDX_FILES, parse_idx
+from gossamer.data.vision import IDX_FILES, parse_idx, read_idx
 
 RNG = np.random.RandomState(0)
 
@@ -79,6 +79,77 @@ def test_corrupted_magic_number_in_a_file_names_the_file(tmp_path: Path) -> None
     path.write_bytes(b"\x00\x00\x99" + path.read_bytes()[3:])
     with pytest.raises(ValueError, match=f"{path}: bad IDX magic number 00009901"):
         load_dataset("mnist", root=str(tmp_path))
+
+
+def _corrupt_gz(data: bytes, kind: str) -> bytes:
+    good = gzip.compress(data)
+    if kind == "deflate":           # a bad block type in the deflate stream: a zlib.error
+        return good[:10] + bytes([good[10] | 0b110]) + good[11:]
+    if kind == "crc":
+        return good[:-8] + bytes(4) + good[-4:]
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "not_gzip":
+        return data
+    return good + b"junk"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("deflate", "corrupt gzip file (Error -3 while decompressing data: invalid block type)"),
+        ("crc", "corrupt gzip file (CRC check failed"),
+        ("truncated", "corrupt gzip file (Compressed file ended before the end-of-stream marker"),
+        ("not_gzip", "corrupt gzip file (Not a gzipped file"),
+        ("trailing", "corrupt gzip file (Not a gzipped file (b'ju'))"),
+    ],
+)
+def test_corrupt_gzip_idx_file_is_one_line_naming_it(tmp_path: Path, kind: str, message: str) -> None:
+    write_mnist(tmp_path, gz=True)
+    path = tmp_path / (IDX_FILES["train_x"] + ".gz")
+    path.write_bytes(_corrupt_gz(gzip.decompress(path.read_bytes()), kind))
+    with pytest.raises(ValueError) as err:
+        load_dataset("mnist", root=str(tmp_path))
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_gzip_idx_is_not_decompressed_past_its_header(tmp_path: Path) -> None:
+    # dims whose product overflows int64 (was "need 0 data bytes"), then a stream of zeros
+    header = bytes([0, 0, 0x08, 3]) + np.array([2**31] * 3, dtype=">u4").tobytes()
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(header + bytes(1 << 20)))
+    with pytest.raises(ValueError, match=r"need 9903520314283042199192993792 data bytes, found 1048576"):
+        read_idx(path)
+    small = tmp_path / "y.gz"                     # declares 6 bytes, holds a megabyte more
+    small.write_bytes(gzip.compress(idx_bytes(np.zeros((2, 3))) + bytes(1 << 20)))
+    with pytest.raises(ValueError, match="need 6 data bytes, found 7"):
+        read_idx(small)
+
+
+def test_float_idx_images_must_be_finite(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    images = np.full((6, 28, 28), np.nan, dtype=">f4")
+    data = bytes([0, 0, 0x0D, 3]) + np.array(images.shape, dtype=">u4").tobytes() + images.tobytes()
+    (tmp_path / IDX_FILES["train_x"]).write_bytes(data)
+    with pytest.raises(ValueError, match="mnist: train images hold NaN or infinite pixels"):
+        load_dataset("mnist", root=str(tmp_path))
+
+
+def test_corrupt_idx_file_through_the_cli(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from gossamer.cli import main
+
+    write_mnist(tmp_path / "mnist", gz=True)
+    path = tmp_path / "mnist" / (IDX_FILES["test_y"] + ".gz")
+    path.write_bytes(_corrupt_gz(gzip.decompress(path.read_bytes()), "crc"))
+    cfg = {"data": {"dataset": "mnist", "params": {"root": str(tmp_path / "mnist")}},
+           "partition": {"num_nodes": 2}, "model": {"name": "logreg"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gossamer: config error: data.params: {path}: corrupt gzip file (CRC")
+    assert len(err.splitlines()) == 1
 
 
 def test_mismatched_counts_and_missing_files(tmp_path: Path) -> None:

@@ -187,5 +187,9 @@ def _is_int(value: object) -> bool:
 
 
 def _check_positive(field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{field} must be a number, got {value!r}")
     if not value > 0:
         raise ValueError(f"{field} must be > 0, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{field} must be finite, got {value!r}")

@@ -6,6 +6,8 @@ Heterogeneous Networks", MLSys 2020. arXiv:1812.06127
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gossamer.data.datasets import DATASETS, Dataset, from_arrays
@@ -81,6 +83,13 @@ def _validate(
     test_fraction: float,
     samples_per_user: int | None,
 ) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"synthetic: {name} must be a finite number, got {value!r}")
+    for name, value in (("num_nodes", num_nodes), ("dim", dim), ("num_classes", num_classes),
+                        ("samples_per_user", samples_per_user)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"synthetic: {name} must be an integer, got {value!r}")
     if alpha < 0 or beta < 0:
         raise ValueError(
             f"synthetic: alpha and beta must be >= 0, got alpha={alpha!r}, beta={beta!r}"

@@ -8,6 +8,8 @@ for Benchmarking Machine Learning Algorithms", arXiv preprint 2017. arXiv:1708.0
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,7 @@ def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
         raise ValueError(f"{source}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(IDX_DTYPES[data[2]])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize            # Python ints: no overflow
     if len(data) - header != expected:
         raise ValueError(
             f"{source}: IDX dims {dims} need {expected} data bytes, found {len(data) - header}"
@@ -48,12 +50,48 @@ def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file, gunzipping it when its name ends in .gz."""
+    """Read an IDX file, gunzipping it when its name ends in .gz.
+
+    A gzip file is decompressed as a stream and never past what its IDX header declares
+    (plus one byte, to notice trailing data), so a corrupt or hostile file is a one-line
+    ValueError naming it rather than a zlib traceback or a decompression bomb.
+    """
+    if path.suffix != ".gz":
+        try:
+            return parse_idx(path.read_bytes(), str(path))
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
-    return parse_idx(raw, str(path))
+        with gzip.open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) == 4 and head[:2] == b"\0\0" and head[2] in IDX_DTYPES:
+                head += f.read(4 * head[3])
+            need = _idx_size(head)
+            data = head + (_read_at_most(f, need - len(head) + 1) if need is not None else b"")
+            if need is not None and len(data) == need:
+                f.read(1)                           # the end of the stream: checks the CRC
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: corrupt gzip file ({err})") from None
+    return parse_idx(data, str(path))
+
+
+def _idx_size(head: bytes) -> int | None:
+    """Total bytes (header and data) of the IDX file whose header is ``head``; None when the
+    header is incomplete or invalid (:func:`parse_idx` then says what is wrong)."""
+    if len(head) < 4 or head[2] not in IDX_DTYPES or len(head) < 4 + 4 * head[3]:
+        return None
+    dims = np.frombuffer(head, dtype=">u4", count=head[3], offset=4)
+    return 4 + 4 * head[3] + math.prod(int(d) for d in dims) * np.dtype(IDX_DTYPES[head[2]]).itemsize
+
+
+def _read_at_most(f, size: int, chunk: int = 1 << 24) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        part = f.read(min(chunk, size - len(out)))
+        if not part:
+            break
+        out += part
+    return bytes(out)
 
 
 def _find_idx(name: str, root: Path, stem: str, download: bool, url: str) -> Path:
@@ -79,6 +117,10 @@ def _idx_dataset(name: str, root: str, download: bool, url: str, image: bool) ->
             raise ValueError(
                 f"{name}: {split} images {x.shape} and labels {y.shape} do not match [N, 28, 28] / [N]"
             )
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"{name}: {split} labels are {y.dtype}, not integers, in {folder}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError(f"{name}: {split} images hold NaN or infinite pixels in {folder}")
         if y.size and (y.min() < 0 or y.max() > 9):
             raise ValueError(f"{name}: {split} labels outside 0..9 in {folder}")
     shape = (1, 28, 28) if image else (784,)
