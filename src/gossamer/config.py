@@ -15,6 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The most local SGD steps one node may take per round (local.epochs x batches of its shard,
+# or local.steps): 10^7 steps take minutes per round even for a tiny model, so more is a typo
+# (``epochs: 1e12``) that would run for ever rather than an experiment.
+MAX_LOCAL_STEPS = 10**7
+
 
 class ConfigError(ValueError):
     """A user error in the experiment config; ``str()`` is one line naming the field."""
@@ -25,7 +30,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field takes inf or NaN: every number in a config is a finite quantity (an infinite
+    # learning rate or latency runs to the end with a NaN model or Infinity in summary.json).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -91,6 +98,16 @@ class LocalConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     shuffle: bool = True
     sam_rho: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("epochs", "steps")
+    @classmethod
+    def _bounded(cls, v: float | int | None, info) -> float | int | None:
+        # every epoch is at least one step, so this holds whatever the shards; the build
+        # checks epochs x batches of the largest shard (sim/experiment.py)
+        if v is not None and v > MAX_LOCAL_STEPS:
+            raise ValueError(f"{v:g} {info.field_name} means over {MAX_LOCAL_STEPS:.0e} local steps "
+                             "per node per round, which would not finish")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self) -> LocalConfig:
@@ -686,22 +703,83 @@ def validate(raw: Any) -> ExperimentConfig:
     return cfg
 
 
+MAX_CONFIG_BYTES = 64 << 20     # a config is a small text file; per-node lists fit many times
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate a YAML experiment file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("", f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a config "
+                              f"file (at most {MAX_CONFIG_BYTES >> 20} MiB of YAML)")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError("", f"cannot read config {str(path)!r}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("", f"{path}: invalid YAML{where}") from None
+    raw = parse_yaml(_decode(data, path), path) or {}
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path}: config must be a YAML mapping of sections")
     return validate(apply_overrides(raw, overrides or []))
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """The file's text: UTF-8 (a BOM is allowed); anything else is one line saying what it is."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError("", f"{path}: the file is UTF-16 encoded; save the config as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at "
+                          f"offset {exc.start}); a config is YAML text") from None
+    if "\x00" in text:
+        raise ConfigError("", f"{path}: holds NUL bytes (offset {text.index(chr(0))}), so it is not "
+                          "a YAML text file")
+    return text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _check_unique_keys(node: yaml.Node, where: str, path: Path, seen: set[int]) -> None:
+    if id(node) in seen:                     # an alias: its mapping was checked where anchored
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            here = f"{where}.{name}" if where else str(name)
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, name) in first:
+                    raise ConfigError(here, f"duplicate key at line {key.start_mark.line + 1} of "
+                                      f"{path} (first at line {first[key.tag, name]}); remove one")
+                first[key.tag, name] = key.start_mark.line + 1
+            _check_unique_keys(value, here, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{where}.{i}" if where else str(i), path, seen)
+
+
+def parse_yaml(text: str, path: str | Path = "<config>") -> Any:
+    """``yaml.safe_load(text)`` that also refuses duplicate keys; one-line ConfigError on failure."""
+    path = Path(path)
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", path, set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = str(getattr(exc, "problem", None) or "").strip().splitlines()
+        raise ConfigError("", f"{path}: invalid YAML{where}" + (f": {problem[0]}" if problem else "")) from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def dump(cfg: ExperimentConfig) -> str:

@@ -183,7 +183,10 @@ def test_driver_bytes_are_the_protocols():
 
 
 def test_a_round_below_threshold_aborts_and_is_counted():
-    drv = _driver(privacy={"secure_aggregation": {"threshold": 50}})
+    # a threshold above the clients per round is refused when the experiment is built
+    # (tests/test_config_edge_cases.py); raise it afterwards to make every round abort
+    drv = _driver(privacy={"secure_aggregation": {"threshold": 8}})
+    drv.secagg = drv.secagg.model_copy(update={"threshold": 50})
     start = drv.state.params.clone()
     for _ in range(2):
         drv.run_round()

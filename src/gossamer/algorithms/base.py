@@ -24,7 +24,8 @@ class Algorithm:
 
     family: ClassVar[Family]
     pattern: ClassVar[Pattern]
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    # no hyper-parameter is infinite or NaN (a NaN server_lr would run to a NaN model)
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Algorithm:

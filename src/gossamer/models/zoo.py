@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gossamer import checks
 from gossamer.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -156,7 +157,19 @@ def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 @MODELS.register("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int,
         hidden: list[int] | tuple[int, ...] = (64,)) -> nn.Module:
-    return MLP(input_shape, num_classes, tuple(hidden))
+    widths = mlp_widths(input_shape, num_classes, hidden)
+    numel = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    if numel > 1 << 24:                     # (64 MiB) read the free memory only when it may matter
+        checks.check_memory(4 * numel, f"mlp with hidden {list(widths[1:-1])} ({numel:,} parameters)")
+    return MLP(input_shape, num_classes, tuple(widths[1:-1]))
+
+
+def mlp_widths(input_shape: tuple[int, ...], num_classes: int, hidden: object) -> list[int]:
+    """Layer widths ``[inputs, *hidden, classes]``; ``hidden`` must list positive ints."""
+    if not isinstance(hidden, (list, tuple)):
+        raise ValueError(f"hidden must be a list of layer widths, e.g. [64], got {hidden!r}")
+    return [math.prod(input_shape),
+            *(checks.as_int(f"hidden[{i}]", w, lo=1) for i, w in enumerate(hidden)), num_classes]
 
 
 @MODELS.register("cnn")

@@ -85,7 +85,11 @@ def _user_error(field: str):
     return _Ctx()
 
 
-def build_experiment(cfg: ExperimentConfig) -> Experiment:
+def build_experiment(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
+    """Build and check every part of a run. ``population``: the caller will hold the
+    simulator's ``[N, P]`` model buffers, so a population that cannot fit in memory is refused
+    before anything is allocated (a runtime process holding one node's model passes False;
+    the graph is checked either way, every process builds it)."""
     algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
@@ -94,6 +98,11 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     if n > samples and cfg.partition.params.get("relay_fraction", 0) == 0 and algorithm.family == "fl":
         raise ConfigError("partition.num_nodes",
                           f"{n} clients but only {samples} training samples")
+    with _user_error("model.params"):
+        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed,
+                            **cfg.model.params)
+    spec = ParamSpec.from_module(model)
+    _check_population_memory(cfg, algorithm, spec.numel, population)   # before shards and graph
     with _user_error("partition"):
         params = dict(cfg.partition.params)
         if cfg.partition.name == "natural":
@@ -101,10 +110,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                 raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
             params["natural"] = dataset.natural_partition
         shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
-    with _user_error("model.params"):
-        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed,
-                            **cfg.model.params)
-    spec = ParamSpec.from_module(model)
+    _check_local_budget(cfg, shards)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward)
     except ModelNotVectorizable as exc:
@@ -148,7 +154,113 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         from gossamer.privacy.secagg import check_config
 
         check_config(cfg, exp.algorithm, exp.num_nodes)
+        _check_secagg_threshold(exp)
     return exp
+
+
+# Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest
+# it allocates: D-PSGD keeps the models and a mixing output buffer; CHOCO adds the public
+# copies x-hat; gradient tracking adds the trackers y and the rows before training).
+_POPULATION_COPIES = {"sync_dl": 2, "async_gossip": 1, "choco": 3, "gradient_tracking": 3}
+# A rough size per undirected edge while a graph is built and held (networkx's adjacency dicts
+# for the random generators, then the edge array, CSR topology and mixing matrices); measured
+# peak: ~770 bytes for random_regular on 50,000 nodes, so this errs low.
+_GRAPH_BYTES_PER_EDGE = 500
+
+
+def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel: int,
+                             population: bool = True) -> None:
+    """Refuse, before any of it is allocated, a population of models (and a graph) that cannot
+    fit the memory available now (MemAvailable + SwapFree): ``num_nodes x numel x 4`` bytes per
+    [N, P] buffer the pattern keeps, plus a rough size of the graph. Only buffers that every
+    run of the pattern allocates are counted (temporaries of training, evaluation and messages
+    are not), so the estimate is below what the run needs."""
+    from gossamer import checks
+
+    n = cfg.partition.num_nodes
+    copies = (_POPULATION_COPIES.get(algorithm.pattern, 0) if population else 0) \
+        + (cfg.model.init == "independent")          # the [N, P] initial models, built anyway
+    if population and algorithm.pattern == "sync_fl":
+        comp = cfg.compression
+        copies += int(getattr(algorithm, "client_state_vectors", 0))
+        copies += comp.uplink is not None and comp.feedback != "none"
+        copies += comp.uplink is not None and comp.feedback == "dgc"
+        copies += comp.downlink is not None
+    edges = _expected_edges(cfg) if cfg.topology is not None and algorithm.family == "dl" else 0
+    models, graph = 4 * n * numel * copies, _GRAPH_BYTES_PER_EDGE * edges
+    if not models + graph:
+        return
+    what = [f"{n:,} nodes x {numel:,} parameters x {copies} model copies ({algorithm.pattern}, "
+            f"{checks.gb(models)})"] if models else []
+    if graph:
+        what.append(f"a {cfg.topology.name} graph of ~{edges:,.0f} edges ({checks.gb(graph)})")
+    try:
+        checks.check_memory(models + graph, " + ".join(what))
+    except ValueError as exc:
+        raise ConfigError("partition.num_nodes", f"{exc}; use fewer nodes or a smaller model") from None
+
+
+def _expected_edges(cfg: ExperimentConfig) -> float:
+    """Expected undirected edges of the configured topology on ``num_nodes`` nodes (0 when
+    unknown: an edge list is as large as its file). Parameters were not validated yet, so
+    anything odd counts as 0 and the generator reports it."""
+    import math
+
+    n, name, params = cfg.partition.num_nodes, cfg.topology.name, cfg.topology.params
+
+    def num(key: str) -> float:
+        value = params.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return max(float(value), 0.0) if ok else 0.0
+
+    window = max(1, (n - 1).bit_length())
+    per_node = {"ring": 1, "grid": 2, "torus": 2, "star": 1, "exponential": window,
+                "random_regular": num("degree") / 2, "barabasi_albert": num("m"),
+                "watts_strogatz": num("k") / 2, "one_peer_exponential": window,
+                "peer_sampling": num("view_size") * window}
+    if name == "complete":
+        return n * (n - 1) / 2
+    if name == "erdos_renyi":
+        return min(num("p"), 1.0) * n * (n - 1) / 2
+    return per_node.get(name, 0) * n
+
+
+def _check_local_budget(cfg: ExperimentConfig, shards: list[np.ndarray]) -> None:
+    """Refuse more than ``MAX_LOCAL_STEPS`` local steps per node per round (a run that would
+    not finish, e.g. ``epochs: 1e6`` on large shards); the schema bounds epochs and steps alone."""
+    from gossamer.config import MAX_LOCAL_STEPS
+
+    local = cfg.local
+    if local.steps is not None:
+        return                                  # bounded by the schema
+    largest = max((len(s) for s in shards), default=0)
+    batches = -(-largest // local.batch_size)
+    steps = int(local.epochs or 1) * batches
+    if steps > MAX_LOCAL_STEPS:
+        raise ConfigError("local.epochs", f"{int(local.epochs or 1):,} epochs x {batches:,} batches "
+                          f"of the largest shard ({largest:,} samples, batch_size {local.batch_size}) "
+                          f"= {steps:,} local steps per node per round, over the "
+                          f"{MAX_LOCAL_STEPS:.0e} that a round may take")
+
+
+def _check_secagg_threshold(exp: Experiment) -> None:
+    """A threshold above the clients a round can have would abort every round: refuse it."""
+    import math
+
+    from gossamer.privacy.secagg import threshold_count
+
+    sa, algorithm = exp.cfg.privacy.secure_aggregation, exp.algorithm
+    holders = int((exp.trainer.sizes > 0).sum())
+    most = algorithm.expected_clients(holders) if hasattr(algorithm, "expected_clients") else holders
+    over = float(getattr(algorithm, "over_selection", 0) or 0)
+    if over:
+        most = min(holders, math.ceil(most * (1 + over)))
+    need = threshold_count(sa.threshold, most)
+    if need > most:
+        raise ConfigError("privacy.secure_aggregation.threshold",
+                          f"{need} clients must survive each round, but a round has at most {most} "
+                          f"clients ({holders} hold data); every round would abort: lower it, or give "
+                          "a fraction such as 0.5")
 
 
 def _dp_sgd(cfg: ExperimentConfig) -> DPSGD | None:
