@@ -88,12 +88,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _resumable(Path(args.resume), "gossamer run", ("simulator",))
     cfg, resume = _load_for_run(args)
     run_dir = Path(args.resume) if resume else _run_dir(cfg, args.out)
-    _record_mode(run_dir, "simulator")
     from gossamer.metrics.progress import Progress
     from gossamer.sim.runner import Runner
 
     progress = Progress(cfg.stop.rounds, enabled=cfg.output.progress and not args.quiet)
     runner = Runner(cfg, run_dir, on_row=progress.update, start_time=start)
+    _record_mode(run_dir, "simulator")                # once the experiment builds
     runner.prepare(resume)
     progress.start(runner.driver.round)
     try:
@@ -169,10 +169,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise UserError("CONFIG: give a config file (or --resume RUN_DIR)")
         cfg = config_mod.load(args.config, args.set)
         run_dir = _run_dir(cfg, args.out)
-    _record_mode(run_dir, "server")
     _configure_runtime(cfg)
+    coordinator = make_coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen)
+    _record_mode(run_dir, "server")
     try:
-        summary = make_coordinator(cfg, run_dir, resume=bool(args.resume), listen=args.listen).serve()
+        summary = coordinator.serve()
     except RunFailed as exc:
         print(f"gossamer: run failed: {exc}; resume with gossamer server --resume {run_dir}",
               file=sys.stderr)

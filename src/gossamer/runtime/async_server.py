@@ -51,7 +51,12 @@ import torch
 from gossamer.algorithms.fl.async_fl import AsyncFL, AsyncServerState
 from gossamer.algorithms.fl.fedcompass import CompassSchedule, FedCompass
 from gossamer.config import ExperimentConfig
-from gossamer.metrics.runstore import load_checkpoint, save_checkpoint, write_json
+from gossamer.metrics.runstore import (
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from gossamer.runtime import schema
 from gossamer.runtime.codec import model_frames
 from gossamer.runtime.common import RunFailed, log
@@ -428,7 +433,7 @@ class AsyncCoordinator(Coordinator):
                    "accepted_updates": self.accepted, "lost_messages": self.lost,
                    "concurrency": self.concurrency, "rejected_messages": self.rejected, **acct}
         write_json(self.run_dir / "summary.json", summary)
-        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params})
+        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -451,7 +456,7 @@ class AsyncCoordinator(Coordinator):
             self._restore_pending = True
             return
         path = self.run_dir / "checkpoints" / "server.pt"
-        if not path.exists():
+        if not checkpoint_exists(path):
             self.metrics.load_existing(-1)
             return
         state = load_checkpoint(path)

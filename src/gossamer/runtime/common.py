@@ -29,10 +29,12 @@ class RunFailed(RuntimeError):
     reports it in one line with exit code 3. The last checkpoint stays for ``--resume``."""
 
 
-def security(cfg: ExperimentConfig, *, peer: bool = False) -> SecurityConfig:
-    """The checked security settings; ``peer``: for a decentralized peer, which has no server
-    to hold the node secret, so node ids are bound by client certificates only."""
+def security(cfg: ExperimentConfig, *, node: int | None = None, peer: bool = False) -> SecurityConfig:
+    """The checked security settings of node ``node`` (None: the coordinator); ``peer``: for a
+    decentralized peer, which has no server to hold the node secret, so node ids are bound by
+    client certificates only."""
     sec = SecurityConfig(**cfg.runtime.security.model_dump())
+    sec = sec.for_process("server" if node is None else f"node-{node}")
     sec.validate()
     if peer and sec.node_tokens_dir is not None:
         from gossamer.config import ConfigError

@@ -83,14 +83,14 @@ class Peer:
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg)
+        self.exp = build_experiment(cfg, population=False)
         self.check_config(cfg)
         self.algorithm = self.exp.algorithm
         self.final_merge = bool(getattr(self.algorithm, "final_merge", False))
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.listen = listen
-        self.security, self.limits = security(cfg, peer=True), limits(cfg)
+        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.dynamic = self.exp.dynamic
         if self.dynamic is None:
@@ -161,6 +161,7 @@ class Peer:
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
             meta, tensor, size = self._accept(chunks)
+            peering.check_sender(context, int(meta.sender), self.security)
         except WireError as exc:
             return peering.reject(self.node, exc)
         sender = int(meta.sender)
@@ -446,7 +447,7 @@ def merge_peer_metrics(cfg: ExperimentConfig, run_dir: Path,
 
     from gossamer.sim.drivers.sync_dl import SyncDLDriver, consensus_distance
 
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, population=False)
     n = exp.num_nodes
     per_peer = []
     for i in range(n):

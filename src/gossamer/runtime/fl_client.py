@@ -34,12 +34,12 @@ class Client:
     def __init__(self, cfg: ExperimentConfig, node_id: int, server: str | None = None) -> None:
         self.cfg, self.node = cfg, node_id
         refuse_simulator_only(cfg)
-        self.exp = build_experiment(cfg)
+        self.exp = build_experiment(cfg, population=False)
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.algorithm = self.exp.algorithm
         self.limits = limits(cfg)
-        sec = security(cfg)
+        sec = security(cfg, node=node_id)
         channel = make_channel(server or cfg.runtime.server, sec, grpc_options(cfg))
         token = sec.resolved_token(node_id)
         self.channel = intercept_channel(channel, token) if token else channel

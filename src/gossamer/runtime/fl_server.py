@@ -41,6 +41,7 @@ from gossamer.config import ConfigError, ExperimentConfig, dump
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
+    checkpoint_exists,
     environment,
     load_checkpoint,
     save_checkpoint,
@@ -83,7 +84,7 @@ class Coordinator:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                  listen: str | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.exp = build_experiment(cfg)
+        self.exp = build_experiment(cfg, population=False)
         self.algorithm = self.exp.algorithm
         if self.algorithm.family != "fl":
             raise ConfigError("algorithm.name", f"{cfg.algorithm.name} is not a server-based "
@@ -416,7 +417,8 @@ class Coordinator:
             row = self._evaluate(r, start)
             self.metrics.append(row)
             self._checkpoint(start)
-            if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == str(r):
+            if str(r) in (os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND"),
+                          os.environ.get("GOSSAMER_TEST_KILL_SERVER_AT_ROUND")):
                 os.kill(os.getpid(), signal.SIGKILL)         # tests: die like kill -9
 
             best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
@@ -437,7 +439,7 @@ class Coordinator:
                    "wall_time_s": self.elapsed_before + time.monotonic() - start,
                    "rejected_messages": self.rejected}
         write_json(self.run_dir / "summary.json", summary)
-        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params})
+        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -450,7 +452,7 @@ class Coordinator:
 
     def _restore(self) -> None:
         path = self.run_dir / "checkpoints" / "server.pt"
-        if not path.exists():
+        if not checkpoint_exists(path):
             self.metrics.load_existing(-1)
             return
         state = load_checkpoint(path)

@@ -49,7 +49,7 @@ class GossipPeer:
         if resume:
             raise ValueError("--resume: gossip peers restart from a fresh clock; drop --resume")
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg)
+        self.exp = build_experiment(cfg, population=False)
         self.algorithm = self.exp.algorithm
         if not 0 <= node_id < self.exp.num_nodes:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
@@ -59,7 +59,7 @@ class GossipPeer:
                               "for synchronous algorithms such as dpsgd")
         self.dual = self.algorithm.clocks == "dual"
         self.listen = listen
-        self.security, self.limits = security(cfg, peer=True), limits(cfg)
+        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
         init = self.exp.init_params
@@ -84,6 +84,7 @@ class GossipPeer:
             meta, tensor, size = peering.accept_push(
                 chunks, node=self.node, neighbors=self.neighbors, numel=self.exp.spec.numel,
                 run_id=self.cfg.runtime.run_id, limits=self.limits)
+            peering.check_sender(context, int(meta.sender), self.security)
         except WireError as exc:
             return peering.reject(self.node, exc)
         with self.lock:

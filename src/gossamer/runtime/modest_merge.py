@@ -43,7 +43,7 @@ def merge_modest_metrics(cfg: ExperimentConfig, run_dir: Path,
     from gossamer.sim.drivers.modest import ModestDriver
     from gossamer.sim.experiment import build_experiment
 
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, population=False)
     n, algo = exp.num_nodes, exp.algorithm
     peers = _read(run_dir, n)
     rows = [dict(row, peer=i) for i, rs in enumerate(peers) for row in rs]

@@ -77,7 +77,7 @@ class ModestPeer:
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg)
+        self.exp = build_experiment(cfg, population=False)
         self.algorithm = algo = self.exp.algorithm
         if algo.pattern != "sampled_dl":
             raise ConfigError("algorithm.name", f"this peer runs the sampled_dl pattern; "
@@ -87,7 +87,7 @@ class ModestPeer:
         n = self.exp.num_nodes
         if not 0 <= node_id < n:
             raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
-        self.listen, self.security, self.limits = listen, security(cfg, peer=True), limits(cfg)
+        self.listen, self.security, self.limits = listen, security(cfg, node=node_id, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.everyone = np.arange(n)                                  # the view: no registry
         self.pool = np.flatnonzero(self.exp.trainer.sizes > 0)       # who can train
@@ -125,6 +125,7 @@ class ModestPeer:
             sender, r, kind = int(meta.sender), int(meta.round), int(meta.kind)
             if not 0 <= sender < self.exp.num_nodes or sender == self.node:
                 raise WireError(f"{sender} is not another peer of this run")
+            peering.check_sender(context, sender, self.security)
             if kind == DONE and r < self.cfg.stop.rounds:
                 raise WireError(f"the run ends at round {self.cfg.stop.rounds}, not {r}")
             if kind == MODEL and not 1 <= r <= self.cfg.stop.rounds:

@@ -19,6 +19,7 @@ from gossamer.runtime.security import (
     SecurityConfig,
     TokenAuthInterceptor,
     add_port,
+    caller_node,
     intercept_channel,
     make_channel,
 )
@@ -71,10 +72,22 @@ def accept_push(chunks, *, node: int, neighbors: Iterable[int], numel: int, run_
                 limits: Limits) -> tuple[object, torch.Tensor, int]:
     """Validate a pushed model from a neighbour: (meta, tensor, bytes), or WireError."""
     meta, tensor, size = read_counted_model(chunks, expected_numel=numel, run_id=run_id,
-                                            limits=limits)
+                                            limits=limits, dtype=torch.float32)
     if int(meta.sender) not in neighbors or int(meta.sender) == node:
         raise WireError(f"{int(meta.sender)} is not a neighbour")
     return meta, tensor.float().clone(), size
+
+
+def check_sender(context: grpc.ServicerContext, sender: int, security: SecurityConfig) -> None:
+    """With client certificates (``require_client_cert``) a peer may send only as the node its
+    certificate names (``node-<id>``); the ``sender`` field it wrote proves nothing."""
+    if not security.require_client_cert:
+        return
+    node = caller_node(context, None)
+    if node is None:
+        raise WireError("the channel proves no node id (a client certificate must be named node-<id>)")
+    if node != sender:
+        raise WireError(f"node {node} may not send as node {sender}")
 
 
 def reject(node: int, exc: WireError) -> bytes:

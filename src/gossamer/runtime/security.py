@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -180,13 +181,20 @@ def certs_main(argv: list[str]) -> int:
     parser = _Parser(prog="gossamer certs",
                      description="Create a CA and one certificate per node for TLS / mutual TLS.")
     parser.add_argument("--out", required=True, help="directory to write the PEM files to")
-    parser.add_argument("--names", required=True, type=_csv, help="comma-separated node names")
+    parser.add_argument("--names", type=_csv, default=[], help="comma-separated node names")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="also node-0 .. node-(N-1): certificates that bind node ids")
     parser.add_argument("--hosts", type=_csv, default=list(DEFAULT_HOSTS),
                         help="comma-separated IPs / DNS names the nodes are dialled at")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
     try:
         args = parser.parse_args(argv)
-        written = write_certs(Path(args.out), args.names, args.hosts, overwrite=args.overwrite)
+        if args.nodes < 0:
+            raise ValueError("--nodes: must be >= 0")
+        names = args.names + [f"node-{i}" for i in range(args.nodes)]
+        if not names:
+            raise ValueError("--names: give node names (or --nodes N)")
+        written = write_certs(Path(args.out), names, args.hosts, overwrite=args.overwrite)
     except (_UsageError, ValueError) as exc:
         print(f"gossamer: error: {exc}", file=sys.stderr)
         return 2
@@ -243,6 +251,15 @@ class SecurityConfig:
         if has_token and not self.tls and not self.allow_insecure:
             raise ValueError(f"{FIELD}.allow_insecure: a token without tls travels in clear text; "
                              "set tls: true, or allow_insecure: true on a trusted network")
+
+    def for_process(self, name: str) -> SecurityConfig:
+        """These settings for one process: ``{node}`` in ``cert``/``key`` becomes ``name``
+        (``node-<i>`` for node ``i``, ``server`` for the coordinator), so one config serves a
+        deployment whose every node has its own certificate."""
+        def fill(path: str | None) -> str | None:
+            return path.replace("{node}", name) if path else path
+
+        return dataclasses.replace(self, cert=fill(self.cert), key=fill(self.key))
 
     @property
     def binds_identity(self) -> bool:

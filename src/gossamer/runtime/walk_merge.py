@@ -88,7 +88,7 @@ def merge_walk_metrics(cfg: ExperimentConfig, run_dir: Path,
     from gossamer.sim.drivers.random_walk import RandomWalkDriver
 
     run_dir = Path(run_dir)
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, population=False)
     algo, n, tokens = exp.algorithm, exp.num_nodes, exp.algorithm.num_tokens
     mu = algo.target(exp.topology.degrees())
     visits = read_visits(run_dir, n)

@@ -80,7 +80,7 @@ class WalkPeer:
                              "lost); start the run again")
         check_config(cfg)
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = exp = build_experiment(cfg)
+        self.exp = exp = build_experiment(cfg, population=False)
         self.algorithm = algo = exp.algorithm
         if exp.adversary is not None and exp.adversary.model_attack:
             raise ConfigError("adversary.attack", "random-walk learning does not support model "
@@ -93,7 +93,7 @@ class WalkPeer:
         if not 0 <= node_id < n:
             raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
         self.listen = listen
-        self.security, self.limits = security(cfg, peer=True), limits(cfg)
+        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
         self.auth = self.security.resolved_token()
         self.neighbors = [int(j) for j in exp.topology.neighbors(node_id)]
         self.tokens, self.rounds = algo.num_tokens, cfg.stop.rounds
@@ -125,6 +125,7 @@ class WalkPeer:
     def push(self, chunks, context: grpc.ServicerContext) -> bytes:
         try:
             meta, token, _ = read_message(chunks, self.expect)
+            peering.check_sender(context, int(meta.sender), self.security)
         except WireError as exc:
             return peering.reject(self.node, exc)
         sender, t = int(meta.sender), int(meta.meta)
