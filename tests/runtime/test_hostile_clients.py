@@ -353,3 +353,70 @@ def test_a_peer_may_send_only_as_the_node_its_certificate_names():
     with pytest.raises(WireError, match="proves no node id"):
         check_sender(_Context([b"node-02"]), 2, mutual)         # one spelling per id
     check_sender(_Context([]), 0, SecurityConfig())           # nothing binds: the field is all there is
+
+
+def test_the_asynchronous_server_rejects_the_same_uploads_and_drops_the_task(tmp_path):
+    from gossamer import config
+    from gossamer.runtime.async_server import AsyncCoordinator, LiveTask
+
+    cfg = small_config("fedbuff")
+    cfg["algorithm"]["params"] = {"buffer_size": 2}
+    cfg["partition"]["num_nodes"] = 2
+    tokens = _tokens(tmp_path)
+    cfg["runtime"] = {"server": "127.0.0.1:0", "security": {"node_tokens_dir": str(tokens),
+                                                            "allow_insecure": True}}
+    coordinator = AsyncCoordinator(config.validate(cfg), tmp_path / "run")
+    server = coordinator.start_server()
+    with coordinator.lock:
+        coordinator.clients = {0: 10, 1: 10}
+        coordinator.tasks = {0: LiveTask(key=0, version=0, dispatch_s=0.0, steps=1)}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
+            put = channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+
+            def upload(tensor):
+                frames = [f.SerializeToString() for f in model_frames(
+                    tensor, sender=0, round=0, run_id="gossamer")]
+                return schema.Ack.FromString(put(iter(frames), timeout=30, wait_for_ready=True,
+                                                 metadata=auth))
+
+            auth = (("authorization", f"Bearer {(tokens / 'node-0.token').read_text().strip()}"),)
+            n = coordinator.numel
+            assert "where the flat" in upload(torch.zeros(1, n)).reason
+            bad = torch.zeros(n)
+            bad[0] = float("nan")
+            assert "non-finite" in upload(bad).reason
+            assert coordinator.tasks == {} and coordinator.lost == 1   # the task ends at once
+            with coordinator.lock:
+                coordinator.tasks = {0: LiveTask(key=0, version=0, dispatch_s=0.0, steps=1)}
+            assert "non-finite" in upload(bad).reason
+            assert coordinator.tasks == {} and coordinator.lost == 2
+            # three strikes (max_rejections): even a valid upload is refused from now on
+            assert "refused for this run after 3" in upload(torch.zeros(n)).reason
+            assert 0 not in coordinator.clients
+        assert coordinator.buffer == [] and coordinator.state.version == 0
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_asynchronous_run_whose_clients_are_gone_fails_with_exit_code_3(write_config, tmp_path,
+                                                                           procs):  # noqa: F811
+    from tests.conftest import subprocess_env
+
+    port = _free_port()
+    cfg = small_config("fedbuff", stop={"rounds": 50})
+    cfg["algorithm"]["params"] = {"buffer_size": 2}
+    cfg["partition"]["num_nodes"] = 2
+    cfg["runtime"] = {"server": f"127.0.0.1:{port}", "round_timeout_s": 30, "quorum_timeout_s": 3,
+                      "poll_interval_s": 0.05, "threads_per_process": 1}
+    path = write_config(cfg)
+    out = tmp_path / "run"
+    server = procs.start("server", str(path), "--out", str(out))
+    for i in range(2):                                  # each dies at the start of its 3rd task
+        procs.start("client", str(path), "--id", str(i),
+                    env=subprocess_env(GOSSAMER_TEST_KILL_CLIENT_AT_ROUND="2"))
+    assert server.wait(timeout=120) == 3
+    assert server.stdout.read().decode().strip().splitlines()[-1].startswith(
+        "gossamer: run failed: no upload accepted for runtime.quorum_timeout_s")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "failed" and summary["rounds"] < 50
