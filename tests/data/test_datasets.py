@@ -120,3 +120,19 @@ def test_dataset_is_frozen_and_registry_lists_loaders() -> None:
     assert {"mnist5k", "digits", "synthetic", "mnist", "fashion_mnist", "cifar10"} <= set(
         DATASETS.names()
     )
+
+
+def test_digits_are_read_without_importing_scikit_learn_and_equal_its_loader():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from gossamer.data.offline import _load_digits
+
+    x, y = _load_digits()
+    x2, y2 = load_digits(return_X_y=True)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2) and y.dtype == y2.dtype
+    code = "import sys; from gossamer.data.offline import digits; digits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
