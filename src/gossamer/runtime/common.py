@@ -36,6 +36,9 @@ def security(cfg: ExperimentConfig, *, node: int | None = None, peer: bool = Fal
     sec = SecurityConfig(**cfg.runtime.security.model_dump())
     sec = sec.for_process("server" if node is None else f"node-{node}")
     sec.validate()
+    if not sec.tls and (sec.token or sec.token_file or sec.node_tokens_dir):
+        log.warning("tokens travel in clear text (runtime.security.allow_insecure): anyone on the "
+                    "network path can read them and act as this run's nodes")
     if peer and sec.node_tokens_dir is not None:
         from gossamer.config import ConfigError
 
