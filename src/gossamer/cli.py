@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from gossamer.errors import UserError  # noqa: E402  (re-exported: gossamer.cli.UserError)
+
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
 
 
 def _run_dir(cfg, out: str | None) -> Path:
@@ -156,7 +156,7 @@ def _configure_runtime(cfg) -> None:
 def cmd_server(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.runtime.common import RunFailed
-    from gossamer.runtime.fl_server import make_coordinator
+    from gossamer.runtime.roles import make_coordinator
 
     if args.resume:
         run_dir = Path(args.resume)

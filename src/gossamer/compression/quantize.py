@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossamer.compression import _bits
+import gossamer.compression._bits as _bits
 from gossamer.compression.base import (
     COMPRESSORS,
     TAG_QUANTIZE,

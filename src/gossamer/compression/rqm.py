@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from gossamer.compression import _bits
+import gossamer.compression._bits as _bits
 from gossamer.compression.base import (
     COMPRESSORS,
     TAG_RQM,

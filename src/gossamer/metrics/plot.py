@@ -26,7 +26,7 @@ DL_PANELS = [("consensus distance", ["consensus_distance"], "log"),
 def read_metrics(run_dir: Path) -> dict[str, list[float]]:
     path = run_dir / "metrics.csv"
     if not path.exists():
-        from gossamer.cli import UserError
+        from gossamer.errors import UserError
 
         raise UserError(f"RUN_DIR: {run_dir} has no metrics.csv")
     columns: dict[str, list[float]] = {}

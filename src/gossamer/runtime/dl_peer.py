@@ -30,7 +30,6 @@ of ``2 P`` values, the model and the tracker's direction ``y``, mixed with the s
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import threading
@@ -61,19 +60,6 @@ from gossamer.sim.trainer import local_steps
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
 FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)
-
-
-def read_peers(path: Path, num_nodes: int) -> dict[int, str]:
-    """A peers file: JSON object mapping node id to ``host:port`` for every node."""
-    try:
-        raw = json.loads(Path(path).read_text())
-        peers = {int(k): str(v) for k, v in raw.items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ConfigError("--peers", f"cannot read peers file {path}: {exc}") from None
-    missing = sorted(set(range(num_nodes)) - set(peers))
-    if missing:
-        raise ConfigError("--peers", f"peers file lacks nodes {missing[:5]}")
-    return peers
 
 
 class Peer:

@@ -75,7 +75,7 @@ class RoundState:
 class Coordinator:
     """Serves the Coordinator gRPC service and drives rounds with the configured algorithm.
 
-    Build one with :func:`make_coordinator`, which picks the class for the algorithm's
+    Build one with :func:`gossamer.runtime.roles.make_coordinator`, which picks the class for the algorithm's
     pattern (this one: ``sync_fl``; ``runtime/async_server.py``: ``async_fl``)."""
 
     pattern = "sync_fl"
@@ -462,17 +462,3 @@ class Coordinator:
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)
-
-
-def make_coordinator(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
-                     listen: str | None = None) -> Coordinator:
-    """The coordinator for ``cfg``'s algorithm: synchronous rounds or asynchronous updates."""
-    from gossamer.algorithms import ALGORITHMS
-    from gossamer.runtime.common import refuse_simulator_only
-
-    refuse_simulator_only(cfg)
-    if ALGORITHMS.get(cfg.algorithm.name).pattern == "async_fl":
-        from gossamer.runtime.async_server import AsyncCoordinator
-
-        return AsyncCoordinator(cfg, run_dir, resume=resume, listen=listen)
-    return Coordinator(cfg, run_dir, resume=resume, listen=listen)

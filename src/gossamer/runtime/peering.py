@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from concurrent import futures
@@ -10,7 +11,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from gossamer.config import ExperimentConfig
+from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import write_json
 from gossamer.runtime import schema
 from gossamer.runtime.codec import Limits, WireError, read_counted_model
@@ -39,10 +40,21 @@ def serve(cfg: ExperimentConfig, security: SecurityConfig, token: str | None, no
     return server
 
 
+def read_peers(path: Path, num_nodes: int) -> dict[int, str]:
+    """A peers file: JSON object mapping node id to ``host:port`` for every node."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        peers = {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError("--peers", f"cannot read peers file {path}: {exc}") from None
+    missing = sorted(set(range(num_nodes)) - set(peers))
+    if missing:
+        raise ConfigError("--peers", f"peers file lacks nodes {missing[:5]}")
+    return peers
+
+
 def wait_for_peers(path: Path, num_nodes: int, timeout_s: float) -> dict[int, str]:
     """Wait for the peers file (the launcher writes it once every peer listens), then read it."""
-    from gossamer.runtime.dl_peer import read_peers
-
     end = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > end:

@@ -1,4 +1,6 @@
-"""Which process class runs each decentralized algorithm pattern on real processes.
+"""Which process class runs each algorithm pattern on real processes.
+
+``gossamer server`` builds ``COORDINATORS[pattern]`` (synchronous or asynchronous FL).
 
 ``gossamer peer`` builds ``PEER_ROLES[pattern]`` for the config's algorithm; ``gossamer launch``
 starts one such process per node and then calls ``MERGERS[pattern]`` (default: the D-PSGD
@@ -11,6 +13,11 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+COORDINATORS: dict[str, str] = {
+    "sync_fl": "gossamer.runtime.fl_server:Coordinator",
+    "async_fl": "gossamer.runtime.async_server:AsyncCoordinator",
+}
 
 PEER_ROLES: dict[str, str] = {
     "sync_dl": "gossamer.runtime.dl_peer:Peer",
@@ -45,3 +52,15 @@ def peer_class(pattern: str, algorithm: str) -> Any:
 
 def merger(pattern: str) -> Any:
     return _load(MERGERS.get(pattern, DEFAULT_MERGER))
+
+
+def make_coordinator(cfg: Any, run_dir: Any, *, resume: bool = False, listen: str | None = None) -> Any:
+    """The coordinator for ``cfg``'s algorithm: synchronous rounds or asynchronous updates."""
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.runtime.common import refuse_simulator_only
+
+    refuse_simulator_only(cfg)                       # e.g. zo_fl, which has no coordinator yet
+    pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
+    # any other pattern: the synchronous coordinator refuses it in one line
+    return _load(COORDINATORS.get(pattern, COORDINATORS["sync_fl"]))(
+        cfg, run_dir, resume=resume, listen=listen)

@@ -1,0 +1,7 @@
+"""Errors a user can cause outside the config schema: printed by the CLI as one line."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix (a path, a command-line value); one line, exit code 2."""
