@@ -124,12 +124,10 @@ class Coordinator:
         return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
 
     # --- gRPC handlers (raw bytes in and out; parsing is ours) ----------------------------
-    def _reject(self, reason: str) -> bytes:
-        return self._refused(Refused(reason))
-
     def _refused(self, exc: Refused) -> bytes:
         """Log a rejection; a proven node's bad message is its failure (and a strike)."""
-        self.rejected += 1
+        with self.lock:
+            self.rejected += 1
         log.warning("rejected a message: %s", exc)
         if exc.node is not None and exc.fails:
             banned = self.guard.strike(exc)
@@ -402,7 +400,8 @@ class Coordinator:
             "rejected_messages": self.rejected})
 
     def _on_auth_reject(self, reason: str) -> None:
-        self.rejected += 1
+        with self.lock:
+            self.rejected += 1
         log.warning("rejected a call: %s", reason)
 
     def _rounds(self, start: float) -> dict[str, Any]:
