@@ -643,9 +643,13 @@ def _check_name(registry: Any, value: str) -> str:
     return value
 
 
+def _error_loc(exc: ValidationError) -> str:
+    return ".".join(str(p) for p in exc.errors()[0]["loc"] if not str(p).startswith("function-after"))
+
+
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = _error_loc(exc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -689,7 +693,8 @@ def validate(raw: Any) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("", _format_error(exc)) from None
+        loc = _error_loc(exc)          # the field, kept apart so load() can say which file set it
+        raise ConfigError(loc, _format_error(exc).removeprefix(f"{loc}: " if loc else "")) from None
     from gossamer.algorithms import ALGORITHMS
 
     algo = ALGORITHMS.get(cfg.algorithm.name)
@@ -704,11 +709,39 @@ def validate(raw: Any) -> ExperimentConfig:
 
 
 MAX_CONFIG_BYTES = 64 << 20     # a config is a small text file; per-node lists fit many times
+MAX_EXTENDS_DEPTH = 16          # base of a base of ...: deeper is a mistake, not a family
+MAX_EXTENDS_FILES = 256         # files read for one config (a list of bases repeats shared ones)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate a YAML experiment file."""
+    """Read, compose (``extends``), override and validate a YAML experiment file.
+
+    A top-level ``extends: base.yaml`` (or a list of paths, applied in order) names configs,
+    relative to the including file, that are loaded first (recursively); the including
+    file's mapping is then merged over them field by field: mappings merge recursively,
+    anything else (scalars, lists, ``null``) replaces the base's value. ``--set`` overrides
+    apply after composition. The result holds no ``extends``.
+    """
     path = Path(path)
+    sources: dict[str, str] = {}
+    files: list[Path] = []
+    raw = _load_composed(path, sources, files, chain=())
+    composed = len(files) > 1
+    for item in overrides or []:
+        key = item.partition("=")[0]
+        _forget(sources, key)
+        sources[key] = "--set"
+    raw = apply_overrides(raw, overrides or [])
+    if not composed:
+        return validate(raw)
+    try:
+        return validate(raw)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"{exc.field}: " if exc.field else "")
+        raise ConfigError(exc.field, f"{message} ({_where(exc.field, sources, path, files)})") from None
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError("", f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a config "
@@ -719,7 +752,83 @@ def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConf
     raw = parse_yaml(_decode(data, path), path) or {}
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path}: config must be a YAML mapping of sections")
-    return validate(apply_overrides(raw, overrides or []))
+    return raw
+
+
+def _load_composed(path: Path, sources: dict[str, str], files: list[Path],
+                   chain: tuple[Path, ...]) -> dict[str, Any]:
+    """``path``'s mapping over its bases; ``sources`` maps each field set to the file that set it."""
+    files.append(path)
+    raw = _read_mapping(path)
+    if "extends" not in raw:
+        _record(raw, "", str(path), sources)
+        return raw
+    value = raw.pop("extends")
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError("extends", f"{path}: expected a config path or a non-empty list of paths, "
+                          f"got {value!r}")
+    merged: dict[str, Any] = {}
+    here = chain + (path,)
+    for name in names:
+        base = path.parent / Path(name).expanduser()
+        key = base.resolve()
+        if key in {p.resolve() for p in here}:
+            cycle = " -> ".join(str(p) for p in here + (base,))
+            raise ConfigError("extends", f"{path}: configs extend each other in a cycle: {cycle}")
+        if len(here) >= MAX_EXTENDS_DEPTH:
+            raise ConfigError("extends", f"{path}: more than {MAX_EXTENDS_DEPTH} levels of extends "
+                              f"({' -> '.join(str(p) for p in here[:3])} -> ...)")
+        if len(files) >= MAX_EXTENDS_FILES:
+            raise ConfigError("extends", f"{path}: more than {MAX_EXTENDS_FILES} config files in "
+                              "one composition")
+        try:
+            base_raw = _load_composed(base, sources, files, here)
+        except ConfigError as exc:
+            if exc.field:                    # a field of the base (duplicate key, its own extends)
+                raise
+            raise ConfigError("extends", f"base {name!r} of {path}: {exc}") from None
+        merged = _merge(merged, base_raw)
+    _record(raw, "", str(path), sources)
+    return _merge(merged, raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings recursively, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _record(raw: dict[str, Any], prefix: str, where: str, sources: dict[str, str]) -> None:
+    """Note ``where`` as the source of every field ``raw`` sets (after the bases were noted)."""
+    for key, value in raw.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _record(value, field + ".", where, sources)
+        else:                                # replaces the base's whole value, sub-fields too
+            _forget(sources, field)
+        sources[field] = where
+
+
+def _forget(sources: dict[str, str], field: str) -> None:
+    """Drop what ``sources`` says about fields under ``field`` (a value replaced them)."""
+    for name in [n for n in sources if n.startswith(field + ".")]:
+        del sources[name]
+
+
+def _where(field: str, sources: dict[str, str], path: Path, files: list[Path]) -> str:
+    parts = field.split(".") if field else []
+    for n in range(len(parts), 0, -1):
+        source = sources.get(".".join(parts[:n]))
+        if source is not None:
+            return "set by --set" if source == "--set" else f"set in {source}"
+    bases = ", ".join(str(p) for p in files[1:])
+    return f"in {path}, composed with {bases}"
 
 
 def _decode(data: bytes, path: Path) -> str:
