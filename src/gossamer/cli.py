@@ -139,7 +139,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     for reg in (ALGORITHMS, DATASETS, PARTITIONERS, MODELS, TOPOLOGIES, DYNAMIC_TOPOLOGIES, MIXING,
                 AGGREGATORS, ATTACKS, COMPRESSORS):
         print(f"{reg.kind}: {', '.join(reg.names())}")
+    from gossamer.registry import loaded_plugins
+
+    if loaded_plugins():                                  # main() loaded them at start
+        print(f"plugins: {', '.join(loaded_plugins())}")
     return 0
+
+
+def _load_plugins() -> None:
+    """Import the installed ``gossamer.plugins`` entry points, so their parts are selectable
+    (and listed); a broken plugin is one warning line, and the command goes on."""
+    from gossamer.registry import PluginError, load_plugins
+
+    try:
+        load_plugins()
+    except PluginError as exc:
+        print(f"gossamer: warning: {exc}", file=sys.stderr)
 
 
 def _configure_runtime(cfg) -> None:
@@ -383,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from gossamer.config import ConfigError
     from gossamer.metrics.runstore import CheckpointError
 
+    _load_plugins()
     try:
         return args.func(args)
     except (ConfigError, UserError, CheckpointError) as exc:
