@@ -124,21 +124,15 @@ class AsyncCoordinator(Coordinator):
 
     # --- GetTask: dispatch (the handler is the base class's) -----------------------------------
     def _task(self, node: int) -> tuple[object, list[bytes]]:
-        """What ``node`` is told when it asks for work (lock held)."""
-        if self.done:
-            self.told_done.add(node)
-            self.lock.notify_all()
-            return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
-        if node not in self.clients:
-            return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
+        """A joined ``node``'s task (lock held): its task in flight again (it restarted), a new
+        one if its rule lets it start now, else WAIT."""
         if not self.closing and self.running:
-            task = self.tasks.get(node)                    # it restarted mid-task: the same task again
+            task = self.tasks.get(node)
             if task is None:
                 task = self._dispatch(node)
             if task is not None:
                 return self._train_header(task), self.frames[task.version]
-        return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
-                                 retry_after_s=self.cfg.runtime.poll_interval_s), []
+        return self._wait()
 
     def _count_down(self, n: int, node: int) -> None:
         with self.lock:

@@ -182,7 +182,7 @@ class Coordinator:
             node = self.guard.acting(context, int(req.node_id))
             with self._slot(context, self.guard.bound(context)):
                 with self.lock:
-                    header, frames = self._task(node)
+                    header, frames = self._answer(node)
                 yield schema.TaskFrame(header=header).SerializeToString()
                 for frame in frames:
                     self._count_down(len(frame), node)
@@ -192,22 +192,30 @@ class Coordinator:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
             context.abort(code, str(exc))
 
-    def _task(self, node: int) -> tuple[object, list[bytes]]:
-        """What ``node`` is told when it asks for work (lock held): header and model frames."""
-        if node in self.stale:
-            self.stale.discard(node)
-            self.lock.notify_all()                          # it is reachable again
-        cur = self.current
+    def _answer(self, node: int) -> tuple[object, list[bytes]]:
+        """What ``node`` is told when it asks for work (lock held): DONE once the run is over,
+        JOIN when the server does not know it, else what the pattern's ``_task`` says."""
         if self.done:
             self.told_done.add(node)
             self.lock.notify_all()
             return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
         if node not in self.clients:
             return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
-        if node in cur.open():
-            return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number), cur.model_frames
+        return self._task(node)
+
+    def _wait(self) -> tuple[object, list[bytes]]:
         return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
                                  retry_after_s=self.cfg.runtime.poll_interval_s), []
+
+    def _task(self, node: int) -> tuple[object, list[bytes]]:
+        """A joined ``node``'s task (lock held): the round's model if it is awaited, else WAIT."""
+        if node in self.stale:
+            self.stale.discard(node)
+            self.lock.notify_all()                          # it is reachable again
+        cur = self.current
+        if node in cur.open():
+            return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number), cur.model_frames
+        return self._wait()
 
     def _count_down(self, n: int, node: int) -> None:
         with self.lock:

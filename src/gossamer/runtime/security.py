@@ -187,22 +187,29 @@ def certs_main(argv: list[str]) -> int:
     parser.add_argument("--hosts", type=_csv, default=list(DEFAULT_HOSTS),
                         help="comma-separated IPs / DNS names the nodes are dialled at")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
-    try:
-        args = parser.parse_args(argv)
+
+    def write(args: argparse.Namespace) -> None:
         if args.nodes < 0:
             raise ValueError("--nodes: must be >= 0")
         names = args.names + [f"node-{i}" for i in range(args.nodes)]
         if not names:
             raise ValueError("--names: give node names (or --nodes N)")
-        written = write_certs(Path(args.out), names, args.hosts, overwrite=args.overwrite)
+        for path in write_certs(Path(args.out), names, args.hosts, overwrite=args.overwrite).values():
+            print(path)
+
+    return _command(parser, argv, write)
+
+
+def _command(parser: _Parser, argv: list[str], action: Callable[[argparse.Namespace], None]) -> int:
+    """Parse ``argv`` and run ``action``; a usage, value or file error is one line, exit code 2."""
+    try:
+        action(parser.parse_args(argv))
     except (_UsageError, ValueError) as exc:
         print(f"gossamer: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"gossamer: error: --out: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
         return 2
-    for path in written.values():
-        print(path)
     return 0
 
 
@@ -355,17 +362,12 @@ def tokens_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="directory to write the files to")
     parser.add_argument("--nodes", required=True, type=int, help="number of node ids (0..N-1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing secret")
-    try:
-        args = parser.parse_args(argv)
+
+    def write(args: argparse.Namespace) -> None:
         written = write_node_tokens(Path(args.out), args.nodes, overwrite=args.overwrite)
-    except (_UsageError, ValueError) as exc:
-        print(f"gossamer: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"gossamer: error: --out: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
-        return 2
-    print(f"wrote {written[0]} (server only) and {len(written) - 1} node tokens in {args.out}")
-    return 0
+        print(f"wrote {written[0]} (server only) and {len(written) - 1} node tokens in {args.out}")
+
+    return _command(parser, argv, write)
 
 
 def caller_node(context: grpc.ServicerContext, secret: bytes | None) -> int | None:
