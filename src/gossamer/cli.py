@@ -1,4 +1,4 @@
-"""Command line: ``gossamer run | plot | compare | validate | list`` and the runtime commands.
+"""Command line: ``gossamer run | plot | compare | sweep | validate | list`` and the runtime commands.
 
 User errors (config, data, paths) print one line and exit with code 2; bugs raise.
 """
@@ -271,6 +271,65 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return code
 
 
+def _parse_targets(text: str) -> list[float]:
+    try:
+        targets = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--targets: {text!r} is not a comma-separated list of accuracies") from None
+    if not targets or any(not 0 < x <= 1 for x in targets):
+        raise UserError("--targets: give accuracies in (0, 1], e.g. 0.8,0.85")
+    return targets
+
+
+def _compare_seeds(args: argparse.Namespace, targets: list[float], out: Path) -> int:
+    """``compare --seeds N``: each config at N seeds into OUT/<config name>/seed=<s>; the table
+    gives mean ± 95% CI and the figure a band per config."""
+    from gossamer import config as config_mod
+    from gossamer.metrics.compare import compare_seeds
+    from gossamer.metrics.sweep import Run, complete, seed_values
+
+    groups: list[tuple[str, list[Run]]] = []
+    for path in args.configs:
+        cfg = config_mod.load(path, args.set)                     # fail early, one line
+        stem = Path(path).stem
+        groups.append((stem, [Run(f"{stem}/seed={s}", out / stem / f"seed={s}", path,
+                                  list(args.set) + [f"seed={s}"])
+                              for s in seed_values(cfg.seed, args.seeds)]))
+    failed = complete([r for _, runs in groups for r in runs], args.jobs)
+    if failed:
+        raise UserError(f"{len(failed)} runs failed (first: {failed[0].run_dir}); see their output "
+                        "above; run the same command again to retry them")
+    md, fig = compare_seeds([(stem, [r.run_dir for r in runs]) for stem, runs in groups], targets, out)
+    print(md.read_text(), end="")
+    print(f"wrote {md} and {fig}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run CONFIG over the --grid cells at --seeds seeds each (reusing finished runs, resuming
+    interrupted ones), then write the table of mean ± 95% CI per cell."""
+    from gossamer import config as config_mod
+    from gossamer.metrics.sweep import complete, plan, write_results
+
+    targets = _parse_targets(args.targets)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give at least 1")
+    if args.out is None:
+        cfg = config_mod.load(args.config, args.set)
+        out = Path(cfg.output.dir) / f"{cfg.name}-sweep"
+    else:
+        out = Path(args.out)
+    sweep = plan(args.config, args.set, args.grid, args.seeds, out)
+    failed = complete(sweep.runs, args.jobs)
+    md, _ = write_results(sweep, targets)
+    print(md.read_text(), end="")
+    print(f"wrote {md}, {out / 'sweep.csv'}, {out / 'sweep.json'}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(sweep.runs)} runs failed (first: {failed[0].run_dir}); "
+                        "the table holds the finished ones; run the same command again to retry")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run each config into OUT/<config name> (resuming an unfinished one, reusing a finished
     one) with up to --jobs runs at once, then write the table and figure into OUT."""
@@ -281,13 +340,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.metrics.compare import compare
 
-    try:
-        targets = sorted({float(x) for x in args.targets.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--targets: {args.targets!r} is not a comma-separated list of accuracies") from None
-    if not targets or any(not 0 < x <= 1 for x in targets):
-        raise UserError("--targets: give accuracies in (0, 1], e.g. 0.8,0.85")
+    targets = _parse_targets(args.targets)
     out = Path(args.out)
+    if args.seeds != 1:
+        return _compare_seeds(args, targets, out)
     jobs: list[tuple[Path, list[str]]] = []
     for path in args.configs:
         config_mod.load(path, args.set)                           # fail early, one line
@@ -376,7 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a field in every config, e.g. --set stop.max_sim_time_s=60")
+    cmp_.add_argument("--seeds", type=int, default=1,
+                      help="runs per config at seeds cfg.seed, cfg.seed+1, ... (default 1); with more "
+                      "than one, OUT/<config>/seed=<s> and a table of mean ± 95%% CI")
     cmp_.set_defaults(func=cmd_compare)
+    swp = sub.add_parser("sweep", help="run a config over a grid of values at several seeds; one "
+                         "table of mean ± 95%% CI per grid cell (finished runs are reused)")
+    swp.add_argument("config", metavar="CONFIG")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="values of one config field, parsed like --set values (commas inside "
+                     "[...] stay, e.g. model.params.hidden=[32],[64,32]); several flags: every "
+                     "combination")
+    swp.add_argument("--seeds", type=int, default=1,
+                     help="runs per grid cell, at seeds cfg.seed, cfg.seed+1, ..., "
+                     "cfg.seed+N-1 (default 1)")
+    swp.add_argument("--out", help="folder: OUT/<key=value,...>/seed=<s> per run, plus sweep.md, "
+                     "sweep.csv, sweep.json, sweep.png (default output.dir/NAME-sweep)")
+    swp.add_argument("--targets", default="0.8,0.85", help="target accuracies (default 0.8,0.85)")
+    swp.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field in every run, e.g. --set stop.rounds=5")
+    swp.set_defaults(func=cmd_sweep)
     sub.add_parser("certs", help="generate a self-signed CA and node certificates "
                    "(gossamer certs --help)")
     sub.add_parser("tokens", help="generate a node secret and per-node tokens that bind node ids "
@@ -407,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         how = (f"gossamer {args.command} --resume RUN_DIR" if args.command in ("run", "server", "launch")
+               else "the same command (finished runs are reused)" if args.command in ("sweep", "compare")
                else "--resume")
         print(f"gossamer: interrupted; resume with {how}", file=sys.stderr)
         return 130
