@@ -182,3 +182,32 @@ def test_compare_runs_configs_and_writes_table_and_figure(write_config, tmp_path
     capsys.readouterr()
     assert main(["compare", str(a), "--out", str(out), "--targets", "1.5"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_with_ctrl_c_then_rerun_finishes_only_what_is_missing(write_config, tmp_path, capsys):
+    """A real sweep process gets SIGINT (its runs too, as from a terminal) after its first
+    finished run; the same command again runs exactly the runs without summary.json."""
+    import os
+    import signal
+    import time
+
+    config = write_config(small_config(stop={"rounds": 3}))
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(config), "--grid", "local.lr=0.05,0.1", "--seeds", "2", "--out", str(out),
+            "--targets", "0.2"]
+    proc = subprocess.Popen(gossamer_cmd(*argv), env=subprocess_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list(out.glob("*/seed=*/summary.json")) and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "resume with the same command" in err, err
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed=*/summary.json")}
+    assert 1 <= len(finished) < 4
+    assert main(argv) == 0
+    assert f"4 runs: {len(finished)} finished, {4 - len(finished)} to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished           # not run again
+    assert len(list(out.glob("*/seed=*/summary.json"))) == 4
+    table = (out / "sweep.md").read_text()
+    assert "| 0.05 | 2 |" in table and "| 0.1 | 2 |" in table and " ± " in table

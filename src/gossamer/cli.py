@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a field in every config, e.g. --set stop.max_sim_time_s=60")
-    cmp_.add_argument("--seeds", type=int, default=1,
+    cmp_.add_argument("--seeds", type=int, default=1, metavar="N",
                       help="runs per config at seeds cfg.seed, cfg.seed+1, ... (default 1); with more "
                       "than one, OUT/<config>/seed=<s> and a table of mean ± 95%% CI")
     cmp_.set_defaults(func=cmd_compare)
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="values of one config field, parsed like --set values (commas inside "
                      "[...] stay, e.g. model.params.hidden=[32],[64,32]); several flags: every "
                      "combination")
-    swp.add_argument("--seeds", type=int, default=1,
+    swp.add_argument("--seeds", type=int, default=1, metavar="N",
                      help="runs per grid cell, at seeds cfg.seed, cfg.seed+1, ..., "
                      "cfg.seed+N-1 (default 1)")
     swp.add_argument("--out", help="folder: OUT/<key=value,...>/seed=<s> per run, plus sweep.md, "

@@ -234,6 +234,7 @@ def band_figure(groups: list[tuple[str, list[Path]]], path: Path, targets: list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     panels = (("round", "round (server updates for async FL)"), ("time", "simulated time (s)"),
@@ -253,6 +254,7 @@ def band_figure(groups: list[tuple[str, list[Path]]], path: Path, targets: list[
         ax.grid(alpha=0.3)
         ax.set_xlabel(label)
     axes[2].set_xscale("log")
+    axes[2].xaxis.set_minor_formatter(NullFormatter())           # no crowded minor labels
     axes[0].set_ylabel("test accuracy (mean, 95% CI over seeds)")
     axes[0].set_ylim(bottom=max(0.0, min(targets, default=0.5) - 0.3))
     axes[0].legend(fontsize=8)
