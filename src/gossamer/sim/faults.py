@@ -9,6 +9,12 @@ state (phases, counters, queue positions) is all a checkpoint needs.
 
 The alive set changes only at known times (the earliest pending churn switch, crash or
 event), so ``alive(t)`` returns a cached copy until ``t`` reaches the next one.
+
+Every node transition ``alive`` applies is recorded (``transitions``): crashes, churn
+switches of nodes neither crashed nor removed, and each node of a remove or restore event,
+with its exact scheduled time and the round the driver was running (``round``, set by the
+runner). The record is per-transition arrays, checkpointed with the rest of the state, and
+bounded (``MAX_RECORDED`` rows; the counts stay exact beyond it).
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ from gossamer.sim.fault_checks import check_events, check_partitions, num_groups
 _CRASH_PICK, _CRASH_TIME, _CHURN_PICK, _CHURN_SESSION = 1, 2, 3, 4
 _EVENT, _PARTITION, _LOSS, _DELAY, _STRAGGLER = 5, 6, 7, 8, 9
 _NO_NODES = np.zeros(0, dtype=np.int64)
+
+# Recorded transitions: kind codes (index into KINDS) and the state each leaves the node in.
+KINDS = ("crash", "churn", "remove", "restore")
+_K_CRASH, _K_CHURN, _K_REMOVE, _K_RESTORE = range(4)
+MAX_RECORDED = 1_000_000        # rows kept (~25 MB of checkpoint); counts are exact beyond it
+_RECORD_FIELDS = (("t", np.float64), ("node", np.int64), ("kind", np.int8), ("up", bool),
+                  ("round", np.int64))
 
 
 def quantile(spec: Distribution, u: np.ndarray, nodes: np.ndarray) -> np.ndarray:
@@ -87,14 +100,17 @@ class _Churn:
         return np.where(index < ptr[nodes + 1], times[np.minimum(index, len(times) - 1)], np.inf) \
             if len(times) else np.full(len(nodes), np.inf)
 
-    def advance(self, t: float, down: np.ndarray) -> None:
-        """Apply every switch at or before ``t``; mark nodes that went offline in ``down``."""
+    def advance(self, t: float, down: np.ndarray, note=None) -> None:
+        """Apply every switch at or before ``t``; mark nodes that went offline in ``down``;
+        ``note(times, nodes, on)`` hears of each batch of switches."""
         while True:
             due = np.flatnonzero(self.next_switch <= t)
             if due.size == 0:
                 return
             self.on[due] = ~self.on[due]
             down[due[~self.on[due]]] = True
+            if note is not None:
+                note(self.next_switch[due], due, self.on[due])
             if self.trace is None:
                 self.next_switch[due] += self._duration(due)
             else:
@@ -140,6 +156,10 @@ class Faults:
         self._mask = self._churn.on.copy()
         self._rejoined = _NO_NODES
         self._applied: list[dict] = []
+        self.round = 0                          # the round being run; the runner sets it
+        self._record: list[dict[str, np.ndarray]] = []
+        self._recorded = 0
+        self._counts = np.zeros((len(KINDS), 2), dtype=np.int64)    # [kind, up]
         self._next = self._next_time()
 
     @classmethod
@@ -196,8 +216,9 @@ class Faults:
         newly = self._crash_order[self._crash_ptr:stop]
         self._crashed[newly] = True
         down[newly] = True
+        self._note(self._crash_sorted[self._crash_ptr:stop], newly, _K_CRASH, False)
         self._crash_ptr = int(stop)
-        self._churn.advance(t, down)
+        self._churn.advance(t, down, self._note_churn)
         self._mask = self._churn.on & ~self._crashed & ~self._removed
 
     def _apply(self, index: int, down: np.ndarray) -> None:
@@ -212,10 +233,62 @@ class Faults:
         if event.action == "remove":
             self._removed[chosen] = True
             down[chosen] = True
+            self._note(np.full(len(chosen), event.at_s), chosen, _K_REMOVE, False)
         else:
             self._removed[chosen] = False
+            self._note(np.full(len(chosen), event.at_s), chosen, _K_RESTORE, True)
         self._mask = self._churn.on & ~self._crashed & ~self._removed
         self._applied.append({"t": event.at_s, "kind": event.action, "nodes": chosen.tolist()})
+
+    # --- the transition record -------------------------------------------------------------
+    def _note(self, times: np.ndarray, nodes: np.ndarray, kind: int, up: bool | np.ndarray) -> None:
+        if len(nodes) == 0:
+            return
+        up = np.broadcast_to(np.asarray(up, dtype=bool), (len(nodes),))
+        np.add.at(self._counts[kind], up.astype(np.int64), 1)
+        keep = min(len(nodes), MAX_RECORDED - self._recorded)
+        if keep > 0:
+            self._record.append({"t": np.array(times[:keep], dtype=np.float64),
+                                 "node": np.array(nodes[:keep], dtype=np.int64),
+                                 "kind": np.full(keep, kind, dtype=np.int8), "up": up[:keep].copy(),
+                                 "round": np.full(keep, self.round, dtype=np.int64)})
+            self._recorded += keep
+
+    def _note_churn(self, times: np.ndarray, nodes: np.ndarray, on: np.ndarray) -> None:
+        """Churn switches of nodes still in the run (not crashed by then, not removed)."""
+        live = (self._crash_time[nodes] > times) & ~self._removed[nodes]
+        self._note(times[live], nodes[live], _K_CHURN, on[live])
+
+    def transitions(self) -> dict[str, np.ndarray]:
+        """The recorded transitions as arrays ``t, node, kind (index into KINDS), up, round``,
+        in time order (ties: the order they were applied)."""
+        merged = {k: np.concatenate([c[k] for c in self._record]) if self._record
+                  else np.zeros(0, dtype=d) for k, d in _RECORD_FIELDS}
+        order = np.argsort(merged["t"], kind="stable")
+        return {k: v[order] for k, v in merged.items()}
+
+    @property
+    def records_transitions(self) -> bool:
+        """Whether any configured fault takes nodes down (crash, churn, events)."""
+        return self.cfg.crash is not None or self.cfg.churn is not None or bool(self.cfg.events)
+
+    def transition_counts(self) -> dict[str, int]:
+        """Transitions so far by kind (exact even past ``MAX_RECORDED``), rows recorded, nodes down."""
+        c = self._counts
+        return {"crash": int(c[_K_CRASH].sum()), "churn_down": int(c[_K_CHURN, 0]),
+                "churn_up": int(c[_K_CHURN, 1]), "remove": int(c[_K_REMOVE].sum()),
+                "restore": int(c[_K_RESTORE].sum()), "recorded": self._recorded,
+                "complete": bool(self._recorded == c.sum()),
+                "down_now": int(self.n - self._mask.sum())}
+
+    def transitions_csv(self) -> str:
+        """``t_s,round,node,kind,state`` per transition (``faults.csv`` of a run directory)."""
+        r = self.transitions()
+        kinds, states = np.array(KINDS), np.array(["down", "up"])
+        rows = [f"{t!r},{k},{n},{kind},{state}" for t, k, n, kind, state in
+                zip(r["t"].tolist(), r["round"].tolist(), r["node"].tolist(),
+                    kinds[r["kind"]].tolist(), states[r["up"].astype(np.int64)].tolist(), strict=True)]
+        return "\n".join(["t_s,round,node,kind,state", *rows]) + "\n"
 
     def _select(self, index: int, pool: np.ndarray) -> np.ndarray:
         """The event's fraction or count of the pool's nodes that match its ``select`` rule."""
@@ -326,7 +399,9 @@ class Faults:
                 "removed": self._removed.copy(), "mask": self._mask.copy(),
                 "rejoined": self._rejoined.copy(), "churn_on": c.on.copy(),
                 "churn_counter": c.counter.copy(), "churn_next": c.next_switch.copy(),
-                "applied": [dict(e, nodes=list(e["nodes"])) for e in self._applied]}
+                "applied": [dict(e, nodes=list(e["nodes"])) for e in self._applied],
+                **{f"record_{k}": v for k, v in self.transitions().items()},
+                "record_counts": self._counts.copy()}
 
     def load_state_dict(self, state: dict) -> None:
         def arr(key: str, dtype: type) -> np.ndarray:
@@ -342,3 +417,7 @@ class Faults:
             arr("churn_next", np.float64)
         self._applied = [{"t": float(e["t"]), "kind": str(e["kind"]), "nodes": [int(v) for v in e["nodes"]]}
                          for e in state["applied"]]
+        if "record_counts" in state:          # checkpoints from before the record hold none
+            self._record = [{k: arr(f"record_{k}", d) for k, d in _RECORD_FIELDS}]
+            self._recorded = len(self._record[0]["t"])
+            self._counts = arr("record_counts", np.int64)

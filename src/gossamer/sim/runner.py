@@ -110,7 +110,10 @@ class Runner:
         if d.round == 0 and self.last_row is None:
             self._record(d.evaluate())
         kill_at = int(os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND", "0"))
+        faults = self.exp.faults
         while (reason := self._should_stop()) is None:
+            if faults is not None:
+                faults.round = d.round + 1           # stamps the transitions this round applies
             d.run_round()
             final = self._final_round()
             if d.round % every == 0 or final:
@@ -128,6 +131,8 @@ class Runner:
         if ckpt_every:
             self.checkpoint()
         self.save_final_model()
+        if faults is not None and faults.enabled and faults.records_transitions:
+            atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())
         summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -171,6 +176,8 @@ class Runner:
         faults, adv = self.exp.faults, self.exp.adversary
         if faults is not None and faults.enabled:
             out["faults_applied"] = _plain(faults.applied_events())
+            if faults.records_transitions:          # every node down/up: counts here, rows in faults.csv
+                out["fault_transitions"] = dict(faults.transition_counts(), file="faults.csv")
         if adv is not None and adv.enabled:
             out["byzantine_nodes"] = [int(i) for i in adv.byzantine.nonzero()[0]]
         out.update(d.summary())
