@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _API = ("run", "load_run", "load_config", "RunResult", "register_algorithm", "register_model",
         "register_dataset", "register_partitioner", "register_aggregator", "register_attack",
-        "register_compressor", "register_topology")
+        "register_compressor", "register_topology", "register_tracker")
 _ELSEWHERE = {"ConfigError": "gossamer.config", "ExperimentConfig": "gossamer.config",
               "UserError": "gossamer.errors", "PluginError": "gossamer.registry",
               "load_plugins": "gossamer.registry"}

@@ -289,6 +289,11 @@ def _topologies():
     return TOPOLOGIES
 
 
+def _trackers():
+    from gossamer.metrics.trackers import TRACKERS
+    return TRACKERS
+
+
 register_algorithm = _registrar(_algorithms, """Register an algorithm class as ``name``.
 
     A frozen dataclass subclassing :class:`gossamer.algorithms.Algorithm` (in practice a
@@ -304,6 +309,9 @@ register_compressor = _registrar(_compressors, """Register a compressor class as
     a :class:`gossamer.compression.Compressor` subclass built as ``cls(**params)``.""")
 register_topology = _registrar(_topologies, """Register a topology generator as ``name``:
     ``fn(num_nodes, seed, **topology.params) -> gossamer.topology.Topology``.""")
+register_tracker = _registrar(_trackers, """Register an experiment tracker class as ``name``:
+    built as ``cls(**params)`` from ``output.trackers``; it has ``on_start(run_dir, config,
+    resumed)``, ``on_row(row)`` and ``on_end(summary)`` (gossamer.metrics.trackers.RunCallback).""")
 
 
 def _any_size(n: int) -> None:

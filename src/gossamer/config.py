@@ -297,10 +297,24 @@ class EvalConfig(_Strict):
         return sorted(set(v))
 
 
+class TrackerConfig(_Strict):
+    """An experiment tracker (``gossamer/metrics/trackers.py``): tensorboard, mlflow, wandb."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.metrics.trackers import TRACKERS
+        return _check_name(TRACKERS, v)
+
+
 class OutputConfig(_Strict):
     dir: str = "runs"
     checkpoint_every: int = Field(5, ge=0)
     progress: bool = True
+    trackers: list[TrackerConfig] = Field(default_factory=list)
 
 
 class SecuritySection(_Strict):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gossamer.config import ExperimentConfig, dump
+from gossamer.config import ConfigError, ExperimentConfig, dump
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
@@ -19,6 +19,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.metrics.trackers import TRACKERS, RunCallback
 from gossamer.sim.allocator import tune_allocator
 from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
@@ -45,6 +46,7 @@ class Runner:
         self.targets_reached: dict[str, dict[str, float | int]] = {}
         self.last_row: dict[str, Any] | None = None
         self.loop_time = 0.0
+        self.trackers = build_trackers(cfg.output.trackers)
 
     # --- files -------------------------------------------------------------------------------
     def prepare(self, resume: bool) -> None:
@@ -80,6 +82,8 @@ class Runner:
     def _record(self, row: dict[str, Any]) -> None:
         self.metrics.append(row)
         self.last_row = row
+        for tracker in self.trackers:
+            tracker.on_row(row)
         acc = row.get("test_accuracy")
         if acc is not None:
             self.best_accuracy = acc if self.best_accuracy is None else max(self.best_accuracy, acc)
@@ -107,6 +111,8 @@ class Runner:
         loop_start = time.perf_counter()
         d, every = self.driver, self.cfg.eval.every
         ckpt_every = self.cfg.output.checkpoint_every
+        for tracker in self.trackers:
+            tracker.on_start(self.run_dir, self.cfg.to_dict(), resumed=self.last_row is not None)
         if d.round == 0 and self.last_row is None:
             self._record(d.evaluate())
         kill_at = int(os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND", "0"))
@@ -135,6 +141,8 @@ class Runner:
             atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())
         summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
+        for tracker in self.trackers:
+            tracker.on_end(summary)
         return summary
 
     def _final_round(self) -> bool:
@@ -193,3 +201,18 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+def build_trackers(specs: list[Any]) -> list[RunCallback]:
+    """The trackers ``output.trackers`` names (each ``{name, params}``), built and checked."""
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(TRACKERS.get(spec.name)(**spec.params))
+        except KeyError as exc:
+            raise ConfigError(f"output.trackers.{i}.name", str(exc).strip("'\"")) from None
+        except TypeError as exc:
+            raise ConfigError(f"output.trackers.{i}.params", str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError(f"output.trackers.{i}", str(exc)) from None
+    return out
