@@ -116,6 +116,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from gossamer.metrics import report
+
+    runs, out = [Path(p) for p in args.runs], Path(args.out)
+    if args.watch:
+        if args.every <= 0 or args.timeout <= 0:
+            raise UserError("--every and --timeout: give positive seconds")
+        report.watch(runs, out, every_s=args.every, timeout_s=args.timeout)
+    else:
+        report.write_report(runs, out)
+        print(out)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.sim.experiment import build_experiment
@@ -389,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: the first run directory)")
     plot.set_defaults(func=cmd_plot)
+    rep = sub.add_parser("report", help="one self-contained HTML report of one or more run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    rep.add_argument("--watch", action="store_true", help="re-render until every run has finished; "
+                     "the page refreshes itself meanwhile")
+    rep.add_argument("--every", type=float, default=5.0, help="--watch: seconds between renders (default 5)")
+    rep.add_argument("--timeout", type=float, default=3600.0, help="--watch: stop after this many seconds "
+                     "(default 3600)")
+    rep.set_defaults(func=cmd_report)
     val = sub.add_parser("validate", help="check a config (schema, data, topology) without running")
     val.add_argument("config")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
