@@ -364,6 +364,8 @@ def _topology(run: Run) -> tuple[str | None, str]:
 
 # --- HTML ---------------------------------------------------------------------------------------
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
@@ -467,7 +469,11 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None, note: str = 
 def load_runs(run_dirs: list[Path], *, partial: bool = False) -> list[Run]:
     if not run_dirs:
         raise UserError("RUN_DIR: give at least one run directory")
-    return [Run(Path(d), partial=partial) for d in run_dirs]
+    runs = [Run(Path(d), partial=partial) for d in run_dirs]
+    if len({r.name for r in runs}) < len(runs):         # e.g. sweep folders: <cell>/seed=0
+        for r in runs:
+            r.name = f"{r.dir.parent.name}/{r.dir.name}"
+    return runs
 
 
 def write_report(run_dirs: list[Path], out: Path, *, refresh_s: float | None = None,
