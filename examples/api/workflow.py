@@ -1,6 +1,6 @@
 """A whole workflow from Python: run, sweep over seeds, and write one HTML report.
 
-    python examples/api/workflow.py [OUT_DIR]      (~1 minute on a 2-core CPU)
+    python examples/api/workflow.py [OUT_DIR]      (~30 s on a 2-core CPU)
 
 1. runs a decentralized config with crashes and a Byzantine node (gossamer.run);
 2. sweeps a FedBuff config over two buffer sizes at two seeds (`gossamer sweep`, as a

@@ -231,8 +231,11 @@ def _fl_figure(run: Run) -> str | None:
     axes[2].set_xlabel("idle time per client (simulated s)")
     axes[2].set_ylabel("clients")
     axes[2].set_title(f"client idle time (server idle {s.get('server_idle_s', 0.0):.2f} s)", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _svg(fig, f"{run.name}:clients", "from summary.json (FL accounting)")
 
@@ -377,14 +380,18 @@ SUMMARY_KEYS = ["algorithm", "num_nodes", "num_params", "rounds", "stopped_by", 
                 "server_idle_s", "spectral_gap", "num_edges", "mean_bytes_per_node"]
 
 
+def _status(run: Run) -> str:
+    if run.finished:
+        return "finished"
+    return f"running (round {int(run.column('round')[-1])})" if run.metrics else "starting"
+
+
 def _summary_table(runs: list[Run]) -> str:
     keys = [k for k in SUMMARY_KEYS if any(k in (r.summary or {}) for r in runs)]
     head = "<tr><th>run</th><th>status</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
     body = []
     for r in runs:
-        status = "finished" if r.finished else "running"
-        if not r.finished and r.metrics:
-            status += f" (round {int(r.column('round')[-1])})"
+        status = _status(r)
         cells = "".join(f"<td>{_fmt((r.summary or {}).get(k, ''))}</td>" for k in keys)
         body.append(f"<tr><td>{html.escape(r.name)}</td><td>{status}</td>{cells}</tr>")
     return f"<div class=\"scroll\"><table>{head}{''.join(body)}</table></div>"
@@ -404,7 +411,7 @@ def _short_json(summary: dict[str, Any]) -> str:
 def _run_section(run: Run, idx: int) -> str:
     parts = [f'<section class="run" id="run-{idx}"><h2>{html.escape(run.name)}</h2>',
              f'<p class="meta">{html.escape(str(run.dir))} · algorithm {html.escape(run.algorithm)} · '
-             f'{run.num_nodes or "?"} nodes · {"finished" if run.finished else "in progress"}</p>']
+             f'{run.num_nodes or "?"} nodes · {_status(run)}</p>']
     if run.metrics is None:
         parts.append('<p class="note">waiting for metrics.csv</p></section>')
         return "".join(parts)
@@ -457,10 +464,11 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None, note: str = 
         out.append("<nav>" + "".join(f'<a href="#run-{i}">{html.escape(r.name)}</a>' for i, r in enumerate(runs))
                    + "</nav>")
     with_metrics = [r for r in runs if r.metrics is not None]
-    out.append('<section id="overview"><h2>Overview</h2>' + _summary_table(runs))
-    if len(with_metrics) > 1:
-        out.append("<h3>Runs compared</h3>" + _curves(with_metrics, "compare:curves"))
-    out.append("</section>")
+    if len(runs) > 1:
+        out.append('<section id="overview"><h2>Overview</h2>' + _summary_table(runs))
+        if len(with_metrics) > 1:
+            out.append("<h3>Runs compared</h3>" + _curves(with_metrics, "compare:curves"))
+        out.append("</section>")
     out += [_run_section(r, i) for i, r in enumerate(runs)]
     out.append(f"<script>{CHECK_JS}</script></body></html>\n")
     return "".join(out)
