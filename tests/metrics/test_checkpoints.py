@@ -186,3 +186,12 @@ def test_resume_refuses_damaged_or_malicious_checkpoints_with_exit_2(write_confi
     assert str(ckpt) in msg and "refused" in msg
     assert not marker.exists()
     assert [int(r["round"]) for r in _rows(killed)] == list(range(6))
+
+
+def test_atomic_writes_are_ordinary_files_unless_a_mode_is_given(tmp_path):
+    from gossamer.metrics.runstore import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "report.html", b"<html></html>")
+    atomic_write_bytes(tmp_path / "node.key", b"secret", 0o600)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600

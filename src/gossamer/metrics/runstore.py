@@ -35,12 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write via a temp file in the same directory, fsync, rename; ``mode`` sets permissions."""
+    """Write via a temp file in the same directory, fsync, rename; ``mode`` sets permissions
+    (default 0644, as an ordinary file: a temp file would otherwise keep mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, 0o644 if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
