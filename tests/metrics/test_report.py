@@ -58,6 +58,7 @@ def test_sections_and_figures(runs, pages):
         assert f"{run.name}:curves" in _figures(text) and f"{run.name}:topology" in _figures(text)
         assert text.count("<svg") == len(_figures(text))
     assert f"{runs['dl'].name}:nodes" in _figures(dl) and "consensus distance" in dl
+    assert "10-90% and 25-75% of the nodes (nodes.csv)" in dl       # the distribution, not only min-max
     assert f"{runs['dl'].name}:faults" in _figures(dl) and "node 1 (Byzantine)" in dl
     assert f"{runs['async'].name}:clients" in _figures(asy) and "staleness" in asy
     assert f"{runs['async'].name}:faults" in _figures(asy)

@@ -3,8 +3,9 @@
 Figures are matplotlib SVGs inlined in the page (text kept as text), so the file opens with no
 network access and no JavaScript library; a ten-line inline script only marks, for tests and
 readers, how many figures the browser laid out. Each run gets: accuracy and loss against
-round, simulated time and bytes; the per-node accuracy distribution over time (DL: the
-min-median-max band of ``metrics.csv``, which is what the run directory stores); per-client
+round, simulated time and bytes; the per-node accuracy distribution over time (DL: quantile
+bands of every evaluated node's accuracy from ``nodes.csv``, within the min-max band of
+``metrics.csv``); per-client
 participation, staleness and idle-time histograms (FL accounting in ``summary.json``); a fault
 timeline (``faults.csv`` transitions, configured partitions, Byzantine nodes); the topology
 rebuilt from the config with each node coloured by its final state; the config and the
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gossamer.errors import UserError
@@ -62,6 +64,23 @@ document.body.setAttribute('data-figures',figs.length);document.body.setAttribut
 
 
 # --- reading a run directory ------------------------------------------------------------------
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _node_quantiles(path: Path) -> dict[int, list[float]] | None:
+    """Round -> the 10/25/50/75/90% quantiles of every evaluated node's accuracy (nodes.csv)."""
+    if not path.exists():
+        return None
+    by_round: dict[int, list[float]] = {}
+    try:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                by_round.setdefault(int(row["round"]), []).append(float(row["test_accuracy"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return {r: [float(q) for q in np.quantile(v, QUANTILES)] for r, v in by_round.items()} or None
+
+
 class Run:
     """What the report reads from one run directory (missing pieces are None)."""
 
@@ -81,6 +100,7 @@ class Run:
         self.config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
         self.config: dict[str, Any] = (yaml.safe_load(self.config_text) or {}) if self.config_text else {}
         self.faults = _read_faults(run_dir / "faults.csv")
+        self.node_quantiles = _node_quantiles(run_dir / "nodes.csv")
 
     @property
     def finished(self) -> bool:
@@ -179,10 +199,17 @@ def _dl_figure(run: Run) -> str:
     plt = _plt()
     consensus = run.has("consensus_distance")
     fig, axes = plt.subplots(1, 3 if consensus else 2, figsize=(13, 3.8), squeeze=False)
+    q = run.node_quantiles
+    rounds = run.column("round")
     for ax, key, xlabel in [(axes[0][0], "round", "round"), (axes[0][-1], "sim_time_s", "simulated time (s)")]:
         x = run.column(key)
-        ax.fill_between(x, run.column("acc_min"), run.column("acc_max"), color="C0", alpha=0.25,
+        ax.fill_between(x, run.column("acc_min"), run.column("acc_max"), color="C0", alpha=0.15,
                         label="min-max over nodes")
+        if q is not None:                                  # the distribution, from nodes.csv
+            at = [(xi, q[int(r)]) for xi, r in zip(x, rounds, strict=True) if int(r) in q]
+            xs, qs = [a for a, _ in at], np.array([b for _, b in at])
+            ax.fill_between(xs, qs[:, 0], qs[:, 4], color="C0", alpha=0.25, label="10-90% of nodes")
+            ax.fill_between(xs, qs[:, 1], qs[:, 3], color="C0", alpha=0.35, label="25-75% of nodes")
         ax.plot(x, run.column("acc_median"), color="C0", marker=".", label="median node")
         if run.has("avg_model_accuracy"):
             ax.plot(x, run.column("avg_model_accuracy"), color="C1", linestyle="--", label="averaged model")
@@ -200,8 +227,11 @@ def _dl_figure(run: Run) -> str:
         ax.set_title("consensus distance (1/N) Σ‖x_i − x̄‖²", fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _svg(fig, f"{run.name}:nodes", "band: min to max accuracy over the evaluated nodes at each "
-                "evaluation (metrics.csv acc_min/acc_max), line: median node")
+    bands = ("light band: min to max accuracy over the evaluated nodes at each evaluation; darker "
+             "bands: 10-90% and 25-75% of the nodes (nodes.csv)" if q is not None else
+             "band: min to max accuracy over the evaluated nodes at each evaluation (metrics.csv "
+             "acc_min/acc_max)")
+    return _svg(fig, f"{run.name}:nodes", f"{bands}; line: median node")
 
 
 def _fl_figure(run: Run) -> str | None:

@@ -91,14 +91,18 @@ class MetricsWriter:
         atomic_write_text(self.path, buf.getvalue())
 
     def append(self, row: dict[str, Any]) -> None:
-        text_row = {c: format_value(row.get(c)) for c in self.columns}
-        self.rows.append(text_row)
+        self.append_many([row])
+
+    def append_many(self, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` with one flush and fsync."""
+        text_rows = [{c: format_value(row.get(c)) for c in self.columns} for row in rows]
+        self.rows.extend(text_rows)
         new_file = not self.path.exists()
         with self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, lineterminator="\n")
             if new_file:
                 writer.writeheader()
-            writer.writerow(text_row)
+            writer.writerows(text_rows)
             f.flush()
             os.fsync(f.fileno())
 

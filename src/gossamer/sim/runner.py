@@ -39,6 +39,8 @@ class Runner:
         self.exp: Experiment = build_experiment(cfg)
         self.driver: Driver = driver_for(self.exp.algorithm.pattern)(self.exp)
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns)
+        # every evaluated node's accuracy (DL): nodes.csv, beside metrics.csv, never in it
+        self.node_metrics = MetricsWriter(self.run_dir / "nodes.csv", ["round", "node", "test_accuracy"])
         self.stopped_by: str | None = None
         self.time_to_target: float | None = None
         self.rounds_to_target: int | None = None
@@ -60,11 +62,14 @@ class Runner:
             self.targets_reached = dict(state["runner"].get("targets_reached", {}))
             self.loop_time = float(state["runner"]["loop_time"])
             self.metrics.load_existing(self.driver.round)
+            if self.node_metrics.path.exists():
+                self.node_metrics.load_existing(self.driver.round)
             return
         if resume:                                   # interrupted before the first checkpoint
             self.metrics.load_existing(-1)
             self.metrics.rows.clear()
             (self.run_dir / "metrics.csv").unlink(missing_ok=True)
+            self.node_metrics.path.unlink(missing_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", dump(self.cfg))
         write_json(self.run_dir / "environment.json", environment())
 
@@ -80,6 +85,10 @@ class Runner:
 
     # --- loop --------------------------------------------------------------------------------
     def _record(self, row: dict[str, Any]) -> None:
+        nodes = row.pop("node_accuracy", None)      # (node ids, accuracies) of a DL evaluation
+        if nodes is not None:
+            self.node_metrics.append_many([{"round": row["round"], "node": int(i), "test_accuracy": float(a)}
+                                           for i, a in zip(*nodes, strict=True)])
         self.metrics.append(row)
         self.last_row = row
         for tracker in self.trackers:
