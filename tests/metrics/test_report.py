@@ -5,17 +5,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import small_config  # noqa: E402
-
-import gossamer  # noqa: E402
-from gossamer.cli import main  # noqa: E402
-from gossamer.metrics import report  # noqa: E402
+import gossamer
+from gossamer.cli import main
+from gossamer.metrics import report
+from tests.conftest import small_config
 
 CRASH = {"crash": {"fraction": 0.25, "at_s": {"dist": "uniform", "low": 0.0, "high": 2.0}}}
 
