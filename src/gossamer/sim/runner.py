@@ -85,7 +85,7 @@ class Runner:
 
     # --- loop --------------------------------------------------------------------------------
     def _record(self, row: dict[str, Any]) -> None:
-        nodes = row.pop("node_accuracy", None)      # (node ids, accuracies) of a DL evaluation
+        nodes, self.driver.node_accuracy = self.driver.node_accuracy, None   # DL: every node
         if nodes is not None:
             self.node_metrics.append_many([{"round": row["round"], "node": int(i), "test_accuracy": float(a)}
                                            for i, a in zip(*nodes, strict=True)])

@@ -27,6 +27,9 @@ class Driver:
         self.train_loss: float | None = None
         self.node_steps = 0                      # local SGD steps summed over nodes
         self.timers: dict[str, float] = {"train_s": 0.0, "communicate_s": 0.0, "eval_s": 0.0}
+        # (node ids, accuracies) of the last evaluation, for drivers that measure every node
+        # (DL); the runner writes them to nodes.csv and clears them
+        self.node_accuracy: tuple[np.ndarray, np.ndarray] | None = None
 
     @contextmanager
     def timer(self, key: str):

@@ -252,8 +252,8 @@ class SyncDLDriver(Driver):
                        online=int(self.last_online.sum()), isolated=self.isolated,
                        lost_messages=self.lost, merges_skipped=self.skipped,
                        bytes_per_node_mean=float(self.node_bytes.mean()),
-                       bytes_per_node_max=int(self.node_bytes.max()),
-                       node_accuracy=(np.asarray(nodes), acc.cpu().numpy()))   # -> nodes.csv
+                       bytes_per_node_max=int(self.node_bytes.max()))
+            self.node_accuracy = (np.asarray(nodes), acc.cpu().numpy())         # -> nodes.csv
             if self.exp.cfg.eval.average_model:
                 avg_acc, avg_loss = self.exp.evaluator.evaluate(mean)
                 row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]))
