@@ -79,3 +79,25 @@ def run_split(cfg: dict, tmp_path: Path, *, split: int, total: int):
     rest = Runner(config.validate({**cfg, "stop": {**cfg.get("stop", {}), "rounds": total}}), tmp_path / "b")
     rest.prepare(resume=True)
     return rest
+
+
+@pytest.fixture
+def registries_restored():
+    """Every registry as it was before the test: parts a test registers do not leak into the
+    contract tests over every registered part that may run later in the same process."""
+    from gossamer.aggregators import AGGREGATORS
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.attacks import ATTACKS
+    from gossamer.compression import COMPRESSORS
+    from gossamer.data import DATASETS, PARTITIONERS
+    from gossamer.metrics.trackers import TRACKERS
+    from gossamer.models import MODELS
+    from gossamer.topology import TOPOLOGIES
+
+    registries = [AGGREGATORS, ALGORITHMS, ATTACKS, COMPRESSORS, DATASETS, PARTITIONERS, TRACKERS,
+                  MODELS, TOPOLOGIES]
+    saved = [dict(r._items) for r in registries]
+    yield
+    for registry, items in zip(registries, saved, strict=True):
+        registry._items.clear()
+        registry._items.update(items)

@@ -12,6 +12,8 @@ from gossamer import cli, registry
 from gossamer.metrics.rundir import mode_of
 from tests.conftest import ROOT, small_config, subprocess_env
 
+pytestmark = pytest.mark.usefixtures("registries_restored")
+
 
 def tiny(**changes) -> dict:
     cfg = small_config(stop={"rounds": 3}, output={"progress": False, "checkpoint_every": 1})

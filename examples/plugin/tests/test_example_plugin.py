@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gossamer_example_plugin as plugin
 import pytest
 import torch
 
@@ -34,7 +33,7 @@ def config(**changes) -> dict:
     return cfg
 
 
-def test_clipped_mean_clips_then_averages():
+def test_clipped_mean_clips_then_averages(plugin):
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])                  # norms 5 and 0.5
     out = plugin.clipped_mean(x, tau=1.0)
     assert torch.allclose(out, torch.tensor([(0.6 + 0.3) / 2, (0.8 + 0.4) / 2]))
@@ -42,14 +41,14 @@ def test_clipped_mean_clips_then_averages():
     assert torch.allclose(plugin.clipped_mean(groups, tau=1.0)[0], out)
 
 
-def test_parts_run_from_a_config(tmp_path):
+def test_parts_run_from_a_config(tmp_path, plugin):
     result = gossamer.run(config(), out=tmp_path / "run")
     assert result.summary["rounds"] == 4
     assert result.metrics["test_accuracy"].iloc[-1] > 0.3       # it learns
     assert isinstance(result.model(), plugin.SmallMLP)
 
 
-def test_bad_parameter_is_one_line(tmp_path):
+def test_bad_parameter_is_one_line(tmp_path, plugin):
     bad = config(algorithm={"name": "fedavg", "params": {"aggregator": "example_clipped_mean",
                                                          "aggregator_params": {"tau": -1}}})
     with pytest.raises(gossamer.ConfigError, match="tau must be > 0"):
