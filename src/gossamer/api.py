@@ -196,12 +196,9 @@ def _fresh_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
             raise UserError(f"out: {path} already holds a run; pass resume=True to continue it, "
                             "or another directory")
         return path
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
-    path, k = base, 1
-    while path.exists():
-        path, k = Path(f"{base}-{k}"), k + 1
-    return path
+    from gossamer.metrics.rundir import new_run_dir
+
+    return new_run_dir(cfg.output.dir, cfg.name)
 
 
 def run(config: ConfigLike | None = None, *, out: str | Path | None = None,

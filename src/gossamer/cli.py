@@ -24,12 +24,9 @@ def _run_dir(cfg, out: str | None) -> Path:
         if (path / "metrics.csv").exists():
             raise UserError(f"--out: {path} already holds a run; use --resume {path} or another directory")
         return path
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output.dir) / f"{cfg.name}-{stamp}"
-    path, k = base, 1
-    while path.exists():
-        path, k = Path(f"{base}-{k}"), k + 1
-    return path
+    from gossamer.metrics.rundir import new_run_dir
+
+    return new_run_dir(cfg.output.dir, cfg.name)
 
 
 _RESUME_OVERRIDABLE = ("stop.", "output.progress")

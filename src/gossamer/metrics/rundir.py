@@ -9,6 +9,7 @@ directory; directories from before that file are recognised by what they hold.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from gossamer.metrics.runstore import write_json
@@ -51,3 +52,12 @@ def check_resume(run_dir: Path, command: str, accepted: tuple[str, ...]) -> None
         return
     raise ValueError(f"--resume: {run_dir} was written by `{COMMANDS[mode]}`, not `{command}`; "
                      f"resume it with `{COMMANDS[mode]} --resume {run_dir}`")
+
+
+def new_run_dir(output_dir: str | Path, name: str) -> Path:
+    """A fresh ``OUTPUT_DIR/NAME-YYYYmmdd-HHMMSS`` (``-1``, ``-2``, ... when taken)."""
+    base = Path(output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
