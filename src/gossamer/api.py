@@ -228,20 +228,9 @@ def run(config: ConfigLike | None = None, *, out: str | Path | None = None,
             raise UserError("give a config (a path, a dict or an ExperimentConfig)")
         cfg = load_config(config, sets)
         run_dir = _fresh_dir(cfg, out)
-    from gossamer.metrics.progress import Progress
-    from gossamer.metrics.rundir import record
-    from gossamer.sim.runner import Runner
+    from gossamer.sim.runner import run_simulation
 
-    bar = Progress(cfg.stop.rounds, enabled=progress)
-    runner = Runner(cfg, run_dir, on_row=bar.update, start_time=start)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record(run_dir, "simulator")                    # once the experiment builds, as the CLI
-    runner.prepare(resume)
-    bar.start(runner.driver.round)
-    try:
-        summary = runner.run()
-    finally:
-        bar.close()
+    summary = run_simulation(cfg, run_dir, resume=resume, progress=progress, start_time=start)
     return RunResult(run_dir, cfg, summary)
 
 

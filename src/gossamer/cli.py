@@ -16,8 +16,6 @@ EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
 
 
-
-
 def _run_dir(cfg, out: str | None) -> Path:
     if out is not None:
         path = Path(out)
@@ -50,17 +48,9 @@ def _load_for_run(args: argparse.Namespace):
     if args.config is not None:
         given = config_mod.load(args.config, args.set)
         if config_mod.dump(given) != config_mod.dump(cfg):
-            first = _first_difference(given.to_dict(), cfg.to_dict())
+            first = config_mod.first_difference(given.to_dict(), cfg.to_dict())
             raise UserError(f"--resume: {args.config} differs from the run's config at {first}")
     return cfg, True
-
-
-def _first_difference(a: object, b: object, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return prefix.rstrip(".") or "(top level)"
 
 
 def _resumable(run_dir: Path, command: str, accepted: tuple[str, ...]) -> None:
@@ -85,18 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _resumable(Path(args.resume), "gossamer run", ("simulator",))
     cfg, resume = _load_for_run(args)
     run_dir = Path(args.resume) if resume else _run_dir(cfg, args.out)
-    from gossamer.metrics.progress import Progress
-    from gossamer.sim.runner import Runner
+    from gossamer.sim.runner import run_simulation
 
-    progress = Progress(cfg.stop.rounds, enabled=cfg.output.progress and not args.quiet)
-    runner = Runner(cfg, run_dir, on_row=progress.update, start_time=start)
-    _record_mode(run_dir, "simulator")                # once the experiment builds
-    runner.prepare(resume)
-    progress.start(runner.driver.round)
-    try:
-        summary = runner.run()
-    finally:
-        progress.close()
+    summary = run_simulation(cfg, run_dir, resume=resume, start_time=start,
+                             progress=cfg.output.progress and not args.quiet)
     acc = summary["final_test_accuracy"]
     print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy {acc:.4f}, "
           f"simulated {summary['sim_time_s']:.1f} s, {summary['bytes_sent_total'] / 1e6:.1f} MB sent, "

@@ -905,5 +905,14 @@ def parse_yaml(text: str, path: str | Path = "<config>") -> Any:
         loader.dispose()
 
 
+def first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    """The dotted path of the first field where two config mappings differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "(top level)"
+
+
 def dump(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

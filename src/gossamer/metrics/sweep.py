@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gossamer.config import first_difference
 from gossamer.errors import UserError
 
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -112,14 +113,6 @@ class Run:
         return (self.run_dir / "summary.json").exists()
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return prefix.rstrip(".") or "(top level)"
-
-
 def check_same_config(run: Run) -> None:
     """Refuse to reuse or resume a run directory that holds another experiment (``stop`` and
     ``output`` may differ: they do not change what a run computes up to where it stopped)."""
@@ -132,7 +125,7 @@ def check_same_config(run: Run) -> None:
         wanted.pop(section, None)
     if stored != wanted:
         raise UserError(f"{run.run_dir} holds a run of another config (it differs at "
-                        f"{_first_difference(wanted, stored)}); remove it or choose another --out")
+                        f"{first_difference(wanted, stored)}); remove it or choose another --out")
 
 
 def command(run: Run) -> list[str] | None:

@@ -225,3 +225,22 @@ def build_trackers(specs: list[Any]) -> list[RunCallback]:
         except ValueError as exc:
             raise ConfigError(f"output.trackers.{i}", str(exc)) from None
     return out
+
+
+def run_simulation(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progress: bool,
+                   start_time: float | None = None) -> dict[str, Any]:
+    """What ``gossamer run`` and ``gossamer.run`` do: build the experiment, record the run
+    directory's mode once it builds, prepare (or resume), run with a progress bar; the summary."""
+    from gossamer.metrics.progress import Progress
+    from gossamer.metrics.rundir import record
+
+    bar = Progress(cfg.stop.rounds, enabled=progress)
+    runner = Runner(cfg, run_dir, on_row=bar.update, start_time=start_time)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record(run_dir, "simulator")
+    runner.prepare(resume)
+    bar.start(runner.driver.round)
+    try:
+        return runner.run()
+    finally:
+        bar.close()
