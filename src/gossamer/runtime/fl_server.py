@@ -180,7 +180,7 @@ class Coordinator:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             node = self.guard.acting(context, int(req.node_id))
-            with self._slot(context, self.guard.bound(context)):
+            with self._slot(context, node if self.guard.binds else None):   # acting proved it
                 with self.lock:
                     header, frames = self._answer(node)
                 yield schema.TaskFrame(header=header).SerializeToString()
