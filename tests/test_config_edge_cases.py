@@ -6,10 +6,9 @@ import gzip
 import pytest
 import yaml
 
-from gossamer import checks, config
+from gossamer import checks, config, experiment
 from gossamer.algorithms import ALGORITHMS
 from gossamer.cli import main
-from gossamer.sim import experiment
 from tests.conftest import ROOT
 
 BASE = {

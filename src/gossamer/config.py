@@ -103,7 +103,7 @@ class LocalConfig(_Strict):
     @classmethod
     def _bounded(cls, v: float | int | None, info) -> float | int | None:
         # every epoch is at least one step, so this holds whatever the shards; the build
-        # checks epochs x batches of the largest shard (sim/experiment.py)
+        # checks epochs x batches of the largest shard (gossamer/experiment.py)
         if v is not None and v > MAX_LOCAL_STEPS:
             raise ValueError(f"{v:g} {info.field_name} means over {MAX_LOCAL_STEPS:.0e} local steps "
                              "per node per round, which would not finish")

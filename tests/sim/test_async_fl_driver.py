@@ -12,10 +12,10 @@ import yaml
 
 from gossamer import config
 from gossamer.metrics.runstore import load_checkpoint, save_checkpoint
+from gossamer.protocols.accounting import FLAccounting
 from gossamer.sim.drivers import driver_for
 from gossamer.sim.drivers.async_fl import AsyncFLDriver
 from gossamer.sim.drivers.base import _to_numpy, _to_tensor
-from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import build_experiment
 from tests.conftest import run_split, small_config
 

@@ -2,7 +2,7 @@
 
 Client level (DP-FedAvg): McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private
 Recurrent Language Models", ICLR 2018, arXiv:1710.06963. Sample level (DP-SGD, used by
-:class:`gossamer.sim.trainer.BatchedTrainer`): Abadi et al., "Deep Learning with Differential
+:class:`gossamer.training.trainer.BatchedTrainer`): Abadi et al., "Deep Learning with Differential
 Privacy", CCS 2016, arXiv:1607.00133. Epsilon: :mod:`gossamer.privacy.accounting`.
 
 Noise is a pure function of ``(seed, tag, keys)`` (``rng.STREAM_DP``), so a row's noise does

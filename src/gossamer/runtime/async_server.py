@@ -57,12 +57,12 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.protocols.accounting import FLAccounting
 from gossamer.runtime import schema
 from gossamer.runtime.codec import model_frames
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.fl_server import Coordinator
 from gossamer.runtime.guard import Refused
-from gossamer.sim.drivers.fl_accounting import FLAccounting
 
 ASYNC_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
                  "updates", "mean_staleness", "in_flight", "accepted", "discarded", "lost_messages"]

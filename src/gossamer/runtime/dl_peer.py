@@ -44,6 +44,7 @@ import torch
 
 from gossamer.aggregators import needs_losses
 from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
     MetricsWriter,
     checkpoint_exists,
@@ -54,9 +55,8 @@ from gossamer.metrics.runstore import (
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse
 from gossamer.runtime.common import limits, log, retry, security
-from gossamer.sim.experiment import build_experiment
-from gossamer.sim.gathered import local_losses
-from gossamer.sim.trainer import local_steps
+from gossamer.training.evaluator import local_losses
+from gossamer.training.trainer import local_steps
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
 FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)

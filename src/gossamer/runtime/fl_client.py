@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from gossamer.config import ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import (
@@ -27,7 +28,6 @@ from gossamer.runtime.common import (
     security,
 )
 from gossamer.runtime.security import intercept_channel, make_channel
-from gossamer.sim.experiment import build_experiment
 
 
 class Client:

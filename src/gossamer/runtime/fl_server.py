@@ -38,6 +38,7 @@ import torch
 from gossamer import rng
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.config import ConfigError, ExperimentConfig, dump
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
@@ -52,8 +53,7 @@ from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
 from gossamer.runtime.guard import Busy, CallerGuard, Refused
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
-from gossamer.sim.experiment import build_experiment
-from gossamer.sim.trainer import local_steps
+from gossamer.training.trainer import local_steps
 
 COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
            "train_loss", "participants"]

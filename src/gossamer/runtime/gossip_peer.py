@@ -35,12 +35,12 @@ import torch
 
 from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, security
 from gossamer.runtime.dl_peer import PEER_COLUMNS
-from gossamer.sim.experiment import build_experiment
 
 
 class GossipPeer:

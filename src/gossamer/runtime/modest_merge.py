@@ -40,8 +40,8 @@ def _num(value: str, default: float = 0.0) -> float:
 
 def merge_modest_metrics(cfg: ExperimentConfig, run_dir: Path,
                          killed: list[int] | None = None) -> dict[str, Any]:
+    from gossamer.experiment import build as build_experiment
     from gossamer.sim.drivers.modest import ModestDriver
-    from gossamer.sim.experiment import build_experiment
 
     exp = build_experiment(cfg, population=False)
     n, algo = exp.num_nodes, exp.algorithm

@@ -43,6 +43,7 @@ import torch
 
 from gossamer.algorithms.dl.modest import aggregate, rank, sample
 from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
     MetricsWriter,
     checkpoint_exists,
@@ -52,7 +53,6 @@ from gossamer.metrics.runstore import (
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, retry, security
-from gossamer.sim.experiment import build_experiment
 
 TRAIN, AGGREGATE = 0, 1     # bit 0 of ModelMeta.meta: what the receiver does (the rest: samples)
 MODEL, DONE = 1, 3          # ModelMeta.kind: a model, or "the run is over" (an empty tensor)

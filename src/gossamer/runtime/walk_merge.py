@@ -22,8 +22,9 @@ import torch
 
 from gossamer.algorithms.dl.random_walk import total_variation
 from gossamer.config import ExperimentConfig
+from gossamer.experiment import Experiment
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
-from gossamer.sim.experiment import Experiment, build_experiment
 
 
 def read_visits(run_dir: Path, num_nodes: int) -> dict[int, dict[int, dict[str, Any]]]:

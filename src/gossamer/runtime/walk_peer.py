@@ -34,6 +34,7 @@ import numpy as np
 
 from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import save_checkpoint
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, parse
@@ -48,7 +49,6 @@ from gossamer.runtime.walk_wire import (
     token_frames,
 )
 from gossamer.sim.drivers.random_walk import start_nodes, train_visits
-from gossamer.sim.experiment import build_experiment
 
 
 def check_config(cfg: ExperimentConfig) -> None:

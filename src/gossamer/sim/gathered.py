@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
+
+from gossamer.training.evaluator import Losses
 
 # corrupt(messages [G, k, P], receivers' models [G, P], byzantine [G, k], key) -> messages
 Corrupt = Callable[[torch.Tensor, torch.Tensor, np.ndarray, int], torch.Tensor]
-# losses(candidates [G, k, P], receivers [G]) -> [G, k], each candidate on the receiver's data
-Losses = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
 
 
 @dataclass
@@ -81,24 +80,3 @@ def _own_first(W: sp.csr_matrix, rows: np.ndarray, k: int) -> tuple[np.ndarray, 
     cols, vals = W.indices[at], W.data[at]
     order = np.argsort(cols != rows[:, None], axis=1, kind="stable")   # own id first
     return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
-
-
-def local_losses(trainer, samples: int = 64) -> Losses:
-    """A :data:`Losses` that scores candidates by cross-entropy on up to ``samples`` of the
-    receiver's own training rows (the first ones of its shard: fixed, so scores are comparable
-    across rounds). Receivers without data score every candidate 0."""
-
-    def score(held: torch.Tensor, receivers: np.ndarray) -> torch.Tensor:
-        g, k, p = held.shape
-        m = min(samples, trainer.shards.shape[1])
-        take = torch.from_numpy(trainer.shards[receivers, :m])                  # [g, m]
-        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None])
-        x = trainer.x[take].repeat_interleave(k, dim=0)                          # [g*k, m, ...]
-        y = trainer.y[take].repeat_interleave(k, dim=0)
-        with torch.no_grad():
-            logits = trainer.forward(trainer.spec.views(held.reshape(g * k, p)), x)
-            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g * k, m)
-        mask = valid.repeat_interleave(k, dim=0).to(ce.dtype)
-        return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).view(g, k)
-
-    return score

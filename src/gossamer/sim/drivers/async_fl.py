@@ -38,8 +38,8 @@ import torch
 from gossamer import rng
 from gossamer.algorithms.fl.async_fl import AsyncFL
 from gossamer.algorithms.fl.fedcompass import CompassSchedule, FedCompass
+from gossamer.protocols.accounting import FLAccounting
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
-from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import Experiment
 
 _INT_FIELDS = ("task_id", "client", "start_version", "samples", "steps", "assigned", "key")

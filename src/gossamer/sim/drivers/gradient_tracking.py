@@ -22,8 +22,8 @@ from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.trainer import local_steps
 from gossamer.topology import to_torch_sparse
+from gossamer.training.trainer import local_steps
 
 
 class GradientTrackingDriver(SyncDLDriver):

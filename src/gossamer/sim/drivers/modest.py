@@ -26,7 +26,7 @@ import torch
 from gossamer.algorithms.dl.modest import Probe, aggregate, probe, quorum_mask, rank, sample
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.trainer import TrainResult
+from gossamer.training.trainer import TrainResult
 
 
 class ModestDriver(Driver):

@@ -27,7 +27,7 @@ from gossamer.algorithms.dl.random_walk import total_variation
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.trainer import BatchedTrainer, TrainResult
+from gossamer.training.trainer import BatchedTrainer, TrainResult
 
 
 def start_nodes(seed: int, num_nodes: int, tokens: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.gathered import MergeStats, gathered_merge, local_losses
+from gossamer.sim.gathered import MergeStats, gathered_merge
 from gossamer.topology import (
     mixing_matrix,
     renormalize_for_available,
@@ -27,6 +27,7 @@ from gossamer.topology import (
     window_spectral_gap,
     without_links,
 )
+from gossamer.training.evaluator import local_losses
 
 if TYPE_CHECKING:
     from gossamer.algorithms.local import LocalObjective

@@ -16,8 +16,8 @@ import torch
 
 from gossamer import rng, wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.protocols.accounting import FLAccounting
 from gossamer.sim.drivers.base import Driver, _to_tensor
-from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import Experiment
 
 

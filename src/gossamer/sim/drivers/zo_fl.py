@@ -23,8 +23,8 @@ import torch
 from gossamer import rng, wire
 from gossamer.algorithms.fl.zo import DIRECTION_CHUNK, directions
 from gossamer.config import ConfigError
+from gossamer.protocols.accounting import FLAccounting
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
-from gossamer.sim.drivers.fl_accounting import FLAccounting
 from gossamer.sim.experiment import Experiment
 
 

@@ -1,7 +1,11 @@
-"""Batched evaluation of one or many models on the test set."""
+"""Batched evaluation of one or many models on the test set, and scoring candidate models on
+a node's own training rows (:func:`local_losses`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +43,28 @@ class BatchedEvaluator:
                 ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(sub.shape[0]), reduction="none")
                 loss[m0:m0 + chunk] += ce.view(sub.shape[0], -1).sum(1).double()
         return correct / n, (loss / n).float()
+
+
+# losses(candidates [G, k, P], receivers [G]) -> [G, k], each candidate on the receiver's data
+Losses = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def local_losses(trainer, samples: int = 64) -> Losses:
+    """A :data:`Losses` that scores candidates by cross-entropy on up to ``samples`` of the
+    receiver's own training rows (the first ones of its shard: fixed, so scores are comparable
+    across rounds). Receivers without data score every candidate 0."""
+
+    def score(held: torch.Tensor, receivers: np.ndarray) -> torch.Tensor:
+        g, k, p = held.shape
+        m = min(samples, trainer.shards.shape[1])
+        take = torch.from_numpy(trainer.shards[receivers, :m])                  # [g, m]
+        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None])
+        x = trainer.x[take].repeat_interleave(k, dim=0)                          # [g*k, m, ...]
+        y = trainer.y[take].repeat_interleave(k, dim=0)
+        with torch.no_grad():
+            logits = trainer.forward(trainer.spec.views(held.reshape(g * k, p)), x)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g * k, m)
+        mask = valid.repeat_interleave(k, dim=0).to(ce.dtype)
+        return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).view(g, k)
+
+    return score

@@ -7,7 +7,7 @@ from torch import nn
 
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, build_model, make_stacked_forward
-from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
+from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
 
 SIZES = [8, 5, 11, 0, 3]
 

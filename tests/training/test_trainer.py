@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from gossamer.models import ParamSpec, build_model, make_stacked_forward
-from gossamer.sim.trainer import SGD, BatchedTrainer, LocalSchedule
+from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
 
 
 def _setup(sizes, schedule, opt, seed=0, fused=False):

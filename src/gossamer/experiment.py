@@ -1,0 +1,419 @@
+"""Build everything a run needs from a validated config, with semantic checks.
+
+The semantic checks need the data and the graph, so they live here rather than in the
+schema; they raise :class:`ConfigError` naming the field, like schema errors do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from gossamer import rng, wire
+from gossamer.algorithms import ALGORITHMS, Algorithm
+from gossamer.attacks.adversary import Adversary
+from gossamer.compression.base import Compressor
+from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.data import Dataset, load_dataset, partition
+from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
+from gossamer.sim.faults import Faults
+from gossamer.sim.system import Availability, SystemProfile
+from gossamer.training.evaluator import BatchedEvaluator
+from gossamer.training.trainer import DPSGD, SGD, BatchedTrainer, LocalSchedule
+
+if TYPE_CHECKING:
+    from gossamer.attacks.adversary import Adversary
+    from gossamer.sim.faults import Faults
+    from gossamer.sim.system import Availability, SystemProfile
+    from gossamer.topology import DynamicTopology, Topology
+
+
+@dataclass
+class Experiment:
+    """The built parts of one run; drivers read from it and never touch the config again."""
+
+    cfg: ExperimentConfig
+    algorithm: Algorithm
+    dataset: Dataset
+    shards: list[np.ndarray]
+    model: torch.nn.Module
+    spec: ParamSpec
+    init_params: torch.Tensor          # [P] or [N, P] (independent init)
+    trainer: BatchedTrainer
+    evaluator: BatchedEvaluator
+    message_bytes: int
+    system: SystemProfile | None = None          # the simulator's clock (sim/experiment.py)
+    availability: Availability | None = None
+    topology: Topology | None = None
+    mixing: torch.Tensor | None = None
+    mixing_scipy: object | None = None
+    spectral_gap: float | None = None
+    faults: Faults | None = None
+    adversary: Adversary | None = None
+    dynamic: DynamicTopology | None = None   # a graph per round; then `topology` is the union
+                                             # of its first window and `mixing` is None
+    uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
+    downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.cfg.partition.num_nodes
+
+    def online(self, t: float) -> np.ndarray:
+        """Bool ``[N]``: nodes up at simulated time ``t`` (availability and fault models)."""
+        up = self.availability.at(t)
+        if self.faults is not None and self.faults.enabled:
+            up &= self.faults.alive(t)
+        return up
+
+
+def _user_error(field: str):
+    """Turn a ValueError/KeyError raised while building a part into a ConfigError on ``field``."""
+
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, typ, exc, tb):
+            if exc is not None and isinstance(exc, (ValueError, KeyError, TypeError)) \
+                    and not isinstance(exc, ConfigError):
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise ConfigError(field, str(message).splitlines()[0]) from None
+            return False
+
+    return _Ctx()
+
+
+def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
+    """Build and check what every executor shares: data, shards, model, trainer, evaluator,
+    algorithm, compressors, topology, adversary (the simulator adds its clock and faults in
+    :func:`gossamer.sim.experiment.build_experiment`). ``population``: the caller will hold the
+    simulator's ``[N, P]`` model buffers, so a population that cannot fit in memory is refused
+    before anything is allocated (a runtime process holding one node's model passes False;
+    the graph is checked either way, every process builds it)."""
+    algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+    n = cfg.partition.num_nodes
+    with _user_error("data.params"):
+        dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
+    samples = len(dataset.y_train)
+    if n > samples and cfg.partition.params.get("relay_fraction", 0) == 0 and algorithm.family == "fl":
+        raise ConfigError("partition.num_nodes",
+                          f"{n} clients but only {samples} training samples")
+    with _user_error("model.params"):
+        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed,
+                            **cfg.model.params)
+    spec = ParamSpec.from_module(model)
+    _check_population_memory(cfg, algorithm, spec.numel, population)   # before shards and graph
+    with _user_error("partition"):
+        params = dict(cfg.partition.params)
+        if cfg.partition.name == "natural":
+            if dataset.natural_partition is None:
+                raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
+            params["natural"] = dataset.natural_partition
+        shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
+    _check_local_budget(cfg, shards)
+    try:
+        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward)
+    except ModelNotVectorizable as exc:
+        raise ConfigError("model", str(exc)) from None
+    init = spec.flatten(model)
+    if cfg.model.init == "independent":
+        init = torch.stack([
+            spec.flatten(build_model(cfg.model.name, dataset.input_shape, dataset.num_classes,
+                                     int(rng.hash_u64(cfg.seed, rng.STREAM_INIT, i)[0] % 2**31),
+                                     **cfg.model.params))
+            for i in range(n)])
+    local = cfg.local
+    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
+                             local.steps, local.shuffle)
+    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
+    trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
+                             SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)),
+                             cfg.seed, kernel, dp=_dp_sgd(cfg))
+    x_test, y_test = dataset.x_test, dataset.y_test
+    if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
+        keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
+        x_test, y_test = x_test[keep], y_test[keep]
+    evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
+    exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator,
+                     wire.encoded_size(spec.numel))
+    if algorithm.family == "dl":
+        _attach_topology(exp)
+    exp.adversary = Adversary.from_config(cfg, n)
+    if exp.adversary.data_attack:       # a Byzantine node trains on poisoned labels anywhere
+        exp.trainer.y = exp.adversary.poison_labels(exp.trainer.y, exp.shards, exp.dataset.num_classes)
+    _check_aggregator(exp)
+    _attach_compression(exp)
+    _check_privacy(exp)
+    if cfg.privacy.secure_aggregation is not None:         # docs/privacy.md
+        from gossamer.privacy.secagg import check_config
+
+        check_config(cfg, exp.algorithm, exp.num_nodes)
+        _check_secagg_threshold(exp)
+    return exp
+
+
+# Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest
+# it allocates: D-PSGD keeps the models and a mixing output buffer; CHOCO adds the public
+# copies x-hat; gradient tracking adds the trackers y and the rows before training).
+_POPULATION_COPIES = {"sync_dl": 2, "async_gossip": 1, "choco": 3, "gradient_tracking": 3}
+# A rough size per undirected edge while a graph is built and held (networkx's adjacency dicts
+# for the random generators, then the edge array, CSR topology and mixing matrices); measured
+# peak: ~770 bytes for random_regular on 50,000 nodes, so this errs low.
+_GRAPH_BYTES_PER_EDGE = 500
+
+
+def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel: int,
+                             population: bool = True) -> None:
+    """Refuse, before any of it is allocated, a population of models (and a graph) that cannot
+    fit the memory available now (MemAvailable + SwapFree): ``num_nodes x numel x 4`` bytes per
+    [N, P] buffer the pattern keeps, plus a rough size of the graph. Only buffers that every
+    run of the pattern allocates are counted (temporaries of training, evaluation and messages
+    are not), so the estimate is below what the run needs."""
+    from gossamer import checks
+
+    n = cfg.partition.num_nodes
+    copies = (_POPULATION_COPIES.get(algorithm.pattern, 0) if population else 0) \
+        + (cfg.model.init == "independent")          # the [N, P] initial models, built anyway
+    if population and algorithm.pattern == "sync_fl":
+        comp = cfg.compression
+        copies += int(getattr(algorithm, "client_state_vectors", 0))
+        copies += comp.uplink is not None and comp.feedback != "none"
+        copies += comp.uplink is not None and comp.feedback == "dgc"
+        copies += comp.downlink is not None
+    edges = _expected_edges(cfg) if cfg.topology is not None and algorithm.family == "dl" else 0
+    models, graph = 4 * n * numel * copies, _GRAPH_BYTES_PER_EDGE * edges
+    if not models + graph:
+        return
+    what = [f"{n:,} nodes x {numel:,} parameters x {copies} model copies ({algorithm.pattern}, "
+            f"{checks.gb(models)})"] if models else []
+    if graph:
+        what.append(f"a {cfg.topology.name} graph of ~{edges:,.0f} edges ({checks.gb(graph)})")
+    try:
+        checks.check_memory(models + graph, " + ".join(what))
+    except ValueError as exc:
+        raise ConfigError("partition.num_nodes", f"{exc}; use fewer nodes or a smaller model") from None
+
+
+def _expected_edges(cfg: ExperimentConfig) -> float:
+    """Expected undirected edges of the configured topology on ``num_nodes`` nodes (0 when
+    unknown: an edge list is as large as its file). Parameters were not validated yet, so
+    anything odd counts as 0 and the generator reports it."""
+    import math
+
+    n, name, params = cfg.partition.num_nodes, cfg.topology.name, cfg.topology.params
+
+    def num(key: str) -> float:
+        value = params.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return max(float(value), 0.0) if ok else 0.0
+
+    window = max(1, (n - 1).bit_length())
+    per_node = {"ring": 1, "grid": 2, "torus": 2, "star": 1, "exponential": window,
+                "random_regular": num("degree") / 2, "barabasi_albert": num("m"),
+                "watts_strogatz": num("k") / 2, "one_peer_exponential": window,
+                "peer_sampling": num("view_size") * window}
+    if name == "complete":
+        return n * (n - 1) / 2
+    if name == "erdos_renyi":
+        return min(num("p"), 1.0) * n * (n - 1) / 2
+    return per_node.get(name, 0) * n
+
+
+def _check_local_budget(cfg: ExperimentConfig, shards: list[np.ndarray]) -> None:
+    """Refuse more than ``MAX_LOCAL_STEPS`` local steps per node per round (a run that would
+    not finish, e.g. ``epochs: 1e6`` on large shards); the schema bounds epochs and steps alone."""
+    from gossamer.config import MAX_LOCAL_STEPS
+
+    local = cfg.local
+    if local.steps is not None:
+        return                                  # bounded by the schema
+    largest = max((len(s) for s in shards), default=0)
+    batches = -(-largest // local.batch_size)
+    steps = int(local.epochs or 1) * batches
+    if steps > MAX_LOCAL_STEPS:
+        raise ConfigError("local.epochs", f"{int(local.epochs or 1):,} epochs x {batches:,} batches "
+                          f"of the largest shard ({largest:,} samples, batch_size {local.batch_size}) "
+                          f"= {steps:,} local steps per node per round, over the "
+                          f"{MAX_LOCAL_STEPS:.0e} that a round may take")
+
+
+def _check_secagg_threshold(exp: Experiment) -> None:
+    """A threshold above the clients a round can have would abort every round: refuse it."""
+    import math
+
+    from gossamer.privacy.secagg import threshold_count
+
+    sa, algorithm = exp.cfg.privacy.secure_aggregation, exp.algorithm
+    holders = int((exp.trainer.sizes > 0).sum())
+    most = algorithm.expected_clients(holders) if hasattr(algorithm, "expected_clients") else holders
+    over = float(getattr(algorithm, "over_selection", 0) or 0)
+    if over:
+        most = min(holders, math.ceil(most * (1 + over)))
+    need = threshold_count(sa.threshold, most)
+    if need > most:
+        raise ConfigError("privacy.secure_aggregation.threshold",
+                          f"{need} clients must survive each round, but a round has at most {most} "
+                          f"clients ({holders} hold data); every round would abort: lower it, or give "
+                          "a fraction such as 0.5")
+
+
+def _dp_sgd(cfg: ExperimentConfig) -> DPSGD | None:
+    dp = cfg.privacy.dp
+    return DPSGD(dp.clip_norm, dp.noise_multiplier) if dp is not None and dp.level == "sample" else None
+
+
+def _check_privacy(exp: Experiment) -> None:
+    """Refuse what differential privacy cannot run with (docs/privacy.md)."""
+    cfg, algorithm, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
+    if dp is None:
+        return
+    if hasattr(algorithm, "anchors"):
+        raise ConfigError("privacy.dp", "FedAMD's anchors upload full-shard gradients; DP is not "
+                          "supported with fedamd")
+    if dp.level == "sample":
+        if exp.trainer.optimizer.sam_rho:
+            raise ConfigError("privacy.dp", "DP-SGD does not combine with SAM (local.sam_rho)")
+        return
+    if algorithm.pattern != "sync_fl":
+        raise ConfigError("privacy.dp.level", f"client-level DP runs with synchronous FL "
+                          f"algorithms; {cfg.algorithm.name} is {algorithm.pattern}")
+    if algorithm.upload_vectors != 1:
+        raise ConfigError("privacy.dp.level", f"{cfg.algorithm.name} uploads more than the model "
+                          "update (e.g. control variates), which client-level DP does not bound")
+    if getattr(algorithm, "aggregator", "mean") != "mean":
+        raise ConfigError("privacy.dp.level", "client-level DP averages clipped updates; it "
+                          "does not combine with a robust aggregator")
+    if cfg.compression.uplink is not None:
+        raise ConfigError("privacy.dp.level", "client-level DP does not combine with upload "
+                          "compression yet")
+    if dp.mechanism == "rqm" and cfg.privacy.secure_aggregation is not None:
+        raise ConfigError("privacy.dp.mechanism", "rqm uploads are level indices, not ring "
+                          "elements; it does not combine with secure aggregation")
+
+
+def _attach_compression(exp: Experiment) -> None:
+    """Build ``compression.uplink`` and refuse what the drivers cannot run with it."""
+    from gossamer.compression import build_compressor
+
+    cfg, algorithm = exp.cfg, exp.algorithm
+    comp = cfg.compression
+    if comp.downlink is not None:
+        if algorithm.pattern != "sync_fl":
+            raise ConfigError("compression.downlink", f"broadcast compression runs with synchronous "
+                              f"FL algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
+        if (algorithm.download_vectors != 1 or getattr(algorithm, "prox_mu", 0)
+                or getattr(algorithm, "momentum_beta", None) is not None
+                or algorithm.client_state_vectors or hasattr(algorithm, "anchors")):
+            raise ConfigError("compression.downlink", f"{cfg.algorithm.name} sends clients more than "
+                              "the model, or uses the global model in local training; broadcast "
+                              "compression supports FedAvg and the server optimizers")
+        with _user_error("compression.downlink.params"):
+            exp.downlink = build_compressor(comp.downlink.name, comp.downlink.params, spec=exp.spec)
+    if comp.uplink is None:
+        if comp.feedback != "none":
+            raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")
+        return
+    if algorithm.pattern != "sync_fl":
+        raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
+                          f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
+    if hasattr(algorithm, "anchors"):
+        raise ConfigError("compression.uplink", "FedAMD's anchors upload full gradients; "
+                          "compression is not supported with fedamd")
+    with _user_error("compression.uplink.params"):
+        exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
+    variable = exp.uplink.nominal_bytes(exp.spec.numel) is None
+    if variable and (algorithm.deadline_s is not None or algorithm.over_selection):
+        raise ConfigError("compression.uplink", f"{comp.uplink.name} makes upload sizes depend on "
+                          "the update, so arrival times are known only after training; it cannot "
+                          "be combined with a round deadline or over-selection")
+
+
+def _sam_rho(cfg: ExperimentConfig, algorithm: Algorithm) -> float:
+    """SAM's radius for local training: ``local.sam_rho``, or the one a SAM algorithm
+    (``dfedsam``: ``algorithm.params.rho``) sets; both set to different values is an error."""
+    from gossamer.algorithms.fl.fedamd import FedAMD
+
+    own = float(getattr(algorithm, "local_sam_rho", 0.0))
+    rho = cfg.local.sam_rho
+    if own and rho and own != rho:
+        raise ConfigError("local.sam_rho", f"algorithm {cfg.algorithm.name} sets SAM's radius "
+                          f"(params.rho = {own}); set it in one place")
+    rho = rho or own
+    if rho and isinstance(algorithm, FedAMD):
+        raise ConfigError("local.sam_rho", "SAM does not combine with FedAMD's recursive "
+                          "direction; set it to 0")
+    return rho
+
+
+def _check_aggregator(exp: Experiment) -> None:
+    """A robust rule needs enough models wherever it runs (FL: a round's clients; DL: the
+    least connected node's own model and its neighbours')."""
+    name = getattr(exp.algorithm, "aggregator", "mean")
+    if name == "mean":
+        return
+    from gossamer.aggregators import check_aggregator
+
+    if exp.algorithm.family == "fl":
+        holders = int((exp.trainer.sizes > 0).sum())
+        smallest = exp.algorithm.expected_clients(holders)
+        what = f"{smallest} clients per round"
+    elif exp.dynamic is not None:
+        from gossamer.topology import window_links
+
+        smallest = min(int(links.in_degrees.min()) for links in window_links(exp.dynamic)) + 1
+        what = (f"{smallest} models at the least connected node of rounds 1..{exp.dynamic.window} "
+                "(its own and the ones it received)")
+    else:
+        smallest = int(exp.topology.degrees().min()) + 1
+        what = f"{smallest} models at the least connected node (its own and its neighbours')"
+    try:
+        check_aggregator(name, smallest, **exp.algorithm.aggregator_params)
+    except ValueError as exc:
+        raise ConfigError("algorithm.params.aggregator",
+                          f"{name} cannot run on {what}: {str(exc).splitlines()[0]}") from None
+
+
+def _attach_topology(exp: Experiment) -> None:
+    from gossamer.topology import (
+        make_dynamic,
+        make_topology,
+        mixing_matrix,
+        spectral_gap,
+        to_torch_sparse,
+    )
+
+    cfg = exp.cfg
+    assert cfg.topology is not None
+    with _user_error("topology.params"):
+        dynamic = make_dynamic(cfg.topology.name, exp.num_nodes, cfg.seed, cfg.topology.resample,
+                               **cfg.topology.params)
+    if dynamic is not None:
+        _attach_dynamic(exp, dynamic)
+        return
+    with _user_error("topology.params"):
+        topo = make_topology(cfg.topology.name, exp.num_nodes, cfg.seed, **cfg.topology.params)
+    if exp.num_nodes > 1 and not topo.is_connected():
+        raise ConfigError("topology", f"{cfg.topology.name} graph with {exp.num_nodes} nodes is "
+                          "disconnected; decentralized training cannot reach consensus on it")
+    w = mixing_matrix(cfg.topology.mixing, topo)
+    exp.topology, exp.mixing_scipy = topo, w
+    exp.mixing = to_torch_sparse(w)
+    exp.spectral_gap = float(spectral_gap(w)) if exp.num_nodes > 1 else 1.0
+
+
+def _attach_dynamic(exp: Experiment, dynamic: DynamicTopology) -> None:
+    """A graph per round. Rule: one round's graph may be disconnected, but the union of rounds
+    1..window (ceil(log2 N)) must be strongly connected, so every model can reach every node."""
+    from gossamer.topology import union_links
+
+    cfg, n, window = exp.cfg, exp.num_nodes, dynamic.window
+    with _user_error("topology.params"):
+        union = union_links(dynamic)
+    if n > 1 and not union.is_strongly_connected():
+        raise ConfigError("topology", f"{cfg.topology.name} with {n} nodes: the union of rounds 1..{window} "
+                          "is disconnected; decentralized training cannot reach consensus on it")
+    exp.dynamic, exp.topology = dynamic, union.undirected()
