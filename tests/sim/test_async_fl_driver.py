@@ -4,6 +4,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,17 +38,25 @@ def _driver(cfg: dict) -> AsyncFLDriver:
     return driver
 
 
+def _applied(entry) -> SimpleNamespace:
+    """An applied protocol entry as the tests read it."""
+    task = entry.task
+    return SimpleNamespace(client=task.client, key=task.key, assigned=task.steps, start_version=task.version,
+                           dispatch_s=task.start_s, end_s=entry.end_s, message=entry.message)
+
+
 def _spy_updates(d: AsyncFLDriver) -> list[dict]:
     """Record every server update: model before/after, the applied tasks, their staleness."""
-    seen, update = [], d._update
+    seen, apply = [], d.protocol._apply
 
     def spy(entries):
         before = d.state.params.clone()
-        update(entries)
+        step = apply(entries)
         seen.append({"before": before, "after": d.state.params.clone(), "t": d.sim_time,
-                     "tasks": [task for task, _ in entries], "staleness": [s for _, s in entries]})
+                     "tasks": [_applied(e) for e in entries], "staleness": [e.staleness for e in entries]})
+        return step
 
-    d._update = spy
+    d.protocol._apply = spy
     return seen
 
 
@@ -66,7 +75,7 @@ def test_two_clients_arrive_when_their_profiles_say():
         d.run_round()
         assert d.sim_time == pytest.approx(t, rel=1e-12) and d.state.version == r
         if r == first_slow + 1:                 # the slow client's first update, r - 1 versions stale
-            assert d.last_staleness == first_slow and client == 1
+            assert d.protocol.last_staleness == first_slow and client == 1
         else:
             assert client == 0
     # two initial downloads, then one per arrival but the last (re-served when the next round starts)
@@ -88,7 +97,7 @@ def test_fedfix_updates_at_period_ends_with_what_arrived_in_the_window():
             periods = task.dispatch_s / dt               # models go out only at period ends
             assert periods == pytest.approx(round(periods))
             assert s == r - 1 - round(periods)           # staleness = periods spanned - 1
-    assert any(task.start_version < d.state.version for task in d.tasks)   # slow ones continue
+    assert any(task.plan.version < d.state.version for task in d.tasks)   # slow ones continue
     # every client is re-served at the next period end: idle = boundary - arrival
     waited = sum(r * dt - task.end_s for r, u in enumerate(seen[:-1], start=1) for task in u["tasks"])
     assert d.acct.client_idle_s.sum() == pytest.approx(waited)
@@ -113,9 +122,9 @@ def test_fedbuff_consumes_exactly_buffer_size_arrivals_per_update():
     d = _driver(_cfg("fedbuff", buffer_size=3, concurrency=5, server_lr=0.7))
     seen = _spy_updates(d)
     for r in range(1, 7):
-        before = d.accepted
+        before = d.protocol.accepted
         d.run_round()
-        assert d.accepted - before == 3 and d.state.version == r
+        assert d.protocol.accepted - before == 3 and d.state.version == r
     for u in seen:
         assert len(u["tasks"]) == 3
         w = 1 / np.sqrt(1 + np.array(u["staleness"], dtype=np.float64))
@@ -152,8 +161,8 @@ def test_max_staleness_discards_and_counts():
         d.run_round()
     a = d.acct
     assert a.discarded > 0 and set(a.staleness) <= {0, 1}
-    assert sum(a.staleness.values()) == d.accepted == 12
-    assert a.participation.sum() == d.accepted + a.discarded
+    assert sum(a.staleness.values()) == d.protocol.accepted == 12
+    assert a.participation.sum() == d.protocol.accepted + a.discarded
     assert d.summary()["discarded_stale"] == a.discarded
 
 
@@ -166,9 +175,9 @@ def test_concurrency_is_never_exceeded(name):
     d = _driver(cfg)
     start = d._start
 
-    def checked(nodes, t, steps=None):
-        start(nodes, t, steps)
-        clients = [task.client for task in d.tasks]
+    def checked(plans, t):
+        start(plans, t)
+        clients = [task.plan.client for task in d.tasks]
         assert len(clients) <= 3 and len(set(clients)) == len(clients)
 
     d._start = checked
@@ -220,26 +229,29 @@ TIERS = {"sample_time_s": {"dist": "per_node", "values": np.linspace(0.001, 0.01
 def _spy_compass(d: AsyncFLDriver) -> tuple[list[dict], list[tuple[int, float]], list[tuple]]:
     """Record every group aggregation, every speed measurement and every dispatch."""
     closed, measured, started = [], [], []
-    close, arrival, start = d._close_group, d._compass_arrival, d._start
+    p = d.protocol
+    close, arrival, start = p._close_group, p.compass_arrival, d._start
 
     def spy_close(g):
-        group = d.schedule.groups[g]
+        group = p.schedule.groups[g]
         info = {"g": g, "t": d.sim_time, "created": group.created_s, "expected": group.expected_s,
                 "latest": group.latest_s, "arrived": list(group.arrived),
-                "in_group": [task for task, _ in d.group_buffer.get(g, [])], "general": list(d.buffer)}
+                "in_group": [_applied(e) for e in p.group_buffer.get(g, [])],
+                "general": [(_applied(e), e.staleness) for e in p.buffer]}
         closed.append(info)
         return close(g)
 
     def spy_arrival(task, entry, t):
-        measured.append((task.client, (t - task.dispatch_s) / task.assigned))
+        measured.append((task.client, (t - task.start_s) / task.steps))
         return arrival(task, entry, t)
 
-    def spy_start(nodes, t, steps=None):
-        started.append((nodes.copy(), t, None if steps is None else steps.copy(),
-                        d.schedule.speed[nodes].copy(), d.schedule.group[nodes].copy()))
-        start(nodes, t, steps)
+    def spy_start(plans, t):
+        nodes = np.array([x.client for x in plans])
+        started.append((nodes, t, np.array([x.steps for x in plans]),
+                        p.schedule.speed[nodes].copy(), p.schedule.group[nodes].copy()))
+        start(plans, t)
 
-    d._close_group, d._compass_arrival, d._start = spy_close, spy_arrival, spy_start
+    p._close_group, p.compass_arrival, d._start = spy_close, spy_arrival, spy_start
     return closed, measured, started
 
 
@@ -251,7 +263,7 @@ def test_fedcompass_groups_arrivals_and_gives_faster_clients_more_steps():
         d.run_round()
         assert d.state.version == r                      # one round = one server update
     per_step = np.array(TIERS["sample_time_s"]["values"]) * d.batch_size
-    assert np.allclose(d.schedule.speed, per_step)      # exact profile: the estimate is the truth
+    assert np.allclose(d.protocol.schedule.speed, per_step)      # exact profile: the estimate is the truth
     # at the start every client trains Q_max steps in no group, and its first arrival is alone
     nodes, t0, steps, _, group = started[0]
     assert t0 == 0.0 and len(nodes) == 8 and (steps == 20).all() and (group == -1).all()
@@ -283,14 +295,14 @@ def test_fedcompass_group_membership_and_idle_time():
     d = _driver(_cfg("fedcompass", system=TIERS, max_local_steps=20))
     closed, _, started = _spy_compass(d)
     members: dict[int, list[int]] = {}
-    assign = d.compass.assign
+    assign = d.algorithm.assign
 
     def spy_assign(sched, client, t):
         steps = assign(sched, client, t)
         members.setdefault(int(sched.group[client]), []).append(client)
         return steps
 
-    object.__setattr__(d.compass, "assign", spy_assign)      # a frozen dataclass
+    object.__setattr__(d.algorithm, "assign", spy_assign)      # a frozen dataclass
     _rows(d, 30)
     for c in closed:                                  # a group aggregates the clients assigned to it
         assert set(c["arrived"]) <= set(members[c["g"]])
@@ -309,7 +321,7 @@ def test_fedcompass_speed_estimate_follows_the_momentum_formula():
     speed = np.full(8, np.nan)
     for c, value in measured:
         speed[c] = value if np.isnan(speed[c]) else 0.3 * speed[c] + 0.7 * value
-    assert np.allclose(d.schedule.speed, speed, equal_nan=True) and not np.isnan(speed).any()
+    assert np.allclose(d.protocol.schedule.speed, speed, equal_nan=True) and not np.isnan(speed).any()
 
 
 def test_fedcompass_late_arrivals_go_to_the_general_buffer():
@@ -332,10 +344,9 @@ def test_afa_local_steps_follow_the_clients_own_draws():
     tasks: list = []
     start = d._start
 
-    def spy(nodes, t, steps=None):
-        before = d.client_tasks[nodes].copy()
-        start(nodes, t, steps)
-        tasks.extend(zip(nodes.tolist(), before.tolist(), steps.tolist(), [t] * len(nodes), strict=True))
+    def spy(plans, t):
+        start(plans, t)
+        tasks.extend((x.client, x.key, x.steps, t) for x in plans)
 
     d._start = spy
     _rows(d, 12)
@@ -355,9 +366,9 @@ def test_afa_cd_aggregates_exactly_m_updates():
     d = _driver(_cfg("afa_cd", buffer_size=4, server_lr=0.5, max_local_steps=6))
     seen = _spy_updates(d)
     for r in range(1, 8):
-        before = d.accepted
+        before = d.protocol.accepted
         d.run_round()
-        assert d.accepted - before == 4 and d.state.version == r
+        assert d.protocol.accepted - before == 4 and d.state.version == r
     lr = d.exp.cfg.local.lr
     for u in seen:
         assert len(u["tasks"]) == 4
@@ -385,7 +396,7 @@ def test_afa_uploads_are_average_directions():
     for u in seen:
         for task in u["tasks"]:
             row, out, s = trained[(task.client, task.key)]
-            assert s == task.assigned == task.steps
+            assert s == task.assigned
             assert torch.allclose(task.message, (row - out) / (lr * s), atol=1e-5)
 
 
@@ -442,13 +453,13 @@ def test_state_dict_round_trip_resumes_identically(tmp_path, name, params):
         _rows(first, 1)
         split += 1
         mixed = any(t.message is not None for t in first.tasks) and any(t.start is not None for t in first.tasks)
-        waiting = bool(first.group_buffer)      # FedCompass: clients wait in a group with their updates
+        waiting = bool(first.protocol.group_buffer)      # FedCompass: clients wait in a group with their updates
         if split >= 3 and (mixed or name != "fedasync") and (waiting or name != "fedcompass"):
             break
     if name == "fedasync":        # the checkpoint holds trained and untrained in-flight tasks
         assert mixed
     if name == "fedcompass":
-        assert waiting and any(g.open for g in first.schedule.groups.values())
+        assert waiting and any(g.open for g in first.protocol.schedule.groups.values())
     if name == "afa_cs":
         assert torch.count_nonzero(first.state.memory) > 0
     save_checkpoint(tmp_path / "ckpt.pt", {"driver": first.state_dict()})
@@ -466,7 +477,7 @@ def test_resume_with_a_partly_filled_buffer(tmp_path):
     full = _rows(_driver(cfg), 10)
     first = _driver(cfg)
     _rows(first, 2)
-    assert first.buffer and not first.tasks
+    assert first.protocol.buffer and not first.tasks
     save_checkpoint(tmp_path / "ckpt.pt", {"driver": first.state_dict()})
     resumed = _driver(cfg)
     resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt")["driver"])
@@ -511,7 +522,7 @@ def test_runs_with_faults_and_attackers(name, attack):
     cfg["adversary"] = {"attack": attack, "fraction": 0.25}
     d = _driver(cfg)
     rows = _rows(d, 10)
-    assert d.lost > 0 and torch.isfinite(d.state.params).all()
+    assert d.protocol.lost_tasks > 0 and torch.isfinite(d.state.params).all()
     assert d.bytes_up == d.acct.bytes_up.sum() and d.bytes_down == d.acct.bytes_down.sum()
     assert rows == _rows(_driver(cfg), 10)
 

@@ -27,6 +27,7 @@ in the paper); ``staleness_fn`` (default ``constant``, as in the paper) multipli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ class AFACD(Anarchic):
     """AFA-CD: ``x <- x - server_lr * lr * mean(G)`` over each buffer of ``buffer_size`` arrivals."""
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         lr = self._check(messages, lr)
         g = self._scaled(messages, staleness).mean(dim=0)
         return AsyncServerState(state.params - self.server_lr * lr * g, state.version + 1)
@@ -126,7 +128,8 @@ class AFACS(Anarchic):
         return AnarchicState(params.clone())
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AnarchicState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AnarchicState:
         lr = self._check(messages, lr)
         memory = getattr(state, "memory", None)
         memory = state.params.new_zeros((len(sizes), state.params.numel())) if memory is None else memory.clone()

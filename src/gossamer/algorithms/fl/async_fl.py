@@ -14,7 +14,7 @@ Staleness of an update = server version when it arrives minus the version it sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -76,7 +76,10 @@ class AsyncFL(Algorithm):
     ``client_message`` is what a client uploads (the update ``trained - start`` unless a
     rule says otherwise). ``self_dispatch``: clients decide themselves when to work
     (:meth:`think_time`); :meth:`task_steps` gives each task its own number of local steps
-    (None: the ``local`` schedule). ``concurrency`` null means every client.
+    (None: the ``local`` schedule). ``concurrency`` null means every client. The protocol
+    (``protocols/async_fl.py``) asks :meth:`due` when a buffer is full; rules with several
+    models (FedAST) or pulls at period ends (FAVANO) override :meth:`pick_models`,
+    :meth:`model_params`, :meth:`model_version` and ``pull_probability``.
     """
 
     family = "fl"
@@ -118,6 +121,34 @@ class AsyncFL(Algorithm):
         """Seconds a self-dispatching client waits before starting its next task."""
         return np.zeros(len(clients))
 
+    @property
+    def num_models(self) -> int:
+        """Models the server trains at once (FedAST: several)."""
+        return 1
+
+    @property
+    def pull_probability(self) -> float | None:
+        """FAVANO: the chance that the server pulls a client at a period end (None: no pulls)."""
+        return None
+
+    def due(self, model: int) -> int | None:
+        """Accepted updates of ``model`` that make a server update (None: not a buffer rule)."""
+        if self.trigger == "arrival":
+            return 1
+        return getattr(self, "buffer_size", None) if self.trigger == "buffer" else None
+
+    def pick_models(self, count: int, active: list[int]) -> list[int]:
+        """Which model each of ``count`` new tasks trains (``active``: models of the tasks in flight)."""
+        return [0] * count
+
+    def model_params(self, state: AsyncServerState, model: int) -> torch.Tensor:
+        """The current parameters ``[P]`` of ``model``."""
+        return state.params
+
+    def model_version(self, state: AsyncServerState, model: int) -> int:
+        """The version of ``model`` (updates applied to it), against which staleness is counted."""
+        return state.version
+
     def client_message(self, trained: torch.Tensor, start: torch.Tensor, steps: np.ndarray | None = None,
                        lr: float | None = None) -> torch.Tensor:
         """What each client uploads ``[B, P]``: its update, trained model minus start model.
@@ -127,11 +158,14 @@ class AsyncFL(Algorithm):
         return trained - start
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         """One server update from the accepted ``messages`` ``[B, P]`` since the previous one.
 
         ``staleness`` and ``clients`` are ``[B]``; ``sizes`` ``[N]`` are every client's sample counts;
-        ``lr`` is the local learning rate (for rules with two-sided learning rates).
+        ``lr`` is the local learning rate (for rules with two-sided learning rates). ``context``
+        (from the protocol): ``task_s`` ``[B]`` seconds each task took (arrival minus dispatch),
+        ``steps`` ``[B]`` local steps assigned (0: the local schedule), ``model`` (FedAST).
         """
         raise NotImplementedError
 
@@ -160,7 +194,8 @@ class FedAsync(AsyncFL):
         return trained
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         """Mix the client models in arrival order (the driver passes one at a time)."""
         x = state.params
         for model, w in zip(messages, self.weights(staleness), strict=True):
@@ -190,7 +225,8 @@ class FedBuff(AsyncFL):
             raise ValueError("server_lr must be > 0")
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         """Apply one full buffer (``B == buffer_size`` updates)."""
         if messages.shape[0] != self.buffer_size:
             raise ValueError(f"FedBuff applies exactly {self.buffer_size} updates, got {messages.shape[0]}")
@@ -236,7 +272,8 @@ class FedFix(AsyncFL):
         return importance(self.weighting, clients, sizes)
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         """Aggregate the period's updates (possibly none: the model stays, the version advances)."""
         if messages.shape[0] == 0:
             return AsyncServerState(state.params, state.version + 1)

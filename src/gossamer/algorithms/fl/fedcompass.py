@@ -203,7 +203,8 @@ class FedCompass(AsyncFL):
         return q_new
 
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
-                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None) -> AsyncServerState:
+                  clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
+                  **context: Any) -> AsyncServerState:
         """``x <- x + sum_i alpha p_i s(staleness_i) Delta_i`` over a group's and the general
         buffer's updates (or one client's single update)."""
         w = self.alpha * importance(self.weighting, clients, sizes) * self.weights(np.asarray(staleness))

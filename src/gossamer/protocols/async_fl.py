@@ -1,0 +1,329 @@
+"""The asynchronous FL pattern as one pure state machine: FedAsync, FedBuff, FedFix, FedCompass,
+AFA, FAVANO, FedAST and the General Theory's rules, for every executor.
+
+Events in, each with an explicit time (the executor's clock: simulated or wall seconds):
+
+- :meth:`AsyncFLProtocol.dispatch` ``(candidates, t)``: idle clients ask for work (the simulator
+  offers every available idle client at a dispatch point, the runtime the one that asks);
+- :meth:`~AsyncFLProtocol.arrival` ``(client, t, message)``: a task's upload, already decoded;
+- :meth:`~AsyncFLProtocol.lost` ``(client, t)``: a task that will never deliver;
+- :meth:`~AsyncFLProtocol.timer` ``(t)``: the protocol's own timer (:meth:`next_timer`) is due.
+
+Actions out: the :class:`Task` records to start (client, data-order key = the client's own task
+count, local steps, start version, which model, FAVANO's pull time), :class:`Step` (a server
+update it applied, with the entries' clients and staleness; ask idle clients again now).
+The protocol holds the server state, the buffers, FedCompass' arrival groups and the
+accounting; it knows no clock source, transport or population storage. Decisions: which idle
+client may start (concurrency, FedFix/FAVANO period invitations, AFA think times), task step
+counts (FedCompass scheduler, AFA), staleness and ``max_staleness``, when the server updates
+(every arrival, a full buffer of the task's model, a period end, a FedCompass group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer import rng
+from gossamer.algorithms.fl.async_fl import AsyncFL
+from gossamer.algorithms.fl.fedcompass import CompassSchedule
+from gossamer.protocols.accounting import FLAccounting
+from gossamer.protocols.compass import CompassGroups
+
+_TASK_INT = ("client", "key", "steps", "version", "model")
+_TASK_FLOAT = ("start_s", "deadline_s")
+
+
+@dataclass
+class Task:
+    """One client's job: train ``steps`` (0: the ``local`` schedule) from ``model``'s version
+    ``version`` with data-order key ``key``; FAVANO pulls its progress at ``deadline_s``."""
+
+    client: int
+    key: int
+    steps: int
+    version: int
+    start_s: float
+    model: int = 0
+    deadline_s: float = math.inf
+
+
+@dataclass
+class Entry:
+    """An accepted upload waiting to be applied."""
+
+    task: Task
+    message: torch.Tensor
+    staleness: int
+    end_s: float
+
+
+@dataclass
+class Step:
+    """What an event made the server do: ``update`` is the applied model update's
+    ``(clients, staleness)`` (None: none); ``dispatch``: idle clients should ask now."""
+
+    update: tuple[np.ndarray, np.ndarray] | None = None
+    dispatch: bool = False
+
+
+@dataclass
+class AsyncFLProtocol(CompassGroups):
+    """The state machine of one asynchronous FL run over ``len(sizes)`` clients."""
+
+    algorithm: AsyncFL
+    sizes: np.ndarray                   # [N] samples per client (the server's knowledge)
+    seed: int
+    lr: float                           # local learning rate (two-sided rules)
+    params: dataclasses.InitVar[torch.Tensor]
+    t0: float = 0.0                     # when the run's clock starts
+    tasks: dict[int, Task] = field(default_factory=dict)          # client -> its task in flight
+    buffer: list[Entry] = field(default_factory=list)
+    dispatches: int = 0
+    periods: int = 0
+    accepted: int = 0
+    lost_tasks: int = 0
+    last_staleness: float | None = None
+    stopped: bool = False               # the executor has its updates: no more work or updates
+
+    Step = Step                         # for the FedCompass mixin
+
+    def __post_init__(self, params: torch.Tensor) -> None:
+        algo, n = self.algorithm, len(self.sizes)
+        self.n, self.has_data = n, np.asarray(self.sizes) > 0
+        self.state = algo.init_state(params.reshape(-1))
+        self.concurrency = algo.concurrency if algo.concurrency is not None else n
+        self.client_tasks = np.zeros(n, dtype=np.int64)
+        self.ready_s = self.t0 + algo.think_time(self.seed, np.arange(n), self.client_tasks) \
+            if algo.self_dispatch else np.zeros(n)
+        self.invited = self.has_data.copy() if algo.trigger == "period" else None
+        self.schedule = CompassSchedule.empty(n) if algo.trigger == "group" else None
+        self.group_buffer: dict[int, list[Entry]] = {}
+        self.acct = FLAccounting(n)
+
+    # --- what the executor asks ------------------------------------------------------------------
+    def busy(self) -> np.ndarray:
+        """Bool ``[N]``: clients training, or (FedCompass) waiting in their arrival group."""
+        busy = np.zeros(self.n, dtype=bool)
+        busy[list(self.tasks)] = True
+        if self.schedule is not None:
+            busy |= self.schedule.group >= 0
+        return busy
+
+    def has_free_slot(self) -> bool:
+        """Whether a client may start any time now (not a period rule, fewer than ``concurrency``)."""
+        return self.algorithm.trigger != "period" and len(self.tasks) < self.concurrency
+
+    def next_ready(self, t: float) -> float:
+        """Earliest time after ``t`` at which an idle self-dispatching client ends its think time."""
+        if not self.algorithm.self_dispatch:
+            return math.inf
+        times = self.ready_s[self.has_data & ~self.busy()]
+        times = times[times > t]
+        return float(times.min()) if len(times) else math.inf
+
+    def boundary(self) -> float:
+        """The end of the current period (period rules), else inf."""
+        if self.algorithm.trigger != "period" or self.stopped:
+            return math.inf
+        return self.t0 + (self.periods + 1) * self.algorithm.delta_t_s
+
+    def next_timer(self) -> float:
+        """When :meth:`timer` is next due: a period end or an open group's latest arrival time."""
+        return min(self.boundary(), self.group_timer())
+
+    def start_params(self, task: Task) -> torch.Tensor:
+        """The model ``[P]`` a task starts from (the current version of its model)."""
+        return self.algorithm.model_params(self.state, task.model)
+
+    # --- events ------------------------------------------------------------------------------------
+    def dispatch(self, candidates: np.ndarray, t: float) -> list[Task]:
+        """Clients ``candidates`` (ascending ids) ask for work at ``t``: start tasks for those the
+        rule lets start, at most the free slots (a counter-based uniform choice when more ask)."""
+        algo = self.algorithm
+        if self.stopped:
+            return []
+        ok = self.has_data[candidates] & ~self.busy()[candidates]
+        if self.invited is not None:
+            ok &= self.invited[candidates]
+        if algo.self_dispatch:
+            ok &= self.ready_s[candidates] <= t
+        nodes, free = np.asarray(candidates, dtype=np.int64)[ok], self.concurrency - len(self.tasks)
+        if free <= 0 or len(nodes) == 0:
+            return []
+        if len(nodes) > free:
+            g = rng.generator(self.seed, rng.STREAM_ASYNC_FL, self.dispatches)
+            nodes = np.sort(g.choice(nodes, size=free, replace=False))
+        self.dispatches += 1
+        counts = self.client_tasks[nodes]
+        if self.schedule is not None:
+            nodes, steps = self.compass_steps(nodes, t)
+        else:
+            chosen = algo.task_steps(self.seed, nodes, counts)
+            steps = np.zeros(len(nodes), dtype=np.int64) if chosen is None else chosen
+        self.acct.assigned(nodes, t)
+        models = algo.pick_models(len(nodes), [task.model for task in self.tasks.values()])
+        out = []
+        for c, s, m in zip(nodes.tolist(), np.asarray(steps).tolist(), models, strict=True):
+            task = Task(c, int(self.client_tasks[c]), int(s), algo.model_version(self.state, m), t, m,
+                        self._deadline(c, t))
+            self.client_tasks[c] += 1
+            if self.invited is not None:
+                self.invited[c] = False
+            self.tasks[c] = task
+            out.append(task)
+        return out
+
+    def arrival(self, client: int, t: float, message: torch.Tensor) -> Step:
+        """``client``'s upload arrives at ``t``: staleness, acceptance, then the rule's trigger."""
+        task = self._finish(client, t)
+        self.acct.completed([client])
+        if self.stopped:
+            return Step()
+        staleness = self.algorithm.model_version(self.state, task.model) - task.version
+        entry = None
+        if self.algorithm.accepts(staleness):
+            self.acct.accepted(staleness)
+            self.accepted += 1
+            entry = Entry(task, message, staleness, t)
+        else:
+            self.acct.discard()
+        if self.schedule is not None:
+            return self.compass_arrival(task, entry, t)
+        if entry is None:
+            return Step()
+        self.buffer.append(entry)
+        due = self.algorithm.due(task.model)
+        mine = [e for e in self.buffer if e.task.model == task.model]
+        if due is not None and len(mine) == due:
+            self.buffer = [e for e in self.buffer if e.task.model != task.model]
+            return self._apply(mine)
+        return Step()
+
+    def lost(self, client: int, t: float) -> Step:
+        """``client``'s task will not deliver (a lost message, a timeout, a rejected upload)."""
+        self._finish(client, t)
+        self.lost_tasks += 1
+        if self.schedule is not None and not self.stopped:
+            return self.compass_lost(client)
+        return Step()
+
+    def timer(self, t: float) -> Step:
+        """Fire the first timer due at ``t``: a period end (every buffered update, possibly
+        none; the idle clients are invited) or a FedCompass group timer."""
+        if t >= self.boundary():
+            entries, self.buffer = self.buffer, []
+            self.periods += 1
+            self.invited = self.has_data & ~self.busy()
+            return self._apply(entries)
+        if self.schedule is not None and not self.stopped:
+            return self.compass_timers(t)
+        return Step()
+
+    def stop(self) -> None:
+        """The run has its updates: later arrivals free their slots but change nothing."""
+        self.stopped = True
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _finish(self, client: int, t: float) -> Task:
+        task = self.tasks.pop(client)
+        self.acct.finished([client], t)
+        if self.algorithm.self_dispatch:        # the client thinks before its next task
+            self.ready_s[client] = t + float(self.algorithm.think_time(
+                self.seed, np.array([client]), self.client_tasks[[client]])[0])
+        return task
+
+    def _deadline(self, client: int, t: float) -> float:
+        """FAVANO: the first later period end at which the server pulls ``client`` (inf otherwise)."""
+        p = self.algorithm.pull_probability
+        if p is None:
+            return math.inf
+        k = self.periods + 1
+        while rng.uniform_scalar(self.seed, rng.STREAM_ASYNC_FL, client, k, 1) >= p:
+            k += 1
+        return self.t0 + k * self.algorithm.delta_t_s
+
+    def _apply(self, entries: list[Entry]) -> Step:
+        """One server update from ``entries`` (FedFix/FAVANO may apply none)."""
+        algo, numel = self.algorithm, self.state.params.numel()
+        messages = torch.stack([e.message for e in entries]) if entries else self.state.params.new_zeros((0, numel))
+        clients = np.array([e.task.client for e in entries], dtype=np.int64)
+        staleness = np.array([e.staleness for e in entries], dtype=np.int64)
+        task_s = np.array([e.end_s - e.task.start_s for e in entries], dtype=np.float64)
+        steps = np.array([e.task.steps for e in entries], dtype=np.int64)
+        model = entries[0].task.model if entries else 0
+        self.state = algo.aggregate(self.state, messages, staleness, clients, self.sizes, lr=self.lr,
+                                    task_s=task_s, steps=steps, model=model)
+        self.last_staleness = float(staleness.mean()) if entries else None
+        return Step(update=(clients, staleness))
+
+    # --- checkpoints: tensors and plain values only ----------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        grouped = [(g, e) for g in sorted(self.group_buffer) for e in self.group_buffer[g]]
+        extra = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)
+                 if f.name not in ("params", "version")}
+        return {"params": self.state.params, "version": self.state.version, "server_extra": extra,
+                "tasks": _task_arrays(list(self.tasks.values())), "buffer": _entry_arrays(self.buffer),
+                "group_buffer": _entry_arrays([e for _, e in grouped]),
+                "group_ids": torch.tensor([g for g, _ in grouped], dtype=torch.int64),
+                "client_tasks": torch.from_numpy(self.client_tasks.copy()),
+                "ready_s": torch.from_numpy(np.asarray(self.ready_s, dtype=np.float64).copy()),
+                "invited": None if self.invited is None else torch.from_numpy(self.invited.copy()),
+                "schedule": None if self.schedule is None else
+                {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                 for k, v in self.schedule.state_dict().items()},
+                "counters": [self.t0, self.dispatches, self.periods, self.accepted, self.lost_tasks,
+                             self.last_staleness, self.stopped],
+                "accounting": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                               for k, v in self.acct.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = dataclasses.replace(self.algorithm.init_state(state["params"]), params=state["params"],
+                                         version=int(state["version"]), **state["server_extra"])
+        self.tasks = {task.client: task for task in _tasks_from(state["tasks"])}
+        self.buffer = _entries_from(state["buffer"])
+        self.group_buffer = {}
+        for g, e in zip(state["group_ids"].tolist(), _entries_from(state["group_buffer"]), strict=True):
+            self.group_buffer.setdefault(g, []).append(e)
+        self.client_tasks = _numpy(state["client_tasks"]).astype(np.int64)
+        self.ready_s = _numpy(state["ready_s"]).astype(np.float64)
+        self.invited = None if state["invited"] is None else _numpy(state["invited"]).astype(bool)
+        if state["schedule"] is not None:
+            self.schedule = CompassSchedule.from_state_dict(state["schedule"])
+        t0, self.dispatches, self.periods, self.accepted, self.lost_tasks, self.last_staleness, stopped = \
+            state["counters"]
+        self.t0, self.stopped = float(t0), bool(stopped)
+        self.acct.load_state_dict({k: _numpy(v) for k, v in state["accounting"].items()})
+
+
+def _numpy(v: Any) -> Any:
+    return v.numpy().copy() if isinstance(v, torch.Tensor) else v
+
+
+def _task_arrays(tasks: list[Task]) -> dict[str, torch.Tensor]:
+    out = {f: torch.tensor([getattr(x, f) for x in tasks], dtype=torch.int64) for f in _TASK_INT}
+    out.update({f: torch.tensor([getattr(x, f) for x in tasks], dtype=torch.float64) for f in _TASK_FLOAT})
+    return out
+
+
+def _tasks_from(arrays: dict[str, torch.Tensor]) -> list[Task]:
+    cols = {k: v.tolist() for k, v in arrays.items()}
+    return [Task(**{f: cols[f][i] for f in _TASK_INT + _TASK_FLOAT}) for i in range(len(cols["client"]))]
+
+
+def _entry_arrays(entries: list[Entry]) -> dict[str, Any]:
+    return {"tasks": _task_arrays([e.task for e in entries]),
+            "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0),
+            "staleness": torch.tensor([e.staleness for e in entries], dtype=torch.int64),
+            "end_s": torch.tensor([e.end_s for e in entries], dtype=torch.float64)}
+
+
+def _entries_from(arrays: dict[str, Any]) -> list[Entry]:
+    return [Entry(task, m.clone(), int(s), float(e)) for task, m, s, e in zip(
+        _tasks_from(arrays["tasks"]), arrays["messages"], arrays["staleness"].tolist(), arrays["end_s"].tolist(),
+        strict=True)]
