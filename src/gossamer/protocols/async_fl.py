@@ -225,6 +225,19 @@ class AsyncFLProtocol(CompassGroups):
             return self.compass_timers(t)
         return Step()
 
+    def restart(self, t: float) -> None:
+        """The executor (re)starts its clock at ``t`` (the runtime, also after ``--resume``): tasks
+        in flight and updates not yet applied are gone; periods and think times count from ``t``."""
+        self.tasks, self.buffer, self.group_buffer = {}, [], {}
+        if self.schedule is not None:
+            self.schedule.group[:] = -1
+            self.schedule.groups = {}
+        self.t0, self.periods = t, 0
+        if self.invited is not None:
+            self.invited = self.has_data.copy()
+        if self.algorithm.self_dispatch:
+            self.ready_s = t + self.algorithm.think_time(self.seed, np.arange(self.n), self.client_tasks)
+
     def stop(self) -> None:
         """The run has its updates: later arrivals free their slots but change nothing."""
         self.stopped = True
