@@ -70,3 +70,32 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_of_the_package_imports_itself_through_others():
     assert _cycles(_import_graph()) == []
+
+
+def _crossings(graph: dict[str, set[str]], package: str, forbidden: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(module, import) pairs where a module of ``package`` imports one of ``forbidden``."""
+    def inside(name: str, pkg: str) -> bool:
+        return name == pkg or name.startswith(pkg + ".")
+
+    return sorted((m, t) for m, targets in graph.items() if inside(m, package)
+                  for t in targets if any(inside(t, f) for f in forbidden))
+
+
+def test_the_crossing_finder_finds_a_runtime_module_importing_the_simulator():
+    graph = {"gossamer.runtime.peer": {"gossamer.sim.drivers.base", "gossamer.protocols"},
+             "gossamer.cli": {"gossamer.sim"}, "gossamer.simple": set()}
+    assert _crossings(graph, "gossamer.runtime", ("gossamer.sim",)) == [
+        ("gossamer.runtime.peer", "gossamer.sim.drivers.base")]
+    assert _crossings({"gossamer.runtime": {"gossamer.simple"}}, "gossamer.runtime", ("gossamer.sim",)) == []
+
+
+def test_the_runtime_never_imports_the_simulator():
+    """runtime/ executes the protocols on real processes; anything both executors need lives
+    in protocols/, algorithms/ or the shared experiment builder, never in sim/."""
+    assert _crossings(_import_graph(), "gossamer.runtime", ("gossamer.sim",)) == []
+
+
+def test_protocols_and_algorithms_never_import_an_executor():
+    graph = _import_graph()
+    for package in ("gossamer.protocols", "gossamer.algorithms"):
+        assert _crossings(graph, package, ("gossamer.sim", "gossamer.runtime")) == []

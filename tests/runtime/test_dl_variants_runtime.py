@@ -9,7 +9,8 @@ import torch
 from gossamer import config
 from gossamer.cli import main
 from gossamer.metrics.runstore import load_checkpoint
-from gossamer.runtime.dl_peer import GradientTrackingPeer, Peer
+from gossamer.runtime.dl_peer import Peer
+from gossamer.runtime.tracking_peer import GradientTrackingPeer
 from tests.conftest import small_config
 from tests.runtime.test_dl_runtime import _cfg, _rows
 

@@ -72,16 +72,16 @@ def test_a_resumed_peer_keeps_its_rounds_and_drops_stale_models(tmp_path):
     cfg = config.validate(_cfg(nodes=5, sample_size=3, timeout_s=1.0, rounds=4))
     peer = ModestPeer(cfg, 2, tmp_path)
     peer.params += 1.0
-    peer.trained, peer.aggregated, peer.bytes_up = 3, 2, 1234
+    peer.box.trained, peer.box.aggregated, peer.bytes_up = 3, 2, 1234
     peer._checkpoint()
     peer._record(3, "train", sent=10, timeouts=0)
     again = ModestPeer(cfg, 2, tmp_path, resume=True)
-    assert (again.trained, again.aggregated, again.bytes_up) == (3, 2, 1234)
+    assert (again.box.trained, again.box.aggregated, again.bytes_up) == (3, 2, 1234)
     assert again.params.equal(peer.params) and len(again.metrics.rows) == 1
     model = Arrival(0, again.params[0].clone(), 10)
     for r, purpose in ((3, TRAIN), (2, AGGREGATE), (4, TRAIN), (3, AGGREGATE)):
         again._deliver(r, purpose, model)
-    assert sorted(again.inbox) == [(3, AGGREGATE), (4, TRAIN)]      # rounds it already did: dropped
+    assert sorted(again.box.held) == [(3, AGGREGATE), (4, TRAIN)]      # rounds it already did: dropped
 
 
 def test_a_peer_accepts_models_and_the_end_notice_and_rejects_the_rest(tmp_path):
@@ -100,7 +100,7 @@ def test_a_peer_accepts_models_and_the_end_notice_and_rejects_the_rest(tmp_path)
 
     model = torch.zeros(peer.exp.spec.numel)
     assert push(model, sender=0, round=3, meta=(40 << 1) | AGGREGATE).ok
-    assert [(a.sender, a.samples) for a in peer.inbox[(3, AGGREGATE)]] == [(0, 40)]
+    assert [(a.sender, a.samples) for a in peer.box.held[(3, AGGREGATE)]] == [(0, 40)]
     assert "elements" in push(torch.zeros(7), sender=0, round=3).reason
     assert "outside" in push(model, sender=0, round=5).reason           # past stop.rounds
     assert "another peer" in push(model, sender=2, round=3).reason      # itself

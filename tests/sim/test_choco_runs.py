@@ -60,7 +60,7 @@ def test_compressed_training_keeps_consensus_close_to_dpsgd():
 def test_fixed_size_messages_cost_header_plus_payload_per_link_and_step():
     d = _rounds(_driver(_cfg({**TOPK, "gossip_steps": 3})), 2)
     msg = wire.HEADER_BYTES + d.compressor.nominal_bytes(d.exp.spec.numel)
-    links = len(d.link_src)                                     # ring of 8: 16 directed links
+    links = len(d.graph.src)                                     # ring of 8: 16 directed links
     assert d.bytes_up == d.bytes_down == 2 * 3 * links * msg
     assert (d.node_bytes == 2 * 3 * 4 * msg).all()              # 2 sent + 2 received per step
 
@@ -81,9 +81,9 @@ def test_value_dependent_messages_cost_their_senders_encodings(monkeypatch):
     _rounds(d, 2)
     msg = [wire.HEADER_BYTES + s for s in sizes]
     assert len(set(np.concatenate(sizes).tolist())) > 1          # sizes do differ per node
-    assert d.bytes_up == sum(int(m[d.link_src].sum()) for m in msg)
-    out_deg = np.bincount(d.link_src, minlength=8)
-    assert np.array_equal(d.node_bytes, sum(out_deg * m + np.bincount(d.link_dst, m[d.link_src], 8) for m in msg))
+    assert d.bytes_up == sum(int(m[d.graph.src].sum()) for m in msg)
+    out_deg = np.bincount(d.graph.src, minlength=8)
+    assert np.array_equal(d.node_bytes, sum(out_deg * m + np.bincount(d.graph.dst, m[d.graph.src], 8) for m in msg))
     assert d.sim_time > t0
 
 

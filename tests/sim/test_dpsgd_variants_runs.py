@@ -30,7 +30,7 @@ def _rounds(driver, k):
 
 def test_schedule_sets_gossip_steps_and_bytes_per_round():
     d = _driver(_cfg({"gossip_steps": 3, "schedule": "increasing"}, stop={"rounds": 5}))
-    links, nbytes = len(d.link_src), d.exp.message_bytes          # ring of 8: 16 directed links
+    links, nbytes = len(d.graph.src), d.exp.message_bytes          # ring of 8: 16 directed links
     sent = []
     for _ in range(5):
         before = d.bytes_up
@@ -106,7 +106,7 @@ def test_gradient_tracking_messages_carry_two_vectors_and_resume_exactly():
     cfg = _cfg({"gossip_steps": 2}, name="gradient_tracking")
     d = _rounds(_driver(cfg), 2)
     numel = d.exp.spec.numel
-    assert d.bytes_up == 2 * 2 * len(d.link_src) * wire.encoded_size(2 * numel)
+    assert d.bytes_up == 2 * 2 * len(d.graph.src) * wire.encoded_size(2 * numel)
     assert float(d.correction.sum(0).abs().max()) < 1e-5      # trackers' corrections sum to 0
     state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.state_dict().items()}
     resumed = _driver(cfg)

@@ -31,7 +31,7 @@ def test_dpsgd_learns_on_each_dynamic_topology_with_the_round_graph(kind):
     for r in range(1, 5):
         d.run_round()
         links = d.exp.dynamic.links(r)
-        assert np.array_equal(d.link_src, links.src) and np.array_equal(d.link_dst, links.dst)
+        assert np.array_equal(d.graph.src, links.src) and np.array_equal(d.graph.dst, links.dst)
     row = d.evaluate()
     assert row["test_accuracy"] > first["test_accuracy"] + 0.2
     assert d.bytes_up == sum(d.exp.dynamic.links(r).num_links for r in range(1, 5)) * d.exp.message_bytes

@@ -1,30 +1,27 @@
 """A decentralized peer process: the synchronous D-PSGD pattern over gRPC.
 
-Every round a peer trains on its shard (the simulator's trainer, one row), pushes its model
-to each neighbour, waits for its neighbours' models of the same round (at most
-``runtime.round_timeout_s``), and mixes with its row of the mixing matrix. A neighbour that
-did not deliver in time is skipped and its weight folded onto the peer's own, exactly as the
-simulator's ``renormalize_for_available`` does for offline nodes. On a dynamic topology
-(a graph per round) every peer computes round r's links and mixing row itself from
-(seed, r), as the simulator does, and accepts pushes from any node. Each peer checkpoints
-after every round; restarted with ``--resume`` it continues from there. Metrics rows
-(own model's test accuracy and loss, bytes, wall seconds) go to ``peers/metrics-<id>.csv``;
-the launcher merges them into the run's ``metrics.csv``.
+It executes :mod:`gossamer.protocols.sync_dl` for one node. Every round a peer trains on its
+shard (the shared trainer, one row), pushes its model to its receivers of the round's graph,
+waits for its senders' models of the same round (at most ``runtime.round_timeout_s``), and
+merges with its row of the mixing matrix (``protocol.held_weights``: a sender that did not
+deliver in time is skipped and its weight folded onto the peer's own). On a dynamic topology
+every peer computes round r's graph itself from (seed, r) and accepts pushes from any node.
+Each peer checkpoints after every round; restarted with ``--resume`` it continues from there.
+Metrics rows (own model's test accuracy and loss, bytes, wall seconds) go to
+``peers/metrics-<id>.csv``; the launcher merges them (``runtime/dl_merge.py``).
 
 ``final_merge`` (the single global merge after round ``stop.rounds``): every peer sends its
-model to every other peer, waits for theirs, and takes the exact mean of the models it holds,
-stacked in node-id order as the simulator's all-reduce averages its rows, so all peers that
-hear each other hold the same model. Who is left out is decided by reachability, not by who
-finishes first: a peer that acknowledged our model is alive and is waited for (up to
-``join_timeout_s``: a slow peer reaches the merge late, not never); a peer our push could not
-reach within ``round_timeout_s`` (a dead one) is left out, as the simulator leaves out
-offline nodes. The round's metrics row is written after the merge, as the simulator's is.
+model to every other peer, waits for theirs, and takes the exact mean of the models it holds
+(``protocol.merge_all``), so all peers that hear each other hold the same model. Who is left
+out is decided by reachability, not by who finishes first: a peer that acknowledged our model
+is alive and is waited for (up to ``join_timeout_s``: a slow peer reaches the merge late, not
+never); a peer our push could not reach within ``round_timeout_s`` (a dead one) is left out,
+as the simulator leaves out offline nodes. The round's metrics row is written after the merge.
 It is a direct all-to-all exchange, not a ring all-reduce: ``n - 1`` model messages each way
 per peer (the real bytes are counted), where the simulator counts a ring's ``2 (n - 1)``
 chunks of ``P / n`` values.
 
-:class:`GradientTrackingPeer` runs the ``gradient_tracking`` pattern: a message is one frame
-of ``2 P`` values, the model and the tracker's direction ``y``, mixed with the same row.
+``runtime/tracking_peer.py`` extends it to the ``gradient_tracking`` pattern.
 """
 
 from __future__ import annotations
@@ -50,13 +47,12 @@ from gossamer.metrics.runstore import (
     checkpoint_exists,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
+from gossamer.protocols import sync_dl as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse
 from gossamer.runtime.common import limits, log, retry, security
 from gossamer.training.evaluator import local_losses
-from gossamer.training.trainer import local_steps
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
 FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)
@@ -79,14 +75,13 @@ class Peer:
         self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
         self.dynamic = self.exp.dynamic
+        self.static = protocol.static_graph(self.exp.topology, self.exp.mixing_scipy)
         if self.dynamic is None:
             self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
-            row = self.exp.mixing_scipy.getrow(node_id)
-            self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
-            self.senders = self.receivers = self.neighbors
+            self.view = protocol.peer_view(self.static, node_id)
         else:   # a graph per round: anyone may become a neighbour; `_use_round` picks the round's
             self.neighbors = [j for j in range(self.exp.num_nodes) if j != node_id]
-            self.weights, self.senders, self.receivers = {}, [], []
+            self.view = protocol.PeerView([], [], {})
         # whom this peer links to: its neighbours, or everyone when the final merge needs it
         others = [j for j in range(self.exp.num_nodes) if j != node_id]
         self.contacts = others if self.final_merge else self.neighbors
@@ -116,11 +111,8 @@ class Peer:
     @classmethod
     def check_config(cls, cfg: ExperimentConfig) -> None:
         """What this peer refuses, as one-line errors naming the field (the launcher asks
-        before spawning): another pattern, and the simulator's refusals of the final merge."""
-        from types import SimpleNamespace
-
+        before spawning): another pattern, and the protocol's refusals of the final merge."""
         from gossamer.algorithms import ALGORITHMS
-        from gossamer.sim.drivers.sync_dl import _check_final_merge
 
         kind = ALGORITHMS.get(cfg.algorithm.name)
         if kind.pattern != cls.pattern:
@@ -130,7 +122,7 @@ class Peer:
             algorithm = kind.from_params(cfg.algorithm.params)
         except ValueError as exc:
             raise ConfigError("algorithm.params", str(exc).splitlines()[0]) from None
-        _check_final_merge(SimpleNamespace(algorithm=algorithm, cfg=cfg), algorithm.aggregator != "mean")
+        protocol.check_final_merge(algorithm, cfg, protocol.gathered(algorithm, None))
 
     # --- what a subclass adds to a peer's state -------------------------------------------------
     def _init_state(self) -> None:
@@ -179,18 +171,10 @@ class Peer:
 
     # --- rounds ---------------------------------------------------------------------------------
     def _use_round(self, r: int) -> None:
-        """Round ``r``'s links of a dynamic topology: whom this peer sends to and hears from, and
-        its row of that round's mixing matrix, the same pure function of (seed, r) the
-        simulator uses, so every peer computes the same graph alone."""
-        if self.dynamic is None:
-            return
-        from gossamer.topology import mixing_matrix
-
-        links = self.dynamic.links(r)
-        self.receivers = links.dst[links.src == self.node].tolist()
-        self.senders = links.src[links.dst == self.node].tolist()
-        row = mixing_matrix(self.cfg.topology.mixing, self.dynamic.graph(r)).getrow(self.node)
-        self.weights = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        """Round ``r``'s links of a dynamic topology: this peer's view of the protocol's graph."""
+        if self.dynamic is not None:
+            graph = protocol.round_graph(self.static, self.dynamic, self.cfg.topology.mixing, r)
+            self.view = protocol.peer_view(graph, self.node)
 
     def _send(self, stubs: dict[int, Any], round_: int, step: int, payload: torch.Tensor | None = None,
               to: list[int] | None = None) -> list[futures.Future]:
@@ -216,7 +200,7 @@ class Peer:
                 return False
 
         # in the background: never wait on a slow link
-        return [self.sender.submit(one, j) for j in (self.receivers if to is None else to)]
+        return [self.sender.submit(one, j) for j in (self.view.receivers if to is None else to)]
 
     def _gather(self, round_: int, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Wait for this step's messages; returns the mixing weights (own first, the missing
@@ -224,26 +208,24 @@ class Peer:
         already two rounds ahead (this peer was down and is catching up: the neighbour gave
         up on it) will not send this round's message: it is not waited for, nor marked down.
         One round ahead is normal in step (its message for this round may still be in flight)."""
-        key = (round_, step)
+        key, senders = (round_, step), self.view.senders
 
         def ahead() -> set[int]:
-            return {j for j in self.senders if self.latest.get(j, 0) > round_ + 1}
+            return protocol.ahead(senders, self.latest, round_)
 
         with self.lock:
-            expected = set(self.senders) - self.down
+            expected = set(senders) - self.down
             self.lock.wait_for(lambda: expected - ahead() <= set(self.inbox.get(key, {})),
                                timeout=self.cfg.runtime.round_timeout_s)
-            got = {j: t for j, t in self.inbox.pop(key, {}).items() if j in self.weights}
-            missing = [j for j in self.senders if j not in got]
+            got = self.inbox.pop(key, {})
+            ids, weights = protocol.held_weights(self.view, self.node, got)
+            missing = [j for j in senders if j not in ids]
             self.down |= set(missing) - ahead()
             for old in [k for k in self.inbox if k[0] < round_]:
                 del self.inbox[old]
         if missing:
             log.warning("peer %d round %d: no model from %s; mixing without them",
                         self.node, round_, missing)
-        own = self.weights[self.node] + sum(self.weights[j] for j in missing)
-        ids = sorted(got)
-        weights = torch.tensor([own] + [self.weights[j] for j in ids], dtype=torch.float64)
         return weights, [got[j].reshape(1, -1) for j in ids]
 
     def _mix(self, round_: int, step: int) -> None:
@@ -297,18 +279,16 @@ class Peer:
         if not got:                                   # alone: nothing to merge with
             return
         got[self.node] = self.params[0]
-        models = torch.stack([got[j].to(self.params.dtype) for j in sorted(got)])
-        self.params = models.mean(0, keepdim=True)
+        self.params = protocol.merge_all({j: m.to(self.params.dtype) for j, m in got.items()})
 
     def _next_round(self, r: int) -> int:
         """The round to run next: r + 1, or the neighbours' round if this peer fell behind
         (it was down); it then continues from its own model at their pace."""
         with self.lock:
-            ahead = max(self.latest.values(), default=0)
-        if ahead > r + 1:
-            log.warning("peer %d: behind (round %d, neighbours at %d); catching up", self.node, r, ahead)
-            return min(ahead, self.cfg.stop.rounds)
-        return r + 1
+            nxt = protocol.next_round(r, self.latest, self.cfg.stop.rounds)
+        if nxt > r + 1:
+            log.warning("peer %d: behind (round %d, neighbours at %d); catching up", self.node, r, nxt)
+        return nxt
 
     def _row(self, start: float) -> dict[str, Any]:
         acc, loss = self.exp.evaluator.evaluate(self.params)
@@ -342,7 +322,7 @@ class Peer:
             r = self._next_round(r)
             self._use_round(r)
             self._round(stubs, r)
-            if self.final_merge and r == self.cfg.stop.rounds:
+            if protocol.final_merge_due(self.algorithm, r, self.cfg.stop.rounds):
                 self._merge_all(stubs, r)
             self.round = r
             if r % every == 0 or r == self.cfg.stop.rounds:
@@ -375,98 +355,3 @@ class Peer:
                 self.lock.wait_for(lambda: int(node) not in self.down,
                                    timeout=self.cfg.runtime.join_timeout_s)
 
-
-class GradientTrackingPeer(Peer):
-    """A peer of the ``gradient_tracking`` pattern (:mod:`gossamer.sim.drivers.gradient_tracking`,
-    one node): local steps along ``g + c``, then ``y = (x - z) / (K lr)``; every gossip step
-    sends one frame of ``2 P`` values (the model and ``y``), and both are mixed with the same
-    row (missing neighbours folded onto the own weight); after the round's steps
-    ``c <- c - y + (W^Q y)``. The correction ``c`` is checkpointed with the model."""
-
-    pattern = "gradient_tracking"
-    vectors = 2
-
-    def _init_state(self) -> None:
-        trainer = self.exp.trainer
-        empty = int((trainer.sizes == 0).sum())
-        if empty:                                     # the simulator's refusal
-            raise ConfigError("partition", f"gradient tracking needs data at every node; {empty} "
-                              "nodes hold none (relay-only nodes have no gradient to track)")
-        self.correction = self.algorithm.init_correction(1, self.exp.spec.numel, self.params.dtype)
-        self.lr = trainer.optimizer.lr
-        self.local_steps = local_steps(trainer.schedule, trainer.sizes)[[self.node]]
-
-    def _state(self) -> dict[str, Any]:
-        return {"correction": self.correction}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self.correction = state["correction"].clone()
-
-    def _round(self, stubs: dict[int, Any], r: int) -> None:
-        algo, numel = self.algorithm, self.exp.spec.numel
-        start = self.params.clone()
-        self.exp.trainer.train(self.params, np.array([self.node]), r, inplace=True,
-                               objective=algo.local_objective(self.correction))
-        y = algo.directions(start, self.params, self.local_steps, self.lr, self.correction, out=start)
-        steps = algo.gossip_steps_at(r, self.cfg.stop.rounds)
-        if not steps:                                 # no gossip: the correction stays
-            return
-        algo.remove_directions(self.correction, y)
-        for step in range(steps):
-            self._send(stubs, r, step, torch.cat([self.params[0], y[0]]))
-            weights, received = self._gather(r, step)
-            self.params = algo.mix_row(weights, torch.cat([self.params] + [m[:, :numel] for m in received]))[None]
-            y = algo.mix_row(weights, torch.cat([y] + [m[:, numel:] for m in received]))[None]
-        algo.add_mixed(self.correction, y)
-
-
-def merge_peer_metrics(cfg: ExperimentConfig, run_dir: Path,
-                       killed: list[int] | None = None) -> dict[str, Any]:
-    """Merge ``peers/metrics-*.csv`` into the simulator's DL ``metrics.csv`` and a summary.
-
-    Per evaluated round: mean/min/median/max of the peers' test accuracy, summed bytes, the
-    slowest peer's wall time, and the accuracy of the average model and the consensus
-    distance, computed from the models the peers saved at that round. Peers that died
-    (``killed``) count for the rounds they completed.
-    """
-    import csv
-
-    from gossamer.sim.drivers.sync_dl import SyncDLDriver, consensus_distance
-
-    exp = build_experiment(cfg, population=False)
-    n = exp.num_nodes
-    per_peer = []
-    for i in range(n):
-        with (run_dir / "peers" / f"metrics-{i}.csv").open() as f:
-            per_peer.append({int(r["round"]): r for r in csv.DictReader(f)})
-    rounds = sorted(set.union(*(set(p) for p in per_peer)))
-    writer = MetricsWriter(run_dir / "metrics.csv", SyncDLDriver.columns)
-    writer.load_existing(-1)
-    (run_dir / "metrics.csv").unlink(missing_ok=True)
-    row: dict[str, Any] = {}
-    for r in rounds:
-        have = [i for i in range(n) if r in per_peer[i]]
-        acc = torch.tensor([float(per_peer[i][r]["test_accuracy"]) for i in have])
-        loss = torch.tensor([float(per_peer[i][r]["test_loss"]) for i in have])
-        row = {"round": r, "sim_time_s": max(float(per_peer[i][r]["sim_time_s"]) for i in have),
-               "bytes_up": sum(int(per_peer[i][r]["bytes_up"]) for i in have),
-               "bytes_down": sum(int(per_peer[i][r]["bytes_down"]) for i in have),
-               "test_accuracy": float(acc.mean()), "test_loss": float(loss.mean()),
-               "acc_min": float(acc.min()), "acc_median": float(acc.median()),
-               "acc_max": float(acc.max())}
-        files = [run_dir / "peers" / f"model-{i}-r{r}.pt" for i in have]
-        if r > 0 and all(f.exists() for f in files):
-            models = torch.stack([load_checkpoint(f)["params"] for f in files])
-            mean = models.mean(0, keepdim=True)
-            avg_acc, avg_loss = exp.evaluator.evaluate(mean)
-            row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]),
-                       consensus_distance=consensus_distance(models, mean))
-        writer.append(row)
-    summary = {"name": cfg.name, "algorithm": cfg.algorithm.name, "executor": "runtime",
-               "num_nodes": n, "num_params": exp.spec.numel, "rounds": row.get("round", 0),
-               "final_test_accuracy": row.get("test_accuracy"),
-               "bytes_sent_total": row.get("bytes_up", 0), "sim_time_s": row.get("sim_time_s"),
-               "wall_time_s": row.get("sim_time_s"), "spectral_gap": exp.spectral_gap,
-               "failed_peers": sorted(killed or [])}
-    write_json(run_dir / "summary.json", summary)
-    return summary

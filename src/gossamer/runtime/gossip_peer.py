@@ -1,9 +1,10 @@
 """An asynchronous gossip-learning peer process over gRPC.
 
-The simulator's event loop, one node at a time, on the wall clock: the peer's clock fires
-after exponential gaps (mean ``period_s``) drawn from the same counter-based stream as in
-the simulator; it picks a neighbour with the same draw and pushes its model (``push``),
-pulls the neighbour's (``pull``), or both (``push_pull``). Received models queue up and a
+It executes :mod:`gossamer.protocols.gossip` for one node on the wall clock: the
+protocol's :class:`~gossamer.protocols.gossip.Clock` says when the peer exchanges (the
+simulator's counter-based gaps, mean ``period_s``) and with which neighbour (the same draw),
+and the peer pushes its model (``push``), pulls the neighbour's (``pull``), or both
+(``push_pull``). Received models queue up and a
 worker merges and trains on them one at a time with the algorithm's ``merge_models`` and
 the simulator's trainer. A "round" is one ``period_s`` of wall time; metrics rows are
 written every ``eval.every`` rounds, in the same per-peer format as the D-PSGD peer.
@@ -22,7 +23,6 @@ computation ticks and skipped ticks.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -33,10 +33,10 @@ import grpc
 import numpy as np
 import torch
 
-from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
+from gossamer.protocols import gossip as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, security
@@ -57,7 +57,7 @@ class GossipPeer:
             raise ConfigError("topology.name", f"gossip peers need a static graph; {cfg.topology.name} "
                               "(a graph per round) runs in the simulator, or with `gossamer peer` "
                               "for synchronous algorithms such as dpsgd")
-        self.dual = self.algorithm.clocks == "dual"
+        self.dual = not protocol.trains_on_arrival(self.algorithm)
         self.listen = listen
         self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
         self.token = self.security.resolved_token()
@@ -178,20 +178,18 @@ class GossipPeer:
         simulator's counter-based draw, exponential or periodic with a random phase."""
         return self.algorithm.clock_gap(self.cfg.seed, self.node, k, compute=compute)
 
-    def _exchange(self, k: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
-        if not self.neighbors:
+    def _exchange(self, peer: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
+        if peer < 0:
             return
         self.exchanges += 1
-        u = rng.uniform_scalar(self.cfg.seed, rng.STREAM_GOSSIP, self.node, k, 1)
-        peer = self.neighbors[int(u * len(self.neighbors))]
-        mode = self.algorithm.mode
+        push, pull = protocol.exchange(self.algorithm.mode)
         try:
-            if mode in ("push", "push_pull"):
+            if push:
                 frames = [f.SerializeToString() for f in self._frames()]
                 pushers[peer](iter(frames), timeout=10)
                 with self.lock:
                     self.bytes_up += sum(len(f) for f in frames)
-            if mode in ("pull", "push_pull"):
+            if pull:
                 req = schema.PullRequest(node_id=self.node, run_id=self.cfg.runtime.run_id)
                 raw = list(pullers[peer](req.SerializeToString(), timeout=10))
                 meta, tensor = read_model((parse(schema.Frame, b) for b in raw),
@@ -232,12 +230,13 @@ class GossipPeer:
             pushers = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
             pullers = {j: c.unary_stream(schema.method("Peer", "Pull")) for j, c in links.items()}
             worker.start()
-            start, end_s = time.monotonic(), self._end_round() * self.algorithm.period_s
+            end_round = protocol.end_round(self.algorithm, self.cfg.stop)
+            start, end_s = time.monotonic(), end_round * self.algorithm.period_s
             self.metrics.append(self._row(0, 0.0))
             if self.dual and self.exp.trainer.sizes[self.node] > 0:   # only data holders compute
                 computer = threading.Thread(target=self._compute, args=(start, end_s), daemon=True)
                 computer.start()
-            self._clock(pushers, pullers, start)
+            self._clock(pushers, pullers, start, end_round)
             if computer is not None:                  # its last tick is before end_s: let it finish
                 computer.join(timeout=self.cfg.runtime.round_timeout_s)
         finally:
@@ -252,28 +251,13 @@ class GossipPeer:
             time.sleep(0.5)
             server.stop(grace=1.0).wait()
 
-    def _end_round(self) -> int:
-        """The last round (period) the peer runs: ``stop.rounds``, or fewer by ``max_sim_time_s``."""
-        end_round = self.cfg.stop.rounds
-        if self.cfg.stop.max_sim_time_s is not None:
-            end_round = min(end_round, math.ceil(self.cfg.stop.max_sim_time_s / self.algorithm.period_s))
-        return end_round
-
-    def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any], start: float) -> None:
-        period, every = self.algorithm.period_s, self.cfg.eval.every
-        end_round = self._end_round()
-        evals = list(range(every, end_round + 1, every))
-        if not evals or evals[-1] != end_round:
-            evals.append(end_round)
-        k, wake, i = 0, self._gap(0), 0
-        while i < len(evals):
-            now, due = time.monotonic() - start, evals[i] * period
-            if wake <= now and wake < due:
-                self._exchange(k, pushers, pullers)
-                k += 1
-                wake += self._gap(k)
-            elif due <= now:
-                self.metrics.append(self._row(evals[i], now))
-                i += 1
+    def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any], start: float, end_round: int) -> None:
+        clock = protocol.Clock(self.algorithm, self.cfg.seed, self.node, self.neighbors,
+                               protocol.eval_rounds(self.cfg.eval.every, end_round))
+        while (action := clock.next(now := time.monotonic() - start)) is not None:
+            if isinstance(action, protocol.Exchange):
+                self._exchange(action.peer, pushers, pullers)
+            elif isinstance(action, protocol.Record):
+                self.metrics.append(self._row(action.round, now))
             else:
-                time.sleep(max(0.0, min(wake, due) - now))
+                time.sleep(max(0.0, action.seconds))

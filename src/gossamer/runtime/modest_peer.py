@@ -1,8 +1,9 @@
 """A MoDeST peer process: decentralized sampling over gRPC, without a coordinator.
 
-Every peer computes each round's rankings itself with the pure functions of
-``algorithms/dl/modest.py`` (the simulator's seed and round keys), so nobody tells anybody
-who the sample is. A peer acts only when a model reaches it:
+It executes :mod:`gossamer.protocols.modest` for one node: every peer computes each round's
+rankings itself (the simulator's seed and round keys), so nobody tells anybody who the
+sample is, and its :class:`~gossamer.protocols.modest.Inbox` decides what to do next. A peer
+acts only when a model reaches it:
 
 - a model tagged ``TRAIN`` for round ``r`` (from an aggregator of round ``r - 1``; in round 1
   the first ``sample_size`` of the ranking start from the initial model by themselves): the
@@ -22,7 +23,7 @@ accepted within ``timeout_s`` (retried on transient errors) counts as unresponsi
 replaced by the next candidate, wave after wave. A peer that hears nothing for
 ``runtime.join_timeout_s + runtime.round_timeout_s`` gives up (the run stalled, e.g. every
 final aggregator died). Rows go to ``peers/metrics-<id>.csv`` (:data:`COLUMNS`); the launcher
-merges them with ``runtime/modest_merge.py``.
+merges them with ``runtime/dl_merge.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ import grpc
 import numpy as np
 import torch
 
-from gossamer.algorithms.dl.modest import aggregate, rank, sample
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
@@ -50,22 +49,16 @@ from gossamer.metrics.runstore import (
     load_checkpoint,
     save_checkpoint,
 )
+from gossamer.protocols import modest as protocol
+from gossamer.protocols.modest import AGGREGATE, TRAIN, Arrival
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
 from gossamer.runtime.common import limits, log, retry, security
 
-TRAIN, AGGREGATE = 0, 1     # bit 0 of ModelMeta.meta: what the receiver does (the rest: samples)
+# bit 0 of ModelMeta.meta: what the receiver does (TRAIN, AGGREGATE); the rest: samples
 MODEL, DONE = 1, 3          # ModelMeta.kind: a model, or "the run is over" (an empty tensor)
 COLUMNS = ["round", "role", "wall_time", "bytes_up", "bytes_down", "sent", "test_accuracy",
            "test_loss", "train_loss", "samples", "models", "rank", "timeouts"]
-
-
-@dataclass
-class Arrival:
-    sender: int
-    tensor: torch.Tensor        # [P]
-    samples: int                # the trainer's sample count (weighting "samples")
-    t: float = 0.0              # time.monotonic() of arrival
 
 
 def _wall() -> str:
@@ -96,11 +89,11 @@ class ModestPeer:
         self.stall_s = cfg.runtime.join_timeout_s + cfg.runtime.round_timeout_s
         init = self.exp.init_params
         self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
-        self.trained = self.aggregated = 0          # the last round this peer trained / aggregated
+        self.box = protocol.Inbox(self.quorum, algo.timeout_s,
+                                  lambda r: protocol.trainers(self.pool, cfg.seed, r))
         self.done_at: int | None = None
         self.done_from: set[int] = set()
         self.bytes_up = self.bytes_down = 0
-        self.inbox: dict[tuple[int, int], list[Arrival]] = {}
         self.lock = threading.Condition()
         self.rows_lock = threading.Lock()
         self.last_heard = self.free_since = time.monotonic()
@@ -114,7 +107,7 @@ class ModestPeer:
         if resume and checkpoint_exists(self.ckpt):
             state = load_checkpoint(self.ckpt)        # or checkpoint-i.prev.pt, if damaged
             self.params = state["params"]
-            self.trained, self.aggregated = int(state["trained"]), int(state["aggregated"])
+            self.box.trained, self.box.aggregated = int(state["trained"]), int(state["aggregated"])
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
             self.metrics.load_existing(1 << 62)        # every row: they are written after the work
 
@@ -169,65 +162,34 @@ class ModestPeer:
 
     def _deliver(self, r: int, purpose: int, arrival: Arrival) -> None:
         """File a model (under the lock); models for rounds this peer is done with are dropped."""
-        if r <= (self.trained if purpose == TRAIN else self.aggregated):
-            return
         arrival.t = time.monotonic()
-        self.inbox.setdefault((r, purpose), []).append(arrival)
+        self.box.deliver(r, purpose, arrival)
 
     # --- the event loop: act on the lowest round first, training before aggregating ----------
     def _loop(self) -> None:
-        if self.trained == 0 and self.node in sample(self.pool, self.cfg.seed, 1, self.algorithm.sample_size):
+        box = self.box
+        if box.trained == 0 and self.node in protocol.bootstrap(self.pool, self.cfg.seed, 1,
+                                                                self.algorithm.sample_size):
             with self.lock:      # round 1: no aggregate exists yet, every node holds the initial model
                 self._deliver(1, TRAIN, Arrival(self.node, self.params[0].clone(), 0))
         while True:
             with self.lock:
-                task = self._next_task(time.monotonic())
-                while task is None:
-                    now = time.monotonic()
-                    open_ = self._open_aggregations()
+                while (task := box.next_action(time.monotonic(), self.free_since)) is None:
+                    now, open_ = time.monotonic(), box.open_rounds()
                     if self.done_at is not None and not open_:
                         return
                     if now - max(self.last_heard, self.free_since) > self.stall_s and not open_:
                         log.warning("peer %d: heard nothing for %.0f s; the run stalled, stopping",
                                     self.node, self.stall_s)
                         return
-                    self.lock.wait(timeout=self._wait_s(now))
-                    task = self._next_task(time.monotonic())
-            task()
+                    self.lock.wait(timeout=box.wait_s(
+                        now, self.free_since, max(self.last_heard, self.free_since) + self.stall_s))
+            if isinstance(task, protocol.Train):
+                self._train(task.round, task.start)
+            else:
+                self._aggregate(task.round, task.arrivals)
             with self.lock:
                 self.free_since = time.monotonic()
-
-    def _open_aggregations(self) -> list[tuple[int, list[Arrival]]]:
-        return [(r, a) for (r, p), a in self.inbox.items() if p == AGGREGATE and r > self.aggregated]
-
-    def _wait_s(self, now: float) -> float:
-        """Until the next aggregation times out, or the stall limit (under the lock)."""
-        timeout = self.algorithm.timeout_s
-        ends = [max(a[-1].t, self.free_since) + timeout for _, a in self._open_aggregations()]
-        ends.append(max(self.last_heard, self.free_since) + self.stall_s)
-        return max(0.01, min(ends) - now)
-
-    def _next_task(self, now: float):
-        """The next ready task (under the lock): a model to train from, or a quorum (or a
-        timeout's worth of waiting; time spent busy does not count) to aggregate."""
-        timeout, ready = self.algorithm.timeout_s, []
-        for (r, purpose), arrivals in self.inbox.items():
-            if purpose == TRAIN and r > self.trained:
-                ready.append((r, purpose))
-            elif purpose == AGGREGATE and r > self.aggregated and (
-                    len(arrivals) >= self.quorum or now - max(arrivals[-1].t, self.free_since) >= timeout):
-                ready.append((r, purpose))
-        if not ready:
-            return None
-        r, purpose = min(ready)
-        arrivals = self.inbox.pop((r, purpose))
-        for key in [key for key in self.inbox if key[1] == purpose and key[0] < r]:
-            del self.inbox[key]                       # overtaken: those rounds are over
-        if purpose == TRAIN:
-            self.trained = r
-            return lambda: self._train(r, arrivals[0])
-        self.aggregated = r
-        return lambda: self._aggregate(r, arrivals[:self.quorum])
 
     # --- the work --------------------------------------------------------------------------------
     def _train(self, r: int, start: Arrival) -> None:
@@ -236,20 +198,17 @@ class ModestPeer:
         self.params = params
         samples = int(result.samples[0])
         self._checkpoint()
-        ranked = rank(self.everyone, self.cfg.seed, r + 1)       # round r's aggregator candidates
+        ranked = protocol.aggregators(self.everyone, self.cfg.seed, r)
         self._submit(self._send_model, r, AGGREGATE, ranked, self.algorithm.aggregators,
                      Arrival(self.node, params[0].clone(), samples),
                      {"train_loss": float(result.loss[0]), "samples": samples})
 
     def _aggregate(self, r: int, arrivals: list[Arrival]) -> None:
-        position = {int(j): i for i, j in enumerate(rank(self.pool, self.cfg.seed, r))}
-        arrivals = sorted(arrivals, key=lambda a: position.get(a.sender, len(position)))
-        models = torch.stack([a.tensor for a in arrivals])
-        weights = self.algorithm.model_weights(np.array([a.samples for a in arrivals]))
-        self.params = aggregate(models, weights).reshape(1, -1)
+        self.params = protocol.average(self.algorithm, torch.stack([a.tensor for a in arrivals]),
+                                       np.array([a.samples for a in arrivals])).reshape(1, -1)
         wall = _wall()
         if r < self.cfg.stop.rounds:       # feed round r + 1's trainers
-            self._submit(self._send_model, r + 1, TRAIN, rank(self.pool, self.cfg.seed, r + 1),
+            self._submit(self._send_model, r + 1, TRAIN, protocol.trainers(self.pool, self.cfg.seed, r + 1),
                          self.k, Arrival(self.node, self.params[0].clone(), 0), {})
         else:
             with self.lock:
@@ -258,7 +217,7 @@ class ModestPeer:
             if not told:
                 self._submit(self._broadcast_done, r)
         row = {"models": len(arrivals), "wall_time": wall,
-               "rank": int(np.flatnonzero(rank(self.everyone, self.cfg.seed, r + 1) == self.node)[0])}
+               "rank": int(np.flatnonzero(protocol.aggregators(self.everyone, self.cfg.seed, r) == self.node)[0])}
         if r % self.cfg.eval.every == 0 or r == self.cfg.stop.rounds:
             acc, loss = self.exp.evaluator.evaluate(self.params)
             row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
@@ -347,7 +306,7 @@ class ModestPeer:
 
     def _checkpoint(self) -> None:
         with self.lock:
-            state = {"params": self.params, "trained": self.trained, "aggregated": self.aggregated,
+            state = {"params": self.params, "trained": self.box.trained, "aggregated": self.box.aggregated,
                      "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
         save_checkpoint(self.ckpt, state)
 
@@ -370,11 +329,11 @@ class ModestPeer:
             self.stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
             with self.lock:
                 self.last_heard = self.free_since = time.monotonic()
-            self._record(max(self.trained, self.aggregated), "start")
+            self._record(max(self.box.trained, self.box.aggregated), "start")
             self._loop()
         finally:
             self.jobs.shutdown(wait=True)             # our last models and notices go out
             self.pushers.shutdown(wait=True)
-            self._record(max(self.trained, self.aggregated), "exit")
+            self._record(max(self.box.trained, self.box.aggregated), "exit")
             time.sleep(0.5)                           # and late ones reach us
             server.stop(grace=1.0).wait()

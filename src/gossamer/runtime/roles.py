@@ -3,8 +3,9 @@
 ``gossamer server`` builds ``COORDINATORS[pattern]`` (synchronous or asynchronous FL).
 
 ``gossamer peer`` builds ``PEER_ROLES[pattern]`` for the config's algorithm; ``gossamer launch``
-starts one such process per node and then calls ``MERGERS[pattern]`` (default: the D-PSGD
-merge of ``peers/metrics-<id>.csv``) to write the run's ``metrics.csv`` and ``summary.json``.
+starts one such process per node and then calls ``MERGER`` (``runtime/dl_merge.py``: the
+pattern's rows of ``protocols/dl_metrics.py`` from the peers' records) to write the run's
+``metrics.csv`` and ``summary.json``.
 A new pattern gets a runtime by adding its entries here ("module:attribute", imported lazily).
 A peer class takes ``(cfg, node_id, run_dir, *, listen, resume)`` and has ``run(peers_file)``.
 """
@@ -21,17 +22,13 @@ COORDINATORS: dict[str, str] = {
 
 PEER_ROLES: dict[str, str] = {
     "sync_dl": "gossamer.runtime.dl_peer:Peer",
-    "gradient_tracking": "gossamer.runtime.dl_peer:GradientTrackingPeer",
+    "gradient_tracking": "gossamer.runtime.tracking_peer:GradientTrackingPeer",
     "async_gossip": "gossamer.runtime.gossip_peer:GossipPeer",
     "sampled_dl": "gossamer.runtime.modest_peer:ModestPeer",
     "random_walk": "gossamer.runtime.walk_peer:WalkPeer",
 }
 
-MERGERS: dict[str, str] = {
-    "sampled_dl": "gossamer.runtime.modest_merge:merge_modest_metrics",
-    "random_walk": "gossamer.runtime.walk_merge:merge_walk_metrics",
-}
-DEFAULT_MERGER = "gossamer.runtime.dl_peer:merge_peer_metrics"
+MERGER = "gossamer.runtime.dl_merge:merge_metrics"
 
 
 def _load(target: str) -> Any:
@@ -51,7 +48,8 @@ def peer_class(pattern: str, algorithm: str) -> Any:
 
 
 def merger(pattern: str) -> Any:
-    return _load(MERGERS.get(pattern, DEFAULT_MERGER))
+    """What writes ``metrics.csv`` from the peers' records (one merger for every peer pattern)."""
+    return _load(MERGER)
 
 
 def make_coordinator(cfg: Any, run_dir: Any, *, resume: bool = False, listen: str | None = None) -> Any:

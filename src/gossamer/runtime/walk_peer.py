@@ -1,10 +1,9 @@
 """A random-walk (token) learning peer process over gRPC.
 
-A peer that receives a token (``runtime/walk_wire.py``: its model and, for SRRW, its visit
-counts) trains it on its shard with the simulator's trainer and data-order key
-``(r - 1) T + t`` (:func:`~gossamer.sim.drivers.random_walk.train_visits`), draws the next
-node with the simulator's counter-based draw ``uniform(seed, STREAM_RANDOM_WALK, t, r)`` and
-pushes the token there. Tokens never interact, so each walks at its own pace and its path,
+It executes :mod:`gossamer.protocols.random_walk` one token at a time. A peer that receives
+a token (``runtime/walk_wire.py``: its model and, for SRRW, its visit counts) trains it on
+its shard with data-order key ``(r - 1) T + t`` (``protocol.train_visits``), draws the next
+node with the protocol's draw and pushes the token there. Tokens never interact, so each walks at its own pace and its path,
 models and moves equal the simulated token's; nothing waits for a round boundary.
 
 A neighbour that cannot be reached within ``runtime.round_timeout_s`` (one second once it is
@@ -15,7 +14,7 @@ its holder flood a done notice over the graph; a peer exits once it knows every 
 done. A peer that fails floods an abort notice, so the others exit with an error instead of
 waiting for its tokens. Every visit appends a line to ``peers/visits-<id>.jsonl`` (token,
 hop, node, next node, bytes, wall seconds, and at evaluation hops the token's test accuracy
-and loss, with its model in ``peers/token-<t>-r<hop>.pt``); ``runtime/walk_merge.py`` turns
+and loss, with its model in ``peers/token-<t>-r<hop>.pt``); ``runtime/dl_merge.py`` turns
 them into the simulator's ``metrics.csv``.
 """
 
@@ -32,10 +31,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import save_checkpoint
+from gossamer.protocols import random_walk as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, parse
 from gossamer.runtime.common import limits, log, retry, security
@@ -48,7 +47,6 @@ from gossamer.runtime.walk_wire import (
     read_message,
     token_frames,
 )
-from gossamer.sim.drivers.random_walk import start_nodes, train_visits
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -82,13 +80,7 @@ class WalkPeer:
         self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
         self.exp = exp = build_experiment(cfg, population=False)
         self.algorithm = algo = exp.algorithm
-        if exp.adversary is not None and exp.adversary.model_attack:
-            raise ConfigError("adversary.attack", "random-walk learning does not support model "
-                              "attacks yet (data attacks such as label_flip work)")
-        try:
-            algo.check_degrees(exp.topology.degrees())
-        except ValueError as exc:
-            raise ConfigError("topology", str(exc)) from None
+        protocol.check(algo, exp.topology, exp.adversary, exp.dynamic)
         n = exp.num_nodes
         if not 0 <= node_id < n:
             raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
@@ -98,10 +90,8 @@ class WalkPeer:
         self.neighbors = [int(j) for j in exp.topology.neighbors(node_id)]
         self.tokens, self.rounds = algo.num_tokens, cfg.stop.rounds
         self.mu = algo.target(exp.topology.degrees())
-        weights = algo.step_weights(exp.trainer.sizes, self.mu)
-        reweighted = not np.allclose(weights[exp.trainer.sizes > 0], 1.0)
-        self.weights = weights if reweighted else None
-        self.start = start_nodes(cfg.seed, n, self.tokens)
+        self.weights = protocol.visit_weights(algo, exp.trainer.sizes, self.mu)
+        self.start = protocol.start_nodes(cfg.seed, n, self.tokens)
         self.inbox: queue.Queue[Token] = queue.Queue()
         self.lock = threading.Lock()
         self.done: set[int] = set()
@@ -191,18 +181,15 @@ class WalkPeer:
         exp, algo, t = self.exp, self.algorithm, token.id
         r = token.hops + 1
         node = np.array([self.node])
-        token.params, result = train_visits(exp.trainer, token.params, node,
-                                            np.array([(r - 1) * self.tokens + t]), self.weights)
+        token.params, result = protocol.train_visits(
+            exp.trainer, token.params, node, protocol.visit_keys(r, self.tokens, [t]), self.weights)
         token.visits[self.node] += 1
         token.hops = r
-        topo = exp.topology
-        cand = algo.candidates(topo.indptr, topo.indices, node)
-        probs = algo.kernel(cand, token.visits[None], self.mu)
-        u = rng.uniform(self.cfg.seed, rng.STREAM_RANDOM_WALK, np.array([t]), r)
-        allowed = cand.nodes >= 0
+        d = protocol.draw(algo, exp.topology, self.cfg.seed, [t], node, token.visits[None], self.mu, r)
+        allowed = d.cand.nodes >= 0
         frames, sent, failed = None, 0, []
         while True:
-            nxt = int(algo.choose(cand, probs, allowed, u)[0])
+            nxt = int(protocol.choose(algo, d, allowed)[0])
             if nxt < 0 or nxt == self.node:           # a self-loop, or nowhere left to go: stay
                 nxt = self.node
                 break
@@ -216,7 +203,7 @@ class WalkPeer:
                 break
             self.down.add(nxt)
             failed.append(nxt)
-            allowed &= cand.nodes != nxt                # redraw among the others, same uniform
+            allowed &= d.cand.nodes != nxt              # redraw among the others, same uniform
         record = {"token": t, "round": r, "node": self.node, "next": nxt, "bytes": sent,
                   "failed": failed, "time": time.monotonic() - self.t0,
                   "train_loss": float(result.loss[0]), "steps": int(result.steps[0])}

@@ -39,7 +39,7 @@ class ChocoDriver(SyncDLDriver):
         except ValueError as exc:
             raise ConfigError("algorithm.params.compressor_params", str(exc).splitlines()[0]) from None
         self.public = algo.init_public(self.params)
-        self.out_deg = np.bincount(self.link_src, minlength=exp.num_nodes)
+        self.out_deg = np.bincount(self.graph.src, minlength=exp.num_nodes)
         self._sizes: list[np.ndarray] = []      # this round's message sizes [N] per gossip step
 
     def _mix(self, mixing) -> None:
@@ -61,8 +61,8 @@ class ChocoDriver(SyncDLDriver):
         system = exp.system
         send_s, recv_s = np.zeros(n), np.zeros(n)
         for size in self._sizes:
-            per_link = size[self.link_src]
-            in_bytes = np.bincount(self.link_dst, weights=per_link, minlength=n).astype(np.int64)
+            per_link = size[self.graph.src]
+            in_bytes = np.bincount(self.graph.dst, weights=per_link, minlength=n).astype(np.int64)
             total = int(per_link.sum())
             self.bytes_up += total
             self.bytes_down += total

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng, wire
+from gossamer import wire
+from gossamer.protocols import dl_metrics
+from gossamer.protocols import gossip as protocol
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.messages import MessageStore
@@ -44,15 +46,15 @@ READ, WRITE, RESET, MERGE, TRAIN = 0, 1, 2, 3, 4     # model operations: (time, 
 
 
 class GossipDriver(SyncDLDriver):
-    """Runs :class:`~gossamer.algorithms.dl.gossip.GossipLearning`; one round = one period."""
+    """Executes :mod:`gossamer.protocols.gossip` for every node; one round = one period."""
 
-    columns = SyncDLDriver.columns + ["events", "messages_dropped"]
+    columns = dl_metrics.GOSSIP_COLUMNS
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
         algo, n = exp.algorithm, exp.num_nodes
         self.period = algo.period_s
-        self.dual = algo.clocks == "dual"
+        self.dual = not protocol.trains_on_arrival(algo)
         self.age = torch.zeros(n)
         self.updates = np.zeros(n, dtype=np.int64)
         self.busy_until: list[float] = [0.0] * n
@@ -109,32 +111,22 @@ class GossipDriver(SyncDLDriver):
         nodes, ks = np.array(picked, dtype=np.int64).T
         return dict(zip(nodes.tolist(), self._gaps(kind, nodes, ks), strict=True))
 
-    def _peer(self, node: int, k: int) -> int:
+    def _neighbours(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR out-neighbours of this period's graph (peer sampling: each node's view)."""
         dynamic = self.exp.dynamic
         if dynamic is None:
-            indptr, indices = self.exp.topology.indptr, self.exp.topology.indices
-        else:                        # this period's graph (peer sampling: the node's view)
-            links = dynamic.links(self.round + 1)
-            indptr, indices = links.out_indptr, links.out_indices
-        lo, hi = int(indptr[node]), int(indptr[node + 1])
-        if hi == lo:
-            return -1
-        u = rng.uniform_scalar(self.exp.cfg.seed, rng.STREAM_GOSSIP, node, k, 1)
-        return int(indices[lo + int(u * (hi - lo))])
+            return self.exp.topology.indptr, self.exp.topology.indices
+        links = dynamic.links(self.round + 1)
+        return links.out_indptr, links.out_indices
+
+    def _peer(self, node: int, k: int) -> int:
+        indptr, indices = self._neighbours()
+        return protocol.pick_peer(self.exp.cfg.seed, node, k, indices[indptr[node]:indptr[node + 1]])
 
     def _peers(self, nodes: np.ndarray, ks: np.ndarray) -> np.ndarray:
         """:meth:`_peer` for many wakes of this period at once, with the same draws (tested equal):
         the per-wake scalar draw is the largest cost of scheduling at scale."""
-        dynamic = self.exp.dynamic
-        if dynamic is None:
-            indptr, indices = self.exp.topology.indptr, self.exp.topology.indices
-        else:
-            links = dynamic.links(self.round + 1)
-            indptr, indices = links.out_indptr, links.out_indices
-        lo, hi = np.asarray(indptr)[nodes], np.asarray(indptr)[nodes + 1]
-        u = rng.uniform(self.exp.cfg.seed, rng.STREAM_GOSSIP, nodes, ks, 1)
-        pick = np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(indices) - 1, 0))
-        return np.where(hi > lo, np.asarray(indices)[pick] if len(indices) else -1, -1)
+        return protocol.pick_peers(self.exp.cfg.seed, nodes, ks, *self._neighbours())
 
     def _delay(self, sender: int, receiver: int, nbytes: int, key: int = 0) -> float:
         delay = self._latency[sender] + nbytes / self._bw_up[sender] + nbytes / self._bw_down[receiver]
@@ -162,7 +154,7 @@ class GossipDriver(SyncDLDriver):
             local.append(heapq.heappop(heap))        # popped in order: already a heap
         ops: list[tuple] = []
         algo = self.exp.algorithm
-        mode, nbytes, dual = algo.mode, self.exp.message_bytes, self.dual
+        (push, pull), nbytes, dual = protocol.exchange(algo.mode), self.exp.message_bytes, self.dual
         gaps = {WAKE: self._due_gaps(local, WAKE), TICK: self._due_gaps(local, TICK) if dual else {}}
         due = [(e[3], e[4]) for e in local if e[2] == WAKE]      # each node has one pending wake
         nodes, ks = np.array(due, dtype=np.int64).reshape(-1, 2).T
@@ -188,14 +180,14 @@ class GossipDriver(SyncDLDriver):
                     peer = self._peer(node, a)
                 if not online[node] or peer < 0 or not (direct or self._reachable(t, node, peer)):
                     continue
-                if mode == "pull":
+                if not push:
                     self.bytes_up += wire.HEADER_BYTES
                     self.node_bytes[node] += wire.HEADER_BYTES
                     self._push(t + self._delay(node, peer, wire.HEADER_BYTES, -1 - a), REQUEST, peer, node, 0)
                 else:
-                    self._send(ops, t, node, peer, reply_to=node if mode == "push_pull" else -1)
+                    self._send(ops, t, node, peer, reply_to=node if pull else -1)
             elif kind == TICK:                          # start a local update if online and idle
-                if not online[node] or busy[node] > t:
+                if not protocol.tick_trains(online[node], busy[node] > t):
                     self.compute_skipped += 1
                     continue
                 busy[node] = done = t + self._compute_time(node)

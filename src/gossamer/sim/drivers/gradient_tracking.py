@@ -19,7 +19,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.local import LocalObjective
-from gossamer.config import ConfigError
+from gossamer.protocols.sync_dl import check_gradient_tracking
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.topology import to_torch_sparse
@@ -32,13 +32,7 @@ class GradientTrackingDriver(SyncDLDriver):
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
         algo = exp.algorithm
-        if self.gathered:
-            raise ConfigError("adversary.attack", "gradient tracking does not support model attacks "
-                              "yet (data attacks such as label_flip work)")
-        empty = int((~self.has_data).sum())
-        if empty:
-            raise ConfigError("partition", f"gradient tracking needs data at every node; {empty} "
-                              "nodes hold none (relay-only nodes have no gradient to track)")
+        check_gradient_tracking(exp.trainer.sizes, self.gathered)
         self.correction = algo.init_correction(exp.num_nodes, exp.spec.numel, self.params.dtype)
         self.message_bytes = wire.encoded_size(algo.message_vectors * exp.spec.numel)
         self.lr = exp.trainer.optimizer.lr

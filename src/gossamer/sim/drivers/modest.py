@@ -23,15 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.algorithms.dl.modest import Probe, aggregate, probe, quorum_mask, rank, sample
+from gossamer.algorithms.dl.modest import Probe, aggregate, probe, quorum_mask
+from gossamer.protocols import dl_metrics
+from gossamer.protocols import modest as protocol
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
 from gossamer.training.trainer import TrainResult
 
 
 class ModestDriver(Driver):
-    columns = Driver.columns + ["participants", "aggregators", "timeouts", "view_size",
-                                "bytes_per_node_mean", "bytes_per_node_max"]
+    """Executes :mod:`gossamer.protocols.modest` for a whole round at once."""
+
+    columns = dl_metrics.MODEST_COLUMNS
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
@@ -97,10 +100,10 @@ class ModestDriver(Driver):
         pool = np.flatnonzero(view & self.has_data)
         bootstrap = len(self.agg_ids) == 0   # no aggregate yet: sampled nodes start from the initial model
         if bootstrap:
-            ids = sample(pool, seed, r, algo.sample_size)
+            ids = protocol.bootstrap(pool, seed, r, algo.sample_size)
             ids = ids[alive[ids]]
         else:
-            ranked = rank(pool, seed, r)
+            ranked = protocol.trainers(pool, seed, r)
             trainers = probe(ranked, alive[ranked], algo.sample_size)
             ids = trainers.chosen
         if len(ids) == 0:
@@ -153,7 +156,7 @@ class ModestDriver(Driver):
         t1 = float(done.min())
         alive = self._alive(t1)
         delivering = alive[ids]                              # trainers gone by now deliver nothing
-        ranked = rank(np.flatnonzero(view), seed, r + 1)
+        ranked = protocol.aggregators(np.flatnonzero(view), seed, r)
         aggs = probe(ranked, alive[ranked], algo.aggregators)
         self.timeouts += int(delivering.sum()) * len(aggs.skipped)
         if len(aggs.chosen) == 0 or not delivering.any():
@@ -209,8 +212,7 @@ class ModestDriver(Driver):
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
                    participants=self.participants, aggregators=self.num_aggregators,
                    timeouts=self.timeouts, view_size=int(self.view.sum()),
-                   bytes_per_node_mean=float(self.node_bytes.mean()),
-                   bytes_per_node_max=int(self.node_bytes.max()))
+                   **dl_metrics.node_bytes_row(self.node_bytes))
         return row
 
     def global_params(self) -> torch.Tensor:

@@ -22,61 +22,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng, wire
-from gossamer.algorithms.dl.random_walk import total_variation
-from gossamer.config import ConfigError
+from gossamer import wire
+from gossamer.protocols import dl_metrics
+from gossamer.protocols import random_walk as protocol
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
-from gossamer.training.trainer import BatchedTrainer, TrainResult
-
-
-def start_nodes(seed: int, num_nodes: int, tokens: int) -> np.ndarray:
-    """Where the tokens start ``[T]``: distinct random nodes when there are enough of them."""
-    g = rng.generator(seed, rng.STREAM_RANDOM_WALK, 0)
-    start = g.permutation(num_nodes)[:tokens] if tokens <= num_nodes else g.integers(0, num_nodes, tokens)
-    return np.asarray(start, dtype=np.int64)
-
-
-def train_visits(trainer: BatchedTrainer, rows: torch.Tensor, nodes: np.ndarray, keys: np.ndarray,
-                 weights: np.ndarray | None) -> tuple[torch.Tensor, TrainResult]:
-    """Train the tokens ``rows`` ``[B, P]`` visiting ``nodes`` with data-order ``keys``; with
-    ``weights`` ``[N]`` (reweighting) each visit's displacement is scaled by its node's weight.
-    The simulator and a runtime peer (a batch of one) both call this."""
-    before = rows.clone() if weights is not None else None
-    result = trainer.train(rows, nodes, keys, inplace=True)
-    if before is not None:                     # importance weight on the visit's displacement
-        w = torch.from_numpy(weights[nodes]).to(rows.dtype).unsqueeze(1)
-        rows = torch.lerp(before, rows, w)
-    return rows, result
 
 
 class RandomWalkDriver(Driver):
-    """Runs :class:`~gossamer.algorithms.dl.random_walk.RandomWalk`; one round = one hop per token."""
+    """Executes :mod:`gossamer.protocols.random_walk` for every token at once; one round = one
+    hop per token."""
 
-    columns = Driver.columns + ["acc_min", "acc_max", "avg_model_accuracy", "avg_model_loss",
-                                "visits", "visit_tv", "visit_tv_token", "online", "token_skips",
-                                "tokens_waiting", "lost_messages"]
+    columns = dl_metrics.WALK_COLUMNS
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
         algo, topo, n = exp.algorithm, exp.topology, exp.num_nodes
-        if exp.adversary is not None and exp.adversary.model_attack:
-            raise ConfigError("adversary.attack", "random-walk learning does not support model "
-                              "attacks yet (data attacks such as label_flip work)")
-        if getattr(exp, "dynamic", None) is not None:
-            raise ConfigError("topology", "random-walk learning needs a static graph (a graph "
-                              "per round is not supported yet)")
-        try:
-            algo.check_degrees(topo.degrees())
-        except ValueError as exc:
-            raise ConfigError("topology", str(exc)) from None
+        protocol.check(algo, topo, exp.adversary, getattr(exp, "dynamic", None))
         self.tokens = algo.num_tokens
         self.mu = algo.target(topo.degrees())
-        self.weights = algo.step_weights(exp.trainer.sizes, self.mu)
-        self.reweighted = not np.allclose(self.weights[exp.trainer.sizes > 0], 1.0)
+        self.weights = protocol.visit_weights(algo, exp.trainer.sizes, self.mu)
         history = wire.encoded_size(n, torch.int32) if algo.self_repellent else 0
         self.hop_bytes = exp.message_bytes + history     # the model, plus SRRW's visit counts
-        self.position = start_nodes(exp.cfg.seed, n, self.tokens)
+        self.position = protocol.start_nodes(exp.cfg.seed, n, self.tokens)
         init = exp.init_params
         self.params = (init.expand(self.tokens, -1) if init.dim() == 1
                        else init[torch.from_numpy(self.position)]).clone()
@@ -115,18 +83,16 @@ class RandomWalkDriver(Driver):
             samples[here] = self._train(tokens[here], pos[here], r)
         topo, faults = exp.topology, exp.faults
         with self.timer("communicate_s"):
-            cand = algo.candidates(topo.indptr, topo.indices, pos)
-            probs = algo.kernel(cand, self.visits[tokens], self.mu)
-            safe = np.maximum(cand.nodes, 0)
-            allowed = (cand.nodes >= 0) & online[safe]
+            d = protocol.draw(algo, topo, exp.cfg.seed, tokens, pos, self.visits[tokens], self.mu, r)
+            safe = np.maximum(d.cand.nodes, 0)
+            allowed = online[safe]
             faulty = faults is not None and faults.enabled
             if faulty:
                 allowed &= faults.connected(self.sim_time, pos[:, None], safe)
-            u = rng.uniform(exp.cfg.seed, rng.STREAM_RANDOM_WALK, tokens, r)
-            nxt = algo.choose(cand, probs, allowed, u)
+            nxt = protocol.choose(algo, d, allowed)
         nxt = np.where(nxt < 0, pos, nxt)
         moved = nxt != pos
-        key = (r - 1) * self.tokens + tokens                  # one message id per (round, token)
+        key = protocol.visit_keys(r, self.tokens, tokens)      # one message id per (round, token)
         lost = faults.lost(key, pos, nxt) & moved if faulty else np.zeros(len(tokens), dtype=bool)
         delivered = moved & ~lost
         self.bytes_up += int(moved.sum()) * self.hop_bytes
@@ -141,9 +107,8 @@ class RandomWalkDriver(Driver):
         exp = self.exp
         idx = torch.from_numpy(tokens)
         with self.timer("train_s"):
-            rows, result = train_visits(exp.trainer, self.params[idx], nodes,
-                                        (r - 1) * self.tokens + tokens,
-                                        self.weights if self.reweighted else None)
+            rows, result = protocol.train_visits(exp.trainer, self.params[idx], nodes,
+                                                 protocol.visit_keys(r, self.tokens, tokens), self.weights)
         self.params[idx] = rows
         np.add.at(self.visits, (tokens, nodes), 1)
         trained = result.steps > 0
@@ -169,21 +134,12 @@ class RandomWalkDriver(Driver):
     def evaluate(self) -> dict[str, Any]:
         row = self.base_row()
         with self.timer("eval_s"):
-            acc, loss = self.exp.evaluator.evaluate(self.params)
-            row.update(test_accuracy=float(acc.mean()), test_loss=float(loss.mean()),
-                       acc_min=float(acc.min()), acc_max=float(acc.max()))
+            evaluate = self.exp.evaluator.evaluate
+            row.update(dl_metrics.accuracy_row(*evaluate(self.params), median=False))
             if self.exp.cfg.eval.average_model:
-                avg_acc, avg_loss = self.exp.evaluator.evaluate(self.params.mean(0, keepdim=True))
-                row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]))
-        per_token = self.visits.sum(axis=1)
-        total = int(per_token.sum())
-        row.update(visits=total, online=int(self.last_online.sum()), token_skips=self.skips,
-                   tokens_waiting=self.waiting, lost_messages=self.lost)
-        if total:
-            row["visit_tv"] = float(total_variation(self.visits.sum(axis=0) / total, self.mu))
-            seen = per_token > 0
-            freq = self.visits[seen] / per_token[seen, None]
-            row["visit_tv_token"] = float(total_variation(freq, self.mu).mean())
+                row.update(dl_metrics.average_model_row(evaluate, self.params.mean(0, keepdim=True)))
+        row.update(dl_metrics.visit_row(self.visits, self.mu), online=int(self.last_online.sum()),
+                   token_skips=self.skips, tokens_waiting=self.waiting, lost_messages=self.lost)
         return row
 
     def global_params(self) -> torch.Tensor:

@@ -15,18 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gossamer.config import ConfigError
+from gossamer.protocols import dl_metrics
+from gossamer.protocols import sync_dl as protocol
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gathered import MergeStats, gathered_merge
-from gossamer.topology import (
-    mixing_matrix,
-    renormalize_for_available,
-    to_torch_sparse,
-    window_links,
-    window_spectral_gap,
-    without_links,
-)
+from gossamer.topology import mixing_matrix, to_torch_sparse, window_links, window_spectral_gap
 from gossamer.training.evaluator import local_losses
 
 if TYPE_CHECKING:
@@ -34,10 +28,9 @@ if TYPE_CHECKING:
 
 
 class SyncDLDriver(Driver):
-    columns = Driver.columns + ["acc_min", "acc_median", "acc_max", "avg_model_accuracy",
-                                "avg_model_loss", "consensus_distance", "online", "isolated",
-                                "lost_messages", "merges_skipped", "bytes_per_node_mean",
-                                "bytes_per_node_max"]
+    """Executes :mod:`gossamer.protocols.sync_dl` over the whole population at once."""
+
+    columns = dl_metrics.SYNC_DL_COLUMNS
 
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
@@ -47,10 +40,9 @@ class SyncDLDriver(Driver):
         self._spare: torch.Tensor | None = None      # mixing output buffer, reused every round
         self.degrees = exp.topology.degrees()
         self.has_data = exp.trainer.sizes > 0
-        topo = exp.topology
-        self.link_dst = np.repeat(np.arange(n), np.diff(topo.indptr))   # directed links src -> dst
-        self.link_src = topo.indices.astype(np.int64)
-        self.mixing, self.mixing_scipy = exp.mixing, exp.mixing_scipy   # dynamic: set every round
+        self.static = protocol.static_graph(exp.topology, exp.mixing_scipy)
+        self.graph = self.static                                        # dynamic: set every round
+        self.mixing = exp.mixing                                        # its torch form
         self.node_bytes = np.zeros(n, dtype=np.int64)   # bytes each node sent plus received
         self.last_online = np.ones(n, dtype=bool)
         self.isolated = self.lost = self.skipped = 0
@@ -67,41 +59,27 @@ class SyncDLDriver(Driver):
             self.honest = ~adv.byzantine
             self.eval_nodes = self.eval_nodes[self.honest[self.eval_nodes]]
         self.aggregator = getattr(exp.algorithm, "aggregator", "mean")
-        self.gathered = self.aggregator != "mean" or (adv is not None and adv.model_attack)
+        self.gathered = protocol.gathered(exp.algorithm, adv)
         self.message_bytes = exp.message_bytes          # per gossip message (subclasses: more vectors)
         self.round_gossip_steps = getattr(exp.algorithm, "gossip_steps", 1)   # set every round
-        _check_final_merge(exp, self.gathered)
+        protocol.check_final_merge(exp.algorithm, exp.cfg, self.gathered)
 
     # --- who hears whom this round -------------------------------------------------------------
     def _use_round_graph(self, r: int) -> None:
         """A dynamic topology's links and mixing matrix for round ``r`` (a static one's are fixed)."""
-        dynamic = self.exp.dynamic
-        if dynamic is None:
-            return
-        links = dynamic.links(r)
-        self.link_src, self.link_dst = links.src, links.dst
-        self.mixing_scipy = mixing_matrix(self.exp.cfg.topology.mixing, dynamic.graph(r))
-        self.mixing = to_torch_sparse(self.mixing_scipy)
+        if self.exp.dynamic is not None:
+            self.graph = protocol.round_graph(self.static, self.exp.dynamic, self.exp.cfg.topology.mixing, r)
+            self.mixing = to_torch_sparse(self.graph.mixing)
 
     def _links(self, online: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Masks over the directed links: sent (both ends up, not cut by a partition), delivered."""
-        src, dst = self.link_src, self.link_dst
+        src, dst = self.graph.src, self.graph.dst
         sent = online[src] & online[dst]
         faults = self.exp.faults
         if not faults.enabled:
             return sent, sent
         sent &= faults.connected(self.sim_time, src, dst)
         return sent, sent & ~faults.lost(r, src, dst)
-
-    def _round_mixing(self, online: np.ndarray, delivered: np.ndarray):
-        """This round's mixing matrix (scipy), or None when it is the topology's own."""
-        if online.all() and delivered.all():
-            return None
-        w = renormalize_for_available(self.mixing_scipy, online)
-        missing = online[self.link_src] & online[self.link_dst] & ~delivered
-        if missing.any():
-            w = without_links(w, self.link_dst[missing], self.link_src[missing])
-        return w
 
     def _restart(self, nodes: np.ndarray) -> None:
         """Nodes that rejoin with a fresh model start again from the initial parameters."""
@@ -136,14 +114,14 @@ class SyncDLDriver(Driver):
                 self.train_loss = float(result.loss.mean())
         self._use_round_graph(r)
         sent, delivered = self._links(online, r)
-        mixing = self._round_mixing(online, delivered)
+        mixing = protocol.round_mixing(self.graph, online, delivered)
         with self.timer("communicate_s"):
             if self.gathered:
                 self._merge_gathered(mixing, online, r)
             else:
                 self._mix(mixing)
         self._account(online, samples, sent, delivered, r)
-        if getattr(exp.algorithm, "final_merge", False) and r == exp.cfg.stop.rounds:
+        if protocol.final_merge_due(exp.algorithm, r, exp.cfg.stop.rounds):
             with self.timer("communicate_s"):
                 self._final_merge(online)
         self.round = r
@@ -188,7 +166,7 @@ class SyncDLDriver(Driver):
     def _merge_gathered(self, mixing, online: np.ndarray, r: int) -> None:
         """Robust merge and/or Byzantine messages: each honest online node merges what it holds."""
         exp, adv = self.exp, self.exp.adversary
-        w = self.mixing_scipy if mixing is None else mixing
+        w = self.graph.mixing if mixing is None else mixing
         receivers = np.flatnonzero(online & self.honest)
         stats = MergeStats()
         attack = adv is not None and adv.model_attack
@@ -209,8 +187,8 @@ class SyncDLDriver(Driver):
         """Bytes, lost messages, isolated nodes and the round's simulated duration."""
         exp, faults, n = self.exp, self.exp.faults, self.exp.num_nodes
         steps, nbytes = self.round_gossip_steps, self.message_bytes
-        out_deg = np.bincount(self.link_src[sent], minlength=n)
-        in_deg = np.bincount(self.link_dst[delivered], minlength=n)
+        out_deg = np.bincount(self.graph.src[sent], minlength=n)
+        in_deg = np.bincount(self.graph.dst[delivered], minlength=n)
         self.bytes_up += int(sent.sum()) * steps * nbytes
         self.bytes_down += int(delivered.sum()) * steps * nbytes
         self.node_bytes += (out_deg + in_deg) * (steps * nbytes)
@@ -221,8 +199,8 @@ class SyncDLDriver(Driver):
         spike = np.zeros(n)
         if faults.enabled:
             compute_s = compute_s * faults.slowdown(r, nodes)
-            extra = faults.extra_delay(r, self.link_src[sent], self.link_dst[sent])
-            np.maximum.at(spike, self.link_dst[sent], extra)
+            extra = faults.extra_delay(r, self.graph.src[sent], self.graph.dst[sent])
+            np.maximum.at(spike, self.graph.dst[sent], extra)
         send_s = steps * (out_deg * nbytes / exp.system.bandwidth_up_Bps + exp.system.latency_s)
         recv_s = steps * in_deg * nbytes / exp.system.bandwidth_down_Bps
         node_s = compute_s + np.maximum(send_s, recv_s) + spike
@@ -243,21 +221,14 @@ class SyncDLDriver(Driver):
             up = nodes[self.last_online[nodes]]
             nodes = up if len(up) else nodes
         with self.timer("eval_s"):
-            acc, loss = self.exp.evaluator.evaluate(self.params[nodes])
+            evaluate = self.exp.evaluator.evaluate
+            acc, loss = evaluate(self.params[nodes])
             population = self.params if self.honest.all() else self.params[torch.from_numpy(self.honest)]
-            mean = population.mean(0, keepdim=True)
-            consensus = consensus_distance(population, mean)
-            row.update(test_accuracy=float(acc.mean()), test_loss=float(loss.mean()),
-                       acc_min=float(acc.min()), acc_median=float(acc.median()),
-                       acc_max=float(acc.max()), consensus_distance=consensus,
-                       online=int(self.last_online.sum()), isolated=self.isolated,
-                       lost_messages=self.lost, merges_skipped=self.skipped,
-                       bytes_per_node_mean=float(self.node_bytes.mean()),
-                       bytes_per_node_max=int(self.node_bytes.max()))
+            row.update(dl_metrics.accuracy_row(acc, loss), online=int(self.last_online.sum()),
+                       isolated=self.isolated, lost_messages=self.lost, merges_skipped=self.skipped,
+                       **dl_metrics.node_bytes_row(self.node_bytes))
             self.node_accuracy = (np.asarray(nodes), acc.cpu().numpy())         # -> nodes.csv
-            if self.exp.cfg.eval.average_model:
-                avg_acc, avg_loss = self.exp.evaluator.evaluate(mean)
-                row.update(avg_model_accuracy=float(avg_acc[0]), avg_model_loss=float(avg_loss[0]))
+            row.update(dl_metrics.consensus_row(evaluate, population, self.exp.cfg.eval.average_model))
         return row
 
     def global_params(self) -> torch.Tensor:
@@ -297,35 +268,3 @@ class SyncDLDriver(Driver):
                 "links_per_round_first_window": float(np.mean(
                     [links.num_links for links in window_links(dynamic)])), **out}
 
-
-def _check_final_merge(exp: Experiment, gathered: bool) -> None:
-    """``final_merge`` averages every model after round ``stop.rounds``: refuse set-ups where
-    that run end may not come or one exact average cannot be formed."""
-    if not getattr(exp.algorithm, "final_merge", False):
-        return
-    stop = exp.cfg.stop
-    if stop.max_sim_time_s is not None:
-        raise ConfigError("stop.max_sim_time_s", "final_merge merges after round stop.rounds; a run "
-                          "that may stop earlier would never merge: unset max_sim_time_s")
-    if stop.target_accuracy is not None and stop.stop_at_target:
-        raise ConfigError("stop.stop_at_target", "final_merge merges after round stop.rounds; a run "
-                          "that stops at the target would never merge: set stop_at_target: false")
-    if gathered:
-        raise ConfigError("algorithm.params.final_merge", "the global merge is a plain average: it "
-                          "does not combine with a robust aggregator or model attacks")
-    if exp.cfg.faults.partitions:
-        raise ConfigError("faults.partitions", "final_merge's all-reduce needs every online node to "
-                          "reach every other: not supported with network partitions")
-
-
-def consensus_distance(params: torch.Tensor, mean: torch.Tensor, chunk_bytes: int = 16 << 20) -> float:
-    """(1/N) sum_i ||x_i - mean||^2, in row chunks so no population-sized temporary is made.
-
-    Kong et al., "Consensus Control for Decentralized Deep Learning", ICML 2021.
-    """
-    rows = max(1, chunk_bytes // (params.shape[1] * params.element_size()))
-    total = 0.0
-    for start in range(0, params.shape[0], rows):
-        diff = params[start:start + rows] - mean
-        total += float(diff.square_().sum())
-    return total / params.shape[0]
