@@ -10,7 +10,9 @@ from gossamer.algorithms.dl.modest import MoDeST
 from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
 from gossamer.algorithms.fl.async_fl import FedAsync, FedBuff, FedFix
+from gossamer.algorithms.fl.favano import FAVANO
 from gossamer.algorithms.fl.fedamd import FedAMD
+from gossamer.algorithms.fl.fedast import FedAST
 from gossamer.algorithms.fl.fedavg import (
     FedAdagrad,
     FedAdam,
@@ -21,6 +23,7 @@ from gossamer.algorithms.fl.fedavg import (
     FedYogi,
 )
 from gossamer.algorithms.fl.fedcompass import FedCompass
+from gossamer.algorithms.fl.general_theory import AsyncFedAvg
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.algorithms.fl.zo import ZOFedAvg
 from gossamer.registry import Registry
@@ -49,6 +52,9 @@ ALGORITHMS.register("fedfix")(FedFix)
 ALGORITHMS.register("fedcompass")(FedCompass)
 ALGORITHMS.register("afa_cd")(AFACD)
 ALGORITHMS.register("afa_cs")(AFACS)
+ALGORITHMS.register("async_fedavg")(AsyncFedAvg)
+ALGORITHMS.register("favano")(FAVANO)
+ALGORITHMS.register("fedast")(FedAST)
 ALGORITHMS.register("random_walk")(RandomWalk)
 ALGORITHMS.register("srrw")(SRRW)
 ALGORITHMS.register("zo_fedavg")(ZOFedAvg)

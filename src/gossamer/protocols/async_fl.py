@@ -145,7 +145,7 @@ class AsyncFLProtocol(CompassGroups):
     def dispatch(self, candidates: np.ndarray, t: float) -> list[Task]:
         """Clients ``candidates`` (ascending ids) ask for work at ``t``: start tasks for those the
         rule lets start, at most the free slots (a counter-based uniform choice when more ask)."""
-        algo = self.algorithm
+        algo, candidates = self.algorithm, np.asarray(candidates, dtype=np.int64)
         if self.stopped:
             return []
         ok = self.has_data[candidates] & ~self.busy()[candidates]
@@ -153,7 +153,7 @@ class AsyncFLProtocol(CompassGroups):
             ok &= self.invited[candidates]
         if algo.self_dispatch:
             ok &= self.ready_s[candidates] <= t
-        nodes, free = np.asarray(candidates, dtype=np.int64)[ok], self.concurrency - len(self.tasks)
+        nodes, free = candidates[ok], self.concurrency - len(self.tasks)
         if free <= 0 or len(nodes) == 0:
             return []
         if len(nodes) > free:
