@@ -4,7 +4,9 @@ import json
 import signal
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from gossamer.cli import main
 from tests.conftest import small_config
@@ -71,3 +73,117 @@ def test_fedcompass_server_restart_continues_from_its_checkpoint(write_config, t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["server_updates"] == 8 and summary["algorithm"] == "fedcompass"
     assert sum(summary["staleness_histogram"].values()) == summary["accepted_updates"]
+
+
+# --- parity without a wall-clock race: the runtime executor replays the simulator's events -------
+def _record_events(driver) -> list[tuple]:
+    """Log every event the simulator's protocol receives, in order, with its time."""
+    p, log = driver.protocol, []
+    dispatch, arrival, lost, timer = p.dispatch, p.arrival, p.lost, p.timer
+
+    def spy_dispatch(candidates, t):
+        started = dispatch(candidates, t)
+        log.append(("ask", t, [x.client for x in started], sorted(set(np.asarray(candidates).tolist())
+                                                                   - {x.client for x in started})))
+        return started
+
+    p.dispatch = spy_dispatch
+    p.arrival = lambda c, t, m: (log.append(("up", t, c)), arrival(c, t, m))[1]
+    p.lost = lambda c, t: (log.append(("lost", t, c)), lost(c, t))[1]
+    p.timer = lambda t: (log.append(("tick", t)), timer(t))[1]
+    return log
+
+
+def _updates(protocol) -> list[tuple]:
+    """Record every update the protocol applies: (clients, staleness, params after)."""
+    seen, apply = [], protocol._apply
+
+    def spy(entries):
+        step = apply(entries)
+        seen.append((step.update[0].tolist(), step.update[1].tolist(), protocol.state.params.clone()))
+        return step
+
+    protocol._apply = spy
+    return seen
+
+
+PARITY_SYSTEM = {"sample_time_s": {"dist": "per_node", "values": [0.0005, 0.001, 0.002, 0.004]},
+                 "latency_s": {"dist": "constant", "value": 0.01}}
+
+
+@pytest.mark.parametrize("name,params", [("fedcompass", {"max_local_steps": 8}),
+                                         ("afa_cd", {"buffer_size": 2, "max_local_steps": 6, "think_time_s": 0.05}),
+                                         ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4})])
+def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params):
+    """FedCompass groups and AFA think times, parity without real time: the simulator runs and
+    its event log (asks, uploads, timers, with simulated times) is replayed into an in-process
+    AsyncCoordinator whose clock reads the scripted time. Each ask goes through ``_task`` one
+    client at a time (the runtime's first come, first served, in the simulator's order); each
+    upload is what a runtime client computes from the task header and the frames it was sent
+    (``Client._train_and_send``), delivered through ``_accept``; timers fire through ``_timers``.
+    The coordinator must start the same tasks (key, steps), refuse the same asks, and apply the
+    same updates: same clients and staleness, models equal to float rounding (batched against
+    single-row training)."""
+    from gossamer import config
+    from gossamer.runtime import schema
+    from gossamer.runtime.async_server import AsyncCoordinator
+    from gossamer.runtime.codec import parse, read_model
+    from gossamer.runtime.fl_client import Client
+    from gossamer.sim.drivers import driver_for
+    from gossamer.sim.experiment import build_experiment
+
+    raw = _cfg(name, 12, **params)
+    raw["system"] = PARITY_SYSTEM
+    raw["runtime"]["round_timeout_s"] = 1e9                  # no task is lost to the wall clock
+    cfg = config.validate(raw)
+    exp = build_experiment(cfg)
+    sim = driver_for(exp.algorithm.pattern)(exp)
+    log, sim_updates = _record_events(sim), _updates(sim.protocol)
+    for _ in range(12):
+        sim.run_round()
+    assert sim.state.version == 12
+
+    coordinator = AsyncCoordinator(cfg, tmp_path / "run")
+    now = [0.0]
+    coordinator.clock = lambda: now[0]
+    clients = {i: Client(cfg, i, server="127.0.0.1:1") for i in range(4)}
+    sent: dict[int, tuple] = {}
+    for i, client in clients.items():
+        client._send = lambda message, round_, *rest, i=i: sent.__setitem__(i, (round_, message))
+    with coordinator.lock:
+        coordinator.protocol.restart(0.0)
+        coordinator.running = True
+    runtime_updates = _updates(coordinator.protocol)
+    tasks: dict[int, tuple] = {}
+    for event in log:
+        kind, now[0] = event[0], event[1]
+        if kind == "ask":
+            for node in event[2]:                            # started, in the simulator's order
+                with coordinator.lock:
+                    header, frames = coordinator._task(node)
+                assert header.kind == schema.TaskHeader.TRAIN
+                _, start = read_model(parse(schema.TaskFrame, f).model for f in frames)
+                tasks[node] = (int(header.round), start.float(), int(header.steps))
+            for node in set(event[3]) - set(coordinator.tasks):   # refused there, refused here
+                with coordinator.lock:
+                    assert coordinator._task(node)[0].kind == schema.TaskHeader.WAIT
+        elif kind == "up":
+            key, start, steps = tasks.pop(event[2])
+            clients[event[2]]._train_and_send(key, start, steps)
+            round_, message = sent.pop(event[2])
+            meta = schema.TaskHeader(round=round_)            # _accept reads meta.round only
+            coordinator._accept(event[2], None, meta, message.float().clone(), 4 * message.numel())
+        elif kind == "tick":
+            with coordinator.lock:
+                coordinator._timers(now[0])
+        else:
+            raise AssertionError(f"unexpected event {event}")
+    assert [(c, s) for c, s, _ in runtime_updates] == [(c, s) for c, s, _ in sim_updates]
+    for (_, _, ours), (_, _, theirs) in zip(runtime_updates, sim_updates, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    if name == "fedcompass":
+        assert max(len(c) for c, _, _ in sim_updates) > 1       # groups did form
+        assert np.allclose(coordinator.protocol.schedule.speed, sim.protocol.schedule.speed)
+    ours, theirs = coordinator.acct.summary(), sim.acct.summary()
+    for key in ("participation", "staleness_histogram", "discarded_stale", "client_idle_s"):
+        assert ours[key] == pytest.approx(theirs[key]), key
