@@ -1,24 +1,14 @@
 """The run's ``metrics.csv``, ``summary.json`` and ``model.pt`` from what decentralized peers recorded.
 
-One merger for every peer pattern: it reads the peers' records (``peers/``), builds each row
-with the pattern's row builders of :mod:`gossamer.protocols.dl_metrics` (the simulator's
-drivers build theirs with the same functions, so the columns mean the same) and writes them.
-
-- ``sync_dl``, ``gradient_tracking``, ``async_gossip`` (``peers/metrics-<id>.csv``): per
-  evaluated round, the peers' accuracy spread, summed bytes, the slowest peer's wall time,
-  and the consensus distance and average model of the models the peers saved at that round.
-- ``sampled_dl`` (MoDeST: ``peers/metrics-<id>.csv`` with a ``role`` column): per evaluated
-  round, the first aggregator's model (the lowest in round ``r + 1``'s ranking, as the
-  simulator evaluates ``aggregates[0]``), the round's trainers, aggregators and timeouts,
-  model bytes of every message of rounds ``<= r`` (counted once sent, once received; DONE
-  notices left out), wall seconds from the first peer's start, and each peer's own byte
-  counters at that moment.
-- ``random_walk`` (``peers/visits-<id>.jsonl``): a row for hop ``r`` holds the tokens' models
-  after ``r`` hops, whenever each got there; the visit statistics come from the paths as in
-  the simulator. ``online``, ``token_skips``, ``tokens_waiting`` and ``lost_messages``
-  describe simulated availability and faults and stay empty.
-
-Peers that died (``killed``) count for what they recorded.
+One merger for every peer pattern: it reads the peers' records in ``peers/`` and builds each
+row with the pattern's builders in :mod:`gossamer.protocols.dl_metrics`, as the simulator's
+drivers do. ``sync_dl``, ``gradient_tracking`` and ``async_gossip`` rows hold the peers'
+accuracy spread, summed bytes, the slowest peer's wall time, and the consensus of the models
+saved at that round; ``sampled_dl`` rows the first aggregator's model (lowest in round
+``r + 1``'s ranking), the round's trainers, aggregators and timeouts, model bytes so far and
+wall seconds; ``random_walk`` rows the tokens after ``r`` hops, whenever each got there, and
+the visit statistics of their paths (the availability and fault columns stay empty). Peers
+that died (``killed``) count for what they recorded.
 """
 
 from __future__ import annotations

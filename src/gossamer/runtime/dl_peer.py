@@ -1,27 +1,18 @@
 """A decentralized peer process: the synchronous D-PSGD pattern over gRPC.
 
-It executes :mod:`gossamer.protocols.sync_dl` for one node. Every round a peer trains on its
-shard (the shared trainer, one row), pushes its model to its receivers of the round's graph,
-waits for its senders' models of the same round (at most ``runtime.round_timeout_s``), and
-merges with its row of the mixing matrix (``protocol.held_weights``: a sender that did not
-deliver in time is skipped and its weight folded onto the peer's own). On a dynamic topology
-every peer computes round r's graph itself from (seed, r) and accepts pushes from any node.
-Each peer checkpoints after every round; restarted with ``--resume`` it continues from there.
-Metrics rows (own model's test accuracy and loss, bytes, wall seconds) go to
-``peers/metrics-<id>.csv``; the launcher merges them (``runtime/dl_merge.py``).
+It executes :mod:`gossamer.protocols.sync_dl` for one node: each round it trains on its shard,
+pushes its model to the round's receivers, waits for its senders' models of that round (at
+most ``runtime.round_timeout_s``) and merges them with ``protocol.held_weights``. It accepts
+pushes from its neighbours (anyone, on a dynamic topology), checkpoints after every round
+(``--resume`` continues from there), catches up with its neighbours' round after being down,
+and writes rows (own accuracy and loss, bytes, wall seconds) to ``peers/metrics-<id>.csv``.
 
-``final_merge`` (the single global merge after round ``stop.rounds``): every peer sends its
-model to every other peer, waits for theirs, and takes the exact mean of the models it holds
-(``protocol.merge_all``), so all peers that hear each other hold the same model. Who is left
-out is decided by reachability, not by who finishes first: a peer that acknowledged our model
-is alive and is waited for (up to ``join_timeout_s``: a slow peer reaches the merge late, not
-never); a peer our push could not reach within ``round_timeout_s`` (a dead one) is left out,
-as the simulator leaves out offline nodes. The round's metrics row is written after the merge.
-It is a direct all-to-all exchange, not a ring all-reduce: ``n - 1`` model messages each way
-per peer (the real bytes are counted), where the simulator counts a ring's ``2 (n - 1)``
-chunks of ``P / n`` values.
-
-``runtime/tracking_peer.py`` extends it to the ``gradient_tracking`` pattern.
+``final_merge``: every peer sends its model to every other and averages what it holds
+(``protocol.merge_all``). A peer that acknowledged our model is waited for (up to
+``join_timeout_s``); one our push could not reach within ``round_timeout_s`` is left out, as
+the simulator leaves out offline nodes. It is a direct all-to-all exchange (``n - 1`` model
+messages each way per peer, counted), where the simulator costs a ring all-reduce.
+``runtime/tracking_peer.py`` extends the peer to the ``gradient_tracking`` pattern.
 """
 
 from __future__ import annotations
@@ -41,7 +32,6 @@ import torch
 
 from gossamer.aggregators import needs_losses
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
     MetricsWriter,
     checkpoint_exists,
@@ -51,29 +41,21 @@ from gossamer.metrics.runstore import (
 from gossamer.protocols import sync_dl as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse
-from gossamer.runtime.common import limits, log, retry, security
+from gossamer.runtime.common import log, retry
 from gossamer.training.evaluator import local_losses
 
 PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
 FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)
 
 
-class Peer:
+class Peer(peering.PeerNode):
     pattern = "sync_dl"     # the algorithm pattern this class runs
     vectors = 1             # model-sized vectors per gossip message
 
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
-        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg, population=False)
         self.check_config(cfg)
-        self.algorithm = self.exp.algorithm
-        self.final_merge = bool(getattr(self.algorithm, "final_merge", False))
-        if not 0 <= node_id < self.exp.num_nodes:
-            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
-        self.listen = listen
-        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
-        self.token = self.security.resolved_token()
+        super().__init__(cfg, node_id, run_dir, listen)
         self.dynamic = self.exp.dynamic
         self.static = protocol.static_graph(self.exp.topology, self.exp.mixing_scipy)
         if self.dynamic is None:
@@ -84,9 +66,7 @@ class Peer:
             self.view = protocol.PeerView([], [], {})
         # whom this peer links to: its neighbours, or everyone when the final merge needs it
         others = [j for j in range(self.exp.num_nodes) if j != node_id]
-        self.contacts = others if self.final_merge else self.neighbors
-        init = self.exp.init_params
-        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
+        self.contacts = others if getattr(self.algorithm, "final_merge", False) else self.neighbors
         self.round = 0
         self.bytes_up = self.bytes_down = 0
         self.elapsed_before = 0.0
@@ -96,8 +76,6 @@ class Peer:
         self.lock = threading.Condition()
         self.sender = futures.ThreadPoolExecutor(max_workers=2 * max(1, len(self.neighbors)))
         self._init_state()
-        self.peer_dir = self.run_dir / "peers"
-        self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
         self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
         if resume and checkpoint_exists(self.ckpt):
@@ -298,20 +276,11 @@ class Peer:
 
     def run(self, peers: dict[int, str] | Path) -> None:
         start = time.monotonic()
-        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen,
-                               {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
-                               self.peer_dir, len(self.contacts) + 4)
-        try:
-            if isinstance(peers, Path):
-                peers = peering.wait_for_peers(peers, self.exp.num_nodes,
-                                               self.cfg.runtime.join_timeout_s)
-            links = peering.channels(self.cfg, self.security, self.token, peers, self.contacts)
-            stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
-            self._rounds(stubs, start)
-        finally:
-            self.sender.shutdown(wait=True)           # our last pushes reach the neighbours
-            time.sleep(0.5)                           # and theirs reach us
-            server.stop(grace=1.0).wait()
+        with self.serving({"Push": grpc.stream_unary_rpc_method_handler(self.push)}, len(self.contacts) + 4):
+            try:
+                self._rounds(peering.pushers(self.link(peers, self.contacts)), start)
+            finally:
+                self.sender.shutdown(wait=True)       # our last pushes reach the neighbours
 
     def _rounds(self, stubs: dict[int, Any], start: float) -> None:
         every = self.cfg.eval.every

@@ -1,24 +1,14 @@
 """An asynchronous gossip-learning peer process over gRPC.
 
-It executes :mod:`gossamer.protocols.gossip` for one node on the wall clock: the
-protocol's :class:`~gossamer.protocols.gossip.Clock` says when the peer exchanges (the
-simulator's counter-based gaps, mean ``period_s``) and with which neighbour (the same draw),
-and the peer pushes its model (``push``), pulls the neighbour's (``pull``), or both
-(``push_pull``). Received models queue up and a
-worker merges and trains on them one at a time with the algorithm's ``merge_models`` and
-the simulator's trainer. A "round" is one ``period_s`` of wall time; metrics rows are
-written every ``eval.every`` rounds, in the same per-peer format as the D-PSGD peer.
-
-With ``clocks: dual`` (DADAO) the exchange clock above only communicates: a received model
-is merged on arrival, without training. A second thread runs the computation clock (mean gap
-``compute_period_s``, the simulator's ``STREAM_GOSSIP_COMPUTE`` draws; only a peer with data
-has one): at each tick it takes one local update on the own data, unless the previous update
-is still running, in which case the tick is skipped (as in the simulator, no backlog builds
-up). The update is computed from the model at the tick and applied as a delta to the model
-as it is when it completes, so merges that arrived meanwhile are kept (the simulator takes
-the gradient at completion; on real processes training takes time). At the end each peer
-writes ``peers/gossip-<id>.json``: exchanges, failed exchanges, merges, local updates,
-computation ticks and skipped ticks.
+It executes :mod:`gossamer.protocols.gossip` for one node on the wall clock: the protocol's
+:class:`~gossamer.protocols.gossip.Clock` says when to exchange, with whom and when to record
+a row (a "round" is ``period_s`` of wall time). Received models queue up; a worker merges
+them and, with one clock, trains on each. With dual clocks a second thread runs the
+computation clock (data holders only): a tick takes one local update unless the last one is
+still running (then it is skipped); the update is applied as a delta to the model as it is
+when it completes, so merges that arrived meanwhile are kept (on real processes training
+takes time). At the end each peer writes ``peers/gossip-<id>.json`` (exchanges, failed ones,
+merges, updates, computation ticks, skipped ticks).
 """
 
 from __future__ import annotations
@@ -34,36 +24,26 @@ import numpy as np
 import torch
 
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, save_checkpoint, write_json
 from gossamer.protocols import gossip as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
-from gossamer.runtime.common import limits, log, security
+from gossamer.runtime.common import log
 from gossamer.runtime.dl_peer import PEER_COLUMNS
 
 
-class GossipPeer:
+class GossipPeer(peering.PeerNode):
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
         if resume:
             raise ValueError("--resume: gossip peers restart from a fresh clock; drop --resume")
-        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg, population=False)
-        self.algorithm = self.exp.algorithm
-        if not 0 <= node_id < self.exp.num_nodes:
-            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        super().__init__(cfg, node_id, run_dir, listen)
         if self.exp.dynamic is not None:
             raise ConfigError("topology.name", f"gossip peers need a static graph; {cfg.topology.name} "
                               "(a graph per round) runs in the simulator, or with `gossamer peer` "
                               "for synchronous algorithms such as dpsgd")
         self.dual = not protocol.trains_on_arrival(self.algorithm)
-        self.listen = listen
-        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
-        self.token = self.security.resolved_token()
         self.neighbors = [int(j) for j in self.exp.topology.neighbors(node_id)]
-        init = self.exp.init_params
-        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
         self.age = 0
         self.updates = 0
         self.lock = threading.Lock()
@@ -73,8 +53,6 @@ class GossipPeer:
         self.exchanges = self.merges = 0              # exchange-clock ticks, models merged
         self.ticks = self.skipped = 0                 # computation-clock ticks (dual), skipped ones
         self.version = 0                              # bumped by every merge (dual clocks)
-        self.peer_dir = self.run_dir / "peers"
-        self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", PEER_COLUMNS)
         self.stop = threading.Event()
 
@@ -143,19 +121,21 @@ class GossipPeer:
     def _compute(self, start: float, end_s: float) -> None:
         """Tick on the computation clock until ``end_s`` (seconds after ``start``); a tick
         takes one local update, or is skipped if the previous one is still running."""
-        k, tick = 0, self._gap(0, compute=True)
+        def gap(k: int) -> float:
+            return self.algorithm.clock_gap(self.cfg.seed, self.node, k, compute=True)
+
+        k, tick, done = 0, gap(0), 0.0
         while tick < end_s:
             wait = tick - (time.monotonic() - start)
             if wait > 0 and self.stop.wait(wait):
                 return
             self.ticks += 1
-            self._local_update()
-            done = time.monotonic() - start
-            k, tick = k + 1, tick + self._gap(k + 1, compute=True)
-            while tick < min(done, end_s):            # ticks that found the peer busy
-                self.ticks += 1
+            if protocol.tick_trains(online=True, busy=tick < done):
+                self._local_update()
+                done = time.monotonic() - start
+            else:
                 self.skipped += 1
-                k, tick = k + 1, tick + self._gap(k + 1, compute=True)
+            k, tick = k + 1, tick + gap(k + 1)
 
     def _local_update(self) -> None:
         """One update on the own data from the model at the tick, applied as a delta to the
@@ -172,12 +152,7 @@ class GossipPeer:
             self.age += int(result.steps[0] > 0)
             self.updates += 1
 
-    # --- the clock: wake, pick a neighbour, exchange -------------------------------------------
-    def _gap(self, k: int, compute: bool = False) -> float:
-        """Gap from the k-th tick to the next of the exchange (or computation) clock: the
-        simulator's counter-based draw, exponential or periodic with a random phase."""
-        return self.algorithm.clock_gap(self.cfg.seed, self.node, k, compute=compute)
-
+    # --- the exchange clock: the protocol's Clock ---------------------------------------------
     def _exchange(self, peer: int, pushers: dict[int, Any], pullers: dict[int, Any]) -> None:
         if peer < 0:
             return
@@ -216,18 +191,16 @@ class GossipPeer:
         return row
 
     def run(self, peers: dict[int, str] | Path) -> None:
-        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen, {
-            "Push": grpc.stream_unary_rpc_method_handler(self.push),
-            "Pull": grpc.unary_stream_rpc_method_handler(self.pull)}, self.peer_dir,
-            len(self.neighbors) + 4)
+        with self.serving({"Push": grpc.stream_unary_rpc_method_handler(self.push),
+                           "Pull": grpc.unary_stream_rpc_method_handler(self.pull)}, len(self.neighbors) + 4):
+            self._run(peers)
+
+    def _run(self, peers: dict[int, str] | Path) -> None:
         worker = threading.Thread(target=self._work, daemon=True)
         computer: threading.Thread | None = None
         try:
-            if isinstance(peers, Path):
-                peers = peering.wait_for_peers(peers, self.exp.num_nodes,
-                                               self.cfg.runtime.join_timeout_s)
-            links = peering.channels(self.cfg, self.security, self.token, peers, self.neighbors)
-            pushers = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
+            links = self.link(peers, self.neighbors)
+            pushers = peering.pushers(links)
             pullers = {j: c.unary_stream(schema.method("Peer", "Pull")) for j, c in links.items()}
             worker.start()
             end_round = protocol.end_round(self.algorithm, self.cfg.stop)
@@ -248,8 +221,6 @@ class GossipPeer:
                 "clocks": self.algorithm.clocks, "exchanges": self.exchanges,
                 "exchanges_failed": self.dropped, "merges": self.merges, "updates": self.updates,
                 "compute_ticks": self.ticks, "compute_skipped": self.skipped})
-            time.sleep(0.5)
-            server.stop(grace=1.0).wait()
 
     def _clock(self, pushers: dict[int, Any], pullers: dict[int, Any], start: float, end_round: int) -> None:
         clock = protocol.Clock(self.algorithm, self.cfg.seed, self.node, self.neighbors,

@@ -1,29 +1,16 @@
 """A MoDeST peer process: decentralized sampling over gRPC, without a coordinator.
 
-It executes :mod:`gossamer.protocols.modest` for one node: every peer computes each round's
-rankings itself (the simulator's seed and round keys), so nobody tells anybody who the
-sample is, and its :class:`~gossamer.protocols.modest.Inbox` decides what to do next. A peer
-acts only when a model reaches it:
-
-- a model tagged ``TRAIN`` for round ``r`` (from an aggregator of round ``r - 1``; in round 1
-  the first ``sample_size`` of the ranking start from the initial model by themselves): the
-  first one to arrive is trained with the simulator's trainer and data-order key ``r``, and
-  the result goes to round ``r``'s aggregators, the first ``aggregators`` responsive nodes of
-  round ``r + 1``'s ranking (later ``TRAIN`` copies are ignored);
-- models tagged ``AGGREGATE`` for round ``r``: the peer is an aggregator; it averages the
-  first ``ceil(success_fraction * sample_size)`` to arrive (``modest.aggregate``, stacked in
-  the round's rank order as the simulator's columns are), or those it has once ``timeout_s``
-  passed without a new one, and sends the average to the ``sample_size`` trainers of round
-  ``r + 1``. After round ``stop.rounds`` it tells every peer that the run is over (a ``DONE``
-  message: ``ModelMeta.kind = 3``, no tensor) and every peer exits.
-
-Finding the responsive nodes follows :func:`~gossamer.algorithms.dl.modest.probe`: the push
-of the model is the ping. A sender pushes to the first ``k`` candidates at once; a push not
-accepted within ``timeout_s`` (retried on transient errors) counts as unresponsive and is
-replaced by the next candidate, wave after wave. A peer that hears nothing for
-``runtime.join_timeout_s + runtime.round_timeout_s`` gives up (the run stalled, e.g. every
-final aggregator died). Rows go to ``peers/metrics-<id>.csv`` (:data:`COLUMNS`); the launcher
-merges them with ``runtime/dl_merge.py``.
+It executes :mod:`gossamer.protocols.modest` for one node: each peer computes every round's
+rankings itself, so nobody tells anybody who the sample is, and its
+:class:`~gossamer.protocols.modest.Inbox` says what to do when models arrive: train from a
+``TRAIN`` model (data-order key ``r``) and send the result to round ``r``'s aggregators, or
+average ``AGGREGATE`` models and send the average to round ``r + 1``'s trainers. The push of
+a model is the ping of :func:`~gossamer.algorithms.dl.modest.probe`: a push not accepted
+within ``timeout_s`` (transient errors retried) counts as unresponsive and the next candidate
+is tried, wave after wave. After round ``stop.rounds`` an aggregator tells every peer that the
+run is over (``DONE``: ``ModelMeta.kind = 3``, no tensor). A peer that hears nothing for
+``runtime.join_timeout_s + runtime.round_timeout_s`` gives up (the run stalled). Rows go to
+``peers/metrics-<id>.csv`` (:data:`COLUMNS`; merged by ``runtime/dl_merge.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +29,6 @@ import numpy as np
 import torch
 
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import (
     MetricsWriter,
     checkpoint_exists,
@@ -53,7 +39,7 @@ from gossamer.protocols import modest as protocol
 from gossamer.protocols.modest import AGGREGATE, TRAIN, Arrival
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_model
-from gossamer.runtime.common import limits, log, retry, security
+from gossamer.runtime.common import log, retry
 
 # bit 0 of ModelMeta.meta: what the receiver does (TRAIN, AGGREGATE); the rest: samples
 MODEL, DONE = 1, 3          # ModelMeta.kind: a model, or "the run is over" (an empty tensor)
@@ -66,29 +52,21 @@ def _wall() -> str:
     return f"{time.time():.6f}"
 
 
-class ModestPeer:
+class ModestPeer(peering.PeerNode):
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
                  listen: str = "127.0.0.1:0", resume: bool = False) -> None:
-        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = build_experiment(cfg, population=False)
-        self.algorithm = algo = self.exp.algorithm
+        super().__init__(cfg, node_id, run_dir, listen)
+        algo, n = self.algorithm, self.exp.num_nodes
         if algo.pattern != "sampled_dl":
             raise ConfigError("algorithm.name", f"this peer runs the sampled_dl pattern; "
                               f"{cfg.algorithm.name} is {algo.pattern} (see runtime/roles.py)")
         if self.exp.adversary is not None and self.exp.adversary.model_attack:
             raise ConfigError("adversary", "Byzantine MoDeST trainers run in the simulator only")
-        n = self.exp.num_nodes
-        if not 0 <= node_id < n:
-            raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
-        self.listen, self.security, self.limits = listen, security(cfg, node=node_id, peer=True), limits(cfg)
-        self.token = self.security.resolved_token()
         self.everyone = np.arange(n)                                  # the view: no registry
         self.pool = np.flatnonzero(self.exp.trainer.sizes > 0)       # who can train
         self.k = min(algo.sample_size, len(self.pool))
         self.quorum = algo.quorum(len(self.pool))
         self.stall_s = cfg.runtime.join_timeout_s + cfg.runtime.round_timeout_s
-        init = self.exp.init_params
-        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
         self.box = protocol.Inbox(self.quorum, algo.timeout_s,
                                   lambda r: protocol.trainers(self.pool, cfg.seed, r))
         self.done_at: int | None = None
@@ -100,8 +78,6 @@ class ModestPeer:
         self.stubs: dict[int, Any] = {}
         self.jobs = futures.ThreadPoolExecutor(max_workers=4)        # fan-outs, one per model sent
         self.pushers = futures.ThreadPoolExecutor(max_workers=max(8, self.k + algo.aggregators))
-        self.peer_dir = self.run_dir / "peers"
-        self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.peer_dir / f"metrics-{node_id}.csv", COLUMNS)
         self.ckpt = self.peer_dir / f"checkpoint-{node_id}.pt"
         if resume and checkpoint_exists(self.ckpt):
@@ -318,22 +294,14 @@ class ModestPeer:
 
     def run(self, peers: dict[int, str] | Path) -> None:
         workers = self.k + self.algorithm.aggregators + 8
-        server = peering.serve(self.cfg, self.security, self.token, self.node, self.listen,
-                               {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
-                               self.peer_dir, workers)
-        try:
-            if isinstance(peers, Path):
-                peers = peering.wait_for_peers(peers, self.exp.num_nodes, self.cfg.runtime.join_timeout_s)
-            others = [j for j in range(self.exp.num_nodes) if j != self.node]
-            links = peering.channels(self.cfg, self.security, self.token, peers, others)
-            self.stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
-            with self.lock:
-                self.last_heard = self.free_since = time.monotonic()
-            self._record(max(self.box.trained, self.box.aggregated), "start")
-            self._loop()
-        finally:
-            self.jobs.shutdown(wait=True)             # our last models and notices go out
-            self.pushers.shutdown(wait=True)
-            self._record(max(self.box.trained, self.box.aggregated), "exit")
-            time.sleep(0.5)                           # and late ones reach us
-            server.stop(grace=1.0).wait()
+        with self.serving({"Push": grpc.stream_unary_rpc_method_handler(self.push)}, workers):
+            try:
+                self.stubs = peering.pushers(self.link(peers, np.delete(self.everyone, self.node)))
+                with self.lock:
+                    self.last_heard = self.free_since = time.monotonic()
+                self._record(max(self.box.trained, self.box.aggregated), "start")
+                self._loop()
+            finally:
+                self.jobs.shutdown(wait=True)         # our last models and notices go out
+                self.pushers.shutdown(wait=True)
+                self._record(max(self.box.trained, self.box.aggregated), "exit")

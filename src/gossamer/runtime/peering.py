@@ -1,21 +1,23 @@
-"""What every decentralized peer process shares: its server, its links, accepting pushes."""
+"""What every decentralized peer process shares: its state, its server, its links, accepting pushes."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import torch
 
 from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import write_json
 from gossamer.runtime import schema
 from gossamer.runtime.codec import Limits, WireError, read_counted_model
-from gossamer.runtime.common import grpc_options, log
+from gossamer.runtime.common import grpc_options, limits, log, security
 from gossamer.runtime.security import (
     SecurityConfig,
     TokenAuthInterceptor,
@@ -24,6 +26,46 @@ from gossamer.runtime.security import (
     intercept_channel,
     make_channel,
 )
+
+
+class PeerNode:
+    """A peer process of node ``node_id``: its config, experiment (its shard, the test set),
+    security, first model row ``params`` ``[1, P]`` and ``peers/`` directory."""
+
+    def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, listen: str) -> None:
+        self.cfg, self.node, self.run_dir, self.listen = cfg, node_id, Path(run_dir), listen
+        self.exp = build_experiment(cfg, population=False)
+        self.algorithm = self.exp.algorithm
+        if not 0 <= node_id < self.exp.num_nodes:
+            raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
+        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
+        self.token = self.security.resolved_token()
+        init = self.exp.init_params
+        self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
+        self.peer_dir = self.run_dir / "peers"
+        self.peer_dir.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def serving(self, handlers: dict[str, grpc.RpcMethodHandler], workers: int) -> Iterator[None]:
+        """Serve the ``Peer`` service while the block runs; after it, let late messages arrive."""
+        server = serve(self.cfg, self.security, self.token, self.node, self.listen, handlers,
+                       self.peer_dir, workers)
+        try:
+            yield
+        finally:
+            time.sleep(0.5)
+            server.stop(grace=1.0).wait()
+
+    def link(self, peers: dict[int, str] | Path, contacts: Iterable[int]) -> dict[int, grpc.Channel]:
+        """Channels to ``contacts``; ``peers`` is the address book or the file it will be in."""
+        if isinstance(peers, Path):
+            peers = wait_for_peers(peers, self.exp.num_nodes, self.cfg.runtime.join_timeout_s)
+        return channels(self.cfg, self.security, self.token, peers, contacts)
+
+
+def pushers(links: dict[int, grpc.Channel]) -> dict[int, object]:
+    """A ``Peer.Push`` stub per channel."""
+    return {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
 
 
 def serve(cfg: ExperimentConfig, security: SecurityConfig, token: str | None, node: int,

@@ -1,21 +1,15 @@
 """A random-walk (token) learning peer process over gRPC.
 
-It executes :mod:`gossamer.protocols.random_walk` one token at a time. A peer that receives
-a token (``runtime/walk_wire.py``: its model and, for SRRW, its visit counts) trains it on
-its shard with data-order key ``(r - 1) T + t`` (``protocol.train_visits``), draws the next
-node with the protocol's draw and pushes the token there. Tokens never interact, so each walks at its own pace and its path,
-models and moves equal the simulated token's; nothing waits for a round boundary.
-
-A neighbour that cannot be reached within ``runtime.round_timeout_s`` (one second once it is
-known to be down) is dropped from the draw, which is repeated with the same uniform over the
-remaining candidates, as the simulator does for offline nodes; with no candidate left the
-token stays and trains again. When a token has made ``stop.rounds`` hops, its last sender and
-its holder flood a done notice over the graph; a peer exits once it knows every token is
-done. A peer that fails floods an abort notice, so the others exit with an error instead of
-waiting for its tokens. Every visit appends a line to ``peers/visits-<id>.jsonl`` (token,
-hop, node, next node, bytes, wall seconds, and at evaluation hops the token's test accuracy
-and loss, with its model in ``peers/token-<t>-r<hop>.pt``); ``runtime/dl_merge.py`` turns
-them into the simulator's ``metrics.csv``.
+It executes :mod:`gossamer.protocols.random_walk` one token at a time: a token (a message of
+``runtime/walk_wire.py``) that reaches a peer trains there and goes where the protocol's draw
+says; tokens walk at their own pace, nothing waits for a round boundary. A neighbour that
+cannot be reached within ``runtime.round_timeout_s`` (one second once known to be down) is
+dropped from the draw (the protocol's redraw with the same uniform). A token's last sender and
+holder flood a done notice; a peer exits once every token is done, and a peer that fails
+floods an abort notice so the others stop with an error. Every visit appends a line to
+``peers/visits-<id>.jsonl`` (token, hop, node, next node, bytes, wall seconds; at evaluation
+hops accuracy and loss, and the model in ``peers/token-<t>-r<hop>.pt``), which
+``runtime/dl_merge.py`` turns into ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -32,12 +26,11 @@ import grpc
 import numpy as np
 
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import save_checkpoint
 from gossamer.protocols import random_walk as protocol
 from gossamer.runtime import peering, schema
 from gossamer.runtime.codec import WireError, parse
-from gossamer.runtime.common import limits, log, retry, security
+from gossamer.runtime.common import log, retry
 from gossamer.runtime.walk_wire import (
     KIND_ABORT,
     KIND_DONE,
@@ -68,7 +61,7 @@ def check_config(cfg: ExperimentConfig) -> None:
                           "target; set stop.stop_at_target: false or drop the target")
 
 
-class WalkPeer:
+class WalkPeer(peering.PeerNode):
     check_config = staticmethod(check_config)
 
     def __init__(self, cfg: ExperimentConfig, node_id: int, run_dir: Path, *,
@@ -77,16 +70,9 @@ class WalkPeer:
             raise ValueError("--resume: walk peers cannot resume (a token held by a dead peer is "
                              "lost); start the run again")
         check_config(cfg)
-        self.cfg, self.node, self.run_dir = cfg, node_id, Path(run_dir)
-        self.exp = exp = build_experiment(cfg, population=False)
-        self.algorithm = algo = exp.algorithm
+        super().__init__(cfg, node_id, run_dir, listen)
+        exp, algo, n = self.exp, self.algorithm, self.exp.num_nodes
         protocol.check(algo, exp.topology, exp.adversary, exp.dynamic)
-        n = exp.num_nodes
-        if not 0 <= node_id < n:
-            raise ValueError(f"--id: node id {node_id} is outside 0..{n - 1}")
-        self.listen = listen
-        self.security, self.limits = security(cfg, node=node_id, peer=True), limits(cfg)
-        self.auth = self.security.resolved_token()
         self.neighbors = [int(j) for j in exp.topology.neighbors(node_id)]
         self.tokens, self.rounds = algo.num_tokens, cfg.stop.rounds
         self.mu = algo.target(exp.topology.degrees())
@@ -103,8 +89,6 @@ class WalkPeer:
         self.seen: dict[int, int] = {}                # token -> latest hop count received
         self.down: set[int] = set()                   # neighbours that failed to take a token
         self.notices = futures.ThreadPoolExecutor(max_workers=len(self.neighbors) + 1)
-        self.peer_dir = self.run_dir / "peers"
-        self.peer_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.peer_dir / f"visits-{node_id}.jsonl"
         self.log_path.unlink(missing_ok=True)
         self.t0 = self.last_heard = time.monotonic()
@@ -225,32 +209,22 @@ class WalkPeer:
 
     # --- the process ------------------------------------------------------------------------------
     def run(self, peers: dict[int, str] | Path) -> None:
-        server = peering.serve(self.cfg, self.security, self.auth, self.node, self.listen,
-                               {"Push": grpc.stream_unary_rpc_method_handler(self.push)},
-                               self.peer_dir, len(self.neighbors) + 4)
-        try:
-            if isinstance(peers, Path):
-                peers = peering.wait_for_peers(peers, self.exp.num_nodes,
-                                               self.cfg.runtime.join_timeout_s)
-            links = peering.channels(self.cfg, self.security, self.auth, peers, self.neighbors)
-            self.stubs = {j: c.stream_unary(schema.method("Peer", "Push")) for j, c in links.items()}
-            self.linked.set()
-            self.t0 = self.last_heard = time.monotonic()
-            self._start_tokens()
-            self._walk()
-        except Exception:
-            self._abort(self.node, source=self.node)  # the others stop too rather than wait
-            raise
-        finally:
-            self.notices.shutdown(wait=True)          # our notices reach the neighbours
-            time.sleep(0.5)                           # and theirs reach us
-            server.stop(grace=1.0).wait()
+        with self.serving({"Push": grpc.stream_unary_rpc_method_handler(self.push)}, len(self.neighbors) + 4):
+            try:
+                self.stubs = peering.pushers(self.link(peers, self.neighbors))
+                self.linked.set()
+                self.t0 = self.last_heard = time.monotonic()
+                self._start_tokens()
+                self._walk()
+            except Exception:
+                self._abort(self.node, source=self.node)   # the others stop too rather than wait
+                raise
+            finally:
+                self.notices.shutdown(wait=True)      # our notices reach the neighbours
 
     def _start_tokens(self) -> None:
-        init = self.exp.init_params
         for t in np.flatnonzero(self.start == self.node).tolist():
-            params = (init if init.dim() == 1 else init[self.node]).clone().reshape(1, -1)
-            token = Token(t, 0, params, np.zeros(self.exp.num_nodes, dtype=np.int64))
+            token = Token(t, 0, self.params.clone(), np.zeros(self.exp.num_nodes, dtype=np.int64))
             self._record({"token": t, "round": 0, "node": self.node, "next": self.node,
                           "bytes": 0, "failed": [], "time": 0.0}, token)
             self.inbox.put(token)

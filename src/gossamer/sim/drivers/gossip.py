@@ -1,28 +1,18 @@
-"""Event-driven asynchronous gossip on the simulated clock, batched across independent events.
+"""Asynchronous gossip (:mod:`gossamer.protocols.gossip`) on the simulated clock, batched.
 
-Events: a node's communication clock fires (WAKE), a pull request arrives (REQUEST), a model
-arrives (ARRIVE), a node finishes merging and training on a received model (APPLY). With
-one clock per node (``clocks: single``) a node processes received models one at a time, so
-an APPLY lands at ``max(arrival, node busy until) + compute time``: the effect appears at
-its simulated time. With ``clocks: dual`` (DADAO) a received model is merged at its arrival
-(MERGE), and a node's computation clock (TICK) starts a local update when the node is online
-and idle; the update lands (DONE) one compute time later, is applied to the node's model as
-it is then (merges that arrived meanwhile included), and ticks that find the node busy or
-offline are skipped (``compute_skipped``): no backlog builds up, and with Poisson ticks a
-node's update rate is ``1 / (compute_period_s + compute time)``.
+Events: a node's exchange clock fires (WAKE), a pull request arrives (REQUEST), a model
+arrives (ARRIVE), a node finishes merging and training on it (APPLY: one clock, models one at
+a time, so it lands at ``max(arrival, busy until) + compute time``); with dual clocks a model
+is merged on arrival (MERGE) and the computation clock (TICK) starts an update that lands one
+compute time later (DONE) on the model as it is then; ticks finding the node busy or offline
+are skipped (``compute_skipped``).
 
-Batching: every message takes at least ``delta`` seconds, so no event handled in
-``[t0, t0 + delta)`` can create a model-reading event inside the window except through
-scheduling, which does not depend on model values (clocks and peer choices are
-counter-based random draws). Each window is therefore handled in two phases: scheduling
-in time order in Python, then the model reads and writes in waves where each node
-appears at most once per wave, each wave one batched tensor call. The result equals
-processing events one by one (tested). Phase 1 keeps Python work per event small: the
-window's clock gaps and peer choices are drawn as arrays, per-node constants are Python
-lists, and without faults an update that completes inside the window is recorded as a
-timed write instead of a queued event (phase 2 orders each node's operations by time).
-Messages in flight are copy-on-write references to the sender's row
-(:class:`~gossamer.sim.messages.MessageStore`), so most sends copy nothing.
+Batching: every message takes at least ``delta`` seconds and scheduling never depends on
+model values (clocks and peers are counter-based draws), so each window ``[t0, t0 + delta)``
+is handled in two phases: scheduling in time order in Python (gaps and peers drawn as arrays;
+without faults an update completing inside the window is a timed write, not a queued event),
+then the model reads and writes in waves, each node at most once per wave, each wave one
+batched call (:mod:`gossamer.sim.gossip_waves`). This equals one event at a time (tested).
 """
 
 from __future__ import annotations
@@ -39,13 +29,13 @@ from gossamer.protocols import dl_metrics
 from gossamer.protocols import gossip as protocol
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
+from gossamer.sim.gossip_waves import MERGE, READ, RESET, TRAIN, WRITE, GossipWaves
 from gossamer.sim.messages import MessageStore
 
 WAKE, REQUEST, ARRIVE, APPLY, TICK, DONE = 0, 1, 2, 3, 4, 5
-READ, WRITE, RESET, MERGE, TRAIN = 0, 1, 2, 3, 4     # model operations: (time, kind, node, message)
 
 
-class GossipDriver(SyncDLDriver):
+class GossipDriver(GossipWaves, SyncDLDriver):
     """Executes :mod:`gossamer.protocols.gossip` for every node; one round = one period."""
 
     columns = dl_metrics.GOSSIP_COLUMNS
@@ -248,104 +238,6 @@ class GossipDriver(SyncDLDriver):
         self.seq += 1
         heapq.heappush(self.heap, (t + self._delay(sender, receiver, nbytes, msg), self.seq, ARRIVE,
                                    receiver, msg, reply_to))
-
-    def _run_ops(self, ops: list[tuple]) -> None:
-        """Phase 2: apply reads and writes in waves with each node at most once per wave.
-
-        An op's wave is the number of earlier ops of the same node in the window, so every
-        node's ops keep their time order and the ops of one wave touch distinct nodes."""
-        if not ops:
-            return
-        timed = np.array(ops, dtype=np.float64)              # [M, 4]: time, kind, node, message
-        order = np.lexsort((np.arange(len(ops)), timed[:, 0], timed[:, 2]))   # by node, then time
-        table = timed[order, 1:].astype(np.int64)            # [M, 3]: kind, node, message
-        nodes = table[:, 1]
-        first = np.r_[0, np.flatnonzero(nodes[1:] != nodes[:-1]) + 1]
-        wave = np.arange(len(nodes)) - np.repeat(first, np.diff(np.r_[first, len(nodes)]))
-        waves = int(wave.max()) + 1
-        for w in range(waves):
-            part = table if waves == 1 else table[wave == w]
-            kind = part[:, 0]
-            self.messages.detach(part[kind != READ, 1].tolist(), self.params)   # rows about to change
-            resets = part[kind == RESET, 1]
-            if len(resets):
-                self._restart(resets)
-                self.age[torch.from_numpy(resets)] = 0.0
-            reads = part[kind == READ]
-            if len(reads):
-                self._read(reads[:, 1], reads[:, 2])
-            for op, train in ((WRITE, True), (MERGE, False)):
-                merges = part[kind == op]
-                if len(merges):
-                    self._merge(merges[:, 1], merges[:, 2], train)
-            trains = part[kind == TRAIN, 1]
-            if len(trains):
-                idx = torch.from_numpy(trains)
-                rows = self.params.index_select(0, idx)
-                trained = self._local_update(rows, trains)
-                self.params.index_copy_(0, idx, rows)
-                self.age[idx] += trained.to(self.age.dtype)
-
-    def _read(self, nodes: np.ndarray, msgs: np.ndarray) -> None:
-        """Senders' models become messages: references to their rows (copied only if the row
-        changes before the message is merged); Byzantine senders' crafted rows are copied."""
-        ages = self.age[torch.from_numpy(nodes)].tolist()
-        adv = self.exp.adversary
-        byz = adv.byzantine[nodes] if adv is not None and adv.model_attack else np.zeros(len(nodes), dtype=bool)
-        honest, pick = np.flatnonzero(~byz), np.flatnonzero(byz)
-        self.messages.put(msgs[honest].tolist(), nodes[honest].tolist(), [ages[j] for j in honest])
-        if len(pick):
-            self.messages.put_rows(msgs[pick].tolist(), self._crafted(nodes[pick], msgs[pick]),
-                                   [ages[j] for j in pick])
-
-    def _crafted(self, nodes: np.ndarray, msgs: np.ndarray) -> torch.Tensor:
-        """What Byzantine senders send: an attack crafted against the receiver's current model
-        (the receiver's model is the honest reference)."""
-        receivers = torch.tensor([self.receiver[m] for m in msgs.tolist()], dtype=torch.int64)
-        own = self.params[receivers]
-        held = torch.stack([own, self.params[torch.from_numpy(nodes)]], dim=1)     # [F, 2, P]
-        mask = np.zeros((len(nodes), 2), dtype=bool)
-        mask[:, 1] = True
-        return self.exp.adversary.corrupt(held, own, mask, self.round + 1, key=int(msgs[0]))[:, 1]
-
-    def _merge(self, nodes: np.ndarray, msgs: np.ndarray, train: bool) -> None:
-        """Receivers merge the messages ``msgs`` into their models (then train, one clock)."""
-        received, received_age, order = self.messages.take(msgs.tolist(), self.params)
-        nodes = nodes[order]                          # the ops of a wave are independent: any order
-        idx = torch.from_numpy(nodes)
-        merged, age = self.exp.algorithm.merge_models(
-            self.params.index_select(0, idx), self.age[idx], received, received_age, spec=self.exp.spec)
-        for m in msgs.tolist():
-            self.receiver.pop(m, None)
-        if train:
-            age = age + self._local_update(merged, nodes).to(age.dtype)
-        self.params.index_copy_(0, idx, merged)
-        self.age[idx] = age
-
-    def _local_update(self, rows: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
-        """Train ``rows`` ``[B, P]`` in place (nodes without data keep theirs); returns which trained."""
-        trained = torch.zeros(len(nodes), dtype=torch.bool)
-        keys = self.updates[nodes]
-        self.updates[nodes] += 1
-        holders = np.flatnonzero(self.has_data[nodes])
-        if not len(holders):
-            return trained
-        with self.timer("train_s"):
-            if len(holders) == len(nodes):
-                result = self.exp.trainer.train(rows, nodes, keys, inplace=True)
-                if result.params is not rows:
-                    rows.copy_(result.params)
-            else:
-                pick = torch.from_numpy(holders)
-                result = self.exp.trainer.train(rows.index_select(0, pick), nodes[holders], keys[holders],
-                                                inplace=True)
-                rows.index_copy_(0, pick, result.params)
-        done = torch.from_numpy(result.steps > 0)
-        trained[torch.from_numpy(holders)] = done
-        self.node_steps += int(result.steps.sum())
-        if done.any():
-            self.train_loss = float(result.loss[done].mean())
-        return trained
 
     # --- driver API ----------------------------------------------------------------------------
     def run_round(self) -> None:

@@ -1,19 +1,12 @@
-"""MoDeST rounds on the simulated clock: sample, dispatch, train in one batched call, aggregate.
+"""MoDeST (:mod:`gossamer.protocols.modest`) on the simulated clock, one round at once.
 
-Round ``r``: each aggregator of round ``r - 1`` pings the round's ranked candidates (the
-registry view) until it has ``sample_size`` responsive trainers, then sends them its model
-one after another over its uplink; a trainer starts from the first model that arrives. The
-trainers train (one batched call), ping the round's aggregator candidates the same way and
-send their model to each; an aggregator averages the first ``ceil(success_fraction * s)``
-arrivals. The round ends, and the next starts, when the first aggregate exists. Before
-any aggregate exists (round 1), the sampled nodes that are online start from the initial
-model without pings, as every node holds it.
-
-Simplifications: responsiveness is read once when the trainers are sampled and once when
-the first trainer finishes (trainers offline then do not deliver; an aggregator, once
-found responsive, stays so until it has sent its aggregate); pings cost round-trip latency
-and ``timeout_s`` but no bytes; downlinks are not shared between concurrent messages; the
-registry is one view shared by all nodes, updated with each round's messages.
+The last round's aggregators ping the round's ranked trainer candidates until ``sample_size``
+answer and send them their model one after another over their uplink; the trainers train
+(one batched call), ping the aggregator candidates the same way and send to each; an
+aggregator averages its first ``quorum`` arrivals (``quorum_mask``); the round ends at the
+first aggregate. Simplifications: responsiveness is read when the trainers are sampled and
+when the first trainer finishes; pings cost latency and ``timeout_s`` but no bytes;
+downlinks are not shared; the registry is one view shared by all nodes.
 """
 
 from __future__ import annotations

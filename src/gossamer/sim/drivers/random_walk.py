@@ -1,18 +1,11 @@
-"""Random-walk (token) learning on the simulated clock: tokens hop in lockstep rounds.
+"""Random walks (:mod:`gossamer.protocols.random_walk`) on the simulated clock, in lockstep.
 
-A round is one hop of every token: a token at an online node trains there (all such tokens
-in one batched trainer call), then moves to the neighbour its walk draws among the online
-neighbours it can reach. The round lasts as long as the slowest token's hop: compute at the
-node plus sending the model (and, for SRRW, the token's visit counts) over the link. With
-one token, or equal hops, this is the exact clock; several tokens with unequal hops are
-held to a common round boundary, like nodes in synchronous D-PSGD.
-
-Faults: a token whose node is offline at the start of a round does not train; it is handed
-to an online neighbour drawn from its kernel restricted to those (as if the node passed it
-on when leaving: one transfer, counted in ``token_skips``), and waits in place when none is
-online. A token whose next hop is offline or cut off by a partition goes to another online
-neighbour drawn the same way, and stays (training again next round) when none is left. A
-lost transfer keeps the token at the sender, which still holds it and retries next round.
+A round is one hop of every token (all tokens at online nodes train in one batched call);
+it lasts as long as the slowest hop (compute plus the transfer of the model and, for SRRW,
+the visit counts). Faults: a token at an offline node is handed to an online neighbour drawn
+from its kernel (``token_skips``) or waits; a hop to a node that is offline or cut off is
+redrawn among the others, and the token stays when none is left; a lost transfer keeps the
+token at its sender, which retries next round.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""Synchronous decentralized rounds: every online node trains, then models are mixed.
+"""Synchronous DL rounds (:mod:`gossamer.protocols.sync_dl`) on the simulated clock, batched.
 
-The round's mixing is one sparse product ``X <- W X``; offline nodes keep their row and
-their online neighbours fold the missing weight onto themselves, as does a node whose
-message from a neighbour was cut by a partition or lost. With a robust merge rule or
-Byzantine neighbours, each node's merge runs over the stack of models it holds
-(:mod:`gossamer.sim.gathered`). A round lasts as long as the slowest online node's compute
-plus sending its model to each reachable neighbour.
+Every online node trains in one batched call; the round's mixing is one sparse product
+``X <- W X`` with the protocol's folded matrix; with a robust merge or Byzantine senders each
+node merges the stack of models it holds (:mod:`gossamer.sim.gathered`). A round lasts as
+long as the slowest online node's compute plus sending its model to its reachable neighbours.
 """
 
 from __future__ import annotations
