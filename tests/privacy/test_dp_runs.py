@@ -44,6 +44,7 @@ def test_client_dp_without_noise_or_clipping_is_uniform_fedavg(tmp_path):
 
 
 def test_client_dp_divides_by_the_selected_clients_when_uploads_are_lost(tmp_path):
+    from gossamer.protocols.upload import Uploads
     from gossamer.sim.drivers.sync_fl import SyncFLDriver
 
     cfg = _fedavg(rounds=1)
@@ -55,7 +56,9 @@ def test_client_dp_divides_by_the_selected_clients_when_uploads_are_lost(tmp_pat
     delivered = np.array([True, False] * 4)
     driver.selection = (8, 8)
     uploads = start + torch.randn(8, start.numel()) * 0.01
-    rows = driver._privatize(uploads, start, trained, delivered, np.ones(8, dtype=np.int64), 1)
+    up, _ = driver._through_pipeline(Uploads.of(1, trained, start, uploads), delivered,
+                                     np.ones(8, dtype=np.int64))
+    rows = up.rows()
     expected = (uploads[torch.from_numpy(delivered)] - start).sum(0) / 8
     assert torch.allclose(rows[0] - start, expected, atol=1e-6)
 
@@ -181,8 +184,10 @@ def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, chan
     assert code == 2 and len(err) == 1 and f"{field}:" in err[0], err
 
 
-def test_the_runtime_refuses_dp_in_one_line(write_config, tmp_path, capsys):
-    cfg = small_config("fedavg", stop={"rounds": 1}, privacy={"dp": CLIENT})
+def test_the_runtime_refuses_secure_aggregation_in_one_line(write_config, tmp_path, capsys):
+    """Compression and DP run on real processes (tests/runtime/test_pipeline_runtime.py);
+    secure aggregation's message rounds do not have a runtime executor yet."""
+    cfg = small_config("fedavg", stop={"rounds": 1}, privacy={"secure_aggregation": {"threshold": 0.5}})
     code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "privacy.dp: " in err[0], err
+    assert code == 2 and len(err) == 1 and "privacy.secure_aggregation: " in err[0], err

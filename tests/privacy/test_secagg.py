@@ -23,11 +23,11 @@ from gossamer.privacy.secagg import (
     pairwise_mask,
     prg,
     ring_mask,
-    run_protocol,
     shamir_reconstruct,
     shamir_split,
     unpack_ring,
 )
+from gossamer.privacy.secagg_server import run_protocol
 from gossamer.runtime.common import refuse_simulator_only
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import build_experiment

@@ -2,7 +2,7 @@
 
 from gossamer.privacy.accounting import DPLedger, epsilon
 from gossamer.privacy.dp import clip_rows, dp_fedavg_updates, gaussian
-from gossamer.privacy.secagg import SecAggResult, SecureMean, run_protocol, secure_mean
+from gossamer.privacy.secagg_server import SecAggResult, SecureMean, run_protocol, secure_mean
 
 __all__ = ["DPLedger", "SecAggResult", "SecureMean", "clip_rows", "dp_fedavg_updates", "epsilon",
            "gaussian", "run_protocol", "secure_mean"]

@@ -13,9 +13,10 @@ no consistency-check round), simulated with real cryptography and real message b
 - the rounds AdvertiseKeys -> ShareKeys -> MaskedInputCollection -> Unmasking, each a client
   function from the server's last message (bytes) to the client's next message (bytes).
 
-:func:`run_protocol` runs them for a set of clients with dropout points and returns the sum,
-what the server received and the bytes each client sent and received per round;
-:func:`secure_mean` is the weighted FedAvg mean through it (docs/privacy.md).
+The server's side is :class:`gossamer.privacy.secagg_server.SecAggServer`, a state machine
+fed one client message at a time (the simulator's :func:`~gossamer.privacy.secagg_server.run_protocol`
+and the runtime coordinator both drive it); :func:`~gossamer.privacy.secagg_server.secure_mean`
+is the weighted FedAvg mean through it (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -260,183 +261,18 @@ def unmasking(client: Client, survivors: bytes, threshold: int) -> bytes:
     return b"".join(out)
 
 
-# --- the server and a whole run -------------------------------------------------------------
-@dataclass
-class SecAggResult:
-    """A run: ``total`` (the sum of the survivors' inputs mod 2^bits; None if aborted), the
-    survivors U3, the abort reason, per-client bytes ``sent``/``received`` per stage ``[n]``
-    (clients in sorted id order), and what the server received: ``transcript`` (stage, sender,
-    raw message) and the parsed masked vectors ``masked``. ``parties`` holds the clients'
-    secrets, for checks only: the server never sees them."""
-
-    clients: list[int]
-    total: np.ndarray | None
-    survivors: list[int]
-    aborted: str | None
-    sent: dict[str, np.ndarray]
-    received: dict[str, np.ndarray]
-    transcript: list[tuple[str, int, bytes]]
-    masked: dict[int, np.ndarray]
-    parties: dict[int, Client]
-
-
-def run_protocol(inputs: dict[int, np.ndarray | None], *, threshold: int, bits: int,
-                 dropouts: dict[int, str] | None = None, seed: int | list[int] | None = None,
-                 round: int = 0) -> SecAggResult:
-    """Run the four rounds for clients ``inputs`` (id -> encoded uint64 ``[P]``); a client in
-    ``dropouts`` sends nothing from that stage on (``masked_input``: after sharing keys, its
-    masked vector never arrives; ``unmasking``: it delivered it, then went silent)."""
-    ids, dropouts = sorted(inputs), dropouts or {}
-    if any(s not in STAGES for s in dropouts.values()):
-        raise ValueError(f"dropout stages are {STAGES}")
-    size = next(len(x) for x in inputs.values() if x is not None)
-    rand = Randomness(seed)
-    pos = {u: i for i, u in enumerate(ids)}
-    sent = {s: np.zeros(len(ids), dtype=np.int64) for s in STAGES}
-    recv = {s: np.zeros(len(ids), dtype=np.int64) for s in STAGES}
-    transcript: list[tuple[str, int, bytes]] = []
-    clients = {u: Client.new(u, inputs[u], rand) for u in ids}
-
-    def alive(u: int, stage: str) -> bool:
-        return u not in dropouts or STAGES.index(dropouts[u]) > STAGES.index(stage)
-
-    def collect(stage: str, members: list[int], message) -> dict[int, bytes]:
-        got = {}
-        for u in members:
-            if alive(u, stage):
-                got[u] = message(clients[u])
-                sent[stage][pos[u]] += len(got[u])
-                transcript.append((stage, u, got[u]))
-        return got
-
-    def result(total, u3, reason) -> SecAggResult:
-        return SecAggResult(ids, total, u3, reason, sent, recv, transcript, masked, clients)
-
-    masked: dict[int, np.ndarray] = {}
-    adv = collect("advertise_keys", ids, advertise_keys)
-    u1 = sorted(adv)
-    if len(u1) < threshold:
-        return result(None, [], f"{len(u1)} clients advertised keys, threshold {threshold}")
-    key_list = _U32.pack(len(u1)) + b"".join(adv[u] for u in u1)
-    for u in u1:
-        recv["advertise_keys"][pos[u]] += len(key_list)
-    shares = collect("share_keys", u1, lambda c: share_keys(c, key_list, threshold, rand))
-    u2 = sorted(shares)
-    if len(u2) < threshold:
-        return result(None, [], f"{len(u2)} clients shared keys, threshold {threshold}")
-    routed: dict[int, list[bytes]] = {v: [] for v in u2}
-    for u in u2:                                  # the server routes ciphertexts it cannot read
-        msg = shares[u]
-        for i in range(_U32.unpack_from(msg)[0]):
-            off = 4 + i * (4 + CIPHER_BYTES)
-            (v,) = _U32.unpack_from(msg, off)
-            if v in routed:
-                routed[v].append(_U32.pack(u) + msg[off + 4: off + 4 + CIPHER_BYTES])
-    forward = {v: _U32.pack(len(routed[v])) + b"".join(routed[v]) for v in u2}
-    for v in u2:
-        recv["share_keys"][pos[v]] += len(forward[v])
-    ys = collect("masked_input", u2, lambda c: masked_input(c, forward[c.id], bits, round))
-    for u, msg in ys.items():
-        magic, _, kind, b, _, sender, _, _, count = _HEADER.unpack_from(msg)
-        if (magic, kind, b, sender, count) != (b"GSMR", KIND_MASKED, bits, u, size):
-            raise ValueError(f"malformed masked vector from {u}")
-        masked[u] = unpack_ring(msg[_HEADER.size:], size, bits)
-    u3 = sorted(ys)
-    if len(u3) < threshold:
-        return result(None, u3, f"{len(u3)} masked inputs arrived, threshold {threshold}")
-    survivors = _U32.pack(len(u3)) + struct.pack(f"<{len(u3)}I", *u3)
-    for u in u3:
-        recv["masked_input"][pos[u]] += len(survivors)
-    answers = collect("unmasking", u3, lambda c: unmasking(c, survivors, threshold))
-    if len(answers) < threshold:
-        return result(None, u3, f"{len(answers)} clients answered unmasking, threshold {threshold}")
-    total = _unmask(answers, masked, u2, u3, threshold, size, bits, adv)
-    return result(total, u3, None)
-
-
-def _unmask(answers: dict[int, bytes], masked: dict[int, np.ndarray], u2: list[int],
-            u3: list[int], threshold: int, size: int, bits: int, adv: dict[int, bytes]) -> np.ndarray:
-    """The server: rebuild ``b_u`` of survivors and ``s_sk`` of dropped clients from
-    ``threshold`` answers, strip the self masks and the dropped clients' pairwise masks."""
-    helpers = sorted(answers)[:threshold]
-    coeffs = lagrange_at_zero([v + 1 for v in helpers])
-    shares: dict[tuple[int, int], list[int]] = {}
-    for v in helpers:
-        msg = answers[v]
-        for i in range(_U32.unpack_from(msg)[0]):
-            off = 4 + i * (_ENTRY.size + SHARE_BYTES)
-            u, kind = _ENTRY.unpack_from(msg, off)
-            y = int.from_bytes(msg[off + _ENTRY.size: off + _ENTRY.size + SHARE_BYTES], "little")
-            shares.setdefault((u, kind), []).append(y)
-
-    def secret(u: int, kind: int) -> bytes:
-        ys = shares.get((u, kind), [])
-        if len(ys) != threshold:
-            raise ValueError(f"missing shares for client {u}")
-        return (sum(c * y for c, y in zip(coeffs, ys, strict=True)) % PRIME).to_bytes(KEY_BYTES, "little")
-
-    total = np.zeros(size, dtype=np.uint64)
-    for u in u3:
-        total = total + masked[u] - prg(secret(u, 0), size, bits)
-    for u in sorted(set(u2) - set(u3)):
-        key = X25519PrivateKey.from_private_bytes(secret(u, 1))
-        if public(key) != adv[u][36:68]:
-            raise ValueError(f"reconstructed key of client {u} does not match its public key")
-        for v in u3:                       # y_v holds +PRG(s_vu) if u > v, -PRG(s_vu) if u < v
-            p = prg(agree(key, adv[v][36:68], b"mask"), size, bits)
-            total = total - p if u > v else total + p
-    return total & ring_mask(bits)
-
-
-# --- FedAvg's weighted mean through the protocol ------------------------------------------------
-@dataclass
-class SecureMean:
-    """The survivors' weighted mean update (None if the round aborted), bytes per member
-    (``sent``/``received``, summed over the rounds), coordinates clipped, the threshold, and
-    ``error_bound``: the largest fixed-point error of any coordinate of ``mean``."""
-
-    mean: np.ndarray | None
-    sent: np.ndarray
-    received: np.ndarray
-    clipped: int
-    threshold: int
-    error_bound: float
-    aborted: str | None
-
-
 def threshold_count(threshold: int | float, n: int) -> int:
     """A count as given, or ``max(2, ceil(fraction * n))``."""
     return threshold if isinstance(threshold, int) else max(2, math.ceil(threshold * n - 1e-9))
 
 
-def secure_mean(members: np.ndarray, updates: np.ndarray, have: np.ndarray, survivors: np.ndarray,
-                weights: np.ndarray, *, threshold: int | float, bits: int, clip: float,
-                seed: int | list[int] | None = None, round: int = 0) -> SecureMean:
-    """``sum_i w_i x_i / sum_i w_i`` over ``survivors`` through :func:`run_protocol`.
-
-    ``members`` ``[n]`` ran the key rounds (U1), ``updates`` ``[len(have), P]`` are the updates
-    of the members ``have`` that trained, ``weights`` ``[n]`` are public (FedAvg's sample
-    counts). Member ``i`` encodes ``a_i clip(x_i)`` with ``a_i = w_i / sum(w)``, so any subset's
-    sum lies in ``[-clip, clip]``; the server divides the sum by the survivors' ``sum a_i``.
-    Members not in ``survivors`` drop after sharing keys.
-    """
-    n, t = len(members), threshold_count(threshold, len(members))
-    a = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    scale = fixed_point_scale(bits, clip, n)
-    at = {int(u): i for i, u in enumerate(members)}
-    clipped = np.clip(updates, -clip, clip)
-    inputs: dict[int, np.ndarray | None] = dict.fromkeys(at)
-    for row, u in enumerate(have.tolist()):
-        inputs[u] = encode(a[at[u]] * clipped[row], scale, bits)
-    alive = set(survivors.tolist())
-    drops = {u: "masked_input" for u in at if u not in alive}
-    res = run_protocol(inputs, threshold=t, bits=bits, dropouts=drops, seed=seed, round=round)
-    sent = sum(res.sent.values())
-    received = sum(res.received.values())
-    share = float(sum(a[at[u]] for u in res.survivors)) or 1.0
-    mean = None if res.total is None else decode(res.total, scale, bits) / share
-    return SecureMean(mean, sent, received, int((clipped != updates).sum()), t,
-                      0.5 * len(res.survivors) / scale / share, res.aborted)
+def encode_input(update: np.ndarray, share: float, members: int, *, clip: float, bits: int
+                 ) -> tuple[np.ndarray, int]:
+    """A member's ring input for the weighted mean: ``encode(share * clip(update))`` with the
+    fixed-point scale of ``members`` clients; returns it and the coordinates clipped."""
+    clipped = np.clip(update, -clip, clip)
+    scale = fixed_point_scale(bits, clip, members)
+    return encode(share * clipped, scale, bits), int((clipped != update).sum())
 
 
 def check_config(cfg, algorithm, num_nodes: int) -> None:

@@ -24,9 +24,16 @@ from gossamer.runtime import schema
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16, "float64": torch.float64}
-_NAMES = {v: k for k, v in DTYPES.items()}
+_NAMES = {v: k for k, v in DTYPES.items()} | {torch.uint8: "uint8"}
+# bytes (an encoded update, a secure-aggregation message) travel as uint8 and are accepted
+# only where a receiver asks for them (``dtype=torch.uint8``), never as a model
+_BYTES = {"uint8": torch.uint8}
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 48          # bounds every dimension and product, so no size arithmetic overflows
+
+
+# ModelMeta.kind of an upload: a model row, an update (DP-FedAvg), encoded bytes (compression)
+KIND_MODEL, KIND_DELTA, KIND_ENCODED = 1, 2, 4
 
 
 class WireError(ValueError):
@@ -76,14 +83,15 @@ def check_meta(meta: object, *, expected_numel: int | None, run_id: str | None,
     ``expected_numel``: the message must be the flat ``[expected_numel]`` row; ``dtype``: the
     one dtype accepted (None: any known dtype)."""
     spec = meta.tensor
-    if spec.dtype not in DTYPES:
+    known = DTYPES | _BYTES if dtype == torch.uint8 else DTYPES
+    if spec.dtype not in known:
         raise WireError(f"unknown dtype {spec.dtype[:32]!r}")
-    if dtype is not None and DTYPES[spec.dtype] != dtype:
+    if dtype is not None and known[spec.dtype] != dtype:
         raise WireError(f"dtype {spec.dtype} where {_NAMES[dtype]} is expected")
     if (len(spec.shape) > MAX_DIMS or any(d < 0 or d > MAX_ELEMENTS for d in spec.shape)
             or math.prod(max(d, 1) for d in spec.shape) > MAX_ELEMENTS):
         raise WireError("invalid shape")
-    dtype = DTYPES[spec.dtype]
+    dtype = known[spec.dtype]
     numel = math.prod(spec.shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if numel * itemsize != spec.num_bytes:
@@ -128,7 +136,7 @@ def read_model(frames: Iterable[object], *, expected_numel: int | None = None,
     tensor = torch.frombuffer(buffer, dtype=storage) if size else torch.empty(0, dtype=storage)
     if dtype == torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
-    if not bool(torch.isfinite(tensor).all()):
+    if dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
         raise WireError("the tensor holds non-finite values (NaN or infinity)")
     return meta, tensor.reshape(shape)
 
@@ -161,3 +169,11 @@ def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[objec
 def frames_size(frames: Iterable[object]) -> int:
     """Bytes these frames occupy serialized: what is really sent (gRPC framing aside)."""
     return sum(frame.ByteSize() for frame in frames)
+
+
+def bytes_frames(data: bytes, *, kind: int, sender: int = 0, round: int = 0, meta: int = 0,
+                 run_id: str = "", chunk_bytes: int = 1 << 20) -> Iterator[object]:
+    """The frames of a byte message (an encoded update, a secure-aggregation message)."""
+    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return model_frames(tensor, kind=kind, sender=sender, round=round, meta=meta, run_id=run_id,
+                        chunk_bytes=chunk_bytes)

@@ -84,12 +84,6 @@ def refuse_simulator_only(cfg) -> None:
     if ALGORITHMS.get(cfg.algorithm.name).pattern == "zo_fl":
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} (zo_fl) runs in the simulator "
                           "only so far; use `gossamer run`")
-    if cfg.compression.uplink is not None:
-        raise ConfigError("compression.uplink", "upload compression runs in the simulator only so "
-                          "far; real clients would upload uncompressed (remove it for launch)")
-    if cfg.privacy.dp is not None:
-        raise ConfigError("privacy.dp", "differential privacy runs in the simulator only so far; "
-                          "real clients would train and upload without it (remove it for launch)")
     if cfg.privacy.secure_aggregation is not None:
         raise ConfigError("privacy.secure_aggregation", "secure aggregation runs in the simulator "
                           "only so far; real clients would upload unmasked (remove it for launch)")

@@ -17,8 +17,18 @@ import numpy as np
 
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
+from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_model
+from gossamer.runtime.codec import (
+    KIND_DELTA,
+    KIND_ENCODED,
+    KIND_MODEL,
+    WireError,
+    bytes_frames,
+    model_frames,
+    parse,
+    read_model,
+)
 from gossamer.runtime.common import (
     grpc_options,
     limits,
@@ -53,6 +63,11 @@ class Client:
         self.client_state = init(self.exp.spec.numel) if init is not None else None
         self.download_numel = getattr(self.algorithm, "download_vectors", 1) * self.exp.spec.numel
         self.last_round = 0
+        # the client side of the upload pipeline (compression with feedback, RQM, DP); its
+        # state (EF memory, DGC momentum) lives here, as SCAFFOLD's control variate does
+        self.pipeline = build_pipeline(cfg, self.algorithm, self.exp.spec.numel, self.exp.uplink)
+        compress = self.pipeline.compress
+        self.stage_state = compress.init(1, self.exp.spec.numel) if compress is not None else {}
 
     def _retry(self, call, what: str):
         rt = self.cfg.runtime
@@ -106,10 +121,11 @@ class Client:
             if header.kind == schema.TaskHeader.WAIT:
                 time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
                 continue
-            self._train_and_send(int(header.round), model[1].float(), int(header.steps))
+            self._train_and_send(int(header.round), model[1].float(), int(header.steps),
+                                 int(header.expected))
             trained += 1
 
-    def _train_and_send(self, round_: int, start, steps: int = 0) -> None:
+    def _train_and_send(self, round_: int, start, steps: int = 0, expected: int = 0) -> None:
         """Train the task of ``round_`` (synchronous: the round; asynchronous: the task's
         data-order key, with ``steps`` local steps, 0 for the local schedule) and upload."""
         if str(round_) in (os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND"),
@@ -133,11 +149,30 @@ class Client:
                                                     self.cfg.local.lr)
         if new_state is not None:
             self.client_state = new_state[0]
-        self._send(uploads[0], round_)
+        if hasattr(algo, "anchors") and algo.anchors(self.cfg.seed, round_, nodes)[0]:
+            self._send(uploads[0], round_)                     # a full gradient, as it is
+            return
+        self._send(*self._client_stages(Uploads.of(round_, nodes, model[0], uploads), expected))
 
-    def _send(self, message, round_: int) -> None:
-        frames = [f.SerializeToString() for f in model_frames(
-            message, sender=self.node, round=round_, meta=self.num_samples,
+    def _client_stages(self, up: Uploads, expected: int) -> tuple[object, int, int]:
+        """The upload pipeline's client side on this client's row: (message, round, kind)."""
+        pipe = self.pipeline
+        if pipe.compress is not None:
+            up, _, self.stage_state = pipe.compress.apply(up, self.stage_state)
+            return pipe.compress.to_bytes(up), up.round, KIND_ENCODED
+        if pipe.rqm is not None:
+            up, _ = pipe.encode_rqm(up, self.cfg.seed)
+            return pipe.rqm.to_bytes(up.encoded, 0), up.round, KIND_ENCODED
+        if pipe.dp is not None:
+            if expected < 1:
+                raise RuntimeError("the server sent no expected client count for DP-FedAvg")
+            return pipe.dp.client(up.delta(), up.clients, up.round, expected)[0], up.round, KIND_DELTA
+        return up.rows()[0], up.round, KIND_MODEL
+
+    def _send(self, message, round_: int, kind: int = KIND_MODEL) -> None:
+        make = bytes_frames if isinstance(message, bytes) else model_frames
+        frames = [f.SerializeToString() for f in make(
+            message, kind=kind, sender=self.node, round=round_, meta=self.num_samples,
             run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
         ack = parse(schema.Ack, self._retry(lambda: self._put(iter(frames), timeout=60), "put update"))
         if not ack.ok:

@@ -48,8 +48,17 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
+from gossamer.runtime.codec import (
+    KIND_DELTA,
+    KIND_ENCODED,
+    KIND_MODEL,
+    WireError,
+    model_frames,
+    parse,
+    read_counted_model,
+)
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
 from gossamer.runtime.guard import Busy, CallerGuard, Refused
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
@@ -66,6 +75,7 @@ class RoundState:
     received: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     model_frames: list[bytes] = field(default_factory=list)
     failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
+    expected: int = 0                                   # DP-FedAvg's denominator
 
     def open(self) -> set[int]:
         """Selected clients whose upload is still awaited."""
@@ -102,6 +112,7 @@ class Coordinator:
         self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
         self.numel = self.exp.spec.numel
         self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
+        self._init_pipeline()
         self.state = self._init_state()
         self.lock = threading.Condition()
         self.clients: dict[int, int] = {}             # node id -> shard size
@@ -119,6 +130,32 @@ class Coordinator:
         else:
             atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
             write_json(self.run_dir / "environment.json", environment())
+
+    def _init_pipeline(self) -> None:
+        """The server side of the upload pipeline (protocols/upload.py): which upload kind
+        arrives (a model row, a DP update, encoded bytes), EF21 estimates, the DP ledger."""
+        pipe = self.pipeline = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink)
+        self.upload_kind = KIND_ENCODED if pipe.encoded is not None else \
+            KIND_DELTA if pipe.dp is not None else KIND_MODEL
+        self.estimates: dict[int, torch.Tensor] = {}         # EF21: the server's copy per client
+        self.dp_ledger, self.selection = None, (0, 0, 0)
+        if self.pattern != "sync_fl":                         # asynchronous rules upload as they are
+            return
+        if pipe.rqm is not None:
+            from gossamer.privacy.rqm import RQMLedger
+
+            dp = self.cfg.privacy.dp
+            self.dp_ledger = RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels,
+                                       q=dp.q, coordinates=self.numel, delta=dp.delta,
+                                       num_clients=self.exp.num_nodes)
+        elif self.cfg.privacy.dp is not None:
+            from gossamer.privacy import DPLedger
+
+            dp = self.cfg.privacy.dp
+            self.dp_ledger = DPLedger(dp.level, dp.noise_multiplier, dp.delta, dp.accountant,
+                                      self.exp.trainer.sizes, self.cfg.local.batch_size)
+        if self.dp_ledger is not None and "epsilon" not in self.columns:
+            self.columns = self.columns + ["epsilon"]
 
     def _init_state(self):
         return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
@@ -214,7 +251,8 @@ class Coordinator:
             self.lock.notify_all()                          # it is reachable again
         cur = self.current
         if node in cur.open():
-            return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number), cur.model_frames
+            return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
+                                     expected=cur.expected), cur.model_frames
         return self._wait()
 
     def _count_down(self, n: int, node: int) -> None:
@@ -226,9 +264,7 @@ class Coordinator:
             bound = self.guard.bound(context)
             with self._slot(context, bound) as slot:
                 try:
-                    meta, tensor, size = read_counted_model(
-                        chunks, expected_numel=self.upload_numel, run_id=self.cfg.runtime.run_id,
-                        limits=self.limits, dtype=torch.float32)
+                    meta, tensor, size = self._read_upload(chunks)
                 except WireError as exc:
                     raise Refused(str(exc), bound) from None
                 except grpc.RpcError:
@@ -240,10 +276,46 @@ class Coordinator:
                 node = int(meta.sender)
                 if bound is not None and node != bound:
                     raise Refused(f"node {bound} may not upload as node {node}", bound)
-                self._accept(node, bound, meta, tensor.float().clone(), size)
+                if tensor.dtype != torch.uint8:              # encoded bytes stay bytes
+                    tensor = tensor.float().clone()
+                self._accept(node, bound, meta, tensor, size)
         except Refused as exc:
             return self._refused(exc)
         return schema.Ack(ok=True).SerializeToString()
+
+    def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
+        """One upload of the configured kind, validated (codec), or WireError."""
+        kind, encoded = self.upload_kind, self.upload_kind == KIND_ENCODED
+        numel = None if encoded else self.numel if kind == KIND_DELTA else self.upload_numel
+        meta, tensor, size = read_counted_model(
+            chunks, expected_numel=numel, run_id=self.cfg.runtime.run_id, limits=self.limits,
+            dtype=torch.uint8 if encoded else torch.float32)
+        if meta.kind != kind:
+            raise WireError(f"upload kind {meta.kind} where {kind} is expected")
+        if encoded and tensor.numel() > 8 * self.upload_numel + 4096:
+            raise WireError(f"encoded upload of {tensor.numel()} bytes is larger than the model")
+        return meta, tensor, size
+
+    def _decode(self, node: int, round_: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The upload row the algorithm aggregates (DP: the update, kept as it is until the
+        round's DP step) and the decoded update; encoded bytes are decoded here, or raise
+        WireError."""
+        if self.upload_kind != KIND_ENCODED:
+            return tensor.float().clone(), None
+        pipe, start = self.pipeline, self.state.params.reshape(-1)
+        data = tensor.numpy().tobytes()
+        try:
+            if pipe.compress is not None:
+                decoded, extra = pipe.compress.from_bytes(
+                    data, self.numel, pipe.vectors, node, round_,
+                    self.estimates.get(node, torch.zeros(self.numel)))
+            else:
+                decoded = pipe.rqm.from_bytes(data, self.numel, seed=self.cfg.seed)
+                extra = None
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
+        row = start + decoded                     # EF21: decoded is the client's new estimate
+        return (row if extra is None else torch.cat([row, extra])), decoded
 
     def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
                 size: int) -> None:
@@ -260,7 +332,13 @@ class Coordinator:
                     raise Refused(f"duplicate update from {node} for round {meta.round}", bound, strike=False)
                 raise Refused(f"update from {node} for round {meta.round} is not expected", bound,
                               strike=False)
-            cur.received[node] = (tensor, self.clients[node])
+            try:
+                row, decoded = self._decode(node, cur.number, tensor)
+            except WireError as exc:
+                raise Refused(str(exc), bound) from None
+            if self.pipeline.compress is not None and self.pipeline.compress.feedback == "ef21":
+                self.estimates[node] = decoded
+            cur.received[node] = (row, self.clients[node])
             self.bytes_up += size
             self.lock.notify_all()
 
@@ -296,7 +374,7 @@ class Coordinator:
                         r, len(received), rt.min_participants)
         algo = self.algorithm
         nodes = sorted(received)
-        uploads = torch.stack([received[i][0] for i in nodes])
+        uploads = self._server_stages(r, torch.stack([received[i][0] for i in nodes]), np.array(nodes))
         sizes = np.array([received[i][1] for i in nodes])
         steps = local_steps(self.exp.trainer.schedule, sizes)
         if hasattr(algo, "anchors"):                       # FedAMD: roles from the shared seed
@@ -306,6 +384,22 @@ class Coordinator:
         else:
             self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr)
         self.participants = len(received)
+
+    def _server_stages(self, r: int, uploads: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """The upload pipeline's server side before aggregation: DP-FedAvg's noisy mean of the
+        updates (every row becomes ``start + mean``, as in the simulator) and the ledger."""
+        pipe, ledger = self.pipeline, self.dp_ledger
+        selected, candidates, expected = self.selection
+        if pipe.dp is not None:
+            start = self.state.params.reshape(-1)
+            mean = pipe.dp.server(uploads, r, expected)
+            uploads = start + mean.expand(len(uploads), -1)
+            ledger.client_round(selected, candidates)
+        elif pipe.rqm is not None:
+            ledger.released(nodes)
+        elif ledger is not None:                              # sample level: DP-SGD steps
+            ledger.sample_steps(nodes, local_steps(self.exp.trainer.schedule, self.exp.trainer.sizes[nodes]))
+        return uploads
 
     def _attempt(self, r: int, give_up: float) -> dict[int, tuple[torch.Tensor, int]]:
         """Select, hand out the model, wait for uploads; the uploads received."""
@@ -322,7 +416,9 @@ class Coordinator:
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
                 algo.broadcast(self.state), round=r, run_id=rt.run_id,
                 chunk_bytes=self.limits.chunk_bytes)]
-            self.current = RoundState(r, {int(i) for i in ids}, {}, frames)
+            expected = algo.expected_clients(len(candidates))
+            self.selection = (len(ids), len(candidates), expected)
+            self.current = RoundState(r, {int(i) for i in ids}, {}, frames, expected=expected)
             self.lock.notify_all()
             # over-selection: the round closes at the first `wanted` uploads; a deadline (wall
             # seconds here) drops the clients still training, like runtime.round_timeout_s
@@ -351,7 +447,8 @@ class Coordinator:
         return {"round": r, "sim_time_s": self.elapsed_before + time.monotonic() - start,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "test_accuracy": float(acc[0]), "test_loss": float(loss[0]),
-                "participants": getattr(self, "participants", 0)}
+                "participants": getattr(self, "participants", 0),
+                **({"epsilon": self.dp_ledger.epsilon()} if self.dp_ledger is not None else {})}
 
     def serve(self) -> dict[str, Any]:
         """Run the whole experiment; returns the summary (also written to summary.json)."""
@@ -455,7 +552,9 @@ class Coordinator:
             "round": self.state.round, "params": self.state.params, "extra": dict(self.state.extra),
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "clients": torch.tensor(sorted(self.clients.items()), dtype=torch.int64).reshape(-1, 2),
-            "elapsed": self.elapsed_before + time.monotonic() - start})
+            "elapsed": self.elapsed_before + time.monotonic() - start,
+            "dp_ledger": None if self.dp_ledger is None else self.dp_ledger.state_dict(),
+            "ef21": {str(k): v for k, v in self.estimates.items()}})
 
     def _restore(self) -> None:
         path = self.run_dir / "checkpoints" / "server.pt"
@@ -466,6 +565,9 @@ class Coordinator:
         self.state = ServerState(state["params"], int(state["round"]), dict(state["extra"]))
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.elapsed_before = float(state["elapsed"])
+        if self.dp_ledger is not None and state.get("dp_ledger") is not None:
+            self.dp_ledger.load_state_dict(state["dp_ledger"])
+        self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)

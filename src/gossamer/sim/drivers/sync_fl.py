@@ -9,6 +9,7 @@ Dropped clients abort (they neither upload nor change their persistent state).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from gossamer import rng, wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.protocols.accounting import FLAccounting
+from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
 
@@ -35,19 +37,10 @@ class SyncFLDriver(Driver):
         numel = exp.spec.numel
         self.down_bytes = wire.encoded_size(algo.download_vectors * numel)
         self.up_bytes: int | None = wire.encoded_size(algo.upload_vectors * numel)
-        self.uplink, self.feedback = exp.uplink, exp.cfg.compression.feedback
-        self.memory: torch.Tensor | None = None          # EF residuals / EF21 estimates /
-        self.momentum: torch.Tensor | None = None        # DGC accumulation; DGC momentum [N, P]
-        if self.uplink is not None:
-            # the model block is compressed; further blocks (e.g. SCAFFOLD's) travel as float32
-            nominal = self.uplink.nominal_bytes(numel)
-            self.raw_up = wire.HEADER_BYTES + 4 * numel * (algo.upload_vectors - 1)
-            self.up_bytes = None if nominal is None else self.raw_up + nominal
-            if self.feedback != "none":
-                self.memory = torch.zeros(exp.num_nodes, numel)
-            if self.feedback == "dgc":
-                self.momentum = torch.zeros(exp.num_nodes, numel)
-                self.up_bytes = None                     # set per round (the warm-up's density)
+        self.pipeline = pipe = build_pipeline(exp.cfg, algo, numel, exp.uplink)
+        self.up_bytes = pipe.upload_bytes(1)
+        # the stages' state rows for the whole population (EF memory, DGC momentum)
+        self.stage_state = pipe.compress.init(exp.num_nodes, numel) if pipe.compress else {}
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
         self.downlink = exp.downlink
         self.estimate: torch.Tensor | None = None        # each client's copy of the global model
@@ -56,31 +49,21 @@ class SyncFLDriver(Driver):
             self.estimate = init.expand(exp.num_nodes, -1).clone()
         self.accounting = FLAccounting(exp.num_nodes)
         self.dp, self.dp_ledger = exp.cfg.privacy.dp, None
-        self.rqm = None
-        if self.dp is not None and self.dp.mechanism == "rqm":   # RQM uploads (docs/privacy.md)
-            from gossamer.compression.rqm import RQM
+        if pipe.rqm is not None:                        # RQM uploads (docs/privacy.md)
             from gossamer.privacy.rqm import RQMLedger
 
             dp = self.dp
-            self.rqm = RQM(c=dp.clip_norm, levels=dp.levels, q=dp.q, extension=dp.extension)
             self.dp_ledger = RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels,
                                        q=dp.q, coordinates=numel, delta=dp.delta,
                                        num_clients=exp.num_nodes)
-            self.up_bytes = wire.HEADER_BYTES + self.rqm.nominal_bytes(numel)
-            self.columns = self.columns + ["epsilon"]
         elif self.dp is not None:                       # differential privacy (docs/privacy.md)
             from gossamer.privacy import DPLedger
 
             self.dp_ledger = DPLedger(self.dp.level, self.dp.noise_multiplier, self.dp.delta,
                                       self.dp.accountant, exp.trainer.sizes, exp.cfg.local.batch_size)
-            self.columns = self.columns + ["epsilon"]
+        self.columns = self.columns + pipe.extra_columns
         self.selection = (0, 0)                         # this round's (selected, candidates)
         self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
-        if self.secagg is not None:                     # secure aggregation (docs/privacy.md)
-            from gossamer.privacy.secagg import ring_bytes
-
-            self.up_bytes = wire.HEADER_BYTES + ring_bytes(numel, self.secagg.bits)   # masked vector
-            self.columns = self.columns + ["secagg_aborted"]
         self.client_state: torch.Tensor | None = None
         if algo.client_state_vectors:
             first = algo.init_client_state(numel)
@@ -137,13 +120,7 @@ class SyncFLDriver(Driver):
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
         compute_s = system.compute_s(got, samples)
-        if self.feedback == "dgc":                                  # this round's density
-            from gossamer.compression import dgc_nominal_bytes
-
-            comp = exp.cfg.compression
-            self.up_bytes = self.raw_up + dgc_nominal_bytes(
-                exp.spec.numel, round=r - 1, density=float(comp.uplink.params["density"]),
-                warmup_rounds=comp.warmup_rounds)
+        self.up_bytes = self.pipeline.upload_bytes(r)              # DGC: this round's density
         # a value-dependent upload size (compression) is priced after training, below
         up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
         delivered = np.ones(len(got), dtype=bool)
@@ -229,17 +206,11 @@ class SyncFLDriver(Driver):
                 uploads = uploads.clone()
                 uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
                                                            exp.adversary.byzantine[trained], r)
-        if self.uplink is not None:
-            with self.timer("communicate_s"):
-                uploads = self._compress_uploads(uploads, start, trained, r)
-        if self.dp is not None:
-            uploads = self._privatize(uploads, start, trained, delivered, result.steps, r)
-        if self.secagg is not None:
-            with self.timer("communicate_s"):
-                uploads, delivered = self._secure_mean(uploads, start, trained, delivered, r)
-        keep = torch.from_numpy(delivered)
+        up = Uploads.of(r, trained, start, uploads)
         with self.timer("communicate_s"):
-            self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
+            up, delivered = self._through_pipeline(up, delivered, result.steps)
+            keep = torch.from_numpy(delivered)
+            self.state = algo.aggregate(self.state, up.rows()[keep], exp.trainer.sizes[trained[delivered]],
                                         result.steps[delivered], lr)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
@@ -254,80 +225,50 @@ class SyncFLDriver(Driver):
         sizes = wire.HEADER_BYTES + enc.nbytes + 4 * numel * (self.algorithm.download_vectors - 1)
         return sizes, self.downlink.decompress(enc)
 
-    def _compress_uploads(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
-                          r: int) -> torch.Tensor:
-        """Each client sends its update ``model - start`` compressed (with error feedback or
-        EF21 when configured); the server rebuilds ``start + decoded``. Sets ``sent_up``."""
-        from gossamer.compression import dgc_step, ef21, error_feedback
+    def _through_pipeline(self, up: Uploads, delivered: np.ndarray, steps: np.ndarray
+                          ) -> tuple[Uploads, np.ndarray]:
+        """The upload stages (protocols/upload.py), client side then server side, on the whole
+        batch; sets ``sent_up``. Returns the uploads as the server sees them and which count."""
+        pipe, idx = self.pipeline, torch.from_numpy(up.clients)
+        if pipe.compress is not None:
+            state = {k: v[idx] for k, v in self.stage_state.items()}
+            up, decoded, state = pipe.compress.apply(up, state)
+            for k, v in state.items():
+                self.stage_state[k][idx] = v
+            self.sent_up = wire.HEADER_BYTES + 4 * pipe.numel * (pipe.vectors - 1) + up.encoded.nbytes
+            up = up.with_delta(decoded)
+        if self.dp is not None and self.dp.level == "sample":
+            self.dp_ledger.sample_steps(up.clients, steps)
+        elif pipe.rqm is not None:             # every trained client sends its update quantized
+            up, decoded = pipe.encode_rqm(up, self.exp.cfg.seed)
+            up = up.with_delta(decoded)
+            self.dp_ledger.released(up.clients)
+        elif pipe.dp is not None:              # DP-FedAvg over the delivered updates
+            selected, candidates = self.selection
+            expected = self.algorithm.expected_clients(candidates)
+            keep = torch.from_numpy(delivered)
+            if keep.any():
+                d = pipe.dp.client(up.delta()[keep], up.clients[delivered], up.round, expected)
+                model = up.model.clone()
+                model[keep] = up.start + pipe.dp.server(d, up.round, expected).expand(len(d), -1)
+                up = replace(up, model=model)
+            self.dp_ledger.client_round(selected, candidates)
+        if self.secagg is not None:
+            up, delivered = self._secure_mean(up, delivered)
+        return up, delivered
 
-        numel = self.exp.spec.numel
-        delta = uploads[:, :numel] - start
-        keys = trained.astype(np.int64) * (1 << 32) + r     # the client's draws in this round
-        seed, idx = self.exp.cfg.seed, torch.from_numpy(trained)
-        if self.feedback == "ef":
-            enc, decoded, self.memory[idx] = error_feedback(self.uplink, delta, self.memory[idx],
-                                                            seed=seed, keys=keys)
-        elif self.feedback == "dgc":
-            comp = self.exp.cfg.compression
-            step = dgc_step(delta, self.momentum[idx], self.memory[idx], round=r - 1,
-                            density=float(comp.uplink.params["density"]),
-                            momentum_factor=comp.momentum, clip_norm=comp.clip_norm,
-                            warmup_rounds=comp.warmup_rounds)
-            enc, decoded = step.encoded, step.decoded
-            self.momentum[idx], self.memory[idx] = step.momentum, step.accumulation
-        elif self.feedback == "ef21":                      # both ends hold the same estimate
-            enc, decoded = ef21(self.uplink, delta, self.memory[idx], seed=seed, keys=keys)
-            self.memory[idx] = decoded
-        else:
-            enc = self.uplink.compress(delta, seed=seed, keys=keys)
-            decoded = self.uplink.decompress(enc)
-        self.sent_up = self.raw_up + enc.nbytes
-        uploads = uploads.clone()
-        uploads[:, :numel] = start + decoded
-        return uploads
-
-    def _privatize(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
-                   delivered: np.ndarray, steps: np.ndarray, r: int) -> torch.Tensor:
-        """Client level: DP-FedAvg on the delivered updates (clipped, noised, averaged over
-        the clients the round selected); sample level: count the DP-SGD steps taken."""
-        if self.dp.level == "sample":
-            self.dp_ledger.sample_steps(trained, steps)
-            return uploads
-        if self.rqm is not None:       # every trained client sends its update RQM-quantized
-            numel = self.exp.spec.numel
-            keys = trained.astype(np.int64) * (1 << 32) + r
-            enc = self.rqm.compress(uploads[:, :numel] - start, seed=self.exp.cfg.seed, keys=keys)
-            uploads = uploads.clone()
-            uploads[:, :numel] = start + self.rqm.decompress(enc)
-            self.dp_ledger.released(trained)
-            return uploads
-        from gossamer.privacy import dp_fedavg_updates
-
-        dp, (selected, candidates) = self.dp, self.selection
-        expected = self.algorithm.expected_clients(candidates)
-        keep = torch.from_numpy(delivered)
-        uploads = uploads.clone()
-        if keep.any():
-            uploads[keep] = start + dp_fedavg_updates(
-                uploads[keep] - start, trained[delivered], r, clip_norm=dp.clip_norm,
-                noise_multiplier=dp.noise_multiplier, noise=dp.noise, expected=expected,
-                seed=self.exp.cfg.seed)
-        self.dp_ledger.client_round(selected, candidates)
-        return uploads
-
-    def _secure_mean(self, uploads: torch.Tensor, start: torch.Tensor, trained: np.ndarray,
-                     delivered: np.ndarray, r: int) -> tuple[torch.Tensor, np.ndarray]:
+    def _secure_mean(self, up: Uploads, delivered: np.ndarray) -> tuple[Uploads, np.ndarray]:
         """Secure aggregation: the clients that got the payload run the protocol, clients whose
         upload was lost or late drop after sharing keys, and the server learns only the weighted
         mean of the delivered updates; every delivered row becomes that mean (the algorithm's
         average of equal rows returns it). Aborted: no row is delivered. Counts the bytes."""
-        from gossamer.privacy.secagg import secure_mean
+        from gossamer.privacy.secagg_server import secure_mean
 
-        exp, sa, numel, members = self.exp, self.secagg, self.exp.spec.numel, self.round_clients
+        exp, sa, members, trained = self.exp, self.secagg, self.round_clients, up.clients
         weights = self.algorithm.weights(exp.trainer.sizes[members], torch.float64).numpy()
-        out = secure_mean(members, (uploads[:, :numel] - start).double().numpy(), trained,
-                          trained[delivered], weights, threshold=sa.threshold, bits=sa.bits,
-                          clip=sa.clip, seed=[exp.cfg.seed, r], round=r)
+        out = secure_mean(members, up.delta().double().numpy(), trained, trained[delivered], weights,
+                          threshold=sa.threshold, bits=sa.bits, clip=sa.clip,
+                          seed=[exp.cfg.seed, up.round], round=up.round)
         at = np.searchsorted(members, trained)
         self.sent_up = out.sent[at] + np.where(delivered, 0, self.up_bytes)   # lost in flight
         late = np.setdiff1d(np.arange(len(members)), at)          # only ran the key rounds
@@ -338,10 +279,10 @@ class SyncFLDriver(Driver):
         self.secagg_clipped += out.clipped
         if out.mean is None:
             self.secagg_aborted += 1
-            return uploads, np.zeros_like(delivered)
-        uploads = uploads.clone()
-        uploads[torch.from_numpy(delivered), :numel] = start + torch.from_numpy(out.mean).to(uploads.dtype)
-        return uploads, delivered
+            return up, np.zeros_like(delivered)
+        model = up.model.clone()
+        model[torch.from_numpy(delivered)] = up.start + torch.from_numpy(out.mean).to(model.dtype)
+        return replace(up, model=model), delivered
 
     def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
         """FedAMD: anchors upload full-shard gradients at the global model, miners train."""
@@ -404,8 +345,8 @@ class SyncFLDriver(Driver):
                      server_extra=dict(self.state.extra), participants=self.participants,
                      lost=self.lost, dropped=self.dropped,
                      client_state=None if self.client_state is None else self.client_state.clone(),
-                     compression_memory=None if self.memory is None else self.memory.clone(),
-                     compression_momentum=None if self.momentum is None else self.momentum.clone(),
+                     compression_memory=_clone(self.stage_state.get("memory")),
+                     compression_momentum=_clone(self.stage_state.get("momentum")),
                      client_estimates=None if self.estimate is None else self.estimate.clone(),
                      accounting=_to_tensor(self.accounting.state_dict()))
         if self.dp_ledger is not None:
@@ -424,13 +365,16 @@ class SyncFLDriver(Driver):
             self.accounting.load_state_dict(state["accounting"])
         if state.get("client_state") is not None:
             self.client_state = state["client_state"].clone()
-        if state.get("compression_memory") is not None:
-            self.memory = state["compression_memory"].clone()
-        if state.get("compression_momentum") is not None:
-            self.momentum = state["compression_momentum"].clone()
+        for key in ("memory", "momentum"):
+            if state.get(f"compression_{key}") is not None:
+                self.stage_state[key] = state[f"compression_{key}"].clone()
         if state.get("client_estimates") is not None:
             self.estimate = state["client_estimates"].clone()
         if self.dp_ledger is not None and state.get("dp_ledger") is not None:
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
         self.secagg_clipped = int(state.get("secagg_clipped", 0))
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
