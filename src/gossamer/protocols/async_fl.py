@@ -1,22 +1,15 @@
-"""The asynchronous FL pattern as one pure state machine: FedAsync, FedBuff, FedFix, FedCompass,
-AFA, FAVANO, FedAST and the General Theory's rules, for every executor.
+"""The asynchronous FL pattern as one pure state machine, for every executor: FedAsync, FedBuff,
+FedFix, FedCompass, AFA, FAVANO, FedAST and the General Theory's rules.
 
-Events in, each with an explicit time (the executor's clock: simulated or wall seconds):
-
-- :meth:`AsyncFLProtocol.dispatch` ``(candidates, t)``: idle clients ask for work (the simulator
-  offers every available idle client at a dispatch point, the runtime the one that asks);
-- :meth:`~AsyncFLProtocol.arrival` ``(client, t, message)``: a task's upload, already decoded;
-- :meth:`~AsyncFLProtocol.lost` ``(client, t)``: a task that will never deliver;
-- :meth:`~AsyncFLProtocol.timer` ``(t)``: the protocol's own timer (:meth:`next_timer`) is due.
-
-Actions out: the :class:`Task` records to start (client, data-order key = the client's own task
-count, local steps, start version, which model, FAVANO's pull time), :class:`Step` (a server
-update it applied, with the entries' clients and staleness; ask idle clients again now).
-The protocol holds the server state, the buffers, FedCompass' arrival groups and the
-accounting; it knows no clock source, transport or population storage. Decisions: which idle
-client may start (concurrency, FedFix/FAVANO period invitations, AFA think times), task step
-counts (FedCompass scheduler, AFA), staleness and ``max_staleness``, when the server updates
-(every arrival, a full buffer of the task's model, a period end, a FedCompass group).
+Events in, each with an explicit time (simulated or wall seconds): :meth:`~AsyncFLProtocol.dispatch`
+(idle clients ask for work: the simulator offers a dispatch point's available clients, the
+runtime the one asking), :meth:`~AsyncFLProtocol.arrival` (an upload, already decoded),
+:meth:`~AsyncFLProtocol.lost` (a task that will never deliver), :meth:`~AsyncFLProtocol.timer`
+(:meth:`~AsyncFLProtocol.next_timer` is due). Actions out: the :class:`Task` records to start
+(client, data-order key = the client's own task count, local steps, start version, model, FAVANO's
+pull time) and :class:`Step` (the update applied; ask again now). It holds the server state,
+buffers, FedCompass groups and accounting, and decides who may start (concurrency, period
+invitations, think times), step counts, staleness and acceptance, and when the server updates.
 """
 
 from __future__ import annotations
@@ -34,9 +27,6 @@ from gossamer.algorithms.fl.async_fl import AsyncFL
 from gossamer.algorithms.fl.fedcompass import CompassSchedule
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.compass import CompassGroups
-
-_TASK_INT = ("client", "key", "steps", "version", "model")
-_TASK_FLOAT = ("start_s", "deadline_s")
 
 
 @dataclass
@@ -277,66 +267,37 @@ class AsyncFLProtocol(CompassGroups):
 
     # --- checkpoints: tensors and plain values only ----------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        grouped = [(g, e) for g in sorted(self.group_buffer) for e in self.group_buffer[g]]
+        entries = self.buffer + [e for g in sorted(self.group_buffer) for e in self.group_buffer[g]]
         extra = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)
                  if f.name not in ("params", "version")}
+        tensors = lambda d: {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in d.items()}  # noqa: E731
         return {"params": self.state.params, "version": self.state.version, "server_extra": extra,
-                "tasks": _task_arrays(list(self.tasks.values())), "buffer": _entry_arrays(self.buffer),
-                "group_buffer": _entry_arrays([e for _, e in grouped]),
-                "group_ids": torch.tensor([g for g, _ in grouped], dtype=torch.int64),
-                "client_tasks": torch.from_numpy(self.client_tasks.copy()),
-                "ready_s": torch.from_numpy(np.asarray(self.ready_s, dtype=np.float64).copy()),
-                "invited": None if self.invited is None else torch.from_numpy(self.invited.copy()),
-                "schedule": None if self.schedule is None else
-                {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                 for k, v in self.schedule.state_dict().items()},
+                "tasks": [dataclasses.astuple(x) for x in self.tasks.values()],
+                "entries": [(dataclasses.astuple(e.task), e.staleness, e.end_s) for e in entries],
+                "entry_groups": [-1] * len(self.buffer) + [g for g in sorted(self.group_buffer)
+                                                            for _ in self.group_buffer[g]],
+                "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0),
+                "arrays": tensors({"client_tasks": self.client_tasks, "ready_s": np.asarray(self.ready_s),
+                                   "invited": self.invited}),
+                "schedule": None if self.schedule is None else tensors(self.schedule.state_dict()),
                 "counters": [self.t0, self.dispatches, self.periods, self.accepted, self.lost_tasks,
                              self.last_staleness, self.stopped],
-                "accounting": {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                               for k, v in self.acct.state_dict().items()}}
+                "accounting": tensors(self.acct.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = dataclasses.replace(self.algorithm.init_state(state["params"]), params=state["params"],
                                          version=int(state["version"]), **state["server_extra"])
-        self.tasks = {task.client: task for task in _tasks_from(state["tasks"])}
-        self.buffer = _entries_from(state["buffer"])
-        self.group_buffer = {}
-        for g, e in zip(state["group_ids"].tolist(), _entries_from(state["group_buffer"]), strict=True):
-            self.group_buffer.setdefault(g, []).append(e)
-        self.client_tasks = _numpy(state["client_tasks"]).astype(np.int64)
-        self.ready_s = _numpy(state["ready_s"]).astype(np.float64)
-        self.invited = None if state["invited"] is None else _numpy(state["invited"]).astype(bool)
+        self.tasks = {row[0]: Task(*row) for row in state["tasks"]}
+        self.buffer, self.group_buffer = [], {}
+        for (task, staleness, end_s), g, message in zip(state["entries"], state["entry_groups"],
+                                                        state["messages"], strict=True):
+            entry = Entry(Task(*task), message.clone(), staleness, end_s)
+            (self.buffer if g < 0 else self.group_buffer.setdefault(g, [])).append(entry)
+        arrays = {k: None if v is None else v.numpy().copy() for k, v in state["arrays"].items()}
+        self.client_tasks, self.ready_s, self.invited = arrays["client_tasks"], arrays["ready_s"], arrays["invited"]
         if state["schedule"] is not None:
             self.schedule = CompassSchedule.from_state_dict(state["schedule"])
-        t0, self.dispatches, self.periods, self.accepted, self.lost_tasks, self.last_staleness, stopped = \
+        t0, self.dispatches, self.periods, self.accepted, self.lost_tasks, self.last_staleness, self.stopped = \
             state["counters"]
-        self.t0, self.stopped = float(t0), bool(stopped)
-        self.acct.load_state_dict({k: _numpy(v) for k, v in state["accounting"].items()})
-
-
-def _numpy(v: Any) -> Any:
-    return v.numpy().copy() if isinstance(v, torch.Tensor) else v
-
-
-def _task_arrays(tasks: list[Task]) -> dict[str, torch.Tensor]:
-    out = {f: torch.tensor([getattr(x, f) for x in tasks], dtype=torch.int64) for f in _TASK_INT}
-    out.update({f: torch.tensor([getattr(x, f) for x in tasks], dtype=torch.float64) for f in _TASK_FLOAT})
-    return out
-
-
-def _tasks_from(arrays: dict[str, torch.Tensor]) -> list[Task]:
-    cols = {k: v.tolist() for k, v in arrays.items()}
-    return [Task(**{f: cols[f][i] for f in _TASK_INT + _TASK_FLOAT}) for i in range(len(cols["client"]))]
-
-
-def _entry_arrays(entries: list[Entry]) -> dict[str, Any]:
-    return {"tasks": _task_arrays([e.task for e in entries]),
-            "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0),
-            "staleness": torch.tensor([e.staleness for e in entries], dtype=torch.int64),
-            "end_s": torch.tensor([e.end_s for e in entries], dtype=torch.float64)}
-
-
-def _entries_from(arrays: dict[str, Any]) -> list[Entry]:
-    return [Entry(task, m.clone(), int(s), float(e)) for task, m, s, e in zip(
-        _tasks_from(arrays["tasks"]), arrays["messages"], arrays["staleness"].tolist(), arrays["end_s"].tolist(),
-        strict=True)]
+        self.t0 = float(t0)
+        self.acct.load_state_dict(state["accounting"])

@@ -1,16 +1,10 @@
-"""FedCompass' decisions inside the asynchronous FL protocol: step counts at dispatch, arrival
-groups, group timers (Li et al., ICLR 2024, arXiv:2309.14675; the maths of the scheduler is
-``algorithms/fl/fedcompass.py``).
-
-- **Dispatch.** Clients served together are assigned fastest first (by the speed estimate,
-  ties by id); a client without an estimate trains ``max_local_steps`` in no group.
-- **Arrival.** The speed estimate takes the task's seconds per step. A first task (no group) is
-  applied alone; an arrival at or after its group's latest time, or after the group closed, is
-  late: it leaves the group, its update goes to the general buffer and it asks again at once.
-  Otherwise it waits in its group, which aggregates (with the general buffer) once nobody is
-  still training.
-- **Timers.** At an open group's latest arrival time it aggregates what arrived, or closes
-  empty (its members will be late).
+"""FedCompass' decisions inside the async FL protocol (Li et al., ICLR 2024, arXiv:2309.14675;
+the scheduler's maths is ``algorithms/fl/fedcompass.py``). Dispatch: clients served together are
+assigned fastest first; without a speed estimate a client trains ``max_local_steps`` in no group.
+Arrival: the speed estimate takes the task's seconds per step; a first task is applied alone; a
+late arrival (at or after its group's latest time, or after it closed) goes to the general
+buffer and asks again at once; otherwise it waits until its group has no member training.
+Timers: at an open group's latest time it aggregates what arrived, or closes empty.
 """
 
 from __future__ import annotations

@@ -1,24 +1,19 @@
 """The asynchronous FL coordinator on real processes: the wall-clock executor of
-``protocols/async_fl.py`` (FedAsync, FedBuff, FedFix, FedCompass, AFA, FedAST, the General
-Theory's rules), the same state machine the simulator's ``async_fl`` driver runs.
+``protocols/async_fl.py``, the state machine the simulator's ``async_fl`` driver runs.
 
-- **Dispatch.** Clients pull: a client asking for work is offered to the protocol alone (first
-  come, first served, where the simulator offers a dispatch point's clients together). The task
-  header carries the data-order key (the client's own task count) and the local steps (0: the
-  ``local`` schedule), so a client computes what simulated node ``i`` computes for that task.
-  A client that asks again while its task is in flight (it restarted) gets the same task.
-- **Arrivals** go to the protocol with the wall-clock time; its timers (period ends, FedCompass
-  group latest times) fire from the main thread. A task not delivered within
-  ``runtime.round_timeout_s`` of its dispatch, or whose upload was rejected, is lost.
-- **Rounds, metrics, stop.** One round is one model update: ``stop.rounds`` counts updates.
-  Every ``eval.every`` updates the main thread evaluates a snapshot and appends a row (``round`` =
-  the snapshot's version; rows may skip versions); ``sim_time_s`` is wall seconds.
-- **Checkpoints** hold the protocol's state with every row. ``--resume`` continues from it; tasks
-  in flight and updates not yet applied are dropped (their uploads are refused as unknown and
-  the clients get fresh tasks); rows after the checkpoint are dropped.
+- **Dispatch.** Clients pull; each ask goes to the protocol alone (first come, first served,
+  where the simulator offers a dispatch point's clients together). The header carries the
+  data-order key (the client's own task count) and the local steps (0: the ``local`` schedule),
+  so a client computes what simulated node ``i`` computes. A client asking again while its task
+  is in flight (it restarted) gets the same task.
+- **Arrivals** go to the protocol with wall-clock times; its timers fire from the main thread.
+  A task not delivered within ``runtime.round_timeout_s``, or with a rejected upload, is lost.
+- **Rounds.** One round is one model update (``stop.rounds``); every ``eval.every`` updates a
+  snapshot is evaluated (rows may skip versions); ``sim_time_s`` is wall seconds.
+- **Checkpoints** hold the protocol state with every row; ``--resume`` drops tasks in flight and
+  updates not yet applied (their uploads are refused; clients get fresh tasks).
 
-FAVANO is refused: its server pulls partial progress at period ends, which needs clients that
-can be interrupted (the simulator computes the steps that fit instead).
+FAVANO is refused: pulling partial progress needs clients that can be interrupted.
 """
 
 from __future__ import annotations
@@ -228,21 +223,18 @@ class AsyncCoordinator(Coordinator):
         return self._summary(stopped_by, start, reached)
 
     def _snapshot(self) -> dict[str, Any]:
-        """Everything a row and a checkpoint need, taken under the lock (the protocol's tensors
-        are replaced on update, never changed in place)."""
-        p = self.protocol
-        return {"protocol": p.state_dict(), "params": self.state.params, "version": self.state.version,
-                "time": self.clock(), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "mean_staleness": p.last_staleness, "in_flight": len(self.tasks), "accepted": p.accepted,
-                "discarded": self.acct.discarded, "lost": p.lost_tasks, "clients": sorted(self.clients.items())}
+        """A row without its evaluation, and the checkpoint, taken under the lock (the protocol's
+        tensors are replaced on update, never changed in place)."""
+        p, version = self.protocol, self.state.version
+        return {"protocol": p.state_dict(), "params": self.state.params, "clients": sorted(self.clients.items()),
+                "row": {"round": version, "sim_time_s": self.clock(), "bytes_up": self.bytes_up,
+                        "bytes_down": self.bytes_down, "updates": version, "mean_staleness": p.last_staleness,
+                        "in_flight": len(self.tasks), "accepted": p.accepted, "discarded": self.acct.discarded,
+                        "lost_messages": p.lost_tasks}}
 
     def _row(self, snap: dict[str, Any]) -> dict[str, Any]:
         acc, loss = self.exp.evaluator.evaluate(snap["params"].reshape(1, -1))
-        return {"round": snap["version"], "sim_time_s": snap["time"], "bytes_up": snap["bytes_up"],
-                "bytes_down": snap["bytes_down"], "test_accuracy": float(acc[0]), "test_loss": float(loss[0]),
-                "updates": snap["version"], "mean_staleness": snap["mean_staleness"],
-                "in_flight": snap["in_flight"], "accepted": snap["accepted"],
-                "discarded": snap["discarded"], "lost_messages": snap["lost"]}
+        return {**snap["row"], "test_accuracy": float(acc[0]), "test_loss": float(loss[0])}
 
     def _summary(self, stopped_by: str, start: float, reached: dict[str, Any]) -> dict[str, Any]:
         last, target = self.metrics.rows[-1], self.cfg.stop.target_accuracy
@@ -267,13 +259,11 @@ class AsyncCoordinator(Coordinator):
         return summary
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _checkpoint(self, start: float) -> None:                # the synchronous hook; unused here
-        self._checkpoint_snapshot(self._snapshot())
-
     def _checkpoint_snapshot(self, snap: dict[str, Any]) -> None:
+        row = snap["row"]
         save_checkpoint(self.run_dir / "checkpoints" / "server.pt", {
-            "round": snap["version"], "protocol": snap["protocol"], "elapsed": snap["time"],
-            "bytes_up": snap["bytes_up"], "bytes_down": snap["bytes_down"],
+            "round": row["round"], "protocol": snap["protocol"], "elapsed": row["sim_time_s"],
+            "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"],
             "clients": torch.tensor(snap["clients"], dtype=torch.int64).reshape(-1, 2)})
 
     def _restore(self) -> None:

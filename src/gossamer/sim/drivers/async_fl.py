@@ -1,23 +1,16 @@
 """Asynchronous FL on the simulated clock: the executor of ``protocols/async_fl.py``.
 
-The protocol decides (who starts, with how many steps, staleness, when the server updates);
-this driver supplies the clock, the batching and the simulated network. Dispatch points: every
-event (clients ask as soon as they are idle and available), and for period rules (FedFix,
-FAVANO) only period ends. A task ends at dispatch + download + compute + upload (FAVANO: at its
-pull time, with the local steps that fit before it, at least one). One ``run_round`` is one
-server model update.
+The protocol decides; this driver supplies the clock, the batching and the simulated network.
+Clients ask at every event (period rules: at period ends only). A task ends at dispatch +
+download + compute + upload (FAVANO: at its pull time, with the steps that fit before it, at
+least one). One ``run_round`` is one server model update. A task's result depends only on its
+start model and key, and its end time never on model values, so tasks train lazily: every
+pending task in one ``trainer.train`` call (``steps=`` per task) when the first one arrives.
 
-Batching: a task's result depends only on its start model and its key, and its end time only
-on profiles and counter-based draws, never on model values. So a task is trained lazily, when
-the first not-yet-trained task arrives, together with every other pending task, in one
-``trainer.train`` call; the effects still land at their simulated times. Tasks of different
-lengths train in the same call (``steps=`` per task).
-
-Simplifications: availability is checked at dispatch (a client that goes offline mid-task
-still delivers); a lost download or upload frees the client's slot at the time the message
-would have arrived; partitions drop an upload when the client cannot reach the server at its
-arrival time; the server's link (``server_bandwidth_Bps``) is not shared between overlapping
-transfers (a dispatch batch of B models adds ``B * bytes / bandwidth``).
+Simplifications: availability is checked at dispatch (a client going offline mid-task still
+delivers); a lost download or upload frees the slot when the message would have arrived;
+partitions drop an upload the client cannot deliver at its arrival time; the server's link
+(``server_bandwidth_Bps``) is not shared between overlapping transfers.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ import numpy as np
 import torch
 
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
+from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
 
 
@@ -55,10 +48,6 @@ class SimTask:
     def trained(self) -> bool:
         return self.message is not None
 
-
-_FIELDS = {"task_id": torch.int64, "client": torch.int64, "end_s": torch.float64, "received": torch.bool,
-           "delivered": torch.bool, "samples": torch.int64, "steps": torch.int64, "loss": torch.float64,
-           "trained_steps": torch.int64, "trained": torch.bool}
 
 
 class AsyncFLDriver(Driver):
@@ -264,37 +253,30 @@ class AsyncFLDriver(Driver):
 
     # --- checkpoints: the protocol, and the in-flight tasks with start rows or uploads ----------
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
         starts = {(x.plan.model, x.plan.version): x.start for x in self.tasks if x.start is not None}
-        keys = sorted(starts)
-        cols = {f: torch.tensor([x.plan.client if f == "client" else getattr(x, f) for x in self.tasks], dtype=d)
-                for f, d in _FIELDS.items()}
-        trained = [x.message for x in self.tasks if x.message is not None]
-        state.update(protocol=self.protocol.state_dict(), tasks=cols,
+        trained = [x.message for x in self.tasks if x.trained]
+        state = super().state_dict()
+        state.update(protocol=self.protocol.state_dict(), start_keys=sorted(starts),
+                     start_models=torch.stack([starts[k] for k in sorted(starts)]) if starts else torch.zeros(0),
+                     tasks=[(x.task_id, x.plan.client, x.end_s, x.received, x.delivered, x.samples, x.steps,
+                             x.loss, x.trained_steps, x.trained) for x in self.tasks],
                      messages=torch.stack(trained) if trained else torch.zeros(0),
-                     start_keys=torch.tensor(keys, dtype=torch.int64).reshape(-1, 2),
-                     start_models=torch.stack([starts[k] for k in keys]) if keys else torch.zeros(0),
-                     **_to_tensor({"next_task": self.next_task, "dispatch_open": self.dispatch_open,
-                                   "max_in_flight": self.max_in_flight, "client_steps": self.client_steps.copy()}))
+                     counters=[self.next_task, self.dispatch_open, self.max_in_flight],
+                     client_steps=torch.from_numpy(self.client_steps.copy()))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.protocol.load_state_dict(state["protocol"])
-        starts = dict(zip(map(tuple, state["start_keys"].tolist()), state["start_models"], strict=True))
-        messages = iter(state["messages"])
-        cols = {k: v.tolist() for k, v in state["tasks"].items()}
-        self.tasks = []
-        for i in range(len(cols["task_id"])):
-            plan = self.protocol.tasks[cols["client"][i]]
-            task = SimTask(cols["task_id"][i], plan, cols["end_s"][i], cols["received"][i], cols["delivered"][i],
-                           cols["samples"][i], cols["steps"][i], loss=cols["loss"][i],
-                           trained_steps=cols["trained_steps"][i])
-            if cols["trained"][i]:
+        starts = dict(zip(map(tuple, state["start_keys"]), state["start_models"], strict=True))
+        messages, self.tasks = iter(state["messages"]), []
+        for task_id, client, end_s, received, delivered, samples, steps, loss, trained_steps, trained in state["tasks"]:
+            task = SimTask(task_id, self.protocol.tasks[client], end_s, received, delivered, samples, steps,
+                           loss=loss, trained_steps=trained_steps)
+            if trained:
                 task.message = next(messages).clone()
-            elif task.delivered:
-                task.start = starts[(plan.model, plan.version)]
+            elif delivered:
+                task.start = starts[(task.plan.model, task.plan.version)]
             self.tasks.append(task)
-        self.next_task, self.max_in_flight = int(state["next_task"]), int(state["max_in_flight"])
-        self.dispatch_open = bool(state["dispatch_open"])
-        self.client_steps = np.array(_to_numpy(state["client_steps"]), dtype=np.int64)
+        self.next_task, self.dispatch_open, self.max_in_flight = state["counters"]
+        self.client_steps = state["client_steps"].numpy().copy()
