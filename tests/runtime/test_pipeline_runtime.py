@@ -4,11 +4,13 @@ the same stages as the simulator (protocols/upload.py), so `gossamer launch` equ
 
 import csv
 import json
+import signal
 
 import pytest
 
 from gossamer.cli import main
-from tests.conftest import small_config
+from tests.conftest import small_config, subprocess_env
+from tests.runtime.test_fl_runtime import _free_port, procs  # noqa: F401
 
 
 def _rows(run_dir):
@@ -53,3 +55,45 @@ def test_launch_runs_the_simulators_upload_pipeline(write_config, tmp_path, case
     if "compression" in CASES[case]:        # what really crossed the wire is the encoded update
         vectors = 2 if "scaffold" in case else 1
         assert summary["bytes_up_total"] < 3 * 4 * vectors * numel * 4 * 0.7
+
+
+def test_secure_aggregation_on_real_processes_equals_the_simulator(write_config, tmp_path):
+    cfg = _cfg(privacy={"secure_aggregation": {"threshold": 0.5}})
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    assert [r["test_accuracy"] for r in real] == [r["test_accuracy"] for r in sim]
+    assert [r["test_loss"] for r in real] == [r["test_loss"] for r in sim]
+
+
+def test_secure_aggregation_recovers_a_client_killed_after_sharing_keys(write_config, tmp_path, procs):  # noqa: F811
+    """Client 3 is killed (SIGKILL) in round 2 after sharing its keys, before its masked
+    update: the others' Shamir shares remove its masks, the round aggregates the three
+    survivors, and round 3 runs without it. The simulator's run where node 3 is removed
+    during round 2 (before its upload) gives the same models round by round."""
+    port = _free_port()
+    cfg = _cfg(privacy={"secure_aggregation": {"threshold": 0.5}})
+    cfg["runtime"].update(round_timeout_s=8, server=f"127.0.0.1:{port}")
+    path = write_config(cfg)
+    out = tmp_path / "real"
+    server = procs.start("server", str(path), "--out", str(out))
+    victim = None
+    for i in range(4):
+        env = subprocess_env(GOSSAMER_TEST_KILL_BEFORE_MASKED_AT_ROUND="2") if i == 3 else None
+        p = procs.start("client", str(path), "--id", str(i), env=env)
+        victim = p if i == 3 else victim
+    assert server.wait(timeout=180) == 0, server.stdout.read().decode()[-3000:]
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    real = _rows(out)
+    assert [r["participants"] for r in real[1:]] == ["4", "3", "3"]
+    # the simulator: node 3 is removed mid-round 2 (after round 1 ended, before its upload)
+    sim_cfg = _cfg(privacy={"secure_aggregation": {"threshold": 0.5}})
+    probe = tmp_path / "probe"
+    assert main(["run", str(write_config(sim_cfg)), "--out", str(probe), "--quiet"]) == 0
+    t1 = float(_rows(probe)[1]["sim_time_s"])
+    sim_cfg["faults"] = {"events": [{"at_s": t1 + 1e-6, "action": "remove", "nodes": [3]}]}
+    assert main(["run", str(write_config(sim_cfg)), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    sim = _rows(tmp_path / "sim")
+    assert [r["test_accuracy"] for r in real] == [r["test_accuracy"] for r in sim]
+    assert [r["test_loss"] for r in real] == [r["test_loss"] for r in sim]

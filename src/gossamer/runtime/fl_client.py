@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import torch
 
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
+from gossamer.privacy.secagg import Client as Party
+from gossamer.privacy.secagg import (
+    Randomness,
+    advertise_keys,
+    encode_input,
+    masked_input,
+    share_keys,
+    threshold_count,
+    unmasking,
+)
 from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
@@ -37,7 +50,19 @@ from gossamer.runtime.common import (
     retry,
     security,
 )
+from gossamer.runtime.secagg_round import KIND_ADVERTISE
 from gossamer.runtime.security import intercept_channel, make_channel
+
+
+@dataclass
+class SecAggClient:
+    """This client's part of one round's secure aggregation: its update and secrets."""
+
+    round: int
+    update: np.ndarray                  # float64 [P]
+    party: Party
+    members: int = 0
+    rand: Randomness = field(default_factory=Randomness)
 
 
 class Client:
@@ -68,6 +93,7 @@ class Client:
         self.pipeline = build_pipeline(cfg, self.algorithm, self.exp.spec.numel, self.exp.uplink)
         compress = self.pipeline.compress
         self.stage_state = compress.init(1, self.exp.spec.numel) if compress is not None else {}
+        self.secagg: SecAggClient | None = None
 
     def _retry(self, call, what: str):
         rt = self.cfg.runtime
@@ -88,12 +114,13 @@ class Client:
                                  last_round=self.last_round).SerializeToString()
         frames = iter(self._get_task(req, timeout=self.cfg.runtime.round_timeout_s))
         header = parse(schema.TaskFrame, next(frames)).header
-        if header.kind != schema.TaskHeader.TRAIN:
+        if header.kind not in (schema.TaskHeader.TRAIN, schema.TaskHeader.SECAGG):
             return header, None
+        secagg = header.kind == schema.TaskHeader.SECAGG
         model = read_model((parse(schema.TaskFrame, f).model for f in frames),
-                           expected_numel=self.download_numel,
-                           run_id=self.cfg.runtime.run_id,
-                           limits=self.limits)
+                           expected_numel=None if secagg else self.download_numel,
+                           run_id=self.cfg.runtime.run_id, limits=self.limits,
+                           dtype=torch.uint8 if secagg else None)
         return header, model
 
     def run(self) -> int:
@@ -117,6 +144,9 @@ class Client:
                 return trained
             if header.kind == schema.TaskHeader.JOIN:
                 self.join()
+                continue
+            if header.kind == schema.TaskHeader.SECAGG:
+                self._secagg_step(header, model[1].numpy().tobytes())
                 continue
             if header.kind == schema.TaskHeader.WAIT:
                 time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
@@ -163,11 +193,45 @@ class Client:
         if pipe.rqm is not None:
             up, _ = pipe.encode_rqm(up, self.cfg.seed)
             return pipe.rqm.to_bytes(up.encoded, 0), up.round, KIND_ENCODED
+        if pipe.secagg is not None:                   # the update waits for the key rounds
+            self.secagg = SecAggClient(up.round, up.delta()[0].double().numpy(),
+                                       Party.new(self.node, None, Randomness()))
+            return advertise_keys(self.secagg.party), up.round, KIND_ADVERTISE
         if pipe.dp is not None:
             if expected < 1:
                 raise RuntimeError("the server sent no expected client count for DP-FedAvg")
             return pipe.dp.client(up.delta(), up.clients, up.round, expected)[0], up.round, KIND_DELTA
         return up.rows()[0], up.round, KIND_MODEL
+
+    def _secagg_step(self, header, data: bytes) -> None:
+        """Answer the server's secure-aggregation message of ``header.stage`` for the round
+        whose update this client holds (privacy/secagg.py's client functions)."""
+        state, sa = self.secagg, self.cfg.privacy.secure_aggregation
+        if state is None or header.round != state.round:
+            log.warning("client %d: secure-aggregation message for round %d, which it holds no "
+                        "update for", self.node, header.round)
+            return
+        party, stage = state.party, int(header.stage)
+        try:
+            if stage == 1:
+                state.members = int(header.members)
+                party.x, _ = encode_input(state.update, float(header.share), state.members,
+                                          clip=sa.clip, bits=sa.bits)
+                reply = share_keys(party, data, threshold_count(sa.threshold, state.members), state.rand)
+            elif stage == 2:
+                if str(state.round) == os.environ.get("GOSSAMER_TEST_KILL_BEFORE_MASKED_AT_ROUND"):
+                    os.kill(os.getpid(), signal.SIGKILL)    # tests: die after sharing keys
+                reply = masked_input(party, data, sa.bits, state.round)
+            elif stage == 3:
+                reply = unmasking(party, data, threshold_count(sa.threshold, state.members))
+                self.secagg = None
+            else:
+                raise ValueError(f"unknown stage {stage}")
+        except (ValueError, KeyError, struct.error) as exc:  # a malformed server message
+            log.warning("client %d: secure aggregation of round %d failed: %s", self.node, state.round, exc)
+            self.secagg = None
+            return
+        self._send(reply, state.round, KIND_ADVERTISE + stage)
 
     def _send(self, message, round_: int, kind: int = KIND_MODEL) -> None:
         make = bytes_frames if isinstance(message, bytes) else model_frames

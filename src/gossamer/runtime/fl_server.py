@@ -48,6 +48,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.privacy.secagg_server import SecAggAbort
 from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
@@ -55,12 +56,15 @@ from gossamer.runtime.codec import (
     KIND_ENCODED,
     KIND_MODEL,
     WireError,
+    bytes_frames,
     model_frames,
     parse,
     read_counted_model,
 )
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
 from gossamer.runtime.guard import Busy, CallerGuard, Refused
+from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound
+from gossamer.runtime.secagg_round import max_message_bytes as secagg_bytes
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
 from gossamer.training.trainer import local_steps
 
@@ -76,6 +80,7 @@ class RoundState:
     model_frames: list[bytes] = field(default_factory=list)
     failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
     expected: int = 0                                   # DP-FedAvg's denominator
+    secagg: SecAggRound | None = None                   # secure aggregation's message rounds
 
     def open(self) -> set[int]:
         """Selected clients whose upload is still awaited."""
@@ -135,8 +140,10 @@ class Coordinator:
         """The server side of the upload pipeline (protocols/upload.py): which upload kind
         arrives (a model row, a DP update, encoded bytes), EF21 estimates, the DP ledger."""
         pipe = self.pipeline = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink)
-        self.upload_kind = KIND_ENCODED if pipe.encoded is not None else \
+        self.upload_kind = KIND_ADVERTISE if pipe.secagg is not None else \
+            KIND_ENCODED if pipe.encoded is not None else \
             KIND_DELTA if pipe.dp is not None else KIND_MODEL
+        self.secagg_aborted = 0
         self.estimates: dict[int, torch.Tensor] = {}         # EF21: the server's copy per client
         self.dp_ledger, self.selection = None, (0, 0, 0)
         if self.pattern != "sync_fl":                         # asynchronous rules upload as they are
@@ -250,6 +257,15 @@ class Coordinator:
             self.stale.discard(node)
             self.lock.notify_all()                          # it is reachable again
         cur = self.current
+        due = cur.secagg.message_for(node) if cur.secagg is not None else None
+        if due is not None:
+            stage, data = due
+            frames = [schema.TaskFrame(model=f).SerializeToString() for f in bytes_frames(
+                data, kind=KIND_ADVERTISE + stage, round=cur.number, run_id=self.cfg.runtime.run_id,
+                chunk_bytes=self.limits.chunk_bytes)]
+            return schema.TaskHeader(kind=schema.TaskHeader.SECAGG, round=cur.number, stage=stage,
+                                     members=cur.secagg.members,
+                                     share=cur.secagg.shares.get(node, 0.0)), frames
         if node in cur.open():
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
                                      expected=cur.expected), cur.model_frames
@@ -285,16 +301,69 @@ class Coordinator:
 
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
         """One upload of the configured kind, validated (codec), or WireError."""
-        kind, encoded = self.upload_kind, self.upload_kind == KIND_ENCODED
+        kind, encoded = self.upload_kind, self.upload_kind in (KIND_ENCODED, KIND_ADVERTISE)
         numel = None if encoded else self.numel if kind == KIND_DELTA else self.upload_numel
         meta, tensor, size = read_counted_model(
             chunks, expected_numel=numel, run_id=self.cfg.runtime.run_id, limits=self.limits,
             dtype=torch.uint8 if encoded else torch.float32)
+        if kind == KIND_ADVERTISE:                            # secure aggregation: stages 5..8
+            sa = self.pipeline.secagg
+            if not KIND_ADVERTISE <= meta.kind <= KIND_ADVERTISE + 3:
+                raise WireError(f"upload kind {meta.kind} where a secure-aggregation message is expected")
+            if tensor.numel() > secagg_bytes(self.numel, sa.bits, self.exp.num_nodes):
+                raise WireError(f"secure-aggregation message of {tensor.numel()} bytes is too large")
+            return meta, tensor, size
         if meta.kind != kind:
             raise WireError(f"upload kind {meta.kind} where {kind} is expected")
         if encoded and tensor.numel() > 8 * self.upload_numel + 4096:
             raise WireError(f"encoded upload of {tensor.numel()} bytes is larger than the model")
         return meta, tensor, size
+
+    def _secagg_message(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                        size: int) -> None:
+        """File a secure-aggregation message of the current round (lock held)."""
+        cur = self.current
+        if cur.secagg is None or meta.round != cur.number or node in cur.failed:
+            raise Refused(f"secure-aggregation message from {node} for round {meta.round} is not "
+                          "expected", bound, strike=False)
+        if int(meta.kind) - KIND_ADVERTISE != cur.secagg.stage:       # late, or early: not hostile
+            raise Refused(f"secure-aggregation message of stage {int(meta.kind) - KIND_ADVERTISE} "
+                          f"from {node} while the round is at stage {cur.secagg.stage}", bound,
+                          strike=False)
+        try:
+            cur.secagg.receive(node, int(meta.kind), tensor.numpy().tobytes())
+        except ValueError as exc:
+            raise Refused(str(exc), bound) from None
+        if meta.kind == KIND_ADVERTISE:                # it trained: the round stops waiting for it
+            cur.received[node] = (None, self.clients[node])
+        self.bytes_up += size
+        self.lock.notify_all()
+
+    def _secure_stages(self, cur: RoundState) -> dict[int, tuple[torch.Tensor, int]]:
+        """Secure aggregation's stages after every selected client advertised keys or timed
+        out (lock held): each survivor's row is ``start + mean``, as in the simulator; an
+        aborted round has no upload."""
+        sa_round, rt = cur.secagg, self.cfg.runtime
+
+        def weights(ids):
+            sizes = np.array([self.clients.get(u, 0) for u in ids])
+            return self.algorithm.weights(sizes, torch.float64).numpy()
+
+        try:
+            mean = sa_round.close(weights)
+            while mean is None:
+                self.lock.notify_all()
+                self.lock.wait_for(lambda: not (sa_round.awaited() - cur.failed),
+                                   timeout=rt.round_timeout_s)
+                mean = sa_round.close(weights)
+        except SecAggAbort as exc:
+            log.warning("round %d: secure aggregation aborted: %s", cur.number, exc)
+            self.secagg_aborted += 1
+            self.stale |= sa_round.silent
+            return {}
+        self.stale |= sa_round.silent
+        row = self.state.params.reshape(-1) + torch.from_numpy(mean).to(torch.float32)
+        return {u: (row, self.clients[u]) for u in sa_round.survivors()}
 
     def _decode(self, node: int, round_: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The upload row the algorithm aggregates (DP: the update, kept as it is until the
@@ -327,6 +396,9 @@ class Coordinator:
             if int(meta.meta) != self.clients[node]:
                 raise Refused(f"node {node} reports {int(meta.meta)} samples but joined with "
                               f"{self.clients[node]}", bound)
+            if self.upload_kind == KIND_ADVERTISE:
+                self._secagg_message(node, bound, meta, tensor, size)
+                return
             if meta.round != cur.number or node not in cur.open():
                 if node in cur.received and meta.round == cur.number:
                     raise Refused(f"duplicate update from {node} for round {meta.round}", bound, strike=False)
@@ -419,6 +491,8 @@ class Coordinator:
             expected = algo.expected_clients(len(candidates))
             self.selection = (len(ids), len(candidates), expected)
             self.current = RoundState(r, {int(i) for i in ids}, {}, frames, expected=expected)
+            if self.pipeline.secagg is not None:
+                self.current.secagg = SecAggRound(self.pipeline.secagg, self.current.selected, self.numel, r)
             self.lock.notify_all()
             # over-selection: the round closes at the first `wanted` uploads; a deadline (wall
             # seconds here) drops the clients still training, like runtime.round_timeout_s
@@ -431,6 +505,8 @@ class Coordinator:
                                           timeout=timeout)
             received = dict(cur.received)
             late = cur.open()
+            if cur.secagg is not None:
+                received = self._secure_stages(cur)
             if not finished:
                 self.stale |= late
                 log.warning("round %d: dropped %d late clients %s", r, len(late), sorted(late))

@@ -203,6 +203,20 @@ class Faults:
         self._next = self._next_time()
         return self._mask.copy()
 
+    def down_by(self, nodes: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Bool per node of ``nodes``: it crashes, or an event naming it removes it, at or
+        before its time in ``times`` (a synchronous FL client that dies mid-round never
+        uploads). A look-ahead from the last ``alive`` query that changes no state; churn and
+        removals of random nodes are decided when they happen and are not seen here."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        times = np.broadcast_to(np.asarray(times, dtype=np.float64), nodes.shape)
+        down = self._crash_time[nodes] <= times
+        for index in self._event_order[self._event_ptr:]:
+            event = self.cfg.events[index]
+            if event.action == "remove" and event.nodes is not None:
+                down |= np.isin(nodes, np.asarray(event.nodes, dtype=np.int64)) & (event.at_s <= times)
+        return down
+
     def rejoined(self) -> np.ndarray:
         """Int64 ids alive now that were dead at some point since the previous ``alive`` call."""
         return self._rejoined.copy()

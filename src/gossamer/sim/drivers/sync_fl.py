@@ -130,6 +130,8 @@ class SyncFLDriver(Driver):
             delivered = ~faults.lost(2 * r + 1, got, to)
             up_s = up_s + faults.extra_delay(2 * r + 1, got, to)
         arrival = down_s[received] + compute_s + up_s
+        if faults.enabled:                  # a client that crashes before its upload is sent
+            delivered &= ~faults.down_by(got, self.sim_time + arrival)
         keep, round_s = self._accept(arrival, delivered, algo.wanted(len(candidates)))
         self.dropped += int((~keep).sum())
         self.lost += int((~received).sum() + (keep & ~delivered).sum())
