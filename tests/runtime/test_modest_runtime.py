@@ -67,7 +67,8 @@ def test_a_killed_peer_is_skipped_and_the_run_finishes(write_config, tmp_path, m
 
 
 def test_a_resumed_peer_keeps_its_rounds_and_drops_stale_models(tmp_path):
-    from gossamer.runtime.modest_peer import AGGREGATE, TRAIN, Arrival, ModestPeer
+    from gossamer.protocols.modest import AGGREGATE, TRAIN, Arrival
+    from gossamer.runtime.modest_peer import ModestPeer
 
     cfg = config.validate(_cfg(nodes=5, sample_size=3, timeout_s=1.0, rounds=4))
     peer = ModestPeer(cfg, 2, tmp_path)
@@ -87,9 +88,10 @@ def test_a_resumed_peer_keeps_its_rounds_and_drops_stale_models(tmp_path):
 def test_a_peer_accepts_models_and_the_end_notice_and_rejects_the_rest(tmp_path):
     import torch
 
+    from gossamer.protocols.modest import AGGREGATE
     from gossamer.runtime import schema
     from gossamer.runtime.codec import model_frames
-    from gossamer.runtime.modest_peer import AGGREGATE, DONE, ModestPeer
+    from gossamer.runtime.modest_peer import DONE, ModestPeer
 
     cfg = config.validate(_cfg(nodes=5, sample_size=3, timeout_s=1.0, rounds=4))
     peer = ModestPeer(cfg, 2, tmp_path)

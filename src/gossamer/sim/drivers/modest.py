@@ -20,6 +20,7 @@ from gossamer.algorithms.dl.modest import Probe, aggregate, probe, quorum_mask
 from gossamer.protocols import dl_metrics
 from gossamer.protocols import modest as protocol
 from gossamer.sim.drivers.base import Driver
+from gossamer.sim.drivers.sync_dl import next_change
 from gossamer.sim.experiment import Experiment
 from gossamer.training.trainer import TrainResult
 
@@ -42,21 +43,10 @@ class ModestDriver(Driver):
         self.total_timeouts = self.stalled_rounds = 0
         self.node_bytes = np.zeros(exp.num_nodes, dtype=np.int64)   # bytes each node sent plus received
 
-    def _alive(self, t: float) -> np.ndarray:
-        """Responsive nodes ``[N]`` at ``t``: online, and not crashed when faults are enabled."""
-        alive = self.exp.availability.at(t)
-        faults = getattr(self.exp, "faults", None)
-        if faults is not None and faults.enabled:
-            alive = alive & faults.alive(t)
-        return alive
-
     def _wait(self, t: float) -> None:
         """Nobody to work with: wait out a timeout, and at least until the next availability (or
         fault) change; the next round samples again."""
-        avail, faults = self.exp.availability, getattr(self.exp, "faults", None)
-        change = float(avail.next_switch.min()) if avail.model != "always" else np.inf
-        if faults is not None and faults.enabled:
-            change = min(change, float(faults.next_change()))
+        change = next_change(self.exp)
         t_next = t + self.algorithm.timeout_s
         if np.isfinite(change):
             t_next = max(t_next, change)
@@ -86,7 +76,7 @@ class ModestDriver(Driver):
         exp, algo, r = self.exp, self.algorithm, self.round + 1
         seed, t0 = exp.cfg.seed, self.sim_time
         self.round, self.timeouts, self.participants = r, 0, 0
-        alive = self._alive(t0)
+        alive = self.exp.online(t0)
         view = self.view
         if algo.announce_churn:           # joins and leaves announced so far ride on this round's messages
             self.view = exp.availability.at(t0).copy()
@@ -147,7 +137,7 @@ class ModestDriver(Driver):
         Returns the number of model messages sent."""
         algo = self.algorithm
         t1 = float(done.min())
-        alive = self._alive(t1)
+        alive = self.exp.online(t1)
         delivering = alive[ids]                              # trainers gone by now deliver nothing
         ranked = protocol.aggregators(np.flatnonzero(view), seed, r)
         aggs = probe(ranked, alive[ranked], algo.aggregators)

@@ -19,6 +19,7 @@ from gossamer import wire
 from gossamer.protocols import dl_metrics
 from gossamer.protocols import random_walk as protocol
 from gossamer.sim.drivers.base import Driver
+from gossamer.sim.drivers.sync_dl import next_change
 from gossamer.sim.experiment import Experiment
 
 
@@ -55,13 +56,8 @@ class RandomWalkDriver(Driver):
         self.waiting = int((~acted).sum())
         if acted.any():
             self.sim_time += float(hop_s[acted].max())
-        else:                                  # every token waits: jump to the next change
-            exp = self.exp
-            nxt = exp.availability.next_change() if exp.availability.model != "always" else np.inf
-            if exp.faults is not None and exp.faults.enabled:
-                nxt = min(nxt, exp.faults.next_change())
-            if np.isfinite(nxt):
-                self.sim_time = float(max(self.sim_time, nxt))
+        elif np.isfinite(nxt := next_change(self.exp)):   # every token waits: jump to the next change
+            self.sim_time = float(max(self.sim_time, nxt))
         self.round = r
 
     def hop(self, tokens: np.ndarray, online: np.ndarray, r: int) -> np.ndarray:

@@ -36,7 +36,6 @@ class SyncDLDriver(Driver):
         init = exp.init_params
         self.params = init.expand(n, -1).clone() if init.dim() == 1 else init.clone()
         self._spare: torch.Tensor | None = None      # mixing output buffer, reused every round
-        self.degrees = exp.topology.degrees()
         self.has_data = exp.trainer.sizes > 0
         self.static = protocol.static_graph(exp.topology, exp.mixing_scipy)
         self.graph = self.static                                        # dynamic: set every round
@@ -204,12 +203,8 @@ class SyncDLDriver(Driver):
         node_s = compute_s + np.maximum(send_s, recv_s) + spike
         if online.any():
             self.sim_time += float(node_s[online].max())
-        else:                                  # nobody up: jump to the next change
-            nxt = exp.availability.next_switch.min() if exp.availability.model != "always" else np.inf
-            if faults.enabled:
-                nxt = min(nxt, faults.next_change())
-            if np.isfinite(nxt):
-                self.sim_time = float(max(self.sim_time, nxt))
+        elif np.isfinite(nxt := next_change(exp)):      # nobody up: jump to the next change
+            self.sim_time = float(max(self.sim_time, nxt))
 
     # --- metrics ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -266,3 +261,9 @@ class SyncDLDriver(Driver):
                 "links_per_round_first_window": float(np.mean(
                     [links.num_links for links in window_links(dynamic)])), **out}
 
+
+def next_change(exp: Experiment) -> float:
+    """When node availability or the fault schedule next changes (``inf``: never)."""
+    nxt = exp.availability.next_change() if exp.availability.model != "always" else np.inf
+    faults = exp.faults
+    return min(nxt, faults.next_change()) if faults is not None and faults.enabled else nxt
