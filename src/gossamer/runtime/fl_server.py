@@ -1,7 +1,9 @@
 """The FL coordinator on real processes: the synchronous FL pattern over gRPC.
 
-The same algorithm object the simulator uses selects clients and aggregates; clients pull
-tasks (``GetTask``) and push models (``PutUpdate``). A round ends when every selected
+The same algorithm object the simulator uses selects clients and aggregates, and the same
+upload pipeline (``protocols/upload.py``) decodes, privatizes and securely sums the uploads;
+clients pull tasks (``GetTask``) and push models (``PutUpdate``); the handlers and caller
+checks are :class:`~gossamer.runtime.coordinator.BaseCoordinator`'s. A round ends when every selected
 client has delivered or ``runtime.round_timeout_s`` has passed; late or dead clients are
 dropped from that round and not selected again until they contact the server. After every
 round the server checkpoints atomically; restarted with ``--resume`` it continues from the
@@ -24,31 +26,23 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import torch
 
 from gossamer import rng
 from gossamer.algorithms.fl.fedavg import ServerState
-from gossamer.config import ConfigError, ExperimentConfig, dump
-from gossamer.experiment import build as build_experiment
+from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import (
-    MetricsWriter,
-    atomic_write_text,
     checkpoint_exists,
-    environment,
     load_checkpoint,
     save_checkpoint,
     write_json,
 )
-from gossamer.privacy.secagg_server import SecAggAbort
 from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
@@ -58,14 +52,13 @@ from gossamer.runtime.codec import (
     WireError,
     bytes_frames,
     model_frames,
-    parse,
     read_counted_model,
 )
-from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
-from gossamer.runtime.guard import Busy, CallerGuard, Refused
-from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound
+from gossamer.runtime.common import RunFailed, log
+from gossamer.runtime.coordinator import BaseCoordinator
+from gossamer.runtime.guard import Refused
+from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound, SecureAggregation
 from gossamer.runtime.secagg_round import max_message_bytes as secagg_bytes
-from gossamer.runtime.security import TokenAuthInterceptor, add_port
 from gossamer.training.trainer import local_steps
 
 COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
@@ -87,54 +80,17 @@ class RoundState:
         return self.selected - self.failed - set(self.received)
 
 
-class Coordinator:
-    """Serves the Coordinator gRPC service and drives rounds with the configured algorithm.
-
-    Build one with :func:`gossamer.runtime.roles.make_coordinator`, which picks the class for the algorithm's
-    pattern (this one: ``sync_fl``; ``runtime/async_server.py``: ``async_fl``)."""
+class Coordinator(SecureAggregation, BaseCoordinator):
+    """The ``sync_fl`` pattern: select, hand out the model, wait for uploads, run the upload
+    pipeline's server side, aggregate, evaluate, checkpoint."""
 
     pattern = "sync_fl"
     columns = COLUMNS
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                  listen: str | None = None) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.exp = build_experiment(cfg, population=False)
-        self.algorithm = self.exp.algorithm
-        if self.algorithm.family != "fl":
-            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} is not a server-based "
-                              "algorithm; use gossamer peer")
-        if self.algorithm.pattern != self.pattern:
-            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs the {self.algorithm.pattern} "
-                              f"pattern, not {self.pattern}")
-        self.listen = listen or cfg.runtime.server
-        self.security, self.limits = security(cfg), limits(cfg)
-        self.token = self.security.resolved_token()
-        rt = cfg.runtime
-        self.guard = CallerGuard(self.security, max_inflight=rt.max_inflight_per_client,
-                                 stream_timeout_s=rt.upload_timeout_s, max_rejections=rt.max_rejections)
-        # the most samples each client may claim: its shard as the server knows it, capped
-        self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
-        self.numel = self.exp.spec.numel
-        self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
-        self._init_pipeline()
-        self.state = self._init_state()
-        self.lock = threading.Condition()
-        self.clients: dict[int, int] = {}             # node id -> shard size
-        self.stale: set[int] = set()                  # missed a round; not selected until heard
         self.current = RoundState()
-        self.done = False
-        self.told_done: set[int] = set()             # clients that were told the run is over
-        self.bytes_up = self.bytes_down = 0
-        self.elapsed_before = 0.0                     # wall seconds of earlier runs (resume)
-        self.rejected = 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.columns)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._restore()
-        else:
-            atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
-            write_json(self.run_dir / "environment.json", environment())
+        super().__init__(cfg, run_dir, resume=resume, listen=listen)
 
     def _init_pipeline(self) -> None:
         """The server side of the upload pipeline (protocols/upload.py): which upload kind
@@ -167,89 +123,12 @@ class Coordinator:
     def _init_state(self):
         return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
 
-    # --- gRPC handlers (raw bytes in and out; parsing is ours) ----------------------------
-    def _refused(self, exc: Refused) -> bytes:
-        """Log a rejection; a proven node's bad message is its failure (and a strike)."""
-        with self.lock:
-            self.rejected += 1
-        log.warning("rejected a message: %s", exc)
-        if exc.node is not None and exc.fails:
-            banned = self.guard.strike(exc)
-            with self.lock:
-                self._client_failed(exc.node)
-                if banned:
-                    self.clients.pop(exc.node, None)
-                self.lock.notify_all()
-        return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
-
     def _client_failed(self, node: int) -> None:
         """``node`` failed its current task (lock held): the round stops waiting for it."""
         cur = self.current
         if node in cur.selected and node not in cur.received:
             cur.failed.add(node)
             self.stale.add(node)
-
-    def join(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        try:
-            req = parse(schema.JoinRequest, data)
-        except WireError as exc:
-            return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
-        if req.run_id != self.cfg.runtime.run_id:
-            return schema.JoinReply(ok=False, reason="wrong run id").SerializeToString()
-        if req.node_id >= self.exp.num_nodes:
-            return schema.JoinReply(ok=False, reason="node id out of range").SerializeToString()
-        try:
-            node = self.guard.acting(context, int(req.node_id))
-            if req.num_samples > self.max_samples[node]:
-                raise Refused(f"node {node} claims {req.num_samples} samples, at most "
-                              f"{int(self.max_samples[node])} are plausible", node)
-        except Refused as exc:
-            self._refused(exc)
-            return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
-        with self.lock:
-            self.clients[node] = int(req.num_samples)
-            self.stale.discard(node)
-            self.lock.notify_all()
-        log.info("client %d joined (%d samples)", node, req.num_samples)
-        return schema.JoinReply(ok=True, num_params=self.numel, dtype="float32").SerializeToString()
-
-    def _slot(self, context: grpc.ServicerContext, node: int | None):
-        """A bounded, deadline-cancelled call slot for ``node`` (its connection when unbound)."""
-        return self.guard.stream(context, node if node is not None else context.peer())
-
-    def get_task(self, data: bytes, context: grpc.ServicerContext):
-        try:
-            req = parse(schema.TaskRequest, data)
-        except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            node = self.guard.acting(context, int(req.node_id))
-            with self._slot(context, node if self.guard.binds else None):   # acting proved it
-                with self.lock:
-                    header, frames = self._answer(node)
-                yield schema.TaskFrame(header=header).SerializeToString()
-                for frame in frames:
-                    self._count_down(len(frame), node)
-                    yield frame
-        except Refused as exc:
-            self._refused(exc)
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
-            context.abort(code, str(exc))
-
-    def _answer(self, node: int) -> tuple[object, list[bytes]]:
-        """What ``node`` is told when it asks for work (lock held): DONE once the run is over,
-        JOIN when the server does not know it, else what the pattern's ``_task`` says."""
-        if self.done:
-            self.told_done.add(node)
-            self.lock.notify_all()
-            return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
-        if node not in self.clients:
-            return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
-        return self._task(node)
-
-    def _wait(self) -> tuple[object, list[bytes]]:
-        return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
-                                 retry_after_s=self.cfg.runtime.poll_interval_s), []
 
     def _task(self, node: int) -> tuple[object, list[bytes]]:
         """A joined ``node``'s task (lock held): the round's model if it is awaited, else WAIT."""
@@ -271,34 +150,6 @@ class Coordinator:
                                      expected=cur.expected), cur.model_frames
         return self._wait()
 
-    def _count_down(self, n: int, node: int) -> None:
-        with self.lock:
-            self.bytes_down += n
-
-    def put_update(self, chunks, context: grpc.ServicerContext) -> bytes:
-        try:
-            bound = self.guard.bound(context)
-            with self._slot(context, bound) as slot:
-                try:
-                    meta, tensor, size = self._read_upload(chunks)
-                except WireError as exc:
-                    raise Refused(str(exc), bound) from None
-                except grpc.RpcError:
-                    if slot["expired"]:
-                        raise Refused("upload not complete within runtime.upload_timeout_s "
-                                      f"({self.cfg.runtime.upload_timeout_s:g} s)", bound) from None
-                    raise Refused("the upload stream broke off", bound, strike=False,
-                                  fails=True) from None
-                node = int(meta.sender)
-                if bound is not None and node != bound:
-                    raise Refused(f"node {bound} may not upload as node {node}", bound)
-                if tensor.dtype != torch.uint8:              # encoded bytes stay bytes
-                    tensor = tensor.float().clone()
-                self._accept(node, bound, meta, tensor, size)
-        except Refused as exc:
-            return self._refused(exc)
-        return schema.Ack(ok=True).SerializeToString()
-
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
         """One upload of the configured kind, validated (codec), or WireError."""
         kind, encoded = self.upload_kind, self.upload_kind in (KIND_ENCODED, KIND_ADVERTISE)
@@ -318,52 +169,6 @@ class Coordinator:
         if encoded and tensor.numel() > 8 * self.upload_numel + 4096:
             raise WireError(f"encoded upload of {tensor.numel()} bytes is larger than the model")
         return meta, tensor, size
-
-    def _secagg_message(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
-                        size: int) -> None:
-        """File a secure-aggregation message of the current round (lock held)."""
-        cur = self.current
-        if cur.secagg is None or meta.round != cur.number or node in cur.failed:
-            raise Refused(f"secure-aggregation message from {node} for round {meta.round} is not "
-                          "expected", bound, strike=False)
-        if int(meta.kind) - KIND_ADVERTISE != cur.secagg.stage:       # late, or early: not hostile
-            raise Refused(f"secure-aggregation message of stage {int(meta.kind) - KIND_ADVERTISE} "
-                          f"from {node} while the round is at stage {cur.secagg.stage}", bound,
-                          strike=False)
-        try:
-            cur.secagg.receive(node, int(meta.kind), tensor.numpy().tobytes())
-        except ValueError as exc:
-            raise Refused(str(exc), bound) from None
-        if meta.kind == KIND_ADVERTISE:                # it trained: the round stops waiting for it
-            cur.received[node] = (None, self.clients[node])
-        self.bytes_up += size
-        self.lock.notify_all()
-
-    def _secure_stages(self, cur: RoundState) -> dict[int, tuple[torch.Tensor, int]]:
-        """Secure aggregation's stages after every selected client advertised keys or timed
-        out (lock held): each survivor's row is ``start + mean``, as in the simulator; an
-        aborted round has no upload."""
-        sa_round, rt = cur.secagg, self.cfg.runtime
-
-        def weights(ids):
-            sizes = np.array([self.clients.get(u, 0) for u in ids])
-            return self.algorithm.weights(sizes, torch.float64).numpy()
-
-        try:
-            mean = sa_round.close(weights)
-            while mean is None:
-                self.lock.notify_all()
-                self.lock.wait_for(lambda: not (sa_round.awaited() - cur.failed),
-                                   timeout=rt.round_timeout_s)
-                mean = sa_round.close(weights)
-        except SecAggAbort as exc:
-            log.warning("round %d: secure aggregation aborted: %s", cur.number, exc)
-            self.secagg_aborted += 1
-            self.stale |= sa_round.silent
-            return {}
-        self.stale |= sa_round.silent
-        row = self.state.params.reshape(-1) + torch.from_numpy(mean).to(torch.float32)
-        return {u: (row, self.clients[u]) for u in sa_round.survivors()}
 
     def _decode(self, node: int, round_: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The upload row the algorithm aggregates (DP: the update, kept as it is until the
@@ -413,18 +218,6 @@ class Coordinator:
             cur.received[node] = (row, self.clients[node])
             self.bytes_up += size
             self.lock.notify_all()
-
-    # --- rounds -------------------------------------------------------------------------------
-    def _wait_for_clients(self, start: float) -> None:
-        need = self.cfg.runtime.min_clients or self.exp.num_nodes
-        with self.lock:
-            self.lock.wait_for(lambda: len(self.clients) >= need,
-                               timeout=self.cfg.runtime.join_timeout_s)
-            if len(self.clients) < self.cfg.runtime.min_participants:
-                raise RunFailed(f"{len(self.clients)} clients joined within runtime.join_timeout_s "
-                                f"({self.cfg.runtime.join_timeout_s:g} s); runtime.min_participants "
-                                f"is {self.cfg.runtime.min_participants}")
-        log.info("%d clients joined after %.1f s", len(self.clients), time.monotonic() - start)
 
     def _candidates(self) -> list[int]:
         return sorted(set(self.clients) - self.stale)
@@ -526,65 +319,6 @@ class Coordinator:
                 "participants": getattr(self, "participants", 0),
                 **({"epsilon": self.dp_ledger.epsilon()} if self.dp_ledger is not None else {})}
 
-    def serve(self) -> dict[str, Any]:
-        """Run the whole experiment; returns the summary (also written to summary.json)."""
-        start = time.monotonic()
-        server = self.start_server()
-        try:
-            return self._rounds(start)
-        except RunFailed as exc:
-            log.error("run failed: %s", exc)
-            self._write_failure(str(exc), start)
-            raise
-        finally:
-            with self.lock:
-                self.done = True
-                self.lock.notify_all()
-                # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
-                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
-                                   timeout=self.cfg.runtime.retry_max_s + 1.0)
-            server.stop(grace=1.0).wait()
-
-    def start_server(self) -> grpc.Server:
-        """Listen (address in ``server.json``) and serve the handlers; rounds are ``serve``'s."""
-        # every client may hold its in-flight bound of calls, and a few threads stay spare
-        workers = max(8, self.exp.num_nodes * self.cfg.runtime.max_inflight_per_client + 4)
-        secret = self.guard.secret
-        auth = ([TokenAuthInterceptor(self.token, self._on_auth_reject, node_secret=secret)]
-                if self.token or secret else [])
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
-                             interceptors=auth)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "gossamer.v1.Coordinator", {
-                "Join": grpc.unary_unary_rpc_method_handler(self.join),
-                "GetTask": grpc.unary_stream_rpc_method_handler(self.get_task),
-                "PutUpdate": grpc.stream_unary_rpc_method_handler(self.put_update)})])
-        port = add_port(server, self.listen, self.security)
-        host = self.listen.rsplit(":", 1)[0]
-        write_json(self.run_dir / "server.json", {"address": f"{host}:{port}"})
-        server.start()
-        self.port = port
-        log.info("coordinator listening on %s:%d", host, port)
-        return server
-
-    def _write_failure(self, reason: str, start: float) -> None:
-        """summary.json of a failed run: where it stopped and why (the checkpoint stays)."""
-        last = self.metrics.rows[-1] if self.metrics.rows else None
-        write_json(self.run_dir / "summary.json", {
-            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
-            "num_nodes": self.exp.num_nodes, "stopped_by": "failed", "error": reason,
-            "rounds": int(last["round"]) if last else 0,
-            "final_test_accuracy": float(last["test_accuracy"]) if last else None,
-            "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
-            "wall_time_s": self.elapsed_before + time.monotonic() - start,
-            "rejected_messages": self.rejected})
-
-    def _on_auth_reject(self, reason: str) -> None:
-        with self.lock:
-            self.rejected += 1
-        log.warning("rejected a call: %s", reason)
-
     def _rounds(self, start: float) -> dict[str, Any]:
         self._wait_for_clients(start)
         start = time.monotonic()                     # the clock starts once the clients have joined
@@ -622,7 +356,6 @@ class Coordinator:
         save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary
 
-    # --- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, start: float) -> None:
         save_checkpoint(self.run_dir / "checkpoints" / "server.pt", {
             "round": self.state.round, "params": self.state.params, "extra": dict(self.state.extra),

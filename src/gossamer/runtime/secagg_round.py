@@ -15,9 +15,12 @@ the survivors' weighted mean update, never an individual one.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from gossamer.privacy.secagg import STAGES, ring_bytes, threshold_count
-from gossamer.privacy.secagg_server import SecAggServer, decode_mean, member_shares
+from gossamer.privacy.secagg_server import SecAggAbort, SecAggServer, decode_mean, member_shares
+from gossamer.runtime.common import log
+from gossamer.runtime.guard import Refused
 
 KIND_ADVERTISE = 5                     # ModelMeta.kind of the stage-k message: 5 + k
 
@@ -79,3 +82,54 @@ class SecAggRound:
 
     def survivors(self) -> list[int]:
         return list(self.server.u3)
+
+
+class SecureAggregation:
+    """The synchronous coordinator's secure-aggregation handling (a mixin of
+    :class:`gossamer.runtime.fl_server.Coordinator`; the lock is held by callers)."""
+
+    def _secagg_message(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                        size: int) -> None:
+        """File a secure-aggregation message of the current round (lock held)."""
+        cur = self.current
+        if cur.secagg is None or meta.round != cur.number or node in cur.failed:
+            raise Refused(f"secure-aggregation message from {node} for round {meta.round} is not "
+                          "expected", bound, strike=False)
+        if int(meta.kind) - KIND_ADVERTISE != cur.secagg.stage:       # late, or early: not hostile
+            raise Refused(f"secure-aggregation message of stage {int(meta.kind) - KIND_ADVERTISE} "
+                          f"from {node} while the round is at stage {cur.secagg.stage}", bound,
+                          strike=False)
+        try:
+            cur.secagg.receive(node, int(meta.kind), tensor.numpy().tobytes())
+        except ValueError as exc:
+            raise Refused(str(exc), bound) from None
+        if meta.kind == KIND_ADVERTISE:                # it trained: the round stops waiting for it
+            cur.received[node] = (None, self.clients[node])
+        self.bytes_up += size
+        self.lock.notify_all()
+
+    def _secure_stages(self, cur) -> dict[int, tuple[torch.Tensor, int]]:
+        """Secure aggregation's stages after every selected client advertised keys or timed
+        out (lock held): each survivor's row is ``start + mean``, as in the simulator; an
+        aborted round has no upload."""
+        sa_round, rt = cur.secagg, self.cfg.runtime
+
+        def weights(ids):
+            sizes = np.array([self.clients.get(u, 0) for u in ids])
+            return self.algorithm.weights(sizes, torch.float64).numpy()
+
+        try:
+            mean = sa_round.close(weights)
+            while mean is None:
+                self.lock.notify_all()
+                self.lock.wait_for(lambda: not (sa_round.awaited() - cur.failed),
+                                   timeout=rt.round_timeout_s)
+                mean = sa_round.close(weights)
+        except SecAggAbort as exc:
+            log.warning("round %d: secure aggregation aborted: %s", cur.number, exc)
+            self.secagg_aborted += 1
+            self.stale |= sa_round.silent
+            return {}
+        self.stale |= sa_round.silent
+        row = self.state.params.reshape(-1) + torch.from_numpy(mean).to(torch.float32)
+        return {u: (row, self.clients[u]) for u in sa_round.survivors()}

@@ -1,0 +1,292 @@
+"""The coordinator process's service: gRPC handlers, caller identity, rounds' plumbing.
+
+:class:`BaseCoordinator` serves ``Join``, ``GetTask`` and ``PutUpdate`` for every
+server-based pattern and leaves the pattern's decisions to hooks: ``_task`` (what a joined
+client is told when it asks for work), ``_read_upload`` and ``_accept`` (what an upload must
+be and where it goes), ``_client_failed`` (a proven client's bad message ends its task),
+``_rounds`` (the main loop), ``_checkpoint``/``_restore``. The synchronous pattern is
+``runtime/fl_server.py``, the asynchronous one ``runtime/async_server.py``.
+
+Every caller is treated as hostile (``runtime/guard.py``): the node a call acts for comes
+from the channel where the deployment binds ids; a rejected message is logged, answered in
+one line and, from a proven node, counted as a strike (a ban after
+``runtime.max_rejections``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from gossamer.config import ConfigError, ExperimentConfig, dump
+from gossamer.experiment import build as build_experiment
+from gossamer.metrics.runstore import (
+    MetricsWriter,
+    atomic_write_text,
+    environment,
+    write_json,
+)
+from gossamer.runtime import schema
+from gossamer.runtime.codec import WireError, parse, read_counted_model
+from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
+from gossamer.runtime.guard import Busy, CallerGuard, Refused
+from gossamer.runtime.security import TokenAuthInterceptor, add_port
+
+
+class BaseCoordinator:
+    """Serves the Coordinator gRPC service; subclasses run one pattern's rounds.
+
+    Build one with :func:`gossamer.runtime.roles.make_coordinator`, which picks the class for
+    the algorithm's pattern."""
+
+    pattern = ""
+    columns: list[str] = []
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+                 listen: str | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.exp = build_experiment(cfg, population=False)
+        self.algorithm = self.exp.algorithm
+        if self.algorithm.family != "fl":
+            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} is not a server-based "
+                              "algorithm; use gossamer peer")
+        if self.algorithm.pattern != self.pattern:
+            raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs the {self.algorithm.pattern} "
+                              f"pattern, not {self.pattern}")
+        self.listen = listen or cfg.runtime.server
+        self.security, self.limits = security(cfg), limits(cfg)
+        self.token = self.security.resolved_token()
+        rt = cfg.runtime
+        self.guard = CallerGuard(self.security, max_inflight=rt.max_inflight_per_client,
+                                 stream_timeout_s=rt.upload_timeout_s, max_rejections=rt.max_rejections)
+        # the most samples each client may claim: its shard as the server knows it, capped
+        self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
+        self.numel = self.exp.spec.numel
+        self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
+        self._init_pipeline()
+        self.state = self._init_state()
+        self.lock = threading.Condition()
+        self.clients: dict[int, int] = {}             # node id -> shard size
+        self.stale: set[int] = set()                  # missed a round; not selected until heard
+        self.done = False
+        self.told_done: set[int] = set()             # clients that were told the run is over
+        self.bytes_up = self.bytes_down = 0
+        self.elapsed_before = 0.0                     # wall seconds of earlier runs (resume)
+        self.rejected = 0
+        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.columns)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore()
+        else:
+            atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
+            write_json(self.run_dir / "environment.json", environment())
+
+    def _refused(self, exc: Refused) -> bytes:
+        """Log a rejection; a proven node's bad message is its failure (and a strike)."""
+        with self.lock:
+            self.rejected += 1
+        log.warning("rejected a message: %s", exc)
+        if exc.node is not None and exc.fails:
+            banned = self.guard.strike(exc)
+            with self.lock:
+                self._client_failed(exc.node)
+                if banned:
+                    self.clients.pop(exc.node, None)
+                self.lock.notify_all()
+        return schema.Ack(ok=False, reason=str(exc)).SerializeToString()
+
+    def join(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            req = parse(schema.JoinRequest, data)
+        except WireError as exc:
+            return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
+        if req.run_id != self.cfg.runtime.run_id:
+            return schema.JoinReply(ok=False, reason="wrong run id").SerializeToString()
+        if req.node_id >= self.exp.num_nodes:
+            return schema.JoinReply(ok=False, reason="node id out of range").SerializeToString()
+        try:
+            node = self.guard.acting(context, int(req.node_id))
+            if req.num_samples > self.max_samples[node]:
+                raise Refused(f"node {node} claims {req.num_samples} samples, at most "
+                              f"{int(self.max_samples[node])} are plausible", node)
+        except Refused as exc:
+            self._refused(exc)
+            return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
+        with self.lock:
+            self.clients[node] = int(req.num_samples)
+            self.stale.discard(node)
+            self.lock.notify_all()
+        log.info("client %d joined (%d samples)", node, req.num_samples)
+        return schema.JoinReply(ok=True, num_params=self.numel, dtype="float32").SerializeToString()
+
+    def _slot(self, context: grpc.ServicerContext, node: int | None):
+        """A bounded, deadline-cancelled call slot for ``node`` (its connection when unbound)."""
+        return self.guard.stream(context, node if node is not None else context.peer())
+
+    def get_task(self, data: bytes, context: grpc.ServicerContext):
+        try:
+            req = parse(schema.TaskRequest, data)
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            node = self.guard.acting(context, int(req.node_id))
+            with self._slot(context, node if self.guard.binds else None):   # acting proved it
+                with self.lock:
+                    header, frames = self._answer(node)
+                yield schema.TaskFrame(header=header).SerializeToString()
+                for frame in frames:
+                    self._count_down(len(frame), node)
+                    yield frame
+        except Refused as exc:
+            self._refused(exc)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, str(exc))
+
+    def _answer(self, node: int) -> tuple[object, list[bytes]]:
+        """What ``node`` is told when it asks for work (lock held): DONE once the run is over,
+        JOIN when the server does not know it, else what the pattern's ``_task`` says."""
+        if self.done:
+            self.told_done.add(node)
+            self.lock.notify_all()
+            return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
+        if node not in self.clients:
+            return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
+        return self._task(node)
+
+    def _wait(self) -> tuple[object, list[bytes]]:
+        return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
+                                 retry_after_s=self.cfg.runtime.poll_interval_s), []
+
+    def _count_down(self, n: int, node: int) -> None:
+        with self.lock:
+            self.bytes_down += n
+
+    def put_update(self, chunks, context: grpc.ServicerContext) -> bytes:
+        try:
+            bound = self.guard.bound(context)
+            with self._slot(context, bound) as slot:
+                try:
+                    meta, tensor, size = self._read_upload(chunks)
+                except WireError as exc:
+                    raise Refused(str(exc), bound) from None
+                except grpc.RpcError:
+                    if slot["expired"]:
+                        raise Refused("upload not complete within runtime.upload_timeout_s "
+                                      f"({self.cfg.runtime.upload_timeout_s:g} s)", bound) from None
+                    raise Refused("the upload stream broke off", bound, strike=False,
+                                  fails=True) from None
+                node = int(meta.sender)
+                if bound is not None and node != bound:
+                    raise Refused(f"node {bound} may not upload as node {node}", bound)
+                if tensor.dtype != torch.uint8:              # encoded bytes stay bytes
+                    tensor = tensor.float().clone()
+                self._accept(node, bound, meta, tensor, size)
+        except Refused as exc:
+            return self._refused(exc)
+        return schema.Ack(ok=True).SerializeToString()
+
+    def _wait_for_clients(self, start: float) -> None:
+        need = self.cfg.runtime.min_clients or self.exp.num_nodes
+        with self.lock:
+            self.lock.wait_for(lambda: len(self.clients) >= need,
+                               timeout=self.cfg.runtime.join_timeout_s)
+            if len(self.clients) < self.cfg.runtime.min_participants:
+                raise RunFailed(f"{len(self.clients)} clients joined within runtime.join_timeout_s "
+                                f"({self.cfg.runtime.join_timeout_s:g} s); runtime.min_participants "
+                                f"is {self.cfg.runtime.min_participants}")
+        log.info("%d clients joined after %.1f s", len(self.clients), time.monotonic() - start)
+
+    def serve(self) -> dict[str, Any]:
+        """Run the whole experiment; returns the summary (also written to summary.json)."""
+        start = time.monotonic()
+        server = self.start_server()
+        try:
+            return self._rounds(start)
+        except RunFailed as exc:
+            log.error("run failed: %s", exc)
+            self._write_failure(str(exc), start)
+            raise
+        finally:
+            with self.lock:
+                self.done = True
+                self.lock.notify_all()
+                # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
+                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
+                                   timeout=self.cfg.runtime.retry_max_s + 1.0)
+            server.stop(grace=1.0).wait()
+
+    def start_server(self) -> grpc.Server:
+        """Listen (address in ``server.json``) and serve the handlers; rounds are ``serve``'s."""
+        # every client may hold its in-flight bound of calls, and a few threads stay spare
+        workers = max(8, self.exp.num_nodes * self.cfg.runtime.max_inflight_per_client + 4)
+        secret = self.guard.secret
+        auth = ([TokenAuthInterceptor(self.token, self._on_auth_reject, node_secret=secret)]
+                if self.token or secret else [])
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                             options=grpc_options(self.cfg) + [("grpc.so_reuseport", 0)],
+                             interceptors=auth)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "gossamer.v1.Coordinator", {
+                "Join": grpc.unary_unary_rpc_method_handler(self.join),
+                "GetTask": grpc.unary_stream_rpc_method_handler(self.get_task),
+                "PutUpdate": grpc.stream_unary_rpc_method_handler(self.put_update)})])
+        port = add_port(server, self.listen, self.security)
+        host = self.listen.rsplit(":", 1)[0]
+        write_json(self.run_dir / "server.json", {"address": f"{host}:{port}"})
+        server.start()
+        self.port = port
+        log.info("coordinator listening on %s:%d", host, port)
+        return server
+
+    def _write_failure(self, reason: str, start: float) -> None:
+        """summary.json of a failed run: where it stopped and why (the checkpoint stays)."""
+        last = self.metrics.rows[-1] if self.metrics.rows else None
+        write_json(self.run_dir / "summary.json", {
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
+            "num_nodes": self.exp.num_nodes, "stopped_by": "failed", "error": reason,
+            "rounds": int(last["round"]) if last else 0,
+            "final_test_accuracy": float(last["test_accuracy"]) if last else None,
+            "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
+            "wall_time_s": self.elapsed_before + time.monotonic() - start,
+            "rejected_messages": self.rejected})
+
+    def _on_auth_reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected += 1
+        log.warning("rejected a call: %s", reason)
+
+    # --- pattern hooks ------------------------------------------------------------------------
+    def _init_pipeline(self) -> None:
+        """Set up what uploads carry (the synchronous pattern: the upload pipeline)."""
+
+    def _init_state(self):
+        raise NotImplementedError
+
+    def _client_failed(self, node: int) -> None:
+        """``node`` failed its current task (lock held)."""
+
+    def _task(self, node: int) -> tuple[object, list[bytes]]:
+        raise NotImplementedError
+
+    def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
+        """One upload: the flat float32 row of ``upload_numel`` values (codec-checked)."""
+        return read_counted_model(chunks, expected_numel=self.upload_numel,
+                                  run_id=self.cfg.runtime.run_id, limits=self.limits,
+                                  dtype=torch.float32)
+
+    def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                size: int) -> None:
+        raise NotImplementedError
+
+    def _rounds(self, start: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        raise NotImplementedError
