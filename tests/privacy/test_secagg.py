@@ -207,12 +207,16 @@ def test_what_does_not_combine_is_refused_in_one_line(overrides, field):
     assert err.value.field == field and "\n" not in str(err.value)
 
 
-def test_config_fields_and_runtime_refusal():
+def test_config_fields_and_what_the_runtime_refuses():
     for bad in ({"threshold": 1}, {"threshold": 1.5}, {"bits": 4}, {"clip": 0}, {"tau": 1}):
         with pytest.raises(ConfigError) as err:
             config.validate(small_config("fedavg", privacy={"secure_aggregation": bad}))
         assert str(err.value).startswith("privacy.secure_aggregation.") and "\n" not in str(err.value)
     cfg = config.validate(small_config("fedavg", privacy={"secure_aggregation": {"threshold": 3}}))
     assert cfg.privacy.secure_aggregation.threshold == 3
-    with pytest.raises(ConfigError, match="^privacy.secure_aggregation:"):
-        refuse_simulator_only(cfg)
+    refuse_simulator_only(cfg)                     # secure aggregation runs on real processes
+    with_dp = config.validate(small_config("fedavg", privacy={
+        "secure_aggregation": {"threshold": 3},
+        "dp": {"level": "client", "clip_norm": 1.0, "noise_multiplier": 1.0}}))
+    with pytest.raises(ConfigError, match="^privacy.dp.level:"):
+        refuse_simulator_only(with_dp)

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import (
@@ -43,6 +42,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
@@ -74,6 +74,8 @@ class RoundState:
     failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
     expected: int = 0                                   # DP-FedAvg's denominator
     secagg: SecAggRound | None = None                   # secure aggregation's message rounds
+    protocol: SyncRound | None = None                   # the round's decisions
+    opened: float = 0.0                                 # time.monotonic() at the round's start
 
     def open(self) -> set[int]:
         """Selected clients whose upload is still awaited."""
@@ -213,11 +215,20 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                 row, decoded = self._decode(node, cur.number, tensor)
             except WireError as exc:
                 raise Refused(str(exc), bound) from None
+            self._arrives(node, bound)
             if self.pipeline.compress is not None and self.pipeline.compress.feedback == "ef21":
                 self.estimates[node] = decoded
             cur.received[node] = (row, self.clients[node])
             self.bytes_up += size
             self.lock.notify_all()
+
+    def _arrives(self, node: int, bound: int | None) -> None:
+        """The round's protocol takes the upload of ``node`` now, or it is refused (the round
+        closed at its wanted uploads, or its deadline passed): late, not hostile."""
+        cur = self.current
+        if cur.protocol is None or not cur.protocol.arrive(node, time.monotonic() - cur.opened):
+            raise Refused(f"update from {node} arrived after round {cur.number} closed", bound,
+                          strike=False)
 
     def _candidates(self) -> list[int]:
         return sorted(set(self.clients) - self.stale)
@@ -277,22 +288,21 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                                 f"({rt.min_participants}), for runtime.quorum_timeout_s "
                                 f"({rt.quorum_timeout_s:g} s)")
             candidates = np.array(self._candidates(), dtype=np.int64)
-            ids = algo.select(candidates, rng.generator(self.cfg.seed, rng.STREAM_SELECT, r))
+            rnd = SyncRound(algo, self.cfg.seed, r, candidates)      # protocols/sync_fl.py
+            ids = rnd.selected
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
                 algo.broadcast(self.state), round=r, run_id=rt.run_id,
                 chunk_bytes=self.limits.chunk_bytes)]
-            expected = algo.expected_clients(len(candidates))
-            self.selection = (len(ids), len(candidates), expected)
-            self.current = RoundState(r, {int(i) for i in ids}, {}, frames, expected=expected)
+            self.selection = (len(ids), len(candidates), rnd.expected)
+            self.current = RoundState(r, {int(i) for i in ids}, {}, frames, expected=rnd.expected,
+                                      protocol=rnd, opened=time.monotonic())
             if self.pipeline.secagg is not None:
                 self.current.secagg = SecAggRound(self.pipeline.secagg, self.current.selected, self.numel, r)
             self.lock.notify_all()
             # over-selection: the round closes at the first `wanted` uploads; a deadline (wall
             # seconds here) drops the clients still training, like runtime.round_timeout_s
-            need = min(len(ids), algo.wanted(len(candidates))) if algo.over_selection else len(ids)
-            timeout = rt.round_timeout_s
-            if algo.deadline_s is not None:
-                timeout = min(timeout, algo.deadline_s)
+            need = rnd.wanted or len(ids)
+            timeout = rt.round_timeout_s if rnd.deadline is None else min(rt.round_timeout_s, rnd.deadline)
             cur = self.current
             finished = self.lock.wait_for(lambda: len(cur.received) >= need or not cur.open(),
                                           timeout=timeout)

@@ -99,6 +99,8 @@ class SecureAggregation:
             raise Refused(f"secure-aggregation message of stage {int(meta.kind) - KIND_ADVERTISE} "
                           f"from {node} while the round is at stage {cur.secagg.stage}", bound,
                           strike=False)
+        if meta.kind == KIND_ADVERTISE and node in cur.secagg.awaited():
+            self._arrives(node, bound)                 # the round's protocol takes it, or not
         try:
             cur.secagg.receive(node, int(meta.kind), tensor.numpy().tobytes())
         except ValueError as exc:

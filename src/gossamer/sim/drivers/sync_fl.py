@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng, wire
+from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.protocols.accounting import FLAccounting
+from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
@@ -90,7 +91,8 @@ class SyncFLDriver(Driver):
         exp, algo, faults = self.exp, self.algorithm, self.exp.faults
         r = self.round + 1
         candidates = self._candidates()
-        ids = algo.select(candidates, rng.generator(exp.cfg.seed, rng.STREAM_SELECT, r))
+        rnd = SyncRound(algo, exp.cfg.seed, r, candidates)       # protocols/sync_fl.py
+        ids = rnd.selected
         self.participants = len(ids)
         self.selection = (len(ids), len(candidates))
         if len(ids) == 0:
@@ -132,7 +134,7 @@ class SyncFLDriver(Driver):
         arrival = down_s[received] + compute_s + up_s
         if faults.enabled:                  # a client that crashes before its upload is sent
             delivered &= ~faults.down_by(got, self.sim_time + arrival)
-        keep, round_s = self._accept(arrival, delivered, algo.wanted(len(candidates)))
+        keep, round_s = rnd.replay(arrival, delivered)
         self.dropped += int((~keep).sum())
         self.lost += int((~received).sum() + (keep & ~delivered).sum())
         trained = got[keep]
@@ -160,30 +162,6 @@ class SyncFLDriver(Driver):
         self.sim_time += round_s + system.server_fanout_s(sent_down) \
             + system.server_fanout_s(int(self.sent_up.sum()))
         self.round = r
-
-    def _accept(self, arrival: np.ndarray, delivered: np.ndarray, wanted: int) -> tuple[np.ndarray, float]:
-        """Which clients that got the payload finish the round, and the round's length.
-
-        Without deadline or over-selection every client finishes and the server waits for
-        the slowest (a lost upload too: the server cannot tell it apart from a slow one).
-        """
-        algo = self.algorithm
-        keep = np.ones(len(arrival), dtype=bool)
-        if len(arrival) == 0:
-            return keep, 0.0
-        end = float(arrival.max())
-        if algo.deadline_s is not None:
-            keep &= arrival <= algo.deadline_s
-            end = min(end, algo.deadline_s)
-        if algo.over_selection:
-            ok = np.flatnonzero(keep & delivered)
-            if len(ok) >= wanted:
-                first = ok[np.lexsort((ok, arrival[ok]))][:wanted]
-                end = float(arrival[first].max())
-                keep = np.zeros(len(arrival), dtype=bool)
-                keep[first] = True
-                keep |= (arrival <= end) & ~delivered            # lost in flight, but they trained
-        return keep, end
 
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
         exp, algo = self.exp, self.algorithm
