@@ -22,7 +22,7 @@ from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_s
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.training.evaluator import BatchedEvaluator
-from gossamer.training.trainer import DPSGD, SGD, BatchedTrainer, LocalSchedule
+from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule, PrivateSGD
 
 if TYPE_CHECKING:
     from gossamer.attacks.adversary import Adversary
@@ -180,7 +180,7 @@ def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel:
         + (cfg.model.init == "independent")          # the [N, P] initial models, built anyway
     if population and algorithm.pattern == "sync_fl":
         comp = cfg.compression
-        copies += int(getattr(algorithm, "client_state_vectors", 0))
+        copies += int(algorithm.client_state_vectors)
         copies += comp.uplink is not None and comp.feedback != "none"
         copies += comp.uplink is not None and comp.feedback == "dgc"
         copies += comp.downlink is not None
@@ -261,9 +261,9 @@ def _check_secagg_threshold(exp: Experiment) -> None:
                           "a fraction such as 0.5")
 
 
-def _dp_sgd(cfg: ExperimentConfig) -> DPSGD | None:
+def _dp_sgd(cfg: ExperimentConfig) -> PrivateSGD | None:
     dp = cfg.privacy.dp
-    return DPSGD(dp.clip_norm, dp.noise_multiplier) if dp is not None and dp.level == "sample" else None
+    return PrivateSGD(dp.clip_norm, dp.noise_multiplier) if dp is not None and dp.level == "sample" else None
 
 
 def _check_privacy(exp: Experiment) -> None:
@@ -271,7 +271,7 @@ def _check_privacy(exp: Experiment) -> None:
     cfg, algorithm, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
     if dp is None:
         return
-    if hasattr(algorithm, "anchors"):
+    if algorithm.split_roles:
         raise ConfigError("privacy.dp", "FedAMD's anchors upload full-shard gradients; DP is not "
                           "supported with fedamd")
     if dp.level == "sample":
@@ -284,7 +284,7 @@ def _check_privacy(exp: Experiment) -> None:
     if algorithm.upload_vectors != 1:
         raise ConfigError("privacy.dp.level", f"{cfg.algorithm.name} uploads more than the model "
                           "update (e.g. control variates), which client-level DP does not bound")
-    if getattr(algorithm, "aggregator", "mean") != "mean":
+    if algorithm.aggregator != "mean":
         raise ConfigError("privacy.dp.level", "client-level DP averages clipped updates; it "
                           "does not combine with a robust aggregator")
     if cfg.compression.uplink is not None:
@@ -305,9 +305,8 @@ def _attach_compression(exp: Experiment) -> None:
         if algorithm.pattern != "sync_fl":
             raise ConfigError("compression.downlink", f"broadcast compression runs with synchronous "
                               f"FL algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
-        if (algorithm.download_vectors != 1 or getattr(algorithm, "prox_mu", 0)
-                or getattr(algorithm, "momentum_beta", None) is not None
-                or algorithm.client_state_vectors or hasattr(algorithm, "anchors")):
+        if (algorithm.download_vectors != 1 or algorithm.uses_global_model
+                or algorithm.client_state_vectors or algorithm.split_roles):
             raise ConfigError("compression.downlink", f"{cfg.algorithm.name} sends clients more than "
                               "the model, or uses the global model in local training; broadcast "
                               "compression supports FedAvg and the server optimizers")
@@ -320,7 +319,7 @@ def _attach_compression(exp: Experiment) -> None:
     if algorithm.pattern != "sync_fl":
         raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
                           f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
-    if hasattr(algorithm, "anchors"):
+    if algorithm.split_roles:
         raise ConfigError("compression.uplink", "FedAMD's anchors upload full gradients; "
                           "compression is not supported with fedamd")
     with _user_error("compression.uplink.params"):
@@ -337,7 +336,7 @@ def _sam_rho(cfg: ExperimentConfig, algorithm: Algorithm) -> float:
     (``dfedsam``: ``algorithm.params.rho``) sets; both set to different values is an error."""
     from gossamer.algorithms.fl.fedamd import FedAMD
 
-    own = float(getattr(algorithm, "local_sam_rho", 0.0))
+    own = float(algorithm.local_sam_rho)
     rho = cfg.local.sam_rho
     if own and rho and own != rho:
         raise ConfigError("local.sam_rho", f"algorithm {cfg.algorithm.name} sets SAM's radius "
@@ -352,7 +351,7 @@ def _sam_rho(cfg: ExperimentConfig, algorithm: Algorithm) -> float:
 def _check_aggregator(exp: Experiment) -> None:
     """A robust rule needs enough models wherever it runs (FL: a round's clients; DL: the
     least connected node's own model and its neighbours')."""
-    name = getattr(exp.algorithm, "aggregator", "mean")
+    name = exp.algorithm.aggregator
     if name == "mean":
         return
     from gossamer.aggregators import check_aggregator

@@ -9,6 +9,7 @@ pattern and calls the algorithm's functions on stacked tensors with a leading no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, TypeAdapter
@@ -26,6 +27,20 @@ class Algorithm:
     pattern: ClassVar[Pattern]
     # no hyper-parameter is infinite or NaN (a NaN server_lr would run to a NaN model)
     __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Declared capabilities: what executors and checks may ask of every algorithm, with the
+    # defaults of the plainest one (an algorithm overrides them with its own fields or
+    # properties), so no executor probes an algorithm with hasattr/getattr.
+    aggregator = "mean"                         # the rule that merges models or updates
+    aggregator_params = MappingProxyType({})
+    download_vectors = 1                        # model-sized vectors a client receives ...
+    upload_vectors = 1                          # ... and sends (SCAFFOLD: 2 each way)
+    client_state_vectors = 0                    # model-sized vectors a client keeps
+    uses_global_model = False                   # local training reads the global model beyond
+                                                # its start (FedProx's term, client momentum)
+    split_roles = False                         # clients take roles per round (FedAMD's anchors)
+    local_sam_rho = 0.0                         # SAM's radius the algorithm itself sets
+    final_merge = False                         # DL: one all-to-all average after the last round
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Algorithm:

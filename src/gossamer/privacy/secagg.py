@@ -283,13 +283,13 @@ def check_config(cfg, algorithm, num_nodes: int) -> None:
     if algorithm.pattern != "sync_fl":
         raise ConfigError(field_, f"secure aggregation runs with synchronous FL; "
                           f"{cfg.algorithm.name} is {algorithm.pattern}")
-    if hasattr(algorithm, "anchors") or algorithm.upload_vectors != 1:
+    if algorithm.split_roles or algorithm.upload_vectors != 1:
         raise ConfigError(field_, f"{cfg.algorithm.name} uploads more than one model update; "
                           "secure aggregation sums model updates only")
-    if getattr(algorithm, "aggregator", "mean") != "mean":
+    if algorithm.aggregator != "mean":
         raise ConfigError(field_, "a robust aggregator needs the individual updates, which "
                           "secure aggregation hides (use aggregator: mean)")
-    if getattr(algorithm, "momentum_beta", None) is not None:
+    if algorithm.momentum_beta is not None:           # every sync_fl algorithm is a FedAvg
         raise ConfigError(field_, "momentum_beta needs each client's update and step count; "
                           "secure aggregation reveals only the sum")
     if cfg.compression.uplink is not None:

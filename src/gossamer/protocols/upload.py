@@ -241,7 +241,7 @@ class Pipeline:
 def build_pipeline(cfg, algorithm, numel: int, compressor: Compressor | None) -> Pipeline:
     """The stages ``cfg`` configures for ``algorithm`` (checked by the experiment builder)."""
     comp, dp, seed = cfg.compression, cfg.privacy.dp, cfg.seed
-    pipe = Pipeline(numel, int(getattr(algorithm, "upload_vectors", 1)),
+    pipe = Pipeline(numel, int(algorithm.upload_vectors),
                     secagg=cfg.privacy.secure_aggregation)
     if compressor is not None:
         density = float(comp.uplink.params.get("density", 0.0)) if comp.feedback == "dgc" else 0.0

@@ -69,7 +69,7 @@ class BaseCoordinator:
         # the most samples each client may claim: its shard as the server knows it, capped
         self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
         self.numel = self.exp.spec.numel
-        self.upload_numel = getattr(self.algorithm, "upload_vectors", 1) * self.numel
+        self.upload_numel = self.algorithm.upload_vectors * self.numel
         self._init_pipeline()
         self.state = self._init_state()
         self.lock = threading.Condition()

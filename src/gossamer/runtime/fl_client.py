@@ -86,7 +86,7 @@ class Client:
         # a restarted client process starts it afresh
         init = getattr(self.algorithm, "init_client_state", None)       # asynchronous rules keep none
         self.client_state = init(self.exp.spec.numel) if init is not None else None
-        self.download_numel = getattr(self.algorithm, "download_vectors", 1) * self.exp.spec.numel
+        self.download_numel = self.algorithm.download_vectors * self.exp.spec.numel
         self.last_round = 0
         # the client side of the upload pipeline (compression with feedback, RQM, DP); its
         # state (EF memory, DGC momentum) lives here, as SCAFFOLD's control variate does
@@ -171,7 +171,7 @@ class Client:
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
         objective = algo.local_objective(payload, state)
         model = payload[: self.exp.spec.numel].reshape(1, -1)
-        if hasattr(algo, "anchors") and algo.anchors(self.cfg.seed, round_, nodes)[0]:
+        if algo.split_roles and algo.anchors(self.cfg.seed, round_, nodes)[0]:
             uploads, new_state = self.exp.trainer.full_gradient(model, nodes)[0], None   # FedAMD anchor
         else:
             result = self.exp.trainer.train(model, nodes, round_, objective=objective)
@@ -179,7 +179,7 @@ class Client:
                                                     self.cfg.local.lr)
         if new_state is not None:
             self.client_state = new_state[0]
-        if hasattr(algo, "anchors") and algo.anchors(self.cfg.seed, round_, nodes)[0]:
+        if algo.split_roles and algo.anchors(self.cfg.seed, round_, nodes)[0]:
             self._send(uploads[0], round_)                     # a full gradient, as it is
             return
         self._send(*self._client_stages(Uploads.of(round_, nodes, model[0], uploads), expected))

@@ -253,7 +253,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         uploads = self._server_stages(r, torch.stack([received[i][0] for i in nodes]), np.array(nodes))
         sizes = np.array([received[i][1] for i in nodes])
         steps = local_steps(self.exp.trainer.schedule, sizes)
-        if hasattr(algo, "anchors"):                       # FedAMD: roles from the shared seed
+        if algo.split_roles:                       # FedAMD: roles from the shared seed
             ids = np.array(nodes, dtype=np.int64)
             self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr,
                                         clients=ids, anchors=algo.anchors(self.cfg.seed, r, ids))

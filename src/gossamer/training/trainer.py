@@ -61,7 +61,7 @@ class SGD:
 
 
 @dataclass(frozen=True)
-class DPSGD:
+class PrivateSGD:
     """Sample-level DP-SGD (Abadi et al. 2016, arXiv:1607.00133): every per-sample gradient
     clipped to L2 norm ``clip_norm`` (over all parameters), Gaussian noise of std
     ``noise_multiplier * clip_norm`` added to their sum, divided by the batch's sample count."""
@@ -83,7 +83,7 @@ class BatchedTrainer:
 
     def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
                  shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int,
-                 kernel: DenseKernel | None = None, dp: DPSGD | None = None) -> None:
+                 kernel: DenseKernel | None = None, dp: PrivateSGD | None = None) -> None:
         self.forward, self.spec = forward, spec
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if optimizer.momentum == 0 and dp is None else None

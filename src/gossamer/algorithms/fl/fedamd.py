@@ -45,6 +45,8 @@ class FedAMD(FedAvg):
         if self.aggregator != "mean" or self.momentum_beta is not None or self.prox_mu:
             raise ValueError("fedamd supports aggregator: mean, without momentum_beta or prox_mu")
 
+    split_roles = True
+
     @property
     def download_vectors(self) -> int:
         return 2

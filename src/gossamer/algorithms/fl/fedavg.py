@@ -121,6 +121,10 @@ class FedAvg(Algorithm):
         return 1
 
     @property
+    def uses_global_model(self) -> bool:
+        return bool(self.prox_mu) or self.momentum_beta is not None
+
+    @property
     def client_state_vectors(self) -> int:
         """Model-sized vectors each client keeps between rounds (0: stateless clients)."""
         return 0

@@ -118,7 +118,7 @@ class SyncFLDriver(Driver):
         self.round_clients = got                                    # secure aggregation's U1
         samples = exp.trainer.samples(got, r)
         anchors = None
-        if hasattr(algo, "anchors"):                                # FedAMD: roles per client
+        if algo.split_roles:                                # FedAMD: roles per client
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
         compute_s = system.compute_s(got, samples)
