@@ -6,7 +6,8 @@ compare their ``metrics.csv`` byte for byte: a refactor that changes no maths ch
 The reference commit is checked out in a temporary git worktree and run with its own sources
 (``PYTHONPATH``); both sides run with one intra-op thread, so float reductions happen in the
 same order. Prints one line per example (``same``, ``DIFFERENT`` with the first differing row
-and column, or ``failed`` with the last line of the error) and exits 1 if any example differs
+and column, ``new`` for a config the reference commit lacks, or ``failed`` with the last line of
+the error) and exits 1 if any example differs
 or fails on one side only.
 """
 
@@ -49,6 +50,8 @@ def _first_difference(a: str, b: str) -> str:
 def compare(config: Path, ref_src: Path, work: Path, rounds: int) -> tuple[str, str]:
     name = str(config.relative_to(ROOT / "examples")).removesuffix(".yaml").replace("/", "__")
     ok_new, msg_new = _run(ROOT / "src", config, work / "new" / name, rounds)
+    if not (ref_src.parent / config.relative_to(ROOT)).exists():
+        return ("new", "") if ok_new else ("FAILED", f"this tree: {msg_new}")
     ok_ref, msg_ref = _run(ref_src, ROOT / config.relative_to(ROOT), work / "ref" / name, rounds)
     if not ok_new or not ok_ref:
         if not ok_new and not ok_ref:
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{status:>14}  {config.relative_to(ROOT)}  {detail}")
         bad += status in ("DIFFERENT", "FAILED")
     same = sum(status == "same" for _, status, _ in results)
-    print(f"{same} of {len(results)} examples byte-identical to {args.ref} at {args.rounds} rounds")
+    new = sum(status == "new" for _, status, _ in results)
+    print(f"{same} of {len(results) - new} examples byte-identical to {args.ref} at {args.rounds} "
+          f"rounds ({new} new in this tree, run without a reference)")
     return 1 if bad else 0
 
 
