@@ -225,8 +225,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
     def _arrives(self, node: int, bound: int | None) -> None:
         """The round's protocol takes the upload of ``node`` now, or it is refused (the round
         closed at its wanted uploads, or its deadline passed): late, not hostile."""
-        cur = self.current
-        if cur.protocol is None or not cur.protocol.arrive(node, time.monotonic() - cur.opened):
+        cur = self.current                        # (a round built without a protocol takes all)
+        if cur.protocol is not None and not cur.protocol.arrive(node, time.monotonic() - cur.opened):
             raise Refused(f"update from {node} arrived after round {cur.number} closed", bound,
                           strike=False)
 
