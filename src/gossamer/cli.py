@@ -465,11 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["certs"]:                     # its own parser (gossamer.runtime.security)
-        from gossamer.runtime.security import certs_main
+        from gossamer.provision import certs_main
 
         return certs_main(argv[1:])
     if argv[:1] == ["tokens"]:
-        from gossamer.runtime.security import tokens_main
+        from gossamer.provision import tokens_main
 
         return tokens_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -19,19 +19,16 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gossamer.provision import certs_main, generate_ca, generate_node_cert, write_certs
 from gossamer.runtime.security import (
     SecurityConfig,
     TokenAuthInterceptor,
     add_port,
-    certs_main,
     channel_credentials,
-    generate_ca,
-    generate_node_cert,
     intercept_channel,
     make_channel,
     server_credentials,
     token_metadata,
-    write_certs,
 )
 
 TIMEOUT = 5.0

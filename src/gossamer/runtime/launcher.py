@@ -73,7 +73,8 @@ def with_node_tokens(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     own, so that a launched client can only act as its own node id (the secret is kept, and
     reused on ``--resume``)."""
     from gossamer import config as config_mod
-    from gossamer.runtime.security import SECRET_FILE, write_node_tokens
+    from gossamer.provision import write_node_tokens
+    from gossamer.runtime.security import SECRET_FILE
 
     sec = cfg.runtime.security
     if sec.token or sec.token_file or sec.node_tokens_dir or sec.require_client_cert:
