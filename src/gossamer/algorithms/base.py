@@ -41,6 +41,7 @@ class Algorithm:
     split_roles = False                         # clients take roles per round (FedAMD's anchors)
     local_sam_rho = 0.0                         # SAM's radius the algorithm itself sets
     final_merge = False                         # DL: one all-to-all average after the last round
+    gossip_steps = 1                            # DL: mixing steps per round
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Algorithm:

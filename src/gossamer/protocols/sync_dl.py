@@ -92,7 +92,7 @@ def held_weights(view: PeerView, node: int, got: Iterable[int]) -> tuple[list[in
 def gathered(algorithm: Any, adversary: Any) -> bool:
     """Whether each node merges over the stack of models it holds (a robust rule, or
     Byzantine senders crafting per-receiver models) instead of one weighted average."""
-    return getattr(algorithm, "aggregator", "mean") != "mean" or bool(
+    return algorithm.aggregator != "mean" or bool(
         adversary is not None and adversary.model_attack)
 
 
@@ -112,13 +112,13 @@ def next_round(r: int, latest: Mapping[int, int], total: int) -> int:
 
 # --- the single final merge ----------------------------------------------------------------------
 def final_merge_due(algorithm: Any, r: int, total: int) -> bool:
-    return bool(getattr(algorithm, "final_merge", False)) and r == total
+    return bool(algorithm.final_merge) and r == total
 
 
 def check_final_merge(algorithm: Any, cfg: Any, gathered: bool) -> None:
     """``final_merge`` averages every model after round ``stop.rounds``: refuse set-ups where
     that run end may not come or one exact average cannot be formed."""
-    if not getattr(algorithm, "final_merge", False):
+    if not algorithm.final_merge:
         return
     stop = cfg.stop
     if stop.max_sim_time_s is not None:

@@ -66,7 +66,7 @@ class Peer(peering.PeerNode):
             self.view = protocol.PeerView([], [], {})
         # whom this peer links to: its neighbours, or everyone when the final merge needs it
         others = [j for j in range(self.exp.num_nodes) if j != node_id]
-        self.contacts = others if getattr(self.algorithm, "final_merge", False) else self.neighbors
+        self.contacts = others if self.algorithm.final_merge else self.neighbors
         self.round = 0
         self.bytes_up = self.bytes_down = 0
         self.elapsed_before = 0.0

@@ -55,10 +55,10 @@ class SyncDLDriver(Driver):
         if adv is not None and adv.enabled:              # metrics describe honest nodes only
             self.honest = ~adv.byzantine
             self.eval_nodes = self.eval_nodes[self.honest[self.eval_nodes]]
-        self.aggregator = getattr(exp.algorithm, "aggregator", "mean")
+        self.aggregator = exp.algorithm.aggregator
         self.gathered = protocol.gathered(exp.algorithm, adv)
         self.message_bytes = exp.message_bytes          # per gossip message (subclasses: more vectors)
-        self.round_gossip_steps = getattr(exp.algorithm, "gossip_steps", 1)   # set every round
+        self.round_gossip_steps = exp.algorithm.gossip_steps   # set every round
         protocol.check_final_merge(exp.algorithm, exp.cfg, self.gathered)
 
     # --- who hears whom this round -------------------------------------------------------------
@@ -167,7 +167,7 @@ class SyncDLDriver(Driver):
         receivers = np.flatnonzero(online & self.honest)
         stats = MergeStats()
         attack = adv is not None and adv.model_attack
-        params = dict(getattr(exp.algorithm, "aggregator_params", {}))
+        params = dict(exp.algorithm.aggregator_params)
         for step in range(self.round_gossip_steps):
             def corrupt(held, own, byz, key, step=step):
                 return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + key)
