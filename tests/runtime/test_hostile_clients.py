@@ -357,7 +357,8 @@ def test_a_peer_may_send_only_as_the_node_its_certificate_names():
 
 def test_the_asynchronous_server_rejects_the_same_uploads_and_drops_the_task(tmp_path):
     from gossamer import config
-    from gossamer.runtime.async_server import AsyncCoordinator, LiveTask
+    from gossamer.protocols.async_fl import Task
+    from gossamer.runtime.async_server import AsyncCoordinator
 
     cfg = small_config("fedbuff")
     cfg["algorithm"]["params"] = {"buffer_size": 2}
@@ -369,7 +370,7 @@ def test_the_asynchronous_server_rejects_the_same_uploads_and_drops_the_task(tmp
     server = coordinator.start_server()
     with coordinator.lock:
         coordinator.clients = {0: 10, 1: 10}
-        coordinator.tasks = {0: LiveTask(key=0, version=0, dispatch_s=0.0, steps=1)}
+        coordinator.tasks = {0: Task(client=0, key=0, steps=1, version=0, start_s=0.0)}
     try:
         with grpc.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
             put = channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
@@ -388,7 +389,7 @@ def test_the_asynchronous_server_rejects_the_same_uploads_and_drops_the_task(tmp
             assert "non-finite" in upload(bad).reason
             assert coordinator.tasks == {} and coordinator.lost == 1   # the task ends at once
             with coordinator.lock:
-                coordinator.tasks = {0: LiveTask(key=0, version=0, dispatch_s=0.0, steps=1)}
+                coordinator.tasks = {0: Task(client=0, key=0, steps=1, version=0, start_s=0.0)}
             assert "non-finite" in upload(bad).reason
             assert coordinator.tasks == {} and coordinator.lost == 2
             # three strikes (max_rejections): even a valid upload is refused from now on

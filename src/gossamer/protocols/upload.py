@@ -259,3 +259,20 @@ def build_pipeline(cfg, algorithm, numel: int, compressor: Compressor | None) ->
     if pipe.secagg is not None:
         pipe.extra_columns.append("secagg_aborted")
     return pipe
+
+
+def build_ledger(cfg, numel: int, sizes, num_nodes: int):
+    """The privacy ledger of ``privacy.dp`` (epsilon after each round), or None: RQM's exact
+    RDP (:class:`gossamer.privacy.rqm.RQMLedger`) or an opacus accountant over the
+    Gaussian mechanism's rounds or DP-SGD steps (:class:`gossamer.privacy.DPLedger`)."""
+    dp = cfg.privacy.dp
+    if dp is None:
+        return None
+    if dp.mechanism == "rqm":
+        from gossamer.privacy.rqm import RQMLedger
+
+        return RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels, q=dp.q,
+                         coordinates=numel, delta=dp.delta, num_clients=num_nodes)
+    from gossamer.privacy import DPLedger
+
+    return DPLedger(dp.level, dp.noise_multiplier, dp.delta, dp.accountant, sizes, cfg.local.batch_size)

@@ -45,11 +45,6 @@ ASYNC_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy
                  "updates", "mean_staleness", "in_flight", "accepted", "discarded", "lost_messages"]
 
 
-def LiveTask(key: int, version: int, dispatch_s: float, steps: int, client: int = 0) -> Task:  # noqa: N802
-    """A protocol task as older callers build it (tests inject tasks in flight)."""
-    return Task(client, key, steps, version, dispatch_s)
-
-
 class AsyncCoordinator(Coordinator):
     """Serves the Coordinator gRPC service for an :class:`~gossamer.algorithms.fl.async_fl.AsyncFL` rule."""
 

@@ -193,9 +193,9 @@ class BaseCoordinator:
         return schema.Ack(ok=True).SerializeToString()
 
     def _wait_for_clients(self, start: float) -> None:
-        need = self.cfg.runtime.min_clients or self.exp.num_nodes
-        with self.lock:
-            self.lock.wait_for(lambda: len(self.clients) >= need,
+        want = self.cfg.runtime.min_clients or self.exp.num_nodes
+        with self.lock:                      # a client banned for the run will not join again
+            self.lock.wait_for(lambda: len(self.clients) >= min(want, self.exp.num_nodes - len(self.guard.banned)),
                                timeout=self.cfg.runtime.join_timeout_s)
             if len(self.clients) < self.cfg.runtime.min_participants:
                 raise RunFailed(f"{len(self.clients)} clients joined within runtime.join_timeout_s "

@@ -43,7 +43,7 @@ from gossamer.metrics.runstore import (
     write_json,
 )
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import build_pipeline
+from gossamer.protocols.upload import build_ledger, build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
@@ -106,19 +106,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         self.dp_ledger, self.selection = None, (0, 0, 0)
         if self.pattern != "sync_fl":                         # asynchronous rules upload as they are
             return
-        if pipe.rqm is not None:
-            from gossamer.privacy.rqm import RQMLedger
-
-            dp = self.cfg.privacy.dp
-            self.dp_ledger = RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels,
-                                       q=dp.q, coordinates=self.numel, delta=dp.delta,
-                                       num_clients=self.exp.num_nodes)
-        elif self.cfg.privacy.dp is not None:
-            from gossamer.privacy import DPLedger
-
-            dp = self.cfg.privacy.dp
-            self.dp_ledger = DPLedger(dp.level, dp.noise_multiplier, dp.delta, dp.accountant,
-                                      self.exp.trainer.sizes, self.cfg.local.batch_size)
+        self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
         if self.dp_ledger is not None and "epsilon" not in self.columns:
             self.columns = self.columns + ["epsilon"]
 

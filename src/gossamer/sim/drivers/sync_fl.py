@@ -19,7 +19,7 @@ from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import Uploads, build_pipeline
+from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
 
@@ -49,19 +49,8 @@ class SyncFLDriver(Driver):
             init = exp.init_params.reshape(-1)
             self.estimate = init.expand(exp.num_nodes, -1).clone()
         self.accounting = FLAccounting(exp.num_nodes)
-        self.dp, self.dp_ledger = exp.cfg.privacy.dp, None
-        if pipe.rqm is not None:                        # RQM uploads (docs/privacy.md)
-            from gossamer.privacy.rqm import RQMLedger
-
-            dp = self.dp
-            self.dp_ledger = RQMLedger(c=dp.clip_norm, extension=dp.extension, levels=dp.levels,
-                                       q=dp.q, coordinates=numel, delta=dp.delta,
-                                       num_clients=exp.num_nodes)
-        elif self.dp is not None:                       # differential privacy (docs/privacy.md)
-            from gossamer.privacy import DPLedger
-
-            self.dp_ledger = DPLedger(self.dp.level, self.dp.noise_multiplier, self.dp.delta,
-                                      self.dp.accountant, exp.trainer.sizes, exp.cfg.local.batch_size)
+        self.dp = exp.cfg.privacy.dp                    # differential privacy (docs/privacy.md)
+        self.dp_ledger = build_ledger(exp.cfg, numel, exp.trainer.sizes, exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns
         self.selection = (0, 0)                         # this round's (selected, candidates)
         self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
