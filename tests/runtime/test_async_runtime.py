@@ -113,7 +113,9 @@ PARITY_SYSTEM = {"sample_time_s": {"dist": "per_node", "values": [0.0005, 0.001,
 
 @pytest.mark.parametrize("name,params", [("fedcompass", {"max_local_steps": 8}),
                                          ("afa_cd", {"buffer_size": 2, "max_local_steps": 6, "think_time_s": 0.05}),
-                                         ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4})])
+                                         ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4}),
+                                         ("async_fedavg", {"aggregation": "task_time", "server_lr": 0.25}),
+                                         ("fedast", {"buffer_sizes": [2, 2]})])
 def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params):
     """FedCompass groups and AFA think times, parity without real time: the simulator runs and
     its event log (asks, uploads, timers, with simulated times) is replayed into an in-process
