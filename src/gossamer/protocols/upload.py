@@ -232,6 +232,22 @@ class Pipeline:
             return None if nominal is None else wire.HEADER_BYTES + raw + nominal
         return wire.encoded_size(self.vectors * self.numel)
 
+    def decode(self, data: bytes, client: int, round: int, start: torch.Tensor,
+               estimate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server side of one encoded upload: the row the algorithm aggregates (``start +
+        update``, then the float32 extras) and the decoded update (EF21: the client's new
+        estimate, given its previous one); ValueError when the bytes do not decode."""
+        if self.compress is not None:
+            decoded, extra = self.compress.from_bytes(data, self.numel, self.vectors, client, round,
+                                                      estimate)
+        else:
+            try:
+                decoded, extra = self.rqm.from_bytes(data, self.numel), None
+            except (ValueError, IndexError, RuntimeError) as exc:
+                raise ValueError(f"undecodable rqm upload: {exc}") from None
+        row = start + decoded
+        return (row if extra is None else torch.cat([row, extra])), decoded
+
     def encode_rqm(self, up: Uploads, seed: int) -> tuple[Uploads, torch.Tensor]:
         """RQM uploads (docs/privacy.md): each update quantized; returns the decoded update."""
         enc = self.rqm.compress(up.delta(), seed=seed, keys=row_keys(up.clients, up.round))

@@ -1,25 +1,15 @@
-"""The FL coordinator on real processes: the synchronous FL pattern over gRPC.
+"""The synchronous FL pattern on real processes: the executor of ``protocols/sync_fl.py``
+and of the upload pipeline's server side (``protocols/upload.py``).
 
-The same algorithm object the simulator uses selects clients and aggregates, and the same
-upload pipeline (``protocols/upload.py``) decodes, privatizes and securely sums the uploads;
-clients pull tasks (``GetTask``) and push models (``PutUpdate``); the handlers and caller
-checks are :class:`~gossamer.runtime.coordinator.BaseCoordinator`'s. A round ends when every selected
-client has delivered or ``runtime.round_timeout_s`` has passed; late or dead clients are
-dropped from that round and not selected again until they contact the server. After every
-round the server checkpoints atomically; restarted with ``--resume`` it continues from the
-last completed round: updates of an interrupted round are discarded and the round is redone,
-so nothing is lost or counted twice; a resumed server waits for its clients to join again
-before it starts the interrupted round. Metrics use wall-clock seconds for ``sim_time_s``
-and the real serialized bytes.
-
-Every caller is treated as hostile (``runtime/guard.py``): the node a call acts for comes
-from the channel where the deployment binds ids; uploads must be the flat float32 row of
-the model with finite values and the sample count the client joined with, which the
-server bounds by the shard it knows; a rejected upload is that client's failure for the
-round (the round no longer waits for it), never the server's. A round aggregates only if
-at least ``runtime.min_participants`` uploads arrived; otherwise it is redone, and after
-``runtime.quorum_timeout_s`` without a quorum the run fails (:class:`RunFailed`, exit
-code 3) instead of reporting empty rounds as progress.
+Clients pull tasks (``GetTask``) and push uploads (``PutUpdate``); the handlers and caller
+checks are :class:`~gossamer.runtime.coordinator.BaseCoordinator`'s. A round ends when every
+selected client has delivered (or failed: a rejected upload), when the round's protocol
+closes it (over-selection, deadline), or after ``runtime.round_timeout_s``; late clients are
+not selected again until they ask for work. A round with fewer than
+``runtime.min_participants`` uploads is redone, and after ``runtime.quorum_timeout_s`` the
+run fails (:class:`RunFailed`, exit code 3). The server checkpoints after every round;
+``--resume`` redoes the interrupted round once its clients have joined again. Metrics use
+wall-clock seconds for ``sim_time_s`` and the bytes really sent.
 """
 
 from __future__ import annotations
@@ -161,25 +151,15 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         return meta, tensor, size
 
     def _decode(self, node: int, round_: int, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The upload row the algorithm aggregates (DP: the update, kept as it is until the
-        round's DP step) and the decoded update; encoded bytes are decoded here, or raise
-        WireError."""
+        """The row the algorithm aggregates (DP: the update, until the round's DP step) and
+        the decoded update of encoded bytes (``Pipeline.decode``), or WireError."""
         if self.upload_kind != KIND_ENCODED:
             return tensor.float().clone(), None
-        pipe, start = self.pipeline, self.state.params.reshape(-1)
-        data = tensor.numpy().tobytes()
         try:
-            if pipe.compress is not None:
-                decoded, extra = pipe.compress.from_bytes(
-                    data, self.numel, pipe.vectors, node, round_,
-                    self.estimates.get(node, torch.zeros(self.numel)))
-            else:
-                decoded = pipe.rqm.from_bytes(data, self.numel, seed=self.cfg.seed)
-                extra = None
+            return self.pipeline.decode(tensor.numpy().tobytes(), node, round_, self.state.params.reshape(-1),
+                                        self.estimates.get(node, torch.zeros(self.numel)))
         except ValueError as exc:
             raise WireError(str(exc)) from None
-        row = start + decoded                     # EF21: decoded is the client's new estimate
-        return (row if extra is None else torch.cat([row, extra])), decoded
 
     def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
                 size: int) -> None:
