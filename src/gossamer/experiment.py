@@ -249,8 +249,8 @@ def _check_secagg_threshold(exp: Experiment) -> None:
 
     sa, algorithm = exp.cfg.privacy.secure_aggregation, exp.algorithm
     holders = int((exp.trainer.sizes > 0).sum())
-    most = algorithm.expected_clients(holders) if hasattr(algorithm, "expected_clients") else holders
-    over = float(getattr(algorithm, "over_selection", 0) or 0)
+    most = algorithm.expected_clients(holders)
+    over = float(algorithm.over_selection or 0)
     if over:
         most = min(holders, math.ceil(most * (1 + over)))
     need = threshold_count(sa.threshold, most)

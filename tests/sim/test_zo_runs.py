@@ -120,7 +120,7 @@ def test_same_seed_same_metrics_and_resume_is_identical(tmp_path):
     cfg = _cfg({"perturbations": 3, "quantize_bits": 8, "broadcast": "scalars",
                 "client_fraction": 0.5})
     rest = run_split(cfg, tmp_path, split=3, total=6)
-    assert rest.driver.round == 3 and rest.driver.synced.any()
+    assert rest.driver.round == 3 and rest.driver.relay.synced.any()
     rest.run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
     a, b = _driver(cfg), _driver(cfg)

@@ -41,7 +41,13 @@ class Algorithm:
     split_roles = False                         # clients take roles per round (FedAMD's anchors)
     local_sam_rho = 0.0                         # SAM's radius the algorithm itself sets
     final_merge = False                         # DL: one all-to-all average after the last round
+    deadline_s = None                           # FL: a round's deadline, in seconds
+    over_selection = 0.0                        # FL: extra fraction selected (rounds close early)
     gossip_steps = 1                            # DL: mixing steps per round
+
+    def expected_clients(self, candidates: int) -> int:
+        """The clients a synchronous round expects among ``candidates`` (FL)."""
+        return candidates
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Algorithm:

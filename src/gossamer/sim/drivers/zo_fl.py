@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng, wire
+from gossamer import wire
 from gossamer.algorithms.fl.zo import DIRECTION_CHUNK, directions
 from gossamer.config import ConfigError
 from gossamer.protocols.accounting import FLAccounting
+from gossamer.protocols.sync_fl import SyncRound
+from gossamer.protocols.zo_fl import ScalarRelay
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
 
@@ -43,8 +45,7 @@ class ZOFLDriver(Driver):
         self.model_bytes = wire.encoded_size(exp.spec.numel)
         self.up_bytes = self.algorithm.upload_bytes()
         self.bytes_down_model = 0
-        self.synced = np.zeros(exp.num_nodes, dtype=np.int64)   # last round each client replayed
-        self.relayed = [0]                  # relay payload bytes of rounds 1..r, cumulative
+        self.relay = ScalarRelay(exp.num_nodes, self.model_bytes, self.algorithm.broadcast)
         self.accounting = FLAccounting(exp.num_nodes)
 
     # --- one round ---------------------------------------------------------------------------
@@ -52,12 +53,12 @@ class ZOFLDriver(Driver):
         exp, algo, system = self.exp, self.algorithm, self.exp.system
         r, seed = self.round + 1, exp.cfg.seed
         candidates = np.flatnonzero(exp.online(self.sim_time) & self.has_data)
-        ids = algo.select(candidates, rng.generator(seed, rng.STREAM_SELECT, r))
+        ids = SyncRound(algo, seed, r, candidates).selected           # protocols/sync_fl.py
         self.participants = len(ids)
         if len(ids) == 0:
             self._idle_round(r)
             return
-        down = self._download_bytes(ids, r)
+        down = self.relay.download_bytes(ids, r)                     # protocols/zo_fl.py
         m, k = len(ids), algo.perturbations
         idx, valid = exp.trainer.batches(ids, np.full(m, r, dtype=np.int64), np.full(m, k))
         with self.timer("train_s"):
@@ -66,7 +67,7 @@ class ZOFLDriver(Driver):
         scalars = algo.decode(algo.encode(g.view(m, k), seed, r, ids))
         with self.timer("communicate_s"):
             self.params = algo.server_update(self.params, scalars, ids, r, seed, exp.cfg.local.lr)
-        self.relayed.append(self.relayed[-1] + algo.record_bytes(m) - wire.HEADER_BYTES)
+        self.relay.relay(algo.record_bytes(m))
         samples = valid.sum(axis=(1, 2))
         arrival = (system.download_s(ids, down) + system.compute_s(ids, 2.0 * samples / 3.0)
                    + system.upload_s(ids, self.up_bytes))
@@ -85,16 +86,6 @@ class ZOFLDriver(Driver):
         self.train_loss = float(loss.view(m, k).mean())
         self.node_steps += m
         self.round = r
-
-    def _download_bytes(self, ids: np.ndarray, r: int) -> np.ndarray:
-        """Per client: the model, or (``broadcast: scalars``) one message with the relays of the
-        rounds since it last synced, when that is smaller; then it holds round ``r - 1``'s model."""
-        if self.algorithm.broadcast == "model":
-            return np.full(len(ids), self.model_bytes, dtype=np.int64)
-        relayed = np.asarray(self.relayed, dtype=np.int64)
-        missed = wire.HEADER_BYTES + relayed[r - 1] - relayed[self.synced[ids]]
-        self.synced[ids] = r - 1
-        return np.minimum(missed, self.model_bytes)
 
     def _estimate(self, keys: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients ``[D]`` and mean perturbed losses ``[D]`` for the directions
@@ -120,7 +111,7 @@ class ZOFLDriver(Driver):
         if np.isfinite(nxt):
             self.accounting.server_idle(max(0.0, float(nxt) - self.sim_time))
             self.sim_time = float(max(self.sim_time, nxt))
-        self.relayed.append(self.relayed[-1])
+        self.relay.relay(0)
         self.round = r
 
     # --- metrics and checkpoints ---------------------------------------------------------------
@@ -142,8 +133,7 @@ class ZOFLDriver(Driver):
         state = super().state_dict()
         state.update(params=self.params.clone(), participants=self.participants,
                      bytes_down_model=self.bytes_down_model,
-                     synced=torch.from_numpy(self.synced.copy()),
-                     relayed=torch.tensor(self.relayed, dtype=torch.int64),
+                     **self.relay.state_dict(),
                      accounting=_to_tensor(self.accounting.state_dict()))
         return state
 
@@ -152,8 +142,7 @@ class ZOFLDriver(Driver):
         self.params = state["params"].clone()
         self.participants = int(state["participants"])
         self.bytes_down_model = int(state["bytes_down_model"])
-        self.synced = state["synced"].numpy().copy()
-        self.relayed = [int(v) for v in state["relayed"].tolist()]
+        self.relay.load_state_dict(state)
         self.accounting.load_state_dict(_to_numpy(state["accounting"]))
 
 
