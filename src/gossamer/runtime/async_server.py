@@ -38,14 +38,14 @@ from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
 from gossamer.runtime import schema
 from gossamer.runtime.codec import model_frames
 from gossamer.runtime.common import RunFailed, log
-from gossamer.runtime.fl_server import Coordinator
+from gossamer.runtime.coordinator import BaseCoordinator
 from gossamer.runtime.guard import Refused
 
 ASYNC_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
                  "updates", "mean_staleness", "in_flight", "accepted", "discarded", "lost_messages"]
 
 
-class AsyncCoordinator(Coordinator):
+class AsyncCoordinator(BaseCoordinator):
     """Serves the Coordinator gRPC service for an :class:`~gossamer.algorithms.fl.async_fl.AsyncFL` rule."""
 
     pattern = "async_fl"

@@ -93,9 +93,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             KIND_DELTA if pipe.dp is not None else KIND_MODEL
         self.secagg_aborted = 0
         self.estimates: dict[int, torch.Tensor] = {}         # EF21: the server's copy per client
-        self.dp_ledger, self.selection = None, (0, 0, 0)
-        if self.pattern != "sync_fl":                         # asynchronous rules upload as they are
-            return
+        self.selection = (0, 0, 0)
         self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
         if self.dp_ledger is not None and "epsilon" not in self.columns:
             self.columns = self.columns + ["epsilon"]
