@@ -92,3 +92,29 @@ def test_the_secure_aggregation_server_refuses_what_is_not_due():
         server.receive("share_keys", 0, msg[:-1])                     # truncated
     server.receive("share_keys", 0, msg)
     assert server.expecting() == {1, 2}
+
+
+def test_shares_that_do_not_rebuild_a_dropped_clients_key_are_an_error_not_a_wrong_sum():
+    """Client 2 drops after sharing its keys; client 1's share of 2's mask key is corrupted:
+    the server cannot rebuild a key matching 2's public key and says so (the coordinator then
+    aborts the round) instead of unmasking a wrong sum."""
+    from gossamer.privacy.secagg import encode, masked_input, unmasking
+
+    rand = Randomness(1)
+    parties = {u: Client.new(u, encode(np.full(4, 0.1 * u), 1000.0, 32), rand) for u in (0, 1, 2)}
+    server = SecAggServer([0, 1, 2], threshold=2, bits=32, size=4)
+    for u in (0, 1, 2):
+        server.receive("advertise_keys", u, advertise_keys(parties[u]))
+    keys = server.close()
+    for u in (0, 1, 2):
+        server.receive("share_keys", u, share_keys(parties[u], keys[u], 2, rand))
+    forwarded = server.close()
+    for u in (0, 1):                                             # 2 never sends its vector
+        server.receive("masked_input", u, masked_input(parties[u], forwarded[u], 32))
+    survivors = server.close()
+    answers = {u: bytearray(unmasking(parties[u], survivors[u], 2)) for u in (0, 1)}
+    answers[1][-1] ^= 0xFF                                       # the last entry: 2's key share
+    for u in (0, 1):
+        server.receive("unmasking", u, bytes(answers[u]))
+    with pytest.raises(ValueError, match="client 2"):
+        server.close()

@@ -97,3 +97,30 @@ def test_secure_aggregation_recovers_a_client_killed_after_sharing_keys(write_co
     sim = _rows(tmp_path / "sim")
     assert [r["test_accuracy"] for r in real] == [r["test_accuracy"] for r in sim]
     assert [r["test_loss"] for r in real] == [r["test_loss"] for r in sim]
+
+
+def test_a_client_given_a_tampered_share_drops_out_of_the_round_instead_of_crashing():
+    """Another client can send it garbage through the server (a share it cannot decrypt):
+    the client leaves that round's protocol (the others recover its mask), and lives on."""
+    import struct
+
+    from gossamer import config
+    from gossamer.privacy.secagg import CIPHER_BYTES, Randomness, advertise_keys
+    from gossamer.privacy.secagg import Client as Party
+    from gossamer.runtime import schema
+    from gossamer.runtime.fl_client import Client
+
+    cfg = config.validate(_cfg(privacy={"secure_aggregation": {"threshold": 2}}))
+    client = Client(cfg, 0, server="127.0.0.1:1")                 # never connects
+    sent = []
+    client._send = lambda message, round_, kind=1: sent.append((kind, message))
+    client._train_and_send(1, client.exp.init_params.reshape(-1))
+    assert sent[-1][0] == 5 and len(sent[-1][1]) == 68            # it advertised its keys
+    other = advertise_keys(Party.new(1, None, Randomness(3)))
+    secagg = schema.TaskHeader.SECAGG
+    client._secagg_step(schema.TaskHeader(kind=secagg, round=1, stage=1, members=2, share=0.5),
+                        struct.pack("<I", 2) + sent[-1][1] + other)
+    assert sent[-1][0] == 6                                        # it shared its keys
+    garbage = struct.pack("<II", 1, 1) + bytes(CIPHER_BYTES)
+    client._secagg_step(schema.TaskHeader(kind=secagg, round=1, stage=2), garbage)
+    assert client.secagg is None and [k for k, _ in sent] == [5, 6]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidTag
 
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
@@ -227,7 +228,8 @@ class Client:
                 self.secagg = None
             else:
                 raise ValueError(f"unknown stage {stage}")
-        except (ValueError, KeyError, struct.error) as exc:  # a malformed server message
+        except (ValueError, KeyError, struct.error, InvalidTag) as exc:   # malformed, or a share
+            # another client encrypted badly: this client drops out of the round, which goes on
             log.warning("client %d: secure aggregation of round %d failed: %s", self.node, state.round, exc)
             self.secagg = None
             return

@@ -127,8 +127,8 @@ class SecureAggregation:
                 self.lock.wait_for(lambda: not (sa_round.awaited() - cur.failed),
                                    timeout=rt.round_timeout_s)
                 mean = sa_round.close(weights)
-        except SecAggAbort as exc:
-            log.warning("round %d: secure aggregation aborted: %s", cur.number, exc)
+        except (SecAggAbort, ValueError) as exc:      # too few answers, or shares that do not
+            log.warning("round %d: secure aggregation aborted: %s", cur.number, exc)   # rebuild
             self.secagg_aborted += 1
             self.stale |= sa_round.silent
             return {}
