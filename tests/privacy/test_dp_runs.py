@@ -184,11 +184,3 @@ def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, chan
     assert code == 2 and len(err) == 1 and f"{field}:" in err[0], err
 
 
-def test_the_runtime_refuses_client_dp_with_secure_aggregation_in_one_line(write_config, tmp_path, capsys):
-    """Compression, DP and secure aggregation run on real processes
-    (tests/runtime/test_pipeline_runtime.py); client-level DP inside the secure sum not yet."""
-    cfg = small_config("fedavg", stop={"rounds": 1},
-                       privacy={"secure_aggregation": {"threshold": 0.5}, "dp": CLIENT})
-    code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "privacy.dp.level: " in err[0], err

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chisquare
 
 from gossamer import config, wire
@@ -152,6 +153,21 @@ def _driver(algorithm: str = "fedavg", **overrides) -> SyncFLDriver:
     return SyncFLDriver(build_experiment(config.validate(cfg)))
 
 
+@pytest.mark.parametrize("noise", ["clients", "server"])
+def test_dp_fedavg_inside_the_secure_sum_is_dp_fedavg(noise):
+    """With client-level DP each client clips (and adds its noise share) before masking; the
+    server learns the sum of the clipped updates, adds its noise if it is the one to, and
+    divides by the expected clients: DP-FedAvg, to the fixed-point bound."""
+    dp = {"level": "client", "clip_norm": 0.5, "noise_multiplier": 0.8, "noise": noise}
+    plain = _driver(privacy={"dp": dp})
+    secure = _driver(privacy={"dp": dp, "secure_aggregation": {"threshold": 2, "clip": 1.0}})
+    for _ in range(3):
+        plain.run_round()
+        secure.run_round()
+        assert torch.allclose(secure.state.params, plain.state.params, rtol=0, atol=1e-6)
+    assert secure.dp_ledger.epsilon() == plain.dp_ledger.epsilon()
+
+
 @pytest.mark.parametrize("algorithm,faults", [("fedavg", {}), ("fedavgm", {}),
                                               ("fedavg", {"message_loss": {"prob": 0.2}})])
 def test_fedavg_with_secure_aggregation_is_fedavg_within_the_fixed_point_bound(algorithm, faults):
@@ -215,8 +231,6 @@ def test_config_fields_and_what_the_runtime_refuses():
     cfg = config.validate(small_config("fedavg", privacy={"secure_aggregation": {"threshold": 3}}))
     assert cfg.privacy.secure_aggregation.threshold == 3
     refuse_simulator_only(cfg)                     # secure aggregation runs on real processes
-    with_dp = config.validate(small_config("fedavg", privacy={
+    refuse_simulator_only(config.validate(small_config("fedavg", privacy={
         "secure_aggregation": {"threshold": 3},
-        "dp": {"level": "client", "clip_norm": 1.0, "noise_multiplier": 1.0}}))
-    with pytest.raises(ConfigError, match="^privacy.dp.level:"):
-        refuse_simulator_only(with_dp)
+        "dp": {"level": "client", "clip_norm": 1.0, "noise_multiplier": 1.0}})))    # with DP too

@@ -37,6 +37,9 @@ CASES = {
                                            "noise_multiplier": 0.8, "noise": "clients"}}},
     "dp_server_noise": {"privacy": {"dp": {"level": "client", "clip_norm": 0.5,
                                            "noise_multiplier": 0.8, "noise": "server"}}},
+    "dp_in_the_secure_sum": {"privacy": {"secure_aggregation": {"threshold": 0.5},
+                                         "dp": {"level": "client", "clip_norm": 0.5,
+                                                "noise_multiplier": 0.8, "noise": "clients"}}},
 }
 
 

@@ -172,13 +172,15 @@ class ClientDP:
     noise: str
     seed: int
 
-    def client(self, delta: torch.Tensor, clients: np.ndarray, round: int, expected: int) -> torch.Tensor:
+    def client(self, delta: torch.Tensor, clients: np.ndarray, round: int, expected: int, *,
+               masked: bool = False) -> torch.Tensor:
         """Client side with ``noise: clients``: clip and add this client's noise share (with
-        server noise the server clips what arrives, so a client cannot exceed the bound)."""
+        server noise the server clips what arrives, so a client cannot exceed the bound;
+        ``masked``: the server will see only a secure sum, so the client clips either way)."""
         from gossamer.privacy.dp import TAG_CLIENT_SHARE, clip_rows, gaussian
 
         if self.noise != "clients":
-            return delta
+            return clip_rows(delta, self.clip_norm) if masked else delta
         clipped = clip_rows(delta, self.clip_norm)
         std = self.noise_multiplier * self.clip_norm
         if std > 0:
@@ -190,14 +192,26 @@ class ClientDP:
     def server(self, deltas: torch.Tensor, round: int, expected: int) -> torch.Tensor:
         """Server side on the delivered updates ``[k, P]``: ``(sum + noise) / expected`` ``[P]``.
         With server noise the server clips each arrived update first."""
-        from gossamer.privacy.dp import TAG_SERVER, clip_rows, gaussian
+        from gossamer.privacy.dp import clip_rows
 
         rows = deltas if self.noise == "clients" else clip_rows(deltas, self.clip_norm)
-        total = rows.sum(0)
+        return self.finish(rows.sum(0), round, expected)
+
+    def finish(self, total: torch.Tensor, round: int, expected: int) -> torch.Tensor:
+        """``(total + server noise) / expected`` from the sum of the clipped updates (with
+        secure aggregation: the secure sum; the server adds its noise to what it learns)."""
+        from gossamer.privacy.dp import TAG_SERVER, gaussian
+
         std = self.noise_multiplier * self.clip_norm
         if std > 0 and self.noise == "server":
-            total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), rows.shape[1])[0] * std
+            total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), total.shape[0])[0] * std
         return total / expected
+
+
+def dp_secure_mean(dp: ClientDP, mean: np.ndarray, survivors: int, round: int, expected: int) -> torch.Tensor:
+    """DP-FedAvg's step from secure aggregation's mean: with DP every member's weight is equal,
+    so the survivors' sum is ``mean * survivors``; then ``(sum + server noise) / expected``."""
+    return dp.finish(torch.from_numpy(mean * survivors).float(), round, expected)
 
 
 @dataclass

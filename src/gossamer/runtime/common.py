@@ -84,7 +84,3 @@ def refuse_simulator_only(cfg) -> None:
     if ALGORITHMS.get(cfg.algorithm.name).pattern == "zo_fl":
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} (zo_fl) runs in the simulator "
                           "only so far; use `gossamer run`")
-    if cfg.privacy.secure_aggregation is not None and cfg.privacy.dp is not None \
-            and cfg.privacy.dp.level == "client":
-        raise ConfigError("privacy.dp.level", "client-level DP with secure aggregation runs in the "
-                          "simulator only so far (the runtime would need the noise in the secure sum)")

@@ -195,7 +195,9 @@ class Client:
             up, _ = pipe.encode_rqm(up, self.cfg.seed)
             return pipe.rqm.to_bytes(up.encoded, 0), up.round, KIND_ENCODED
         if pipe.secagg is not None:                   # the update waits for the key rounds
-            self.secagg = SecAggClient(up.round, up.delta()[0].double().numpy(),
+            delta = up.delta() if pipe.dp is None else pipe.dp.client(
+                up.delta(), up.clients, up.round, expected, masked=True)
+            self.secagg = SecAggClient(up.round, delta[0].double().numpy(),
                                        Party.new(self.node, None, Randomness()))
             return advertise_keys(self.secagg.party), up.round, KIND_ADVERTISE
         if pipe.dp is not None:

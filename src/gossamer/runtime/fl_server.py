@@ -233,9 +233,9 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         pipe, ledger = self.pipeline, self.dp_ledger
         selected, candidates, expected = self.selection
         if pipe.dp is not None:
-            start = self.state.params.reshape(-1)
-            mean = pipe.dp.server(uploads, r, expected)
-            uploads = start + mean.expand(len(uploads), -1)
+            if pipe.secagg is None:                 # with secure aggregation: done in the sum
+                mean = pipe.dp.server(uploads, r, expected)
+                uploads = self.state.params.reshape(-1) + mean.expand(len(uploads), -1)
             ledger.client_round(selected, candidates)
         elif pipe.rqm is not None:
             ledger.released(nodes)

@@ -19,6 +19,7 @@ import torch
 
 from gossamer.privacy.secagg import STAGES, ring_bytes, threshold_count
 from gossamer.privacy.secagg_server import SecAggAbort, SecAggServer, decode_mean, member_shares
+from gossamer.protocols.upload import dp_secure_mean
 from gossamer.runtime.common import log
 from gossamer.runtime.guard import Refused
 
@@ -114,11 +115,11 @@ class SecureAggregation:
         """Secure aggregation's stages after every selected client advertised keys or timed
         out (lock held): each survivor's row is ``start + mean``, as in the simulator; an
         aborted round has no upload."""
-        sa_round, rt = cur.secagg, self.cfg.runtime
+        sa_round, rt, dp = cur.secagg, self.cfg.runtime, self.pipeline.dp
 
-        def weights(ids):
+        def weights(ids):                            # with DP every member weighs the same
             sizes = np.array([self.clients.get(u, 0) for u in ids])
-            return self.algorithm.weights(sizes, torch.float64).numpy()
+            return np.ones(len(ids)) if dp is not None else self.algorithm.weights(sizes, torch.float64).numpy()
 
         try:
             mean = sa_round.close(weights)
@@ -133,5 +134,8 @@ class SecureAggregation:
             self.stale |= sa_round.silent
             return {}
         self.stale |= sa_round.silent
-        row = self.state.params.reshape(-1) + torch.from_numpy(mean).to(torch.float32)
-        return {u: (row, self.clients[u]) for u in sa_round.survivors()}
+        survivors = sa_round.survivors()
+        step = torch.from_numpy(mean).to(torch.float32) if dp is None else dp_secure_mean(
+            dp, mean, len(survivors), cur.number, cur.expected)
+        row = self.state.params.reshape(-1) + step
+        return {u: (row, self.clients[u]) for u in survivors}

@@ -19,7 +19,7 @@ from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline
+from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline, dp_secure_mean
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
 
@@ -215,18 +215,22 @@ class SyncFLDriver(Driver):
         elif pipe.dp is not None:              # DP-FedAvg over the delivered updates
             selected, candidates = self.selection
             expected = self.algorithm.expected_clients(candidates)
+            self.dp_ledger.client_round(selected, candidates)
+            if self.secagg is not None:        # clients clip and add noise; the server sees a sum
+                noisy = pipe.dp.client(up.delta(), up.clients, up.round, expected, masked=True)
+                return self._secure_mean(up, delivered, noisy, expected)
             keep = torch.from_numpy(delivered)
             if keep.any():
                 d = pipe.dp.client(up.delta()[keep], up.clients[delivered], up.round, expected)
                 model = up.model.clone()
                 model[keep] = up.start + pipe.dp.server(d, up.round, expected).expand(len(d), -1)
                 up = replace(up, model=model)
-            self.dp_ledger.client_round(selected, candidates)
         if self.secagg is not None:
             up, delivered = self._secure_mean(up, delivered)
         return up, delivered
 
-    def _secure_mean(self, up: Uploads, delivered: np.ndarray) -> tuple[Uploads, np.ndarray]:
+    def _secure_mean(self, up: Uploads, delivered: np.ndarray, deltas: torch.Tensor | None = None,
+                     dp_expected: int = 0) -> tuple[Uploads, np.ndarray]:
         """Secure aggregation: the clients that got the payload run the protocol, clients whose
         upload was lost or late drop after sharing keys, and the server learns only the weighted
         mean of the delivered updates; every delivered row becomes that mean (the algorithm's
@@ -234,8 +238,10 @@ class SyncFLDriver(Driver):
         from gossamer.privacy.secagg_server import secure_mean
 
         exp, sa, members, trained = self.exp, self.secagg, self.round_clients, up.clients
-        weights = self.algorithm.weights(exp.trainer.sizes[members], torch.float64).numpy()
-        out = secure_mean(members, up.delta().double().numpy(), trained, trained[delivered], weights,
+        weights = np.ones(len(members)) if dp_expected else \
+            self.algorithm.weights(exp.trainer.sizes[members], torch.float64).numpy()
+        deltas = up.delta() if deltas is None else deltas
+        out = secure_mean(members, deltas.double().numpy(), trained, trained[delivered], weights,
                           threshold=sa.threshold, bits=sa.bits, clip=sa.clip,
                           seed=[exp.cfg.seed, up.round], round=up.round)
         at = np.searchsorted(members, trained)
@@ -250,7 +256,9 @@ class SyncFLDriver(Driver):
             self.secagg_aborted += 1
             return up, np.zeros_like(delivered)
         model = up.model.clone()
-        model[torch.from_numpy(delivered)] = up.start + torch.from_numpy(out.mean).to(model.dtype)
+        step = torch.from_numpy(out.mean).to(model.dtype) if not dp_expected else dp_secure_mean(
+            self.pipeline.dp, out.mean, int(delivered.sum()), up.round, dp_expected)
+        model[torch.from_numpy(delivered)] = up.start + step
         return replace(up, model=model), delivered
 
     def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
