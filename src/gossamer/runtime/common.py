@@ -80,7 +80,9 @@ def refuse_simulator_only(cfg) -> None:
     running without them)."""
     from gossamer.algorithms import ALGORITHMS
     from gossamer.config import ConfigError
+    from gossamer.protocols.patterns import PATTERNS
 
-    if ALGORITHMS.get(cfg.algorithm.name).pattern == "zo_fl":
-        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} (zo_fl) runs in the simulator "
+    pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
+    if PATTERNS[pattern].runtime is None:
+        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} ({pattern}) runs in the simulator "
                           "only so far; use `gossamer run`")

@@ -6,7 +6,8 @@
 starts one such process per node and then calls ``MERGER`` (``runtime/dl_merge.py``: the
 pattern's rows of ``protocols/dl_metrics.py`` from the peers' records) to write the run's
 ``metrics.csv`` and ``summary.json``.
-A new pattern gets a runtime by adding its entries here ("module:attribute", imported lazily).
+The classes come from the one pattern table, ``protocols/patterns.py`` ("module:Class",
+imported lazily); a new pattern gets a runtime by naming its class there.
 A peer class takes ``(cfg, node_id, run_dir, *, listen, resume)`` and has ``run(peers_file)``.
 """
 
@@ -15,19 +16,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-COORDINATORS: dict[str, str] = {
-    "sync_fl": "gossamer.runtime.fl_server:Coordinator",
-    "async_fl": "gossamer.runtime.async_server:AsyncCoordinator",
-}
+from gossamer.protocols.patterns import PATTERNS
 
-PEER_ROLES: dict[str, str] = {
-    "sync_dl": "gossamer.runtime.dl_peer:Peer",
-    "gradient_tracking": "gossamer.runtime.tracking_peer:GradientTrackingPeer",
-    "async_gossip": "gossamer.runtime.gossip_peer:GossipPeer",
-    "sampled_dl": "gossamer.runtime.modest_peer:ModestPeer",
-    "random_walk": "gossamer.runtime.walk_peer:WalkPeer",
-}
-
+COORDINATORS: dict[str, str] = {p: x.runtime for p, x in PATTERNS.items() if x.role == "coordinator"}
+PEER_ROLES: dict[str, str] = {p: x.runtime for p, x in PATTERNS.items() if x.role == "peer"}
 MERGER = "gossamer.runtime.dl_merge:merge_metrics"
 
 
