@@ -28,7 +28,7 @@ from gossamer import wire
 from gossamer.compression.base import Compressor, Encoded
 
 
-def row_keys(clients: np.ndarray, round: int) -> np.ndarray:
+def upload_keys(clients: np.ndarray, round: int) -> np.ndarray:
     """A client's randomness key in ``round`` (compression, RQM): ``client * 2**32 + round``."""
     return np.asarray(clients, dtype=np.int64) * (1 << 32) + round
 
@@ -56,12 +56,6 @@ class Uploads:
     def rows(self) -> torch.Tensor:
         """The algorithm's upload rows ``[B, V P]``: the model block, then the extras."""
         return self.model if self.extra is None else torch.cat([self.model, self.extra], dim=1)
-
-    def select(self, keep: np.ndarray) -> Uploads:
-        """The uploads ``keep`` (bool ``[B]``) picks."""
-        k = torch.from_numpy(np.asarray(keep))
-        return replace(self, clients=self.clients[keep], model=self.model[k],
-                       extra=None if self.extra is None else self.extra[k], encoded=None)
 
     @classmethod
     def of(cls, round: int, clients: np.ndarray, start: torch.Tensor, rows: torch.Tensor) -> Uploads:
@@ -110,7 +104,7 @@ class Compress:
         state rows."""
         from gossamer.compression import dgc_step, ef21, error_feedback
 
-        keys, seed, new = row_keys(up.clients, up.round), self.seed, dict(state)
+        keys, seed, new = upload_keys(up.clients, up.round), self.seed, dict(state)
         if self.feedback == "ef":
             enc, decoded, new["memory"] = error_feedback(self.compressor, up.delta(), state["memory"],
                                                          seed=seed, keys=keys)
@@ -145,7 +139,7 @@ class Compress:
             raise ValueError(f"encoded upload of {len(data)} bytes is shorter than its "
                              f"{raw} bytes of float32 extras")
         body, tail = data[: len(data) - raw], data[len(data) - raw:]
-        key = int(row_keys(np.array([client]), round)[0])
+        key = int(upload_keys(np.array([client]), round)[0])
         try:
             decoded = self.compressor.from_bytes(body, numel, seed=self.seed, key=key)
         except (ValueError, IndexError, RuntimeError, OverflowError) as exc:
@@ -223,9 +217,13 @@ class Pipeline:
     compress: Compress | None = None
     rqm: Compressor | None = None
     dp: ClientDP | None = None
-    dp_level: str | None = None
     secagg: object | None = None               # the config section (privacy.secure_aggregation)
     extra_columns: list[str] = field(default_factory=list)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the further float32 vectors an upload carries after its model block."""
+        return 4 * self.numel * (self.vectors - 1)
 
     @property
     def encoded(self) -> Compressor | None:
@@ -234,7 +232,6 @@ class Pipeline:
 
     def upload_bytes(self, round: int) -> int | None:
         """Wire bytes of one upload (header included), None when they depend on the values."""
-        raw = 4 * self.numel * (self.vectors - 1)
         if self.secagg is not None:
             from gossamer.privacy.secagg import ring_bytes
 
@@ -243,7 +240,7 @@ class Pipeline:
             return wire.HEADER_BYTES + self.rqm.nominal_bytes(self.numel)
         if self.compress is not None:
             nominal = self.compress.nominal_bytes(self.numel, round)
-            return None if nominal is None else wire.HEADER_BYTES + raw + nominal
+            return None if nominal is None else wire.HEADER_BYTES + self.extra_bytes + nominal
         return wire.encoded_size(self.vectors * self.numel)
 
     def decode(self, data: bytes, client: int, round: int, start: torch.Tensor,
@@ -264,7 +261,7 @@ class Pipeline:
 
     def encode_rqm(self, up: Uploads, seed: int) -> tuple[Uploads, torch.Tensor]:
         """RQM uploads (docs/privacy.md): each update quantized; returns the decoded update."""
-        enc = self.rqm.compress(up.delta(), seed=seed, keys=row_keys(up.clients, up.round))
+        enc = self.rqm.compress(up.delta(), seed=seed, keys=upload_keys(up.clients, up.round))
         return replace(up, encoded=enc), self.rqm.decompress(enc)
 
 
@@ -278,7 +275,6 @@ def build_pipeline(cfg, algorithm, numel: int, compressor: Compressor | None) ->
         pipe.compress = Compress(compressor, comp.feedback, seed, density, comp.momentum,
                                  comp.clip_norm, comp.warmup_rounds)
     if dp is not None:
-        pipe.dp_level = dp.level
         pipe.extra_columns.append("epsilon")
         if dp.mechanism == "rqm":
             from gossamer.compression.rqm import RQM

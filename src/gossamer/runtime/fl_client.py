@@ -172,7 +172,8 @@ class Client:
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
         objective = algo.local_objective(payload, state)
         model = payload[: self.exp.spec.numel].reshape(1, -1)
-        if algo.split_roles and algo.anchors(self.cfg.seed, round_, nodes)[0]:
+        anchor = algo.split_roles and bool(algo.anchors(self.cfg.seed, round_, nodes)[0])
+        if anchor:
             uploads, new_state = self.exp.trainer.full_gradient(model, nodes)[0], None   # FedAMD anchor
         else:
             result = self.exp.trainer.train(model, nodes, round_, objective=objective)
@@ -180,7 +181,7 @@ class Client:
                                                     self.cfg.local.lr)
         if new_state is not None:
             self.client_state = new_state[0]
-        if algo.split_roles and algo.anchors(self.cfg.seed, round_, nodes)[0]:
+        if anchor:
             self._send(uploads[0], round_)                     # a full gradient, as it is
             return
         self._send(*self._client_stages(Uploads.of(round_, nodes, model[0], uploads), expected))

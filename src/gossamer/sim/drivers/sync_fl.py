@@ -37,9 +37,8 @@ class SyncFLDriver(Driver):
         self.dropped = 0
         numel = exp.spec.numel
         self.down_bytes = wire.encoded_size(algo.download_vectors * numel)
-        self.up_bytes: int | None = wire.encoded_size(algo.upload_vectors * numel)
         self.pipeline = pipe = build_pipeline(exp.cfg, algo, numel, exp.uplink)
-        self.up_bytes = pipe.upload_bytes(1)
+        self.up_bytes: int | None = pipe.upload_bytes(1)
         # the stages' state rows for the whole population (EF memory, DGC momentum)
         self.stage_state = pipe.compress.init(exp.num_nodes, numel) if pipe.compress else {}
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
@@ -204,7 +203,7 @@ class SyncFLDriver(Driver):
             up, decoded, state = pipe.compress.apply(up, state)
             for k, v in state.items():
                 self.stage_state[k][idx] = v
-            self.sent_up = wire.HEADER_BYTES + 4 * pipe.numel * (pipe.vectors - 1) + up.encoded.nbytes
+            self.sent_up = wire.HEADER_BYTES + pipe.extra_bytes + up.encoded.nbytes
             up = up.with_delta(decoded)
         if self.dp is not None and self.dp.level == "sample":
             self.dp_ledger.sample_steps(up.clients, steps)
