@@ -62,7 +62,6 @@ class RoundState:
     received: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     model_frames: list[bytes] = field(default_factory=list)
     failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
-    expected: int = 0                                   # DP-FedAvg's denominator
     secagg: SecAggRound | None = None                   # secure aggregation's message rounds
     protocol: SyncRound | None = None                   # the round's decisions
     opened: float = 0.0                                 # time.monotonic() at the round's start
@@ -93,10 +92,9 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             KIND_DELTA if pipe.dp is not None else KIND_MODEL
         self.secagg_aborted = 0
         self.estimates: dict[int, torch.Tensor] = {}         # EF21: the server's copy per client
-        self.selection = (0, 0, 0)
+        self.last_round: SyncRound | None = None             # the latest round's decisions
         self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
-        if self.dp_ledger is not None and "epsilon" not in self.columns:
-            self.columns = self.columns + ["epsilon"]
+        self.columns = self.columns + pipe.extra_columns      # epsilon, secagg_aborted
 
     def _init_state(self):
         return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
@@ -124,8 +122,9 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                                      members=cur.secagg.members,
                                      share=cur.secagg.shares.get(node, 0.0)), frames
         if node in cur.open():
+            expected = cur.protocol.expected if cur.protocol is not None else 0
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
-                                     expected=cur.expected), cur.model_frames
+                                     expected=expected), cur.model_frames
         return self._wait()
 
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
@@ -135,6 +134,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         meta, tensor, size = read_counted_model(
             chunks, expected_numel=numel, run_id=self.cfg.runtime.run_id, limits=self.limits,
             dtype=torch.uint8 if encoded else torch.float32)
+        if encoded and tensor.dim() != 1:
+            raise WireError(f"bytes travel as one flat uint8 row, not shape {list(tensor.shape)}")
         if kind == KIND_ADVERTISE:                            # secure aggregation: stages 5..8
             sa = self.pipeline.secagg
             if not KIND_ADVERTISE <= meta.kind <= KIND_ADVERTISE + 3:
@@ -230,13 +231,12 @@ class Coordinator(SecureAggregation, BaseCoordinator):
     def _server_stages(self, r: int, uploads: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """The upload pipeline's server side before aggregation: DP-FedAvg's noisy mean of the
         updates (every row becomes ``start + mean``, as in the simulator) and the ledger."""
-        pipe, ledger = self.pipeline, self.dp_ledger
-        selected, candidates, expected = self.selection
+        pipe, ledger, rnd = self.pipeline, self.dp_ledger, self.last_round
         if pipe.dp is not None:
             if pipe.secagg is None:                 # with secure aggregation: done in the sum
-                mean = pipe.dp.server(uploads, r, expected)
+                mean = pipe.dp.server(uploads, r, rnd.expected)
                 uploads = self.state.params.reshape(-1) + mean.expand(len(uploads), -1)
-            ledger.client_round(selected, candidates)
+            ledger.client_round(len(rnd.selected), rnd.candidates)
         elif pipe.rqm is not None:
             ledger.released(nodes)
         elif ledger is not None:                              # sample level: DP-SGD steps
@@ -259,9 +259,9 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
                 algo.broadcast(self.state), round=r, run_id=rt.run_id,
                 chunk_bytes=self.limits.chunk_bytes)]
-            self.selection = (len(ids), len(candidates), rnd.expected)
-            self.current = RoundState(r, {int(i) for i in ids}, {}, frames, expected=rnd.expected,
-                                      protocol=rnd, opened=time.monotonic())
+            self.last_round = rnd
+            self.current = RoundState(r, {int(i) for i in ids}, {}, frames, protocol=rnd,
+                                      opened=time.monotonic())
             if self.pipeline.secagg is not None:
                 self.current.secagg = SecAggRound(self.pipeline.secagg, self.current.selected, self.numel, r)
             self.lock.notify_all()
@@ -293,7 +293,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "test_accuracy": float(acc[0]), "test_loss": float(loss[0]),
                 "participants": getattr(self, "participants", 0),
-                **({"epsilon": self.dp_ledger.epsilon()} if self.dp_ledger is not None else {})}
+                **({"epsilon": self.dp_ledger.epsilon()} if self.dp_ledger is not None else {}),
+                **({"secagg_aborted": self.secagg_aborted} if self.pipeline.secagg is not None else {})}
 
     def _rounds(self, start: float) -> dict[str, Any]:
         self._wait_for_clients(start)
@@ -339,6 +340,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             "clients": torch.tensor(sorted(self.clients.items()), dtype=torch.int64).reshape(-1, 2),
             "elapsed": self.elapsed_before + time.monotonic() - start,
             "dp_ledger": None if self.dp_ledger is None else self.dp_ledger.state_dict(),
+            "secagg_aborted": self.secagg_aborted,
             "ef21": {str(k): v for k, v in self.estimates.items()}})
 
     def _restore(self) -> None:
@@ -353,6 +355,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         if self.dp_ledger is not None and state.get("dp_ledger") is not None:
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
+        self.secagg_aborted = int(state.get("secagg_aborted", 0))
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)

@@ -17,7 +17,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossamer.privacy.secagg import STAGES, ring_bytes, threshold_count
+from gossamer.privacy.secagg import _ENTRY as ENTRY
+from gossamer.privacy.secagg import _HEADER as HEADER
+from gossamer.privacy.secagg import (
+    CIPHER_BYTES,
+    SHARE_BYTES,
+    STAGES,
+    ring_bytes,
+    threshold_count,
+)
 from gossamer.privacy.secagg_server import SecAggAbort, SecAggServer, decode_mean, member_shares
 from gossamer.protocols.upload import dp_secure_mean
 from gossamer.runtime.common import log
@@ -27,9 +35,11 @@ KIND_ADVERTISE = 5                     # ModelMeta.kind of the stage-k message: 
 
 
 def max_message_bytes(numel: int, bits: int, clients: int) -> int:
-    """The largest secure-aggregation message a client may send (the masked vector, or its
-    shares for every other client), with room for headers."""
-    return max(ring_bytes(numel, bits) + 64, 4 + clients * 160)
+    """The largest secure-aggregation message a client among ``clients`` may send: its keys,
+    its shares for every other client, its masked vector, or its unmasking answer (the exact
+    sizes of :mod:`gossamer.privacy.secagg`'s messages; the stage checks each exactly)."""
+    return max(68, 4 + (clients - 1) * (4 + CIPHER_BYTES), HEADER.size + ring_bytes(numel, bits),
+               4 + clients * (ENTRY.size + SHARE_BYTES))
 
 
 class SecAggRound:
@@ -136,6 +146,6 @@ class SecureAggregation:
         self.stale |= sa_round.silent
         survivors = sa_round.survivors()
         step = torch.from_numpy(mean).to(torch.float32) if dp is None else dp_secure_mean(
-            dp, mean, len(survivors), cur.number, cur.expected)
+            dp, mean, len(survivors), cur.number, cur.protocol.expected)
         row = self.state.params.reshape(-1) + step
         return {u: (row, self.clients[u]) for u in survivors}
