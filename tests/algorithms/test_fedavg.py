@@ -60,3 +60,38 @@ def test_bristle_at_the_server_keeps_the_models_closest_to_the_global_model():
     models = torch.tensor([[100.0, 100.0, 100.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     new = algo.aggregate(state, models, np.ones(4))
     assert torch.allclose(new.params, torch.full((3,), 1 / 3))     # the far model (row 0) is dropped
+
+
+def test_only_plain_mean_aggregation_declares_mean_of_models():
+    """``mean_of_models`` lets an executor hand ``aggregate_mean`` the uploads' mean: true only
+    where ``aggregate`` needs nothing else (not for a robust rule, client momentum, SCAFFOLD,
+    FedAMD, or a user subclass that changes what is uploaded)."""
+    from dataclasses import dataclass
+
+    from gossamer.algorithms import ALGORITHMS
+
+    assert all(ALGORITHMS.get(n).from_params({}).mean_of_models
+               for n in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"))
+    assert not any(ALGORITHMS.get(n).from_params({}).mean_of_models for n in ("scaffold", "fedamd"))
+    assert not FedAvg(aggregator="median").mean_of_models
+    assert not FedAvg(momentum_beta=0.9).mean_of_models
+
+    @dataclass(frozen=True)
+    class Doubled(FedAvg):
+        def client_message(self, trained, start):
+            return 2 * trained - start
+
+    assert not Doubled().mean_of_models
+
+
+@pytest.mark.parametrize("server_optimizer", ["sgd", "adam"])
+def test_aggregate_from_the_mean_equals_aggregate_from_rows(server_optimizer):
+    algo = FedAvg(server_optimizer=server_optimizer, server_lr=0.5)
+    state = algo.init_state(torch.tensor([1.0, -2.0, 0.5]))
+    rows = torch.tensor([[2.0, 0.0, 1.0], [-1.0, 3.0, 0.0], [0.5, 0.5, 0.5]])
+    sizes = np.array([5, 1, 2])
+    a = algo.aggregate(state, rows, sizes)
+    b = algo.aggregate_mean(state, algo.mean_weights(sizes) @ rows)
+    assert torch.allclose(a.params, b.params) and a.round == b.round == 1
+    assert a.extra.keys() == b.extra.keys()
+    assert all(torch.allclose(a.extra[k], b.extra[k]) for k in a.extra)

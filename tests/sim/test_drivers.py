@@ -101,3 +101,31 @@ def test_batched_gossip_equals_one_event_at_a_time(mode, extra):
     assert torch.equal(batched.age, single.age)
     assert batched.compute_skipped == single.compute_skipped
     assert batched.node_steps == single.node_steps > 0
+
+
+@pytest.mark.parametrize("algorithm,params", [("fedavg", {}), ("fedadam", {"server_lr": 0.1}),
+                                              ("fedprox", {"prox_mu": 0.1, "client_fraction": 0.5})])
+def test_dense_fedavg_round_equals_the_general_upload_path(monkeypatch, algorithm, params):
+    """The dense round (the trainer returns only the uploads' mean) and the general path
+    (upload rows through the pipeline, then ``aggregate``) give the same server model."""
+    dense_ok = SyncFLDriver._uploads_are_models
+    used = []
+
+    def run(dense: bool) -> torch.Tensor:
+        def choose(self, delivered):
+            used.append(dense and dense_ok(self, delivered))
+            return used[-1]
+
+        monkeypatch.setattr(SyncFLDriver, "_uploads_are_models", choose)
+        cfg = small_config(algorithm)
+        cfg["algorithm"]["params"] = params
+        driver = SyncFLDriver(_exp(cfg))
+        for _ in range(3):
+            driver.run_round()
+        return driver.global_params()
+
+    dense, general = run(True), run(False)
+    assert used == [True] * 3 + [False] * 3
+    assert torch.allclose(dense, general, atol=1e-6)
+    cfg = small_config(algorithm)
+    assert not torch.allclose(dense, _exp(cfg).init_params.reshape(-1))

@@ -209,3 +209,41 @@ def test_full_gradient_is_the_mean_loss_gradient_over_the_shard():
     for k, node in enumerate([2, 0]):
         shard = trainer.shards[node, : sizes[node]]
         assert torch.allclose(grads[k], _grad(model, spec, rows[k], x[shard], y[shard]), atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused"])
+@pytest.mark.parametrize("schedule", [LocalSchedule(4, epochs=1, shuffle=True),      # 1-3 steps
+                                      LocalSchedule(2, epochs=2, shuffle=True)])     # up to 12
+def test_mean_of_trained_rows_without_the_rows(fused, schedule):
+    """FedAvg's dense round: ``mean_weights`` returns the weighted mean of the rows the same
+    call would have returned, taken from the parameter-major leaves, and no rows at all."""
+    sizes = [8, 5, 11, 0, 3, 7]
+    trainer, _, spec, *_ = _setup(sizes, schedule, SGD(0.1), fused=fused)
+    nodes = np.array([0, 1, 2, 3, 4, 5])
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor([8.0, 5, 11, 0, 3, 7]) / 34
+    rows = trainer.train(start.expand(len(nodes), -1), nodes, keys=4)
+    only = trainer.train(start.expand(len(nodes), -1), nodes, keys=4, mean_weights=weights)
+    assert only.params is None and only.mean.shape == (spec.numel,)
+    assert torch.allclose(only.mean, weights @ rows.params, atol=1e-6)
+    assert not torch.equal(only.mean, start)                   # it trained
+    assert torch.equal(only.loss, rows.loss) and np.array_equal(only.steps, rows.steps)
+    assert np.array_equal(only.samples, rows.samples)
+    again = trainer.train(start.expand(len(nodes), -1), nodes, keys=4, mean_weights=weights)
+    assert torch.equal(again.mean, only.mean)                  # reused buffers: deterministic
+
+
+def test_gathered_batches_are_not_aliased_between_steps():
+    """The fused path gathers each step's inputs into one reused buffer; training many steps
+    must still equal the sequential reference (a stale or overwritten batch would not)."""
+    sizes = [9, 4, 12]
+    opt = SGD(0.1)
+    schedule = LocalSchedule(2, epochs=2, shuffle=True)
+    trainer, model, spec, x, y = _setup(sizes, schedule, opt, fused=True)
+    nodes = np.arange(3)
+    rows = torch.randn(3, spec.numel) * 0.3
+    first = trainer.train(rows, nodes, keys=1).params
+    smaller = trainer.train(rows[:1], nodes[:1], keys=1).params   # a smaller call in between
+    ref = _sequential(trainer, model, spec, x, y, rows, nodes, 1, opt)
+    assert torch.allclose(first, ref, atol=1e-5)
+    assert torch.allclose(smaller[0], ref[0], atol=1e-5)

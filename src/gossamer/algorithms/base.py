@@ -44,6 +44,8 @@ class Algorithm:
     deadline_s = None                           # FL: a round's deadline, in seconds
     over_selection = 0.0                        # FL: extra fraction selected (rounds close early)
     gossip_steps = 1                            # DL: mixing steps per round
+    mean_of_models = False                      # sync FL: aggregation needs only the uploads'
+                                                # weighted mean (FedAvg.aggregate_mean)
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

@@ -72,10 +72,11 @@ class PrivateSGD:
 
 @dataclass
 class TrainResult:
-    params: torch.Tensor          # [B, P] trained rows
+    params: torch.Tensor | None   # [B, P] trained rows (None when only their mean was asked for)
     samples: np.ndarray           # [B] samples processed per node (drives compute time)
     steps: np.ndarray             # [B] optimizer steps per node
     loss: torch.Tensor            # [B] mean training loss per node over its steps
+    mean: torch.Tensor | None = None   # [P] ``mean_weights @ rows``, when asked for
 
 
 class BatchedTrainer:
@@ -88,7 +89,8 @@ class BatchedTrainer:
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if optimizer.momentum == 0 and dp is None else None
         self.dp = dp
-        self._buffer: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None       # parameter-major workspace (reused)
+        self._batch: torch.Tensor | None = None        # a step's gathered inputs (reused)
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
         self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
@@ -179,7 +181,8 @@ class BatchedTrainer:
     # --- training --------------------------------------------------------------------------
     def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
               inplace: bool = False, steps: np.ndarray | None = None,
-              objective: LocalObjective | None = None) -> TrainResult:
+              objective: LocalObjective | None = None,
+              mean_weights: torch.Tensor | None = None) -> TrainResult:
         """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``.
 
         With ``inplace`` the trained rows are written back into ``params`` (a dense tensor,
@@ -189,6 +192,10 @@ class BatchedTrainer:
 
         Each parameter is trained as its own stacked leaf ``[B, *shape]`` (autograd through
         slices of one flat tensor would materialize a full ``[B, P]`` gradient per slice).
+
+        With ``mean_weights`` ``[B]`` (summing to 1) only the weighted mean of the trained rows
+        is returned (``TrainResult.mean``, ``params`` None): it is taken from the parameter-major
+        leaves, block by block, so no ``[B, P]`` output is written (FedAvg's round).
         """
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
@@ -199,7 +206,7 @@ class BatchedTrainer:
         if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
             raise ValueError("privacy.dp: DP-SGD does not combine with SAM or FedAMD")
         if self.kernel is not None and not objective.recursive:
-            return self._train_fused(params, idx, valid, inplace, objective)
+            return self._train_fused(params, idx, valid, inplace, objective, mean_weights)
         names = self.spec.names
         leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         terms = self._objective_views(objective, None)
@@ -238,11 +245,20 @@ class BatchedTrainer:
             if opt.sam_rho:
                 grads = self._sam_gradient(leaves, grads, xb, yb, weight, counts[:, t])
             self._sgd_step(leaves, grads, bufs, active, objective, terms)
+        return self._result(params, leaves, valid, loss_sum, inplace, mean_weights)
+
+    def _result(self, params: torch.Tensor, leaves: list[torch.Tensor], valid: np.ndarray,
+                loss_sum: torch.Tensor, inplace: bool, mean_weights: torch.Tensor | None) -> TrainResult:
+        """The trained leaves (module order, ``[B, *shape]``) as rows, or only their mean."""
+        steps = valid.any(axis=2).sum(axis=1)
+        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
+        if mean_weights is not None:
+            w = mean_weights.to(params.dtype).reshape(1, -1)
+            mean = torch.cat([torch.mm(w, leaf.reshape(len(leaf), -1))[0] for leaf in leaves])
+            return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
         for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
             view.copy_(leaf)
-        steps = valid.any(axis=2).sum(axis=1)
-        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
         return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)
 
     def _dp_gradient(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
@@ -430,6 +446,17 @@ class BatchedTrainer:
                 leaf.add_(start * (decay - 1).view(-1, 1, 1))
         return loss
 
+    def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's inputs ``[B, n, ...]`` and labels ``[B, n]`` for sample indices ``idx``
+        ``[B, n]``, gathered into a reused buffer (the fused kernel only reads them)."""
+        count = idx.numel()
+        row = self.x[0].numel()
+        if self._batch is None or self._batch.numel() < count * row:
+            self._batch = torch.empty(count * row, dtype=self.x.dtype)
+        xb = self._batch[: count * row].view(count, *self.x.shape[1:])
+        torch.index_select(self.x, 0, idx.reshape(-1), out=xb)
+        return xb.view(*idx.shape, *self.x.shape[1:]), self.y[idx]
+
     def _workspace(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copy rows ``[B, P]`` into a reused parameter-major buffer: one contiguous
         ``[B, *shape]`` block per parameter (reuse avoids page faults on every call)."""
@@ -446,14 +473,15 @@ class BatchedTrainer:
         return blocks
 
     def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray,
-                     inplace: bool, objective: LocalObjective) -> TrainResult:
+                     inplace: bool, objective: LocalObjective,
+                     mean_weights: torch.Tensor | None = None) -> TrainResult:
         """The same SGD through the model's fused kernel (hand-written backward, in place).
 
         An objective's extra terms are evaluated at the pre-step weights, like the gradient,
         and applied after the kernel's data step."""
         kernel, opt = self.kernel, self.optimizer
         assert kernel is not None
-        in_rows = idx.shape[1] <= 2
+        in_rows = idx.shape[1] <= 2 and mean_weights is None
         if in_rows:           # few steps: update views of the output rows, no copy back
             out = params
             if not inplace:
@@ -478,9 +506,7 @@ class BatchedTrainer:
                 decay = None
                 if opt.weight_decay:
                     decay = 1 - opt.lr * opt.weight_decay * (counts[:, t] > 0).to(params.dtype)
-                take = idx_t[:, t].reshape(-1)
-                xb = self.x.index_select(0, take).view(*idx_t[:, t].shape, *self.x.shape[1:])
-                yb = self.y.index_select(0, take).view(idx_t[:, t].shape)
+                xb, yb = self._gather(idx_t[:, t])
                 if opt.sam_rho:
                     loss_sum += self._fused_sam_step(leaves, sam_buffers, xb, yb, weight,
                                                      opt.lr * objective.grad_scale, decay)
@@ -494,10 +520,8 @@ class BatchedTrainer:
                         if not all_active:
                             extra.mul_(active.view(-1, *([1] * (extra.dim() - 1))).to(extra.dtype))
                         leaf.sub_(extra, alpha=opt.lr)
-            if not in_rows:
-                out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
-                for view, leaf in zip(self.spec.views(out).values(), kernel.params(leaves), strict=True):
-                    view.copy_(leaf)
+        if not in_rows:
+            return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights)
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
         return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)

@@ -36,6 +36,11 @@ class ServerState:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# what the uploads' mean must stand for: a subclass redefining any of these uploads or
+# aggregates something else (SCAFFOLD's control variates, FedAMD's anchors)
+_MEAN_PATH = ("client_message", "client_update", "weights", "average_delta", "aggregate")
+
+
 @dataclass(frozen=True)
 class FedAvg(Algorithm):
     """Federated averaging with client sampling, sample weighting and a server optimizer.
@@ -129,6 +134,15 @@ class FedAvg(Algorithm):
         """Model-sized vectors each client keeps between rounds (0: stateless clients)."""
         return 0
 
+    @property
+    def mean_of_models(self) -> bool:
+        """Whether :meth:`aggregate` needs no more of the uploads than their weighted mean
+        (:meth:`mean_weights` ``@`` models): then an executor may hand :meth:`aggregate_mean`
+        that mean, taken wherever the trained models lie, instead of ``[B, P]`` upload rows.
+        False for a subclass that redefines what is uploaded or how it is aggregated."""
+        plain = all(getattr(type(self), m) is getattr(FedAvg, m) for m in _MEAN_PATH)
+        return plain and self.aggregator == "mean" and self.momentum_beta is None
+
     # --- server --------------------------------------------------------------------------------
     def init_state(self, params: torch.Tensor, num_clients: int = 1) -> ServerState:
         extra = self.optimizer.init(params)
@@ -194,6 +208,11 @@ class FedAvg(Algorithm):
             return torch.as_tensor(num_samples, dtype=dtype)
         return torch.ones(len(num_samples), dtype=dtype)
 
+    def mean_weights(self, num_samples: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights ``[B]`` (summing to 1) of the mean :meth:`aggregate` takes."""
+        weights = self.weights(num_samples, dtype)
+        return weights / weights.sum()
+
     def average_delta(self, state: ServerState, models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The round's step: weighted mean (or robust rule) of ``models - global``."""
         if self.aggregator == "mean":
@@ -217,11 +236,22 @@ class FedAvg(Algorithm):
         models = uploads[:, :numel]
         weights = self.weights(num_samples, models.dtype)
         delta = self.average_delta(state, models, weights)
+        momentum = None
+        if self.momentum_beta is not None:
+            momentum = self.momentum_update(state, models, weights, steps, lr)
+        return self._server_step(state, delta, momentum)
+
+    def aggregate_mean(self, state: ServerState, mean: torch.Tensor) -> ServerState:
+        """:meth:`aggregate` from the uploads' mean ``[P]`` (:attr:`mean_of_models` only)."""
+        return self._server_step(state, mean - state.params)
+
+    def _server_step(self, state: ServerState, delta: torch.Tensor,
+                     momentum: torch.Tensor | None = None) -> ServerState:
         buffers = {k: v for k, v in state.extra.items() if k.startswith("server_")}
         params, buffers = self.optimizer.step(state.params, delta, buffers)
         extra = {**state.extra, **buffers}
-        if self.momentum_beta is not None:
-            extra["momentum"] = self.momentum_update(state, models, weights, steps, lr)
+        if momentum is not None:
+            extra["momentum"] = momentum
         return ServerState(params, state.round + 1, extra)
 
     def momentum_update(self, state: ServerState, models: torch.Tensor, weights: torch.Tensor,
