@@ -404,6 +404,19 @@ def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> 
     for label, key, unit in lines:
         value = ratios[key]
         print(f"  {label:<48} {'n/a' if value is None else f'{value:.2f}{unit}'}")
+    # each repeat's gossamer loop against the batched loop run right after it (interleaved)
+    pairs = [ratio(gr.loop_s, br.loop_s) for gr, br in zip(g.runs, b.runs, strict=False)
+             if not gr.error and not br.error] if g and b else []
+    ratios["gossamer_loop_over_batched_loop_runs"] = pairs
+    peaks = [r.peak_mib for r in g.ok if r.peak_mib] if g else []
+    spread = (max(peaks) - min(peaks)) / statistics.median(peaks) if peaks else None
+    ratios["gossamer_peak_mib_runs"], ratios["gossamer_peak_spread"] = peaks, spread
+    if pairs:
+        print(f"  {'gossamer loop / batched loop, each repeat':<48} "
+              + ", ".join(f"{p:.2f}x" for p in pairs if p is not None))
+    if spread is not None:
+        print(f"  {'gossamer peak MiB, each repeat (spread)':<48} "
+              + ", ".join(f"{p:.0f}" for p in peaks) + f"  ({100 * spread:.1f}% of the median)")
     return ratios
 
 

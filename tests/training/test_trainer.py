@@ -247,3 +247,22 @@ def test_gathered_batches_are_not_aliased_between_steps():
     ref = _sequential(trainer, model, spec, x, y, rows, nodes, 1, opt)
     assert torch.allclose(first, ref, atol=1e-5)
     assert torch.allclose(smaller[0], ref[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("opt", [SGD(0.1), SGD(0.1, weight_decay=1e-2)], ids=["sgd", "decay"])
+@pytest.mark.parametrize("prox", [0.0, 0.5], ids=["plain", "prox"])
+def test_a_broadcast_start_trains_exactly_like_its_copies(opt, prox):
+    """Rows that all start from one model are not copied before the fused kernel's first step
+    (it reads the shared model and writes the blocks): bit for bit the same as training the
+    materialized copies, with weight decay and an objective's terms."""
+    from gossamer.algorithms.local import LocalObjective
+
+    sizes = [8, 5, 11, 0, 3]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), opt, fused=True)
+    nodes = np.arange(len(sizes))
+    start = torch.randn(spec.numel) * 0.3
+    objective = LocalObjective(prox, start) if prox else None
+    shared = trainer.train(start.expand(len(nodes), -1), nodes, keys=2, objective=objective)
+    copied = trainer.train(start.expand(len(nodes), -1).clone(), nodes, keys=2, objective=objective)
+    assert torch.equal(shared.params, copied.params) and torch.equal(shared.loss, copied.loss)
+    assert torch.equal(shared.params[3], start)              # no data: the start, untouched

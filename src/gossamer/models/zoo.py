@@ -56,16 +56,19 @@ class DenseKernel:
         return [leaf.squeeze(1) if k % 2 else leaf for k, leaf in enumerate(leaves)]
 
     def sgd_step(self, leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 weight: torch.Tensor, lr: float, decay: torch.Tensor | None = None) -> torch.Tensor:
+                 weight: torch.Tensor, lr: float, decay: torch.Tensor | None = None,
+                 out: list[torch.Tensor] | None = None) -> torch.Tensor:
         """One step on every row, in place: ``weight`` ``[B, n]`` are per-sample loss weights
         (rows sum to 1 for a mean loss, 0 for padding); ``decay`` ``[B]`` optional
-        weight-decay factors. Returns each node's weighted loss ``[B]``."""
+        weight-decay factors. With ``out`` (leaves of the same shapes) the stepped weights are
+        written there and ``leaves`` only read (they may be broadcast views of one model); the
+        values are those of copying ``leaves`` into ``out`` and stepping in place. Returns
+        each node's weighted loss ``[B]``."""
         h = x.reshape(x.shape[0], x.shape[1], -1)
-        inputs, pre = [], []
+        inputs = []
         for i in range(len(self.layers)):
             inputs.append(h)
             z = torch.baddbmm(leaves[2 * i + 1], h, leaves[2 * i].transpose(1, 2))
-            pre.append(z)
             h = torch.relu(z) if i < len(self.layers) - 1 else z
         logp = torch.log_softmax(h, dim=-1)
         loss = -(logp.gather(2, y.unsqueeze(2)).squeeze(2) * weight).sum(1)
@@ -75,13 +78,19 @@ class DenseKernel:
         for i in reversed(range(len(self.layers))):
             w, b = leaves[2 * i], leaves[2 * i + 1]
             grad_in = torch.bmm(grad, w) if i > 0 else None
-            if decay is not None:
-                w.mul_(decay.view(-1, 1, 1))
-                b.mul_(decay.view(-1, 1, 1))
-            w.baddbmm_(grad.transpose(1, 2), inputs[i], alpha=-lr)
-            b.sub_(grad.sum(1, keepdim=True), alpha=lr)
-            if grad_in is not None:
-                grad = grad_in.mul_(pre[i - 1] > 0)
+            new_w, new_b = (out[2 * i], out[2 * i + 1]) if out is not None else (w, b)
+            if decay is not None:                     # (with out: the decayed copy, then in place)
+                w = torch.mul(w, decay.view(-1, 1, 1), out=new_w)
+                b = torch.mul(b, decay.view(-1, 1, 1), out=new_b)
+            if w is new_w:
+                w.baddbmm_(grad.transpose(1, 2), inputs[i], alpha=-lr)
+                b.sub_(grad.sum(1, keepdim=True), alpha=lr)
+            else:                                     # read w, write out: copy and step in one op
+                torch.baddbmm(w, grad.transpose(1, 2), inputs[i], alpha=-lr, out=new_w)
+                torch.sub(b, grad.sum(1, keepdim=True), alpha=lr, out=new_b)
+            if grad_in is not None:   # ReLU's derivative: the sign of its output (1 or 0), as
+                # floats: a multiply by a bool mask takes a slow type-promoting path (~8x here)
+                grad = grad_in.mul_(torch.sign(inputs[i]))
         return loss
 
 

@@ -65,9 +65,14 @@ class SyncRound:
         keep = np.zeros(len(arrival), dtype=bool)
         if len(arrival) == 0:
             return keep, 0.0
-        for i in np.lexsort((np.arange(len(arrival)), arrival)):
-            if delivered[i]:
-                keep[i] = self.arrive(i, float(arrival[i]))
+        order = np.lexsort((np.arange(len(arrival)), arrival))
+        if self.deadline is None and self.wanted is None:   # every delivered upload is taken
+            keep[:] = delivered
+            self.accepted += order[delivered[order]].tolist()
+        else:
+            for i in order:
+                if delivered[i]:
+                    keep[i] = self.arrive(i, float(arrival[i]))
         end = self.end(float(arrival.max()))
         keep |= ~delivered & (arrival <= end)
         return keep, end

@@ -38,9 +38,11 @@ class Runner:
         tune_allocator()
         self.exp: Experiment = build_experiment(cfg)
         self.driver: Driver = driver_for(self.exp.algorithm.pattern)(self.exp)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns)
+        # rows are fsynced with each checkpoint and at the end (MetricsWriter.sync)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns, durable=False)
         # every evaluated node's accuracy (DL): nodes.csv, beside metrics.csv, never in it
-        self.node_metrics = MetricsWriter(self.run_dir / "nodes.csv", ["round", "node", "test_accuracy"])
+        self.node_metrics = MetricsWriter(self.run_dir / "nodes.csv", ["round", "node", "test_accuracy"],
+                                          durable=False)
         self.stopped_by: str | None = None
         self.time_to_target: float | None = None
         self.rounds_to_target: int | None = None
@@ -81,6 +83,8 @@ class Runner:
                             "best_accuracy": self.best_accuracy, "last_row": self.last_row,
                             "targets_reached": self.targets_reached,
                             "loop_time": self.loop_time}}
+        self.metrics.sync()                          # the rows this checkpoint covers, first
+        self.node_metrics.sync()
         save_checkpoint(self.run_dir / "checkpoints" / CHECKPOINT, state)
 
     # --- loop --------------------------------------------------------------------------------
@@ -145,6 +149,8 @@ class Runner:
         self.loop_time += time.perf_counter() - loop_start
         if ckpt_every:
             self.checkpoint()
+        self.metrics.sync()
+        self.node_metrics.sync()
         self.save_final_model()
         if faults is not None and faults.enabled and faults.records_transitions:
             atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())

@@ -91,6 +91,7 @@ class BatchedTrainer:
         self.dp = dp
         self._buffer: torch.Tensor | None = None       # parameter-major workspace (reused)
         self._batch: torch.Tensor | None = None        # a step's gathered inputs (reused)
+        self._plan: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None   # last batches()
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
         self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
@@ -121,7 +122,20 @@ class BatchedTrainer:
         multiple of the batch size; in step mode batches run on across epochs. ``steps``
         (one count per node) overrides the schedule: node ``b`` takes ``steps[b]`` steps
         (step mode; the others are masked).
+
+        The last plan is kept: :meth:`samples` (an executor pricing a round) and :meth:`train`
+        of the same nodes and keys build it once. Callers only read the arrays.
         """
+        key = (nodes.tobytes(), np.asarray(keys).tobytes(), None if steps is None else
+               np.asarray(steps, dtype=np.int64).tobytes())
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        plan = self._plan_batches(nodes, keys, steps)
+        self._plan = (key, plan)
+        return plan
+
+    def _plan_batches(self, nodes: np.ndarray, keys: np.ndarray,
+                      steps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         bs, sizes = self.schedule.batch_size, self.sizes[nodes]
         if steps is not None:
             per_node = np.asarray(steps, dtype=np.int64)
@@ -457,9 +471,10 @@ class BatchedTrainer:
         torch.index_select(self.x, 0, idx.reshape(-1), out=xb)
         return xb.view(*idx.shape, *self.x.shape[1:]), self.y[idx]
 
-    def _workspace(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Copy rows ``[B, P]`` into a reused parameter-major buffer: one contiguous
-        ``[B, *shape]`` block per parameter (reuse avoids page faults on every call)."""
+    def _workspace(self, params: torch.Tensor, fill: bool = True) -> dict[str, torch.Tensor]:
+        """A reused parameter-major buffer for rows ``[B, P]``: one contiguous ``[B, *shape]``
+        block per parameter (reuse avoids page faults on every call), filled with the rows
+        unless ``fill`` is False (the first step then writes every block)."""
         rows = params.shape[0]
         if self._buffer is None or self._buffer.numel() < rows * self.spec.numel:
             self._buffer = torch.empty(rows * self.spec.numel, dtype=params.dtype)
@@ -468,7 +483,8 @@ class BatchedTrainer:
         for (name, view), offset in zip(self.spec.views(params).items(), self.spec.offsets, strict=True):
             size = view[0].numel()
             block = self._buffer[rows * offset: rows * (offset + size)].view(view.shape)
-            block.copy_(view[:1].expand_as(view) if broadcast else view)
+            if fill:
+                block.copy_(view[:1].expand_as(view) if broadcast else view)
             blocks[name] = block
         return blocks
 
@@ -489,20 +505,28 @@ class BatchedTrainer:
                 out.copy_(params)
             leaves = kernel.leaves(self.spec.views(out))
         else:                 # many steps: contiguous blocks make every batched update faster
-            leaves = kernel.leaves(self._workspace(params))
+            # rows that all start from one model (a broadcast) are not copied first: the first
+            # step reads the shared model (cached, not B copies) and writes its result into the
+            # blocks, the same arithmetic as copying, then stepping in place
+            shared = params.stride(0) == 0 and idx.shape[1] > 0 and not opt.sam_rho
+            leaves = kernel.leaves(self._workspace(params, fill=not shared))
+            first = kernel.leaves(self.spec.views(params)) if shared else None
         idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
         loss_sum = torch.zeros(len(idx))
         terms = self._objective_views(objective, kernel) if objective.adds_terms else None
         sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
             if opt.sam_rho else []
+        if in_rows:
+            first = None
+        weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
         with torch.no_grad():
             for t in range(idx.shape[1]):
-                active = counts[:, t] > 0
+                now = first if t == 0 and first is not None else leaves    # the weights before step t
                 extras = None
                 if terms is not None:
-                    extras = [self._extra(leaf, term, objective) for leaf, term in zip(leaves, terms, strict=True)]
-                weight = valid_t[:, t].to(params.dtype) / counts[:, t].clamp(min=1).unsqueeze(1)
+                    extras = [self._extra(leaf, term, objective) for leaf, term in zip(now, terms, strict=True)]
+                weight = weights[:, t]
                 decay = None
                 if opt.weight_decay:
                     decay = 1 - opt.lr * opt.weight_decay * (counts[:, t] > 0).to(params.dtype)
@@ -511,8 +535,10 @@ class BatchedTrainer:
                     loss_sum += self._fused_sam_step(leaves, sam_buffers, xb, yb, weight,
                                                      opt.lr * objective.grad_scale, decay)
                 else:
-                    loss_sum += kernel.sgd_step(leaves, xb, yb, weight, opt.lr * objective.grad_scale, decay)
+                    loss_sum += kernel.sgd_step(now, xb, yb, weight, opt.lr * objective.grad_scale, decay,
+                                                out=leaves if now is not leaves else None)
                 if extras is not None:
+                    active = counts[:, t] > 0
                     all_active = bool(active.all())
                     for leaf, extra in zip(leaves, extras, strict=True):
                         if extra is None:
