@@ -1,4 +1,4 @@
-"""MNIST, Fashion-MNIST (IDX files) and CIFAR-10 (binary version) read from a local folder.
+"""MNIST, Fashion-MNIST (IDX files), CIFAR-10 and CIFAR-100 (binary versions) from a local folder.
 
 Files are parsed with numpy, never unpickled. `download=True` fetches missing files from `url`.
 Fashion-MNIST — Han Xiao, Kashif Rasul, Roland Vollgraf, "Fashion-MNIST: a Novel Image Dataset
@@ -20,6 +20,7 @@ from gossamer.data.download import extract_tar, fetch
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -29,6 +30,9 @@ IDX_FILES = {
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 CIFAR10_FOLDER = "cifar-10-batches-bin"
 CIFAR10_RECORD = 1 + 3 * 32 * 32
+CIFAR100_FOLDER = "cifar-100-binary"
+CIFAR100_RECORD = 2 + 3 * 32 * 32
+CIFAR100_LABELS = {"coarse": (0, 20), "fine": (1, 100)}   # label byte, number of classes
 
 
 def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
@@ -158,28 +162,59 @@ def cifar10(root: str, download: bool = False, url: str = CIFAR10_URL) -> Datase
     if download and not all((folder / n).is_file() for n in names):
         archive = fetch(url, Path(root).expanduser() / "cifar-10-binary.tar.gz")
         extract_tar(archive, folder.parent, CIFAR10_FOLDER)
-    train = [read_cifar_batch(_require(folder / n)) for n in train_files]
-    test = read_cifar_batch(_require(folder / "test_batch.bin"))
+    train = [read_cifar_batch(_require("cifar10", folder / n)) for n in train_files]
+    test = read_cifar_batch(_require("cifar10", folder / "test_batch.bin"))
     train_x = np.concatenate([x for x, _ in train])
     train_y = np.concatenate([y for _, y in train])
     return from_arrays("cifar10", (train_x, train_y), test, 10, (3, 32, 32))
 
 
+@DATASETS.register("cifar100")
+def cifar100(
+    root: str, label: str = "fine", download: bool = False, url: str = CIFAR100_URL
+) -> Dataset:
+    """CIFAR-100 (Krizhevsky 2009) binary version from `root`/cifar-100-binary/{train,test}.bin.
+
+    `label`: "fine" (100 classes) or "coarse" (the 20 superclasses); shape (3, 32, 32).
+    """
+    if label not in CIFAR100_LABELS:
+        raise ValueError(f"cifar100: label must be 'fine' or 'coarse', got {label!r}")
+    folder = Path(root).expanduser() / CIFAR100_FOLDER
+    names = ["train.bin", "test.bin"]
+    if download and not all((folder / n).is_file() for n in names):
+        archive = fetch(url, Path(root).expanduser() / "cifar-100-binary.tar.gz")
+        extract_tar(archive, folder.parent, CIFAR100_FOLDER)
+    column, classes = CIFAR100_LABELS[label]
+    train, test = (
+        read_cifar_records(_require("cifar100", folder / n), 2, column, classes) for n in names
+    )
+    return from_arrays("cifar100", train, test, classes, (3, 32, 32))
+
+
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse a CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    return read_cifar_records(path, 1, 0, 10)
+
+
+def read_cifar_records(
+    path: Path, label_bytes: int, column: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse CIFAR binary records: `label_bytes` label bytes (CIFAR-100: coarse, fine) + 3072
+    pixel bytes (R, G, B planes); the label is byte `column`. Returns ([n, 3072] in [0, 1], [n])."""
+    record = label_bytes + 3 * 32 * 32
     raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+    if raw.size == 0 or raw.size % record:
         raise ValueError(
-            f"{path}: size {raw.size} is not a positive multiple of {CIFAR10_RECORD}-byte records"
+            f"{path}: size {raw.size} is not a positive multiple of {record}-byte records"
         )
-    records = raw.reshape(-1, CIFAR10_RECORD)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        raise ValueError(f"{path}: label {labels.max()} outside 0..9")
-    return _scaled(records[:, 1:]), labels
+    records = raw.reshape(-1, record)
+    labels = records[:, column].astype(np.int64)
+    if labels.max() >= num_classes:
+        raise ValueError(f"{path}: label {labels.max()} outside 0..{num_classes - 1}")
+    return _scaled(records[:, label_bytes:]), labels
 
 
-def _require(path: Path) -> Path:
+def _require(name: str, path: Path) -> Path:
     if not path.is_file():
-        raise ValueError(f"cifar10: missing file {path} (pass download=True to fetch it)")
+        raise ValueError(f"{name}: missing file {path} (pass download=True to fetch it)")
     return path
