@@ -353,5 +353,5 @@ def test_femnist_natural_partition_runs_end_to_end(tmp_path: Path) -> None:
     result = gossamer.run(femnist_config(3), out=tmp_path / "run")
     assert result.summary["rounds"] == 2
     assert list(result.metrics["round"]) == [0, 1, 2]
-    with pytest.raises(ConfigError, match="3 users but 5 data-holding nodes"):
+    with pytest.raises(ConfigError, match="3 users but 5 data-holding nodes; set partition.num_nodes to 3"):
         gossamer.run(femnist_config(5), out=tmp_path / "bad")

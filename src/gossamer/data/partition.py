@@ -171,7 +171,8 @@ def natural_split(
         raise ValueError("natural: this dataset has no natural partition (pass natural=...)")
     if len(natural) != num_nodes:
         raise ValueError(
-            f"natural: the dataset has {len(natural)} users but {num_nodes} data-holding nodes"
+            f"natural: the dataset has {len(natural)} users but {num_nodes} data-holding nodes; "
+            f"set partition.num_nodes to {len(natural)} (plus any relay-only nodes), one per user"
         )
     parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in natural]
     rows = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
