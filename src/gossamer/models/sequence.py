@@ -66,8 +66,8 @@ class LSTM(nn.Module):
                    + getattr(self, f"bias_hh_l{k}"))
             h = c = None
             outputs = []
-            for t in range(pre.shape[-2]):
-                gates = pre[..., t, :] if h is None else pre[..., t, :] + h @ w_hh.T
+            for step in pre.unbind(dim=-2):     # (unbind: one backward, not a slice per step)
+                gates = step if h is None else step + h @ w_hh.T
                 i, f, g, o = gates.chunk(4, dim=-1)
                 i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                 c = i * g if c is None else f * c + i * g
