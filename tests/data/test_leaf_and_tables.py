@@ -355,3 +355,13 @@ def test_femnist_natural_partition_runs_end_to_end(tmp_path: Path) -> None:
     assert list(result.metrics["round"]) == [0, 1, 2]
     with pytest.raises(ConfigError, match="3 users but 5 data-holding nodes; set partition.num_nodes to 3"):
         gossamer.run(femnist_config(5), out=tmp_path / "bad")
+
+
+def test_shakespeare_token_ids_train_a_character_lstm(tmp_path: Path) -> None:
+    import gossamer
+
+    cfg = femnist_config(2)
+    cfg["data"] = {"dataset": "shakespeare", "params": {"root": str(FIXTURES / "shakespeare")}}
+    cfg["model"] = {"name": "char_lstm", "params": {"hidden": 16, "layers": 1}}
+    result = gossamer.run(cfg, out=tmp_path / "run")
+    assert result.summary["rounds"] == 2

@@ -55,7 +55,7 @@ def shakespeare(root: str, max_users: int | None = None) -> Dataset:
 
     x: int64 token ids [S, 80] of each 80-character string (ids = positions in LEAF's
     80-character alphabet, `SHAKESPEARE_LETTERS`); y: the next character's id, 80 classes.
-    It needs a model over token ids (an embedding first); mlp/cnn take float features.
+    It needs a model over token ids, such as char_lstm; mlp/cnn take float features.
     """
     (x_tr, y_tr), (x_te, y_te), users = _read_leaf("shakespeare", root, _shakespeare_user, max_users)
     return Dataset(
