@@ -62,7 +62,8 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     params: dict[str, Any] = Field(default_factory=dict)
     init: Literal["same", "independent"] = "same"
-    forward: Literal["auto", "vmap", "stacked"] = "auto"
+    forward: Literal["auto", "vmap", "stacked", "layerwise"] = "auto"
+    conv: Literal["auto", "grouped", "channels_last", "per_node"] = "auto"
 
     @field_validator("name")
     @classmethod

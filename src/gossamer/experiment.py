@@ -116,7 +116,7 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
     _check_local_budget(cfg, shards)
     try:
-        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward)
+        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     init = spec.flatten(model)

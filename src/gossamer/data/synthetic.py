@@ -108,3 +108,21 @@ def _validate(
         raise ValueError(
             f"synthetic: samples_per_user={samples_per_user!r} leaves no training sample per user"
         )
+
+
+@DATASETS.register("random")
+def random_inputs(shape: list[int] | tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
+                  train: int = 4000, test: int = 1000, seed: int = 0) -> Dataset:
+    """Uniform inputs in [0, 1) of ``shape`` with uniform labels: data of a real task's shape
+    (e.g. CIFAR's 3x32x32) for speed benchmarks where no real data may be downloaded. There is
+    nothing to learn: accuracies stay at chance; losses still compare two executions."""
+    dims = tuple(int(d) for d in shape) if isinstance(shape, (list, tuple)) else ()
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"random: shape must list positive sizes, e.g. [3, 32, 32], got {shape!r}")
+    for name, value in (("num_classes", num_classes), ("train", train), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"random: {name} must be a positive integer, got {value!r}")
+    rng = np.random.RandomState(seed)
+    x = rng.random_sample((train + test, *dims)).astype(np.float32)
+    y = rng.randint(0, num_classes, train + test)
+    return from_arrays("random", (x[:train], y[:train]), (x[train:], y[train:]), num_classes, dims)

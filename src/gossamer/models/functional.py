@@ -69,33 +69,71 @@ def _check_stateless(module: nn.Module) -> None:
 
 
 def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tensor,
-                         backend: str = "auto") -> StackedForward:
+                         backend: str = "auto", conv: str = "auto") -> StackedForward:
     """A forward over stacked parameters ``[B, ...]`` and inputs ``[B, n, ...]``.
 
-    ``auto`` uses the model's hand-written ``stacked_forward`` when it has one, otherwise
-    ``torch.func.vmap`` over ``functional_call``. The chosen path is probed once on
-    ``sample`` (one input row) so an unsupported model fails here with a clear message.
+    ``auto`` uses the model's hand-written ``stacked_forward`` when it has one; else, for a
+    model with 2-d convolutions, the layer-by-layer executor
+    (:mod:`gossamer.models.layerwise`: node axis folded into the batch, each convolution in its
+    fastest batched form, ``conv`` pinning it) when it can run the model and agrees with
+    ``vmap`` on a probe; otherwise ``torch.func.vmap`` over ``functional_call``. The chosen
+    path is probed once on ``sample`` (one input row) so an unsupported model fails here with
+    a clear message. The forward's ``path`` attribute names what was chosen.
     """
+    from gossamer.models.layerwise import layerwise_forward
+
     _check_stateless(module)
-    if backend not in ("auto", "vmap", "stacked"):
+    if backend not in ("auto", "vmap", "stacked", "layerwise"):
         raise ValueError(f"unknown forward backend {backend!r}")
     own = getattr(module, "stacked_forward", None)
     if backend == "stacked" and own is None:
         raise ValueError(f"model {type(module).__name__} has no stacked_forward")
-    if own is not None and backend != "vmap":
-        forward: StackedForward = own
-    else:
-        def single(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(module, params, (x,))
 
-        forward = torch.func.vmap(single)
-    probe = spec.flatten(module).reshape(1, -1).repeat(2, 1).requires_grad_(True)
+    def single(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, params, (x,))
+
+    vmapped = torch.func.vmap(single)
+    probe = spec.flatten(module).reshape(1, -1).repeat(2, 1)
+    xs = sample.reshape(1, 1, *sample.shape).repeat(2, 1, *([1] * sample.dim()))
+    path: dict[str, str] = {"forward": "vmap"}
+    forward: StackedForward = vmapped
+    if own is not None and backend != "vmap" and backend != "layerwise":
+        forward, path = own, {"forward": "stacked"}
+    elif backend == "layerwise" or (backend == "auto" and any(isinstance(m, nn.Conv2d) for m in module.modules())):
+        layered, why = layerwise_forward(module, sample, conv)
+        if layered is None and backend == "layerwise":
+            raise ModelNotVectorizable(f"model.forward: layerwise cannot run {type(module).__name__}: {why}")
+        if layered is not None:
+            try:
+                with torch.no_grad():
+                    agree = torch.allclose(layered(spec.views(probe), xs), vmapped(spec.views(probe), xs),
+                                           rtol=1e-4, atol=1e-5)
+            except Exception as exc:  # noqa: BLE001 - a model the executor mis-runs: say so or fall back
+                agree, why = False, f"{type(exc).__name__}: {exc}"
+            if not agree and backend == "layerwise":
+                raise ModelNotVectorizable(f"model.forward: layerwise disagrees with vmap on "
+                                           f"{type(module).__name__} {why}".rstrip())
+            if agree:
+                forward = layered
+                path = {"forward": "layerwise", **{f"conv {k}": v for k, v in layered.conv.items()}}
+    probe.requires_grad_(True)
     try:
-        out = forward(spec.views(probe), sample.reshape(1, 1, *sample.shape).repeat(2, 1, *([1] * sample.dim())))
+        out = forward(spec.views(probe), xs)
         out.sum().backward()
     except Exception as exc:  # noqa: BLE001 - report any failure of the user's model clearly
         raise ModelNotVectorizable(
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
             "in-place ops on inputs, .item(), data-dependent control flow and BatchNorm") from None
-    return forward
+    return _Named(forward, path)
+
+
+class _Named:
+    """A stacked forward and ``path``: how it runs (``{"forward": "vmap" | "stacked" |
+    "layerwise", "conv <layer>": strategy, ...}``), recorded in the run's summary."""
+
+    def __init__(self, forward: StackedForward, path: dict[str, str]) -> None:
+        self.forward, self.path = forward, path
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self.forward(params, x)

@@ -194,6 +194,7 @@ class Runner:
             "wall_time_s": time.perf_counter() - self.start_time,
             "loop_time_s": self.loop_time,
             "node_steps": d.node_steps,
+            "forward": dict(self.exp.trainer.forward.path),   # how models ran (models/functional.py)
             **{f"{k}": v for k, v in d.timers.items()},
         }
         faults, adv = self.exp.faults, self.exp.adversary

@@ -1,0 +1,241 @@
+"""A stacked forward built layer by layer, for models ``torch.func.vmap`` runs slowly.
+
+``vmap`` turns every per-node layer into one batched kernel; for convolutions that is one
+grouped convolution over ``[n, B * C, H, W]``, and pooling and activations then run in that
+layout too. This executor traces the model once (``torch.fx``) and runs it with the node axis
+folded into the batch (``[B * n, ...]``) for every operation that treats samples
+independently (activations, pooling, flattening, sums of branches), unfolding only for the
+layers that hold per-node parameters: linear (one batched GEMM), 2-d convolution (grouped,
+in channels-last or the default layout, or one convolution per node: the fastest measured at
+start-up, or as pinned by ``model.conv``), GroupNorm and LayerNorm (normalize folded, then
+each node's affine), and embeddings. A model whose graph uses anything else (an operation
+that could mix samples, control flow fx cannot trace) is not run this way:
+:func:`layerwise_forward` returns None and the caller keeps ``vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+CONV_STRATEGIES = ("grouped", "channels_last", "per_node")
+
+# modules without parameters that act on each sample alone: run on the folded batch
+_SAMPLEWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
+                       nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
+                       nn.Dropout)
+_SAMPLEWISE_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv,
+                         torch.add, torch.mul, torch.relu, torch.tanh, torch.sigmoid, F.relu,
+                         F.gelu, F.silu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                         F.dropout}
+_SAMPLEWISE_METHODS = {"relu", "sigmoid", "tanh", "add", "mul", "sub"}
+
+
+def _flatten_ok(node: torch.fx.Node) -> bool:
+    """``torch.flatten`` / ``x.flatten``: only from dimension 1 on (keeps the batch axis)."""
+    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+    return isinstance(start, int) and start >= 1
+
+
+def _supported(gm: torch.fx.GraphModule) -> str | None:
+    """None if every node can run folded or per node; else what cannot."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
+                continue
+            if isinstance(mod, nn.Conv2d):
+                if mod.padding_mode != "zeros":
+                    return f"conv {node.target} pads with {mod.padding_mode}"
+                continue
+            if isinstance(mod, _SAMPLEWISE_MODULES):
+                if isinstance(mod, nn.Flatten) and mod.start_dim < 1:
+                    return f"{node.target} flattens the batch axis"
+                continue
+            return f"module {node.target} ({type(mod).__name__})"
+        if node.op == "call_function":
+            if node.target is torch.flatten and _flatten_ok(node):
+                continue
+            if node.target in _SAMPLEWISE_FUNCTIONS:
+                continue
+            return f"function {getattr(node.target, '__name__', node.target)}"
+        if node.op == "call_method":
+            if node.target == "flatten" and _flatten_ok(node):
+                continue
+            if node.target in _SAMPLEWISE_METHODS:
+                continue
+            return f"method {node.target}"
+        return f"{node.op} {node.target}"
+    return None
+
+
+# --- per-node parametric layers on folded activations [B * n, ...] ---------------------------
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int) -> torch.Tensor:
+    rest = h.shape[1:-1]
+    x = h.reshape(nodes, -1, h.shape[-1])                              # [B, n * rest, in]
+    out = torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    return out.reshape(-1, *rest, w.shape[1])
+
+
+def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int, mod: nn.Conv2d,
+          strategy: str) -> torch.Tensor:
+    """``mod``'s convolution with node ``i``'s weights ``w[i]`` on node ``i``'s samples."""
+    n = h.shape[0] // nodes
+    kw = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+    if strategy == "per_node":
+        x = h.reshape(nodes, n, *h.shape[1:])
+        out = [F.conv2d(x[i], w[i], None if b is None else b[i], groups=mod.groups, **kw) for i in range(nodes)]
+        return torch.stack(out).flatten(0, 1)
+    c, hh, ww = h.shape[1:]
+    x = h.reshape(nodes, n, c, hh, ww).transpose(0, 1).reshape(n, nodes * c, hh, ww)   # [n, B*C, H, W]
+    weight = w.reshape(-1, *w.shape[2:])                                               # [B*O, C/g, k, k]
+    if strategy == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    out = F.conv2d(x, weight, None if b is None else b.reshape(-1), groups=nodes * mod.groups, **kw)
+    o = w.shape[1]
+    return out.reshape(n, nodes, o, *out.shape[-2:]).transpose(0, 1).reshape(nodes * n, o, *out.shape[-2:])
+
+
+def _affine(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, nodes: int,
+            channel_dim: bool) -> torch.Tensor:
+    """Each node's elementwise affine of a normalization: ``w[i]``/``b[i]`` over its samples'
+    channels (GroupNorm: dim 1) or last dimensions (LayerNorm)."""
+    x = h.reshape(nodes, -1, *h.shape[1:])                             # [B, n, ...]
+    if w is not None:
+        shape = (nodes, 1, -1, *([1] * (h.dim() - 2))) if channel_dim else (nodes, *([1] * (x.dim() - w.dim())), *w.shape[1:])
+        x = x * w.reshape(shape)
+        if b is not None:
+            x = x + b.reshape(shape)
+    return x.reshape(h.shape)
+
+
+def _embedding(idx: torch.Tensor, w: torch.Tensor, nodes: int, mod: nn.Embedding) -> torch.Tensor:
+    vocab = w.shape[1]
+    offsets = (torch.arange(nodes, device=idx.device) * vocab).view(nodes, *([1] * idx.dim()))
+    flat = idx.long().reshape(nodes, -1, *idx.shape[1:]) + offsets
+    out = F.embedding(flat.reshape(-1, *idx.shape[1:]), w.reshape(-1, w.shape[-1]))
+    return out
+
+
+class LayerwiseForward:
+    """``forward(params {name: [B, *shape]}, x [B, n, ...]) -> [B, n, ...]`` for a traced model."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, conv: dict[str, str]) -> None:
+        self.gm, self.conv = gm, dict(conv)
+        self.modules = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        nodes, n = x.shape[0], x.shape[1]
+        env: dict[torch.fx.Node, object] = {}
+
+        def load(a):
+            return torch.fx.node.map_arg(a, lambda node: env[node])
+
+        out = None
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = x.reshape(nodes * n, *x.shape[2:])
+            elif node.op == "call_module":
+                env[node] = self._module(node, params, load(node.args), load(node.kwargs), nodes)
+            elif node.op == "call_function":
+                env[node] = node.target(*load(node.args), **load(node.kwargs))
+            elif node.op == "call_method":
+                args = load(node.args)
+                env[node] = getattr(args[0], node.target)(*args[1:], **load(node.kwargs))
+            elif node.op == "output":
+                out = load(node.args[0])
+        assert isinstance(out, torch.Tensor)
+        return out.reshape(nodes, n, *out.shape[1:])
+
+    def _module(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int):
+        mod, name = self.modules[node.target], node.target
+        weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+        h = args[0]
+        if isinstance(mod, nn.Linear):
+            return _linear(h, weight, bias, nodes)
+        if isinstance(mod, nn.Conv2d):
+            return _conv(h, weight, bias, nodes, mod, self.conv.get(name, "grouped"))
+        if isinstance(mod, nn.GroupNorm):
+            return _affine(F.group_norm(h, mod.num_groups, None, None, mod.eps), weight, bias, nodes, True)
+        if isinstance(mod, nn.LayerNorm):
+            return _affine(F.layer_norm(h, mod.normalized_shape, None, None, mod.eps), weight, bias, nodes, False)
+        if isinstance(mod, nn.Embedding):
+            return _embedding(h, weight, nodes, mod)
+        return mod(*args, **kwargs)                         # sample-wise, no parameters
+
+
+def _time(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def layerwise_forward(module: nn.Module, sample: torch.Tensor, conv: str = "auto",
+                      probe_nodes: int = 16, probe_samples: int = 10) -> tuple[LayerwiseForward | None, str]:
+    """The layer-by-layer forward of ``module``, or ``(None, why)`` when its graph has an
+    operation this executor does not run (the caller then uses ``vmap``). ``conv`` pins every
+    convolution's strategy (one of :data:`CONV_STRATEGIES`); ``auto`` times each on a probe of
+    ``probe_nodes`` nodes with ``probe_samples`` samples, forward and backward, and keeps the
+    fastest per layer."""
+    if conv != "auto" and conv not in CONV_STRATEGIES:
+        raise ValueError(f"model.conv must be auto or one of {', '.join(CONV_STRATEGIES)}, got {conv!r}")
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: not this executor
+        return None, f"not traceable by torch.fx ({type(exc).__name__})"
+    why = _supported(gm)
+    if why is not None:
+        return None, why
+    convs = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(
+        dict(gm.named_modules())[n.target], nn.Conv2d)]
+    forward = LayerwiseForward(module, gm, {name: "grouped" if conv == "auto" else conv for name in convs})
+    if conv == "auto" and convs:
+        forward.conv = _fastest_convs(module, forward, convs, sample, probe_nodes, probe_samples)
+    return forward, ""
+
+
+def _fastest_convs(module: nn.Module, forward: LayerwiseForward, convs: list[str], sample: torch.Tensor,
+                   nodes: int, samples: int) -> dict[str, str]:
+    """Per convolution, the strategy with the fastest forward + backward on its own input."""
+    inputs: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:      # (a pre-hook's result replaces args)
+            inputs.setdefault(name, args[0].shape)
+        return hook
+
+    hooks = [forward.modules[name].register_forward_pre_hook(record(name)) for name in convs]
+    try:
+        with torch.no_grad():
+            forward.gm(sample.unsqueeze(0).expand(samples, *sample.shape).contiguous())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    chosen = {}
+    for name in convs:
+        mod = forward.modules[name]
+        h = torch.randn(nodes * samples, *inputs[name][1:])
+        w = mod.weight.detach().unsqueeze(0).repeat(nodes, *([1] * mod.weight.dim())).requires_grad_(True)
+        b = None if mod.bias is None else mod.bias.detach().unsqueeze(0).repeat(nodes, 1).requires_grad_(True)
+
+        def run(strategy: str) -> None:
+            _conv(h, w, b, nodes, mod, strategy).sum().backward()
+
+        chosen[name] = min(CONV_STRATEGIES, key=lambda s: _time(lambda: run(s)))
+    return chosen

@@ -1,0 +1,123 @@
+"""The layer-by-layer stacked forward (models/layerwise.py): equal to vmap, chosen for conv
+models, refused (vmap kept) for graphs it cannot run."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gossamer.models import ParamSpec, build_model, make_stacked_forward
+from gossamer.models.layerwise import CONV_STRATEGIES, layerwise_forward
+from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
+
+
+class _Block(nn.Module):
+    """Convolutions with GroupNorm, a residual sum, pooling, LayerNorm and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.ln = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = h + self.conv2(h)
+        return self.head(self.ln(torch.flatten(self.pool(h), 1)))
+
+
+class _BatchMean(nn.Module):
+    """Mixes samples (a mean over the batch axis): the folded executor must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc((h - h.mean(0)).flatten(1))
+
+
+def _rows(module, spec, nodes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = spec.flatten(module)
+    return base + 0.05 * torch.randn(nodes, spec.numel, generator=g)     # every node its own weights
+
+
+@pytest.mark.parametrize("strategy", CONV_STRATEGIES)
+def test_layerwise_equals_vmap_forward_and_gradients(strategy):
+    torch.manual_seed(0)
+    module = _Block()
+    spec = ParamSpec.from_module(module)
+    x = torch.randn(3, 4, 3, 6, 6)
+    layered, why = layerwise_forward(module, x[0, 0], conv=strategy)
+    assert layered is not None, why
+    vm = make_stacked_forward(module, spec, x[0, 0], "vmap")
+    rows = _rows(module, spec, 3)
+    a = rows.clone().requires_grad_(True)
+    b = rows.clone().requires_grad_(True)
+    out_l, out_v = layered(spec.views(a), x), vm(spec.views(b), x)
+    assert out_l.shape == out_v.shape == (3, 4, 5)
+    assert torch.allclose(out_l, out_v, atol=1e-5)
+    (out_l ** 2).sum().backward()
+    (out_v ** 2).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-4)
+
+
+def test_auto_runs_conv_models_layerwise_and_records_the_choice():
+    model = build_model("cnn", (1, 12, 12), 4, seed=0)
+    spec = ParamSpec.from_module(model)
+    forward = make_stacked_forward(model, spec, torch.zeros(1, 12, 12))
+    assert forward.path["forward"] == "layerwise"
+    assert set(forward.path) == {"forward", "conv features.0", "conv features.3"}
+    assert all(v in CONV_STRATEGIES for k, v in forward.path.items() if k != "forward")
+    pinned = make_stacked_forward(model, spec, torch.zeros(1, 12, 12), conv="per_node")
+    assert pinned.path["conv features.0"] == "per_node"
+    assert make_stacked_forward(model, spec, torch.zeros(1, 12, 12), "vmap").path == {"forward": "vmap"}
+    mlp = build_model("mlp", (6,), 3, seed=0)
+    assert make_stacked_forward(mlp, ParamSpec.from_module(mlp), torch.zeros(6)).path == {"forward": "stacked"}
+
+
+def test_a_graph_that_mixes_samples_keeps_vmap():
+    module = _BatchMean()
+    spec = ParamSpec.from_module(module)
+    layered, why = layerwise_forward(module, torch.zeros(1, 6, 6))
+    assert layered is None and "mean" in why
+    assert make_stacked_forward(module, spec, torch.zeros(1, 6, 6)).path == {"forward": "vmap"}
+    with pytest.raises(Exception, match="layerwise cannot run _BatchMean"):
+        make_stacked_forward(module, spec, torch.zeros(1, 6, 6), "layerwise")
+    with pytest.raises(ValueError, match="model.conv"):
+        layerwise_forward(module, torch.zeros(1, 6, 6), conv="winograd")
+
+
+def test_training_through_the_layerwise_forward_equals_per_node_sgd():
+    """The trainer's autograd path over the layer-by-layer forward: each node's own SGD."""
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 12, 12), 3, seed=0)
+    spec = ParamSpec.from_module(model)
+    sizes = [6, 3, 5]
+    x = torch.rand(sum(sizes), 1, 12, 12)
+    y = torch.randint(0, 3, (sum(sizes),))
+    bounds = np.cumsum([0, *sizes])
+    shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(3)]
+    forward = make_stacked_forward(model, spec, x[0], "layerwise", conv="channels_last")
+    trainer = BatchedTrainer(forward, spec, x, y, shards, LocalSchedule(2, epochs=1), SGD(0.1), seed=1)
+    rows = _rows(model, spec, 3, seed=2)
+    nodes = np.arange(3)
+    result = trainer.train(rows, nodes, keys=5)
+    idx, valid = trainer.batches(nodes, np.full(3, 5))
+    for b in range(3):
+        spec.load_into(model, rows[b])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for t in range(idx.shape[1]):
+            take = idx[b, t][valid[b, t]]
+            if len(take):
+                opt.zero_grad()
+                F.cross_entropy(model(x[take]), y[take]).backward()
+                opt.step()
+        assert torch.allclose(result.params[b], spec.flatten(model), atol=1e-5)
