@@ -266,3 +266,16 @@ def test_a_broadcast_start_trains_exactly_like_its_copies(opt, prox):
     copied = trainer.train(start.expand(len(nodes), -1).clone(), nodes, keys=2, objective=objective)
     assert torch.equal(shared.params, copied.params) and torch.equal(shared.loss, copied.loss)
     assert torch.equal(shared.params[3], start)              # no data: the start, untouched
+
+
+def test_batches_are_no_wider_than_the_largest_shard():
+    """Nodes that hold fewer samples than a batch train in one batch of their shard's size,
+    not padded to batch_size (D-PSGD at N = 1000 holds 4 samples per node, batch 10)."""
+    opt = SGD(0.1)
+    trainer, model, spec, x, y = _setup([4, 3, 4], LocalSchedule(10, epochs=2, shuffle=True), opt, fused=True)
+    nodes = np.arange(3)
+    idx, valid = trainer.batches(nodes, np.full(3, 1))
+    assert idx.shape == (3, 2, 4) and valid.sum(axis=(1, 2)).tolist() == [8, 6, 8]
+    rows = torch.randn(3, spec.numel) * 0.3
+    ref = _sequential(trainer, model, spec, x, y, rows, nodes, 1, opt)
+    assert torch.allclose(trainer.train(rows, nodes, keys=1).params, ref, atol=1e-5)

@@ -165,6 +165,9 @@ class BatchedTrainer:
     def _epoch_batches(self, nodes: np.ndarray, keys: np.ndarray, sizes: np.ndarray,
                        bs: int) -> tuple[np.ndarray, np.ndarray]:
         epochs = int(self.schedule.epochs or 1)
+        # no node here fills a batch: batches as wide as the largest shard, not padded to bs
+        # (D-PSGD at N = 1000: 4 samples per node trained as [N, 10, ...] before)
+        bs = max(1, min(bs, int(sizes.max(initial=0))))
         per_epoch = -(-sizes // bs)                       # batches per epoch per node
         width = int(per_epoch.max(initial=0))
         slot = np.arange(width * bs).reshape(width, bs)
