@@ -27,6 +27,7 @@ class _Block(nn.Module):
     def forward(self, x):
         h = F.relu(self.norm1(self.conv1(x)))
         h = h + self.conv2(h)
+        h = h - h.mean(dim=(-2, -1), keepdim=True)         # a reduction that keeps the samples apart
         return self.head(self.ln(torch.flatten(self.pool(h), 1)))
 
 
@@ -83,7 +84,14 @@ def test_auto_runs_conv_models_layerwise_and_records_the_choice():
     assert make_stacked_forward(mlp, ParamSpec.from_module(mlp), torch.zeros(6)).path == {"forward": "stacked"}
 
 
+class _MeanAll(_BatchMean):
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc((h - h.mean()).flatten(1))           # over every axis: the batch too
+
+
 def test_a_graph_that_mixes_samples_keeps_vmap():
+    assert layerwise_forward(_MeanAll(), torch.zeros(1, 6, 6))[0] is None
     module = _BatchMean()
     spec = ParamSpec.from_module(module)
     layered, why = layerwise_forward(module, torch.zeros(1, 6, 6))

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 CONV_STRATEGIES = ("grouped", "channels_last", "per_node")
 
@@ -42,6 +43,21 @@ def _flatten_ok(node: torch.fx.Node) -> bool:
     """``torch.flatten`` / ``x.flatten``: only from dimension 1 on (keeps the batch axis)."""
     start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
     return isinstance(start, int) and start >= 1
+
+
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+
+
+def _reduction_ok(node: torch.fx.Node) -> bool:
+    """``x.mean(dim=...)`` and the like over given dimensions, none of them the batch axis
+    (negative ones resolved with the input's rank from shape propagation)."""
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta") if node.args else None
+    if dims is None or meta is None:
+        return False                                     # a reduction over everything mixes samples
+    rank = len(meta.shape)
+    dims = (dims,) if isinstance(dims, int) else dims
+    return all(isinstance(d, int) and d % rank != 0 for d in dims)
 
 
 def _supported(gm: torch.fx.GraphModule) -> str | None:
@@ -68,11 +84,15 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
                 continue
             if node.target in _SAMPLEWISE_FUNCTIONS:
                 continue
+            if getattr(node.target, "__name__", None) in _REDUCTIONS and _reduction_ok(node):
+                continue
             return f"function {getattr(node.target, '__name__', node.target)}"
         if node.op == "call_method":
             if node.target == "flatten" and _flatten_ok(node):
                 continue
             if node.target in _SAMPLEWISE_METHODS:
+                continue
+            if node.target in _REDUCTIONS and _reduction_ok(node):
                 continue
             return f"method {node.target}"
         return f"{node.op} {node.target}"
@@ -199,6 +219,10 @@ def layerwise_forward(module: nn.Module, sample: torch.Tensor, conv: str = "auto
         gm = torch.fx.symbolic_trace(module)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: not this executor
         return None, f"not traceable by torch.fx ({type(exc).__name__})"
+    try:             # ranks of every intermediate (reductions over negative dims need them)
+        ShapeProp(gm).propagate(sample.unsqueeze(0).expand(2, *sample.shape).contiguous())
+    except Exception as exc:  # noqa: BLE001 - a model that fails on its own sample: leave it to vmap
+        return None, f"shape propagation failed ({type(exc).__name__})"
     why = _supported(gm)
     if why is not None:
         return None, why
