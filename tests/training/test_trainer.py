@@ -279,3 +279,37 @@ def test_batches_are_no_wider_than_the_largest_shard():
     rows = torch.randn(3, spec.numel) * 0.3
     ref = _sequential(trainer, model, spec, x, y, rows, nodes, 1, opt)
     assert torch.allclose(trainer.train(rows, nodes, keys=1).params, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["rows", "inplace", "mean", "objective_rows", "steps"])
+def test_training_in_node_chunks_equals_one_pass(monkeypatch, mode):
+    """Autograd training of large models goes a few nodes at a time (chunk_nodes); every
+    node's result, the mean, losses and counts are those of one pass over all nodes."""
+    from gossamer.algorithms.local import LocalObjective
+    from gossamer.training import trainer as trainer_mod
+
+    sizes = [8, 5, 11, 0, 3, 7, 6]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(3, epochs=1, shuffle=True), SGD(0.1))
+    nodes = np.arange(len(sizes))
+    rows = torch.randn(len(sizes), spec.numel) * 0.3
+    kw = {}
+    if mode == "objective_rows":
+        kw["objective"] = LocalObjective(0.3, rows[0], correction=torch.randn(len(sizes), spec.numel) * 0.01)
+    if mode == "steps":
+        kw["steps"] = np.array([1, 2, 0, 3, 1, 2, 2])
+    weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    whole = trainer.train(rows.clone(), nodes, keys=3, **kw)
+    monkeypatch.setattr(trainer_mod, "CHUNK_BYTES", 3 * spec.numel * 4 * 2)     # two nodes a pass
+    assert trainer.chunk_nodes == 2
+    if mode == "mean":
+        parts = trainer.train(rows.clone(), nodes, keys=3, mean_weights=weights)
+        assert parts.params is None
+        assert torch.allclose(parts.mean, weights @ whole.params, atol=1e-6)
+    else:
+        target = rows.clone()
+        parts = trainer.train(target, nodes, keys=3, inplace=mode == "inplace", **kw)
+        assert torch.allclose(parts.params, whole.params, atol=1e-6)
+        if mode == "inplace":
+            assert parts.params is target
+    assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
+    assert np.array_equal(parts.samples, whole.samples)

@@ -33,6 +33,15 @@ class LocalObjective:
         if self.prox_mu and self.anchor is None:
             raise ValueError("prox_mu needs an anchor")
 
+    def rows(self, part: slice, total: int) -> LocalObjective:
+        """This objective for nodes ``part`` of ``total``: per-node ``[total, P]`` tensors
+        sliced, shared ``[P]`` ones kept."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[part] if t is not None and t.dim() == 2 and t.shape[0] == total else t
+
+        return LocalObjective(self.prox_mu, cut(self.anchor), cut(self.correction), self.grad_scale,
+                              cut(self.recursive_direction))
+
     @property
     def recursive(self) -> bool:
         return self.recursive_direction is not None
