@@ -1,6 +1,7 @@
 """D-PSGD at scale (DESIGN.md "MNIST-5k D-PSGD"): wall time, node-steps per second, memory vs N.
 
-Usage: python benchmarks/dpsgd_scale.py [--nodes 250,500,1000,2000] [--rounds 50] [--json]
+Usage: python benchmarks/dpsgd_scale.py [--nodes 250,500,1000,2000] [--rounds 50]
+                                       [--repeats 1] [--batched] [--json]
 
 Runs `python -m gossamer run examples/dpsgd_1000.yaml --set partition.num_nodes=N` for each N,
 each in its own process, and reports: whole-process wall time, loop time split into local
@@ -50,6 +51,17 @@ def run_one(nodes: int, rounds: int) -> dict:
     }
 
 
+def run_batched(nodes: int, rounds: int) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "baselines" / "dpsgd_batched.py"),
+                           "--nodes", str(nodes), "--rounds", str(rounds)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"N={nodes}: the batched baseline failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least-squares a + b x, and the largest relative deviation of ys from it."""
     n = len(xs)
@@ -64,11 +76,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="250,500,1000,2000")
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per N (interleaved with --batched)")
+    parser.add_argument("--batched", action="store_true", help="also run the hand-written batched loop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = []
-    for n in [int(v) for v in args.nodes.split(",")]:
+    for n in [int(v) for v in args.nodes.split(",")] * args.repeats:
         r = run_one(n, args.rounds)
+        if args.batched:
+            b = run_batched(n, args.rounds)
+            r.update(batched_loop_s=b["loop_s"], batched_mean_node_acc=b["mean_node_acc"],
+                     batched_peak_mib=b["peak_mib"], loop_over_batched=r["loop_s"] / b["loop_s"])
+            print(f"N={n:5d}  batched loop {b['loop_s']:6.2f} s, mean node acc {b['mean_node_acc']:.4f}; "
+                  f"gossamer loop {r['loop_s']:6.2f} s: {r['loop_over_batched']:.2f}x the batched loop",
+                  flush=True)
         results.append(r)
         print(f"N={n:5d}  whole {r['whole_s']:6.1f} s  loop {r['loop_s']:6.1f} s "
               f"(train {r['train_s']:5.1f}, mix {r['mix_s']:5.1f}, eval {r['eval_s']:5.1f})  "
@@ -76,7 +97,7 @@ def main() -> int:
               f"{r['node_steps_per_loop_s']:8.0f} per loop s  peak {r['peak_mib']:7.0f} MiB  "
               f"mean node acc {r['mean_node_acc']:.4f}", flush=True)
     out = {"rounds": args.rounds, "runs": results}
-    if len(results) >= 2:
+    if len({r["nodes"] for r in results}) >= 2:
         a, b, dev = linear_fit([r["nodes"] for r in results], [r["peak_mib"] for r in results])
         out.update(memory_fixed_mib=a, memory_per_node_mib=b, memory_max_rel_deviation=dev)
         print(f"peak memory ~ {a:.0f} MiB + {b:.3f} MiB x N (largest deviation from the line {dev:.1%})")
