@@ -8,6 +8,7 @@ from torch import nn
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
 from gossamer.models.sequence import LSTM
 from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
+from tests.training.test_trainer import _sequential  # the per-node torch.optim.SGD reference
 
 VOCAB = 11
 # tiny configurations: (name, input_shape, classes, params)
@@ -88,25 +89,6 @@ def test_stacked_forward_equals_per_model_forward(name, shape, classes, params):
     for b in range(3):
         spec.load_into(model, rows[b])
         assert torch.allclose(out[b], model(x[b]), atol=1e-5)
-
-
-def _sequential(trainer, model, spec, x, y, rows, nodes, key, opt):
-    """Reference: each node on its own with torch.optim.SGD, batches from the trainer's schedule."""
-    idx, valid = trainer.batches(nodes, np.full(len(nodes), key))
-    out = []
-    for b in range(len(nodes)):
-        spec.load_into(model, rows[b])
-        sgd = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
-                              weight_decay=opt.weight_decay)
-        for t in range(idx.shape[1]):
-            take = idx[b, t][valid[b, t]]
-            if len(take) == 0:
-                continue
-            sgd.zero_grad()
-            nn.functional.cross_entropy(model(x[take]), y[take]).backward()
-            sgd.step()
-        out.append(spec.flatten(model))
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("name,shape,classes,params", TINY, ids=IDS)
