@@ -313,3 +313,24 @@ def test_training_in_node_chunks_equals_one_pass(monkeypatch, mode):
             assert parts.params is target
     assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
     assert np.array_equal(parts.samples, whole.samples)
+
+
+@pytest.mark.parametrize("mean", [False, True], ids=["rows", "mean"])
+def test_fused_training_in_workspace_sized_chunks_equals_one_pass(monkeypatch, mean):
+    """The fused kernel's parameter-major workspace is bounded (WORKSPACE_BYTES): a larger
+    call trains in chunks, with each node's result and the mean those of one pass."""
+    from gossamer.training import trainer as trainer_mod
+
+    sizes = [8, 5, 11, 0, 3, 7, 6]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), SGD(0.1), fused=True)
+    nodes = np.arange(len(sizes))
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    whole = trainer.train(start.expand(len(nodes), -1), nodes, keys=3)
+    monkeypatch.setattr(trainer_mod, "WORKSPACE_BYTES", spec.numel * 4 * 3)       # three nodes a pass
+    parts = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=weights if mean else None)
+    if mean:
+        assert torch.allclose(parts.mean, weights @ whole.params, atol=1e-6)
+    else:
+        assert torch.allclose(parts.params, whole.params, atol=1e-6)
+    assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)

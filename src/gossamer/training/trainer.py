@@ -71,6 +71,7 @@ class PrivateSGD:
 
 
 CHUNK_BYTES = 64 << 20     # autograd training: nodes per pass (BatchedTrainer.chunk_nodes)
+WORKSPACE_BYTES = 1 << 30  # fused training: the most a parameter-major workspace may take
 
 
 @dataclass
@@ -221,9 +222,9 @@ class BatchedTrainer:
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         objective = objective or LocalObjective()
         fused = self.kernel is not None and not objective.recursive
-        if not fused and len(nodes) > self.chunk_nodes:
-            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights)
         idx, valid = self.batches(nodes, keys, steps)
+        if len(nodes) > self._chunk(fused, idx.shape[1], mean_weights is not None):
+            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights)
         if objective.recursive and self.optimizer.sam_rho:
             raise ValueError("local.sam_rho: SAM does not combine with a recursive direction (FedAMD)")
         if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
@@ -276,16 +277,28 @@ class BatchedTrainer:
     @property
     def chunk_nodes(self) -> int:
         """Nodes trained together on the autograd path: as many as keep their weights,
-        gradients and a copy within :data:`CHUNK_BYTES` (at least one). Batching nodes whose
-        models are large only streams their weights through memory at every step (the FedAvg
-        CNN: 6.6 MB a node); a few at a time, their weights stay in cache across the steps."""
+        gradients and a copy within :data:`CHUNK_BYTES` (at least one), so a model of
+        ResNet-18's size trains a node or two at a time instead of holding every node's
+        gradients at once."""
         return max(1, CHUNK_BYTES // (3 * self.spec.numel * self.x.element_size()))
+
+    def _chunk(self, fused: bool, steps: int, mean: bool) -> int:
+        """Nodes per pass: :attr:`chunk_nodes` on the autograd path; on the fused kernel's,
+        as many as fit the parameter-major workspace in :data:`WORKSPACE_BYTES` (no limit
+        when it updates the given rows directly: no workspace)."""
+        if not fused:
+            return self.chunk_nodes
+        if steps <= 2 and not mean:
+            return 1 << 62
+        return max(1, WORKSPACE_BYTES // (self.spec.numel * self.x.element_size()))
 
     def _train_chunks(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, inplace: bool,
                       steps: np.ndarray | None, objective: LocalObjective,
                       mean_weights: torch.Tensor | None) -> TrainResult:
-        """:meth:`train`, :attr:`chunk_nodes` nodes at a time (each node's result is its own)."""
-        total, chunk = len(nodes), self.chunk_nodes
+        """:meth:`train`, a chunk of nodes at a time (each node's result is its own)."""
+        idx, _ = self.batches(nodes, keys, steps)
+        fused = self.kernel is not None and not objective.recursive
+        total, chunk = len(nodes), self._chunk(fused, idx.shape[1], mean_weights is not None)
         out = None if mean_weights is not None else params if inplace else torch.empty(params.shape, dtype=params.dtype)
         mean, samples, taken, losses = None, [], [], []
         for lo in range(0, total, chunk):
