@@ -129,3 +129,25 @@ def test_training_through_the_layerwise_forward_equals_per_node_sgd():
                 F.cross_entropy(model(x[take]), y[take]).backward()
                 opt.step()
         assert torch.allclose(result.params[b], spec.flatten(model), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape,params", [
+    ("cnn", (1, 12, 12), {}),
+    ("cnn_fedavg", (2, 9, 10), {"channels": [3, 4], "hidden": 6}),
+    ("resnet8_gn", (3, 8, 8), {"width": 4}),
+    ("resnet18_gn", (3, 6, 6), {"width": 2, "groups": 1}),
+], ids=["cnn", "cnn_fedavg", "resnet8_gn", "resnet18_gn"])
+def test_every_zoo_conv_model_runs_layer_by_layer_as_vmap_does(name, shape, params):
+    model = build_model(name, shape, 5, seed=0, **params)
+    spec = ParamSpec.from_module(model)
+    forward = make_stacked_forward(model, spec, torch.zeros(shape), conv="grouped")
+    assert forward.path["forward"] == "layerwise"
+    vm = make_stacked_forward(model, spec, torch.zeros(shape), "vmap")
+    x = torch.randn(3, 2, *shape)
+    a = _rows(model, spec, 3).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    out_l, out_v = forward(spec.views(a), x), vm(spec.views(b), x)
+    assert torch.allclose(out_l, out_v, atol=1e-4)
+    out_l.square().sum().backward()
+    out_v.square().sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3)
