@@ -1,10 +1,14 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # The tests train tiny models: one intra-op thread per process is 2-3x faster on a small CI
 # machine than threads competing for its cores (runtime processes set their own count).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the layer-by-layer executor keeps its timed conv choices per machine: not in the home
+# directory of whoever runs the tests (a fresh folder per test process)
+os.environ.setdefault("GOSSAMER_CACHE_DIR", tempfile.mkdtemp(prefix="gossamer-test-cache-"))
 
 import pytest
 import yaml

@@ -151,3 +151,19 @@ def test_every_zoo_conv_model_runs_layer_by_layer_as_vmap_does(name, shape, para
     out_l.square().sum().backward()
     out_v.square().sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_timed_conv_choices_are_kept_per_machine(tmp_path, monkeypatch):
+    """`model.conv: auto` times each convolution once and keeps the choice (cache_path), so a
+    second build of the same model picks the same kernels whatever its own timings say."""
+    from gossamer.models import layerwise
+
+    monkeypatch.setenv("GOSSAMER_CACHE_DIR", str(tmp_path))
+    model = build_model("cnn", (1, 12, 12), 4, seed=0)
+    first = layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv
+    assert layerwise.cache_path().exists() and set(first.values()) <= set(CONV_STRATEGIES)
+    slowest_first = {s: -i for i, s in enumerate(CONV_STRATEGIES)}            # a different ranking
+    monkeypatch.setattr(layerwise, "_time_conv", lambda mod, shape, n, k, s, grad: slowest_first[s])
+    assert layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv == first
+    layerwise.cache_path().unlink()
+    assert set(layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv.values()) == {CONV_STRATEGIES[-1]}

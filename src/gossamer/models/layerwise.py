@@ -7,7 +7,8 @@ folded into the batch (``[B * n, ...]``) for every operation that treats samples
 independently (activations, pooling, flattening, sums of branches), unfolding only for the
 layers that hold per-node parameters: linear (one batched GEMM), 2-d convolution (grouped,
 in channels-last or the default layout, or one convolution per node: the fastest measured at
-start-up, or as pinned by ``model.conv``), GroupNorm and LayerNorm (normalize folded, then
+start-up, once per machine and layer shape: the choice is kept in :func:`cache_path`, so the
+same config runs the same kernels next time; or as pinned by ``model.conv``), GroupNorm and LayerNorm (normalize folded, then
 each node's affine), and embeddings. A model whose graph uses anything else (an operation
 that could mix samples, control flow fx cannot trace) is not run this way:
 :func:`layerwise_forward` returns None and the caller keeps ``vmap``.
@@ -15,10 +16,14 @@ that could mix samples, control flow fx cannot trace) is not run this way:
 
 from __future__ import annotations
 
+import json
 import math
 import operator
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -256,8 +261,55 @@ def _fastest_convs(module: nn.Module, forward: LayerwiseForward, convs: list[str
             hook.remove()
     first = {n.target for n in forward.nodes if n.op == "call_module" and n.args
              and getattr(n.args[0], "op", None) == "placeholder"}        # its input needs no gradient
-    return {name: min(CONV_STRATEGIES, key=lambda s, name=name: _time_conv(
-        forward.modules[name], inputs[name], nodes, samples, s, name not in first)) for name in convs}
+    cache = _load_cache()
+    chosen = {}
+    for name in convs:
+        mod = forward.modules[name]
+        key = _cache_key(mod, inputs[name], nodes, samples)
+        if cache.get(key) in CONV_STRATEGIES:                   # timed before on this machine
+            chosen[name] = cache[key]
+            continue
+        chosen[name] = cache[key] = min(CONV_STRATEGIES, key=lambda s, mod=mod, name=name: _time_conv(
+            mod, inputs[name], nodes, samples, s, name not in first))
+    _save_cache(cache)
+    return chosen
+
+
+# --- the timed choices, kept per machine: the same config picks the same kernels next time --
+def cache_path() -> Path:
+    """``$GOSSAMER_CACHE_DIR`` (else ``$XDG_CACHE_HOME/gossamer``, ``~/.cache/gossamer``)
+    ``/conv_strategies.json``."""
+    root = os.environ.get("GOSSAMER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gossamer")
+    return Path(root) / "conv_strategies.json"
+
+
+def _cache_key(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int) -> str:
+    """What the timing depends on: the library, the machine, threads, the layer and its input."""
+    return "|".join(str(v) for v in (
+        torch.__version__, platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads(),
+        tuple(shape[1:]), tuple(mod.weight.shape), mod.stride, mod.padding, mod.dilation, mod.groups,
+        mod.bias is not None, nodes, samples))
+
+
+def _load_cache() -> dict[str, str]:
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _save_cache(cache: dict[str, str]) -> None:
+    """Best effort (a read-only home only means timing again next run)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _time_conv(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int, strategy: str,
