@@ -167,3 +167,31 @@ def test_timed_conv_choices_are_kept_per_machine(tmp_path, monkeypatch):
     assert layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv == first
     layerwise.cache_path().unlink()
     assert set(layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv.values()) == {CONV_STRATEGIES[-1]}
+
+
+class _Tokens(nn.Module):
+    def __init__(self, padding_idx=None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4 * 3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.norm(self.embed(x)), 1))
+
+
+def test_embeddings_run_layer_by_layer_and_padding_indices_keep_vmap():
+    module = _Tokens()
+    spec = ParamSpec.from_module(module)
+    layered, why = layerwise_forward(module, torch.zeros(3, dtype=torch.long))
+    assert layered is not None, why
+    vm = make_stacked_forward(module, spec, torch.zeros(3, dtype=torch.long), "vmap")
+    x = torch.randint(0, 11, (3, 5, 3))
+    a = _rows(module, spec, 3).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    out_l, out_v = layered(spec.views(a), x), vm(spec.views(b), x)
+    assert torch.allclose(out_l, out_v, atol=1e-5)
+    out_l.square().sum().backward()
+    out_v.square().sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    assert layerwise_forward(_Tokens(padding_idx=0), torch.zeros(3, dtype=torch.long))[0] is None

@@ -73,6 +73,9 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
             continue
         if node.op == "call_module":
             mod = modules[node.target]
+            if isinstance(mod, nn.Embedding) and (mod.padding_idx is not None or mod.max_norm is not None
+                                                  or mod.sparse or mod.scale_grad_by_freq):
+                return f"embedding {node.target} with padding_idx/max_norm/sparse/scale_grad_by_freq"
             if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
                 continue
             if isinstance(mod, nn.Conv2d):
