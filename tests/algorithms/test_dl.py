@@ -21,3 +21,23 @@ def test_gossip_merge_rules():
     assert torch.allclose(aged, torch.tensor([[3.0, 6.0]])) and age.item() == 3.0
     fresh, _ = GossipLearning().merge_models(own, torch.tensor([0.0]), recv, torch.tensor([0.0]))
     assert torch.allclose(fresh, torch.tensor([[2.0, 4.0]]))
+
+
+def test_sparse_mixing_in_column_blocks_equals_one_product(monkeypatch):
+    """mix_into multiplies a sparse mixing matrix by blocks of columns: bit for bit the product."""
+    import networkx as nx
+
+    from gossamer.algorithms.dl import dpsgd
+    from gossamer.topology import to_torch_sparse
+
+    graph = nx.random_regular_graph(4, 30, seed=1)
+    w = nx.to_scipy_sparse_array(graph, format="csr") * 0.2
+    w.setdiag(0.2)
+    mixing = to_torch_sparse(w)
+    x = torch.randn(30, 1000)
+    whole = torch.mm(mixing, x)
+    monkeypatch.setattr(dpsgd, "MIX_CHUNK_BYTES", 30 * 4 * 70)            # 70 columns a block
+    out = torch.empty_like(x)
+    assert dpsgd.mix_into(mixing, x, out) is out
+    assert torch.equal(out, whole)
+    assert torch.equal(dpsgd.mix_into(mixing.to_dense(), x, torch.empty_like(x)), mixing.to_dense() @ x)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from gossamer.algorithms.dl.dpsgd import DPSGD
+from gossamer.algorithms.dl.dpsgd import DPSGD, mix_into
 
 PublicInit = Literal["model", "zero"]
 MAX_GOSSIP_STEPS = 1 << 10      # a step's randomness key is node << 32 | round << 10 | step
@@ -80,7 +80,7 @@ class Choco(DPSGD):
         message payload size in bytes ``[N]`` (without the header)."""
         enc = compressor.compress(params - public, seed=seed, keys=keys)
         public.add_(compressor.decompress(enc).to(public.dtype))
-        mixed = torch.mm(mixing, public, out=scratch) if scratch is not None else torch.mm(mixing, public)
+        mixed = mix_into(mixing, public, torch.empty_like(public) if scratch is None else scratch)
         mixed.sub_(public)                                  # sum_j W_ij (x̂_j - x̂_i), rows sum to 1
         params.add_(mixed, alpha=self.gamma)
         return np.asarray(enc.nbytes, dtype=np.int64)
