@@ -50,6 +50,18 @@ def _rows(module, spec, nodes, seed=0):
     return base + 0.05 * torch.randn(nodes, spec.numel, generator=g)     # every node its own weights
 
 
+def _same_as_vmap(forward, vm, module, spec, x, atol=1e-5, grad_atol=1e-4):
+    """Both forwards on the same per-node rows: equal outputs and equal gradients."""
+    a = _rows(module, spec, x.shape[0]).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    out_l, out_v = forward(spec.views(a), x), vm(spec.views(b), x)
+    assert out_l.shape == out_v.shape
+    assert torch.allclose(out_l, out_v, atol=atol)
+    out_l.square().sum().backward()
+    out_v.square().sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=grad_atol, rtol=1e-3)
+
+
 @pytest.mark.parametrize("strategy", CONV_STRATEGIES)
 def test_layerwise_equals_vmap_forward_and_gradients(strategy):
     torch.manual_seed(0)
@@ -59,15 +71,8 @@ def test_layerwise_equals_vmap_forward_and_gradients(strategy):
     layered, why = layerwise_forward(module, x[0, 0], conv=strategy)
     assert layered is not None, why
     vm = make_stacked_forward(module, spec, x[0, 0], "vmap")
-    rows = _rows(module, spec, 3)
-    a = rows.clone().requires_grad_(True)
-    b = rows.clone().requires_grad_(True)
-    out_l, out_v = layered(spec.views(a), x), vm(spec.views(b), x)
-    assert out_l.shape == out_v.shape == (3, 4, 5)
-    assert torch.allclose(out_l, out_v, atol=1e-5)
-    (out_l ** 2).sum().backward()
-    (out_v ** 2).sum().backward()
-    assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    assert layered(spec.views(_rows(module, spec, 3)), x).shape == (3, 4, 5)
+    _same_as_vmap(layered, vm, module, spec, x)
 
 
 def test_auto_runs_conv_models_layerwise_and_records_the_choice():
@@ -143,14 +148,7 @@ def test_every_zoo_conv_model_runs_layer_by_layer_as_vmap_does(name, shape, para
     forward = make_stacked_forward(model, spec, torch.zeros(shape), conv="grouped")
     assert forward.path["forward"] == "layerwise"
     vm = make_stacked_forward(model, spec, torch.zeros(shape), "vmap")
-    x = torch.randn(3, 2, *shape)
-    a = _rows(model, spec, 3).requires_grad_(True)
-    b = a.detach().clone().requires_grad_(True)
-    out_l, out_v = forward(spec.views(a), x), vm(spec.views(b), x)
-    assert torch.allclose(out_l, out_v, atol=1e-4)
-    out_l.square().sum().backward()
-    out_v.square().sum().backward()
-    assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3)
+    _same_as_vmap(forward, vm, model, spec, torch.randn(3, 2, *shape), atol=1e-4, grad_atol=1e-3)
 
 
 def test_timed_conv_choices_are_kept_per_machine(tmp_path, monkeypatch):
@@ -186,12 +184,5 @@ def test_embeddings_run_layer_by_layer_and_padding_indices_keep_vmap():
     layered, why = layerwise_forward(module, torch.zeros(3, dtype=torch.long))
     assert layered is not None, why
     vm = make_stacked_forward(module, spec, torch.zeros(3, dtype=torch.long), "vmap")
-    x = torch.randint(0, 11, (3, 5, 3))
-    a = _rows(module, spec, 3).requires_grad_(True)
-    b = a.detach().clone().requires_grad_(True)
-    out_l, out_v = layered(spec.views(a), x), vm(spec.views(b), x)
-    assert torch.allclose(out_l, out_v, atol=1e-5)
-    out_l.square().sum().backward()
-    out_v.square().sum().backward()
-    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    _same_as_vmap(layered, vm, module, spec, torch.randint(0, 11, (3, 5, 3)))
     assert layerwise_forward(_Tokens(padding_idx=0), torch.zeros(3, dtype=torch.long))[0] is None
