@@ -7,9 +7,9 @@ folded into the batch (``[B * n, ...]``) for every operation that treats samples
 independently (activations, pooling, flattening, sums of branches), unfolding only for the
 layers that hold per-node parameters: linear (one batched GEMM), 2-d convolution (grouped,
 in channels-last or the default layout, or one convolution per node: the fastest measured at
-start-up, once per machine and layer shape: the choice is kept in :func:`cache_path`, so the
-same config runs the same kernels next time; or as pinned by ``model.conv``), GroupNorm and LayerNorm (normalize folded, then
-each node's affine), and embeddings. A model whose graph uses anything else (an operation
+start-up once per machine and layer shape and kept in :func:`cache_path`, so the same config
+runs the same kernels next time; or as pinned by ``model.conv``), GroupNorm and LayerNorm
+(normalize folded, then each node's affine), and embeddings. A model whose graph uses anything else (an operation
 that could mix samples, control flow fx cannot trace) is not run this way:
 :func:`layerwise_forward` returns None and the caller keeps ``vmap``.
 """
@@ -50,7 +50,8 @@ def _flatten_ok(node: torch.fx.Node) -> bool:
     return isinstance(start, int) and start >= 1
 
 
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}                      # methods, and as functions:
+_REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}   # (not builtins.sum)
 
 
 def _reduction_ok(node: torch.fx.Node) -> bool:
@@ -92,7 +93,7 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
                 continue
             if node.target in _SAMPLEWISE_FUNCTIONS:
                 continue
-            if getattr(node.target, "__name__", None) in _REDUCTIONS and _reduction_ok(node):
+            if node.target in _REDUCTION_FUNCTIONS and _reduction_ok(node):
                 continue
             return f"function {getattr(node.target, '__name__', node.target)}"
         if node.op == "call_method":
@@ -151,18 +152,18 @@ def _affine(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, nod
     return x.reshape(h.shape)
 
 
-def _embedding(idx: torch.Tensor, w: torch.Tensor, nodes: int, mod: nn.Embedding) -> torch.Tensor:
+def _embedding(idx: torch.Tensor, w: torch.Tensor, nodes: int) -> torch.Tensor:
+    """Node ``i``'s rows of ``w[i]`` for its samples' ids: one lookup in the stacked tables."""
     vocab = w.shape[1]
     offsets = (torch.arange(nodes, device=idx.device) * vocab).view(nodes, *([1] * idx.dim()))
     flat = idx.long().reshape(nodes, -1, *idx.shape[1:]) + offsets
-    out = F.embedding(flat.reshape(-1, *idx.shape[1:]), w.reshape(-1, w.shape[-1]))
-    return out
+    return F.embedding(flat.reshape(-1, *idx.shape[1:]), w.reshape(-1, w.shape[-1]))
 
 
 class LayerwiseForward:
     """``forward(params {name: [B, *shape]}, x [B, n, ...]) -> [B, n, ...]`` for a traced model."""
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, conv: dict[str, str]) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, conv: dict[str, str]) -> None:
         self.gm, self.conv = gm, dict(conv)
         self.modules = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
@@ -203,7 +204,7 @@ class LayerwiseForward:
         if isinstance(mod, nn.LayerNorm):
             return _affine(F.layer_norm(h, mod.normalized_shape, None, None, mod.eps), weight, bias, nodes, False)
         if isinstance(mod, nn.Embedding):
-            return _embedding(h, weight, nodes, mod)
+            return _embedding(h, weight, nodes)
         return mod(*args, **kwargs)                         # sample-wise, no parameters
 
 
@@ -237,44 +238,32 @@ def layerwise_forward(module: nn.Module, sample: torch.Tensor, conv: str = "auto
     why = _supported(gm)
     if why is not None:
         return None, why
-    convs = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(
-        dict(gm.named_modules())[n.target], nn.Conv2d)]
-    forward = LayerwiseForward(module, gm, {name: "grouped" if conv == "auto" else conv for name in convs})
+    modules = dict(gm.named_modules())
+    convs = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)}
+    forward = LayerwiseForward(gm, {name: "grouped" if conv == "auto" else conv for name in convs})
     if conv == "auto" and convs:
-        forward.conv = _fastest_convs(module, forward, convs, sample, probe_nodes, probe_samples)
+        forward.conv = _fastest_convs(modules, convs, probe_nodes, probe_samples)
     return forward, ""
 
 
-def _fastest_convs(module: nn.Module, forward: LayerwiseForward, convs: list[str], sample: torch.Tensor,
-                   nodes: int, samples: int) -> dict[str, str]:
-    """Per convolution, the strategy with the fastest forward + backward on its own input."""
-    inputs: dict[str, torch.Size] = {}
-
-    def record(name: str):
-        def hook(mod: nn.Module, args: tuple) -> None:      # (a pre-hook's result replaces args)
-            inputs.setdefault(name, args[0].shape)
-        return hook
-
-    hooks = [forward.modules[name].register_forward_pre_hook(record(name)) for name in convs]
-    try:
-        with torch.no_grad():
-            forward.gm(sample.unsqueeze(0).expand(samples, *sample.shape).contiguous())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    first = {n.target for n in forward.nodes if n.op == "call_module" and n.args
-             and getattr(n.args[0], "op", None) == "placeholder"}        # its input needs no gradient
+def _fastest_convs(modules: dict[str, nn.Module], convs: dict[str, torch.fx.Node], nodes: int,
+                   samples: int) -> dict[str, str]:
+    """Per convolution, the strategy with the fastest forward + backward on an input of its
+    shape (known from shape propagation); choices timed before on this machine are reused."""
     cache = _load_cache()
-    chosen = {}
-    for name in convs:
-        mod = forward.modules[name]
-        key = _cache_key(mod, inputs[name], nodes, samples)
-        if cache.get(key) in CONV_STRATEGIES:                   # timed before on this machine
+    chosen, timed = {}, False
+    for name, node in convs.items():
+        mod, shape = modules[name], node.args[0].meta["tensor_meta"].shape
+        key = _cache_key(mod, shape, nodes, samples)
+        if cache.get(key) in CONV_STRATEGIES:
             chosen[name] = cache[key]
             continue
-        chosen[name] = cache[key] = min(CONV_STRATEGIES, key=lambda s, mod=mod, name=name: _time_conv(
-            mod, inputs[name], nodes, samples, s, name not in first))
-    _save_cache(cache)
+        input_grad = node.args[0].op != "placeholder"           # training needs it past layer one
+        chosen[name] = cache[key] = min(CONV_STRATEGIES, key=lambda s, mod=mod, shape=shape: _time_conv(
+            mod, shape, nodes, samples, s, input_grad))
+        timed = True
+    if timed:
+        _save_cache(cache)
     return chosen
 
 
