@@ -223,8 +223,9 @@ class BatchedTrainer:
         objective = objective or LocalObjective()
         fused = self.kernel is not None and not objective.recursive
         idx, valid = self.batches(nodes, keys, steps)
-        if len(nodes) > self._chunk(fused, idx.shape[1], mean_weights is not None):
-            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights)
+        chunk = self._chunk(fused, idx.shape[1], mean_weights is not None)
+        if len(nodes) > chunk:
+            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights, chunk)
         if objective.recursive and self.optimizer.sam_rho:
             raise ValueError("local.sam_rho: SAM does not combine with a recursive direction (FedAMD)")
         if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
@@ -282,23 +283,27 @@ class BatchedTrainer:
         gradients at once."""
         return max(1, CHUNK_BYTES // (3 * self.spec.numel * self.x.element_size()))
 
+    @staticmethod
+    def _in_rows(steps: int, mean: bool) -> bool:
+        """Whether the fused kernel updates the given rows directly (one or two steps, rows
+        wanted) instead of working in the parameter-major workspace."""
+        return steps <= 2 and not mean
+
     def _chunk(self, fused: bool, steps: int, mean: bool) -> int:
         """Nodes per pass: :attr:`chunk_nodes` on the autograd path; on the fused kernel's,
         as many as fit the parameter-major workspace in :data:`WORKSPACE_BYTES` (no limit
         when it updates the given rows directly: no workspace)."""
         if not fused:
             return self.chunk_nodes
-        if steps <= 2 and not mean:
+        if self._in_rows(steps, mean):
             return 1 << 62
         return max(1, WORKSPACE_BYTES // (self.spec.numel * self.x.element_size()))
 
     def _train_chunks(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, inplace: bool,
                       steps: np.ndarray | None, objective: LocalObjective,
-                      mean_weights: torch.Tensor | None) -> TrainResult:
-        """:meth:`train`, a chunk of nodes at a time (each node's result is its own)."""
-        idx, _ = self.batches(nodes, keys, steps)
-        fused = self.kernel is not None and not objective.recursive
-        total, chunk = len(nodes), self._chunk(fused, idx.shape[1], mean_weights is not None)
+                      mean_weights: torch.Tensor | None, chunk: int) -> TrainResult:
+        """:meth:`train`, ``chunk`` nodes at a time (each node's result is its own)."""
+        total = len(nodes)
         out = None if mean_weights is not None else params if inplace else torch.empty(params.shape, dtype=params.dtype)
         mean, samples, taken, losses = None, [], [], []
         for lo in range(0, total, chunk):
@@ -315,19 +320,22 @@ class BatchedTrainer:
             losses.append(r.loss)
         return TrainResult(out, np.concatenate(samples), np.concatenate(taken), torch.cat(losses), mean)
 
-    def _result(self, params: torch.Tensor, leaves: list[torch.Tensor], valid: np.ndarray,
+    def _result(self, params: torch.Tensor, leaves: list[torch.Tensor] | None, valid: np.ndarray,
                 loss_sum: torch.Tensor, inplace: bool, mean_weights: torch.Tensor | None) -> TrainResult:
-        """The trained leaves (module order, ``[B, *shape]``) as rows, or only their mean."""
+        """The trained leaves (module order, ``[B, *shape]``) as rows, or only their mean;
+        ``leaves`` None: ``params`` already holds the trained rows."""
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
         if mean_weights is not None:
             w = mean_weights.to(params.dtype).reshape(1, -1)
             mean = torch.cat([torch.mm(w, leaf.reshape(len(leaf), -1))[0] for leaf in leaves])
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
-        out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
-        for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
-            view.copy_(leaf)
-        return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)
+        if leaves is not None:
+            out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
+            for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
+                view.copy_(leaf)
+            params = out
+        return TrainResult(params, valid.sum(axis=(1, 2)), steps, loss)
 
     def _dp_gradient(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                      weight: torch.Tensor, count: torch.Tensor, nodes: np.ndarray, keys: np.ndarray,
@@ -551,7 +559,8 @@ class BatchedTrainer:
         and applied after the kernel's data step."""
         kernel, opt = self.kernel, self.optimizer
         assert kernel is not None
-        in_rows = idx.shape[1] <= 2 and mean_weights is None
+        in_rows = self._in_rows(idx.shape[1], mean_weights is not None)
+        first = None          # the weights the first step reads, when not the leaves
         if in_rows:           # few steps: update views of the output rows, no copy back
             out = params
             if not inplace:
@@ -571,8 +580,6 @@ class BatchedTrainer:
         terms = self._objective_views(objective, kernel) if objective.adds_terms else None
         sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
             if opt.sam_rho else []
-        if in_rows:
-            first = None
         weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
         with torch.no_grad():
             for t in range(idx.shape[1]):
@@ -600,8 +607,6 @@ class BatchedTrainer:
                         if not all_active:
                             extra.mul_(active.view(-1, *([1] * (extra.dim() - 1))).to(extra.dtype))
                         leaf.sub_(extra, alpha=opt.lr)
-        if not in_rows:
-            return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights)
-        steps = valid.any(axis=2).sum(axis=1)
-        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
-        return TrainResult(out, valid.sum(axis=(1, 2)), steps, loss)
+        if in_rows:
+            return self._result(out, None, valid, loss_sum, True, None)
+        return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights)
