@@ -123,9 +123,8 @@ def mix_into(mixing: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.
     """``out = mixing @ x`` for rows ``x`` ``[N, P]``. A sparse ``mixing`` multiplies blocks of
     about :data:`MIX_CHUNK_BYTES` of ``x``'s columns (a multiple of 64), one after another: bit
     for bit the same as one product (each entry sums the same terms in the same order, in the
-    same vector lanes), 2.2x faster at N =
-    1,000, P = 50,890 on this project's CPU (the blocks stay in cache, and no
-    population-sized temporary is built)."""
+    same vector lanes), 2.2x faster at N = 1,000, P = 50,890 on this project's CPU (the blocks
+    stay in cache, and no population-sized temporary is built)."""
     n, p = x.shape
     # a multiple of 64 columns: the kernel's vector lanes then cover the same columns as in
     # one product (a block ending mid-lane rounds its tail columns differently)
