@@ -50,7 +50,7 @@ def _flatten_ok(node: torch.fx.Node) -> bool:
     return isinstance(start, int) and start >= 1
 
 
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}                      # methods, and as functions:
+_REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}               # and as functions:
 _REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}   # (not builtins.sum)
 
 
@@ -64,6 +64,15 @@ def _reduction_ok(node: torch.fx.Node) -> bool:
     rank = len(meta.shape)
     dims = (dims,) if isinstance(dims, int) else dims
     return all(isinstance(d, int) and d % rank != 0 for d in dims)
+
+
+def _call_ok(node: torch.fx.Node, flatten: object, samplewise: set, reductions: set) -> bool:
+    """A function or method call (``node.target``: the function, or the method's name) that
+    runs on the folded batch as it is: flattening from dimension 1, a sample-wise operation,
+    or a reduction over given non-batch axes."""
+    target = node.target
+    return ((target == flatten and _flatten_ok(node)) or target in samplewise
+            or (target in reductions and _reduction_ok(node)))
 
 
 def _supported(gm: torch.fx.GraphModule) -> str | None:
@@ -89,19 +98,11 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
                 continue
             return f"module {node.target} ({type(mod).__name__})"
         if node.op == "call_function":
-            if node.target is torch.flatten and _flatten_ok(node):
-                continue
-            if node.target in _SAMPLEWISE_FUNCTIONS:
-                continue
-            if node.target in _REDUCTION_FUNCTIONS and _reduction_ok(node):
+            if _call_ok(node, torch.flatten, _SAMPLEWISE_FUNCTIONS, _REDUCTION_FUNCTIONS):
                 continue
             return f"function {getattr(node.target, '__name__', node.target)}"
         if node.op == "call_method":
-            if node.target == "flatten" and _flatten_ok(node):
-                continue
-            if node.target in _SAMPLEWISE_METHODS:
-                continue
-            if node.target in _REDUCTIONS and _reduction_ok(node):
+            if _call_ok(node, "flatten", _SAMPLEWISE_METHODS, _REDUCTION_METHODS):
                 continue
             return f"method {node.target}"
         return f"{node.op} {node.target}"
