@@ -334,3 +334,35 @@ def test_fused_training_in_workspace_sized_chunks_equals_one_pass(monkeypatch, m
     else:
         assert torch.allclose(parts.params, whole.params, atol=1e-6)
     assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
+
+
+def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
+    """The fused path gathers a call's inputs at once and keeps them for the next call with
+    the same plan (no shuffling). A different plan (here also one of the same shape), or a
+    call whose inputs exceed
+    INPUTS_BYTES (gathered step by step into the same storage), must not read stale inputs:
+    every call equals a trainer that never kept anything."""
+    from gossamer.training import trainer as trainer_mod
+
+    sizes = [9, 4, 8, 6]
+    opt = SGD(0.1)
+    schedule = LocalSchedule(3, epochs=2, shuffle=False)
+    trainer, *_ = _setup(sizes, schedule, opt, fused=True)
+    fresh = lambda: _setup(sizes, schedule, opt, fused=True)[0]     # noqa: E731
+    rows = torch.randn(len(sizes), trainer.spec.numel) * 0.3
+    trainer.reserve(np.arange(len(sizes)))
+    calls = [np.arange(4), np.arange(4), np.array([0, 1]), np.array([2, 3]), np.arange(4)]
+    for nodes in calls:
+        got = trainer.train(rows[nodes], nodes, keys=1)
+        assert torch.equal(got.params, fresh().train(rows[nodes], nodes, keys=1).params)
+    kept = trainer._inputs
+    assert kept is not None
+    trainer.train(rows, np.arange(4), keys=7)                       # keys change nothing here
+    assert trainer._inputs is kept
+    monkeypatch.setattr(trainer_mod, "INPUTS_BYTES", 0)             # now step by step
+    smaller = trainer.train(rows[:2], np.arange(2), keys=1)
+    assert trainer._inputs is None
+    monkeypatch.setattr(trainer_mod, "INPUTS_BYTES", 64 << 20)
+    again = trainer.train(rows, np.arange(4), keys=1)
+    assert torch.equal(again.params, fresh().train(rows, np.arange(4), keys=1).params)
+    assert torch.equal(smaller.params, fresh().train(rows[:2], np.arange(2), keys=1).params)

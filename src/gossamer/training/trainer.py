@@ -72,6 +72,7 @@ class PrivateSGD:
 
 CHUNK_BYTES = 64 << 20     # autograd training: nodes per pass (BatchedTrainer.chunk_nodes)
 WORKSPACE_BYTES = 1 << 30  # fused training: the most a parameter-major workspace may take
+INPUTS_BYTES = 64 << 20    # fused training: a call's inputs gathered at once (and kept) up to this
 
 
 @dataclass
@@ -94,7 +95,8 @@ class BatchedTrainer:
         self.kernel = kernel if optimizer.momentum == 0 and dp is None else None
         self.dp = dp
         self._buffer: torch.Tensor | None = None       # parameter-major workspace (reused)
-        self._batch: torch.Tensor | None = None        # a step's gathered inputs (reused)
+        self._batch: torch.Tensor | None = None        # gathered inputs (reused storage)
+        self._inputs: tuple[bytes, torch.Tensor, torch.Tensor] | None = None   # last _gather_all
         self._plan: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None   # last batches()
         self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
@@ -130,8 +132,9 @@ class BatchedTrainer:
         The last plan is kept: :meth:`samples` (an executor pricing a round) and :meth:`train`
         of the same nodes and keys build it once. Callers only read the arrays.
         """
-        key = (nodes.tobytes(), np.asarray(keys).tobytes(), None if steps is None else
-               np.asarray(steps, dtype=np.int64).tobytes())
+        key = (nodes.tobytes(),                      # without shuffling the keys change nothing
+               np.asarray(keys).tobytes() if self.schedule.shuffle else None,
+               None if steps is None else np.asarray(steps, dtype=np.int64).tobytes())
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         plan = self._plan_batches(nodes, keys, steps)
@@ -191,6 +194,23 @@ class BatchedTrainer:
             last = int(step_ok.sum(axis=1).max(initial=0))
             idx, valid = idx[:, :last], valid[:, :last]
         return idx, valid
+
+    def reserve(self, nodes: np.ndarray, dtype: torch.dtype = torch.float32) -> None:
+        """Allocate, and write once, the fused kernel's workspace and gathered inputs for a
+        call that trains ``nodes`` (an executor's typical cohort, before its loop; parameters
+        of ``dtype``), so that its first round does not pay their page faults inside the loop;
+        hand-written batched code likewise allocates its stacked weights before its loop.
+        Later calls still grow them."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        if self.kernel is None or len(nodes) == 0:
+            return
+        idx, _ = self.batches(nodes, np.zeros(len(nodes), dtype=np.int64))
+        rows = min(len(nodes), self._chunk(True, idx.shape[1], True))
+        if not self._in_rows(idx.shape[1], False):               # the workspace will be used
+            need = rows * self.spec.numel
+            if self._buffer is None or self._buffer.numel() < need or self._buffer.dtype != dtype:
+                self._buffer = torch.empty(need, dtype=dtype).zero_()
+        self._gather_all(idx[:rows])
 
     def samples(self, nodes: np.ndarray, keys: np.ndarray | int,
                 steps: np.ndarray | None = None) -> np.ndarray:
@@ -523,8 +543,9 @@ class BatchedTrainer:
         return loss
 
     def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's inputs ``[B, n, ...]`` and labels ``[B, n]`` for sample indices ``idx``
-        ``[B, n]``, gathered into a reused buffer (the fused kernel only reads them)."""
+        """The inputs ``[*idx.shape, ...]`` and labels ``idx.shape`` for sample indices ``idx``,
+        gathered into a reused buffer (the fused kernel only reads them)."""
+        self._inputs = None                           # its storage is overwritten here
         count = idx.numel()
         row = self.x[0].numel()
         if self._batch is None or self._batch.numel() < count * row:
@@ -533,12 +554,27 @@ class BatchedTrainer:
         torch.index_select(self.x, 0, idx.reshape(-1), out=xb)
         return xb.view(*idx.shape, *self.x.shape[1:]), self.y[idx]
 
+    def _gather_all(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every step's inputs ``[T, B, n, ...]`` and labels ``[T, B, n]`` for the plan ``idx``
+        ``[B, T, n]`` in one gather, or None when they would take more than ``INPUTS_BYTES``.
+        They are kept: the next call with the same plan (no shuffling, the same nodes: every
+        round of full-participation FedAvg) reads them without gathering again."""
+        if idx.size * self.x[0].numel() * self.x.element_size() > INPUTS_BYTES:
+            return None
+        key = repr(idx.shape).encode() + idx.tobytes()
+        if self._inputs is None or self._inputs[0] != key:
+            order = torch.from_numpy(np.ascontiguousarray(idx.transpose(1, 0, 2)))
+            xs, ys = self._gather(order)
+            self._inputs = (key, xs, ys)
+        return self._inputs[1], self._inputs[2]
+
     def _workspace(self, params: torch.Tensor, fill: bool = True) -> dict[str, torch.Tensor]:
         """A reused parameter-major buffer for rows ``[B, P]``: one contiguous ``[B, *shape]``
         block per parameter (reuse avoids page faults on every call), filled with the rows
         unless ``fill`` is False (the first step then writes every block)."""
         rows = params.shape[0]
-        if self._buffer is None or self._buffer.numel() < rows * self.spec.numel:
+        if (self._buffer is None or self._buffer.numel() < rows * self.spec.numel
+                or self._buffer.dtype != params.dtype):
             self._buffer = torch.empty(rows * self.spec.numel, dtype=params.dtype)
         blocks = {}
         broadcast = params.stride(0) == 0                         # every row the same model
@@ -581,6 +617,7 @@ class BatchedTrainer:
         sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
             if opt.sam_rho else []
         weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
+        gathered = self._gather_all(idx)
         with torch.no_grad():
             for t in range(idx.shape[1]):
                 now = first if t == 0 and first is not None else leaves    # the weights before step t
@@ -591,7 +628,10 @@ class BatchedTrainer:
                 decay = None
                 if opt.weight_decay:
                     decay = 1 - opt.lr * opt.weight_decay * (counts[:, t] > 0).to(params.dtype)
-                xb, yb = self._gather(idx_t[:, t])
+                if gathered is not None:
+                    xb, yb = gathered[0][t], gathered[1][t]
+                else:
+                    xb, yb = self._gather(idx_t[:, t])
                 if opt.sam_rho:
                     loss_sum += self._fused_sam_step(leaves, sam_buffers, xb, yb, weight,
                                                      opt.lr * objective.grad_scale, decay)

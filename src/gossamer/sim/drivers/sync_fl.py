@@ -53,6 +53,8 @@ class SyncFLDriver(Driver):
         self.columns = self.columns + pipe.extra_columns
         self.selection = (0, 0)                         # this round's (selected, candidates)
         self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
+        first_cohort = self._candidates()
+        exp.trainer.reserve(first_cohort[:algo.expected_clients(len(first_cohort))], exp.init_params.dtype)
         self.client_state: torch.Tensor | None = None
         if algo.client_state_vectors:
             first = algo.init_client_state(numel)
