@@ -89,8 +89,16 @@ class LocalConfig(_Strict):
     ``sam_rho`` > 0 makes every local step sharpness-aware (SAM, as in DFedSAM): the gradient
     is taken at ``w + sam_rho * g / ||g||`` (``g``: the mini-batch gradient at ``w``, one norm
     per node), for every algorithm; 0 is plain SGD. See docs/dpsgd_variants.md.
+
+    ``optimizer: adamw`` trains with AdamW (``lr``, ``beta1``, ``beta2``, ``eps`` and
+    ``weight_decay`` as decoupled decay) instead of SGD; its state is fresh per activation
+    unless the algorithm keeps it per node (``diloco``).
     """
 
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
     epochs: float | None = Field(1, gt=0)
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(10, ge=1)
@@ -116,6 +124,10 @@ class LocalConfig(_Strict):
             raise ValueError("set either epochs or steps, not both")
         if self.epochs is not None and self.steps is None and float(self.epochs) != int(self.epochs):
             raise ValueError("epochs must be a whole number (use steps for partial epochs)")
+        if self.optimizer == "adamw" and self.momentum:
+            raise ValueError("momentum: adamw has no heavy-ball momentum (its first moment is beta1)")
+        if self.optimizer == "adamw" and self.sam_rho:
+            raise ValueError("sam_rho: SAM is implemented for sgd only, not adamw")
         return self
 
 
@@ -545,16 +557,18 @@ class CompressionConfig(_Strict):
     dropped: ``ef`` (error feedback: the residual is added to the next update), ``ef21``
     (client and server track an estimate of the update and send compressed differences) or
     ``dgc`` (Deep Gradient Compression applied to each round's update: momentum correction,
-    optional clipping, momentum factor masking, density warm-up).
+    optional clipping, momentum factor masking, density warm-up) or ``fetchsgd`` (FetchSGD:
+    clients upload count sketches, the server keeps momentum and error as sketches).
     Synchronous FL in the simulator; see docs/compression.md."""
 
     uplink: CompressorConfig | None = None
-    feedback: Literal["none", "ef", "ef21", "dgc"] = "none"
+    feedback: Literal["none", "ef", "ef21", "dgc", "fetchsgd"] = "none"
     # the server's broadcast: each client keeps an estimate of the global model and receives
     # the compressed difference (EF21-P style); clients train from their estimate
     downlink: CompressorConfig | None = None
-    # feedback: dgc (Deep Gradient Compression on each round's update; uplink must be topk):
-    momentum: float = Field(0.9, ge=0, lt=1)          # momentum correction factor
+    # feedback: dgc (Deep Gradient Compression on each round's update; uplink must be topk),
+    # fetchsgd (FetchSGD's server momentum and error in sketch space; uplink countsketch with k):
+    momentum: float = Field(0.9, ge=0, lt=1)          # momentum correction factor (both)
     clip_norm: float | None = Field(None, gt=0)       # local clipping of each update's norm
     warmup_rounds: int = Field(0, ge=0)               # density falls from 25% to the target
 
@@ -564,6 +578,10 @@ class CompressionConfig(_Strict):
                                        or "density" not in self.uplink.params):
             raise ValueError("feedback dgc sparsifies with top-k: set compression.uplink to "
                              "{name: topk, params: {density: ...}}")
+        if self.feedback == "fetchsgd" and (self.uplink is None or self.uplink.name != "countsketch"
+                                            or not {"k", "density"} & set(self.uplink.params)):
+            raise ValueError("feedback fetchsgd needs the countsketch uplink compressor with its "
+                             "heavy hitters: {name: countsketch, params: {ratio: ..., k: ...}}")
         return self
 
 

@@ -22,7 +22,7 @@ from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_s
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.training.evaluator import BatchedEvaluator
-from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule, PrivateSGD
+from gossamer.training.trainer import SGD, AdamW, BatchedTrainer, LocalSchedule, PrivateSGD
 
 if TYPE_CHECKING:
     from gossamer.attacks.adversary import Adversary
@@ -127,12 +127,18 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
                                      **cfg.model.params))
             for i in range(n)])
     local = cfg.local
+    if algorithm.local_optimizer is not None and local.optimizer != algorithm.local_optimizer:
+        raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with "
+                          f"{algorithm.local_optimizer} inside each round; set local.optimizer: "
+                          f"{algorithm.local_optimizer}")
     schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
                              local.steps, local.shuffle)
     kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
+    optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
+                 if local.optimizer == "adamw" else
+                 SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
-                             SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)),
-                             cfg.seed, kernel, dp=_dp_sgd(cfg))
+                             optimizer, cfg.seed, kernel, dp=_dp_sgd(cfg))
     x_test, y_test = dataset.x_test, dataset.y_test
     if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
         keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])

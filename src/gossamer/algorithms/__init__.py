@@ -10,6 +10,7 @@ from gossamer.algorithms.dl.modest import MoDeST
 from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
 from gossamer.algorithms.fl.async_fl import FedAsync, FedBuff, FedFix
+from gossamer.algorithms.fl.diloco import DiLoCo
 from gossamer.algorithms.fl.favano import FAVANO
 from gossamer.algorithms.fl.fedamd import FedAMD
 from gossamer.algorithms.fl.fedast import FedAST
@@ -36,6 +37,7 @@ ALGORITHMS.register("fedadagrad")(FedAdagrad)
 ALGORITHMS.register("fedadam")(FedAdam)
 ALGORITHMS.register("fedyogi")(FedYogi)
 ALGORITHMS.register("fedavg_m")(FedAvgMomentum)
+ALGORITHMS.register("diloco")(DiLoCo)
 ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)
 ALGORITHMS.register("fedamd")(FedAMD)

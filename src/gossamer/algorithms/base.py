@@ -40,6 +40,7 @@ class Algorithm:
                                                 # its start (FedProx's term, client momentum)
     split_roles = False                         # clients take roles per round (FedAMD's anchors)
     local_sam_rho = 0.0                         # SAM's radius the algorithm itself sets
+    local_optimizer = None                      # the local optimizer it requires (DiLoCo: adamw)
     final_merge = False                         # DL: one all-to-all average after the last round
     deadline_s = None                           # FL: a round's deadline, in seconds
     over_selection = 0.0                        # FL: extra fraction selected (rounds close early)

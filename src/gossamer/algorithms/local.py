@@ -21,6 +21,10 @@ class LocalObjective:
     estimate, as FedAMD's miners do: ``d_0 = v``, ``d_k = d_{k-1} + g(w_k; b_k) -
     g(w_{k-1}; b_k)`` with both gradients on the same mini-batch, and the step is along
     ``d_k`` (two gradient evaluations per step).
+
+    ``optimizer_state`` ``[B, W]``: rows of a stateful local optimizer's state (AdamW: ``m``,
+    ``v``, ``t``; ``AdamW.state_width``) that persist across activations; the trainer reads
+    them and writes the new state back in place (DiLoCo's inner optimizer).
     """
 
     prox_mu: float = 0.0
@@ -28,6 +32,7 @@ class LocalObjective:
     correction: torch.Tensor | None = None
     grad_scale: float = 1.0
     recursive_direction: torch.Tensor | None = None
+    optimizer_state: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prox_mu and self.anchor is None:
@@ -40,7 +45,7 @@ class LocalObjective:
             return t[part] if t is not None and t.dim() == 2 and t.shape[0] == total else t
 
         return LocalObjective(self.prox_mu, cut(self.anchor), cut(self.correction), self.grad_scale,
-                              cut(self.recursive_direction))
+                              cut(self.recursive_direction), cut(self.optimizer_state))
 
     @property
     def recursive(self) -> bool:

@@ -148,11 +148,11 @@ class Transformer(nn.Module):
     "Language Models are Unsupervised Multitask Learners", 2019, no arXiv id).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, vocab: int = 80,
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, vocab: int | None = None,
                  dim: int = 64, heads: int = 4, layers: int = 2) -> None:
         super().__init__()
         length = token_shape("transformer", input_shape)
-        vocab = checks.as_int("vocab", vocab, lo=1)
+        vocab = checks.as_int("vocab", num_classes if vocab is None else vocab, lo=1)
         dim = checks.as_int("dim", dim, lo=1)
         heads = checks.as_int("heads", heads, lo=1)
         layers = checks.as_int("layers", layers, lo=1)
@@ -177,6 +177,6 @@ def char_lstm(input_shape: tuple[int, ...], num_classes: int, vocab: int = 80, e
 
 
 @MODELS.register("transformer")
-def transformer(input_shape: tuple[int, ...], num_classes: int, vocab: int = 80, dim: int = 64,
+def transformer(input_shape: tuple[int, ...], num_classes: int, vocab: int | None = None, dim: int = 64,
                 heads: int = 4, layers: int = 2) -> nn.Module:
     return Transformer(input_shape, num_classes, vocab, dim, heads, layers)

@@ -70,6 +70,31 @@ class PrivateSGD:
     noise_multiplier: float
 
 
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW (Loshchilov, Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+    arXiv:1711.05101) with ``torch.optim.AdamW``'s arithmetic: ``w *= 1 - lr wd``, ``m = b1 m
+    + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, ``w -= lr m / (1 - b1^t) / (sqrt(v / (1 -
+    b2^t)) + eps)``, per node, masked like SGD (a node without a batch does not step).
+
+    Its state (``m``, ``v``, the step count ``t``) is fresh per activation unless the
+    algorithm passes rows of it in :attr:`LocalObjective.optimizer_state` (DiLoCo's workers
+    keep their inner optimizer across outer steps). Autograd path only (no fused kernel)."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    momentum = 0.0        # (read by paths shared with SGD: no heavy-ball, no SAM)
+    sam_rho = 0.0
+
+    @staticmethod
+    def state_width(numel: int) -> int:
+        """Columns of one node's state row: ``m``, ``v`` (``numel`` each) and ``t``."""
+        return 2 * numel + 1
+
+
 CHUNK_BYTES = 64 << 20     # autograd training: nodes per pass (BatchedTrainer.chunk_nodes)
 WORKSPACE_BYTES = 1 << 30  # fused training: the most a parameter-major workspace may take
 INPUTS_BYTES = 64 << 20    # fused training: a call's inputs gathered at once (and kept) up to this
@@ -88,11 +113,11 @@ class BatchedTrainer:
     """Trains stacked rows of the population on their own data shards."""
 
     def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
-                 shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD, seed: int,
+                 shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD | AdamW, seed: int,
                  kernel: DenseKernel | None = None, dp: PrivateSGD | None = None) -> None:
         self.forward, self.spec = forward, spec
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
-        self.kernel = kernel if optimizer.momentum == 0 and dp is None else None
+        self.kernel = kernel if isinstance(optimizer, SGD) and optimizer.momentum == 0 and dp is None else None
         self.dp = dp
         self._buffer: torch.Tensor | None = None       # parameter-major workspace (reused)
         self._batch: torch.Tensor | None = None        # gathered inputs (reused storage)
@@ -183,7 +208,7 @@ class BatchedTrainer:
             order = self._order(nodes, keys, e)
             take = np.minimum(slot.reshape(1, -1), order.shape[1] - 1)
             pos = np.take_along_axis(order, np.broadcast_to(take, (len(nodes), take.shape[1])), axis=1)
-            idx_parts.append(np.take_along_axis(self.shards[nodes], pos, axis=1).reshape(-1, width, bs))
+            idx_parts.append(np.take_along_axis(self.shards[nodes], pos, axis=1).reshape(len(nodes), width, bs))
             valid_parts.append(slot[None] < sizes[:, None, None])
         idx, valid = np.concatenate(idx_parts, axis=1), np.concatenate(valid_parts, axis=1)
         if epochs > 1 and width > 0:                      # move each node's real steps first
@@ -262,6 +287,7 @@ class BatchedTrainer:
             previous = [leaf.clone() for leaf in leaves]
         opt = self.optimizer
         bufs = [torch.zeros_like(leaf) for leaf in leaves] if opt.momentum > 0 else None
+        adam = self._adam_state(objective, len(nodes), params.dtype) if isinstance(opt, AdamW) else None
         loss_sum = torch.zeros(len(nodes))
         idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
@@ -273,11 +299,11 @@ class BatchedTrainer:
                 grads = self._recursive_direction(leaves, previous, direction, xb, yb, weight,
                                                   counts[:, t], active, loss_sum)
                 previous = [leaf.clone() for leaf in leaves]
-                self._sgd_step(leaves, grads, bufs, active, None, None)
+                self._step(leaves, grads, bufs, adam, active, None, None)
                 continue
             if self.dp is not None:
                 grads = self._dp_gradient(leaves, xb, yb, weight, counts[:, t], nodes, keys, t, loss_sum)
-                self._sgd_step(leaves, grads, bufs, active, objective, terms)
+                self._step(leaves, grads, bufs, adam, active, objective, terms)
                 continue
             for leaf in leaves:
                 leaf.requires_grad_(True)
@@ -292,7 +318,9 @@ class BatchedTrainer:
             leaves = [leaf.detach() for leaf in leaves]
             if opt.sam_rho:
                 grads = self._sam_gradient(leaves, grads, xb, yb, weight, counts[:, t])
-            self._sgd_step(leaves, grads, bufs, active, objective, terms)
+            self._step(leaves, grads, bufs, adam, active, objective, terms)
+        if adam is not None and objective.optimizer_state is not None:     # kept by the caller
+            self._store_adam(adam, objective.optimizer_state)
         return self._result(params, leaves, valid, loss_sum, inplace, mean_weights)
 
     @property
@@ -488,6 +516,71 @@ class BatchedTrainer:
         if correction is not None:
             out = correction.expand_as(leaf).clone() if out is None else out.add_(correction)
         return out
+
+    def _adam_state(self, objective: LocalObjective, rows: int, dtype: torch.dtype
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """AdamW's ``m`` and ``v`` per leaf ``[B, *shape]`` and ``t`` ``[B]``: copies of the
+        rows in ``objective.optimizer_state`` (``[B, 2P + 1]``), or zeros."""
+        numel = self.spec.numel
+        state = objective.optimizer_state
+        if state is None:
+            state = torch.zeros(rows, AdamW.state_width(numel), dtype=dtype)
+        elif state.shape != (rows, AdamW.state_width(numel)):
+            raise ValueError(f"optimizer_state must be [{rows}, {AdamW.state_width(numel)}] "
+                             f"(m, v, t per node), got {list(state.shape)}")
+        m = [v.clone() for v in self.spec.views(state[:, :numel]).values()]
+        v = [v.clone() for v in self.spec.views(state[:, numel:2 * numel]).values()]
+        return m, v, state[:, 2 * numel].clone()
+
+    def _store_adam(self, adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+                    state: torch.Tensor) -> None:
+        """Write AdamW's state back into the caller's rows ``[B, 2P + 1]`` in place."""
+        numel = self.spec.numel
+        m, v, t = adam
+        for block, leaves in ((state[:, :numel], m), (state[:, numel:2 * numel], v)):
+            for view, leaf in zip(self.spec.views(block).values(), leaves, strict=True):
+                view.copy_(leaf)
+        state[:, 2 * numel] = t
+
+    def _step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
+              bufs: list[torch.Tensor] | None,
+              adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
+              active: torch.Tensor, objective: LocalObjective | None,
+              terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> None:
+        if adam is None:
+            self._sgd_step(leaves, grads, bufs, active, objective, terms)
+        else:
+            self._adamw_step(leaves, grads, adam, active, objective, terms)
+
+    def _adamw_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
+                    adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
+                    active: torch.Tensor, objective: LocalObjective | None,
+                    terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> None:
+        """One masked AdamW step in place (:class:`AdamW`); an objective's terms are added to
+        the gradient, as for SGD. Nodes without a batch keep their weights and state."""
+        opt = self.optimizer
+        assert isinstance(opt, AdamW)
+        m, v, t = adam
+        t.add_(active.to(t.dtype))
+        steps = t.clamp(min=1).double()
+        correct1 = (1 - opt.beta1 ** steps).to(t.dtype)                 # [B] bias corrections
+        correct2 = (1 - opt.beta2 ** steps).sqrt().to(t.dtype)
+        for k, (leaf, grad) in enumerate(zip(leaves, grads, strict=True)):
+            shape = (-1, *([1] * (leaf.dim() - 1)))
+            mask = active.view(shape)
+            if objective is not None:
+                if objective.grad_scale != 1.0:
+                    grad = grad * objective.grad_scale
+                extra = self._extra(leaf, terms[k], objective) if terms else None
+                if extra is not None:
+                    grad = grad + extra
+            new_m = m[k] * opt.beta1 + grad * (1 - opt.beta1)
+            new_v = v[k] * opt.beta2 + grad * grad * (1 - opt.beta2)
+            step = (new_m / correct1.view(shape)) / (new_v.sqrt() / correct2.view(shape) + opt.eps)
+            moved = leaf * (1 - opt.lr * opt.weight_decay) - opt.lr * step
+            m[k] = torch.where(mask, new_m, m[k])
+            v[k] = torch.where(mask, new_v, v[k])
+            leaf.copy_(torch.where(mask, moved, leaf))
 
     def _sgd_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
                   bufs: list[torch.Tensor] | None, active: torch.Tensor,

@@ -8,6 +8,9 @@ checkpoint with the model).
 - ``sgd``: ``x += lr * delta`` (FedAvg's server learning rate; ``lr = 1`` is plain averaging).
 - ``momentum`` (FedAvgM; Hsu et al. 2019, arXiv:1909.06335): ``v = beta1 * v + delta``,
   ``x += lr * v``.
+- ``nesterov``: SGD with Nesterov momentum on the pseudo-gradient ``-delta``, as
+  ``torch.optim.SGD(nesterov=True)``: ``v = beta1 * v + delta``, ``x += lr * (delta + beta1 *
+  v)`` (DiLoCo's outer optimizer; Douillard et al. 2023, arXiv:2311.08105).
 - ``adagrad``, ``adam``, ``yogi`` (FedAdagrad, FedAdam, FedYogi; Reddi et al., "Adaptive
   Federated Optimization", ICLR 2021, arXiv:2003.00295, Algorithm 2):
   ``m = beta1 * m + (1 - beta1) * delta``; ``v`` is ``v + delta^2`` (Adagrad),
@@ -23,7 +26,7 @@ from typing import Literal
 
 import torch
 
-ServerOptimizerName = Literal["sgd", "momentum", "adagrad", "adam", "yogi"]
+ServerOptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "adam", "yogi"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class ServerOptimizer:
         """The optimizer's buffers for a model ``params`` ``[P]``."""
         if self.name == "sgd":
             return {}
-        if self.name == "momentum":
+        if self.name in ("momentum", "nesterov"):
             return {"server_v": torch.zeros_like(params)}
         return {"server_m": torch.zeros_like(params),
                 "server_v": torch.full_like(params, self.tau ** 2)}
@@ -65,6 +68,9 @@ class ServerOptimizer:
         if self.name == "momentum":
             v = self.beta1 * buffers["server_v"] + delta
             return params + self.lr * v, {**buffers, "server_v": v}
+        if self.name == "nesterov":
+            v = self.beta1 * buffers["server_v"] + delta
+            return params + self.lr * (delta + self.beta1 * v), {**buffers, "server_v": v}
         m = self.beta1 * buffers["server_m"] + (1 - self.beta1) * delta
         v, sq = buffers["server_v"], delta * delta
         if self.name == "adagrad":
