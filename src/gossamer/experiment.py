@@ -165,7 +165,8 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
 # Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest
 # it allocates: D-PSGD keeps the models and a mixing output buffer; CHOCO adds the public
 # copies x-hat; gradient tracking adds the trackers y and the rows before training).
-_POPULATION_COPIES = {"sync_dl": 2, "async_gossip": 1, "choco": 3, "gradient_tracking": 3}
+_POPULATION_COPIES = {"sync_dl": 2, "async_gossip": 1, "choco": 3, "gradient_tracking": 3,
+                      "islands": 3}
 # A rough size per undirected edge while a graph is built and held (networkx's adjacency dicts
 # for the random generators, then the edge array, CSR topology and mixing matrices); measured
 # peak: ~770 bytes for random_regular on 50,000 nodes, so this errs low.
@@ -187,7 +188,7 @@ def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel:
     if population and algorithm.pattern == "sync_fl":
         comp = cfg.compression
         copies += int(algorithm.client_state_vectors)
-        copies += comp.uplink is not None and comp.feedback != "none"
+        copies += comp.uplink is not None and comp.feedback not in ("none", "fetchsgd")
         copies += comp.uplink is not None and comp.feedback == "dgc"
         copies += comp.downlink is not None
     edges = _expected_edges(cfg) if cfg.topology is not None and algorithm.family == "dl" else 0
@@ -322,12 +323,26 @@ def _attach_compression(exp: Experiment) -> None:
         if comp.feedback != "none":
             raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")
         return
+    if algorithm.pattern == "islands":              # the fragments' outer gradients
+        if comp.feedback != "none":
+            raise ConfigError("compression.feedback", f"{cfg.algorithm.name} compresses each "
+                              "exchange on its own: feedback none only")
+        with _user_error("compression.uplink.params"):
+            exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
+        if exp.uplink.needs_spec:
+            raise ConfigError("compression.uplink", f"{comp.uplink.name} works on whole models; "
+                              f"{cfg.algorithm.name} exchanges fragments")
+        return
     if algorithm.pattern != "sync_fl":
         raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
                           f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
     if algorithm.split_roles:
         raise ConfigError("compression.uplink", "FedAMD's anchors upload full gradients; "
                           "compression is not supported with fedamd")
+    if comp.feedback == "fetchsgd" and not algorithm.mean_of_models:
+        raise ConfigError("compression.feedback", f"fetchsgd replaces the weighted mean of the "
+                          f"clients' updates, and {cfg.algorithm.name} aggregates more than that "
+                          "mean (a robust rule, client momentum or further upload vectors)")
     with _user_error("compression.uplink.params"):
         exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
     variable = exp.uplink.nominal_bytes(exp.spec.numel) is None

@@ -80,3 +80,19 @@ def test_diloco_requires_adamw_and_resumes_bit_identically(tmp_path):
     assert rest.driver.client_state[:, -1].tolist() == [8.0] * 4      # the inner state came back
     rest.run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
+def test_adamw_server_step_is_torch_adamw_on_the_pseudo_gradient():
+    opt = ServerOptimizer("adamw", lr=0.01, beta1=0.9, beta2=0.95, tau=1e-8, weight_decay=0.1)
+    x = torch.randn(5)
+    ref = nn.Parameter(x.clone())
+    adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    buffers: dict = {}
+    for _ in range(5):
+        delta = torch.randn(5)
+        x, buffers = opt.step(x, delta, buffers)
+        ref.grad = -delta
+        adam.step()
+        assert torch.allclose(x, ref.detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="server_weight_decay"):
+        ServerOptimizer("sgd", weight_decay=0.1)

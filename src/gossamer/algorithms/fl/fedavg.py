@@ -49,9 +49,9 @@ class FedAvg(Algorithm):
     trains from the global model and uploads its model, as in the paper; the server takes
     the step ``delta`` = (sample- or uniformly-) weighted average model minus global model
     and applies ``server_optimizer`` (``sgd``: ``x += server_lr * delta``, so ``server_lr =
-    1`` is exactly the average; ``momentum``, ``adagrad``, ``adam``, ``yogi``: see
-    :mod:`gossamer.algorithms.fl.server_opt`, with ``server_momentum``, ``server_beta2``,
-    ``server_tau``).
+    1`` is exactly the average; ``momentum``, ``nesterov``, ``adamw``, ``adagrad``, ``adam``,
+    ``yogi``: see :mod:`gossamer.algorithms.fl.server_opt`, with ``server_momentum``,
+    ``server_beta2``, ``server_tau``, ``server_weight_decay``).
 
     ``prox_mu`` adds FedProx's proximal term ``mu/2 ||w - x||^2`` to every local objective.
     ``momentum_beta`` (Cheng et al. 2023, FedAvg-M) makes clients step along
@@ -84,6 +84,7 @@ class FedAvg(Algorithm):
     server_momentum: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    server_weight_decay: float = 0.0
     prox_mu: float = 0.0
     momentum_beta: float | None = None
     deadline_s: float | None = None
@@ -112,7 +113,7 @@ class FedAvg(Algorithm):
     @property
     def optimizer(self) -> ServerOptimizer:
         return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
-                               self.server_beta2, self.server_tau)
+                               self.server_beta2, self.server_tau, self.server_weight_decay)
 
     # --- shapes of what travels --------------------------------------------------------------
     @property

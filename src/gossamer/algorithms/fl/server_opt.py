@@ -11,6 +11,10 @@ checkpoint with the model).
 - ``nesterov``: SGD with Nesterov momentum on the pseudo-gradient ``-delta``, as
   ``torch.optim.SGD(nesterov=True)``: ``v = beta1 * v + delta``, ``x += lr * (delta + beta1 *
   v)`` (DiLoCo's outer optimizer; Douillard et al. 2023, arXiv:2311.08105).
+- ``adamw``: ``torch.optim.AdamW`` on the pseudo-gradient ``-delta`` (bias-corrected, ``tau``
+  as its ``eps``, ``weight_decay`` decoupled): with clients that take one SGD step of lr 1 it
+  is synchronous data-parallel AdamW over the clients' batches (the baseline DiLoCo is
+  compared with).
 - ``adagrad``, ``adam``, ``yogi`` (FedAdagrad, FedAdam, FedYogi; Reddi et al., "Adaptive
   Federated Optimization", ICLR 2021, arXiv:2003.00295, Algorithm 2):
   ``m = beta1 * m + (1 - beta1) * delta``; ``v`` is ``v + delta^2`` (Adagrad),
@@ -26,7 +30,7 @@ from typing import Literal
 
 import torch
 
-ServerOptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "adam", "yogi"]
+ServerOptimizerName = Literal["sgd", "momentum", "nesterov", "adamw", "adagrad", "adam", "yogi"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -48,6 +53,8 @@ class ServerOptimizer:
             raise ValueError("server_beta2 must be in [0, 1)")
         if self.tau <= 0:
             raise ValueError("server_tau must be > 0")
+        if self.weight_decay < 0 or (self.weight_decay and self.name != "adamw"):
+            raise ValueError("server_weight_decay must be >= 0, and is used by server_optimizer adamw only")
 
     def init(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optimizer's buffers for a model ``params`` ``[P]``."""
@@ -55,6 +62,9 @@ class ServerOptimizer:
             return {}
         if self.name in ("momentum", "nesterov"):
             return {"server_v": torch.zeros_like(params)}
+        if self.name == "adamw":
+            return {"server_m": torch.zeros_like(params), "server_v": torch.zeros_like(params),
+                    "server_t": torch.zeros(())}
         return {"server_m": torch.zeros_like(params),
                 "server_v": torch.full_like(params, self.tau ** 2)}
 
@@ -68,6 +78,14 @@ class ServerOptimizer:
         if self.name == "momentum":
             v = self.beta1 * buffers["server_v"] + delta
             return params + self.lr * v, {**buffers, "server_v": v}
+        if self.name == "adamw":
+            t = buffers["server_t"] + 1
+            m = self.beta1 * buffers["server_m"] - (1 - self.beta1) * delta
+            v = self.beta2 * buffers["server_v"] + (1 - self.beta2) * delta * delta
+            steps = float(t)
+            denom = (v.sqrt() / (1 - self.beta2 ** steps) ** 0.5) + self.tau
+            new = params * (1 - self.lr * self.weight_decay) - self.lr / (1 - self.beta1 ** steps) * m / denom
+            return new, {**buffers, "server_m": m, "server_v": v, "server_t": t}
         if self.name == "nesterov":
             v = self.beta1 * buffers["server_v"] + delta
             return params + self.lr * (delta + self.beta1 * v), {**buffers, "server_v": v}

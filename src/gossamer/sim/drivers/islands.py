@@ -1,0 +1,144 @@
+"""Streaming DiLoCo on the simulated clock: workers keep their models, one fragment is
+exchanged per round and merged ``overlap`` inner steps later (protocols/islands.py decides)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer import wire
+from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.local import LocalObjective
+from gossamer.protocols.islands import fragments, layer_sizes, round_seconds, synced_fragment
+from gossamer.sim.drivers.base import Driver
+from gossamer.sim.experiment import Experiment
+from gossamer.training.trainer import AdamW
+
+
+class IslandsDriver(Driver):
+    columns = Driver.columns + ["participants", "fragment", "exchange_bytes"]
+
+    def __init__(self, exp: Experiment) -> None:
+        super().__init__(exp)
+        algo, cfg = exp.algorithm, exp.cfg
+        self.algorithm = algo
+        if cfg.local.steps is None or cfg.local.steps % algo.fragments:
+            raise ValueError(f"{cfg.algorithm.name}: local.steps (H) must be set and divisible by "
+                             f"fragments ({algo.fragments})")
+        self.every = cfg.local.steps // algo.fragments             # inner steps per round
+        if algo.overlap > self.every:
+            raise ValueError(f"{cfg.algorithm.name}: overlap ({algo.overlap}) must be at most "
+                             f"H / fragments ({self.every}) inner steps")
+        self.workers = np.flatnonzero(exp.trainer.sizes > 0)
+        numel = exp.spec.numel
+        self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
+        self.local = self.state.params.expand(len(self.workers), -1).clone()
+        self.inner = torch.zeros(len(self.workers), AdamW.state_width(numel))
+        views = exp.spec.views(self.state.params.reshape(1, -1))
+        self.parts = fragments(layer_sizes(list(views), [v[0].numel() for v in views.values()]),
+                               algo.fragments)
+        self.weights = algo.mean_weights(exp.trainer.sizes[self.workers], self.local.dtype)
+        self.pending: torch.Tensor | None = None      # the fragment's new global value, to merge
+        self.pending_fragment = -1
+        self.exchange_s = 0.0                           # the pending exchange's duration
+        self.fragment = -1
+        self.exchange_bytes = 0
+
+    def _train(self, steps: int, key: int) -> torch.Tensor:
+        """``steps`` inner steps of every worker from its own model, in place; their samples."""
+        if steps == 0:
+            return torch.zeros(len(self.workers))
+        result = self.exp.trainer.train(self.local, self.workers, key, inplace=True,
+                                        steps=np.full(len(self.workers), steps),
+                                        objective=LocalObjective(optimizer_state=self.inner))
+        self.node_steps += int(result.steps.sum())
+        self.train_loss = float(result.loss.mean())
+        return torch.from_numpy(result.samples.astype(np.float64))
+
+    def _merge(self) -> None:
+        if self.pending is None:
+            return
+        index, alpha = self.parts[self.pending_fragment], self.algorithm.alpha
+        self.local[:, index] = alpha * self.local[:, index] + (1 - alpha) * self.pending
+        self.pending = None
+
+    def run_round(self) -> None:
+        exp, algo, r = self.exp, self.algorithm, self.round + 1
+        system = exp.system
+        with self.timer("train_s"):
+            # the previous exchange flies during the first `overlap` steps (their batches from
+            # their own shuffle), then every worker merges it and takes the round's other steps
+            first = torch.zeros(len(self.workers))
+            overlapped = algo.overlap if self.pending is not None else 0
+            if overlapped:
+                first = self._train(overlapped, r + (1 << 40))
+                self._merge()
+            rest = self._train(self.every - overlapped, r)
+        before = system.compute_s(self.workers, first.numpy())
+        after = system.compute_s(self.workers, rest.numpy())
+        self.sim_time += round_seconds(before, after, self.exchange_s)
+        with self.timer("communicate_s"):
+            self._exchange(r)
+        self.round = r
+
+    def _exchange(self, r: int) -> None:
+        """The workers' outer gradients of this round's fragment, averaged (decoded when
+        compressed), re-encoded by the server, decoded by everyone; the outer step on it."""
+        exp, algo = self.exp, self.algorithm
+        p = synced_fragment(r, algo.fragments)
+        index = self.parts[p]
+        sent = self.local[:, index] - self.state.params[index]
+        up = np.full(len(self.workers), wire.HEADER_BYTES + 4 * len(index), dtype=np.int64)
+        down = wire.HEADER_BYTES + 4 * len(index)
+        mean = self.weights @ sent
+        if exp.uplink is not None:
+            keys = self.workers.astype(np.int64) * (1 << 32) + r
+            enc = exp.uplink.compress(sent, seed=exp.cfg.seed, keys=keys)
+            up = wire.HEADER_BYTES + enc.nbytes
+            mean = self.weights @ exp.uplink.decompress(enc)
+            back = exp.uplink.compress(mean.reshape(1, -1), seed=exp.cfg.seed,
+                                       keys=np.array([(1 << 62) + r], dtype=np.int64))
+            down = int(wire.HEADER_BYTES + back.nbytes[0])
+            mean = exp.uplink.decompress(back)[0]
+        self.state = algo.outer_step(self.state, index, mean)
+        self.pending, self.pending_fragment = self.state.params[index].clone(), p
+        system = exp.system
+        self.exchange_s = float(system.upload_s(self.workers, up).max()
+                                + system.download_s(self.workers, down).max())
+        self.fragment, self.exchange_bytes = p, int(np.sum(up))
+        self.bytes_up += int(np.sum(up))
+        self.bytes_down += down * len(self.workers)
+        if algo.overlap == 0:                      # nothing to overlap: merged before the next round
+            self._merge()
+
+    def evaluate(self) -> dict[str, Any]:
+        with self.timer("eval_s"):
+            acc, loss = self.exp.evaluator.evaluate(self.state.params.reshape(1, -1))
+        row = self.base_row()
+        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
+                   participants=len(self.workers), fragment=self.fragment,
+                   exchange_bytes=self.exchange_bytes)
+        return row
+
+    def global_params(self) -> torch.Tensor:
+        return self.state.params
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(params=self.state.params, server_round=self.state.round,
+                     server_extra=dict(self.state.extra), local=self.local.clone(),
+                     inner=self.inner.clone(), pending=self.pending,
+                     pending_fragment=self.pending_fragment, exchange_s=self.exchange_s,
+                     fragment=self.fragment, exchange_bytes=self.exchange_bytes)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.state = ServerState(state["params"], int(state["server_round"]), dict(state["server_extra"]))
+        self.local, self.inner = state["local"].clone(), state["inner"].clone()
+        self.pending = None if state["pending"] is None else state["pending"].clone()
+        self.pending_fragment = int(state["pending_fragment"])
+        self.exchange_s = float(state["exchange_s"])
+        self.fragment, self.exchange_bytes = int(state["fragment"]), int(state["exchange_bytes"])
