@@ -571,6 +571,7 @@ class CompressionConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)          # momentum correction factor (both)
     clip_norm: float | None = Field(None, gt=0)       # local clipping of each update's norm
     warmup_rounds: int = Field(0, ge=0)               # density falls from 25% to the target
+    reset: Literal["zero_buckets", "subtract"] = "zero_buckets"   # fetchsgd: how S_u, S_e forget
 
     @model_validator(mode="after")
     def _dgc_needs_topk(self) -> CompressionConfig:

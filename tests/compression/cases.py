@@ -42,4 +42,7 @@ CASES = [
     ("rqm", {"c": 1.0, "levels": 5, "q": 0.4, "extension": 0.5}),   # 3-bit indices
     ("rqm", {"c": 0.5, "levels": 2, "q": 1.0}),                       # endpoints only, 1 bit
     ("rqm", {"c": 2.0, "levels": 256, "q": 0.1, "extension": 0.0}),   # 8-bit indices
+    ("countsketch", {"rows": 5, "columns": 16}),                      # every estimate
+    ("countsketch", {"rows": 4, "ratio": 0.5, "k": 10}),              # even rows, heavy hitters
+    ("countsketch", {"rows": 1, "columns": 200, "density": 0.1}),     # one row: ties in a bucket
 ]

@@ -141,6 +141,7 @@ TAG_QSGD = 2
 TAG_QUANTIZE = 3
 TAG_POWERSGD = 4
 TAG_RQM = 5
+TAG_COUNTSKETCH = 6
 
 
 def _signed(value: int) -> int:

@@ -65,12 +65,17 @@ class Uploads:
 
 
 # --- compression with feedback ---------------------------------------------------------------
+FETCHSGD_MOMENTUM = "fetchsgd_momentum"       # ServerState.extra keys of FetchSGD's sketches
+FETCHSGD_ERROR = "fetchsgd_error"
+
+
 @dataclass
 class Compress:
-    """``compression.uplink`` with ``compression.feedback`` (none, ef, ef21, dgc).
+    """``compression.uplink`` with ``compression.feedback`` (none, ef, ef21, dgc, fetchsgd).
 
     State rows: ``memory`` (EF residual, EF21 estimate, DGC accumulation) and ``momentum``
-    (DGC), both on the client; EF21's server keeps the same estimate (``estimate``)."""
+    (DGC), both on the client; EF21's server keeps the same estimate (``estimate``). FetchSGD
+    keeps nothing on the client: its server state is two sketches (:meth:`fetch`)."""
 
     compressor: Compressor
     feedback: str = "none"
@@ -79,10 +84,11 @@ class Compress:
     momentum_factor: float = 0.9
     clip_norm: float | None = None
     warmup_rounds: int = 0
+    reset: str = "zero_buckets"                # FetchSGD: how the server sketches forget
 
     def init(self, rows: int, numel: int) -> dict[str, torch.Tensor]:
         state = {}
-        if self.feedback != "none":
+        if self.feedback not in ("none", "fetchsgd"):
             state["memory"] = torch.zeros(rows, numel)
         if self.feedback == "dgc":
             state["momentum"] = torch.zeros(rows, numel)
@@ -97,11 +103,11 @@ class Compress:
                                      warmup_rounds=self.warmup_rounds)
         return self.compressor.nominal_bytes(numel)
 
-    def apply(self, up: Uploads, state: dict[str, torch.Tensor]) -> tuple[Uploads, torch.Tensor,
-                                                                         dict[str, torch.Tensor]]:
+    def apply(self, up: Uploads, state: dict[str, torch.Tensor]
+              ) -> tuple[Uploads, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Client side: encode each update; returns the uploads carrying ``encoded``, what the
-        server will rebuild as the update (``decoded``; EF21: the new estimate) and the new
-        state rows."""
+        server will rebuild as the update (``decoded``; EF21: the new estimate; FetchSGD: None,
+        the server decodes only the sum, :meth:`fetch`) and the new state rows."""
         from gossamer.compression import dgc_step, ef21, error_feedback
 
         keys, seed, new = upload_keys(up.clients, up.round), self.seed, dict(state)
@@ -117,10 +123,26 @@ class Compress:
         elif self.feedback == "ef21":                   # both ends hold the same estimate
             enc, decoded = ef21(self.compressor, up.delta(), state["memory"], seed=seed, keys=keys)
             new["memory"] = decoded
+        elif self.feedback == "fetchsgd":                # sketches, summed by the server
+            enc, decoded = self.compressor.compress(up.delta(), seed=seed, keys=keys), None
         else:
             enc = self.compressor.compress(up.delta(), seed=seed, keys=keys)
             decoded = self.compressor.decompress(enc)
         return replace(up, encoded=enc), decoded, new
+
+    def fetch(self, extra: dict[str, torch.Tensor], tables: torch.Tensor, weights: torch.Tensor,
+              numel: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """FetchSGD's server side (``feedback: fetchsgd``): the round's update ``[P]`` from the
+        delivered uploads' sketches ``tables [B, r, c]`` and their mean weights ``[B]`` (summing
+        to 1), and the server buffers ``extra`` (``ServerState.extra``) with the new momentum
+        and error sketches (``FETCHSGD_MOMENTUM``, ``FETCHSGD_ERROR``; absent: zero)."""
+        from gossamer.compression import fetchsgd_step
+
+        table = (weights.to(tables.dtype)[:, None, None] * tables).sum(0)
+        step = fetchsgd_step(self.compressor, table, extra.get(FETCHSGD_MOMENTUM),
+                             extra.get(FETCHSGD_ERROR), numel=numel, seed=self.seed,
+                             rho=self.momentum_factor, reset=self.reset)
+        return step.update, {**extra, FETCHSGD_MOMENTUM: step.momentum, FETCHSGD_ERROR: step.error}
 
     def to_bytes(self, up: Uploads, row: int = 0) -> bytes:
         """The wire form of one upload: the encoded model block, then the float32 extras."""
@@ -273,7 +295,7 @@ def build_pipeline(cfg, algorithm, numel: int, compressor: Compressor | None) ->
     if compressor is not None:
         density = float(comp.uplink.params.get("density", 0.0)) if comp.feedback == "dgc" else 0.0
         pipe.compress = Compress(compressor, comp.feedback, seed, density, comp.momentum,
-                                 comp.clip_norm, comp.warmup_rounds)
+                                 comp.clip_norm, comp.warmup_rounds, comp.reset)
     if dp is not None:
         pipe.extra_columns.append("epsilon")
         if dp.mechanism == "rqm":

@@ -226,7 +226,7 @@ class SyncFLDriver(Driver):
             for k, v in state.items():
                 self.stage_state[k][idx] = v
             self.sent_up = wire.HEADER_BYTES + pipe.extra_bytes + up.encoded.nbytes
-            up = up.with_delta(decoded)
+            up = self._fetchsgd(up, delivered) if decoded is None else up.with_delta(decoded)
         if self.dp is not None and self.dp.level == "sample":
             self.dp_ledger.sample_steps(up.clients, steps)
         elif pipe.rqm is not None:             # every trained client sends its update quantized
@@ -249,6 +249,19 @@ class SyncFLDriver(Driver):
         if self.secagg is not None:
             up, delivered = self._secure_mean(up, delivered)
         return up, delivered
+
+    def _fetchsgd(self, up: Uploads, delivered: np.ndarray) -> Uploads:
+        """FetchSGD's server (``Compress.fetch``): the delivered sketches' weighted mean moves
+        the momentum and error sketches in ``ServerState.extra`` (so they checkpoint), and every
+        row becomes ``start + update`` (the algorithm's mean of equal rows returns it)."""
+        keep = torch.from_numpy(delivered)
+        if not keep.any():
+            return up
+        weights = self.algorithm.mean_weights(self.exp.trainer.sizes[up.clients[delivered]])
+        update, extra = self.pipeline.compress.fetch(self.state.extra, up.encoded.parts["table"][keep],
+                                                     weights, self.exp.spec.numel)
+        self.state = ServerState(self.state.params, self.state.round, extra)
+        return up.with_delta(update.expand(len(up.clients), -1))
 
     def _secure_mean(self, up: Uploads, delivered: np.ndarray, deltas: torch.Tensor | None = None,
                      dp_expected: int = 0) -> tuple[Uploads, np.ndarray]:
