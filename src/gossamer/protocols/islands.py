@@ -39,6 +39,15 @@ def fragments(groups: list[int], count: int) -> list[torch.Tensor]:
     return [torch.arange(bounds[i], bounds[i + 1]) for i in range(count)]
 
 
+def equal_fragments(numel: int, count: int) -> list[torch.Tensor]:
+    """``count`` contiguous runs of the flat parameter vector of equal size (the first ones one
+    value longer when ``count`` does not divide ``numel``); a layer may be split."""
+    if count < 1 or count > numel:
+        raise ValueError(f"fragments must be between 1 and the model's {numel} values, got {count}")
+    bounds = [numel * k // count for k in range(count + 1)]
+    return [torch.arange(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
 def layer_sizes(names: list[str], numels: list[int]) -> list[int]:
     """Sizes of the layers: consecutive parameters whose names share the module prefix."""
     sizes, prefix = [], None

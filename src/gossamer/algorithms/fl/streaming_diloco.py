@@ -7,7 +7,7 @@ Distributed Free Lunch", arXiv:2501.18512.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -18,8 +18,10 @@ from gossamer.algorithms.fl.fedavg import ServerState
 @dataclass(frozen=True)
 class StreamingDiLoCo(DiLoCo):
     """Workers keep their own model and inner AdamW state; every ``H / fragments`` inner steps
-    (``local.steps: H``) one fragment (a run of layers, about ``P / fragments`` values) is
-    exchanged: the
+    (``local.steps: H``) one fragment of about ``P / fragments`` values is exchanged
+    (``fragment_by: size``: equal runs of the flat parameter vector, so one exchange carries
+    exactly ``1 / fragments`` of the model; ``layers``: runs of whole layers, as the paper
+    cuts a large model, unequal on a small one): the
     workers' outer gradients for it (``global - local``, through ``compression.uplink`` if set,
     e.g. 4-bit quantization) are averaged, the outer optimizer (Nesterov) steps that fragment
     of the global model, and ``overlap`` inner steps later every worker sets its fragment to
@@ -32,6 +34,7 @@ class StreamingDiLoCo(DiLoCo):
     fragments: int = 4
     overlap: int = 1
     alpha: float = 0.5
+    fragment_by: Literal["size", "layers"] = "size"
 
     def __post_init__(self) -> None:
         super().__post_init__()

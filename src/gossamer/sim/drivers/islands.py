@@ -11,7 +11,13 @@ import torch
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.local import LocalObjective
-from gossamer.protocols.islands import fragments, layer_sizes, round_seconds, synced_fragment
+from gossamer.protocols.islands import (
+    equal_fragments,
+    fragments,
+    layer_sizes,
+    round_seconds,
+    synced_fragment,
+)
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
 from gossamer.training.trainer import AdamW
@@ -36,9 +42,12 @@ class IslandsDriver(Driver):
         self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
         self.local = self.state.params.expand(len(self.workers), -1).clone()
         self.inner = torch.zeros(len(self.workers), AdamW.state_width(numel))
-        views = exp.spec.views(self.state.params.reshape(1, -1))
-        self.parts = fragments(layer_sizes(list(views), [v[0].numel() for v in views.values()]),
-                               algo.fragments)
+        if algo.fragment_by == "size":
+            self.parts = equal_fragments(numel, algo.fragments)
+        else:
+            views = exp.spec.views(self.state.params.reshape(1, -1))
+            self.parts = fragments(layer_sizes(list(views), [v[0].numel() for v in views.values()]),
+                                   algo.fragments)
         self.weights = algo.mean_weights(exp.trainer.sizes[self.workers], self.local.dtype)
         self.pending: torch.Tensor | None = None      # the fragment's new global value, to merge
         self.pending_fragment = -1
