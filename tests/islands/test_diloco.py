@@ -25,18 +25,32 @@ def _config():
                         partition={"name": "iid", "num_nodes": 4})
 
 
-def test_nesterov_server_step_is_torch_sgd_with_nesterov_on_the_pseudo_gradient():
-    opt = ServerOptimizer("nesterov", lr=0.7, beta1=0.9)
+@pytest.mark.parametrize("name", ["nesterov", "adamw"])
+def test_server_steps_are_torch_optimizers_on_the_pseudo_gradient(name):
+    """nesterov: torch.optim.SGD(nesterov=True); adamw: torch.optim.AdamW, both stepping with
+    the gradient ``-delta``."""
+    if name == "nesterov":
+        opt = ServerOptimizer("nesterov", lr=0.7, beta1=0.9)
+        make = lambda p: torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True)      # noqa: E731
+    else:
+        opt = ServerOptimizer("adamw", lr=0.01, beta1=0.9, beta2=0.95, tau=1e-8, weight_decay=0.1)
+        make = lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.95), eps=1e-8,   # noqa: E731
+                                           weight_decay=0.1)
     x = torch.randn(5)
     ref = nn.Parameter(x.clone())
-    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    torch_opt = make([ref])
     buffers: dict = {}
-    for _ in range(4):
+    for _ in range(5):
         delta = torch.randn(5)
         x, buffers = opt.step(x, delta, buffers)
         ref.grad = -delta
-        sgd.step()
+        torch_opt.step()
         assert torch.allclose(x, ref.detach(), atol=1e-6)
+
+
+def test_server_weight_decay_is_adamw_only():
+    with pytest.raises(ValueError, match="server_weight_decay"):
+        ServerOptimizer("sgd", weight_decay=0.1)
 
 
 def test_diloco_equals_a_hand_written_reference_over_outer_steps():
@@ -80,19 +94,3 @@ def test_diloco_requires_adamw_and_resumes_bit_identically(tmp_path):
     assert rest.driver.client_state[:, -1].tolist() == [8.0] * 4      # the inner state came back
     rest.run()
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
-
-
-def test_adamw_server_step_is_torch_adamw_on_the_pseudo_gradient():
-    opt = ServerOptimizer("adamw", lr=0.01, beta1=0.9, beta2=0.95, tau=1e-8, weight_decay=0.1)
-    x = torch.randn(5)
-    ref = nn.Parameter(x.clone())
-    adam = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    buffers: dict = {}
-    for _ in range(5):
-        delta = torch.randn(5)
-        x, buffers = opt.step(x, delta, buffers)
-        ref.grad = -delta
-        adam.step()
-        assert torch.allclose(x, ref.detach(), atol=1e-6)
-    with pytest.raises(ValueError, match="server_weight_decay"):
-        ServerOptimizer("sgd", weight_decay=0.1)

@@ -7,23 +7,12 @@ import torch
 from torch import nn
 
 from gossamer.algorithms.local import LocalObjective
-from gossamer.models import ParamSpec, build_model, make_stacked_forward
-from gossamer.training.trainer import AdamW, BatchedTrainer, LocalSchedule
+from gossamer.training.trainer import AdamW, LocalSchedule
+from tests.training.test_trainer import _setup as setup
 
 
 def _setup(sizes, schedule, opt):
-    g = torch.Generator().manual_seed(0)
-    total = sum(sizes)
-    x = torch.randn(total, 6, generator=g)
-    y = torch.randint(0, 3, (total,), generator=g)
-    model = build_model("mlp", (6,), 3, seed=0, hidden=[5])
-    spec = ParamSpec.from_module(model)
-    forward = make_stacked_forward(model, spec, x[0])
-    bounds = np.cumsum([0, *sizes])
-    shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-    trainer = BatchedTrainer(forward, spec, x, y, shards, schedule, opt, seed=3,
-                             kernel=model.stacked_kernel)
-    return trainer, model, spec, x, y
+    return setup(sizes, schedule, opt, fused=True)       # a fused kernel exists; AdamW declines it
 
 
 def _reference(trainer, model, spec, x, y, rows, nodes, keys, opt):

@@ -552,6 +552,18 @@ class BatchedTrainer:
         else:
             self._adamw_step(leaves, grads, adam, active, objective, terms)
 
+    def _with_terms(self, leaf: torch.Tensor, grad: torch.Tensor, k: int,
+                    objective: LocalObjective | None,
+                    terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> torch.Tensor:
+        """Leaf ``k``'s gradient scaled and with the objective's terms added (the step's
+        direction before the optimizer's own arithmetic)."""
+        if objective is None:
+            return grad
+        if objective.grad_scale != 1.0:
+            grad = grad * objective.grad_scale
+        extra = self._extra(leaf, terms[k], objective) if terms else None
+        return grad if extra is None else grad + extra
+
     def _adamw_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
                     adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
                     active: torch.Tensor, objective: LocalObjective | None,
@@ -568,12 +580,7 @@ class BatchedTrainer:
         for k, (leaf, grad) in enumerate(zip(leaves, grads, strict=True)):
             shape = (-1, *([1] * (leaf.dim() - 1)))
             mask = active.view(shape)
-            if objective is not None:
-                if objective.grad_scale != 1.0:
-                    grad = grad * objective.grad_scale
-                extra = self._extra(leaf, terms[k], objective) if terms else None
-                if extra is not None:
-                    grad = grad + extra
+            grad = self._with_terms(leaf, grad, k, objective, terms)
             new_m = m[k] * opt.beta1 + grad * (1 - opt.beta1)
             new_v = v[k] * opt.beta2 + grad * grad * (1 - opt.beta2)
             step = (new_m / correct1.view(shape)) / (new_v.sqrt() / correct2.view(shape) + opt.eps)
@@ -591,12 +598,7 @@ class BatchedTrainer:
         all_active = bool(active.all())
         for k, (leaf, grad) in enumerate(zip(leaves, grads, strict=True)):
             mask = active.view(-1, *([1] * (leaf.dim() - 1)))
-            if objective is not None:
-                if objective.grad_scale != 1.0:
-                    grad = grad * objective.grad_scale
-                extra = self._extra(leaf, terms[k], objective) if terms else None
-                if extra is not None:
-                    grad = grad + extra
+            grad = self._with_terms(leaf, grad, k, objective, terms)
             if opt.weight_decay:
                 grad = grad + opt.weight_decay * leaf
             if bufs is not None:
