@@ -114,3 +114,7 @@ def test_bad_schedules_are_refused_in_one_line():
         IslandsDriver(build_experiment(config.validate(cfg)))
     with pytest.raises(ValueError, match="server_optimizer"):
         config.validate(_config({"server_optimizer": "adam"}))
+    cfg = _config({"fragments": 2}, system={"availability": {"model": "markov", "mean_on_s": 5,
+                                                               "mean_off_s": 1}})
+    with pytest.raises(ValueError, match="not modelled"):
+        IslandsDriver(build_experiment(config.validate(cfg)))

@@ -37,6 +37,11 @@ class IslandsDriver(Driver):
         if algo.overlap > self.every:
             raise ValueError(f"{cfg.algorithm.name}: overlap ({algo.overlap}) must be at most "
                              f"H / fragments ({self.every}) inner steps")
+        if (exp.faults is not None and exp.faults.enabled) or exp.availability.model != "always" \
+                or (exp.adversary is not None and exp.adversary.model_attack):
+            raise ValueError(f"{cfg.algorithm.name}: every worker takes part in every exchange "
+                             "here; faults, availability other than always and attacks are not "
+                             "modelled for it yet")
         self.workers = np.flatnonzero(exp.trainer.sizes > 0)
         numel = exp.spec.numel
         self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
