@@ -25,6 +25,7 @@ from gossamer.algorithms.fl.fedavg import (
 )
 from gossamer.algorithms.fl.fedcompass import FedCompass
 from gossamer.algorithms.fl.general_theory import AsyncFedAvg
+from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.algorithms.fl.streaming_diloco import StreamingDiLoCo
 from gossamer.algorithms.fl.zo import ZOFedAvg
@@ -62,5 +63,7 @@ ALGORITHMS.register("fedast")(FedAST)
 ALGORITHMS.register("random_walk")(RandomWalk)
 ALGORITHMS.register("srrw")(SRRW)
 ALGORITHMS.register("zo_fedavg")(ZOFedAvg)
+ALGORITHMS.register("gradient_coding")(GradientCoding)
+ALGORITHMS.register("sequential_gradient_coding")(SequentialGradientCoding)
 
 __all__ = ["ALGORITHMS", "Algorithm", "DPSGD", "FedAvg", "GossipLearning", "MoDeST"]

@@ -39,6 +39,7 @@ PATTERNS: dict[str, Pattern] = {
     "sampled_dl": Pattern("gossamer.protocols.modest", _SIM + "modest:ModestDriver",
                           _RT + "modest_peer:ModestPeer", "peer"),
     "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver"),
+    "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver"),
     "random_walk": Pattern("gossamer.protocols.random_walk", _SIM + "random_walk:RandomWalkDriver",
                            _RT + "walk_peer:WalkPeer", "peer"),
 }

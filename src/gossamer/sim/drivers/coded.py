@@ -1,0 +1,242 @@
+"""Gradient coding on the simulated clock: synchronous full-gradient descent that closes each
+round without its stragglers (protocols/coding.py decides; algorithms/fl/gradient_coding.py).
+
+A round: every worker downloads the model, computes the gradients of the ``s + 1`` partitions it
+holds (``s + 1`` shards' samples times its seconds per sample, times a straggler's
+``faults.stragglers`` factor) and uploads one coded vector; its arrival is download + compute +
+upload (+ ``faults.delay_spikes``). Classic gradient coding closes the round at the ``n - s``-th
+arrival and decodes that round's gradient; the selective-reattempt scheme closes it at the
+earliest arrival its straggler model allows and decodes the gradient started ``B`` rounds before
+(the coded vectors of a job are kept until it is decoded; a reattempting worker recomputes its
+task of that job at the model it downloaded then). Workers not waited for are told to stop:
+their uploads are not sent. Bytes: the model down to every worker, one coded vector up from each
+worker waited for (float32 for the fractional repetition code, float64 for the cyclic one).
+Placing each worker's ``s + 1`` partitions on it before training is not simulated.
+Refused in one line: faults other than stragglers and delay spikes, availability other than
+``always``, model attacks, differential privacy, secure aggregation, compression, independent
+inits, local-training options (workers take full-shard gradients; the step is the server's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer import rng, wire
+from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
+from gossamer.config import ConfigError
+from gossamer.protocols.coding import (
+    SelectiveReattempt,
+    cyclic_code,
+    first_arrivals,
+    fractional_code,
+)
+from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
+from gossamer.sim.experiment import Experiment
+
+CODE_KEY = 1 << 62
+"""Key of the cyclic code's random matrix under ``rng.STREAM_SYSTEM`` (the profile fields use
+keys 0..5)."""
+
+
+class CodedDriver(Driver):
+    """Runs :class:`GradientCoding` and :class:`SequentialGradientCoding`."""
+
+    columns = Driver.columns + ["job", "waited", "stragglers", "reattempts", "load", "decode_residual"]
+
+    def __init__(self, exp: Experiment) -> None:
+        _refuse_unsupported(exp)
+        super().__init__(exp)
+        self.algorithm = algo = exp.algorithm
+        n, numel, s = exp.num_nodes, exp.spec.numel, algo.code_s
+        self.workers = np.arange(n)
+        if algo.code == "fractional":
+            self.code = fractional_code(n, s)
+        else:
+            self.code = cyclic_code(n, s, rng.generator(exp.cfg.seed, rng.STREAM_SYSTEM, CODE_KEY))
+        self.matrix = torch.from_numpy(self.code.matrix)
+        sizes = exp.trainer.sizes.astype(np.int64)
+        self.weights = torch.from_numpy(algo.partition_weights(sizes))
+        self.task_samples = np.array([sizes[p].sum() for p in self.code.partitions()], dtype=np.float64)
+        self.message_dtype = torch.float32 if algo.code == "fractional" else torch.float64
+        self.up_bytes = wire.encoded_size(numel, self.message_dtype)
+        self.down_bytes = wire.encoded_size(numel)
+        self.state: ServerState = algo.init_state(exp.init_params.reshape(-1))
+        self.scheme: SelectiveReattempt | None = None
+        self.pending: torch.Tensor | None = None    # coded vectors of jobs r - B .. r, by job % (B + 1)
+        if isinstance(algo, SequentialGradientCoding):
+            self.scheme = SelectiveReattempt(n, algo.burst, algo.window, algo.stragglers)
+            self.pending = torch.zeros(algo.burst + 1, n, numel, dtype=self.message_dtype)
+        # this round's metrics and the run's totals
+        self.job, self.waited, self.stragglers, self.reattempts = 0, 0, 0, 0
+        self.residual = 0.0
+        self.max_residual = 0.0
+        self.skipped = 0                         # worker-rounds closed without waiting for them
+        self.waited_for_all = 0                  # rounds that waited for every worker
+
+    # --- one round ---------------------------------------------------------------------------
+    def run_round(self) -> None:
+        exp, algo, system, faults = self.exp, self.algorithm, self.exp.system, self.exp.faults
+        r, n = self.round + 1, len(self.workers)
+        with self.timer("train_s"):
+            coded = self._encode()
+        jobs = self.scheme.tasks(r) if self.scheme is not None else np.full(n, r, dtype=np.int64)
+        compute_s = system.compute_s(self.workers, self.task_samples)
+        down_s = system.download_s(self.workers, self.down_bytes)
+        up_s = system.upload_s(self.workers, self.up_bytes)
+        if faults.enabled:                       # 2r: downlink, 2r+1: uplink, as in sync FL
+            server = np.full(n, exp.num_nodes)
+            compute_s = compute_s * faults.slowdown(r, self.workers)
+            down_s = down_s + faults.extra_delay(2 * r, server, self.workers)
+            up_s = up_s + faults.extra_delay(2 * r + 1, self.workers, server)
+        arrival = down_s + compute_s + up_s
+        with self.timer("communicate_s"):
+            if self.scheme is None:
+                arrived, round_s = first_arrivals(arrival, n - algo.code_s)
+                got = np.zeros(n, dtype=bool)
+                got[arrived] = True
+                self.job, self.reattempts = r, 0
+                self._decode(coded, arrived)
+            else:
+                slot = r % (algo.burst + 1)
+                self.pending[slot] = coded
+                closing = self.scheme.close(r, jobs, arrival)
+                round_s, got = closing.round_s, ~closing.stragglers
+                self.job, self.reattempts = closing.job, int((jobs != r).sum())
+                if closing.job >= 1:
+                    self._decode(self.pending[closing.job % (algo.burst + 1)], closing.contributors)
+                else:
+                    self.residual = 0.0
+        self.waited, self.stragglers = int(got.sum()), int(n - got.sum())
+        self.skipped += self.stragglers
+        self.waited_for_all += int(self.stragglers == 0)
+        sent_down, sent_up = n * self.down_bytes, self.waited * self.up_bytes
+        self.bytes_down += sent_down
+        self.bytes_up += sent_up
+        self.node_steps += n
+        self.sim_time += round_s + system.server_fanout_s(sent_down) + system.server_fanout_s(sent_up)
+        self.round = r
+
+    def _encode(self) -> torch.Tensor:
+        """Every worker's coded vector ``B[i] . (w * g)`` ``[n, P]`` for a job at the current
+        model (in the message dtype), from the partitions' full-shard gradients."""
+        params = self.state.params
+        grads, losses = self.exp.trainer.full_gradient(params.expand(len(self.workers), -1), self.workers)
+        self.train_loss = float(self.weights @ losses.double())
+        return (self.matrix @ (self.weights[:, None] * grads.double())).to(self.message_dtype)
+
+    def _decode(self, coded: torch.Tensor, arrived: np.ndarray) -> None:
+        """The full gradient from the coded vectors of ``arrived``; the server's step on it."""
+        a, self.residual = self.code.decoding_vector(arrived)
+        self.max_residual = max(self.max_residual, self.residual)
+        index = torch.from_numpy(np.asarray(arrived, dtype=np.int64))
+        weights = torch.from_numpy(a)[index]
+        gradient = (weights @ coded[index].double()).to(self.state.params.dtype)
+        self.state = self.algorithm.step(self.state, gradient)
+
+    # --- metrics and checkpoints ---------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        with self.timer("eval_s"):
+            acc, loss = self.exp.evaluator.evaluate(self.state.params.reshape(1, -1))
+        row = self.base_row()
+        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]), job=self.job,
+                   waited=self.waited, stragglers=self.stragglers, reattempts=self.reattempts,
+                   load=self.algorithm.load, decode_residual=self.residual)
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        algo = self.algorithm
+        total = float(self.exp.trainer.sizes.sum())
+        tolerated = algo.stragglers if isinstance(algo, SequentialGradientCoding) else algo.code_s
+        return {"coded": {"code": algo.code, "s": algo.code_s, "stragglers_tolerated": tolerated,
+                          "partitions_per_worker": algo.load, "delay_rounds": algo.delay,
+                          "compute_overhead": float(self.task_samples.sum()) / total,
+                          "worker_rounds_not_waited_for": self.skipped,
+                          "rounds_waiting_for_all": self.waited_for_all,
+                          "max_decode_residual": self.max_residual}}
+
+    def global_params(self) -> torch.Tensor:
+        return self.state.params
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(params=self.state.params.clone(), server_round=self.state.round,
+                     server_extra={k: v.clone() for k, v in self.state.extra.items()},
+                     pending=None if self.pending is None else self.pending.clone(),
+                     scheme=None if self.scheme is None else _to_tensor(self.scheme.state_dict()),
+                     job=self.job, waited=self.waited, stragglers=self.stragglers,
+                     reattempts=self.reattempts, residual=self.residual,
+                     max_residual=self.max_residual, skipped=self.skipped,
+                     waited_for_all=self.waited_for_all)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.state = ServerState(state["params"].clone(), int(state["server_round"]),
+                                 {k: v.clone() for k, v in state["server_extra"].items()})
+        if self.scheme is not None:
+            self.pending = state["pending"].clone()
+            self.scheme.load_state_dict(_to_numpy(state["scheme"]))
+        self.job, self.waited = int(state["job"]), int(state["waited"])
+        self.stragglers, self.reattempts = int(state["stragglers"]), int(state["reattempts"])
+        self.residual, self.max_residual = float(state["residual"]), float(state["max_residual"])
+        self.skipped, self.waited_for_all = int(state["skipped"]), int(state["waited_for_all"])
+
+
+def _refuse_unsupported(exp: Experiment) -> None:
+    """One-line config errors for what coded rounds do not run with."""
+    cfg, algo, n = exp.cfg, exp.algorithm, exp.num_nodes
+    name = cfg.algorithm.name
+    if isinstance(algo, GradientCoding) and algo.s >= n:
+        raise ConfigError("algorithm.params.s", f"{name} tolerates s stragglers per round, which "
+                          f"must be below the number of workers: s = {algo.s}, partition.num_nodes "
+                          f"= {n}")
+    if isinstance(algo, SequentialGradientCoding) and algo.stragglers >= n:
+        raise ConfigError("algorithm.params.stragglers", f"{name}: stragglers (lambda = "
+                          f"{algo.stragglers}) must be below the number of workers "
+                          f"(partition.num_nodes = {n})")
+    if algo.code == "fractional" and n % (algo.code_s + 1):
+        raise ConfigError("algorithm.params.code", f"the fractional repetition code needs s + 1 = "
+                          f"{algo.code_s + 1} to divide the {n} workers; use code: cyclic")
+    empty = np.flatnonzero(exp.trainer.sizes == 0)
+    if len(empty):
+        raise ConfigError("partition", f"{name} codes over every node's shard: node {empty[0]} "
+                          "has no samples")
+    for key in ("crash", "churn", "message_loss"):
+        if getattr(cfg.faults, key) is not None:
+            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
+                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
+    for key in ("events", "partitions"):
+        if getattr(cfg.faults, key):
+            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
+                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
+    if exp.availability.model != "always":
+        raise ConfigError("system.availability", f"{name} needs every worker every round: "
+                          "availability always")
+    if exp.adversary is not None and exp.adversary.model_attack:
+        raise ConfigError("adversary.attack", f"{name} does not support model attacks (data "
+                          "attacks such as label_flip work)")
+    if cfg.privacy.dp is not None:
+        raise ConfigError("privacy.dp", f"{name} does not support differential privacy")
+    if cfg.privacy.secure_aggregation is not None:
+        raise ConfigError("privacy.secure_aggregation", f"{name} does not support secure aggregation")
+    for key in ("uplink", "downlink"):
+        if getattr(cfg.compression, key) is not None:
+            raise ConfigError(f"compression.{key}", f"{name} decodes exact coded vectors: no "
+                              "compression")
+    if cfg.model.init == "independent":
+        raise ConfigError("model.init", f"{name} trains one global model: use model.init: same")
+    local = cfg.local
+    if local.steps is not None or local.epochs not in (None, 1):
+        raise ConfigError("local.steps" if local.steps is not None else "local.epochs",
+                          f"{name} computes one full-shard gradient per partition per round")
+    if local.optimizer != "sgd":
+        raise ConfigError("local.optimizer", f"{name} steps on the server "
+                          "(algorithm.params.server_optimizer); local.optimizer must be sgd")
+    for key in ("momentum", "weight_decay", "sam_rho"):
+        if getattr(local, key):
+            raise ConfigError(f"local.{key}", f"{name} steps on the server "
+                              f"(algorithm.params.server_*); local.{key} must be 0")
