@@ -26,6 +26,7 @@ from gossamer.algorithms.fl.fedavg import (
 from gossamer.algorithms.fl.fedcompass import FedCompass
 from gossamer.algorithms.fl.general_theory import AsyncFedAvg
 from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
+from gossamer.algorithms.fl.isolated_experts import IsolatedExperts
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.algorithms.fl.streaming_diloco import StreamingDiLoCo
 from gossamer.algorithms.fl.zo import ZOFedAvg
@@ -41,6 +42,7 @@ ALGORITHMS.register("fedyogi")(FedYogi)
 ALGORITHMS.register("fedavg_m")(FedAvgMomentum)
 ALGORITHMS.register("diloco")(DiLoCo)
 ALGORITHMS.register("streaming_diloco")(StreamingDiLoCo)
+ALGORITHMS.register("isolated_experts")(IsolatedExperts)
 ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)
 ALGORITHMS.register("fedamd")(FedAMD)

@@ -38,6 +38,7 @@ PATTERNS: dict[str, Pattern] = {
                             _RT + "gossip_peer:GossipPeer", "peer"),
     "sampled_dl": Pattern("gossamer.protocols.modest", _SIM + "modest:ModestDriver",
                           _RT + "modest_peer:ModestPeer", "peer"),
+    "experts": Pattern("gossamer.algorithms.fl.isolated_experts", _SIM + "experts:ExpertsDriver"),
     "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver"),
     "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver"),
     "random_walk": Pattern("gossamer.protocols.random_walk", _SIM + "random_walk:RandomWalkDriver",
