@@ -76,13 +76,13 @@ def test_launch_matches_the_simulator(write_config, tmp_path):
 
 
 @pytest.mark.parametrize("name, params", [("scaffold_m", {"prox_mu": 0.01}),
-                                          ("fedadam", {"server_lr": 0.05}),
                                           ("fedamd", {"anchor_prob": 0.5}),
                                           ("diloco", {})])
 def test_stateful_clients_and_server_optimizers_match_the_simulator(write_config, tmp_path, name, params):
     """SCAFFOLD-M: a 3-vector payload, 2-vector uploads, control variates kept by the client
-    process, the proximal term and the server momentum; FedAdam: the server's optimizer;
-    DiLoCo: the inner AdamW state kept by each worker process, the Nesterov outer step."""
+    process, the proximal term and the server momentum; DiLoCo: the inner AdamW state kept by
+    each worker process and the server's optimizer (Nesterov; every server optimizer is the
+    same ServerOptimizer.step in both executors)."""
     cfg = _cfg()
     cfg["algorithm"] = {"name": name, "params": params}
     if name == "diloco":
