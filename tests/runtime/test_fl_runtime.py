@@ -106,21 +106,32 @@ def test_over_selection_closes_rounds_at_the_wanted_uploads(write_config, tmp_pa
     assert [r["participants"] for r in rows[1:]] == ["2", "2", "2"]      # 4 selected, first 2 kept
 
 
-def test_killed_client_is_dropped_and_the_run_finishes(write_config, tmp_path, procs):
+def test_elastic_diloco_a_killed_worker_is_dropped_and_a_late_one_joins(write_config, tmp_path, procs):
+    """DiLoCo workers on real processes with changing membership: the run starts once 3 of 4
+    have joined (runtime.min_clients), one is killed (kill -9) in the middle of outer step 2,
+    which closes without it at its deadline, and the fourth joins while that step waits; it
+    receives the current global model with its first task (and starts a fresh inner
+    optimizer). Every outer step happens exactly once and the run finishes."""
     port = _free_port()
-    path = write_config(_cfg(round_timeout_s=8, server=f"127.0.0.1:{port}"))   # honest clients
-    out = tmp_path / "run"                                # finish in time on a loaded machine
+    cfg = _cfg(round_timeout_s=8, server=f"127.0.0.1:{port}", min_clients=3)   # honest clients
+    cfg["algorithm"] = {"name": "diloco"}             # finish in time on a loaded machine
+    cfg["local"] = {"optimizer": "adamw", "lr": 0.01, "steps": 20, "batch_size": 16}
+    cfg["stop"] = {"rounds": 8}                       # the newcomer has outer steps 2-8 to start
+    path = write_config(cfg)
+    out = tmp_path / "run"
     server = procs.start("server", str(path), "--out", str(out))
     victim = None
-    for i in range(4):
-        env = subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="2") if i == 3 else None
+    for i in range(3):
+        env = subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="2") if i == 2 else None
         p = procs.start("client", str(path), "--id", str(i), env=env)
-        victim = p if i == 3 else victim
+        victim = p if i == 2 else victim
+    assert victim.wait(timeout=120) == -signal.SIGKILL                # killed in outer step 2
+    procs.start("client", str(path), "--id", "3")                     # joins late
     assert server.wait(timeout=120) == 0, server.stdout.read().decode()[-2000:]
-    assert victim.wait(timeout=10) == -signal.SIGKILL
     rows = _rows(out)
-    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
-    assert [r["participants"] for r in rows[1:]] == ["4", "3", "3"]
+    assert [r["round"] for r in rows] == [str(r) for r in range(9)]
+    parts = [int(r["participants"]) for r in rows[1:]]
+    assert parts[:2] == [3, 2] and parts[-1] == 3                      # 0, 1 and the newcomer
 
 
 def test_server_restart_loses_and_repeats_no_round(write_config, tmp_path, procs):
