@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gossamer.algorithms.base import Algorithm
-from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName
+from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName, from_fields
 from gossamer.algorithms.local import LocalObjective
 
 
@@ -112,8 +112,7 @@ class FedAvg(Algorithm):
 
     @property
     def optimizer(self) -> ServerOptimizer:
-        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
-                               self.server_beta2, self.server_tau, self.server_weight_decay)
+        return from_fields(self)
 
     # --- shapes of what travels --------------------------------------------------------------
     @property

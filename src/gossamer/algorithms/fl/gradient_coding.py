@@ -18,7 +18,7 @@ import torch
 
 from gossamer.algorithms.base import Algorithm
 from gossamer.algorithms.fl.fedavg import ServerState
-from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName
+from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName, from_fields
 from gossamer.protocols.coding import sequential_s
 
 
@@ -54,8 +54,7 @@ class _CodedDescent(Algorithm):
 
     @property
     def optimizer(self) -> ServerOptimizer:
-        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
-                               self.server_beta2, self.server_tau, self.server_weight_decay)
+        return from_fields(self)
 
     @property
     def code_s(self) -> int:

@@ -99,3 +99,12 @@ class ServerOptimizer:
             v = v - (1 - self.beta2) * sq * torch.sign(v - sq)
         new = params + self.lr * m / (v.sqrt() + self.tau)
         return new, {**buffers, "server_m": m, "server_v": v}
+
+
+def from_fields(algorithm: object) -> ServerOptimizer:
+    """The :class:`ServerOptimizer` an algorithm configures with its ``server_optimizer``,
+    ``server_lr``, ``server_momentum``, ``server_beta2``, ``server_tau`` and
+    ``server_weight_decay`` fields (a one-line ValueError for a bad combination)."""
+    a = algorithm
+    return ServerOptimizer(a.server_optimizer, a.server_lr, a.server_momentum, a.server_beta2,
+                           a.server_tau, a.server_weight_decay)
