@@ -323,17 +323,11 @@ def _attach_compression(exp: Experiment) -> None:
         if comp.feedback != "none":
             raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")
         return
-    if algorithm.pattern == "islands":              # the fragments' outer gradients
-        if comp.feedback != "none":
-            raise ConfigError("compression.feedback", f"{cfg.algorithm.name} compresses each "
-                              "exchange on its own: feedback none only")
-        with _user_error("compression.uplink.params"):
-            exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
-        if exp.uplink.needs_spec:
-            raise ConfigError("compression.uplink", f"{comp.uplink.name} works on whole models; "
-                              f"{cfg.algorithm.name} exchanges fragments")
-        return
-    if algorithm.pattern != "sync_fl":
+    islands = algorithm.pattern == "islands"          # compresses the fragments' outer gradients
+    if islands and comp.feedback != "none":
+        raise ConfigError("compression.feedback", f"{cfg.algorithm.name} compresses each "
+                          "exchange on its own: feedback none only")
+    if not islands and algorithm.pattern != "sync_fl":
         raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
                           f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
     if algorithm.split_roles:
@@ -345,6 +339,11 @@ def _attach_compression(exp: Experiment) -> None:
                           "mean (a robust rule, client momentum or further upload vectors)")
     with _user_error("compression.uplink.params"):
         exp.uplink = build_compressor(comp.uplink.name, comp.uplink.params, spec=exp.spec)
+    if islands:
+        if exp.uplink.needs_spec:
+            raise ConfigError("compression.uplink", f"{comp.uplink.name} works on whole models; "
+                              f"{cfg.algorithm.name} exchanges fragments")
+        return
     variable = exp.uplink.nominal_bytes(exp.spec.numel) is None
     if variable and (algorithm.deadline_s is not None or algorithm.over_selection):
         raise ConfigError("compression.uplink", f"{comp.uplink.name} makes upload sizes depend on "

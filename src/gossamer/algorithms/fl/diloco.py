@@ -6,7 +6,7 @@ arXiv:2311.08105 (Algorithm 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -46,11 +46,8 @@ class DiLoCo(FedAvg):
                         ) -> LocalObjective:
         if client_state is None:
             raise ValueError("diloco needs the workers' inner optimizer state")
-        base = super().local_objective(payload, None)
-        if base is None:
-            return LocalObjective(optimizer_state=client_state)
-        return LocalObjective(base.prox_mu, base.anchor, base.correction, base.grad_scale,
-                              optimizer_state=client_state)
+        base = super().local_objective(payload, None) or LocalObjective()
+        return replace(base, optimizer_state=client_state)
 
     def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
                       client_state: torch.Tensor | None, steps: np.ndarray, lr: float

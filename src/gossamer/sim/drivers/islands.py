@@ -18,6 +18,7 @@ from gossamer.protocols.islands import (
     round_seconds,
     synced_fragment,
 )
+from gossamer.protocols.upload import upload_keys
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
 from gossamer.training.trainer import AdamW
@@ -60,16 +61,16 @@ class IslandsDriver(Driver):
         self.fragment = -1
         self.exchange_bytes = 0
 
-    def _train(self, steps: int, key: int) -> torch.Tensor:
+    def _train(self, steps: int, key: int) -> np.ndarray:
         """``steps`` inner steps of every worker from its own model, in place; their samples."""
         if steps == 0:
-            return torch.zeros(len(self.workers))
+            return np.zeros(len(self.workers))
         result = self.exp.trainer.train(self.local, self.workers, key, inplace=True,
                                         steps=np.full(len(self.workers), steps),
                                         objective=LocalObjective(optimizer_state=self.inner))
         self.node_steps += int(result.steps.sum())
         self.train_loss = float(result.loss.mean())
-        return torch.from_numpy(result.samples.astype(np.float64))
+        return result.samples
 
     def _merge(self) -> None:
         if self.pending is None:
@@ -84,14 +85,14 @@ class IslandsDriver(Driver):
         with self.timer("train_s"):
             # the previous exchange flies during the first `overlap` steps (their batches from
             # their own shuffle), then every worker merges it and takes the round's other steps
-            first = torch.zeros(len(self.workers))
+            first = np.zeros(len(self.workers))
             overlapped = algo.overlap if self.pending is not None else 0
             if overlapped:
                 first = self._train(overlapped, r + (1 << 40))
                 self._merge()
             rest = self._train(self.every - overlapped, r)
-        before = system.compute_s(self.workers, first.numpy())
-        after = system.compute_s(self.workers, rest.numpy())
+        before = system.compute_s(self.workers, first)
+        after = system.compute_s(self.workers, rest)
         self.sim_time += round_seconds(before, after, self.exchange_s)
         with self.timer("communicate_s"):
             self._exchange(r)
@@ -104,12 +105,12 @@ class IslandsDriver(Driver):
         p = synced_fragment(r, algo.fragments)
         index = self.parts[p]
         sent = self.local[:, index] - self.state.params[index]
-        up = np.full(len(self.workers), wire.HEADER_BYTES + 4 * len(index), dtype=np.int64)
-        down = wire.HEADER_BYTES + 4 * len(index)
-        mean = self.weights @ sent
-        if exp.uplink is not None:
-            keys = self.workers.astype(np.int64) * (1 << 32) + r
-            enc = exp.uplink.compress(sent, seed=exp.cfg.seed, keys=keys)
+        if exp.uplink is None:
+            up = np.full(len(self.workers), wire.encoded_size(len(index)), dtype=np.int64)
+            down = wire.encoded_size(len(index))
+            mean = self.weights @ sent
+        else:
+            enc = exp.uplink.compress(sent, seed=exp.cfg.seed, keys=upload_keys(self.workers, r))
             up = wire.HEADER_BYTES + enc.nbytes
             mean = self.weights @ exp.uplink.decompress(enc)
             back = exp.uplink.compress(mean.reshape(1, -1), seed=exp.cfg.seed,
@@ -122,7 +123,7 @@ class IslandsDriver(Driver):
         self.exchange_s = float(system.upload_s(self.workers, up).max()
                                 + system.download_s(self.workers, down).max())
         self.fragment, self.exchange_bytes = p, int(np.sum(up))
-        self.bytes_up += int(np.sum(up))
+        self.bytes_up += self.exchange_bytes
         self.bytes_down += down * len(self.workers)
         if algo.overlap == 0:                      # nothing to overlap: merged before the next round
             self._merge()
