@@ -1,7 +1,8 @@
-"""DiLoCo and Streaming DiLoCo against synchronous data-parallel AdamW at equal tokens (issue 18).
+"""DiLoCo, Streaming DiLoCo and CO2 against synchronous data-parallel AdamW at equal tokens
+(issue 18).
 
 Usage: python benchmarks/islands.py [--rounds 20] [--inner-steps 50] [--workers 8]
-                                    [--fragments 5] [--ways diloco,streaming,dp] [--json]
+                                    [--fragments 5] [--ways diloco,streaming,co2,dp] [--json]
                                     [--plot docs/figures/islands_perplexity.png]
 
 Workload: a small causal transformer (dim 64, 2 layers) learns Shakespeare's plays character by
@@ -12,6 +13,8 @@ characters per worker and step. Ways, in this process one after the other:
            kept), Nesterov outer step (--outer-lr 0.7, --outer-momentum 0.9: the paper's)
   streaming  Streaming DiLoCo: the same H, --fragments fragments (one exchanged every H / F
            steps, merged with alpha 0.5 one inner step later), exchanges quantized to 4 bits
+  co2      CO2: the same H, each outer step's whole-model exchange applied one outer step late
+           (--co2-lr 0.7, --co2-momentum 0.0, gap penalty 1, no clip)
   dp       synchronous data parallel: --rounds x H steps of one AdamW on the average gradient of
            the workers' batches (clients take one SGD step of lr 1; the server's adamw step on
            the averaged update is AdamW on the averaged gradient), the same AdamW settings
@@ -43,6 +46,11 @@ def config(way: str, args: argparse.Namespace) -> dict:
     if way == "diloco":
         cfg["algorithm"] = {"name": "diloco", "params": {"server_lr": args.outer_lr,
                                                          "server_momentum": args.outer_momentum}}
+        cfg["local"] = {"optimizer": "adamw", "steps": args.inner_steps, "batch_size": 32, **ADAMW}
+        cfg["stop"] = {"rounds": args.rounds}
+    elif way == "co2":
+        cfg["algorithm"] = {"name": "co2", "params": {"server_lr": args.co2_lr,
+                                                      "server_momentum": args.co2_momentum}}
         cfg["local"] = {"optimizer": "adamw", "steps": args.inner_steps, "batch_size": 32, **ADAMW}
         cfg["stop"] = {"rounds": args.rounds}
     elif way == "streaming":
@@ -96,10 +104,11 @@ def plot(results: dict[str, dict], args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     per_step = args.workers * 32 * 32                     # characters per inner step, all workers
-    steps_per_round = {"diloco": args.inner_steps, "dp": 1,
+    steps_per_round = {"diloco": args.inner_steps, "dp": 1, "co2": args.inner_steps,
                        "streaming": args.inner_steps // args.fragments}
     labels = {"diloco": f"DiLoCo (H={args.inner_steps})", "dp": "data parallel (AdamW)",
-              "streaming": f"Streaming DiLoCo (F={args.fragments}, 4-bit)"}
+              "streaming": f"Streaming DiLoCo (F={args.fragments}, 4-bit)",
+              "co2": f"CO2 (H={args.inner_steps}, one outer step late)"}
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for way, r in results.items():
         xs = [rnd * steps_per_round[way] * per_step / 1e6 for rnd, _ in r["curve"]]
@@ -125,6 +134,8 @@ def main() -> int:
     parser.add_argument("--ways", default="diloco,streaming,dp")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer (Nesterov) lr")
     parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--co2-lr", type=float, default=0.7, help="CO2's outer lr")
+    parser.add_argument("--co2-momentum", type=float, default=0.0, help="CO2's outer momentum")
     parser.add_argument("--plot", help="write perplexity against characters seen to this PNG")
     parser.add_argument("--replot", metavar="LOG",
                         help="only draw --plot from the --json line of an earlier run's output")
@@ -142,9 +153,9 @@ def main() -> int:
         plot({w: {"curve": c} for w, c in report["curves"].items()}, args)
         return 0
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
-    unknown = set(ways) - {"diloco", "streaming", "dp"}
+    unknown = set(ways) - {"diloco", "streaming", "co2", "dp"}
     if unknown or "diloco" not in ways:
-        parser.error(f"--ways: diloco plus any of streaming, dp (unknown: {sorted(unknown)})")
+        parser.error(f"--ways: diloco plus any of streaming, co2, dp (unknown: {sorted(unknown)})")
     results = {way: run_way(way, args) for way in ways}
     d = results["diloco"]
     report = {"workers": args.workers, "inner_steps": args.inner_steps, "outer_steps": args.rounds,
@@ -168,6 +179,10 @@ def main() -> int:
         report["diloco_over_streaming_peak"] = d["peak_exchange_bytes"] / st["peak_exchange_bytes"]
         print(f"Streaming / DiLoCo perplexity {report['streaming_over_diloco_perplexity']:.3f}   "
               f"DiLoCo / Streaming peak exchange {report['diloco_over_streaming_peak']:.1f}x")
+    if "co2" in results:
+        c = results["co2"]
+        report["co2_over_diloco_perplexity"] = c["perplexity"] / d["perplexity"]
+        print(f"CO2 / DiLoCo perplexity {report['co2_over_diloco_perplexity']:.3f}")
     if args.plot:
         plot(results, args)
     if args.json:

@@ -195,12 +195,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
-    from gossamer.runtime.fl_client import Client
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.runtime.roles import client_class
 
     cfg = config_mod.load(args.config, args.set)
     _configure_runtime(cfg)
     try:
-        client = Client(cfg, args.id, args.server)
+        client = client_class(ALGORITHMS.get(cfg.algorithm.name).pattern)(cfg, args.id, args.server)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     rounds = client.run()

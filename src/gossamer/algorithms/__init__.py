@@ -10,6 +10,7 @@ from gossamer.algorithms.dl.modest import MoDeST
 from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
 from gossamer.algorithms.fl.async_fl import FedAsync, FedBuff, FedFix
+from gossamer.algorithms.fl.co2 import CO2
 from gossamer.algorithms.fl.diloco import DiLoCo
 from gossamer.algorithms.fl.favano import FAVANO
 from gossamer.algorithms.fl.fedamd import FedAMD
@@ -42,6 +43,7 @@ ALGORITHMS.register("fedyogi")(FedYogi)
 ALGORITHMS.register("fedavg_m")(FedAvgMomentum)
 ALGORITHMS.register("diloco")(DiLoCo)
 ALGORITHMS.register("streaming_diloco")(StreamingDiLoCo)
+ALGORITHMS.register("co2")(CO2)
 ALGORITHMS.register("isolated_experts")(IsolatedExperts)
 ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)

@@ -75,3 +75,40 @@ def round_seconds(before_merge_s: np.ndarray, after_merge_s: np.ndarray, exchang
     if len(before_merge_s) == 0:
         return 0.0
     return float(np.max(np.maximum(before_merge_s, exchange_s) + after_merge_s))
+
+
+def delay(algorithm) -> int:
+    """Rounds between an exchange and the outer step its average makes: 0 for Streaming
+    DiLoCo (the outer step at once; workers merge it ``overlap`` inner steps later), 1 for CO2
+    (``one_step_late``: the average of round ``k`` steps the outer model at the end of round
+    ``k + 1``, from which every worker goes on)."""
+    return 1 if getattr(algorithm, "one_step_late", False) else 0
+
+
+def model_parts(algorithm, spec, params: torch.Tensor) -> list[torch.Tensor]:
+    """The flat indices of each fragment of the model ``params`` ``[P]`` for ``algorithm``'s
+    ``fragments`` and ``fragment_by``."""
+    if algorithm.fragment_by == "size":
+        return equal_fragments(spec.numel, algorithm.fragments)
+    views = spec.views(params.reshape(1, -1))
+    return fragments(layer_sizes(list(views), [v[0].numel() for v in views.values()]),
+                     algorithm.fragments)
+
+
+def outer_apply(algorithm, state, parts: list[torch.Tensor], exchange: int, mean: torch.Tensor):
+    """The outer model ``state`` after the average ``mean`` of exchange ``exchange`` (its
+    round) steps it, on that exchange's fragment."""
+    return algorithm.outer_step(state, parts[synced_fragment(exchange, algorithm.fragments)], mean)
+
+
+def downlink(uplink, mean: torch.Tensor, seed: int, exchange: int) -> tuple[torch.Tensor, bytes | None, int]:
+    """What every worker receives of an exchange's average ``mean`` ``[n]``: the vector it
+    decodes, the payload (None: ``mean`` travels as float32) and its bytes on the wire. With
+    ``compression.uplink`` the average is re-encoded once, with the key ``2**62 + exchange``."""
+    from gossamer import wire
+
+    if uplink is None:
+        return mean, None, wire.encoded_size(mean.numel())
+    back = uplink.compress(mean.reshape(1, -1), seed=seed,
+                           keys=np.array([(1 << 62) + exchange], dtype=np.int64))
+    return uplink.decompress(back)[0], uplink.to_bytes(back, 0), int(wire.HEADER_BYTES + back.nbytes[0])

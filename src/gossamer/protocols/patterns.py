@@ -4,7 +4,8 @@ An algorithm names its ``pattern``; this table says which module holds the patte
 decisions and which classes execute them in the simulator and on real processes
 (``"module:Class"``, imported lazily by ``sim/drivers`` and ``runtime/roles.py``, so this
 module imports no executor). ``runtime`` is None for a pattern that runs in the simulator
-only; ``role`` says whether its real processes are a coordinator with clients or peers.
+only; ``role`` says whether its real processes are a coordinator with clients or peers;
+``client`` names a coordinator pattern's client class when it is not the FL client.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Pattern:
     simulator: str
     runtime: str | None = None
     role: Literal["coordinator", "peer"] | None = None
+    client: str = "gossamer.runtime.fl_client:Client"
 
 
 _SIM, _RT = "gossamer.sim.drivers.", "gossamer.runtime."
@@ -39,7 +41,8 @@ PATTERNS: dict[str, Pattern] = {
     "sampled_dl": Pattern("gossamer.protocols.modest", _SIM + "modest:ModestDriver",
                           _RT + "modest_peer:ModestPeer", "peer"),
     "experts": Pattern("gossamer.algorithms.fl.isolated_experts", _SIM + "experts:ExpertsDriver"),
-    "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver"),
+    "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver",
+                       _RT + "islands:IslandsCoordinator", "coordinator", _RT + "islands:IslandsWorker"),
     "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver"),
     "random_walk": Pattern("gossamer.protocols.random_walk", _SIM + "random_walk:RandomWalkDriver",
                            _RT + "walk_peer:WalkPeer", "peer"),

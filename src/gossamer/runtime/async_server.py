@@ -80,7 +80,7 @@ class AsyncCoordinator(BaseCoordinator):
         return self.elapsed_before + time.monotonic() - self.started
 
     # --- GetTask: dispatch (the handler is the base class's) -----------------------------------
-    def _task(self, node: int) -> tuple[object, list[bytes]]:
+    def _task(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
         """A joined ``node``'s task (lock held): its task in flight again (it restarted), a new
         one if the protocol lets it start now, else WAIT."""
         if not self.closing and self.running:

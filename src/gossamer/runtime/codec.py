@@ -166,6 +166,14 @@ def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[objec
     return meta, tensor, counted.size
 
 
+def state_hash(tensor: torch.Tensor) -> bytes:
+    """SHA-256 of a tensor's float32 values in order: what a worker checks the model (or the
+    outer state) it rebuilt from a task against."""
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).digest()
+
+
 def frames_size(frames: Iterable[object]) -> int:
     """Bytes these frames occupy serialized: what is really sent (gRPC framing aside)."""
     return sum(frame.ByteSize() for frame in frames)

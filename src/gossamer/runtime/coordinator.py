@@ -139,7 +139,7 @@ class BaseCoordinator:
             node = self.guard.acting(context, int(req.node_id))
             with self._slot(context, node if self.guard.binds else None):   # acting proved it
                 with self.lock:
-                    header, frames = self._answer(node)
+                    header, frames = self._answer(node, int(req.last_round))
                 yield schema.TaskFrame(header=header).SerializeToString()
                 for frame in frames:
                     self._count_down(len(frame), node)
@@ -149,7 +149,7 @@ class BaseCoordinator:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
             context.abort(code, str(exc))
 
-    def _answer(self, node: int) -> tuple[object, list[bytes]]:
+    def _answer(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
         """What ``node`` is told when it asks for work (lock held): DONE once the run is over,
         JOIN when the server does not know it, else what the pattern's ``_task`` says."""
         if self.done:
@@ -158,7 +158,7 @@ class BaseCoordinator:
             return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
         if node not in self.clients:
             return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
-        return self._task(node)
+        return self._task(node, last_round)
 
     def _wait(self) -> tuple[object, list[bytes]]:
         return schema.TaskHeader(kind=schema.TaskHeader.WAIT,
@@ -272,7 +272,9 @@ class BaseCoordinator:
     def _client_failed(self, node: int) -> None:
         """``node`` failed its current task (lock held)."""
 
-    def _task(self, node: int) -> tuple[object, list[bytes]]:
+    def _task(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
+        """What ``node`` is told when it asks for work (lock held); ``last_round``: the
+        request's ``TaskRequest.last_round``."""
         raise NotImplementedError
 
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:

@@ -42,6 +42,7 @@ from gossamer.runtime.codec import (
     model_frames,
     parse,
     read_model,
+    state_hash,
 )
 from gossamer.runtime.common import (
     grpc_options,
@@ -122,6 +123,9 @@ class Client:
                            expected_numel=None if secagg else self.download_numel,
                            run_id=self.cfg.runtime.run_id, limits=self.limits,
                            dtype=torch.uint8 if secagg else None)
+        if not secagg and header.state_hash and state_hash(model[1]) != header.state_hash:
+            # a worker joining (or rejoining) a run starts from exactly the server's state
+            raise WireError(f"the model of round {header.round} does not match its hash")
         return header, model
 
     def run(self) -> int:

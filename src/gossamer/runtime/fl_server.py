@@ -43,6 +43,7 @@ from gossamer.runtime.codec import (
     bytes_frames,
     model_frames,
     read_counted_model,
+    state_hash,
 )
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
@@ -61,6 +62,7 @@ class RoundState:
     selected: set[int] = field(default_factory=set)
     received: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     model_frames: list[bytes] = field(default_factory=list)
+    model_hash: bytes = b""                             # SHA-256 of the round's broadcast
     failed: set[int] = field(default_factory=set)       # selected, then rejected: not waited for
     secagg: SecAggRound | None = None                   # secure aggregation's message rounds
     protocol: SyncRound | None = None                   # the round's decisions
@@ -106,7 +108,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             cur.failed.add(node)
             self.stale.add(node)
 
-    def _task(self, node: int) -> tuple[object, list[bytes]]:
+    def _task(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
         """A joined ``node``'s task (lock held): the round's model if it is awaited, else WAIT."""
         if node in self.stale:
             self.stale.discard(node)
@@ -124,7 +126,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         if node in cur.open():
             expected = cur.protocol.expected if cur.protocol is not None else 0
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
-                                     expected=expected), cur.model_frames
+                                     expected=expected, state_hash=cur.model_hash), cur.model_frames
         return self._wait()
 
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
@@ -256,12 +258,12 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             candidates = np.array(self._candidates(), dtype=np.int64)
             rnd = SyncRound(algo, self.cfg.seed, r, candidates)      # protocols/sync_fl.py
             ids = rnd.selected
+            payload = algo.broadcast(self.state)
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                algo.broadcast(self.state), round=r, run_id=rt.run_id,
-                chunk_bytes=self.limits.chunk_bytes)]
+                payload, round=r, run_id=rt.run_id, chunk_bytes=self.limits.chunk_bytes)]
             self.last_round = rnd
             self.current = RoundState(r, {int(i) for i in ids}, {}, frames, protocol=rnd,
-                                      opened=time.monotonic())
+                                      opened=time.monotonic(), model_hash=state_hash(payload))
             if self.pipeline.secagg is not None:
                 self.current.secagg = SecAggRound(self.pipeline.secagg, self.current.selected, self.numel, r)
             self.lock.notify_all()

@@ -1,6 +1,7 @@
 """Which process class runs each algorithm pattern on real processes.
 
-``gossamer server`` builds ``COORDINATORS[pattern]`` (synchronous or asynchronous FL).
+``gossamer server`` builds ``COORDINATORS[pattern]`` (synchronous or asynchronous FL, islands)
+and ``gossamer client`` the pattern's client class (:func:`client_class`).
 
 ``gossamer peer`` builds ``PEER_ROLES[pattern]`` for the config's algorithm; ``gossamer launch``
 starts one such process per node and then calls ``MERGER`` (``runtime/dl_merge.py``: the
@@ -37,6 +38,11 @@ def peer_class(pattern: str, algorithm: str) -> Any:
         raise ConfigError("algorithm.name", f"{algorithm} ({pattern}) has no runtime peer yet; peers "
                           f"run the patterns {runnable}; use `gossamer run` (the simulator)")
     return _load(PEER_ROLES[pattern])
+
+
+def client_class(pattern: str) -> Any:
+    """The client process class of a coordinator ``pattern`` (the FL client unless it names one)."""
+    return _load(PATTERNS[pattern].client)
 
 
 def merger(pattern: str) -> Any:

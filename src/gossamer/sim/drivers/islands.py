@@ -1,5 +1,8 @@
-"""Streaming DiLoCo on the simulated clock: workers keep their models, one fragment is
-exchanged per round and merged ``overlap`` inner steps later (protocols/islands.py decides)."""
+"""Streaming DiLoCo and CO2 on the simulated clock (protocols/islands.py decides).
+
+Streaming DiLoCo: workers keep their models, one fragment is exchanged per round and merged
+``overlap`` inner steps later. CO2 (``one_step_late``): the whole model's exchange flies during
+the next round and steps the outer model at that round's end, from which every worker goes on."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.local import LocalObjective
 from gossamer.protocols.islands import (
-    equal_fragments,
-    fragments,
-    layer_sizes,
+    delay,
+    downlink,
+    model_parts,
+    outer_apply,
     round_seconds,
     synced_fragment,
 )
@@ -35,7 +39,8 @@ class IslandsDriver(Driver):
             raise ValueError(f"{cfg.algorithm.name}: local.steps (H) must be set and divisible by "
                              f"fragments ({algo.fragments})")
         self.every = cfg.local.steps // algo.fragments             # inner steps per round
-        if algo.overlap > self.every:
+        self.late = delay(algo) == 1                               # CO2
+        if not self.late and algo.overlap > self.every:
             raise ValueError(f"{cfg.algorithm.name}: overlap ({algo.overlap}) must be at most "
                              f"H / fragments ({self.every}) inner steps")
         if (exp.faults is not None and exp.faults.enabled) or exp.availability.model != "always" \
@@ -48,14 +53,10 @@ class IslandsDriver(Driver):
         self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
         self.local = self.state.params.expand(len(self.workers), -1).clone()
         self.inner = torch.zeros(len(self.workers), AdamW.state_width(numel))
-        if algo.fragment_by == "size":
-            self.parts = equal_fragments(numel, algo.fragments)
-        else:
-            views = exp.spec.views(self.state.params.reshape(1, -1))
-            self.parts = fragments(layer_sizes(list(views), [v[0].numel() for v in views.values()]),
-                                   algo.fragments)
+        self.parts = model_parts(algo, exp.spec, self.state.params)
         self.weights = algo.mean_weights(exp.trainer.sizes[self.workers], self.local.dtype)
         self.pending: torch.Tensor | None = None      # the fragment's new global value, to merge
+        self.in_flight: torch.Tensor | None = None    # CO2: the previous round's mean outer gradient
         self.pending_fragment = -1
         self.exchange_s = 0.0                           # the pending exchange's duration
         self.fragment = -1
@@ -82,6 +83,16 @@ class IslandsDriver(Driver):
     def run_round(self) -> None:
         exp, algo, r = self.exp, self.algorithm, self.round + 1
         system = exp.system
+        if self.late:
+            with self.timer("train_s"):
+                samples = self._train(self.every, r)
+            # the outer step at the round's end needs the previous exchange
+            self.sim_time += round_seconds(system.compute_s(self.workers, samples),
+                                           np.zeros(len(self.workers)), self.exchange_s)
+            with self.timer("communicate_s"):
+                self._exchange(r)
+            self.round = r
+            return
         with self.timer("train_s"):
             # the previous exchange flies during the first `overlap` steps (their batches from
             # their own shuffle), then every worker merges it and takes the round's other steps
@@ -105,28 +116,38 @@ class IslandsDriver(Driver):
         p = synced_fragment(r, algo.fragments)
         index = self.parts[p]
         sent = self.local[:, index] - self.state.params[index]
-        if exp.uplink is None:
-            up = np.full(len(self.workers), wire.encoded_size(len(index)), dtype=np.int64)
-            down = wire.encoded_size(len(index))
-            mean = self.weights @ sent
+        mean, up, down = self._average(sent, r)
+        if self.late:                      # CO2: the previous round's mean steps the outer model
+            if self.in_flight is not None:
+                self.state = outer_apply(algo, self.state, self.parts, r - 1, self.in_flight)
+            self.in_flight = mean
+            self.local[:] = self.state.params
         else:
-            enc = exp.uplink.compress(sent, seed=exp.cfg.seed, keys=upload_keys(self.workers, r))
-            up = wire.HEADER_BYTES + enc.nbytes
-            mean = self.weights @ exp.uplink.decompress(enc)
-            back = exp.uplink.compress(mean.reshape(1, -1), seed=exp.cfg.seed,
-                                       keys=np.array([(1 << 62) + r], dtype=np.int64))
-            down = int(wire.HEADER_BYTES + back.nbytes[0])
-            mean = exp.uplink.decompress(back)[0]
-        self.state = algo.outer_step(self.state, index, mean)
-        self.pending, self.pending_fragment = self.state.params[index].clone(), p
+            self.state = outer_apply(algo, self.state, self.parts, r, mean)
+            self.pending, self.pending_fragment = self.state.params[index].clone(), p
         system = exp.system
         self.exchange_s = float(system.upload_s(self.workers, up).max()
                                 + system.download_s(self.workers, down).max())
         self.fragment, self.exchange_bytes = p, int(np.sum(up))
         self.bytes_up += self.exchange_bytes
         self.bytes_down += down * len(self.workers)
-        if algo.overlap == 0:                      # nothing to overlap: merged before the next round
+        if not self.late and algo.overlap == 0:    # nothing to overlap: merged before the next round
             self._merge()
+
+    def _average(self, sent: torch.Tensor, r: int) -> tuple[torch.Tensor, np.ndarray, int]:
+        """The workers' weighted mean of ``sent`` as everyone decodes it, each worker's upload
+        bytes and the download bytes: compressed up, averaged, re-encoded down when
+        ``compression.uplink`` is set."""
+        exp = self.exp
+        if exp.uplink is None:
+            up = np.full(len(self.workers), wire.encoded_size(sent.shape[1]), dtype=np.int64)
+            mean = self.weights @ sent
+        else:
+            enc = exp.uplink.compress(sent, seed=exp.cfg.seed, keys=upload_keys(self.workers, r))
+            up = wire.HEADER_BYTES + enc.nbytes
+            mean = self.weights @ exp.uplink.decompress(enc)
+        mean, _, down = downlink(exp.uplink, mean, exp.cfg.seed, r)
+        return mean, up, down
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
@@ -144,7 +165,7 @@ class IslandsDriver(Driver):
         state = super().state_dict()
         state.update(params=self.state.params, server_round=self.state.round,
                      server_extra=dict(self.state.extra), local=self.local.clone(),
-                     inner=self.inner.clone(), pending=self.pending,
+                     inner=self.inner.clone(), pending=self.pending, in_flight=self.in_flight,
                      pending_fragment=self.pending_fragment, exchange_s=self.exchange_s,
                      fragment=self.fragment, exchange_bytes=self.exchange_bytes)
         return state
@@ -155,5 +176,6 @@ class IslandsDriver(Driver):
         self.local, self.inner = state["local"].clone(), state["inner"].clone()
         self.pending = None if state["pending"] is None else state["pending"].clone()
         self.pending_fragment = int(state["pending_fragment"])
+        self.in_flight = None if state.get("in_flight") is None else state["in_flight"].clone()
         self.exchange_s = float(state["exchange_s"])
         self.fragment, self.exchange_bytes = int(state["fragment"]), int(state["exchange_bytes"])
