@@ -323,3 +323,24 @@ def test_fetchsgd_refusals_are_one_line():
 
     with pytest.raises(ConfigError, match="compression.feedback.*simulator only"):
         refuse_simulator_only(config.validate(fetch_config()))
+
+
+def test_a_sketched_gradient_still_reveals_the_image_it_was_computed_on():
+    """Song et al. (ICML 2023): sketching is not privacy. benchmarks/sketch_leakage.py reads a
+    client's one training image off its count-sketched gradient; at a tenth of the model's size
+    the rank-one reading is far closer to the image than any guess made without the gradient."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sketch_leakage.py"
+    spec = importlib.util.spec_from_file_location("sketch_leakage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.measure(8, [1.0, 0.1])
+    base = report["baseline"]
+    assert base["exact_gradient"] > 0.999 and base["exact_gradient_rank_one"] > 0.999
+    guess = max(base["mean_image"], base["another_image"])
+    exact_size, tenth = report["sketches"]
+    assert exact_size["all_rank_one"] > 0.95
+    assert tenth["all_rank_one"] > guess + 0.1                 # the sketch leaks the image
+    assert tenth["all_rank_one"] > tenth["all"]                # the structure is what leaks
