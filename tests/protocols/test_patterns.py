@@ -22,13 +22,17 @@ def test_every_algorithm_pattern_has_a_protocol_and_a_simulator_executor():
         assert (entry.runtime is None) == (entry.role is None)
         if entry.runtime is not None:
             assert callable(_load(entry.runtime))
+        if entry.role == "coordinator":
+            assert callable(_load(entry.client))
 
 
 def test_the_runtime_tables_come_from_the_pattern_table():
     from gossamer.runtime import roles
     from gossamer.sim.drivers import driver_for
 
-    assert set(roles.COORDINATORS) == {"sync_fl", "async_fl"}
+    assert set(roles.COORDINATORS) == {"sync_fl", "async_fl", "islands"}
+    assert roles.client_class("islands").__name__ == "IslandsWorker"
+    assert roles.client_class("sync_fl").__name__ == "Client"
     assert set(roles.PEER_ROLES) == {"sync_dl", "gradient_tracking", "async_gossip", "sampled_dl",
                                      "random_walk"}
     assert driver_for("zo_fl").__name__ == "ZOFLDriver"
