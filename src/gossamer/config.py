@@ -648,6 +648,30 @@ class PrivacyConfig(_Strict):
     secure_aggregation: SecureAggregationConfig | None = None
 
 
+class ContributionConfig(_Strict):
+    """Contribution scores of clients in synchronous FL (docs/contribution.md): ``methods``
+    among ``loo``, ``cosine``, ``shapley``; ``permutations`` and ``truncation`` of the Monte
+    Carlo Shapley estimate; the coalitions' ``utility`` (minus the loss, or the accuracy) on
+    ``validation`` rows drawn from the test split; a ``coalition``'s model (``partial``: the
+    round's aggregate with only its updates, ``mean``: its models' weighted mean); scored
+    every ``every`` rounds."""
+
+    methods: list[Literal["loo", "cosine", "shapley"]] = Field(default_factory=list)
+    permutations: int = Field(10, ge=1, le=10_000)
+    truncation: float = Field(0.0, ge=0, lt=1)
+    validation: int = Field(500, ge=1)
+    utility: Literal["loss", "accuracy"] = "loss"
+    coalition: Literal["partial", "mean"] = "partial"
+    every: int = Field(1, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each method at most once")
+        return v
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
@@ -666,6 +690,7 @@ class ExperimentConfig(_Strict):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    contribution: ContributionConfig = Field(default_factory=ContributionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

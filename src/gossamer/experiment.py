@@ -18,6 +18,7 @@ from gossamer.attacks.adversary import Adversary
 from gossamer.compression.base import Compressor
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.data import Dataset, load_dataset, partition
+from gossamer.metrics.contribution import Contribution
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
@@ -56,6 +57,7 @@ class Experiment:
     dynamic: DynamicTopology | None = None   # a graph per round; then `topology` is the union
                                              # of its first window and `mixing` is None
     uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
+    contribution: Contribution | None = None  # contribution scores (metrics/contribution.py)
     downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
 
     @property
@@ -152,6 +154,7 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     if exp.adversary.data_attack:       # a Byzantine node trains on poisoned labels anywhere
         exp.trainer.y = exp.adversary.poison_labels(exp.trainer.y, exp.shards, exp.dataset.num_classes)
     _check_aggregator(exp)
+    _attach_contribution(exp)
     _attach_compression(exp)
     _check_privacy(exp)
     if cfg.privacy.secure_aggregation is not None:         # docs/privacy.md
@@ -160,6 +163,33 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         check_config(cfg, exp.algorithm, exp.num_nodes)
         _check_secagg_threshold(exp)
     return exp
+
+
+def _attach_contribution(exp: Experiment) -> None:
+    """``exp.contribution``: the scorer of ``contribution.methods`` (synchronous FL only),
+    scoring coalitions on ``validation`` test rows drawn with ``STREAM_CONTRIB``."""
+    cfg = exp.cfg
+    c = cfg.contribution
+    exp.contribution = None
+    if not c.methods:
+        return
+    if exp.algorithm.pattern != "sync_fl":
+        raise ConfigError("contribution.methods", f"contribution scores are computed from a "
+                          f"synchronous FL round's uploads; {cfg.algorithm.name} is {exp.algorithm.pattern}")
+    privacy = cfg.privacy
+    if privacy.secure_aggregation is not None or (privacy.dp is not None and privacy.dp.level != "sample"):
+        raise ConfigError("contribution.methods", "contribution scores need each client's upload; "
+                          "secure aggregation and client-level DP hide them from the server")
+    x, y = exp.dataset.x_test, exp.dataset.y_test
+    keep = np.sort(rng.generator(cfg.seed, rng.STREAM_CONTRIB, 0).permutation(len(y))[: c.validation])
+    judge = BatchedEvaluator(exp.evaluator.forward, exp.spec, x[keep], y[keep], cfg.eval.batch_size)
+
+    def evaluate(models: torch.Tensor) -> torch.Tensor:
+        acc, loss = judge.evaluate(models)
+        return -loss if c.utility == "loss" else acc
+
+    exp.contribution = Contribution(c.methods, exp.num_nodes, cfg.seed, evaluate,
+                                    c.permutations, c.truncation, c.coalition)
 
 
 # Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest

@@ -57,6 +57,7 @@ def random_groups(seed=0, g=4, b=7, p=5):
 
 def test_registered_names():
     assert set(ATTACKS.names()) == {
+        "free_rider",
         "sign_flip",
         "scaling",
         "gaussian",
@@ -368,3 +369,13 @@ def test_apply_attack_validates():
         apply_attack("ipm", X, BYZ[:3])
     with pytest.raises(ValueError, match="floating"):
         apply_attack("ipm", X.to(torch.int64), BYZ)
+
+
+def test_a_free_rider_sends_the_model_it_received():
+    updates = torch.randn(1, 4, 6)
+    byz = torch.tensor([[False, True, False, True]])
+    out = apply_attack("free_rider", updates, byz)
+    assert out.shape == updates.shape and torch.equal(out[byz], torch.zeros(2, 6, dtype=out.dtype))
+    assert torch.equal(out[~byz], updates[~byz])                     # honest rows untouched
+    noisy = apply_attack("free_rider", updates, byz, generator=torch.Generator().manual_seed(0), sigma=0.1)
+    assert 0 < noisy[byz].abs().max() < 1

@@ -265,3 +265,18 @@ def test_ctrl_c_on_the_launcher_stops_every_process(write_config, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_contribution_scores_on_real_processes_equal_the_simulator(write_config, tmp_path):
+    """The coordinator scores the uploads it holds as the simulator does: the same
+    contributions.csv, and the label-flipping client ranked last."""
+    cfg = _cfg()
+    cfg["adversary"] = {"attack": "label_flip", "nodes": [1]}
+    cfg["contribution"] = {"methods": ["loo", "cosine", "shapley"], "permutations": 4, "validation": 200}
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real = (tmp_path / "real" / "contributions.csv").read_text()
+    assert real == (tmp_path / "sim" / "contributions.csv").read_text()
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert summary["contribution"]["auc_flagged_below_others"]["loo"] == 1.0

@@ -17,6 +17,8 @@ Attacks (parameters and defaults):
     - ``alie(z=None)``: ``mean - z * std``; ``z`` defaults to the paper's ``z_max``.
     - ``ipm(epsilon=0.1)``: ``-epsilon * mean``.
     - ``min_max`` / ``min_sum(perturbation="std", gamma_init=10.0, tau=1e-5, max_iter=100)``.
+    - ``free_rider(sigma=0.0)``: the model received, unchanged (a zero update), or plus
+      ``N(0, sigma^2 I)`` noise (a disguised free-rider).
     - ``label_flip``: data attack, ``y -> num_classes - 1 - y``.
 
 Definitional choices:

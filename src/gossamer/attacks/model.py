@@ -86,6 +86,26 @@ def alie_z(n: torch.Tensor | int, f: torch.Tensor | int) -> torch.Tensor:
     return torch.special.ndtri((n - s) / n).clamp_min(0.0)
 
 
+@register("free_rider", sigma=NON_NEGATIVE)
+def free_rider(
+    updates: torch.Tensor,
+    byzantine: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    sigma: float = 0.0,
+) -> torch.Tensor:
+    """A client that does no work: it sends the model it received (a zero update), or with
+    ``sigma > 0`` that model plus ``N(0, sigma^2 I)`` noise to look as if it had trained (the
+    disguised free-rider of Lin et al., "Free-riders in Federated Learning: Attacks and
+    Defenses", arXiv:1911.12560)."""
+    k, p = int(byzantine.sum()), updates.shape[-1]
+    if sigma == 0:
+        return torch.zeros((k, p), dtype=torch.float64, device=updates.device)
+    device = updates.device if generator is None else generator.device
+    noise = torch.randn((k, p), generator=generator, dtype=torch.float64, device=device)
+    return sigma * noise.to(updates.device)
+
+
 @register("alie", z=OPTIONAL_REAL)
 def alie(
     updates: torch.Tensor, byzantine: torch.Tensor, *, generator=None, z: float | None = None

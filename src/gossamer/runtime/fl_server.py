@@ -27,6 +27,7 @@ import torch
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import (
+    atomic_write_text,
     checkpoint_exists,
     load_checkpoint,
     save_checkpoint,
@@ -222,6 +223,10 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         uploads = self._server_stages(r, torch.stack([received[i][0] for i in nodes]), np.array(nodes))
         sizes = np.array([received[i][1] for i in nodes])
         steps = local_steps(self.exp.trainer.schedule, sizes)
+        scorer = self.exp.contribution                # contribution scores: as the simulator
+        if scorer is not None and r % self.cfg.contribution.every == 0:
+            scorer.observe(r, np.array(nodes), uploads[:, : self.numel],
+                           algo.mean_weights(sizes, uploads.dtype), self.state.params.reshape(-1))
         if algo.split_roles:                       # FedAMD: roles from the shared seed
             ids = np.array(nodes, dtype=np.int64)
             self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr,
@@ -331,6 +336,11 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                    "sim_time_s": float(last["sim_time_s"]),
                    "wall_time_s": self.elapsed_before + time.monotonic() - start,
                    "rejected_messages": self.rejected}
+        scorer, adv = self.exp.contribution, self.exp.adversary
+        if scorer is not None:
+            flagged = adv.byzantine if adv is not None and adv.enabled else None
+            summary["contribution"] = scorer.summary(flagged)
+            atomic_write_text(self.run_dir / "contributions.csv", scorer.table(flagged))
         write_json(self.run_dir / "summary.json", summary)
         save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary
@@ -343,6 +353,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             "elapsed": self.elapsed_before + time.monotonic() - start,
             "dp_ledger": None if self.dp_ledger is None else self.dp_ledger.state_dict(),
             "secagg_aborted": self.secagg_aborted,
+            "contribution": None if self.exp.contribution is None else self.exp.contribution.state_dict(),
             "ef21": {str(k): v for k, v in self.estimates.items()}})
 
     def _restore(self) -> None:
@@ -358,6 +369,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
+        if self.exp.contribution is not None and state.get("contribution") is not None:
+            self.exp.contribution.load_state_dict(state["contribution"])
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)

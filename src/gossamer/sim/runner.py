@@ -154,6 +154,8 @@ class Runner:
         self.save_final_model()
         if faults is not None and faults.enabled and faults.records_transitions:
             atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())
+        for name, text in d.extra_files().items():     # e.g. contributions.csv
+            atomic_write_text(self.run_dir / name, text)
         summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
         for tracker in self.trackers:

@@ -69,6 +69,10 @@ class Driver:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def extra_files(self) -> dict[str, str]:
+        """Further files of the run (name -> text), written atomically when it ends."""
+        return {}
+
 
 def _to_tensor(v: Any) -> Any:
     """Numpy arrays (also inside dicts and lists) as tensors, so checkpoints load weights-only."""

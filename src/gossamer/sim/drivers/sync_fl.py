@@ -159,7 +159,7 @@ class SyncFLDriver(Driver):
         pipe, exp = self.pipeline, self.exp
         return (self.algorithm.mean_of_models and bool(delivered.all()) and self.estimate is None
                 and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
-                and pipe.dp is None and self.secagg is None
+                and pipe.dp is None and self.secagg is None and exp.contribution is None
                 and not (self.dp is not None and self.dp.level == "sample"))
 
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
@@ -200,8 +200,12 @@ class SyncFLDriver(Driver):
         with self.timer("communicate_s"):
             up, delivered = self._through_pipeline(up, delivered, result.steps)
             rows = up.rows() if delivered.all() else up.rows()[torch.from_numpy(delivered)]
-            self.state = algo.aggregate(self.state, rows, exp.trainer.sizes[trained[delivered]],
-                                        result.steps[delivered], lr)
+        scorer, sizes = exp.contribution, exp.trainer.sizes[trained[delivered]]
+        if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
+            scorer.observe(r, trained[delivered], rows[:, : exp.spec.numel],   # as the server holds them
+                           algo.mean_weights(sizes, rows.dtype), start)
+        with self.timer("communicate_s"):
+            self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
 
@@ -345,7 +349,18 @@ class SyncFLDriver(Driver):
             out.update(dp_epsilon=self.dp_ledger.epsilon(), dp_delta=self.dp.delta)
         if self.secagg is not None:
             out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
+        if self.exp.contribution is not None:
+            out["contribution"] = self.exp.contribution.summary(self._flagged())
         return out
+
+    def _flagged(self) -> np.ndarray | None:
+        adv = self.exp.adversary
+        return adv.byzantine if adv is not None and adv.enabled else None
+
+    def extra_files(self) -> dict[str, str]:
+        if self.exp.contribution is None:
+            return {}
+        return {"contributions.csv": self.exp.contribution.table(self._flagged())}
 
     def global_params(self) -> torch.Tensor:
         return self.state.params
@@ -364,6 +379,8 @@ class SyncFLDriver(Driver):
             state["dp_ledger"] = self.dp_ledger.state_dict()
         if self.secagg is not None:
             state.update(secagg_aborted=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
+        if self.exp.contribution is not None:
+            state["contribution"] = self.exp.contribution.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,6 +402,8 @@ class SyncFLDriver(Driver):
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
         self.secagg_clipped = int(state.get("secagg_clipped", 0))
+        if self.exp.contribution is not None and state.get("contribution") is not None:
+            self.exp.contribution.load_state_dict(state["contribution"])
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
