@@ -648,6 +648,32 @@ class PrivacyConfig(_Strict):
     secure_aggregation: SecureAggregationConfig | None = None
 
 
+class HierarchyLinkConfig(_Strict):
+    """One level's aggregator link (each direction): latency and bandwidth."""
+
+    latency_s: float = Field(0.005, ge=0)
+    bandwidth_Bps: float = Field(1.25e8, gt=0)
+
+
+class HierarchyConfig(_Strict):
+    """Aggregators between the clients and the server (synchronous FL; docs/hierarchy.md):
+    ``levels`` aggregators per level from the top (empty: flat), clients assigned to the
+    leaves in ``contiguous`` id ranges or ``random``ly, one ``links`` entry per level (default
+    links when empty)."""
+
+    levels: list[int] = Field(default_factory=list)
+    assign: Literal["contiguous", "random"] = "contiguous"
+    links: list[HierarchyLinkConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> HierarchyConfig:
+        if any(n < 1 for n in self.levels):
+            raise ValueError("levels: every level needs at least one aggregator")
+        if self.links and len(self.links) != len(self.levels):
+            raise ValueError(f"links: one per level ({len(self.levels)}), got {len(self.links)}")
+        return self
+
+
 class ContributionConfig(_Strict):
     """Contribution scores of clients in synchronous FL (docs/contribution.md): ``methods``
     among ``loo``, ``cosine``, ``shapley``; ``permutations`` and ``truncation`` of the Monte
@@ -691,6 +717,7 @@ class ExperimentConfig(_Strict):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
+    hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

@@ -20,6 +20,7 @@ from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.data import Dataset, load_dataset, partition
 from gossamer.metrics.contribution import Contribution
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
+from gossamer.protocols.hierarchy import Link, Tree, build_tree
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.training.evaluator import BatchedEvaluator
@@ -58,6 +59,7 @@ class Experiment:
                                              # of its first window and `mixing` is None
     uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
     contribution: Contribution | None = None  # contribution scores (metrics/contribution.py)
+    hierarchy: Tree | None = None             # aggregators between clients and server (protocols/hierarchy.py)
     downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
 
     @property
@@ -156,6 +158,7 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     _check_aggregator(exp)
     _attach_contribution(exp)
     _attach_compression(exp)
+    _attach_hierarchy(exp)
     _check_privacy(exp)
     if cfg.privacy.secure_aggregation is not None:         # docs/privacy.md
         from gossamer.privacy.secagg import check_config
@@ -163,6 +166,36 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         check_config(cfg, exp.algorithm, exp.num_nodes)
         _check_secagg_threshold(exp)
     return exp
+
+
+def _attach_hierarchy(exp: Experiment) -> None:
+    """``exp.hierarchy``: the aggregator tree of ``hierarchy.levels`` (synchronous FL whose
+    aggregate is the uploads' mean; one line for what it cannot carry)."""
+    cfg, algo = exp.cfg, exp.algorithm
+    h = cfg.hierarchy
+    exp.hierarchy = None
+    if not h.levels:
+        return
+    reasons = {
+        "hierarchy.levels": algo.pattern != "sync_fl" or not algo.mean_of_models,
+        "algorithm.params": algo.deadline_s is not None or algo.over_selection,
+        "privacy": cfg.privacy.secure_aggregation is not None
+                   or (cfg.privacy.dp is not None and cfg.privacy.dp.level != "sample"),
+        "compression": exp.downlink is not None or cfg.compression.feedback == "fetchsgd",
+    }
+    field = next((k for k, bad in reasons.items() if bad), None)
+    if field is not None:
+        raise ConfigError(field, f"hierarchical aggregation sums the clients' models up a tree of "
+                          f"aggregators: it runs with synchronous FL algorithms whose aggregate is "
+                          f"the uploads' weighted mean, without deadlines, over-selection, secure "
+                          f"aggregation, client-level DP, compressed broadcasts or FetchSGD "
+                          f"({cfg.algorithm.name} here)")
+    links = [Link(x.latency_s, x.bandwidth_Bps) for x in h.links] or \
+        [Link(0.005, 1.25e8) for _ in h.levels]
+    try:
+        exp.hierarchy = build_tree(list(h.levels), links, exp.num_nodes, h.assign, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError("hierarchy.levels", str(exc)) from None
 
 
 def _attach_contribution(exp: Experiment) -> None:

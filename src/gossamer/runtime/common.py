@@ -86,6 +86,9 @@ def refuse_simulator_only(cfg) -> None:
     if PATTERNS[pattern].runtime is None:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} ({pattern}) runs in the simulator "
                           "only so far; use `gossamer run`")
+    if cfg.hierarchy.levels:                          # no `gossamer aggregator` process yet
+        raise ConfigError("hierarchy.levels", "hierarchical aggregation runs in the simulator only "
+                          "so far; use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

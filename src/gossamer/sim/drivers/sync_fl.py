@@ -18,6 +18,7 @@ import torch
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.protocols.accounting import FLAccounting
+from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
 from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline, dp_secure_mean
 from gossamer.sim.drivers.base import Driver, _to_tensor
@@ -48,6 +49,11 @@ class SyncFLDriver(Driver):
             init = exp.init_params.reshape(-1)
             self.estimate = init.expand(exp.num_nodes, -1).clone()
         self.accounting = FLAccounting(exp.num_nodes)
+        tiers = exp.hierarchy.depth + 1 if exp.hierarchy is not None else 0
+        self.tiers_up = np.zeros(tiers, dtype=np.int64)     # bytes per tier (0: the server's link)
+        self.tiers_down = np.zeros(tiers, dtype=np.int64)
+        self.tiers_down_round = np.zeros(tiers, dtype=np.int64)
+        self.partial_bytes = wire.encoded_size(numel + 1)  # an aggregator's weighted sum and weight
         self.dp = exp.cfg.privacy.dp                    # differential privacy (docs/privacy.md)
         self.dp_ledger = build_ledger(exp.cfg, numel, exp.trainer.sizes, exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns
@@ -93,6 +99,9 @@ class SyncFLDriver(Driver):
         if self.downlink is not None:                               # compressed broadcast
             down_bytes, decoded = self._broadcast(ids, r)
         down_s = system.download_s(ids, down_bytes)
+        tree = exp.hierarchy
+        if tree is not None:                        # down the tree of aggregators first
+            down_s = down_s + downward_s(tree, ids, down_bytes)
         received = np.ones(len(ids), dtype=bool)
         if faults.enabled:                                          # 2r: downlink, 2r+1: uplink
             to = np.full(len(ids), server)
@@ -101,8 +110,10 @@ class SyncFLDriver(Driver):
         if decoded is not None:     # acknowledged deliveries move both copies of the estimate
             self.estimate[torch.from_numpy(ids[received])] += decoded[torch.from_numpy(received)]
         sent_down = int(np.sum(np.broadcast_to(down_bytes, len(ids))))
-        self.bytes_down += sent_down
         self.accounting.download(ids, down_bytes)
+        if tree is not None:     # the clients' downloads, then each active aggregator's copy
+            sent_down = self._tier_bytes(self.tiers_down, ids, sent_down, down_bytes)
+        self.bytes_down += sent_down
         # every client that got the payload: arrival times from the schedule, before training
         got = ids[received]
         self.round_clients = got                                    # secure aggregation's U1
@@ -138,7 +149,16 @@ class SyncFLDriver(Driver):
             if self.up_bytes is None:          # sizes known now: the uploads' real times
                 arrival[keep] += system.upload_s(trained, self.sent_up)
                 round_s = float(arrival[keep].max())
-            self.bytes_up += int(self.sent_up.sum())
+            sent_up = int(self.sent_up.sum())
+            if tree is not None:               # the server waits for the top partial sums
+                # a leaf waits for each of its clients' uploads as the flat server does (a lost
+                # one until it would have arrived); lost uploads take no time on its link
+                sizes = np.where(delivered[keep], self.sent_up, 0)
+                round_s, messages = upward(tree, trained, arrival[keep], sizes, self.partial_bytes)
+                self.tiers_up[-1] += sent_up
+                self.tiers_up[:-1] += messages * self.partial_bytes
+                sent_up += int(messages.sum()) * self.partial_bytes
+            self.bytes_up += sent_up
             acc.upload(trained, self.sent_up)
             arrived = trained[delivered[keep]]
             acc.completed(arrived)
@@ -149,9 +169,26 @@ class SyncFLDriver(Driver):
             self.state = ServerState(self.state.params, r, self.state.extra)
         if not received.any():
             round_s = float(down_s.max())
-        self.sim_time += round_s + system.server_fanout_s(sent_down) \
-            + system.server_fanout_s(int(self.sent_up.sum()))
+        server_down, server_up = sent_down, int(self.sent_up.sum())
+        if tree is not None:                    # the server's own link: the top tier only
+            server_down = int(self.tiers_down_round[0])
+            server_up = int(messages[0]) * self.partial_bytes if len(trained) else 0
+        self.sim_time += round_s + system.server_fanout_s(server_down) + system.server_fanout_s(server_up)
         self.round = r
+
+    def _tier_bytes(self, tiers: np.ndarray, ids: np.ndarray, client_bytes: int, nbytes: int) -> int:
+        """Add a broadcast's bytes per tier (the clients' downloads on the last tier, one copy per
+        active aggregator on the others); returns the total."""
+        tree = self.exp.hierarchy
+        node, per_tier = tree.leaf_of[ids], np.zeros(tree.depth + 1, dtype=np.int64)
+        per_tier[-1] = client_bytes
+        for level in range(tree.depth - 1, -1, -1):
+            active = np.unique(node)
+            per_tier[level] = len(active) * nbytes
+            node = tree.parents[level][active]
+        tiers += per_tier
+        self.tiers_down_round = per_tier
+        return int(per_tier.sum())
 
     def _uploads_are_models(self, delivered: np.ndarray) -> bool:
         """Whether the server sees exactly the trained models of every client: no upload
@@ -167,7 +204,7 @@ class SyncFLDriver(Driver):
         lr = exp.cfg.local.lr
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
-        if self._uploads_are_models(delivered):    # FedAvg's dense round: the mean, never the rows
+        if self._uploads_are_models(delivered) and exp.hierarchy is None:   # the mean, never the rows
             with self.timer("train_s"):
                 weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)
                 result = exp.trainer.train(start.expand(len(trained), -1), trained, r,
@@ -205,7 +242,12 @@ class SyncFLDriver(Driver):
             scorer.observe(r, trained[delivered], rows[:, : exp.spec.numel],   # as the server holds them
                            algo.mean_weights(sizes, rows.dtype), start)
         with self.timer("communicate_s"):
-            self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
+            if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree
+                mean = tree_mean(exp.hierarchy, trained[delivered], rows[:, : exp.spec.numel],
+                                 algo.mean_weights(sizes, rows.dtype))
+                self.state = algo.aggregate_mean(self.state, mean)
+            else:
+                self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
 
@@ -351,6 +393,10 @@ class SyncFLDriver(Driver):
             out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
         if self.exp.contribution is not None:
             out["contribution"] = self.exp.contribution.summary(self._flagged())
+        if self.exp.hierarchy is not None:
+            out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
+                                "bytes_up_by_tier": [int(b) for b in self.tiers_up],
+                                "bytes_down_by_tier": [int(b) for b in self.tiers_down]}
         return out
 
     def _flagged(self) -> np.ndarray | None:
@@ -381,6 +427,9 @@ class SyncFLDriver(Driver):
             state.update(secagg_aborted=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
         if self.exp.contribution is not None:
             state["contribution"] = self.exp.contribution.state_dict()
+        if self.exp.hierarchy is not None:
+            state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
+                         tiers_down=torch.from_numpy(self.tiers_down.copy()))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,6 +453,8 @@ class SyncFLDriver(Driver):
         self.secagg_clipped = int(state.get("secagg_clipped", 0))
         if self.exp.contribution is not None and state.get("contribution") is not None:
             self.exp.contribution.load_state_dict(state["contribution"])
+        if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
+            self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,111 @@
+"""Hierarchical aggregation (protocols/hierarchy.py): the tree, eager forwarding times written
+out by hand, the mean summed up the tree, and a FedAvg run equal to the flat one with fewer
+bytes on the server's link and shorter rounds when that link is the bottleneck."""
+
+import numpy as np
+import pytest
+import torch
+
+from gossamer import config, wire
+from gossamer.config import ConfigError
+from gossamer.protocols.hierarchy import Link, build_tree, downward_s, tree_mean, upward
+from gossamer.sim.drivers.sync_fl import SyncFLDriver
+from gossamer.sim.experiment import build_experiment
+from tests.conftest import run_split, small_config
+
+
+def test_the_tree_splits_clients_and_aggregators_into_contiguous_runs():
+    tree = build_tree([2, 6], [Link(0, 1), Link(0, 1)], 30, "contiguous", 0)
+    assert tree.parents[0].tolist() == [-1, -1]
+    assert tree.parents[1].tolist() == [0, 0, 0, 1, 1, 1]
+    assert np.bincount(tree.leaf_of).tolist() == [5] * 6 and tree.leaf_of[:6].tolist() == [0] * 5 + [1]
+    shuffled = build_tree([2, 6], [Link(0, 1), Link(0, 1)], 30, "random", 0)
+    assert sorted(shuffled.leaf_of.tolist()) == sorted(tree.leaf_of.tolist())
+    assert shuffled.leaf_of.tolist() != tree.leaf_of.tolist()
+    for levels, match in (([6, 2], "shrink"), ([40], "leaf aggregators"), ([], "at least one")):
+        with pytest.raises(ValueError, match=match):
+            build_tree(levels, [Link(0, 1)] * len(levels), 30, "contiguous", 0)
+
+
+def test_eager_aggregators_forward_when_their_last_child_has_crossed_the_link():
+    tree = build_tree([2], [Link(latency_s=0.5, bandwidth_Bps=10.0)], 4, "contiguous", 0)
+    clients = np.array([0, 1, 2, 3])                       # leaves: {0, 1} and {2, 3}
+    arrival = np.array([1.0, 4.0, 2.0, 2.5])
+    sizes = np.array([10.0, 10.0, 20.0, 10.0])
+    done, messages = upward(tree, clients, arrival, sizes, partial_bytes=30)
+    # leaf 0: 1 -> 2 (1 s of bytes), 4 -> 5; forwards at 5 + 0.5 + 3 = 8.5
+    # leaf 1: 2 -> 4 (2 s), then 2.5 waits until 4 -> 5; forwards at 8.5 too; leaf 0 is last
+    assert done == pytest.approx(8.5) and messages.tolist() == [2]
+    done, messages = upward(tree, clients[:2], arrival[:2], sizes[:2], partial_bytes=30)
+    assert done == pytest.approx(8.5) and messages.tolist() == [1]   # leaf 1 sends nothing
+    two = build_tree([1, 2], [Link(0.0, 10.0), Link(0.5, 10.0)], 4, "contiguous", 0)
+    done, messages = upward(two, clients, arrival, sizes, partial_bytes=30)
+    # the top aggregator takes both partials (8.5 and 8.5) one after the other: 8.5 + 3 + 3,
+    # then sends its own: + 0 + 3
+    assert done == pytest.approx(17.5) and messages.tolist() == [1, 2]
+    # down: each leaf sends the 10-byte model to its 2 clients (2 s) after 0.5 s latency
+    assert downward_s(tree, clients, 10).tolist() == [2.5] * 4
+    assert downward_s(two, clients[:3], 10).tolist() == pytest.approx([4.5, 4.5, 3.5])
+
+
+def test_the_mean_summed_up_the_tree_is_the_weighted_mean():
+    tree = build_tree([2, 5], [Link(0, 1), Link(0, 1)], 20, "random", 3)
+    clients = np.array([0, 3, 4, 7, 9, 12, 15, 19])
+    rows = torch.randn(8, 50)
+    weights = torch.rand(8) + 0.1
+    flat = (weights / weights.sum()) @ rows
+    assert torch.allclose(tree_mean(tree, clients, rows, weights), flat, atol=1e-6)
+
+
+def _config(**over):
+    cfg = small_config("fedavg", stop={"rounds": 4}, **over)
+    cfg["partition"] = {"name": "iid", "num_nodes": 12}
+    cfg["system"] = {"server_bandwidth_Bps": 2e5}           # the server's link is the bottleneck
+    return cfg
+
+
+def test_hierarchical_fedavg_is_flat_fedavg_with_less_on_the_server_link():
+    flat = SyncFLDriver(build_experiment(config.validate(_config())))
+    tree = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [3]}))))
+    for _ in range(4):
+        flat.run_round()
+        tree.run_round()
+    assert (tree.state.params - flat.state.params).abs().max() < 1e-5     # float rounding only
+    summary = tree.summary()["hierarchy"]
+    numel = tree.exp.spec.numel
+    partial = wire.encoded_size(numel + 1)
+    assert summary["bytes_up_by_tier"] == [4 * 3 * partial, flat.bytes_up]   # 3 partials per round
+    assert summary["bytes_down_by_tier"] == [4 * 3 * wire.encoded_size(numel), flat.bytes_down]
+    assert tree.bytes_up == flat.bytes_up + 4 * 3 * partial
+    assert tree.sim_time < flat.sim_time / 2
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = _config(hierarchy={"levels": [2, 4], "assign": "random",
+                             "links": [{"latency_s": 0.01, "bandwidth_Bps": 1e6},
+                                       {"latency_s": 0.002, "bandwidth_Bps": 5e6}]})
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=2, total=4)
+    rest.run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    assert (tmp_path / "a/summary.json").read_text().count("bytes_up_by_tier") == 1
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"algorithm": {"name": "fedavg", "params": {"deadline_s": 1.0}}}, "algorithm.params"),
+    ({"algorithm": {"name": "fedavg", "params": {"aggregator": "median"}}}, "hierarchy.levels"),
+    ({"hierarchy": {"levels": [20]}}, "hierarchy.levels")])
+def test_what_a_tree_cannot_carry_is_refused_in_one_line(over, field):
+    cfg = _config(hierarchy={"levels": [3]})
+    cfg.update(over)
+    with pytest.raises(ConfigError, match=field):
+        build_experiment(config.validate(cfg))
+    with pytest.raises(ValueError, match="links"):
+        config.validate(_config(hierarchy={"levels": [3], "links": [{}, {}]}))
+
+
+def test_real_processes_refuse_a_tree_in_one_line():
+    from gossamer.runtime.common import refuse_simulator_only
+
+    with pytest.raises(ConfigError, match="hierarchy.levels"):
+        refuse_simulator_only(config.validate(_config(hierarchy={"levels": [3]})))
