@@ -47,9 +47,13 @@ class DataConfig(_Strict):
 
 
 class PartitionConfig(_Strict):
+    """``test_fraction`` > 0 holds out that share of every node's rows as its own test split:
+    FL runs then also report each client's accuracy there (docs/personalization.md)."""
+
     name: str = "iid"
     num_nodes: int = Field(10, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    test_fraction: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("name")
     @classmethod
@@ -301,6 +305,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(1000, ge=1)
     average_model: bool = True
     targets: list[float] = Field(default_factory=list)
+    personal_finetune_steps: int = Field(0, ge=0)   # FL with test_fraction: fine-tune first
 
     @field_validator("targets")
     @classmethod

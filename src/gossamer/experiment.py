@@ -18,12 +18,13 @@ from gossamer.attacks.adversary import Adversary
 from gossamer.compression.base import Compressor
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.data import Dataset, load_dataset, partition
+from gossamer.data.partition import split_local_test
 from gossamer.metrics.contribution import Contribution
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
 from gossamer.protocols.hierarchy import Link, Tree, build_tree
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
-from gossamer.training.evaluator import BatchedEvaluator
+from gossamer.training.evaluator import BatchedEvaluator, PersonalEvaluator
 from gossamer.training.trainer import SGD, AdamW, BatchedTrainer, LocalSchedule, PrivateSGD
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Experiment:
     uplink: Compressor | None = None         # compression of FL client updates (compression.uplink)
     contribution: Contribution | None = None  # contribution scores (metrics/contribution.py)
     hierarchy: Tree | None = None             # aggregators between clients and server (protocols/hierarchy.py)
+    personal: PersonalEvaluator | None = None  # each client's own test rows (partition.test_fraction)
     downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
 
     @property
@@ -118,6 +120,9 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
                 raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
             params["natural"] = dataset.natural_partition
         shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
+        local_tests = None
+        if cfg.partition.test_fraction:             # each node's own test rows (personalized FL)
+            shards, local_tests = split_local_test(shards, cfg.partition.test_fraction, cfg.seed)
     _check_local_budget(cfg, shards)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv)
@@ -150,6 +155,11 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
     exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator,
                      wire.encoded_size(spec.numel))
+    if local_tests is not None:
+        if algorithm.family != "fl":
+            raise ConfigError("partition.test_fraction", "per-client test splits are evaluated for "
+                              f"FL algorithms; {cfg.algorithm.name} is decentralized")
+        exp.personal = PersonalEvaluator(forward, spec, dataset.x_train, dataset.y_train, local_tests)
     if algorithm.family == "dl":
         _attach_topology(exp)
     exp.adversary = Adversary.from_config(cfg, n)

@@ -48,6 +48,9 @@ class Algorithm:
     gossip_steps = 1                            # DL: mixing steps per round
     mean_of_models = False                      # sync FL: aggregation needs only the uploads'
                                                 # weighted mean (FedAvg.aggregate_mean)
+    personalized = False                        # FL: every client keeps a personal model, trained
+                                                # after the global round (personal_objective)
+    communicates = True                         # False: clients never exchange (local-only)
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

@@ -59,6 +59,26 @@ def partition(
     return result
 
 
+def split_local_test(shards: list[np.ndarray], fraction: float, seed: int
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each node's rows split into its training rows and its own test rows (personalized FL
+    evaluates every client on data like its own): ``round(fraction * n)`` of a node's ``n``
+    rows, at least 1 and at most ``n - 1`` when it has 2 or more (a node with fewer keeps its
+    row for training), drawn by the permutation ``default_rng([seed, 7, node])``; both keep the
+    partitioner's order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {fraction!r}")
+    train, test = [], []
+    for node, rows in enumerate(shards):
+        n = len(rows)
+        k = min(n - 1, max(1, int(round(fraction * n)))) if n >= 2 else 0
+        pick = np.zeros(n, dtype=bool)
+        pick[np.random.default_rng([seed, 7, node]).permutation(n)[:k]] = True
+        train.append(rows[~pick])
+        test.append(rows[pick])
+    return train, test
+
+
 def relay_nodes(
     num_nodes: int, seed: int, relay_fraction: float = 0.0, data_nodes: int | None = None
 ) -> np.ndarray:

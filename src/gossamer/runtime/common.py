@@ -86,6 +86,10 @@ def refuse_simulator_only(cfg) -> None:
     if PATTERNS[pattern].runtime is None:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} ({pattern}) runs in the simulator "
                           "only so far; use `gossamer run`")
+    if ALGORITHMS.get(cfg.algorithm.name).personalized or cfg.partition.test_fraction:
+        raise ConfigError("partition.test_fraction" if cfg.partition.test_fraction else "algorithm.name",
+                          "personalized FL and per-client test splits run in the simulator only "
+                          "so far; use `gossamer run`")
     if cfg.hierarchy.levels:                          # no `gossamer aggregator` process yet
         raise ConfigError("hierarchy.levels", "hierarchical aggregation runs in the simulator only "
                           "so far; use `gossamer run`")

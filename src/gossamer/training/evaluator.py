@@ -45,6 +45,53 @@ class BatchedEvaluator:
         return correct / n, (loss / n).float()
 
 
+class PersonalEvaluator:
+    """Accuracy of each node's own model on that node's own test rows (personalized FL).
+
+    ``tests``: each node's test row indices into ``x``/``y`` (``partition.test_fraction``);
+    rows are padded to the widest node and masked, nodes are chunked to keep memory within
+    ``budget`` activations."""
+
+    def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
+                 tests: list[np.ndarray], budget: int = 2_000_000) -> None:
+        self.forward, self.spec, self.x, self.y, self.budget = forward, spec, x, y, budget
+        self.sizes = np.array([len(t) for t in tests], dtype=np.int64)
+        width = max(1, int(self.sizes.max(initial=0)))
+        self.rows = np.zeros((len(tests), width), dtype=np.int64)
+        for i, t in enumerate(tests):
+            self.rows[i, :len(t)] = t
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """The nodes that have test rows."""
+        return np.flatnonzero(self.sizes > 0)
+
+    @torch.no_grad()
+    def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """Accuracy ``[B]`` of model ``params[b]`` on node ``nodes[b]``'s test rows."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        width = self.rows.shape[1]
+        chunk = max(1, self.budget // (width * max(1, self.x[0].numel())))
+        out = torch.zeros(len(nodes))
+        for c0 in range(0, len(nodes), chunk):
+            part = nodes[c0:c0 + chunk]
+            idx = torch.from_numpy(self.rows[part])
+            valid = torch.arange(width)[None, :] < torch.from_numpy(self.sizes[part])[:, None]
+            logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx])
+            hits = ((logits.argmax(-1) == self.y[idx]) & valid).sum(1).float()
+            out[c0:c0 + chunk] = hits / torch.from_numpy(self.sizes[part]).clamp(min=1).float()
+        return out
+
+
+def personal_summary(accuracy: np.ndarray) -> dict[str, float]:
+    """Mean, median and the mean of the worst 10% (at least one client) of per-client
+    accuracies."""
+    acc = np.sort(np.asarray(accuracy, dtype=np.float64))
+    worst = acc[: max(1, int(np.ceil(0.1 * len(acc))))]
+    return {"personal_accuracy": float(acc.mean()), "personal_median": float(np.median(acc)),
+            "personal_worst10": float(worst.mean())}
+
+
 # losses(candidates [G, k, P], receivers [G]) -> [G, k], each candidate on the receiver's data
 Losses = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
 

@@ -23,6 +23,7 @@ from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline, dp_secure_mean
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
+from gossamer.training.evaluator import personal_summary
 
 
 class SyncFLDriver(Driver):
@@ -61,6 +62,13 @@ class SyncFLDriver(Driver):
         self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
         first_cohort = self._candidates()
         exp.trainer.reserve(first_cohort[:algo.expected_clients(len(first_cohort))], exp.init_params.dtype)
+        # personalized FL: every client's own model (Ditto's v, local-only's model)
+        self.personal: torch.Tensor | None = None
+        if algo.personalized:
+            self.personal = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+        self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
+        if exp.personal is not None:
+            self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
         self.client_state: torch.Tensor | None = None
         if algo.client_state_vectors:
             first = algo.init_client_state(numel)
@@ -94,6 +102,10 @@ class SyncFLDriver(Driver):
         if len(ids) == 0:
             self._idle_round(r)
             return
+        if not algo.communicates:                                   # local training only
+            self._local_round(r, ids)
+            return
+        received_model = self.state.params                          # what the clients start from
         server, system = exp.num_nodes, exp.system                 # the server's id in fault keys
         down_bytes, decoded = self.down_bytes, None
         if self.downlink is not None:                               # compressed broadcast
@@ -123,6 +135,8 @@ class SyncFLDriver(Driver):
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
         compute_s = system.compute_s(got, samples)
+        if algo.personalized:                    # the personal steps take the same schedule
+            compute_s = 2 * compute_s
         self.up_bytes = self.pipeline.upload_bytes(r)              # DGC: this round's density
         # a value-dependent upload size (compression) is priced after training, below
         up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
@@ -146,6 +160,8 @@ class SyncFLDriver(Driver):
                 self._train_and_aggregate(r, trained, delivered[keep])
             else:
                 self._anchor_round(r, trained, delivered[keep], anchors[keep])
+            if self.personal is not None:
+                self._personal_step(r, trained, received_model)
             if self.up_bytes is None:          # sizes known now: the uploads' real times
                 arrival[keep] += system.upload_s(trained, self.sent_up)
                 round_s = float(arrival[keep].max())
@@ -175,6 +191,48 @@ class SyncFLDriver(Driver):
             server_up = int(messages[0]) * self.partial_bytes if len(trained) else 0
         self.sim_time += round_s + system.server_fanout_s(server_down) + system.server_fanout_s(server_up)
         self.round = r
+
+    def _personal_step(self, r: int, clients: np.ndarray, received: torch.Tensor) -> None:
+        """The clients' personal models take the round's local steps on the algorithm's
+        personal objective (Ditto: towards the model they received)."""
+        idx = torch.from_numpy(clients)
+        with self.timer("train_s"):
+            result = self.exp.trainer.train(self.personal[idx], clients, r + (1 << 42),
+                                            objective=self.algorithm.personal_objective(received))
+            self.personal[idx] = result.params
+        self.node_steps += int(result.steps.sum())
+
+    def _local_round(self, r: int, ids: np.ndarray) -> None:
+        """Local-only training: the selected clients train their own models; nothing is sent,
+        and the round lasts as long as the slowest of them computes."""
+        exp = self.exp
+        samples = exp.trainer.samples(ids, r)
+        compute_s = exp.system.compute_s(ids, samples)
+        if exp.faults.enabled:
+            compute_s = compute_s * exp.faults.slowdown(r, ids)
+        self._personal_step(r, ids, self.state.params)
+        self.accounting.completed(ids)
+        self.sim_time += float(compute_s.max())
+        self.state = ServerState(self.state.params, r, self.state.extra)
+        self.round = r
+
+    def _personal_row(self) -> dict[str, float]:
+        """Every client's model (personal, else the global one; fine-tuned first with
+        ``eval.personal_finetune_steps``) on its own test rows: mean, median, worst 10%."""
+        exp = self.exp
+        nodes = exp.personal.nodes
+        if self.personal is not None:
+            models = self.personal[torch.from_numpy(nodes)]
+        else:
+            models = self.state.params.reshape(1, -1).expand(len(nodes), -1)
+        steps = exp.cfg.eval.personal_finetune_steps
+        if steps:
+            models = exp.trainer.train(models.contiguous(), nodes, self.round + (1 << 43),
+                                       steps=np.full(len(nodes), steps)).params
+        accuracy = exp.personal.evaluate(models, nodes).numpy()
+        self.personal_accuracy = np.full(exp.num_nodes, np.nan)
+        self.personal_accuracy[nodes] = accuracy
+        return personal_summary(accuracy)
 
     def _tier_bytes(self, tiers: np.ndarray, ids: np.ndarray, client_bytes: int, nbytes: int) -> int:
         """Add a broadcast's bytes per tier (the clients' downloads on the last tier, one copy per
@@ -383,6 +441,9 @@ class SyncFLDriver(Driver):
             row["epsilon"] = self.dp_ledger.epsilon()
         if self.secagg is not None:
             row["secagg_aborted"] = self.secagg_aborted
+        if self.exp.personal is not None:
+            with self.timer("eval_s"):
+                row.update(self._personal_row())
         return row
 
     def summary(self) -> dict[str, Any]:
@@ -404,9 +465,16 @@ class SyncFLDriver(Driver):
         return adv.byzantine if adv is not None and adv.enabled else None
 
     def extra_files(self) -> dict[str, str]:
-        if self.exp.contribution is None:
-            return {}
-        return {"contributions.csv": self.exp.contribution.table(self._flagged())}
+        files = {}
+        if self.exp.contribution is not None:
+            files["contributions.csv"] = self.exp.contribution.table(self._flagged())
+        if self.personal_accuracy is not None:          # each client's own test accuracy
+            sizes = self.exp.personal.sizes
+            lines = ["client,test_rows,accuracy"] + [
+                f"{i},{int(sizes[i])},{'' if np.isnan(a) else f'{a:.8g}'}"
+                for i, a in enumerate(self.personal_accuracy)]
+            files["clients.csv"] = "\n".join(lines) + "\n"
+        return files
 
     def global_params(self) -> torch.Tensor:
         return self.state.params
@@ -430,6 +498,8 @@ class SyncFLDriver(Driver):
         if self.exp.hierarchy is not None:
             state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
                          tiers_down=torch.from_numpy(self.tiers_down.copy()))
+        if self.personal is not None:
+            state["personal"] = self.personal.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -453,6 +523,8 @@ class SyncFLDriver(Driver):
         self.secagg_clipped = int(state.get("secagg_clipped", 0))
         if self.exp.contribution is not None and state.get("contribution") is not None:
             self.exp.contribution.load_state_dict(state["contribution"])
+        if self.personal is not None and state.get("personal") is not None:
+            self.personal = state["personal"].clone()
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
 

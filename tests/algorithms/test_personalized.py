@@ -1,0 +1,119 @@
+"""Personalized FL: per-client test splits, the per-client evaluator, Ditto and local-only
+training in the synchronous FL driver, fine-tuning before evaluation, resume."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from gossamer import config
+from gossamer.config import ConfigError
+from gossamer.data.partition import split_local_test
+from gossamer.sim.drivers.sync_fl import SyncFLDriver
+from gossamer.sim.experiment import build_experiment
+from gossamer.training.evaluator import personal_summary
+from tests.conftest import run_split, small_config
+
+
+def test_each_node_keeps_its_own_test_rows_apart_from_its_training_rows():
+    shards = [np.arange(0, 10), np.arange(10, 11), np.arange(11, 31), np.array([], dtype=np.int64)]
+    train, test = split_local_test(shards, 0.2, seed=3)
+    assert [len(t) for t in test] == [2, 0, 4, 0] and [len(t) for t in train] == [8, 1, 16, 0]
+    for rows, a, b in zip(shards, train, test, strict=True):
+        assert sorted(np.concatenate([a, b]).tolist()) == sorted(rows.tolist())
+    again = split_local_test(shards, 0.2, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(test, again[1], strict=True))
+    assert not np.array_equal(test[2], split_local_test(shards, 0.2, seed=4)[1][2])
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_local_test(shards, 1.0, 0)
+
+
+def _config(name="fedavg", params=None, **over):
+    cfg = small_config(name, stop={"rounds": 3}, **over)
+    cfg["algorithm"] = {"name": name, "params": params or {}}
+    cfg["partition"] = {"name": "dirichlet", "num_nodes": 8, "params": {"alpha": 0.2},
+                        "test_fraction": 0.25}
+    return cfg
+
+
+def _run(cfg):
+    driver = SyncFLDriver(build_experiment(config.validate(cfg)))
+    rows = [driver.evaluate()]
+    for _ in range(3):
+        driver.run_round()
+        rows.append(driver.evaluate())
+    return driver, rows
+
+
+def test_the_per_client_accuracy_is_each_model_on_its_own_rows():
+    driver, rows = _run(_config())
+    exp = driver.exp
+    nodes = exp.personal.nodes
+    assert len(nodes) == 8 and (exp.personal.sizes[nodes] > 0).all()
+    logits = exp.model  # the global model, evaluated row by row the plain way
+    exp.spec.load_into(logits, driver.state.params)
+    expected = []
+    for i in nodes:
+        idx = exp.personal.rows[i, : exp.personal.sizes[i]]
+        with torch.no_grad():
+            pred = logits(exp.dataset.x_train[idx]).argmax(-1)
+        expected.append(float((pred == exp.dataset.y_train[idx]).float().mean()))
+    assert np.allclose(driver.personal_accuracy[nodes], expected)
+    summary = personal_summary(np.array(expected))
+    assert rows[-1]["personal_accuracy"] == pytest.approx(summary["personal_accuracy"])
+    assert rows[-1]["personal_worst10"] == pytest.approx(min(expected))          # 1 of 8 clients
+    # the held-out rows are not trained on: no shard holds them
+    held = np.concatenate([exp.personal.rows[i, : exp.personal.sizes[i]] for i in nodes])
+    trained = np.concatenate([exp.trainer.shards[i, : exp.trainer.sizes[i]] for i in range(8)])
+    assert not np.intersect1d(held, trained).size
+
+
+def test_ditto_keeps_fedavgs_global_model_and_lam_zero_is_local_training():
+    fedavg, plain = _run(_config())
+    ditto, rows = _run(_config("ditto", {"lam": 0.5}))
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in plain]
+    assert torch.equal(ditto.state.params, fedavg.state.params)
+    assert ditto.sim_time > fedavg.sim_time                     # two local passes per round
+    assert rows[-1]["personal_accuracy"] != plain[-1]["personal_accuracy"]
+    free, free_rows = _run(_config("ditto", {"lam": 0.0}))
+    local, local_rows = _run(_config("local_only"))
+    assert torch.equal(free.personal, local.personal)           # no pull towards the global model
+    assert local.bytes_up == local.bytes_down == 0
+    assert torch.equal(local.state.params, local.exp.init_params.reshape(-1))
+    assert [r["personal_accuracy"] for r in local_rows] == [r["personal_accuracy"] for r in free_rows]
+
+
+def test_fine_tuning_before_evaluation_changes_only_the_personal_metrics():
+    plain, rows = _run(_config())
+    cfg = _config()
+    cfg["eval"] = {"personal_finetune_steps": 5}
+    tuned, tuned_rows = _run(cfg)
+    assert torch.equal(plain.state.params, tuned.state.params)
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in tuned_rows]
+    assert rows[-1]["personal_accuracy"] != tuned_rows[-1]["personal_accuracy"]
+
+
+def test_ditto_resumes_bit_identically_and_writes_each_clients_accuracy(tmp_path):
+    cfg = _config("ditto", {"lam": 0.1})
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=1, total=3)
+    rest.run()
+    for name in ("metrics.csv", "clients.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with (tmp_path / "a" / "clients.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and all(0 <= float(r["accuracy"]) <= 1 for r in table)
+
+
+def test_what_is_not_supported_is_refused_in_one_line():
+    from gossamer.runtime.common import refuse_simulator_only
+
+    cfg = small_config("dpsgd")
+    cfg["partition"]["test_fraction"] = 0.2
+    with pytest.raises(ConfigError, match="partition.test_fraction"):
+        build_experiment(config.validate(cfg))
+    with pytest.raises(ConfigError, match="simulator only"):
+        refuse_simulator_only(config.validate(_config("ditto")))
+    with pytest.raises(ValueError, match="lam"):
+        config.validate(_config("ditto", {"lam": -1}))
