@@ -155,6 +155,10 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
     exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator,
                      wire.encoded_size(spec.numel))
+    layers = getattr(algorithm, "head_layers", None)
+    if layers is not None and layers >= len({name.rsplit(".", 1)[0] for name in spec.names}):
+        raise ConfigError("algorithm.params", f"head_layers ({layers}) must leave at least one "
+                          f"of the model's layers to the shared body")
     if local_tests is not None:
         if algorithm.family != "fl":
             raise ConfigError("partition.test_fraction", "per-client test splits are evaluated for "

@@ -117,3 +117,29 @@ def test_what_is_not_supported_is_refused_in_one_line():
         refuse_simulator_only(config.validate(_config("ditto")))
     with pytest.raises(ValueError, match="lam"):
         config.validate(_config("ditto", {"lam": -1}))
+
+
+def test_fedrep_trains_each_head_on_the_received_body_then_shares_only_bodies():
+    driver = SyncFLDriver(build_experiment(config.validate(_config("fedrep", {"head_epochs": 2}))))
+    names, head = driver.head_names, driver.head
+    assert names == ("net.2.weight", "net.2.bias") and int(head.sum()) == 16 * 10 + 10
+    received = driver.state.params.clone()
+    driver.run_round()
+    personal = driver.personal
+    # after the head step every client's body is still the one it received; heads are its own
+    assert torch.equal(personal[:, ~head], received[~head].expand(8, -1))
+    assert not torch.equal(personal[0, head], personal[1, head])
+    assert not torch.equal(driver.state.params[~head], received[~head])    # the bodies moved
+    models = driver.algorithm.personal_model(driver.state.params, personal, head)
+    assert torch.equal(models[:, ~head], driver.state.params[~head].expand(8, -1))
+    assert torch.equal(models[:, head], personal[:, head])
+    with pytest.raises(ConfigError, match="head_layers"):
+        build_experiment(config.validate(_config("fedrep", {"head_layers": 2})))
+
+
+def test_fedrep_resumes_bit_identically(tmp_path):
+    cfg = _config("fedrep", {"head_epochs": 2})
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=1, total=3)
+    rest.run()
+    assert (tmp_path / "a/clients.csv").read_bytes() == (tmp_path / "b/clients.csv").read_bytes()

@@ -366,3 +366,34 @@ def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
     again = trainer.train(rows, np.arange(4), keys=1)
     assert torch.equal(again.params, fresh().train(rows, np.arange(4), keys=1).params)
     assert torch.equal(smaller.params, fresh().train(rows[:2], np.arange(2), keys=1).params)
+
+
+@pytest.mark.parametrize("opt", [SGD(0.1), SGD(0.05, momentum=0.9, weight_decay=1e-3)])
+def test_frozen_parameters_do_not_move_and_the_others_train_as_torch_does(opt):
+    """FedRep's steps: torch.optim.SGD over the unfrozen parameters only, on the same batches."""
+    from gossamer.algorithms.local import LocalObjective
+
+    sizes = [8, 5, 11]
+    trainer, model, spec, x, y = _setup(sizes, LocalSchedule(3, epochs=2, shuffle=True), opt, fused=True)
+    nodes = np.arange(3)
+    rows = torch.randn(3, spec.numel) * 0.3
+    frozen = ("net.0.weight", "net.0.bias")
+    assert set(frozen) < set(spec.names)
+    result = trainer.train(rows, nodes, keys=4, objective=LocalObjective(frozen=frozen))
+    idx, valid = trainer.batches(nodes, np.full(3, 4))
+    for b in range(3):
+        spec.load_into(model, rows[b])
+        train = [p for name, p in model.named_parameters() if name not in frozen]
+        sgd = torch.optim.SGD(train, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        for t in range(idx.shape[1]):
+            take = idx[b, t][valid[b, t]]
+            if len(take):
+                sgd.zero_grad()
+                nn.functional.cross_entropy(model(x[take]), y[take]).backward()
+                sgd.step()
+        assert torch.allclose(result.params[b], spec.flatten(model), atol=1e-5)
+        views = spec.views(result.params[b:b + 1])
+        before = spec.views(rows[b:b + 1])
+        assert all(torch.equal(views[n], before[n]) for n in frozen)
+    with pytest.raises(ValueError, match="not the model's"):
+        trainer.train(rows, nodes, keys=4, objective=LocalObjective(frozen=("head.weight",)))

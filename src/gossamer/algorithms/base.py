@@ -51,6 +51,7 @@ class Algorithm:
     personalized = False                        # FL: every client keeps a personal model, trained
                                                 # after the global round (personal_objective)
     communicates = True                         # False: clients never exchange (local-only)
+    personal_first = False                      # the personal step precedes the global one (FedRep)
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

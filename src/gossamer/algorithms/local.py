@@ -25,6 +25,10 @@ class LocalObjective:
     ``optimizer_state`` ``[B, W]``: rows of a stateful local optimizer's state (AdamW: ``m``,
     ``v``, ``t``; ``AdamW.state_width``) that persist across activations; the trainer reads
     them and writes the new state back in place (DiLoCo's inner optimizer).
+
+    ``frozen``: the model's parameters (by name) that do not move: their step is skipped
+    (weight decay and momentum included). FedRep trains the head with the body frozen, then
+    the body with the head frozen.
     """
 
     prox_mu: float = 0.0
@@ -33,6 +37,7 @@ class LocalObjective:
     grad_scale: float = 1.0
     recursive_direction: torch.Tensor | None = None
     optimizer_state: torch.Tensor | None = None
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prox_mu and self.anchor is None:
@@ -45,7 +50,7 @@ class LocalObjective:
             return t[part] if t is not None and t.dim() == 2 and t.shape[0] == total else t
 
         return LocalObjective(self.prox_mu, cut(self.anchor), cut(self.correction), self.grad_scale,
-                              cut(self.recursive_direction), cut(self.optimizer_state))
+                              cut(self.recursive_direction), cut(self.optimizer_state), self.frozen)
 
     @property
     def recursive(self) -> bool:

@@ -266,7 +266,10 @@ class BatchedTrainer:
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         objective = objective or LocalObjective()
-        fused = self.kernel is not None and not objective.recursive
+        fused = self.kernel is not None and not objective.recursive and not objective.frozen
+        unknown = set(objective.frozen) - set(self.spec.names)
+        if unknown:
+            raise ValueError(f"frozen parameters {sorted(unknown)} are not the model's")
         idx, valid = self.batches(nodes, keys, steps)
         chunk = self._chunk(fused, idx.shape[1], mean_weights is not None)
         if len(nodes) > chunk:
@@ -547,6 +550,21 @@ class BatchedTrainer:
               adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
               active: torch.Tensor, objective: LocalObjective | None,
               terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> None:
+        if objective is not None and objective.frozen:        # frozen leaves keep their values
+            keep = [k for k, name in enumerate(self.spec.names) if name not in objective.frozen]
+            sub = lambda items: None if items is None else [items[k] for k in keep]  # noqa: E731
+            lists = [bufs] if adam is None else [adam[0], adam[1]]
+            parts = [sub(x) for x in lists]           # the steps rebind their buffers' items
+            if adam is None:
+                self._sgd_step(sub(leaves), sub(grads), parts[0], active, objective, sub(terms))
+            else:
+                self._adamw_step(sub(leaves), sub(grads), (parts[0], parts[1], adam[2]), active,
+                                 objective, sub(terms))
+            for whole, part in zip(lists, parts, strict=True):
+                if whole is not None:
+                    for j, k in enumerate(keep):
+                        whole[k] = part[j]
+            return
         if adam is None:
             self._sgd_step(leaves, grads, bufs, active, objective, terms)
         else:

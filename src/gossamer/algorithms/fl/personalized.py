@@ -19,7 +19,36 @@ from gossamer.algorithms.local import LocalObjective
 
 
 @dataclass(frozen=True)
-class Ditto(FedAvg):
+class Personalized(FedAvg):
+    """What the driver asks of a personalized algorithm. ``head`` ``[P]`` (bool) marks the
+    model's last ``head_layers`` layers, ``names`` are the model's parameter names and
+    ``head_names`` the head's; algorithms that do not split the model ignore them."""
+
+    personalized: ClassVar[bool] = True
+    personal_first: ClassVar[bool] = False      # the personal step before the global training
+    personal_epochs: ClassVar[int | None] = None    # its length: None = the local schedule
+
+    def personal_objective(self, received: torch.Tensor, head_names: tuple[str, ...],
+                           names: tuple[str, ...]) -> LocalObjective:
+        return LocalObjective()
+
+    def personal_start(self, received: torch.Tensor, personal: torch.Tensor,
+                       head: torch.Tensor) -> torch.Tensor:
+        """The rows ``[B, P]`` the personal step starts from."""
+        return personal
+
+    def personal_model(self, current: torch.Tensor, personal: torch.Tensor,
+                       head: torch.Tensor) -> torch.Tensor:
+        """The model ``[B, P]`` each client evaluates (and predicts with)."""
+        return personal
+
+    def global_frozen(self, head_names: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+        """Parameters the round's global training leaves alone."""
+        return ()
+
+
+@dataclass(frozen=True)
+class Ditto(Personalized):
     """Ditto (Tian Li, Shengyuan Hu, Ahmad Beirami, et al., "Ditto: Fair and Robust Federated
     Learning Through Personalization", ICML 2021, arXiv:2012.04221): the global model is
     FedAvg's; each selected client also takes local steps on its personal model ``v`` for
@@ -28,7 +57,6 @@ class Ditto(FedAvg):
     never sent. ``lam = 0`` is local training from the first global model; large ``lam`` keeps
     ``v`` at the global model."""
 
-    personalized: ClassVar[bool] = True
     lam: float = 0.1
 
     def __post_init__(self) -> None:
@@ -36,19 +64,53 @@ class Ditto(FedAvg):
         if self.lam < 0:
             raise ValueError("lam must be >= 0")
 
-    def personal_objective(self, received: torch.Tensor) -> LocalObjective:
+    def personal_objective(self, received, head_names, names) -> LocalObjective:
         """The personal step's objective: the proximal term towards the received model."""
         return LocalObjective(prox_mu=self.lam, anchor=received) if self.lam else LocalObjective()
 
 
 @dataclass(frozen=True)
-class LocalOnly(FedAvg):
+class LocalOnly(Personalized):
     """Local training only: each selected client trains its own model on its own data, from
     the initial model, and nothing is ever sent (the lower baseline of personalized FL). The
     global model stays the initial one."""
 
-    personalized: ClassVar[bool] = True
     communicates: ClassVar[bool] = False
 
-    def personal_objective(self, received: torch.Tensor) -> LocalObjective:
-        return LocalObjective()
+
+@dataclass(frozen=True)
+class FedRep(Personalized):
+    """FedRep (Liam Collins, Hamed Hassani, Aryan Mokhtari, et al., "Exploiting Shared
+    Representations for Personalized Federated Learning", ICML 2021, arXiv:2102.07078): the
+    model's last ``head_layers`` layers are each client's own head, the rest a shared body.
+    A selected client first trains its head for ``head_epochs`` epochs with the received body
+    frozen, then the body for the local schedule with its head frozen, and uploads; the server
+    averages the bodies (the heads it receives are never used by a client). A client predicts
+    with the current global body and its own head."""
+
+    personal_first: ClassVar[bool] = True
+    head_layers: int = 1
+    head_epochs: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head_layers < 1:
+            raise ValueError("head_layers must be >= 1")
+        if self.head_epochs < 1:
+            raise ValueError("head_epochs must be >= 1")
+
+    @property
+    def personal_epochs(self) -> int:              # the head's step takes head_epochs epochs
+        return self.head_epochs
+
+    def personal_objective(self, received, head_names, names) -> LocalObjective:
+        return LocalObjective(frozen=tuple(n for n in names if n not in head_names))
+
+    def personal_start(self, received, personal, head):
+        return torch.where(head, personal, received)
+
+    def personal_model(self, current, personal, head):
+        return torch.where(head, personal, current)
+
+    def global_frozen(self, head_names, names):
+        return tuple(head_names)

@@ -17,6 +17,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.local import LocalObjective
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
 from gossamer.protocols.sync_fl import SyncRound
@@ -66,6 +67,7 @@ class SyncFLDriver(Driver):
         self.personal: torch.Tensor | None = None
         if algo.personalized:
             self.personal = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+            self.head_names, self.head = _head(exp.spec, getattr(algo, "head_layers", 1))
         self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
         if exp.personal is not None:
             self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
@@ -134,9 +136,9 @@ class SyncFLDriver(Driver):
         if algo.split_roles:                                # FedAMD: roles per client
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
+        if algo.personalized:                    # the personal steps compute too
+            samples = samples + self._personal_samples(got, samples)
         compute_s = system.compute_s(got, samples)
-        if algo.personalized:                    # the personal steps take the same schedule
-            compute_s = 2 * compute_s
         self.up_bytes = self.pipeline.upload_bytes(r)              # DGC: this round's density
         # a value-dependent upload size (compression) is priced after training, below
         up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
@@ -156,11 +158,14 @@ class SyncFLDriver(Driver):
         acc = self.accounting
         self.sent_up = np.full(len(trained), self.up_bytes or 0, dtype=np.int64)
         if len(trained):
+            first = self.personal is not None and algo.personal_first
+            if first:                            # FedRep: the head before the body
+                self._personal_step(r, trained, received_model)
             if anchors is None:
                 self._train_and_aggregate(r, trained, delivered[keep])
             else:
                 self._anchor_round(r, trained, delivered[keep], anchors[keep])
-            if self.personal is not None:
+            if self.personal is not None and not first:
                 self._personal_step(r, trained, received_model)
             if self.up_bytes is None:          # sizes known now: the uploads' real times
                 arrival[keep] += system.upload_s(trained, self.sent_up)
@@ -192,13 +197,25 @@ class SyncFLDriver(Driver):
         self.sim_time += round_s + system.server_fanout_s(server_down) + system.server_fanout_s(server_up)
         self.round = r
 
+    def _personal_samples(self, clients: np.ndarray, samples: np.ndarray) -> np.ndarray:
+        """Samples the personal step computes on: the local schedule's, or its epochs'."""
+        epochs = self.algorithm.personal_epochs
+        return samples if epochs is None else epochs * self.exp.trainer.sizes[clients]
+
     def _personal_step(self, r: int, clients: np.ndarray, received: torch.Tensor) -> None:
-        """The clients' personal models take the round's local steps on the algorithm's
-        personal objective (Ditto: towards the model they received)."""
+        """The clients' personal models take their local steps on the algorithm's personal
+        objective (Ditto: towards the model they received; FedRep: the head alone)."""
+        exp, algo = self.exp, self.algorithm
         idx = torch.from_numpy(clients)
+        steps = None
+        if algo.personal_epochs is not None:
+            per_epoch = -(-exp.trainer.sizes[clients] // exp.cfg.local.batch_size)
+            steps = algo.personal_epochs * per_epoch
         with self.timer("train_s"):
-            result = self.exp.trainer.train(self.personal[idx], clients, r + (1 << 42),
-                                            objective=self.algorithm.personal_objective(received))
+            start = algo.personal_start(received, self.personal[idx], self.head)
+            objective = algo.personal_objective(received, self.head_names, exp.spec.names)
+            result = exp.trainer.train(start.contiguous(), clients, r + (1 << 42), steps=steps,
+                                       objective=objective)
             self.personal[idx] = result.params
         self.node_steps += int(result.steps.sum())
 
@@ -206,7 +223,7 @@ class SyncFLDriver(Driver):
         """Local-only training: the selected clients train their own models; nothing is sent,
         and the round lasts as long as the slowest of them computes."""
         exp = self.exp
-        samples = exp.trainer.samples(ids, r)
+        samples = self._personal_samples(ids, exp.trainer.samples(ids, r))
         compute_s = exp.system.compute_s(ids, samples)
         if exp.faults.enabled:
             compute_s = compute_s * exp.faults.slowdown(r, ids)
@@ -222,7 +239,8 @@ class SyncFLDriver(Driver):
         exp = self.exp
         nodes = exp.personal.nodes
         if self.personal is not None:
-            models = self.personal[torch.from_numpy(nodes)]
+            models = self.algorithm.personal_model(self.state.params, self.personal[torch.from_numpy(nodes)],
+                                                   self.head)
         else:
             models = self.state.params.reshape(1, -1).expand(len(nodes), -1)
         steps = exp.cfg.eval.personal_finetune_steps
@@ -253,6 +271,7 @@ class SyncFLDriver(Driver):
         stage, attack, loss or compressed broadcast between training and the mean."""
         pipe, exp = self.pipeline, self.exp
         return (self.algorithm.mean_of_models and bool(delivered.all()) and self.estimate is None
+                and not self.algorithm.personal_first
                 and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
                 and pipe.dp is None and self.secagg is None and exp.contribution is None
                 and not (self.dp is not None and self.dp.level == "sample"))
@@ -279,6 +298,10 @@ class SyncFLDriver(Driver):
             starts = start.expand(len(trained), -1)
             if self.estimate is not None:          # clients start from their copy of the model
                 starts = self.estimate[torch.from_numpy(trained)]
+            if self.personal is not None and algo.personal_first:   # FedRep: with its new head
+                starts = self.personal[torch.from_numpy(trained)]
+                objective = replace(objective or LocalObjective(),
+                                    frozen=algo.global_frozen(self.head_names, exp.spec.names))
             result = exp.trainer.train(starts, trained, r, objective=objective)
             uploads, new_state = algo.client_update(result.params, payload, cstate, result.steps, lr)
             if self.estimate is not None:          # the server applies each update to its model
@@ -527,6 +550,22 @@ class SyncFLDriver(Driver):
             self.personal = state["personal"].clone()
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
+
+
+def _head(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The parameter names of the model's last ``layers`` layers (modules, by name prefix)
+    and their mask ``[P]`` in the flat vector."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in spec.names))
+    if layers >= len(modules):
+        raise ValueError(f"head_layers ({layers}) must leave at least one of the model's "
+                         f"{len(modules)} layers to the shared body")
+    keep = set(modules[-layers:])
+    names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in keep)
+    mask = torch.zeros(spec.numel, dtype=torch.bool)
+    for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
+        if name in names:
+            mask[offset:offset + int(np.prod(shape))] = True
+    return names, mask
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
