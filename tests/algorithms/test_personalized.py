@@ -143,3 +143,42 @@ def test_fedrep_resumes_bit_identically(tmp_path):
     rest = run_split(cfg, tmp_path, split=1, total=3)
     rest.run()
     assert (tmp_path / "a/clients.csv").read_bytes() == (tmp_path / "b/clients.csv").read_bytes()
+
+
+def test_fedcac_critical_parameters_and_collaboration_written_out():
+    from gossamer.algorithms.fl.personalized import FedCAC
+
+    algo = FedCAC(tau=0.5, beta=2.0)
+    before = torch.zeros(3, 6)
+    after = torch.tensor([[3.0, 1.0, 0.5, 2.0, 0.1, 4.0],
+                          [3.0, 1.0, 0.4, 2.0, 4.0, 0.1],
+                          [0.1, 5.0, 6.0, 0.2, 3.0, 1.0]])
+    layers = [(0, 4), (4, 2)]                      # two layers: 2 of 4 and 1 of 2 are critical
+    mask = algo.critical(before, after, layers)    # |(after - before) * after| = after^2
+    assert mask.tolist() == [[True, False, False, True, False, True],
+                             [True, False, False, True, True, False],
+                             [False, True, True, False, True, False]]
+    glob = torch.full((6,), -1.0)
+    out = algo.personalize(before, after, glob, layers, round_=1)
+    # overlaps: (0,1) = 1 - 2/6, (0,2) = 1 - 6/6, (1,2) = 1 - 4/6; avg 1/3, max 2/3;
+    # threshold = 1/3 + 1/2 * 1/3 = 1/2: only 0 and 1 collaborate
+    custom01 = (after[0] + after[1]) / 2
+    assert torch.allclose(out[0], torch.where(mask[0], custom01, glob))
+    assert torch.allclose(out[1], torch.where(mask[1], custom01, glob))
+    assert torch.allclose(out[2], torch.where(mask[2], after[2], glob))
+
+
+def test_fedcac_starts_from_fedavgs_round_and_keeps_personal_models(tmp_path):
+    driver = SyncFLDriver(build_experiment(config.validate(_config("fedcac", {"tau": 0.3}))))
+    plain = SyncFLDriver(build_experiment(config.validate(_config())))
+    driver.run_round()
+    plain.run_round()
+    assert torch.equal(driver.state.params, plain.state.params)      # both started from x_0
+    personal = driver.personal
+    takes_global = personal == driver.state.params                    # the non-critical ones
+    assert 0.6 < takes_global.float().mean() < 0.8                    # about 1 - tau of them
+    cfg = _config("fedcac", {"tau": 0.3})
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=1, total=3)
+    rest.run()
+    assert (tmp_path / "a/clients.csv").read_bytes() == (tmp_path / "b/clients.csv").read_bytes()

@@ -28,7 +28,7 @@ from gossamer.algorithms.fl.fedcompass import FedCompass
 from gossamer.algorithms.fl.general_theory import AsyncFedAvg
 from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
 from gossamer.algorithms.fl.isolated_experts import IsolatedExperts
-from gossamer.algorithms.fl.personalized import Ditto, FedRep, LocalOnly
+from gossamer.algorithms.fl.personalized import Ditto, FedCAC, FedRep, LocalOnly
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.algorithms.fl.streaming_diloco import StreamingDiLoCo
 from gossamer.algorithms.fl.zo import ZOFedAvg
@@ -48,6 +48,7 @@ ALGORITHMS.register("co2")(CO2)
 ALGORITHMS.register("ditto")(Ditto)
 ALGORITHMS.register("local_only")(LocalOnly)
 ALGORITHMS.register("fedrep")(FedRep)
+ALGORITHMS.register("fedcac")(FedCAC)
 ALGORITHMS.register("isolated_experts")(IsolatedExperts)
 ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)

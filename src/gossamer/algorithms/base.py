@@ -52,6 +52,8 @@ class Algorithm:
                                                 # after the global round (personal_objective)
     communicates = True                         # False: clients never exchange (local-only)
     personal_first = False                      # the personal step precedes the global one (FedRep)
+    personal_training = True                    # personal models take their own local steps
+    server_personalizes = False                 # the server sets them after aggregating (FedCAC)
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

@@ -25,6 +25,8 @@ class Personalized(FedAvg):
     ``head_names`` the head's; algorithms that do not split the model ignore them."""
 
     personalized: ClassVar[bool] = True
+    personal_training: ClassVar[bool] = True    # personal models take their own local steps
+    server_personalizes: ClassVar[bool] = False  # the server sets them after aggregating (FedCAC)
     personal_first: ClassVar[bool] = False      # the personal step before the global training
     personal_epochs: ClassVar[int | None] = None    # its length: None = the local schedule
 
@@ -114,3 +116,64 @@ class FedRep(Personalized):
 
     def global_frozen(self, head_names, names):
         return tuple(head_names)
+
+
+@dataclass(frozen=True)
+class FedCAC(Personalized):
+    """FedCAC (Xinghao Wu, Xuefeng Liu, Jianwei Niu, et al., "Bold but Cautious: Unlocking the
+    Potential of Personalized Federated Learning through Cautiously Aggressive Collaboration",
+    ICCV 2023, arXiv:2309.11103), as the authors' Fling code (``fedcac_client.py``,
+    ``fedcac_group.py``) runs it. Each selected client trains from its personal model; its
+    critical parameters are, per layer, the ``tau`` fraction with the largest
+    ``|(w_after - w_before) * w_after|``. The server averages the trained models into the
+    global model (FedAvg), and for each client the models of the clients whose critical
+    parameters overlap its own by at least a threshold (``overlap(i, j) = 1 - |m_i - m_j|_1 /
+    (2 |m_i|_1)``; threshold ``avg + (round / beta) (max - avg)`` over the round's pairs, so
+    collaboration on critical parameters narrows as rounds pass) into its customized model
+    (uniform mean, itself included). The client's next model takes its critical parameters
+    from the customized model and the others from the global model."""
+
+    personal_training: ClassVar[bool] = False
+    server_personalizes: ClassVar[bool] = True
+    tau: float = 0.5
+    beta: float = 100.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.tau <= 1:
+            raise ValueError("tau must be in (0, 1]")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+
+    def critical(self, before: torch.Tensor, after: torch.Tensor,
+                 layers: list[tuple[int, int]]) -> torch.Tensor:
+        """Each row's critical parameters ``[K, P]`` (bool): per layer ``(offset, size)`` the
+        ``ceil``-free ``int(tau * size)`` largest ``|(after - before) * after|`` (at least one;
+        ties at the threshold included, as the authors' ``>=``)."""
+        score = ((after - before) * after).abs()
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        for offset, size in layers:
+            block = score[:, offset:offset + size]
+            k = max(1, int(self.tau * size))
+            thresh = block.topk(k, dim=1).values[:, -1:]
+            mask[:, offset:offset + size] = block >= thresh
+        return mask
+
+    def personalize(self, before: torch.Tensor, after: torch.Tensor, global_model: torch.Tensor,
+                    layers: list[tuple[int, int]], round_: int) -> torch.Tensor:
+        """The selected clients' next models ``[K, P]`` from where they started (``before``)
+        and their trained models (``after``), given the new global model."""
+        k = len(after)
+        mask = self.critical(before, after, layers)
+        if k == 1:
+            customized = after
+        else:
+            m = mask.to(after.dtype)
+            diff = torch.cdist(m, m, p=1)                                  # |m_i - m_j|_1
+            overlap = 1 - diff / (2 * m.sum(1, keepdim=True))
+            off = ~torch.eye(k, dtype=torch.bool)
+            avg, top = overlap[off].mean(), overlap[off].max()
+            threshold = avg + round_ / self.beta * (top - avg)
+            together = (overlap >= threshold) | ~off                       # itself included
+            customized = (together.to(after.dtype) @ after) / together.sum(1, keepdim=True)
+        return torch.where(mask, customized, global_model.expand_as(after))

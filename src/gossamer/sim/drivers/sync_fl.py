@@ -136,7 +136,7 @@ class SyncFLDriver(Driver):
         if algo.split_roles:                                # FedAMD: roles per client
             anchors = algo.anchors(exp.cfg.seed, r, got)
             samples = algo.task_samples(samples, exp.trainer.sizes[got], anchors)
-        if algo.personalized:                    # the personal steps compute too
+        if algo.personalized and algo.personal_training:     # the personal steps compute too
             samples = samples + self._personal_samples(got, samples)
         compute_s = system.compute_s(got, samples)
         self.up_bytes = self.pipeline.upload_bytes(r)              # DGC: this round's density
@@ -158,14 +158,14 @@ class SyncFLDriver(Driver):
         acc = self.accounting
         self.sent_up = np.full(len(trained), self.up_bytes or 0, dtype=np.int64)
         if len(trained):
-            first = self.personal is not None and algo.personal_first
-            if first:                            # FedRep: the head before the body
+            own = self.personal is not None and algo.personal_training
+            if own and algo.personal_first:      # FedRep: the head before the body
                 self._personal_step(r, trained, received_model)
             if anchors is None:
                 self._train_and_aggregate(r, trained, delivered[keep])
             else:
                 self._anchor_round(r, trained, delivered[keep], anchors[keep])
-            if self.personal is not None and not first:
+            if own and not algo.personal_first:
                 self._personal_step(r, trained, received_model)
             if self.up_bytes is None:          # sizes known now: the uploads' real times
                 arrival[keep] += system.upload_s(trained, self.sent_up)
@@ -271,7 +271,7 @@ class SyncFLDriver(Driver):
         stage, attack, loss or compressed broadcast between training and the mean."""
         pipe, exp = self.pipeline, self.exp
         return (self.algorithm.mean_of_models and bool(delivered.all()) and self.estimate is None
-                and not self.algorithm.personal_first
+                and not self.algorithm.personal_first and not self.algorithm.server_personalizes
                 and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
                 and pipe.dp is None and self.secagg is None and exp.contribution is None
                 and not (self.dp is not None and self.dp.level == "sample"))
@@ -298,10 +298,11 @@ class SyncFLDriver(Driver):
             starts = start.expand(len(trained), -1)
             if self.estimate is not None:          # clients start from their copy of the model
                 starts = self.estimate[torch.from_numpy(trained)]
-            if self.personal is not None and algo.personal_first:   # FedRep: with its new head
-                starts = self.personal[torch.from_numpy(trained)]
-                objective = replace(objective or LocalObjective(),
-                                    frozen=algo.global_frozen(self.head_names, exp.spec.names))
+            if self.personal is not None and (algo.personal_first or algo.server_personalizes):
+                starts = self.personal[torch.from_numpy(trained)]    # FedRep, FedCAC: own rows
+                frozen = algo.global_frozen(self.head_names, exp.spec.names)
+                if frozen:                                           # FedRep: its new head
+                    objective = replace(objective or LocalObjective(), frozen=frozen)
             result = exp.trainer.train(starts, trained, r, objective=objective)
             uploads, new_state = algo.client_update(result.params, payload, cstate, result.steps, lr)
             if self.estimate is not None:          # the server applies each update to its model
@@ -329,6 +330,12 @@ class SyncFLDriver(Driver):
                 self.state = algo.aggregate_mean(self.state, mean)
             else:
                 self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
+            if algo.server_personalizes and len(rows):   # FedCAC: each client's next model
+                keep = torch.from_numpy(delivered)
+                layers = [(o, int(np.prod(shape))) for o, shape in zip(exp.spec.offsets, exp.spec.shapes,
+                                                                       strict=True)]
+                self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
+                    starts[keep], rows[:, : exp.spec.numel], self.state.params, layers, r)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
 
