@@ -8,6 +8,7 @@ part every round; --attackers of them (drawn by the seed) are, in separate runs:
   free_rider        send the model they received (no work)
   free_rider_noisy  the same plus N(0, 0.001^2) noise on every weight, to look trained
   label_flip        train on flipped labels (y -> 9 - y)
+  label_noise       train on noisy labels (80% of them drawn uniformly at random)
 Every round the server scores the uploads (contribution.methods: loo, cosine, shapley with
 10 permutations, truncation 0.01, utility minus the loss on 500 test rows). Printed per
 attack and seed: the AUC of each method's scores (mean per round taken part) ranking the
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ATTACKS = {"free_rider": ("free_rider", {}), "free_rider_noisy": ("free_rider", {"sigma": 0.001}),
-           "label_flip": ("label_flip", {})}
+           "label_flip": ("label_flip", {}), "label_noise": ("label_noise", {"rate": 0.8})}
 
 
 def config(attack: str, seed: int, args: argparse.Namespace) -> dict:

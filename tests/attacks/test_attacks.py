@@ -58,6 +58,7 @@ def random_groups(seed=0, g=4, b=7, p=5):
 def test_registered_names():
     assert set(ATTACKS.names()) == {
         "free_rider",
+        "label_noise",
         "sign_flip",
         "scaling",
         "gaussian",
@@ -67,8 +68,8 @@ def test_registered_names():
         "min_sum",
         "label_flip",
     }
-    assert DATA_ATTACKS == {"label_flip"}
-    assert MODEL_ATTACKS == set(ATTACKS.names()) - {"label_flip"}
+    assert DATA_ATTACKS == {"label_flip", "label_noise"}
+    assert MODEL_ATTACKS == set(ATTACKS.names()) - {"label_flip", "label_noise"}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_ATTACKS))
@@ -379,3 +380,15 @@ def test_a_free_rider_sends_the_model_it_received():
     assert torch.equal(out[~byz], updates[~byz])                     # honest rows untouched
     noisy = apply_attack("free_rider", updates, byz, generator=torch.Generator().manual_seed(0), sigma=0.1)
     assert 0 < noisy[byz].abs().max() < 1
+
+
+def test_label_noise_replaces_that_fraction_of_labels_by_uniform_draws():
+    from gossamer.attacks.data import noisy_labels
+
+    y = torch.zeros(20000, dtype=torch.int64)
+    noisy = noisy_labels(y, 10, 0.5, torch.Generator().manual_seed(0))
+    changed = (noisy != 0).float().mean().item()
+    assert 0.43 < changed < 0.47                     # 0.5 * 9/10 drawn to another class
+    assert torch.equal(noisy_labels(y, 10, 0.0, torch.Generator().manual_seed(0)), y)
+    with pytest.raises(ValueError, match="data attack"):
+        apply_attack("label_noise", torch.zeros(1, 2, 3), torch.tensor([[True, False]]))

@@ -20,6 +20,7 @@ Attacks (parameters and defaults):
     - ``free_rider(sigma=0.0)``: the model received, unchanged (a zero update), or plus
       ``N(0, sigma^2 I)`` noise (a disguised free-rider).
     - ``label_flip``: data attack, ``y -> num_classes - 1 - y``.
+    - ``label_noise(rate=1.0)``: data attack, each label drawn uniformly with probability ``rate``.
 
 Definitional choices:
     - Groups without honest rows take statistics over all their rows (the attackers' own

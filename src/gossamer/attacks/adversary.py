@@ -59,6 +59,7 @@ class Adversary:
     def poison_labels(self, y: torch.Tensor, shards: list[np.ndarray], num_classes: int) -> torch.Tensor:
         """Training labels with every Byzantine node's shard flipped (shards are disjoint)."""
         from gossamer.attacks import flip_labels
+        from gossamer.attacks.data import noisy_labels
 
         if not self.data_attack:
             return y
@@ -67,7 +68,13 @@ class Adversary:
             return y
         idx = torch.from_numpy(np.concatenate(rows).astype(np.int64))
         y = y.clone()
-        y[idx] = flip_labels(y[idx], num_classes)
+        if self.attack == "label_noise":
+            rate = float(self.params.get("rate", 1.0))
+            if rate > 1:
+                raise ConfigError("adversary.params", f"rate must be in [0, 1], got {rate:g}")
+            y[idx] = noisy_labels(y[idx], num_classes, rate, self._generator(0, -2))
+        else:
+            y[idx] = flip_labels(y[idx], num_classes)
         return y
 
     def _generator(self, round_: int, key: int) -> torch.Generator:
