@@ -160,9 +160,9 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         raise ConfigError("algorithm.params", f"head_layers ({layers}) must leave at least one "
                           f"of the model's layers to the shared body")
     if local_tests is not None:
-        if algorithm.family != "fl":
+        if algorithm.pattern != "sync_fl":
             raise ConfigError("partition.test_fraction", "per-client test splits are evaluated for "
-                              f"FL algorithms; {cfg.algorithm.name} is decentralized")
+                              f"synchronous FL algorithms; {cfg.algorithm.name} is {algorithm.pattern}")
         exp.personal = PersonalEvaluator(forward, spec, dataset.x_train, dataset.y_train, local_tests)
     if algorithm.family == "dl":
         _attach_topology(exp)

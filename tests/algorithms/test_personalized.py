@@ -113,6 +113,10 @@ def test_what_is_not_supported_is_refused_in_one_line():
     cfg["partition"]["test_fraction"] = 0.2
     with pytest.raises(ConfigError, match="partition.test_fraction"):
         build_experiment(config.validate(cfg))
+    cfg = small_config("fedbuff")
+    cfg["partition"]["test_fraction"] = 0.2
+    with pytest.raises(ConfigError, match="partition.test_fraction"):
+        build_experiment(config.validate(cfg))
     with pytest.raises(ConfigError, match="simulator only"):
         refuse_simulator_only(config.validate(_config("ditto")))
     with pytest.raises(ValueError, match="lam"):
