@@ -159,6 +159,9 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     if layers is not None and layers >= len({name.rsplit(".", 1)[0] for name in spec.names}):
         raise ConfigError("algorithm.params", f"head_layers ({layers}) must leave at least one "
                           f"of the model's layers to the shared body")
+    if cfg.eval.personal_finetune_steps and local_tests is None:
+        raise ConfigError("eval.personal_finetune_steps", "fine-tuning before evaluation needs "
+                          "each client's own test split: set partition.test_fraction")
     if local_tests is not None:
         if algorithm.pattern != "sync_fl":
             raise ConfigError("partition.test_fraction", "per-client test splits are evaluated for "

@@ -113,6 +113,9 @@ def test_what_is_not_supported_is_refused_in_one_line():
     cfg["partition"]["test_fraction"] = 0.2
     with pytest.raises(ConfigError, match="partition.test_fraction"):
         build_experiment(config.validate(cfg))
+    cfg = small_config("fedavg", eval={"personal_finetune_steps": 3})
+    with pytest.raises(ConfigError, match="eval.personal_finetune_steps"):
+        build_experiment(config.validate(cfg))
     cfg = small_config("fedbuff")
     cfg["partition"]["test_fraction"] = 0.2
     with pytest.raises(ConfigError, match="partition.test_fraction"):
