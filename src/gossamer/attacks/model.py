@@ -98,12 +98,10 @@ def free_rider(
     ``sigma > 0`` that model plus ``N(0, sigma^2 I)`` noise to look as if it had trained (the
     disguised free-rider of Lin et al., "Free-riders in Federated Learning: Attacks and
     Defenses", arXiv:1911.12560)."""
-    k, p = int(byzantine.sum()), updates.shape[-1]
     if sigma == 0:
-        return torch.zeros((k, p), dtype=torch.float64, device=updates.device)
-    device = updates.device if generator is None else generator.device
-    noise = torch.randn((k, p), generator=generator, dtype=torch.float64, device=device)
-    return sigma * noise.to(updates.device)
+        return torch.zeros((int(byzantine.sum()), updates.shape[-1]), dtype=torch.float64,
+                           device=updates.device)
+    return gaussian(updates, byzantine, generator=generator, sigma=sigma)   # the update is noise
 
 
 @register("alie", z=OPTIONAL_REAL)

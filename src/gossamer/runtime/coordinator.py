@@ -262,6 +262,29 @@ class BaseCoordinator:
             self.rejected += 1
         log.warning("rejected a call: %s", reason)
 
+    def _stopped(self, row: dict[str, Any]) -> str | None:
+        """Which stop rule ``row`` (an evaluation) meets, if any: ``target_accuracy`` or
+        ``max_sim_time_s``."""
+        stop = self.cfg.stop
+        if stop.target_accuracy is not None and row["test_accuracy"] >= stop.target_accuracy:
+            return "target_accuracy"
+        if stop.max_sim_time_s is not None and row["sim_time_s"] >= stop.max_sim_time_s:
+            return "max_sim_time_s"
+        return None
+
+    def _summary(self, stopped_by: str, wall_s: float) -> dict[str, Any]:
+        """``summary.json``'s common fields, from the last metrics row."""
+        last = self.metrics.rows[-1]
+        return {"name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
+                "num_nodes": self.exp.num_nodes, "num_params": self.numel,
+                "rounds": int(last["round"]), "stopped_by": stopped_by,
+                "final_test_accuracy": float(last["test_accuracy"]),
+                "final_test_loss": float(last["test_loss"]),
+                "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,  # as the simulator
+                "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
+                "sim_time_s": float(last["sim_time_s"]), "wall_time_s": wall_s,
+                "rejected_messages": self.rejected}
+
     # --- pattern hooks ------------------------------------------------------------------------
     def _init_pipeline(self) -> None:
         """Set up what uploads carry (the synchronous pattern: the upload pipeline)."""

@@ -320,22 +320,10 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                 os.kill(os.getpid(), signal.SIGKILL)         # tests: die like kill -9
 
             best = row["test_accuracy"] if best is None else max(best, row["test_accuracy"])
-            if stop.target_accuracy is not None and row["test_accuracy"] >= stop.target_accuracy:
-                stopped_by = "target_accuracy"
+            stopped_by = self._stopped(row) or stopped_by
+            if stopped_by != "rounds":
                 break
-            if stop.max_sim_time_s is not None and row["sim_time_s"] >= stop.max_sim_time_s:
-                stopped_by = "max_sim_time_s"
-                break
-        last = self.metrics.rows[-1]
-        summary = {"name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
-                   "num_nodes": self.exp.num_nodes, "num_params": self.numel,
-                   "rounds": int(last["round"]), "stopped_by": stopped_by,
-                   "final_test_accuracy": float(last["test_accuracy"]),
-                   "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,  # as the simulator
-                   "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
-                   "sim_time_s": float(last["sim_time_s"]),
-                   "wall_time_s": self.elapsed_before + time.monotonic() - start,
-                   "rejected_messages": self.rejected}
+        summary = self._summary(stopped_by, self.elapsed_before + time.monotonic() - start)
         scorer, adv = self.exp.contribution, self.exp.adversary
         if scorer is not None:
             flagged = adv.byzantine if adv is not None and adv.enabled else None

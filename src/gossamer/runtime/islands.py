@@ -211,22 +211,10 @@ class IslandsCoordinator(BaseCoordinator):
                 self._close(k)
             row = self._evaluate(k, start)
             self.metrics.append(row)
-            if stop.target_accuracy is not None and row["test_accuracy"] >= stop.target_accuracy:
-                stopped_by = "target_accuracy"
+            stopped_by = self._stopped(row) or stopped_by
+            if stopped_by != "rounds":
                 break
-            if stop.max_sim_time_s is not None and row["sim_time_s"] >= stop.max_sim_time_s:
-                stopped_by = "max_sim_time_s"
-                break
-        last = self.metrics.rows[-1]
-        summary = {"name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
-                   "num_nodes": self.exp.num_nodes, "num_params": self.numel,
-                   "rounds": int(last["round"]), "stopped_by": stopped_by,
-                   "final_test_accuracy": float(last["test_accuracy"]),
-                   "final_test_loss": float(last["test_loss"]),
-                   "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,
-                   "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
-                   "sim_time_s": float(last["sim_time_s"]),
-                   "wall_time_s": time.monotonic() - start, "rejected_messages": self.rejected}
+        summary = self._summary(stopped_by, time.monotonic() - start)
         write_json(self.run_dir / "summary.json", summary)
         save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary
