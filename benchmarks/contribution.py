@@ -9,6 +9,8 @@ part every round; --attackers of them (drawn by the seed) are, in separate runs:
   free_rider_noisy  the same plus N(0, 0.001^2) noise on every weight, to look trained
   label_flip        train on flipped labels (y -> 9 - y)
   label_noise       train on noisy labels (80% of them drawn uniformly at random)
+  mixed             --attackers free-riders and 10% more clients with noisy labels, in one run
+                    (each kind's AUC against the honest clients is printed too)
 Every round the server scores the uploads (contribution.methods: loo, cosine, shapley with
 10 permutations, truncation 0.01, utility minus the loss on 500 test rows). Printed per
 attack and seed: the AUC of each method's scores (mean per round taken part) ranking the
@@ -24,7 +26,9 @@ import tempfile
 from pathlib import Path
 
 ATTACKS = {"free_rider": ("free_rider", {}), "free_rider_noisy": ("free_rider", {"sigma": 0.001}),
-           "label_flip": ("label_flip", {}), "label_noise": ("label_noise", {"rate": 0.8})}
+           "label_flip": ("label_flip", {}), "label_noise": ("label_noise", {"rate": 0.8}),
+           "mixed": ("free_rider", {})}
+MIXED = [{"attack": "label_noise", "fraction": 0.1, "params": {"rate": 0.8}}]   # with "mixed"
 
 
 def config(attack: str, seed: int, args: argparse.Namespace) -> dict:
@@ -37,7 +41,8 @@ def config(attack: str, seed: int, args: argparse.Namespace) -> dict:
         "algorithm": {"name": "fedavg"},
         "local": {"epochs": 2, "batch_size": 16, "lr": 0.05},
         "stop": {"rounds": args.rounds},
-        "adversary": {"attack": name, "fraction": args.attackers / args.clients, "params": params},
+        "adversary": {"attack": name, "fraction": args.attackers / args.clients, "params": params,
+                      "groups": MIXED if attack == "mixed" else []},
         "contribution": {"methods": ["loo", "cosine", "shapley"], "permutations": 10,
                          "truncation": 0.01, "validation": 500},
         "output": {"progress": False, "checkpoint_every": 0},
@@ -70,6 +75,9 @@ def main() -> int:
             report.append(row)
             print(f"{attack:17s} {seed:4d}   {auc['loo']:7.3f}  {auc['cosine']:6.3f}  {auc['shapley']:7.3f}"
                   f"   {c['seconds_per_round']:15.3f}  {train:16.3f}")
+            for kind, by in c.get("auc_by_attack", {}).items():
+                row.setdefault("auc_by_attack", {})[kind] = by
+                print(f"  {kind:15s}        {by['loo']:7.3f}  {by['cosine']:6.3f}  {by['shapley']:7.3f}")
     for method in ("loo", "cosine", "shapley"):
         worst = min(r["auc"][method] for r in report)
         print(f"lowest AUC of {method}: {worst:.3f}")

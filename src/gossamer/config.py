@@ -519,14 +519,38 @@ class FaultsConfig(_Strict):
     rejoin: Literal["resume", "fresh"] = "resume"
 
 
+class AdversaryGroupConfig(_Strict):
+    """A further group of attackers (``adversary.groups``): its attack, who, its params."""
+
+    attack: str
+    fraction: float = Field(0.0, ge=0, le=1)
+    nodes: list[int] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("attack")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from gossamer.attacks import ATTACKS
+        return _check_name(ATTACKS, v)
+
+    @model_validator(mode="after")
+    def _who(self) -> AdversaryGroupConfig:
+        if (self.nodes is None) == (self.fraction == 0):
+            raise ValueError("a group needs fraction > 0 or nodes (not both)")
+        return self
+
+
 class AdversaryConfig(_Strict):
     """Byzantine nodes: which (a random ``fraction`` or explicit ``nodes``) and the ``attack``
-    they mount (a name from ``gossamer list``), configured by ``params``."""
+    they mount (a name from ``gossamer list``), configured by ``params``; ``groups`` adds
+    further, disjoint groups with attacks of their own (synchronous FL; at most one model
+    attack in all, any number of data attacks)."""
 
     attack: str | None = None
     fraction: float = Field(0.0, ge=0, le=1)
     nodes: list[int] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    groups: list[AdversaryGroupConfig] = Field(default_factory=list)
 
     @field_validator("attack")
     @classmethod

@@ -170,6 +170,9 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     if algorithm.family == "dl":
         _attach_topology(exp)
     exp.adversary = Adversary.from_config(cfg, n)
+    if cfg.adversary.groups and algorithm.pattern != "sync_fl":
+        raise ConfigError("adversary.groups", f"several groups of attackers run with synchronous "
+                          f"FL so far; {cfg.algorithm.name} is {algorithm.pattern}")
     if exp.adversary.data_attack:       # a Byzantine node trains on poisoned labels anywhere
         exp.trainer.y = exp.adversary.poison_labels(exp.trainer.y, exp.shards, exp.dataset.num_classes)
     _check_aggregator(exp)

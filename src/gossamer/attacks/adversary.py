@@ -11,6 +11,8 @@ labels for data attacks, and turns models into updates and back around an attack
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,63 +20,109 @@ from gossamer import rng
 from gossamer.config import ConfigError, ExperimentConfig
 
 
-class Adversary:
-    """The Byzantine node set and the configured attack (``enabled`` is False without one)."""
+@dataclass(frozen=True)
+class Group:
+    """One group of attackers: its attack, its params and its nodes (bool ``[N]``)."""
 
-    def __init__(self, attack: str | None, byzantine: np.ndarray, params: dict, seed: int) -> None:
+    attack: str
+    params: dict
+    mask: np.ndarray
+
+
+class Adversary:
+    """The Byzantine node set and the configured attacks (``enabled`` is False without one).
+
+    ``byzantine``: every attacker (all groups); ``crafting``: the nodes whose updates the one
+    model attack crafts (``attack``, ``params``); the data attacks' groups train on poisoned
+    labels (:meth:`poison_labels`)."""
+
+    def __init__(self, attack: str | None, byzantine: np.ndarray, params: dict, seed: int,
+                 groups: list[Group] | None = None) -> None:
         from gossamer.attacks import DATA_ATTACKS
 
-        self.attack, self.params, self.seed = attack, dict(params), seed
-        self.byzantine = np.asarray(byzantine, dtype=bool)
-        self.enabled = attack is not None and bool(self.byzantine.any())
-        self.data_attack = self.enabled and attack in DATA_ATTACKS
-        self.model_attack = self.enabled and not self.data_attack
+        byzantine = np.asarray(byzantine, dtype=bool)
+        if groups is None:
+            groups = [Group(attack, dict(params), byzantine)] if attack is not None else []
+        self.groups = [g for g in groups if g.mask.any()]
+        self.seed = seed
+        self.byzantine = np.zeros(len(byzantine), dtype=bool)
+        for g in self.groups:
+            self.byzantine |= g.mask
+        model = [g for g in self.groups if g.attack not in DATA_ATTACKS]
+        self.enabled = bool(self.groups)
+        self.data_attack = any(g.attack in DATA_ATTACKS for g in self.groups)
+        self.model_attack = bool(model)
+        first = model[0] if model else (self.groups[0] if self.groups else None)
+        self.attack = first.attack if first is not None else attack
+        self.params = dict(first.params) if first is not None else dict(params)
+        self.crafting = model[0].mask if model else np.zeros(len(byzantine), dtype=bool)
         self.honest = np.flatnonzero(~self.byzantine)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, n: int) -> Adversary:
-        a = cfg.adversary
-        byz = np.zeros(n, dtype=bool)
-        if a.attack is None:
-            return cls(None, byz, {}, cfg.seed)
-        if a.nodes is not None:
-            bad = [i for i in a.nodes if not 0 <= i < n]
-            if bad:
-                raise ConfigError("adversary.nodes", f"node id {bad[0]} is not in [0, {n})")
-            byz[list(a.nodes)] = True
-        else:
-            count = int(round(a.fraction * n))
-            order = np.argsort(rng.uniform(cfg.seed, rng.STREAM_ATTACK, np.arange(n), 0), kind="stable")
-            byz[order[:count]] = True
-        from gossamer.attacks import check_attack_params
+        from gossamer.attacks import DATA_ATTACKS, check_attack_params
 
-        try:
-            check_attack_params(a.attack, **a.params)
-        except ValueError as exc:
-            raise ConfigError("adversary.params", str(exc).splitlines()[0]) from None
+        a = cfg.adversary
+        wanted = ([(a.attack, a.fraction, a.nodes, a.params, "adversary")] if a.attack is not None else [])
+        wanted += [(g.attack, g.fraction, g.nodes, g.params, f"adversary.groups.{i}")
+                   for i, g in enumerate(a.groups)]
+        if not wanted:
+            return cls(None, np.zeros(n, dtype=bool), {}, cfg.seed)
+        if sum(attack not in DATA_ATTACKS for attack, *_ in wanted) > 1:
+            raise ConfigError("adversary.groups", "at most one model attack in all groups (any "
+                              "number of data attacks)")
+        order = np.argsort(rng.uniform(cfg.seed, rng.STREAM_ATTACK, np.arange(n), 0), kind="stable")
+        taken = np.zeros(n, dtype=bool)
+        for _, _, nodes, _, field in wanted:            # explicit nodes first
+            if nodes is None:
+                continue
+            bad = [i for i in nodes if not 0 <= i < n]
+            if bad:
+                raise ConfigError(f"{field}.nodes", f"node id {bad[0]} is not in [0, {n})")
+            if taken[list(nodes)].any():
+                raise ConfigError(f"{field}.nodes", "groups of attackers must not share nodes")
+            taken[list(nodes)] = True
+        free = order[~taken[order]]                     # then fractions, along one random order
+        groups = []
+        for attack, fraction, nodes, params, field in wanted:
+            try:
+                check_attack_params(attack, **params)
+            except ValueError as exc:
+                raise ConfigError(f"{field}.params", str(exc).splitlines()[0]) from None
+            mask = np.zeros(n, dtype=bool)
+            if nodes is not None:
+                mask[list(nodes)] = True
+            else:
+                count = int(round(fraction * n))
+                mask[free[:count]] = True
+                free = free[count:]
+            groups.append(Group(attack, dict(params), mask))
+        byz = np.any([g.mask for g in groups], axis=0)
         if byz.all():
             raise ConfigError("adversary.fraction", "every node is Byzantine; at least one must be honest")
-        return cls(a.attack, byz, a.params, cfg.seed)
+        return cls(a.attack, byz, a.params, cfg.seed, groups)
 
     def poison_labels(self, y: torch.Tensor, shards: list[np.ndarray], num_classes: int) -> torch.Tensor:
-        """Training labels with every Byzantine node's shard flipped (shards are disjoint)."""
-        from gossamer.attacks import flip_labels
+        """Training labels with every data attacker's shard poisoned (shards are disjoint):
+        flipped (``label_flip``) or partly drawn at random (``label_noise``)."""
+        from gossamer.attacks import DATA_ATTACKS, flip_labels
         from gossamer.attacks.data import noisy_labels
 
-        if not self.data_attack:
-            return y
-        rows = [shards[i] for i in np.flatnonzero(self.byzantine) if len(shards[i])]
-        if not rows:
-            return y
-        idx = torch.from_numpy(np.concatenate(rows).astype(np.int64))
-        y = y.clone()
-        if self.attack == "label_noise":
-            rate = float(self.params.get("rate", 1.0))
-            if rate > 1:
-                raise ConfigError("adversary.params", f"rate must be in [0, 1], got {rate:g}")
-            y[idx] = noisy_labels(y[idx], num_classes, rate, self._generator(0, -2))
-        else:
-            y[idx] = flip_labels(y[idx], num_classes)
+        y = y.clone() if self.data_attack else y
+        for index, group in enumerate(self.groups):
+            if group.attack not in DATA_ATTACKS:
+                continue
+            rows = [shards[i] for i in np.flatnonzero(group.mask) if len(shards[i])]
+            if not rows:
+                continue
+            idx = torch.from_numpy(np.concatenate(rows).astype(np.int64))
+            if group.attack == "label_noise":
+                rate = float(group.params.get("rate", 1.0))
+                if rate > 1:
+                    raise ConfigError("adversary.params", f"rate must be in [0, 1], got {rate:g}")
+                y[idx] = noisy_labels(y[idx], num_classes, rate, self._generator(0, -2 - index))
+            else:
+                y[idx] = flip_labels(y[idx], num_classes)
         return y
 
     def _generator(self, round_: int, key: int) -> torch.Generator:

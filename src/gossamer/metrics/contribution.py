@@ -177,18 +177,26 @@ class Contribution:
             lines.append(f"{i},{int(self.counts[i])},{flag},{values}")
         return "\n".join(lines) + "\n"
 
-    def summary(self, flagged: np.ndarray | None = None) -> dict:
+    def summary(self, flagged: np.ndarray | None = None,
+                groups: dict[str, np.ndarray] | None = None) -> dict:
         """What ``summary.json`` reports: cost, and with flagged clients (the adversary's) the
-        AUC of each method ranking them below the others."""
+        AUC of each method ranking them below the others; with ``groups`` (attack name ->
+        its clients) also each group's AUC against the unflagged clients."""
         out = {"methods": list(self.methods), "rounds_scored": self.rounds,
                "seconds_per_round": self.seconds / max(1, self.rounds),
                "evaluations_per_round": self.evaluations / max(1, self.rounds),
                "file": "contributions.csv"}
         if flagged is not None and flagged.any():
             scored = self.counts > 0
+            means = self.means()
             out["auc_flagged_below_others"] = {
                 name: auc(values[scored & ~flagged], values[scored & flagged])
-                for name, values in self.means().items()}
+                for name, values in means.items()}
+            if groups:
+                out["auc_by_attack"] = {
+                    attack: {name: auc(values[scored & ~flagged], values[scored & mask])
+                             for name, values in means.items()}
+                    for attack, mask in groups.items()}
         return out
 
     def state_dict(self) -> dict:

@@ -314,7 +314,7 @@ class SyncFLDriver(Driver):
                 numel = exp.spec.numel
                 uploads = uploads.clone()
                 uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
-                                                           exp.adversary.byzantine[trained], r)
+                                                           exp.adversary.crafting[trained], r)
         up = Uploads.of(r, trained, start, uploads)
         with self.timer("communicate_s"):
             up, delivered = self._through_pipeline(up, delivered, result.steps)
@@ -448,7 +448,7 @@ class SyncFLDriver(Driver):
                                            objective=algo.local_objective(payload, None))
                 models = result.params
                 if exp.adversary.model_attack:
-                    models = exp.adversary.corrupt(models, start, exp.adversary.byzantine[trained[miners]], r)
+                    models = exp.adversary.corrupt(models, start, exp.adversary.crafting[trained[miners]], r)
                 uploads[torch.from_numpy(miners)] = models
                 steps[miners] = result.steps
                 losses.append(result.loss)
@@ -483,7 +483,9 @@ class SyncFLDriver(Driver):
         if self.secagg is not None:
             out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
         if self.exp.contribution is not None:
-            out["contribution"] = self.exp.contribution.summary(self._flagged())
+            adv = self.exp.adversary
+            groups = {g.attack: g.mask for g in adv.groups} if adv is not None and len(adv.groups) > 1 else None
+            out["contribution"] = self.exp.contribution.summary(self._flagged(), groups)
         if self.exp.hierarchy is not None:
             out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
                                 "bytes_up_by_tier": [int(b) for b in self.tiers_up],
