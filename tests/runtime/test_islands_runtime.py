@@ -44,6 +44,7 @@ def test_launch_matches_the_simulator(write_config, tmp_path, name, params, comp
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
     real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
     assert [r["round"] for r in real] == ["0", "1", "2", "3", "4"]
+    assert real[0]["bytes_up"] == "0"                   # nobody trains before round 0 is evaluated
     assert [r["test_loss"] for r in real] == [r["test_loss"] for r in sim]
     assert [r["fragment"] for r in real[1:]] == [r["fragment"] for r in sim[1:]]
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())

@@ -88,6 +88,7 @@ class IslandsCoordinator(BaseCoordinator):
         self.in_flight: torch.Tensor | None = None                # CO2: the average not yet applied
         self.fragment, self.exchange_bytes = -1, 0
         self.init_hash = state_hash(state.params)
+        self.started = False                          # round 0 is evaluated before anyone trains
         return state
 
     def _restore(self) -> None:
@@ -96,8 +97,11 @@ class IslandsCoordinator(BaseCoordinator):
 
     def _task(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
         """The average of exchange ``last_round`` for ``node`` (lock held); round 1's task is
-        the hash of the initial model alone. WAIT while that exchange is still open."""
+        the hash of the initial model alone, once every worker has joined and round 0 is
+        evaluated. WAIT while that exchange is still open."""
         if last_round == 0:
+            if not self.started:
+                return self._wait()
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=1,
                                      state_hash=self.init_hash), []
         if last_round not in self.served:
@@ -197,6 +201,9 @@ class IslandsCoordinator(BaseCoordinator):
                             f"{self.cfg.algorithm.name} needs every worker in every exchange")
         start = time.monotonic()
         self.metrics.append(self._evaluate(0, start))
+        with self.lock:                                # now the workers may start
+            self.started = True
+            self.lock.notify_all()
         rt, stop = self.cfg.runtime, self.cfg.stop
         stopped_by = "rounds"
         for k in range(1, stop.rounds + 1):
