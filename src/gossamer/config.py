@@ -684,15 +684,24 @@ class HierarchyLinkConfig(_Strict):
     bandwidth_Bps: float = Field(1.25e8, gt=0)
 
 
+class HierarchyFailureConfig(_Strict):
+    """A leaf aggregator down from round ``from_round`` to ``to_round`` (both included)."""
+
+    aggregator: int = Field(ge=0)
+    from_round: int = Field(ge=1)
+    to_round: int = Field(ge=1)
+
+
 class HierarchyConfig(_Strict):
     """Aggregators between the clients and the server (synchronous FL; docs/hierarchy.md):
     ``levels`` aggregators per level from the top (empty: flat), clients assigned to the
     leaves in ``contiguous`` id ranges or ``random``ly, one ``links`` entry per level (default
-    links when empty)."""
+    links when empty), leaf aggregators down for some rounds (``failures``)."""
 
     levels: list[int] = Field(default_factory=list)
     assign: Literal["contiguous", "random"] = "contiguous"
     links: list[HierarchyLinkConfig] = Field(default_factory=list)
+    failures: list[HierarchyFailureConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _shape(self) -> HierarchyConfig:

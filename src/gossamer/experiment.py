@@ -213,9 +213,11 @@ def _attach_hierarchy(exp: Experiment) -> None:
     links = [Link(x.latency_s, x.bandwidth_Bps) for x in h.links] or \
         [Link(0.005, 1.25e8) for _ in h.levels]
     try:
-        exp.hierarchy = build_tree(list(h.levels), links, exp.num_nodes, h.assign, cfg.seed)
+        exp.hierarchy = build_tree(list(h.levels), links, exp.num_nodes, h.assign, cfg.seed,
+                                   [(f.aggregator, f.from_round, f.to_round) for f in h.failures])
     except ValueError as exc:
-        raise ConfigError("hierarchy.levels", str(exc)) from None
+        field = "hierarchy.failures" if str(exc).startswith("failures") else "hierarchy.levels"
+        raise ConfigError(field, str(exc)) from None
 
 
 def _attach_contribution(exp: Experiment) -> None:

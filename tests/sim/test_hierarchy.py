@@ -109,3 +109,31 @@ def test_real_processes_refuse_a_tree_in_one_line():
 
     with pytest.raises(ConfigError, match="hierarchy.levels"):
         refuse_simulator_only(config.validate(_config(hierarchy={"levels": [3]})))
+
+
+def test_a_failed_leaf_aggregator_cuts_its_clients_off_for_those_rounds(tmp_path):
+    """Leaf 1 of 3 is down in rounds 2-3: its 4 clients get no task there (nothing sent to
+    or from them, the round goes on with the other 8) and are back in round 4."""
+    cfg = _config(hierarchy={"levels": [3], "failures": [{"aggregator": 1, "from_round": 2, "to_round": 3}]})
+    tree = SyncFLDriver(build_experiment(config.validate(cfg)))
+    whole = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [3]}))))
+    numel = tree.exp.spec.numel
+    ups = []
+    for _ in range(4):
+        before = tree.bytes_up
+        tree.run_round()
+        whole.run_round()
+        ups.append(tree.bytes_up - before)
+    client_up = wire.encoded_size(numel)
+    partial = wire.encoded_size(numel + 1)
+    assert ups == [12 * client_up + 3 * partial, 8 * client_up + 2 * partial,
+                   8 * client_up + 2 * partial, 12 * client_up + 3 * partial]
+    assert tree.summary()["hierarchy"]["clients_cut_off"] == 8
+    assert not torch.equal(tree.state.params, whole.state.params)          # round 2 differed
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=2, total=4)
+    rest.run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    with pytest.raises(ConfigError, match="hierarchy.failures"):
+        build_experiment(config.validate(_config(hierarchy={
+            "levels": [3], "failures": [{"aggregator": 3, "from_round": 1, "to_round": 2}]})))

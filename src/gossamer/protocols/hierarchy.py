@@ -14,7 +14,9 @@ are assigned to leaves in contiguous id ranges (``assign: contiguous``) or by a 
 permutation (``random``); aggregators of level ``l + 1`` to their parents of level ``l`` in
 contiguous ranges. Each level's aggregators have one link (``latency_s`` and
 ``bandwidth_Bps``, each direction): their children's messages queue on it in arrival order,
-and the partial sum then crosses it to the parent.
+and the partial sum then crosses it to the parent. A leaf aggregator that is down for a round
+(``failures``) reaches none of its clients: they get no task and the round goes on without
+them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class Tree:
     parents: tuple[np.ndarray, ...]
     leaf_of: np.ndarray
     links: tuple[Link, ...]
+    failures: tuple[tuple[int, int, int], ...] = ()     # (leaf, first round, last round) down
+
+    def down_at(self, round_: int) -> np.ndarray:
+        """Which leaf aggregators are down in ``round_`` (bool ``[leaves]``)."""
+        down = np.zeros(len(self.parents[-1]), dtype=bool)
+        for leaf, first, last in self.failures:
+            if first <= round_ <= last:
+                down[leaf] = True
+        return down
 
     @property
     def depth(self) -> int:
@@ -60,8 +71,10 @@ def _ranges(children: int, parents: int) -> np.ndarray:
     return (np.arange(children) * parents) // children
 
 
-def build_tree(levels: list[int], links: list[Link], num_nodes: int, assign: str, seed: int) -> Tree:
-    """The tree for ``num_nodes`` clients (ValueError, one line, for an impossible shape)."""
+def build_tree(levels: list[int], links: list[Link], num_nodes: int, assign: str, seed: int,
+               failures: list[tuple[int, int, int]] = ()) -> Tree:
+    """The tree for ``num_nodes`` clients (ValueError, one line, for an impossible shape);
+    ``failures``: leaf aggregators down from a round to a round (both included)."""
     if not levels:
         raise ValueError("levels must list at least one level of aggregators")
     if len(links) != len(levels):
@@ -78,7 +91,11 @@ def build_tree(levels: list[int], links: list[Link], num_nodes: int, assign: str
         leaf = leaf[rng.generator(seed, rng.STREAM_SYSTEM, 1 << 20).permutation(num_nodes)]
     elif assign != "contiguous":
         raise ValueError(f"assign must be contiguous or random, got {assign!r}")
-    return Tree(tuple(parents), leaf, tuple(links))
+    for leaf_id, first, last in failures:
+        if not 0 <= leaf_id < levels[-1] or not 1 <= first <= last:
+            raise ValueError(f"failures: leaf aggregator {leaf_id} (of {levels[-1]}) from round "
+                             f"{first} to {last} is not a leaf and a round range")
+    return Tree(tuple(parents), leaf, tuple(links), tuple(tuple(f) for f in failures))
 
 
 def _queue(arrivals: np.ndarray, sizes: np.ndarray, link: Link) -> float:

@@ -56,6 +56,7 @@ class SyncFLDriver(Driver):
         self.tiers_down = np.zeros(tiers, dtype=np.int64)
         self.tiers_down_round = np.zeros(tiers, dtype=np.int64)
         self.partial_bytes = wire.encoded_size(numel + 1)  # an aggregator's weighted sum and weight
+        self.cut_off = 0                                   # selected clients under a failed leaf
         self.dp = exp.cfg.privacy.dp                    # differential privacy (docs/privacy.md)
         self.dp_ledger = build_ledger(exp.cfg, numel, exp.trainer.sizes, exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns
@@ -123,10 +124,16 @@ class SyncFLDriver(Driver):
             down_s = down_s + faults.extra_delay(2 * r, to, ids)
         if decoded is not None:     # acknowledged deliveries move both copies of the estimate
             self.estimate[torch.from_numpy(ids[received])] += decoded[torch.from_numpy(received)]
-        sent_down = int(np.sum(np.broadcast_to(down_bytes, len(ids))))
-        self.accounting.download(ids, down_bytes)
+        reach = ids
+        if tree is not None and tree.failures:      # a leaf aggregator down: its clients get nothing
+            cut = tree.down_at(r)[tree.leaf_of[ids]]
+            received &= ~cut
+            self.cut_off += int(cut.sum())
+            reach = ids[~cut]
+        sent_down = int(np.sum(np.broadcast_to(down_bytes, len(reach))))
+        self.accounting.download(reach, down_bytes)
         if tree is not None:     # the clients' downloads, then each active aggregator's copy
-            sent_down = self._tier_bytes(self.tiers_down, ids, sent_down, down_bytes)
+            sent_down = self._tier_bytes(self.tiers_down, reach, sent_down, down_bytes)
         self.bytes_down += sent_down
         # every client that got the payload: arrival times from the schedule, before training
         got = ids[received]
@@ -489,7 +496,8 @@ class SyncFLDriver(Driver):
         if self.exp.hierarchy is not None:
             out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
                                 "bytes_up_by_tier": [int(b) for b in self.tiers_up],
-                                "bytes_down_by_tier": [int(b) for b in self.tiers_down]}
+                                "bytes_down_by_tier": [int(b) for b in self.tiers_down],
+                                "clients_cut_off": self.cut_off}
         return out
 
     def _flagged(self) -> np.ndarray | None:
@@ -529,7 +537,7 @@ class SyncFLDriver(Driver):
             state["contribution"] = self.exp.contribution.state_dict()
         if self.exp.hierarchy is not None:
             state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
-                         tiers_down=torch.from_numpy(self.tiers_down.copy()))
+                         tiers_down=torch.from_numpy(self.tiers_down.copy()), cut_off=self.cut_off)
         if self.personal is not None:
             state["personal"] = self.personal.clone()
         return state
@@ -559,6 +567,7 @@ class SyncFLDriver(Driver):
             self.personal = state["personal"].clone()
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
+            self.cut_off = int(state.get("cut_off", 0))
 
 
 def _head(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
