@@ -77,6 +77,15 @@ def round_seconds(before_merge_s: np.ndarray, after_merge_s: np.ndarray, exchang
     return float(np.max(np.maximum(before_merge_s, exchange_s) + after_merge_s))
 
 
+OVERLAP_KEY = 1 << 40        # added to the round: the data-order key of its overlapped steps
+DOWNLINK_KEY = 1 << 62       # added to the exchange: the key of its re-encoded average
+
+
+def merged(alpha: float, local: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """A worker's fragment after the merge: ``alpha * local + (1 - alpha) * outer``."""
+    return alpha * local + (1 - alpha) * outer
+
+
 def delay(algorithm) -> int:
     """Rounds between an exchange and the outer step its average makes: 0 for Streaming
     DiLoCo (the outer step at once; workers merge it ``overlap`` inner steps later), 1 for CO2
@@ -104,11 +113,12 @@ def outer_apply(algorithm, state, parts: list[torch.Tensor], exchange: int, mean
 def downlink(uplink, mean: torch.Tensor, seed: int, exchange: int) -> tuple[torch.Tensor, bytes | None, int]:
     """What every worker receives of an exchange's average ``mean`` ``[n]``: the vector it
     decodes, the payload (None: ``mean`` travels as float32) and its bytes on the wire. With
-    ``compression.uplink`` the average is re-encoded once, with the key ``2**62 + exchange``."""
+    ``compression.uplink`` the average is re-encoded once, with the key ``DOWNLINK_KEY +
+    exchange``."""
     from gossamer import wire
 
     if uplink is None:
         return mean, None, wire.encoded_size(mean.numel())
     back = uplink.compress(mean.reshape(1, -1), seed=seed,
-                           keys=np.array([(1 << 62) + exchange], dtype=np.int64))
+                           keys=np.array([DOWNLINK_KEY + exchange], dtype=np.int64))
     return uplink.decompress(back)[0], uplink.to_bytes(back, 0), int(wire.HEADER_BYTES + back.nbytes[0])

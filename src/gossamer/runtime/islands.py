@@ -38,7 +38,16 @@ import torch
 from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.metrics.runstore import save_checkpoint, write_json
-from gossamer.protocols.islands import delay, downlink, model_parts, outer_apply, synced_fragment
+from gossamer.protocols.islands import (
+    DOWNLINK_KEY,
+    OVERLAP_KEY,
+    delay,
+    downlink,
+    merged,
+    model_parts,
+    outer_apply,
+    synced_fragment,
+)
 from gossamer.protocols.upload import upload_keys
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
@@ -59,8 +68,6 @@ from gossamer.training.trainer import AdamW
 
 COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
            "participants", "fragment", "exchange_bytes"]
-_OVERLAP_KEY = 1 << 40               # the data-order key of a round's overlapped steps (as the simulator)
-_DOWN_KEY = 1 << 62                  # the key of an exchange's re-encoded average
 
 
 def _workers(exp) -> np.ndarray:
@@ -281,10 +288,10 @@ class IslandsWorker(Client):
             self.local[0] = self.outer.params          # every worker goes on from the outer model
             return
         overlapped = algo.overlap if r > 1 else 0      # Streaming DiLoCo
-        self._train(overlapped, r + _OVERLAP_KEY)
+        self._train(overlapped, r + OVERLAP_KEY)
         if r > 1:
             index = self._apply(r - 1)
-            self.local[0, index] = algo.alpha * self.local[0, index] + (1 - algo.alpha) * self.outer.params[index]
+            self.local[0, index] = merged(algo.alpha, self.local[0, index], self.outer.params[index])
         self._train(self.every - overlapped, r)
         self._upload(r)
 
@@ -357,5 +364,5 @@ class IslandsWorker(Client):
         if not encoded:
             return tensor.float().clone()
         return uplink.from_bytes(tensor.numpy().tobytes(), numel, seed=self.cfg.seed,
-                                 key=_DOWN_KEY + k)
+                                 key=DOWNLINK_KEY + k)
 

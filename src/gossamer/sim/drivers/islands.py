@@ -15,8 +15,10 @@ from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.local import LocalObjective
 from gossamer.protocols.islands import (
+    OVERLAP_KEY,
     delay,
     downlink,
+    merged,
     model_parts,
     outer_apply,
     round_seconds,
@@ -77,7 +79,7 @@ class IslandsDriver(Driver):
         if self.pending is None:
             return
         index, alpha = self.parts[self.pending_fragment], self.algorithm.alpha
-        self.local[:, index] = alpha * self.local[:, index] + (1 - alpha) * self.pending
+        self.local[:, index] = merged(alpha, self.local[:, index], self.pending)
         self.pending = None
 
     def run_round(self) -> None:
@@ -99,7 +101,7 @@ class IslandsDriver(Driver):
             first = np.zeros(len(self.workers))
             overlapped = algo.overlap if self.pending is not None else 0
             if overlapped:
-                first = self._train(overlapped, r + (1 << 40))
+                first = self._train(overlapped, r + OVERLAP_KEY)
                 self._merge()
             rest = self._train(self.every - overlapped, r)
         before = system.compute_s(self.workers, first)
