@@ -14,6 +14,7 @@ import torch
 
 from gossamer import rng, wire
 from gossamer.algorithms import ALGORITHMS, Algorithm
+from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.attacks.adversary import Adversary
 from gossamer.compression.base import Compressor
 from gossamer.config import ConfigError, ExperimentConfig
@@ -155,10 +156,9 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
     exp = Experiment(cfg, algorithm, dataset, shards, model, spec, init, trainer, evaluator,
                      wire.encoded_size(spec.numel))
-    layers = getattr(algorithm, "head_layers", None)
-    if layers is not None and layers >= len({name.rsplit(".", 1)[0] for name in spec.names}):
-        raise ConfigError("algorithm.params", f"head_layers ({layers}) must leave at least one "
-                          f"of the model's layers to the shared body")
+    if getattr(algorithm, "head_layers", None) is not None:        # FedRep's head and body
+        with _user_error("algorithm.params"):
+            head_parameters(spec, algorithm.head_layers)
     if cfg.eval.personal_finetune_steps and local_tests is None:
         raise ConfigError("eval.personal_finetune_steps", "fine-tuning before evaluation needs "
                           "each client's own test split: set partition.test_fraction")

@@ -9,6 +9,7 @@ personal step is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +17,23 @@ import torch
 
 from gossamer.algorithms.fl.fedavg import FedAvg
 from gossamer.algorithms.local import LocalObjective
+
+
+def head_parameters(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The parameter names of a model's last ``layers`` layers (modules, by name prefix) and
+    their mask ``[P]`` in the flat vector, from its ``ParamSpec``; ValueError (one line) when
+    no layer would be left to the shared body."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in spec.names))
+    if layers >= len(modules):
+        raise ValueError(f"head_layers ({layers}) must leave at least one of the model's "
+                         f"{len(modules)} layers to the shared body")
+    keep = set(modules[-layers:])
+    names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in keep)
+    mask = torch.zeros(spec.numel, dtype=torch.bool)
+    for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
+        if name in names:
+            mask[offset:offset + math.prod(shape)] = True
+    return names, mask
 
 
 @dataclass(frozen=True)

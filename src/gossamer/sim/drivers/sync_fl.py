@@ -17,6 +17,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
@@ -68,7 +69,7 @@ class SyncFLDriver(Driver):
         self.personal: torch.Tensor | None = None
         if algo.personalized:
             self.personal = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
-            self.head_names, self.head = _head(exp.spec, getattr(algo, "head_layers", 1))
+            self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
         self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
         if exp.personal is not None:
             self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
@@ -568,22 +569,6 @@ class SyncFLDriver(Driver):
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
             self.cut_off = int(state.get("cut_off", 0))
-
-
-def _head(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
-    """The parameter names of the model's last ``layers`` layers (modules, by name prefix)
-    and their mask ``[P]`` in the flat vector."""
-    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in spec.names))
-    if layers >= len(modules):
-        raise ValueError(f"head_layers ({layers}) must leave at least one of the model's "
-                         f"{len(modules)} layers to the shared body")
-    keep = set(modules[-layers:])
-    names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in keep)
-    mask = torch.zeros(spec.numel, dtype=torch.bool)
-    for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
-        if name in names:
-            mask[offset:offset + int(np.prod(shape))] = True
-    return names, mask
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
