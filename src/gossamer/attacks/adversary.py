@@ -58,6 +58,16 @@ class Adversary:
         self.crafting = model[0].mask if model else np.zeros(len(byzantine), dtype=bool)
         self.honest = np.flatnonzero(~self.byzantine)
 
+    @property
+    def flagged(self) -> np.ndarray | None:
+        """Every attacker (bool ``[N]``), or None without an adversary: what reports flag."""
+        return self.byzantine if self.enabled else None
+
+    @property
+    def kinds(self) -> dict[str, np.ndarray] | None:
+        """Each attack's nodes when several groups mount different ones, else None."""
+        return {g.attack: g.mask for g in self.groups} if len(self.groups) > 1 else None
+
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, n: int) -> Adversary:
         from gossamer.attacks import DATA_ATTACKS, check_attack_params

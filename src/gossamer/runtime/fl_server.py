@@ -326,10 +326,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         summary = self._summary(stopped_by, self.elapsed_before + time.monotonic() - start)
         scorer, adv = self.exp.contribution, self.exp.adversary
         if scorer is not None:
-            flagged = adv.byzantine if adv is not None and adv.enabled else None
-            groups = {g.attack: g.mask for g in adv.groups} if adv is not None and len(adv.groups) > 1 else None
-            summary["contribution"] = scorer.summary(flagged, groups)
-            atomic_write_text(self.run_dir / "contributions.csv", scorer.table(flagged))
+            summary["contribution"] = scorer.summary(adv.flagged, adv.kinds)
+            atomic_write_text(self.run_dir / "contributions.csv", scorer.table(adv.flagged))
         write_json(self.run_dir / "summary.json", summary)
         save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
         return summary

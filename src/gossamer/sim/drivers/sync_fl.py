@@ -9,6 +9,7 @@ Dropped clients abort (they neither upload nor change their persistent state).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -282,6 +283,7 @@ class SyncFLDriver(Driver):
                 and not self.algorithm.personal_first and not self.algorithm.server_personalizes
                 and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
                 and pipe.dp is None and self.secagg is None and exp.contribution is None
+                and exp.hierarchy is None
                 and not (self.dp is not None and self.dp.level == "sample"))
 
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
@@ -289,7 +291,7 @@ class SyncFLDriver(Driver):
         lr = exp.cfg.local.lr
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
-        if self._uploads_are_models(delivered) and exp.hierarchy is None:   # the mean, never the rows
+        if self._uploads_are_models(delivered):    # FedAvg's dense round: the mean, never the rows
             with self.timer("train_s"):
                 weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)
                 result = exp.trainer.train(start.expand(len(trained), -1), trained, r,
@@ -328,22 +330,22 @@ class SyncFLDriver(Driver):
             up, delivered = self._through_pipeline(up, delivered, result.steps)
             rows = up.rows() if delivered.all() else up.rows()[torch.from_numpy(delivered)]
         scorer, sizes = exp.contribution, exp.trainer.sizes[trained[delivered]]
+        models = rows[:, : exp.spec.numel]                  # the uploads as the server holds them
+        if (scorer is not None or exp.hierarchy is not None) and len(rows):
+            weights = algo.mean_weights(sizes, rows.dtype)
         if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
-            scorer.observe(r, trained[delivered], rows[:, : exp.spec.numel],   # as the server holds them
-                           algo.mean_weights(sizes, rows.dtype), start)
+            scorer.observe(r, trained[delivered], models, weights, start)
         with self.timer("communicate_s"):
             if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree
-                mean = tree_mean(exp.hierarchy, trained[delivered], rows[:, : exp.spec.numel],
-                                 algo.mean_weights(sizes, rows.dtype))
+                mean = tree_mean(exp.hierarchy, trained[delivered], models, weights)
                 self.state = algo.aggregate_mean(self.state, mean)
             else:
                 self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
             if algo.server_personalizes and len(rows):   # FedCAC: each client's next model
                 keep = torch.from_numpy(delivered)
-                layers = [(o, int(np.prod(shape))) for o, shape in zip(exp.spec.offsets, exp.spec.shapes,
-                                                                       strict=True)]
+                layers = list(zip(exp.spec.offsets, map(math.prod, exp.spec.shapes), strict=True))
                 self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
-                    starts[keep], rows[:, : exp.spec.numel], self.state.params, layers, r)
+                    starts[keep], models, self.state.params, layers, r)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
 
@@ -492,8 +494,7 @@ class SyncFLDriver(Driver):
             out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
         if self.exp.contribution is not None:
             adv = self.exp.adversary
-            groups = {g.attack: g.mask for g in adv.groups} if adv is not None and len(adv.groups) > 1 else None
-            out["contribution"] = self.exp.contribution.summary(self._flagged(), groups)
+            out["contribution"] = self.exp.contribution.summary(adv.flagged, adv.kinds)
         if self.exp.hierarchy is not None:
             out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
                                 "bytes_up_by_tier": [int(b) for b in self.tiers_up],
@@ -501,14 +502,10 @@ class SyncFLDriver(Driver):
                                 "clients_cut_off": self.cut_off}
         return out
 
-    def _flagged(self) -> np.ndarray | None:
-        adv = self.exp.adversary
-        return adv.byzantine if adv is not None and adv.enabled else None
-
     def extra_files(self) -> dict[str, str]:
         files = {}
         if self.exp.contribution is not None:
-            files["contributions.csv"] = self.exp.contribution.table(self._flagged())
+            files["contributions.csv"] = self.exp.contribution.table(self.exp.adversary.flagged)
         if self.personal_accuracy is not None:          # each client's own test accuracy
             sizes = self.exp.personal.sizes
             lines = ["client,test_rows,accuracy"] + [
