@@ -132,3 +132,36 @@ def test_a_killed_worker_fails_the_run_in_one_line(write_config, tmp_path, procs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "failed" and "workers [3] did not upload" in summary["error"]
     assert [r["round"] for r in _rows(out)] == ["0", "1"]           # exchange 1 went through
+
+
+def test_malformed_messages_are_refused_both_ways(tmp_path):
+    """Uploads to the coordinator and averages to a worker go through the codec: a
+    non-finite value, a lying kind or a wrong shape is a WireError, never a model."""
+    coord = _coordinator(tmp_path)
+    run_id = coord.cfg.runtime.run_id
+    n = coord._fragment_numel(1)
+
+    def upload(tensor, kind=KIND_DELTA):
+        return [f.SerializeToString() for f in model_frames(tensor, kind=kind, sender=0, round=1,
+                                                            meta=coord.clients[0], run_id=run_id)]
+
+    bad = torch.zeros(n)
+    bad[3] = float("nan")
+    for frames, why in ((upload(bad), "non-finite"), (upload(torch.zeros(n), kind=1), "upload kind"),
+                        (upload(torch.zeros(2, n // 2)), "flat row")):
+        with pytest.raises(WireError, match=why):
+            coord._read_upload(frames)
+    meta, tensor, _ = coord._read_upload(upload(torch.zeros(n)))     # a good one parses
+    assert int(meta.round) == 1 and tensor.shape == (n,)
+
+    worker = IslandsWorker(coord.cfg, 0, "127.0.0.1:1")
+
+    def served(tensor):
+        return [schema.TaskFrame(model=f).SerializeToString()
+                for f in model_frames(tensor, kind=KIND_DELTA, round=1, run_id=run_id)]
+
+    with pytest.raises(WireError):
+        worker._read_mean(1, served(torch.zeros(n + 1)))              # another fragment's size
+    with pytest.raises(WireError, match="non-finite"):
+        worker._read_mean(1, served(bad))
+    assert torch.equal(worker._read_mean(1, served(torch.ones(n))), torch.ones(n))
