@@ -211,3 +211,28 @@ def test_sweep_interrupted_with_ctrl_c_then_rerun_finishes_only_what_is_missing(
     assert len(list(out.glob("*/seed=*/summary.json"))) == 4
     table = (out / "sweep.md").read_text()
     assert "| 0.05 | 2 |" in table and "| 0.1 | 2 |" in table and " ± " in table
+
+
+def test_validate_prints_memory_and_time_estimates(write_config, capsys):
+    cfg = small_config("dpsgd")
+    assert main(["validate", str(write_config(cfg))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: dpsgd")
+    assert out[1].startswith("memory estimate: ") and "built: libraries, data, graph" in out[1]
+    assert out[2].startswith("time estimate: ~") and "for 6 rounds" in out[2]
+
+
+def test_estimate_counts_the_population_copies_and_a_state_budget():
+    from gossamer import config
+    from gossamer.estimate import estimate
+    from gossamer.sim.experiment import build_experiment
+
+    exp = build_experiment(config.validate(small_config("dpsgd")))
+    parts = dict(estimate(exp, time_it=False).parts)
+    assert parts["models: 8 nodes x 1,210 parameters x 2"] == 2 * 8 * 4 * exp.spec.numel
+    lazy = small_config("scaffold", data={"dataset": "synthetic", "params": {"dim": 10}},
+                        partition={"name": "natural", "num_nodes": 10**6},
+                        population={"lazy": True, "state_budget_mb": 1})
+    exp = build_experiment(config.validate(lazy))
+    est = estimate(exp, time_it=False)
+    assert dict(est.parts)["client state"] == 2**20 and est.round_s is None

@@ -111,12 +111,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
+    from gossamer.estimate import estimate
     from gossamer.sim.experiment import build_experiment
 
     cfg = config_mod.load(args.config, args.set)
     exp = build_experiment(cfg)
     print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, "
           f"{exp.spec.numel} parameters, message {exp.message_bytes} bytes")
+    for line in estimate(exp).lines(cfg.stop.rounds):
+        print(line)
     return 0
 
 

@@ -712,6 +712,35 @@ class HierarchyConfig(_Strict):
         return self
 
 
+class PopulationConfig(_Strict):
+    """Registered populations that cost nothing until they act (docs/scale.md).
+
+    ``lazy``: per-client data, device and link profiles are drawn from counters when a client
+    is selected, never stored as arrays of length N; client state lives in a store that holds
+    only clients that have participated (``state_budget_mb`` in memory, the rest spilled to
+    disk under ``spill_dir``, by default the system's temporary folder). The data: ``data.dataset:
+    synthetic`` with ``partition.name: natural`` generates each user of Synthetic(alpha, beta)
+    from its id; any other dataset is partitioned on demand (``partition.name`` ``iid`` or
+    ``dirichlet`` with ``partition.params.alpha``), each client drawing ``samples`` rows.
+    ``max_samples`` caps a client's rows (Synthetic's log-normal sizes have a long tail).
+    Evaluation runs on the pooled test rows of ``eval_clients`` clients drawn once
+    (Synthetic; other datasets use their test split)."""
+
+    lazy: bool = False
+    samples: Distribution = Field(default_factory=lambda: Distribution(dist="constant", value=20))
+    max_samples: int | None = Field(None, ge=1)
+    eval_clients: int = Field(1000, ge=1)
+    state_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
+    spill_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _samples(self) -> PopulationConfig:
+        if self.samples.dist == "per_node":
+            raise ValueError("samples: per_node lists one value per client; a registered "
+                             "population draws them (constant, uniform, lognormal, exponential, tiers)")
+        return self
+
+
 class ContributionConfig(_Strict):
     """Contribution scores of clients in synchronous FL (docs/contribution.md): ``methods``
     among ``loo``, ``cosine``, ``shapley``; ``permutations`` and ``truncation`` of the Monte
@@ -756,6 +785,7 @@ class ExperimentConfig(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
     hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig)
+    population: PopulationConfig = Field(default_factory=PopulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

@@ -64,6 +64,7 @@ class Experiment:
     hierarchy: Tree | None = None             # aggregators between clients and server (protocols/hierarchy.py)
     personal: PersonalEvaluator | None = None  # each client's own test rows (partition.test_fraction)
     downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
+    population: object | None = None          # a registered population's ClientSource (population.lazy)
 
     @property
     def num_nodes(self) -> int:
@@ -102,6 +103,8 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     before anything is allocated (a runtime process holding one node's model passes False;
     the graph is checked either way, every process builds it)."""
     algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+    if cfg.population.lazy:
+        return _build_registered(cfg, algorithm)
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
         dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
@@ -186,6 +189,122 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         check_config(cfg, exp.algorithm, exp.num_nodes)
         _check_secagg_threshold(exp)
     return exp
+
+
+def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
+    """One line for what a lazy population cannot run yet (docs/scale.md)."""
+    pattern = algorithm.pattern
+    if pattern not in ("sync_fl", "async_fl"):
+        raise ConfigError("population.lazy", f"a registered population runs FL algorithms "
+                          f"(synchronous or asynchronous); {cfg.algorithm.name} is {pattern}")
+    if pattern == "async_fl" and (algorithm.trigger not in ("arrival", "buffer") or algorithm.self_dispatch):
+        raise ConfigError("population.lazy", f"asynchronous FL over a registered population runs "
+                          f"rules the server triggers on arrivals or full buffers (fedasync, "
+                          f"fedbuff, ...); {cfg.algorithm.name} keeps per-client timers or groups")
+    if pattern == "sync_fl" and (algorithm.personalized or not algorithm.communicates
+                                 or algorithm.split_roles):
+        raise ConfigError("population.lazy", f"{cfg.algorithm.name} keeps a model per client or "
+                          "assigns roles per client: not with a registered population yet")
+    unsupported = {
+        "partition.test_fraction": cfg.partition.test_fraction > 0,
+        "model.init": cfg.model.init == "independent",
+        "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
+        "faults": any(getattr(cfg.faults, k) is not None for k in
+                      ("crash", "churn", "message_loss", "delay_spikes", "stragglers"))
+                  or bool(cfg.faults.events) or bool(cfg.faults.partitions),
+        "system.availability.model": cfg.system.availability.model != "always",
+        "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
+        "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
+        "contribution.methods": bool(cfg.contribution.methods),
+        "hierarchy.levels": bool(cfg.hierarchy.levels),
+    }
+    field = next((k for k, bad in unsupported.items() if bad), None)
+    if field is not None:
+        raise ConfigError(field, "not supported with population.lazy yet: a registered population "
+                          "runs without per-node attacks, faults, availability models, "
+                          "compression, privacy, contribution scores or hierarchies")
+
+
+def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
+    """The experiment of a registered population (``population.lazy``): data, sample counts and
+    test rows come from a per-client source when clients act; nothing of length N is built."""
+    from gossamer.data.datasets import Dataset
+    from gossamer.population.clients import PartitionedClients, SyntheticClients
+    from gossamer.training.cohort import CohortTrainer
+
+    _check_registered(cfg, algorithm)
+    n, pop = cfg.partition.num_nodes, cfg.population
+    dataset = None
+    if cfg.data.dataset == "synthetic":
+        if cfg.partition.name != "natural":
+            raise ConfigError("partition.name", "a registered Synthetic population is partitioned "
+                              "by user: set partition.name: natural")
+        params = dict(cfg.data.params)
+        users = params.pop("num_nodes", n)
+        if users != n:
+            raise ConfigError("data.params.num_nodes", f"{users} users but partition.num_nodes is {n}")
+        with _user_error("data.params"):
+            source = SyntheticClients(n, max_samples=pop.max_samples, **params)
+    else:
+        if cfg.partition.name not in ("iid", "dirichlet"):
+            raise ConfigError("partition.name", "a registered population partitions a dataset on "
+                              f"demand with iid or dirichlet, not {cfg.partition.name}")
+        with _user_error("data.params"):
+            dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
+        extra = set(cfg.partition.params) - {"alpha"}
+        if extra:
+            raise ConfigError("partition.params", f"an on-demand partition takes alpha only, got {sorted(extra)}")
+        with _user_error("partition.params"):
+            source = PartitionedClients(dataset, n, cfg.partition.name, pop.samples, cfg.seed,
+                                        cfg.partition.params.get("alpha"), pop.max_samples)
+    with _user_error("model.params"):
+        model = build_model(cfg.model.name, source.input_shape, source.num_classes, cfg.seed,
+                            **cfg.model.params)
+    spec = ParamSpec.from_module(model)
+    example = source.example()
+    try:
+        forward = make_stacked_forward(model, spec, example[0], cfg.model.forward, cfg.model.conv)
+    except ModelNotVectorizable as exc:
+        raise ConfigError("model", str(exc)) from None
+    local = cfg.local
+    if algorithm.local_optimizer is not None and local.optimizer != algorithm.local_optimizer:
+        raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with {algorithm.local_optimizer}")
+    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
+                             local.steps, local.shuffle)
+    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
+    optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
+                 if local.optimizer == "adamw" else
+                 SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
+    inner = BatchedTrainer(forward, spec, example, torch.zeros(1, dtype=torch.int64),
+                           [np.zeros(1, dtype=np.int64)], schedule, optimizer, cfg.seed, kernel)
+    trainer = CohortTrainer(source, inner)
+    if dataset is None:                     # Synthetic: the test rows of sampled users
+        x_test, y_test = source.test(sample_clients(n, pop.eval_clients, cfg.seed))
+    else:
+        x_test, y_test = dataset.x_test, dataset.y_test
+        if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
+            keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
+            x_test, y_test = x_test[keep], y_test[keep]
+    evaluator = BatchedEvaluator(forward, spec, x_test, y_test, cfg.eval.batch_size)
+    record = Dataset(example, torch.zeros(1, dtype=torch.int64), x_test, y_test, source.num_classes,
+                     source.input_shape, cfg.data.dataset)
+    exp = Experiment(cfg, algorithm, record, [], model, spec, spec.flatten(model), trainer, evaluator,
+                     wire.encoded_size(spec.numel))
+    exp.population = source
+    exp.adversary = Adversary(None, np.zeros(0, dtype=bool), {}, cfg.seed)   # none (refused above)
+    return exp
+
+
+def sample_clients(n: int, count: int, seed: int) -> np.ndarray:
+    """``min(count, n)`` distinct client ids of ``n``, ascending, drawn once per run (evaluation's
+    sample of a registered population), without building anything of length ``n``."""
+    if count >= n:
+        return np.arange(n, dtype=np.int64)
+    g, chosen = rng.generator(seed, rng.STREAM_EVAL, 1), np.zeros(0, dtype=np.int64)
+    while len(chosen) < count:
+        draw = g.integers(0, n, 2 * (count - len(chosen)))
+        chosen = np.unique(np.concatenate([chosen, draw]))
+    return np.sort(g.permutation(chosen)[:count])
 
 
 def _attach_hierarchy(exp: Experiment) -> None:
@@ -506,7 +625,7 @@ def _attach_topology(exp: Experiment) -> None:
     w = mixing_matrix(cfg.topology.mixing, topo)
     exp.topology, exp.mixing_scipy = topo, w
     exp.mixing = to_torch_sparse(w)
-    exp.spectral_gap = float(spectral_gap(w)) if exp.num_nodes > 1 else 1.0
+    exp.spectral_gap = spectral_gap(w) if exp.num_nodes > 1 else 1.0     # estimated on huge graphs
 
 
 def _attach_dynamic(exp: Experiment, dynamic: DynamicTopology) -> None:

@@ -397,3 +397,22 @@ def test_frozen_parameters_do_not_move_and_the_others_train_as_torch_does(opt):
         assert all(torch.equal(views[n], before[n]) for n in frozen)
     with pytest.raises(ValueError, match="not the model's"):
         trainer.train(rows, nodes, keys=4, objective=LocalObjective(frozen=("head.weight",)))
+
+
+def test_fused_training_in_the_given_rows_also_goes_in_bounded_passes(monkeypatch):
+    """One or two local steps update the given rows directly (no workspace), but the gradients
+    take as much: a call larger than WORKSPACE_BYTES also trains in passes (D-PSGD on 10^6
+    nodes), each node's result that of one pass."""
+    from gossamer.training import trainer as trainer_mod
+
+    sizes = [8, 5, 11, 0, 3, 7, 6]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, steps=1, shuffle=True), SGD(0.1), fused=True)
+    nodes = np.arange(len(sizes))
+    rows = torch.randn(len(nodes), spec.numel) * 0.3
+    whole = trainer.train(rows.clone(), nodes, keys=3)
+    monkeypatch.setattr(trainer_mod, "WORKSPACE_BYTES", spec.numel * 4 * 3)       # three nodes a pass
+    assert trainer.nodes_per_pass == 3
+    target = rows.clone()
+    parts = trainer.train(target, nodes, keys=3, inplace=True)
+    assert parts.params is target and torch.allclose(target, whole.params, atol=1e-6)
+    assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.samples, whole.samples)

@@ -51,9 +51,13 @@ def synthetic(
         centers = rng.normal(0, beta, num_nodes)
         mean_x = rng.normal(centers[:, None], 1, (num_nodes, dim))
     feature_std = np.power(np.arange(1, dim + 1, dtype=np.float64), -1.2) ** 0.5
-
-    train_x, train_y, test_x, test_y, natural = [], [], [], [], []
-    offset = 0
+    num_train = sizes - np.array([int(round(test_fraction * s)) for s in sizes.tolist()], dtype=np.int64)
+    train_end, test_end = np.cumsum(num_train), np.cumsum(sizes - num_train)
+    # written in place, user after user (lists of per-user arrays cost ~6x the data at 10^6 users)
+    train_x = np.empty((int(train_end[-1]), dim), dtype=np.float32)
+    test_x = np.empty((int(test_end[-1]), dim), dtype=np.float32)
+    train_y = np.empty(len(train_x), dtype=np.int64)
+    test_y = np.empty(len(test_x), dtype=np.int64)
     for k in range(num_nodes):
         if iid:
             weight, bias = shared
@@ -62,16 +66,11 @@ def synthetic(
             bias = rng.normal(mean_w[k], 1, num_classes)
         x = mean_x[k] + rng.standard_normal((sizes[k], dim)) * feature_std
         y = np.argmax(x @ weight + bias, axis=1)
-        num_train = int(sizes[k]) - int(round(test_fraction * sizes[k]))
-        train_x.append(x[:num_train])
-        train_y.append(y[:num_train])
-        test_x.append(x[num_train:])
-        test_y.append(y[num_train:])
-        natural.append(np.arange(offset, offset + num_train, dtype=np.int64))
-        offset += num_train
-    train = (np.concatenate(train_x), np.concatenate(train_y))
-    test = (np.concatenate(test_x), np.concatenate(test_y))
-    return from_arrays("synthetic", train, test, num_classes, (dim,), natural)
+        a, b, c, d = train_end[k] - num_train[k], train_end[k], test_end[k] - (sizes[k] - num_train[k]), test_end[k]
+        train_x[a:b], train_y[a:b] = x[: num_train[k]], y[: num_train[k]]
+        test_x[c:d], test_y[c:d] = x[num_train[k]:], y[num_train[k]:]
+    natural = [np.arange(e - n, e, dtype=np.int64) for e, n in zip(train_end.tolist(), num_train.tolist(), strict=True)]
+    return from_arrays("synthetic", (train_x, train_y), (test_x, test_y), num_classes, (dim,), natural)
 
 
 def _validate(

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from gossamer.population.columns import SparseColumn
+
 
 class FLAccounting:
     """Counters of one FL run over ``num_nodes`` clients.
@@ -30,27 +32,33 @@ class FLAccounting:
       arrive), added by the driver through :meth:`server_idle`.
     """
 
-    def __init__(self, num_nodes: int) -> None:
-        self.n = num_nodes
-        self.participation = np.zeros(num_nodes, dtype=np.int64)
-        self.bytes_up = np.zeros(num_nodes, dtype=np.int64)
-        self.bytes_down = np.zeros(num_nodes, dtype=np.int64)
+    def __init__(self, num_nodes: int, sparse: bool = False) -> None:
+        self.n, self.sparse = num_nodes, sparse
+        if sparse:          # a registered population: only clients that acted cost memory
+            self.participation, self.bytes_up = SparseColumn(num_nodes), SparseColumn(num_nodes)
+            self.bytes_down = SparseColumn(num_nodes)
+            self.client_idle_s = SparseColumn(num_nodes, 0.0, np.float64)
+            self.waiting_since = SparseColumn(num_nodes, np.nan, np.float64)
+        else:
+            self.participation = np.zeros(num_nodes, dtype=np.int64)
+            self.bytes_up = np.zeros(num_nodes, dtype=np.int64)
+            self.bytes_down = np.zeros(num_nodes, dtype=np.int64)
+            self.client_idle_s = np.zeros(num_nodes)
+            self.waiting_since = np.full(num_nodes, np.nan)     # nan: not waiting
         self.staleness: dict[int, int] = {}
         self.discarded = 0
-        self.client_idle_s = np.zeros(num_nodes)
-        self.waiting_since = np.full(num_nodes, np.nan)     # nan: not waiting
         self.server_idle_s = 0.0
 
     # --- events ------------------------------------------------------------------------------
     def download(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> None:
-        np.add.at(self.bytes_down, np.asarray(nodes, dtype=np.int64), np.asarray(nbytes, dtype=np.int64))
+        _add(self.bytes_down, nodes, np.asarray(nbytes, dtype=np.int64))
 
     def upload(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> None:
         """Add ``nbytes`` (one size for all, or one per node) to each node's upload count."""
-        np.add.at(self.bytes_up, np.asarray(nodes, dtype=np.int64), np.asarray(nbytes, dtype=np.int64))
+        _add(self.bytes_up, nodes, np.asarray(nbytes, dtype=np.int64))
 
     def completed(self, nodes: np.ndarray) -> None:
-        np.add.at(self.participation, np.asarray(nodes, dtype=np.int64), 1)
+        _add(self.participation, nodes, 1)
 
     def accepted(self, staleness: np.ndarray | int) -> None:
         for s in np.atleast_1d(np.asarray(staleness, dtype=np.int64)).tolist():
@@ -74,8 +82,11 @@ class FLAccounting:
     def _stop(self, nodes: np.ndarray, t: float) -> None:
         since = self.waiting_since[nodes]
         waiting = ~np.isnan(since)
-        np.add.at(self.client_idle_s, nodes[waiting], t - since[waiting])
-        self.waiting_since[nodes] = np.nan
+        _add(self.client_idle_s, nodes[waiting], t - since[waiting])
+        if self.sparse:
+            self.waiting_since.discard(nodes)
+        else:
+            self.waiting_since[nodes] = np.nan
 
     def server_idle(self, seconds: float) -> None:
         self.server_idle_s += float(seconds)
@@ -86,7 +97,10 @@ class FLAccounting:
         return None if total == 0 else sum(s * c for s, c in self.staleness.items()) / total
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready values for ``summary.json``."""
+        """JSON-ready values for ``summary.json`` (a registered population's: per participant
+        counts and a histogram instead of lists of length N)."""
+        if self.sparse:
+            return self._sparse_summary()
         both = self.bytes_up + self.bytes_down
         return {
             "participation": self.participation.tolist(),
@@ -102,9 +116,34 @@ class FLAccounting:
             "server_idle_s": self.server_idle_s,
         }
 
+    def _sparse_summary(self) -> dict[str, Any]:
+        ids, part = self.participation.written()
+        reached = np.union1d(self.bytes_down.written()[0], ids)       # every client sent a task
+        both = self.bytes_up[reached] + self.bytes_down[reached]
+        counts, clients = np.unique(part, return_counts=True)
+        idle = self.client_idle_s[reached]
+        return {
+            "registered_clients": self.n,
+            "participants": int(len(ids)),
+            "clients_reached": int(len(reached)),
+            "participation_histogram": {str(c): int(k) for c, k in zip(counts.tolist(), clients.tolist(), strict=True)},
+            "mean_bytes_per_client_reached": float(both.mean()) if len(reached) else 0.0,
+            "max_bytes_per_client": int(both.max(initial=0)),
+            "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+            "mean_staleness": self.mean_staleness(),
+            "discarded_stale": self.discarded,
+            "mean_client_idle_s": float(idle.mean()) if len(reached) else 0.0,
+            "server_idle_s": self.server_idle_s,
+        }
+
     # --- checkpoints: numpy arrays and plain values --------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         keys = np.array(sorted(self.staleness), dtype=np.int64)
+        if self.sparse:
+            return {"columns": {name: getattr(self, name).state_dict() for name in _COLUMNS},
+                    "staleness_values": keys,
+                    "staleness_counts": np.array([self.staleness[int(k)] for k in keys], dtype=np.int64),
+                    "discarded": self.discarded, "server_idle_s": self.server_idle_s}
         return {"participation": self.participation.copy(), "bytes_up": self.bytes_up.copy(),
                 "bytes_down": self.bytes_down.copy(), "staleness_values": keys,
                 "staleness_counts": np.array([self.staleness[int(k)] for k in keys], dtype=np.int64),
@@ -116,11 +155,27 @@ class FLAccounting:
             value = state[key]                           # numpy, or a tensor from a checkpoint
             return np.array(value.numpy() if hasattr(value, "numpy") else value, dtype=dtype)
 
-        self.participation, self.bytes_up = arr("participation", np.int64), arr("bytes_up", np.int64)
-        self.bytes_down = arr("bytes_down", np.int64)
         self.staleness = {int(k): int(c) for k, c in zip(arr("staleness_values", np.int64),
                                                           arr("staleness_counts", np.int64), strict=True)}
         self.discarded = int(state["discarded"])
+        self.server_idle_s = float(state["server_idle_s"])
+        if self.sparse:
+            for name in _COLUMNS:
+                getattr(self, name).load_state_dict(state["columns"][name])
+            return
+        self.participation, self.bytes_up = arr("participation", np.int64), arr("bytes_up", np.int64)
+        self.bytes_down = arr("bytes_down", np.int64)
         self.client_idle_s = arr("client_idle_s", np.float64)
         self.waiting_since = arr("waiting_since", np.float64)
-        self.server_idle_s = float(state["server_idle_s"])
+
+
+_COLUMNS = ("participation", "bytes_up", "bytes_down", "client_idle_s", "waiting_since")
+
+
+def _add(column: np.ndarray | SparseColumn, nodes: np.ndarray, values: Any) -> None:
+    """``column[nodes] += values``, repeated nodes adding up, dense or sparse."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    if isinstance(column, SparseColumn):
+        column.add_at(nodes, values)
+    else:
+        np.add.at(column, nodes, values)

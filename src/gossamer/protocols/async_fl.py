@@ -25,6 +25,7 @@ import torch
 from gossamer import rng
 from gossamer.algorithms.fl.async_fl import AsyncFL
 from gossamer.algorithms.fl.fedcompass import CompassSchedule
+from gossamer.population.columns import Everyone, SparseColumn
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.compass import CompassGroups
 
@@ -85,15 +86,24 @@ class AsyncFLProtocol(CompassGroups):
 
     def __post_init__(self, params: torch.Tensor) -> None:
         algo, n = self.algorithm, len(self.sizes)
-        self.n, self.has_data = n, np.asarray(self.sizes) > 0
+        self.n = n
         self.state = algo.init_state(params.reshape(-1))
         self.concurrency = algo.concurrency if algo.concurrency is not None else n
+        self.group_buffer: dict[int, list[Entry]] = {}
+        # a registered population (sizes computed on demand): every client has data and only
+        # clients that acted are stored; its rules have no per-client timers or invitations
+        self.registered = not isinstance(self.sizes, np.ndarray)
+        if self.registered:
+            self.has_data, self.client_tasks = Everyone(n), SparseColumn(n)
+            self.ready_s, self.invited, self.schedule = np.zeros(0), None, None
+            self.acct = FLAccounting(n, sparse=True)
+            return
+        self.has_data = np.asarray(self.sizes) > 0
         self.client_tasks = np.zeros(n, dtype=np.int64)
         self.ready_s = self.t0 + algo.think_time(self.seed, np.arange(n), self.client_tasks) \
             if algo.self_dispatch else np.zeros(n)
         self.invited = self.has_data.copy() if algo.trigger == "period" else None
         self.schedule = CompassSchedule.empty(n) if algo.trigger == "group" else None
-        self.group_buffer: dict[int, list[Entry]] = {}
         self.acct = FLAccounting(n)
 
     # --- what the executor asks ------------------------------------------------------------------
@@ -103,6 +113,13 @@ class AsyncFLProtocol(CompassGroups):
         busy[list(self.tasks)] = True
         if self.schedule is not None:
             busy |= self.schedule.group >= 0
+        return busy
+
+    def busy_among(self, ids: np.ndarray) -> np.ndarray:
+        """Bool ``[B]``: which of ``ids`` are :meth:`busy` (without a mask of length N)."""
+        busy = np.fromiter((i in self.tasks for i in ids.tolist()), dtype=bool, count=len(ids))
+        if self.schedule is not None:
+            busy |= self.schedule.group[ids] >= 0
         return busy
 
     def has_free_slot(self) -> bool:
@@ -132,18 +149,25 @@ class AsyncFLProtocol(CompassGroups):
         return self.algorithm.model_params(self.state, task.model)
 
     # --- events ------------------------------------------------------------------------------------
-    def dispatch(self, candidates: np.ndarray, t: float) -> list[Task]:
+    def dispatch(self, candidates: np.ndarray | None, t: float) -> list[Task]:
         """Clients ``candidates`` (ascending ids) ask for work at ``t``: start tasks for those the
-        rule lets start, at most the free slots (a counter-based uniform choice when more ask)."""
-        algo, candidates = self.algorithm, np.asarray(candidates, dtype=np.int64)
+        rule lets start, at most the free slots (a counter-based uniform choice when more ask).
+        ``None``: every idle client of a registered population asks; the free slots go to a
+        uniform draw of them, made by rejection without listing the population."""
+        algo = self.algorithm
         if self.stopped:
             return []
-        ok = self.has_data[candidates] & ~self.busy()[candidates]
-        if self.invited is not None:
-            ok &= self.invited[candidates]
-        if algo.self_dispatch:
-            ok &= self.ready_s[candidates] <= t
-        nodes, free = candidates[ok], self.concurrency - len(self.tasks)
+        free = self.concurrency - len(self.tasks)
+        if candidates is None:
+            nodes = self._draw_idle(free) if free > 0 else np.zeros(0, dtype=np.int64)
+        else:
+            candidates = np.asarray(candidates, dtype=np.int64)
+            ok = self.has_data[candidates] & ~self.busy_among(candidates)
+            if self.invited is not None:
+                ok &= self.invited[candidates]
+            if algo.self_dispatch:
+                ok &= self.ready_s[candidates] <= t
+            nodes = candidates[ok]
         if free <= 0 or len(nodes) == 0:
             return []
         if len(nodes) > free:
@@ -233,6 +257,21 @@ class AsyncFLProtocol(CompassGroups):
         self.stopped = True
 
     # --- internals -----------------------------------------------------------------------------------
+    def _draw_idle(self, free: int) -> np.ndarray:
+        """``min(free, idle)`` distinct idle clients of a registered population, ascending: ids
+        drawn uniformly from the dispatch's counter-based generator, busy and repeated ones
+        skipped, so each idle client is equally likely."""
+        want = min(free, self.n - len(self.tasks))
+        g = rng.generator(self.seed, rng.STREAM_ASYNC_FL, self.dispatches)
+        chosen: dict[int, None] = {}
+        while len(chosen) < want:
+            for i in g.integers(0, self.n, 2 * (want - len(chosen)) + 8).tolist():
+                if i not in self.tasks and i not in chosen:
+                    chosen[i] = None
+                    if len(chosen) == want:
+                        break
+        return np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen)))
+
     def _finish(self, client: int, t: float) -> Task:
         task = self.tasks.pop(client)
         self.acct.finished([client], t)
@@ -277,8 +316,9 @@ class AsyncFLProtocol(CompassGroups):
                 "entry_groups": [-1] * len(self.buffer) + [g for g in sorted(self.group_buffer)
                                                             for _ in self.group_buffer[g]],
                 "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0),
-                "arrays": tensors({"client_tasks": self.client_tasks, "ready_s": np.asarray(self.ready_s),
-                                   "invited": self.invited}),
+                "arrays": ({"client_tasks": self.client_tasks.state_dict()} if self.registered else
+                           tensors({"client_tasks": self.client_tasks, "ready_s": np.asarray(self.ready_s),
+                                    "invited": self.invited})),
                 "schedule": None if self.schedule is None else tensors(self.schedule.state_dict()),
                 "counters": [self.t0, self.dispatches, self.periods, self.accepted, self.lost_tasks,
                              self.last_staleness, self.stopped],
@@ -293,8 +333,11 @@ class AsyncFLProtocol(CompassGroups):
                                                         state["messages"], strict=True):
             entry = Entry(Task(*task), message.clone(), staleness, end_s)
             (self.buffer if g < 0 else self.group_buffer.setdefault(g, [])).append(entry)
-        arrays = {k: None if v is None else v.numpy().copy() for k, v in state["arrays"].items()}
-        self.client_tasks, self.ready_s, self.invited = arrays["client_tasks"], arrays["ready_s"], arrays["invited"]
+        if self.registered:
+            self.client_tasks.load_state_dict(state["arrays"]["client_tasks"])
+        else:
+            arrays = {k: None if v is None else v.numpy().copy() for k, v in state["arrays"].items()}
+            self.client_tasks, self.ready_s, self.invited = arrays["client_tasks"], arrays["ready_s"], arrays["invited"]
         if state["schedule"] is not None:
             self.schedule = CompassSchedule.from_state_dict(state["schedule"])
         t0, self.dispatches, self.periods, self.accepted, self.lost_tasks, self.last_staleness, self.stopped = \

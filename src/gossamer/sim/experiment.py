@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.experiment import Experiment, build
 from gossamer.sim.faults import Faults
@@ -20,6 +22,14 @@ def build_experiment(cfg: ExperimentConfig, *, population: bool = True) -> Exper
     refused before anything is allocated."""
     exp = build(cfg, population=population)
     n = exp.num_nodes
+    if exp.population is not None:          # registered: profiles drawn when clients act
+        from gossamer.population.profiles import LazySystemProfile
+
+        factor = 2.0 if exp.trainer.optimizer.sam_rho else 1.0
+        exp.system = LazySystemProfile(cfg.system, n, cfg.seed, factor)
+        exp.availability = Availability("always", n, cfg.seed)
+        exp.faults = Faults.from_config(cfg, 0, degrees=None, has_data=np.zeros(0, dtype=bool))
+        return exp
     if exp.algorithm.family == "dl":
         for field in ("latency_up_s", "latency_down_s"):
             if getattr(cfg.system, field) is not None:

@@ -244,11 +244,10 @@ class Availability:
                  mean_off_s: float = 1.0, initial_on_fraction: float | None = None) -> None:
         self.model, self.n, self.seed = model, n, seed
         self.time = 0.0
+        if model == "always":        # nothing per node: a registered population may be huge
+            return
         nodes = np.arange(n)
         self.counter = np.ones(n, dtype=np.int64)
-        if model == "always":
-            self.on, self.next_switch = np.ones(n, dtype=bool), np.full(n, np.inf)
-            return
         self.mean = np.array([mean_off_s, mean_on_s])
         frac = mean_on_s / (mean_on_s + mean_off_s) if initial_on_fraction is None else initial_on_fraction
         self.on = rng.uniform(seed, rng.STREAM_AVAILABILITY, nodes, 0) < frac
@@ -283,7 +282,20 @@ class Availability:
 
     def next_change(self) -> float:
         """The earliest time any node's state may change (``inf``: never)."""
+        if self.model == "always":
+            return math.inf
         return float(self.next_switch.min()) if self.n else math.inf
+
+    @property
+    def next_switch(self) -> np.ndarray:
+        """``[N]``: the next time each node's state may change (``always``: never)."""
+        if self.model == "always":
+            return np.full(self.n, np.inf)
+        return self._next_switch
+
+    @next_switch.setter
+    def next_switch(self, value: np.ndarray) -> None:
+        self._next_switch = value
 
     def _advance(self, t: float) -> None:
         """Bring ``on`` and ``next_switch`` to time ``t`` (some ``next_switch`` is <= t)."""
@@ -295,12 +307,17 @@ class Availability:
             self.next_switch[due] += self._duration(due)
 
     def state_dict(self) -> dict:
+        if self.model == "always":
+            return {"time": self.time}
         return {"on": self.on.copy(), "counter": self.counter.copy(),
                 "next_switch": self.next_switch.copy(), "time": self.time}
 
     def load_state_dict(self, state: dict) -> None:
+        self.time = float(state["time"])
+        if self.model == "always":
+            return
         self.on, self.counter = np.asarray(state["on"]), np.asarray(state["counter"])
-        self.next_switch, self.time = np.asarray(state["next_switch"]), float(state["time"])
+        self.next_switch = np.asarray(state["next_switch"])
 
 
 class DiurnalAvailability(Availability):

@@ -123,8 +123,16 @@ class BatchedTrainer:
         self._batch: torch.Tensor | None = None        # gathered inputs (reused storage)
         self._inputs: tuple[bytes, torch.Tensor, torch.Tensor] | None = None   # last _gather_all
         self._plan: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None   # last batches()
-        self.x, self.y = x, y
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
+        self.bind(x, y, shards)
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor, shards: list[np.ndarray],
+             ids: np.ndarray | None = None) -> None:
+        """Train on ``x``, ``y`` with node ``b``'s rows ``shards[b]``. ``ids``: the nodes' ids in
+        the data-order draws (default: their positions), so that a lazy population's cohort
+        (``training/cohort.py``), bound anew for every call, shuffles each client as its id says."""
+        self.x, self.y, self.ids = x, y, ids
+        self._plan = self._inputs = None
         self.sizes = np.array([len(s) for s in shards], dtype=np.int64)
         width = max(1, int(self.sizes.max(initial=0)))
         padded = np.zeros((len(shards), width), dtype=np.int64)
@@ -139,7 +147,8 @@ class BatchedTrainer:
         pos = np.arange(width)
         if not self.schedule.shuffle:
             return np.broadcast_to(pos, (len(nodes), width))
-        u = rng.uniform(self.seed, rng.STREAM_DATA_ORDER, nodes[:, None], keys[:, None], epoch,
+        named = nodes if self.ids is None else self.ids[nodes]
+        u = rng.uniform(self.seed, rng.STREAM_DATA_ORDER, named[:, None], keys[:, None], epoch,
                         pos[None, :])
         u = np.where(pos[None, :] < self.sizes[nodes][:, None], u, 2.0)
         return np.argsort(u, axis=1, kind="stable")
@@ -334,6 +343,11 @@ class BatchedTrainer:
         gradients at once."""
         return max(1, CHUNK_BYTES // (3 * self.spec.numel * self.x.element_size()))
 
+    @property
+    def nodes_per_pass(self) -> int:
+        """Nodes one training pass holds gradients for (memory estimates)."""
+        return self._chunk(self.kernel is not None, 1, False)
+
     @staticmethod
     def _in_rows(steps: int, mean: bool) -> bool:
         """Whether the fused kernel updates the given rows directly (one or two steps, rows
@@ -342,12 +356,11 @@ class BatchedTrainer:
 
     def _chunk(self, fused: bool, steps: int, mean: bool) -> int:
         """Nodes per pass: :attr:`chunk_nodes` on the autograd path; on the fused kernel's,
-        as many as fit the parameter-major workspace in :data:`WORKSPACE_BYTES` (no limit
-        when it updates the given rows directly: no workspace)."""
+        as many as fit the parameter-major workspace in :data:`WORKSPACE_BYTES` (when it
+        updates the given rows directly there is no workspace, but its gradients take as much:
+        D-PSGD on 10^6 nodes would hold a population-sized gradient otherwise)."""
         if not fused:
             return self.chunk_nodes
-        if self._in_rows(steps, mean):
-            return 1 << 62
         return max(1, WORKSPACE_BYTES // (self.spec.numel * self.x.element_size()))
 
     def _train_chunks(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, inplace: bool,

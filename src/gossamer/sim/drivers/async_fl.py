@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossamer.population.columns import SparseColumn
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
@@ -61,17 +62,16 @@ class AsyncFLDriver(Driver):
         self.algorithm = exp.algorithm
         self.protocol = AsyncFLProtocol(exp.algorithm, exp.trainer.sizes, exp.cfg.seed, float(exp.cfg.local.lr),
                                         exp.init_params)
-        self.has_data = exp.trainer.sizes > 0
+        self.registered = exp.population is not None      # nothing of length N (docs/scale.md)
+        self.has_data = self.protocol.has_data
         self.faults = exp.faults if exp.faults is not None and exp.faults.enabled else None
         self.attack = exp.adversary is not None and exp.adversary.model_attack
         self.tasks: list[SimTask] = []               # in flight, in dispatch order
         self.next_task = self.max_in_flight = 0
         self.dispatch_open = True                    # period rules: clients ask at period ends only
-        self.client_steps = np.zeros(exp.num_nodes, dtype=np.int64)   # local steps of delivered tasks
-        sched, sizes = exp.trainer.schedule, exp.trainer.sizes
-        self.batch_size = sched.batch_size
-        per_task = sched.steps * sched.batch_size if sched.steps else int(sched.epochs or 1) * sizes
-        self.planned = np.where(self.has_data, per_task, 0).astype(np.int64)   # samples per task
+        # local steps of delivered tasks
+        self.client_steps = SparseColumn(exp.num_nodes) if self.registered else np.zeros(exp.num_nodes, dtype=np.int64)
+        self.batch_size = exp.trainer.schedule.batch_size
         parts = exp.cfg.faults.partitions if self.faults is not None else []
         self._partition_times = sorted({p.at_s for p in parts} | {p.heal_s for p in parts if p.heal_s})
 
@@ -120,11 +120,12 @@ class AsyncFLDriver(Driver):
 
     def _next_change(self, t: float) -> float:
         """Earliest time after ``t`` at which an idle client may become dispatchable."""
-        idle = self.has_data & ~self.protocol.busy()
         times = []
         avail = self.exp.availability
-        if avail.model != "always" and idle.any():
-            times.append(float(avail.next_switch[idle].min()))
+        if avail.model != "always":
+            idle = self.has_data & ~self.protocol.busy()
+            if idle.any():
+                times.append(float(avail.next_switch[idle].min()))
         if self.faults is not None:
             times.append(self.faults.next_change())
             times += self._partition_times
@@ -133,6 +134,11 @@ class AsyncFLDriver(Driver):
     # --- dispatch: the protocol picks, the simulated network times ----------------------------
     def _dispatch(self, t: float) -> None:
         """A dispatch point: every available idle client asks for work."""
+        if self.registered:                   # always available: the protocol draws the idle
+            plans = self.protocol.dispatch(None, t)
+            if plans:
+                self._start(plans, t)
+            return
         available = self.exp.online(t) & self.has_data
         if self.faults is not None:
             available &= self.faults.server_reachable(t)
@@ -157,7 +163,7 @@ class AsyncFLDriver(Driver):
             per_step = system.compute_s(nodes, np.full(b, self.batch_size)) * (1.0 if slow is None else slow)
             fit = np.floor((deadline - t - down - up) / np.where(per_step > 0, per_step, 1.0))
             steps = np.where(pulled, np.clip(np.where(per_step > 0, fit, steps), 1, steps), steps).astype(np.int64)
-        samples = np.where(steps > 0, steps * self.batch_size, self.planned[nodes]).astype(np.int64)
+        samples = np.where(steps > 0, steps * self.batch_size, self._planned(nodes)).astype(np.int64)
         compute = system.compute_s(nodes, samples)
         received, sent = np.ones(b, dtype=bool), np.ones(b, dtype=bool)
         if faults is not None:                     # message keys: 2 * task (down), 2 * task + 1 (up)
@@ -178,6 +184,12 @@ class AsyncFLDriver(Driver):
             self.tasks.append(SimTask(int(ids[j]), plan, float(end[j]), bool(received[j]), ok, int(samples[j]),
                                       int(steps[j]), self.protocol.start_params(plan) if ok else None))
         self.max_in_flight = max(self.max_in_flight, len(self.tasks))
+
+    def _planned(self, nodes: np.ndarray) -> np.ndarray:
+        """Samples a task of the ``local`` schedule processes on each of ``nodes``."""
+        sched, sizes = self.exp.trainer.schedule, self.exp.trainer.sizes[nodes]
+        per_task = sched.steps * sched.batch_size if sched.steps else int(sched.epochs or 1) * sizes
+        return np.where(sizes > 0, per_task, 0)
 
     # --- arrivals and lazy batched training ----------------------------------------------------
     def _arrivals(self, t: float, losses: list[float]) -> Step | None:
@@ -244,7 +256,12 @@ class AsyncFLDriver(Driver):
         out = self.acct.summary()
         out.update(server_updates=self.state.version, accepted_updates=self.protocol.accepted,
                    lost_messages=self.protocol.lost_tasks, concurrency=self.protocol.concurrency,
-                   max_in_flight=self.max_in_flight, local_steps_per_client=self.client_steps.tolist())
+                   max_in_flight=self.max_in_flight)
+        if self.registered:
+            ids, steps = self.client_steps.written()
+            out["mean_local_steps_per_participant"] = float(steps.mean()) if len(ids) else 0.0
+        else:
+            out["local_steps_per_client"] = self.client_steps.tolist()
         models = self.algorithm.num_models
         if models > 1:                                  # FedAST: every model's final accuracy
             rows = torch.stack([self.algorithm.model_params(self.state, m) for m in range(models)])
@@ -262,7 +279,8 @@ class AsyncFLDriver(Driver):
                              x.loss, x.trained_steps, x.trained) for x in self.tasks],
                      messages=torch.stack(trained) if trained else torch.zeros(0),
                      counters=[self.next_task, self.dispatch_open, self.max_in_flight],
-                     client_steps=torch.from_numpy(self.client_steps.copy()))
+                     client_steps=(self.client_steps.state_dict() if self.registered
+                                   else torch.from_numpy(self.client_steps.copy())))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -279,4 +297,7 @@ class AsyncFLDriver(Driver):
                 task.start = starts[(task.plan.model, task.plan.version)]
             self.tasks.append(task)
         self.next_task, self.dispatch_open, self.max_in_flight = state["counters"]
-        self.client_steps = state["client_steps"].numpy().copy()
+        if self.registered:
+            self.client_steps.load_state_dict(state["client_steps"])
+        else:
+            self.client_steps = state["client_steps"].numpy().copy()

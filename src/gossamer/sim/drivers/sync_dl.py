@@ -19,6 +19,7 @@ from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gathered import MergeStats, gathered_merge
 from gossamer.topology import mixing_matrix, to_torch_sparse, window_links, window_spectral_gap
+from gossamer.topology.mixing import EXACT_GAP_MAX_NODES
 from gossamer.training.evaluator import local_losses
 
 if TYPE_CHECKING:
@@ -253,6 +254,8 @@ class SyncDLDriver(Driver):
                "max_bytes_per_node": int(self.node_bytes.max())}
         dynamic = self.exp.dynamic
         if dynamic is None:
+            if self.exp.num_nodes > EXACT_GAP_MAX_NODES:      # power iterations: an upper bound
+                out["spectral_gap_estimated"] = True
             return {"spectral_gap": self.exp.spectral_gap, "num_edges": int(len(self.exp.topology.edges)), **out}
         rule = self.exp.cfg.topology.mixing
         # No single W: the per-round gap of the product over the first window (None above 2,000 nodes).

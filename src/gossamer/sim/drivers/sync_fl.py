@@ -20,6 +20,7 @@ from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
+from gossamer.population.store import ClientStore
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
 from gossamer.protocols.sync_fl import SyncRound
@@ -36,7 +37,8 @@ class SyncFLDriver(Driver):
         super().__init__(exp)
         self.algorithm = algo = exp.algorithm
         self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
-        self.has_data = exp.trainer.sizes > 0
+        # a registered population: every client has data (its sample counts are computed on demand)
+        self.has_data = np.ones(exp.num_nodes, dtype=bool) if exp.population is not None else exp.trainer.sizes > 0
         self.participants = 0
         self.lost = 0
         self.dropped = 0
@@ -52,7 +54,7 @@ class SyncFLDriver(Driver):
         if self.downlink is not None:
             init = exp.init_params.reshape(-1)
             self.estimate = init.expand(exp.num_nodes, -1).clone()
-        self.accounting = FLAccounting(exp.num_nodes)
+        self.accounting = FLAccounting(exp.num_nodes, sparse=exp.population is not None)
         tiers = exp.hierarchy.depth + 1 if exp.hierarchy is not None else 0
         self.tiers_up = np.zeros(tiers, dtype=np.int64)     # bytes per tier (0: the server's link)
         self.tiers_down = np.zeros(tiers, dtype=np.int64)
@@ -74,10 +76,13 @@ class SyncFLDriver(Driver):
         self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
         if exp.personal is not None:
             self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
-        self.client_state: torch.Tensor | None = None
+        # per-client state rows (SCAFFOLD's c_i, DiLoCo's inner AdamW state) of the clients that
+        # have trained; a registered population keeps them within population.state_budget_mb
+        self.client_state: ClientStore | None = None
         if algo.client_state_vectors:
-            first = algo.init_client_state(numel)
-            self.client_state = first.expand(exp.num_nodes, -1).clone()
+            pop = exp.cfg.population
+            budget = pop.state_budget_mb * 2**20 if pop.lazy else float("inf")
+            self.client_state = ClientStore(algo.init_client_state(numel), budget, pop.spill_dir)
 
     def _candidates(self) -> np.ndarray:
         online = self.exp.online(self.sim_time)
@@ -302,7 +307,7 @@ class SyncFLDriver(Driver):
             self.train_loss = float(result.loss.mean())
             self.node_steps += int(result.steps.sum())
             return
-        cstate = self.client_state[trained] if self.client_state is not None else None
+        cstate = self.client_state.get(trained) if self.client_state is not None else None
         with self.timer("train_s"):
             objective = algo.local_objective(payload, cstate)
             starts = start.expand(len(trained), -1)
@@ -319,7 +324,7 @@ class SyncFLDriver(Driver):
                 uploads = uploads.clone()
                 uploads[:, : exp.spec.numel] += start - starts
             if new_state is not None and self.client_state is not None:
-                self.client_state[trained] = new_state
+                self.client_state.set(trained, new_state)
             if exp.adversary.model_attack:
                 numel = exp.spec.numel
                 uploads = uploads.clone()
@@ -488,6 +493,10 @@ class SyncFLDriver(Driver):
 
     def summary(self) -> dict[str, Any]:
         out = self.accounting.summary()
+        if self.client_state is not None:             # the per-client state store (population/store.py)
+            store = self.client_state
+            out["client_state"] = {"clients": len(store), "memory_bytes": store.memory_bytes,
+                                   "disk_bytes": store.disk_bytes}
         if self.dp_ledger is not None:
             out.update(dp_epsilon=self.dp_ledger.epsilon(), dp_delta=self.dp.delta)
         if self.secagg is not None:
@@ -522,7 +531,7 @@ class SyncFLDriver(Driver):
         state.update(params=self.state.params, server_round=self.state.round,
                      server_extra=dict(self.state.extra), participants=self.participants,
                      lost=self.lost, dropped=self.dropped,
-                     client_state=None if self.client_state is None else self.client_state.clone(),
+                     client_state=None if self.client_state is None else self.client_state.state_dict(),
                      compression_memory=_clone(self.stage_state.get("memory")),
                      compression_momentum=_clone(self.stage_state.get("momentum")),
                      client_estimates=None if self.estimate is None else self.estimate.clone(),
@@ -548,8 +557,11 @@ class SyncFLDriver(Driver):
         self.dropped = int(state.get("dropped", 0))
         if state.get("accounting") is not None:
             self.accounting.load_state_dict(state["accounting"])
-        if state.get("client_state") is not None:
-            self.client_state = state["client_state"].clone()
+        if state.get("client_state") is not None and self.client_state is not None:
+            saved = state["client_state"]
+            if isinstance(saved, torch.Tensor):     # a checkpoint of every client's row [N, P]
+                saved = {"ids": torch.arange(len(saved)), "rows": saved}
+            self.client_state.load_state_dict(saved)
         for key in ("memory", "momentum"):
             if state.get(f"compression_{key}") is not None:
                 self.stage_state[key] = state[f"compression_{key}"].clone()

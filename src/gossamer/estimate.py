@@ -1,0 +1,137 @@
+"""Memory and time a simulated run will need, estimated before it starts (``gossamer validate``).
+
+Memory: what the process holds once the experiment is built (libraries, data, graph, mixing
+matrix: its resident size) plus what the executor will allocate for the whole run (the population's
+``[N, P]`` model copies, per-client state, per-client counters, one training pass), each
+named. Time: one training call on a sample of the round's nodes is timed and scaled to a
+round's nodes, plus one evaluation spread over ``eval.every`` rounds; it ignores everything
+else a round does (mixing, aggregation, messages), so it is a lower bound for DL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gossamer import checks
+from gossamer.experiment import _POPULATION_COPIES, Experiment
+
+_COUNTER_BYTES_PER_CLIENT = 56      # sync FL's dense per-client counters (accounting, has_data)
+_SAMPLE = 256                       # nodes in the timed training call
+
+
+@dataclass
+class Estimate:
+    """Named memory parts (bytes) and seconds per round."""
+
+    parts: list[tuple[str, float]] = field(default_factory=list)
+    round_s: float | None = None
+    timed_nodes: int = 0
+    round_nodes: int = 0
+
+    @property
+    def total(self) -> float:
+        return float(sum(b for _, b in self.parts))
+
+    def lines(self, rounds: int) -> list[str]:
+        shown = ", ".join(f"{what} {_size(b)}" for what, b in self.parts if b >= 1e6)
+        have = checks.available_memory_bytes()
+        out = [f"memory estimate: {_size(self.total)} ({shown or 'every part under 1 MB'})"
+               + (f"; {checks.gb(have)} available now" if have is not None else "")]
+        if self.round_s is not None:
+            out.append(f"time estimate: ~{self.round_s:.3g} s per round, ~{self.round_s * rounds:.3g} s for "
+                       f"{rounds} rounds (training timed on {self.timed_nodes:,} nodes, scaled to the "
+                       f"round's {self.round_nodes:,}; mixing and messages not included)")
+        return out
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _size(num_bytes: float) -> str:
+    return checks.gb(num_bytes) if num_bytes >= 1e9 else f"{num_bytes / 1e6:,.0f} MB"
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def round_nodes(exp: Experiment) -> int:
+    """Nodes that train in a typical round (sync FL: the expected cohort; async FL: one
+    buffer's worth of client updates; DL: everyone)."""
+    algo, n = exp.algorithm, exp.num_nodes
+    if algo.family == "dl":
+        return n
+    if algo.pattern == "async_fl":
+        return int(algo.due(0) or 1)
+    expected = getattr(algo, "expected_clients", None)
+    return int(expected(n)) if expected is not None else n
+
+
+def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
+    """The :class:`Estimate` of ``exp``'s run (``time_it``: also time one training call)."""
+    cfg, algo, n, numel = exp.cfg, exp.algorithm, exp.num_nodes, exp.spec.numel
+    row = 4 * numel
+    est = Estimate()
+    data = exp.dataset
+    built = _resident_bytes()
+    if built is None:             # no /proc: count what was built from its arrays
+        built = _tensor_bytes(data.x_train, data.y_train, data.x_test, data.y_test)
+        if exp.topology is not None:
+            built += exp.topology.edges.nbytes + 2 * exp.topology.indices.nbytes
+    est.parts.append(("built: libraries, data, graph", built))
+    copies = _POPULATION_COPIES.get(algo.pattern, 0) + (cfg.model.init == "independent")
+    if copies:
+        est.parts.append((f"models: {n:,} nodes x {numel:,} parameters x {copies}", copies * n * row))
+    if algo.pattern == "sync_fl":
+        if getattr(algo, "client_state_vectors", 0):
+            held = n * row * algo.client_state_vectors
+            if exp.population is not None:
+                held = min(held, cfg.population.state_budget_mb * 2**20)
+            est.parts.append(("client state", held))
+        if exp.population is None:
+            est.parts.append(("per-client counters", n * _COUNTER_BYTES_PER_CLIENT))
+    k = round_nodes(exp)
+    if algo.family == "fl":
+        in_flight = getattr(algo, "concurrency", None) or k
+        est.parts.append(("client rows in a round", 3 * max(k, in_flight if algo.pattern == "async_fl" else k) * row))
+    est.parts.append(("training pass", 2 * min(k, exp.trainer.nodes_per_pass) * row))
+    est.round_nodes = k
+    if time_it:
+        batch = max(k, getattr(algo, "concurrency", None) or 0) if algo.pattern == "async_fl" else k
+        est.round_s, est.timed_nodes = _time_round(exp, k, batch)
+    return est
+
+
+def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int]:
+    """Seconds one round's training of ``k`` nodes takes, plus evaluation: a call on up to
+    ``_SAMPLE`` of the ``batch`` nodes a training call takes (asynchronous FL trains every
+    task in flight together) timed after one warm-up call, and scaled."""
+    n = exp.num_nodes
+    sample = np.arange(min(batch, _SAMPLE, n), dtype=np.int64)
+    if exp.population is None:                       # nodes with data
+        sample = np.flatnonzero(exp.trainer.sizes > 0)[: len(sample)]
+    if len(sample) == 0:
+        return 0.0, 0
+    init = exp.init_params.reshape(-1, exp.spec.numel)
+    rows = init[: len(sample)] if init.shape[0] > 1 else init.expand(len(sample), -1)
+    exp.trainer.train(rows.clone(), sample, 0)       # warm-up: workspaces, first page faults
+    start = time.perf_counter()
+    exp.trainer.train(rows.clone(), sample, 1)
+    train_s = (time.perf_counter() - start) * k / len(sample)
+    start = time.perf_counter()
+    exp.evaluator.evaluate(init[:1])
+    eval_s = (time.perf_counter() - start) / max(1, exp.cfg.eval.every)
+    return train_s + eval_s, len(sample)
