@@ -6,11 +6,12 @@ User errors (config, data, paths) print one line and exit with code 2; bugs rais
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from gossamer.errors import UserError  # noqa: E402  (re-exported: gossamer.cli.UserError)
+from gossamer.errors import RankLost, UserError  # noqa: E402  (re-exported: gossamer.cli.UserError)
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
@@ -74,16 +75,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         _resumable(Path(args.resume), "gossamer run", ("simulator",))
     cfg, resume = _load_for_run(args)
+    if args.ranks is not None:             # K processes of one sharded run (sim/sharded.py)
+        return _run_ranks(args, cfg, resume)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not (resume or args.out):
+        raise UserError("torchrun: give --out RUN_DIR (or --resume RUN_DIR) so that every rank "
+                        "writes to the same run directory")
     run_dir = Path(args.resume) if resume else _run_dir(cfg, args.out)
     from gossamer.sim.runner import run_simulation
 
     summary = run_simulation(cfg, run_dir, resume=resume, start_time=start,
                              progress=cfg.output.progress and not args.quiet)
     acc = summary["final_test_accuracy"]
+    if int(os.environ.get("RANK", "0") or 0) != 0:         # a sharded run: rank 0 reports
+        return 0
     print(f"run {run_dir}: {summary['rounds']} rounds, test accuracy {acc:.4f}, "
           f"simulated {summary['sim_time_s']:.1f} s, {summary['bytes_sent_total'] / 1e6:.1f} MB sent, "
           f"wall {summary['wall_time_s']:.1f} s")
     return 0
+
+
+def _run_ranks(args: argparse.Namespace, cfg, resume: bool) -> int:
+    from gossamer.sim.sharded import launch
+
+    if args.ranks < 1 or args.threads < 1:
+        raise UserError("--ranks and --threads: give positive counts")
+    if resume:
+        child = ["--resume", args.resume]
+    else:
+        child = [args.config, "--out", str(_run_dir(cfg, args.out))]
+    for item in args.set:
+        child += ["--set", item]
+    if args.quiet:
+        child.append("--quiet")
+    return launch(child, args.ranks, args.threads)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -381,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set partition.num_nodes=400")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--ranks", type=int, help="shard the population over this many processes "
+                     "(torch.distributed, gloo, on this machine; docs/scale.md)")
+    run.add_argument("--threads", type=int, default=1, help="--ranks: intra-op threads per rank (default 1)")
     run.set_defaults(func=cmd_run)
     plot = sub.add_parser("plot", help="plot accuracy against round, simulated time and bytes")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -487,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "config error: " if isinstance(exc, ConfigError) else "error: "
         print(f"gossamer: {prefix}{exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RankLost as exc:
+        print(f"gossamer: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         how = (f"gossamer {args.command} --resume RUN_DIR" if args.command in ("run", "server", "launch")
                else "the same command (finished runs are reused)" if args.command in ("sweep", "compare")

@@ -137,3 +137,14 @@ def test_a_dataset_partitioned_on_demand_over_1e7_clients_learns(tmp_path):
     assert loss[-1] < 0.7 * loss[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["participants"] == 15 * 30
+
+
+def test_in_epoch_mode_a_client_trains_the_same_alone_or_beside_bigger_clients():
+    cfg = _cfg(local={"epochs": 2, "batch_size": 64, "lr": 0.05})
+    exp = build_experiment(config.validate(cfg))
+    ids = np.array([99_999_999, 3, 12_345_678])         # 42, 48 and 48 rows: batches of 64
+    assert exp.population.sizes(ids).max() > exp.population.sizes(ids[:1])[0]
+    start = exp.init_params.expand(3, -1)
+    together = exp.trainer.train(start, ids, 4).params
+    alone = exp.trainer.train(start[:1], ids[:1], 4).params
+    assert torch.equal(alone[0], together[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +38,23 @@ class Runner:
         self.start_time = time.perf_counter() if start_time is None else start_time
         tune_allocator()
         self.exp: Experiment = build_experiment(cfg)
-        self.driver: Driver = driver_for(self.exp.algorithm.pattern)(self.exp)
+        self.shard = None                   # sharded over torch.distributed ranks (sim/sharded.py)
+        if sharded():
+            from gossamer.sim.sharded import ShardedSyncFLDriver, start
+
+            self.shard = start(self.exp)
+            self.driver: Driver = ShardedSyncFLDriver(self.exp, self.shard)
+        else:
+            self.driver = driver_for(self.exp.algorithm.pattern)(self.exp)
+        # only rank 0 of a sharded run writes the run directory; the others write their rows
+        # to a folder of their own that is removed at the end
+        self.primary = self.shard is None or self.shard.primary
+        self._scratch = None if self.primary else tempfile.TemporaryDirectory(prefix="gossamer-rank-")
+        out = self.run_dir if self.primary else Path(self._scratch.name)
         # rows are fsynced with each checkpoint and at the end (MetricsWriter.sync)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.driver.columns, durable=False)
+        self.metrics = MetricsWriter(out / "metrics.csv", self.driver.columns, durable=False)
         # every evaluated node's accuracy (DL): nodes.csv, beside metrics.csv, never in it
-        self.node_metrics = MetricsWriter(self.run_dir / "nodes.csv", ["round", "node", "test_accuracy"],
+        self.node_metrics = MetricsWriter(out / "nodes.csv", ["round", "node", "test_accuracy"],
                                           durable=False)
         self.stopped_by: str | None = None
         self.time_to_target: float | None = None
@@ -63,9 +76,12 @@ class Runner:
                 setattr(self, key, state["runner"][key])
             self.targets_reached = dict(state["runner"].get("targets_reached", {}))
             self.loop_time = float(state["runner"]["loop_time"])
-            self.metrics.load_existing(self.driver.round)
-            if self.node_metrics.path.exists():
-                self.node_metrics.load_existing(self.driver.round)
+            if self.primary:
+                self.metrics.load_existing(self.driver.round)
+                if self.node_metrics.path.exists():
+                    self.node_metrics.load_existing(self.driver.round)
+            return
+        if not self.primary:
             return
         if resume:                                   # interrupted before the first checkpoint
             self.metrics.load_existing(-1)
@@ -76,6 +92,8 @@ class Runner:
         write_json(self.run_dir / "environment.json", environment())
 
     def checkpoint(self) -> None:
+        if not self.primary:                 # every rank holds the same state; rank 0 saves it
+            return
         state = {"driver": self.driver.state_dict(),
                  "runner": {"time_to_target": self.time_to_target,
                             "rounds_to_target": self.rounds_to_target,
@@ -141,7 +159,7 @@ class Runner:
                 self.loop_time += time.perf_counter() - loop_start
                 loop_start = time.perf_counter()
                 self.checkpoint()
-            if kill_at and d.round == kill_at:         # tests: die like kill -9, mid-run
+            if kill_at and d.round == kill_at and _kill_rank(self.shard):   # tests: die like kill -9
                 os.kill(os.getpid(), signal.SIGKILL)
         self.stopped_by = reason
         if self.last_row is None or self.last_row["round"] != d.round:
@@ -151,12 +169,15 @@ class Runner:
             self.checkpoint()
         self.metrics.sync()
         self.node_metrics.sync()
+        summary = self.summary()
+        if not self.primary:
+            self._scratch.cleanup()
+            return summary
         self.save_final_model()
         if faults is not None and faults.enabled and faults.records_transitions:
             atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())
         for name, text in d.extra_files().items():     # e.g. contributions.csv
             atomic_write_text(self.run_dir / name, text)
-        summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
         for tracker in self.trackers:
             tracker.on_end(summary)
@@ -206,8 +227,23 @@ class Runner:
                 out["fault_transitions"] = dict(faults.transition_counts(), file="faults.csv")
         if adv is not None and adv.enabled:
             out["byzantine_nodes"] = [int(i) for i in adv.byzantine.nonzero()[0]]
+        if self.shard is not None:
+            out["ranks"] = self.shard.world
         out.update(d.summary())
         return out
+
+
+def sharded() -> bool:
+    """Whether this process is one rank of a sharded run: torchrun started it
+    (``WORLD_SIZE`` > 1) or ``gossamer run --ranks`` did (``GOSSAMER_SHARDED``, also for 1 rank,
+    whose sums then run in the same order as with several)."""
+    return os.environ.get("GOSSAMER_SHARDED") == "1" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _kill_rank(shard: Any) -> bool:
+    """Tests: whether this process is the one ``GOSSAMER_TEST_KILL_RANK`` names (any by default)."""
+    wanted = os.environ.get("GOSSAMER_TEST_KILL_RANK")
+    return wanted is None or (shard.rank if shard is not None else 0) == int(wanted)
 
 
 def _plain(value: Any) -> Any:
@@ -243,10 +279,12 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progre
     from gossamer.metrics.progress import Progress
     from gossamer.metrics.rundir import record
 
-    bar = Progress(cfg.stop.rounds, enabled=progress)
-    runner = Runner(cfg, run_dir, on_row=bar.update, start_time=start_time)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record(run_dir, "simulator")
+    runner = Runner(cfg, run_dir, start_time=start_time)
+    bar = Progress(cfg.stop.rounds, enabled=progress and runner.primary)
+    runner.on_row = bar.update
+    if runner.primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record(run_dir, "simulator")
     runner.prepare(resume)
     bar.start(runner.driver.round)
     try:

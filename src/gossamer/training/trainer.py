@@ -124,6 +124,10 @@ class BatchedTrainer:
         self._inputs: tuple[bytes, torch.Tensor, torch.Tensor] | None = None   # last _gather_all
         self._plan: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None   # last batches()
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
+        # epoch batches narrower than batch_size when no node of a call fills one (faster);
+        # False keeps batch_size, so a node's arithmetic never depends on the other nodes of
+        # its call (the sharded simulator and a registered population's cohorts need that)
+        self.shrink_batches = True
         self.bind(x, y, shards)
 
     def bind(self, x: torch.Tensor, y: torch.Tensor, shards: list[np.ndarray],
@@ -208,7 +212,8 @@ class BatchedTrainer:
         epochs = int(self.schedule.epochs or 1)
         # no node here fills a batch: batches as wide as the largest shard, not padded to bs
         # (D-PSGD at N = 1000: 4 samples per node trained as [N, 10, ...] before)
-        bs = max(1, min(bs, int(sizes.max(initial=0))))
+        if self.shrink_batches:
+            bs = max(1, min(bs, int(sizes.max(initial=0))))
         per_epoch = -(-sizes // bs)                       # batches per epoch per node
         width = int(per_epoch.max(initial=0))
         slot = np.arange(width * bs).reshape(width, bs)
@@ -257,7 +262,8 @@ class BatchedTrainer:
     def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
               inplace: bool = False, steps: np.ndarray | None = None,
               objective: LocalObjective | None = None,
-              mean_weights: torch.Tensor | None = None) -> TrainResult:
+              mean_weights: torch.Tensor | None = None,
+              mean_groups: np.ndarray | None = None) -> TrainResult:
         """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``.
 
         With ``inplace`` the trained rows are written back into ``params`` (a dense tensor,
@@ -270,7 +276,10 @@ class BatchedTrainer:
 
         With ``mean_weights`` ``[B]`` (summing to 1) only the weighted mean of the trained rows
         is returned (``TrainResult.mean``, ``params`` None): it is taken from the parameter-major
-        leaves, block by block, so no ``[B, P]`` output is written (FedAvg's round).
+        leaves, block by block, so no ``[B, P]`` output is written (FedAvg's round). With
+        ``mean_groups`` (positions ``0 = g_0 < ... < g_G = B``) it is one weighted sum per group
+        ``[G, P]``, each a product over that group's rows alone (the sharded simulator's
+        block sums); the call must fit one pass (:attr:`nodes_per_pass`).
         """
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
@@ -281,6 +290,8 @@ class BatchedTrainer:
             raise ValueError(f"frozen parameters {sorted(unknown)} are not the model's")
         idx, valid = self.batches(nodes, keys, steps)
         chunk = self._chunk(fused, idx.shape[1], mean_weights is not None)
+        if mean_groups is not None and (mean_weights is None or len(nodes) > chunk):
+            raise ValueError("mean_groups: give mean_weights, and at most nodes_per_pass nodes")
         if len(nodes) > chunk:
             return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights, chunk)
         if objective.recursive and self.optimizer.sam_rho:
@@ -288,7 +299,7 @@ class BatchedTrainer:
         if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
             raise ValueError("privacy.dp: DP-SGD does not combine with SAM or FedAMD")
         if fused:
-            return self._train_fused(params, idx, valid, inplace, objective, mean_weights)
+            return self._train_fused(params, idx, valid, inplace, objective, mean_weights, mean_groups)
         names = self.spec.names
         leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         terms = self._objective_views(objective, None)
@@ -333,7 +344,7 @@ class BatchedTrainer:
             self._step(leaves, grads, bufs, adam, active, objective, terms)
         if adam is not None and objective.optimizer_state is not None:     # kept by the caller
             self._store_adam(adam, objective.optimizer_state)
-        return self._result(params, leaves, valid, loss_sum, inplace, mean_weights)
+        return self._result(params, leaves, valid, loss_sum, inplace, mean_weights, mean_groups)
 
     @property
     def chunk_nodes(self) -> int:
@@ -385,11 +396,18 @@ class BatchedTrainer:
         return TrainResult(out, np.concatenate(samples), np.concatenate(taken), torch.cat(losses), mean)
 
     def _result(self, params: torch.Tensor, leaves: list[torch.Tensor] | None, valid: np.ndarray,
-                loss_sum: torch.Tensor, inplace: bool, mean_weights: torch.Tensor | None) -> TrainResult:
+                loss_sum: torch.Tensor, inplace: bool, mean_weights: torch.Tensor | None,
+                groups: np.ndarray | None = None) -> TrainResult:
         """The trained leaves (module order, ``[B, *shape]``) as rows, or only their mean;
         ``leaves`` None: ``params`` already holds the trained rows."""
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
+        if mean_weights is not None and groups is not None:    # one weighted sum per group
+            w = mean_weights.to(params.dtype).reshape(1, -1)
+            spans = list(zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True))
+            mean = torch.stack([torch.cat([torch.mm(w[:, a:b], leaf[a:b].reshape(b - a, -1))[0]
+                                           for leaf in leaves]) for a, b in spans])
+            return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         if mean_weights is not None:
             w = mean_weights.to(params.dtype).reshape(1, -1)
             mean = torch.cat([torch.mm(w, leaf.reshape(len(leaf), -1))[0] for leaf in leaves])
@@ -714,7 +732,8 @@ class BatchedTrainer:
 
     def _train_fused(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray,
                      inplace: bool, objective: LocalObjective,
-                     mean_weights: torch.Tensor | None = None) -> TrainResult:
+                     mean_weights: torch.Tensor | None = None,
+                     mean_groups: np.ndarray | None = None) -> TrainResult:
         """The same SGD through the model's fused kernel (hand-written backward, in place).
 
         An objective's extra terms are evaluated at the pre-step weights, like the gradient,
@@ -775,4 +794,4 @@ class BatchedTrainer:
                         leaf.sub_(extra, alpha=opt.lr)
         if in_rows:
             return self._result(out, None, valid, loss_sum, True, None)
-        return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights)
+        return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights, mean_groups)

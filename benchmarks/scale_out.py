@@ -1,0 +1,109 @@
+"""The sharded simulator against one process, measured in the same run (docs/scale.md).
+
+Usage: python benchmarks/scale_out.py [--clients 400] [--rounds 20] [--epochs 1] [--ranks 1,2]
+                                     [--repeats 3] [--json]
+
+Runs the MNIST-5k FedAvg standard workload (benchmarks/configs/mnist5k_fedavg.yaml, every
+client every round) as ``gossamer run --ranks R`` for each R (one intra-op thread per rank),
+and once as a plain one-process run with one thread, interleaved over ``--repeats``. Reports
+each way's FL-loop time (``loop_time_s`` of summary.json: the rounds, evaluation included, not
+process start-up or data loading), the median speed-up of R ranks over 1 rank, and whether
+``metrics.csv`` is byte-identical across rank counts. ``2 halves`` runs two independent
+one-process runs of half the clients each at the same time: the most any two processes can
+gain on this machine (memory and cache are shared), the ceiling for 2 ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = "benchmarks/configs/mnist5k_fedavg.yaml"
+
+
+def run(way: str, ranks: int | None, clients: int, rounds: int, epochs: int, out: Path) -> tuple[float, str]:
+    args = [sys.executable, "-m", "gossamer", "run", CONFIG, "--out", str(out), "--quiet",
+            "--set", f"partition.num_nodes={clients}", "--set", f"stop.rounds={rounds}",
+            "--set", f"local.epochs={epochs}"]
+    if ranks is not None:
+        args += ["--ranks", str(ranks), "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{way} failed: {done.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return float(summary["loop_time_s"]), (out / "metrics.csv").read_text()
+
+
+def halves(clients: int, rounds: int, epochs: int, out: Path) -> float:
+    """The ceiling of two processes on this machine: two independent one-process runs, each
+    training a random half of the clients every round, at the same time; the slower loop."""
+    args = [sys.executable, "-m", "gossamer", "run", CONFIG, "--quiet",
+            "--set", f"partition.num_nodes={clients}", "--set", f"stop.rounds={rounds}",
+            "--set", f"local.epochs={epochs}", "--set", "algorithm.params.client_fraction=0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([*args, "--out", str(out / f"half{k}")], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(2)]
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"halves failed: {p.stderr.read().decode().strip().splitlines()[-1:]}")
+    return max(float(json.loads((out / f"half{k}" / "summary.json").read_text())["loop_time_s"])
+               for k in range(2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs (the standard workload: 1)")
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    counts = [int(x) for x in args.ranks.split(",")]
+    ways = [("one process", None)] + [(f"{r} rank{'s' if r > 1 else ''}", r) for r in counts]
+    times: dict[str, list[float]] = {w: [] for w, _ in ways}
+    metrics: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for way, ranks in ways:
+                loop, text = run(way, ranks, args.clients, args.rounds, args.epochs, Path(tmp) / f"{rep}-{way}")
+                times[way].append(loop)
+                metrics.setdefault(way, text)
+            times.setdefault("2 halves", []).append(
+                halves(args.clients, args.rounds, args.epochs, Path(tmp) / f"{rep}-halves"))
+    sharded = [w for w, r in ways if r is not None]
+    identical = len({metrics[w] for w in sharded}) == 1
+    base = statistics.median(times[sharded[0]])
+    result = {"clients": args.clients, "rounds": args.rounds, "epochs": args.epochs, "repeats": args.repeats,
+              "loop_s": {w: [round(t, 3) for t in ts] for w, ts in times.items()},
+              "median_loop_s": {w: round(statistics.median(ts), 3) for w, ts in times.items()},
+              "speedup_vs_1_rank": {w: round(base / statistics.median(times[w]), 3) for w in sharded},
+              # two independent half-cohort processes at once: what 2 processes can reach here
+              "ceiling_2_processes": round(statistics.median(times["one process"]) /
+                                           statistics.median(times["2 halves"]), 3),
+              "metrics_identical_across_ranks": identical}
+    print(f"FedAvg MNIST-5k, {args.clients} clients every round, {args.epochs} local epoch(s), "
+          f"{args.rounds} rounds, {args.repeats} interleaved repeats, one thread per process")
+    for way, _ in ways:
+        ts = times[way]
+        extra = f"  {result['speedup_vs_1_rank'][way]:.2f}x 1 rank" if way in sharded else ""
+        print(f"  {way:12s} loop {statistics.median(ts):7.2f} s (runs {', '.join(f'{t:.2f}' for t in ts)}){extra}")
+    ts = times["2 halves"]
+    print(f"  {'2 halves':12s} loop {statistics.median(ts):7.2f} s (runs {', '.join(f'{t:.2f}' for t in ts)})  "
+          f"ceiling {result['ceiling_2_processes']:.2f}x one process (two independent runs of half "
+          "the clients at once)")
+    print(f"  metrics.csv byte-identical across {', '.join(sharded)}: {identical}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
