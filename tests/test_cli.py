@@ -236,3 +236,13 @@ def test_estimate_counts_the_population_copies_and_a_state_budget():
     exp = build_experiment(config.validate(lazy))
     est = estimate(exp, time_it=False)
     assert dict(est.parts)["client state"] == 2**20 and est.round_s is None
+
+
+def test_validate_refuses_a_run_the_machine_cannot_hold_naming_the_field(write_config, capsys, monkeypatch):
+    from gossamer import checks
+
+    monkeypatch.setattr(checks, "available_memory_bytes", lambda: 10**4)      # 10 kB left
+    assert main(["validate", str(write_config(small_config("fedavg")))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gossamer: config error: algorithm.params: the run will "
+                                               "allocate about"), err

@@ -142,8 +142,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     exp = build_experiment(cfg)
     print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, "
           f"{exp.spec.numel} parameters, message {exp.message_bytes} bytes")
-    for line in estimate(exp).lines(cfg.stop.rounds):
+    est = estimate(exp)
+    for line in est.lines(cfg.stop.rounds):
         print(line)
+    refusal = est.refusal()
+    if refusal is not None:
+        print(f"gossamer: config error: {refusal}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

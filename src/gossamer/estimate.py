@@ -19,6 +19,10 @@ import torch
 from gossamer import checks
 from gossamer.experiment import _POPULATION_COPIES, Experiment
 
+# the field that moves each part of the estimate
+_FIELDS = (("models", "partition.num_nodes"), ("client state", "population.state_budget_mb"),
+           ("per-client counters", "population.lazy"), ("client rows", "algorithm.params"),
+           ("training pass", "local.batch_size"))
 _COUNTER_BYTES_PER_CLIENT = 56      # sync FL's dense per-client counters (accounting, has_data)
 _SAMPLE = 256                       # nodes in the timed training call
 
@@ -35,6 +39,19 @@ class Estimate:
     @property
     def total(self) -> float:
         return float(sum(b for _, b in self.parts))
+
+    def refusal(self) -> str | None:
+        """One line when the estimate exceeds the memory available now, naming the field that
+        moves the largest part the executor would allocate; None when it fits."""
+        have = checks.available_memory_bytes()
+        planned = [(what, b) for what, b in self.parts if not what.startswith("built")]
+        need = sum(b for _, b in planned)             # what is built is already held
+        if have is None or not planned or need <= have:
+            return None
+        what, size = max(planned, key=lambda p: p[1])
+        field = next((f for key, f in _FIELDS if what.startswith(key)), "partition.num_nodes")
+        return (f"{field}: the run will allocate about {checks.gb(need)} more ({what}: "
+                f"{checks.gb(size)}), more than the {checks.gb(have)} of memory available")
 
     def lines(self, rounds: int) -> list[str]:
         shown = ", ".join(f"{what} {_size(b)}" for what, b in self.parts if b >= 1e6)

@@ -139,17 +139,7 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
                                      int(rng.hash_u64(cfg.seed, rng.STREAM_INIT, i)[0] % 2**31),
                                      **cfg.model.params))
             for i in range(n)])
-    local = cfg.local
-    if algorithm.local_optimizer is not None and local.optimizer != algorithm.local_optimizer:
-        raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with "
-                          f"{algorithm.local_optimizer} inside each round; set local.optimizer: "
-                          f"{algorithm.local_optimizer}")
-    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
-                             local.steps, local.shuffle)
-    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
-    optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
-                 if local.optimizer == "adamw" else
-                 SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
+    schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
                              optimizer, cfg.seed, kernel, dp=_dp_sgd(cfg))
     x_test, y_test = dataset.x_test, dataset.y_test
@@ -189,6 +179,22 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         check_config(cfg, exp.algorithm, exp.num_nodes)
         _check_secagg_threshold(exp)
     return exp
+
+
+def _local_training(cfg: ExperimentConfig, algorithm: Algorithm, model: torch.nn.Module):
+    """The ``local`` section as the trainer's schedule, optimizer and fused kernel (if any)."""
+    local = cfg.local
+    if algorithm.local_optimizer is not None and local.optimizer != algorithm.local_optimizer:
+        raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with "
+                          f"{algorithm.local_optimizer} inside each round; set local.optimizer: "
+                          f"{algorithm.local_optimizer}")
+    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
+                             local.steps, local.shuffle)
+    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
+    optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
+                 if local.optimizer == "adamw" else
+                 SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
+    return schedule, optimizer, kernel
 
 
 def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
@@ -266,15 +272,7 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
         forward = make_stacked_forward(model, spec, example[0], cfg.model.forward, cfg.model.conv)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
-    local = cfg.local
-    if algorithm.local_optimizer is not None and local.optimizer != algorithm.local_optimizer:
-        raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with {algorithm.local_optimizer}")
-    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
-                             local.steps, local.shuffle)
-    kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
-    optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
-                 if local.optimizer == "adamw" else
-                 SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
+    schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
     inner = BatchedTrainer(forward, spec, example, torch.zeros(1, dtype=torch.int64),
                            [np.zeros(1, dtype=np.int64)], schedule, optimizer, cfg.seed, kernel)
     trainer = CohortTrainer(source, inner)

@@ -27,8 +27,9 @@ def open_uniform(seed: int, stream: int, *keys: Any) -> np.ndarray:
     return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
 
 
-def quantile(spec: Distribution, u: np.ndarray) -> np.ndarray:
-    """The value of ``spec``'s distribution at probability ``u`` (inverse CDF), elementwise."""
+def quantile(spec: Distribution, u: np.ndarray, nodes: np.ndarray | None = None) -> np.ndarray:
+    """The value of ``spec``'s distribution at probability ``u`` (inverse CDF), elementwise;
+    ``per_node`` reads ``values[nodes]`` (a registered population has no such list)."""
     if spec.dist == "constant":
         return np.full(np.shape(u), float(spec.value))
     if spec.dist == "uniform":
@@ -37,13 +38,15 @@ def quantile(spec: Distribution, u: np.ndarray) -> np.ndarray:
         return spec.median * np.exp(spec.sigma * ndtri(u))
     if spec.dist == "exponential":
         return -spec.mean * np.log1p(-u)
-    if spec.dist == "tiers":
-        values = np.asarray(spec.values, dtype=np.float64)
-        probs = np.full(len(values), 1.0 / len(values)) if spec.probs is None else np.asarray(spec.probs)
-        edges = np.cumsum(probs)
-        return values[np.minimum(np.searchsorted(edges, u, side="right"), len(values) - 1)]
-    raise ValueError(f"dist {spec.dist} lists one value per client; a registered population "
-                     "draws them: use constant, uniform, lognormal, exponential or tiers")
+    values = np.asarray(spec.values, dtype=np.float64)
+    if spec.dist == "per_node":
+        if nodes is None:
+            raise ValueError(f"dist {spec.dist} lists one value per client; a registered population "
+                             "draws them: use constant, uniform, lognormal, exponential or tiers")
+        return values[nodes]
+    probs = np.full(len(values), 1.0 / len(values)) if spec.probs is None else np.asarray(spec.probs)
+    index = np.searchsorted(np.cumsum(probs), u, side="right")
+    return values[np.minimum(index, len(values) - 1)]
 
 
 class LazySystemProfile:

@@ -23,10 +23,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy.special import ndtri
 
 from gossamer import rng
 from gossamer.config import ConfigError, Distribution, ExperimentConfig, FaultsConfig
+from gossamer.population.profiles import quantile
 from gossamer.sim.fault_checks import check_events, check_partitions, num_groups, read_trace
 
 # Sub-keys of rng.STREAM_FAULTS, one per purpose, so draws for one never shift another.
@@ -40,24 +40,6 @@ _K_CRASH, _K_CHURN, _K_REMOVE, _K_RESTORE = range(4)
 MAX_RECORDED = 1_000_000        # rows kept (~25 MB of checkpoint); counts are exact beyond it
 _RECORD_FIELDS = (("t", np.float64), ("node", np.int64), ("kind", np.int8), ("up", bool),
                   ("round", np.int64))
-
-
-def quantile(spec: Distribution, u: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    """Inverse CDF of ``spec`` at uniforms ``u`` (``per_node`` reads ``values[nodes]``)."""
-    if spec.dist == "constant":
-        return np.full(u.shape, float(spec.value))
-    if spec.dist == "uniform":
-        return spec.low + (spec.high - spec.low) * u
-    if spec.dist == "lognormal":
-        return spec.median * np.exp(spec.sigma * ndtri(u))
-    if spec.dist == "exponential":
-        return -spec.mean * np.log1p(-u)
-    values = np.asarray(spec.values, dtype=np.float64)
-    if spec.dist == "per_node":
-        return values[nodes]
-    probs = np.full(len(values), 1 / len(values)) if spec.probs is None else np.asarray(spec.probs)
-    index = np.searchsorted(np.cumsum(probs), u, side="right")
-    return values[np.minimum(index, len(values) - 1)]
 
 
 def _pick(seed: int, n: int, fraction: float, *keys: int) -> np.ndarray:
