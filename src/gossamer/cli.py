@@ -95,10 +95,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_ranks(args: argparse.Namespace, cfg, resume: bool) -> int:
-    from gossamer.sim.sharded import launch
+    from gossamer.sim.sharded import check_config, launch
 
     if args.ranks < 1 or args.threads < 1:
         raise UserError("--ranks and --threads: give positive counts")
+    check_config(cfg)                        # one line here, before any process starts
     if resume:
         child = ["--resume", args.resume]
     else:

@@ -518,6 +518,13 @@ class FaultsConfig(_Strict):
     stragglers: StragglerConfig | None = None
     rejoin: Literal["resume", "fresh"] = "resume"
 
+    @property
+    def configured(self) -> bool:
+        """Whether any fault model is set (``rejoin`` alone is not one)."""
+        return any(getattr(self, k) is not None for k in
+                   ("crash", "churn", "message_loss", "delay_spikes", "stragglers")) \
+            or bool(self.events) or bool(self.partitions)
+
 
 class AdversaryGroupConfig(_Strict):
     """A further group of attackers (``adversary.groups``): its attack, who, its params."""

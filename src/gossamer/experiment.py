@@ -215,9 +215,7 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
         "partition.test_fraction": cfg.partition.test_fraction > 0,
         "model.init": cfg.model.init == "independent",
         "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
-        "faults": any(getattr(cfg.faults, k) is not None for k in
-                      ("crash", "churn", "message_loss", "delay_spikes", "stragglers"))
-                  or bool(cfg.faults.events) or bool(cfg.faults.partitions),
+        "faults": cfg.faults.configured,
         "system.availability.model": cfg.system.availability.model != "always",
         "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
         "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,

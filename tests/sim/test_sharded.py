@@ -96,3 +96,15 @@ def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):
         assert main(["run", str(cfg), "--quiet"]) == 2
     finally:
         del os.environ["WORLD_SIZE"]
+
+
+def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp_path, capsys):
+    from gossamer.cli import main
+
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["algorithm"] = {"name": "scaffold"}
+    path = tmp_path / "scaffold.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--ranks", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algorithm.name" in err[0] and not (tmp_path / "x").exists()

@@ -111,9 +111,7 @@ class Faults:
                  has_data: np.ndarray, trace: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.cfg, self.n, self.seed = cfg, n, seed
         self.degrees, self.has_data = degrees, np.asarray(has_data, dtype=bool)
-        self.enabled = any(getattr(cfg, k) is not None for k in
-                           ("crash", "churn", "message_loss", "delay_spikes", "stragglers")) \
-            or bool(cfg.events) or bool(cfg.partitions)
+        self.enabled = cfg.configured
         self.rejoin_fresh = cfg.rejoin == "fresh"
         self._crash_time = np.full(n, np.inf)
         if cfg.crash is not None:

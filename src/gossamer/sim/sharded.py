@@ -33,7 +33,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from gossamer.config import ConfigError
+from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.errors import RankLost
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import Experiment
@@ -93,33 +93,42 @@ def start(exp: Experiment) -> Shard:
     return Shard(rank, world, lo, hi)
 
 
-def check(exp: Experiment) -> None:
-    """One line for what the sharded simulator cannot run yet."""
-    cfg, algo = exp.cfg, exp.algorithm
+def check_config(cfg: ExperimentConfig) -> None:
+    """One line for what the sharded simulator cannot run yet (from the config alone, so the
+    launcher refuses before it starts any process)."""
+    from gossamer.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     if algo.pattern != "sync_fl" or not algo.mean_of_models:
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...); {cfg.algorithm.name} "
                           "runs in one process (drop --ranks)")
+    f, a = cfg.faults, cfg.adversary
     unsupported = {
         "population.lazy": cfg.population.lazy,
-        "faults": exp.faults is not None and exp.faults.enabled,
-        "adversary": exp.adversary is not None and exp.adversary.enabled,
-        "compression": exp.uplink is not None or exp.downlink is not None,
+        "faults": f.configured,
+        "adversary": a.attack is not None or bool(a.groups),
+        "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
         "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
-        "contribution.methods": exp.contribution is not None,
-        "hierarchy.levels": exp.hierarchy is not None,
-        "partition.test_fraction": exp.personal is not None,
+        "contribution.methods": bool(cfg.contribution.methods),
+        "hierarchy.levels": bool(cfg.hierarchy.levels),
+        "partition.test_fraction": cfg.partition.test_fraction > 0,
         "algorithm.params": algo.deadline_s is not None or algo.over_selection,
     }
-    if exp.trainer.nodes_per_pass < BLOCK:
-        raise ConfigError("model", f"{exp.spec.numel:,} parameters: a training pass holds fewer "
-                          f"than the {BLOCK} clients of a reduction block; the sharded simulator "
-                          "runs smaller models so far (drop --ranks)")
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, "not with the sharded simulator yet (it shards synchronous FL "
                           "without faults, attacks, compression, privacy, contribution scores, "
                           "hierarchies, deadlines or a registered population); drop --ranks")
+
+
+def check(exp: Experiment) -> None:
+    """:func:`check_config`, and what needs the built experiment (the model's size)."""
+    check_config(exp.cfg)
+    if exp.trainer.nodes_per_pass < BLOCK:
+        raise ConfigError("model", f"{exp.spec.numel:,} parameters: a training pass holds fewer "
+                          f"than the {BLOCK} clients of a reduction block; the sharded simulator "
+                          "runs smaller models so far (drop --ranks)")
 
 
 class ShardedSyncFLDriver(SyncFLDriver):
