@@ -68,7 +68,8 @@ class AsyncFLProtocol(CompassGroups):
     """The state machine of one asynchronous FL run over ``len(sizes)`` clients."""
 
     algorithm: AsyncFL
-    sizes: np.ndarray                   # [N] samples per client (the server's knowledge)
+    sizes: np.ndarray                   # [N] samples per client (the server's knowledge), or a
+                                        # registered population's column of them (training/cohort.py)
     seed: int
     lr: float                           # local learning rate (two-sided rules)
     params: dataclasses.InitVar[torch.Tensor]
@@ -92,7 +93,7 @@ class AsyncFLProtocol(CompassGroups):
         self.group_buffer: dict[int, list[Entry]] = {}
         # a registered population (sizes computed on demand): every client has data and only
         # clients that acted are stored; its rules have no per-client timers or invitations
-        self.registered = not isinstance(self.sizes, np.ndarray)
+        self.registered = not isinstance(self.sizes, (np.ndarray, list, tuple))
         if self.registered:
             self.has_data, self.client_tasks = Everyone(n), SparseColumn(n)
             self.ready_s, self.invited, self.schedule = np.zeros(0), None, None
