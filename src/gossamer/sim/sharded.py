@@ -10,9 +10,8 @@ The aggregate is reduced in an order fixed by node id, not by rank: node ids fal
 of :data:`BLOCK` ids; each block's weighted sum is formed by the rank that owns the block (a
 matrix product over its clients' trained parameters in id order, taken from the trainer's
 parameter-major workspace: ``mean_groups``), the round's blocks (those holding a selected
-client, at most min(K, N / BLOCK) rows of P values) are exchanged in one ``all_reduce``
-(each block nonzero on one rank only, so the sum is exact), and the blocks are added in
-block order. A run therefore writes the same ``metrics.csv`` with 1, 2 or 4 ranks,
+client, at most min(K, N / BLOCK) rows of P values) are exchanged in one ``all_gather``
+(each rank sends only its own blocks), and the blocks are added in block order. A run therefore writes the same ``metrics.csv`` with 1, 2 or 4 ranks,
 bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes the run
 directory; every rank evaluates (so that every rank sees the same stopping decision).
 
@@ -50,6 +49,7 @@ class Shard:
     world: int
     lo: int
     hi: int
+    edges: tuple[int, ...] = ()      # every rank's first id, then N: rank k owns [edges[k], edges[k+1])
 
     @property
     def primary(self) -> bool:
@@ -89,8 +89,9 @@ def start(exp: Experiment) -> Shard:
     rank, world = world_from_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    lo, hi = ranges(exp.trainer.sizes, world)[rank]
-    return Shard(rank, world, lo, hi)
+    cuts = ranges(exp.trainer.sizes, world)
+    lo, hi = cuts[rank]
+    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],))
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -142,37 +143,49 @@ class ShardedSyncFLDriver(SyncFLDriver):
         super().__init__(exp)
         self.shard = shard
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.shard.world > 1:
-            import torch.distributed as dist
+    def _gather(self, send: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``send`` (equal sizes), in rank order; one line if a rank is gone."""
+        if self.shard.world == 1:
+            return [send]
+        import torch.distributed as dist
 
-            try:
-                dist.all_reduce(t)
-            except (RuntimeError, dist.DistBackendError) as exc:
-                reason = str(exc).split("] ", 1)[-1].split(". ")[0]
-                raise RankLost(f"rank {self.shard.rank} of {self.shard.world}: another rank stopped "
-                               f"during round {self.round + 1}'s aggregate ({reason})") from None
-        return t
+        out = [torch.empty_like(send) for _ in range(self.shard.world)]
+        try:
+            dist.all_gather(out, send)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            reason = str(exc).split("] ", 1)[-1].split(". ")[0]
+            raise RankLost(f"rank {self.shard.rank} of {self.shard.world}: another rank stopped "
+                           f"during round {self.round + 1}'s aggregate ({reason})") from None
+        return out
 
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
         exp, algo, shard = self.exp, self.algorithm, self.shard
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
         with self.timer("train_s"):
+            if np.any(np.diff(trained) <= 0):
+                raise RuntimeError("the sharded simulator needs each round's clients sorted by id")
             weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)      # [K], every rank
             mine = (trained >= shard.lo) & (trained < shard.hi)
             own = trained[mine]
-            # the blocks holding this round's clients (the same on every rank), one row each
+            # the blocks holding this round's clients (the same on every rank), one row each,
+            # and which rank owns each block and each client
             active = np.unique(trained // BLOCK)
-            # one buffer, one all_reduce: the blocks' sums, then each client's loss and steps
-            # (float32 losses, and step counts below 2^24, are exact in the buffer's dtype)
+            edges = np.asarray(shard.edges if shard.world > 1 else (0, exp.num_nodes))
+            block_rank = np.searchsorted(edges, active * BLOCK, side="right") - 1
+            client_rank = np.searchsorted(edges, trained, side="right") - 1
+            width = max(int(np.bincount(block_rank, minlength=shard.world).max()), 1)
+            count = max(int(np.bincount(client_rank, minlength=shard.world).max()), 1)
+            # what this rank sends: its blocks' sums, then its clients' losses and steps
+            # (float32 losses, and step counts below 2^24, are exact in the model's dtype)
             numel = exp.spec.numel
-            buffer = torch.zeros(len(active) * numel + 2 * len(trained), dtype=start.dtype)
-            partial = buffer[: len(active) * numel].view(len(active), numel)
-            stats = buffer[len(active) * numel:].view(2, len(trained))
+            send = torch.zeros(width * numel + 2 * count, dtype=start.dtype)
+            mine_blocks = send[: width * numel].view(width, numel)
+            mine_stats = send[width * numel:].view(2, count)
             where = np.flatnonzero(mine)                 # own clients' positions in the round
             w = weights[torch.from_numpy(where)]
             block_of = own // BLOCK
+            first_block = int(np.searchsorted(active, shard.lo // BLOCK))
             cuts = np.flatnonzero(np.diff(block_of)) + 1     # own clients, grouped by block
             bounds = np.concatenate([[0], cuts, [len(own)]]).astype(np.int64)
             per_pass = exp.trainer.nodes_per_pass
@@ -185,13 +198,19 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 result = exp.trainer.train(start.expand(b - a, -1), own[a:b], r,
                                            objective=algo.local_objective(payload, None),
                                            mean_weights=w[a:b], mean_groups=bounds[g:h + 1] - a)
-                rows = np.searchsorted(active, block_of[bounds[g:h]])
-                partial[torch.from_numpy(rows)] = result.mean
-                stats[0, torch.from_numpy(where[a:b])] = result.loss.to(start.dtype)
-                stats[1, torch.from_numpy(where[a:b])] = torch.from_numpy(result.steps).to(start.dtype)
+                rows = np.searchsorted(active, block_of[bounds[g:h]]) - first_block
+                mine_blocks[torch.from_numpy(rows)] = result.mean
+                mine_stats[0, a:b] = result.loss.to(start.dtype)
+                mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
                 g = h
         with self.timer("communicate_s"):
-            self._all_reduce(buffer)
+            received = self._gather(send)
+            partial = torch.empty(len(active), numel, dtype=start.dtype)
+            stats = torch.empty(2, len(trained), dtype=start.dtype)
+            for k, got in enumerate(received):
+                blocks, clients = np.flatnonzero(block_rank == k), np.flatnonzero(client_rank == k)
+                partial[torch.from_numpy(blocks)] = got[: width * numel].view(width, numel)[: len(blocks)]
+                stats[:, torch.from_numpy(clients)] = got[width * numel:].view(2, count)[:, : len(clients)]
             mean = partial.sum(dim=0)
             self.state = algo.aggregate_mean(self.state, mean)
         self.train_loss = float(stats[0].float().mean())
