@@ -74,3 +74,12 @@ def test_contribution_scores_rank_each_kind_of_attacker(tmp_path):
     assert set(summary["auc_by_attack"]) == {"free_rider", "label_flip"}
     assert summary["auc_by_attack"]["free_rider"]["cosine"] == 1.0
     assert summary["auc_by_attack"]["label_flip"]["cosine"] == 1.0
+
+
+def test_a_noise_rate_above_one_is_refused_naming_its_group():
+    cfg = small_config("fedavg", adversary={"attack": "label_flip", "nodes": [0],
+                                            "groups": [{"attack": "label_noise", "nodes": [1],
+                                                        "params": {"rate": 1.5}}]})
+    with pytest.raises(ConfigError) as err:
+        build_experiment(config.validate(cfg))
+    assert err.value.field == "adversary.groups.0.params" and "[0, 1]" in str(err.value)

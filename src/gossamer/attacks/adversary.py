@@ -126,10 +126,8 @@ class Adversary:
             if not rows:
                 continue
             idx = torch.from_numpy(np.concatenate(rows).astype(np.int64))
-            if group.attack == "label_noise":
+            if group.attack == "label_noise":            # rate checked with the config
                 rate = float(group.params.get("rate", 1.0))
-                if rate > 1:
-                    raise ConfigError("adversary.params", f"rate must be in [0, 1], got {rate:g}")
                 y[idx] = noisy_labels(y[idx], num_classes, rate, self._generator(0, -2 - index))
             else:
                 y[idx] = flip_labels(y[idx], num_classes)

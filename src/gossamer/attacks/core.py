@@ -33,6 +33,7 @@ def _is_real(v: object) -> bool:
 
 POSITIVE: Check = (lambda v: _is_real(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE: Check = (lambda v: _is_real(v) and v >= 0, "a finite number >= 0")
+PROBABILITY: Check = (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
 OPTIONAL_REAL: Check = (lambda v: v is None or _is_real(v), "null or a finite number")
 POSITIVE_INT: Check = (
     lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gossamer.attacks.core import NON_NEGATIVE, register
+from gossamer.attacks.core import PROBABILITY, register
 
 DATA_ATTACKS = frozenset({"label_flip", "label_noise"})
 
@@ -48,7 +48,7 @@ def noisy_labels(y: torch.Tensor, num_classes: int, rate: float, generator: torc
     return torch.where(hit, drawn, y)
 
 
-@register("label_noise", rate=NON_NEGATIVE)
+@register("label_noise", rate=PROBABILITY)
 def label_noise(updates: torch.Tensor, byzantine: torch.Tensor, *, generator=None, rate: float = 1.0
                 ) -> torch.Tensor:
     """Data attack: a noisy-label client trains on labels of which a ``rate`` fraction are
