@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from gossamer.config import ExperimentConfig, dump
+from gossamer.processes import stop as stop_processes
 
 
 def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen:
@@ -41,19 +42,6 @@ def threads_per_process(cfg: ExperimentConfig, processes: int) -> int:
     if cfg.runtime.threads_per_process is not None:
         return cfg.runtime.threads_per_process
     return max(1, (os.cpu_count() or 1) // processes)
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 3.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _wait_for_address(run_dir: Path, server: subprocess.Popen, timeout_s: float) -> str:
@@ -125,7 +113,7 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                 pass
         return code
     finally:
-        _stop(procs)
+        stop_processes(procs)
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -179,5 +167,5 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
         merger(pattern)(cfg, run_dir, killed)
         return 0
     finally:
-        _stop(procs)
+        stop_processes(procs)
         signal.signal(signal.SIGTERM, previous)
