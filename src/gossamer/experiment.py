@@ -197,6 +197,20 @@ def _local_training(cfg: ExperimentConfig, algorithm: Algorithm, model: torch.nn
     return schedule, optimizer, kernel
 
 
+def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
+    """Which of the features that change every client's round a config turns on, by field:
+    what a registered population and the sharded simulator check before they refuse."""
+    return {
+        "partition.test_fraction": cfg.partition.test_fraction > 0,
+        "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
+        "faults": cfg.faults.configured,
+        "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
+        "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
+        "contribution.methods": bool(cfg.contribution.methods),
+        "hierarchy.levels": bool(cfg.hierarchy.levels),
+    }
+
+
 def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
     """One line for what a lazy population cannot run yet (docs/scale.md)."""
     pattern = algorithm.pattern
@@ -211,17 +225,8 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
                                  or algorithm.split_roles):
         raise ConfigError("population.lazy", f"{cfg.algorithm.name} keeps a model per client or "
                           "assigns roles per client: not with a registered population yet")
-    unsupported = {
-        "partition.test_fraction": cfg.partition.test_fraction > 0,
-        "model.init": cfg.model.init == "independent",
-        "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
-        "faults": cfg.faults.configured,
-        "system.availability.model": cfg.system.availability.model != "always",
-        "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
-        "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
-        "contribution.methods": bool(cfg.contribution.methods),
-        "hierarchy.levels": bool(cfg.hierarchy.levels),
-    }
+    unsupported = {**features_in_use(cfg), "model.init": cfg.model.init == "independent",
+                   "system.availability.model": cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, "not supported with population.lazy yet: a registered population "

@@ -98,24 +98,15 @@ def check_config(cfg: ExperimentConfig) -> None:
     """One line for what the sharded simulator cannot run yet (from the config alone, so the
     launcher refuses before it starts any process)."""
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.experiment import features_in_use
 
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     if algo.pattern != "sync_fl" or not algo.mean_of_models:
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...); {cfg.algorithm.name} "
                           "runs in one process (drop --ranks)")
-    f, a = cfg.faults, cfg.adversary
-    unsupported = {
-        "population.lazy": cfg.population.lazy,
-        "faults": f.configured,
-        "adversary": a.attack is not None or bool(a.groups),
-        "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,
-        "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
-        "contribution.methods": bool(cfg.contribution.methods),
-        "hierarchy.levels": bool(cfg.hierarchy.levels),
-        "partition.test_fraction": cfg.partition.test_fraction > 0,
-        "algorithm.params": algo.deadline_s is not None or algo.over_selection,
-    }
+    unsupported = {"population.lazy": cfg.population.lazy, **features_in_use(cfg),
+                   "algorithm.params": algo.deadline_s is not None or algo.over_selection}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, "not with the sharded simulator yet (it shards synchronous FL "
@@ -229,6 +220,8 @@ def launch(child_args: list[str], ranks: int, threads: int) -> int:
     import sys
     import time
 
+    from gossamer.processes import stop as stop_processes
+
     with socket.socket() as sock:                  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -256,14 +249,7 @@ def launch(child_args: list[str], ranks: int, threads: int) -> int:
             if p.poll() not in (None, 0):
                 ended.setdefault(k, time.monotonic())
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, grace_s=10.0)
     if not ended:
         return 0
     # the cause first: a killed rank, then one that failed on its own, then one that lost a peer (3)
