@@ -32,7 +32,6 @@ from gossamer.metrics.runstore import (
     checkpoint_exists,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
 from gossamer.runtime import schema
@@ -215,7 +214,7 @@ class AsyncCoordinator(BaseCoordinator):
                 break
             if row["round"] >= stop.rounds:
                 break
-        return self._summary(stopped_by, start, reached)
+        return self._finish(stopped_by, start, reached)
 
     def _snapshot(self) -> dict[str, Any]:
         """A row without its evaluation, and the checkpoint, taken under the lock (the protocol's
@@ -231,26 +230,20 @@ class AsyncCoordinator(BaseCoordinator):
         acc, loss = self.exp.evaluator.evaluate(snap["params"].reshape(1, -1))
         return {**snap["row"], "test_accuracy": float(acc[0]), "test_loss": float(loss[0])}
 
-    def _summary(self, stopped_by: str, start: float, reached: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, stopped_by: str, start: float, reached: dict[str, Any]) -> dict[str, Any]:
+        """``summary.json`` (the common fields, then the asynchronous ones) and ``model.pt``."""
         last, target = self.metrics.rows[-1], self.cfg.stop.target_accuracy
         hit = reached.get(str(target)) if target is not None else None
         with self.lock:
             acct = self.acct.summary()
-        summary = {"name": self.cfg.name, "algorithm": self.cfg.algorithm.name, "executor": "runtime",
-                   "num_nodes": self.exp.num_nodes, "num_params": self.numel,
-                   "rounds": int(last["round"]), "server_updates": int(last["round"]),
-                   "stopped_by": stopped_by, "final_test_accuracy": float(last["test_accuracy"]),
-                   "target_accuracy": target, "time_to_target_s": hit["time_s"] if hit else None,
-                   "rounds_to_target": hit["round"] if hit else None,
-                   "time_to_targets": {str(g): reached.get(str(g)) for g in self.cfg.eval.targets},
-                   "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,  # as the simulator
-                   "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
-                   "sim_time_s": float(last["sim_time_s"]),
-                   "wall_time_s": self.elapsed_before + time.monotonic() - start,
-                   "accepted_updates": self.protocol.accepted, "lost_messages": self.lost,
-                   "concurrency": self.protocol.concurrency, "rejected_messages": self.rejected, **acct}
-        write_json(self.run_dir / "summary.json", summary)
-        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
+        summary = self._summary(stopped_by, self.elapsed_before + time.monotonic() - start)
+        summary.update(server_updates=int(last["round"]), target_accuracy=target,
+                       time_to_target_s=hit["time_s"] if hit else None,
+                       rounds_to_target=hit["round"] if hit else None,
+                       time_to_targets={str(g): reached.get(str(g)) for g in self.cfg.eval.targets},
+                       accepted_updates=self.protocol.accepted, lost_messages=self.lost,
+                       concurrency=self.protocol.concurrency, **acct)
+        self._write(summary)
         return summary
 
     # --- checkpoints ----------------------------------------------------------------------------

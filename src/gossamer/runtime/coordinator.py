@@ -31,6 +31,7 @@ from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
     environment,
+    save_checkpoint,
     write_json,
 )
 from gossamer.runtime import schema
@@ -284,6 +285,11 @@ class BaseCoordinator:
                 "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
                 "sim_time_s": float(last["sim_time_s"]), "wall_time_s": wall_s,
                 "rejected_messages": self.rejected}
+
+    def _write(self, summary: dict[str, Any]) -> None:
+        """The run's last files: ``summary.json`` and the final model."""
+        write_json(self.run_dir / "summary.json", summary)
+        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
 
     # --- pattern hooks ------------------------------------------------------------------------
     def _init_pipeline(self) -> None:

@@ -31,7 +31,6 @@ from gossamer.metrics.runstore import (
     checkpoint_exists,
     load_checkpoint,
     save_checkpoint,
-    write_json,
 )
 from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import build_ledger, build_pipeline
@@ -328,8 +327,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         if scorer is not None:
             summary["contribution"] = scorer.summary(adv.flagged, adv.kinds)
             atomic_write_text(self.run_dir / "contributions.csv", scorer.table(adv.flagged))
-        write_json(self.run_dir / "summary.json", summary)
-        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
+        self._write(summary)
         return summary
 
     def _checkpoint(self, start: float) -> None:

@@ -37,7 +37,6 @@ import torch
 
 from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ConfigError, ExperimentConfig
-from gossamer.metrics.runstore import save_checkpoint, write_json
 from gossamer.protocols.islands import (
     DOWNLINK_KEY,
     OVERLAP_KEY,
@@ -229,8 +228,7 @@ class IslandsCoordinator(BaseCoordinator):
             if stopped_by != "rounds":
                 break
         summary = self._summary(stopped_by, time.monotonic() - start)
-        write_json(self.run_dir / "summary.json", summary)
-        save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
+        self._write(summary)
         return summary
 
     def _evaluate(self, r: int, start: float) -> dict[str, Any]:
