@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         _resumable(Path(args.resume), "gossamer run", ("simulator",))
     cfg, resume = _load_for_run(args)
-    if args.ranks is not None:             # K processes of one sharded run (sim/sharded.py)
+    if args.ranks is not None:             # K processes of one sharded run (sim/sharded/)
         return _run_ranks(args, cfg, resume)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not (resume or args.out):
         raise UserError("torchrun: give --out RUN_DIR (or --resume RUN_DIR) so that every rank "

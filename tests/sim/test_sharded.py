@@ -13,7 +13,10 @@ import yaml
 from gossamer import config
 from gossamer.config import ConfigError
 from gossamer.sim.experiment import build_experiment
-from gossamer.sim.sharded import BLOCK, check, ranges
+from gossamer.algorithms.dl.dpsgd import mix_into
+from gossamer.sim.sharded import BLOCK, Shard, block_sums, check, ranges
+from gossamer.sim.sharded.dl import halo
+from gossamer.topology import to_torch_sparse
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +35,57 @@ def test_ranges_are_contiguous_block_aligned_and_balanced_by_work():
     assert [b - a for a, b in many].count(0) >= 2 and sum(b - a for a, b in many) == 100
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"algorithm": {"name": "scaffold"}}, "algorithm.name"),
-    ({"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
+def _shards(edges):
+    return [Shard(k, len(edges) - 1, edges[k], edges[k + 1], tuple(edges)) for k in range(len(edges) - 1)]
+
+
+def test_each_rank_mixes_its_rows_from_its_halo_as_one_product_would():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n, p = 300, 200
+    dense = (rng.random((n, n)) < 0.02) * rng.random((n, n))     # a sparse, irregular W
+    dense[np.arange(n), np.arange(n)] = 1.0
+    w = sp.csr_matrix(dense / dense.sum(1, keepdims=True))
+    x = torch.randn(n, p)
+    full = torch.empty_like(x)
+    mix_into(to_torch_sparse(w), x, full)
+    shards = _shards([0, 64, 192, 300])
+    plans = [halo(w, s, torch.float32) for s in shards]
+    for s, plan in zip(shards, plans, strict=True):
+        # held rows: every id this rank's rows of W name (own or not), sorted
+        held = np.union1d(w[s.lo:s.hi].indices, np.arange(s.lo, s.hi))
+        assert (plan.below, plan.above) == (int((held < s.lo).sum()), int((held >= s.hi).sum()))
+        out = torch.empty(s.hi - s.lo, p)
+        mix_into(plan.mixing, x[torch.from_numpy(held)], out)
+        assert torch.equal(out, full[s.lo:s.hi])           # bit for bit
+        for k, other in enumerate(shards):                  # what k sends here is what we hold of k
+            if k != s.rank:
+                got = other.lo + plans[k].send[s.rank]
+                assert plan.recv[k] == len(got)
+                assert np.array_equal(got, held[(held >= other.lo) & (held < other.hi)])
+
+
+def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
+    rows = torch.randn(300, 500)
+    whole = block_sums(rows, 0)
+    assert whole.shape == (5, 500)
+    assert torch.equal(block_sums(rows[128:], 128), whole[2:])
+    assert torch.equal(block_sums(rows[256:], 256), whole[4:])
+    with pytest.raises(ValueError):
+        block_sums(rows[10:], 10)
+
+
+@pytest.mark.parametrize("algorithm, change, field", [
+    ("fedavg", {"algorithm": {"name": "scaffold"}}, "algorithm.name"),
+    ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
+    ("dpsgd", {"algorithm": {"name": "gossip"}}, "algorithm.name"),
+    ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
+    ("dpsgd", {"system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
+     "system.availability.model"),
 ])
-def test_what_the_sharded_simulator_cannot_run_is_refused(change, field):
-    exp = build_experiment(config.validate({**small_config("fedavg"), **change}))
+def test_what_the_sharded_simulator_cannot_run_is_refused(algorithm, change, field):
+    exp = build_experiment(config.validate({**small_config(algorithm), **change}))
     with pytest.raises(ConfigError) as err:
         check(exp)
     assert err.value.field == field
@@ -85,6 +133,38 @@ def test_metrics_are_bit_identical_with_1_2_4_ranks_and_after_a_killed_rank_resu
     back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert (out / "metrics.csv").read_text() == texts[0]
+
+
+@pytest.mark.slow
+def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_path):
+    cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 5},
+                       partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
+                       local={"epochs": 1, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 50},
+                       topology={"name": "random_regular", "params": {"degree": 4}},
+                       output={"progress": False, "checkpoint_every": 2})
+    cfg["algorithm"]["params"] = {"gossip_steps": 2, "final_merge": True}
+    path = tmp_path / "dpsgd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "nodes.csv", "model.pt")
+    outs = {}
+    for ranks in (1, 4):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer("run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[ranks] = [(out / f).read_bytes() for f in files]
+    assert outs[1] == outs[4]
+    rows = outs[1][0].decode().splitlines()
+    assert len(rows) == 7 and float(rows[-1].split(",")[12]) < 1e-9     # final merge: consensus
+    # 2 ranks: rounds 1-2 (checkpointed), then rank 0 killed at round 3; resumed with 1 rank,
+    # the whole run equals the others
+    out = tmp_path / "killed"
+    died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "0"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    assert died.stderr.strip().splitlines()[-1].startswith("gossamer: rank 0 of 2 stopped (signal SIGKILL)")
+    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == outs[1]
 
 
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):

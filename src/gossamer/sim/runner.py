@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gossamer.config import ConfigError, ExperimentConfig, dump
 from gossamer.metrics.runstore import (
@@ -25,6 +25,9 @@ from gossamer.sim.allocator import tune_allocator
 from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
 
+if TYPE_CHECKING:
+    import torch
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -38,12 +41,12 @@ class Runner:
         self.start_time = time.perf_counter() if start_time is None else start_time
         tune_allocator()
         self.exp: Experiment = build_experiment(cfg)
-        self.shard = None                   # sharded over torch.distributed ranks (sim/sharded.py)
+        self.shard = None                   # sharded over torch.distributed ranks (sim/sharded/)
+        self.driver: Driver
         if sharded():
-            from gossamer.sim.sharded import ShardedSyncFLDriver, start
+            from gossamer.sim.sharded import build_driver
 
-            self.shard = start(self.exp)
-            self.driver: Driver = ShardedSyncFLDriver(self.exp, self.shard)
+            self.shard, self.driver = build_driver(self.exp)
         else:
             self.driver = driver_for(self.exp.algorithm.pattern)(self.exp)
         # only rank 0 of a sharded run writes the run directory; the others write their rows
@@ -92,9 +95,10 @@ class Runner:
         write_json(self.run_dir / "environment.json", environment())
 
     def checkpoint(self) -> None:
-        if not self.primary:                 # every rank holds the same state; rank 0 saves it
+        driver = self.driver.state_dict()    # on every rank: a sharded driver gathers its rows
+        if not self.primary:                 # rank 0 saves
             return
-        state = {"driver": self.driver.state_dict(),
+        state = {"driver": driver,
                  "runner": {"time_to_target": self.time_to_target,
                             "rounds_to_target": self.rounds_to_target,
             "time_to_targets": {str(g): self.targets_reached.get(str(g)) for g in self.cfg.eval.targets},
@@ -170,10 +174,11 @@ class Runner:
         self.metrics.sync()
         self.node_metrics.sync()
         summary = self.summary()
+        params = self.driver.global_params()       # on every rank: a sharded driver reduces
         if not self.primary:
             self._scratch.cleanup()
             return summary
-        self.save_final_model()
+        self.save_final_model(params)
         if faults is not None and faults.enabled and faults.records_transitions:
             atomic_write_text(self.run_dir / "faults.csv", faults.transitions_csv())
         for name, text in d.extra_files().items():     # e.g. contributions.csv
@@ -188,8 +193,7 @@ class Runner:
         return d.round >= stop.rounds or (stop.max_sim_time_s is not None
                                           and d.sim_time >= stop.max_sim_time_s)
 
-    def save_final_model(self) -> None:
-        params = self.driver.global_params()
+    def save_final_model(self, params: torch.Tensor) -> None:
         self.exp.spec.load_into(self.exp.model, params)
         state = {k: v.detach().clone() for k, v in self.exp.model.state_dict().items()}
         save_checkpoint(self.run_dir / "model.pt", state, keep_previous=False)

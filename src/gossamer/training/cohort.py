@@ -36,7 +36,7 @@ class CohortTrainer:
 
     def __init__(self, source: ClientSource, inner: BatchedTrainer) -> None:
         self.source, self.inner = source, inner
-        inner.shrink_batches = False        # a client's batches never depend on its cohort
+        inner.batch_width = "configured"    # a client's batches never depend on its cohort
         self.sizes = LazySizes(source)
         self.spec, self.schedule, self.optimizer = inner.spec, inner.schedule, inner.optimizer
         self.seed, self.kernel, self.dp, self.forward = inner.seed, inner.kernel, inner.dp, inner.forward

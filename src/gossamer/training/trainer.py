@@ -10,6 +10,7 @@ busiest node are masked, so unequal data sizes need no Python loop over nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -124,10 +125,12 @@ class BatchedTrainer:
         self._inputs: tuple[bytes, torch.Tensor, torch.Tensor] | None = None   # last _gather_all
         self._plan: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None   # last batches()
         self.schedule, self.optimizer, self.seed = schedule, optimizer, seed
-        # epoch batches narrower than batch_size when no node of a call fills one (faster);
-        # False keeps batch_size, so a node's arithmetic never depends on the other nodes of
-        # its call (the sharded simulator and a registered population's cohorts need that)
-        self.shrink_batches = True
+        # how wide an epoch's batches are when no node fills batch_size: "call", as wide as
+        # the call's largest shard (fastest); "population", the bound population's largest
+        # shard; "configured", batch_size. With the last two a node's arithmetic never depends
+        # on the other nodes of its call (the sharded simulator and a registered population's
+        # cohorts need that: its cohort is bound anew for every call, so "configured")
+        self.batch_width: Literal["call", "population", "configured"] = "call"
         self.bind(x, y, shards)
 
     def bind(self, x: torch.Tensor, y: torch.Tensor, shards: list[np.ndarray],
@@ -212,8 +215,9 @@ class BatchedTrainer:
         epochs = int(self.schedule.epochs or 1)
         # no node here fills a batch: batches as wide as the largest shard, not padded to bs
         # (D-PSGD at N = 1000: 4 samples per node trained as [N, 10, ...] before)
-        if self.shrink_batches:
-            bs = max(1, min(bs, int(sizes.max(initial=0))))
+        if self.batch_width != "configured":
+            widest = sizes if self.batch_width == "call" else self.sizes
+            bs = max(1, min(bs, int(widest.max(initial=0))))
         per_epoch = -(-sizes // bs)                       # batches per epoch per node
         width = int(per_epoch.max(initial=0))
         slot = np.arange(width * bs).reshape(width, bs)

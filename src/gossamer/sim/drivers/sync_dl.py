@@ -34,8 +34,7 @@ class SyncDLDriver(Driver):
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
         n = exp.num_nodes
-        init = exp.init_params
-        self.params = init.expand(n, -1).clone() if init.dim() == 1 else init.clone()
+        self.params = self._initial_params()
         self._spare: torch.Tensor | None = None      # mixing output buffer, reused every round
         self.has_data = exp.trainer.sizes > 0
         self.static = protocol.static_graph(exp.topology, exp.mixing_scipy)
@@ -61,6 +60,11 @@ class SyncDLDriver(Driver):
         self.message_bytes = exp.message_bytes          # per gossip message (subclasses: more vectors)
         self.round_gossip_steps = exp.algorithm.gossip_steps   # set every round
         protocol.check_final_merge(exp.algorithm, exp.cfg, self.gathered)
+
+    def _initial_params(self) -> torch.Tensor:
+        """Every node's starting model ``[N, P]`` (a sharded driver: its own rows only)."""
+        init = self.exp.init_params
+        return init.expand(self.exp.num_nodes, -1).clone() if init.dim() == 1 else init.clone()
 
     # --- who hears whom this round -------------------------------------------------------------
     def _use_round_graph(self, r: int) -> None:
@@ -136,13 +140,12 @@ class SyncDLDriver(Driver):
         ``2 (k - 1)`` chunks of ``ceil(P / k)`` parameters, one chunk per transfer step, and a
         step lasts as long as the slowest node's latency plus chunk upload (or download)."""
         from gossamer import wire
-        from gossamer.algorithms.dl.dpsgd import global_average
 
         members = np.flatnonzero(online)
         k = len(members)
         if k < 2:
             return
-        global_average(self.params, None if k == self.exp.num_nodes else torch.from_numpy(members))
+        self._average(members)
         system = self.exp.system
         chunk = wire.encoded_size(-(-self.exp.spec.numel // k))
         transfers = 2 * (k - 1)
@@ -152,6 +155,13 @@ class SyncDLDriver(Driver):
         step_s = np.maximum(system.latency_s[members] + chunk / system.bandwidth_up_Bps[members],
                             chunk / system.bandwidth_down_Bps[members])
         self.sim_time += transfers * float(step_s.max())
+
+    def _average(self, members: np.ndarray) -> None:
+        """``members`` (sorted node ids) take their exact mean."""
+        from gossamer.algorithms.dl.dpsgd import global_average
+
+        k = len(members)
+        global_average(self.params, None if k == self.exp.num_nodes else torch.from_numpy(members))
 
     def _mix(self, mixing) -> None:
         if self._spare is None:

@@ -1,0 +1,100 @@
+"""The simulator sharded over ``torch.distributed`` ranks (docs/scale.md).
+
+Every rank builds the same experiment and runs the same protocol: selection, simulated times
+and accounting are counter-based, so every rank takes every decision identically without
+talking. What is split is the work: rank ``k`` owns the contiguous node ids ``[lo_k, hi_k)``
+(cut at 64-id block boundaries so that the ranks' expected work is about equal) and trains,
+mixes and evaluates only its nodes. What crosses ranks is summed in an order fixed by node
+id, not by rank, so a run writes the same ``metrics.csv`` and ``model.pt`` with 1, 2 or 4
+ranks, bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes
+the run directory.
+
+- synchronous FL whose aggregate is the uploads' weighted mean (FedAvg, FedProx, FedAvgM,
+  FedAdam, ...): :mod:`.fl`, one ``all_gather`` of block sums a round;
+- synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
+  steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
+  step.
+
+Launch: ``gossamer run CONFIG --ranks K`` starts K processes on this machine (gloo, one
+intra-op thread each unless ``--threads``); ``torchrun --nproc-per-node K -m gossamer run
+CONFIG --out DIR`` (one or several machines, torchrun's rendezvous) works the same. NCCL is
+not used (the exchanged tensors are on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.sim.sharded.base import (
+    BLOCK,
+    TIMEOUT_S,
+    Shard,
+    block_sums,
+    ranges,
+    start,
+    world_from_env,
+)
+from gossamer.sim.sharded.launch import launch
+
+if TYPE_CHECKING:
+    from gossamer.sim.drivers import Driver
+    from gossamer.sim.experiment import Experiment
+
+REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, deadlines, "
+           "availability changes, robust merges or a registered population")
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """One line for what the sharded simulator cannot run yet (from the config alone, so the
+    launcher refuses before it starts any process)."""
+    from gossamer.algorithms import ALGORITHMS
+    from gossamer.experiment import features_in_use
+
+    algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+    fl = algo.pattern == "sync_fl" and algo.mean_of_models
+    dl = algo.pattern == "sync_dl"
+    if not (fl or dl):
+        raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
+                          f"is the uploads' weighted mean (fedavg, fedprox, ...) and synchronous DL "
+                          f"(dpsgd, dfedsam); {cfg.algorithm.name} runs in one process (drop --ranks)")
+    unsupported = {"population.lazy": cfg.population.lazy, **features_in_use(cfg),
+                   "system.availability.model": cfg.system.availability.model != "always",
+                   "algorithm.params": (fl and (algo.deadline_s is not None or algo.over_selection))
+                   or (dl and algo.aggregator != "mean")}
+    field = next((k for k, bad in unsupported.items() if bad), None)
+    if field is not None:
+        raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "
+                          "drop --ranks")
+
+
+def check(exp: Experiment) -> None:
+    """:func:`check_config`, and what needs the built experiment."""
+    from gossamer.sim.sharded import fl
+
+    check_config(exp.cfg)
+    if exp.algorithm.pattern == "sync_fl":
+        fl.check(exp)
+
+
+def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
+    """This rank's shard (joining the process group) and its driver. FL ranks are balanced by
+    their clients' samples; DL ranks by samples plus one average shard a node (every node
+    mixes and is evaluated, data or not)."""
+    check(exp)
+    sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
+    if exp.algorithm.pattern == "sync_fl":
+        from gossamer.sim.sharded.fl import ShardedSyncFLDriver
+
+        shard = start(sizes)
+        return shard, ShardedSyncFLDriver(exp, shard)
+    from gossamer.sim.sharded.dl import ShardedSyncDLDriver
+
+    shard = start(sizes + max(float(sizes.mean()), 1.0))
+    return shard, ShardedSyncDLDriver(exp, shard)
+
+
+__all__ = ["BLOCK", "TIMEOUT_S", "Shard", "block_sums", "build_driver", "check", "check_config",
+           "launch", "ranges", "start", "world_from_env"]

@@ -1,0 +1,141 @@
+"""What every sharded executor shares: the shard a rank owns, how ids are cut into shards,
+joining the process group, the exchanges, and the sums fixed by node id (docs/scale.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from gossamer.config import ConfigError
+from gossamer.errors import RankLost
+
+BLOCK = 64              # node ids per reduction block: the unit of exact, rank-free sums
+TIMEOUT_S = 120         # a collective waiting this long for a dead rank fails the run
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` owns node ids ``[lo, hi)``."""
+
+    rank: int
+    world: int
+    lo: int
+    hi: int
+    edges: tuple[int, ...] = ()      # every rank's first id, then N: rank k owns [edges[k], edges[k+1])
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def owner(self, ids: np.ndarray) -> np.ndarray:
+        """The rank that owns each of ``ids``."""
+        return np.searchsorted(np.asarray(self.edges), ids, side="right") - 1
+
+
+def world_from_env() -> tuple[int, int]:
+    """``(rank, world)`` from torchrun's environment (``RANK``, ``WORLD_SIZE``); (0, 1) alone."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE", "RANK and WORLD_SIZE must be integers") from None
+
+
+def ranges(work: np.ndarray, world: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """Contiguous id ranges, one per rank, cut at multiples of ``block`` so that the ranks'
+    summed ``work`` (e.g. samples per node) is as equal as whole blocks allow."""
+    n = len(work)
+    starts = np.arange(0, n, block)
+    per_block = np.add.reduceat(np.asarray(work, dtype=np.float64), starts) if n else np.zeros(0)
+    cum = np.cumsum(per_block)
+    total = cum[-1] if len(cum) else 0.0
+    cuts = [0]
+    for k in range(1, world):
+        b = int(np.searchsorted(cum, total * k / world, side="left")) + 1 if total > 0 else \
+            (len(starts) * k) // world
+        cuts.append(min(max(b, cuts[-1]), len(starts)))
+    cuts.append(len(starts))
+    edges = [min(c * block, n) for c in cuts]
+    return [(edges[k], edges[k + 1]) for k in range(world)]
+
+
+def start(work: np.ndarray) -> Shard:
+    """This process's shard of nodes whose expected work is ``work`` (e.g. their samples):
+    joins the process group when ``WORLD_SIZE`` > 1 (gloo)."""
+    import torch.distributed as dist
+
+    rank, world = world_from_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    cuts = ranges(work, world)
+    lo, hi = cuts[rank]
+    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],))
+
+
+def _lost(shard: Shard, exc: Exception, during: str) -> RankLost:
+    reason = str(exc).split("] ", 1)[-1].split(". ")[0]
+    return RankLost(f"rank {shard.rank} of {shard.world}: another rank stopped during {during} ({reason})")
+
+
+def gather(shard: Shard, send: torch.Tensor, during: str) -> list[torch.Tensor]:
+    """Every rank's ``send`` (equal shapes), in rank order; one line if a rank is gone."""
+    if shard.world == 1:
+        return [send]
+    import torch.distributed as dist
+
+    out = [torch.empty_like(send) for _ in range(shard.world)]
+    try:
+        dist.all_gather(out, send)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _lost(shard, exc, during) from None
+    return out
+
+
+def gather_rows(shard: Shard, rows: torch.Tensor, counts: list[int], during: str) -> torch.Tensor:
+    """Every rank's ``rows`` (rank k sends ``counts[k]`` rows of the same width), stacked in
+    rank order: one ``all_gather`` of equal, padded shapes."""
+    width = max(max(counts), 1)
+    send = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype)
+    send[: len(rows)] = rows
+    got = gather(shard, send, during)
+    return torch.cat([g[:c] for g, c in zip(got, counts, strict=True)])
+
+
+def exchange(shard: Shard, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor,
+             recv_counts: list[int], during: str) -> None:
+    """Point to point: rank k's next ``send_counts[k]`` rows of ``send`` go to rank k, and
+    ``recv`` is filled with what every rank sent here, in rank order (``all_to_all``)."""
+    if shard.world == 1:
+        recv.copy_(send)
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.all_to_all_single(recv, send, recv_counts, send_counts)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _lost(shard, exc, during) from None
+
+
+def block_sums(rows: torch.Tensor, first_id: int) -> torch.Tensor:
+    """Sums of ``rows`` (node ids ``first_id``, ``first_id + 1``, ...; ``first_id`` a multiple
+    of :data:`BLOCK`) over each :data:`BLOCK`-id block, ``[ceil(len / BLOCK), P]``. Each
+    block is summed alone, so a block's sum does not depend on what else a rank holds."""
+    if first_id % BLOCK:
+        raise ValueError(f"block sums start at a multiple of {BLOCK}, not at node {first_id}")
+    n = rows.shape[0]
+    out = torch.empty((-(-n // BLOCK), *rows.shape[1:]), dtype=rows.dtype)
+    for b, lo in enumerate(range(0, n, BLOCK)):
+        torch.sum(rows[lo:lo + BLOCK], dim=0, out=out[b])
+    return out
+
+
+def population_mean(shard: Shard, own: torch.Tensor, n: int, during: str) -> torch.Tensor:
+    """The mean of all ``n`` nodes' rows ``[P]`` from each rank's own rows ``own``: block
+    sums by their owners, gathered, added in block order; the same bits for any rank count."""
+    blocks = block_sums(own, shard.lo)
+    counts = [-(-(shard.edges[k + 1] - shard.edges[k]) // BLOCK) for k in range(shard.world)]
+    every = gather_rows(shard, blocks, counts, during)
+    return every.sum(dim=0) / n

@@ -1,0 +1,265 @@
+"""Synchronous DL (D-PSGD, DFedSAM) sharded over ranks (docs/scale.md).
+
+Rank k holds the models of the nodes it owns and, while it mixes, the models of their
+neighbours on other ranks (its halo): before each mixing step every rank sends each other
+rank the own rows that rank's nodes mix with (point to point, nothing else of the
+population), then multiplies its rows of ``W`` with the rows it holds. The columns of its
+local matrix are the held rows sorted by node id, so every mixed row sums the same terms in
+the same order as one product over the whole population: the models are bit-identical for
+any number of ranks. Training is each rank's own nodes, batched. The metrics over all nodes
+are fixed by node id, not by rank: accuracies and losses per node, gathered in id order; the
+average model from 64-id block sums added in block order; the consensus distance from each
+node's squared distance to it (float64, summed by numpy in id order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from gossamer.algorithms.dl.dpsgd import mix_into
+from gossamer.protocols import dl_metrics
+from gossamer.protocols import sync_dl as protocol
+from gossamer.sim.drivers.sync_dl import SyncDLDriver
+from gossamer.sim.experiment import Experiment
+from gossamer.sim.sharded.base import Shard, _lost, gather_rows, population_mean
+from gossamer.topology import to_torch_sparse
+
+DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
+
+
+@dataclass(frozen=True)
+class Halo:
+    """One rank's part of a mixing matrix: it holds ``below`` rows of lower ids than its own
+    (from lower ranks), its own, then ``above``; ``mixing`` is its own rows of ``W`` over the
+    held rows; rank k sends ``send[k]`` (positions among its own rows) and receives
+    ``recv[k]`` rows from k."""
+
+    below: int
+    above: int
+    mixing: torch.Tensor
+    send: tuple[np.ndarray, ...]
+    recv: tuple[int, ...]
+
+
+def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
+    """The halo of ``shard`` under mixing matrix ``w`` (``[N, N]``, row i: what node i mixes)."""
+    lo, hi, edges = shard.lo, shard.hi, shard.edges
+    own = sp.csr_matrix(w[lo:hi])
+    own.sort_indices()                      # each row's terms in node-id order, as in one product
+    held = np.union1d(own.indices, np.arange(lo, hi))
+    below = int(np.searchsorted(held, lo))
+    local = sp.csr_matrix((own.data, np.searchsorted(held, own.indices), own.indptr),
+                          shape=(hi - lo, len(held)))
+    recv = tuple(int(((held >= edges[k]) & (held < edges[k + 1])).sum()) if k != shard.rank else 0
+                 for k in range(shard.world))
+    send = []
+    for k in range(shard.world):
+        if k == shard.rank:
+            send.append(np.zeros(0, dtype=np.int64))
+            continue
+        need = np.unique(w[edges[k]:edges[k + 1]].indices)
+        send.append((need[(need >= lo) & (need < hi)] - lo).astype(np.int64))
+    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv)
+
+
+class ShardedSyncDLDriver(SyncDLDriver):
+    """:class:`SyncDLDriver` over the nodes of one rank (see the module)."""
+
+    def __init__(self, exp: Experiment, shard: Shard) -> None:
+        self.shard = shard
+        # batch shapes fixed by the population, not by the other nodes of a call: a node then
+        # trains bit for bit the same whichever rank trains it
+        exp.trainer.batch_width = "population"
+        super().__init__(exp)
+        self._held: torch.Tensor | None = None     # [below + own + above, P]; params: its own rows
+        self._spare_held: torch.Tensor | None = None
+        self._plan_for: Any = None
+        self.plan: Halo | None = None
+        self._use_plan(self.graph.mixing)
+
+    @property
+    def own(self) -> int:
+        return self.shard.hi - self.shard.lo
+
+    def _initial_params(self) -> torch.Tensor:
+        init, lo, hi = self.exp.init_params, self.shard.lo, self.shard.hi
+        return init.expand(hi - lo, -1).clone() if init.dim() == 1 else init[lo:hi].clone()
+
+    def _use_plan(self, w: sp.csr_matrix) -> None:
+        """Hold the rows that mixing with ``w`` needs (a new plan only when ``w`` changed)."""
+        if w is self._plan_for:
+            return
+        plan = halo(w, self.shard, self.params.dtype)
+        if self._held is None or (plan.below, plan.above) != (self.plan.below, self.plan.above):
+            held = torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype)
+            held[plan.below: plan.below + self.own] = self.params
+            self._held, self._spare_held = held, torch.empty_like(held)
+            self.params = held[plan.below: plan.below + self.own]
+        self.plan, self._plan_for = plan, w
+
+    # --- one round ------------------------------------------------------------------------------
+    def run_round(self) -> None:
+        exp, r, shard = self.exp, self.round + 1, self.shard
+        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
+        online = exp.online(self.sim_time)          # everyone: availability changes are refused
+        self.last_online = online
+        self.round_gossip_steps = exp.algorithm.gossip_steps_at(r, exp.cfg.stop.rounds)
+        train_ids = lo + np.flatnonzero(self.has_data[lo:hi])
+        mine = torch.zeros(len(train_ids), 3, dtype=torch.float64)    # loss, steps, samples
+        with self.timer("train_s"):
+            objective = self._local_objective(train_ids)
+            extra = {} if objective is None else {"objective": objective}
+            if len(train_ids) == self.own:
+                result = exp.trainer.train(self.params, train_ids, r, inplace=True, **extra)
+            elif len(train_ids):
+                idx = torch.from_numpy(train_ids - lo)
+                rows = self.params[idx]
+                result = exp.trainer.train(rows, train_ids, r, inplace=True, **extra)
+                self.params[idx] = rows
+            if len(train_ids):
+                mine[:, 0] = result.loss.double()
+                mine[:, 1] = torch.from_numpy(np.asarray(result.steps, dtype=np.float64))
+                mine[:, 2] = torch.from_numpy(np.asarray(result.samples, dtype=np.float64))
+        everyone = np.flatnonzero(self.has_data)
+        with self.timer("communicate_s"):
+            counts = [int(self.has_data[shard.edges[k]:shard.edges[k + 1]].sum()) for k in range(shard.world)]
+            stats = gather_rows(shard, mine, counts, f"round {r}'s training")
+        samples = np.zeros(n)
+        samples[everyone] = stats[:, 2].numpy()
+        if len(everyone):
+            self.node_steps += int(stats[:, 1].sum())
+            self.train_loss = float(stats[:, 0].float().mean())
+        self._use_round_graph(r)
+        self._use_plan(self.graph.mixing)
+        sent, delivered = self._links(online, r)
+        with self.timer("communicate_s"):
+            self._mix(None)
+        self._account(online, samples, sent, delivered, r)
+        if protocol.final_merge_due(exp.algorithm, r, exp.cfg.stop.rounds):
+            with self.timer("communicate_s"):
+                self._final_merge(online)
+        self.round = r
+
+    def _mix(self, mixing) -> None:
+        plan, a = self.plan, self.plan.below
+        src, dst = self._held, self._spare_held
+        for step in range(self.round_gossip_steps):
+            self._fetch_halo(src, step)
+            mix_into(plan.mixing, src, dst[a:a + self.own])
+            src, dst = dst, src
+        self._held, self._spare_held = src, dst
+        self.params = src[a:a + self.own]
+
+    def _fetch_halo(self, held: torch.Tensor, step: int) -> None:
+        """Fill ``held``'s halo rows from their owners (and send them ours)."""
+        shard, plan = self.shard, self.plan
+        if shard.world == 1:
+            return
+        import torch.distributed as dist
+
+        own = held[plan.below: plan.below + self.own]
+        where = np.concatenate([[0], np.cumsum(plan.recv)])
+        at = np.where(np.arange(shard.world) < shard.rank, where[:-1], where[:-1] + self.own)
+        try:
+            pending = []
+            for k in range(shard.world):
+                if len(plan.send[k]):
+                    pending.append(dist.isend(own[torch.from_numpy(plan.send[k])], k))
+                if plan.recv[k]:
+                    pending.append(dist.irecv(held[at[k]: at[k] + plan.recv[k]], k))
+            for request in pending:
+                request.wait()
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise _lost(shard, exc, f"round {self.round + 1}'s mixing step {step + 1}") from None
+
+    def _average(self, members: np.ndarray) -> None:
+        # every node is online (availability changes are refused): all take the exact mean
+        mean = population_mean(self.shard, self.params, self.exp.num_nodes, "the final merge")
+        self.params.copy_(mean.expand_as(self.params))
+
+    # --- metrics ----------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        row = self.base_row()
+        shard, exp = self.shard, self.exp
+        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
+        nodes = self.eval_nodes
+        during = f"round {self.round}'s evaluation"
+        with self.timer("eval_s"):
+            evaluate = exp.evaluator.evaluate
+            mine = nodes[(nodes >= lo) & (nodes < hi)]
+            measured = torch.zeros(len(mine), 2, dtype=torch.float64)
+            if len(mine):
+                acc, loss = evaluate(self.params[torch.from_numpy(mine - lo)])
+                measured[:, 0], measured[:, 1] = acc.double(), loss.double()
+            counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum())
+                      for k in range(shard.world)]
+            mean = population_mean(shard, self.params, n, during)
+            distances = torch.from_numpy(self._squared_distances(mean))[:, None]
+            every = gather_rows(shard, distances, [shard.edges[k + 1] - shard.edges[k]
+                                                   for k in range(shard.world)], during)
+            measured = gather_rows(shard, measured, counts, during)
+            acc, loss = measured[:, 0].float(), measured[:, 1].float()
+            row.update(dl_metrics.accuracy_row(acc, loss), online=n, isolated=self.isolated,
+                       lost_messages=self.lost, merges_skipped=self.skipped,
+                       **dl_metrics.node_bytes_row(self.node_bytes))
+            self.node_accuracy = (np.asarray(nodes), acc.numpy())          # -> nodes.csv
+            row["consensus_distance"] = float(every[:, 0].numpy().sum()) / n
+            if exp.cfg.eval.average_model:
+                row.update(dl_metrics.average_model_row(evaluate, mean[None]))
+        return row
+
+    def _squared_distances(self, mean: torch.Tensor) -> np.ndarray:
+        """Each own node's ``||x_i - mean||^2`` in float64 (exact squares, numpy's pairwise
+        sum along the row: the same bits whatever else a rank holds)."""
+        rows = max(1, DISTANCE_CHUNK_BYTES // (8 * max(self.params.shape[1], 1)))
+        out = np.empty(self.own)
+        for a in range(0, self.own, rows):
+            diff = (self.params[a:a + rows] - mean).double().numpy()
+            out[a:a + rows] = np.square(diff).sum(axis=1)
+        return out
+
+    def global_params(self) -> torch.Tensor:
+        return population_mean(self.shard, self.params, self.exp.num_nodes, "the final model")
+
+    # --- checkpoints: every node's row, on rank 0, as one process would write them ------------------
+    def _all_rows(self) -> torch.Tensor | None:
+        """Every node's model ``[N, P]`` on rank 0 (None on the others)."""
+        shard = self.shard
+        if shard.world == 1:
+            return self.params
+        import torch.distributed as dist
+
+        try:
+            if not shard.primary:
+                if self.own:
+                    dist.send(self.params.contiguous(), 0)
+                return None
+            full = torch.empty(self.exp.num_nodes, self.params.shape[1], dtype=self.params.dtype)
+            full[shard.lo:shard.hi] = self.params
+            for k in range(1, shard.world):
+                a, b = shard.edges[k], shard.edges[k + 1]
+                if b > a:
+                    dist.recv(full[a:b], k)
+            return full
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise _lost(shard, exc, f"round {self.round}'s checkpoint") from None
+
+    def state_dict(self) -> dict[str, Any]:
+        full = self._all_rows()
+        state = super().state_dict()
+        state["params"] = full
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        lo, hi = self.shard.lo, self.shard.hi
+        super().load_state_dict({**state, "params": state["params"][lo:hi]})
+        self._held, self._plan_for = None, None          # hold the loaded rows anew
+        self._use_plan(self.graph.mixing)
+
+
+__all__ = ["Halo", "ShardedSyncDLDriver", "halo"]

@@ -1,0 +1,95 @@
+"""Synchronous FL sharded over ranks: clients train on the rank that owns them, and the
+aggregate is summed in an order fixed by node id (docs/scale.md).
+
+Each 64-id block's weighted sum is formed by the rank that owns the block (a matrix product
+over its clients' trained parameters in id order, taken from the trainer's parameter-major
+workspace: ``mean_groups``); the round's blocks (those holding a selected client, at most
+min(K, N / BLOCK) rows of P values) are exchanged in one ``all_gather`` (each rank sends only
+its own blocks), and every rank adds them in block order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gossamer.config import ConfigError
+from gossamer.sim.drivers.sync_fl import SyncFLDriver
+from gossamer.sim.experiment import Experiment
+from gossamer.sim.sharded.base import BLOCK, Shard, gather
+
+
+def check(exp: Experiment) -> None:
+    """What needs the built experiment (the model's size)."""
+    if exp.trainer.nodes_per_pass < BLOCK:
+        raise ConfigError("model", f"{exp.spec.numel:,} parameters: a training pass holds fewer "
+                          f"than the {BLOCK} clients of a reduction block; the sharded simulator "
+                          "runs smaller models so far (drop --ranks)")
+
+
+class ShardedSyncFLDriver(SyncFLDriver):
+    """:class:`SyncFLDriver` whose clients train on the rank that owns them (see the module)."""
+
+    def __init__(self, exp: Experiment, shard: Shard) -> None:
+        check(exp)
+        # batch shapes fixed by the population, not by the other clients of a call: a client
+        # then trains bit for bit the same whichever rank (and cohort) trains it
+        exp.trainer.batch_width = "population"
+        super().__init__(exp)
+        self.shard = shard
+
+    def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
+        exp, algo, shard = self.exp, self.algorithm, self.shard
+        payload = algo.broadcast(self.state)
+        start = payload[: exp.spec.numel]
+        with self.timer("train_s"):
+            if np.any(np.diff(trained) <= 0):
+                raise RuntimeError("the sharded simulator needs each round's clients sorted by id")
+            weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)      # [K], every rank
+            mine = (trained >= shard.lo) & (trained < shard.hi)
+            own = trained[mine]
+            # the blocks holding this round's clients (the same on every rank), one row each,
+            # and which rank owns each block and each client
+            active = np.unique(trained // BLOCK)
+            block_rank, client_rank = shard.owner(active * BLOCK), shard.owner(trained)
+            width = max(int(np.bincount(block_rank, minlength=shard.world).max()), 1)
+            count = max(int(np.bincount(client_rank, minlength=shard.world).max()), 1)
+            # what this rank sends: its blocks' sums, then its clients' losses and steps
+            # (float32 losses, and step counts below 2^24, are exact in the model's dtype)
+            numel = exp.spec.numel
+            send = torch.zeros(width * numel + 2 * count, dtype=start.dtype)
+            mine_blocks = send[: width * numel].view(width, numel)
+            mine_stats = send[width * numel:].view(2, count)
+            where = np.flatnonzero(mine)                 # own clients' positions in the round
+            w = weights[torch.from_numpy(where)]
+            block_of = own // BLOCK
+            first_block = int(np.searchsorted(active, shard.lo // BLOCK))
+            cuts = np.flatnonzero(np.diff(block_of)) + 1     # own clients, grouped by block
+            bounds = np.concatenate([[0], cuts, [len(own)]]).astype(np.int64)
+            per_pass = exp.trainer.nodes_per_pass
+            g = 0
+            while len(own) and g < len(bounds) - 1:      # whole blocks per call, one pass each
+                h = g + 1
+                while h < len(bounds) - 1 and bounds[h + 1] - bounds[g] <= per_pass:
+                    h += 1
+                a, b = int(bounds[g]), int(bounds[h])
+                result = exp.trainer.train(start.expand(b - a, -1), own[a:b], r,
+                                           objective=algo.local_objective(payload, None),
+                                           mean_weights=w[a:b], mean_groups=bounds[g:h + 1] - a)
+                rows = np.searchsorted(active, block_of[bounds[g:h]]) - first_block
+                mine_blocks[torch.from_numpy(rows)] = result.mean
+                mine_stats[0, a:b] = result.loss.to(start.dtype)
+                mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
+                g = h
+        with self.timer("communicate_s"):
+            received = gather(self.shard, send, f"round {self.round + 1}'s aggregate")
+            partial = torch.empty(len(active), numel, dtype=start.dtype)
+            stats = torch.empty(2, len(trained), dtype=start.dtype)
+            for k, got in enumerate(received):
+                blocks, clients = np.flatnonzero(block_rank == k), np.flatnonzero(client_rank == k)
+                partial[torch.from_numpy(blocks)] = got[: width * numel].view(width, numel)[: len(blocks)]
+                stats[:, torch.from_numpy(clients)] = got[width * numel:].view(2, count)[:, : len(clients)]
+            mean = partial.sum(dim=0)
+            self.state = algo.aggregate_mean(self.state, mean)
+        self.train_loss = float(stats[0].float().mean())
+        self.node_steps += int(stats[1].double().sum())
