@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from gossamer import config
+from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.config import ConfigError
 from gossamer.sim.experiment import build_experiment
-from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.sim.sharded import BLOCK, Shard, block_sums, check, ranges
 from gossamer.sim.sharded.dl import halo
 from gossamer.topology import to_torch_sparse
@@ -80,6 +80,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
     ("fedavg", {"algorithm": {"name": "scaffold"}}, "algorithm.name"),
     ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("dpsgd", {"algorithm": {"name": "gossip"}}, "algorithm.name"),
+    ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
     ("dpsgd", {"system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
      "system.availability.model"),
@@ -165,6 +166,39 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == outs[1]
+
+
+@pytest.mark.slow
+def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tmp_path):
+    import gossamer
+
+    # a registered population of 10^6 clients: owned in even id ranges, nothing of length N
+    cfg = small_config("fedbuff", stop={"rounds": 30}, eval={"every": 5},
+                       data={"dataset": "synthetic", "params": {"alpha": 1.0, "beta": 1.0, "dim": 60,
+                                                                "num_classes": 10}},
+                       population={"lazy": True, "max_samples": 500, "eval_clients": 200},
+                       partition={"name": "natural", "num_nodes": 1_000_000}, model={"name": "logreg"},
+                       local={"steps": 5, "batch_size": 10, "lr": 0.05},
+                       system={"sample_time_s": {"dist": "lognormal", "median": 0.002, "sigma": 0.7}},
+                       output={"progress": False, "checkpoint_every": 10})
+    cfg["algorithm"]["params"] = {"concurrency": 40, "buffer_size": 10, "server_lr": 1.0}
+    path = tmp_path / "fedbuff.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gossamer.run(path, out=tmp_path / "one")                 # one process, in this one
+    files = ("metrics.csv", "model.pt")
+    want = [(tmp_path / "one" / f).read_bytes() for f in files]
+    out = tmp_path / "r3"
+    done = _gossamer("run", str(path), "--out", str(out), "--ranks", "3", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == want
+    assert len(want[0].decode().splitlines()) == 8
+    out = tmp_path / "killed"                                # rank 1 of 2 dies at update 15
+    died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "15", "GOSSAMER_TEST_KILL_RANK": "1"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == want
 
 
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):

@@ -13,7 +13,10 @@ the run directory.
   FedAdam, ...): :mod:`.fl`, one ``all_gather`` of block sums a round;
 - synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
-  step.
+  step;
+- asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
+  :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, one
+  ``all_gather`` of the uploads per batch of training.
 
 Launch: ``gossamer run CONFIG --ranks K`` starts K processes on this machine (gloo, one
 intra-op thread each unless ``--threads``); ``torchrun --nproc-per-node K -m gossamer run
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, deadlines, "
-           "availability changes, robust merges or a registered population")
+           "robust merges, and (synchronous patterns) availability changes or a registered population")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -56,12 +59,14 @@ def check_config(cfg: ExperimentConfig) -> None:
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
     dl = algo.pattern == "sync_dl"
-    if not (fl or dl):
+    if not (fl or dl or algo.pattern == "async_fl"):
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
-                          f"is the uploads' weighted mean (fedavg, fedprox, ...) and synchronous DL "
-                          f"(dpsgd, dfedsam); {cfg.algorithm.name} runs in one process (drop --ranks)")
-    unsupported = {"population.lazy": cfg.population.lazy, **features_in_use(cfg),
-                   "system.availability.model": cfg.system.availability.model != "always",
+                          f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
+                          f"(dpsgd, dfedsam) and asynchronous FL (fedasync, fedbuff, ...); "
+                          f"{cfg.algorithm.name} runs in one process (drop --ranks)")
+    synchronous = fl or dl
+    unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
+                   "system.availability.model": synchronous and cfg.system.availability.model != "always",
                    "algorithm.params": (fl and (algo.deadline_s is not None or algo.over_selection))
                    or (dl and algo.aggregator != "mean")}
     field = next((k for k, bad in unsupported.items() if bad), None)
@@ -81,9 +86,15 @@ def check(exp: Experiment) -> None:
 
 def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
     """This rank's shard (joining the process group) and its driver. FL ranks are balanced by
-    their clients' samples; DL ranks by samples plus one average shard a node (every node
-    mixes and is evaluated, data or not)."""
+    their clients' samples (a registered population: by id count); DL ranks by samples plus
+    one average shard a node (every node mixes and is evaluated, data or not)."""
     check(exp)
+    if exp.algorithm.pattern == "async_fl":
+        from gossamer.sim.sharded.async_fl import ShardedAsyncFLDriver
+
+        registered = exp.population is not None          # nothing of length N: even id ranges
+        shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64))
+        return shard, ShardedAsyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
     if exp.algorithm.pattern == "sync_fl":
         from gossamer.sim.sharded.fl import ShardedSyncFLDriver

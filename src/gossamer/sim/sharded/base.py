@@ -62,15 +62,23 @@ def ranges(work: np.ndarray, world: int, block: int = BLOCK) -> list[tuple[int, 
     return [(edges[k], edges[k + 1]) for k in range(world)]
 
 
-def start(work: np.ndarray) -> Shard:
-    """This process's shard of nodes whose expected work is ``work`` (e.g. their samples):
-    joins the process group when ``WORLD_SIZE`` > 1 (gloo)."""
+def even_ranges(n: int, world: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """Contiguous id ranges of about ``n / world`` ids each, cut at multiples of ``block``
+    (a registered population: no per-node array is made)."""
+    blocks = -(-n // block)
+    edges = [min(blocks * k // world * block, n) for k in range(world + 1)]
+    return [(edges[k], edges[k + 1]) for k in range(world)]
+
+
+def start(work: np.ndarray | int) -> Shard:
+    """This process's shard of nodes whose expected work is ``work`` (e.g. their samples; an
+    int N: N nodes of equal work): joins the process group when ``WORLD_SIZE`` > 1 (gloo)."""
     import torch.distributed as dist
 
     rank, world = world_from_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    cuts = ranges(work, world)
+    cuts = even_ranges(work, world) if isinstance(work, int) else ranges(work, world)
     lo, hi = cuts[rank]
     return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],))
 
