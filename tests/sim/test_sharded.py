@@ -148,19 +148,21 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
     outs = {}
-    for ranks in (1, 4):
+    for ranks in (1, 4):          # 4 ranks send their rows point to point, as across machines
         out = tmp_path / f"r{ranks}"
-        done = _gossamer("run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        done = _gossamer("run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
+                         env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
         assert done.returncode == 0, done.stderr[-2000:]
         outs[ranks] = [(out / f).read_bytes() for f in files]
     assert outs[1] == outs[4]
     rows = outs[1][0].decode().splitlines()
     assert len(rows) == 7 and float(rows[-1].split(",")[12]) < 1e-9     # final merge: consensus
-    # 2 ranks: rounds 1-2 (checkpointed), then rank 0 killed at round 3; resumed with 1 rank,
-    # the whole run equals the others
+    # 2 ranks sharing memory: rounds 1-2 (checkpointed), then rank 0 killed at round 3;
+    # resumed with 1 rank, the whole run equals the others
     out = tmp_path / "killed"
     died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "0"})
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "0",
+                          "GOSSAMER_SHARDED_TRANSPORT": "shared"})
     assert died.returncode == 3 and "Traceback" not in died.stderr
     assert died.stderr.strip().splitlines()[-1].startswith("gossamer: rank 0 of 2 stopped (signal SIGKILL)")
     back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")

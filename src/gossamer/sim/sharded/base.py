@@ -83,6 +83,62 @@ def start(work: np.ndarray | int) -> Shard:
     return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],))
 
 
+def one_host(shard: Shard) -> bool:
+    """Whether every rank runs on this machine (torchrun and ``--ranks`` set
+    ``LOCAL_WORLD_SIZE``): they can then share memory."""
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == shard.world
+    except ValueError:
+        return False
+
+
+def shared_tensor(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor every rank on this machine maps (a file in ``/dev/shm``, removed as soon as
+    every rank has mapped it, so nothing is left behind however the run ends); None where it
+    cannot be made (not enough room there): the caller then sends rows instead."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    folder = "/dev/shm"
+    path = [None]
+    if shard.primary:
+        try:
+            room = os.statvfs(folder)
+            if room.f_bavail * room.f_frsize >= nbytes + (256 << 20):     # keep a margin
+                fd, name = tempfile.mkstemp(prefix="gossamer-shard-", dir=folder)
+                os.ftruncate(fd, nbytes)
+                os.close(fd)
+                path = [name]
+        except OSError:
+            path = [None]
+    try:
+        dist.broadcast_object_list(path, src=0)
+        tensor = None
+        if path[0] is not None:
+            tensor = torch.from_file(path[0], shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+        dist.barrier()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _lost(shard, exc, "setting up shared memory") from None
+    finally:
+        if shard.primary and path[0] is not None:
+            os.unlink(path[0])
+    return tensor
+
+
+def barrier(shard: Shard, during: str) -> None:
+    """Wait for every rank; one line if a rank is gone."""
+    if shard.world == 1:
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _lost(shard, exc, during) from None
+
+
 def _lost(shard: Shard, exc: Exception, during: str) -> RankLost:
     reason = str(exc).split("] ", 1)[-1].split(". ")[0]
     return RankLost(f"rank {shard.rank} of {shard.world}: another rank stopped during {during} ({reason})")

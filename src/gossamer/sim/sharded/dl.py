@@ -1,19 +1,23 @@
 """Synchronous DL (D-PSGD, DFedSAM) sharded over ranks (docs/scale.md).
 
-Rank k holds the models of the nodes it owns and, while it mixes, the models of their
-neighbours on other ranks (its halo): before each mixing step every rank sends each other
-rank the own rows that rank's nodes mix with (point to point, nothing else of the
-population), then multiplies its rows of ``W`` with the rows it holds. The columns of its
-local matrix are the held rows sorted by node id, so every mixed row sums the same terms in
-the same order as one product over the whole population: the models are bit-identical for
-any number of ranks. Training is each rank's own nodes, batched. The metrics over all nodes
-are fixed by node id, not by rank: accuracies and losses per node, gathered in id order; the
-average model from 64-id block sums added in block order; the consensus distance from each
-node's squared distance to it (float64, summed by numpy in id order).
+Each rank trains and evaluates the nodes it owns and mixes their rows. Where the ranks share a
+machine (``--ranks``, or torchrun on one node) every node's model lives in shared memory,
+twice (the mixing step's input and output): each rank multiplies its rows of ``W`` with the
+whole input and writes its rows of the output, and a barrier before each step is all the
+synchronisation. Across machines a rank holds its own rows and, while it mixes, the rows of
+their neighbours on other ranks (its halo): before each mixing step every rank sends each
+other rank the own rows that rank's nodes mix with (point to point, nothing else of the
+population). Either way each mixed row sums the same terms in the same order as one product
+over the whole population (the halo's columns are the held rows sorted by node id), so the
+models are bit-identical for any number of ranks. The metrics over all nodes are fixed by
+node id, not by rank: accuracies and losses per node, gathered in id order; the average model
+from 64-id block sums added in block order; the consensus distance from each node's squared
+distance to it (float64, summed by numpy in id order).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +26,24 @@ import scipy.sparse as sp
 import torch
 
 from gossamer.algorithms.dl.dpsgd import mix_into
+from gossamer.config import ConfigError
 from gossamer.protocols import dl_metrics
 from gossamer.protocols import sync_dl as protocol
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, _lost, gather_rows, population_mean
+from gossamer.sim.sharded.base import (
+    Shard,
+    _lost,
+    barrier,
+    gather_rows,
+    one_host,
+    population_mean,
+    shared_tensor,
+)
 from gossamer.topology import to_torch_sparse
 
 DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
+TRANSPORT_ENV = "GOSSAMER_SHARDED_TRANSPORT"   # auto (default), shared or p2p
 
 
 @dataclass(frozen=True)
@@ -76,11 +90,32 @@ class ShardedSyncDLDriver(SyncDLDriver):
         # trains bit for bit the same whichever rank trains it
         exp.trainer.batch_width = "population"
         super().__init__(exp)
-        self._held: torch.Tensor | None = None     # [below + own + above, P]; params: its own rows
+        self._held: torch.Tensor | None = None     # halo: [below + own + above, P]; params: its own rows
         self._spare_held: torch.Tensor | None = None
         self._plan_for: Any = None
         self.plan: Halo | None = None
+        self.shared = self._shared_rows()          # one host: every node's rows [2, N, P], shared
+        self._cur = 0                               # which of the two holds the current models
+        if self.shared is not None:
+            self.shared[0, shard.lo:shard.hi] = self.params
+            self.params = self.shared[0, shard.lo:shard.hi]
         self._use_plan(self.graph.mixing)
+
+    def _shared_rows(self) -> torch.Tensor | None:
+        """Shared memory for every node's rows, where the ranks share a machine (``TRANSPORT_ENV``:
+        ``p2p`` never, ``shared`` always, else where there is room)."""
+        want = os.environ.get(TRANSPORT_ENV, "auto")
+        if want not in ("auto", "shared", "p2p"):
+            raise ConfigError(TRANSPORT_ENV, f"auto, shared or p2p, not {want!r}")
+        if self.shard.world == 1 or want == "p2p":
+            return None
+        rows = None
+        if one_host(self.shard):
+            rows = shared_tensor(self.shard, (2, self.exp.num_nodes, self.params.shape[1]), self.params.dtype)
+        if rows is None and want == "shared":
+            raise ConfigError(TRANSPORT_ENV, "shared: the ranks do not all run on this machine, or "
+                              "/dev/shm has no room for two copies of every node's model")
+        return rows
 
     @property
     def own(self) -> int:
@@ -93,6 +128,11 @@ class ShardedSyncDLDriver(SyncDLDriver):
     def _use_plan(self, w: sp.csr_matrix) -> None:
         """Hold the rows that mixing with ``w`` needs (a new plan only when ``w`` changed)."""
         if w is self._plan_for:
+            return
+        if self.shared is not None:                  # every row is at hand: the own rows of W
+            self.plan = Halo(0, 0, to_torch_sparse(w[self.shard.lo:self.shard.hi], self.params.dtype),
+                             (), ())
+            self._plan_for = w
             return
         plan = halo(w, self.shard, self.params.dtype)
         if self._held is None or (plan.below, plan.above) != (self.plan.below, self.plan.above):
@@ -146,6 +186,15 @@ class ShardedSyncDLDriver(SyncDLDriver):
         self.round = r
 
     def _mix(self, mixing) -> None:
+        if self.shared is not None:
+            lo, hi = self.shard.lo, self.shard.hi
+            for step in range(self.round_gossip_steps):
+                # every rank has written its rows of the input, and read the last output
+                barrier(self.shard, f"round {self.round + 1}'s mixing step {step + 1}")
+                mix_into(self.plan.mixing, self.shared[self._cur], self.shared[1 - self._cur, lo:hi])
+                self._cur = 1 - self._cur
+            self.params = self.shared[self._cur, lo:hi]
+            return
         plan, a = self.plan, self.plan.below
         src, dst = self._held, self._spare_held
         for step in range(self.round_gossip_steps):
@@ -232,6 +281,12 @@ class ShardedSyncDLDriver(SyncDLDriver):
         shard = self.shard
         if shard.world == 1:
             return self.params
+        if self.shared is not None:                  # every rank done writing, then reading
+            during = f"round {self.round}'s checkpoint"
+            barrier(shard, during)
+            full = self.shared[self._cur].clone() if shard.primary else None
+            barrier(shard, during)
+            return full
         import torch.distributed as dist
 
         try:
@@ -259,6 +314,10 @@ class ShardedSyncDLDriver(SyncDLDriver):
         lo, hi = self.shard.lo, self.shard.hi
         super().load_state_dict({**state, "params": state["params"][lo:hi]})
         self._held, self._plan_for = None, None          # hold the loaded rows anew
+        if self.shared is not None:
+            self._cur = 0
+            self.shared[0, lo:hi] = self.params
+            self.params = self.shared[0, lo:hi]
         self._use_plan(self.graph.mixing)
 
 

@@ -23,7 +23,7 @@ def launch(child_args: list[str], ranks: int, threads: int) -> int:
         port = sock.getsockname()[1]
     procs = []
     for rank in range(ranks):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GOSSAMER_SHARDED="1",
                    OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         quiet = [] if rank == 0 else ["--quiet"]
