@@ -92,6 +92,15 @@ def test_what_the_sharded_simulator_cannot_run_is_refused(algorithm, change, fie
     assert err.value.field == field
 
 
+def test_an_unknown_transport_is_refused_naming_the_variable(monkeypatch):
+    from gossamer.sim.sharded import TRANSPORT_ENV, check_config
+
+    monkeypatch.setenv(TRANSPORT_ENV, "carrier-pigeon")
+    with pytest.raises(ConfigError) as err:
+        check_config(config.validate(small_config("fedavg")))
+    assert err.value.field == TRANSPORT_ENV
+
+
 def _gossamer(*args, env=None):
     return subprocess.run([sys.executable, "-m", "gossamer", *args], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, **(env or {})), timeout=300)
@@ -111,9 +120,10 @@ def _config(tmp_path: Path) -> Path:
 def test_metrics_are_bit_identical_with_1_2_4_ranks_and_after_a_killed_rank_resumes(tmp_path):
     cfg = _config(tmp_path)
     texts = []
-    for ranks in (1, 2, 4):
+    for ranks in (1, 2, 4):       # 2 ranks share memory; 4 all_gather, as across machines
         out = tmp_path / f"r{ranks}"
-        done = _gossamer("run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        done = _gossamer("run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet",
+                         env={"GOSSAMER_SHARDED_TRANSPORT": "shared" if ranks == 2 else "p2p"})
         assert done.returncode == 0, done.stderr[-2000:]
         texts.append((out / "metrics.csv").read_text())
     assert texts[0] == texts[1] == texts[2]

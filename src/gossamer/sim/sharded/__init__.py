@@ -34,10 +34,12 @@ from gossamer.config import ConfigError, ExperimentConfig
 from gossamer.sim.sharded.base import (
     BLOCK,
     TIMEOUT_S,
+    TRANSPORT_ENV,
     Shard,
     block_sums,
     ranges,
     start,
+    transport,
     world_from_env,
 )
 from gossamer.sim.sharded.launch import launch
@@ -56,6 +58,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     from gossamer.algorithms import ALGORITHMS
     from gossamer.experiment import features_in_use
 
+    transport()
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
     dl = algo.pattern == "sync_dl"
@@ -107,5 +110,5 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
     return shard, ShardedSyncDLDriver(exp, shard)
 
 
-__all__ = ["BLOCK", "TIMEOUT_S", "Shard", "block_sums", "build_driver", "check", "check_config",
+__all__ = ["BLOCK", "TIMEOUT_S", "TRANSPORT_ENV", "Shard", "block_sums", "build_driver", "check", "check_config",
            "launch", "ranges", "start", "world_from_env"]

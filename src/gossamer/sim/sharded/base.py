@@ -15,6 +15,7 @@ from gossamer.errors import RankLost
 
 BLOCK = 64              # node ids per reduction block: the unit of exact, rank-free sums
 TIMEOUT_S = 120         # a collective waiting this long for a dead rank fails the run
+TRANSPORT_ENV = "GOSSAMER_SHARDED_TRANSPORT"   # auto (default), shared or p2p
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,13 @@ def ranges(work: np.ndarray, world: int, block: int = BLOCK) -> list[tuple[int, 
     total = cum[-1] if len(cum) else 0.0
     cuts = [0]
     for k in range(1, world):
-        b = int(np.searchsorted(cum, total * k / world, side="left")) + 1 if total > 0 else \
-            (len(starts) * k) // world
+        if total > 0:                    # the block boundary nearest rank k's share of the work
+            target = total * k / world
+            b = int(np.searchsorted(cum, target, side="left"))      # cum[b] >= target
+            under = target - (cum[b - 1] if b > 0 else 0.0)
+            b = b + 1 if b < len(cum) and cum[b] - target <= under else b
+        else:
+            b = (len(starts) * k) // world
         cuts.append(min(max(b, cuts[-1]), len(starts)))
     cuts.append(len(starts))
     edges = [min(c * block, n) for c in cuts]
@@ -124,6 +130,27 @@ def shared_tensor(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> t
     finally:
         if shard.primary and path[0] is not None:
             os.unlink(path[0])
+    return tensor
+
+
+def transport() -> str:
+    """``TRANSPORT_ENV``, checked: ``auto`` (default), ``shared`` or ``p2p``."""
+    want = os.environ.get(TRANSPORT_ENV, "auto")
+    if want not in ("auto", "shared", "p2p"):
+        raise ConfigError(TRANSPORT_ENV, f"auto, shared or p2p, not {want!r}")
+    return want
+
+
+def shared_if_possible(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`shared_tensor` where the ranks share this machine and ``TRANSPORT_ENV`` allows it
+    (``p2p``: never; ``shared``: always, or one line why not; ``auto``: where there is room)."""
+    want = transport()
+    if shard.world == 1 or want == "p2p":
+        return None
+    tensor = shared_tensor(shard, shape, dtype) if one_host(shard) else None
+    if tensor is None and want == "shared":
+        raise ConfigError(TRANSPORT_ENV, "shared: the ranks do not all run on this machine, or "
+                          "/dev/shm has no room for what they would share")
     return tensor
 
 

@@ -17,7 +17,6 @@ distance to it (float64, summed by numpy in id order).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,6 @@ import scipy.sparse as sp
 import torch
 
 from gossamer.algorithms.dl.dpsgd import mix_into
-from gossamer.config import ConfigError
 from gossamer.protocols import dl_metrics
 from gossamer.protocols import sync_dl as protocol
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
@@ -36,14 +34,12 @@ from gossamer.sim.sharded.base import (
     _lost,
     barrier,
     gather_rows,
-    one_host,
     population_mean,
-    shared_tensor,
+    shared_if_possible,
 )
 from gossamer.topology import to_torch_sparse
 
 DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
-TRANSPORT_ENV = "GOSSAMER_SHARDED_TRANSPORT"   # auto (default), shared or p2p
 
 
 @dataclass(frozen=True)
@@ -102,20 +98,9 @@ class ShardedSyncDLDriver(SyncDLDriver):
         self._use_plan(self.graph.mixing)
 
     def _shared_rows(self) -> torch.Tensor | None:
-        """Shared memory for every node's rows, where the ranks share a machine (``TRANSPORT_ENV``:
-        ``p2p`` never, ``shared`` always, else where there is room)."""
-        want = os.environ.get(TRANSPORT_ENV, "auto")
-        if want not in ("auto", "shared", "p2p"):
-            raise ConfigError(TRANSPORT_ENV, f"auto, shared or p2p, not {want!r}")
-        if self.shard.world == 1 or want == "p2p":
-            return None
-        rows = None
-        if one_host(self.shard):
-            rows = shared_tensor(self.shard, (2, self.exp.num_nodes, self.params.shape[1]), self.params.dtype)
-        if rows is None and want == "shared":
-            raise ConfigError(TRANSPORT_ENV, "shared: the ranks do not all run on this machine, or "
-                              "/dev/shm has no room for two copies of every node's model")
-        return rows
+        """Every node's rows twice ``[2, N, P]``, shared by the ranks of this machine (None:
+        each rank holds its own rows and a halo)."""
+        return shared_if_possible(self.shard, (2, self.exp.num_nodes, self.params.shape[1]), self.params.dtype)
 
     @property
     def own(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import BLOCK, Shard, gather
+from gossamer.sim.sharded.base import BLOCK, Shard, barrier, gather, shared_if_possible
 
 
 def check(exp: Experiment) -> None:
@@ -37,6 +37,26 @@ class ShardedSyncFLDriver(SyncFLDriver):
         exp.trainer.batch_width = "population"
         super().__init__(exp)
         self.shard = shard
+        self._shared: torch.Tensor | None = None     # [2, world, L]: each rank's sends, two slots
+        self._transport = "gather" if shard.world == 1 else "auto"
+        self._exchanges = 0
+
+    def _exchange(self, send: torch.Tensor, r: int) -> list[torch.Tensor]:
+        """Every rank's ``send`` (equal sizes), in rank order: through shared memory where the
+        ranks share this machine (a barrier each; two slots taken in turn, so a rank never writes
+        a slot another may still read), else one ``all_gather``."""
+        shard, during = self.shard, f"round {r}'s aggregate"
+        if self._transport == "auto" or (self._shared is not None and self._shared.shape[2] < len(send)):
+            # every rank sees the same sizes, so every rank takes this step together
+            self._shared = shared_if_possible(shard, (2, shard.world, 2 * len(send)), send.dtype)
+            self._transport = "gather" if self._shared is None else "shared"
+        if self._transport == "gather":
+            return gather(shard, send, during)
+        slot = self._shared[self._exchanges % 2]
+        self._exchanges += 1
+        slot[shard.rank, : len(send)] = send
+        barrier(shard, during)
+        return [slot[k, : len(send)] for k in range(shard.world)]
 
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
         exp, algo, shard = self.exp, self.algorithm, self.shard
@@ -82,7 +102,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
                 g = h
         with self.timer("communicate_s"):
-            received = gather(self.shard, send, f"round {self.round + 1}'s aggregate")
+            received = self._exchange(send, r)
             partial = torch.empty(len(active), numel, dtype=start.dtype)
             stats = torch.empty(2, len(trained), dtype=start.dtype)
             for k, got in enumerate(received):
