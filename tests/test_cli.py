@@ -227,15 +227,24 @@ def test_estimate_counts_the_population_copies_and_a_state_budget():
     from gossamer.estimate import estimate
     from gossamer.sim.experiment import build_experiment
 
+    def parts(exp):
+        est = estimate(exp, time_it=False)
+        assert est.round_s is None
+        return {what.split(":")[0]: size for what, size in est.parts}
+
     exp = build_experiment(config.validate(small_config("dpsgd")))
-    parts = dict(estimate(exp, time_it=False).parts)
-    assert parts["models: 8 nodes x 1,210 parameters x 2"] == 2 * 8 * 4 * exp.spec.numel
+    assert parts(exp)["models (sync_dl)"] == 2 * 8 * 4 * exp.spec.numel
+    # the same buffers the builder's memory check counts: compression's too
+    cfg = small_config("fedavg", compression={"uplink": {"name": "topk", "params": {"density": 0.1}},
+                                              "feedback": "dgc", "downlink": {"name": "quantize", "params": {"bits": 8}}})
+    exp = build_experiment(config.validate(cfg))
+    got = parts(exp)
+    for what in ("error-feedback residuals", "DGC momentum", "downlink compression memory"):
+        assert got[what] == 8 * 4 * exp.spec.numel
     lazy = small_config("scaffold", data={"dataset": "synthetic", "params": {"dim": 10}},
                         partition={"name": "natural", "num_nodes": 10**6},
                         population={"lazy": True, "state_budget_mb": 1})
-    exp = build_experiment(config.validate(lazy))
-    est = estimate(exp, time_it=False)
-    assert dict(est.parts)["client state"] == 2**20 and est.round_s is None
+    assert parts(build_experiment(config.validate(lazy)))["client state"] == 2**20
 
 
 def test_validate_refuses_a_run_the_machine_cannot_hold_naming_the_field(write_config, capsys, monkeypatch):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gossamer import checks
-from gossamer.experiment import _POPULATION_COPIES, Experiment
+from gossamer.experiment import Experiment, population_buffers
 
 # the field that moves each part of the estimate
 _FIELDS = (("models", "partition.num_nodes"), ("client state", "population.state_budget_mb"),
@@ -109,17 +109,13 @@ def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
         if exp.topology is not None:
             built += exp.topology.edges.nbytes + 2 * exp.topology.indices.nbytes
     est.parts.append(("built: libraries, data, graph", built))
-    copies = _POPULATION_COPIES.get(algo.pattern, 0) + (cfg.model.init == "independent")
-    if copies:
-        est.parts.append((f"models: {n:,} nodes x {numel:,} parameters x {copies}", copies * n * row))
-    if algo.pattern == "sync_fl":
-        if getattr(algo, "client_state_vectors", 0):
-            held = n * row * algo.client_state_vectors
-            if exp.population is not None:
-                held = min(held, cfg.population.state_budget_mb * 2**20)
-            est.parts.append(("client state", held))
-        if exp.population is None:
-            est.parts.append(("per-client counters", n * _COUNTER_BYTES_PER_CLIENT))
+    for what, copies in population_buffers(cfg, algo):
+        held = copies * n * row
+        if what == "client state" and exp.population is not None:     # kept within its budget
+            held = min(held, cfg.population.state_budget_mb * 2**20)
+        est.parts.append((f"{what}: {n:,} nodes x {numel:,} parameters x {copies}", held))
+    if algo.pattern == "sync_fl" and exp.population is None:
+        est.parts.append(("per-client counters", n * _COUNTER_BYTES_PER_CLIENT))
     k = round_nodes(exp)
     if algo.family == "fl":
         in_flight = getattr(algo, "concurrency", None) or k

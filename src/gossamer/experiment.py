@@ -378,6 +378,30 @@ _POPULATION_COPIES = {"sync_dl": 2, "async_gossip": 1, "choco": 3, "gradient_tra
 _GRAPH_BYTES_PER_EDGE = 500
 
 
+def population_buffers(cfg: ExperimentConfig, algorithm: Algorithm,
+                       population: bool = True) -> list[tuple[str, int]]:
+    """The model-sized ``[N, P]`` buffers a simulator run keeps for the whole population, by
+    what they hold and how many: what :func:`_check_population_memory` refuses on and
+    ``gossamer validate`` prints (``population`` False: a runtime process, which holds one
+    node's model, keeps only the independent initial models every process builds)."""
+    out = []
+    if population and _POPULATION_COPIES.get(algorithm.pattern, 0):
+        out.append((f"models ({algorithm.pattern})", _POPULATION_COPIES[algorithm.pattern]))
+    if cfg.model.init == "independent":
+        out.append(("independent initial models", 1))
+    if population and algorithm.pattern == "sync_fl":
+        comp, state = cfg.compression, int(algorithm.client_state_vectors)
+        if state:
+            out.append(("client state", state))
+        if comp.uplink is not None and comp.feedback not in ("none", "fetchsgd"):
+            out.append(("error-feedback residuals", 1))
+        if comp.uplink is not None and comp.feedback == "dgc":
+            out.append(("DGC momentum", 1))
+        if comp.downlink is not None:
+            out.append(("downlink compression memory", 1))
+    return out
+
+
 def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel: int,
                              population: bool = True) -> None:
     """Refuse, before any of it is allocated, a population of models (and a graph) that cannot
@@ -388,14 +412,7 @@ def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel:
     from gossamer import checks
 
     n = cfg.partition.num_nodes
-    copies = (_POPULATION_COPIES.get(algorithm.pattern, 0) if population else 0) \
-        + (cfg.model.init == "independent")          # the [N, P] initial models, built anyway
-    if population and algorithm.pattern == "sync_fl":
-        comp = cfg.compression
-        copies += int(algorithm.client_state_vectors)
-        copies += comp.uplink is not None and comp.feedback not in ("none", "fetchsgd")
-        copies += comp.uplink is not None and comp.feedback == "dgc"
-        copies += comp.downlink is not None
+    copies = sum(count for _, count in population_buffers(cfg, algorithm, population))
     edges = _expected_edges(cfg) if cfg.topology is not None and algorithm.family == "dl" else 0
     models, graph = 4 * n * numel * copies, _GRAPH_BYTES_PER_EDGE * edges
     if not models + graph:

@@ -9,7 +9,7 @@ from gossamer.config import Distribution, SystemConfig
 from gossamer.data import load_dataset
 from gossamer.population import ClientStore, SparseColumn
 from gossamer.population.clients import PartitionedClients, SyntheticClients
-from gossamer.population.profiles import LazySystemProfile, open_uniform, quantile
+from gossamer.population.profiles import lazy_profile, open_uniform, quantile
 
 
 def test_sparse_column_reads_default_until_written_and_adds_repeats():
@@ -101,11 +101,11 @@ def test_on_demand_partition_skews_labels_and_draws_counts_from_a_distribution()
 def test_lazy_profiles_follow_their_distributions():
     cfg = SystemConfig(sample_time_s={"dist": "lognormal", "median": 0.01, "sigma": 0.5},
                        bandwidth_up_Bps={"dist": "tiers", "values": [1e5, 1e6], "probs": [0.25, 0.75]})
-    prof = LazySystemProfile(cfg, 10**8, seed=0)
+    prof = lazy_profile(cfg, seed=0)
     nodes = np.arange(10**8 - 40_000, 10**8)
     t = prof.compute_s(nodes, np.ones(len(nodes)))
     assert abs(np.median(t) / 0.01 - 1) < 0.02
-    up = prof.value("bandwidth_up_Bps", nodes)
+    up = prof.bandwidth_up_Bps[nodes]
     assert set(np.unique(up).tolist()) == {1e5, 1e6} and abs((up == 1e5).mean() - 0.25) < 0.01
     assert np.array_equal(prof.compute_s(nodes[:3], 1), prof.compute_s(nodes[:3], 1))
     u = open_uniform(0, 1, np.arange(1000))

@@ -77,3 +77,22 @@ def test_launch_resume_continues_an_interrupted_deployment(write_config, tmp_pat
     rows = _rows(out)
     assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
     assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in _rows(reference)]
+
+
+@pytest.mark.parametrize("stop, row, want", [
+    ({"target_accuracy": 0.5}, {"test_accuracy": 0.6, "sim_time_s": 1.0}, "target_accuracy"),
+    ({"target_accuracy": 0.5, "stop_at_target": False}, {"test_accuracy": 0.6, "sim_time_s": 1.0}, None),
+    ({"target_accuracy": 0.5, "stop_at_target": False, "max_sim_time_s": 1.0},
+     {"test_accuracy": 0.6, "sim_time_s": 1.0}, "max_sim_time_s"),
+    ({"target_accuracy": 0.7}, {"test_accuracy": 0.6, "sim_time_s": 1.0}, None),
+])
+def test_coordinators_stop_by_the_same_rules_as_the_simulator(stop, row, want):
+    """Every runtime coordinator (synchronous, asynchronous, islands) asks ``_stopped``; with
+    ``stop_at_target: false`` a reached target does not end the run."""
+    from types import SimpleNamespace
+
+    from gossamer import config
+    from gossamer.runtime.coordinator import BaseCoordinator
+
+    cfg = config.validate(small_config("fedavg", stop={"rounds": 5, **stop}))
+    assert BaseCoordinator._stopped(SimpleNamespace(cfg=cfg), row) == want

@@ -8,7 +8,7 @@ differ from a materialized population's, whose draws come from one generator per
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import ndtri
@@ -16,9 +16,9 @@ from scipy.special import ndtri
 from gossamer import rng
 from gossamer.config import ConfigError, Distribution, SystemConfig
 
-# Field order fixes each field's counter key (its index), as in gossamer.sim.system.
-_FIELDS = ("sample_time_s", "latency_s", "bandwidth_up_Bps", "bandwidth_down_Bps",
-           "latency_up_s", "latency_down_s")
+if TYPE_CHECKING:
+    from gossamer.sim.system import SystemProfile
+
 
 
 def open_uniform(seed: int, stream: int, *keys: Any) -> np.ndarray:
@@ -49,41 +49,34 @@ def quantile(spec: Distribution, u: np.ndarray, nodes: np.ndarray | None = None)
     return values[np.minimum(index, len(values) - 1)]
 
 
-class LazySystemProfile:
-    """:class:`~gossamer.sim.system.SystemProfile`'s cost methods for a registered population:
-    each client's device and link values are computed from counters when asked for."""
+class DrawnColumn:
+    """A profile field of a registered population, used like the materialized profile's array:
+    ``column[nodes]`` draws each of ``nodes``' values from its counters (times ``factor``)."""
 
-    def __init__(self, cfg: SystemConfig, n: int, seed: int, compute_factor: float = 1.0) -> None:
-        self.n, self.seed, self.compute_factor = n, seed, compute_factor
-        self.specs: dict[str, tuple[int, Distribution]] = {}
-        for key, field in enumerate(_FIELDS):
-            spec = getattr(cfg, field)
-            if spec is None:
-                continue
-            if spec.dist in ("per_node", "trace"):
-                raise ConfigError(f"system.{field}", f"dist {spec.dist} lists one value per node; a "
-                                  "lazy population draws them (constant, uniform, lognormal, "
-                                  "exponential, tiers)")
-            if field.startswith("bandwidth") and quantile(spec, np.array([1e-16]))[0] <= 0:
-                raise ConfigError(f"system.{field}", "bandwidth must be > 0 for every node")
-            self.specs[field] = (key, spec)
-        for name in ("latency_up_s", "latency_down_s"):
-            self.specs.setdefault(name, self.specs["latency_s"])
-        self.server_bandwidth_Bps = cfg.server_bandwidth_Bps
+    def __init__(self, spec: Distribution, seed: int, key: int, factor: float = 1.0) -> None:
+        self.spec, self.seed, self.key, self.factor = spec, seed, key, factor
 
-    def value(self, field: str, nodes: np.ndarray) -> np.ndarray:
-        """``field``'s value for each of ``nodes``."""
-        key, spec = self.specs[field]
-        return quantile(spec, open_uniform(self.seed, rng.STREAM_SYSTEM, key, np.asarray(nodes, dtype=np.int64)))
+    def __getitem__(self, nodes: np.ndarray | int) -> np.ndarray:
+        u = open_uniform(self.seed, rng.STREAM_SYSTEM, self.key, np.asarray(nodes, dtype=np.int64))
+        return quantile(self.spec, u) * self.factor
 
-    def compute_s(self, nodes: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        return self.value("sample_time_s", nodes) * self.compute_factor * samples
 
-    def upload_s(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> np.ndarray:
-        return self.value("latency_up_s", nodes) + nbytes / self.value("bandwidth_up_Bps", nodes)
+def lazy_profile(cfg: SystemConfig, seed: int, compute_factor: float = 1.0) -> SystemProfile:
+    """A :class:`~gossamer.sim.system.SystemProfile` (the same cost methods) whose fields are
+    :class:`DrawnColumn` s: nothing of length N. Field ``k`` of ``_PROFILE_FIELDS`` draws with
+    key ``k``; ``compute_factor`` scales seconds per sample (SAM's two passes)."""
+    from gossamer.sim.system import _PROFILE_FIELDS, SystemProfile
 
-    def download_s(self, nodes: np.ndarray, nbytes: int | np.ndarray) -> np.ndarray:
-        return self.value("latency_down_s", nodes) + nbytes / self.value("bandwidth_down_Bps", nodes)
-
-    def server_fanout_s(self, total_bytes: int) -> float:
-        return 0.0 if self.server_bandwidth_Bps is None else total_bytes / self.server_bandwidth_Bps
+    columns: dict[str, DrawnColumn] = {}
+    for key, field in enumerate(_PROFILE_FIELDS):
+        spec = getattr(cfg, field)
+        if spec is None:                             # latency_up_s / latency_down_s: latency_s
+            continue
+        if spec.dist in ("per_node", "trace"):
+            raise ConfigError(f"system.{field}", f"dist {spec.dist} lists one value per node; a "
+                              "lazy population draws them (constant, uniform, lognormal, "
+                              "exponential, tiers)")
+        if field.startswith("bandwidth") and quantile(spec, np.array([1e-16]))[0] <= 0:
+            raise ConfigError(f"system.{field}", "bandwidth must be > 0 for every node")
+        columns[field] = DrawnColumn(spec, seed, key, compute_factor if field == "sample_time_s" else 1.0)
+    return SystemProfile(**columns, server_bandwidth_Bps=cfg.server_bandwidth_Bps)  # type: ignore[arg-type]

@@ -206,11 +206,8 @@ class AsyncCoordinator(BaseCoordinator):
                                           "bytes": row["bytes_up"] + row["bytes_down"]}
             if stopped_by != "rounds":
                 break
-            if stop.target_accuracy is not None and acc >= stop.target_accuracy and stop.stop_at_target:
-                stopped_by = "target_accuracy"
-                break
-            if stop.max_sim_time_s is not None and row["sim_time_s"] >= stop.max_sim_time_s:
-                stopped_by = "max_sim_time_s"
+            if (rule := self._stopped(row)) is not None:
+                stopped_by = rule
                 break
             if row["round"] >= stop.rounds:
                 break

@@ -264,10 +264,11 @@ class BaseCoordinator:
         log.warning("rejected a call: %s", reason)
 
     def _stopped(self, row: dict[str, Any]) -> str | None:
-        """Which stop rule ``row`` (an evaluation) meets, if any: ``target_accuracy`` or
-        ``max_sim_time_s``."""
+        """Which stop rule ``row`` (an evaluation) meets, if any: ``target_accuracy`` (unless
+        ``stop_at_target`` is false: the run then goes on past it) or ``max_sim_time_s``."""
         stop = self.cfg.stop
-        if stop.target_accuracy is not None and row["test_accuracy"] >= stop.target_accuracy:
+        if (stop.target_accuracy is not None and stop.stop_at_target
+                and row["test_accuracy"] >= stop.target_accuracy):
             return "target_accuracy"
         if stop.max_sim_time_s is not None and row["sim_time_s"] >= stop.max_sim_time_s:
             return "max_sim_time_s"

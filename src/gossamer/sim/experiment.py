@@ -23,10 +23,10 @@ def build_experiment(cfg: ExperimentConfig, *, population: bool = True) -> Exper
     exp = build(cfg, population=population)
     n = exp.num_nodes
     if exp.population is not None:          # registered: profiles drawn when clients act
-        from gossamer.population.profiles import LazySystemProfile
+        from gossamer.population.profiles import lazy_profile
 
         factor = 2.0 if exp.trainer.optimizer.sam_rho else 1.0
-        exp.system = LazySystemProfile(cfg.system, n, cfg.seed, factor)
+        exp.system = lazy_profile(cfg.system, cfg.seed, factor)
         exp.availability = Availability("always", n, cfg.seed)
         exp.faults = Faults.from_config(cfg, 0, degrees=None, has_data=np.zeros(0, dtype=bool))
         return exp

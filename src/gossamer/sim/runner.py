@@ -95,8 +95,10 @@ class Runner:
         write_json(self.run_dir / "environment.json", environment())
 
     def checkpoint(self) -> None:
-        driver = self.driver.state_dict()    # on every rank: a sharded driver gathers its rows
-        if not self.primary:                 # rank 0 saves
+        if not self.primary and not self.driver.collective_state:    # rank 0 saves
+            return
+        driver = self.driver.state_dict()    # sharded DL: every rank, to gather the rows
+        if not self.primary:
             return
         state = {"driver": driver,
                  "runner": {"time_to_target": self.time_to_target,

@@ -177,7 +177,8 @@ _PROFILE_FIELDS = ("sample_time_s", "latency_s", "bandwidth_up_Bps", "bandwidth_
 
 @dataclass(frozen=True)
 class SystemProfile:
-    """Per-node device and link parameters, arrays of length N.
+    """Per-node device and link parameters, arrays of length N (a registered population's are
+    :class:`~gossamer.population.profiles.DrawnColumn` s, indexed the same way, drawn on demand).
 
     ``upload_s`` / ``download_s`` use ``latency_up_s`` / ``latency_down_s``, which default to
     ``latency_s`` (the same array); drivers that model one latency per peer-to-peer

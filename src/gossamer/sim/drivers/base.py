@@ -17,6 +17,8 @@ class Driver:
 
     columns: list[str] = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy",
                           "test_loss", "train_loss"]
+    # state_dict and global_params are collectives that every rank of a sharded run must call
+    collective_state = False
 
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp

@@ -80,6 +80,8 @@ def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
 class ShardedSyncDLDriver(SyncDLDriver):
     """:class:`SyncDLDriver` over the nodes of one rank (see the module)."""
 
+    collective_state = True          # the checkpoint gathers every rank's rows
+
     def __init__(self, exp: Experiment, shard: Shard) -> None:
         self.shard = shard
         # batch shapes fixed by the population, not by the other nodes of a call: a node then
@@ -200,10 +202,11 @@ class ShardedSyncDLDriver(SyncDLDriver):
         where = np.concatenate([[0], np.cumsum(plan.recv)])
         at = np.where(np.arange(shard.world) < shard.rank, where[:-1], where[:-1] + self.own)
         try:
-            pending = []
+            pending, outgoing = [], []                 # the sent rows live until their sends end
             for k in range(shard.world):
                 if len(plan.send[k]):
-                    pending.append(dist.isend(own[torch.from_numpy(plan.send[k])], k))
+                    outgoing.append(own[torch.from_numpy(plan.send[k])])
+                    pending.append(dist.isend(outgoing[-1], k))
                 if plan.recv[k]:
                     pending.append(dist.irecv(held[at[k]: at[k] + plan.recv[k]], k))
             for request in pending:
@@ -227,8 +230,9 @@ class ShardedSyncDLDriver(SyncDLDriver):
             evaluate = exp.evaluator.evaluate
             mine = nodes[(nodes >= lo) & (nodes < hi)]
             measured = torch.zeros(len(mine), 2, dtype=torch.float64)
-            if len(mine):
-                acc, loss = evaluate(self.params[torch.from_numpy(mine - lo)])
+            if len(mine):                            # all own nodes: the rows as they are
+                rows = self.params if len(mine) == self.own else self.params[torch.from_numpy(mine - lo)]
+                acc, loss = evaluate(rows)
                 measured[:, 0], measured[:, 1] = acc.double(), loss.double()
             counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum())
                       for k in range(shard.world)]
