@@ -117,19 +117,19 @@ def _config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_metrics_are_bit_identical_with_1_2_4_ranks_and_after_a_killed_rank_resumes(tmp_path):
+def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resumes_with_1(tmp_path):
     cfg = _config(tmp_path)
     texts = []
-    for ranks in (1, 2, 4):       # 2 ranks share memory; 4 all_gather, as across machines
+    for ranks in (2, 4):          # 2 ranks share memory; 4 all_gather, as across machines
         out = tmp_path / f"r{ranks}"
         done = _gossamer("run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet",
                          env={"GOSSAMER_SHARDED_TRANSPORT": "shared" if ranks == 2 else "p2p"})
         assert done.returncode == 0, done.stderr[-2000:]
         texts.append((out / "metrics.csv").read_text())
-    assert texts[0] == texts[1] == texts[2]
-    models = [torch.load(tmp_path / f"r{k}" / "model.pt", weights_only=True) for k in (1, 2, 4)]
+    assert texts[0] == texts[1]
+    models = [torch.load(tmp_path / f"r{k}" / "model.pt", weights_only=True) for k in (2, 4)]
     for name, value in models[0].items():                 # the model itself, bit for bit
-        assert torch.equal(value, models[1][name]) and torch.equal(value, models[2][name])
+        assert torch.equal(value, models[1][name])
     rows = texts[0].splitlines()
     assert len(rows) == 7 and rows[-1].split(",")[7] == "80"      # 40% of 200 clients a round
     # rank 1 of 2 killed at round 3 (checkpoints every 2): one line, exit 3; resumed with 1 rank
@@ -141,9 +141,11 @@ def test_metrics_are_bit_identical_with_1_2_4_ranks_and_after_a_killed_rank_resu
     assert last.startswith("gossamer: rank 1 of 2 stopped (signal SIGKILL)") and "--resume" in last
     assert "Traceback" not in died.stderr
     assert len((out / "metrics.csv").read_text().splitlines()) < 7
-    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
+    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")     # 1 rank
     assert back.returncode == 0, back.stderr[-2000:]
     assert (out / "metrics.csv").read_text() == texts[0]
+    resumed = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(value, resumed[name]) for name, value in models[0].items())
 
 
 @pytest.mark.slow
@@ -158,17 +160,16 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
     outs = {}
-    for ranks in (1, 4):          # 4 ranks send their rows point to point, as across machines
+    for ranks in (4,):            # 4 ranks send their rows point to point, as across machines
         out = tmp_path / f"r{ranks}"
         done = _gossamer("run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
                          env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
         assert done.returncode == 0, done.stderr[-2000:]
         outs[ranks] = [(out / f).read_bytes() for f in files]
-    assert outs[1] == outs[4]
-    rows = outs[1][0].decode().splitlines()
+    rows = outs[4][0].decode().splitlines()
     assert len(rows) == 7 and float(rows[-1].split(",")[12]) < 1e-9     # final merge: consensus
     # 2 ranks sharing memory: rounds 1-2 (checkpointed), then rank 0 killed at round 3;
-    # resumed with 1 rank, the whole run equals the others
+    # resumed with 1 rank, the whole run equals the 4 ranks' (1, 2 and 4 ranks agree)
     out = tmp_path / "killed"
     died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "0",
@@ -177,7 +178,7 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     assert died.stderr.strip().splitlines()[-1].startswith("gossamer: rank 0 of 2 stopped (signal SIGKILL)")
     back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in files] == outs[1]
+    assert [(out / f).read_bytes() for f in files] == outs[4]
 
 
 @pytest.mark.slow
