@@ -220,23 +220,29 @@ class AsyncFLDriver(Driver):
 
     def _train_pending(self, first: SimTask) -> None:
         """Train ``first`` and every other deliverable untrained task in one batched call."""
-        exp = self.exp
         pending = [first] + [x for x in self.tasks if x.delivered and x.message is None]
-        rows = torch.stack([x.start for x in pending])
-        nodes = np.array([x.plan.client for x in pending], dtype=np.int64)
-        keys = np.array([x.plan.key for x in pending], dtype=np.int64)
-        steps = np.array([x.steps for x in pending], dtype=np.int64) if first.steps else None
+        messages, result = self._train_tasks(pending, first)
+        for i, task in enumerate(pending):
+            task.message, task.start = messages[i].clone(), None
+            task.loss, task.trained_steps = float(result.loss[i]), int(result.steps[i])
+
+    def _train_tasks(self, tasks: list[SimTask], first: SimTask) -> tuple[torch.Tensor, Any]:
+        """Train ``tasks`` (untrained, from their start rows) in one batched call: their uploads
+        ``[B, P]`` and the trainer's result. ``first``: the arrival that made them train."""
+        exp = self.exp
+        rows = torch.stack([x.start for x in tasks])
+        nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
+        keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
+        steps = np.array([x.steps for x in tasks], dtype=np.int64) if first.steps else None
         with self.timer("train_s"):
             result = exp.trainer.train(rows, nodes, keys, steps=steps)
-            if not np.array_equal(result.samples, [x.samples for x in pending]):
+            if not np.array_equal(result.samples, [x.samples for x in tasks]):
                 raise RuntimeError("trainer processed a different number of samples than planned")
             trained = result.params
             if self.attack:
                 trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
             messages = self.algorithm.client_message(trained, rows, result.steps, self.protocol.lr)
-        for i, task in enumerate(pending):
-            task.message, task.start = messages[i].clone(), None
-            task.loss, task.trained_steps = float(result.loss[i]), int(result.steps[i])
+        return messages, result
 
     # --- reporting -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:

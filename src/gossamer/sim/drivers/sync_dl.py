@@ -99,6 +99,25 @@ class SyncDLDriver(Driver):
             self._restart(faults.rejoined())
         self.last_online = online
         self.round_gossip_steps = exp.algorithm.gossip_steps_at(r, exp.cfg.stop.rounds)
+        samples = self._train_round(online, r)
+        self._use_round_graph(r)
+        sent, delivered = self._links(online, r)
+        mixing = protocol.round_mixing(self.graph, online, delivered)
+        with self.timer("communicate_s"):
+            if self.gathered:
+                self._merge_gathered(mixing, online, r)
+            else:
+                self._mix(mixing)
+        self._account(online, samples, sent, delivered, r)
+        if protocol.final_merge_due(exp.algorithm, r, exp.cfg.stop.rounds):
+            with self.timer("communicate_s"):
+                self._final_merge(online)
+        self.round = r
+
+    def _train_round(self, online: np.ndarray, r: int) -> np.ndarray:
+        """Every online node with data trains, in one batched call; the samples each node
+        processed ``[N]`` (its compute time's input)."""
+        exp = self.exp
         train_ids = np.flatnonzero(online & self.has_data)
         samples = np.zeros(exp.num_nodes)
         with self.timer("train_s"):
@@ -114,19 +133,7 @@ class SyncDLDriver(Driver):
                 samples[train_ids] = result.samples
                 self.node_steps += int(result.steps.sum())
                 self.train_loss = float(result.loss.mean())
-        self._use_round_graph(r)
-        sent, delivered = self._links(online, r)
-        mixing = protocol.round_mixing(self.graph, online, delivered)
-        with self.timer("communicate_s"):
-            if self.gathered:
-                self._merge_gathered(mixing, online, r)
-            else:
-                self._mix(mixing)
-        self._account(online, samples, sent, delivered, r)
-        if protocol.final_merge_due(exp.algorithm, r, exp.cfg.stop.rounds):
-            with self.timer("communicate_s"):
-                self._final_merge(online)
-        self.round = r
+        return samples
 
     def _local_objective(self, train_ids: np.ndarray) -> LocalObjective | None:
         """What the algorithm adds to the local steps of ``train_ids`` (called just before

@@ -30,7 +30,7 @@ class ShardedAsyncFLDriver(AsyncFLDriver):
         self.shard = shard
 
     def _train_pending(self, first: SimTask) -> None:
-        exp, shard = self.exp, self.shard
+        shard = self.shard
         pending = [first] + [x for x in self.tasks if x.delivered and x.message is None]
         nodes = np.array([x.plan.client for x in pending], dtype=np.int64)
         owner = shard.owner(nodes)
@@ -41,18 +41,10 @@ class ShardedAsyncFLDriver(AsyncFLDriver):
         # below 2^24, are exact in the model's dtype)
         send = torch.empty(len(mine), numel + 2, dtype=dtype)
         if mine:
-            rows = torch.stack([x.start for x in mine])
-            own = nodes[owner == shard.rank]
-            keys = np.array([x.plan.key for x in mine], dtype=np.int64)
-            steps = np.array([x.steps for x in mine], dtype=np.int64) if first.steps else None
-            with self.timer("train_s"):
-                result = exp.trainer.train(rows, own, keys, steps=steps)
-                if not np.array_equal(result.samples, [x.samples for x in mine]):
-                    raise RuntimeError("trainer processed a different number of samples than planned")
-                send[:, :numel] = self.algorithm.client_message(result.params, rows, result.steps,
-                                                                self.protocol.lr)
-                send[:, numel] = result.loss.to(dtype)
-                send[:, numel + 1] = torch.from_numpy(np.asarray(result.steps)).to(dtype)
+            messages, result = self._train_tasks(mine, first)
+            send[:, :numel] = messages
+            send[:, numel] = result.loss.to(dtype)
+            send[:, numel + 1] = torch.from_numpy(np.asarray(result.steps)).to(dtype)
         with self.timer("communicate_s"):
             counts = np.bincount(owner, minlength=shard.world).tolist()
             got = gather_rows(shard, send, counts, f"update {self.state.version + 1}'s training")

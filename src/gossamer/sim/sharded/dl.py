@@ -26,7 +26,6 @@ import torch
 
 from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.protocols import dl_metrics
-from gossamer.protocols import sync_dl as protocol
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.sharded.base import (
@@ -129,14 +128,12 @@ class ShardedSyncDLDriver(SyncDLDriver):
             self.params = held[plan.below: plan.below + self.own]
         self.plan, self._plan_for = plan, w
 
-    # --- one round ------------------------------------------------------------------------------
-    def run_round(self) -> None:
-        exp, r, shard = self.exp, self.round + 1, self.shard
-        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
-        online = exp.online(self.sim_time)          # everyone: availability changes are refused
-        self.last_online = online
-        self.round_gossip_steps = exp.algorithm.gossip_steps_at(r, exp.cfg.stop.rounds)
-        train_ids = lo + np.flatnonzero(self.has_data[lo:hi])
+    # --- one round: SyncDLDriver.run_round, with these steps -------------------------------------
+    def _train_round(self, online: np.ndarray, r: int) -> np.ndarray:
+        """This rank's nodes train; every rank then has every node's samples, steps and loss."""
+        exp, shard = self.exp, self.shard
+        lo = shard.lo
+        train_ids = lo + np.flatnonzero(self.has_data[lo:shard.hi])    # everyone is online
         mine = torch.zeros(len(train_ids), 3, dtype=torch.float64)    # loss, steps, samples
         with self.timer("train_s"):
             objective = self._local_objective(train_ids)
@@ -156,23 +153,19 @@ class ShardedSyncDLDriver(SyncDLDriver):
         with self.timer("communicate_s"):
             counts = [int(self.has_data[shard.edges[k]:shard.edges[k + 1]].sum()) for k in range(shard.world)]
             stats = gather_rows(shard, mine, counts, f"round {r}'s training")
-        samples = np.zeros(n)
+        samples = np.zeros(exp.num_nodes)
         samples[everyone] = stats[:, 2].numpy()
         if len(everyone):
             self.node_steps += int(stats[:, 1].sum())
             self.train_loss = float(stats[:, 0].float().mean())
-        self._use_round_graph(r)
+        return samples
+
+    def _use_round_graph(self, r: int) -> None:
+        super()._use_round_graph(r)
         self._use_plan(self.graph.mixing)
-        sent, delivered = self._links(online, r)
-        with self.timer("communicate_s"):
-            self._mix(None)
-        self._account(online, samples, sent, delivered, r)
-        if protocol.final_merge_due(exp.algorithm, r, exp.cfg.stop.rounds):
-            with self.timer("communicate_s"):
-                self._final_merge(online)
-        self.round = r
 
     def _mix(self, mixing) -> None:
+        # ``mixing`` is None: everyone is online and every message arrives (the rest is refused)
         if self.shared is not None:
             lo, hi = self.shard.lo, self.shard.hi
             for step in range(self.round_gossip_steps):
