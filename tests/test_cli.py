@@ -230,10 +230,10 @@ def test_estimate_counts_the_population_copies_and_a_state_budget():
     def parts(exp):
         est = estimate(exp, time_it=False)
         assert est.round_s is None
-        return {what.split(":")[0]: size for what, size in est.parts}
+        return {what.split(" (")[0]: size for what, size in est.parts}
 
     exp = build_experiment(config.validate(small_config("dpsgd")))
-    assert parts(exp)["models (sync_dl)"] == 2 * 8 * 4 * exp.spec.numel
+    assert parts(exp)["sync_dl models"] == 2 * 8 * 4 * exp.spec.numel
     # the same buffers the builder's memory check counts: compression's too
     cfg = small_config("fedavg", compression={"uplink": {"name": "topk", "params": {"density": 0.1}},
                                               "feedback": "dgc", "downlink": {"name": "quantize", "params": {"bits": 8}}})

@@ -19,8 +19,9 @@ import torch
 from gossamer import checks
 from gossamer.experiment import Experiment, population_buffers
 
-# the field that moves each part of the estimate
-_FIELDS = (("models", "partition.num_nodes"), ("client state", "population.state_budget_mb"),
+# the field that moves each part of the estimate (any other, e.g. the population's models:
+# partition.num_nodes)
+_FIELDS = (("client state", "population.state_budget_mb"),
            ("per-client counters", "population.lazy"), ("client rows", "algorithm.params"),
            ("training pass", "local.batch_size"))
 _COUNTER_BYTES_PER_CLIENT = 56      # sync FL's dense per-client counters (accounting, has_data)
@@ -113,7 +114,7 @@ def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
         held = copies * n * row
         if what == "client state" and exp.population is not None:     # kept within its budget
             held = min(held, cfg.population.state_budget_mb * 2**20)
-        est.parts.append((f"{what}: {n:,} nodes x {numel:,} parameters x {copies}", held))
+        est.parts.append((f"{what} ({n:,} nodes x {numel:,} parameters x {copies})", held))
     if algo.pattern == "sync_fl" and exp.population is None:
         est.parts.append(("per-client counters", n * _COUNTER_BYTES_PER_CLIENT))
     k = round_nodes(exp)

@@ -386,7 +386,7 @@ def population_buffers(cfg: ExperimentConfig, algorithm: Algorithm,
     node's model, keeps only the independent initial models every process builds)."""
     out = []
     if population and _POPULATION_COPIES.get(algorithm.pattern, 0):
-        out.append((f"models ({algorithm.pattern})", _POPULATION_COPIES[algorithm.pattern]))
+        out.append((f"{algorithm.pattern} models", _POPULATION_COPIES[algorithm.pattern]))
     if cfg.model.init == "independent":
         out.append(("independent initial models", 1))
     if population and algorithm.pattern == "sync_fl":
