@@ -126,7 +126,7 @@ def shared_tensor(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> t
             tensor = torch.from_file(path[0], shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
         dist.barrier()
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(shard, exc, "setting up shared memory") from None
+        raise rank_lost(shard, exc, "setting up shared memory") from None
     finally:
         if shard.primary and path[0] is not None:
             os.unlink(path[0])
@@ -163,10 +163,10 @@ def barrier(shard: Shard, during: str) -> None:
     try:
         dist.barrier()
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(shard, exc, during) from None
+        raise rank_lost(shard, exc, during) from None
 
 
-def _lost(shard: Shard, exc: Exception, during: str) -> RankLost:
+def rank_lost(shard: Shard, exc: Exception, during: str) -> RankLost:
     reason = str(exc).split("] ", 1)[-1].split(". ")[0]
     return RankLost(f"rank {shard.rank} of {shard.world}: another rank stopped during {during} ({reason})")
 
@@ -181,7 +181,7 @@ def gather(shard: Shard, send: torch.Tensor, during: str) -> list[torch.Tensor]:
     try:
         dist.all_gather(out, send)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(shard, exc, during) from None
+        raise rank_lost(shard, exc, during) from None
     return out
 
 
@@ -207,7 +207,7 @@ def exchange(shard: Shard, send: torch.Tensor, send_counts: list[int], recv: tor
     try:
         dist.all_to_all_single(recv, send, recv_counts, send_counts)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(shard, exc, during) from None
+        raise rank_lost(shard, exc, during) from None
 
 
 def block_sums(rows: torch.Tensor, first_id: int) -> torch.Tensor:

@@ -30,10 +30,10 @@ from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.sharded.base import (
     Shard,
-    _lost,
     barrier,
     gather_rows,
     population_mean,
+    rank_lost,
     shared_if_possible,
 )
 from gossamer.topology import to_torch_sparse
@@ -205,7 +205,7 @@ class ShardedSyncDLDriver(SyncDLDriver):
             for request in pending:
                 request.wait()
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise _lost(shard, exc, f"round {self.round + 1}'s mixing step {step + 1}") from None
+            raise rank_lost(shard, exc, f"round {self.round + 1}'s mixing step {step + 1}") from None
 
     def _average(self, members: np.ndarray) -> None:
         # every node is online (availability changes are refused): all take the exact mean
@@ -284,7 +284,7 @@ class ShardedSyncDLDriver(SyncDLDriver):
                     dist.recv(full[a:b], k)
             return full
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise _lost(shard, exc, f"round {self.round}'s checkpoint") from None
+            raise rank_lost(shard, exc, f"round {self.round}'s checkpoint") from None
 
     def state_dict(self) -> dict[str, Any]:
         full = self._all_rows()
