@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from gossamer.sim.system import SystemProfile
 
 
-
 def open_uniform(seed: int, stream: int, *keys: Any) -> np.ndarray:
     """Counter-based uniforms in the open interval (0, 1) (safe for quantile functions)."""
     h = rng.hash_u64(seed, stream, *keys)

@@ -24,6 +24,7 @@ from gossamer.training.evaluator import local_losses
 
 if TYPE_CHECKING:
     from gossamer.algorithms.local import LocalObjective
+    from gossamer.training.trainer import TrainResult
 
 
 class SyncDLDriver(Driver):
@@ -117,23 +118,31 @@ class SyncDLDriver(Driver):
     def _train_round(self, online: np.ndarray, r: int) -> np.ndarray:
         """Every online node with data trains, in one batched call; the samples each node
         processed ``[N]`` (its compute time's input)."""
-        exp = self.exp
         train_ids = np.flatnonzero(online & self.has_data)
-        samples = np.zeros(exp.num_nodes)
-        with self.timer("train_s"):
-            objective = self._local_objective(train_ids)
-            extra = {} if objective is None else {"objective": objective}
-            if len(train_ids) == exp.num_nodes:      # everyone trains: update rows in place
-                result = exp.trainer.train(self.params, train_ids, r, inplace=True, **extra)
-            elif len(train_ids):
-                rows = self.params[train_ids]
-                result = exp.trainer.train(rows, train_ids, r, inplace=True, **extra)
-                self.params[train_ids] = rows
-            if len(train_ids):
-                samples[train_ids] = result.samples
-                self.node_steps += int(result.steps.sum())
-                self.train_loss = float(result.loss.mean())
+        samples = np.zeros(self.exp.num_nodes)
+        result = self._train_rows(train_ids, r)
+        if result is not None:
+            samples[train_ids] = result.samples
+            self.node_steps += int(result.steps.sum())
+            self.train_loss = float(result.loss.mean())
         return samples
+
+    def _train_rows(self, train_ids: np.ndarray, r: int, first: int = 0) -> TrainResult | None:
+        """Train nodes ``train_ids`` (sorted) in place, in one batched call: ``self.params``
+        holds the rows of nodes ``first``, ``first + 1``, ... (a sharded driver: its own)."""
+        trainer = self.exp.trainer
+        with self.timer("train_s"):
+            objective = self._local_objective(train_ids)     # also when none trains (its state)
+            if not len(train_ids):
+                return None
+            extra = {} if objective is None else {"objective": objective}
+            if len(train_ids) == self.params.shape[0]:      # every row trains: in place
+                return trainer.train(self.params, train_ids, r, inplace=True, **extra)
+            idx = torch.from_numpy(train_ids - first)
+            rows = self.params[idx]
+            result = trainer.train(rows, train_ids, r, inplace=True, **extra)
+            self.params[idx] = rows
+            return result
 
     def _local_objective(self, train_ids: np.ndarray) -> LocalObjective | None:
         """What the algorithm adds to the local steps of ``train_ids`` (called just before

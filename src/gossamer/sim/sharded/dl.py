@@ -135,20 +135,11 @@ class ShardedSyncDLDriver(SyncDLDriver):
         lo = shard.lo
         train_ids = lo + np.flatnonzero(self.has_data[lo:shard.hi])    # everyone is online
         mine = torch.zeros(len(train_ids), 3, dtype=torch.float64)    # loss, steps, samples
-        with self.timer("train_s"):
-            objective = self._local_objective(train_ids)
-            extra = {} if objective is None else {"objective": objective}
-            if len(train_ids) == self.own:
-                result = exp.trainer.train(self.params, train_ids, r, inplace=True, **extra)
-            elif len(train_ids):
-                idx = torch.from_numpy(train_ids - lo)
-                rows = self.params[idx]
-                result = exp.trainer.train(rows, train_ids, r, inplace=True, **extra)
-                self.params[idx] = rows
-            if len(train_ids):
-                mine[:, 0] = result.loss.double()
-                mine[:, 1] = torch.from_numpy(np.asarray(result.steps, dtype=np.float64))
-                mine[:, 2] = torch.from_numpy(np.asarray(result.samples, dtype=np.float64))
+        result = self._train_rows(train_ids, r, first=lo)
+        if result is not None:
+            mine[:, 0] = result.loss.double()
+            mine[:, 1] = torch.from_numpy(np.asarray(result.steps, dtype=np.float64))
+            mine[:, 2] = torch.from_numpy(np.asarray(result.samples, dtype=np.float64))
         everyone = np.flatnonzero(self.has_data)
         with self.timer("communicate_s"):
             counts = [int(self.has_data[shard.edges[k]:shard.edges[k + 1]].sum()) for k in range(shard.world)]
