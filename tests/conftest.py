@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +60,12 @@ def write_config(tmp_path):
 
 def gossamer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gossamer", *args]
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child a test interrupts with SIGINT: Python's default handler for it,
+    even where the tests themselves run with SIGINT ignored (started with ``&`` or nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def subprocess_env(**extra: str) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from gossamer import wire
 from gossamer.cli import main
-from tests.conftest import gossamer_cmd, small_config, subprocess_env
+from tests.conftest import gossamer_cmd, interruptible, small_config, subprocess_env
 
 
 def _run(write_config, tmp_path, cfg, name):
@@ -197,7 +197,8 @@ def test_sweep_interrupted_with_ctrl_c_then_rerun_finishes_only_what_is_missing(
     argv = ["sweep", str(config), "--grid", "local.lr=0.05,0.1", "--seeds", "2", "--out", str(out),
             "--targets", "0.2"]
     proc = subprocess.Popen(gossamer_cmd(*argv), env=subprocess_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            preexec_fn=interruptible, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     while not list(out.glob("*/seed=*/summary.json")) and proc.poll() is None:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)

@@ -7,15 +7,17 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
 from gossamer.cli import main
+from gossamer.processes import start
 from gossamer.runtime import schema
 from gossamer.runtime.codec import model_frames
-from tests.conftest import gossamer_cmd, small_config, subprocess_env
+from tests.conftest import gossamer_cmd, interruptible, small_config, subprocess_env
 
 
 def _cfg(**runtime):
@@ -38,14 +40,17 @@ def _rows(run_dir):
 
 
 class Procs:
-    """Processes started by a test; all are killed at the end, whatever happens."""
+    """Processes started by a test (as ``gossamer launch`` starts its own: forked from a
+    forkserver that imported PyTorch once); all are killed at the end, whatever happens. A
+    process's output goes to a file, read back through its ``stdout``."""
 
-    def __init__(self):
-        self.procs = []
+    def __init__(self, logs: Path):
+        self.procs, self.logs = [], logs
 
     def start(self, *args, env=None):
-        p = subprocess.Popen(gossamer_cmd(*args), env=env or subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = self.logs / f"{len(self.procs)}-{args[0]}.log"
+        p = start(list(args), env or subprocess_env(), log=log)
+        p.stdout = _Output(log)
         self.procs.append(p)
         return p
 
@@ -56,9 +61,19 @@ class Procs:
             p.wait(timeout=10)
 
 
+class _Output:
+    """What a process wrote so far, as from a pipe: ``read()`` returns bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> bytes:
+        return self.path.read_bytes() if self.path.exists() else b""
+
+
 @pytest.fixture
-def procs():
-    ps = Procs()
+def procs(tmp_path_factory):
+    ps = Procs(tmp_path_factory.mktemp("logs"))
     yield ps
     ps.close()
 
@@ -229,15 +244,27 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(write_config, tmp_path, pr
         assert not _put(channel, []).ok                            # TLS works; empty message rejected
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def _live_processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or open files name ``text`` (a launched child is forked
+    from a forkserver, so its command line is the forkserver's; its log file is open)."""
     pids = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline and int(entry) != os.getpid():
+        if entry.isdigit() and int(entry) != os.getpid():
+            named = []
+            for path in ["cmdline", *(f"fd/{fd}" for fd in _listdir(f"/proc/{entry}/fd"))]:
+                try:                                   # either may be gone by now
+                    named.append(open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+                                 if path == "cmdline" else os.readlink(f"/proc/{entry}/{path}"))
+                except OSError:
+                    pass
+            if any(text in name for name in named):
                 pids.append(int(entry))
     return pids
 
@@ -249,7 +276,7 @@ def test_ctrl_c_on_the_launcher_stops_every_process(write_config, tmp_path):
     out = tmp_path / "interrupted"
     launcher = subprocess.Popen(gossamer_cmd("launch", str(path), "--out", str(out)),
                                 env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 90
         while not (out / "metrics.csv").exists():               # the run is under way

@@ -1,9 +1,8 @@
 """The simulator sharded over torch.distributed ranks: work split, exact sums, failures, resume."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +17,6 @@ from gossamer.sim.sharded import BLOCK, Shard, block_sums, check, ranges
 from gossamer.sim.sharded.dl import halo
 from gossamer.topology import to_torch_sparse
 from tests.conftest import small_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ranges_are_contiguous_block_aligned_and_balanced_by_work():
@@ -101,9 +98,26 @@ def test_an_unknown_transport_is_refused_naming_the_variable(monkeypatch):
     assert err.value.field == TRANSPORT_ENV
 
 
-def _gossamer(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "gossamer", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, **(env or {})), timeout=300)
+def _gossamer(capfd, *args, env=None):
+    """``gossamer ARGS`` with ``env`` added, run by this process: the launcher forks its ranks
+    from this process's forkserver (gossamer/processes.py), so PyTorch is imported once a test
+    session, not once a rank; what the launcher and its ranks print is read from the file
+    descriptors."""
+    from gossamer.cli import main
+
+    capfd.readouterr()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        code = main(list(args))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    out, err = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def _config(tmp_path: Path) -> Path:
@@ -117,12 +131,12 @@ def _config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resumes_with_1(tmp_path):
+def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resumes_with_1(tmp_path, capfd):
     cfg = _config(tmp_path)
     texts = []
     for ranks in (2, 4):          # 2 ranks share memory; 4 all_gather, as across machines
         out = tmp_path / f"r{ranks}"
-        done = _gossamer("run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet",
+        done = _gossamer(capfd, "run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet",
                          env={"GOSSAMER_SHARDED_TRANSPORT": "shared" if ranks == 2 else "p2p"})
         assert done.returncode == 0, done.stderr[-2000:]
         texts.append((out / "metrics.csv").read_text())
@@ -134,14 +148,14 @@ def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resume
     assert len(rows) == 7 and rows[-1].split(",")[7] == "80"      # 40% of 200 clients a round
     # rank 1 of 2 killed at round 3 (checkpoints every 2): one line, exit 3; resumed with 1 rank
     out = tmp_path / "killed"
-    died = _gossamer("run", str(cfg), "--out", str(out), "--ranks", "2", "--quiet",
+    died = _gossamer(capfd, "run", str(cfg), "--out", str(out), "--ranks", "2", "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1"})
     assert died.returncode == 3
     last = died.stderr.strip().splitlines()[-1]
     assert last.startswith("gossamer: rank 1 of 2 stopped (signal SIGKILL)") and "--resume" in last
     assert "Traceback" not in died.stderr
     assert len((out / "metrics.csv").read_text().splitlines()) < 7
-    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")     # 1 rank
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "1", "--quiet")     # 1 rank
     assert back.returncode == 0, back.stderr[-2000:]
     assert (out / "metrics.csv").read_text() == texts[0]
     resumed = torch.load(out / "model.pt", weights_only=True)
@@ -149,7 +163,7 @@ def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resume
 
 
 @pytest.mark.slow
-def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_path):
+def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_path, capfd):
     cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 5},
                        partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
                        local={"epochs": 1, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 50},
@@ -160,7 +174,7 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
     out = tmp_path / "r4"         # 4 ranks send their rows point to point, as across machines
-    done = _gossamer("run", str(path), "--out", str(out), "--ranks", "4", "--quiet",
+    done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "4", "--quiet",
                      env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
     assert done.returncode == 0, done.stderr[-2000:]
     want = [(out / f).read_bytes() for f in files]
@@ -169,18 +183,18 @@ def test_dpsgd_is_bit_identical_with_1_2_4_ranks_and_a_killed_run_resumes(tmp_pa
     # 2 ranks sharing memory: rounds 1-2 (checkpointed), then rank 0 killed at round 3;
     # resumed with 1 rank, the whole run equals the 4 ranks' (1, 2 and 4 ranks agree)
     out = tmp_path / "killed"
-    died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "0",
                           "GOSSAMER_SHARDED_TRANSPORT": "shared"})
     assert died.returncode == 3 and "Traceback" not in died.stderr
     assert died.stderr.strip().splitlines()[-1].startswith("gossamer: rank 0 of 2 stopped (signal SIGKILL)")
-    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "1", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want
 
 
 @pytest.mark.slow
-def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tmp_path):
+def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tmp_path, capfd):
     import gossamer
 
     # a registered population of 10^6 clients: owned in even id ranges, nothing of length N
@@ -199,15 +213,15 @@ def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tm
     files = ("metrics.csv", "model.pt")
     want = [(tmp_path / "one" / f).read_bytes() for f in files]
     out = tmp_path / "r3"
-    done = _gossamer("run", str(path), "--out", str(out), "--ranks", "3", "--quiet")
+    done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "3", "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want
     assert len(want[0].decode().splitlines()) == 8
     out = tmp_path / "killed"                                # rank 1 of 2 dies at update 15
-    died = _gossamer("run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "15", "GOSSAMER_TEST_KILL_RANK": "1"})
     assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer("run", "--resume", str(out), "--ranks", "1", "--quiet")
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "1", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want
 

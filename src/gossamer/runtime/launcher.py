@@ -16,23 +16,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from gossamer.config import ExperimentConfig, dump
+from gossamer.processes import Process, start
 from gossamer.processes import stop as stop_processes
 
 
-def _spawn(args: list[str], log_path: Path, threads: int) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, threads: int) -> Process:
+    """``gossamer ARGS`` in a session of its own (the launcher stops it), logging to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "gossamer", *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return start(args, env, log=log_path, new_session=True)
 
 
 def threads_per_process(cfg: ExperimentConfig, processes: int) -> int:
@@ -44,7 +43,7 @@ def threads_per_process(cfg: ExperimentConfig, processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
-def _wait_for_address(run_dir: Path, server: subprocess.Popen, timeout_s: float) -> str:
+def _wait_for_address(run_dir: Path, server: Process, timeout_s: float) -> str:
     path = run_dir / "server.json"
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -91,7 +90,7 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     host = cfg.runtime.server.rsplit(":", 1)[0]
     config_path = run_dir / "launch.yaml"
     config_path.write_text(dump(cfg))
-    procs: list[subprocess.Popen] = []
+    procs: list[Process] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         (run_dir / "server.json").unlink(missing_ok=True)
@@ -138,7 +137,7 @@ def _launch_peers(cfg: ExperimentConfig, run_dir: Path, startup_timeout_s: float
     peers_file.unlink(missing_ok=True)
     n = cfg.partition.num_nodes
     threads = threads_per_process(cfg, n)
-    procs: list[subprocess.Popen] = []
+    procs: list[Process] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         for i in range(n):

@@ -12,10 +12,10 @@ def launch(child_args: list[str], ranks: int, threads: int) -> int:
     with ``--resume`` and any number of ranks."""
     import signal
     import socket
-    import subprocess
     import sys
     import time
 
+    from gossamer.processes import start
     from gossamer.processes import stop as stop_processes
 
     with socket.socket() as sock:                  # a free port for the rendezvous
@@ -27,8 +27,7 @@ def launch(child_args: list[str], ranks: int, threads: int) -> int:
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GOSSAMER_SHARDED="1",
                    OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         quiet = [] if rank == 0 else ["--quiet"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "gossamer", "run", *child_args, *quiet], env=env,
-                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+        procs.append(start(["run", *child_args, *quiet], env, quiet=rank > 0))
     ended: dict[int, float] = {}                   # rank -> when it was seen to fail
     try:
         while not ended and any(p.poll() is None for p in procs):
