@@ -361,11 +361,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run each config into OUT/<config name> (resuming an unfinished one, reusing a finished
     one) with up to --jobs runs at once, then write the table and figure into OUT."""
     import os
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     from gossamer import config as config_mod
     from gossamer.metrics.compare import compare
+    from gossamer.metrics.sweep import execute
 
     targets = _parse_targets(args.targets)
     out = Path(args.out)
@@ -387,8 +387,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")                    # one core per run
 
     def run_one(job: tuple[Path, list[str]]) -> tuple[Path, int, str]:
-        result = subprocess.run(job[1], env=env, capture_output=True, text=True)
-        return job[0], result.returncode, (result.stdout + result.stderr).strip().splitlines()[-1:]
+        code, output = execute(job[1], env)
+        return job[0], code, output.strip().splitlines()[-1:]
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for run_dir, code, last in pool.map(run_one, jobs):

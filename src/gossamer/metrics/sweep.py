@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -148,9 +149,21 @@ def command(run: Run) -> list[str] | None:
 
 
 def execute(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run one command; its exit code and output (stdout, then stderr)."""
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return result.returncode, result.stdout + result.stderr
+    """Run one ``python -m gossamer ...`` command; its exit code and output (stdout and stderr
+    as written). The process is forked from a forkserver that imported PyTorch once
+    (gossamer/processes.py), so a short run does not pay the import each time."""
+    from gossamer.processes import start
+
+    if cmd[1:3] != ["-m", "gossamer"]:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return result.returncode, result.stdout + result.stderr
+    fd, log = tempfile.mkstemp(prefix="gossamer-run-", suffix=".log")
+    os.close(fd)
+    try:
+        code = start(cmd[3:], env, log=Path(log)).wait()
+        return code, Path(log).read_text(errors="replace")
+    finally:
+        os.unlink(log)
 
 
 def run_jobs(jobs: list[tuple[Run, list[str]]], n_jobs: int) -> Iterator[tuple[Run, int, str]]:
