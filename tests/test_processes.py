@@ -62,3 +62,19 @@ def test_an_unknown_start_method_is_one_line(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "thread")
     with pytest.raises(UserError, match=START_METHOD_ENV):
         start_method()
+
+
+def test_a_script_of_the_users_gets_fresh_interpreters(tmp_path, monkeypatch):
+    """multiprocessing would run a user's script again in each forkserver child; a command run
+    without a main file (``python -c``, a notebook, ``python -m gossamer``) forks."""
+    import sys
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    code = "from gossamer.processes import start_method; print(start_method())"
+    script = tmp_path / "study.py"
+    script.write_text(code + "\n")
+    env = subprocess_env()
+    env.pop(START_METHOD_ENV, None)
+    ran = [subprocess.run([sys.executable, *how], env=env, capture_output=True, text=True, timeout=120)
+           for how in ([str(script)], ["-c", code])]
+    assert [r.stdout.strip() for r in ran] == ["spawn", "forkserver"], [r.stderr for r in ran]

@@ -7,7 +7,8 @@ once (multiprocessing's ``forkserver`` with those modules preloaded; it never ru
 operation, so its children start with no thread pool to inherit). A child then differs from
 ``python -m gossamer ARGS`` only in its command line (the forkserver's) and in sharing the
 preloaded pages with its siblings. ``GOSSAMER_START_METHOD=spawn`` starts each child as a fresh
-interpreter instead (also where the platform has no forkserver).
+interpreter instead (the default outside Linux, and where the parent is a script of the
+user's, which multiprocessing would import again in each child).
 """
 
 from __future__ import annotations
@@ -114,11 +115,29 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: int, err: int,
     runpy.run_module("gossamer", run_name="__main__", alter_sys=True)     # python -m gossamer ARGS
 
 
+def _main_is_safe() -> bool:
+    """Whether a forkserver child may start here: multiprocessing re-imports the parent's main
+    module in each child, which is harmless for ``python -m gossamer`` (skipped), the
+    ``gossamer`` console script (its body is guarded) and a parent with no main file (a
+    notebook, ``python -c``, a pytest-xdist worker); a user's script might start it all over."""
+    from multiprocessing import spawn
+
+    data = spawn.get_preparation_data("gossamer")
+    name, path = data.get("init_main_from_name"), data.get("init_main_from_path")
+    if name is not None:
+        return name == "__main__" or name.endswith(".__main__")
+    return path is None or os.path.basename(path) == "gossamer"
+
+
 def start_method() -> str:
+    """``forkserver`` or ``spawn``: ``GOSSAMER_START_METHOD``; by default the forkserver on
+    Linux when the parent's main module is safe to re-import (:func:`_main_is_safe`)."""
     method = os.environ.get(START_METHOD_ENV, "")
-    if method in ("", "forkserver"):
-        return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    if method != "spawn":
+    if method == "":
+        # Linux only: macOS system frameworks are not fork-safe once loaded (CPython starts
+        # with spawn there for that reason)
+        return "forkserver" if sys.platform.startswith("linux") and _main_is_safe() else "spawn"
+    if method not in ("forkserver", "spawn"):
         raise UserError(f"{START_METHOD_ENV}={method!r}: use forkserver or spawn")
     return method
 
