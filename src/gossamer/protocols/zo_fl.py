@@ -5,7 +5,9 @@ uploads ``K`` scalars; the server regenerates the directions from their keys
 (:mod:`gossamer.algorithms.fl.zo`). What a client downloads is this module's
 :class:`ScalarRelay`: the model, or (``broadcast: scalars``) the scalars of every round since
 it last synced, whichever is smaller; either way it then holds the previous round's model.
-The simulator executes it (``sim/drivers/zo_fl.py``); the runtime has no zo_fl process yet.
+Both executors estimate the scalars with :func:`estimate` and refuse what the rounds do not
+run with in :func:`refuse_unsupported`: the simulator (``sim/drivers/zo_fl.py``) and real
+processes (``runtime/zo_fl.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 import torch
 
 from gossamer import wire
+from gossamer.algorithms.fl.zo import DIRECTION_CHUNK, directions
+from gossamer.config import ConfigError
 
 
 class ScalarRelay:
@@ -44,3 +48,47 @@ class ScalarRelay:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.synced = state["synced"].numpy().copy()
         self.relayed = [int(v) for v in state["relayed"].tolist()]
+
+
+def estimate(algo, trainer, seed: int, params: torch.Tensor, keys: np.ndarray, idx: np.ndarray,
+             valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradients ``[D]`` and mean perturbed losses ``[D]`` at ``params`` for the
+    directions ``keys`` ``[D, 3]``, direction ``d`` on the samples ``idx[d]`` (``valid``: which
+    are real); chunked over directions. Each direction's numbers depend on its key and samples
+    only, so a client computing its own ``K`` gets the simulator's values for it."""
+    numel = params.shape[-1]
+    g, loss = torch.empty(len(keys)), torch.empty(len(keys))
+    chunk = max(1, DIRECTION_CHUNK // max(1, numel))
+    for s in range(0, len(keys), chunk):
+        e = min(len(keys), s + chunk)
+        unique, inverse = np.unique(keys[s:e], axis=0, return_inverse=True)   # shared: K rows
+        z = directions(seed, unique, numel)[torch.from_numpy(inverse.reshape(-1))]
+        rows = algo.perturbed(params, z)
+        both = np.concatenate([idx[s:e], idx[s:e]]), np.concatenate([valid[s:e], valid[s:e]])
+        losses = trainer.batch_losses(rows, *both)
+        g[s:e] = algo.projected_gradients(losses)
+        loss[s:e] = losses.view(2, -1).mean(0).float()
+    return g, loss
+
+
+def refuse_unsupported(exp) -> None:
+    """One-line config errors for what the zeroth-order rounds do not run with."""
+    cfg, name = exp.cfg, exp.cfg.algorithm.name
+    if exp.faults is not None and exp.faults.enabled:
+        raise ConfigError("faults", f"{name} does not support faults yet")
+    if exp.adversary is not None and exp.adversary.model_attack:
+        raise ConfigError("adversary.attack", f"{name} does not support model attacks (data "
+                          "attacks such as label_flip work)")
+    if cfg.privacy.dp is not None:
+        raise ConfigError("privacy.dp", f"{name} does not support differential privacy yet")
+    if cfg.model.init == "independent":
+        raise ConfigError("model.init", f"{name} trains one global model: use model.init: same")
+    local = cfg.local
+    if local.steps is not None or local.epochs not in (None, 1):
+        raise ConfigError("local.steps" if local.steps is not None else "local.epochs",
+                          f"{name} takes one zeroth-order step per round; set "
+                          "algorithm.params.perturbations for more forward passes")
+    for field in ("momentum", "weight_decay", "sam_rho"):
+        if getattr(local, field):
+            raise ConfigError(f"local.{field}", f"{name} steps along the zeroth-order estimate "
+                              f"only; local.{field} must be 0")

@@ -160,12 +160,17 @@ class Client:
                                  int(header.expected))
             trained += 1
 
+    @staticmethod
+    def _die_if_asked(round_: int) -> None:
+        """Tests: die mid-round like ``kill -9`` at the round the environment names."""
+        if str(round_) in (os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND"),
+                           os.environ.get("GOSSAMER_TEST_KILL_CLIENT_AT_ROUND")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _train_and_send(self, round_: int, start, steps: int = 0, expected: int = 0) -> None:
         """Train the task of ``round_`` (synchronous: the round; asynchronous: the task's
         data-order key, with ``steps`` local steps, 0 for the local schedule) and upload."""
-        if str(round_) in (os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND"),
-                           os.environ.get("GOSSAMER_TEST_KILL_CLIENT_AT_ROUND")):
-            os.kill(os.getpid(), signal.SIGKILL)              # tests: die mid-round like kill -9
+        self._die_if_asked(round_)
         nodes, algo = np.array([self.node]), self.algorithm
         if algo.pattern == "async_fl":
             model = start.reshape(1, -1)

@@ -217,6 +217,14 @@ class Coordinator(SecureAggregation, BaseCoordinator):
                                 f"quorum_timeout_s ({rt.quorum_timeout_s:g} s)")
             log.warning("round %d: %d uploads, fewer than runtime.min_participants (%d); redoing it",
                         r, len(received), rt.min_participants)
+        self._aggregate(r, received)
+
+    def _payload(self) -> torch.Tensor:
+        """What a task carries: the algorithm's broadcast of the server state."""
+        return self.algorithm.broadcast(self.state)
+
+    def _aggregate(self, r: int, received: dict[int, tuple[torch.Tensor, int]]) -> None:
+        """Round ``r``'s server step from the uploads ``received`` (node -> (row, samples))."""
         algo = self.algorithm
         nodes = sorted(received)
         uploads = self._server_stages(r, torch.stack([received[i][0] for i in nodes]), np.array(nodes))
@@ -262,7 +270,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             candidates = np.array(self._candidates(), dtype=np.int64)
             rnd = SyncRound(algo, self.cfg.seed, r, candidates)      # protocols/sync_fl.py
             ids = rnd.selected
-            payload = algo.broadcast(self.state)
+            payload = self._payload()
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
                 payload, round=r, run_id=rt.run_id, chunk_bytes=self.limits.chunk_bytes)]
             self.last_round = rnd

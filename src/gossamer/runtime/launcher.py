@@ -81,10 +81,15 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     checkpoints); returns the coordinator's (or the worst peer's) exit code."""
     from gossamer.algorithms import ALGORITHMS
     from gossamer.runtime.common import refuse_simulator_only
+    from gossamer.runtime.roles import coordinator_class
 
     refuse_simulator_only(cfg)
+    algorithm = ALGORITHMS.get(cfg.algorithm.name)
+    check = None if algorithm.family == "dl" else getattr(coordinator_class(algorithm.pattern), "check_config", None)
+    if check is not None:                            # what the coordinator refuses, before spawning
+        check(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ALGORITHMS.get(cfg.algorithm.name).family == "dl":
+    if algorithm.family == "dl":
         return _launch_peers(cfg, run_dir, startup_timeout_s, resume)
     cfg = with_node_tokens(cfg, run_dir)
     host = cfg.runtime.server.rsplit(":", 1)[0]

@@ -50,13 +50,18 @@ def merger(pattern: str) -> Any:
     return _load(MERGER)
 
 
+def coordinator_class(pattern: str) -> Any:
+    """The coordinator process class of ``pattern`` (the synchronous one refuses a pattern it
+    does not run, in one line)."""
+    return _load(COORDINATORS.get(pattern, COORDINATORS["sync_fl"]))
+
+
 def make_coordinator(cfg: Any, run_dir: Any, *, resume: bool = False, listen: str | None = None) -> Any:
     """The coordinator for ``cfg``'s algorithm: synchronous rounds or asynchronous updates."""
     from gossamer.algorithms import ALGORITHMS
     from gossamer.runtime.common import refuse_simulator_only
 
-    refuse_simulator_only(cfg)                       # e.g. zo_fl, which has no coordinator yet
+    refuse_simulator_only(cfg)                       # e.g. choco, which has no coordinator yet
     pattern = ALGORITHMS.get(cfg.algorithm.name).pattern
     # any other pattern: the synchronous coordinator refuses it in one line
-    return _load(COORDINATORS.get(pattern, COORDINATORS["sync_fl"]))(
-        cfg, run_dir, resume=resume, listen=listen)
+    return coordinator_class(pattern)(cfg, run_dir, resume=resume, listen=listen)

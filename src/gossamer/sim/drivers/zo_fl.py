@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from gossamer import wire
-from gossamer.algorithms.fl.zo import DIRECTION_CHUNK, directions
-from gossamer.config import ConfigError
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.zo_fl import ScalarRelay
+from gossamer.protocols.zo_fl import ScalarRelay, estimate, refuse_unsupported
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
 
@@ -36,7 +34,7 @@ class ZOFLDriver(Driver):
     columns = Driver.columns + ["participants", "bytes_down_model"]
 
     def __init__(self, exp: Experiment) -> None:
-        _refuse_unsupported(exp)
+        refuse_unsupported(exp)
         super().__init__(exp)
         self.algorithm = exp.algorithm
         self.params = exp.init_params.reshape(-1).clone()
@@ -88,21 +86,7 @@ class ZOFLDriver(Driver):
         self.round = r
 
     def _estimate(self, keys: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected gradients ``[D]`` and mean perturbed losses ``[D]`` for the directions
-        ``keys`` ``[D, 3]``, direction ``d`` on samples ``idx[d]``; chunked over directions."""
-        algo, trainer, numel = self.algorithm, self.exp.trainer, self.exp.spec.numel
-        g, loss = torch.empty(len(keys)), torch.empty(len(keys))
-        chunk = max(1, DIRECTION_CHUNK // max(1, numel))
-        for s in range(0, len(keys), chunk):
-            e = min(len(keys), s + chunk)
-            unique, inverse = np.unique(keys[s:e], axis=0, return_inverse=True)   # shared: K rows
-            z = directions(self.exp.cfg.seed, unique, numel)[torch.from_numpy(inverse.reshape(-1))]
-            rows = algo.perturbed(self.params, z)
-            both = np.concatenate([idx[s:e], idx[s:e]]), np.concatenate([valid[s:e], valid[s:e]])
-            losses = trainer.batch_losses(rows, *both)
-            g[s:e] = algo.projected_gradients(losses)
-            loss[s:e] = losses.view(2, -1).mean(0).float()
-        return g, loss
+        return estimate(self.algorithm, self.exp.trainer, self.exp.cfg.seed, self.params, keys, idx, valid)
 
     def _idle_round(self, r: int) -> None:
         """Nobody to train: wait for the next node to come online."""
@@ -144,26 +128,3 @@ class ZOFLDriver(Driver):
         self.bytes_down_model = int(state["bytes_down_model"])
         self.relay.load_state_dict(state)
         self.accounting.load_state_dict(_to_numpy(state["accounting"]))
-
-
-def _refuse_unsupported(exp: Experiment) -> None:
-    """One-line config errors for what the zeroth-order rounds do not run with."""
-    cfg, name = exp.cfg, exp.cfg.algorithm.name
-    if exp.faults is not None and exp.faults.enabled:
-        raise ConfigError("faults", f"{name} does not support faults yet")
-    if exp.adversary is not None and exp.adversary.model_attack:
-        raise ConfigError("adversary.attack", f"{name} does not support model attacks (data "
-                          "attacks such as label_flip work)")
-    if cfg.privacy.dp is not None:
-        raise ConfigError("privacy.dp", f"{name} does not support differential privacy yet")
-    if cfg.model.init == "independent":
-        raise ConfigError("model.init", f"{name} trains one global model: use model.init: same")
-    local = cfg.local
-    if local.steps is not None or local.epochs not in (None, 1):
-        raise ConfigError("local.steps" if local.steps is not None else "local.epochs",
-                          f"{name} takes one zeroth-order step per round; set "
-                          "algorithm.params.perturbations for more forward passes")
-    for field in ("momentum", "weight_decay", "sam_rho"):
-        if getattr(local, field):
-            raise ConfigError(f"local.{field}", f"{name} steps along the zeroth-order estimate "
-                              f"only; local.{field} must be 0")

@@ -1,0 +1,67 @@
+"""Zeroth-order FL on real processes (runtime/zo_fl.py): the same rounds as the simulator,
+and a server that files only well-formed scalars."""
+
+import numpy as np
+import pytest
+import torch
+
+from gossamer import config
+from gossamer.cli import main
+from gossamer.runtime.codec import WireError
+from gossamer.runtime.zo_fl import ZOCoordinator
+from tests.conftest import small_config
+from tests.runtime.test_fl_runtime import _rows
+
+
+def _cfg(**params):
+    cfg = small_config("zo_fedavg", model={"name": "logreg"}, stop={"rounds": 3},
+                       local={"batch_size": 32, "lr": 0.05})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["algorithm"]["params"] = {"perturbations": 4, **params}
+    cfg["runtime"] = {"round_timeout_s": 20, "join_timeout_s": 60, "poll_interval_s": 0.1,
+                      "threads_per_process": 2}      # the simulator's threads: exact parity
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [{}, {"quantize_bits": 8, "directions": "shared", "client_fraction": 0.5}],
+                         ids=["float32", "int8_shared_half"])
+def test_launch_matches_the_simulator(write_config, tmp_path, params):
+    path = write_config(_cfg(**params))
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    assert [r["round"] for r in real] == ["0", "1", "2", "3"]
+    for column in ("test_accuracy", "test_loss", "participants"):
+        assert [r[column] for r in real] == [r[column] for r in sim], column
+    assert real[-1]["test_loss"] != real[0]["test_loss"]                  # it moved
+    # what went up is scalars: less over the whole run than one model upload (650 float32)
+    assert int(real[-1]["bytes_up"]) < 650 * 4
+
+
+def test_broadcasting_scalars_is_refused_on_real_processes_in_one_line(write_config, tmp_path, capsys):
+    code = main(["launch", str(write_config(_cfg(broadcast="scalars"))), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "algorithm.params.broadcast" in err[0], err
+
+
+@pytest.mark.parametrize("bits", [None, 8, 16])
+def test_the_server_takes_exactly_k_scalars_of_the_configured_width(tmp_path, bits):
+    params = {} if bits is None else {"quantize_bits": bits}
+    server = ZOCoordinator(config.validate(_cfg(**params)), tmp_path)
+    algo = server.algorithm
+    wire = {None: "<f4", 8: "i1", 16: "<i2"}[bits]
+    codes = np.array([1, -2, 3, 0], dtype=wire)
+    scalars, _ = server._decode(0, 1, torch.frombuffer(bytearray(codes.tobytes()), dtype=torch.uint8))
+    assert torch.equal(scalars, algo.decode(torch.from_numpy(codes.astype(np.float32 if bits is None else np.int16))
+                                            .view(1, 4))[0])
+    bad = [codes[:3].tobytes(), codes.tobytes() + codes[:1].tobytes()]            # 3 or 5 scalars
+    if bits is None:
+        bad.append(np.array([1, np.nan, 0, 0], dtype=wire).tobytes())
+        bad.append(np.array([1, np.inf, 0, 0], dtype=wire).tobytes())
+    else:
+        top = 2 ** (bits - 1)
+        bad.append(np.array([0, -top, 0, 0], dtype=wire).tobytes())            # -128: outside +-127
+    for data in bad:
+        with pytest.raises(WireError):
+            server._decode(0, 1, torch.frombuffer(bytearray(data), dtype=torch.uint8))
