@@ -185,6 +185,23 @@ def test_favano_pulls_a_fraction_at_counter_based_period_ends():
     assert deadlines == again and all(d == round(d) >= 1.0 for d in deadlines) and len(set(deadlines)) > 1
 
 
+def test_favano_progress_that_arrives_before_its_pull_waits_for_that_period_end():
+    """A real client uploads as soon as it stops; its progress is averaged at its own pull."""
+    algo = FAVANO(delta_t_s=1.0, pull_fraction=0.3)
+    p = _protocol(algo, n=16)
+    tasks = {x.client: x for x in p.dispatch(np.arange(16), 0.0)}
+    late = max(tasks.values(), key=lambda x: (x.deadline_s, -x.client))     # pulled at 2.0 or later
+    early = min(tasks.values(), key=lambda x: (x.deadline_s, x.client))     # pulled at 1.0
+    assert early.deadline_s == 1.0 and late.deadline_s >= 2.0
+    p.arrival(late.client, 0.5, _delta(4.0))
+    p.arrival(early.client, 0.6, _delta(2.0))
+    assert p.timer(1.0).update[0].tolist() == [early.client]             # only the one pulled now
+    assert torch.equal(p.state.params, _delta(2.0))
+    while p.boundary() < late.deadline_s:
+        assert p.timer(p.boundary()).update[0].tolist() == []
+    assert p.timer(late.deadline_s).update[0].tolist() == [late.client]
+
+
 def test_fedast_trains_each_model_with_its_own_buffer_and_versions():
     p = _protocol(FedAST(buffer_sizes=(1, 2), server_lrs=(1.0, 0.5), concurrency=None), n=4)
     tasks = p.dispatch(np.arange(4), 0.0)

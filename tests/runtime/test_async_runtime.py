@@ -44,6 +44,22 @@ def test_fedfix_on_real_processes_matches_the_simulator(write_config, tmp_path):
 
 
 @pytest.mark.slow
+def test_favano_on_real_processes_averages_what_was_pulled_each_period(write_config, tmp_path):
+    """FAVANO's tasks carry the time to their pull; clients train what fits (at least one step,
+    at most max_local_steps) and upload at once; every period end averages the progress pulled
+    then. Real timing decides the steps, so the run is checked for its shape, not equal numbers."""
+    path = write_config(_cfg("favano", 4, delta_t_s=1.0, pull_fraction=0.5, max_local_steps=20))
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    rows = _rows(tmp_path / "real")
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3", "4"]
+    accepted = [int(r["accepted"]) for r in rows]
+    assert accepted == sorted(accepted) and accepted[-1] >= 1
+    assert float(rows[-1]["test_loss"]) < float(rows[0]["test_loss"])
+    summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    assert summary["executor"] == "runtime" and summary["server_updates"] == 4
+
+
+@pytest.mark.slow
 def test_fedcompass_server_restart_continues_from_its_checkpoint(write_config, tmp_path, procs):  # noqa: F811
     """FedCompass groups on the wall clock; the server dies after update 3 and resumes: no row is
     repeated or lost, and the run ends at ``stop.rounds`` updates."""

@@ -229,10 +229,14 @@ class AsyncFLProtocol(CompassGroups):
         return Step()
 
     def timer(self, t: float) -> Step:
-        """Fire the first timer due at ``t``: a period end (every buffered update, possibly
-        none; the idle clients are invited) or a FedCompass group timer."""
+        """Fire the first timer due at ``t``: a period end (every buffered update pulled by
+        now, possibly none; the idle clients are invited) or a FedCompass group timer. FAVANO:
+        progress that arrived before its own pull (a real client uploads as soon as it stops)
+        waits for that period end; in the simulator a pulled task arrives at its pull, so this
+        holds nothing back there."""
         if t >= self.boundary():
-            entries, self.buffer = self.buffer, []
+            entries = [e for e in self.buffer if e.task.deadline_s <= t or math.isinf(e.task.deadline_s)]
+            self.buffer = [e for e in self.buffer if not (e.task.deadline_s <= t or math.isinf(e.task.deadline_s))]
             self.periods += 1
             self.invited = self.has_data & ~self.busy()
             return self._apply(entries)

@@ -13,11 +13,15 @@
 - **Checkpoints** hold the protocol state with every row; ``--resume`` drops tasks in flight and
   updates not yet applied (their uploads are refused; clients get fresh tasks).
 
-FAVANO is refused: pulling partial progress needs clients that can be interrupted.
+- **FAVANO.** A task's header says how long until the server pulls its progress
+  (``pull_in_s``); the client trains the steps that fit before then (at least one, at most
+  ``max_local_steps``, from its own measured step time) and uploads at once; the protocol holds
+  progress that arrives before its pull until that period end.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.config import ConfigError, ExperimentConfig
+from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import (
     checkpoint_exists,
     load_checkpoint,
@@ -60,9 +64,6 @@ class AsyncCoordinator(BaseCoordinator):
         super().__init__(cfg, run_dir, resume=resume, listen=listen)
 
     def _init_state(self):
-        if self.algorithm.pull_probability is not None:
-            raise ConfigError("algorithm.name", f"{self.cfg.algorithm.name} pulls partial progress at "
-                              "period ends, which real clients cannot deliver yet; use gossamer run")
         self.protocol = AsyncFLProtocol(self.algorithm, self.exp.trainer.sizes, self.cfg.seed,
                                         float(self.cfg.local.lr), self.exp.init_params)
         return self.protocol.state
@@ -92,7 +93,9 @@ class AsyncCoordinator(BaseCoordinator):
                     self.acct.server_idle(t - self.idle_since)
                     self.idle_since = None
             if task is not None:
-                header = schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=task.key, steps=task.steps)
+                pull = task.deadline_s - self.clock() if math.isfinite(task.deadline_s) else 0.0
+                header = schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=task.key, steps=task.steps,
+                                           pull_in_s=max(pull, 1e-3) if pull else 0.0)
                 return header, self._frames(task)
         return self._wait()
 

@@ -96,6 +96,9 @@ class Client:
         compress = self.pipeline.compress
         self.stage_state = compress.init(1, self.exp.spec.numel) if compress is not None else {}
         self.secagg: SecAggClient | None = None
+        # FAVANO: this client's measured seconds per local step and per upload
+        self.step_s: float | None = None
+        self.upload_s = 0.0
 
     def _retry(self, call, what: str):
         rt = self.cfg.runtime
@@ -156,9 +159,23 @@ class Client:
             if header.kind == schema.TaskHeader.WAIT:
                 time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
                 continue
-            self._train_and_send(int(header.round), model[1].float(), int(header.steps),
-                                 int(header.expected))
+            steps = int(header.steps)
+            if header.pull_in_s > 0:                        # FAVANO: what fits before the pull
+                steps = self._steps_before(header.pull_in_s, steps, int(header.round), model[1].float())
+            self._train_and_send(int(header.round), model[1].float(), steps, int(header.expected))
             trained += 1
+
+    def _steps_before(self, pull_in_s: float, most: int, key: int, start: torch.Tensor) -> int:
+        """FAVANO: the local steps (at least 1, at most ``most``) that fit in the ``pull_in_s``
+        seconds before the server pulls this task, less the last upload's time, from this
+        client's step time (measured on a one-step trial the first time)."""
+        if self.step_s is None:
+            began = time.monotonic()
+            self.exp.trainer.train(start.reshape(1, -1), np.array([self.node]), key, steps=np.array([1]))
+            self.step_s = time.monotonic() - began
+            pull_in_s -= self.step_s
+        fit = int((pull_in_s - self.upload_s) // max(self.step_s, 1e-6))
+        return max(1, min(most, fit))
 
     @staticmethod
     def _die_if_asked(round_: int) -> None:
@@ -173,9 +190,13 @@ class Client:
         self._die_if_asked(round_)
         nodes, algo = np.array([self.node]), self.algorithm
         if algo.pattern == "async_fl":
-            model = start.reshape(1, -1)
+            model, began = start.reshape(1, -1), time.monotonic()
             result = self.exp.trainer.train(model, nodes, round_, steps=np.array([steps]) if steps else None)
+            if self.step_s is not None or steps:
+                self.step_s = (time.monotonic() - began) / max(1, int(result.steps[0]))
+            began = time.monotonic()
             self._send(algo.client_message(result.params, model, result.steps, self.cfg.local.lr)[0], round_)
+            self.upload_s = time.monotonic() - began
             return
         payload = start.reshape(-1)
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
