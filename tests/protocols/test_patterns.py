@@ -35,5 +35,5 @@ def test_the_runtime_tables_come_from_the_pattern_table():
     assert roles.client_class("islands").__name__ == "IslandsWorker"
     assert roles.client_class("sync_fl").__name__ == "Client"
     assert set(roles.PEER_ROLES) == {"sync_dl", "gradient_tracking", "async_gossip", "sampled_dl",
-                                     "random_walk"}
+                                     "random_walk", "choco"}
     assert driver_for("zo_fl").__name__ == "ZOFLDriver"

@@ -123,10 +123,3 @@ def test_unsupported_set_ups_are_one_line_exit_2(write_config, tmp_path, capsys,
     code = main(["run", str(write_config(cfg)), "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{field}: " in err[0], err
-
-
-def test_the_runtime_refuses_choco_in_one_line(write_config, tmp_path, capsys):
-    cfg = _cfg(TOPK, stop={"rounds": 1})
-    code = main(["launch", str(write_config(cfg)), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "algorithm.name: choco" in err[0], err

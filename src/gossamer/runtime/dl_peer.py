@@ -181,8 +181,13 @@ class Peer(peering.PeerNode):
         return [self.sender.submit(one, j) for j in (self.view.receivers if to is None else to)]
 
     def _gather(self, round_: int, step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`_gather_ids` without the senders' ids."""
+        weights, _, received = self._gather_ids(round_, step)
+        return weights, received
+
+    def _gather_ids(self, round_: int, step: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """Wait for this step's messages; returns the mixing weights (own first, the missing
-        neighbours' folded onto it) and the received payloads, in node-id order. A neighbour
+        neighbours' folded onto it), the senders heard and their payloads, in node-id order. A neighbour
         already two rounds ahead (this peer was down and is catching up: the neighbour gave
         up on it) will not send this round's message: it is not waited for, nor marked down.
         One round ahead is normal in step (its message for this round may still be in flight)."""
@@ -204,7 +209,7 @@ class Peer(peering.PeerNode):
         if missing:
             log.warning("peer %d round %d: no model from %s; mixing without them",
                         self.node, round_, missing)
-        return weights, [got[j].reshape(1, -1) for j in ids]
+        return weights, ids, [got[j].reshape(1, -1) for j in ids]
 
     def _mix(self, round_: int, step: int) -> None:
         weights, received = self._gather(round_, step)
