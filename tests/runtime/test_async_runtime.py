@@ -205,3 +205,19 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     ours, theirs = coordinator.acct.summary(), sim.acct.summary()
     for key in ("participation", "staleness_histogram", "discarded_stale", "client_idle_s"):
         assert ours[key] == pytest.approx(theirs[key]), key
+
+
+def test_a_favano_client_fits_its_steps_to_the_pull_and_distrusts_the_number():
+    from gossamer import config
+    from gossamer.runtime.fl_client import Client
+
+    client = Client(config.validate(_cfg("favano", 2, max_local_steps=20)), 0, "127.0.0.1:1")
+    start = client.exp.init_params.reshape(-1)
+    client.step_s, client.upload_s = 0.01, 0.005
+    assert client._steps_before(0.1, 20, 0, start) == 9          # (0.1 - 0.005) / 0.01
+    assert client._steps_before(5.0, 20, 0, start) == 20         # at most max_local_steps
+    assert client._steps_before(0.001, 20, 0, start) == 1        # at least one
+    for hostile in (float("inf"), float("nan"), -3.0):
+        assert client._steps_before(hostile, 20, 0, start) == 1
+    client.step_s = None                                          # first task: a timed trial step
+    assert 1 <= client._steps_before(1.0, 20, 0, start) <= 20 and client.step_s > 0

@@ -8,6 +8,7 @@ with capped exponential backoff; the client exits when the server says the run i
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import struct
@@ -168,7 +169,9 @@ class Client:
     def _steps_before(self, pull_in_s: float, most: int, key: int, start: torch.Tensor) -> int:
         """FAVANO: the local steps (at least 1, at most ``most``) that fit in the ``pull_in_s``
         seconds before the server pulls this task, less the last upload's time, from this
-        client's step time (measured on a one-step trial the first time)."""
+        client's step time (measured on a one-step trial the first time). The server's
+        number is not trusted beyond ``runtime.round_timeout_s``, within which a task must end."""
+        pull_in_s = min(pull_in_s, self.cfg.runtime.round_timeout_s) if math.isfinite(pull_in_s) else 0.0
         if self.step_s is None:
             began = time.monotonic()
             self.exp.trainer.train(start.reshape(1, -1), np.array([self.node]), key, steps=np.array([1]))
