@@ -110,3 +110,27 @@ def test_a_peer_accepts_models_and_the_end_notice_and_rejects_the_rest(tmp_path)
     assert "ends at round 4" in push(torch.empty(0), kind=DONE, sender=1, round=3).reason
     assert peer.done_at is None
     assert push(torch.empty(0), kind=DONE, sender=1, round=4).ok and peer.done_at == 4
+
+
+def test_a_peer_reads_only_models_of_the_spec_or_empty_notices(tmp_path):
+    import torch
+
+    from gossamer import config
+    from gossamer.runtime import schema
+    from gossamer.runtime.codec import WireError, model_frames
+    from gossamer.runtime.modest_peer import DONE, MODEL, ModestPeer
+
+    peer = ModestPeer(config.validate(_cfg(4, 2, 5.0, 2)), 0, tmp_path)
+    numel, run_id = peer.exp.spec.numel, peer.cfg.runtime.run_id
+
+    def frames(tensor, kind):
+        return [f.SerializeToString() for f in model_frames(tensor, kind=kind, sender=1, round=1, run_id=run_id)]
+
+    meta, tensor, size = peer._read(frames(torch.ones(numel), MODEL))
+    assert int(meta.kind) == MODEL and torch.equal(tensor, torch.ones(numel)) and size > 4 * numel
+    assert peer._read(frames(torch.empty(0), DONE))[1].numel() == 0
+    chunk = schema.Frame(chunk=b"\0" * 8).SerializeToString()
+    for bad in (frames(torch.ones(numel - 1), MODEL), frames(torch.ones(3), DONE),
+                frames(torch.ones(numel), 2), [chunk], [], frames(torch.ones(numel), MODEL)[:1]):
+        with pytest.raises(WireError):
+            peer._read(bad)

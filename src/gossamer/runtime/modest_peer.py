@@ -38,7 +38,7 @@ from gossamer.metrics.runstore import (
 from gossamer.protocols import modest as protocol
 from gossamer.protocols.modest import AGGREGATE, TRAIN, Arrival
 from gossamer.runtime import peering, schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_model
+from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
 from gossamer.runtime.common import log, retry
 
 # bit 0 of ModelMeta.meta: what the receiver does (TRAIN, AGGREGATE); the rest: samples
@@ -116,25 +116,17 @@ class ModestPeer(peering.PeerNode):
     def _read(self, chunks) -> tuple[object, torch.Tensor, int]:
         """A validated message (meta, tensor, bytes): a model of the spec's size, or an empty
         DONE notice; the declared size is checked before any payload is read."""
-        size = 0
-
-        def frames():
-            nonlocal size
-            for chunk in chunks:
-                size += len(chunk)
-                yield parse(schema.Frame, chunk)
-
-        stream = frames()
-        first = next(stream, None)
-        if first is None or first.WhichOneof("body") != "meta":
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        head = parse(schema.Frame, first) if first is not None else None
+        if head is None or head.WhichOneof("body") != "meta":
             raise WireError("a model message must start with its metadata")
-        kind = int(first.meta.kind)
+        kind = int(head.meta.kind)
         if kind not in (MODEL, DONE):
             raise WireError(f"unknown message kind {kind}")
-        meta, tensor = read_model(itertools.chain([first], stream), run_id=self.cfg.runtime.run_id,
+        return read_counted_model(itertools.chain([first], chunks), run_id=self.cfg.runtime.run_id,
                                   expected_numel=self.exp.spec.numel if kind == MODEL else 0,
                                   limits=self.limits)
-        return meta, tensor, size
 
     def _deliver(self, r: int, purpose: int, arrival: Arrival) -> None:
         """File a model (under the lock); models for rounds this peer is done with are dropped."""
