@@ -65,3 +65,18 @@ def test_a_peer_decodes_only_well_formed_messages_from_its_neighbours(tmp_path):
                 frames(data, step=1 << 10), frames(b"")):
         with pytest.raises(WireError):
             peer._accept(bad)
+
+
+@pytest.mark.slow
+def test_a_killed_peer_is_mixed_without_and_the_run_finishes(write_config, tmp_path, monkeypatch):
+    """A neighbour's missing message is mixed as D-PSGD mixes it (its weight on the own copy)."""
+    monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")      # peer 3 dies after round 1
+    cfg = _cfg()
+    cfg["runtime"]["round_timeout_s"] = 2
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "run")]) == 0
+    rows = _rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failed_peers"] == [3]
+    assert "no model from [3]" in (tmp_path / "run" / "logs" / "peer-0.log").read_text()

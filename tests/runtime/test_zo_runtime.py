@@ -10,7 +10,7 @@ from gossamer.cli import main
 from gossamer.runtime.codec import WireError
 from gossamer.runtime.zo_fl import ZOCoordinator
 from tests.conftest import small_config
-from tests.runtime.test_fl_runtime import _rows
+from tests.runtime.test_fl_runtime import _rows, procs  # noqa: F401  (fixture)
 
 
 def _cfg(**params):
@@ -65,3 +65,29 @@ def test_the_server_takes_exactly_k_scalars_of_the_configured_width(tmp_path, bi
     for data in bad:
         with pytest.raises(WireError):
             server._decode(0, 1, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+@pytest.mark.slow
+def test_a_restarted_server_resumes_from_its_checkpoint(write_config, tmp_path, procs):  # noqa: F811
+    """The server dies after round 1 (kill -9) and resumes: no round lost or repeated, and the
+    rows equal the simulator's."""
+    import signal
+
+    from tests.conftest import subprocess_env
+    from tests.runtime.test_fl_runtime import _free_port
+
+    cfg = _cfg()
+    cfg["runtime"].update(server=f"127.0.0.1:{_free_port()}", join_timeout_s=90)
+    path = write_config(cfg)
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    out = tmp_path / "run"
+    first = procs.start("server", str(path), "--out", str(out), env=subprocess_env(GOSSAMER_TEST_KILL_AT_ROUND="1"))
+    clients = [procs.start("client", str(path), "--id", str(i)) for i in range(4)]
+    assert first.wait(timeout=120) == -signal.SIGKILL
+    second = procs.start("server", "--resume", str(out))
+    assert second.wait(timeout=120) == 0, second.stdout.read().decode()[-2000:]
+    for c in clients:
+        assert c.wait(timeout=30) == 0
+    real, sim = _rows(out), _rows(tmp_path / "sim")
+    assert [r["round"] for r in real] == ["0", "1", "2", "3"]
+    assert [r["test_loss"] for r in real] == [r["test_loss"] for r in sim]
