@@ -1,4 +1,4 @@
-"""Child processes of ``gossamer launch``, ``run --ranks``, ``sweep`` and ``compare``: starting and stopping them.
+"""Child processes of launch, run --ranks, sweep and compare: starting and stopping them.
 
 A launched run starts one ``gossamer`` process per node (or rank) on this machine. Each would
 import PyTorch on its own (2.3 s of CPU on the CI machine, and most of a short run's start-up),
