@@ -377,7 +377,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_dir = out / Path(path).stem
         if (run_dir / "summary.json").exists():
             continue
-        cmd = [sys.executable, "-m", "gossamer", "run", "--quiet"]
+        cmd = ["run", "--quiet"]
         cmd += ["--resume", str(run_dir), path] if (run_dir / "config.yaml").exists() else [path, "--out", str(run_dir)]
         for s in args.set:
             cmd += ["--set", s]

@@ -116,7 +116,7 @@ def in_process(monkeypatch):
 
     def fake(cmd, env):
         calls.append(cmd)
-        return (1 if any(f in " ".join(cmd) for f in fail) else main(cmd[3:])), ""
+        return (1 if any(f in " ".join(cmd) for f in fail) else main(cmd)), ""
 
     monkeypatch.setattr(sweep_mod, "execute", fake)
     return calls, fail

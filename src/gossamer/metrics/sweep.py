@@ -17,8 +17,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -130,13 +128,14 @@ def check_same_config(run: Run) -> None:
 
 
 def command(run: Run) -> list[str] | None:
-    """The ``gossamer run`` command that completes ``run``, or None when it is finished."""
+    """The ``gossamer`` arguments (``run ...``) that complete ``run``, or None when it is
+    finished."""
     has_config = (run.run_dir / "config.yaml").exists()
     if has_config:
         check_same_config(run)
     if run.finished():
         return None
-    cmd = [sys.executable, "-m", "gossamer", "run", "--quiet"]
+    cmd = ["run", "--quiet"]
     if has_config:                                         # interrupted: continue it
         sets = [s for s in run.overrides if s.startswith(RESUME_OVERRIDABLE)]
         cmd += ["--resume", str(run.run_dir)]
@@ -148,19 +147,16 @@ def command(run: Run) -> list[str] | None:
     return cmd
 
 
-def execute(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run one ``python -m gossamer ...`` command; its exit code and output (stdout and stderr
-    as written). The process is forked from a forkserver that imported PyTorch once
+def execute(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``gossamer ARGS`` in a child process; its exit code and output (stdout and stderr
+    as written). The child is forked from a forkserver that imported PyTorch once
     (gossamer/processes.py), so a short run does not pay the import each time."""
     from gossamer.processes import start
 
-    if cmd[1:3] != ["-m", "gossamer"]:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        return result.returncode, result.stdout + result.stderr
     fd, log = tempfile.mkstemp(prefix="gossamer-run-", suffix=".log")
     os.close(fd)
     try:
-        code = start(cmd[3:], env, log=Path(log)).wait()
+        code = start(args, env, log=Path(log)).wait()
         return code, Path(log).read_text(errors="replace")
     finally:
         os.unlink(log)

@@ -93,9 +93,10 @@ class AsyncCoordinator(BaseCoordinator):
                     self.acct.server_idle(t - self.idle_since)
                     self.idle_since = None
             if task is not None:
-                pull = task.deadline_s - self.clock() if math.isfinite(task.deadline_s) else 0.0
+                # FAVANO: the seconds until the pull (a pull already due: the least, one step)
+                pull = max(task.deadline_s - self.clock(), 1e-3) if math.isfinite(task.deadline_s) else 0.0
                 header = schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=task.key, steps=task.steps,
-                                           pull_in_s=max(pull, 1e-3) if pull else 0.0)
+                                           pull_in_s=pull)
                 return header, self._frames(task)
         return self._wait()
 

@@ -32,12 +32,10 @@ class ChocoPeer(Peer):
     pattern = "choco"
 
     @classmethod
-    def check_config(cls, cfg: ExperimentConfig) -> None:
-        super().check_config(cfg)
-        from gossamer.algorithms import ALGORITHMS
-
-        algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+    def check_config(cls, cfg: ExperimentConfig) -> Any:
         from gossamer.topology import DYNAMIC_TOPOLOGIES
+
+        algo = super().check_config(cfg)
 
         if cfg.topology.name in DYNAMIC_TOPOLOGIES or cfg.topology.resample != "never":
             raise ConfigError("topology", "CHOCO-SGD needs a static topology: a new neighbour holds "
@@ -48,6 +46,7 @@ class ChocoPeer(Peer):
         if algo.final_merge:
             raise ConfigError("algorithm.params.final_merge", "CHOCO-SGD peers have no final merge "
                               "yet; use gossamer run")
+        return algo
 
     def _init_state(self) -> None:
         from gossamer.compression import build_compressor
@@ -70,7 +69,8 @@ class ChocoPeer(Peer):
                                                              strict=True)}
 
     def _key(self, node: int, round_: int, step: int) -> int:
-        return int(self.algorithm.keys(node + 1, round_, step)[node])
+        """The randomness key of ``node``'s message of gossip ``step`` of ``round_``."""
+        return int(self.algorithm.keys(self.exp.num_nodes, round_, step, nodes=[node])[0])
 
     def _accept(self, chunks) -> tuple[Any, torch.Tensor, int]:
         """A neighbour's compressed difference, decoded (``from_bytes`` validates its sizes)."""

@@ -13,6 +13,7 @@ answers; it never crashes the node, and nothing is unpickled.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -157,6 +158,18 @@ class Counted:
         for chunk in self.chunks:
             self.size += len(chunk)
             yield chunk
+
+
+def peek_meta(chunks: Iterable[bytes]) -> tuple[object, Iterator[bytes]]:
+    """The metadata of a raw model message (what a receiver decides the expected size by) and
+    the whole stream again, its first frame put back; WireError when it does not start with
+    metadata."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    head = parse(schema.Frame, first) if first is not None else None
+    if head is None or head.WhichOneof("body") != "meta":
+        raise WireError("a model message must start with its metadata")
+    return head.meta, itertools.chain([first], chunks)
 
 
 def read_counted_model(chunks: Iterable[bytes], **kwargs: object) -> tuple[object, torch.Tensor, int]:

@@ -17,7 +17,6 @@ messages each way per peer, counted), where the simulator costs a ring all-reduc
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
@@ -40,7 +39,7 @@ from gossamer.metrics.runstore import (
 )
 from gossamer.protocols import sync_dl as protocol
 from gossamer.runtime import peering, schema
-from gossamer.runtime.codec import WireError, model_frames, parse
+from gossamer.runtime.codec import WireError, model_frames, peek_meta
 from gossamer.runtime.common import log, retry
 from gossamer.training.evaluator import local_losses
 
@@ -87,9 +86,10 @@ class Peer(peering.PeerNode):
             self.metrics.load_existing(self.round)
 
     @classmethod
-    def check_config(cls, cfg: ExperimentConfig) -> None:
+    def check_config(cls, cfg: ExperimentConfig) -> Any:
         """What this peer refuses, as one-line errors naming the field (the launcher asks
-        before spawning): another pattern, and the protocol's refusals of the final merge."""
+        before spawning): another pattern, and the protocol's refusals of the final merge.
+        Returns the config's algorithm (for a subclass's own checks)."""
         from gossamer.algorithms import ALGORITHMS
 
         kind = ALGORITHMS.get(cfg.algorithm.name)
@@ -101,6 +101,7 @@ class Peer(peering.PeerNode):
         except ValueError as exc:
             raise ConfigError("algorithm.params", str(exc).splitlines()[0]) from None
         protocol.check_final_merge(algorithm, cfg, protocol.gathered(algorithm, None))
+        return algorithm
 
     # --- what a subclass adds to a peer's state -------------------------------------------------
     def _init_state(self) -> None:
@@ -135,14 +136,10 @@ class Peer(peering.PeerNode):
         """Validate a push. Its first frame says what it is: a gossip message (``vectors``
         model-sized vectors, from a neighbour) or a final-merge model (one vector, from any
         peer when the final merge is on); the payload is then checked against that."""
-        chunks = iter(chunks)
-        first = next(chunks, None)
-        if first is None:
-            raise WireError("a model message must start with its metadata")
-        head = parse(schema.Frame, first)
-        final = head.WhichOneof("body") == "meta" and int(head.meta.meta) == FINAL_MERGE
+        meta, chunks = peek_meta(chunks)
+        final = int(meta.meta) == FINAL_MERGE
         return peering.accept_push(
-            itertools.chain([first], chunks), node=self.node,
+            chunks, node=self.node,
             neighbors=self.contacts if final else self.neighbors,
             numel=self.exp.spec.numel * (1 if final else self.vectors),
             run_id=self.cfg.runtime.run_id, limits=self.limits)

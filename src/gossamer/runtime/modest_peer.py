@@ -15,7 +15,6 @@ run is over (``DONE``: ``ModelMeta.kind = 3``, no tensor). A peer that hears not
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import threading
@@ -38,7 +37,7 @@ from gossamer.metrics.runstore import (
 from gossamer.protocols import modest as protocol
 from gossamer.protocols.modest import AGGREGATE, TRAIN, Arrival
 from gossamer.runtime import peering, schema
-from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
+from gossamer.runtime.codec import WireError, model_frames, parse, peek_meta, read_counted_model
 from gossamer.runtime.common import log, retry
 
 # bit 0 of ModelMeta.meta: what the receiver does (TRAIN, AGGREGATE); the rest: samples
@@ -116,15 +115,11 @@ class ModestPeer(peering.PeerNode):
     def _read(self, chunks) -> tuple[object, torch.Tensor, int]:
         """A validated message (meta, tensor, bytes): a model of the spec's size, or an empty
         DONE notice; the declared size is checked before any payload is read."""
-        chunks = iter(chunks)
-        first = next(chunks, None)
-        head = parse(schema.Frame, first) if first is not None else None
-        if head is None or head.WhichOneof("body") != "meta":
-            raise WireError("a model message must start with its metadata")
-        kind = int(head.meta.kind)
+        meta, chunks = peek_meta(chunks)
+        kind = int(meta.kind)
         if kind not in (MODEL, DONE):
             raise WireError(f"unknown message kind {kind}")
-        return read_counted_model(itertools.chain([first], chunks), run_id=self.cfg.runtime.run_id,
+        return read_counted_model(chunks, run_id=self.cfg.runtime.run_id,
                                   expected_numel=self.exp.spec.numel if kind == MODEL else 0,
                                   limits=self.limits)
 

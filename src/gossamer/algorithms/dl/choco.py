@@ -68,9 +68,11 @@ class Choco(DPSGD):
         return params.clone() if self.public_init == "model" else torch.zeros_like(params)
 
     @staticmethod
-    def keys(num_nodes: int, round: int, step: int) -> np.ndarray:
-        """Randomness keys ``[N]`` of the messages of gossip step ``step`` (0-based) of ``round``."""
-        return (np.arange(num_nodes, dtype=np.int64) << 32) + (round << 10) + step
+    def keys(num_nodes: int, round: int, step: int, nodes: np.ndarray | None = None) -> np.ndarray:
+        """Randomness keys ``[N]`` of the messages of gossip step ``step`` (0-based) of
+        ``round``; ``nodes``: only those nodes' keys (a peer: its own, a sender's)."""
+        ids = np.arange(num_nodes, dtype=np.int64) if nodes is None else np.asarray(nodes, dtype=np.int64)
+        return (ids << 32) + (round << 10) + step
 
     def gossip_step(self, mixing: torch.Tensor, params: torch.Tensor, public: torch.Tensor,
                     compressor, *, seed: int, keys: np.ndarray,
