@@ -11,7 +11,7 @@ from gossamer.cli import main
 from gossamer.runtime.choco_peer import ChocoPeer
 from gossamer.runtime.codec import WireError, bytes_frames
 from tests.conftest import small_config
-from tests.runtime.test_dl_runtime import _rows
+from tests.runtime.test_dl_runtime import _launch_and_simulate, _launch_with_a_dead_peer
 
 
 def _cfg(compressor="topk", params=None, **extra):
@@ -27,10 +27,7 @@ def _cfg(compressor="topk", params=None, **extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("compressor, params", [("topk", {"density": 0.2}), ("qsgd", {"levels": 16})])
 def test_peers_match_the_simulator(write_config, tmp_path, compressor, params):
-    path = write_config(_cfg(compressor, params))
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    real, sim = _launch_and_simulate(write_config, tmp_path, _cfg(compressor, params))
     assert [r["round"] for r in real] == ["0", "1", "2", "3"]
     for key in ("test_accuracy", "acc_min", "acc_max", "avg_model_accuracy"):
         assert [r[key] for r in real[1:]] == [r[key] for r in sim[1:]], key
@@ -70,13 +67,4 @@ def test_a_peer_decodes_only_well_formed_messages_from_its_neighbours(tmp_path):
 @pytest.mark.slow
 def test_a_killed_peer_is_mixed_without_and_the_run_finishes(write_config, tmp_path, monkeypatch):
     """A neighbour's missing message is mixed as D-PSGD mixes it (its weight on the own copy)."""
-    monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")      # peer 3 dies after round 1
-    cfg = _cfg()
-    cfg["runtime"]["round_timeout_s"] = 2
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "run")]) == 0
-    rows = _rows(tmp_path / "run")
-    assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["failed_peers"] == [3]
-    assert "no model from [3]" in (tmp_path / "run" / "logs" / "peer-0.log").read_text()
+    _launch_with_a_dead_peer(write_config, tmp_path, monkeypatch, _cfg())

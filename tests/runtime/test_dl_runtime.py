@@ -26,12 +26,18 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
-def test_peers_on_a_ring_match_the_simulator(write_config, tmp_path):
-    path = write_config(_cfg())
+def _launch_and_simulate(write_config, tmp_path, cfg):
+    """``cfg`` on peer processes (``tmp_path/real``) and in the simulator (``tmp_path/sim``):
+    their metrics rows."""
+    path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    return _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+
+
+@pytest.mark.slow
+def test_peers_on_a_ring_match_the_simulator(write_config, tmp_path):
+    real, sim = _launch_and_simulate(write_config, tmp_path, _cfg())
     assert [r["round"] for r in real] == ["0", "1", "2", "3"]
     for key in ("test_accuracy", "acc_min", "acc_max", "avg_model_accuracy"):
         assert [r[key] for r in real[1:]] == [r[key] for r in sim[1:]], key
@@ -39,10 +45,10 @@ def test_peers_on_a_ring_match_the_simulator(write_config, tmp_path):
     assert summary["executor"] == "runtime" and summary["failed_peers"] == []
 
 
-@pytest.mark.slow
-def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monkeypatch):
-    monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")      # peer 3 dies after round 1
-    cfg = _cfg()
+def _launch_with_a_dead_peer(write_config, tmp_path, monkeypatch, cfg):
+    """``cfg`` on peer processes of which peer 3 dies after round 1: the run finishes without
+    it, and its neighbour 0 says it mixed without it. The metrics rows."""
+    monkeypatch.setenv("GOSSAMER_TEST_KILL_AT_ROUND", "3:1")
     cfg["runtime"]["round_timeout_s"] = 2         # how long its neighbours wait for it, once
     path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "run")]) == 0
@@ -50,9 +56,14 @@ def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monk
     assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["failed_peers"] == [3]
+    assert "no model from [3]" in (tmp_path / "run" / "logs" / "peer-0.log").read_text()
+    return rows
+
+
+@pytest.mark.slow
+def test_a_killed_peer_is_skipped_by_its_neighbours(write_config, tmp_path, monkeypatch):
+    rows = _launch_with_a_dead_peer(write_config, tmp_path, monkeypatch, _cfg())
     assert float(rows[-1]["test_accuracy"]) > float(rows[1]["test_accuracy"])
-    log = (tmp_path / "run" / "logs" / "peer-0.log").read_text()
-    assert "no model from [3]" in log
 
 
 def _has_row(path, round_):
@@ -150,9 +161,6 @@ def test_a_peer_that_fell_behind_jumps_to_its_neighbours_round(tmp_path):
 def test_peers_with_a_robust_merge_match_the_simulator(write_config, tmp_path):
     cfg = _cfg()
     cfg["algorithm"] = {"name": "dpsgd", "params": {"aggregator": "median"}}
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    real, sim = _launch_and_simulate(write_config, tmp_path, cfg)
     for key in ("test_accuracy", "acc_min", "acc_max"):
         assert [r[key] for r in real[1:]] == [r[key] for r in sim[1:]], key

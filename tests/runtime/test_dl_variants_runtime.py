@@ -12,14 +12,7 @@ from gossamer.metrics.runstore import load_checkpoint
 from gossamer.runtime.dl_peer import Peer
 from gossamer.runtime.tracking_peer import GradientTrackingPeer
 from tests.conftest import small_config
-from tests.runtime.test_dl_runtime import _cfg, _rows
-
-
-def _launch_and_simulate(write_config, tmp_path, cfg):
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    return _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+from tests.runtime.test_dl_runtime import _cfg, _launch_and_simulate, _rows
 
 
 @pytest.mark.slow
