@@ -242,6 +242,24 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from gossamer import config as config_mod
+    from gossamer.runtime.aggregator import Aggregator
+
+    cfg = config_mod.load(args.config, args.set)
+    _configure_runtime(cfg)
+    parents = [a for a in (args.parent or cfg.runtime.server).split(",") if a]
+    try:
+        aggregator = Aggregator(cfg, args.id, Path(args.out) / "aggregators" / str(args.id),
+                                parents=parents, listen=args.listen)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    summary = aggregator.serve()
+    print(f"aggregator {args.id}: {summary['bytes_from_children'] / 1e6:.1f} MB from its children, "
+          f"{summary['bytes_to_parent'] / 1e6:.1f} MB to its parent")
+    return 0
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
     from gossamer.algorithms import ALGORITHMS
@@ -444,9 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
     cli = sub.add_parser("client", help="run one FL client of a real deployment")
     cli.add_argument("config")
     cli.add_argument("--id", type=int, required=True, help="this client's node id")
-    cli.add_argument("--server", help="HOST:PORT of the coordinator (default runtime.server)")
+    cli.add_argument("--server", help="HOST:PORT of the coordinator or its aggregator (default "
+                     "runtime.server); more, comma-separated, to re-home to in order")
     cli.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cli.set_defaults(func=cmd_client)
+    agg = sub.add_parser("aggregator", help="run one aggregator between FL clients and the "
+                         "coordinator (hierarchy.levels)")
+    agg.add_argument("config")
+    agg.add_argument("--id", type=int, required=True, help="this aggregator's number (level by "
+                     "level from the top, from 0)")
+    agg.add_argument("--parent", help="HOST:PORT of the coordinator or the aggregator above "
+                     "(default runtime.server); more, comma-separated, to re-home to in order")
+    agg.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free)")
+    agg.add_argument("--out", required=True, help="run directory (aggregators/ID holds its files)")
+    agg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    agg.set_defaults(func=cmd_aggregator)
     peer = sub.add_parser("peer", help="run one decentralized peer of a real deployment")
     peer.add_argument("config")
     peer.add_argument("--id", type=int, required=True)

@@ -104,11 +104,19 @@ def test_what_a_tree_cannot_carry_is_refused_in_one_line(over, field):
         config.validate(_config(hierarchy={"levels": [3], "links": [{}, {}]}))
 
 
-def test_real_processes_refuse_a_tree_in_one_line():
-    from gossamer.runtime.common import refuse_simulator_only
+def test_real_aggregators_are_numbered_level_by_level():
+    """`gossamer aggregator --id`: the tree's numbering of aggregators for real processes."""
+    from gossamer.protocols.hierarchy import Link, build_tree
 
-    with pytest.raises(ConfigError, match="hierarchy.levels"):
-        refuse_simulator_only(config.validate(_config(hierarchy={"levels": [3]})))
+    tree = build_tree([2, 4], [Link(0, 1), Link(0, 1)], 8, "contiguous", 0)
+    assert tree.count == 6
+    assert [tree.locate(g) for g in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert [tree.parent(g) for g in range(6)] == [-1, -1, 0, 0, 1, 1]
+    assert tree.child_aggregators(-1) == [0, 1] and tree.child_aggregators(1) == [4, 5]
+    assert tree.child_aggregators(3) == [] and list(tree.clients_of(3)) == [2, 3]
+    assert [tree.home(i) for i in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
+    with pytest.raises(ValueError):
+        tree.locate(6)
 
 
 def test_a_failed_leaf_aggregator_cuts_its_clients_off_for_those_rounds(tmp_path):

@@ -65,6 +65,48 @@ class Tree:
         """Aggregators directly under the server."""
         return len(self.parents[0])
 
+    # Real processes number the aggregators 0.. level by level from the top (``gossamer
+    # aggregator --id``); on the wire aggregator ``g`` is node ``num_clients + g``.
+    @property
+    def count(self) -> int:
+        """Aggregators in all levels."""
+        return sum(len(p) for p in self.parents)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(level, index in its level) of aggregator ``g``; ValueError outside the tree."""
+        for level, p in enumerate(self.parents):
+            if 0 <= g < len(p):
+                return level, g
+            g -= len(p)
+        raise ValueError("no such aggregator")
+
+    def number(self, level: int, index: int) -> int:
+        """The number of aggregator ``index`` of ``level``."""
+        return sum(len(p) for p in self.parents[:level]) + index
+
+    def parent(self, g: int) -> int:
+        """The aggregator above ``g`` (-1: the server)."""
+        level, index = self.locate(g)
+        return -1 if level == 0 else self.number(level - 1, int(self.parents[level][index]))
+
+    def child_aggregators(self, g: int) -> list[int]:
+        """The aggregators directly under ``g`` (-1: the server's); none under a leaf."""
+        if g < 0:
+            return list(range(self.top))
+        level, index = self.locate(g)
+        if level + 1 == self.depth:
+            return []
+        return [self.number(level + 1, int(a)) for a in np.flatnonzero(self.parents[level + 1] == index)]
+
+    def clients_of(self, g: int) -> np.ndarray:
+        """The clients assigned to leaf aggregator ``g`` (empty for an inner one)."""
+        level, index = self.locate(g)
+        return np.flatnonzero(self.leaf_of == index) if level + 1 == self.depth else np.empty(0, np.int64)
+
+    def home(self, node: int) -> int:
+        """The leaf aggregator client ``node`` is assigned to."""
+        return self.number(self.depth - 1, int(self.leaf_of[node]))
+
 
 def _ranges(children: int, parents: int) -> np.ndarray:
     """Parent of each of ``children`` items split into ``parents`` contiguous, near-equal runs."""

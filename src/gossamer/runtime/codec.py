@@ -33,8 +33,9 @@ MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 48          # bounds every dimension and product, so no size arithmetic overflows
 
 
-# ModelMeta.kind of an upload: a model row, an update (DP-FedAvg), encoded bytes (compression)
-KIND_MODEL, KIND_DELTA, KIND_ENCODED = 1, 2, 4
+# ModelMeta.kind of an upload: a model row, an update (DP-FedAvg), encoded bytes (compression),
+# an aggregator's partial aggregate (the weighted sum of the models of ``ModelMeta.nodes``)
+KIND_MODEL, KIND_DELTA, KIND_ENCODED, KIND_PARTIAL = 1, 2, 4, 9
 
 
 class WireError(ValueError):
@@ -62,8 +63,10 @@ def parse(message_type: type, data: bytes) -> object:
 
 
 def model_frames(tensor: torch.Tensor, *, kind: int = 1, sender: int = 0, round: int = 0,
-                 meta: int = 0, run_id: str = "", chunk_bytes: int = 1 << 20) -> Iterator[object]:
-    """The frames of one model message: metadata first, then chunks of the raw bytes."""
+                 meta: int = 0, run_id: str = "", chunk_bytes: int = 1 << 20,
+                 nodes: Iterable[int] = ()) -> Iterator[object]:
+    """The frames of one model message: metadata first, then chunks of the raw bytes
+    (``nodes``: the clients a partial aggregate sums)."""
     flat = tensor.detach().contiguous().cpu()
     if flat.dtype not in _NAMES:
         raise ValueError(f"cannot send dtype {flat.dtype}")
@@ -71,7 +74,7 @@ def model_frames(tensor: torch.Tensor, *, kind: int = 1, sender: int = 0, round:
     data = raw.numpy().tobytes()
     spec = schema.TensorSpec(dtype=_NAMES[flat.dtype], shape=list(flat.shape), num_bytes=len(data))
     yield schema.Frame(meta=schema.ModelMeta(kind=kind, sender=sender, round=round, meta=meta,
-                                             tensor=spec, run_id=run_id))
+                                             tensor=spec, run_id=run_id, nodes=list(nodes)))
     view = memoryview(data)
     for start in range(0, len(data), chunk_bytes):
         yield schema.Frame(chunk=bytes(view[start:start + chunk_bytes]))

@@ -90,9 +90,6 @@ def refuse_simulator_only(cfg) -> None:
         raise ConfigError("partition.test_fraction" if cfg.partition.test_fraction else "algorithm.name",
                           "personalized FL and per-client test splits run in the simulator only "
                           "so far; use `gossamer run`")
-    if cfg.hierarchy.levels:                          # no `gossamer aggregator` process yet
-        raise ConfigError("hierarchy.levels", "hierarchical aggregation runs in the simulator only "
-                          "so far; use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

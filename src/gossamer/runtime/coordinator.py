@@ -110,6 +110,12 @@ class BaseCoordinator:
             return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
         if req.run_id != self.cfg.runtime.run_id:
             return schema.JoinReply(ok=False, reason="wrong run id").SerializeToString()
+        if self._is_aggregator(req.node_id):              # hierarchical aggregation (subtree.py)
+            try:
+                return self._join_aggregator(self.guard.acting(context, int(req.node_id)))
+            except Refused as exc:
+                self._refused(exc)
+                return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
         if req.node_id >= self.exp.num_nodes:
             return schema.JoinReply(ok=False, reason="node id out of range").SerializeToString()
         try:
@@ -140,7 +146,7 @@ class BaseCoordinator:
             node = self.guard.acting(context, int(req.node_id))
             with self._slot(context, node if self.guard.binds else None):   # acting proved it
                 with self.lock:
-                    header, frames = self._answer(node, int(req.last_round))
+                    header, frames = self._answer(node, int(req.last_round), req)
                 yield schema.TaskFrame(header=header).SerializeToString()
                 for frame in frames:
                     self._count_down(len(frame), node)
@@ -150,13 +156,18 @@ class BaseCoordinator:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, Busy) else grpc.StatusCode.PERMISSION_DENIED
             context.abort(code, str(exc))
 
-    def _answer(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
+    def _answer(self, node: int, last_round: int = 0, req: object = None) -> tuple[object, list[bytes]]:
         """What ``node`` is told when it asks for work (lock held): DONE once the run is over,
-        JOIN when the server does not know it, else what the pattern's ``_task`` says."""
+        JOIN when the server does not know it, else what the pattern's ``_task`` says (an
+        aggregator's: ``_aggregator_task``, after its report of the clients it reaches)."""
         if self.done:
             self.told_done.add(node)
             self.lock.notify_all()
             return schema.TaskHeader(kind=schema.TaskHeader.DONE), []
+        if self._is_aggregator(node):
+            if node in self.subs:
+                self._heard_aggregator(node, req)
+            return self._aggregator_task(node, last_round)
         if node not in self.clients:
             return schema.TaskHeader(kind=schema.TaskHeader.JOIN), []
         return self._task(node, last_round)
@@ -219,7 +230,7 @@ class BaseCoordinator:
                 self.done = True
                 self.lock.notify_all()
                 # let every client hear DONE: one may be in a retry backoff (up to retry_max_s)
-                self.lock.wait_for(lambda: self.told_done >= set(self.clients),
+                self.lock.wait_for(lambda: self.told_done >= self._listeners(),
                                    timeout=self.cfg.runtime.retry_max_s + 1.0)
             server.stop(grace=1.0).wait()
 
@@ -293,6 +304,14 @@ class BaseCoordinator:
         save_checkpoint(self.run_dir / "model.pt", {"params": self.state.params}, keep_previous=False)
 
     # --- pattern hooks ------------------------------------------------------------------------
+    def _listeners(self) -> set[int]:
+        """Who asks this process for work (and must hear that the run is over)."""
+        return set(self.clients)
+
+    def _is_aggregator(self, node: int) -> bool:
+        """Whether ``node`` is an aggregator's wire id (hierarchical aggregation only)."""
+        return False
+
     def _init_pipeline(self) -> None:
         """Set up what uploads carry (the synchronous pattern: the upload pipeline)."""
 

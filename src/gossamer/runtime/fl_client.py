@@ -46,6 +46,7 @@ from gossamer.runtime.codec import (
     state_hash,
 )
 from gossamer.runtime.common import (
+    RETRYABLE,
     grpc_options,
     limits,
     log,
@@ -77,13 +78,11 @@ class Client:
             raise ValueError(f"--id: node id {node_id} is outside 0..{self.exp.num_nodes - 1}")
         self.algorithm = self.exp.algorithm
         self.limits = limits(cfg)
-        sec = security(cfg, node=node_id)
-        channel = make_channel(server or cfg.runtime.server, sec, grpc_options(cfg))
-        token = sec.resolved_token(node_id)
-        self.channel = intercept_channel(channel, token) if token else channel
-        self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
-        self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
-        self._put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+        self.security = security(cfg, node=node_id)
+        self.token = self.security.resolved_token(node_id)
+        # its parent: the coordinator or an aggregator, then the addresses to re-home to
+        self.servers = [a for a in (server or cfg.runtime.server).split(",") if a]
+        self._connect(0)
         self.num_samples = int(self.exp.trainer.sizes[node_id])
         # what the algorithm keeps on this client between rounds (SCAFFOLD's control variate);
         # a restarted client process starts it afresh
@@ -101,9 +100,44 @@ class Client:
         self.step_s: float | None = None
         self.upload_s = 0.0
 
+    def _connect(self, at: int) -> None:
+        """Talk to ``servers[at]`` from now on."""
+        self.at = at
+        channel = make_channel(self.servers[at], self.security, grpc_options(self.cfg))
+        self.channel = intercept_channel(channel, self.token) if self.token else channel
+        self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
+        self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
+        self._put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+
+    def _fail_over(self, exc: grpc.RpcError) -> bool:
+        """Re-home to the next address of ``--server`` (an aggregator died); False when there
+        is no other address or the failure is not a transport one."""
+        if len(self.servers) < 2 or exc.code() not in RETRYABLE:
+            return False
+        was = self.servers[self.at]
+        self.channel.close()
+        self._connect((self.at + 1) % len(self.servers))
+        log.warning("client %d: %s unreachable (%s); re-homing to %s", self.node, was, exc.code(),
+                    self.servers[self.at])
+        return True
+
     def _retry(self, call, what: str):
+        """``call`` with retries: until ``runtime.join_timeout_s``, or with other addresses to
+        re-home to, ``runtime.retry_max_s`` on this one."""
         rt = self.cfg.runtime
-        return retry(call, deadline_s=rt.join_timeout_s, max_backoff_s=rt.retry_max_s, what=what)
+        deadline = rt.join_timeout_s if len(self.servers) < 2 else min(rt.join_timeout_s, rt.retry_max_s)
+        return retry(call, deadline_s=deadline, max_backoff_s=rt.retry_max_s, what=what)
+
+    def _rejoin(self) -> None:
+        """Join, re-homing down ``--server`` while the parent stays unreachable (for at most
+        ``runtime.join_timeout_s``)."""
+        end = time.monotonic() + self.cfg.runtime.join_timeout_s
+        while True:
+            try:
+                return self.join()
+            except grpc.RpcError as exc:
+                if time.monotonic() > end or not self._fail_over(exc):
+                    raise
 
     def join(self) -> None:
         req = schema.JoinRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
@@ -134,7 +168,7 @@ class Client:
 
     def run(self) -> int:
         """Serve tasks until the server says DONE; returns the number of rounds trained."""
-        self.join()
+        self._rejoin()
         trained = 0
         while True:
             try:
@@ -146,13 +180,14 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise
-                log.info("client %d: server unreachable (%s); rejoining", self.node, exc.code())
-                self.join()
+                if not self._fail_over(exc):
+                    log.info("client %d: server unreachable (%s); rejoining", self.node, exc.code())
+                self._rejoin()
                 continue
             if header.kind == schema.TaskHeader.DONE:
                 return trained
             if header.kind == schema.TaskHeader.JOIN:
-                self.join()
+                self._rejoin()
                 continue
             if header.kind == schema.TaskHeader.SECAGG:
                 self._secagg_step(header, model[1].numpy().tobytes())
@@ -163,7 +198,13 @@ class Client:
             steps = int(header.steps)
             if header.pull_in_s > 0:                        # FAVANO: what fits before the pull
                 steps = self._steps_before(header.pull_in_s, steps, int(header.round), model[1].float())
-            self._train_and_send(int(header.round), model[1].float(), steps, int(header.expected))
+            try:
+                self._train_and_send(int(header.round), model[1].float(), steps, int(header.expected))
+            except grpc.RpcError as exc:              # the upload's parent died: re-home, ask again
+                if not self._fail_over(exc):
+                    raise
+                self._rejoin()
+                continue
             trained += 1
 
     def _steps_before(self, pull_in_s: float, most: int, key: int, start: torch.Tensor) -> int:

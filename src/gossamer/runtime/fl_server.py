@@ -39,6 +39,7 @@ from gossamer.runtime.codec import (
     KIND_DELTA,
     KIND_ENCODED,
     KIND_MODEL,
+    KIND_PARTIAL,
     WireError,
     bytes_frames,
     model_frames,
@@ -50,6 +51,7 @@ from gossamer.runtime.coordinator import BaseCoordinator
 from gossamer.runtime.guard import Refused
 from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound, SecureAggregation
 from gossamer.runtime.secagg_round import max_message_bytes as secagg_bytes
+from gossamer.runtime.subtree import Subtrees
 from gossamer.training.trainer import local_steps
 
 COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
@@ -67,15 +69,18 @@ class RoundState:
     secagg: SecAggRound | None = None                   # secure aggregation's message rounds
     protocol: SyncRound | None = None                   # the round's decisions
     opened: float = 0.0                                 # time.monotonic() at the round's start
+    total: torch.Tensor | None = None                   # hierarchy: the running weighted sum
+    weight: float = 0.0                                 # ... and its total weight
 
     def open(self) -> set[int]:
         """Selected clients whose upload is still awaited."""
         return self.selected - self.failed - set(self.received)
 
 
-class Coordinator(SecureAggregation, BaseCoordinator):
+class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
     """The ``sync_fl`` pattern: select, hand out the model, wait for uploads, run the upload
-    pipeline's server side, aggregate, evaluate, checkpoint."""
+    pipeline's server side, aggregate, evaluate, checkpoint. With ``hierarchy.levels`` the
+    clients are reached through ``gossamer aggregator`` processes (``runtime/subtree.py``)."""
 
     pattern = "sync_fl"
     columns = COLUMNS
@@ -83,6 +88,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                  listen: str | None = None) -> None:
         self.current = RoundState()
+        self.last_sum: tuple[torch.Tensor | None, float] = (None, 0.0)
         super().__init__(cfg, run_dir, resume=resume, listen=listen)
 
     def _init_pipeline(self) -> None:
@@ -97,6 +103,24 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         self.last_round: SyncRound | None = None             # the latest round's decisions
         self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns      # epsilon, secagg_aborted
+        self._init_subtrees()
+
+    @staticmethod
+    def check_config(cfg: ExperimentConfig) -> None:
+        """What real processes refuse of a synchronous FL config, in one line (the launcher
+        calls it before spawning)."""
+        from gossamer.config import ConfigError
+
+        if cfg.hierarchy.levels and cfg.contribution.methods:
+            raise ConfigError("contribution.methods", "contribution scores need each client's "
+                              "upload; with hierarchy.levels the coordinator holds the "
+                              "aggregators' sums only (the simulator scores them)")
+        if cfg.hierarchy.failures:
+            raise ConfigError("hierarchy.failures", "real processes fail for real: kill an "
+                              "aggregator (its clients re-home); failures are simulated only")
+
+    def _listeners(self) -> set[int]:
+        return (set(self.clients) - set(self.via)) | set(self.subs)
 
     def _init_state(self):
         return self.algorithm.init_state(self.exp.init_params.reshape(-1), self.exp.num_nodes)
@@ -110,6 +134,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
 
     def _task(self, node: int, last_round: int = 0) -> tuple[object, list[bytes]]:
         """A joined ``node``'s task (lock held): the round's model if it is awaited, else WAIT."""
+        self.via.pop(node, None)                            # asking here: a direct client now
         if node in self.stale:
             self.stale.discard(node)
             self.lock.notify_all()                          # it is reachable again
@@ -145,7 +170,8 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             if tensor.numel() > secagg_bytes(self.numel, sa.bits, self.exp.num_nodes):
                 raise WireError(f"secure-aggregation message of {tensor.numel()} bytes is too large")
             return meta, tensor, size
-        if meta.kind != kind:
+        self._check_partial(meta)
+        if meta.kind != kind and not (meta.kind == KIND_PARTIAL and kind == KIND_MODEL):
             raise WireError(f"upload kind {meta.kind} where {kind} is expected")
         if encoded and tensor.numel() > 8 * self.upload_numel + 4096:
             raise WireError(f"encoded upload of {tensor.numel()} bytes is larger than the model")
@@ -167,6 +193,11 @@ class Coordinator(SecureAggregation, BaseCoordinator):
         """File a validated upload of the current round, or raise :class:`Refused`."""
         with self.lock:
             cur = self.current
+            if meta.kind == KIND_PARTIAL:
+                self._accept_partial(node, bound, meta, tensor, size)
+                return
+            if self._is_aggregator(node):
+                raise Refused(f"aggregator {node - self.exp.num_nodes} sent a client's upload", bound)
             if node not in self.clients:
                 raise Refused(f"node {node} has not joined", bound, strike=False)
             if int(meta.meta) != self.clients[node]:
@@ -187,7 +218,10 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             self._arrives(node, bound)
             if self.pipeline.compress is not None and self.pipeline.compress.feedback == "ef21":
                 self.estimates[node] = decoded
-            cur.received[node] = (row, self.clients[node])
+            if self.tree is not None:                   # summed on arrival
+                self._file(node, row, self.clients[node])
+            else:
+                cur.received[node] = (row, self.clients[node])
             self.bytes_up += size
             self.lock.notify_all()
 
@@ -226,6 +260,14 @@ class Coordinator(SecureAggregation, BaseCoordinator):
     def _aggregate(self, r: int, received: dict[int, tuple[torch.Tensor, int]]) -> None:
         """Round ``r``'s server step from the uploads ``received`` (node -> (row, samples))."""
         algo = self.algorithm
+        if self.tree is not None:                  # the sum up the aggregators' tree
+            total, weight = self.last_sum
+            if self.dp_ledger is not None:         # sample-level DP-SGD, the one DP a tree carries
+                ids = np.array(sorted(received))
+                self.dp_ledger.sample_steps(ids, local_steps(self.exp.trainer.schedule, self.exp.trainer.sizes[ids]))
+            self.state = algo.aggregate_mean(self.state, (total / weight).float())
+            self.participants = len(received)
+            return
         nodes = sorted(received)
         uploads = self._server_stages(r, torch.stack([received[i][0] for i in nodes]), np.array(nodes))
         sizes = np.array([received[i][1] for i in nodes])
@@ -287,6 +329,7 @@ class Coordinator(SecureAggregation, BaseCoordinator):
             finished = self.lock.wait_for(lambda: len(cur.received) >= need or not cur.open(),
                                           timeout=timeout)
             received = dict(cur.received)
+            self.last_sum = (cur.total, cur.weight)
             late = cur.open()
             if cur.secagg is not None:
                 received = self._secure_stages(cur)

@@ -67,12 +67,84 @@ def with_node_tokens(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     if sec.token or sec.token_file or sec.node_tokens_dir or sec.require_client_cert:
         return cfg
     secrets = (run_dir / "secrets").resolve()
-    if not (secrets / SECRET_FILE).exists():
-        write_node_tokens(secrets, cfg.partition.num_nodes)
+    if not (secrets / SECRET_FILE).exists():           # aggregators are nodes N, N + 1, ...
+        write_node_tokens(secrets, cfg.partition.num_nodes + aggregator_count(cfg))
     overrides = [f"runtime.security.node_tokens_dir={secrets}"]
     if not sec.tls:                                  # the launcher's own processes, as configured
         overrides.append("runtime.security.allow_insecure=true")
     return config_mod.validate(config_mod.apply_overrides(cfg.to_dict(), overrides))
+
+
+def aggregator_count(cfg: ExperimentConfig) -> int:
+    """Aggregator processes of ``hierarchy.levels``."""
+    return sum(cfg.hierarchy.levels)
+
+
+def _wait_for(path: Path, proc: Process, what: str, timeout_s: float) -> str:
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; see its log")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{what} did not start listening in time")
+        time.sleep(0.05)
+    return json.loads(path.read_text())["address"]
+
+
+def _spawn_tree(cfg: ExperimentConfig, run_dir: Path, config_path: Path, root: str, threads: int,
+                timeout_s: float) -> tuple[list[Process], list[list[str]]]:
+    """``gossamer aggregator`` processes, top level first, each with its parent's address (then
+    the coordinator's, to re-home to); returns them and each client's addresses: its leaf, the
+    next leaf, the coordinator (where it re-homes if its aggregator dies)."""
+    from gossamer.experiment import build as build_experiment
+
+    tree = build_experiment(cfg, population=False).hierarchy
+    host = cfg.runtime.server.rsplit(":", 1)[0]
+    procs, addresses = [], {}
+    for g in range(tree.count):
+        parent = tree.parent(g)
+        parents = [root] if parent < 0 else [addresses[parent], root]
+        (run_dir / "aggregators" / str(g) / "server.json").unlink(missing_ok=True)
+        procs.append(_spawn(["aggregator", str(config_path), "--id", str(g), "--parent", ",".join(parents),
+                             "--listen", f"{host}:0", "--out", str(run_dir)],
+                            run_dir / "logs" / f"aggregator-{g}.log", threads))
+        addresses[g] = _wait_for(run_dir / "aggregators" / str(g) / "server.json", procs[-1],
+                                 f"aggregator {g}", timeout_s)
+    first = tree.number(tree.depth - 1, 0)                  # the first leaf
+    leaves = tree.count - first
+    homes = []
+    for i in range(cfg.partition.num_nodes):
+        home = tree.home(i)
+        sibling = first + (home - first + 1) % leaves
+        homes.append(list(dict.fromkeys([addresses[home], addresses[sibling], root])))
+    return procs, homes
+
+
+def tree_summary(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Add the bytes per tier to ``summary.json`` from the aggregators' own summaries (tier 0:
+    the coordinator's link; a killed aggregator reports nothing, ``aggregators_reporting``)."""
+    from gossamer.metrics.runstore import write_json
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return
+    summary = json.loads(path.read_text())
+    levels = list(cfg.hierarchy.levels)
+    up, down, reporting, g = [summary["bytes_up_total"]], [summary["bytes_down_total"]], 0, 0
+    for count in levels:
+        up.append(0)
+        down.append(0)
+        for _ in range(count):
+            agg = run_dir / "aggregators" / str(g) / "summary.json"
+            if agg.exists():
+                one = json.loads(agg.read_text())
+                up[-1] += one["bytes_from_children"]
+                down[-1] += one["bytes_to_children"]
+                reporting += 1
+            g += 1
+    summary["hierarchy"] = {"levels": levels, "bytes_up_by_tier": up, "bytes_down_by_tier": down,
+                            "aggregators_reporting": reporting}
+    write_json(path, summary)
 
 
 def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
@@ -99,14 +171,18 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         (run_dir / "server.json").unlink(missing_ok=True)
-        threads = threads_per_process(cfg, cfg.partition.num_nodes + 1)
+        threads = threads_per_process(cfg, cfg.partition.num_nodes + 1 + aggregator_count(cfg))
         what = ["--resume", str(run_dir)] if resume else [str(config_path), "--out", str(run_dir)]
         server = _spawn(["server", *what, "--listen", f"{host}:0"],
                         run_dir / "logs" / "server.log", threads)
         procs.append(server)
         address = _wait_for_address(run_dir, server, startup_timeout_s)
+        homes = [[address]] * cfg.partition.num_nodes
+        if cfg.hierarchy.levels:
+            aggregators, homes = _spawn_tree(cfg, run_dir, config_path, address, threads, startup_timeout_s)
+            procs += aggregators
         for i in range(cfg.partition.num_nodes):
-            procs.append(_spawn(["client", str(config_path), "--id", str(i), "--server", address],
+            procs.append(_spawn(["client", str(config_path), "--id", str(i), "--server", ",".join(homes[i])],
                                 run_dir / "logs" / f"client-{i}.log", threads))
         code = server.wait()
         clients_end = time.monotonic() + 10
@@ -115,6 +191,8 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                 p.wait(timeout=max(0.0, clients_end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        if cfg.hierarchy.levels and code == 0:
+            tree_summary(cfg, run_dir)
         return code
     finally:
         stop_processes(procs)
