@@ -120,8 +120,9 @@ def test_what_is_not_supported_is_refused_in_one_line():
     cfg["partition"]["test_fraction"] = 0.2
     with pytest.raises(ConfigError, match="partition.test_fraction"):
         build_experiment(config.validate(cfg))
+    refuse_simulator_only(config.validate(_config("ditto")))      # real processes run it
     with pytest.raises(ConfigError, match="simulator only"):
-        refuse_simulator_only(config.validate(_config("ditto")))
+        refuse_simulator_only(config.validate(_config("local_only")))
     with pytest.raises(ValueError, match="lam"):
         config.validate(_config("ditto", {"lam": -1}))
 

@@ -54,6 +54,8 @@ class Algorithm:
     personal_first = False                      # the personal step precedes the global one (FedRep)
     personal_training = True                    # personal models take their own local steps
     server_personalizes = False                 # the server sets them after aggregating (FedCAC)
+    evaluates_with_global = False               # a personal model is evaluated with the global one
+    runs_on_processes = False                   # a personalized algorithm real processes run
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

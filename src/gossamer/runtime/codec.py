@@ -34,8 +34,9 @@ MAX_ELEMENTS = 1 << 48          # bounds every dimension and product, so no size
 
 
 # ModelMeta.kind of an upload: a model row, an update (DP-FedAvg), encoded bytes (compression),
-# an aggregator's partial aggregate (the weighted sum of the models of ``ModelMeta.nodes``)
-KIND_MODEL, KIND_DELTA, KIND_ENCODED, KIND_PARTIAL = 1, 2, 4, 9
+# an aggregator's partial aggregate (the weighted sum of the models of ``ModelMeta.nodes``),
+# a client's evaluation report (personalized FL: ``[hits]`` on its own test rows)
+KIND_MODEL, KIND_DELTA, KIND_ENCODED, KIND_PARTIAL, KIND_EVAL = 1, 2, 4, 9, 10
 
 
 class WireError(ValueError):

@@ -86,10 +86,10 @@ def refuse_simulator_only(cfg) -> None:
     if PATTERNS[pattern].runtime is None:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} ({pattern}) runs in the simulator "
                           "only so far; use `gossamer run`")
-    if ALGORITHMS.get(cfg.algorithm.name).personalized or cfg.partition.test_fraction:
-        raise ConfigError("partition.test_fraction" if cfg.partition.test_fraction else "algorithm.name",
-                          "personalized FL and per-client test splits run in the simulator only "
-                          "so far; use `gossamer run`")
+    algorithm = ALGORITHMS.get(cfg.algorithm.name)
+    if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
+        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
+                          "(real processes run ditto, fedrep and fedcac); use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

@@ -13,13 +13,15 @@ import os
 import signal
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 
+from gossamer.algorithms.fl.personalized import head_parameters
+from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
 from gossamer.privacy.secagg import Client as Party
@@ -37,6 +39,7 @@ from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
     KIND_ENCODED,
+    KIND_EVAL,
     KIND_MODEL,
     WireError,
     bytes_frames,
@@ -99,6 +102,13 @@ class Client:
         # FAVANO: this client's measured seconds per local step and per upload
         self.step_s: float | None = None
         self.upload_s = 0.0
+        # personalized FL: this client's own model (Ditto's v, FedRep's head), kept here as
+        # the simulator keeps the population's; a restarted client process starts it afresh
+        self.personal: torch.Tensor | None = None
+        if self.algorithm.personalized:
+            self.head_names, self.head = head_parameters(self.exp.spec, getattr(self.algorithm, "head_layers", 1))
+            if self.algorithm.personal_training:
+                self.personal = self.exp.init_params.reshape(-1).clone()
 
     def _connect(self, at: int) -> None:
         """Talk to ``servers[at]`` from now on."""
@@ -154,11 +164,16 @@ class Client:
                                  last_round=self.last_round).SerializeToString()
         frames = iter(self._get_task(req, timeout=self.cfg.runtime.round_timeout_s))
         header = parse(schema.TaskFrame, next(frames)).header
-        if header.kind not in (schema.TaskHeader.TRAIN, schema.TaskHeader.SECAGG):
+        if header.kind not in (schema.TaskHeader.TRAIN, schema.TaskHeader.SECAGG, schema.TaskHeader.EVAL):
             return header, None
+        if header.kind == schema.TaskHeader.EVAL:          # the model is attached when needed
+            frames = list(frames)
+            if not frames:
+                return header, None
         secagg = header.kind == schema.TaskHeader.SECAGG
+        numel = self.exp.spec.numel if header.kind == schema.TaskHeader.EVAL else self.download_numel
         model = read_model((parse(schema.TaskFrame, f).model for f in frames),
-                           expected_numel=None if secagg else self.download_numel,
+                           expected_numel=None if secagg else numel,
                            run_id=self.cfg.runtime.run_id, limits=self.limits,
                            dtype=torch.uint8 if secagg else None)
         if not secagg and header.state_hash and state_hash(model[1]) != header.state_hash:
@@ -194,6 +209,12 @@ class Client:
                 continue
             if header.kind == schema.TaskHeader.WAIT:
                 time.sleep(header.retry_after_s or self.cfg.runtime.poll_interval_s)
+                continue
+            if header.kind == schema.TaskHeader.EVAL:
+                try:
+                    self._evaluate_own(int(header.round), None if model is None else model[1].float())
+                except WireError as exc:
+                    log.warning("client %d: bad evaluation task (%s)", self.node, exc)
                 continue
             steps = int(header.steps)
             if header.pull_in_s > 0:                        # FAVANO: what fits before the pull
@@ -243,9 +264,18 @@ class Client:
             self.upload_s = time.monotonic() - began
             return
         payload = start.reshape(-1)
+        received = payload[: self.exp.spec.numel]
+        own = self.personal is not None
+        if own and algo.personal_first:                     # FedRep: the head before the body
+            self._personal_step(round_, received)
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
         objective = algo.local_objective(payload, state)
-        model = payload[: self.exp.spec.numel].reshape(1, -1)
+        model = received.reshape(1, -1)
+        if own and algo.personal_first:                     # from its row, its new head frozen
+            model = self.personal.reshape(1, -1)
+            frozen = algo.global_frozen(self.head_names, self.exp.spec.names)
+            if frozen:
+                objective = replace(objective or LocalObjective(), frozen=frozen)
         anchor = algo.split_roles and bool(algo.anchors(self.cfg.seed, round_, nodes)[0])
         if anchor:
             uploads, new_state = self.exp.trainer.full_gradient(model, nodes)[0], None   # FedAMD anchor
@@ -258,7 +288,39 @@ class Client:
         if anchor:
             self._send(uploads[0], round_)                     # a full gradient, as it is
             return
-        self._send(*self._client_stages(Uploads.of(round_, nodes, model[0], uploads), expected))
+        if own and not algo.personal_first:                 # Ditto: v's steps after w's
+            self._personal_step(round_, received)
+        self._send(*self._client_stages(Uploads.of(round_, nodes, received, uploads), expected))
+
+    def _personal_step(self, round_: int, received: torch.Tensor) -> None:
+        """This client's personal model takes the algorithm's personal steps (the simulator's
+        ``SyncFLDriver._personal_step`` on one node: the same keys, so the same model)."""
+        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
+        steps = None
+        if algo.personal_epochs is not None:
+            steps = algo.personal_epochs * -(-exp.trainer.sizes[nodes] // self.cfg.local.batch_size)
+        start = algo.personal_start(received, self.personal.reshape(1, -1), self.head)
+        objective = algo.personal_objective(received, self.head_names, exp.spec.names)
+        result = exp.trainer.train(start.contiguous(), nodes, round_ + (1 << 42), steps=steps,
+                                   objective=objective)
+        self.personal = result.params[0].clone()
+
+    def _evaluate_own(self, round_: int, attached: torch.Tensor | None) -> None:
+        """Evaluate this client's model of ``round_`` on its own test rows (fine-tuned first
+        with ``eval.personal_finetune_steps``) and report the correct predictions."""
+        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
+        if self.personal is not None:
+            current = self.personal if attached is None else attached.reshape(-1)
+            params = algo.personal_model(current, self.personal.reshape(1, -1), self.head)
+        elif attached is not None:
+            params = attached.reshape(1, -1)
+        else:
+            raise WireError(f"the evaluation task of round {round_} carries no model")
+        steps = self.cfg.eval.personal_finetune_steps
+        if steps:
+            params = exp.trainer.train(params.contiguous(), nodes, round_ + (1 << 43),
+                                       steps=np.array([steps])).params
+        self._send(exp.personal.hits(params, nodes), round_, KIND_EVAL)
 
     def _client_stages(self, up: Uploads, expected: int) -> tuple[object, int, int]:
         """The upload pipeline's client side on this client's row: (message, round, kind)."""

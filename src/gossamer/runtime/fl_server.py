@@ -38,6 +38,7 @@ from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
     KIND_ENCODED,
+    KIND_EVAL,
     KIND_MODEL,
     KIND_PARTIAL,
     WireError,
@@ -49,6 +50,7 @@ from gossamer.runtime.codec import (
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
 from gossamer.runtime.guard import Refused
+from gossamer.runtime.personal import PersonalServer
 from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound, SecureAggregation
 from gossamer.runtime.secagg_round import max_message_bytes as secagg_bytes
 from gossamer.runtime.subtree import Subtrees
@@ -71,13 +73,15 @@ class RoundState:
     opened: float = 0.0                                 # time.monotonic() at the round's start
     total: torch.Tensor | None = None                   # hierarchy: the running weighted sum
     weight: float = 0.0                                 # ... and its total weight
+    evaluating: bool = False                            # personalized FL's evaluation phase
+    node_frames: dict[int, tuple[list[bytes], bytes]] = field(default_factory=dict)  # FedCAC
 
     def open(self) -> set[int]:
         """Selected clients whose upload is still awaited."""
         return self.selected - self.failed - set(self.received)
 
 
-class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
+class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
     """The ``sync_fl`` pattern: select, hand out the model, wait for uploads, run the upload
     pipeline's server side, aggregate, evaluate, checkpoint. With ``hierarchy.levels`` the
     clients are reached through ``gossamer aggregator`` processes (``runtime/subtree.py``)."""
@@ -104,6 +108,7 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
         self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns      # epsilon, secagg_aborted
         self._init_subtrees()
+        self._init_personal()
 
     @staticmethod
     def check_config(cfg: ExperimentConfig) -> None:
@@ -118,6 +123,18 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
         if cfg.hierarchy.failures:
             raise ConfigError("hierarchy.failures", "real processes fail for real: kill an "
                               "aggregator (its clients re-home); failures are simulated only")
+        if cfg.hierarchy.levels and cfg.partition.test_fraction:
+            raise ConfigError("partition.test_fraction", "per-client evaluation goes to each client "
+                              "directly; with hierarchy.levels it runs in the simulator only so far")
+        from gossamer.algorithms import ALGORITHMS
+
+        algo = ALGORITHMS.get(cfg.algorithm.name)
+        if algo.personalized and algo.server_personalizes and (
+                cfg.compression.uplink is not None or cfg.privacy.dp is not None
+                or cfg.algorithm.params.get("prox_mu")):
+            raise ConfigError("algorithm.name", f"{cfg.algorithm.name}'s clients start from their "
+                              "own rows on real processes; compression, DP and prox_mu (which "
+                              "refer to the global model) run with it in the simulator only")
 
     def _listeners(self) -> set[int]:
         return (set(self.clients) - set(self.via)) | set(self.subs)
@@ -139,6 +156,13 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
             self.stale.discard(node)
             self.lock.notify_all()                          # it is reachable again
         cur = self.current
+        if cur.evaluating:                                  # personalized FL: evaluate and report
+            if node not in cur.open():
+                return self._wait()
+            frames, digest = self._own_frames(node) if self.personal_rows is not None else \
+                (cur.model_frames, cur.model_hash)
+            return schema.TaskHeader(kind=schema.TaskHeader.EVAL, round=cur.number,
+                                     state_hash=digest), frames
         due = cur.secagg.message_for(node) if cur.secagg is not None else None
         if due is not None:
             stage, data = due
@@ -150,17 +174,26 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
                                      share=cur.secagg.shares.get(node, 0.0)), frames
         if node in cur.open():
             expected = cur.protocol.expected if cur.protocol is not None else 0
+            frames, digest = self._own_frames(node) if self.personal_rows is not None else \
+                (cur.model_frames, cur.model_hash)                  # FedCAC: the client's own row
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
-                                     expected=expected, state_hash=cur.model_hash), cur.model_frames
+                                     expected=expected, state_hash=digest), frames
         return self._wait()
 
     def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
         """One upload of the configured kind, validated (codec), or WireError."""
         kind, encoded = self.upload_kind, self.upload_kind in (KIND_ENCODED, KIND_ADVERTISE)
         numel = None if encoded else self.numel if kind == KIND_DELTA else self.upload_numel
+        reports = self.exp.personal is not None and not encoded   # evaluation reports: [hits]
         meta, tensor, size = read_counted_model(
-            chunks, expected_numel=numel, run_id=self.cfg.runtime.run_id, limits=self.limits,
-            dtype=torch.uint8 if encoded else torch.float32)
+            chunks, expected_numel=None if reports else numel, run_id=self.cfg.runtime.run_id,
+            limits=self.limits, dtype=torch.uint8 if encoded else torch.float32)
+        if reports:
+            want = 1 if meta.kind == KIND_EVAL else numel
+            if tensor.dim() != 1 or tensor.numel() != want:
+                raise WireError(f"expected a flat [{want}] tensor, got shape {list(tensor.shape)}")
+            if meta.kind == KIND_EVAL:
+                return meta, tensor, size
         if encoded and tensor.dim() != 1:
             raise WireError(f"bytes travel as one flat uint8 row, not shape {list(tensor.shape)}")
         if kind == KIND_ADVERTISE:                            # secure aggregation: stages 5..8
@@ -195,6 +228,9 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
             cur = self.current
             if meta.kind == KIND_PARTIAL:
                 self._accept_partial(node, bound, meta, tensor, size)
+                return
+            if meta.kind == KIND_EVAL:
+                self._accept_report(node, bound, meta, tensor, size)
                 return
             if self._is_aggregator(node):
                 raise Refused(f"aggregator {node - self.exp.num_nodes} sent a client's upload", bound)
@@ -282,6 +318,7 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
                                         clients=ids, anchors=algo.anchors(self.cfg.seed, r, ids))
         else:
             self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr)
+        self._personalize(r, nodes, uploads[:, : self.numel])
         self.participants = len(received)
 
     def _server_stages(self, r: int, uploads: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
@@ -351,6 +388,7 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
                 "test_accuracy": float(acc[0]), "test_loss": float(loss[0]),
                 "participants": getattr(self, "participants", 0),
                 **({"epsilon": self.dp_ledger.epsilon()} if self.dp_ledger is not None else {}),
+                **self.personal_row,
                 **({"secagg_aborted": self.secagg_aborted} if self.pipeline.secagg is not None else {})}
 
     def _rounds(self, start: float) -> dict[str, Any]:
@@ -358,10 +396,12 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
         start = time.monotonic()                     # the clock starts once the clients have joined
         stop = self.cfg.stop
         if self.state.round == 0 and not self.metrics.rows:
+            self._personal_phase(0)
             self.metrics.append(self._evaluate(0, start))
         stopped_by, best = "rounds", None
         for r in range(self.state.round + 1, stop.rounds + 1):
             self._run_round(r)
+            self._personal_phase(r)
             row = self._evaluate(r, start)
             self.metrics.append(row)
             self._checkpoint(start)
@@ -378,6 +418,7 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
         if scorer is not None:
             summary["contribution"] = scorer.summary(adv.flagged, adv.kinds)
             atomic_write_text(self.run_dir / "contributions.csv", scorer.table(adv.flagged))
+        self._write_clients()
         self._write(summary)
         return summary
 
@@ -390,6 +431,7 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
             "dp_ledger": None if self.dp_ledger is None else self.dp_ledger.state_dict(),
             "secagg_aborted": self.secagg_aborted,
             "contribution": None if self.exp.contribution is None else self.exp.contribution.state_dict(),
+            "personal": self.personal_rows,
             "ef21": {str(k): v for k, v in self.estimates.items()}})
 
     def _restore(self) -> None:
@@ -405,6 +447,8 @@ class Coordinator(SecureAggregation, Subtrees, BaseCoordinator):
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
+        if self.personal_rows is not None and state.get("personal") is not None:
+            self.personal_rows = state["personal"].clone()
         if self.exp.contribution is not None and state.get("contribution") is not None:
             self.exp.contribution.load_state_dict(state["contribution"])
         # clients are not restored: the interrupted round starts once they have joined again

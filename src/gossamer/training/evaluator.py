@@ -67,8 +67,9 @@ class PersonalEvaluator:
         return np.flatnonzero(self.sizes > 0)
 
     @torch.no_grad()
-    def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
-        """Accuracy ``[B]`` of model ``params[b]`` on node ``nodes[b]``'s test rows."""
+    def hits(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """Correct predictions ``[B]`` (float) of model ``params[b]`` on node ``nodes[b]``'s
+        test rows: what a client process reports (runtime)."""
         nodes = np.asarray(nodes, dtype=np.int64)
         width = self.rows.shape[1]
         chunk = max(1, self.budget // (width * max(1, self.x[0].numel())))
@@ -78,9 +79,16 @@ class PersonalEvaluator:
             idx = torch.from_numpy(self.rows[part])
             valid = torch.arange(width)[None, :] < torch.from_numpy(self.sizes[part])[:, None]
             logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx])
-            hits = ((logits.argmax(-1) == self.y[idx]) & valid).sum(1).float()
-            out[c0:c0 + chunk] = hits / torch.from_numpy(self.sizes[part]).clamp(min=1).float()
+            out[c0:c0 + chunk] = ((logits.argmax(-1) == self.y[idx]) & valid).sum(1).float()
         return out
+
+    def accuracy(self, hits: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """``hits`` ``[B]`` as accuracies on each node's test rows."""
+        return hits / torch.from_numpy(self.sizes[np.asarray(nodes, dtype=np.int64)]).clamp(min=1).float()
+
+    def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
+        """Accuracy ``[B]`` of model ``params[b]`` on node ``nodes[b]``'s test rows."""
+        return self.accuracy(self.hits(params, nodes), nodes)
 
 
 def personal_summary(accuracy: np.ndarray) -> dict[str, float]:
@@ -90,6 +98,14 @@ def personal_summary(accuracy: np.ndarray) -> dict[str, float]:
     worst = acc[: max(1, int(np.ceil(0.1 * len(acc))))]
     return {"personal_accuracy": float(acc.mean()), "personal_median": float(np.median(acc)),
             "personal_worst10": float(worst.mean())}
+
+
+def clients_table(sizes: np.ndarray, accuracy: np.ndarray) -> str:
+    """``clients.csv``: each client's test rows and accuracy at the last evaluation (empty
+    where it has none)."""
+    lines = ["client,test_rows,accuracy"] + [
+        f"{i},{int(sizes[i])},{'' if np.isnan(a) else f'{a:.8g}'}" for i, a in enumerate(accuracy)]
+    return "\n".join(lines) + "\n"
 
 
 # losses(candidates [G, k, P], receivers [G]) -> [G, k], each candidate on the receiver's data

@@ -47,6 +47,11 @@ class Personalized(FedAvg):
     server_personalizes: ClassVar[bool] = False  # the server sets them after aggregating (FedCAC)
     personal_first: ClassVar[bool] = False      # the personal step before the global training
     personal_epochs: ClassVar[int | None] = None    # its length: None = the local schedule
+    # the model a client evaluates needs the current global model (FedRep: its body)
+    evaluates_with_global: ClassVar[bool] = False
+    # real processes run it (runtime/fl_server.py, fl_client.py): its client holds the
+    # personal model, or the server sets it with ``personalize`` (FedCAC)
+    runs_on_processes: ClassVar[bool] = False
 
     def personal_objective(self, received: torch.Tensor, head_names: tuple[str, ...],
                            names: tuple[str, ...]) -> LocalObjective:
@@ -77,6 +82,7 @@ class Ditto(Personalized):
     never sent. ``lam = 0`` is local training from the first global model; large ``lam`` keeps
     ``v`` at the global model."""
 
+    runs_on_processes: ClassVar[bool] = True
     lam: float = 0.1
 
     def __post_init__(self) -> None:
@@ -109,6 +115,8 @@ class FedRep(Personalized):
     with the current global body and its own head."""
 
     personal_first: ClassVar[bool] = True
+    evaluates_with_global: ClassVar[bool] = True
+    runs_on_processes: ClassVar[bool] = True
     head_layers: int = 1
     head_epochs: int = 10
 
@@ -153,6 +161,7 @@ class FedCAC(Personalized):
 
     personal_training: ClassVar[bool] = False
     server_personalizes: ClassVar[bool] = True
+    runs_on_processes: ClassVar[bool] = True
     tau: float = 0.5
     beta: float = 100.0
 

@@ -27,7 +27,7 @@ from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline, dp_secure_mean
 from gossamer.sim.drivers.base import Driver, _to_tensor
 from gossamer.sim.experiment import Experiment
-from gossamer.training.evaluator import personal_summary
+from gossamer.training.evaluator import clients_table, personal_summary
 
 
 class SyncFLDriver(Driver):
@@ -516,11 +516,7 @@ class SyncFLDriver(Driver):
         if self.exp.contribution is not None:
             files["contributions.csv"] = self.exp.contribution.table(self.exp.adversary.flagged)
         if self.personal_accuracy is not None:          # each client's own test accuracy
-            sizes = self.exp.personal.sizes
-            lines = ["client,test_rows,accuracy"] + [
-                f"{i},{int(sizes[i])},{'' if np.isnan(a) else f'{a:.8g}'}"
-                for i, a in enumerate(self.personal_accuracy)]
-            files["clients.csv"] = "\n".join(lines) + "\n"
+            files["clients.csv"] = clients_table(self.exp.personal.sizes, self.personal_accuracy)
         return files
 
     def global_params(self) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Personalized FL on the coordinator: per-client test splits evaluated where the data is,
+and the models a server personalizes (FedCAC).
+
+A client's personal model (Ditto's ``v``, FedRep's head) lives in its process
+(``runtime/fl_client.py``); FedCAC's next model per client is the server's
+(``personalize``), so each FedCAC task carries the client's own row. After every round (and
+before the first) the coordinator runs an evaluation phase: every reachable client with test
+rows gets an ``EVAL`` task (with the model it needs: the global one for FedAvg and FedRep,
+FedCAC's row, none for Ditto), evaluates its model on its own test rows (fine-tuned first
+with ``eval.personal_finetune_steps``), and reports its number of correct predictions,
+which must be a whole number within its test rows; the coordinator turns them into the
+simulator's ``personal_*`` columns and ``clients.csv``. A client that does not report
+within ``runtime.round_timeout_s`` is left out of that row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from gossamer.metrics.runstore import atomic_write_text
+from gossamer.runtime import schema
+from gossamer.runtime.codec import model_frames, state_hash
+from gossamer.runtime.common import log
+from gossamer.runtime.guard import Refused
+from gossamer.training.evaluator import clients_table, personal_summary
+
+PERSONAL_COLUMNS = ["personal_accuracy", "personal_median", "personal_worst10"]
+
+
+class PersonalServer:
+    """Mixed into the synchronous coordinator (``runtime/fl_server.py``)."""
+
+    def _init_personal(self) -> None:
+        exp, algo = self.exp, self.algorithm
+        self.personal_rows: torch.Tensor | None = None      # FedCAC: each client's next model
+        if algo.personalized and algo.server_personalizes:
+            self.personal_rows = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+        self.personal_row: dict[str, float] = {}
+        self.personal_accuracy: np.ndarray | None = None
+        if exp.personal is not None:
+            self.columns = self.columns + PERSONAL_COLUMNS
+
+    def _own_frames(self, node: int) -> tuple[list[bytes], bytes]:
+        """The task model of ``node`` when the server personalizes: its own row (lock held)."""
+        cur = self.current
+        if node not in cur.node_frames:
+            row = self.personal_rows[node]
+            frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
+                row, round=cur.number, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+            cur.node_frames[node] = (frames, state_hash(row))
+        return cur.node_frames[node]
+
+    def _personalize(self, r: int, nodes: list[int], models: torch.Tensor) -> None:
+        """FedCAC: the delivered clients' next models from where they started and their
+        trained models, given the new global model."""
+        if self.personal_rows is None:
+            return
+        spec = self.exp.spec
+        idx = torch.as_tensor(nodes, dtype=torch.int64)
+        layers = list(zip(spec.offsets, map(math.prod, spec.shapes), strict=True))
+        self.personal_rows[idx] = self.algorithm.personalize(self.personal_rows[idx], models,
+                                                             self.state.params.reshape(-1), layers, r)
+
+    def _accept_report(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                       size: int) -> None:
+        """File a client's evaluation report of the current phase (lock held), or Refused."""
+        cur = self.current
+        if not cur.evaluating or meta.round != cur.number or node not in cur.open():
+            raise Refused(f"evaluation report from {node} for round {meta.round} is not expected",
+                          bound, strike=False)
+        hits, rows = float(tensor[0]), int(self.exp.personal.sizes[node])
+        if hits != math.floor(hits) or not 0 <= hits <= rows:
+            raise Refused(f"node {node} reports {hits:g} correct predictions on {rows} test rows", bound)
+        cur.received[node] = (tensor.reshape(1).clone(), 0)
+        self.bytes_up += size
+        self.lock.notify_all()
+
+    def _personal_phase(self, r: int) -> None:
+        """Every reachable client with test rows evaluates its model of round ``r``."""
+        exp, algo = self.exp, self.algorithm
+        if exp.personal is None:
+            return
+        with self.lock:
+            nodes = {int(n) for n in self._candidates() if exp.personal.sizes[n] > 0}
+            frames, digest = [], b""
+            if self.personal_rows is None and (not algo.personalized or algo.evaluates_with_global):
+                payload = self.state.params.reshape(-1)
+                frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
+                    payload, round=r, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+                digest = state_hash(payload)
+            cur = self.current = type(self.current)(r, nodes, {}, frames, model_hash=digest,
+                                                    opened=time.monotonic(), evaluating=True)
+            self.lock.notify_all()
+            self.lock.wait_for(lambda: not cur.open(), timeout=self.cfg.runtime.round_timeout_s)
+            late = cur.open()
+            self.stale |= late
+            hits = {n: t for n, (t, _) in cur.received.items()}
+            self.current = type(self.current)(r)
+        if late:
+            log.warning("round %d: %d clients sent no evaluation %s", r, len(late), sorted(late))
+        ids = np.array(sorted(hits), dtype=np.int64)
+        self.personal_row = {}
+        if len(ids):
+            acc = exp.personal.accuracy(torch.stack([hits[i][0] for i in ids]), ids).numpy()
+            self.personal_accuracy = np.full(exp.num_nodes, np.nan)
+            self.personal_accuracy[ids] = acc
+            self.personal_row = personal_summary(acc)
+
+    def _write_clients(self) -> None:
+        if self.personal_accuracy is not None:
+            atomic_write_text(self.run_dir / "clients.csv", clients_table(self.exp.personal.sizes,
+                                                                          self.personal_accuracy))
