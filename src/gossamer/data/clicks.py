@@ -66,8 +66,8 @@ class ClickModel:
             return TypeAdapter(cls).validate_python(dict(params))
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"{where}: {err['msg']}" if where else err["msg"]) from None
+            where, msg = ".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}: {msg}" if where else msg) from None
 
 
 @dataclass(frozen=True)
