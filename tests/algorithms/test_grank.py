@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from gossamer import config, rng
-from gossamer.algorithms.dl.grank import click_scores, explore, pick_peers, rank, sample_log, similarity
+from gossamer.algorithms.dl.grank import (
+    click_scores,
+    explore,
+    pick_peers,
+    rank,
+    sample_log,
+    similarity,
+)
 from gossamer.config import ConfigError
 from gossamer.data.clicks import ClickModel, attractiveness, examination, make_world, ndcg_at_k
 from gossamer.sim.drivers.grank import GRankDriver
@@ -46,23 +53,25 @@ def _loop_similarity(counts, top_k):
     """The definition with sets, one pair at a time."""
     n, q_count = counts.shape[0], counts.shape[2]
     out = np.zeros((n, n))
+
+    def items(log, queries=None):
+        return {i for q in range(q_count) for i in np.flatnonzero(log[q]) if queries is None or q in queries}
+
+    def top(log):
+        per = log.sum(1)
+        order = sorted((q for q in range(q_count) if per[q] > 0), key=lambda q: (-per[q], q))
+        return set(order[:top_k])
+
     for v in range(n):
-        def items(j, queries=None):
-            return {i for q in range(q_count) for i in np.flatnonzero(counts[v, j, q])
-                    if queries is None or q in queries}
-
-        def top(j):
-            per = counts[v, j].sum(1)
-            order = sorted((q for q in range(q_count) if per[q] > 0), key=lambda q: (-per[q], q))
-            return set(order[:top_k])
-
-        mine_q = {q for q in range(q_count) if counts[v, v, q].any()}
+        mine = counts[v, v]
+        mine_q = {q for q in range(q_count) if mine[q].any()}
         for j in range(n):
-            shared = mine_q & {q for q in range(q_count) if counts[v, j, q].any()}
-            union = items(v) | items(j)
+            theirs = counts[v, j]
+            shared = mine_q & {q for q in range(q_count) if theirs[q].any()}
+            union = items(mine) | items(theirs)
             if shared and union:
-                matched = items(v, shared) & items(j, shared)
-                out[v, j] = (len(matched) + len(top(v) & top(j)) ** 2) / len(union)
+                matched = items(mine, shared) & items(theirs, shared)
+                out[v, j] = (len(matched) + len(top(mine) & top(theirs)) ** 2) / len(union)
         if out[v].max() > 0:
             out[v] /= out[v].max()
     return out
