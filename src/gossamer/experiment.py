@@ -202,10 +202,10 @@ def _build_ranking(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
     with _user_error("data.params"):
         model = ClickModel.from_params(cfg.data.params)
     cells = n * n * model.tags * model.items           # counts[viewer, origin, query, item]
-    if cells > 2**28:
+    if cells > 2**26:
         raise ConfigError("partition.num_nodes", f"grank keeps every node's click counts per origin, "
-                          f"query and item: {n} nodes x {model.tags} queries x {model.items} items is "
-                          f"{cells:,} counters, over the {2**28:,} this simulator holds")
+                          f"query and item: {n}^2 nodes x {model.tags} queries x {model.items} items "
+                          f"is {cells:,} counters, over the {2**26:,} this simulator holds")
     world = make_world(model, n, cfg.seed)
     exp = Experiment(cfg, algorithm, None, [], None, None, None, None, None, 0, clicks=world)
     _attach_topology(exp)

@@ -34,6 +34,7 @@ from gossamer.data.clicks import ndcg_at_k
 from gossamer.sim.drivers.base import Driver, _to_numpy
 from gossamer.sim.experiment import Experiment
 
+_EVAL_ROWS = 1 << 22          # click counts gathered per evaluation block (bounds its memory)
 _STATE = ("counts", "sim", "origin", "query", "item", "held", "first_nodes", "last_nodes")
 
 
@@ -131,10 +132,13 @@ class GRankDriver(Driver):
         """``[N]``: each node's NDCG@k, expected over its group's queries (no exploration)."""
         world, n, q = self.world, self.exp.num_nodes, self.world.num_queries
         nodes, queries = np.repeat(np.arange(n), q), np.tile(np.arange(q), n)
-        ranking = self._rankings(nodes, queries)
-        rel = world.relevance[world.group_of[nodes], queries]
-        per_query = ndcg_at_k(rel, ranking, self.algorithm.ndcg_k).reshape(n, q)
-        return (per_query * world.query_probs[world.group_of]).sum(axis=1)
+        per_query = np.empty(n * q)
+        step = max(1, _EVAL_ROWS // max(1, n * world.num_items))      # rows of [N, I] scores at once
+        for lo in range(0, n * q, step):
+            rows = slice(lo, lo + step)
+            rel = world.relevance[world.group_of[nodes[rows]], queries[rows]]
+            per_query[rows] = ndcg_at_k(rel, self._rankings(nodes[rows], queries[rows]), self.algorithm.ndcg_k)
+        return (per_query.reshape(n, q) * world.query_probs[world.group_of]).sum(axis=1)
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
