@@ -247,3 +247,23 @@ def test_algorithm_params_are_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError) as info:
         config.load(EXAMPLE, [override])
     assert str(info.value).startswith(message)
+
+
+def test_offline_nodes_neither_search_nor_receive_and_local_logs_stay_local():
+    cfg = config.load(EXAMPLE, SMALL)
+    d = GRankDriver(build_experiment(cfg))
+    for _ in range(5):
+        d.run_round()
+    online = d.exp.online(d.sim_time)                  # the mask the next round sees
+    off = np.flatnonzero(~online)
+    assert len(off) > 0 and online.any()
+    counts, held = d.counts.copy(), d.held.copy()
+    d.run_round()
+    assert np.array_equal(d.counts[off], counts[off])
+    assert not d.held[off, held.shape[1]:].any() and np.array_equal(d.held[off, :held.shape[1]], held[off])
+    assert d.bytes_down < d.bytes_up                   # messages to offline nodes were lost
+    local = GRankDriver(build_experiment(config.load(EXAMPLE, SMALL + ["algorithm.params.gossip=false"])))
+    for _ in range(10):
+        local.run_round()
+    v, rec = np.nonzero(local.held)
+    assert np.array_equal(local.origin[rec], v) and local.bytes_up == 0 and len(rec) > 0
