@@ -198,6 +198,8 @@ def _build_ranking(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
     if field is not None:
         raise ConfigError(field, "not with grank: it runs without attacks, faults, compression, "
                           "privacy, contribution scores or hierarchies (churn: system.availability)")
+    if cfg.eval.nodes is not None:
+        raise ConfigError("eval.nodes", "grank measures every node's NDCG (cheap: no model); leave it unset")
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
         model = ClickModel.from_params(cfg.data.params)

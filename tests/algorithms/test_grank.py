@@ -231,6 +231,7 @@ def test_real_processes_refuse_grank_in_one_line():
     (["adversary.attack=sign_flip", "adversary.fraction=0.1"], "adversary: not with grank"),
     (["topology.name=one_peer_exponential"], "topology.name: grank gossips over a static graph"),
     (["partition.num_nodes=2000"], "partition.num_nodes: grank keeps every node's click counts"),
+    (["eval.nodes=4"], "eval.nodes: grank measures every node's NDCG"),
 ])
 def test_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as info:
