@@ -75,7 +75,7 @@ def main() -> None:
         curve = np.mean([res["ndcg"].mean(1) for res in results[way]], axis=0)
         print(f"{way:<10} " + " ".join(f"{v:6.3f}" for v in curve))
     print()
-    early = evals.index(20) if 20 in evals else 1
+    early = evals.index(20) if 20 in evals[:-1] else min(1, len(evals) - 1)
     out = {}
     print(f"{'way':<10} {'start':>6} {'end':>6} {'end min':>8} {'rose vs start':>14} "
           f"{'rose vs r' + str(evals[early]):>10} {'MB sent':>8}")
