@@ -65,6 +65,8 @@ class Experiment:
     personal: PersonalEvaluator | None = None  # each client's own test rows (partition.test_fraction)
     downlink: Compressor | None = None       # compression of the FL broadcast (compression.downlink)
     population: object | None = None          # a registered population's ClientSource (population.lazy)
+    clicks: object | None = None              # G-Rank's click model (data/clicks.py); then no
+                                              # dataset, model, trainer or evaluator is built
 
     @property
     def num_nodes(self) -> int:
@@ -105,6 +107,8 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     if cfg.population.lazy:
         return _build_registered(cfg, algorithm)
+    if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
+        return _build_ranking(cfg, algorithm)
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
         dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
@@ -178,6 +182,37 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
 
         check_config(cfg, exp.algorithm, exp.num_nodes)
         _check_secagg_threshold(exp)
+    return exp
+
+
+def _build_ranking(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
+    """G-Rank's experiment: the click model and the graph; no model is trained (docs/grank.md)."""
+    from gossamer.data.clicks import ClickModel, make_world
+
+    if algorithm.pattern != "grank":
+        raise ConfigError("data.dataset", f"clicks is a click model for learn-to-rank (algorithm "
+                          f"grank); {cfg.algorithm.name} trains a model: choose a training dataset")
+    if cfg.data.dataset != "clicks":
+        raise ConfigError("data.dataset", "grank ranks items from click logs: set data.dataset: clicks")
+    field = next((k for k, bad in features_in_use(cfg).items() if bad), None)
+    if field is not None:
+        raise ConfigError(field, "not with grank: it runs without attacks, faults, compression, "
+                          "privacy, contribution scores or hierarchies (churn: system.availability)")
+    if cfg.eval.nodes is not None:
+        raise ConfigError("eval.nodes", "grank measures every node's NDCG (cheap: no model); leave it unset")
+    n = cfg.partition.num_nodes
+    with _user_error("data.params"):
+        model = ClickModel.from_params(cfg.data.params)
+    cells = n * n * model.tags * model.items           # counts[viewer, origin, query, item]
+    if cells > 2**26:
+        raise ConfigError("partition.num_nodes", f"grank keeps every node's click counts per origin, "
+                          f"query and item: {n}^2 nodes x {model.tags} queries x {model.items} items "
+                          f"is {cells:,} counters, over the {2**26:,} this simulator holds")
+    world = make_world(model, n, cfg.seed)
+    exp = Experiment(cfg, algorithm, None, [], None, None, None, None, None, 0, clicks=world)
+    _attach_topology(exp)
+    if exp.dynamic is not None:
+        raise ConfigError("topology.name", "grank gossips over a static graph; choose a static topology")
     return exp
 
 

@@ -99,7 +99,7 @@ def test_max_train_and_max_test_keep_first_rows() -> None:
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("mnist6k", {}, "unknown dataset 'mnist6k'; known: cifar10, cifar100, digits"),
+        ("mnist6k", {}, "unknown dataset 'mnist6k'; known: cifar10, cifar100, clicks, digits"),
         ("digits", {"colour": True}, "unknown parameter(s) colour; accepted: seed"),
         ("digits", {"test_fraction": 1.5}, "test_fraction must be in (0, 1)"),
         ("digits", {"max_train": 0}, "max_train must be a positive integer"),

@@ -6,6 +6,7 @@ from gossamer.algorithms.dl.dfedsam import DFedSAM, DFedSAMMGS
 from gossamer.algorithms.dl.dpsgd import DPSGD
 from gossamer.algorithms.dl.gossip import GossipLearning
 from gossamer.algorithms.dl.gradient_tracking import GradientTracking
+from gossamer.algorithms.dl.grank import GRank
 from gossamer.algorithms.dl.modest import MoDeST
 from gossamer.algorithms.dl.random_walk import SRRW, RandomWalk
 from gossamer.algorithms.fl.anarchic import AFACD, AFACS
@@ -70,6 +71,7 @@ ALGORITHMS.register("async_fedavg")(AsyncFedAvg)
 ALGORITHMS.register("favano")(FAVANO)
 ALGORITHMS.register("fedast")(FedAST)
 ALGORITHMS.register("random_walk")(RandomWalk)
+ALGORITHMS.register("grank")(GRank)
 ALGORITHMS.register("srrw")(SRRW)
 ALGORITHMS.register("zo_fedavg")(ZOFedAvg)
 ALGORITHMS.register("gradient_coding")(GradientCoding)

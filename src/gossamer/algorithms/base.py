@@ -17,7 +17,7 @@ from pydantic import ConfigDict, TypeAdapter
 Family = Literal["fl", "dl"]
 Pattern = Literal["sync_fl", "sync_dl", "async_gossip", "sampled_dl", "async_fl",
                   "random_walk", "gradient_tracking", "choco", "zo_fl", "coded", "islands",
-                  "experts"]
+                  "experts", "grank"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``gossamer plot``: accuracy against round, simulated time and bytes, several runs per figure.
+"""``gossamer plot``: accuracy against round, simulated time and bytes, several runs per figure
+(a G-Rank run, which has no accuracy: its mean NDCG).
 
 Runs with decentralized metrics also get ``dl_metrics_vs_round.png`` and
 ``dl_metrics_vs_time.png``: consensus distance, accuracy of the averaged model, per-node
@@ -46,13 +47,17 @@ def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
     out = out or run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     data = [(d.name, read_metrics(d)) for d in run_dirs]
+    # a ranking run (grank) has no accuracy: its curve is the mean NDCG over nodes
+    measure = {name: "ndcg" if not _has(cols, "test_accuracy") and _has(cols, "ndcg") else "test_accuracy"
+               for name, cols in data}
+    ylabel = "mean NDCG" if set(measure.values()) == {"ndcg"} else "test accuracy"
     written = []
     for key, label, filename in AXES:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, cols in data:
-            ax.plot(cols[key], cols["test_accuracy"], marker=".", label=name)
+            ax.plot(cols[key], cols[measure[name]], marker=".", label=name)
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(ylabel)
         if key == "bytes_up":
             ax.set_xscale("symlog")
         ax.grid(alpha=0.3)

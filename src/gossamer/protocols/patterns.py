@@ -45,6 +45,7 @@ PATTERNS: dict[str, Pattern] = {
     "experts": Pattern("gossamer.algorithms.fl.isolated_experts", _SIM + "experts:ExpertsDriver"),
     "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver",
                        _RT + "islands:IslandsCoordinator", "coordinator", _RT + "islands:IslandsWorker"),
+    "grank": Pattern("gossamer.algorithms.dl.grank", _SIM + "grank:GRankDriver"),
     "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver"),
     "random_walk": Pattern("gossamer.protocols.random_walk", _SIM + "random_walk:RandomWalkDriver",
                            _RT + "walk_peer:WalkPeer", "peer"),

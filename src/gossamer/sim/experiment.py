@@ -36,9 +36,10 @@ def build_experiment(cfg: ExperimentConfig, *, population: bool = True) -> Exper
                 raise ConfigError(f"system.{field}", "decentralized algorithms send peer to peer "
                                   "with one latency per node: set system.latency_s")
     system = SystemProfile.from_config(cfg.system, n, cfg.seed)
-    if exp.trainer.optimizer.sam_rho:       # SAM takes two gradients per step: twice the compute
+    if exp.trainer is not None and exp.trainer.optimizer.sam_rho:   # SAM: two gradients a step
         system = dataclasses.replace(system, sample_time_s=2 * system.sample_time_s)
     exp.system, exp.availability = system, Availability.from_config(cfg.system, n, cfg.seed)
     degrees = exp.topology.degrees() if exp.topology is not None else None
-    exp.faults = Faults.from_config(cfg, n, degrees=degrees, has_data=exp.trainer.sizes > 0)
+    has_data = exp.trainer.sizes > 0 if exp.trainer is not None else np.ones(n, dtype=bool)  # grank
+    exp.faults = Faults.from_config(cfg, n, degrees=degrees, has_data=has_data)
     return exp

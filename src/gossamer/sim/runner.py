@@ -57,7 +57,7 @@ class Runner:
         # rows are fsynced with each checkpoint and at the end (MetricsWriter.sync)
         self.metrics = MetricsWriter(out / "metrics.csv", self.driver.columns, durable=False)
         # every evaluated node's accuracy (DL): nodes.csv, beside metrics.csv, never in it
-        self.node_metrics = MetricsWriter(out / "nodes.csv", ["round", "node", "test_accuracy"],
+        self.node_metrics = MetricsWriter(out / "nodes.csv", ["round", "node", self.driver.node_metric],
                                           durable=False)
         self.stopped_by: str | None = None
         self.time_to_target: float | None = None
@@ -115,7 +115,8 @@ class Runner:
     def _record(self, row: dict[str, Any]) -> None:
         nodes, self.driver.node_accuracy = self.driver.node_accuracy, None   # DL: every node
         if nodes is not None:
-            self.node_metrics.append_many([{"round": row["round"], "node": int(i), "test_accuracy": float(a)}
+            metric = self.driver.node_metric
+            self.node_metrics.append_many([{"round": row["round"], "node": int(i), metric: float(a)}
                                            for i, a in zip(*nodes, strict=True)])
         self.metrics.append(row)
         self.last_row = row
@@ -195,7 +196,9 @@ class Runner:
         return d.round >= stop.rounds or (stop.max_sim_time_s is not None
                                           and d.sim_time >= stop.max_sim_time_s)
 
-    def save_final_model(self, params: torch.Tensor) -> None:
+    def save_final_model(self, params: torch.Tensor | None) -> None:
+        if self.exp.model is None:                 # grank: no model, its logs are in the checkpoint
+            return
         self.exp.spec.load_into(self.exp.model, params)
         state = {k: v.detach().clone() for k, v in self.exp.model.state_dict().items()}
         save_checkpoint(self.run_dir / "model.pt", state, keep_previous=False)
@@ -206,7 +209,7 @@ class Runner:
             "name": self.cfg.name,
             "algorithm": self.cfg.algorithm.name,
             "num_nodes": self.exp.num_nodes,
-            "num_params": self.exp.spec.numel,
+            "num_params": self.exp.spec.numel if self.exp.spec is not None else 0,
             "message_bytes": self.exp.message_bytes,
             "rounds": d.round,
             "stopped_by": self.stopped_by,
@@ -223,7 +226,8 @@ class Runner:
             "wall_time_s": time.perf_counter() - self.start_time,
             "loop_time_s": self.loop_time,
             "node_steps": d.node_steps,
-            "forward": dict(self.exp.trainer.forward.path),   # how models ran (models/functional.py)
+            # how models ran (models/functional.py); grank runs none
+            "forward": dict(self.exp.trainer.forward.path) if self.exp.trainer is not None else {},
             **{f"{k}": v for k, v in d.timers.items()},
         }
         faults, adv = self.exp.faults, self.exp.adversary

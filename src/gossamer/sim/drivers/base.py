@@ -17,6 +17,7 @@ class Driver:
 
     columns: list[str] = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy",
                           "test_loss", "train_loss"]
+    node_metric = "test_accuracy"        # the nodes.csv column of node_accuracy (grank: ndcg)
     # state_dict and global_params are collectives that every rank of a sharded run must call
     collective_state = False
 
