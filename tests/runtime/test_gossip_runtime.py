@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from gossamer import rng
 from gossamer.cli import main
@@ -75,3 +76,66 @@ def test_dual_clock_gossip_peers_learn_at_their_clock_rates(write_config, tmp_pa
     # each successful push is merged once by its receiver (a few may arrive after it stopped)
     delivered = sum(s["exchanges"] - s["exchanges_failed"] for s in stats)
     assert delivered // 2 <= sum(s["merges"] for s in stats) <= delivered
+
+
+# --- parity without a wall-clock race: gossip peers replay the simulator's model operations --
+def _record_ops(driver) -> list[tuple]:
+    """Every model operation the simulator's gossip windows apply, in time order."""
+    log, run_ops = [], driver._run_ops
+
+    def spy(ops):
+        log.extend(sorted(ops, key=lambda op: op[0]))      # a stable sort: ties keep their order
+        return run_ops(ops)
+
+    driver._run_ops = spy
+    return log
+
+
+@pytest.mark.parametrize("params", [
+    {"mode": "push_pull", "period_s": 1.0},
+    {"mode": "pull", "period_s": 1.0, "merge": "age_weighted"},
+    {"mode": "push", "period_s": 1.0, "clocks": "dual", "compute_period_s": 0.4}])
+def test_gossip_peers_replaying_the_simulators_operations_compute_the_same_models(tmp_path, params):
+    """Gossip parity without real time: the simulator runs 6 periods on 6 nodes and every model
+    operation of its windows (a sender's model read into a message, a message merged (and
+    trained on, with one clock), a computation tick) is replayed, in time order, on 6
+    in-process GossipPeers: a read is what the peer's Push/Pull sends (``_frames``), a merge
+    goes through the peer's worker step (``_take``), a tick through ``_local_update``. Every
+    peer ends with the simulator's model (float rounding: batched against one-row training),
+    its age and its number of updates."""
+    from gossamer import config
+    from gossamer.runtime.codec import read_model
+    from gossamer.runtime.gossip_peer import GossipPeer
+    from gossamer.sim.drivers import driver_for
+    from gossamer.sim.experiment import build_experiment
+    from gossamer.sim.gossip_waves import MERGE, READ, TRAIN, WRITE
+
+    raw = small_config("gossip", stop={"rounds": 6})
+    raw["partition"]["num_nodes"] = 6
+    raw["algorithm"]["params"] = params
+    cfg = config.validate(raw)
+    exp = build_experiment(cfg)
+    sim = driver_for(exp.algorithm.pattern)(exp)
+    ops = _record_ops(sim)
+    for _ in range(6):
+        sim.run_round()
+    kinds = {op[1] for op in ops}
+    assert {READ, TRAIN if params.get("clocks") == "dual" else WRITE} <= kinds
+
+    peers = [GossipPeer(cfg, i, tmp_path / "run") for i in range(6)]
+    messages = {}
+    for _, kind, node, msg in ops:
+        peer = peers[node]
+        if kind == READ:                                  # what its Push or Pull would send
+            meta, tensor = read_model(peer._frames())
+            messages[msg] = (tensor.float().clone(), int(meta.meta))
+        elif kind in (WRITE, MERGE):
+            peer._take(*messages.pop(msg))
+        elif kind == TRAIN:
+            peer._local_update()
+        else:
+            raise AssertionError(f"unexpected operation {kind}")
+    for i, peer in enumerate(peers):
+        assert torch.allclose(peer.params[0], sim.params[i], atol=1e-5), i
+        assert peer.age == int(sim.age[i]) and peer.updates == int(sim.updates[i])
+    assert sum(p.updates for p in peers) > 6

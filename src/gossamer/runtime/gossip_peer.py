@@ -91,31 +91,35 @@ class GossipPeer(peering.PeerNode):
 
     # --- the worker: merge and train on received models, one at a time -----------------------
     def _work(self) -> None:
-        node = np.array([self.node])
         while not self.stop.is_set():
             try:
                 tensor, age = self.received.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if self.dual:                             # merged on arrival; training has its own clock
-                with self.lock:
-                    self.params, new_age = self.algorithm.merge_models(
-                        self.params, torch.tensor([float(self.age)]), tensor.reshape(1, -1),
-                        torch.tensor([float(age)]), spec=self.exp.spec)
-                    self.age = int(new_age[0])
-                    self.version += 1
-                    self.merges += 1
-                continue
+            self._take(tensor, age)
+
+    def _take(self, tensor: torch.Tensor, age: int) -> None:
+        """Merge a received model (with one clock, then train on it: the update's key is this
+        node's count of updates, as in the simulator)."""
+        if self.dual:                                 # merged on arrival; training has its own clock
             with self.lock:
-                own, own_age = self.params, torch.tensor([float(self.age)])
-            merged, new_age = self.algorithm.merge_models(own, own_age, tensor.reshape(1, -1),
-                                                          torch.tensor([float(age)]), spec=self.exp.spec)
-            result = self.exp.trainer.train(merged, node, np.array([self.updates]), inplace=True)
-            with self.lock:
-                self.params = result.params
-                self.age = int(new_age[0]) + int(result.steps[0] > 0)
-                self.updates += 1
+                self.params, new_age = self.algorithm.merge_models(
+                    self.params, torch.tensor([float(self.age)]), tensor.reshape(1, -1),
+                    torch.tensor([float(age)]), spec=self.exp.spec)
+                self.age = int(new_age[0])
+                self.version += 1
                 self.merges += 1
+            return
+        with self.lock:
+            own, own_age = self.params, torch.tensor([float(self.age)])
+        merged, new_age = self.algorithm.merge_models(own, own_age, tensor.reshape(1, -1),
+                                                      torch.tensor([float(age)]), spec=self.exp.spec)
+        result = self.exp.trainer.train(merged, np.array([self.node]), np.array([self.updates]), inplace=True)
+        with self.lock:
+            self.params = result.params
+            self.age = int(new_age[0]) + int(result.steps[0] > 0)
+            self.updates += 1
+            self.merges += 1
 
     # --- dual clocks: the computation clock ----------------------------------------------------
     def _compute(self, start: float, end_s: float) -> None:
