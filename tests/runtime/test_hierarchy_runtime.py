@@ -66,23 +66,31 @@ def test_a_tree_of_aggregator_processes_equals_the_simulators_tree(write_config,
     assert 6 * 3 * per_model <= tiers["bytes_up_by_tier"][-1] < 6 * 3 * (per_model + 512)
 
 
-def test_a_killed_aggregators_clients_re_home_and_the_run_finishes(write_config, tmp_path, monkeypatch):
-    """Aggregator 0 dies (kill -9) in round 2 holding one client's model: its clients re-home
-    to the other aggregator, the round and the run finish with every client."""
+@pytest.mark.parametrize("levels", [(2,), (1, 2)])
+def test_a_killed_aggregators_children_re_home_and_the_run_finishes(write_config, tmp_path, monkeypatch,
+                                                                   levels):
+    """Aggregator 0 dies (kill -9) in round 2 holding a model. One level: it is a leaf, and
+    its clients re-home to the other leaf. Two levels: it is the top, and both leaves (which
+    had sent it their sums) re-home to the coordinator, whose round awaits their clients
+    again. Either way round 2 and the run finish with every client."""
     monkeypatch.setenv("GOSSAMER_TEST_KILL_AGGREGATOR_AT", "0:2")
-    path = write_config(_cfg(rounds=4))
+    path = write_config(_cfg(rounds=4, levels=levels))
     out = tmp_path / "real"
     assert main(["launch", str(path), "--out", out.as_posix()]) == 0
     rows = _rows(out)
     assert [r["round"] for r in rows] == ["0", "1", "2", "3", "4"]
     assert [r["participants"] for r in rows[1:]] == ["6"] * 4
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["hierarchy"]["aggregators_reporting"] == 1           # the dead one wrote nothing
+    assert summary["hierarchy"]["aggregators_reporting"] == sum(levels) - 1   # the dead one wrote nothing
     assert not (out / "aggregators" / "0" / "summary.json").exists()
-    logs = "".join((out / "logs" / f"client-{i}.log").read_text() for i in range(3))
-    assert "re-homing" in logs                                          # clients 0-2 were under it
-    survivor = json.loads((out / "aggregators" / "1" / "summary.json").read_text())
-    assert survivor["clients_reached"] == 6
+    if levels == (2,):
+        logs = "".join((out / "logs" / f"client-{i}.log").read_text() for i in range(3))
+        assert "re-homing" in logs                                      # clients 0-2 were under it
+        survivor = json.loads((out / "aggregators" / "1" / "summary.json").read_text())
+        assert survivor["clients_reached"] == 6
+    else:
+        for g in (1, 2):
+            assert "re-homing" in (out / "logs" / f"aggregator-{g}.log").read_text()
 
 
 class FakeAggregators:

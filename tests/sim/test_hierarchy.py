@@ -112,8 +112,6 @@ def test_real_aggregators_are_numbered_level_by_level():
     assert tree.count == 6
     assert [tree.locate(g) for g in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
     assert [tree.parent(g) for g in range(6)] == [-1, -1, 0, 0, 1, 1]
-    assert tree.child_aggregators(-1) == [0, 1] and tree.child_aggregators(1) == [4, 5]
-    assert tree.child_aggregators(3) == [] and list(tree.clients_of(3)) == [2, 3]
     assert [tree.home(i) for i in range(8)] == [2, 2, 3, 3, 4, 4, 5, 5]
     with pytest.raises(ValueError):
         tree.locate(6)

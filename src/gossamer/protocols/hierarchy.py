@@ -89,20 +89,6 @@ class Tree:
         level, index = self.locate(g)
         return -1 if level == 0 else self.number(level - 1, int(self.parents[level][index]))
 
-    def child_aggregators(self, g: int) -> list[int]:
-        """The aggregators directly under ``g`` (-1: the server's); none under a leaf."""
-        if g < 0:
-            return list(range(self.top))
-        level, index = self.locate(g)
-        if level + 1 == self.depth:
-            return []
-        return [self.number(level + 1, int(a)) for a in np.flatnonzero(self.parents[level + 1] == index)]
-
-    def clients_of(self, g: int) -> np.ndarray:
-        """The clients assigned to leaf aggregator ``g`` (empty for an inner one)."""
-        level, index = self.locate(g)
-        return np.flatnonzero(self.leaf_of == index) if level + 1 == self.depth else np.empty(0, np.int64)
-
     def home(self, node: int) -> int:
         """The leaf aggregator client ``node`` is assigned to."""
         return self.number(self.depth - 1, int(self.leaf_of[node]))

@@ -90,6 +90,11 @@ class Aggregator(Coordinator):
                 log.warning("aggregator %d: %s unreachable; re-homing to %s", self.me, was,
                             self.parents[self.at])
                 self._join_parent(rejoin=False)
+                with self.lock:                  # what went to the dead parent is lost: its
+                    cur = self.current           # clients are awaited again (and retrain)
+                    for m in self.flushed:
+                        cur.received.pop(m, None)
+                    self.flushed = set()
 
     def _join_parent(self, rejoin: bool = True) -> None:
         req = schema.JoinRequest(node_id=self.wire_id, run_id=self.cfg.runtime.run_id).SerializeToString()
@@ -138,8 +143,17 @@ class Aggregator(Coordinator):
 
     def _file(self, node: int, row: torch.Tensor, samples: int) -> None:
         super()._file(node, row, samples)
+        self._die_if_asked()
+
+    def _accept_partial(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
+                        size: int) -> None:
+        super()._accept_partial(node, bound, meta, tensor, size)
+        self._die_if_asked()
+
+    def _die_if_asked(self) -> None:
+        """Tests: die like ``kill -9`` holding a model, in the round the environment names."""
         if os.environ.get("GOSSAMER_TEST_KILL_AGGREGATOR_AT") == f"{self.me}:{self.current.number}":
-            os.kill(os.getpid(), signal.SIGKILL)   # tests: die like kill -9 holding a client's model
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _close(self) -> None:
         """The parent awaits nothing more of the current round from here (lock held): clients

@@ -42,9 +42,12 @@ class Subtrees:
         return self.tree is not None and self.exp.num_nodes <= node < self.exp.num_nodes + self.tree.count
 
     def _join_aggregator(self, node: int) -> bytes:
-        """An aggregator's ``Join``: only the aggregators directly under this process."""
-        g = node - self.exp.num_nodes
-        if g not in self.tree.child_aggregators(self.me):
+        """An aggregator's ``Join``: only aggregators below this process (directly, or
+        re-homed from a parent that died)."""
+        g = above = node - self.exp.num_nodes
+        while above >= 0 and above != self.me:
+            above = self.tree.parent(above)
+        if above != self.me or g == self.me:
             above = "the coordinator" if self.me < 0 else f"aggregator {self.me}"
             return schema.JoinReply(ok=False, reason=f"aggregator {g} is not under {above}").SerializeToString()
         with self.lock:
