@@ -703,12 +703,14 @@ class HierarchyConfig(_Strict):
     """Aggregators between the clients and the server (synchronous FL; docs/hierarchy.md):
     ``levels`` aggregators per level from the top (empty: flat), clients assigned to the
     leaves in ``contiguous`` id ranges or ``random``ly, one ``links`` entry per level (default
-    links when empty), leaf aggregators down for some rounds (``failures``)."""
+    links when empty), leaf aggregators down for some rounds (``failures``), whose clients are
+    cut off or, with ``rehome``, reach the next leaf that is up."""
 
     levels: list[int] = Field(default_factory=list)
     assign: Literal["contiguous", "random"] = "contiguous"
     links: list[HierarchyLinkConfig] = Field(default_factory=list)
     failures: list[HierarchyFailureConfig] = Field(default_factory=list)
+    rehome: bool = False          # a down leaf's clients go to the next leaf that is up
 
     @model_validator(mode="after")
     def _shape(self) -> HierarchyConfig:

@@ -104,6 +104,36 @@ def test_what_a_tree_cannot_carry_is_refused_in_one_line(over, field):
         config.validate(_config(hierarchy={"levels": [3], "links": [{}, {}]}))
 
 
+def test_with_rehome_a_failed_leafs_clients_reach_the_next_leaf(tmp_path):
+    """The same failure with ``rehome``: leaf 1's 4 clients train under leaf 2 in rounds 2-3
+    (every client takes part, nothing is cut off), the server's link carries 2 partials in
+    those rounds instead of 3, and the model is the no-failure tree's to float rounding."""
+    failing = {"levels": [3], "rehome": True,
+               "failures": [{"aggregator": 1, "from_round": 2, "to_round": 3}]}
+    tree = SyncFLDriver(build_experiment(config.validate(_config(hierarchy=failing))))
+    whole = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [3]}))))
+    assert tree.exp.hierarchy.rehomed(2).leaf_of.tolist() == [0] * 4 + [2] * 8
+    assert tree.exp.hierarchy.rehomed(4) is tree.exp.hierarchy
+    numel = tree.exp.spec.numel
+    ups = []
+    for _ in range(4):
+        before = tree.bytes_up
+        tree.run_round()
+        whole.run_round()
+        ups.append(tree.bytes_up - before)
+    client_up, partial = wire.encoded_size(numel), wire.encoded_size(numel + 1)
+    assert ups == [12 * client_up + 3 * partial, 12 * client_up + 2 * partial,
+                   12 * client_up + 2 * partial, 12 * client_up + 3 * partial]
+    out = tree.summary()["hierarchy"]
+    assert out["clients_cut_off"] == 0 and out["clients_rehomed"] == 8
+    assert float((tree.state.params - whole.state.params).abs().max()) < 1e-6
+    cfg = _config(hierarchy=failing)
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(cfg, tmp_path, split=2, total=4)
+    rest.run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
 def test_real_aggregators_are_numbered_level_by_level():
     """`gossamer aggregator --id`: the tree's numbering of aggregators for real processes."""
     from gossamer.protocols.hierarchy import Link, build_tree

@@ -21,7 +21,7 @@ them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,21 @@ class Tree:
         """The aggregator above ``g`` (-1: the server)."""
         level, index = self.locate(g)
         return -1 if level == 0 else self.number(level - 1, int(self.parents[level][index]))
+
+    def rehomed(self, round_: int) -> Tree:
+        """The tree of ``round_`` with the clients of each leaf that is down moved to the next
+        leaf that is up (in leaf order, cyclically), as real clients re-home down their
+        address lists (``hierarchy.rehome``); itself when no leaf, or every leaf, is down."""
+        down = self.down_at(round_)
+        if not down.any() or down.all():
+            return self
+        target = np.arange(len(down))
+        for leaf in np.flatnonzero(down):
+            nxt = (leaf + 1) % len(down)
+            while down[nxt]:
+                nxt = (nxt + 1) % len(down)
+            target[leaf] = nxt
+        return replace(self, leaf_of=target[self.leaf_of], failures=())
 
     def home(self, node: int) -> int:
         """The leaf aggregator client ``node`` is assigned to."""

@@ -95,7 +95,8 @@ def _spawn_tree(cfg: ExperimentConfig, run_dir: Path, config_path: Path, root: s
                 timeout_s: float) -> tuple[list[Process], list[list[str]]]:
     """``gossamer aggregator`` processes, top level first, each with its parent's address (then
     the coordinator's, to re-home to); returns them and each client's addresses: its leaf, the
-    next leaf, the coordinator (where it re-homes if its aggregator dies)."""
+    other leaves in order after it, the coordinator (where it re-homes if its aggregator dies,
+    as ``hierarchy.rehome`` has it in the simulator)."""
     from gossamer.experiment import build as build_experiment
 
     tree = build_experiment(cfg, population=False).hierarchy
@@ -114,9 +115,8 @@ def _spawn_tree(cfg: ExperimentConfig, run_dir: Path, config_path: Path, root: s
     leaves = tree.count - first
     homes = []
     for i in range(cfg.partition.num_nodes):
-        home = tree.home(i)
-        sibling = first + (home - first + 1) % leaves
-        homes.append(list(dict.fromkeys([addresses[home], addresses[sibling], root])))
+        home = tree.home(i) - first
+        homes.append([addresses[first + (home + j) % leaves] for j in range(leaves)] + [root])
     return procs, homes
 
 

@@ -61,6 +61,8 @@ class SyncFLDriver(Driver):
         self.tiers_down_round = np.zeros(tiers, dtype=np.int64)
         self.partial_bytes = wire.encoded_size(numel + 1)  # an aggregator's weighted sum and weight
         self.cut_off = 0                                   # selected clients under a failed leaf
+        self.rehomed = 0                                   # ... that reached another leaf instead
+        self.round_tree = exp.hierarchy                    # the tree as this round has it
         self.dp = exp.cfg.privacy.dp                    # differential privacy (docs/privacy.md)
         self.dp_ledger = build_ledger(exp.cfg, numel, exp.trainer.sizes, exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns
@@ -122,6 +124,10 @@ class SyncFLDriver(Driver):
             down_bytes, decoded = self._broadcast(ids, r)
         down_s = system.download_s(ids, down_bytes)
         tree = exp.hierarchy
+        if tree is not None and exp.cfg.hierarchy.rehome:    # a down leaf's clients re-home
+            self.round_tree = tree.rehomed(r)
+            self.rehomed += int((self.round_tree.leaf_of[ids] != tree.leaf_of[ids]).sum())
+            tree = self.round_tree
         if tree is not None:                        # down the tree of aggregators first
             down_s = down_s + downward_s(tree, ids, down_bytes)
         received = np.ones(len(ids), dtype=bool)
@@ -269,7 +275,7 @@ class SyncFLDriver(Driver):
     def _tier_bytes(self, tiers: np.ndarray, ids: np.ndarray, client_bytes: int, nbytes: int) -> int:
         """Add a broadcast's bytes per tier (the clients' downloads on the last tier, one copy per
         active aggregator on the others); returns the total."""
-        tree = self.exp.hierarchy
+        tree = self.round_tree
         node, per_tier = tree.leaf_of[ids], np.zeros(tree.depth + 1, dtype=np.int64)
         per_tier[-1] = client_bytes
         for level in range(tree.depth - 1, -1, -1):
@@ -342,7 +348,7 @@ class SyncFLDriver(Driver):
             scorer.observe(r, trained[delivered], models, weights, start)
         with self.timer("communicate_s"):
             if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree
-                mean = tree_mean(exp.hierarchy, trained[delivered], models, weights)
+                mean = tree_mean(self.round_tree, trained[delivered], models, weights)
                 self.state = algo.aggregate_mean(self.state, mean)
             else:
                 self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
@@ -508,7 +514,8 @@ class SyncFLDriver(Driver):
             out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
                                 "bytes_up_by_tier": [int(b) for b in self.tiers_up],
                                 "bytes_down_by_tier": [int(b) for b in self.tiers_down],
-                                "clients_cut_off": self.cut_off}
+                                "clients_cut_off": self.cut_off,
+                                **({"clients_rehomed": self.rehomed} if self.exp.cfg.hierarchy.rehome else {})}
         return out
 
     def extra_files(self) -> dict[str, str]:
@@ -540,7 +547,8 @@ class SyncFLDriver(Driver):
             state["contribution"] = self.exp.contribution.state_dict()
         if self.exp.hierarchy is not None:
             state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
-                         tiers_down=torch.from_numpy(self.tiers_down.copy()), cut_off=self.cut_off)
+                         tiers_down=torch.from_numpy(self.tiers_down.copy()), cut_off=self.cut_off,
+                         rehomed=self.rehomed)
         if self.personal is not None:
             state["personal"] = self.personal.clone()
         return state
@@ -574,6 +582,7 @@ class SyncFLDriver(Driver):
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
             self.cut_off = int(state.get("cut_off", 0))
+            self.rehomed = int(state.get("rehomed", 0))
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
