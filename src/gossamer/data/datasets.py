@@ -21,6 +21,10 @@ class Dataset:
 
     x_train: float32 [S, *input_shape]; y_train: int64 [S]; likewise x_test / y_test.
     natural_partition: train row indices per user for naturally partitioned data, else None.
+    local_tests: each user's own test row indices into x_train / y_train, when the dataset
+    holds them out itself (graph datasets: a client's held-out nodes); else None.
+    Graph datasets (``data/graph.py``) label every node of a sample: y is then ``[S, M]``,
+    ``-1`` where a node is not a target.
     """
 
     x_train: torch.Tensor
@@ -31,6 +35,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     name: str
     natural_partition: list[np.ndarray] | None = None
+    local_tests: list[np.ndarray] | None = None
 
 
 DatasetLoader = Callable[..., Dataset]

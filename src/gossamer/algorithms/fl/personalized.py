@@ -47,6 +47,7 @@ class Personalized(FedAvg):
     server_personalizes: ClassVar[bool] = False  # the server sets them after aggregating (FedCAC)
     personal_first: ClassVar[bool] = False      # the personal step before the global training
     personal_epochs: ClassVar[int | None] = None    # its length: None = the local schedule
+    uses_embeddings: ClassVar[bool] = False     # the server reads functional embeddings (FED-PUB)
 
     def personal_objective(self, received: torch.Tensor, head_names: tuple[str, ...],
                            names: tuple[str, ...]) -> LocalObjective:
@@ -65,6 +66,12 @@ class Personalized(FedAvg):
     def global_frozen(self, head_names: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
         """Parameters the round's global training leaves alone."""
         return ()
+
+    def start_objective(self, objective: LocalObjective | None, starts: torch.Tensor,
+                        names: tuple[str, ...]) -> LocalObjective | None:
+        """The round's local objective when clients train from their own rows ``starts``
+        (FedCAC, FED-PUB)."""
+        return objective
 
 
 @dataclass(frozen=True)
