@@ -19,24 +19,29 @@ from gossamer.models.graph import normalized_adjacency, pack_graph
 
 
 def sbm_graph(nodes: int, communities: int, classes: int, p_in: float, p_out: float,
-              features: int, noise: float, purity: float, groups: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+              homophily: float, label_alpha: float, features: int, noise: float, groups: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The whole graph: adjacency ``[n, n]`` (bool, symmetric, no self loops), features
     ``[n, F]``, labels ``[n]`` and communities ``[n]``.
 
-    Node ``v`` is in community ``v * communities // nodes`` (contiguous blocks); edges appear
-    with probability ``p_in`` inside a community and ``p_out`` across. Community ``c``'s nodes
-    take its class ``c % classes`` with probability ``purity``, else a uniform class, so
-    neighbours mostly share a label. Features are the label's mean plus ``noise`` N(0, 1); the
-    means are N(0, 1) vectors, and in the ``g``-th of ``groups`` contiguous groups of
+    Node ``v`` is in community ``v * communities // nodes`` (contiguous blocks). Each community
+    draws its class proportions from Dirichlet(``label_alpha``) and its nodes' labels from them
+    (communities are label-skewed). Two nodes of one community are linked with probability
+    ``p_in`` when they share a label and ``p_in * (1 - homophily)`` otherwise; nodes of
+    different communities with ``p_out``. Features are the label's mean plus ``noise`` N(0, 1);
+    the means are N(0, 1) vectors, and in the ``g``-th of ``groups`` contiguous groups of
     communities label ``k`` takes the mean of label ``(k + g) % classes`` (the same features
     mean different labels in different groups: a task no single model fits for every client).
     """
     rng = np.random.default_rng([seed, 19, 0])
     community = np.arange(nodes) * communities // nodes
-    labels = np.where(rng.random(nodes) < purity, community % classes, rng.integers(0, classes, nodes))
-    upper = np.triu(rng.random((nodes, nodes)) < np.where(community[:, None] == community[None, :],
-                                                          p_in, p_out), k=1)
+    mix = rng.dirichlet(np.full(classes, label_alpha), communities)
+    labels = (rng.random(nodes)[:, None] > np.cumsum(mix[community], axis=1)).sum(1)
+    labels = np.minimum(labels, classes - 1)
+    same_c = community[:, None] == community[None, :]
+    same_y = labels[:, None] == labels[None, :]
+    prob = np.where(same_c, np.where(same_y, p_in, p_in * (1 - homophily)), p_out)
+    upper = np.triu(rng.random((nodes, nodes)) < prob, k=1)
     adj = upper | upper.T
     means = rng.standard_normal((classes, features))
     group = community * groups // communities
@@ -62,16 +67,18 @@ def client_nodes(nodes: int, num_clients: int, overlap: bool, seed: int) -> list
 
 @DATASETS.register("sbm")
 def sbm(num_clients: int = 10, nodes: int = 2000, communities: int = 10, classes: int = 5,
-        p_in: float = 0.05, p_out: float = 0.002, features: int = 16, noise: float = 1.0,
-        purity: float = 0.8, groups: int = 1, overlap: bool = False, test_fraction: float = 0.2,
-        seed: int = 0) -> Dataset:
+        p_in: float = 0.1, p_out: float = 0.002, homophily: float = 0.8, label_alpha: float = 1.0,
+        features: int = 16, noise: float = 2.0, groups: int = 1, overlap: bool = False,
+        train_fraction: float = 0.2, test_fraction: float = 0.4, seed: int = 0) -> Dataset:
     """The SBM node-classification task (:func:`sbm_graph`) over ``num_clients`` client
-    subgraphs (:func:`client_nodes`; each the subgraph its nodes induce). Each client holds out
-    ``round(test_fraction * n)`` of its ``n`` nodes (at least 1) as its test nodes."""
-    _validate(num_clients, nodes, communities, classes, p_in, p_out, features, noise, purity,
-              groups, overlap, test_fraction)
-    adj, x, labels, _ = sbm_graph(nodes, communities, classes, p_in, p_out, features, noise,
-                                  purity, groups, seed)
+    subgraphs (:func:`client_nodes`; each the subgraph its nodes induce). Each client labels
+    ``round(train_fraction * n)`` of its ``n`` nodes for training and ``round(test_fraction *
+    n)`` others (at least 1 each) as its test nodes; the rest are unlabelled (FED-PUB's split
+    is 20% / 40% / 40% validation, and no validation is used here)."""
+    _validate(num_clients, nodes, communities, classes, p_in, p_out, homophily, label_alpha,
+              features, noise, groups, overlap, train_fraction, test_fraction)
+    adj, x, labels, _ = sbm_graph(nodes, communities, classes, p_in, p_out, homophily,
+                                  label_alpha, features, noise, groups, seed)
     members = client_nodes(nodes, num_clients, overlap, seed)
     width = max(len(m) for m in members)
     k = num_clients
@@ -81,10 +88,12 @@ def sbm(num_clients: int = 10, nodes: int = 2000, communities: int = 10, classes
         n = len(nodes_c)
         packed[c] = packed[k + c] = pack_graph(normalized_adjacency(adj[np.ix_(nodes_c, nodes_c)]),
                                                x[nodes_c], width)
-        test = np.zeros(n, dtype=bool)
-        test[np.random.default_rng([seed, 19, 4, c]).permutation(n)[:max(1, round(test_fraction * n))]] = True
-        targets[c, :n] = np.where(test, -1, labels[nodes_c])
-        targets[k + c, :n] = np.where(test, labels[nodes_c], -1)
+        order = np.random.default_rng([seed, 19, 4, c]).permutation(n)
+        n_train = max(1, round(train_fraction * n))
+        n_test = max(1, min(n - n_train, round(test_fraction * n)))
+        train, test = order[:n_train], order[n_train:n_train + n_test]
+        targets[c, train] = labels[nodes_c[train]]
+        targets[k + c, test] = labels[nodes_c[test]]
     xs, ys = torch.from_numpy(packed), torch.from_numpy(targets)
     return Dataset(x_train=xs, y_train=ys, x_test=xs[k:], y_test=ys[k:], num_classes=classes,
                    input_shape=(width, width + features), name="sbm",
@@ -92,19 +101,25 @@ def sbm(num_clients: int = 10, nodes: int = 2000, communities: int = 10, classes
                    local_tests=[np.array([k + c]) for c in range(k)])
 
 
-def _validate(num_clients, nodes, communities, classes, p_in, p_out, features, noise, purity,
-              groups, overlap, test_fraction) -> None:
+def _validate(num_clients, nodes, communities, classes, p_in, p_out, homophily, label_alpha,
+              features, noise, groups, overlap, train_fraction, test_fraction) -> None:
     for name, value, lo in (("num_clients", num_clients, 1), ("nodes", nodes, 2),
                             ("communities", communities, 1), ("classes", classes, 2),
                             ("features", features, 1), ("groups", groups, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"sbm: {name} must be an integer >= {lo}, got {value!r}")
-    for name, value, lo, hi in (("p_in", p_in, 0, 1), ("p_out", p_out, 0, 1), ("purity", purity, 0, 1),
-                                ("noise", noise, 0, float("inf"))):
+    inf = float("inf")
+    for name, value, lo, hi in (("p_in", p_in, 0, 1), ("p_out", p_out, 0, 1),
+                                ("homophily", homophily, 0, 1), ("noise", noise, 0, inf),
+                                ("train_fraction", train_fraction, 0, 1),
+                                ("test_fraction", test_fraction, 0, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
             raise ValueError(f"sbm: {name} must be a number in [{lo}, {hi}], got {value!r}")
-    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"sbm: test_fraction must be in (0, 1), got {test_fraction!r}")
+    if isinstance(label_alpha, bool) or not isinstance(label_alpha, (int, float)) or not label_alpha > 0:
+        raise ValueError(f"sbm: label_alpha must be a number > 0, got {label_alpha!r}")
+    if not (0 < train_fraction and 0 < test_fraction and train_fraction + test_fraction <= 1):
+        raise ValueError(f"sbm: train_fraction and test_fraction must be > 0 with a sum of at most 1, "
+                         f"got {train_fraction!r} and {test_fraction!r}")
     if not isinstance(overlap, bool):
         raise ValueError(f"sbm: overlap must be true or false, got {overlap!r}")
     if groups > communities:

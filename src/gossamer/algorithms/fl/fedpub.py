@@ -62,6 +62,20 @@ class FedPub(Personalized):
         if not self.l1 >= 0 or not self.loc_l2 >= 0:
             raise ValueError("l1 and loc_l2 must be >= 0")
 
+    def personal_init(self, init: torch.Tensor) -> torch.Tensor:
+        """Two models per client ``[2P]``: the one it evaluates (its last trained model) and the
+        one it trains from next (the server's personalized model with its own masks)."""
+        return torch.cat([init, init])
+
+    def train_start(self, personal: torch.Tensor) -> torch.Tensor:
+        return personal[:, personal.shape[1] // 2:]
+
+    def personal_model(self, current: torch.Tensor, personal: torch.Tensor,
+                       head: torch.Tensor) -> torch.Tensor:
+        """A client is judged with its model after its last local training, as the authors
+        report it."""
+        return personal[:, :personal.shape[1] // 2]
+
     def start_objective(self, objective: LocalObjective | None, starts: torch.Tensor,
                         names: tuple[str, ...]) -> LocalObjective:
         """The local objective: L1 on the masks, the proximal term towards ``starts`` (the
@@ -74,8 +88,8 @@ class FedPub(Personalized):
     def personalize(self, before: torch.Tensor, after: torch.Tensor, global_model: torch.Tensor,
                     layers: list[tuple[int, int]], round_: int, *, embeddings: torch.Tensor,
                     masks: torch.Tensor) -> torch.Tensor:
-        """The round's clients' next models ``[K, P]``: ``sum_j alpha_ij after_j`` from their
-        trained models ``after`` and embeddings ``[K, H]``, each keeping its own mask entries
-        (``masks`` ``[P]``)."""
+        """The round's clients' personal rows ``[K, 2P]``: their trained models ``after`` and
+        their next models ``sum_j alpha_ij after_j`` from the embeddings ``[K, H]``, each
+        keeping its own mask entries (``masks`` ``[P]``)."""
         alpha = similarity_weights(embeddings, self.tau).to(after.dtype)
-        return torch.where(masks, after, alpha @ after)
+        return torch.cat([after, torch.where(masks, after, alpha @ after)], dim=1)

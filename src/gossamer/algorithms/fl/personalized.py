@@ -67,6 +67,16 @@ class Personalized(FedAvg):
         """Parameters the round's global training leaves alone."""
         return ()
 
+    def personal_init(self, init: torch.Tensor) -> torch.Tensor:
+        """A client's first personal row from the initial model ``[P]`` (FED-PUB keeps two
+        models per client)."""
+        return init
+
+    def train_start(self, personal: torch.Tensor) -> torch.Tensor:
+        """The rows ``[B, P]`` clients that train from their own rows start from (FedCAC,
+        FED-PUB), from their personal rows."""
+        return personal
+
     def start_objective(self, objective: LocalObjective | None, starts: torch.Tensor,
                         names: tuple[str, ...]) -> LocalObjective | None:
         """The round's local objective when clients train from their own rows ``starts``

@@ -72,7 +72,7 @@ class SyncFLDriver(Driver):
         # personalized FL: every client's own model (Ditto's v, local-only's model)
         self.personal: torch.Tensor | None = None
         if algo.personalized:
-            self.personal = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+            self.personal = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
             self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
         self.extra_up = 0                                  # FED-PUB: each upload's embedding bytes
         if algo.personalized and algo.uses_embeddings:   # FED-PUB: its proxy input and mask entries
@@ -322,7 +322,7 @@ class SyncFLDriver(Driver):
             if self.estimate is not None:          # clients start from their copy of the model
                 starts = self.estimate[torch.from_numpy(trained)]
             if self.personal is not None and (algo.personal_first or algo.server_personalizes):
-                starts = self.personal[torch.from_numpy(trained)]    # FedRep, FedCAC: own rows
+                starts = algo.train_start(self.personal[torch.from_numpy(trained)])  # FedRep, FedCAC: own rows
                 objective = algo.start_objective(objective, starts, exp.spec.names)
                 frozen = algo.global_frozen(self.head_names, exp.spec.names)
                 if frozen:                                           # FedRep: its new head
