@@ -111,3 +111,12 @@ def test_a_graph_samples_loss_is_the_mean_over_its_labelled_nodes():
     flat = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
     assert torch.allclose(sample_losses(flat, torch.tensor([[0, 1]])),
                           torch.tensor([[np.log(1 + np.exp(-2.0)), np.log(1 + np.exp(-1.0))]]).float())
+
+
+def test_parameter_counts_of_the_docs():
+    def count(name, shape, classes, **params):
+        return ParamSpec.from_module(build_model(name, shape, classes, 0, **params)).numel
+
+    assert count("gcn", (150, 166), 5) == 19_333
+    assert count("gcn", (150, 166), 5, masked=True) == 38_405
+    assert count("masked_mlp", (1, 28, 28), 10) == 101_706
