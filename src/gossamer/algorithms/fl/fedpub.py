@@ -87,9 +87,11 @@ class FedPub(Personalized):
 
     def personalize(self, before: torch.Tensor, after: torch.Tensor, global_model: torch.Tensor,
                     layers: list[tuple[int, int]], round_: int, *, embeddings: torch.Tensor,
-                    masks: torch.Tensor) -> torch.Tensor:
-        """The round's clients' personal rows ``[K, 2P]``: their trained models ``after`` and
-        their next models ``sum_j alpha_ij after_j`` from the embeddings ``[K, H]``, each
-        keeping its own mask entries (``masks`` ``[P]``)."""
+                    masks: torch.Tensor, trained: torch.Tensor | None = None) -> torch.Tensor:
+        """The round's clients' personal rows ``[K, 2P]``: their trained models (``trained``,
+        default ``after``: the uploads as the server holds them) and their next models ``sum_j
+        alpha_ij after_j`` from the embeddings ``[K, H]``, each keeping its own mask entries
+        (``masks`` ``[P]``) of ``trained``."""
+        own = after if trained is None else trained
         alpha = similarity_weights(embeddings, self.tau).to(after.dtype)
-        return torch.cat([after, torch.where(masks, after, alpha @ after)], dim=1)
+        return torch.cat([own, torch.where(masks, own, alpha @ after)], dim=1)

@@ -360,8 +360,9 @@ class SyncFLDriver(Driver):
                 layers = list(zip(exp.spec.offsets, map(math.prod, exp.spec.shapes), strict=True))
                 extra = {}
                 if algo.uses_embeddings:    # computed by each client on its trained model
-                    extra = {"embeddings": self._embeddings(result.params[keep]),
-                             "masks": self.mask_entries}
+                    own = result.params[keep]
+                    extra = {"embeddings": self._embeddings(own), "masks": self.mask_entries,
+                             "trained": own}
                 self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
                     starts[keep], models, self.state.params, layers, r, **extra)
         self.train_loss = float(result.loss.mean())
