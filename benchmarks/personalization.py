@@ -1,7 +1,7 @@
 """Personalized FL on label-skewed MNIST-5k and on an SBM graph: per-client accuracy, mean and
 worst 10% (issue 19).
 
-Usage: python benchmarks/personalization.py [--task mnist|sbm|sbm_shift] [--seeds 0,1,2]
+Usage: python benchmarks/personalization.py [--task mnist|sbm|sbm_shift|sbm_overlap] [--seeds 0,1,2]
                                             [--rounds 30] [--alpha 0.1]
                                             [--ways fedavg,fedavg_ft,local_only,ditto,fedrep,fedcac,fedpub]
                                             [--json]
@@ -16,7 +16,8 @@ community per client (20 clients), 20% of each client's nodes labelled for train
 held out as its test nodes; a 2-layer GCN (hidden 128) and a linear classifier (FED-PUB: with
 masks), full-batch, 5 local steps at lr 0.2 per round, every client in every round.
 sbm_shift: the same with `groups: 2` (the two halves of the communities map the same features
-to different labels).
+to different labels). sbm_overlap: the same graph as sbm with `overlap: true` (FED-PUB's
+overlapping setting: 4 parts of 750 nodes, each client a random half of its part).
 Ways:
   fedavg      the global model on every client's own test rows
   fedavg_ft   the global model fine-tuned for 20 local steps by each client before evaluation
@@ -68,7 +69,7 @@ def config(way: str, seed: int, args: argparse.Namespace) -> dict:
     else:
         task = {
             "data": {"dataset": "sbm", "params": {**SBM, "groups": 2 if args.task == "sbm_shift" else 1,
-                                                  "seed": seed}},
+                                                  "overlap": args.task == "sbm_overlap", "seed": seed}},
             "partition": {"name": "natural", "num_nodes": SBM["num_clients"]},
             "model": {"name": "gcn", "params": {"hidden": 128, "masked": masked}},
             "local": {"epochs": 5, "batch_size": 1, "lr": 0.2},
@@ -86,7 +87,7 @@ def main() -> int:
     from gossamer.api import run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("mnist", "sbm", "sbm_shift"), default="mnist")
+    parser.add_argument("--task", choices=("mnist", "sbm", "sbm_shift", "sbm_overlap"), default="mnist")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--alpha", type=float, default=0.1)

@@ -43,6 +43,13 @@ def test_the_client_split_non_overlapping_and_overlapping():
     assert all(len(p) == 25 for p in shared)
     assert set(shared[0]) <= set(range(50)) and set(shared[9]) <= set(range(50, 100))
     assert set(shared[0]) & set(shared[1])                                  # clients share nodes
+    ds = load_dataset("sbm", num_clients=10, nodes=400, overlap=True, seed=0)
+    members = client_nodes(400, 10, True, 0)
+    role = {}                                  # a shared node has one role for every client
+    for c, nodes in enumerate(members):
+        for j, v in enumerate(nodes):
+            r = 1 if ds.y_train[c, j] >= 0 else 2 if ds.y_train[10 + c, j] >= 0 else 0
+            assert role.setdefault(int(v), r) == r
     assert all(np.array_equal(a, b) for a, b in zip(shared, client_nodes(100, 10, True, 0), strict=True))
 
 
@@ -60,7 +67,11 @@ def test_each_client_is_one_packed_subgraph_with_its_own_train_and_test_nodes():
     assert torch.equal(ds.x_train[2], torch.from_numpy(expected))
     assert torch.equal(ds.x_train[2], ds.x_train[6]) and torch.equal(ds.x_test[2], ds.x_train[6])
     train, test = ds.y_train[2], ds.y_train[6]
-    assert int((train >= 0).sum()) == round(0.2 * 22) and int((test >= 0).sum()) == round(0.4 * 22)
+    order = np.random.default_rng([3, 19, 4]).permutation(90)                # one split of the graph
+    role = np.zeros(90, dtype=int)
+    role[order[:18]], role[order[18:54]] = 1, 2
+    assert np.array_equal((train[:22] >= 0).numpy(), role[nodes] == 1)
+    assert np.array_equal((test[:22] >= 0).numpy(), role[nodes] == 2)
     assert not ((train >= 0) & (test >= 0)).any()                            # disjoint nodes
     assert (train[22:] == -1).all() and (test[22:] == -1).all()              # padding unlabelled
     labelled = (train >= 0).numpy()
@@ -85,6 +96,7 @@ def test_the_normalized_adjacency_is_gcns():
     ({"groups": 20}, "groups (20) must be at most communities (10)"),
     ({"nodes": 30}, "too few"),
     ({"overlap": "yes"}, "overlap must be true or false"),
+    ({"nodes": 40, "num_clients": 10, "train_fraction": 0.01}, "has no training or no test node"),
 ])
 def test_bad_parameters_are_refused_in_one_line(params, message):
     with pytest.raises(ValueError) as info:

@@ -71,10 +71,12 @@ def sbm(num_clients: int = 10, nodes: int = 2000, communities: int = 10, classes
         features: int = 16, noise: float = 2.0, groups: int = 1, overlap: bool = False,
         train_fraction: float = 0.2, test_fraction: float = 0.4, seed: int = 0) -> Dataset:
     """The SBM node-classification task (:func:`sbm_graph`) over ``num_clients`` client
-    subgraphs (:func:`client_nodes`; each the subgraph its nodes induce). Each client labels
-    ``round(train_fraction * n)`` of its ``n`` nodes for training and ``round(test_fraction *
-    n)`` others (at least 1 each) as its test nodes; the rest are unlabelled (FED-PUB's split
-    is 20% / 40% / 40% validation, and no validation is used here)."""
+    subgraphs (:func:`client_nodes`; each the subgraph its nodes induce). The graph's nodes are
+    split once, as FED-PUB's generators do: a random ``round(train_fraction * nodes)`` are
+    training nodes, ``round(test_fraction * nodes)`` others test nodes, the rest unlabelled
+    (FED-PUB's validation nodes: 20% / 40% / 40%; no validation is used here). A client labels
+    its training nodes and is judged on its test nodes, so with overlapping clients a node is a
+    test node for every client that holds it."""
     _validate(num_clients, nodes, communities, classes, p_in, p_out, homophily, label_alpha,
               features, noise, groups, overlap, train_fraction, test_fraction)
     adj, x, labels, _ = sbm_graph(nodes, communities, classes, p_in, p_out, homophily,
@@ -82,18 +84,22 @@ def sbm(num_clients: int = 10, nodes: int = 2000, communities: int = 10, classes
     members = client_nodes(nodes, num_clients, overlap, seed)
     width = max(len(m) for m in members)
     k = num_clients
+    role = np.zeros(nodes, dtype=np.int64)                   # 0 unlabelled, 1 train, 2 test
+    order = np.random.default_rng([seed, 19, 4]).permutation(nodes)
+    n_train = round(train_fraction * nodes)
+    role[order[:n_train]] = 1
+    role[order[n_train:n_train + round(test_fraction * nodes)]] = 2
     packed = np.zeros((2 * k, width, width + features), dtype=np.float32)
     targets = np.full((2 * k, width), -1, dtype=np.int64)
     for c, nodes_c in enumerate(members):
         n = len(nodes_c)
+        if not (role[nodes_c] == 1).any() or not (role[nodes_c] == 2).any():
+            raise ValueError(f"sbm: client {c} has no training or no test node; raise nodes, "
+                             "train_fraction or test_fraction")
         packed[c] = packed[k + c] = pack_graph(normalized_adjacency(adj[np.ix_(nodes_c, nodes_c)]),
                                                x[nodes_c], width)
-        order = np.random.default_rng([seed, 19, 4, c]).permutation(n)
-        n_train = max(1, round(train_fraction * n))
-        n_test = max(1, min(n - n_train, round(test_fraction * n)))
-        train, test = order[:n_train], order[n_train:n_train + n_test]
-        targets[c, train] = labels[nodes_c[train]]
-        targets[k + c, test] = labels[nodes_c[test]]
+        targets[c, :n] = np.where(role[nodes_c] == 1, labels[nodes_c], -1)
+        targets[k + c, :n] = np.where(role[nodes_c] == 2, labels[nodes_c], -1)
     xs, ys = torch.from_numpy(packed), torch.from_numpy(targets)
     return Dataset(x_train=xs, y_train=ys, x_test=xs[k:], y_test=ys[k:], num_classes=classes,
                    input_shape=(width, width + features), name="sbm",
