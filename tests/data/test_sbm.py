@@ -97,6 +97,7 @@ def test_the_normalized_adjacency_is_gcns():
     ({"nodes": 30}, "too few"),
     ({"overlap": "yes"}, "overlap must be true or false"),
     ({"nodes": 40, "num_clients": 10, "train_fraction": 0.01}, "has no training or no test node"),
+    ({"max_train": 3}, "max_train and max_test do not apply to dataset sbm"),
 ])
 def test_bad_parameters_are_refused_in_one_line(params, message):
     with pytest.raises(ValueError) as info:

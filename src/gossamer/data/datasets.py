@@ -90,6 +90,9 @@ def subsample(dataset: Dataset, max_train: int | None, max_test: int | None) -> 
     """Keep the first `max_train` train rows and `max_test` test rows (deterministic)."""
     if max_train is None and max_test is None:
         return dataset
+    if dataset.local_tests is not None:
+        raise ValueError(f"max_train and max_test do not apply to dataset {dataset.name}: its "
+                         "samples are whole client subgraphs")
     natural = dataset.natural_partition
     if natural is not None and max_train is not None:
         natural = [idx[idx < max_train] for idx in natural]
