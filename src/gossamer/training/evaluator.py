@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gossamer.models import ParamSpec, StackedForward
+from gossamer.training.trainer import sample_losses
 
 
 class BatchedEvaluator:
@@ -138,7 +139,7 @@ def local_losses(trainer, samples: int = 64) -> Losses:
         y = trainer.y[take].repeat_interleave(k, dim=0)
         with torch.no_grad():
             logits = trainer.forward(trainer.spec.views(held.reshape(g * k, p)), x)
-            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g * k, m)
+            ce = sample_losses(logits, y)                        # [g*k, m]
         mask = valid.repeat_interleave(k, dim=0).to(ce.dtype)
         return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).view(g, k)
 

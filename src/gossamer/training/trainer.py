@@ -456,7 +456,7 @@ class BatchedTrainer:
             rows = [leaf[s:e].repeat_interleave(n, 0).requires_grad_(True) for leaf in leaves]
             x = xb[s:e].reshape((e - s) * n, 1, *xb.shape[2:])
             logits = self.forward(dict(zip(names, rows, strict=True)), x)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), yb[s:e].reshape(-1), reduction="none")
+            per_sample = sample_losses(logits, yb[s:e].reshape((e - s) * n, 1, *yb.shape[2:])).reshape(-1)
             sample_grads = torch.autograd.grad(per_sample.sum(), rows)
             sq = sum(g.flatten(1).square().sum(1) for g in sample_grads)
             factor = clip_factors(sq, dp.clip_norm) * weight[s:e].reshape(-1)
