@@ -237,6 +237,7 @@ def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
     what a registered population and the sharded simulator check before they refuse."""
     return {
         "partition.test_fraction": cfg.partition.test_fraction > 0,
+        "data.dataset": cfg.data.dataset == "sbm",       # graph data: each client's own test nodes
         "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
         "faults": cfg.faults.configured,
         "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,

@@ -161,3 +161,8 @@ def test_real_processes_refuse_fedpub_and_bad_params_are_refused():
         with pytest.raises(ValueError, match=message):
             config.validate(_sbm(algorithm={"name": "fedpub", "params": params}))
     assert LocalObjective().by_name is False
+    from gossamer.sim.sharded import check_config
+
+    with pytest.raises(ConfigError) as info:                # nor the sharded simulator, yet
+        check_config(config.validate(_sbm("fedavg", masked=False)))
+    assert info.value.field == "data.dataset"
