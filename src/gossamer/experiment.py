@@ -121,22 +121,29 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
                             **cfg.model.params)
     spec = ParamSpec.from_module(model)
     _check_population_memory(cfg, algorithm, spec.numel, population)   # before shards and graph
+    own_tests = _own_tests(cfg, dataset, algorithm) if dataset.local_tests is not None else None
     with _user_error("partition"):
         params = dict(cfg.partition.params)
         if cfg.partition.name == "natural":
             if dataset.natural_partition is None:
                 raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
             params["natural"] = dataset.natural_partition
-        shards = partition(cfg.partition.name, dataset.y_train.numpy(), n, cfg.seed, **params)
+        labels = dataset.y_train.numpy()
+        if labels.ndim > 1:      # graph samples (natural partition only): their count matters
+            labels = np.zeros(len(labels), dtype=np.int64)
+        shards = partition(cfg.partition.name, labels, n, cfg.seed, **params)
         local_tests = None
         if cfg.partition.test_fraction:             # each node's own test rows (personalized FL)
             shards, local_tests = split_local_test(shards, cfg.partition.test_fraction, cfg.seed)
+        if dataset.local_tests is not None:         # graph data: each client's held-out nodes
+            local_tests = own_tests
     _check_local_budget(cfg, shards)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     init = spec.flatten(model)
+    _check_graph_model(cfg, dataset, algorithm, model, spec, forward, init)
     if cfg.model.init == "independent":
         init = torch.stack([
             spec.flatten(build_model(cfg.model.name, dataset.input_shape, dataset.num_classes,
@@ -216,6 +223,34 @@ def _build_ranking(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
     return exp
 
 
+def _check_graph_model(cfg: ExperimentConfig, dataset: Dataset, algorithm: Algorithm,
+                       model: torch.nn.Module, spec: ParamSpec, forward, init: torch.Tensor) -> None:
+    """Graph samples need per-node logits; FED-PUB needs masks and a functional embedding."""
+    if dataset.y_train.dim() > 1:
+        with torch.no_grad():
+            out = forward(spec.views(init.reshape(1, -1)), dataset.x_train[:1].unsqueeze(0))
+        if tuple(out.shape[2:-1]) != tuple(dataset.y_train.shape[1:]):
+            raise ConfigError("model.name", f"dataset {dataset.name} labels every node of a graph "
+                              f"sample: the model must give one logit row per node (model gcn)")
+    if getattr(algorithm, "uses_embeddings", False) and not (
+            hasattr(model, "stacked_embedding") and hasattr(model, "proxy_input")
+            and any(n.rsplit(".", 1)[-1] == "mask" for n in spec.names)):
+        raise ConfigError("model.name", f"{cfg.algorithm.name} needs a masked model with a "
+                          "functional embedding: gcn with masked: true, or masked_mlp")
+
+
+def _own_tests(cfg: ExperimentConfig, dataset: Dataset, algorithm: Algorithm) -> list[np.ndarray] | None:
+    """The per-client test rows a dataset holds out itself (graph data: a client's test nodes
+    in the same subgraph), for synchronous FL; refusals name the field."""
+    if cfg.partition.name != "natural":
+        raise ConfigError("partition.name", f"dataset {dataset.name} is split into client "
+                          "subgraphs: set partition.name: natural")
+    if cfg.partition.test_fraction:
+        raise ConfigError("partition.test_fraction", f"dataset {dataset.name} holds out each "
+                          "client's test nodes itself: set data.params.test_fraction instead")
+    return dataset.local_tests if algorithm.pattern == "sync_fl" else None
+
+
 def _local_training(cfg: ExperimentConfig, algorithm: Algorithm, model: torch.nn.Module):
     """The ``local`` section as the trainer's schedule, optimizer and fused kernel (if any)."""
     local = cfg.local
@@ -237,6 +272,7 @@ def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
     what a registered population and the sharded simulator check before they refuse."""
     return {
         "partition.test_fraction": cfg.partition.test_fraction > 0,
+        "data.dataset": cfg.data.dataset == "sbm",       # graph data: each client's own test nodes
         "adversary": cfg.adversary.attack is not None or bool(cfg.adversary.groups),
         "faults": cfg.faults.configured,
         "compression": cfg.compression.uplink is not None or cfg.compression.downlink is not None,

@@ -29,6 +29,10 @@ class LocalObjective:
     ``frozen``: the model's parameters (by name) that do not move: their step is skipped
     (weight decay and momentum included). FedRep trains the head with the body frozen, then
     the body with the head frozen.
+
+    ``l1_mu`` adds ``l1_mu * sign(w)`` (the L1 penalty's subgradient) to the parameters named in
+    ``l1``; ``prox_only``, when given, limits the proximal term to the parameters it names
+    (FED-PUB: L1 on its masks, the proximal term on the weights alone).
     """
 
     prox_mu: float = 0.0
@@ -38,6 +42,9 @@ class LocalObjective:
     recursive_direction: torch.Tensor | None = None
     optimizer_state: torch.Tensor | None = None
     frozen: tuple[str, ...] = ()
+    l1_mu: float = 0.0
+    l1: tuple[str, ...] = ()
+    prox_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prox_mu and self.anchor is None:
@@ -50,7 +57,8 @@ class LocalObjective:
             return t[part] if t is not None and t.dim() == 2 and t.shape[0] == total else t
 
         return LocalObjective(self.prox_mu, cut(self.anchor), cut(self.correction), self.grad_scale,
-                              cut(self.recursive_direction), cut(self.optimizer_state), self.frozen)
+                              cut(self.recursive_direction), cut(self.optimizer_state), self.frozen,
+                              self.l1_mu, self.l1, self.prox_only)
 
     @property
     def recursive(self) -> bool:
@@ -58,7 +66,12 @@ class LocalObjective:
 
     @property
     def adds_terms(self) -> bool:
-        return bool(self.prox_mu) or self.correction is not None
+        return bool(self.prox_mu) or self.correction is not None or bool(self.l1_mu)
+
+    @property
+    def by_name(self) -> bool:
+        """Whether a term applies to some parameters only (the fused kernel has no names)."""
+        return bool(self.l1_mu) or bool(self.prox_only)
 
 
 __all__ = ["LocalObjective"]

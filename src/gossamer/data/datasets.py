@@ -21,6 +21,10 @@ class Dataset:
 
     x_train: float32 [S, *input_shape]; y_train: int64 [S]; likewise x_test / y_test.
     natural_partition: train row indices per user for naturally partitioned data, else None.
+    local_tests: each user's own test row indices into x_train / y_train, when the dataset
+    holds them out itself (graph datasets: a client's held-out nodes); else None.
+    Graph datasets (``data/graph.py``) label every node of a sample: y is then ``[S, M]``,
+    ``-1`` where a node is not a target.
     """
 
     x_train: torch.Tensor
@@ -31,6 +35,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     name: str
     natural_partition: list[np.ndarray] | None = None
+    local_tests: list[np.ndarray] | None = None
 
 
 DatasetLoader = Callable[..., Dataset]
@@ -85,6 +90,9 @@ def subsample(dataset: Dataset, max_train: int | None, max_test: int | None) -> 
     """Keep the first `max_train` train rows and `max_test` test rows (deterministic)."""
     if max_train is None and max_test is None:
         return dataset
+    if dataset.local_tests is not None:
+        raise ValueError(f"max_train and max_test do not apply to dataset {dataset.name}: its "
+                         "samples are whole client subgraphs")
     natural = dataset.natural_partition
     if natural is not None and max_train is not None:
         natural = [idx[idx < max_train] for idx in natural]

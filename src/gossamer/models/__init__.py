@@ -1,6 +1,6 @@
 """Model zoo and functional helpers for stacked (one row per node) parameters."""
 
-from gossamer.models import sequence, vision  # noqa: F401 (registers their zoo models)
+from gossamer.models import graph, sequence, vision  # noqa: F401 (registers their zoo models)
 from gossamer.models.functional import (
     ModelNotVectorizable,
     ParamSpec,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gossamer.models import ParamSpec, StackedForward
+from gossamer.training.trainer import sample_losses
 
 
 class BatchedEvaluator:
@@ -39,10 +40,28 @@ class BatchedEvaluator:
                 xb, yb = self.x[r0:r0 + rows], self.y[r0:r0 + rows]
                 xs = xb.unsqueeze(0).expand(sub.shape[0], *xb.shape)
                 logits = self.forward(views, xs)
+                if yb.dim() > 1:                    # graph samples: every labelled node counts
+                    hit, ce = _graph_scores(logits, yb)
+                    correct[m0:m0 + chunk] += hit
+                    loss[m0:m0 + chunk] += ce
+                    continue
                 correct[m0:m0 + chunk] += (logits.argmax(-1) == yb).sum(1).float()
                 ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(sub.shape[0]), reduction="none")
                 loss[m0:m0 + chunk] += ce.view(sub.shape[0], -1).sum(1).double()
+        if self.y.dim() > 1:
+            n = int((self.y >= 0).sum())
         return correct / n, (loss / n).float()
+
+
+def _graph_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct predictions and summed cross-entropy per model over the labelled nodes of graph
+    samples: ``logits`` ``[K, n, M, C]``, ``labels`` ``[n, M]`` (``-1``: not a target)."""
+    y = labels.expand(logits.shape[:-1])
+    labelled = y >= 0
+    hits = ((logits.argmax(-1) == y) & labelled).flatten(1).sum(1).float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none",
+                         ignore_index=-1)
+    return hits, ce.view(len(y), -1).sum(1).double()
 
 
 class PersonalEvaluator:
@@ -60,6 +79,10 @@ class PersonalEvaluator:
         self.rows = np.zeros((len(tests), width), dtype=np.int64)
         for i, t in enumerate(tests):
             self.rows[i, :len(t)] = t
+        # what accuracy is over: each node's test rows, or a graph's labelled test nodes
+        self.targets = self.sizes if y.dim() == 1 else np.array(
+            [int((y[torch.from_numpy(np.asarray(t, dtype=np.int64))] >= 0).sum()) for t in tests],
+            dtype=np.int64)
 
     @property
     def nodes(self) -> np.ndarray:
@@ -79,12 +102,18 @@ class PersonalEvaluator:
             idx = torch.from_numpy(self.rows[part])
             valid = torch.arange(width)[None, :] < torch.from_numpy(self.sizes[part])[:, None]
             logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx])
+            if self.y.dim() > 1:                # graph samples: [B, width, M], -1 not a target
+                y = self.y[idx]
+                hit = (logits.argmax(-1) == y) & valid[..., None] & (y >= 0)
+                out[c0:c0 + chunk] = hit.flatten(1).sum(1).float()
+                continue
             out[c0:c0 + chunk] = ((logits.argmax(-1) == self.y[idx]) & valid).sum(1).float()
         return out
 
     def accuracy(self, hits: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
-        """``hits`` ``[B]`` as accuracies on each node's test rows."""
-        return hits / torch.from_numpy(self.sizes[np.asarray(nodes, dtype=np.int64)]).clamp(min=1).float()
+        """``hits`` ``[B]`` as accuracies on each node's test rows (graph data: its labelled
+        test nodes)."""
+        return hits / torch.from_numpy(self.targets[np.asarray(nodes, dtype=np.int64)]).clamp(min=1).float()
 
     def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """Accuracy ``[B]`` of model ``params[b]`` on node ``nodes[b]``'s test rows."""
@@ -126,7 +155,7 @@ def local_losses(trainer, samples: int = 64) -> Losses:
         y = trainer.y[take].repeat_interleave(k, dim=0)
         with torch.no_grad():
             logits = trainer.forward(trainer.spec.views(held.reshape(g * k, p)), x)
-            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g * k, m)
+            ce = sample_losses(logits, y)                        # [g*k, m]
         mask = valid.repeat_interleave(k, dim=0).to(ce.dtype)
         return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).view(g, k)
 

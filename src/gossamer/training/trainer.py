@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gossamer import rng
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, StackedForward
+from gossamer.models.graph import graph_sample_loss
 from gossamer.models.zoo import DenseKernel
 from gossamer.privacy.dp import TAG_SGD, clip_factors, gaussian
 
@@ -94,6 +95,18 @@ class AdamW:
     def state_width(numel: int) -> int:
         """Columns of one node's state row: ``m``, ``v`` (``numel`` each) and ``t``."""
         return 2 * numel + 1
+
+
+# per leaf: the proximal anchor, the correction and the L1 coefficient (LocalObjective's terms)
+Term = tuple[torch.Tensor | None, torch.Tensor | None, float]
+
+
+def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's cross-entropy, ``labels.shape`` ``[B, n]``; a graph sample (labels
+    ``[B, n, M]``, one per node, ``-1`` unlabelled) takes the mean over its labelled nodes."""
+    if labels.dim() > 2:
+        return graph_sample_loss(logits, labels)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
 CHUNK_BYTES = 64 << 20     # autograd training: nodes per pass (BatchedTrainer.chunk_nodes)
@@ -288,7 +301,8 @@ class BatchedTrainer:
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         objective = objective or LocalObjective()
-        fused = self.kernel is not None and not objective.recursive and not objective.frozen
+        fused = (self.kernel is not None and not objective.recursive and not objective.frozen
+                 and not objective.by_name)
         unknown = set(objective.frozen) - set(self.spec.names)
         if unknown:
             raise ValueError(f"frozen parameters {sorted(unknown)} are not the model's")
@@ -335,8 +349,8 @@ class BatchedTrainer:
             for leaf in leaves:
                 leaf.requires_grad_(True)
             logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-            per_node = (per_sample.view_as(weight) * weight).sum(1) / counts[:, t].clamp(min=1)
+            per_sample = sample_losses(logits, yb)
+            per_node = (per_sample * weight).sum(1) / counts[:, t].clamp(min=1)
             # a gradient in another layout than its leaf (a channels-last convolution's)
             # makes the update a strided pass, several times slower than copying it first
             grads = [g if g.is_contiguous() else g.contiguous()
@@ -442,7 +456,7 @@ class BatchedTrainer:
             rows = [leaf[s:e].repeat_interleave(n, 0).requires_grad_(True) for leaf in leaves]
             x = xb[s:e].reshape((e - s) * n, 1, *xb.shape[2:])
             logits = self.forward(dict(zip(names, rows, strict=True)), x)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), yb[s:e].reshape(-1), reduction="none")
+            per_sample = sample_losses(logits, yb[s:e].reshape((e - s) * n, 1, *yb.shape[2:])).reshape(-1)
             sample_grads = torch.autograd.grad(per_sample.sum(), rows)
             sq = sum(g.flatten(1).square().sum(1) for g in sample_grads)
             factor = clip_factors(sq, dp.clip_norm) * weight[s:e].reshape(-1)
@@ -463,8 +477,7 @@ class BatchedTrainer:
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                        weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         logits = self.forward(dict(zip(self.spec.names, leaves, strict=True)), xb)
-        per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-        return (per_sample.view_as(weight) * weight).sum(1) / count.clamp(min=1)
+        return (sample_losses(logits, yb) * weight).sum(1) / count.clamp(min=1)
 
     def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,
                       yb: torch.Tensor, weight: torch.Tensor, count: torch.Tensor) -> list[torch.Tensor]:
@@ -533,7 +546,7 @@ class BatchedTrainer:
         return out
 
     def _objective_views(self, objective: LocalObjective, kernel: DenseKernel | None
-                         ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+                         ) -> list[Term]:
         """Per-leaf ``(anchor, correction)`` views in the layout the training path uses."""
         def split(rows: torch.Tensor | None) -> list[torch.Tensor | None]:
             if rows is None:
@@ -542,17 +555,24 @@ class BatchedTrainer:
             return kernel.leaves(views) if kernel is not None else list(views.values())
 
         anchor = split(objective.anchor if objective.prox_mu else None)
-        return list(zip(anchor, split(objective.correction), strict=True))
+        if objective.prox_only:                  # the proximal term on the named parameters only
+            anchor = [a if name in objective.prox_only else None
+                      for a, name in zip(anchor, self.spec.names, strict=True)]
+        l1 = [objective.l1_mu if name in objective.l1 else 0.0 for name in self.spec.names]
+        return list(zip(anchor, split(objective.correction), l1, strict=True))
 
-    def _extra(self, leaf: torch.Tensor, term: tuple[torch.Tensor | None, torch.Tensor | None],
+    def _extra(self, leaf: torch.Tensor, term: Term,
                objective: LocalObjective) -> torch.Tensor | None:
-        """``prox_mu * (w - anchor) + correction`` for one leaf (None when both are absent)."""
-        anchor, correction = term
+        """``prox_mu * (w - anchor) + correction (+ l1_mu * sign(w))`` for one leaf (None when
+        all are absent)."""
+        anchor, correction, l1 = term
         out = None
         if anchor is not None:
             out = (leaf - anchor).mul_(objective.prox_mu)
         if correction is not None:
             out = correction.expand_as(leaf).clone() if out is None else out.add_(correction)
+        if l1:
+            out = torch.sign(leaf).mul_(l1) if out is None else out.add_(torch.sign(leaf), alpha=l1)
         return out
 
     def _adam_state(self, objective: LocalObjective, rows: int, dtype: torch.dtype
@@ -584,7 +604,7 @@ class BatchedTrainer:
               bufs: list[torch.Tensor] | None,
               adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
               active: torch.Tensor, objective: LocalObjective | None,
-              terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> None:
+              terms: list[Term] | None) -> None:
         if objective is not None and objective.frozen:        # frozen leaves keep their values
             keep = [k for k, name in enumerate(self.spec.names) if name not in objective.frozen]
             sub = lambda items: None if items is None else [items[k] for k in keep]  # noqa: E731
@@ -607,7 +627,7 @@ class BatchedTrainer:
 
     def _with_terms(self, leaf: torch.Tensor, grad: torch.Tensor, k: int,
                     objective: LocalObjective | None,
-                    terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> torch.Tensor:
+                    terms: list[Term] | None) -> torch.Tensor:
         """Leaf ``k``'s gradient scaled and with the objective's terms added (the step's
         direction before the optimizer's own arithmetic)."""
         if objective is None:
@@ -620,7 +640,7 @@ class BatchedTrainer:
     def _adamw_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
                     adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor],
                     active: torch.Tensor, objective: LocalObjective | None,
-                    terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None) -> None:
+                    terms: list[Term] | None) -> None:
         """One masked AdamW step in place (:class:`AdamW`); an objective's terms are added to
         the gradient, as for SGD. Nodes without a batch keep their weights and state."""
         opt = self.optimizer
@@ -645,7 +665,7 @@ class BatchedTrainer:
     def _sgd_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
                   bufs: list[torch.Tensor] | None, active: torch.Tensor,
                   objective: LocalObjective | None = None,
-                  terms: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> None:
+                  terms: list[Term] | None = None) -> None:
         """One masked SGD step in place: nodes without a batch at this step do not move."""
         opt = self.optimizer
         all_active = bool(active.all())

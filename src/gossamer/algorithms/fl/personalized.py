@@ -52,6 +52,7 @@ class Personalized(FedAvg):
     # real processes run it (runtime/fl_server.py, fl_client.py): its client holds the
     # personal model, or the server sets it with ``personalize`` (FedCAC)
     runs_on_processes: ClassVar[bool] = False
+    uses_embeddings: ClassVar[bool] = False     # the server reads functional embeddings (FED-PUB)
 
     def personal_objective(self, received: torch.Tensor, head_names: tuple[str, ...],
                            names: tuple[str, ...]) -> LocalObjective:
@@ -70,6 +71,22 @@ class Personalized(FedAvg):
     def global_frozen(self, head_names: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
         """Parameters the round's global training leaves alone."""
         return ()
+
+    def personal_init(self, init: torch.Tensor) -> torch.Tensor:
+        """A client's first personal row from the initial model ``[P]`` (FED-PUB keeps two
+        models per client)."""
+        return init
+
+    def train_start(self, personal: torch.Tensor) -> torch.Tensor:
+        """The rows ``[B, P]`` clients that train from their own rows start from (FedCAC,
+        FED-PUB), from their personal rows."""
+        return personal
+
+    def start_objective(self, objective: LocalObjective | None, starts: torch.Tensor,
+                        names: tuple[str, ...]) -> LocalObjective | None:
+        """The round's local objective when clients train from their own rows ``starts``
+        (FedCAC, FED-PUB)."""
+        return objective
 
 
 @dataclass(frozen=True)

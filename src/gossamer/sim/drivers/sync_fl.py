@@ -18,6 +18,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.fl.fedpub import mask_parameters
 from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.population.store import ClientStore
@@ -73,8 +74,13 @@ class SyncFLDriver(Driver):
         # personalized FL: every client's own model (Ditto's v, local-only's model)
         self.personal: torch.Tensor | None = None
         if algo.personalized:
-            self.personal = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+            self.personal = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
             self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
+        self.extra_up = 0                                  # FED-PUB: each upload's embedding bytes
+        if algo.personalized and algo.uses_embeddings:   # FED-PUB: its proxy input and mask entries
+            self.proxy = exp.model.proxy_input(exp.cfg.seed)
+            self.mask_entries = mask_parameters(exp.spec)[1]
+            self.extra_up = 4 * int(self._embeddings(exp.init_params.reshape(1, -1)).shape[1])
         self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
         if exp.personal is not None:
             self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
@@ -160,6 +166,8 @@ class SyncFLDriver(Driver):
             samples = samples + self._personal_samples(got, samples)
         compute_s = system.compute_s(got, samples)
         self.up_bytes = self.pipeline.upload_bytes(r)              # DGC: this round's density
+        if self.up_bytes is not None:
+            self.up_bytes += self.extra_up
         # a value-dependent upload size (compression) is priced after training, below
         up_s = system.upload_s(got, self.up_bytes) if self.up_bytes is not None else np.zeros(len(got))
         delivered = np.ones(len(got), dtype=bool)
@@ -320,7 +328,8 @@ class SyncFLDriver(Driver):
             if self.estimate is not None:          # clients start from their copy of the model
                 starts = self.estimate[torch.from_numpy(trained)]
             if self.personal is not None and (algo.personal_first or algo.server_personalizes):
-                starts = self.personal[torch.from_numpy(trained)]    # FedRep, FedCAC: own rows
+                starts = algo.train_start(self.personal[torch.from_numpy(trained)])  # FedRep, FedCAC: own rows
+                objective = algo.start_objective(objective, starts, exp.spec.names)
                 frozen = algo.global_frozen(self.head_names, exp.spec.names)
                 if frozen:                                           # FedRep: its new head
                     objective = replace(objective or LocalObjective(), frozen=frozen)
@@ -352,13 +361,24 @@ class SyncFLDriver(Driver):
                 self.state = algo.aggregate_mean(self.state, mean)
             else:
                 self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
-            if algo.server_personalizes and len(rows):   # FedCAC: each client's next model
+            if algo.server_personalizes and len(rows):   # FedCAC, FED-PUB: each client's next model
                 keep = torch.from_numpy(delivered)
                 layers = list(zip(exp.spec.offsets, map(math.prod, exp.spec.shapes), strict=True))
+                extra = {}
+                if algo.uses_embeddings:    # computed by each client on its trained model
+                    own = result.params[keep]
+                    extra = {"embeddings": self._embeddings(own), "masks": self.mask_entries,
+                             "trained": own}
                 self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
-                    starts[keep], models, self.state.params, layers, r)
+                    starts[keep], models, self.state.params, layers, r, **extra)
         self.train_loss = float(result.loss.mean())
         self.node_steps += int(result.steps.sum())
+
+    def _embeddings(self, models: torch.Tensor) -> torch.Tensor:
+        """FED-PUB's functional embeddings ``[K, H]`` of models ``[K, P]`` on the proxy input."""
+        proxy = self.proxy.unsqueeze(0).expand(len(models), *self.proxy.shape)
+        with torch.no_grad():
+            return self.exp.model.stacked_embedding(self.exp.spec.views(models), proxy)
 
     def _broadcast(self, ids: np.ndarray, r: int) -> tuple[np.ndarray, torch.Tensor]:
         """Compressed broadcast: each selected client gets ``C(x - estimate_i)``; returns the
@@ -380,7 +400,7 @@ class SyncFLDriver(Driver):
             up, decoded, state = pipe.compress.apply(up, state)
             for k, v in state.items():
                 self.stage_state[k][idx] = v
-            self.sent_up = wire.HEADER_BYTES + pipe.extra_bytes + up.encoded.nbytes
+            self.sent_up = wire.HEADER_BYTES + pipe.extra_bytes + up.encoded.nbytes + self.extra_up
             up = self._fetchsgd(up, delivered) if decoded is None else up.with_delta(decoded)
         if self.dp is not None and self.dp.level == "sample":
             self.dp_ledger.sample_steps(up.clients, steps)
@@ -523,7 +543,7 @@ class SyncFLDriver(Driver):
         if self.exp.contribution is not None:
             files["contributions.csv"] = self.exp.contribution.table(self.exp.adversary.flagged)
         if self.personal_accuracy is not None:          # each client's own test accuracy
-            files["clients.csv"] = clients_table(self.exp.personal.sizes, self.personal_accuracy)
+            files["clients.csv"] = clients_table(self.exp.personal.targets, self.personal_accuracy)
         return files
 
     def global_params(self) -> torch.Tensor:

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, deadlines, "
-           "robust merges, and (synchronous patterns) availability changes or a registered population")
+           "robust merges, graph datasets, and (synchronous patterns) availability changes or a registered population")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
