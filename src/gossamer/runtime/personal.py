@@ -72,7 +72,7 @@ class PersonalServer:
         if not cur.evaluating or meta.round != cur.number or node not in cur.open():
             raise Refused(f"evaluation report from {node} for round {meta.round} is not expected",
                           bound, strike=False)
-        hits, rows = float(tensor[0]), int(self.exp.personal.sizes[node])
+        hits, rows = float(tensor[0]), int(self.exp.personal.targets[node])   # (graph: test nodes)
         if hits != math.floor(hits) or not 0 <= hits <= rows:
             raise Refused(f"node {node} reports {hits:g} correct predictions on {rows} test rows", bound)
         cur.received[node] = (tensor.reshape(1).clone(), 0)
@@ -112,5 +112,5 @@ class PersonalServer:
 
     def _write_clients(self) -> None:
         if self.personal_accuracy is not None:
-            atomic_write_text(self.run_dir / "clients.csv", clients_table(self.exp.personal.sizes,
+            atomic_write_text(self.run_dir / "clients.csv", clients_table(self.exp.personal.targets,
                                                                           self.personal_accuracy))
