@@ -26,6 +26,7 @@ Ways:
   fedrep      FedRep, the last layer as each client's head (10 head epochs per round)
   fedcac      FedCAC, tau 0.5, beta 100 (the authors' CIFAR-10 settings, for 300 rounds)
   fedcac_b10  FedCAC, tau 0.5, beta 10 (collaboration narrows 10x sooner, for short runs)
+  fedcac_t03  FedCAC, tau 0.3, beta 10 (the best of tau 0.3/0.5/0.8 x beta 3/10 on MNIST)
   fedpub      FED-PUB, tau 10, L1 1e-3 on the masks, proximal 1e-3 (the authors' defaults)
   fedpub_t100 FED-PUB with tau 100 (sharper similarity weights; an ablation)
 Printed per way: the mean over seeds (and the spread, min-max) of the clients' mean accuracy
@@ -47,6 +48,7 @@ WAYS = {
     "fedrep": ({"name": "fedrep", "params": {"head_layers": 1, "head_epochs": 10}}, {}),
     "fedcac": ({"name": "fedcac", "params": {"tau": 0.5, "beta": 100}}, {}),
     "fedcac_b10": ({"name": "fedcac", "params": {"tau": 0.5, "beta": 10}}, {}),
+    "fedcac_t03": ({"name": "fedcac", "params": {"tau": 0.3, "beta": 10}}, {}),
     "fedpub": ({"name": "fedpub", "params": {"tau": 10.0, "l1": 1e-3, "loc_l2": 1e-3}}, {}),
     "fedpub_t100": ({"name": "fedpub", "params": {"tau": 100.0, "l1": 1e-3, "loc_l2": 1e-3}}, {}),
 }
