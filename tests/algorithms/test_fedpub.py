@@ -152,11 +152,7 @@ def test_what_does_not_fit_is_refused_in_one_line(change, field):
     assert str(info.value).startswith(field) and "\n" not in str(info.value)
 
 
-def test_real_processes_refuse_fedpub_and_bad_params_are_refused():
-    from gossamer.runtime.common import refuse_simulator_only
-
-    with pytest.raises(ConfigError, match="simulator only"):
-        refuse_simulator_only(config.validate(_sbm()))
+def test_bad_params_are_refused():
     for params, message in (({"tau": -1}, "tau"), ({"l1": -1}, "l1")):
         with pytest.raises(ValueError, match=message):
             config.validate(_sbm(algorithm={"name": "fedpub", "params": params}))

@@ -40,6 +40,7 @@ def _rows(path):
     ("ditto", {"lam": 0.1}, {}),
     ("fedrep", {"head_layers": 1, "head_epochs": 2}, {}),
     ("fedcac", {"tau": 0.5, "beta": 10}, {}),
+    ("fedpub", {"tau": 10.0}, {"model": {"name": "masked_mlp", "params": {"hidden": [16]}}}),
     ("fedavg", {}, {"eval": {"personal_finetune_steps": 3}})])
 def test_personalized_fl_on_real_processes_equals_the_simulator(write_config, tmp_path, name, params, over):
     """Ditto's v and FedRep's head live in the client processes, FedCAC's rows in the
@@ -56,14 +57,16 @@ def test_personalized_fl_on_real_processes_equals_the_simulator(write_config, tm
     assert float(real[-1]["personal_accuracy"]) > float(real[0]["personal_accuracy"])
 
 
-def test_graph_clients_on_real_processes_equal_the_simulator(write_config, tmp_path):
-    """FedAvg with a GCN on SBM subgraphs: each client process evaluates on its own test nodes
-    (the dataset's split) and reports hits out of its test nodes, not its one sample."""
-    cfg = _cfg("fedavg")
+@pytest.mark.parametrize("name, masked", [("fedavg", False), ("fedpub", True)])
+def test_graph_clients_on_real_processes_equal_the_simulator(write_config, tmp_path, name, masked):
+    """FedAvg and FED-PUB with a GCN on SBM subgraphs: each client process evaluates on its
+    own test nodes (the dataset's split) and reports hits out of its test nodes, not its one
+    sample; FED-PUB's clients upload their embeddings on the proxy graph with their models."""
+    cfg = _cfg(name)
     cfg["data"] = {"dataset": "sbm", "params": {"num_clients": 4, "nodes": 240, "communities": 4,
                                                 "classes": 3, "features": 8, "noise": 2.0}}
     cfg["partition"] = {"name": "natural", "num_nodes": 4}
-    cfg["model"] = {"name": "gcn", "params": {"hidden": 16}}
+    cfg["model"] = {"name": "gcn", "params": {"hidden": 16, "masked": masked}}
     cfg["local"] = {"epochs": 3, "batch_size": 1, "lr": 0.2}
     path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 
+from gossamer.algorithms.fl.fedpub import functional_embeddings
 from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ExperimentConfig
@@ -276,6 +277,8 @@ class Client:
             frozen = algo.global_frozen(self.head_names, self.exp.spec.names)
             if frozen:
                 objective = replace(objective or LocalObjective(), frozen=frozen)
+        if algo.personalized and algo.server_personalizes:  # from the row the server made for it
+            objective = algo.start_objective(objective, model, self.exp.spec.names)
         anchor = algo.split_roles and bool(algo.anchors(self.cfg.seed, round_, nodes)[0])
         if anchor:
             uploads, new_state = self.exp.trainer.full_gradient(model, nodes)[0], None   # FedAMD anchor
@@ -290,6 +293,9 @@ class Client:
             return
         if own and not algo.personal_first:                 # Ditto: v's steps after w's
             self._personal_step(round_, received)
+        if algo.personalized and algo.uses_embeddings:      # FED-PUB: the model, then its embedding
+            uploads = torch.cat([uploads, functional_embeddings(
+                self.exp.model, self.exp.spec, self.exp.model.proxy_input(self.cfg.seed), uploads)], dim=1)
         self._send(*self._client_stages(Uploads.of(round_, nodes, received, uploads), expected))
 
     def _personal_step(self, round_: int, received: torch.Tensor) -> None:

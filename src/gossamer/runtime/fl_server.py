@@ -318,7 +318,7 @@ class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
                                         clients=ids, anchors=algo.anchors(self.cfg.seed, r, ids))
         else:
             self.state = algo.aggregate(self.state, uploads, sizes, steps, self.cfg.local.lr)
-        self._personalize(r, nodes, uploads[:, : self.numel])
+        self._personalize(r, nodes, uploads)
         self.participants = len(received)
 
     def _server_stages(self, r: int, uploads: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
 from gossamer.metrics.runstore import atomic_write_text
 from gossamer.runtime import schema
 from gossamer.runtime.codec import model_frames, state_hash
@@ -36,34 +37,48 @@ class PersonalServer:
 
     def _init_personal(self) -> None:
         exp, algo = self.exp, self.algorithm
-        self.personal_rows: torch.Tensor | None = None      # FedCAC: each client's next model
+        self.personal_rows: torch.Tensor | None = None      # FedCAC, FED-PUB: each client's rows
         if algo.personalized and algo.server_personalizes:
-            self.personal_rows = exp.init_params.reshape(-1).expand(exp.num_nodes, -1).clone()
+            self.personal_rows = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
+        if algo.personalized and algo.uses_embeddings:    # FED-PUB: uploads carry an embedding
+            self.proxy = exp.model.proxy_input(self.cfg.seed)
+            self.mask_entries = mask_parameters(exp.spec)[1]
+            width = functional_embeddings(exp.model, exp.spec, self.proxy, exp.init_params.reshape(1, -1)).shape[1]
+            self.upload_numel += int(width)
         self.personal_row: dict[str, float] = {}
         self.personal_accuracy: np.ndarray | None = None
         if exp.personal is not None:
             self.columns = self.columns + PERSONAL_COLUMNS
 
     def _own_frames(self, node: int) -> tuple[list[bytes], bytes]:
-        """The task model of ``node`` when the server personalizes: its own row (lock held)."""
+        """The task model of ``node`` when the server personalizes (lock held): the row it
+        trains from, or in an evaluation phase the model it is judged with (FedCAC: its one
+        row; FED-PUB: its next model, or its last trained one)."""
         cur = self.current
         if node not in cur.node_frames:
-            row = self.personal_rows[node]
+            rows, algo = self.personal_rows[node:node + 1], self.algorithm
+            row = (algo.personal_model(self.state.params, rows, None) if cur.evaluating
+                   else algo.train_start(rows))[0]
             frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
                 row, round=cur.number, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
             cur.node_frames[node] = (frames, state_hash(row))
         return cur.node_frames[node]
 
-    def _personalize(self, r: int, nodes: list[int], models: torch.Tensor) -> None:
-        """FedCAC: the delivered clients' next models from where they started and their
-        trained models, given the new global model."""
+    def _personalize(self, r: int, nodes: list[int], uploads: torch.Tensor) -> None:
+        """FedCAC, FED-PUB: the delivered clients' next rows from where they started and their
+        uploads (trained models; FED-PUB: then embeddings), given the new global model."""
+        models = uploads[:, : self.numel]
         if self.personal_rows is None:
             return
-        spec = self.exp.spec
+        spec, algo = self.exp.spec, self.algorithm
         idx = torch.as_tensor(nodes, dtype=torch.int64)
         layers = list(zip(spec.offsets, map(math.prod, spec.shapes), strict=True))
-        self.personal_rows[idx] = self.algorithm.personalize(self.personal_rows[idx], models,
-                                                             self.state.params.reshape(-1), layers, r)
+        extra = {}
+        if algo.uses_embeddings:                  # FED-PUB: each upload's embedding follows its model
+            extra = {"embeddings": uploads[:, self.numel:], "masks": self.mask_entries,
+                     "trained": models}
+        self.personal_rows[idx] = algo.personalize(algo.train_start(self.personal_rows[idx]), models,
+                                                   self.state.params.reshape(-1), layers, r, **extra)
 
     def _accept_report(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
                        size: int) -> None:

@@ -27,6 +27,16 @@ def mask_parameters(spec) -> tuple[tuple[str, ...], torch.Tensor]:
     return names, entries
 
 
+def functional_embeddings(model: torch.nn.Module, spec, proxy: torch.Tensor,
+                          models: torch.Tensor) -> torch.Tensor:
+    """FED-PUB's functional embeddings ``[K, H]`` of models ``[K, P]``: the model's
+    ``stacked_embedding`` on the fixed ``proxy`` input (the simulator's driver and a client
+    process compute them the same way)."""
+    proxy = proxy.unsqueeze(0).expand(len(models), *proxy.shape)
+    with torch.no_grad():
+        return model.stacked_embedding(spec.views(models), proxy)
+
+
 def similarity_weights(embeddings: torch.Tensor, tau: float) -> torch.Tensor:
     """FED-PUB's aggregation weights ``[K, K]`` from the clients' functional embeddings
     ``[K, H]``: ``alpha_ij = exp(tau S_ij) / sum_k exp(tau S_ik)`` with ``S`` the cosine
@@ -51,6 +61,7 @@ class FedPub(Personalized):
     personal_training: ClassVar[bool] = False
     server_personalizes: ClassVar[bool] = True
     uses_embeddings: ClassVar[bool] = True
+    runs_on_processes: ClassVar[bool] = True
     tau: float = 10.0
     l1: float = 1e-3
     loc_l2: float = 1e-3

@@ -18,7 +18,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
-from gossamer.algorithms.fl.fedpub import mask_parameters
+from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
 from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.population.store import ClientStore
@@ -376,9 +376,7 @@ class SyncFLDriver(Driver):
 
     def _embeddings(self, models: torch.Tensor) -> torch.Tensor:
         """FED-PUB's functional embeddings ``[K, H]`` of models ``[K, P]`` on the proxy input."""
-        proxy = self.proxy.unsqueeze(0).expand(len(models), *self.proxy.shape)
-        with torch.no_grad():
-            return self.exp.model.stacked_embedding(self.exp.spec.views(models), proxy)
+        return functional_embeddings(self.exp.model, self.exp.spec, self.proxy, models)
 
     def _broadcast(self, ids: np.ndarray, r: int) -> tuple[np.ndarray, torch.Tensor]:
         """Compressed broadcast: each selected client gets ``C(x - estimate_i)``; returns the
