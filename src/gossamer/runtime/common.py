@@ -90,6 +90,9 @@ def refuse_simulator_only(cfg) -> None:
         raise ConfigError("partition.test_fraction" if cfg.partition.test_fraction else "algorithm.name",
                           "personalized FL and per-client test splits run in the simulator only "
                           "so far; use `gossamer run`")
+    if cfg.model.pretrain is not None:               # FedIns too (it needs a pre-trained model)
+        raise ConfigError("model.pretrain", "pre-training on public rows (and FedIns) runs in the "
+                          "simulator only so far; use `gossamer run`")
     if cfg.hierarchy.levels:                          # no `gossamer aggregator` process yet
         raise ConfigError("hierarchy.levels", "hierarchical aggregation runs in the simulator only "
                           "so far; use `gossamer run`")

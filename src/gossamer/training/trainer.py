@@ -117,6 +117,7 @@ class BatchedTrainer:
                  shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD | AdamW, seed: int,
                  kernel: DenseKernel | None = None, dp: PrivateSGD | None = None) -> None:
         self.forward, self.spec = forward, spec
+        self.sample_loss = getattr(forward, "loss", None)     # a model's own training loss
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if isinstance(optimizer, SGD) and optimizer.momentum == 0 and dp is None else None
         self.dp = dp
@@ -334,8 +335,7 @@ class BatchedTrainer:
                 continue
             for leaf in leaves:
                 leaf.requires_grad_(True)
-            logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            per_sample = self._sample_losses(dict(zip(names, leaves, strict=True)), xb, yb)
             per_node = (per_sample.view_as(weight) * weight).sum(1) / counts[:, t].clamp(min=1)
             # a gradient in another layout than its leaf (a channels-last convolution's)
             # makes the update a strided pass, several times slower than copying it first
@@ -441,8 +441,7 @@ class BatchedTrainer:
             e = min(b, s + chunk)
             rows = [leaf[s:e].repeat_interleave(n, 0).requires_grad_(True) for leaf in leaves]
             x = xb[s:e].reshape((e - s) * n, 1, *xb.shape[2:])
-            logits = self.forward(dict(zip(names, rows, strict=True)), x)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), yb[s:e].reshape(-1), reduction="none")
+            per_sample = self._sample_losses(dict(zip(names, rows, strict=True)), x, yb[s:e].reshape(-1, 1))
             sample_grads = torch.autograd.grad(per_sample.sum(), rows)
             sq = sum(g.flatten(1).square().sum(1) for g in sample_grads)
             factor = clip_factors(sq, dp.clip_norm) * weight[s:e].reshape(-1)
@@ -460,10 +459,18 @@ class BatchedTrainer:
         denom = count.clamp(min=1)
         return [g.div_(denom.view(-1, *([1] * (g.dim() - 1)))) for g in grads]
 
+    def _sample_losses(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every sample's training loss, flat ``[B * n]``, for inputs ``[B, n, ...]`` and labels
+        ``[B, n]``: the model's own loss when it defines one (``stacked_loss``: FedIns adds its
+        key-matching term), else the cross-entropy of its logits."""
+        if self.sample_loss is not None:
+            return self.sample_loss(params, x, y).reshape(-1)
+        logits = self.forward(params, x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                        weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        logits = self.forward(dict(zip(self.spec.names, leaves, strict=True)), xb)
-        per_sample = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+        per_sample = self._sample_losses(dict(zip(self.spec.names, leaves, strict=True)), xb, yb)
         return (per_sample.view_as(weight) * weight).sum(1) / count.clamp(min=1)
 
     def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,
