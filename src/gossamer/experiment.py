@@ -212,7 +212,7 @@ def _pretrain_and_wrap(cfg: ExperimentConfig, algorithm: Algorithm, dataset: Dat
     if not wraps:
         return model, spec
     with _user_error("model.name"):
-        model = algorithm.wrap_model(model, cfg.seed)
+        model = algorithm.wrap_model(model, cfg.seed, dataset.x_train[public])
     return model, ParamSpec.from_module(model)
 
 

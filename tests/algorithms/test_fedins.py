@@ -201,3 +201,33 @@ def test_what_fedins_cannot_run_is_refused_in_one_line():
     for params, field in (({"top_k": 5}, "top_k"), ({"lam": 1.0}, "lam"), ({"pool_size": 0}, "pool_size")):
         with pytest.raises(ValueError, match=field):
             config.validate(_config(**params))
+
+
+def test_centred_queries_subtract_the_public_mean_feature():
+    model = SSFPool(_backbone(), pool_size=5, top_k=2, seed=0)
+    spec, rows = _rows(model, 1)
+    public = torch.randn(7, 4, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(6))
+    raw = model.features(None, x, None)
+    model.center_queries(public)
+    mean = torch.relu(model.trunk[0](public)).mean(0)
+    assert torch.allclose(model.query_center, mean)
+    cos, weights = model.route(spec.views(rows), x)
+    want_cos, want_weights = select(raw - mean, spec.views(rows)["keys"], 2)
+    assert torch.equal(cos, want_cos) and torch.equal(weights, want_weights)
+
+
+def test_the_saved_model_holds_its_backbone_and_predicts_as_the_run(tmp_path):
+    from gossamer.api import run
+
+    cfg = _config(rounds=2, center_queries=True)
+    del cfg["partition"]["test_fraction"]
+    result = run(cfg, out=tmp_path / "run")
+    model = result.model()                     # a fresh mlp, wrapped, loaded from model.pt
+    exp = build_experiment(config.validate(cfg))
+    with torch.no_grad():
+        pred = model(exp.evaluator.x).argmax(-1)
+    accuracy = (pred == exp.evaluator.y).float().mean().item()
+    assert accuracy == pytest.approx(result.summary["final_test_accuracy"], abs=1e-6)
+    assert torch.equal(model.trunk[0].weight, exp.model.trunk[0].weight)
+    assert torch.equal(model.query_center, exp.model.query_center)

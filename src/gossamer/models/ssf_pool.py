@@ -71,6 +71,7 @@ class SSFPool(nn.Module):
             layer.requires_grad_(False)
         self.trunk = tuple(trunk)                # a tuple: not registered, so not parameters
         self.pool_size, self.top_k, self.lam = pool_size, min(top_k, pool_size), lam
+        self.query_center: torch.Tensor | None = None     # subtracted from every query ([D])
         gen = torch.Generator().manual_seed(seed)
         self.sites = 0
         for layer in trunk:
@@ -113,6 +114,8 @@ class SSFPool(nn.Module):
             return None, torch.ones(b, n, 1, dtype=params["head_bias"].dtype)
         with torch.no_grad():
             query = self.features(None, x, None)
+            if self.query_center is not None:
+                query = query - self.query_center
         return select(query, params["keys"], self.top_k)
 
     def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -133,6 +136,37 @@ class SSFPool(nn.Module):
         if cos is None:
             return ce
         return (1 - self.lam) * ce + self.lam * (1 - (weights * cos).sum(-1))
+
+    def center_queries(self, x: torch.Tensor) -> None:
+        """Subtract from every query the mean frozen feature of inputs ``x`` ``[n, ...]`` (not in
+        the paper: post-ReLU features all lie in one orthant, so raw queries pick the same keys)."""
+        with torch.no_grad():
+            self.query_center = self.features(None, x[None], None)[0].mean(0)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The pool, then the frozen backbone (``backbone.<layer>.<name>``; ``model.pt`` holds
+        both, so the saved model predicts on its own)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for i, layer in enumerate(self.trunk):
+            for name, p in layer.named_parameters():
+                destination[f"{prefix}backbone.{i}.{name}"] = p if keep_vars else p.detach()
+        if self.query_center is not None:
+            destination[f"{prefix}query_center"] = self.query_center
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for i, layer in enumerate(self.trunk):
+            for name, p in layer.named_parameters():
+                key = f"{prefix}backbone.{i}.{name}"
+                if key in state_dict:
+                    with torch.no_grad():
+                        p.copy_(state_dict.pop(key))
+                elif strict:
+                    missing_keys.append(key)
+        if f"{prefix}query_center" in state_dict:
+            self.query_center = state_dict.pop(f"{prefix}query_center").clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
 from torch import nn
 
 from gossamer.algorithms.fl.fedavg import FedAvg
@@ -24,13 +25,15 @@ from gossamer.models.ssf_pool import SSFPool
 class FedIns(FedAvg):
     """FedAvg of SSF pools: ``pool_size`` entries (``M``; 1 is plain SSF without keys), each
     instance averaging its ``top_k`` entries by key similarity; the local loss is ``(1 - lam)
-    CE + lam (1 - mean matched cosine)``. The server averages the pools with uniform client
+    CE + lam (1 - mean matched cosine)``. ``center_queries`` (not in the paper) subtracts the
+    public rows' mean feature from every query before matching. The server averages the pools with uniform client
     weights, as the authors' code (``weighting: samples`` weights them by sample counts)."""
 
     wraps_model: ClassVar[bool] = True      # the experiment hands its model to wrap_model
     pool_size: int = 25
     top_k: int = 3
     lam: float = 0.1
+    center_queries: bool = False
     weighting: Literal["samples", "uniform"] = "uniform"
 
     def __post_init__(self) -> None:
@@ -42,6 +45,11 @@ class FedIns(FedAvg):
         if not 0 <= self.lam < 1:
             raise ValueError("lam must be in [0, 1)")
 
-    def wrap_model(self, backbone: nn.Module, seed: int) -> SSFPool:
-        """The pool on ``backbone`` (frozen from here on), initialized from ``seed``."""
-        return SSFPool(backbone, self.pool_size, self.top_k, self.lam, seed)
+    def wrap_model(self, backbone: nn.Module, seed: int, public: torch.Tensor | None = None) -> SSFPool:
+        """The pool on ``backbone`` (frozen from here on), initialized from ``seed``; with
+        ``center_queries`` the queries are centred on the mean feature of ``public`` (the
+        public rows' inputs)."""
+        model = SSFPool(backbone, self.pool_size, self.top_k, self.lam, seed)
+        if self.center_queries and public is not None:
+            model.center_queries(public)
+        return model
