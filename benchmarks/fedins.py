@@ -83,6 +83,20 @@ def config(way: str, seed: int, args: argparse.Namespace, data: dict) -> dict:
     }
 
 
+def pool_usage(result) -> int:
+    """How many pool entries the final global pool selects for any shared test image."""
+    import torch
+
+    from gossamer.data import load_dataset
+
+    model, cfg = result.model(), result.config
+    x = load_dataset(cfg.data.dataset, **cfg.data.params).x_test
+    params = {name: p.detach().unsqueeze(0) for name, p in model.named_parameters()}
+    with torch.no_grad():
+        weights = model.route(params, x[None])[1]
+    return int((weights[0] > 0).any(0).sum())
+
+
 def _spread(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
@@ -110,16 +124,20 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 result = run(config(way, seed, args, data), out=Path(tmp) / "run")
                 first, last = result.rows[0], result.rows[-1]
+                used = pool_usage(result) if WAYS[way][0]["name"] == "fedins" else None
             rows.append({"seed": seed, "mean": float(last["personal_accuracy"]),
                          "worst10": float(last["personal_worst10"]),
                          "test": float(last["test_accuracy"]),
                          "start_mean": float(first["personal_accuracy"]),
                          "start_test": float(first["test_accuracy"]),
                          "bytes": result.summary["bytes_sent_total"] + result.summary["bytes_received_total"],
-                         "sim_time_s": result.summary["sim_time_s"]})
+                         "sim_time_s": result.summary["sim_time_s"], "entries_used": used})
         report[way] = rows
         print(f"{way:13s}  {_spread([r['mean'] for r in rows])}   {_spread([r['worst10'] for r in rows])}"
               f"   {_spread([r['test'] for r in rows])}   {rows[0]['bytes'] / 1e6:7.1f}   {rows[0]['sim_time_s']:6.1f}")
+        if rows[0]["entries_used"] is not None and WAYS[way][0]["params"]["pool_size"] > 1:
+            print(f"{'':13s}  pool entries any shared-test image selects at the end: "
+                  f"{', '.join(str(r['entries_used']) for r in rows)} (of 25; per seed)")
         if way == "fedavg_pre":
             print(f"{'  (round 0)':13s}  {_spread([r['start_mean'] for r in rows])}   the pre-trained model alone; "
                   f"shared test {_spread([r['start_test'] for r in rows])}")
