@@ -231,3 +231,25 @@ def test_the_saved_model_holds_its_backbone_and_predicts_as_the_run(tmp_path):
     assert accuracy == pytest.approx(result.summary["final_test_accuracy"], abs=1e-6)
     assert torch.equal(model.trunk[0].weight, exp.model.trunk[0].weight)
     assert torch.equal(model.query_center, exp.model.query_center)
+
+
+def test_a_cnn_backbone_adapts_its_channels_and_rows_stay_apart():
+    from gossamer.models import build_model
+
+    lenet = build_model("cnn", (1, 12, 12), 3, seed=0)
+    x = torch.rand(2, 3, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+    one = SSFPool(lenet, pool_size=1, seed=0)
+    assert [p.shape[1] for n, p in one.named_parameters() if n.startswith("scale")] == [6, 16, 120, 84]
+    with torch.no_grad():
+        for name, p in one.named_parameters():
+            if name.startswith("scale"):
+                p.fill_(1.0)
+            elif name.startswith("shift"):
+                p.zero_()
+        assert torch.allclose(one(x[0]), lenet(x[0]), atol=1e-5)
+    pool = SSFPool(build_model("cnn", (1, 12, 12), 3, seed=0), pool_size=4, top_k=2, seed=1)
+    spec, rows = _rows(pool, 2)
+    together = pool.stacked_forward(spec.views(rows), x)
+    for b in range(2):
+        alone = pool.stacked_forward(spec.views(rows[b:b + 1]), x[b:b + 1])
+        assert torch.allclose(together[b], alone[0], atol=1e-6)
