@@ -243,6 +243,8 @@ def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
         "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
         "contribution.methods": bool(cfg.contribution.methods),
         "hierarchy.levels": bool(cfg.hierarchy.levels),
+        "partition.public_fraction": cfg.partition.public_fraction > 0,
+        "model.pretrain": cfg.model.pretrain is not None,
     }
 
 
@@ -266,7 +268,8 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
     if field is not None:
         raise ConfigError(field, "not supported with population.lazy yet: a registered population "
                           "runs without per-node attacks, faults, availability models, "
-                          "compression, privacy, contribution scores or hierarchies")
+                          "compression, privacy, contribution scores, hierarchies or public "
+                          "pre-training rows")
 
 
 def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
@@ -277,10 +280,9 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
     from gossamer.training.cohort import CohortTrainer
 
     _check_registered(cfg, algorithm)
-    if cfg.partition.public_fraction or cfg.model.pretrain is not None or getattr(algorithm, "wraps_model", False):
-        raise ConfigError("model.pretrain" if cfg.model.pretrain is not None else "partition.public_fraction",
-                          "a registered population has no public rows to pre-train on (FedIns "
-                          "neither): use a materialized population")
+    if getattr(algorithm, "wraps_model", False):     # (public rows and pre-training: refused above)
+        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} adapts a model pre-trained on "
+                          "public rows, which a registered population does not hold")
     n, pop = cfg.partition.num_nodes, cfg.population
     dataset = None
     if cfg.data.dataset == "synthetic":
