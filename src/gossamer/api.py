@@ -77,6 +77,7 @@ class RunResult:
 
     def model(self) -> nn.Module:
         """The final model (``model.pt``) in a freshly built ``nn.Module`` of the config's model."""
+        from gossamer.algorithms import ALGORITHMS
         from gossamer.data import load_dataset
         from gossamer.metrics.runstore import load_checkpoint
         from gossamer.models import build_model
@@ -89,6 +90,9 @@ class RunResult:
             data = load_dataset(cfg.data.dataset, **cfg.data.params)
             model = build_model(cfg.model.name, data.input_shape, data.num_classes, cfg.seed,
                                 **cfg.model.params)
+            algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
+            if getattr(algorithm, "wraps_model", False):     # FedIns: the pool and its backbone
+                model = algorithm.wrap_model(model, cfg.seed)
         except ValueError as exc:
             raise ConfigError("model", str(exc).splitlines()[0]) from None
         model.load_state_dict(load_checkpoint(path))

@@ -48,12 +48,15 @@ class DataConfig(_Strict):
 
 class PartitionConfig(_Strict):
     """``test_fraction`` > 0 holds out that share of every node's rows as its own test split:
-    FL runs then also report each client's accuracy there (docs/personalization.md)."""
+    FL runs then also report each client's accuracy there (docs/personalization.md).
+    ``public_fraction`` > 0 takes that share of the training rows out before partitioning, as a
+    public set no client holds (``model.pretrain`` trains on it; docs/personalization.md)."""
 
     name: str = "iid"
     num_nodes: int = Field(10, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
     test_fraction: float = Field(0.0, ge=0, lt=1)
+    public_fraction: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("name")
     @classmethod
@@ -62,12 +65,25 @@ class PartitionConfig(_Strict):
         return _check_name(PARTITIONERS, v)
 
 
+class PretrainConfig(_Strict):
+    """Central pre-training of the model on the public rows (``partition.public_fraction``)
+    before round 1: ``steps`` of plain SGD at ``lr`` on mini-batches of ``batch_size``."""
+
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
 class ModelConfig(_Strict):
+    """``pretrain`` (optional): the initial model is first trained centrally on the public rows
+    (FedIns's frozen backbone; any FL algorithm may start from it)."""
+
     name: str = "mlp"
     params: dict[str, Any] = Field(default_factory=dict)
     init: Literal["same", "independent"] = "same"
     forward: Literal["auto", "vmap", "stacked", "layerwise"] = "auto"
     conv: Literal["auto", "grouped", "channels_last", "per_node"] = "auto"
+    pretrain: PretrainConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -26,6 +26,7 @@ from gossamer.protocols.hierarchy import Link, Tree, build_tree
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
 from gossamer.training.evaluator import BatchedEvaluator, PersonalEvaluator
+from gossamer.training.pretrain import pretrain, public_rows
 from gossamer.training.trainer import SGD, AdamW, BatchedTrainer, LocalSchedule, PrivateSGD
 
 if TYPE_CHECKING:
@@ -128,16 +129,24 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
             if dataset.natural_partition is None:
                 raise ConfigError("partition.name", f"dataset {dataset.name} has no natural partition")
             params["natural"] = dataset.natural_partition
-        labels = dataset.y_train.numpy()
+        labels, public = dataset.y_train.numpy(), None
         if labels.ndim > 1:      # graph samples (natural partition only): their count matters
             labels = np.zeros(len(labels), dtype=np.int64)
-        shards = partition(cfg.partition.name, labels, n, cfg.seed, **params)
+        if cfg.partition.public_fraction:          # a public set no client holds (model.pretrain)
+            if cfg.partition.name == "natural":
+                raise ConfigError("partition.public_fraction", "a natural partition gives every "
+                                  "row to its user: hold out public rows with another partitioner")
+            public, rest = public_rows(samples, cfg.partition.public_fraction, cfg.seed)
+            shards = [rest[s] for s in partition(cfg.partition.name, labels[rest], n, cfg.seed, **params)]
+        else:
+            shards = partition(cfg.partition.name, labels, n, cfg.seed, **params)
         local_tests = None
         if cfg.partition.test_fraction:             # each node's own test rows (personalized FL)
             shards, local_tests = split_local_test(shards, cfg.partition.test_fraction, cfg.seed)
         if dataset.local_tests is not None:         # graph data: each client's held-out nodes
             local_tests = own_tests
     _check_local_budget(cfg, shards)
+    model, spec = _pretrain_and_wrap(cfg, algorithm, dataset, model, spec, public)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv)
     except ModelNotVectorizable as exc:
@@ -251,6 +260,31 @@ def _own_tests(cfg: ExperimentConfig, dataset: Dataset, algorithm: Algorithm) ->
     return dataset.local_tests if algorithm.pattern == "sync_fl" else None
 
 
+def _pretrain_and_wrap(cfg: ExperimentConfig, algorithm: Algorithm, dataset: Dataset,
+                       model: torch.nn.Module, spec: ParamSpec, public: np.ndarray | None
+                       ) -> tuple[torch.nn.Module, ParamSpec]:
+    """``model.pretrain`` on the public rows, then (FedIns) the algorithm's model around the
+    pre-trained one, which it freezes; returns the model the run trains and its spec."""
+    wraps = getattr(algorithm, "wraps_model", False)
+    if wraps and cfg.model.pretrain is None:
+        raise ConfigError("model.pretrain", f"{cfg.algorithm.name} adapts a pre-trained backbone: "
+                          "set model.pretrain and partition.public_fraction")
+    if cfg.model.pretrain is None:
+        return model, spec
+    if public is None:
+        raise ConfigError("model.pretrain", "pre-training needs public rows no client holds: set "
+                          "partition.public_fraction")
+    if cfg.model.init == "independent":
+        raise ConfigError("model.init", "model.pretrain trains one initial model: use init: same")
+    p = cfg.model.pretrain
+    pretrain(model, dataset.x_train[public], dataset.y_train[public], p.steps, p.lr, p.batch_size, cfg.seed)
+    if not wraps:
+        return model, spec
+    with _user_error("model.name"):
+        model = algorithm.wrap_model(model, cfg.seed, dataset.x_train[public])
+    return model, ParamSpec.from_module(model)
+
+
 def _local_training(cfg: ExperimentConfig, algorithm: Algorithm, model: torch.nn.Module):
     """The ``local`` section as the trainer's schedule, optimizer and fused kernel (if any)."""
     local = cfg.local
@@ -279,6 +313,8 @@ def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
         "privacy": cfg.privacy.dp is not None or cfg.privacy.secure_aggregation is not None,
         "contribution.methods": bool(cfg.contribution.methods),
         "hierarchy.levels": bool(cfg.hierarchy.levels),
+        "partition.public_fraction": cfg.partition.public_fraction > 0,
+        "model.pretrain": cfg.model.pretrain is not None,
     }
 
 
@@ -302,7 +338,8 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
     if field is not None:
         raise ConfigError(field, "not supported with population.lazy yet: a registered population "
                           "runs without per-node attacks, faults, availability models, "
-                          "compression, privacy, contribution scores or hierarchies")
+                          "compression, privacy, contribution scores, hierarchies or public "
+                          "pre-training rows")
 
 
 def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
@@ -313,6 +350,9 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
     from gossamer.training.cohort import CohortTrainer
 
     _check_registered(cfg, algorithm)
+    if getattr(algorithm, "wraps_model", False):     # (public rows and pre-training: refused above)
+        raise ConfigError("algorithm.name", f"{cfg.algorithm.name} adapts a model pre-trained on "
+                          "public rows, which a registered population does not hold")
     n, pop = cfg.partition.num_nodes, cfg.population
     dataset = None
     if cfg.data.dataset == "synthetic":

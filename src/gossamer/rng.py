@@ -30,6 +30,7 @@ STREAM_ZO = 24          # zeroth-order FL: shared perturbation directions and co
 STREAM_CONTRIB = 25     # contribution scores: the Monte Carlo Shapley orders
 STREAM_POPULATION = 26  # registered populations: each client's sample count and data
 STREAM_CLICKS = 27      # G-Rank: the click model's world, queries, clicks, swaps and gossip
+STREAM_PRETRAIN = 40    # the public pre-training set (partition.public_fraction) and its order
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

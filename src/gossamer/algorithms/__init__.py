@@ -26,6 +26,7 @@ from gossamer.algorithms.fl.fedavg import (
     FedYogi,
 )
 from gossamer.algorithms.fl.fedcompass import FedCompass
+from gossamer.algorithms.fl.fedins import FedIns
 from gossamer.algorithms.fl.fedpub import FedPub
 from gossamer.algorithms.fl.general_theory import AsyncFedAvg
 from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
@@ -52,6 +53,7 @@ ALGORITHMS.register("local_only")(LocalOnly)
 ALGORITHMS.register("fedrep")(FedRep)
 ALGORITHMS.register("fedcac")(FedCAC)
 ALGORITHMS.register("fedpub")(FedPub)
+ALGORITHMS.register("fedins")(FedIns)
 ALGORITHMS.register("isolated_experts")(IsolatedExperts)
 ALGORITHMS.register("scaffold")(Scaffold)
 ALGORITHMS.register("scaffold_m")(ScaffoldMomentum)

@@ -125,15 +125,17 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
             "in-place ops on inputs, .item(), data-dependent control flow and BatchNorm") from None
-    return _Named(forward, path)
+    return _Named(forward, path, getattr(module, "stacked_loss", None))
 
 
 class _Named:
     """A stacked forward and ``path``: how it runs (``{"forward": "vmap" | "stacked" |
-    "layerwise", "conv <layer>": strategy, ...}``), recorded in the run's summary."""
+    "layerwise", "conv <layer>": strategy, ...}``), recorded in the run's summary. ``loss``:
+    the model's own per-sample training loss ``(params, x [B, n, ...], y [B, n]) -> [B, n]``
+    when it defines ``stacked_loss`` (FedIns's SSF pool), else None (cross-entropy)."""
 
-    def __init__(self, forward: StackedForward, path: dict[str, str]) -> None:
-        self.forward, self.path = forward, path
+    def __init__(self, forward: StackedForward, path: dict[str, str], loss=None) -> None:
+        self.forward, self.path, self.loss = forward, path, loss
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self.forward(params, x)

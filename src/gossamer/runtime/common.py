@@ -90,6 +90,9 @@ def refuse_simulator_only(cfg) -> None:
     if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
                           "(real processes run ditto, fedrep, fedcac and fedpub); use `gossamer run`")
+    if cfg.model.pretrain is not None:               # FedIns too (it needs a pre-trained model)
+        raise ConfigError("model.pretrain", "pre-training on public rows (and FedIns) runs in the "
+                          "simulator only so far; use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

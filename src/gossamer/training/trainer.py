@@ -130,6 +130,7 @@ class BatchedTrainer:
                  shards: list[np.ndarray], schedule: LocalSchedule, optimizer: SGD | AdamW, seed: int,
                  kernel: DenseKernel | None = None, dp: PrivateSGD | None = None) -> None:
         self.forward, self.spec = forward, spec
+        self.sample_loss = getattr(forward, "loss", None)     # a model's own training loss
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if isinstance(optimizer, SGD) and optimizer.momentum == 0 and dp is None else None
         self.dp = dp
@@ -348,9 +349,8 @@ class BatchedTrainer:
                 continue
             for leaf in leaves:
                 leaf.requires_grad_(True)
-            logits = self.forward(dict(zip(names, leaves, strict=True)), xb)
-            per_sample = sample_losses(logits, yb)
-            per_node = (per_sample * weight).sum(1) / counts[:, t].clamp(min=1)
+            per_sample = self._sample_losses(dict(zip(names, leaves, strict=True)), xb, yb)
+            per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / counts[:, t].clamp(min=1)
             # a gradient in another layout than its leaf (a channels-last convolution's)
             # makes the update a strided pass, several times slower than copying it first
             grads = [g if g.is_contiguous() else g.contiguous()
@@ -455,8 +455,8 @@ class BatchedTrainer:
             e = min(b, s + chunk)
             rows = [leaf[s:e].repeat_interleave(n, 0).requires_grad_(True) for leaf in leaves]
             x = xb[s:e].reshape((e - s) * n, 1, *xb.shape[2:])
-            logits = self.forward(dict(zip(names, rows, strict=True)), x)
-            per_sample = sample_losses(logits, yb[s:e].reshape((e - s) * n, 1, *yb.shape[2:])).reshape(-1)
+            per_sample = self._sample_losses(dict(zip(names, rows, strict=True)), x,
+                                             yb[s:e].reshape((e - s) * n, 1, *yb.shape[2:])).reshape(-1)
             sample_grads = torch.autograd.grad(per_sample.sum(), rows)
             sq = sum(g.flatten(1).square().sum(1) for g in sample_grads)
             factor = clip_factors(sq, dp.clip_norm) * weight[s:e].reshape(-1)
@@ -474,10 +474,19 @@ class BatchedTrainer:
         denom = count.clamp(min=1)
         return [g.div_(denom.view(-1, *([1] * (g.dim() - 1)))) for g in grads]
 
+    def _sample_losses(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Every sample's training loss ``[B, n]`` for inputs ``[B, n, ...]`` and labels
+        ``[B, n]`` (graph samples: ``[B, n, M]``): the model's own loss when it defines one
+        (``stacked_loss``: FedIns adds its key-matching term), else :func:`sample_losses` of
+        its logits."""
+        if self.sample_loss is not None:
+            return self.sample_loss(params, x, y).reshape(y.shape[:2])
+        return sample_losses(self.forward(params, x), y)
+
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                        weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        logits = self.forward(dict(zip(self.spec.names, leaves, strict=True)), xb)
-        return (sample_losses(logits, yb) * weight).sum(1) / count.clamp(min=1)
+        per_sample = self._sample_losses(dict(zip(self.spec.names, leaves, strict=True)), xb, yb)
+        return (per_sample.reshape(weight.shape) * weight).sum(1) / count.clamp(min=1)
 
     def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,
                       yb: torch.Tensor, weight: torch.Tensor, count: torch.Tensor) -> list[torch.Tensor]:

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, deadlines, "
-           "robust merges, graph datasets, and (synchronous patterns) availability changes or a registered population")
+REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, public "
+           "pre-training rows, deadlines, robust merges, graph datasets, and (synchronous patterns) "
+           "availability changes or a registered population")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
