@@ -37,12 +37,12 @@ from gossamer.runtime.codec import (
     read_model,
     state_hash,
 )
-from gossamer.runtime.common import RETRYABLE, grpc_options, log, retry, security
+from gossamer.runtime.common import Rehoming, grpc_options, log, retry, security
 from gossamer.runtime.fl_server import Coordinator, RoundState
 from gossamer.runtime.security import intercept_channel, make_channel
 
 
-class Aggregator(Coordinator):
+class Aggregator(Rehoming, Coordinator):
     """Aggregator ``index`` (``protocols/hierarchy.py`` numbers them level by level from the
     top); ``parents``: its parent's address, then addresses to re-home to if it dies."""
 
@@ -57,7 +57,7 @@ class Aggregator(Coordinator):
         self.wire_id = self.exp.num_nodes + index
         self.up_security = security(cfg, node=self.wire_id)
         self.up_token = self.up_security.resolved_token(self.wire_id)
-        self.parents, self.at = parents, 0
+        self.addresses, self.who = parents, f"aggregator {index}"
         self._connect(0)
         self.flushed: set[int] = set()                # the current round's clients sent up
         self.next_flush = float("inf")
@@ -66,7 +66,7 @@ class Aggregator(Coordinator):
     # --- to the parent: a client ---------------------------------------------------------------
     def _connect(self, at: int) -> None:
         self.at = at
-        channel = make_channel(self.parents[at], self.up_security, grpc_options(self.cfg))
+        channel = make_channel(self.addresses[at], self.up_security, grpc_options(self.cfg))
         self.channel = intercept_channel(channel, self.up_token) if self.up_token else channel
         self._up_join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
         self._up_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
@@ -78,17 +78,11 @@ class Aggregator(Coordinator):
         rt = self.cfg.runtime
         end = time.monotonic() + rt.join_timeout_s
         while True:
-            deadline = rt.join_timeout_s if len(self.parents) < 2 else min(rt.join_timeout_s, rt.retry_max_s)
             try:
-                return retry(call, deadline_s=deadline, max_backoff_s=rt.retry_max_s, what=what)
+                return retry(call, deadline_s=self._deadline(), max_backoff_s=rt.retry_max_s, what=what)
             except grpc.RpcError as exc:
-                if len(self.parents) < 2 or exc.code() not in RETRYABLE or time.monotonic() > end:
+                if time.monotonic() > end or not self._fail_over(exc):
                     raise
-                was = self.parents[self.at]
-                self.channel.close()
-                self._connect((self.at + 1) % len(self.parents))
-                log.warning("aggregator %d: %s unreachable; re-homing to %s", self.me, was,
-                            self.parents[self.at])
                 self._join_parent(rejoin=False)
                 with self.lock:                  # what went to the dead parent is lost: its
                     cur = self.current           # clients are awaited again (and retrain)

@@ -75,6 +75,31 @@ def retry(call: Callable[[], T], *, deadline_s: float, max_backoff_s: float,
             delay = min(max_backoff_s, delay * 2)
 
 
+class Rehoming:
+    """A process whose parent (the coordinator or an aggregator) is the first of
+    ``addresses``: one that stays unreachable for ``runtime.retry_max_s`` is left for the next
+    (a client re-homes when its aggregator dies). The class sets ``cfg``, ``addresses``,
+    ``who`` (for logs) and ``_connect(at)``, which opens ``channel`` to ``addresses[at]``."""
+
+    def _deadline(self) -> float:
+        """How long to retry one address: ``runtime.join_timeout_s``, or with others to
+        re-home to, ``runtime.retry_max_s``."""
+        rt = self.cfg.runtime
+        return rt.join_timeout_s if len(self.addresses) < 2 else min(rt.join_timeout_s, rt.retry_max_s)
+
+    def _fail_over(self, exc: grpc.RpcError) -> bool:
+        """Re-home to the next address; False when there is no other address or the failure
+        is not a transport one."""
+        if len(self.addresses) < 2 or exc.code() not in RETRYABLE:
+            return False
+        was = self.addresses[self.at]
+        self.channel.close()
+        self._connect((self.at + 1) % len(self.addresses))
+        log.warning("%s: %s unreachable (%s); re-homing to %s", self.who, was, exc.code(),
+                    self.addresses[self.at])
+        return True
+
+
 def refuse_simulator_only(cfg) -> None:
     """One-line refusal of config sections the runtime does not run yet (instead of silently
     running without them)."""

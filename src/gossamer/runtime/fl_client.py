@@ -50,7 +50,7 @@ from gossamer.runtime.codec import (
     state_hash,
 )
 from gossamer.runtime.common import (
-    RETRYABLE,
+    Rehoming,
     grpc_options,
     limits,
     log,
@@ -73,7 +73,7 @@ class SecAggClient:
     rand: Randomness = field(default_factory=Randomness)
 
 
-class Client:
+class Client(Rehoming):
     def __init__(self, cfg: ExperimentConfig, node_id: int, server: str | None = None) -> None:
         self.cfg, self.node = cfg, node_id
         refuse_simulator_only(cfg)
@@ -85,7 +85,8 @@ class Client:
         self.security = security(cfg, node=node_id)
         self.token = self.security.resolved_token(node_id)
         # its parent: the coordinator or an aggregator, then the addresses to re-home to
-        self.servers = [a for a in (server or cfg.runtime.server).split(",") if a]
+        self.addresses = [a for a in (server or cfg.runtime.server).split(",") if a]
+        self.who = f"client {node_id}"
         self._connect(0)
         self.num_samples = int(self.exp.trainer.sizes[node_id])
         # what the algorithm keeps on this client between rounds (SCAFFOLD's control variate);
@@ -110,34 +111,21 @@ class Client:
             self.head_names, self.head = head_parameters(self.exp.spec, getattr(self.algorithm, "head_layers", 1))
             if self.algorithm.personal_training:
                 self.personal = self.exp.init_params.reshape(-1).clone()
+        if self.algorithm.personalized and self.algorithm.uses_embeddings:   # FED-PUB's fixed input
+            self.proxy = self.exp.model.proxy_input(cfg.seed)
 
     def _connect(self, at: int) -> None:
         """Talk to ``servers[at]`` from now on."""
         self.at = at
-        channel = make_channel(self.servers[at], self.security, grpc_options(self.cfg))
+        channel = make_channel(self.addresses[at], self.security, grpc_options(self.cfg))
         self.channel = intercept_channel(channel, self.token) if self.token else channel
         self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
         self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
         self._put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
 
-    def _fail_over(self, exc: grpc.RpcError) -> bool:
-        """Re-home to the next address of ``--server`` (an aggregator died); False when there
-        is no other address or the failure is not a transport one."""
-        if len(self.servers) < 2 or exc.code() not in RETRYABLE:
-            return False
-        was = self.servers[self.at]
-        self.channel.close()
-        self._connect((self.at + 1) % len(self.servers))
-        log.warning("client %d: %s unreachable (%s); re-homing to %s", self.node, was, exc.code(),
-                    self.servers[self.at])
-        return True
-
     def _retry(self, call, what: str):
-        """``call`` with retries: until ``runtime.join_timeout_s``, or with other addresses to
-        re-home to, ``runtime.retry_max_s`` on this one."""
-        rt = self.cfg.runtime
-        deadline = rt.join_timeout_s if len(self.servers) < 2 else min(rt.join_timeout_s, rt.retry_max_s)
-        return retry(call, deadline_s=deadline, max_backoff_s=rt.retry_max_s, what=what)
+        """``call`` with retries on this address (``Rehoming._deadline``)."""
+        return retry(call, deadline_s=self._deadline(), max_backoff_s=self.cfg.runtime.retry_max_s, what=what)
 
     def _rejoin(self) -> None:
         """Join, re-homing down ``--server`` while the parent stays unreachable (for at most
@@ -294,8 +282,8 @@ class Client:
         if own and not algo.personal_first:                 # Ditto: v's steps after w's
             self._personal_step(round_, received)
         if algo.personalized and algo.uses_embeddings:      # FED-PUB: the model, then its embedding
-            uploads = torch.cat([uploads, functional_embeddings(
-                self.exp.model, self.exp.spec, self.exp.model.proxy_input(self.cfg.seed), uploads)], dim=1)
+            uploads = torch.cat([uploads, functional_embeddings(self.exp.model, self.exp.spec, self.proxy,
+                                                                uploads)], dim=1)
         self._send(*self._client_stages(Uploads.of(round_, nodes, received, uploads), expected))
 
     def _personal_step(self, round_: int, received: torch.Tensor) -> None:

@@ -159,8 +159,7 @@ class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
         if cur.evaluating:                                  # personalized FL: evaluate and report
             if node not in cur.open():
                 return self._wait()
-            frames, digest = self._own_frames(node) if self.personal_rows is not None else \
-                (cur.model_frames, cur.model_hash)
+            frames, digest = self._task_frames(node)
             return schema.TaskHeader(kind=schema.TaskHeader.EVAL, round=cur.number,
                                      state_hash=digest), frames
         due = cur.secagg.message_for(node) if cur.secagg is not None else None
@@ -174,8 +173,7 @@ class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
                                      share=cur.secagg.shares.get(node, 0.0)), frames
         if node in cur.open():
             expected = cur.protocol.expected if cur.protocol is not None else 0
-            frames, digest = self._own_frames(node) if self.personal_rows is not None else \
-                (cur.model_frames, cur.model_hash)                  # FedCAC: the client's own row
+            frames, digest = self._task_frames(node)        # FedCAC, FED-PUB: the client's own row
             return schema.TaskHeader(kind=schema.TaskHeader.TRAIN, round=cur.number,
                                      expected=expected, state_hash=digest), frames
         return self._wait()

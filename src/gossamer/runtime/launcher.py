@@ -43,18 +43,6 @@ def threads_per_process(cfg: ExperimentConfig, processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
-def _wait_for_address(run_dir: Path, server: Process, timeout_s: float) -> str:
-    path = run_dir / "server.json"
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if path.exists():
-            return json.loads(path.read_text())["address"]
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with code {server.returncode}; see {run_dir}/logs/server.log")
-        time.sleep(0.05)
-    raise RuntimeError("server did not start listening in time")
-
-
 def with_node_tokens(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     """``cfg`` with per-node tokens in ``run_dir/secrets`` when it names no credentials of its
     own, so that a launched client can only act as its own node id (the secret is kept, and
@@ -80,11 +68,12 @@ def aggregator_count(cfg: ExperimentConfig) -> int:
     return sum(cfg.hierarchy.levels)
 
 
-def _wait_for(path: Path, proc: Process, what: str, timeout_s: float) -> str:
+def _wait_for(path: Path, proc: Process, what: str, log: Path, timeout_s: float) -> str:
+    """The address ``proc`` (``what``) writes to ``path`` once it listens, or RuntimeError."""
     end = time.monotonic() + timeout_s
     while not path.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}; see its log")
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; see {log}")
         if time.monotonic() > end:
             raise RuntimeError(f"{what} did not start listening in time")
         time.sleep(0.05)
@@ -106,11 +95,11 @@ def _spawn_tree(cfg: ExperimentConfig, run_dir: Path, config_path: Path, root: s
         parent = tree.parent(g)
         parents = [root] if parent < 0 else [addresses[parent], root]
         (run_dir / "aggregators" / str(g) / "server.json").unlink(missing_ok=True)
+        log = run_dir / "logs" / f"aggregator-{g}.log"
         procs.append(_spawn(["aggregator", str(config_path), "--id", str(g), "--parent", ",".join(parents),
-                             "--listen", f"{host}:0", "--out", str(run_dir)],
-                            run_dir / "logs" / f"aggregator-{g}.log", threads))
+                             "--listen", f"{host}:0", "--out", str(run_dir)], log, threads))
         addresses[g] = _wait_for(run_dir / "aggregators" / str(g) / "server.json", procs[-1],
-                                 f"aggregator {g}", timeout_s)
+                                 f"aggregator {g}", log, timeout_s)
     first = tree.number(tree.depth - 1, 0)                  # the first leaf
     leaves = tree.count - first
     homes = []
@@ -176,7 +165,8 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
         server = _spawn(["server", *what, "--listen", f"{host}:0"],
                         run_dir / "logs" / "server.log", threads)
         procs.append(server)
-        address = _wait_for_address(run_dir, server, startup_timeout_s)
+        address = _wait_for(run_dir / "server.json", server, "server", run_dir / "logs" / "server.log",
+                            startup_timeout_s)
         homes = [[address]] * cfg.partition.num_nodes
         if cfg.hierarchy.levels:
             aggregators, homes = _spawn_tree(cfg, run_dir, config_path, address, threads, startup_timeout_s)

@@ -50,6 +50,13 @@ class PersonalServer:
         if exp.personal is not None:
             self.columns = self.columns + PERSONAL_COLUMNS
 
+    def _task_frames(self, node: int) -> tuple[list[bytes], bytes]:
+        """The frames and hash of ``node``'s task model (lock held): the round's, or its own
+        when the server personalizes (:meth:`_own_frames`)."""
+        if self.personal_rows is None:
+            return self.current.model_frames, self.current.model_hash
+        return self._own_frames(node)
+
     def _own_frames(self, node: int) -> tuple[list[bytes], bytes]:
         """The task model of ``node`` when the server personalizes (lock held): the row it
         trains from, or in an evaluation phase the model it is judged with (FedCAC: its one
