@@ -11,8 +11,11 @@ epoch of batch 10, lr 0.05. Ways, each in its own fresh process, interleaved per
               then the sample-weighted average; the same init, client selection and mini-batches
               (taken from Gossamer's experiment builder, outside the timed loop), so the test
               losses must agree to float rounding
-  pfl         Apple's pfl-research, when installed; skipped with a note otherwise
-Both ways evaluate the global model on the test set after every round. With --json the last
+  pfl         Apple's pfl-research (`SimulatedBackend`, `FederatedAveraging`, a central SGD
+              step of 1, `WeightByDatapoints`), when installed; skipped with a note otherwise.
+              Its user sampler yields Gossamer's selection and each user's dataset holds the
+              rows of Gossamer's mini-batches in order, so its losses must agree too
+Every way evaluates the global model on the test set after every round. With --json the last
 stdout line is one JSON object: per workload the loop times, final test loss and accuracy of
 each way, and `<workload>_<way>_speedup` = that way's loop time / Gossamer's.
 """
@@ -111,6 +114,100 @@ def run_sequential(cfg: dict) -> dict:
     return {"loop_s": time.perf_counter() - start, "test_loss": loss, "test_accuracy": acc}
 
 
+def run_pfl(cfg: dict) -> dict:
+    from collections import deque
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.aggregate.weighting import WeightByDatapoints
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.metrics import Metrics, Weighted
+    from pfl.model.pytorch import PyTorchModel
+
+    from gossamer import config as config_mod
+    from gossamer.experiment import build
+    from gossamer.models import build_model
+    from gossamer.protocols.sync_fl import SyncRound
+
+    c = config_mod.validate(cfg)
+    exp = build(c)
+    trainer, algo = exp.trainer, exp.algorithm
+    x, y = trainer.x, trainer.y
+    x_test, y_test = exp.dataset.x_test, exp.dataset.y_test
+    candidates = np.flatnonzero(trainer.sizes > 0)
+    if len(set(trainer.sizes[candidates].tolist())) != 1:
+        raise SystemExit("pfl way: needs equal shards (pfl weights by rows, Gossamer's plan here too)")
+    order, rows = [], {}                # Gossamer's selection, and each (round, user)'s batch rows
+    for r in range(1, c.stop.rounds + 1):
+        ids = SyncRound(algo, c.seed, r, candidates).selected
+        idx, valid = trainer.batches(ids, np.full(len(ids), r))
+        for b, node in enumerate(ids.tolist()):
+            order.append(node)
+            rows.setdefault(node, deque()).append(torch.from_numpy(idx[b][valid[b]].reshape(-1)))
+    cohort = len(order) // c.stop.rounds
+    queue = iter(order)
+
+    def make_dataset(user_id):
+        take = rows[user_id].popleft()
+        return Dataset(raw_data=[x[take], y[take]], user_id=str(user_id))
+
+    class Module(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inputs):
+            return self.net(inputs)
+
+        def loss(self, inputs, targets, eval=False):  # noqa: A002
+            self.eval() if eval else self.train()
+            return F.cross_entropy(self(inputs), targets)
+
+        @torch.no_grad()
+        def metrics(self, inputs, targets, eval=True):  # noqa: A002
+            self.eval() if eval else self.train()
+            return {"loss": Weighted(F.cross_entropy(self(inputs), targets, reduction="sum").item(),
+                                     len(targets))}
+
+    module = Module(build_model(c.model.name, exp.dataset.input_shape, exp.dataset.num_classes,
+                                c.seed, **c.model.params))
+    model = PyTorchModel(module, local_optimizer_create=torch.optim.SGD,
+                         central_optimizer=torch.optim.SGD(module.parameters(), lr=1.0))
+    federated = FederatedDataset(make_dataset, lambda: next(queue),
+                                 user_id_to_weight={int(n): int(trainer.sizes[n]) for n in candidates})
+    result: dict = {}
+
+    class Evaluate(TrainingProcessCallback):
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            with torch.no_grad():
+                module.eval()
+                logits = module(x_test)
+                result["test_loss"] = F.cross_entropy(logits, y_test).item()
+                result["test_accuracy"] = (logits.argmax(1) == y_test).float().mean().item()
+            return False, Metrics()
+
+    backend = SimulatedBackend(training_data=federated, val_data=federated,
+                               postprocessors=[WeightByDatapoints()])
+    params = NNAlgorithmParams(central_num_iterations=c.stop.rounds,
+                               evaluation_frequency=c.stop.rounds + 1,
+                               train_cohort_size=cohort, val_cohort_size=0)
+    train = NNTrainHyperParams(local_num_epochs=1, local_learning_rate=c.local.lr,
+                               local_batch_size=c.local.batch_size)
+    torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0).step()   # one-time costs first
+    start = time.perf_counter()
+    FederatedAveraging().run(algorithm_params=params, backend=backend, model=model,
+                             model_train_params=train,
+                             model_eval_params=NNEvalHyperParams(local_batch_size=None),
+                             callbacks=[Evaluate()], send_metrics_to_platform=False)
+    return {"loop_s": time.perf_counter() - start, **result}
+
+
 # ------------------------------------------------------------------------------ the parent
 def child(way: str, cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
@@ -136,7 +233,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         cfg = json.loads(args.config_json)
-        out = run_gossamer(cfg) if args.child == "gossamer" else run_sequential(cfg)
+        out = {"gossamer": run_gossamer, "sequential": run_sequential, "pfl": run_pfl}[args.child](cfg)
         print(json.dumps(out), flush=True)
         return 0
 
@@ -149,9 +246,9 @@ def main() -> int:
     ways = ["gossamer", "sequential"]
     pfl_note = None
     if importlib.util.find_spec("pfl") is None:
-        pfl_note = "pfl: skipped (pfl-research is not installed; pip install pfl)"
+        pfl_note = "pfl: skipped (pfl-research is not installed; pip install 'pfl[pytorch]' beside torch==2.13.0)"
     else:
-        pfl_note = "pfl: installed, but this script has no pfl way yet; not run"
+        ways.append("pfl")
     out: dict[str, object] = {"clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
                               "cpus": os.cpu_count(), "pfl": pfl_note}
     print(f"CNN FedAvg, K={args.clients}, 50% per round, {args.rounds} rounds, {args.repeats} repeat(s)")
@@ -180,10 +277,12 @@ def main() -> int:
                 path = ", ".join(f"{k}={v}" for k, v in last.get("forward", {}).items())
                 print(f"{key:<22} {way:<11} {loops[way]:8.2f} {last['test_loss']:11.7f} "
                       f"{last['test_accuracy']:7.4f}  {path}")
-            if "gossamer" in loops and "sequential" in loops:
-                out[f"{key}_sequential_speedup"] = loops["sequential"] / loops["gossamer"]
-                print(f"{key:<22} sequential / gossamer loop: {out[f'{key}_sequential_speedup']:.2f}x")
-    print(pfl_note)
+            for way in ways[1:]:
+                if "gossamer" in loops and way in loops:
+                    out[f"{key}_{way}_speedup"] = loops[way] / loops["gossamer"]
+                    print(f"{key:<22} {way} / gossamer loop: {out[f'{key}_{way}_speedup']:.2f}x")
+    if pfl_note:
+        print(pfl_note)
     if args.json:
         print(json.dumps(out), flush=True)
     return 0

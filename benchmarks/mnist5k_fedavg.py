@@ -1,4 +1,4 @@
-"""Benchmark the "MNIST-5k FedAvg" standard workload (DESIGN.md) four ways, in one run.
+"""Benchmark the "MNIST-5k FedAvg" standard workload (DESIGN.md) five ways, in one run.
 
 Usage: python benchmarks/mnist5k_fedavg.py --clients 100 [--rounds 20] [--json]
                                            [--skip-flower] [--repeats 1]
@@ -8,6 +8,7 @@ Ways, each in its own fresh Python process, one after another:
   sequential  plain PyTorch loop over clients with one reusable model   (baselines/sequential.py)
   batched     hand-written stacked-weight bmm version                  (baselines/batched.py)
   flower      Flower's simulation engine on Ray, 2 CPUs                 (baselines/flower_fedavg.py)
+  pfl         Apple's pfl-research, SimulatedBackend, when installed    (baselines/pfl_fedavg.py)
 For each: whole-process wall time (measured here, around the child), FL-loop time (reported by
 the child), peak memory, and test accuracy after every round; then a table and ratios. With
 --json the last stdout line is one JSON object. A way that fails is reported with the tail of
@@ -39,13 +40,15 @@ from proctools import busy_cpu_s, descendants
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "benchmarks" / "baselines"
 CONFIG = "benchmarks/configs/mnist5k_fedavg.yaml"
-WAYS = ("gossamer", "sequential", "batched", "flower")
+WAYS = ("gossamer", "sequential", "batched", "flower", "pfl")
 BASELINE_SCRIPTS = {
     "sequential": "sequential.py",
     "batched": "batched.py",
     "flower": "flower_fedavg.py",
+    "pfl": "pfl_fedavg.py",
 }
 FLOWER_MISSING = "skipped (flwr not installed; pip install 'gossamer[bench]')"
+PFL_MISSING = "skipped (pfl not installed; pip install 'pfl[pytorch]' beside torch==2.13.0)"
 SKIPPED_EXIT = 3  # the Flower baseline exits with this when flwr cannot be imported
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -270,6 +273,8 @@ def run_way(way: str, clients: int, rounds: int, timeout_s: float) -> Run:
         return check_rounds(run_gossamer(clients, rounds, timeout_s), rounds)
     if way == "flower" and importlib.util.find_spec("flwr") is None:
         return Run("flower", skipped=FLOWER_MISSING)
+    if way == "pfl" and importlib.util.find_spec("pfl") is None:
+        return Run("pfl", skipped=PFL_MISSING)
     return check_rounds(
         run_baseline(way, BASELINE_SCRIPTS[way], clients, rounds, timeout_s), rounds
     )
@@ -369,7 +374,7 @@ def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> 
             "unreliable (PyTorch threads slow down badly when cores are oversubscribed)."
         )
 
-    g, q, b, f = (summaries.get(w) for w in WAYS)
+    g, q, b, f, p = (summaries.get(w) for w in WAYS)
 
     def get(s: WaySummary | None, attr: str) -> float | None:
         return s.median(attr) if s is not None else None
@@ -378,17 +383,22 @@ def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> 
         "flower_over_gossamer": ratio(get(f, "whole_s"), get(g, "whole_s")),
         "sequential_over_gossamer": ratio(get(q, "whole_s"), get(g, "whole_s")),
         "gossamer_loop_over_batched_loop": ratio(get(g, "loop_s"), get(b, "loop_s")),
+        "pfl_loop_over_gossamer_loop": ratio(get(p, "loop_s"), get(g, "loop_s")),
         "max_acc_diff_pp_gossamer_vs_sequential": max_diff_pp(
             g.curve if g else None, q.curve if q else None
         ),
         "max_acc_diff_pp_batched_vs_sequential": max_diff_pp(
             b.curve if b else None, q.curve if q else None
         ),
+        "max_acc_diff_pp_pfl_vs_sequential": max_diff_pp(
+            p.curve if p else None, q.curve if q else None
+        ),
     }
     lines = (
         ("flower / gossamer, whole process", "flower_over_gossamer", "x"),
         ("sequential / gossamer, whole process", "sequential_over_gossamer", "x"),
         ("gossamer loop / batched loop", "gossamer_loop_over_batched_loop", "x"),
+        ("pfl loop / gossamer loop", "pfl_loop_over_gossamer_loop", "x"),
         (
             "max per-round accuracy |gossamer - sequential|",
             "max_acc_diff_pp_gossamer_vs_sequential",
@@ -399,6 +409,7 @@ def print_report(summaries: dict[str, WaySummary], args: argparse.Namespace) -> 
             "max_acc_diff_pp_batched_vs_sequential",
             " pp",
         ),
+        ("max per-round accuracy |pfl - sequential|", "max_acc_diff_pp_pfl_vs_sequential", " pp"),
     )
     print("\nratios (same run)")
     for label, key, unit in lines:
