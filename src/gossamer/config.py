@@ -708,25 +708,28 @@ class HierarchyLinkConfig(_Strict):
 
 
 class HierarchyFailureConfig(_Strict):
-    """A leaf aggregator down from round ``from_round`` to ``to_round`` (both included)."""
+    """Aggregator ``aggregator`` of ``level`` (numbered within its level; 0 is the top level,
+    the default the leaves) down from round ``from_round`` to ``to_round`` (both included)."""
 
     aggregator: int = Field(ge=0)
     from_round: int = Field(ge=1)
     to_round: int = Field(ge=1)
+    level: int | None = Field(None, ge=0)
 
 
 class HierarchyConfig(_Strict):
     """Aggregators between the clients and the server (synchronous FL; docs/hierarchy.md):
     ``levels`` aggregators per level from the top (empty: flat), clients assigned to the
     leaves in ``contiguous`` id ranges or ``random``ly, one ``links`` entry per level (default
-    links when empty), leaf aggregators down for some rounds (``failures``), whose clients are
-    cut off or, with ``rehome``, reach the next leaf that is up."""
+    links when empty), aggregators down for some rounds (``failures``), whose clients are cut
+    off or, with ``rehome``, reach the next leaf that is up (a down leaf) or reach the server
+    through their leaf directly (a down aggregator above the leaves)."""
 
     levels: list[int] = Field(default_factory=list)
     assign: Literal["contiguous", "random"] = "contiguous"
     links: list[HierarchyLinkConfig] = Field(default_factory=list)
     failures: list[HierarchyFailureConfig] = Field(default_factory=list)
-    rehome: bool = False          # a down leaf's clients go to the next leaf that is up
+    rehome: bool = False          # clients and aggregators re-home as real processes do
 
     @model_validator(mode="after")
     def _shape(self) -> HierarchyConfig:

@@ -445,7 +445,7 @@ def _attach_hierarchy(exp: Experiment) -> None:
         [Link(0.005, 1.25e8) for _ in h.levels]
     try:
         exp.hierarchy = build_tree(list(h.levels), links, exp.num_nodes, h.assign, cfg.seed,
-                                   [(f.aggregator, f.from_round, f.to_round) for f in h.failures])
+                                   [(f.aggregator, f.from_round, f.to_round, f.level) for f in h.failures])
     except ValueError as exc:
         field = "hierarchy.failures" if str(exc).startswith("failures") else "hierarchy.levels"
         raise ConfigError(field, str(exc)) from None

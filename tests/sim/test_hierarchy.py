@@ -173,3 +173,67 @@ def test_a_failed_leaf_aggregator_cuts_its_clients_off_for_those_rounds(tmp_path
     with pytest.raises(ConfigError, match="hierarchy.failures"):
         build_experiment(config.validate(_config(hierarchy={
             "levels": [3], "failures": [{"aggregator": 3, "from_round": 1, "to_round": 2}]})))
+
+
+def test_a_down_aggregator_above_the_leaves_re_homes_its_children_to_the_server():
+    """Top aggregator 0 of [2, 4] down in round 2: without re-homing, the clients of leaves 0
+    and 1 are cut off; re-homed, leaves 0 and 1 send straight to the server (parent -1), as a
+    real aggregator's second address is the coordinator's. Written out by hand: times, tiers
+    and the mean."""
+    tree = build_tree([2, 4], [Link(0.0, 10.0), Link(0.5, 10.0)], 8, "contiguous", 0,
+                      [(0, 2, 2, 0)])
+    assert tree.down_at(1).tolist() == [False] * 4
+    assert tree.down_at(2).tolist() == [True, True, False, False]
+    moved = tree.rehomed(2)
+    assert moved.parents[1].tolist() == [-1, -1, 1, 1] and moved.leaf_of.tolist() == tree.leaf_of.tolist()
+    assert moved.failures == () and tree.rehomed(3) is tree
+    clients = np.arange(8)
+    arrival = np.array([1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    done, messages = upward(moved, clients, arrival, np.full(8, 10.0), partial_bytes=30)
+    # every leaf: its 2 uploads cross its link one after the other (1 s each), then 0.5 s of
+    # latency and 3 s for its partial: leaf 0 (last upload at 2) forwards at 2 + 1 + 3.5 = 6.5,
+    # the others at 1 + 2 + 3.5 = 6.5. Leaves 0 and 1 reach the server then; aggregator 1 takes
+    # leaves 2 and 3 (6.5 -> 9.5 -> 12.5) and forwards at 12.5 + 0 + 3 = 15.5
+    assert done == pytest.approx(15.5)
+    assert messages.tolist() == [3, 2]          # server's link: aggregator 1 and leaves 0, 1
+    # down: leaves 0 and 1 are served by the server (their own link only: 0.5 + 2 x 1 s);
+    # leaves 2 and 3 wait for aggregator 1's 2 copies too (0 + 2 x 1 s)
+    assert downward_s(moved, clients, 10).tolist() == pytest.approx([2.5] * 4 + [4.5] * 4)
+    rows, weights = torch.randn(8, 20), torch.rand(8) + 0.1
+    assert torch.allclose(tree_mean(moved, clients, rows, weights), (weights / weights.sum()) @ rows, atol=1e-6)
+    with pytest.raises(ValueError, match="level 2"):
+        build_tree([2, 4], [Link(0, 1)] * 2, 8, "contiguous", 0, [(0, 1, 1, 2)])
+    with pytest.raises(ValueError, match="aggregator 2"):
+        build_tree([2, 4], [Link(0, 1)] * 2, 8, "contiguous", 0, [(2, 1, 1, 0)])
+
+
+@pytest.mark.parametrize("rehome", [False, True])
+def test_a_run_with_a_down_top_aggregator(rehome):
+    """FedAvg on [2, 4] over 12 clients, top aggregator 0 down in round 2. Cut off: its 6
+    clients (leaves 0 and 1) sit the round out. Re-homed: every client takes part, leaves 0
+    and 1 send to the server, whose link carries 3 partials instead of 2, and the model is the
+    no-failure tree's to float rounding."""
+    levels = [2, 4]
+    failing = {"levels": levels, "rehome": rehome,
+               "failures": [{"aggregator": 0, "level": 0, "from_round": 2, "to_round": 2}]}
+    tree = SyncFLDriver(build_experiment(config.validate(_config(hierarchy=failing))))
+    whole = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": levels}))))
+    numel = tree.exp.spec.numel
+    client_up, partial = wire.encoded_size(numel), wire.encoded_size(numel + 1)
+    ups = []
+    for _ in range(3):
+        before = tree.bytes_up
+        tree.run_round()
+        whole.run_round()
+        ups.append(tree.bytes_up - before)
+    out = tree.summary()["hierarchy"]
+    if rehome:
+        # round 2: 12 uploads, 4 leaf partials (2 to aggregator 1, 2 to the server), 1 from
+        # aggregator 1
+        assert ups == [12 * client_up + 6 * partial, 12 * client_up + 5 * partial, 12 * client_up + 6 * partial]
+        assert out["clients_cut_off"] == 0
+        assert float((tree.state.params - whole.state.params).abs().max()) < 1e-6
+    else:
+        assert ups == [12 * client_up + 6 * partial, 6 * client_up + 3 * partial, 12 * client_up + 6 * partial]
+        assert out["clients_cut_off"] == 6
+        assert not torch.equal(tree.state.params, whole.state.params)

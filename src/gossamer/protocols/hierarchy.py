@@ -14,9 +14,12 @@ are assigned to leaves in contiguous id ranges (``assign: contiguous``) or by a 
 permutation (``random``); aggregators of level ``l + 1`` to their parents of level ``l`` in
 contiguous ranges. Each level's aggregators have one link (``latency_s`` and
 ``bandwidth_Bps``, each direction): their children's messages queue on it in arrival order,
-and the partial sum then crosses it to the parent. A leaf aggregator that is down for a round
-(``failures``) reaches none of its clients: they get no task and the round goes on without
-them.
+and the partial sum then crosses it to the parent. An aggregator that is down for a round
+(``failures``, any level) reaches none of the clients below it: they get no task and the
+round goes on without them. With re-homing (:meth:`Tree.rehomed`) a down leaf's clients reach
+the next leaf that is up, and the children of a down aggregator above the leaves send to the
+server directly (``parents`` -1 below the top level), as real aggregators fall back to the
+coordinator.
 """
 
 from __future__ import annotations
@@ -40,21 +43,32 @@ class Link:
 
 @dataclass(frozen=True)
 class Tree:
-    """``parents[l]``: each level-``l`` aggregator's parent at level ``l - 1`` (-1: the server);
+    """``parents[l]``: each level-``l`` aggregator's parent at level ``l - 1`` (-1: the server,
+    for every top-level aggregator and, in a re-homed round, for the children of a down one);
     ``leaf_of``: each client's leaf aggregator; ``links[l]``: level ``l``'s link."""
 
     parents: tuple[np.ndarray, ...]
     leaf_of: np.ndarray
     links: tuple[Link, ...]
-    failures: tuple[tuple[int, int, int], ...] = ()     # (leaf, first round, last round) down
+    # (level, index in the level, first round, last round) down
+    failures: tuple[tuple[int, int, int, int], ...] = ()
+
+    def _down(self, round_: int) -> list[np.ndarray]:
+        """The aggregators down in ``round_`` themselves, per level (bool)."""
+        down = [np.zeros(len(p), dtype=bool) for p in self.parents]
+        for level, index, first, last in self.failures:
+            if first <= round_ <= last:
+                down[level][index] = True
+        return down
 
     def down_at(self, round_: int) -> np.ndarray:
-        """Which leaf aggregators are down in ``round_`` (bool ``[leaves]``)."""
-        down = np.zeros(len(self.parents[-1]), dtype=bool)
-        for leaf, first, last in self.failures:
-            if first <= round_ <= last:
-                down[leaf] = True
-        return down
+        """Which leaf aggregators cannot reach the server in ``round_``: the leaf or an
+        aggregator above it is down (bool ``[leaves]``)."""
+        down = self._down(round_)
+        for level in range(1, self.depth):
+            parent = self.parents[level]
+            down[level] |= (parent >= 0) & down[level - 1][np.maximum(parent, 0)]
+        return down[-1]
 
     @property
     def depth(self) -> int:
@@ -90,19 +104,26 @@ class Tree:
         return -1 if level == 0 else self.number(level - 1, int(self.parents[level][index]))
 
     def rehomed(self, round_: int) -> Tree:
-        """The tree of ``round_`` with the clients of each leaf that is down moved to the next
-        leaf that is up (in leaf order, cyclically), as real clients re-home down their
-        address lists (``hierarchy.rehome``); itself when no leaf, or every leaf, is down."""
-        down = self.down_at(round_)
-        if not down.any() or down.all():
+        """The tree of ``round_`` as real processes re-home (``hierarchy.rehome``): the clients
+        of each leaf that is down move to the next leaf that is up (in leaf order, cyclically),
+        as clients go down their address lists, and the children of a down aggregator above
+        the leaves send to the server directly, as an aggregator's second address is the
+        coordinator's. Itself when nothing is down, or every leaf is (all are cut off)."""
+        down = self._down(round_)
+        leaves = down[-1]
+        if not any(d.any() for d in down) or leaves.all():
             return self
-        target = np.arange(len(down))
-        for leaf in np.flatnonzero(down):
-            nxt = (leaf + 1) % len(down)
-            while down[nxt]:
-                nxt = (nxt + 1) % len(down)
+        parents = list(self.parents)
+        for level in range(1, self.depth):
+            parent = parents[level]
+            parents[level] = np.where((parent >= 0) & down[level - 1][np.maximum(parent, 0)], -1, parent)
+        target = np.arange(len(leaves))
+        for leaf in np.flatnonzero(leaves):
+            nxt = (leaf + 1) % len(leaves)
+            while leaves[nxt]:
+                nxt = (nxt + 1) % len(leaves)
             target[leaf] = nxt
-        return replace(self, leaf_of=target[self.leaf_of], failures=())
+        return replace(self, parents=tuple(parents), leaf_of=target[self.leaf_of], failures=())
 
     def home(self, node: int) -> int:
         """The leaf aggregator client ``node`` is assigned to."""
@@ -115,9 +136,11 @@ def _ranges(children: int, parents: int) -> np.ndarray:
 
 
 def build_tree(levels: list[int], links: list[Link], num_nodes: int, assign: str, seed: int,
-               failures: list[tuple[int, int, int]] = ()) -> Tree:
+               failures: list[tuple[int, int, int, int | None]] = ()) -> Tree:
     """The tree for ``num_nodes`` clients (ValueError, one line, for an impossible shape);
-    ``failures``: leaf aggregators down from a round to a round (both included)."""
+    ``failures``: (aggregator, first round, last round, level) down from a round to a round
+    (both included); the aggregator is numbered within its level, a level of None is the
+    leaves'."""
     if not levels:
         raise ValueError("levels must list at least one level of aggregators")
     if len(links) != len(levels):
@@ -134,11 +157,16 @@ def build_tree(levels: list[int], links: list[Link], num_nodes: int, assign: str
         leaf = leaf[rng.generator(seed, rng.STREAM_SYSTEM, 1 << 20).permutation(num_nodes)]
     elif assign != "contiguous":
         raise ValueError(f"assign must be contiguous or random, got {assign!r}")
-    for leaf_id, first, last in failures:
-        if not 0 <= leaf_id < levels[-1] or not 1 <= first <= last:
-            raise ValueError(f"failures: leaf aggregator {leaf_id} (of {levels[-1]}) from round "
-                             f"{first} to {last} is not a leaf and a round range")
-    return Tree(tuple(parents), leaf, tuple(links), tuple(tuple(f) for f in failures))
+    down = []
+    for index, first, last, level in failures:
+        level = len(levels) - 1 if level is None else level
+        if not 0 <= level < len(levels):
+            raise ValueError(f"failures: level {level} is not one of the tree's levels 0..{len(levels) - 1}")
+        if not 0 <= index < levels[level] or not 1 <= first <= last:
+            raise ValueError(f"failures: aggregator {index} (of {levels[level]} on level {level}) "
+                             f"from round {first} to {last} is not an aggregator and a round range")
+        down.append((level, index, first, last))
+    return Tree(tuple(parents), leaf, tuple(links), tuple(down))
 
 
 def _queue(arrivals: np.ndarray, sizes: np.ndarray, link: Link) -> float:
@@ -152,22 +180,26 @@ def _queue(arrivals: np.ndarray, sizes: np.ndarray, link: Link) -> float:
 
 def upward(tree: Tree, clients: np.ndarray, arrival: np.ndarray, up_bytes: np.ndarray,
            partial_bytes: int) -> tuple[float, np.ndarray]:
-    """When the server holds every top-level partial of the delivered ``clients`` (whose
-    uploads reach their leaves at ``arrival`` with ``up_bytes`` each), and the messages sent
-    per tier (``[depth]``: tier 0 is the server's). An aggregator with no delivered child sends
-    nothing."""
-    ready = {tree.depth: (tree.leaf_of[clients], np.asarray(arrival, dtype=float),
-                          np.broadcast_to(np.asarray(up_bytes, dtype=float), len(clients)))}
+    """When the server holds every partial sent to it by the delivered ``clients``' aggregators
+    (the uploads reach their leaves at ``arrival`` with ``up_bytes`` each), and the messages
+    sent per tier (``[depth]``: tier 0 is the server's link, which also carries the partials of
+    aggregators re-homed to the server). An aggregator with no delivered child sends nothing."""
+    into, times = tree.leaf_of[clients], np.asarray(arrival, dtype=float)
+    sizes = np.broadcast_to(np.asarray(up_bytes, dtype=float), len(clients))
     messages = np.zeros(tree.depth, dtype=np.int64)
+    at_server: list[float] = []
     for level in range(tree.depth - 1, -1, -1):
-        into, times, sizes = ready[level + 1]
         link = tree.links[level]
         aggs = np.unique(into)
         leave = np.array([_queue(times[into == a], sizes[into == a], link) + link.seconds(partial_bytes)
                           for a in aggs])
-        messages[level] = len(aggs)
-        ready[level] = (tree.parents[level][aggs], leave, np.full(len(aggs), float(partial_bytes)))
-    return float(ready[0][1].max()) if len(ready[0][1]) else 0.0, messages
+        parent = tree.parents[level][aggs]
+        up = parent >= 0
+        messages[level] += int(up.sum())
+        messages[0] += int((~up).sum())
+        at_server.extend(leave[~up].tolist())
+        into, times, sizes = parent[up], leave[up], np.full(int(up.sum()), float(partial_bytes))
+    return max(at_server, default=0.0), messages
 
 
 def downward_s(tree: Tree, clients: np.ndarray, nbytes: int) -> np.ndarray:
@@ -176,39 +208,48 @@ def downward_s(tree: Tree, clients: np.ndarray, nbytes: int) -> np.ndarray:
     other on its link (the last child waits for the whole fan-out)."""
     delay = np.zeros(len(clients))
     node = tree.leaf_of[clients]                       # each client's ancestor at this level
+    below = np.ones(len(clients), dtype=bool)          # ... still below an aggregator's link
     fan = np.bincount(node, minlength=len(tree.parents[-1]))
     for level in range(tree.depth - 1, -1, -1):
         link = tree.links[level]
-        delay += link.latency_s + fan[node] * nbytes / link.bandwidth_Bps
-        if level:
-            active = np.unique(node)
-            fan = np.bincount(tree.parents[level][active], minlength=len(tree.parents[level - 1]))
-        node = tree.parents[level][node]
+        delay[below] += link.latency_s + fan[node[below]] * nbytes / link.bandwidth_Bps
+        if not level:
+            break
+        parent = tree.parents[level][np.unique(node[below])]
+        fan = np.bincount(parent[parent >= 0], minlength=len(tree.parents[level - 1]))
+        up = tree.parents[level][node]
+        below &= up >= 0                               # re-homed to the server: served from there
+        node = np.where(below, up, 0)
     return delay
 
 
 def tree_mean(tree: Tree, clients: np.ndarray, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The weighted mean of ``rows`` summed up the tree: each leaf sums its clients' weighted
-    rows (in client order), each parent its children's partial sums, the server the top
-    level's and divides by the total weight. Equal to the flat mean up to float rounding."""
+    rows (in client order), each parent its children's partial sums, the server the partials
+    sent to it (the top level's, in order, then those of aggregators re-homed to it, lowest
+    level first) and divides by the total weight. Equal to the flat mean up to float rounding."""
     w = weights.to(rows.dtype)
     parts = {}
     leaf = tree.leaf_of[clients]
     for a in np.unique(leaf):
         pick = torch.from_numpy(np.flatnonzero(leaf == a))
         parts[int(a)] = (w[pick] @ rows[pick], w[pick].sum())
+    at_server: list[tuple[torch.Tensor, torch.Tensor]] = []
     for level in range(tree.depth - 1, 0, -1):
         up: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for a in sorted(parts):
             p = int(tree.parents[level][a])
             s, t = parts[a]
-            if p in up:
+            if p < 0:
+                at_server.append((s, t))
+            elif p in up:
                 up[p] = (up[p][0] + s, up[p][1] + t)
             else:
                 up[p] = (s, t)
         parts = up
-    total = sum(t for _, t in parts.values())
+    sums = [parts[a] for a in sorted(parts)] + at_server
+    total = sum(t for _, t in sums)
     acc = None
-    for a in sorted(parts):
-        acc = parts[a][0] if acc is None else acc + parts[a][0]
+    for s, _ in sums:
+        acc = s if acc is None else acc + s
     return acc / total

@@ -130,7 +130,7 @@ class SyncFLDriver(Driver):
             down_bytes, decoded = self._broadcast(ids, r)
         down_s = system.download_s(ids, down_bytes)
         tree = exp.hierarchy
-        if tree is not None and exp.cfg.hierarchy.rehome:    # a down leaf's clients re-home
+        if tree is not None and exp.cfg.hierarchy.rehome:    # as real clients and aggregators do
             self.round_tree = tree.rehomed(r)
             self.rehomed += int((self.round_tree.leaf_of[ids] != tree.leaf_of[ids]).sum())
             tree = self.round_tree
@@ -144,7 +144,7 @@ class SyncFLDriver(Driver):
         if decoded is not None:     # acknowledged deliveries move both copies of the estimate
             self.estimate[torch.from_numpy(ids[received])] += decoded[torch.from_numpy(received)]
         reach = ids
-        if tree is not None and tree.failures:      # a leaf aggregator down: its clients get nothing
+        if tree is not None and tree.failures:      # an aggregator down: its clients get nothing
             cut = tree.down_at(r)[tree.leaf_of[ids]]
             received &= ~cut
             self.cut_off += int(cut.sum())
@@ -286,10 +286,11 @@ class SyncFLDriver(Driver):
         tree = self.round_tree
         node, per_tier = tree.leaf_of[ids], np.zeros(tree.depth + 1, dtype=np.int64)
         per_tier[-1] = client_bytes
-        for level in range(tree.depth - 1, -1, -1):
-            active = np.unique(node)
-            per_tier[level] = len(active) * nbytes
-            node = tree.parents[level][active]
+        for level in range(tree.depth - 1, -1, -1):     # an aggregator re-homed to the server
+            parent = tree.parents[level][np.unique(node)]   # gets its copy on the server's link
+            per_tier[level] += int((parent >= 0).sum()) * nbytes
+            per_tier[0] += int((parent < 0).sum()) * nbytes
+            node = parent[parent >= 0]
         tiers += per_tier
         self.tiers_down_round = per_tier
         return int(per_tier.sum())
