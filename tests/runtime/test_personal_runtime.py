@@ -57,6 +57,59 @@ def test_personalized_fl_on_real_processes_equals_the_simulator(write_config, tm
     assert float(real[-1]["personal_accuracy"]) > float(real[0]["personal_accuracy"])
 
 
+def test_fedins_on_real_processes_equals_the_simulator(write_config, tmp_path):
+    """FedIns: every process pre-trains the same backbone on the public rows (seeded, one
+    thread each, as the tests run the simulator), so the pools the clients train and the
+    coordinator averages give the simulator's metrics, global and per client."""
+    cfg = _cfg("fedins", {"pool_size": 5, "top_k": 2, "lam": 0.1})
+    cfg["partition"]["public_fraction"] = 0.1
+    cfg["model"] = {"name": "mlp", "params": {"hidden": [16]},
+                    "pretrain": {"steps": 30, "lr": 0.05, "batch_size": 32}}
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real" / "metrics.csv"), _rows(tmp_path / "sim" / "metrics.csv")
+    for column in COLUMNS:
+        assert [r[column] for r in real] == [r[column] for r in sim], column
+    assert (tmp_path / "real" / "clients.csv").read_text() == (tmp_path / "sim" / "clients.csv").read_text()
+    assert float(real[-1]["test_accuracy"]) > float(real[0]["test_accuracy"])
+
+
+def test_a_client_whose_pre_trained_model_differs_is_refused_at_join(write_config, tmp_path):
+    """With ``model.pretrain`` the frozen backbone never travels: a client's Join carries the
+    SHA-256 of the model it built, and a live coordinator refuses one that differs (another
+    machine's math gave other bits) or is missing, in one line, and accepts its own."""
+    from gossamer.runtime.common import model_digest
+
+    cfg = _cfg("fedins", {"pool_size": 5, "top_k": 2})
+    cfg["partition"]["public_fraction"] = 0.1
+    cfg["model"] = {"name": "mlp", "params": {"hidden": [16]},
+                    "pretrain": {"steps": 10, "lr": 0.05, "batch_size": 32}}
+    coordinator = Coordinator(config.load(write_config(cfg)), tmp_path / "run")
+    server = coordinator.start_server()
+    mine = model_digest(coordinator.exp)
+    assert len(mine) == 32 and model_digest(make_coordinator(config.load(write_config(_cfg("fedavg"))),
+                                                             tmp_path / "flat").exp) == b""
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+        join = channel.unary_unary(schema.method("Coordinator", "Join"))
+        size = int(coordinator.exp.trainer.sizes[0])
+
+        def reply(digest):
+            return schema.JoinReply.FromString(join(schema.JoinRequest(
+                node_id=0, run_id="gossamer", num_samples=size, model_digest=digest).SerializeToString(),
+                timeout=30, wait_for_ready=True))
+
+        for digest in (bytes(32), mine[:-1] + bytes([mine[-1] ^ 1]), b""):
+            got = reply(digest)
+            assert not got.ok and "pre-trained model (model.pretrain) differs" in got.reason
+            assert 0 not in coordinator.clients
+        assert reply(mine).ok and 0 in coordinator.clients
+        channel.close()
+    finally:
+        server.stop(grace=None)
+
+
 @pytest.mark.parametrize("name, masked, local", [
     ("fedavg", False, {"lr": 0.2}),
     ("fedpub", True, {"optimizer": "adamw", "lr": 0.01})])     # FED-PUB's authors train with Adam

@@ -29,6 +29,22 @@ class RunFailed(RuntimeError):
     reports it in one line with exit code 3. The last checkpoint stays for ``--resume``."""
 
 
+def model_digest(exp) -> bytes:
+    """SHA-256 of the model a process built, when it pre-trained part of it (``model.pretrain``:
+    FedIns' frozen backbone never travels, so every process pre-trains its own and a client's
+    ``Join`` carries this digest, which the coordinator compares with its own); empty
+    otherwise (the model that trains travels with every task)."""
+    if exp.cfg.model.pretrain is None:
+        return b""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(exp.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()
+
+
 def security(cfg: ExperimentConfig, *, node: int | None = None, peer: bool = False) -> SecurityConfig:
     """The checked security settings of node ``node`` (None: the coordinator); ``peer``: for a
     decentralized peer, which has no server to hold the node secret, so node ids are bound by
@@ -115,9 +131,6 @@ def refuse_simulator_only(cfg) -> None:
     if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
                           "(real processes run ditto, fedrep, fedcac and fedpub); use `gossamer run`")
-    if cfg.model.pretrain is not None:               # FedIns too (it needs a pre-trained model)
-        raise ConfigError("model.pretrain", "pre-training on public rows (and FedIns) runs in the "
-                          "simulator only so far; use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

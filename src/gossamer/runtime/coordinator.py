@@ -36,7 +36,7 @@ from gossamer.metrics.runstore import (
 )
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, parse, read_counted_model
-from gossamer.runtime.common import RunFailed, grpc_options, limits, log, security
+from gossamer.runtime.common import RunFailed, grpc_options, limits, log, model_digest, security
 from gossamer.runtime.guard import Busy, CallerGuard, Refused
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
 
@@ -68,6 +68,7 @@ class BaseCoordinator:
         self.guard = CallerGuard(self.security, max_inflight=rt.max_inflight_per_client,
                                  stream_timeout_s=rt.upload_timeout_s, max_rejections=rt.max_rejections)
         # the most samples each client may claim: its shard as the server knows it, capped
+        self.model_digest = model_digest(self.exp)     # model.pretrain: clients must match it
         self.max_samples = np.minimum(self.exp.trainer.sizes, rt.max_client_samples or np.iinfo(np.int64).max)
         self.numel = self.exp.spec.numel
         self.upload_numel = self.algorithm.upload_vectors * self.numel
@@ -126,6 +127,12 @@ class BaseCoordinator:
         except Refused as exc:
             self._refused(exc)
             return schema.JoinReply(ok=False, reason=str(exc)).SerializeToString()
+        if req.model_digest != self.model_digest:      # not hostile: a different build
+            log.warning("client %d's pre-trained model differs from this process's", node)
+            return schema.JoinReply(ok=False, reason=(
+                f"client {node}'s pre-trained model (model.pretrain) differs from this process's: "
+                "the same config pre-trained on another machine gave other bits (different "
+                "torch, math library or thread count?)")).SerializeToString()
         with self.lock:
             self.clients[node] = int(req.num_samples)
             self.stale.discard(node)

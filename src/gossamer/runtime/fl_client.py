@@ -54,6 +54,7 @@ from gossamer.runtime.common import (
     grpc_options,
     limits,
     log,
+    model_digest,
     refuse_simulator_only,
     retry,
     security,
@@ -140,7 +141,8 @@ class Client(Rehoming):
 
     def join(self) -> None:
         req = schema.JoinRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
-                                 num_samples=self.num_samples).SerializeToString()
+                                 num_samples=self.num_samples,
+                                 model_digest=model_digest(self.exp)).SerializeToString()
         reply = parse(schema.JoinReply, self._retry(lambda: self._join(req, timeout=10), "join"))
         if not reply.ok:
             raise RuntimeError(f"server refused client {self.node}: {reply.reason}")
