@@ -33,6 +33,8 @@ Ways:
   fedcac_t03  FedCAC, tau 0.3, beta 10 (the best of tau 0.3/0.5/0.8 x beta 3/10 on MNIST)
   fedpub      FED-PUB, tau 10, L1 1e-3 on the masks, proximal 1e-3 (the authors' defaults)
   fedpub_t100 FED-PUB with tau 100 (sharper similarity weights; an ablation)
+  fedpub_keep FED-PUB with each client's Adam state kept between its rounds, as the authors'
+              clients keep it (needs --optimizer adamw)
 Printed per way: the mean over seeds (and the spread, min-max) of the clients' mean accuracy
 and of the mean over the worst 10% of clients, at the last round; bytes sent; simulated time.
 """
@@ -55,6 +57,8 @@ WAYS = {
     "fedcac_t03": ({"name": "fedcac", "params": {"tau": 0.3, "beta": 10}}, {}),
     "fedpub": ({"name": "fedpub", "params": {"tau": 10.0, "l1": 1e-3, "loc_l2": 1e-3}}, {}),
     "fedpub_t100": ({"name": "fedpub", "params": {"tau": 100.0, "l1": 1e-3, "loc_l2": 1e-3}}, {}),
+    "fedpub_keep": ({"name": "fedpub", "params": {"tau": 10.0, "l1": 1e-3, "loc_l2": 1e-3,
+                                                  "keep_optimizer_state": True}}, {}),
 }
 SBM = {"num_clients": 20, "nodes": 3000, "communities": 20, "classes": 5, "p_in": 0.1,
        "p_out": 0.002, "homophily": 0.8, "label_alpha": 1.0, "features": 16, "noise": 4.0,

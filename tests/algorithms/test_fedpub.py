@@ -140,6 +140,33 @@ def test_graph_runs_resume_bit_identically(tmp_path, name):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
 
 
+def test_kept_adam_state_carries_over_between_a_clients_rounds(tmp_path):
+    """``keep_optimizer_state``: each client's Adam moments and step count live in the client
+    store from one round to its next (after 3 rounds of 2 steps every client has taken 6),
+    the run differs from fresh-per-round Adam, and it resumes bit-identically (the store is in
+    the checkpoint). It needs ``local.optimizer: adamw``."""
+    adam = {"epochs": 2, "batch_size": 1, "optimizer": "adamw", "lr": 0.01}
+    kept = _sbm(algorithm={"name": "fedpub", "params": {"keep_optimizer_state": True}}, local=adam)
+    driver = SyncFLDriver(build_experiment(config.validate(kept)))
+    fresh = SyncFLDriver(build_experiment(config.validate(_sbm(local=adam))))
+    assert fresh.client_state is None
+    for _ in range(3):
+        driver.run_round()
+        fresh.run_round()
+    state = driver.client_state.get(np.arange(4))
+    numel = driver.exp.spec.numel
+    assert state.shape == (4, 2 * numel + 1) and state[:, -1].tolist() == [6.0] * 4
+    assert float(state[:, numel:2 * numel].min()) >= 0 and float(state[:, numel:2 * numel].max()) > 0
+    assert not torch.equal(driver.personal, fresh.personal)
+    rest = run_split(kept, tmp_path, split=1, total=3)
+    rest.run()
+    for file in ("metrics.csv", "clients.csv"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    with pytest.raises(ConfigError, match="local.optimizer"):
+        build_experiment(config.validate(_sbm(algorithm={"name": "fedpub",
+                                                         "params": {"keep_optimizer_state": True}})))
+
+
 @pytest.mark.parametrize("change, field", [
     ({"model": {"name": "gcn", "params": {"hidden": 8}}}, "model.name: fedpub needs a masked model"),
     ({"model": {"name": "mlp"}, "algorithm": {"name": "fedavg"}}, "model.name: dataset sbm labels every node"),

@@ -110,15 +110,17 @@ def test_a_client_whose_pre_trained_model_differs_is_refused_at_join(write_confi
         server.stop(grace=None)
 
 
-@pytest.mark.parametrize("name, masked, local", [
-    ("fedavg", False, {"lr": 0.2}),
-    ("fedpub", True, {"optimizer": "adamw", "lr": 0.01})])     # FED-PUB's authors train with Adam
-def test_graph_clients_on_real_processes_equal_the_simulator(write_config, tmp_path, name, masked, local):
+@pytest.mark.parametrize("name, masked, local, params", [
+    ("fedavg", False, {"lr": 0.2}, {}),
+    ("fedpub", True, {"optimizer": "adamw", "lr": 0.01}, {}),     # FED-PUB's authors train with Adam
+    ("fedpub", True, {"optimizer": "adamw", "lr": 0.01}, {"keep_optimizer_state": True})])
+def test_graph_clients_on_real_processes_equal_the_simulator(write_config, tmp_path, name, masked, local,
+                                                             params):
     """FedAvg and FED-PUB with a GCN on SBM subgraphs: each client process evaluates on its
     own test nodes (the dataset's split) and reports hits out of its test nodes, not its one
     sample; FED-PUB's clients upload their embeddings on the proxy graph with their models and
-    train with Adam (fresh state per round in both executors)."""
-    cfg = _cfg(name)
+    train with Adam, its state fresh each round or kept in the client process."""
+    cfg = _cfg(name, params)
     cfg["data"] = {"dataset": "sbm", "params": {"num_clients": 4, "nodes": 240, "communities": 4,
                                                 "classes": 3, "features": 8, "noise": 2.0}}
     cfg["partition"] = {"name": "natural", "num_nodes": 4}

@@ -65,6 +65,7 @@ class FedPub(Personalized):
     tau: float = 10.0
     l1: float = 1e-3
     loc_l2: float = 1e-3
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +73,34 @@ class FedPub(Personalized):
             raise ValueError("tau must be >= 0")
         if not self.l1 >= 0 or not self.loc_l2 >= 0:
             raise ValueError("l1 and loc_l2 must be >= 0")
+
+    # --- the clients' Adam state (keep_optimizer_state) ------------------------------------------
+    @property
+    def local_optimizer(self) -> str | None:
+        return "adamw" if self.keep_optimizer_state else None
+
+    @property
+    def client_state_vectors(self) -> int:
+        return 2 if self.keep_optimizer_state else 0          # m and v (and one step count)
+
+    def init_client_state(self, numel: int) -> torch.Tensor | None:
+        return torch.zeros(2 * numel + 1) if self.keep_optimizer_state else None
+
+    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None
+                        ) -> LocalObjective | None:
+        base = super().local_objective(payload, None)
+        if not self.keep_optimizer_state:
+            return base
+        if client_state is None:
+            raise ValueError("fedpub with keep_optimizer_state needs the clients' Adam state")
+        return replace(base or LocalObjective(), optimizer_state=client_state)
+
+    def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
+                      client_state: torch.Tensor | None, steps, lr: float):
+        """The trained models; with ``keep_optimizer_state`` the Adam state local training
+        updated in place (:attr:`LocalObjective.optimizer_state`)."""
+        uploads, _ = super().client_update(trained, payload, None, steps, lr)
+        return uploads, client_state if self.keep_optimizer_state else None
 
     def personal_init(self, init: torch.Tensor) -> torch.Tensor:
         """Two models per client ``[2P]``: the one it evaluates (its last trained model) and the
