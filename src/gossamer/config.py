@@ -723,13 +723,16 @@ class HierarchyConfig(_Strict):
     leaves in ``contiguous`` id ranges or ``random``ly, one ``links`` entry per level (default
     links when empty), aggregators down for some rounds (``failures``), whose clients are cut
     off or, with ``rehome``, reach the next leaf that is up (a down leaf) or reach the server
-    through their leaf directly (a down aggregator above the leaves)."""
+    through their leaf directly (a down aggregator above the leaves); ``clients_per_instance``
+    scales each leaf with the round's load (LIFL), one instance per that many clients."""
 
     levels: list[int] = Field(default_factory=list)
     assign: Literal["contiguous", "random"] = "contiguous"
     links: list[HierarchyLinkConfig] = Field(default_factory=list)
     failures: list[HierarchyFailureConfig] = Field(default_factory=list)
     rehome: bool = False          # clients and aggregators re-home as real processes do
+    # LIFL's scaling with load: a leaf serving more of a round's clients runs more instances
+    clients_per_instance: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _shape(self) -> HierarchyConfig:

@@ -237,3 +237,53 @@ def test_a_run_with_a_down_top_aggregator(rehome):
         assert ups == [12 * client_up + 6 * partial, 6 * client_up + 3 * partial, 12 * client_up + 6 * partial]
         assert out["clients_cut_off"] == 6
         assert not torch.equal(tree.state.params, whole.state.params)
+
+
+def test_a_loaded_leaf_runs_more_instances():
+    """LIFL's scaling with load, written out by hand: one leaf serving 4 of the round's
+    clients at 2 per instance runs 2 instances, each taking 2 clients in id order on a link of
+    its own, each sending its partial to the server; the mean is unchanged."""
+    tree = build_tree([1], [Link(0.5, 10.0)], 5, "contiguous", 0)
+    clients = np.array([0, 1, 3, 4])
+    assert tree.scaled(clients, 4) is tree and tree.scaled(clients, None) is tree
+    scaled = tree.scaled(clients, 2)
+    assert scaled.parents[0].tolist() == [-1, -1] and scaled.leaf_of.tolist() == [0, 0, 0, 1, 1]
+    arrival, sizes = np.array([1.0, 2.0, 1.0, 1.0]), np.full(4, 10.0)
+    done, messages = upward(tree, clients, arrival, sizes, partial_bytes=30)
+    # one leaf: 1 -> 2, 2 -> 3, -> 4, -> 5, then 0.5 + 3: 8.5
+    assert done == pytest.approx(8.5) and messages.tolist() == [1]
+    done, messages = upward(scaled, clients, arrival, sizes, partial_bytes=30)
+    # instance 0 takes clients 0, 1: 1 -> 2, 2 -> 3, forwards at 6.5; instance 1 (3, 4): 1 -> 3, 6.5
+    assert done == pytest.approx(6.5) and messages.tolist() == [2]
+    assert downward_s(scaled, clients, 10).tolist() == pytest.approx([2.5] * 4)     # 0.5 + 2 x 1 s
+    assert downward_s(tree, clients, 10).tolist() == pytest.approx([4.5] * 4)       # 0.5 + 4 x 1 s
+    rows, weights = torch.randn(4, 20), torch.rand(4) + 0.1
+    assert torch.allclose(tree_mean(scaled, clients, rows, weights), (weights / weights.sum()) @ rows, atol=1e-6)
+
+
+def test_a_run_scaled_with_load_finishes_rounds_sooner_with_the_same_model(tmp_path):
+    """FedAvg on one leaf of 12 clients whose link is the bottleneck: at 3 clients per
+    instance the leaf runs 4 instances every round (12 extra over 4 rounds), the server's link
+    takes 4 partials a round instead of 1, rounds finish sooner, the model is the unscaled
+    tree's to float rounding, and the run resumes bit-identically; real processes refuse it."""
+    slow = [{"latency_s": 0.01, "bandwidth_Bps": 2e5}]
+    one = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [1], "links": slow}))))
+    scaled_cfg = _config(hierarchy={"levels": [1], "links": slow, "clients_per_instance": 3})
+    many = SyncFLDriver(build_experiment(config.validate(scaled_cfg)))
+    for _ in range(4):
+        one.run_round()
+        many.run_round()
+    numel = many.exp.spec.numel
+    partial = wire.encoded_size(numel + 1)
+    out = many.summary()["hierarchy"]
+    assert out["extra_instances"] == 12 and out["bytes_up_by_tier"][0] == 4 * 4 * partial
+    assert one.summary()["hierarchy"]["bytes_up_by_tier"][0] == 4 * partial
+    assert many.sim_time < one.sim_time
+    assert float((many.state.params - one.state.params).abs().max()) < 1e-6
+    scaled_cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    rest = run_split(scaled_cfg, tmp_path, split=2, total=4)
+    rest.run()
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    from gossamer.runtime.fl_server import Coordinator
+    with pytest.raises(ConfigError, match="hierarchy.clients_per_instance"):
+        Coordinator.check_config(config.validate(scaled_cfg))

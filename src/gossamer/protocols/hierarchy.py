@@ -125,6 +125,26 @@ class Tree:
             target[leaf] = nxt
         return replace(self, parents=tuple(parents), leaf_of=target[self.leaf_of], failures=())
 
+    def scaled(self, clients: np.ndarray, per_instance: int | None) -> Tree:
+        """The round's tree with LIFL's scaling of aggregators with load: a leaf that serves
+        more than ``per_instance`` of the round's ``clients`` runs ``ceil(n / per_instance)``
+        instances, each with a link of its own (the level's), taking ``per_instance`` of its
+        clients in id order (the first stays the leaf itself) and sending its own partial to
+        the leaf's parent. Itself when no leaf is over ``per_instance`` (or it is None)."""
+        leaves = len(self.parents[-1])
+        leaf = self.leaf_of[clients]
+        counts = np.bincount(leaf, minlength=leaves)
+        if per_instance is None or counts.max(initial=0) <= per_instance:
+            return self
+        leaf_of, parent = self.leaf_of.copy(), list(self.parents[-1].tolist())
+        for a in np.flatnonzero(counts > per_instance):
+            members = np.sort(clients[leaf == a])
+            for lo in range(per_instance, len(members), per_instance):
+                leaf_of[members[lo:lo + per_instance]] = len(parent)
+                parent.append(int(self.parents[-1][a]))
+        return replace(self, parents=self.parents[:-1] + (np.array(parent, dtype=np.int64),),
+                       leaf_of=leaf_of)
+
     def home(self, node: int) -> int:
         """The leaf aggregator client ``node`` is assigned to."""
         return self.number(self.depth - 1, int(self.leaf_of[node]))

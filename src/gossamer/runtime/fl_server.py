@@ -120,6 +120,10 @@ class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
             raise ConfigError("contribution.methods", "contribution scores need each client's "
                               "upload; with hierarchy.levels the coordinator holds the "
                               "aggregators' sums only (the simulator scores them)")
+        if cfg.hierarchy.clients_per_instance is not None:
+            raise ConfigError("hierarchy.clients_per_instance", "real aggregators are the processes "
+                              "`gossamer launch` starts, one per aggregator: scaling them with load is "
+                              "simulated only")
         if cfg.hierarchy.failures:
             raise ConfigError("hierarchy.failures", "real processes fail for real: kill an "
                               "aggregator (its clients re-home); failures are simulated only")

@@ -63,6 +63,7 @@ class SyncFLDriver(Driver):
         self.partial_bytes = wire.encoded_size(numel + 1)  # an aggregator's weighted sum and weight
         self.cut_off = 0                                   # selected clients under a failed leaf
         self.rehomed = 0                                   # ... that reached another leaf instead
+        self.instances = 0                                 # extra leaf instances, summed over rounds
         self.round_tree = exp.hierarchy                    # the tree as this round has it
         self.dp = exp.cfg.privacy.dp                    # differential privacy (docs/privacy.md)
         self.dp_ledger = build_ledger(exp.cfg, numel, exp.trainer.sizes, exp.num_nodes)
@@ -133,6 +134,11 @@ class SyncFLDriver(Driver):
         if tree is not None and exp.cfg.hierarchy.rehome:    # as real clients and aggregators do
             self.round_tree = tree.rehomed(r)
             self.rehomed += int((self.round_tree.leaf_of[ids] != tree.leaf_of[ids]).sum())
+            tree = self.round_tree
+        if tree is not None and exp.cfg.hierarchy.clients_per_instance is not None:   # LIFL's scaling
+            served = ids[~tree.down_at(r)[tree.leaf_of[ids]]] if tree.failures else ids
+            self.round_tree = tree.scaled(served, exp.cfg.hierarchy.clients_per_instance)
+            self.instances += len(self.round_tree.parents[-1]) - len(tree.parents[-1])
             tree = self.round_tree
         if tree is not None:                        # down the tree of aggregators first
             down_s = down_s + downward_s(tree, ids, down_bytes)
@@ -534,7 +540,9 @@ class SyncFLDriver(Driver):
                                 "bytes_up_by_tier": [int(b) for b in self.tiers_up],
                                 "bytes_down_by_tier": [int(b) for b in self.tiers_down],
                                 "clients_cut_off": self.cut_off,
-                                **({"clients_rehomed": self.rehomed} if self.exp.cfg.hierarchy.rehome else {})}
+                                **({"clients_rehomed": self.rehomed} if self.exp.cfg.hierarchy.rehome else {}),
+                                **({"extra_instances": self.instances}
+                                   if self.exp.cfg.hierarchy.clients_per_instance is not None else {})}
         return out
 
     def extra_files(self) -> dict[str, str]:
@@ -567,7 +575,7 @@ class SyncFLDriver(Driver):
         if self.exp.hierarchy is not None:
             state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
                          tiers_down=torch.from_numpy(self.tiers_down.copy()), cut_off=self.cut_off,
-                         rehomed=self.rehomed)
+                         rehomed=self.rehomed, instances=self.instances)
         if self.personal is not None:
             state["personal"] = self.personal.clone()
         return state
@@ -602,6 +610,7 @@ class SyncFLDriver(Driver):
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
             self.cut_off = int(state.get("cut_off", 0))
             self.rehomed = int(state.get("rehomed", 0))
+            self.instances = int(state.get("instances", 0))
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
