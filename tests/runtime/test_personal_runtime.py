@@ -36,6 +36,20 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+def _equal_to_the_simulator(write_config, tmp_path, cfg):
+    """Launch ``cfg`` on real processes and run it in the simulator: every round's COLUMNS and
+    clients.csv must be equal; returns the real run's rows."""
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real" / "metrics.csv"), _rows(tmp_path / "sim" / "metrics.csv")
+    assert len(real) == len(sim)
+    for column in COLUMNS:
+        assert [r[column] for r in real] == [r[column] for r in sim], column
+    assert (tmp_path / "real" / "clients.csv").read_text() == (tmp_path / "sim" / "clients.csv").read_text()
+    return real
+
+
 @pytest.mark.parametrize("name, params, over", [
     ("ditto", {"lam": 0.1}, {}),
     ("fedrep", {"head_layers": 1, "head_epochs": 2}, {}),
@@ -46,14 +60,8 @@ def test_personalized_fl_on_real_processes_equals_the_simulator(write_config, tm
     """Ditto's v and FedRep's head live in the client processes, FedCAC's rows in the
     coordinator, FedAvg's fine-tuning happens in each client before it evaluates: every
     round's global and per-client metrics and clients.csv equal the simulator's."""
-    path = write_config(_cfg(name, params, **over))
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real" / "metrics.csv"), _rows(tmp_path / "sim" / "metrics.csv")
-    assert len(real) == len(sim) == 4
-    for column in COLUMNS:
-        assert [r[column] for r in real] == [r[column] for r in sim], column
-    assert (tmp_path / "real" / "clients.csv").read_text() == (tmp_path / "sim" / "clients.csv").read_text()
+    real = _equal_to_the_simulator(write_config, tmp_path, _cfg(name, params, **over))
+    assert len(real) == 4
     assert float(real[-1]["personal_accuracy"]) > float(real[0]["personal_accuracy"])
 
 
@@ -65,13 +73,7 @@ def test_fedins_on_real_processes_equals_the_simulator(write_config, tmp_path):
     cfg["partition"]["public_fraction"] = 0.1
     cfg["model"] = {"name": "mlp", "params": {"hidden": [16]},
                     "pretrain": {"steps": 30, "lr": 0.05, "batch_size": 32}}
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real" / "metrics.csv"), _rows(tmp_path / "sim" / "metrics.csv")
-    for column in COLUMNS:
-        assert [r[column] for r in real] == [r[column] for r in sim], column
-    assert (tmp_path / "real" / "clients.csv").read_text() == (tmp_path / "sim" / "clients.csv").read_text()
+    real = _equal_to_the_simulator(write_config, tmp_path, cfg)
     assert float(real[-1]["test_accuracy"]) > float(real[0]["test_accuracy"])
 
 
@@ -126,13 +128,7 @@ def test_graph_clients_on_real_processes_equal_the_simulator(write_config, tmp_p
     cfg["partition"] = {"name": "natural", "num_nodes": 4}
     cfg["model"] = {"name": "gcn", "params": {"hidden": 16, "masked": masked}}
     cfg["local"] = {"epochs": 3, "batch_size": 1, **local}
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real" / "metrics.csv"), _rows(tmp_path / "sim" / "metrics.csv")
-    for column in COLUMNS:
-        assert [r[column] for r in real] == [r[column] for r in sim], column
-    assert (tmp_path / "real" / "clients.csv").read_text() == (tmp_path / "sim" / "clients.csv").read_text()
+    _equal_to_the_simulator(write_config, tmp_path, cfg)
     assert min(int(r["test_rows"]) for r in _rows(tmp_path / "real" / "clients.csv")) > 1   # test nodes
 
 

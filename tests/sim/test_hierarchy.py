@@ -64,6 +64,17 @@ def _config(**over):
     return cfg
 
 
+def _rounds(tree, whole, rounds):
+    """Run both drivers ``rounds`` rounds; the bytes ``tree`` sent up in each."""
+    ups = []
+    for _ in range(rounds):
+        before = tree.bytes_up
+        tree.run_round()
+        whole.run_round()
+        ups.append(tree.bytes_up - before)
+    return ups
+
+
 def test_hierarchical_fedavg_is_flat_fedavg_with_less_on_the_server_link():
     flat = SyncFLDriver(build_experiment(config.validate(_config())))
     tree = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [3]}))))
@@ -115,12 +126,7 @@ def test_with_rehome_a_failed_leafs_clients_reach_the_next_leaf(tmp_path):
     assert tree.exp.hierarchy.rehomed(2).leaf_of.tolist() == [0] * 4 + [2] * 8
     assert tree.exp.hierarchy.rehomed(4) is tree.exp.hierarchy
     numel = tree.exp.spec.numel
-    ups = []
-    for _ in range(4):
-        before = tree.bytes_up
-        tree.run_round()
-        whole.run_round()
-        ups.append(tree.bytes_up - before)
+    ups = _rounds(tree, whole, 4)
     client_up, partial = wire.encoded_size(numel), wire.encoded_size(numel + 1)
     assert ups == [12 * client_up + 3 * partial, 12 * client_up + 2 * partial,
                    12 * client_up + 2 * partial, 12 * client_up + 3 * partial]
@@ -154,12 +160,7 @@ def test_a_failed_leaf_aggregator_cuts_its_clients_off_for_those_rounds(tmp_path
     tree = SyncFLDriver(build_experiment(config.validate(cfg)))
     whole = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": [3]}))))
     numel = tree.exp.spec.numel
-    ups = []
-    for _ in range(4):
-        before = tree.bytes_up
-        tree.run_round()
-        whole.run_round()
-        ups.append(tree.bytes_up - before)
+    ups = _rounds(tree, whole, 4)
     client_up = wire.encoded_size(numel)
     partial = wire.encoded_size(numel + 1)
     assert ups == [12 * client_up + 3 * partial, 8 * client_up + 2 * partial,
@@ -220,12 +221,7 @@ def test_a_run_with_a_down_top_aggregator(rehome):
     whole = SyncFLDriver(build_experiment(config.validate(_config(hierarchy={"levels": levels}))))
     numel = tree.exp.spec.numel
     client_up, partial = wire.encoded_size(numel), wire.encoded_size(numel + 1)
-    ups = []
-    for _ in range(3):
-        before = tree.bytes_up
-        tree.run_round()
-        whole.run_round()
-        ups.append(tree.bytes_up - before)
+    ups = _rounds(tree, whole, 3)
     out = tree.summary()["hierarchy"]
     if rehome:
         # round 2: 12 uploads, 4 leaf partials (2 to aggregator 1, 2 to the server), 1 from
