@@ -100,3 +100,33 @@ def test_trackers_leave_the_metrics_unchanged_and_bad_ones_are_one_line(tmp_path
     assert main(["run", str(path), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output.trackers.0.name" in err[0] and "tensorboard" in err[0]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+def test_real_processes_send_their_rows_to_the_trackers(tmp_path, algorithm):
+    """`gossamer launch` with `output.trackers`: the coordinator sends each row as it writes
+    it, decentralized peers' merged rows are sent when the run ends; TensorBoard holds every
+    round's test accuracy as metrics.csv has it. A tracker given a parameter it does not take
+    is one line before any process starts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_config(algorithm, stop={"rounds": 2})
+    cfg["partition"] = {"name": "iid", "num_nodes": 3}
+    cfg["runtime"] = {"round_timeout_s": 30, "join_timeout_s": 60, "poll_interval_s": 0.05,
+                      "threads_per_process": 1}
+    cfg["output"] = {"progress": False, "trackers": [{"name": "tensorboard"}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(config.dump(config.validate(cfg)))
+    out = tmp_path / "run"
+    assert main(["launch", str(path), "--out", str(out)]) == 0
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("test_accuracy")
+    assert [s.step for s in scalars] == [int(r["round"]) for r in rows] and len(rows) == 3
+    assert [s.value for s in scalars] == pytest.approx([float(r["test_accuracy"]) for r in rows], abs=1e-6)
+    cfg["output"]["trackers"] = [{"name": "tensorboard", "params": {"logdir": "x"}}]
+    path.write_text(config.dump(config.validate(cfg)))
+    assert main(["launch", str(path), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad" / "metrics.csv").exists()

@@ -78,6 +78,7 @@ class MetricsWriter:
         self.path, self.columns, self.durable = path, columns, durable
         self.rows: list[dict[str, Any]] = []
         self._unsynced = False
+        self.listeners: list[Any] = []      # called with each appended row (experiment trackers)
 
     def load_existing(self, up_to_round: int) -> None:
         """On resume: keep the rows up to the checkpointed round and rewrite the file atomically."""
@@ -114,6 +115,9 @@ class MetricsWriter:
             if self.durable:
                 os.fsync(f.fileno())
         self._unsynced = not self.durable
+        for listener in self.listeners:
+            for row in rows:
+                listener(row)
 
     def sync(self) -> None:
         """Make every appended row durable (fsync), if some is not yet."""

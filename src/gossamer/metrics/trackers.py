@@ -30,6 +30,49 @@ class RunCallback(Protocol):
 TRACKERS: Registry[type] = Registry("tracker")
 
 
+def build_trackers(specs: list[Any]) -> list[RunCallback]:
+    """The trackers ``output.trackers`` names (each ``{name, params}``), built and checked."""
+    from gossamer.config import ConfigError
+
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(TRACKERS.get(spec.name)(**spec.params))
+        except KeyError as exc:
+            raise ConfigError(f"output.trackers.{i}.name", str(exc).strip("'\"")) from None
+        except TypeError as exc:
+            raise ConfigError(f"output.trackers.{i}.params", str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError(f"output.trackers.{i}", str(exc)) from None
+    return out
+
+
+def replay(trackers: list[RunCallback], run_dir: Path, config: dict[str, Any],
+           rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Send a finished run's rows to ``trackers`` (runs whose rows exist only at their end:
+    decentralized peers' merged metrics); numbers written as text are sent as numbers."""
+    for tracker in trackers:
+        tracker.on_start(run_dir, config, resumed=False)
+    for row in rows:
+        parsed = {key: _number(value) for key, value in row.items()}
+        for tracker in trackers:
+            tracker.on_row(parsed)
+    for tracker in trackers:
+        tracker.on_end(summary)
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
+
+
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     """The row's numeric, finite values (``round`` is the step, not a metric)."""
     out = {}

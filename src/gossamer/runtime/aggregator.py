@@ -46,6 +46,8 @@ class Aggregator(Rehoming, Coordinator):
     """Aggregator ``index`` (``protocols/hierarchy.py`` numbers them level by level from the
     top); ``parents``: its parent's address, then addresses to re-home to if it dies."""
 
+    writes_metrics = False         # its parent writes the run's metrics
+
     def __init__(self, cfg: ExperimentConfig, index: int, run_dir: Path, *, parents: list[str],
                  listen: str | None = None) -> None:
         if not cfg.hierarchy.levels:

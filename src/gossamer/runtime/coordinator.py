@@ -34,6 +34,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.metrics.trackers import build_trackers
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, parse, read_counted_model
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, model_digest, security
@@ -48,6 +49,7 @@ class BaseCoordinator:
     the algorithm's pattern."""
 
     pattern = ""
+    writes_metrics = True          # the run's metrics (and output.trackers): not an aggregator
     columns: list[str] = []
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
@@ -83,6 +85,9 @@ class BaseCoordinator:
         self.elapsed_before = 0.0                     # wall seconds of earlier runs (resume)
         self.rejected = 0
         self.metrics = MetricsWriter(self.run_dir / "metrics.csv", self.columns)
+        self.resumed = resume
+        # output.trackers, checked before any client joins; an aggregator writes no metrics
+        self.trackers = build_trackers(cfg.output.trackers) if self.writes_metrics else []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore()
@@ -226,8 +231,14 @@ class BaseCoordinator:
         """Run the whole experiment; returns the summary (also written to summary.json)."""
         start = time.monotonic()
         server = self.start_server()
+        for tracker in self.trackers:
+            tracker.on_start(self.run_dir, self.cfg.to_dict(), resumed=self.resumed)
+        self.metrics.listeners = [tracker.on_row for tracker in self.trackers]
         try:
-            return self._rounds(start)
+            summary = self._rounds(start)
+            for tracker in self.trackers:
+                tracker.on_end(summary)
+            return summary
         except RunFailed as exc:
             log.error("run failed: %s", exc)
             self._write_failure(str(exc), start)

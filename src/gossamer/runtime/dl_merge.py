@@ -25,6 +25,7 @@ from gossamer.config import ExperimentConfig
 from gossamer.experiment import Experiment
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
+from gossamer.metrics.trackers import build_trackers, replay
 from gossamer.protocols import dl_metrics
 
 Rows = list[dict[str, Any]]
@@ -47,6 +48,7 @@ def merge_metrics(cfg: ExperimentConfig, run_dir: Path, killed: list[int] | None
                "wall_time_s": last.get("sim_time_s"), "bytes_sent_total": last.get("bytes_up", 0),
                **extra, "failed_peers": sorted(killed or [])}
     write_json(run_dir / "summary.json", summary)
+    replay(build_trackers(cfg.output.trackers), run_dir, cfg.to_dict(), rows, summary)   # output.trackers
     return summary
 
 

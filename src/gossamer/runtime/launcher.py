@@ -141,10 +141,12 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     """Run ``cfg`` on real processes (``resume``: continue the run in ``run_dir`` from its
     checkpoints); returns the coordinator's (or the worst peer's) exit code."""
     from gossamer.algorithms import ALGORITHMS
+    from gossamer.metrics.trackers import build_trackers
     from gossamer.runtime.common import refuse_simulator_only
     from gossamer.runtime.roles import coordinator_class
 
     refuse_simulator_only(cfg)
+    build_trackers(cfg.output.trackers)              # a bad tracker: one line before anything runs
     algorithm = ALGORITHMS.get(cfg.algorithm.name)
     check = None if algorithm.family == "dl" else getattr(coordinator_class(algorithm.pattern), "check_config", None)
     if check is not None:                            # what the coordinator refuses, before spawning

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gossamer.config import ConfigError, ExperimentConfig, dump
+from gossamer.config import ExperimentConfig, dump
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
@@ -20,7 +20,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
-from gossamer.metrics.trackers import TRACKERS, RunCallback
+from gossamer.metrics.trackers import build_trackers
 from gossamer.sim.allocator import tune_allocator
 from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
@@ -265,21 +265,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
-
-
-def build_trackers(specs: list[Any]) -> list[RunCallback]:
-    """The trackers ``output.trackers`` names (each ``{name, params}``), built and checked."""
-    out = []
-    for i, spec in enumerate(specs):
-        try:
-            out.append(TRACKERS.get(spec.name)(**spec.params))
-        except KeyError as exc:
-            raise ConfigError(f"output.trackers.{i}.name", str(exc).strip("'\"")) from None
-        except TypeError as exc:
-            raise ConfigError(f"output.trackers.{i}.params", str(exc)) from None
-        except ValueError as exc:
-            raise ConfigError(f"output.trackers.{i}", str(exc)) from None
-    return out
 
 
 def run_simulation(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progress: bool,
