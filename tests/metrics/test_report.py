@@ -152,3 +152,22 @@ def test_reports_in_chromium(pages, tmp_path):
         assert pixels.shape[:2] == (3000, 1280)
         assert pixels.std() > 10, key                    # not a blank page
         assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 200, key
+
+
+def test_a_personalized_run_shows_each_clients_accuracy(tmp_path, pages):
+    """A personalized run (per-client test splits) gets its own figure: mean, median and worst
+    10% of the clients' accuracies against round and the histogram of clients.csv; a run
+    without per-client splits gets none."""
+    cfg = small_config("ditto", stop={"rounds": 2})
+    cfg["algorithm"] = {"name": "ditto", "params": {"lam": 0.1}}
+    cfg["partition"] = {"name": "dirichlet", "num_nodes": 6, "params": {"alpha": 0.3}, "test_fraction": 0.25}
+    cfg["output"]["dir"] = str(tmp_path / "ditto")
+    run_dir = Path(gossamer.run(cfg).run_dir)
+    page = tmp_path / "ditto.html"
+    report.write_report([run_dir], page)
+    text = page.read_text()
+    assert f"{run_dir.name}:personal" in _figures(text) and "worst 10% of clients" in text
+    assert "own test split (last evaluation, clients.csv)" in text
+    assert report.Run(run_dir).client_accuracy == pytest.approx(
+        [float(line.split(",")[2]) for line in (run_dir / "clients.csv").read_text().splitlines()[1:]])
+    assert not any(name.endswith(":personal") for name in _figures(pages["fl"].read_text()))

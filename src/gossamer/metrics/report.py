@@ -5,7 +5,8 @@ network access and no JavaScript library; a ten-line inline script only marks, f
 readers, how many figures the browser laid out. Each run gets: accuracy and loss against
 round, simulated time and bytes; the per-node accuracy distribution over time (DL: quantile
 bands of every evaluated node's accuracy from ``nodes.csv``, within the min-max band of
-``metrics.csv``); per-client
+``metrics.csv``); personalized FL's per-client accuracy (mean, median and worst 10% against
+round, and the clients' last accuracies from ``clients.csv``); per-client
 participation, staleness and idle-time histograms (FL accounting in ``summary.json``); a fault
 timeline (``faults.csv`` transitions, configured partitions, Byzantine nodes); the topology
 rebuilt from the config with each node coloured by its final state; the config and the
@@ -81,6 +82,15 @@ def _node_quantiles(path: Path) -> dict[int, list[float]] | None:
     return {r: [float(q) for q in np.quantile(v, QUANTILES)] for r, v in by_round.items()} or None
 
 
+def _client_accuracy(path: Path) -> list[float] | None:
+    """Each client's accuracy on its own test rows from ``clients.csv`` (None: no file)."""
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        values = [float(row["accuracy"]) for row in csv.DictReader(f) if row.get("accuracy")]
+    return [v for v in values if not math.isnan(v)]
+
+
 class Run:
     """What the report reads from one run directory (missing pieces are None)."""
 
@@ -101,6 +111,7 @@ class Run:
         self.config: dict[str, Any] = (yaml.safe_load(self.config_text) or {}) if self.config_text else {}
         self.faults = _read_faults(run_dir / "faults.csv")
         self.node_quantiles = _node_quantiles(run_dir / "nodes.csv")
+        self.client_accuracy = _client_accuracy(run_dir / "clients.csv")
 
     @property
     def finished(self) -> bool:
@@ -192,6 +203,36 @@ def _curves(runs: list[Run], name: str) -> str:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return _svg(fig, name, "accuracy and loss of the global model (FL) or the mean over nodes (DL)")
+
+
+def _personal_figure(run: Run) -> str:
+    """Personalized FL: each client's accuracy on its own test split (mean, median, worst 10%
+    of clients) against round, beside the global model's; the clients' last accuracies."""
+    plt = _plt()
+    hist = run.client_accuracy is not None and len(run.client_accuracy) > 0
+    fig, axes = plt.subplots(1, 2 if hist else 1, figsize=(13 if hist else 6.5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    rounds = run.column("round")
+    for i, (key, label) in enumerate([("personal_accuracy", "mean over clients"),
+                                      ("personal_median", "median client"),
+                                      ("personal_worst10", "worst 10% of clients"),
+                                      ("test_accuracy", "global model, shared test set")]):
+        pts = [(a, b) for a, b in zip(rounds, run.column(key), strict=True) if not math.isnan(b)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", color=f"C{i}", label=label,
+                    linestyle="--" if key == "test_accuracy" else "-")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if hist:
+        ax = axes[0][1]
+        ax.hist(run.client_accuracy, bins=min(20, max(5, len(run.client_accuracy) // 2)), color="C0")
+        ax.set_xlabel("a client's accuracy on its own test split (last evaluation, clients.csv)")
+        ax.set_ylabel("clients")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _svg(fig, f"{run.name}:personal", "personalized FL: every client judged on its own test rows")
 
 
 def _dl_figure(run: Run) -> str:
@@ -452,6 +493,8 @@ def _run_section(run: Run, idx: int) -> str:
     parts.append("<h3>Accuracy and loss</h3>" + _curves([run], f"{run.name}:curves"))
     if run.has("acc_median"):
         parts.append("<h3>Per-node accuracy (decentralized)</h3>" + _dl_figure(run))
+    if run.has("personal_accuracy"):
+        parts.append("<h3>Per-client accuracy (personalized)</h3>" + _personal_figure(run))
     fl = _fl_figure(run)
     if fl:
         parts.append("<h3>Clients: participation, staleness, idle time</h3>" + fl)
