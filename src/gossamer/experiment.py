@@ -769,3 +769,21 @@ def _attach_dynamic(exp: Experiment, dynamic: DynamicTopology) -> None:
         raise ConfigError("topology", f"{cfg.topology.name} with {n} nodes: the union of rounds 1..{window} "
                           "is disconnected; decentralized training cannot reach consensus on it")
     exp.dynamic, exp.topology = dynamic, union.undirected()
+
+
+def build_trackers(specs: list) -> list:
+    """The trackers ``output.trackers`` names (each ``{name, params}``), built and checked
+    (``metrics/trackers.py``; the simulator's runner and the runtime's coordinator use them)."""
+    from gossamer.metrics.trackers import TRACKERS
+
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(TRACKERS.get(spec.name)(**spec.params))
+        except KeyError as exc:
+            raise ConfigError(f"output.trackers.{i}.name", str(exc).strip("'\"")) from None
+        except TypeError as exc:
+            raise ConfigError(f"output.trackers.{i}.params", str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError(f"output.trackers.{i}", str(exc)) from None
+    return out

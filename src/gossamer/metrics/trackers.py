@@ -30,23 +30,6 @@ class RunCallback(Protocol):
 TRACKERS: Registry[type] = Registry("tracker")
 
 
-def build_trackers(specs: list[Any]) -> list[RunCallback]:
-    """The trackers ``output.trackers`` names (each ``{name, params}``), built and checked."""
-    from gossamer.config import ConfigError
-
-    out = []
-    for i, spec in enumerate(specs):
-        try:
-            out.append(TRACKERS.get(spec.name)(**spec.params))
-        except KeyError as exc:
-            raise ConfigError(f"output.trackers.{i}.name", str(exc).strip("'\"")) from None
-        except TypeError as exc:
-            raise ConfigError(f"output.trackers.{i}.params", str(exc)) from None
-        except ValueError as exc:
-            raise ConfigError(f"output.trackers.{i}", str(exc)) from None
-    return out
-
-
 def replay(trackers: list[RunCallback], run_dir: Path, config: dict[str, Any],
            rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Send a finished run's rows to ``trackers`` (runs whose rows exist only at their end:

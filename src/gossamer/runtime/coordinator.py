@@ -27,6 +27,7 @@ import torch
 
 from gossamer.config import ConfigError, ExperimentConfig, dump
 from gossamer.experiment import build as build_experiment
+from gossamer.experiment import build_trackers
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
@@ -34,7 +35,6 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
-from gossamer.metrics.trackers import build_trackers
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, parse, read_counted_model
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, model_digest, security

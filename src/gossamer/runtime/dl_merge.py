@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from gossamer.config import ExperimentConfig
-from gossamer.experiment import Experiment
+from gossamer.experiment import Experiment, build_trackers
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
-from gossamer.metrics.trackers import build_trackers, replay
+from gossamer.metrics.trackers import replay
 from gossamer.protocols import dl_metrics
 
 Rows = list[dict[str, Any]]

@@ -141,7 +141,7 @@ def launch(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
     """Run ``cfg`` on real processes (``resume``: continue the run in ``run_dir`` from its
     checkpoints); returns the coordinator's (or the worst peer's) exit code."""
     from gossamer.algorithms import ALGORITHMS
-    from gossamer.metrics.trackers import build_trackers
+    from gossamer.experiment import build_trackers
     from gossamer.runtime.common import refuse_simulator_only
     from gossamer.runtime.roles import coordinator_class
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gossamer.config import ExperimentConfig, dump
+from gossamer.experiment import build_trackers
 from gossamer.metrics.runstore import (
     MetricsWriter,
     atomic_write_text,
@@ -20,7 +21,6 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
-from gossamer.metrics.trackers import build_trackers
 from gossamer.sim.allocator import tune_allocator
 from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
