@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 
 from gossamer.config import ExperimentConfig
-from gossamer.runtime.codec import Limits
+from gossamer.runtime.codec import Limits, state_hash
 from gossamer.runtime.security import SecurityConfig
 
 T = TypeVar("T")
@@ -36,13 +36,10 @@ def model_digest(exp) -> bytes:
     otherwise (the model that trains travels with every task)."""
     if exp.cfg.model.pretrain is None:
         return b""
-    import hashlib
+    import torch
 
-    h = hashlib.sha256()
-    for name, tensor in sorted(exp.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return h.digest()
+    state = exp.model.state_dict()
+    return state_hash(torch.cat([state[name].reshape(-1).float() for name in sorted(state)]))
 
 
 def security(cfg: ExperimentConfig, *, node: int | None = None, peer: bool = False) -> SecurityConfig:
