@@ -37,9 +37,8 @@ from gossamer.runtime.codec import (
     read_model,
     state_hash,
 )
-from gossamer.runtime.common import Rehoming, grpc_options, log, retry, security
+from gossamer.runtime.common import Rehoming, log, parent_stubs, retry, security
 from gossamer.runtime.fl_server import Coordinator, RoundState
-from gossamer.runtime.security import intercept_channel, make_channel
 
 
 class Aggregator(Rehoming, Coordinator):
@@ -68,11 +67,8 @@ class Aggregator(Rehoming, Coordinator):
     # --- to the parent: a client ---------------------------------------------------------------
     def _connect(self, at: int) -> None:
         self.at = at
-        channel = make_channel(self.addresses[at], self.up_security, grpc_options(self.cfg))
-        self.channel = intercept_channel(channel, self.up_token) if self.up_token else channel
-        self._up_join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
-        self._up_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
-        self._up_put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+        self.channel, self._up_join, self._up_task, self._up_put = parent_stubs(
+            self.addresses[at], self.up_security, self.up_token, self.cfg)
 
     def _call(self, call, what: str):
         """``call`` with retries; re-homing down ``parents`` while one stays unreachable for

@@ -88,6 +88,20 @@ def retry(call: Callable[[], T], *, deadline_s: float, max_backoff_s: float,
             delay = min(max_backoff_s, delay * 2)
 
 
+def parent_stubs(address: str, security: SecurityConfig, token: str | None, cfg: ExperimentConfig):
+    """A channel to the coordinator service at ``address`` (a coordinator or an aggregator,
+    with ``token`` on every call when given) and its ``Join``, ``GetTask`` and ``PutUpdate``
+    calls: what clients and aggregators talk to their parent with."""
+    from gossamer.runtime import schema
+    from gossamer.runtime.security import intercept_channel, make_channel
+
+    channel = make_channel(address, security, grpc_options(cfg))
+    channel = intercept_channel(channel, token) if token else channel
+    return (channel, channel.unary_unary(schema.method("Coordinator", "Join")),
+            channel.unary_stream(schema.method("Coordinator", "GetTask")),
+            channel.stream_unary(schema.method("Coordinator", "PutUpdate")))
+
+
 class Rehoming:
     """A process whose parent (the coordinator or an aggregator) is the first of
     ``addresses``: one that stays unreachable for ``runtime.retry_max_s`` is left for the next

@@ -51,16 +51,15 @@ from gossamer.runtime.codec import (
 )
 from gossamer.runtime.common import (
     Rehoming,
-    grpc_options,
     limits,
     log,
     model_digest,
+    parent_stubs,
     refuse_simulator_only,
     retry,
     security,
 )
 from gossamer.runtime.secagg_round import KIND_ADVERTISE
-from gossamer.runtime.security import intercept_channel, make_channel
 
 
 @dataclass
@@ -118,11 +117,8 @@ class Client(Rehoming):
     def _connect(self, at: int) -> None:
         """Talk to ``servers[at]`` from now on."""
         self.at = at
-        channel = make_channel(self.addresses[at], self.security, grpc_options(self.cfg))
-        self.channel = intercept_channel(channel, self.token) if self.token else channel
-        self._join = self.channel.unary_unary(schema.method("Coordinator", "Join"))
-        self._get_task = self.channel.unary_stream(schema.method("Coordinator", "GetTask"))
-        self._put = self.channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+        self.channel, self._join, self._get_task, self._put = parent_stubs(
+            self.addresses[at], self.security, self.token, self.cfg)
 
     def _retry(self, call, what: str):
         """``call`` with retries on this address (``Rehoming._deadline``)."""
