@@ -135,8 +135,10 @@ class SyncFLDriver(Driver):
             self.round_tree = tree.rehomed(r)
             self.rehomed += int((self.round_tree.leaf_of[ids] != tree.leaf_of[ids]).sum())
             tree = self.round_tree
+        # an aggregator down (not re-homed): the clients below it get nothing this round
+        cut = tree.down_at(r)[tree.leaf_of[ids]] if tree is not None and tree.failures else None
         if tree is not None and exp.cfg.hierarchy.clients_per_instance is not None:   # LIFL's scaling
-            served = ids[~tree.down_at(r)[tree.leaf_of[ids]]] if tree.failures else ids
+            served = ids if cut is None else ids[~cut]
             self.round_tree = tree.scaled(served, exp.cfg.hierarchy.clients_per_instance)
             self.instances += len(self.round_tree.parents[-1]) - len(tree.parents[-1])
             tree = self.round_tree
@@ -150,8 +152,7 @@ class SyncFLDriver(Driver):
         if decoded is not None:     # acknowledged deliveries move both copies of the estimate
             self.estimate[torch.from_numpy(ids[received])] += decoded[torch.from_numpy(received)]
         reach = ids
-        if tree is not None and tree.failures:      # an aggregator down: its clients get nothing
-            cut = tree.down_at(r)[tree.leaf_of[ids]]
+        if cut is not None:
             received &= ~cut
             self.cut_off += int(cut.sum())
             reach = ids[~cut]
