@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from gossamer.algorithms.fl.adam_state import KeptAdamState
 from gossamer.algorithms.fl.personalized import Personalized
 from gossamer.algorithms.local import LocalObjective
 
@@ -46,7 +47,7 @@ def similarity_weights(embeddings: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FedPub(Personalized):
+class FedPub(KeptAdamState, Personalized):
     """FED-PUB (Baek et al., ICML 2023, arXiv:2206.10206). Each client's model multiplies its
     weight matrices by learnable masks that never leave it (a masked model: ``gcn`` or
     ``masked_mlp`` with masks). A selected client trains from the personalized model the server
@@ -80,27 +81,10 @@ class FedPub(Personalized):
         return "adamw" if self.keep_optimizer_state else None
 
     @property
-    def client_state_vectors(self) -> int:
-        return 2 if self.keep_optimizer_state else 0          # m and v (and one step count)
+    def keeps_adam_state(self) -> bool:
+        return self.keep_optimizer_state
 
-    def init_client_state(self, numel: int) -> torch.Tensor | None:
-        return torch.zeros(2 * numel + 1) if self.keep_optimizer_state else None
-
-    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None
-                        ) -> LocalObjective | None:
-        base = super().local_objective(payload, None)
-        if not self.keep_optimizer_state:
-            return base
-        if client_state is None:
-            raise ValueError("fedpub with keep_optimizer_state needs the clients' Adam state")
-        return replace(base or LocalObjective(), optimizer_state=client_state)
-
-    def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
-                      client_state: torch.Tensor | None, steps, lr: float):
-        """The trained models; with ``keep_optimizer_state`` the Adam state local training
-        updated in place (:attr:`LocalObjective.optimizer_state`)."""
-        uploads, _ = super().client_update(trained, payload, None, steps, lr)
-        return uploads, client_state if self.keep_optimizer_state else None
+    missing_state = "fedpub with keep_optimizer_state needs the clients' Adam state"
 
     def personal_init(self, init: torch.Tensor) -> torch.Tensor:
         """Two models per client ``[2P]``: the one it evaluates (its last trained model) and the
