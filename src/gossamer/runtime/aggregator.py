@@ -125,8 +125,7 @@ class Aggregator(Rehoming, Coordinator):
             cur.selected |= nodes
         elif model is not None:
             self._close()
-            frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                model, round=r, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+            frames = self._model_task_frames(model, r)
             self.current = RoundState(r, nodes, {}, frames, model_hash=bytes(header.state_hash),
                                       opened=time.monotonic())
             self.flushed = set()

@@ -39,7 +39,6 @@ from gossamer.metrics.runstore import (
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
 from gossamer.runtime import schema
-from gossamer.runtime.codec import model_frames
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
 from gossamer.runtime.guard import Refused
@@ -103,9 +102,7 @@ class AsyncCoordinator(BaseCoordinator):
     def _frames(self, task: Task) -> list[bytes]:
         key = (task.model, task.version)
         if key not in self.frames:
-            self.frames[key] = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                self.protocol.start_params(task), round=task.version, run_id=self.cfg.runtime.run_id,
-                chunk_bytes=self.limits.chunk_bytes)]
+            self.frames[key] = self._model_task_frames(self.protocol.start_params(task), task.version)
         return self.frames[key]
 
     def _count_down(self, n: int, node: int) -> None:

@@ -36,7 +36,7 @@ from gossamer.metrics.runstore import (
     write_json,
 )
 from gossamer.runtime import schema
-from gossamer.runtime.codec import WireError, parse, read_counted_model
+from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, model_digest, security
 from gossamer.runtime.guard import Busy, CallerGuard, Refused
 from gossamer.runtime.security import TokenAuthInterceptor, add_port
@@ -94,6 +94,11 @@ class BaseCoordinator:
         else:
             atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
             write_json(self.run_dir / "environment.json", environment())
+
+    def _model_task_frames(self, tensor: torch.Tensor, round_: int) -> list[bytes]:
+        """``tensor`` as the serialized frames a task of ``round_`` streams after its header."""
+        return [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
+            tensor, round=round_, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
 
     def _refused(self, exc: Refused) -> bytes:
         """Log a rejection; a proven node's bad message is its failure (and a strike)."""

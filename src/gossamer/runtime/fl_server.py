@@ -43,7 +43,6 @@ from gossamer.runtime.codec import (
     KIND_PARTIAL,
     WireError,
     bytes_frames,
-    model_frames,
     read_counted_model,
     state_hash,
 )
@@ -352,8 +351,7 @@ class Coordinator(SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
             rnd = SyncRound(algo, self.cfg.seed, r, candidates)      # protocols/sync_fl.py
             ids = rnd.selected
             payload = self._payload()
-            frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                payload, round=r, run_id=rt.run_id, chunk_bytes=self.limits.chunk_bytes)]
+            frames = self._model_task_frames(payload, r)
             self.last_round = rnd
             self.current = RoundState(r, {int(i) for i in ids}, {}, frames, protocol=rnd,
                                       opened=time.monotonic(), model_hash=state_hash(payload))

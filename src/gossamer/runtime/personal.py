@@ -23,8 +23,7 @@ import torch
 
 from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
 from gossamer.metrics.runstore import atomic_write_text
-from gossamer.runtime import schema
-from gossamer.runtime.codec import model_frames, state_hash
+from gossamer.runtime.codec import state_hash
 from gossamer.runtime.common import log
 from gossamer.runtime.guard import Refused
 from gossamer.training.evaluator import clients_table, personal_summary
@@ -66,8 +65,7 @@ class PersonalServer:
             rows, algo = self.personal_rows[node:node + 1], self.algorithm
             row = (algo.personal_model(self.state.params, rows, None) if cur.evaluating
                    else algo.train_start(rows))[0]
-            frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                row, round=cur.number, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+            frames = self._model_task_frames(row, cur.number)
             cur.node_frames[node] = (frames, state_hash(row))
         return cur.node_frames[node]
 
@@ -111,8 +109,7 @@ class PersonalServer:
             frames, digest = [], b""
             if self.personal_rows is None and (not algo.personalized or algo.evaluates_with_global):
                 payload = self.state.params.reshape(-1)
-                frames = [schema.TaskFrame(model=f).SerializeToString() for f in model_frames(
-                    payload, round=r, run_id=self.cfg.runtime.run_id, chunk_bytes=self.limits.chunk_bytes)]
+                frames = self._model_task_frames(payload, r)
                 digest = state_hash(payload)
             cur = self.current = type(self.current)(r, nodes, {}, frames, model_hash=digest,
                                                     opened=time.monotonic(), evaluating=True)
