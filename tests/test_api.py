@@ -109,7 +109,7 @@ def test_out_holding_a_run_is_refused_and_resume_continues(tmp_path):
     gossamer.run(tiny(stop={"rounds": 2}), out=tmp_path / "b")
     with pytest.raises(gossamer.UserError, match="already holds a run; pass resume=True"):
         gossamer.run(tiny(), out=tmp_path / "b")
-    with pytest.raises(gossamer.UserError, match="only stop.* and output.progress"):
+    with pytest.raises(gossamer.UserError, match="only stop.*, output.progress and device"):
         gossamer.run(out=tmp_path / "b", resume=True, overrides={"local.lr": 1.0})
     resumed = gossamer.run(out=tmp_path / "b", resume=True, overrides={"stop.rounds": 3})
     assert resumed.summary["rounds"] == 3

@@ -165,12 +165,12 @@ def load_config(config: ConfigLike, overrides: Overrides = None) -> ExperimentCo
                       f"{type(config).__name__}")
 
 
-_RESUME_OVERRIDABLE = ("stop.", "output.progress")
+_RESUME_OVERRIDABLE = ("stop.", "output.progress", "device=")
 
 
 def _resume_config(run_dir: Path, config: ConfigLike | None, sets: list[str]) -> ExperimentConfig:
-    """The stored config of ``run_dir`` (the CLI's ``--resume`` rules: only ``stop.*`` and
-    ``output.progress`` may change; a given config must equal the stored one)."""
+    """The stored config of ``run_dir`` (the CLI's ``--resume`` rules: only ``stop.*``,
+    ``output.progress`` and ``device`` may change; a given config must equal the stored one)."""
     from gossamer import config as config_mod
     from gossamer.metrics.rundir import check_resume
 
@@ -183,8 +183,8 @@ def _resume_config(run_dir: Path, config: ConfigLike | None, sets: list[str]) ->
         raise UserError(f"resume: {run_dir} holds no config.yaml; is it a run directory?")
     bad = [s for s in sets if not s.startswith(_RESUME_OVERRIDABLE)]
     if bad:
-        raise UserError(f"resume: override {bad[0].partition('=')[0]!r}: only stop.* and "
-                        "output.progress may change on resume")
+        raise UserError(f"resume: override {bad[0].partition('=')[0]!r}: only stop.*, "
+                        "output.progress and device may change on resume")
     cfg = config_mod.load(stored, sets)
     if config is not None:
         given = load_config(config, sets)

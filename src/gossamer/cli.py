@@ -28,7 +28,7 @@ def _run_dir(cfg, out: str | None) -> Path:
     return new_run_dir(cfg.output.dir, cfg.name)
 
 
-_RESUME_OVERRIDABLE = ("stop.", "output.progress")
+_RESUME_OVERRIDABLE = ("stop.", "output.progress", "device=")
 
 
 def _load_for_run(args: argparse.Namespace):
@@ -44,7 +44,7 @@ def _load_for_run(args: argparse.Namespace):
         raise UserError(f"--resume: {run_dir} holds no config.yaml; is it a run directory?")
     bad = [s for s in args.set if not s.startswith(_RESUME_OVERRIDABLE)]
     if bad:
-        raise UserError(f"--set {bad[0]}: only stop.* and output.progress may change on --resume")
+        raise UserError(f"--set {bad[0]}: only stop.*, output.progress and device may change on --resume")
     cfg = config_mod.load(stored, args.set)
     if args.config is not None:
         given = config_mod.load(args.config, args.set)

@@ -9,6 +9,7 @@ disconnected topology for D-PSGD) when the experiment is built.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -799,6 +800,11 @@ class ContributionConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0, lt=2**32)
+    # where the simulator computes (docs/devices.md): ``auto`` is ``cuda`` when torch sees a
+    # GPU, else ``cpu``; ``precision``: ``tf32`` lets CUDA matmuls and convolutions use
+    # TensorFloat-32, ``bf16`` trains and evaluates under bfloat16 autocast (fp32 weights)
+    device: str = "cpu"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -817,6 +823,13 @@ class ExperimentConfig(_Strict):
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
     hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig)
     population: PopulationConfig = Field(default_factory=PopulationConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is None:
+            raise ValueError(f"{v!r} is not a device: auto, cpu, cuda or cuda:N")
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gossamer import rng, wire
+from gossamer import devices, rng, wire
 from gossamer.algorithms import ALGORITHMS, Algorithm
 from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.attacks.adversary import Adversary
@@ -68,6 +68,7 @@ class Experiment:
     population: object | None = None          # a registered population's ClientSource (population.lazy)
     clicks: object | None = None              # G-Rank's click model (data/clicks.py); then no
                                               # dataset, model, trainer or evaluator is built
+    device: torch.device = torch.device("cpu")  # where the simulator computes (devices.py)
 
     @property
     def num_nodes(self) -> int:
@@ -106,10 +107,38 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     before anything is allocated (a runtime process holding one node's model passes False;
     the graph is checked either way, every process builds it)."""
     algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
-    if cfg.population.lazy:
-        return _build_registered(cfg, algorithm)
-    if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
-        return _build_ranking(cfg, algorithm)
+    device = devices.resolve(cfg.device)
+    devices.check(device, cfg.precision, algorithm.pattern)
+    if device.type != "cpu" and cfg.population.lazy:
+        raise ConfigError("device", "a registered population (population.lazy) trains its "
+                          "cohorts on the CPU so far; set device: cpu")
+    with torch.device("cpu"):       # built on the host: the same bits on every device
+        if cfg.population.lazy:
+            return _build_registered(cfg, algorithm)
+        if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
+            return _build_ranking(cfg, algorithm)
+        exp = _build_dense(cfg, algorithm, population)
+    _place(exp, device, devices.autocast_dtype(cfg.precision))
+    return exp
+
+
+def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None) -> None:
+    """Move what the simulator computes with onto ``device`` (docs/devices.md): the trainer's
+    and evaluators' data and workspaces, the initial model, the mixing matrix."""
+    exp.device = device
+    exp.init_params = exp.init_params.to(device)
+    exp.trainer.place(device, autocast)
+    exp.evaluator.place(device, autocast)
+    if exp.personal is not None:
+        exp.personal.place(device, autocast, exp.trainer.x, exp.trainer.y)
+    if exp.mixing is not None:
+        exp.mixing = exp.mixing.to(device)
+    if exp.contribution is not None:
+        exp.contribution.place(device, autocast)
+
+
+def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool) -> Experiment:
+    """:func:`build` for a materialized population, on the host."""
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
         dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
@@ -148,7 +177,8 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     _check_local_budget(cfg, shards)
     model, spec = _pretrain_and_wrap(cfg, algorithm, dataset, model, spec, public)
     try:
-        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv)
+        forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv,
+                                       devices.resolve(cfg.device))
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     init = spec.flatten(model)
@@ -476,6 +506,7 @@ def _attach_contribution(exp: Experiment) -> None:
 
     exp.contribution = Contribution(c.methods, exp.num_nodes, cfg.seed, evaluate,
                                     c.permutations, c.truncation, c.coalition)
+    exp.contribution.place = judge.place            # its validation rows follow the run's device
 
 
 # Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest
@@ -532,7 +563,13 @@ def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel:
             f"{checks.gb(models)})"] if models else []
     if graph:
         what.append(f"a {cfg.topology.name} graph of ~{edges:,.0f} edges ({checks.gb(graph)})")
+    device = devices.resolve(cfg.device)
     try:
+        if device.type == "cuda" and models:   # the population on the GPU, the graph on the host
+            free = torch.cuda.mem_get_info(device)[0]
+            if models > free:
+                raise ValueError(f"{what[0]} needs more than the {checks.gb(free)} free on {device}")
+            models = 0
         checks.check_memory(models + graph, " + ".join(what))
     except ValueError as exc:
         raise ConfigError("partition.num_nodes", f"{exc}; use fewer nodes or a smaller model") from None

@@ -161,7 +161,7 @@ def test_timed_conv_choices_are_kept_per_machine(tmp_path, monkeypatch):
     first = layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv
     assert layerwise.cache_path().exists() and set(first.values()) <= set(CONV_STRATEGIES)
     slowest_first = {s: -i for i, s in enumerate(CONV_STRATEGIES)}            # a different ranking
-    monkeypatch.setattr(layerwise, "_time_conv", lambda mod, shape, n, k, s, grad: slowest_first[s])
+    monkeypatch.setattr(layerwise, "_time_conv", lambda mod, shape, n, k, s, grad, device: slowest_first[s])
     assert layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv == first
     layerwise.cache_path().unlink()
     assert set(layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv.values()) == {CONV_STRATEGIES[-1]}

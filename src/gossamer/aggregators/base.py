@@ -156,7 +156,7 @@ def sq_dists(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _tie_direction(p: int) -> torch.Tensor:
-    return torch.randn(p, generator=torch.Generator().manual_seed(0x6055A), dtype=torch.float64)
+    return torch.randn(p, generator=torch.Generator().manual_seed(0x6055A), dtype=torch.float64, device="cpu")
 
 
 def tie_keys(x: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ def cosine_to_others(rows: torch.Tensor, weights: torch.Tensor, start: torch.Ten
     (0 where either is zero or the client is alone)."""
     k = len(rows)
     if k == 1:
-        return torch.zeros(1)
+        return torch.zeros(1, device=rows.device)
     full = weights @ rows
     others = (full[None, :] - weights[:, None] * rows) / (1 - weights)[:, None] - start
     own = rows - start
@@ -88,11 +88,11 @@ def monte_carlo_shapley(rows: torch.Tensor, weights: torch.Tensor, start: torch.
     ends = evaluate(torch.stack([weights @ rows, start]))
     full, empty = float(ends[0]), float(ends[1])
     tolerance = truncation * abs(full - empty)
-    values = torch.zeros(k, dtype=torch.float64)
-    previous = torch.full((m,), empty, dtype=torch.float64)
+    values = torch.zeros(k, dtype=torch.float64, device=rows.device)
+    previous = torch.full((m,), empty, dtype=torch.float64, device=rows.device)
     alive = np.ones(m, dtype=bool)
-    order_t = torch.from_numpy(orders)
-    ranks = torch.from_numpy(np.argsort(orders, axis=1))       # ranks[o, c]: c's position in order o
+    order_t = torch.from_numpy(orders).to(rows.device)
+    ranks = torch.from_numpy(np.argsort(orders, axis=1)).to(rows.device)       # ranks[o, c]: c's position in order o
     evaluated = 2
     for p0 in range(0, k, block):
         live = np.flatnonzero(alive)
@@ -100,7 +100,7 @@ def monte_carlo_shapley(rows: torch.Tensor, weights: torch.Tensor, start: torch.
             break
         positions = range(p0, min(k, p0 + block))
         # coalition j of live order o: its first p + 1 clients
-        members = ranks[live][:, None, :] <= torch.tensor(list(positions))[None, :, None]
+        members = ranks[live][:, None, :] <= torch.tensor(list(positions), device=ranks.device)[None, :, None]
         utilities = evaluate(coalition_models(rows, weights, members.reshape(-1, k),
                                               start if partial else None))
         utilities = utilities.double().reshape(len(live), len(positions))
@@ -113,7 +113,7 @@ def monte_carlo_shapley(rows: torch.Tensor, weights: torch.Tensor, start: torch.
             previous[live] = torch.where(still, now, previous[live])
             if truncation > 0:
                 done = (now - full).abs() <= tolerance
-                alive[live[done.numpy()]] = False
+                alive[live[done.cpu().numpy()]] = False
     return (values / m).float(), evaluated
 
 
@@ -155,7 +155,7 @@ class Contribution:
                                                           orders, self.truncation, partial=self.partial)
             self.evaluations += used
         for name, value in scores.items():
-            np.add.at(self.totals[name], clients, value.double().numpy())
+            np.add.at(self.totals[name], clients, value.double().cpu().numpy())
         np.add.at(self.counts, clients, 1)
         self.rounds += 1
         self.seconds += time.perf_counter() - began

@@ -179,6 +179,8 @@ def _encode(value: Any) -> Any:
         shape = None if isinstance(value, np.generic) else list(arr.shape)
         raw = torch.from_numpy(np.frombuffer(np.ascontiguousarray(arr).tobytes(), dtype=np.uint8).copy())
         return {_NUMPY: [arr.dtype.str, shape, raw]}
+    if isinstance(value, torch.Tensor):          # stored on the host: a run resumes on any device
+        return value.cpu()
     if isinstance(value, OrderedDict):
         return OrderedDict((k, _encode(v)) for k, v in value.items())
     if isinstance(value, dict):

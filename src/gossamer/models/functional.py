@@ -69,7 +69,8 @@ def _check_stateless(module: nn.Module) -> None:
 
 
 def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tensor,
-                         backend: str = "auto", conv: str = "auto") -> StackedForward:
+                         backend: str = "auto", conv: str = "auto",
+                         device: torch.device | None = None) -> StackedForward:
     """A forward over stacked parameters ``[B, ...]`` and inputs ``[B, n, ...]``.
 
     ``auto`` uses the model's hand-written ``stacked_forward`` when it has one; else, for a
@@ -100,7 +101,7 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
     if own is not None and backend != "vmap" and backend != "layerwise":
         forward, path = own, {"forward": "stacked"}
     elif backend == "layerwise" or (backend == "auto" and any(isinstance(m, nn.Conv2d) for m in module.modules())):
-        layered, why = layerwise_forward(module, sample, conv)
+        layered, why = layerwise_forward(module, sample, conv, device=device)
         if layered is None and backend == "layerwise":
             raise ModelNotVectorizable(f"model.forward: layerwise cannot run {type(module).__name__}: {why}")
         if layered is not None:

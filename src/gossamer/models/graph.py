@@ -65,7 +65,7 @@ def _weight(params: dict[str, torch.Tensor], name: str, prune: float | None) -> 
     if prune is None:
         return w
     m = params[f"{name}.mask"]
-    return w * torch.where(m.abs() < prune, torch.zeros((), dtype=m.dtype), m)
+    return w * torch.where(m.abs() < prune, torch.zeros((), dtype=m.dtype, device=m.device), m)
 
 
 def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -209,23 +209,30 @@ class LayerwiseForward:
         return mod(*args, **kwargs)                         # sample-wise, no parameters
 
 
-def _time(fn: Callable[[], object], reps: int = 3) -> float:
+CPU = torch.device("cpu")
+
+
+def _time(fn: Callable[[], object], reps: int = 3, device: torch.device | None = None) -> float:
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     fn()
+    sync()
     best = math.inf
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        sync()                                     # a GPU's kernels finish before the clock stops
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def layerwise_forward(module: nn.Module, sample: torch.Tensor, conv: str = "auto",
-                      probe_nodes: int = 16, probe_samples: int = 10) -> tuple[LayerwiseForward | None, str]:
+                      probe_nodes: int = 16, probe_samples: int = 10,
+                      device: torch.device | None = None) -> tuple[LayerwiseForward | None, str]:
     """The layer-by-layer forward of ``module``, or ``(None, why)`` when its graph has an
     operation this executor does not run (the caller then uses ``vmap``). ``conv`` pins every
     convolution's strategy (one of :data:`CONV_STRATEGIES`); ``auto`` times each on a probe of
-    ``probe_nodes`` nodes with ``probe_samples`` samples, forward and backward, and keeps the
-    fastest per layer."""
+    ``probe_nodes`` nodes with ``probe_samples`` samples, forward and backward, on ``device``
+    (the run's; default the CPU), and keeps the fastest per layer."""
     if conv != "auto" and conv not in CONV_STRATEGIES:
         raise ValueError(f"model.conv must be auto or one of {', '.join(CONV_STRATEGIES)}, got {conv!r}")
     try:
@@ -243,25 +250,26 @@ def layerwise_forward(module: nn.Module, sample: torch.Tensor, conv: str = "auto
     convs = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d)}
     forward = LayerwiseForward(gm, {name: "grouped" if conv == "auto" else conv for name in convs})
     if conv == "auto" and convs:
-        forward.conv = _fastest_convs(modules, convs, probe_nodes, probe_samples)
+        forward.conv = _fastest_convs(modules, convs, probe_nodes, probe_samples,
+                                      CPU if device is None else device)
     return forward, ""
 
 
 def _fastest_convs(modules: dict[str, nn.Module], convs: dict[str, torch.fx.Node], nodes: int,
-                   samples: int) -> dict[str, str]:
+                   samples: int, device: torch.device) -> dict[str, str]:
     """Per convolution, the strategy with the fastest forward + backward on an input of its
     shape (known from shape propagation); choices timed before on this machine are reused."""
     cache = _load_cache()
     chosen, timed = {}, False
     for name, node in convs.items():
         mod, shape = modules[name], node.args[0].meta["tensor_meta"].shape
-        key = _cache_key(mod, shape, nodes, samples)
+        key = _cache_key(mod, shape, nodes, samples, device)
         if cache.get(key) in CONV_STRATEGIES:
             chosen[name] = cache[key]
             continue
         input_grad = node.args[0].op != "placeholder"           # training needs it past layer one
         chosen[name] = cache[key] = min(CONV_STRATEGIES, key=lambda s, mod=mod, shape=shape: _time_conv(
-            mod, shape, nodes, samples, s, input_grad))
+            mod, shape, nodes, samples, s, input_grad, device))
         timed = True
     if timed:
         _save_cache(cache)
@@ -277,9 +285,12 @@ def cache_path() -> Path:
     return Path(root) / "conv_strategies.json"
 
 
-def _cache_key(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int) -> str:
-    """What the timing depends on: the library, the machine, threads, the layer and its input."""
-    return "|".join(str(v) for v in (
+def _cache_key(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int,
+               device: torch.device = CPU) -> str:
+    """What the timing depends on: the library, the machine (its GPU's name on a GPU), threads,
+    the layer and its input."""
+    where = () if device.type == "cpu" else (device.type, torch.cuda.get_device_name(device))
+    return "|".join(str(v) for v in (*where,
         torch.__version__, platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads(),
         tuple(shape[1:]), tuple(mod.weight.shape), mod.stride, mod.padding, mod.dilation, mod.groups,
         mod.bias is not None, nodes, samples))
@@ -306,9 +317,10 @@ def _save_cache(cache: dict[str, str]) -> None:
 
 
 def _time_conv(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int, strategy: str,
-               input_grad: bool) -> float:
+               input_grad: bool, device: torch.device = CPU) -> float:
     """Seconds of one forward + backward of ``mod`` per node with ``strategy`` (best of 3)."""
-    h = torch.randn(nodes * samples, *shape[1:], requires_grad=input_grad)
-    w = mod.weight.detach().unsqueeze(0).repeat(nodes, *([1] * mod.weight.dim())).requires_grad_(True)
-    b = None if mod.bias is None else mod.bias.detach().unsqueeze(0).repeat(nodes, 1).requires_grad_(True)
-    return _time(lambda: _conv(h, w, b, nodes, mod, strategy).sum().backward())
+    h = torch.randn(nodes * samples, *shape[1:], device=device, requires_grad=input_grad)
+    weight = mod.weight.detach().to(device)
+    w = weight.unsqueeze(0).repeat(nodes, *([1] * weight.dim())).requires_grad_(True)
+    b = None if mod.bias is None else mod.bias.detach().to(device).unsqueeze(0).repeat(nodes, 1).requires_grad_(True)
+    return _time(lambda: _conv(h, w, b, nodes, mod, strategy).sum().backward(), device=device)

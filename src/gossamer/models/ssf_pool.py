@@ -111,7 +111,7 @@ class SSFPool(nn.Module):
         pool) and its averaging weights ``[B, n, M]``."""
         b, n = x.shape[:2]
         if self.pool_size == 1:
-            return None, torch.ones(b, n, 1, dtype=params["head_bias"].dtype)
+            return None, torch.ones(b, n, 1, dtype=params["head_bias"].dtype, device=params["head_bias"].device)
         with torch.no_grad():
             query = self.features(None, x, None)
             if self.query_center is not None:

@@ -111,7 +111,7 @@ class ClientStore:
         if used < self.capacity:
             if used >= len(self.chunks) * self.chunk_rows:
                 rows = min(self.chunk_rows, self.capacity - used)
-                self.chunks.append(torch.empty(rows, self.numel, dtype=self.dtype))
+                self.chunks.append(torch.empty(rows, self.numel, dtype=self.dtype, device="cpu"))
             return used
         victim, s = self.slot.popitem(last=False)
         self._spill(victim, self._row(s))
@@ -159,7 +159,7 @@ class ClientStore:
 
     def state_dict(self) -> dict[str, Any]:
         ids = self.ids()
-        return {"ids": torch.from_numpy(ids), "rows": self.get(ids) if len(ids) else torch.zeros(0, self.numel)}
+        return {"ids": torch.from_numpy(ids), "rows": self.get(ids) if len(ids) else torch.zeros(0, self.numel, device="cpu")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()

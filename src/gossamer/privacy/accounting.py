@@ -82,7 +82,7 @@ class DPLedger:
         return self._cached
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        rounds = torch.tensor(self.rounds, dtype=torch.float64).reshape(-1, 2)
+        rounds = torch.tensor(self.rounds, dtype=torch.float64, device="cpu").reshape(-1, 2)
         return {"steps": torch.from_numpy(self.steps.copy()), "rounds": rounds}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

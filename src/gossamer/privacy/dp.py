@@ -33,9 +33,11 @@ def clip_factors(sq_norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
 
 
-def gaussian(seed: int, tag: int, keys: np.ndarray, numel: int) -> torch.Tensor:
+def gaussian(seed: int, tag: int, keys: np.ndarray, numel: int,
+             device: torch.device | None = None) -> torch.Tensor:
     """Standard normal rows ``[B, numel]`` (float32), row ``b`` keyed by ``keys[b]`` (``[B, K]``
-    int64). Box-Muller on two 53-bit uniforms per pair of values, so tails reach ~8.6 sigma."""
+    int64). Box-Muller on two 53-bit uniforms per pair of values, so tails reach ~8.6 sigma.
+    Drawn on the host (the same bits for every device), then moved to ``device``."""
     keys = np.asarray(keys, dtype=np.int64).reshape(len(keys), -1)
     cols = [keys[:, c: c + 1] for c in range(keys.shape[1])]
     pair = np.arange((numel + 1) // 2, dtype=np.int64)[None, :]
@@ -44,7 +46,8 @@ def gaussian(seed: int, tag: int, keys: np.ndarray, numel: int) -> torch.Tensor:
     radius = np.sqrt(-2.0 * np.log1p(-u1))                   # 1 - u1 in (0, 1]
     angle = 2.0 * np.pi * u2
     z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :numel]
-    return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    out = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    return out if device is None else out.to(device)
 
 
 def dp_fedavg_updates(deltas: torch.Tensor, clients: np.ndarray, round: int, *, clip_norm: float,
@@ -62,8 +65,8 @@ def dp_fedavg_updates(deltas: torch.Tensor, clients: np.ndarray, round: int, *, 
     std = noise_multiplier * clip_norm
     if std > 0 and noise == "clients":
         keys = np.stack([np.asarray(clients, dtype=np.int64), np.full(k, round)], axis=1)
-        clipped = clipped + gaussian(seed, TAG_CLIENT_SHARE, keys, numel) * (std / np.sqrt(expected))
+        clipped = clipped + gaussian(seed, TAG_CLIENT_SHARE, keys, numel, deltas.device) * (std / np.sqrt(expected))
     total = clipped.sum(0)
     if std > 0 and noise == "server":
-        total = total + gaussian(seed, TAG_SERVER, np.array([[round]]), numel)[0] * std
+        total = total + gaussian(seed, TAG_SERVER, np.array([[round]]), numel, deltas.device)[0] * std
     return (total / expected).expand(k, -1).clone()

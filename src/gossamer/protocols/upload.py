@@ -86,12 +86,12 @@ class Compress:
     warmup_rounds: int = 0
     reset: str = "zero_buckets"                # FetchSGD: how the server sketches forget
 
-    def init(self, rows: int, numel: int) -> dict[str, torch.Tensor]:
+    def init(self, rows: int, numel: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         state = {}
         if self.feedback not in ("none", "fetchsgd"):
-            state["memory"] = torch.zeros(rows, numel)
+            state["memory"] = torch.zeros(rows, numel, device=device)
         if self.feedback == "dgc":
-            state["momentum"] = torch.zeros(rows, numel)
+            state["momentum"] = torch.zeros(rows, numel, device=device)
         return state
 
     def nominal_bytes(self, numel: int, round: int) -> int | None:
@@ -148,7 +148,7 @@ class Compress:
         """The wire form of one upload: the encoded model block, then the float32 extras."""
         data = self.compressor.to_bytes(up.encoded, row)
         if up.extra is not None:
-            data += up.extra[row].float().contiguous().numpy().tobytes()
+            data += up.extra[row].float().contiguous().cpu().numpy().tobytes()
         return data
 
     def from_bytes(self, data: bytes, numel: int, vectors: int, client: int, round: int,
@@ -201,7 +201,7 @@ class ClientDP:
         std = self.noise_multiplier * self.clip_norm
         if std > 0:
             keys = np.stack([np.asarray(clients, dtype=np.int64), np.full(len(clients), round)], axis=1)
-            clipped = clipped + gaussian(self.seed, TAG_CLIENT_SHARE, keys, clipped.shape[1]) \
+            clipped = clipped + gaussian(self.seed, TAG_CLIENT_SHARE, keys, clipped.shape[1], clipped.device) \
                 * (std / np.sqrt(expected))
         return clipped
 
@@ -220,7 +220,7 @@ class ClientDP:
 
         std = self.noise_multiplier * self.clip_norm
         if std > 0 and self.noise == "server":
-            total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), total.shape[0])[0] * std
+            total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), total.shape[0], total.device)[0] * std
         return total / expected
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gossamer import devices
 from gossamer.config import ExperimentConfig, dump
 from gossamer.experiment import build_trackers
 from gossamer.metrics.runstore import (
@@ -274,15 +275,16 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progre
     from gossamer.metrics.progress import Progress
     from gossamer.metrics.rundir import record
 
-    runner = Runner(cfg, run_dir, start_time=start_time)
-    bar = Progress(cfg.stop.rounds, enabled=progress and runner.primary)
-    runner.on_row = bar.update
-    if runner.primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record(run_dir, "simulator")
-    runner.prepare(resume)
-    bar.start(runner.driver.round)
-    try:
-        return runner.run()
-    finally:
-        bar.close()
+    with devices.matmul_precision(devices.resolve(cfg.device), cfg.precision):
+        runner = Runner(cfg, run_dir, start_time=start_time)
+        bar = Progress(cfg.stop.rounds, enabled=progress and runner.primary)
+        runner.on_row = bar.update
+        if runner.primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record(run_dir, "simulator")
+        runner.prepare(resume)
+        bar.start(runner.driver.round)
+        try:
+            return runner.run()
+        finally:
+            bar.close()

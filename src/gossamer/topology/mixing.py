@@ -83,7 +83,8 @@ def uniform_neighbor(topology: Topology | Links) -> sp.csr_matrix:
 
 
 def to_torch_sparse(
-    W: sp.spmatrix | np.ndarray, dtype: torch.dtype = torch.float32
+    W: sp.spmatrix | np.ndarray, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Sparse CSR torch tensor of W, for `torch.sparse.mm(W, X)` with X [N, P].
 
@@ -100,6 +101,7 @@ def to_torch_sparse(
             torch.from_numpy(csr.indices.astype(np.int64)),
             torch.from_numpy(csr.data).to(dtype),
             size=csr.shape,
+            device=device,
             check_invariants=False,
         )
 

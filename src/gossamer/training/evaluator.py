@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gossamer import devices
 from gossamer.models import ParamSpec, StackedForward
 from gossamer.training.trainer import sample_losses
 
@@ -24,6 +25,11 @@ class BatchedEvaluator:
                  batch_size: int = 1000, budget: int = 2_000_000) -> None:
         self.forward, self.spec, self.x, self.y = forward, spec, x, y
         self.batch_size, self.budget = batch_size, budget
+        self.autocast: torch.dtype | None = None      # bf16 evaluation (devices.autocast)
+
+    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> None:
+        """Evaluate on ``device`` (the test rows move there), under ``autocast`` if given."""
+        self.x, self.y, self.autocast = self.x.to(device), self.y.to(device), autocast
 
     @torch.no_grad()
     def evaluate(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,15 +37,16 @@ class BatchedEvaluator:
         models, n = params.shape[0], self.x.shape[0]
         rows = min(self.batch_size, n)
         chunk = max(1, self.budget // (rows * max(1, self.x[0].numel())))
-        correct = torch.zeros(models)
-        loss = torch.zeros(models, dtype=torch.float64)
+        correct = torch.zeros(models, device=self.x.device)
+        loss = torch.zeros(models, dtype=torch.float64, device=self.x.device)
         for m0 in range(0, models, chunk):
             sub = params[m0:m0 + chunk]
             views = self.spec.views(sub)
             for r0 in range(0, n, rows):
                 xb, yb = self.x[r0:r0 + rows], self.y[r0:r0 + rows]
                 xs = xb.unsqueeze(0).expand(sub.shape[0], *xb.shape)
-                logits = self.forward(views, xs)
+                with devices.autocast(self.x.device, self.autocast):
+                    logits = self.forward(views, xs).float()
                 if yb.dim() > 1:                    # graph samples: every labelled node counts
                     hit, ce = _graph_scores(logits, yb)
                     correct[m0:m0 + chunk] += hit
@@ -74,6 +81,7 @@ class PersonalEvaluator:
     def __init__(self, forward: StackedForward, spec: ParamSpec, x: torch.Tensor, y: torch.Tensor,
                  tests: list[np.ndarray], budget: int = 2_000_000) -> None:
         self.forward, self.spec, self.x, self.y, self.budget = forward, spec, x, y, budget
+        self.autocast: torch.dtype | None = None
         self.sizes = np.array([len(t) for t in tests], dtype=np.int64)
         width = max(1, int(self.sizes.max(initial=0)))
         self.rows = np.zeros((len(tests), width), dtype=np.int64)
@@ -83,6 +91,12 @@ class PersonalEvaluator:
         self.targets = self.sizes if y.dim() == 1 else np.array(
             [int((y[torch.from_numpy(np.asarray(t, dtype=np.int64))] >= 0).sum()) for t in tests],
             dtype=np.int64)
+
+    def place(self, device: torch.device, autocast: torch.dtype | None, x: torch.Tensor,
+              y: torch.Tensor) -> None:
+        """Evaluate on ``device`` with ``x``, ``y`` (the trainer's placed rows: one copy)."""
+        assert x.device == device and x.shape == self.x.shape
+        self.x, self.y, self.autocast = x, y, autocast
 
     @property
     def nodes(self) -> np.ndarray:
@@ -96,12 +110,15 @@ class PersonalEvaluator:
         nodes = np.asarray(nodes, dtype=np.int64)
         width = self.rows.shape[1]
         chunk = max(1, self.budget // (width * max(1, self.x[0].numel())))
-        out = torch.zeros(len(nodes))
+        device = self.x.device
+        out = torch.zeros(len(nodes), device=device)
         for c0 in range(0, len(nodes), chunk):
             part = nodes[c0:c0 + chunk]
-            idx = torch.from_numpy(self.rows[part])
-            valid = torch.arange(width)[None, :] < torch.from_numpy(self.sizes[part])[:, None]
-            logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx])
+            idx = torch.from_numpy(self.rows[part]).to(device)
+            valid = (torch.arange(width, device=device)[None, :]
+                     < torch.from_numpy(self.sizes[part]).to(device)[:, None])
+            with devices.autocast(device, self.autocast):
+                logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx]).float()
             if self.y.dim() > 1:                # graph samples: [B, width, M], -1 not a target
                 y = self.y[idx]
                 hit = (logits.argmax(-1) == y) & valid[..., None] & (y >= 0)
@@ -113,7 +130,8 @@ class PersonalEvaluator:
     def accuracy(self, hits: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """``hits`` ``[B]`` as accuracies on each node's test rows (graph data: its labelled
         test nodes)."""
-        return hits / torch.from_numpy(self.targets[np.asarray(nodes, dtype=np.int64)]).clamp(min=1).float()
+        targets = torch.from_numpy(self.targets[np.asarray(nodes, dtype=np.int64)]).to(hits.device)
+        return hits / targets.clamp(min=1).float()
 
     def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """Accuracy ``[B]`` of model ``params[b]`` on node ``nodes[b]``'s test rows."""
@@ -149,8 +167,9 @@ def local_losses(trainer, samples: int = 64) -> Losses:
     def score(held: torch.Tensor, receivers: np.ndarray) -> torch.Tensor:
         g, k, p = held.shape
         m = min(samples, trainer.shards.shape[1])
-        take = torch.from_numpy(trainer.shards[receivers, :m])                  # [g, m]
-        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None])
+        device = trainer.x.device
+        take = torch.from_numpy(trainer.shards[receivers, :m]).to(device)       # [g, m]
+        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None]).to(device)
         x = trainer.x[take].repeat_interleave(k, dim=0)                          # [g*k, m, ...]
         y = trainer.y[take].repeat_interleave(k, dim=0)
         with torch.no_grad():

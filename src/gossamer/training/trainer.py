@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gossamer import rng
+from gossamer import devices, rng
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, StackedForward
 from gossamer.models.graph import graph_sample_loss
@@ -145,7 +145,27 @@ class BatchedTrainer:
         # on the other nodes of its call (the sharded simulator and a registered population's
         # cohorts need that: its cohort is bound anew for every call, so "configured")
         self.batch_width: Literal["call", "population", "configured"] = "call"
+        self.autocast: torch.dtype | None = None      # bf16 training (devices.autocast)
         self.bind(x, y, shards)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trainer computes: its data's device (:meth:`place`)."""
+        return self.x.device
+
+    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> None:
+        """Train on ``device`` (the data rows move there; workspaces are made there), under
+        ``autocast`` when given: the forward and backward in that dtype, weights and their
+        updates in fp32. Autocast takes the autograd path (the fused kernel has no autocast)."""
+        self.x, self.y, self.autocast = self.x.to(device), self.y.to(device), autocast
+        self._buffer = self._batch = None
+        self._inputs = None
+        if autocast is not None:
+            self.kernel = None
+
+    def _index(self, array: np.ndarray) -> torch.Tensor:
+        """A host array (sample indices, masks) as a tensor on the trainer's device."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def bind(self, x: torch.Tensor, y: torch.Tensor, shards: list[np.ndarray],
              ids: np.ndarray | None = None) -> None:
@@ -266,7 +286,7 @@ class BatchedTrainer:
         if not self._in_rows(idx.shape[1], False):               # the workspace will be used
             need = rows * self.spec.numel
             if self._buffer is None or self._buffer.numel() < need or self._buffer.dtype != dtype:
-                self._buffer = torch.empty(need, dtype=dtype).zero_()
+                self._buffer = torch.empty(need, dtype=dtype, device=self.device).zero_()
         self._gather_all(idx[:rows])
 
     def samples(self, nodes: np.ndarray, keys: np.ndarray | int,
@@ -330,22 +350,24 @@ class BatchedTrainer:
         opt = self.optimizer
         bufs = [torch.zeros_like(leaf) for leaf in leaves] if opt.momentum > 0 else None
         adam = self._adam_state(objective, len(nodes), params.dtype) if isinstance(opt, AdamW) else None
-        loss_sum = torch.zeros(len(nodes))
-        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
+        loss_sum = torch.zeros(len(nodes), device=self.device)
+        idx_t, valid_t = self._index(idx), self._index(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
+        everyone = valid.any(axis=2).all(axis=0)       # [T] on the host: no device read per step
         for t in range(idx.shape[1]):
             weight = valid_t[:, t].to(params.dtype)                   # [B, n]
             active = counts[:, t] > 0                                 # [B]
+            every = bool(everyone[t])
             xb, yb = self.x[idx_t[:, t]], self.y[idx_t[:, t]]
             if direction is not None:
                 grads = self._recursive_direction(leaves, previous, direction, xb, yb, weight,
                                                   counts[:, t], active, loss_sum)
                 previous = [leaf.clone() for leaf in leaves]
-                self._step(leaves, grads, bufs, adam, active, None, None)
+                self._step(leaves, grads, bufs, adam, active, None, None, every)
                 continue
             if self.dp is not None:
                 grads = self._dp_gradient(leaves, xb, yb, weight, counts[:, t], nodes, keys, t, loss_sum)
-                self._step(leaves, grads, bufs, adam, active, objective, terms)
+                self._step(leaves, grads, bufs, adam, active, objective, terms, every)
                 continue
             for leaf in leaves:
                 leaf.requires_grad_(True)
@@ -359,7 +381,7 @@ class BatchedTrainer:
             leaves = [leaf.detach() for leaf in leaves]
             if opt.sam_rho:
                 grads = self._sam_gradient(leaves, grads, xb, yb, weight, counts[:, t])
-            self._step(leaves, grads, bufs, adam, active, objective, terms)
+            self._step(leaves, grads, bufs, adam, active, objective, terms, every)
         if adam is not None and objective.optimizer_state is not None:     # kept by the caller
             self._store_adam(adam, objective.optimizer_state)
         return self._result(params, leaves, valid, loss_sum, inplace, mean_weights, mean_groups)
@@ -397,7 +419,7 @@ class BatchedTrainer:
                       mean_weights: torch.Tensor | None, chunk: int) -> TrainResult:
         """:meth:`train`, ``chunk`` nodes at a time (each node's result is its own)."""
         total = len(nodes)
-        out = None if mean_weights is not None else params if inplace else torch.empty(params.shape, dtype=params.dtype)
+        out = None if mean_weights is not None else params if inplace else torch.empty_like(params, memory_format=torch.contiguous_format)
         mean, samples, taken, losses = None, [], [], []
         for lo in range(0, total, chunk):
             part = slice(lo, min(lo + chunk, total))
@@ -419,7 +441,7 @@ class BatchedTrainer:
         """The trained leaves (module order, ``[B, *shape]``) as rows, or only their mean;
         ``leaves`` None: ``params`` already holds the trained rows."""
         steps = valid.any(axis=2).sum(axis=1)
-        loss = loss_sum / torch.from_numpy(np.maximum(steps, 1)).to(loss_sum.dtype)
+        loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
         if mean_weights is not None and groups is not None:    # one weighted sum per group
             w = mean_weights.to(params.dtype).reshape(1, -1)
             spans = list(zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True))
@@ -431,7 +453,7 @@ class BatchedTrainer:
             mean = torch.cat([torch.mm(w, leaf.reshape(len(leaf), -1))[0] for leaf in leaves])
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         if leaves is not None:
-            out = params if inplace else torch.empty(params.shape, dtype=params.dtype)
+            out = params if inplace else torch.empty_like(params, memory_format=torch.contiguous_format)
             for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
                 view.copy_(leaf)
             params = out
@@ -467,7 +489,7 @@ class BatchedTrainer:
             loss_sum[s:e] += loss / count[s:e].clamp(min=1)
         if dp.noise_multiplier > 0:
             key_rows = np.stack([nodes, keys, np.full(b, step)], axis=1)
-            noise = gaussian(self.seed, TAG_SGD, key_rows, self.spec.numel).to(leaves[0].dtype)
+            noise = gaussian(self.seed, TAG_SGD, key_rows, self.spec.numel, leaves[0].device).to(leaves[0].dtype)
             noise.mul_(dp.noise_multiplier * dp.clip_norm)
             for out, z in zip(grads, self.spec.views(noise).values(), strict=True):
                 out.add_(z)
@@ -479,9 +501,10 @@ class BatchedTrainer:
         ``[B, n]`` (graph samples: ``[B, n, M]``): the model's own loss when it defines one
         (``stacked_loss``: FedIns adds its key-matching term), else :func:`sample_losses` of
         its logits."""
-        if self.sample_loss is not None:
-            return self.sample_loss(params, x, y).reshape(y.shape[:2])
-        return sample_losses(self.forward(params, x), y)
+        with devices.autocast(self.device, self.autocast):
+            if self.sample_loss is not None:
+                return self.sample_loss(params, x, y).reshape(y.shape[:2]).float()
+            return sample_losses(self.forward(params, x).float(), y)
 
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                        weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -513,7 +536,7 @@ class BatchedTrainer:
         for d, g in zip(direction, grads, strict=True):
             change = g[b:] - g[:b]
             mask = active.view(-1, *([1] * (d.dim() - 1)))
-            d.add_(torch.where(mask, change, torch.zeros((), dtype=change.dtype)))
+            d.add_(torch.where(mask, change, torch.zeros((), dtype=change.dtype, device=change.device)))
         return [d.clone() for d in direction]
 
     def full_gradient(self, params: torch.Tensor, nodes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,13 +545,13 @@ class BatchedTrainer:
         nodes = np.asarray(nodes, dtype=np.int64)
         sizes = self.sizes[nodes]
         width = max(1, int(sizes.max(initial=0)))
-        idx = torch.from_numpy(np.ascontiguousarray(self.shards[nodes, :width]))
-        weight = (torch.arange(width)[None, :] < torch.from_numpy(sizes)[:, None]).to(params.dtype)
+        idx = self._index(self.shards[nodes, :width])
+        weight = self._index(np.arange(width)[None, :] < sizes[:, None]).to(params.dtype)
         leaves = [v.detach().clone().requires_grad_(True) for v in self.spec.views(params).values()]
         per_node = self._per_node_loss(leaves, self.x[idx], self.y[idx], weight,
-                                       torch.from_numpy(sizes).to(params.dtype))
+                                       self._index(sizes).to(params.dtype))
         grads = torch.autograd.grad(per_node.sum(), leaves)
-        out = torch.empty(len(nodes), self.spec.numel, dtype=params.dtype)
+        out = torch.empty(len(nodes), self.spec.numel, dtype=params.dtype, device=params.device)
         for view, g in zip(self.spec.views(out).values(), grads, strict=True):
             view.copy_(g)
         return out, per_node.detach()
@@ -544,8 +567,8 @@ class BatchedTrainer:
         rows, n = idx.shape
         per_row = n * max(1, self.x[0].numel()) + self.spec.numel
         chunk = max(1, budget // per_row)
-        out = torch.zeros(rows, dtype=torch.float64)
-        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(np.ascontiguousarray(valid))
+        out = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        idx_t, valid_t = self._index(idx), self._index(valid)
         for s in range(0, rows, chunk):
             e = min(rows, s + chunk)
             weight = valid_t[s:e].to(params.dtype)
@@ -591,7 +614,7 @@ class BatchedTrainer:
         numel = self.spec.numel
         state = objective.optimizer_state
         if state is None:
-            state = torch.zeros(rows, AdamW.state_width(numel), dtype=dtype)
+            state = torch.zeros(rows, AdamW.state_width(numel), dtype=dtype, device=self.device)
         elif state.shape != (rows, AdamW.state_width(numel)):
             raise ValueError(f"optimizer_state must be [{rows}, {AdamW.state_width(numel)}] "
                              f"(m, v, t per node), got {list(state.shape)}")
@@ -613,14 +636,16 @@ class BatchedTrainer:
               bufs: list[torch.Tensor] | None,
               adam: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
               active: torch.Tensor, objective: LocalObjective | None,
-              terms: list[Term] | None) -> None:
+              terms: list[Term] | None, all_active: bool | None = None) -> None:
+        """One optimizer step of every leaf; ``all_active``: whether every node has a batch
+        (known on the host; read from ``active`` when not given)."""
         if objective is not None and objective.frozen:        # frozen leaves keep their values
             keep = [k for k, name in enumerate(self.spec.names) if name not in objective.frozen]
             sub = lambda items: None if items is None else [items[k] for k in keep]  # noqa: E731
             lists = [bufs] if adam is None else [adam[0], adam[1]]
             parts = [sub(x) for x in lists]           # the steps rebind their buffers' items
             if adam is None:
-                self._sgd_step(sub(leaves), sub(grads), parts[0], active, objective, sub(terms))
+                self._sgd_step(sub(leaves), sub(grads), parts[0], active, objective, sub(terms), all_active)
             else:
                 self._adamw_step(sub(leaves), sub(grads), (parts[0], parts[1], adam[2]), active,
                                  objective, sub(terms))
@@ -630,7 +655,7 @@ class BatchedTrainer:
                         whole[k] = part[j]
             return
         if adam is None:
-            self._sgd_step(leaves, grads, bufs, active, objective, terms)
+            self._sgd_step(leaves, grads, bufs, active, objective, terms, all_active)
         else:
             self._adamw_step(leaves, grads, adam, active, objective, terms)
 
@@ -674,10 +699,11 @@ class BatchedTrainer:
     def _sgd_step(self, leaves: list[torch.Tensor], grads: list[torch.Tensor],
                   bufs: list[torch.Tensor] | None, active: torch.Tensor,
                   objective: LocalObjective | None = None,
-                  terms: list[Term] | None = None) -> None:
+                  terms: list[Term] | None = None, all_active: bool | None = None) -> None:
         """One masked SGD step in place: nodes without a batch at this step do not move."""
         opt = self.optimizer
-        all_active = bool(active.all())
+        if all_active is None:
+            all_active = bool(active.all())
         for k, (leaf, grad) in enumerate(zip(leaves, grads, strict=True)):
             mask = active.view(-1, *([1] * (leaf.dim() - 1)))
             grad = self._with_terms(leaf, grad, k, objective, terms)
@@ -690,7 +716,8 @@ class BatchedTrainer:
             if all_active:
                 leaf.sub_(grad, alpha=opt.lr)
             else:
-                leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype)), alpha=opt.lr)
+                leaf.sub_(torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)),
+                          alpha=opt.lr)
 
     def _fused_sam_step(self, leaves: list[torch.Tensor], buffers: list[tuple[torch.Tensor, torch.Tensor]],
                         xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor, lr: float,
@@ -704,7 +731,7 @@ class BatchedTrainer:
         for leaf, (start, _) in zip(leaves, buffers, strict=True):
             start.copy_(leaf)
         loss = kernel.sgd_step(leaves, xb, yb, weight, 1.0, None)
-        sq = torch.zeros(len(weight), dtype=weight.dtype)
+        sq = torch.zeros(len(weight), dtype=weight.dtype, device=weight.device)
         for leaf, (start, step) in zip(leaves, buffers, strict=True):
             torch.sub(start, leaf, out=step)                               # g
             sq += step.flatten(1).square().sum(1)
@@ -726,7 +753,7 @@ class BatchedTrainer:
         count = idx.numel()
         row = self.x[0].numel()
         if self._batch is None or self._batch.numel() < count * row:
-            self._batch = torch.empty(count * row, dtype=self.x.dtype)
+            self._batch = torch.empty(count * row, dtype=self.x.dtype, device=self.device)
         xb = self._batch[: count * row].view(count, *self.x.shape[1:])
         torch.index_select(self.x, 0, idx.reshape(-1), out=xb)
         return xb.view(*idx.shape, *self.x.shape[1:]), self.y[idx]
@@ -740,7 +767,7 @@ class BatchedTrainer:
             return None
         key = repr(idx.shape).encode() + idx.tobytes()
         if self._inputs is None or self._inputs[0] != key:
-            order = torch.from_numpy(np.ascontiguousarray(idx.transpose(1, 0, 2)))
+            order = self._index(idx.transpose(1, 0, 2))
             xs, ys = self._gather(order)
             self._inputs = (key, xs, ys)
         return self._inputs[1], self._inputs[2]
@@ -752,7 +779,7 @@ class BatchedTrainer:
         rows = params.shape[0]
         if (self._buffer is None or self._buffer.numel() < rows * self.spec.numel
                 or self._buffer.dtype != params.dtype):
-            self._buffer = torch.empty(rows * self.spec.numel, dtype=params.dtype)
+            self._buffer = torch.empty(rows * self.spec.numel, dtype=params.dtype, device=self.device)
         blocks = {}
         broadcast = params.stride(0) == 0                         # every row the same model
         for (name, view), offset in zip(self.spec.views(params).items(), self.spec.offsets, strict=True):
@@ -778,7 +805,7 @@ class BatchedTrainer:
         if in_rows:           # few steps: update views of the output rows, no copy back
             out = params
             if not inplace:
-                out = torch.empty(params.shape, dtype=params.dtype)
+                out = torch.empty_like(params, memory_format=torch.contiguous_format)
                 out.copy_(params)
             leaves = kernel.leaves(self.spec.views(out))
         else:                 # many steps: contiguous blocks make every batched update faster
@@ -788,13 +815,14 @@ class BatchedTrainer:
             shared = params.stride(0) == 0 and idx.shape[1] > 0 and not opt.sam_rho
             leaves = kernel.leaves(self._workspace(params, fill=not shared))
             first = kernel.leaves(self.spec.views(params)) if shared else None
-        idx_t, valid_t = torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(valid)
+        idx_t, valid_t = self._index(idx), self._index(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
-        loss_sum = torch.zeros(len(idx))
+        loss_sum = torch.zeros(len(idx), device=self.device)
         terms = self._objective_views(objective, kernel) if objective.adds_terms else None
         sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
             if opt.sam_rho else []
         weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
+        everyone = valid.any(axis=2).all(axis=0)       # [T] on the host: no device read per step
         gathered = self._gather_all(idx)
         with torch.no_grad():
             for t in range(idx.shape[1]):
@@ -818,7 +846,7 @@ class BatchedTrainer:
                                                 out=leaves if now is not leaves else None)
                 if extras is not None:
                     active = counts[:, t] > 0
-                    all_active = bool(active.all())
+                    all_active = bool(everyone[t])
                     for leaf, extra in zip(leaves, extras, strict=True):
                         if extra is None:
                             continue

@@ -89,7 +89,7 @@ class Anarchic(AsyncFL):
         """``G_i = (start - trained) / (lr K_i)`` ``[B, P]``: the average local direction."""
         if steps is None or lr is None:
             raise ValueError("Anarchic FL uploads need the local steps and learning rate")
-        k = torch.as_tensor(np.maximum(np.asarray(steps), 1), dtype=trained.dtype).unsqueeze(1)
+        k = torch.as_tensor(np.maximum(np.asarray(steps), 1), dtype=trained.dtype, device=trained.device).unsqueeze(1)
         return (start - trained) / (lr * k)
 
     def _check(self, messages: torch.Tensor, lr: float | None) -> float:
@@ -103,7 +103,7 @@ class Anarchic(AsyncFL):
     def _scaled(self, messages: torch.Tensor, staleness: np.ndarray) -> torch.Tensor:
         if self.staleness_fn == "constant":
             return messages
-        w = torch.as_tensor(self.weights(np.asarray(staleness)), dtype=messages.dtype)
+        w = torch.as_tensor(self.weights(np.asarray(staleness)), dtype=messages.dtype, device=messages.device)
         return messages * w.unsqueeze(1)
 
 

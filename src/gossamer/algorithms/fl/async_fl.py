@@ -230,7 +230,7 @@ class FedBuff(AsyncFL):
         """Apply one full buffer (``B == buffer_size`` updates)."""
         if messages.shape[0] != self.buffer_size:
             raise ValueError(f"FedBuff applies exactly {self.buffer_size} updates, got {messages.shape[0]}")
-        w = torch.as_tensor(self.weights(staleness), dtype=messages.dtype)
+        w = torch.as_tensor(self.weights(staleness), dtype=messages.dtype, device=messages.device)
         step = (w @ messages) / self.buffer_size
         return AsyncServerState(state.params + self.server_lr * step, state.version + 1)
 
@@ -279,5 +279,5 @@ class FedFix(AsyncFL):
             return AsyncServerState(state.params, state.version + 1)
         staleness = np.asarray(staleness)
         d = self.importance(np.asarray(clients), sizes) * (staleness + 1) * self.weights(staleness)
-        step = torch.as_tensor(d, dtype=messages.dtype) @ messages
+        step = torch.as_tensor(d, dtype=messages.dtype, device=messages.device) @ messages
         return AsyncServerState(state.params + self.server_lr * step, state.version + 1)

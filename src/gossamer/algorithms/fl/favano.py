@@ -71,5 +71,5 @@ class FAVANO(AsyncFL):
         if messages.shape[0] == 0:
             return AsyncServerState(state.params, state.version + 1)
         w = importance(self.weighting, np.asarray(clients), sizes) * self.weights(np.asarray(staleness))
-        step = torch.as_tensor(w / w.sum(), dtype=messages.dtype) @ messages
+        step = torch.as_tensor(w / w.sum(), dtype=messages.dtype, device=messages.device) @ messages
         return AsyncServerState(state.params + self.server_lr * step, state.version + 1)

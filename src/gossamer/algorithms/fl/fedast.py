@@ -64,7 +64,7 @@ class FedAST(AsyncFL):
 
     def init_state(self, params: torch.Tensor) -> FedASTState:
         models = params.reshape(1, -1).repeat(self.num_models, 1)
-        return FedASTState(models[0], 0, models, torch.zeros(self.num_models, dtype=torch.int64))
+        return FedASTState(models[0], 0, models, torch.zeros(self.num_models, dtype=torch.int64, device="cpu"))
 
     def due(self, model: int) -> int:
         return self.buffer_sizes[model]
@@ -95,7 +95,7 @@ class FedAST(AsyncFL):
             raise ValueError(f"FedAST model {m} applies exactly {self.buffer_sizes[m]} updates, "
                              f"got {messages.shape[0]}")
         server_lr = 1.0 if self.server_lrs is None else self.server_lrs[m]
-        w = torch.as_tensor(self.weights(np.asarray(staleness)), dtype=messages.dtype)
+        w = torch.as_tensor(self.weights(np.asarray(staleness)), dtype=messages.dtype, device=messages.device)
         models, versions = state.models.clone(), state.versions.clone()
         models[m] += server_lr * (w @ messages) / messages.shape[0]
         versions[m] += 1

@@ -203,14 +203,16 @@ class FedAvg(Algorithm):
         return self.client_message(trained, start.expand_as(trained)), None
 
     # --- aggregation -------------------------------------------------------------------------
-    def weights(self, num_samples: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    def weights(self, num_samples: np.ndarray, dtype: torch.dtype,
+                device: torch.device | None = None) -> torch.Tensor:
         if self.weighting == "samples":
-            return torch.as_tensor(num_samples, dtype=dtype)
-        return torch.ones(len(num_samples), dtype=dtype)
+            return torch.as_tensor(np.asarray(num_samples), dtype=dtype, device=device)
+        return torch.ones(len(num_samples), dtype=dtype, device=device)
 
-    def mean_weights(self, num_samples: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def mean_weights(self, num_samples: np.ndarray, dtype: torch.dtype = torch.float32,
+                     device: torch.device | None = None) -> torch.Tensor:
         """The weights ``[B]`` (summing to 1) of the mean :meth:`aggregate` takes."""
-        weights = self.weights(num_samples, dtype)
+        weights = self.weights(num_samples, dtype, device)
         return weights / weights.sum()
 
     def average_delta(self, state: ServerState, models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ class FedAvg(Algorithm):
             return ServerState(state.params, state.round + 1, state.extra)
         numel = state.params.numel()
         models = uploads[:, :numel]
-        weights = self.weights(num_samples, models.dtype)
+        weights = self.weights(num_samples, models.dtype, models.device)
         delta = self.average_delta(state, models, weights)
         momentum = None
         if self.momentum_beta is not None:
@@ -259,7 +261,7 @@ class FedAvg(Algorithm):
         """Cheng et al.'s ``g = mean_i (x - y_i) / (lr * K_i)`` over clients that stepped."""
         if steps is None or lr is None:
             raise ValueError("momentum_beta needs the clients' local step counts and lr")
-        k = torch.as_tensor(np.asarray(steps), dtype=models.dtype)
+        k = torch.as_tensor(np.asarray(steps), dtype=models.dtype, device=models.device)
         ok = k > 0
         if not bool(ok.any()):
             return state.extra["momentum"]

@@ -208,5 +208,5 @@ class FedCompass(AsyncFL):
         """``x <- x + sum_i alpha p_i s(staleness_i) Delta_i`` over a group's and the general
         buffer's updates (or one client's single update)."""
         w = self.alpha * importance(self.weighting, clients, sizes) * self.weights(np.asarray(staleness))
-        step = torch.as_tensor(w, dtype=messages.dtype) @ messages
+        step = torch.as_tensor(w, dtype=messages.dtype, device=messages.device) @ messages
         return AsyncServerState(state.params + step, state.version + 1)

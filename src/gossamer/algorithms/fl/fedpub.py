@@ -21,7 +21,7 @@ def mask_parameters(spec) -> tuple[tuple[str, ...], torch.Tensor]:
     """The names of a model's masks (parameters named ``*.mask``) and their entries ``[P]``
     (bool) in the flat vector, from its ``ParamSpec``."""
     names = tuple(n for n in spec.names if n.rsplit(".", 1)[-1] == "mask")
-    entries = torch.zeros(spec.numel, dtype=torch.bool)
+    entries = torch.zeros(spec.numel, dtype=torch.bool, device="cpu")
     for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
         if name in names:
             entries[offset:offset + math.prod(shape)] = True

@@ -78,5 +78,5 @@ class AsyncFedAvg(AsyncFL):
             rate = float(np.sum(1.0 / tau[known]))
             d = d * rate * tau[clients] * importance(self.weighting, clients, sizes)
             task_s = torch.from_numpy(tau)
-        step = torch.as_tensor(d, dtype=messages.dtype) @ messages
+        step = torch.as_tensor(d, dtype=messages.dtype, device=messages.device) @ messages
         return TaskTimeState(state.params + self.server_lr * step, state.version + 1, task_s)

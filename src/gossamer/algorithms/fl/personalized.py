@@ -29,7 +29,7 @@ def head_parameters(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
                          f"{len(modules)} layers to the shared body")
     keep = set(modules[-layers:])
     names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in keep)
-    mask = torch.zeros(spec.numel, dtype=torch.bool)
+    mask = torch.zeros(spec.numel, dtype=torch.bool, device="cpu")
     for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
         if name in names:
             mask[offset:offset + math.prod(shape)] = True
@@ -215,7 +215,7 @@ class FedCAC(Personalized):
             m = mask.to(after.dtype)
             diff = torch.cdist(m, m, p=1)                                  # |m_i - m_j|_1
             overlap = 1 - diff / (2 * m.sum(1, keepdim=True))
-            off = ~torch.eye(k, dtype=torch.bool)
+            off = ~torch.eye(k, dtype=torch.bool, device=after.device)
             avg, top = overlap[off].mean(), overlap[off].max()
             threshold = avg + round_ / self.beta * (top - avg)
             together = (overlap >= threshold) | ~off                       # itself included

@@ -55,7 +55,7 @@ class Scaffold(FedAvg):
     def init_state(self, params: torch.Tensor, num_clients: int = 1) -> ServerState:
         state = super().init_state(params, num_clients)
         state.extra["control"] = torch.zeros_like(params)
-        state.extra["num_clients"] = torch.tensor(float(num_clients))
+        state.extra["num_clients"] = torch.tensor(float(num_clients), device=params.device)
         return state
 
     def broadcast(self, state: ServerState) -> torch.Tensor:
@@ -86,7 +86,7 @@ class Scaffold(FedAvg):
         parts = payload.reshape(self.download_vectors, -1)
         x, c = parts[0], parts[1]
         assert client_state is not None
-        k = torch.as_tensor(np.asarray(steps), dtype=trained.dtype).unsqueeze(1)
+        k = torch.as_tensor(np.asarray(steps), dtype=trained.dtype, device=trained.device).unsqueeze(1)
         stepped = k > 0
         beta = 1.0 if self.momentum_beta is None else self.momentum_beta
         new_c = (x - trained) / (lr * k.clamp(min=1) * beta) + client_state - c

@@ -64,7 +64,7 @@ class ServerOptimizer:
             return {"server_v": torch.zeros_like(params)}
         if self.name == "adamw":
             return {"server_m": torch.zeros_like(params), "server_v": torch.zeros_like(params),
-                    "server_t": torch.zeros(())}
+                    "server_t": torch.zeros((), device=params.device)}
         return {"server_m": torch.zeros_like(params),
                 "server_v": torch.full_like(params, self.tau ** 2)}
 

@@ -23,11 +23,14 @@ class Driver:
 
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
+        self.device = exp.device                 # where the population lives (gossamer/devices.py)
         self.round = 0
         self.sim_time = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.train_loss: float | None = None
+        # the last round's mean training loss; a tensor (on the run's device) until a row or a
+        # checkpoint reads it, so a round needs no device-to-host read for it
+        self.train_loss: float | torch.Tensor | None = None
         self.node_steps = 0                      # local SGD steps summed over nodes
         self.timers: dict[str, float] = {"train_s": 0.0, "communicate_s": 0.0, "eval_s": 0.0}
         # (node ids, accuracies) of the last evaluation, for drivers that measure every node
@@ -50,12 +53,15 @@ class Driver:
 
     def base_row(self) -> dict[str, Any]:
         return {"round": self.round, "sim_time_s": self.sim_time, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "train_loss": self.train_loss}
+                "bytes_down": self.bytes_down, "train_loss": self._train_loss()}
+
+    def _train_loss(self) -> float | None:
+        return float(self.train_loss) if isinstance(self.train_loss, torch.Tensor) else self.train_loss
 
     # --- checkpointing: tensors and plain values only, loaded with weights_only=True ---------
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "sim_time": self.sim_time, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "train_loss": self.train_loss,
+                "bytes_down": self.bytes_down, "train_loss": self._train_loss(),
                 "node_steps": self.node_steps,
                 "availability": _to_tensor(self.exp.availability.state_dict()),
                 "faults": _to_tensor(self.exp.faults.state_dict()) if self.exp.faults is not None else None}
@@ -90,7 +96,7 @@ def _to_tensor(v: Any) -> Any:
 
 def _to_numpy(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
-        return v.numpy()
+        return v.cpu().numpy()
     if isinstance(v, dict):
         return {k: _to_numpy(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

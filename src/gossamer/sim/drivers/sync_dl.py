@@ -72,7 +72,7 @@ class SyncDLDriver(Driver):
         """A dynamic topology's links and mixing matrix for round ``r`` (a static one's are fixed)."""
         if self.exp.dynamic is not None:
             self.graph = protocol.round_graph(self.static, self.exp.dynamic, self.exp.cfg.topology.mixing, r)
-            self.mixing = to_torch_sparse(self.graph.mixing)
+            self.mixing = to_torch_sparse(self.graph.mixing, device=self.device)
 
     def _links(self, online: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Masks over the directed links: sent (both ends up, not cut by a partition), delivered."""
@@ -124,7 +124,7 @@ class SyncDLDriver(Driver):
         if result is not None:
             samples[train_ids] = result.samples
             self.node_steps += int(result.steps.sum())
-            self.train_loss = float(result.loss.mean())
+            self.train_loss = result.loss.mean()
         return samples
 
     def _train_rows(self, train_ids: np.ndarray, r: int, first: int = 0) -> TrainResult | None:
@@ -182,7 +182,7 @@ class SyncDLDriver(Driver):
     def _mix(self, mixing) -> None:
         if self._spare is None:
             self._spare = torch.empty_like(self.params)
-        w = self.mixing if mixing is None else to_torch_sparse(mixing)
+        w = self.mixing if mixing is None else to_torch_sparse(mixing, device=self.device)
         mixed = self.exp.algorithm.mix(w, self.params, out=self._spare, steps=self.round_gossip_steps)
         if mixed is not self.params:                # the buffers swapped roles
             self._spare, self.params = self.params, mixed
@@ -265,7 +265,7 @@ class SyncDLDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.params = state["params"].clone()
+        self.params = state["params"].to(self.device, copy=True)   # loaded on the host
         if "last_online" in state:
             self.last_online = state["last_online"].numpy().copy()
             self.isolated, self.lost = int(state["isolated"]), int(state["lost"])

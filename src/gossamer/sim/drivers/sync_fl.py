@@ -48,7 +48,7 @@ class SyncFLDriver(Driver):
         self.pipeline = pipe = build_pipeline(exp.cfg, algo, numel, exp.uplink)
         self.up_bytes: int | None = pipe.upload_bytes(1)
         # the stages' state rows for the whole population (EF memory, DGC momentum)
-        self.stage_state = pipe.compress.init(exp.num_nodes, numel) if pipe.compress else {}
+        self.stage_state = pipe.compress.init(exp.num_nodes, numel, self.device) if pipe.compress else {}
         self.sent_up: np.ndarray = np.zeros(0, dtype=np.int64)   # this round's upload sizes
         self.downlink = exp.downlink
         self.estimate: torch.Tensor | None = None        # each client's copy of the global model
@@ -77,10 +77,12 @@ class SyncFLDriver(Driver):
         if algo.personalized:
             self.personal = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
             self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
+            self.head = self.head.to(self.device)
         self.extra_up = 0                                  # FED-PUB: each upload's embedding bytes
         if algo.personalized and algo.uses_embeddings:   # FED-PUB: its proxy input and mask entries
-            self.proxy = exp.model.proxy_input(exp.cfg.seed)
-            self.mask_entries = mask_parameters(exp.spec)[1]
+            with torch.device("cpu"):          # drawn on the host: the same input on every device
+                self.proxy = exp.model.proxy_input(exp.cfg.seed).to(self.device)
+            self.mask_entries = mask_parameters(exp.spec)[1].to(self.device)
             self.extra_up = 4 * int(self._embeddings(exp.init_params.reshape(1, -1)).shape[1])
         self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
         if exp.personal is not None:
@@ -91,7 +93,9 @@ class SyncFLDriver(Driver):
         if algo.client_state_vectors:
             pop = exp.cfg.population
             budget = pop.state_budget_mb * 2**20 if pop.lazy else float("inf")
-            self.client_state = ClientStore(algo.init_client_state(numel), budget, pop.spill_dir)
+            with torch.device("cpu"):          # a host store (population/store.py)
+                row = algo.init_client_state(numel)
+            self.client_state = ClientStore(row, budget, pop.spill_dir)
 
     def _candidates(self) -> np.ndarray:
         online = self.exp.online(self.sim_time)
@@ -282,7 +286,7 @@ class SyncFLDriver(Driver):
         if steps:
             models = exp.trainer.train(models.contiguous(), nodes, self.round + (1 << 43),
                                        steps=np.full(len(nodes), steps)).params
-        accuracy = exp.personal.evaluate(models, nodes).numpy()
+        accuracy = exp.personal.evaluate(models, nodes).cpu().numpy()
         self.personal_accuracy = np.full(exp.num_nodes, np.nan)
         self.personal_accuracy[nodes] = accuracy
         return personal_summary(accuracy)
@@ -320,16 +324,18 @@ class SyncFLDriver(Driver):
         start = payload[: exp.spec.numel]
         if self._uploads_are_models(delivered):    # FedAvg's dense round: the mean, never the rows
             with self.timer("train_s"):
-                weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)
+                weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype, start.device)
                 result = exp.trainer.train(start.expand(len(trained), -1), trained, r,
                                            objective=algo.local_objective(payload, None),
                                            mean_weights=weights)
             with self.timer("communicate_s"):
                 self.state = algo.aggregate_mean(self.state, result.mean)
-            self.train_loss = float(result.loss.mean())
+            self.train_loss = result.loss.mean()
             self.node_steps += int(result.steps.sum())
             return
-        cstate = self.client_state.get(trained) if self.client_state is not None else None
+        cstate = None        # the store holds rows on the host; the cohort's travel each round
+        if self.client_state is not None:
+            cstate = self.client_state.get(trained).to(self.device)
         with self.timer("train_s"):
             objective = algo.local_objective(payload, cstate)
             starts = start.expand(len(trained), -1)
@@ -347,7 +353,7 @@ class SyncFLDriver(Driver):
                 uploads = uploads.clone()
                 uploads[:, : exp.spec.numel] += start - starts
             if new_state is not None and self.client_state is not None:
-                self.client_state.set(trained, new_state)
+                self.client_state.set(trained, new_state.cpu())
             if exp.adversary.model_attack:
                 numel = exp.spec.numel
                 uploads = uploads.clone()
@@ -360,7 +366,7 @@ class SyncFLDriver(Driver):
         scorer, sizes = exp.contribution, exp.trainer.sizes[trained[delivered]]
         models = rows[:, : exp.spec.numel]                  # the uploads as the server holds them
         if (scorer is not None or exp.hierarchy is not None) and len(rows):
-            weights = algo.mean_weights(sizes, rows.dtype)
+            weights = algo.mean_weights(sizes, rows.dtype, rows.device)
         if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
             scorer.observe(r, trained[delivered], models, weights, start)
         with self.timer("communicate_s"):
@@ -379,7 +385,7 @@ class SyncFLDriver(Driver):
                              "trained": own}
                 self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
                     starts[keep], models, self.state.params, layers, r, **extra)
-        self.train_loss = float(result.loss.mean())
+        self.train_loss = result.loss.mean()
         self.node_steps += int(result.steps.sum())
 
     def _embeddings(self, models: torch.Tensor) -> torch.Tensor:
@@ -438,7 +444,8 @@ class SyncFLDriver(Driver):
         keep = torch.from_numpy(delivered)
         if not keep.any():
             return up
-        weights = self.algorithm.mean_weights(self.exp.trainer.sizes[up.clients[delivered]])
+        weights = self.algorithm.mean_weights(self.exp.trainer.sizes[up.clients[delivered]],
+                                              device=self.device)
         update, extra = self.pipeline.compress.fetch(self.state.extra, up.encoded.parts["table"][keep],
                                                      weights, self.exp.spec.numel)
         self.state = ServerState(self.state.params, self.state.round, extra)
@@ -454,9 +461,9 @@ class SyncFLDriver(Driver):
 
         exp, sa, members, trained = self.exp, self.secagg, self.round_clients, up.clients
         weights = np.ones(len(members)) if dp_expected else \
-            self.algorithm.weights(exp.trainer.sizes[members], torch.float64).numpy()
+            self.algorithm.weights(exp.trainer.sizes[members], torch.float64, torch.device("cpu")).numpy()
         deltas = up.delta() if deltas is None else deltas
-        out = secure_mean(members, deltas.double().numpy(), trained, trained[delivered], weights,
+        out = secure_mean(members, deltas.double().cpu().numpy(), trained, trained[delivered], weights,
                           threshold=sa.threshold, bits=sa.bits, clip=sa.clip,
                           seed=[exp.cfg.seed, up.round], round=up.round)
         at = np.searchsorted(members, trained)
@@ -471,8 +478,8 @@ class SyncFLDriver(Driver):
             self.secagg_aborted += 1
             return up, np.zeros_like(delivered)
         model = up.model.clone()
-        step = torch.from_numpy(out.mean).to(model.dtype) if not dp_expected else dp_secure_mean(
-            self.pipeline.dp, out.mean, int(delivered.sum()), up.round, dp_expected)
+        step = torch.from_numpy(out.mean).to(model.device, model.dtype) if not dp_expected else dp_secure_mean(
+            self.pipeline.dp, out.mean, int(delivered.sum()), up.round, dp_expected).to(model.device)
         model[torch.from_numpy(delivered)] = up.start + step
         return replace(up, model=model), delivered
 
@@ -481,7 +488,7 @@ class SyncFLDriver(Driver):
         exp, algo = self.exp, self.algorithm
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
-        uploads = torch.empty(len(trained), exp.spec.numel)
+        uploads = torch.empty(len(trained), exp.spec.numel, device=self.device)
         steps = np.zeros(len(trained), dtype=np.int64)
         losses = []
         with self.timer("train_s"):
@@ -505,7 +512,7 @@ class SyncFLDriver(Driver):
             self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
                                         steps[delivered], exp.cfg.local.lr, clients=trained[delivered],
                                         anchors=anchors[delivered])
-        self.train_loss = float(torch.cat(losses).mean())
+        self.train_loss = torch.cat(losses).mean()
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
@@ -583,7 +590,10 @@ class SyncFLDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.state = ServerState(state["params"], int(state["server_round"]), dict(state["server_extra"]))
+        dev = self.device          # checkpoints load on the host (metrics/runstore.py)
+        self.state = ServerState(state["params"].to(dev), int(state["server_round"]),
+                                 {k: v.to(dev) if isinstance(v, torch.Tensor) else v
+                                  for k, v in state["server_extra"].items()})
         self.participants = int(state["participants"])
         self.lost = int(state.get("lost", 0))
         self.dropped = int(state.get("dropped", 0))
@@ -596,9 +606,9 @@ class SyncFLDriver(Driver):
             self.client_state.load_state_dict(saved)
         for key in ("memory", "momentum"):
             if state.get(f"compression_{key}") is not None:
-                self.stage_state[key] = state[f"compression_{key}"].clone()
+                self.stage_state[key] = state[f"compression_{key}"].to(dev, copy=True)
         if state.get("client_estimates") is not None:
-            self.estimate = state["client_estimates"].clone()
+            self.estimate = state["client_estimates"].to(dev, copy=True)
         if self.dp_ledger is not None and state.get("dp_ledger") is not None:
             self.dp_ledger.load_state_dict(state["dp_ledger"])
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
@@ -606,7 +616,7 @@ class SyncFLDriver(Driver):
         if self.exp.contribution is not None and state.get("contribution") is not None:
             self.exp.contribution.load_state_dict(state["contribution"])
         if self.personal is not None and state.get("personal") is not None:
-            self.personal = state["personal"].clone()
+            self.personal = state["personal"].to(dev, copy=True)
         if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
             self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
             self.cut_off = int(state.get("cut_off", 0))

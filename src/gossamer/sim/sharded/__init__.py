@@ -68,6 +68,9 @@ def check_config(cfg: ExperimentConfig) -> None:
                           f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
                           f"(dpsgd, dfedsam) and asynchronous FL (fedasync, fedbuff, ...); "
                           f"{cfg.algorithm.name} runs in one process (drop --ranks)")
+    if cfg.device != "cpu":
+        raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
+                          "(shared memory between ranks); drop --ranks to run on one GPU")
     synchronous = fl or dl
     unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
                    "system.availability.model": synchronous and cfg.system.availability.model != "always",

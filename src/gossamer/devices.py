@@ -1,0 +1,74 @@
+"""Where a simulation computes: the config's ``device`` and ``precision`` (docs/devices.md).
+
+Everything a run builds is built on the host (data loaders, the model's initialization, the
+counter-based draws), so a run starts from the same bits on every device; the builder then
+places the data, the initial model and the trainer's and evaluator's buffers on the device,
+and every tensor the simulator makes after that names its device (tests/test_devices.py runs
+the supported patterns with the default device set to ``meta``: a factory that forgot its
+device fails or changes the metrics there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from gossamer.config import ConfigError
+
+# patterns whose simulator keeps every tensor on the configured device (the rest refuse a
+# device other than the CPU in one line)
+DEVICE_PATTERNS = frozenset({"sync_fl", "sync_dl"})
+
+
+def resolve(name: str) -> torch.device:
+    """The torch device a config's ``device`` names: ``auto`` is ``cuda`` when torch sees a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{name}: torch sees no CUDA device (a CPU build of torch, "
+                              "or no GPU): use cpu, or auto to take a GPU when there is one")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError("device", f"{name}: torch sees {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def check(device: torch.device, precision: str, pattern: str) -> None:
+    """Refuse, in one line naming the field, what a device or precision does not support."""
+    if device.type != "cpu" and pattern not in DEVICE_PATTERNS:
+        raise ConfigError("device", f"the {pattern} pattern runs on the CPU so far (on "
+                          f"{device.type}: {', '.join(sorted(DEVICE_PATTERNS))}); set device: cpu")
+    if precision == "tf32" and device.type != "cuda":
+        raise ConfigError("precision", "tf32 is a CUDA matmul format; on the CPU use fp32 or bf16")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype training and evaluation autocast to, or None (full fp32)."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s kind, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """CUDA's TF32 switches for one run (on with ``tf32``, off otherwise, so ``fp32`` is
+    full fp32 on every GPU), restored afterwards; nothing changes on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
