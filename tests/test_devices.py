@@ -35,6 +35,7 @@ EXAMPLES = [
     "personalized/fedcac.yaml", "privacy/dp_sample_sigma1.yaml", "privacy/dp_client_sigma1.yaml",
     "privacy/secure_aggregation.yaml", "privacy/dp_rqm.yaml", "robustness/signflip20_median.yaml",
     "dpsgd.yaml", "decentralized/dpsgd_dynamic.yaml", "decentralized/dfedsam.yaml",
+    "heterogeneous/fedbuff.yaml", "heterogeneous/fedcompass.yaml", "heterogeneous/theory_fedfix.yaml",
 ]
 
 # a smaller run of the slow ones (the same code paths)

@@ -320,7 +320,7 @@ class AsyncFLProtocol(CompassGroups):
                 "entries": [(dataclasses.astuple(e.task), e.staleness, e.end_s) for e in entries],
                 "entry_groups": [-1] * len(self.buffer) + [g for g in sorted(self.group_buffer)
                                                             for _ in self.group_buffer[g]],
-                "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0),
+                "messages": torch.stack([e.message for e in entries]) if entries else torch.zeros(0, device="cpu"),
                 "arrays": ({"client_tasks": self.client_tasks.state_dict()} if self.registered else
                            tensors({"client_tasks": self.client_tasks, "ready_s": np.asarray(self.ready_s),
                                     "invited": self.invited})),

@@ -222,9 +222,10 @@ class AsyncFLDriver(Driver):
         """Train ``first`` and every other deliverable untrained task in one batched call."""
         pending = [first] + [x for x in self.tasks if x.delivered and x.message is None]
         messages, result = self._train_tasks(pending, first)
+        losses = result.loss.tolist()          # one host read per batched call
         for i, task in enumerate(pending):
             task.message, task.start = messages[i].clone(), None
-            task.loss, task.trained_steps = float(result.loss[i]), int(result.steps[i])
+            task.loss, task.trained_steps = losses[i], int(result.steps[i])
 
     def _train_tasks(self, tasks: list[SimTask], first: SimTask) -> tuple[torch.Tensor, Any]:
         """Train ``tasks`` (untrained, from their start rows) in one batched call: their uploads
@@ -274,16 +275,27 @@ class AsyncFLDriver(Driver):
             out["model_test_accuracy"] = [float(a) for a in self.exp.evaluator.evaluate(rows)[0]]
         return out
 
+    def _placed(self, protocol: dict[str, Any]) -> dict[str, Any]:
+        """The protocol's checkpoint with its models on the run's device: the global model, the
+        buffered uploads and the server state's model-sized tensors (FedAST's models, the
+        anarchic memory: the model's dtype and width); its bookkeeping stays on the host."""
+        params, dev = protocol["params"], self.device
+        model_sized = lambda v: (isinstance(v, torch.Tensor) and v.dtype == params.dtype   # noqa: E731
+                                 and v.dim() > 0 and v.shape[-1] == params.numel())
+        extra = {k: v.to(dev) if model_sized(v) else v for k, v in protocol["server_extra"].items()}
+        return {**protocol, "params": params.to(dev), "messages": protocol["messages"].to(dev),
+                "server_extra": extra}
+
     # --- checkpoints: the protocol, and the in-flight tasks with start rows or uploads ----------
     def state_dict(self) -> dict[str, Any]:
         starts = {(x.plan.model, x.plan.version): x.start for x in self.tasks if x.start is not None}
         trained = [x.message for x in self.tasks if x.trained]
         state = super().state_dict()
         state.update(protocol=self.protocol.state_dict(), start_keys=sorted(starts),
-                     start_models=torch.stack([starts[k] for k in sorted(starts)]) if starts else torch.zeros(0),
+                     start_models=torch.stack([starts[k] for k in sorted(starts)]) if starts else torch.zeros(0, device="cpu"),
                      tasks=[(x.task_id, x.plan.client, x.end_s, x.received, x.delivered, x.samples, x.steps,
                              x.loss, x.trained_steps, x.trained) for x in self.tasks],
-                     messages=torch.stack(trained) if trained else torch.zeros(0),
+                     messages=torch.stack(trained) if trained else torch.zeros(0, device="cpu"),
                      counters=[self.next_task, self.dispatch_open, self.max_in_flight],
                      client_steps=(self.client_steps.state_dict() if self.registered
                                    else torch.from_numpy(self.client_steps.copy())))
@@ -291,9 +303,10 @@ class AsyncFLDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.protocol.load_state_dict(state["protocol"])
-        starts = dict(zip(map(tuple, state["start_keys"]), state["start_models"], strict=True))
-        messages, self.tasks = iter(state["messages"]), []
+        self.protocol.load_state_dict(self._placed(state["protocol"]))
+        dev = self.device               # checkpoints load on the host (metrics/runstore.py)
+        starts = dict(zip(map(tuple, state["start_keys"]), state["start_models"].to(dev), strict=True))
+        messages, self.tasks = iter(state["messages"].to(dev)), []
         for task_id, client, end_s, received, delivered, samples, steps, loss, trained_steps, trained in state["tasks"]:
             task = SimTask(task_id, self.protocol.tasks[client], end_s, received, delivered, samples, steps,
                            loss=loss, trained_steps=trained_steps)
