@@ -36,11 +36,16 @@ EXAMPLES = [
     "privacy/secure_aggregation.yaml", "privacy/dp_rqm.yaml", "robustness/signflip20_median.yaml",
     "dpsgd.yaml", "decentralized/dpsgd_dynamic.yaml", "decentralized/dfedsam.yaml",
     "heterogeneous/fedbuff.yaml", "heterogeneous/fedcompass.yaml", "heterogeneous/theory_fedfix.yaml",
+    "compression/choco_topk10.yaml", "decentralized/gradient_tracking.yaml", "decentralized/srrw.yaml",
+    "islands/gradient_coding.yaml", "islands/streaming_diloco.yaml", "islands/co2.yaml",
+    "compression/zo_onebyte.yaml",
 ]
 
 # a smaller run of the slow ones (the same code paths)
-SMALLER = {"islands/diloco.yaml": ["local.steps=3", "data.params.max_chars_per_file=4000",
-                                   "eval.test_subset=200"]}
+TEXT = ["data.params.max_chars_per_file=4000", "eval.test_subset=200"]
+SMALLER = {"islands/diloco.yaml": ["local.steps=3", *TEXT],
+           "islands/streaming_diloco.yaml": ["local.steps=10", *TEXT],
+           "islands/co2.yaml": ["local.steps=10", *TEXT]}
 
 
 def _metrics(config, out: Path, overrides: list[str]) -> bytes:

@@ -19,7 +19,8 @@ from gossamer.config import ConfigError
 
 # patterns whose simulator keeps every tensor on the configured device (the rest refuse a
 # device other than the CPU in one line; tests/test_devices.py checks these)
-DEVICE_PATTERNS = frozenset({"sync_fl", "sync_dl", "async_fl"})
+DEVICE_PATTERNS = frozenset({"sync_fl", "sync_dl", "async_fl", "choco", "gradient_tracking",
+                             "random_walk", "coded", "islands", "zo_fl"})
 
 
 def resolve(name: str) -> torch.device:

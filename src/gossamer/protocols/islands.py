@@ -36,7 +36,7 @@ def fragments(groups: list[int], count: int) -> list[torch.Tensor]:
         cuts.append(best + 1)
         last = best + 1
     bounds = [0, *[int(ends[c - 1]) for c in cuts], total]
-    return [torch.arange(bounds[i], bounds[i + 1]) for i in range(count)]
+    return [torch.arange(bounds[i], bounds[i + 1], device="cpu") for i in range(count)]
 
 
 def equal_fragments(numel: int, count: int) -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def equal_fragments(numel: int, count: int) -> list[torch.Tensor]:
     if count < 1 or count > numel:
         raise ValueError(f"fragments must be between 1 and the model's {numel} values, got {count}")
     bounds = [numel * k // count for k in range(count + 1)]
-    return [torch.arange(bounds[i], bounds[i + 1]) for i in range(count)]
+    return [torch.arange(bounds[i], bounds[i + 1], device="cpu") for i in range(count)]
 
 
 def layer_sizes(names: list[str], numels: list[int]) -> list[int]:

@@ -64,7 +64,7 @@ def train_visits(trainer: Any, rows: torch.Tensor, nodes: np.ndarray, keys: np.n
     before = rows.clone() if weights is not None else None
     result = trainer.train(rows, nodes, keys, inplace=True)
     if before is not None:                     # importance weight on the visit's displacement
-        w = torch.from_numpy(weights[nodes]).to(rows.dtype).unsqueeze(1)
+        w = torch.from_numpy(weights[nodes]).to(rows.device, rows.dtype).unsqueeze(1)
         rows = torch.lerp(before, rows, w)
     return rows, result
 

@@ -43,7 +43,7 @@ class ScalarRelay:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"synced": torch.from_numpy(self.synced.copy()),
-                "relayed": torch.tensor(self.relayed, dtype=torch.int64)}
+                "relayed": torch.tensor(self.relayed, dtype=torch.int64, device="cpu")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.synced = state["synced"].numpy().copy()
@@ -57,12 +57,12 @@ def estimate(algo, trainer, seed: int, params: torch.Tensor, keys: np.ndarray, i
     are real); chunked over directions. Each direction's numbers depend on its key and samples
     only, so a client computing its own ``K`` gets the simulator's values for it."""
     numel = params.shape[-1]
-    g, loss = torch.empty(len(keys)), torch.empty(len(keys))
+    g, loss = torch.empty(len(keys), device=params.device), torch.empty(len(keys), device=params.device)
     chunk = max(1, DIRECTION_CHUNK // max(1, numel))
     for s in range(0, len(keys), chunk):
         e = min(len(keys), s + chunk)
         unique, inverse = np.unique(keys[s:e], axis=0, return_inverse=True)   # shared: K rows
-        z = directions(seed, unique, numel)[torch.from_numpy(inverse.reshape(-1))]
+        z = directions(seed, unique, numel, params.device)[torch.from_numpy(inverse.reshape(-1)).to(params.device)]
         rows = algo.perturbed(params, z)
         both = np.concatenate([idx[s:e], idx[s:e]]), np.concatenate([valid[s:e], valid[s:e]])
         losses = trainer.batch_losses(rows, *both)

@@ -44,9 +44,10 @@ class GradientTracking(DPSGD):
         if self.aggregator != "mean":
             raise ValueError("gradient tracking merges with the weighted mean only (aggregator: mean)")
 
-    def init_correction(self, num_nodes: int, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init_correction(self, num_nodes: int, numel: int, dtype: torch.dtype = torch.float32,
+                        device: torch.device | None = None) -> torch.Tensor:
         """Trackers start at the local gradients: correction 0, ``[N, P]``."""
-        return torch.zeros(num_nodes, numel, dtype=dtype)
+        return torch.zeros(num_nodes, numel, dtype=dtype, device=device)
 
     def local_objective(self, correction: torch.Tensor) -> LocalObjective:
         """Local steps go along ``g + c_i`` (``correction`` ``[B, P]``)."""
@@ -56,8 +57,9 @@ class GradientTracking(DPSGD):
                    correction: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``y = (start - trained) / (K lr)`` per row ``[N, P]``; a node that took no step
         (``K = 0``) has a zero gradient estimate, so ``y = c``. ``out`` may be ``start``."""
-        k = torch.as_tensor(np.asarray(steps), dtype=start.dtype)
-        scale = torch.where(k > 0, 1.0 / (k.clamp(min=1) * lr), torch.zeros((), dtype=start.dtype))
+        k = torch.as_tensor(np.asarray(steps), dtype=start.dtype, device=start.device)
+        scale = torch.where(k > 0, 1.0 / (k.clamp(min=1) * lr),
+                            torch.zeros((), dtype=start.dtype, device=start.device))
         out = torch.sub(start, trained, out=out if out is not None else torch.empty_like(start))
         out.mul_(scale.unsqueeze(1))
         idle = torch.from_numpy(np.flatnonzero(np.asarray(steps) == 0))

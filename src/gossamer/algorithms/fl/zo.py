@@ -32,12 +32,13 @@ TAG_ROUNDING = 2        # stochastic rounding of the codes: keys (round, client,
 DIRECTION_CHUNK = 1 << 22   # direction values generated at a time
 
 
-def directions(seed: int, keys: np.ndarray, numel: int) -> torch.Tensor:
+def directions(seed: int, keys: np.ndarray, numel: int, device: torch.device | None = None) -> torch.Tensor:
     """Standard normal rows ``[D, numel]`` (float32), row ``d`` a pure function of ``keys[d]``.
 
     ``keys`` ``[D, C]`` int64. One splitmix64 hash per pair of coordinates (keyed by the row's
     prefix hash and the pair index) gives two 32-bit uniforms for Box-Muller, so any party
     holding ``(seed, keys[d])`` rebuilds row ``d`` bit for bit, whichever rows it builds with it.
+    Drawn on the host (the same bits for every device), then moved to ``device``.
     """
     keys = np.asarray(keys, dtype=np.int64).reshape(len(keys), -1)
     prefix = rng.hash_u64(seed, rng.STREAM_ZO, TAG_DIRECTION, *(keys[:, c] for c in range(keys.shape[1])))
@@ -47,7 +48,8 @@ def directions(seed: int, keys: np.ndarray, numel: int) -> torch.Tensor:
     u2 = torch.from_numpy((h & np.uint64(0xFFFFFFFF)).astype(np.float64) * 2.0 ** -32)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = u2.mul_(2.0 * np.pi)                  # torch's float64 math: ~3x numpy's here
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel].float()
+    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel].float()
+    return z if device is None else z.to(device)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class ZOFedAvg(Algorithm):
         keys = self.direction_keys(round, clients)
         keys[:, 1] = np.repeat(np.asarray(clients, dtype=np.int64), self.perturbations)
         u = rng.uniform(seed, rng.STREAM_ZO, TAG_ROUNDING, keys[:, 0], keys[:, 1], keys[:, 2])
-        scaled = g.double() / self.quantize_scale + torch.from_numpy(u).view_as(g)
+        scaled = g.double() / self.quantize_scale + torch.from_numpy(u).to(g.device).view_as(g)
         return scaled.floor().clamp(-top, top).to(torch.int16)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -168,10 +170,11 @@ class ZOFedAvg(Algorithm):
             keys = self.direction_keys(round, clients)
             weights = scalars.double().reshape(-1) / len(clients)              # [M K]
         weights = (weights / self.perturbations).float()
-        step = torch.zeros(numel, dtype=torch.float32)
+        step = torch.zeros(numel, dtype=torch.float32, device=params.device)
+        weights = weights.to(params.device)
         chunk = max(1, DIRECTION_CHUNK // max(1, numel))
         for s in range(0, len(keys), chunk):      # bounded memory: ~2**22 values at a time
-            step.addmv_(directions(seed, keys[s:s + chunk], numel).T, weights[s:s + chunk])
+            step.addmv_(directions(seed, keys[s:s + chunk], numel, params.device).T, weights[s:s + chunk])
         return params - lr * step.to(params.dtype)
 
 

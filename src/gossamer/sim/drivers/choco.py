@@ -80,7 +80,7 @@ class ChocoDriver(SyncDLDriver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.public = state["public"].clone()
+        self.public = state["public"].to(self.device, copy=True)    # loaded on the host
 
 
 def _refuse_unsupported(exp: Experiment) -> None:

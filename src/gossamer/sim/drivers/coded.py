@@ -57,9 +57,9 @@ class CodedDriver(Driver):
             self.code = fractional_code(n, s)
         else:
             self.code = cyclic_code(n, s, rng.generator(exp.cfg.seed, rng.STREAM_SYSTEM, CODE_KEY))
-        self.matrix = torch.from_numpy(self.code.matrix)
+        self.matrix = torch.from_numpy(self.code.matrix).to(self.device)
         sizes = exp.trainer.sizes.astype(np.int64)
-        self.weights = torch.from_numpy(algo.partition_weights(sizes))
+        self.weights = torch.from_numpy(algo.partition_weights(sizes)).to(self.device)
         self.task_samples = np.array([sizes[p].sum() for p in self.code.partitions()], dtype=np.float64)
         self.message_dtype = torch.float32 if algo.code == "fractional" else torch.float64
         self.up_bytes = wire.encoded_size(numel, self.message_dtype)
@@ -69,7 +69,7 @@ class CodedDriver(Driver):
         self.pending: torch.Tensor | None = None    # coded vectors of jobs r - B .. r, by job % (B + 1)
         if isinstance(algo, SequentialGradientCoding):
             self.scheme = SelectiveReattempt(n, algo.burst, algo.window, algo.stragglers)
-            self.pending = torch.zeros(algo.burst + 1, n, numel, dtype=self.message_dtype)
+            self.pending = torch.zeros(algo.burst + 1, n, numel, dtype=self.message_dtype, device=self.device)
         # this round's metrics and the run's totals
         self.job, self.waited, self.stragglers, self.reattempts = 0, 0, 0, 0
         self.residual = 0.0
@@ -133,7 +133,7 @@ class CodedDriver(Driver):
         a, self.residual = self.code.decoding_vector(arrived)
         self.max_residual = max(self.max_residual, self.residual)
         index = torch.from_numpy(np.asarray(arrived, dtype=np.int64))
-        weights = torch.from_numpy(a)[index]
+        weights = torch.from_numpy(a)[index].to(self.device)
         gradient = (weights @ coded[index].double()).to(self.state.params.dtype)
         self.state = self.algorithm.step(self.state, gradient)
 
@@ -175,10 +175,11 @@ class CodedDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.state = ServerState(state["params"].clone(), int(state["server_round"]),
-                                 {k: v.clone() for k, v in state["server_extra"].items()})
+        dev = self.device                      # checkpoints load on the host
+        self.state = ServerState(state["params"].to(dev, copy=True), int(state["server_round"]),
+                                 {k: v.to(dev, copy=True) for k, v in state["server_extra"].items()})
         if self.scheme is not None:
-            self.pending = state["pending"].clone()
+            self.pending = state["pending"].to(dev, copy=True)
             self.scheme.load_state_dict(_to_numpy(state["scheme"]))
         self.job, self.waited = int(state["job"]), int(state["waited"])
         self.stragglers, self.reattempts = int(state["stragglers"]), int(state["reattempts"])

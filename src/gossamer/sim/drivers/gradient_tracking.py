@@ -33,7 +33,7 @@ class GradientTrackingDriver(SyncDLDriver):
         super().__init__(exp)
         algo = exp.algorithm
         check_gradient_tracking(exp.trainer.sizes, self.gathered)
-        self.correction = algo.init_correction(exp.num_nodes, exp.spec.numel, self.params.dtype)
+        self.correction = algo.init_correction(exp.num_nodes, exp.spec.numel, self.params.dtype, self.device)
         self.message_bytes = wire.encoded_size(algo.message_vectors * exp.spec.numel)
         self.lr = exp.trainer.optimizer.lr
         self.steps_per_node = local_steps(exp.trainer.schedule, exp.trainer.sizes)
@@ -71,4 +71,4 @@ class GradientTrackingDriver(SyncDLDriver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.correction = state["correction"].clone()
+        self.correction = state["correction"].to(self.device, copy=True)   # loaded on the host

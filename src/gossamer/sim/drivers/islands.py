@@ -54,9 +54,9 @@ class IslandsDriver(Driver):
         numel = exp.spec.numel
         self.state: ServerState = algo.init_state(exp.init_params.reshape(-1), exp.num_nodes)
         self.local = self.state.params.expand(len(self.workers), -1).clone()
-        self.inner = torch.zeros(len(self.workers), AdamW.state_width(numel))
-        self.parts = model_parts(algo, exp.spec, self.state.params)
-        self.weights = algo.mean_weights(exp.trainer.sizes[self.workers], self.local.dtype)
+        self.inner = torch.zeros(len(self.workers), AdamW.state_width(numel), device=self.device)
+        self.parts = [p.to(self.device) for p in model_parts(algo, exp.spec, self.state.params)]
+        self.weights = algo.mean_weights(exp.trainer.sizes[self.workers], self.local.dtype, self.device)
         self.pending: torch.Tensor | None = None      # the fragment's new global value, to merge
         self.in_flight: torch.Tensor | None = None    # CO2: the previous round's mean outer gradient
         self.pending_fragment = -1
@@ -174,10 +174,13 @@ class IslandsDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.state = ServerState(state["params"], int(state["server_round"]), dict(state["server_extra"]))
-        self.local, self.inner = state["local"].clone(), state["inner"].clone()
-        self.pending = None if state["pending"] is None else state["pending"].clone()
+        dev = self.device                      # checkpoints load on the host
+        self.state = ServerState(state["params"].to(dev), int(state["server_round"]),
+                                 {k: v.to(dev) if isinstance(v, torch.Tensor) else v
+                                  for k, v in state["server_extra"].items()})
+        self.local, self.inner = state["local"].to(dev, copy=True), state["inner"].to(dev, copy=True)
+        self.pending = None if state["pending"] is None else state["pending"].to(dev, copy=True)
         self.pending_fragment = int(state["pending_fragment"])
-        self.in_flight = None if state.get("in_flight") is None else state["in_flight"].clone()
+        self.in_flight = None if state.get("in_flight") is None else state["in_flight"].to(dev, copy=True)
         self.exchange_s = float(state["exchange_s"])
         self.fragment, self.exchange_bytes = int(state["fragment"]), int(state["exchange_bytes"])

@@ -144,7 +144,7 @@ class RandomWalkDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.params = state["params"].clone()
+        self.params = state["params"].to(self.device, copy=True)    # loaded on the host
         self.position = state["position"].numpy().copy()
         self.visits = state["visits"].numpy().copy()
         self.last_online = state["last_online"].numpy().copy()

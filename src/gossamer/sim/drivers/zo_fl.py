@@ -123,7 +123,7 @@ class ZOFLDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.params = state["params"].clone()
+        self.params = state["params"].to(self.device, copy=True)      # loaded on the host
         self.participants = int(state["participants"])
         self.bytes_down_model = int(state["bytes_down_model"])
         self.relay.load_state_dict(state)
