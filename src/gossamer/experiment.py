@@ -127,7 +127,8 @@ def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None) 
     and evaluators' data and workspaces, the initial model, the mixing matrix."""
     exp.device = device
     exp.init_params = exp.init_params.to(device)
-    exp.trainer.place(device, autocast)
+    copies = sum(count for _, count in population_buffers(exp.cfg, exp.algorithm))
+    exp.trainer.place(device, autocast, reserved=4 * exp.num_nodes * exp.spec.numel * copies)
     exp.evaluator.place(device, autocast)
     if exp.personal is not None:
         exp.personal.place(device, autocast, exp.trainer.x, exp.trainer.y)

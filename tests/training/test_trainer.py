@@ -286,7 +286,6 @@ def test_training_in_node_chunks_equals_one_pass(monkeypatch, mode):
     """Autograd training of large models goes a few nodes at a time (chunk_nodes); every
     node's result, the mean, losses and counts are those of one pass over all nodes."""
     from gossamer.algorithms.local import LocalObjective
-    from gossamer.training import trainer as trainer_mod
 
     sizes = [8, 5, 11, 0, 3, 7, 6]
     trainer, _, spec, *_ = _setup(sizes, LocalSchedule(3, epochs=1, shuffle=True), SGD(0.1))
@@ -299,7 +298,7 @@ def test_training_in_node_chunks_equals_one_pass(monkeypatch, mode):
         kw["steps"] = np.array([1, 2, 0, 3, 1, 2, 2])
     weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
     whole = trainer.train(rows.clone(), nodes, keys=3, **kw)
-    monkeypatch.setattr(trainer_mod, "CHUNK_BYTES", 3 * spec.numel * 4 * 2)     # two nodes a pass
+    monkeypatch.setattr(trainer, "chunk_bytes", 3 * spec.numel * 4 * 2)     # two nodes a pass
     assert trainer.chunk_nodes == 2
     if mode == "mean":
         parts = trainer.train(rows.clone(), nodes, keys=3, mean_weights=weights)
@@ -317,9 +316,8 @@ def test_training_in_node_chunks_equals_one_pass(monkeypatch, mode):
 
 @pytest.mark.parametrize("mean", [False, True], ids=["rows", "mean"])
 def test_fused_training_in_workspace_sized_chunks_equals_one_pass(monkeypatch, mean):
-    """The fused kernel's parameter-major workspace is bounded (WORKSPACE_BYTES): a larger
+    """The fused kernel's parameter-major workspace is bounded (workspace_bytes): a larger
     call trains in chunks, with each node's result and the mean those of one pass."""
-    from gossamer.training import trainer as trainer_mod
 
     sizes = [8, 5, 11, 0, 3, 7, 6]
     trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), SGD(0.1), fused=True)
@@ -327,7 +325,7 @@ def test_fused_training_in_workspace_sized_chunks_equals_one_pass(monkeypatch, m
     start = torch.randn(spec.numel) * 0.3
     weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
     whole = trainer.train(start.expand(len(nodes), -1), nodes, keys=3)
-    monkeypatch.setattr(trainer_mod, "WORKSPACE_BYTES", spec.numel * 4 * 3)       # three nodes a pass
+    monkeypatch.setattr(trainer, "workspace_bytes", spec.numel * 4 * 3)       # three nodes a pass
     parts = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=weights if mean else None)
     if mean:
         assert torch.allclose(parts.mean, weights @ whole.params, atol=1e-6)
@@ -340,9 +338,8 @@ def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
     """The fused path gathers a call's inputs at once and keeps them for the next call with
     the same plan (no shuffling). A different plan (here also one of the same shape), or a
     call whose inputs exceed
-    INPUTS_BYTES (gathered step by step into the same storage), must not read stale inputs:
+    inputs_bytes (gathered step by step into the same storage), must not read stale inputs:
     every call equals a trainer that never kept anything."""
-    from gossamer.training import trainer as trainer_mod
 
     sizes = [9, 4, 8, 6]
     opt = SGD(0.1)
@@ -359,10 +356,10 @@ def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
     assert kept is not None
     trainer.train(rows, np.arange(4), keys=7)                       # keys change nothing here
     assert trainer._inputs is kept
-    monkeypatch.setattr(trainer_mod, "INPUTS_BYTES", 0)             # now step by step
+    monkeypatch.setattr(trainer, "inputs_bytes", 0)             # now step by step
     smaller = trainer.train(rows[:2], np.arange(2), keys=1)
     assert trainer._inputs is None
-    monkeypatch.setattr(trainer_mod, "INPUTS_BYTES", 64 << 20)
+    monkeypatch.setattr(trainer, "inputs_bytes", 64 << 20)
     again = trainer.train(rows, np.arange(4), keys=1)
     assert torch.equal(again.params, fresh().train(rows, np.arange(4), keys=1).params)
     assert torch.equal(smaller.params, fresh().train(rows[:2], np.arange(2), keys=1).params)
@@ -401,16 +398,15 @@ def test_frozen_parameters_do_not_move_and_the_others_train_as_torch_does(opt):
 
 def test_fused_training_in_the_given_rows_also_goes_in_bounded_passes(monkeypatch):
     """One or two local steps update the given rows directly (no workspace), but the gradients
-    take as much: a call larger than WORKSPACE_BYTES also trains in passes (D-PSGD on 10^6
+    take as much: a call larger than workspace_bytes also trains in passes (D-PSGD on 10^6
     nodes), each node's result that of one pass."""
-    from gossamer.training import trainer as trainer_mod
 
     sizes = [8, 5, 11, 0, 3, 7, 6]
     trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, steps=1, shuffle=True), SGD(0.1), fused=True)
     nodes = np.arange(len(sizes))
     rows = torch.randn(len(nodes), spec.numel) * 0.3
     whole = trainer.train(rows.clone(), nodes, keys=3)
-    monkeypatch.setattr(trainer_mod, "WORKSPACE_BYTES", spec.numel * 4 * 3)       # three nodes a pass
+    monkeypatch.setattr(trainer, "workspace_bytes", spec.numel * 4 * 3)       # three nodes a pass
     assert trainer.nodes_per_pass == 3
     target = rows.clone()
     parts = trainer.train(target, nodes, keys=3, inplace=True)

@@ -146,6 +146,9 @@ class BatchedTrainer:
         # cohorts need that: its cohort is bound anew for every call, so "configured")
         self.batch_width: Literal["call", "population", "configured"] = "call"
         self.autocast: torch.dtype | None = None      # bf16 training (devices.autocast)
+        # how much a call may hold at once (the module constants on the CPU; a GPU's free
+        # memory sets them in `place`)
+        self.chunk_bytes, self.workspace_bytes, self.inputs_bytes = CHUNK_BYTES, WORKSPACE_BYTES, INPUTS_BYTES
         self.bind(x, y, shards)
 
     @property
@@ -153,15 +156,26 @@ class BatchedTrainer:
         """Where the trainer computes: its data's device (:meth:`place`)."""
         return self.x.device
 
-    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> None:
+    def place(self, device: torch.device, autocast: torch.dtype | None = None,
+              reserved: int = 0) -> None:
         """Train on ``device`` (the data rows move there; workspaces are made there), under
         ``autocast`` when given: the forward and backward in that dtype, weights and their
-        updates in fp32. Autocast takes the autograd path (the fused kernel has no autocast)."""
+        updates in fp32. Autocast takes the autograd path (the fused kernel has no autocast).
+
+        On a GPU the per-call budgets grow with its free memory less ``reserved`` bytes (the
+        population the executor will allocate): an eighth for an autograd chunk's weights and
+        gradients, a quarter for the fused workspace, a sixteenth for gathered inputs, so a
+        ResNet trains dozens of nodes per pass instead of the CPU budget's one or two."""
         self.x, self.y, self.autocast = self.x.to(device), self.y.to(device), autocast
         self._buffer = self._batch = None
         self._inputs = None
         if autocast is not None:
             self.kernel = None
+        if device.type == "cuda":
+            spare = max(0, torch.cuda.mem_get_info(device)[0] - reserved)
+            self.chunk_bytes = max(CHUNK_BYTES, spare // 8)
+            self.workspace_bytes = max(WORKSPACE_BYTES, spare // 4)
+            self.inputs_bytes = max(INPUTS_BYTES, spare // 16)
 
     def _index(self, array: np.ndarray) -> torch.Tensor:
         """A host array (sample indices, masks) as a tensor on the trainer's device."""
@@ -392,7 +406,7 @@ class BatchedTrainer:
         gradients and a copy within :data:`CHUNK_BYTES` (at least one), so a model of
         ResNet-18's size trains a node or two at a time instead of holding every node's
         gradients at once."""
-        return max(1, CHUNK_BYTES // (3 * self.spec.numel * self.x.element_size()))
+        return max(1, self.chunk_bytes // (3 * self.spec.numel * self.x.element_size()))
 
     @property
     def nodes_per_pass(self) -> int:
@@ -412,7 +426,7 @@ class BatchedTrainer:
         D-PSGD on 10^6 nodes would hold a population-sized gradient otherwise)."""
         if not fused:
             return self.chunk_nodes
-        return max(1, WORKSPACE_BYTES // (self.spec.numel * self.x.element_size()))
+        return max(1, self.workspace_bytes // (self.spec.numel * self.x.element_size()))
 
     def _train_chunks(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, inplace: bool,
                       steps: np.ndarray | None, objective: LocalObjective,
@@ -763,7 +777,7 @@ class BatchedTrainer:
         ``[B, T, n]`` in one gather, or None when they would take more than ``INPUTS_BYTES``.
         They are kept: the next call with the same plan (no shuffling, the same nodes: every
         round of full-participation FedAvg) reads them without gathering again."""
-        if idx.size * self.x[0].numel() * self.x.element_size() > INPUTS_BYTES:
+        if idx.size * self.x[0].numel() * self.x.element_size() > self.inputs_bytes:
             return None
         key = repr(idx.shape).encode() + idx.tobytes()
         if self._inputs is None or self._inputs[0] != key:
