@@ -38,7 +38,7 @@ EXAMPLES = [
     "heterogeneous/fedbuff.yaml", "heterogeneous/fedcompass.yaml", "heterogeneous/theory_fedfix.yaml",
     "compression/choco_topk10.yaml", "decentralized/gradient_tracking.yaml", "decentralized/srrw.yaml",
     "islands/gradient_coding.yaml", "islands/streaming_diloco.yaml", "islands/co2.yaml",
-    "compression/zo_onebyte.yaml",
+    "compression/zo_onebyte.yaml", "gossip.yaml", "modest_failures.yaml", "islands/isolated_experts.yaml",
 ]
 
 # a smaller run of the slow ones (the same code paths)
@@ -107,8 +107,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
 
 
 def test_unsupported_pattern_and_tf32_on_cpu_refused():
-    with pytest.raises(ConfigError, match=r"^device: the async_gossip pattern runs on the CPU so far"):
-        devices.check(torch.device("cuda"), "fp32", "async_gossip")
+    with pytest.raises(ConfigError, match=r"^device: G-Rank scores click logs in numpy"):
+        devices.check(torch.device("cuda"), "fp32", "grank")
+    devices.check(torch.device("cuda"), "fp32", "async_gossip")
     devices.check(torch.device("cuda"), "tf32", "sync_fl")          # allowed
     with pytest.raises(ConfigError, match=r"^precision: tf32 is a CUDA matmul format"):
         devices.check(torch.device("cpu"), "tf32", "sync_fl")

@@ -17,10 +17,9 @@ import torch
 
 from gossamer.config import ConfigError
 
-# patterns whose simulator keeps every tensor on the configured device (the rest refuse a
-# device other than the CPU in one line; tests/test_devices.py checks these)
-DEVICE_PATTERNS = frozenset({"sync_fl", "sync_dl", "async_fl", "choco", "gradient_tracking",
-                             "random_walk", "coded", "islands", "zo_fl"})
+# every pattern's simulator keeps its tensors on the configured device but these (one line
+# each says why); tests/test_devices.py checks the others
+CPU_ONLY = {"grank": "G-Rank scores click logs in numpy and trains no model"}
 
 
 def resolve(name: str) -> torch.device:
@@ -41,9 +40,8 @@ def resolve(name: str) -> torch.device:
 
 def check(device: torch.device, precision: str, pattern: str) -> None:
     """Refuse, in one line naming the field, what a device or precision does not support."""
-    if device.type != "cpu" and pattern not in DEVICE_PATTERNS:
-        raise ConfigError("device", f"the {pattern} pattern runs on the CPU so far (on "
-                          f"{device.type}: {', '.join(sorted(DEVICE_PATTERNS))}); set device: cpu")
+    if device.type != "cpu" and pattern in CPU_ONLY:
+        raise ConfigError("device", f"{CPU_ONLY[pattern]}: set device: cpu")
     if precision == "tf32" and device.type != "cuda":
         raise ConfigError("precision", "tf32 is a CUDA matmul format; on the CPU use fp32 or bf16")
 

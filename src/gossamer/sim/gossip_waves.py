@@ -40,7 +40,7 @@ class GossipWaves:
             resets = part[kind == RESET, 1]
             if len(resets):
                 self._restart(resets)
-                self.age[torch.from_numpy(resets)] = 0.0
+                self.age[self._index(resets)] = 0.0
             reads = part[kind == READ]
             if len(reads):
                 self._read(reads[:, 1], reads[:, 2])
@@ -50,7 +50,7 @@ class GossipWaves:
                     self._merge(merges[:, 1], merges[:, 2], train)
             trains = part[kind == TRAIN, 1]
             if len(trains):
-                idx = torch.from_numpy(trains)
+                idx = self._index(trains)
                 rows = self.params.index_select(0, idx)
                 trained = self._local_update(rows, trains)
                 self.params.index_copy_(0, idx, rows)
@@ -59,7 +59,7 @@ class GossipWaves:
     def _read(self, nodes: np.ndarray, msgs: np.ndarray) -> None:
         """Senders' models become messages: references to their rows (copied only if the row
         changes before the message is merged); Byzantine senders' crafted rows are copied."""
-        ages = self.age[torch.from_numpy(nodes)].tolist()
+        ages = self.age[self._index(nodes)].tolist()
         adv = self.exp.adversary
         byz = adv.byzantine[nodes] if adv is not None and adv.model_attack else np.zeros(len(nodes), dtype=bool)
         honest, pick = np.flatnonzero(~byz), np.flatnonzero(byz)
@@ -71,9 +71,9 @@ class GossipWaves:
     def _crafted(self, nodes: np.ndarray, msgs: np.ndarray) -> torch.Tensor:
         """What Byzantine senders send: an attack crafted against the receiver's current model
         (the receiver's model is the honest reference)."""
-        receivers = torch.tensor([self.receiver[m] for m in msgs.tolist()], dtype=torch.int64)
+        receivers = self._index(np.array([self.receiver[m] for m in msgs.tolist()], dtype=np.int64))
         own = self.params[receivers]
-        held = torch.stack([own, self.params[torch.from_numpy(nodes)]], dim=1)     # [F, 2, P]
+        held = torch.stack([own, self.params[self._index(nodes)]], dim=1)     # [F, 2, P]
         mask = np.zeros((len(nodes), 2), dtype=bool)
         mask[:, 1] = True
         return self.exp.adversary.corrupt(held, own, mask, self.round + 1, key=int(msgs[0]))[:, 1]
@@ -82,7 +82,7 @@ class GossipWaves:
         """Receivers merge the messages ``msgs`` into their models (then train, one clock)."""
         received, received_age, order = self.messages.take(msgs.tolist(), self.params)
         nodes = nodes[order]                          # the ops of a wave are independent: any order
-        idx = torch.from_numpy(nodes)
+        idx = self._index(nodes)
         merged, age = self.exp.algorithm.merge_models(
             self.params.index_select(0, idx), self.age[idx], received, received_age, spec=self.exp.spec)
         for m in msgs.tolist():
@@ -94,7 +94,7 @@ class GossipWaves:
 
     def _local_update(self, rows: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """Train ``rows`` ``[B, P]`` in place (nodes without data keep theirs); returns which trained."""
-        trained = torch.zeros(len(nodes), dtype=torch.bool)
+        trained = torch.zeros(len(nodes), dtype=torch.bool, device=self.device)
         keys = self.updates[nodes]
         self.updates[nodes] += 1
         holders = np.flatnonzero(self.has_data[nodes])
@@ -106,13 +106,14 @@ class GossipWaves:
                 if result.params is not rows:
                     rows.copy_(result.params)
             else:
-                pick = torch.from_numpy(holders)
+                pick = self._index(holders)
                 result = self.exp.trainer.train(rows.index_select(0, pick), nodes[holders], keys[holders],
                                                 inplace=True)
                 rows.index_copy_(0, pick, result.params)
-        done = torch.from_numpy(result.steps > 0)
-        trained[torch.from_numpy(holders)] = done
+        stepped = result.steps > 0                   # known on the host: no device read
+        done = self._index(stepped)
+        trained[self._index(holders)] = done
         self.node_steps += int(result.steps.sum())
-        if done.any():
-            self.train_loss = float(result.loss[done].mean())
+        if stepped.any():
+            self.train_loss = result.loss[done].mean()
         return trained

@@ -90,7 +90,7 @@ def quorum_mask(arrival: np.ndarray, q: int) -> np.ndarray:
 def aggregate(models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted averages of ``models`` ``[S, P]``: ``weights`` ``[S]`` gives ``[P]``, ``[A, S]``
     gives one average per row ``[A, P]`` (each row normalized to sum to one)."""
-    w = weights.to(models.dtype)
+    w = weights.to(models.device, models.dtype)
     return (w / w.sum(dim=-1, keepdim=True)) @ models
 
 
@@ -141,5 +141,5 @@ class MoDeST(Algorithm):
     def model_weights(self, num_samples: np.ndarray) -> torch.Tensor:
         """Per-trainer averaging weights ``[S]`` from their sample counts."""
         if self.weighting == "samples":
-            return torch.as_tensor(np.asarray(num_samples, dtype=np.float64))
-        return torch.ones(len(num_samples), dtype=torch.float64)
+            return torch.as_tensor(np.asarray(num_samples, dtype=np.float64), device="cpu")
+        return torch.ones(len(num_samples), dtype=torch.float64, device="cpu")

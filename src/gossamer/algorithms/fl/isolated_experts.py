@@ -107,7 +107,7 @@ def route(router_logits: torch.Tensor, expert_logits: torch.Tensor, top_k: int
     probs = torch.softmax(router_logits, dim=-1)                       # [T, K]
     expert_logp = torch.log_softmax(expert_logits, dim=-1).transpose(0, 1)   # [T, K, C]
     weight, which = probs.topk(top_k, dim=-1)                          # [T, k]
-    rows = torch.arange(len(probs))
+    rows = torch.arange(len(probs), device=probs.device)
     top1 = expert_logp[rows, which[:, 0]]
     chosen = expert_logp[rows[:, None], which]                         # [T, k, C]
     mix = torch.logsumexp(chosen + torch.log(weight / weight.sum(-1, keepdim=True))[..., None], dim=1)

@@ -37,6 +37,11 @@ class Driver:
         # (DL); the runner writes them to nodes.csv and clears them
         self.node_accuracy: tuple[np.ndarray, np.ndarray] | None = None
 
+    def _index(self, array: np.ndarray) -> torch.Tensor:
+        """Host indices or a host mask as a tensor on the run's device (``index_select`` and
+        ``index_copy_`` want their index beside the data)."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
     @contextmanager
     def timer(self, key: str):
         start = time.perf_counter()

@@ -39,18 +39,21 @@ class ExpertsDriver(Driver):
         self.experts = init.expand(algo.islands, -1).clone()        # [K, P]
         self.router = self.router_trainer = self.router_spec = None
         if algo.router:
-            model = build_model(cfg.model.name, exp.dataset.input_shape, algo.islands, cfg.seed,
-                                **cfg.model.params)
-            self.router_spec = spec = ParamSpec.from_module(model)
-            forward = make_stacked_forward(model, spec, trainer.x[0], cfg.model.forward, cfg.model.conv)
-            y = torch.zeros(len(trainer.y), dtype=torch.int64)       # each sample: its node's island
-            for node, island in zip(self.nodes, self.island, strict=True):
-                y[torch.from_numpy(trainer.shards[node, :trainer.sizes[node]])] = int(island)
+            with torch.device("cpu"):              # built on the host, as the experts' model
+                model = build_model(cfg.model.name, exp.dataset.input_shape, algo.islands, cfg.seed,
+                                    **cfg.model.params)
+                self.router_spec = spec = ParamSpec.from_module(model)
+                forward = make_stacked_forward(model, spec, exp.dataset.x_train[0], cfg.model.forward,
+                                               cfg.model.conv, self.device)
+                y = torch.zeros(len(trainer.y), dtype=torch.int64)   # each sample: its node's island
+                for node, island in zip(self.nodes, self.island, strict=True):
+                    y[torch.from_numpy(trainer.shards[node, :trainer.sizes[node]])] = int(island)
             shards = [trainer.shards[i, :trainer.sizes[i]] for i in range(len(trainer.sizes))]
             self.router_trainer = BatchedTrainer(forward, spec, trainer.x, y, shards, trainer.schedule,
                                                  trainer.optimizer, cfg.seed,
                                                  getattr(model, "stacked_kernel", None))
-            self.router = spec.flatten(model)
+            self.router_trainer.place(self.device, trainer.autocast)   # the experts' rows, its labels
+            self.router = spec.flatten(model).to(self.device)
         numel = exp.spec.numel + (self.router_spec.numel if self.router_spec is not None else 0)
         self.message = wire.encoded_size(numel)                      # an expert and the router
         self.topk = self.best = float("nan")
@@ -59,10 +62,11 @@ class ExpertsDriver(Driver):
                 groups: int, r: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """Train every node from its group's model; each group's sample-weighted mean."""
         result = trainer.train(starts[torch.from_numpy(group)], self.nodes, r)
-        w = torch.from_numpy(trainer.sizes[self.nodes].astype(np.float32))
-        idx = torch.from_numpy(group)
-        total = torch.zeros(groups).index_add_(0, idx, w)
-        means = torch.zeros(groups, result.params.shape[1]).index_add_(0, idx, result.params * w[:, None])
+        w = self._index(trainer.sizes[self.nodes].astype(np.float32))
+        idx = self._index(group)
+        total = torch.zeros(groups, device=self.device).index_add_(0, idx, w)
+        means = torch.zeros(groups, result.params.shape[1], device=self.device).index_add_(
+            0, idx, result.params * w[:, None])
         return means / total[:, None], result.samples, result.loss
 
     def run_round(self) -> None:
@@ -92,12 +96,12 @@ class ExpertsDriver(Driver):
         with self.timer("eval_s"):
             ev = exp.evaluator
             logp1, logpk = [], []
-            correct = torch.zeros(algo.islands)                      # each expert on the whole test set
+            correct = torch.zeros(algo.islands, device=self.device)  # each expert on the whole test set
             for lo in range(0, len(ev.y), ev.batch_size):
                 xb = ev.x[lo:lo + ev.batch_size]
                 logits = ev.forward(exp.spec.views(self.experts), xb.unsqueeze(0).expand(algo.islands, *xb.shape))
                 if self.router is None:
-                    router_logits = torch.zeros(len(xb), algo.islands)
+                    router_logits = torch.zeros(len(xb), algo.islands, device=self.device)
                 else:
                     router_logits = ev.forward(self.router_spec.views(self.router.reshape(1, -1)),
                                                xb.unsqueeze(0))[0]
@@ -128,6 +132,6 @@ class ExpertsDriver(Driver):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.experts = state["experts"].clone()
+        self.experts = state["experts"].to(self.device, copy=True)       # loaded on the host
         if state.get("router") is not None:
-            self.router = state["router"].clone()
+            self.router = state["router"].to(self.device, copy=True)

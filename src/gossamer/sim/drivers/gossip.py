@@ -45,12 +45,12 @@ class GossipDriver(GossipWaves, SyncDLDriver):
         algo, n = exp.algorithm, exp.num_nodes
         self.period = algo.period_s
         self.dual = not protocol.trains_on_arrival(algo)
-        self.age = torch.zeros(n)
+        self.age = torch.zeros(n, device=self.device)
         self.updates = np.zeros(n, dtype=np.int64)
         self.busy_until: list[float] = [0.0] * n
         self.heap: list[tuple] = []
         self.seq = 0
-        self.messages = MessageStore(exp.spec.numel)  # models in flight, copy-on-write
+        self.messages = MessageStore(exp.spec.numel, device=self.device)  # models in flight, copy-on-write
         self.next_msg = 0
         self.events = 0
         self.dropped = 0
@@ -265,19 +265,19 @@ class GossipDriver(GossipWaves, SyncDLDriver):
         heap = sorted(self.heap)
         state.update(
             age=self.age.clone(), updates=torch.from_numpy(self.updates.copy()),
-            busy_until=torch.tensor(self.busy_until, dtype=torch.float64), seq=self.seq,
+            busy_until=torch.tensor(self.busy_until, dtype=torch.float64, device="cpu"), seq=self.seq,
             next_msg=self.next_msg, events=self.events, dropped=self.dropped,
             compute_skipped=self.compute_skipped,
-            heap_time=torch.tensor([e[0] for e in heap], dtype=torch.float64),
-            heap_ints=torch.tensor([e[1:] for e in heap], dtype=torch.int64).reshape(-1, 5),
-            msg_ids=torch.tensor(ids, dtype=torch.int64),
+            heap_time=torch.tensor([e[0] for e in heap], dtype=torch.float64, device="cpu"),
+            heap_ints=torch.tensor([e[1:] for e in heap], dtype=torch.int64, device="cpu").reshape(-1, 5),
+            msg_ids=torch.tensor(ids, dtype=torch.int64, device="cpu"),
             msg_rows=rows, msg_ages=ages,
-            msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids], dtype=torch.int64))
+            msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids], dtype=torch.int64, device="cpu"))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.age = state["age"].clone()
+        self.age = state["age"].to(self.device, copy=True)          # loaded on the host
         self.updates = state["updates"].numpy().copy()
         self.busy_until = state["busy_until"].tolist()
         self.seq, self.next_msg = int(state["seq"]), int(state["next_msg"])

@@ -215,7 +215,7 @@ class ModestDriver(Driver):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.view = state["view"].numpy().copy()
-        self.aggregates = state["aggregates"].clone()
+        self.aggregates = state["aggregates"].to(self.device, copy=True)   # loaded on the host
         self.agg_ids = state["agg_ids"].numpy().copy()
         self.agg_ready = state["agg_ready"].numpy().copy()
         if "node_bytes" in state:
