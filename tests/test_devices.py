@@ -87,6 +87,15 @@ def test_bf16_autograd_path_dpsgd(tmp_path):
     assert np.isfinite(rows["test_loss"]).all() and rows["test_loss"][-1] < rows["test_loss"][0]
 
 
+def test_environment_names_the_device(tmp_path):
+    import json
+
+    api.run(small_config("fedavg", stop={"rounds": 1}), out=tmp_path / "r", overrides=["device=auto"])
+    env = json.loads((tmp_path / "r" / "environment.json").read_text())
+    assert env["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert ("gpu" in env) == torch.cuda.is_available()
+
+
 # --- the config's one-line refusals -------------------------------------------------------------
 @pytest.mark.parametrize("value", ["gpu", "cuda:x", "tpu", "CPU", "cuda:-1"])
 def test_device_names_checked(value):

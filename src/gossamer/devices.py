@@ -25,7 +25,7 @@ CPU_ONLY = {"grank": "G-Rank scores click logs in numpy and trains no model"}
 def resolve(name: str) -> torch.device:
     """The torch device a config's ``device`` names: ``auto`` is ``cuda`` when torch sees a GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -35,6 +35,8 @@ def resolve(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ConfigError("device", f"{name}: torch sees {count} CUDA device(s), "
                               f"cuda:0 to cuda:{count - 1}")
+        if device.index is None:                   # the current GPU, named (environment.json)
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -127,12 +127,16 @@ class MetricsWriter:
         self._unsynced = False
 
 
-def environment() -> dict[str, Any]:
-    """What produced a run: versions, platform, threads."""
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """What produced a run: versions, platform, threads, and the device it computed on (a GPU's
+    name and CUDA version)."""
     import numpy
 
     import gossamer
 
+    where = {} if device is None else {"device": str(device)}
+    if device is not None and device.type == "cuda":
+        where.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     return {
         "gossamer": gossamer.__version__,
         "python": sys.version.split()[0],
@@ -142,6 +146,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
+        **where,
     }
 
 

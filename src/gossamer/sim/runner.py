@@ -93,7 +93,7 @@ class Runner:
             (self.run_dir / "metrics.csv").unlink(missing_ok=True)
             self.node_metrics.path.unlink(missing_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", dump(self.cfg))
-        write_json(self.run_dir / "environment.json", environment())
+        write_json(self.run_dir / "environment.json", environment(self.exp.device))
 
     def checkpoint(self) -> None:
         if not self.primary and not self.driver.collective_state:    # rank 0 saves
