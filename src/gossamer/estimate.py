@@ -36,6 +36,8 @@ class Estimate:
     round_s: float | None = None
     timed_nodes: int = 0
     round_nodes: int = 0
+    device: str | None = None         # a GPU's name, when the run computes on one
+    device_free: int | None = None    # its free memory (bytes) once the experiment is built
 
     @property
     def total(self) -> float:
@@ -43,22 +45,27 @@ class Estimate:
 
     def refusal(self) -> str | None:
         """One line when the estimate exceeds the memory available now, naming the field that
-        moves the largest part the executor would allocate; None when it fits."""
-        have = checks.available_memory_bytes()
+        moves the largest part the executor would allocate; None when it fits. On a GPU the
+        parts it allocates are measured against the GPU's free memory."""
+        have = self.device_free if self.device is not None else checks.available_memory_bytes()
         planned = [(what, b) for what, b in self.parts if not what.startswith("built")]
         need = sum(b for _, b in planned)             # what is built is already held
         if have is None or not planned or need <= have:
             return None
         what, size = max(planned, key=lambda p: p[1])
         field = next((f for key, f in _FIELDS if what.startswith(key)), "partition.num_nodes")
+        where = f"free on {self.device}" if self.device is not None else "of memory available"
         return (f"{field}: the run will allocate about {checks.gb(need)} more ({what}: "
-                f"{checks.gb(size)}), more than the {checks.gb(have)} of memory available")
+                f"{checks.gb(size)}), more than the {checks.gb(have)} {where}")
 
     def lines(self, rounds: int) -> list[str]:
         shown = ", ".join(f"{what} {_size(b)}" for what, b in self.parts if b >= 1e6)
         have = checks.available_memory_bytes()
         out = [f"memory estimate: {_size(self.total)} ({shown or 'every part under 1 MB'})"
                + (f"; {checks.gb(have)} available now" if have is not None else "")]
+        if self.device is not None:      # the population and training live on the GPU
+            out.append(f"device: {self.device}; {checks.gb(self.device_free or 0)} of its memory free "
+                       "(the population's buffers, client rows and the training pass go there)")
         if self.round_s is not None:
             out.append(f"time estimate: ~{self.round_s:.3g} s per round, ~{self.round_s * rounds:.3g} s for "
                        f"{rounds} rounds (training timed on {self.timed_nodes:,} nodes, scaled to the "
@@ -123,6 +130,9 @@ def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
         est.parts.append(("client rows in a round", 3 * max(k, in_flight if algo.pattern == "async_fl" else k) * row))
     est.parts.append(("training pass", 2 * min(k, exp.trainer.nodes_per_pass) * row))
     est.round_nodes = k
+    if exp.device.type == "cuda":
+        est.device = f"{exp.device} ({torch.cuda.get_device_name(exp.device)})"
+        est.device_free = torch.cuda.mem_get_info(exp.device)[0]
     if time_it:
         batch = max(k, getattr(algo, "concurrency", None) or 0) if algo.pattern == "async_fl" else k
         est.round_s, est.timed_nodes = _time_round(exp, k, batch)
@@ -141,11 +151,16 @@ def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int]:
         return 0.0, 0
     init = exp.init_params.reshape(-1, exp.spec.numel)
     rows = init[: len(sample)] if init.shape[0] > 1 else init.expand(len(sample), -1)
+    # a GPU runs its kernels after the call returns: the clock stops when they are done
+    sync = torch.cuda.synchronize if exp.device.type == "cuda" else (lambda: None)
     exp.trainer.train(rows.clone(), sample, 0)       # warm-up: workspaces, first page faults
+    sync()
     start = time.perf_counter()
     exp.trainer.train(rows.clone(), sample, 1)
+    sync()
     train_s = (time.perf_counter() - start) * k / len(sample)
     start = time.perf_counter()
     exp.evaluator.evaluate(init[:1])
+    sync()
     eval_s = (time.perf_counter() - start) / max(1, exp.cfg.eval.every)
     return train_s + eval_s, len(sample)

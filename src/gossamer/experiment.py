@@ -128,8 +128,9 @@ def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None) 
     exp.device = device
     exp.init_params = exp.init_params.to(device)
     copies = sum(count for _, count in population_buffers(exp.cfg, exp.algorithm))
-    exp.trainer.place(device, autocast, reserved=4 * exp.num_nodes * exp.spec.numel * copies)
-    exp.evaluator.place(device, autocast)
+    reserved = 4 * exp.num_nodes * exp.spec.numel * copies
+    exp.trainer.place(device, autocast, reserved=reserved)
+    exp.evaluator.place(device, autocast, reserved=reserved)
     if exp.personal is not None:
         exp.personal.place(device, autocast, exp.trainer.x, exp.trainer.y)
     if exp.mixing is not None:

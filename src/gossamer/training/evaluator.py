@@ -27,9 +27,15 @@ class BatchedEvaluator:
         self.batch_size, self.budget = batch_size, budget
         self.autocast: torch.dtype | None = None      # bf16 evaluation (devices.autocast)
 
-    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> None:
-        """Evaluate on ``device`` (the test rows move there), under ``autocast`` if given."""
+    def place(self, device: torch.device, autocast: torch.dtype | None = None,
+              reserved: int = 0) -> None:
+        """Evaluate on ``device`` (the test rows move there), under ``autocast`` if given. On
+        a GPU the activation budget grows to a sixteenth of its free memory less ``reserved``
+        bytes (the population), so thousands of models are evaluated in a few chunks."""
         self.x, self.y, self.autocast = self.x.to(device), self.y.to(device), autocast
+        if device.type == "cuda":
+            spare = max(0, torch.cuda.mem_get_info(device)[0] - reserved)
+            self.budget = max(self.budget, spare // (16 * 4))
 
     @torch.no_grad()
     def evaluate(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
