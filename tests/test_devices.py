@@ -124,12 +124,17 @@ def test_unsupported_pattern_and_tf32_on_cpu_refused():
         devices.check(torch.device("cpu"), "tf32", "sync_fl")
 
 
-def test_real_processes_refuse_a_device():
-    from gossamer.runtime.common import refuse_simulator_only
+def test_a_runtime_process_keeps_its_models_on_the_host():
+    """A runtime process (``population=False``) places its trainer and evaluators only: its
+    initial model and mixing matrix stay host tensors, which the trainer takes as they are."""
+    from gossamer.experiment import build
 
-    cfg = api.load_config(small_config(), ["device=auto"])
-    with pytest.raises(ConfigError, match=r"^device: auto: real processes train on the CPU so far"):
-        refuse_simulator_only(cfg)
+    cfg = api.load_config(small_config("dpsgd"), ["device=auto"])
+    exp = build(cfg, population=False)
+    assert exp.init_params.device.type == "cpu" and exp.mixing.device.type == "cpu"
+    assert exp.trainer.device == exp.device == devices.resolve("auto")
+    result = exp.trainer.train(exp.init_params.expand(2, -1).clone(), np.arange(2), 0)
+    assert result.params.device.type == "cpu" and result.loss.device.type == "cpu"
 
 
 # --- host reads per round -------------------------------------------------------------------------
@@ -195,8 +200,27 @@ def test_cuda_matches_cpu_up_to_rounding(example, tmp_path):
 
 
 @cuda
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "dpsgd"])
+def test_real_processes_train_on_the_gpu(write_config, tmp_path, algorithm):
+    """``gossamer launch`` with ``device: cuda``: every process trains and evaluates on the GPU,
+    messages and aggregation stay on the host; the metrics equal the CPU launch's up to
+    rounding."""
+    from gossamer.cli import main
+
+    cfg = small_config(algorithm, stop={"rounds": 3})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["runtime"] = {"round_timeout_s": 60, "join_timeout_s": 120, "poll_interval_s": 0.1}
+    runs = {}
+    for device in ("cpu", "cuda"):
+        path = write_config({**cfg, "device": device}, name=f"{device}.yaml")
+        assert main(["launch", str(path), "--out", str(tmp_path / device)]) == 0
+        runs[device] = np.genfromtxt(tmp_path / device / "metrics.csv", delimiter=",", names=True)
+    assert np.allclose(runs["cpu"]["test_loss"], runs["cuda"]["test_loss"], rtol=1e-3, atol=1e-4)
+
+
+@cuda
 def test_cuda_resume_on_cpu(tmp_path):
     cfg = small_config("fedavg", stop={"rounds": 4})
     api.run(cfg, out=tmp_path / "r", overrides=["device=cuda", "stop.rounds=2"])
-    api.run(out=tmp_path / "r", resume=True, overrides=["stop.rounds=4"])
+    api.run(out=tmp_path / "r", resume=True, overrides=["stop.rounds=4", "device=cpu"])
     assert len(np.genfromtxt(tmp_path / "r" / "metrics.csv", delimiter=",", names=True)) == 5

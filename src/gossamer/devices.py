@@ -35,8 +35,9 @@ def resolve(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ConfigError("device", f"{name}: torch sees {count} CUDA device(s), "
                               f"cuda:0 to cuda:{count - 1}")
-        if device.index is None:                   # the current GPU, named (environment.json)
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index is None:       # the current GPU, named (environment.json); asking
+            # an uninitialized CUDA for it would start it here (the launcher forks its roles)
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return device
 
 

@@ -118,22 +118,25 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
         if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
             return _build_ranking(cfg, algorithm)
         exp = _build_dense(cfg, algorithm, population)
-    _place(exp, device, devices.autocast_dtype(cfg.precision))
+    _place(exp, device, devices.autocast_dtype(cfg.precision), population)
     return exp
 
 
-def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None) -> None:
-    """Move what the simulator computes with onto ``device`` (docs/devices.md): the trainer's
-    and evaluators' data and workspaces, the initial model, the mixing matrix."""
+def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None,
+           population: bool) -> None:
+    """Move what the run computes with onto ``device`` (docs/devices.md): the trainer's and
+    evaluators' data and workspaces, and for the simulator (``population``) the initial model
+    and the mixing matrix too. A runtime process keeps its models, messages and protocol state
+    on the host: its trainer and evaluators take host rows and return host results."""
     exp.device = device
-    exp.init_params = exp.init_params.to(device)
-    copies = sum(count for _, count in population_buffers(exp.cfg, exp.algorithm))
-    reserved = 4 * exp.num_nodes * exp.spec.numel * copies
+    exp.init_params = exp.init_params.to(device) if population else exp.init_params
+    copies = sum(count for _, count in population_buffers(exp.cfg, exp.algorithm, population))
+    reserved = 4 * exp.num_nodes * exp.spec.numel * copies if population else 0
     exp.trainer.place(device, autocast, reserved=reserved)
     exp.evaluator.place(device, autocast, reserved=reserved)
     if exp.personal is not None:
         exp.personal.place(device, autocast, exp.trainer.x, exp.trainer.y)
-    if exp.mixing is not None:
+    if exp.mixing is not None and population:
         exp.mixing = exp.mixing.to(device)
     if exp.contribution is not None:
         exp.contribution.place(device, autocast)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,14 @@ class LocalObjective:
         return LocalObjective(self.prox_mu, cut(self.anchor), cut(self.correction), self.grad_scale,
                               cut(self.recursive_direction), cut(self.optimizer_state), self.frozen,
                               self.l1_mu, self.l1, self.prox_only)
+
+    def to(self, device: torch.device) -> LocalObjective:
+        """This objective with its tensors on ``device`` (``optimizer_state`` copied: the
+        caller writes the trained state back into its own rows)."""
+        move = lambda t: None if t is None else t.to(device)    # noqa: E731
+        return dataclasses.replace(self, anchor=move(self.anchor), correction=move(self.correction),
+                                   recursive_direction=move(self.recursive_direction),
+                                   optimizer_state=move(self.optimizer_state))
 
     @property
     def recursive(self) -> bool:

@@ -142,9 +142,6 @@ def refuse_simulator_only(cfg) -> None:
     if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
                           "(real processes run ditto, fedrep, fedcac and fedpub); use `gossamer run`")
-    if cfg.device != "cpu":          # every process computes on its host (docs/devices.md)
-        raise ConfigError("device", f"{cfg.device}: real processes train on the CPU so far; "
-                          "set device: cpu (the simulator runs on a GPU)")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

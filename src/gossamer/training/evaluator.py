@@ -39,7 +39,11 @@ class BatchedEvaluator:
 
     @torch.no_grad()
     def evaluate(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-model test accuracy and mean cross-entropy, both ``[M]``."""
+        """Per-model test accuracy and mean cross-entropy, both ``[M]`` (on ``params``'s
+        device; computed on the evaluator's)."""
+        if params.device != self.x.device:      # host rows (a runtime process): compute here
+            acc, loss = self.evaluate(params.to(self.x.device))
+            return acc.to(params.device), loss.to(params.device)
         models, n = params.shape[0], self.x.shape[0]
         rows = min(self.batch_size, n)
         chunk = max(1, self.budget // (rows * max(1, self.x[0].numel())))
@@ -113,6 +117,8 @@ class PersonalEvaluator:
     def hits(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """Correct predictions ``[B]`` (float) of model ``params[b]`` on node ``nodes[b]``'s
         test rows: what a client process reports (runtime)."""
+        if params.device != self.x.device:      # host rows (a runtime process): compute here
+            return self.hits(params.to(self.x.device), nodes).to(params.device)
         nodes = np.asarray(nodes, dtype=np.int64)
         width = self.rows.shape[1]
         chunk = max(1, self.budget // (width * max(1, self.x[0].numel())))
@@ -171,6 +177,8 @@ def local_losses(trainer, samples: int = 64) -> Losses:
     across rounds). Receivers without data score every candidate 0."""
 
     def score(held: torch.Tensor, receivers: np.ndarray) -> torch.Tensor:
+        if held.device != trainer.x.device:    # host rows (a runtime peer): compute there
+            return score(held.to(trainer.x.device), receivers).to(held.device)
         g, k, p = held.shape
         m = min(samples, trainer.shards.shape[1])
         device = trainer.x.device

@@ -333,6 +333,9 @@ class BatchedTrainer:
         ``[G, P]``, each a product over that group's rows alone (the sharded simulator's
         block sums); the call must fit one pass (:attr:`nodes_per_pass`).
         """
+        if params.device != self.device:        # a runtime process: host rows, a GPU's compute
+            return self._train_from_host(params, nodes, keys, inplace, steps, objective,
+                                         mean_weights, mean_groups)
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         objective = objective or LocalObjective()
@@ -399,6 +402,25 @@ class BatchedTrainer:
         if adam is not None and objective.optimizer_state is not None:     # kept by the caller
             self._store_adam(adam, objective.optimizer_state)
         return self._result(params, leaves, valid, loss_sum, inplace, mean_weights, mean_groups)
+
+    def _train_from_host(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
+                         inplace: bool, steps: np.ndarray | None, objective: LocalObjective | None,
+                         mean_weights: torch.Tensor | None, mean_groups: np.ndarray | None) -> TrainResult:
+        """:meth:`train` of rows that live elsewhere (a runtime process keeps its messages and
+        state on the host and trains on its GPU): the rows, the objective's tensors and the
+        mean's weights move to the trainer's device, the result moves back (into ``params``
+        with ``inplace``; the optimizer state into the caller's rows)."""
+        home, dev = params.device, self.device
+        moved = objective.to(dev) if objective is not None else None
+        result = self.train(params.to(dev), nodes, keys, False, steps, moved,
+                            None if mean_weights is None else mean_weights.to(dev), mean_groups)
+        if moved is not None and objective.optimizer_state is not None:
+            objective.optimizer_state.copy_(moved.optimizer_state)
+        rows = None
+        if result.params is not None:
+            rows = params.copy_(result.params) if inplace else result.params.to(home)
+        return TrainResult(rows, result.samples, result.steps, result.loss.to(home),
+                           None if result.mean is None else result.mean.to(home))
 
     @property
     def chunk_nodes(self) -> int:
@@ -556,6 +578,9 @@ class BatchedTrainer:
     def full_gradient(self, params: torch.Tensor, nodes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's gradient of its mean loss over its whole shard at ``params`` ``[B, P]``
         (one batch per node; FedAMD's anchors), and that loss ``[B]``."""
+        if params.device != self.device:        # host rows (a runtime process): compute here
+            grads, loss = self.full_gradient(params.to(self.device), nodes)
+            return grads.to(params.device), loss.to(params.device)
         nodes = np.asarray(nodes, dtype=np.int64)
         sizes = self.sizes[nodes]
         width = max(1, int(sizes.max(initial=0)))
@@ -578,6 +603,8 @@ class BatchedTrainer:
 
         One stacked forward per chunk of rows, chunks bounded by ``budget`` input values plus
         parameter values (zeroth-order training: two evaluations per perturbation)."""
+        if params.device != self.device:        # host rows (a runtime process): compute here
+            return self.batch_losses(params.to(self.device), idx, valid, budget).to(params.device)
         rows, n = idx.shape
         per_row = n * max(1, self.x[0].numel()) + self.spec.numel
         chunk = max(1, budget // per_row)
