@@ -37,7 +37,7 @@ export PYTHONPATH="/tmp/site:$PWD/src:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 set -o pipefail
-timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_devices.py -k "cuda or environment or bf16" \
+timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_devices.py -k "cuda or gpu or environment or bf16" \
   2>&1 | tee "$OUT/tests.log"
 timeout 330 python3 benchmarks/gpu.py --rounds 2 --cpu-rounds 1 --clients 100,1000 --dpsgd-nodes 10000 \
   --timeout 150 --json 2>&1 | tee "$OUT/benchmark.log"
