@@ -412,7 +412,9 @@ class BatchedTrainer:
         with ``inplace``; the optimizer state into the caller's rows)."""
         home, dev = params.device, self.device
         moved = objective.to(dev) if objective is not None else None
-        result = self.train(params.to(dev), nodes, keys, False, steps, moved,
+        rows_in = (params[:1].to(dev).expand(params.shape)        # one model for every row: one copy
+                   if params.dim() == 2 and len(params) and params.stride(0) == 0 else params.to(dev))
+        result = self.train(rows_in, nodes, keys, False, steps, moved,
                             None if mean_weights is None else mean_weights.to(dev), mean_groups)
         if moved is not None and objective.optimizer_state is not None:
             objective.optimizer_state.copy_(moved.optimizer_state)
