@@ -64,7 +64,11 @@ def run_gossamer(cfg: dict) -> dict:
             "test_accuracy": summary["final_test_accuracy"], "forward": summary["forward"]}
 
 
-def run_sequential(cfg: dict) -> dict:
+def run_sequential(cfg: dict, evaluate_every_round: bool = True) -> dict:
+    """Plain PyTorch on the config's ``device`` (the CPU by default): one nn.Module, each
+    selected client in turn with torch.optim.SGD, then the weighted average; the same init,
+    selection and mini-batches as Gossamer's run. ``evaluate_every_round``: the test set after
+    every round (else once, after the last; benchmarks/gpu.py)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -76,16 +80,25 @@ def run_sequential(cfg: dict) -> dict:
 
     c = config_mod.validate(cfg)
     exp = build(c)
+    device = exp.device
     trainer, spec, algo = exp.trainer, exp.spec, exp.algorithm
     model = build_model(c.model.name, exp.dataset.input_shape, exp.dataset.num_classes, c.seed,
-                        **c.model.params)
+                        **c.model.params).to(device)
     x, y = trainer.x, trainer.y
-    x_test, y_test = exp.dataset.x_test, exp.dataset.y_test
+    x_test, y_test = exp.dataset.x_test.to(device), exp.dataset.y_test.to(device)
     params = list(model.parameters())
     global_row = exp.init_params.reshape(-1).clone()
     candidates = np.flatnonzero(trainer.sizes > 0)
     opt = torch.optim.SGD(params, lr=c.local.lr)        # plain SGD keeps no state: one for all
     loss = acc = None
+
+    def evaluate() -> tuple[float, float]:
+        logits = model(x_test)
+        return (F.cross_entropy(logits, y_test).item(),              # .item() synchronizes a GPU
+                (logits.argmax(1) == y_test).float().mean().item())
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for r in range(1, c.stop.rounds + 1):
         ids = SyncRound(algo, c.seed, r, candidates).selected
@@ -95,7 +108,7 @@ def run_sequential(cfg: dict) -> dict:
         for b in range(len(ids)):
             spec.load_into(model, global_row)
             for t in range(idx.shape[1]):
-                take = torch.from_numpy(idx[b, t][valid[b, t]])
+                take = torch.from_numpy(idx[b, t][valid[b, t]]).to(device)
                 if len(take) == 0:
                     continue
                 opt.zero_grad()
@@ -107,10 +120,9 @@ def run_sequential(cfg: dict) -> dict:
         with torch.no_grad():
             for p, s in zip(params, summed, strict=True):
                 p.copy_(s)
-            global_row = spec.flatten(model)
-            logits = model(x_test)
-            loss = F.cross_entropy(logits, y_test).item()
-            acc = (logits.argmax(1) == y_test).float().mean().item()
+            global_row = spec.flatten(model).to(device)
+            if evaluate_every_round or r == c.stop.rounds:
+                loss, acc = evaluate()
     return {"loop_s": time.perf_counter() - start, "test_loss": loss, "test_accuracy": acc}
 
 

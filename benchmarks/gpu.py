@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,55 +78,11 @@ def run_gossamer(cfg: dict) -> dict:
 
 
 def run_sequential(cfg: dict) -> dict:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+    """benchmarks/cnn_fedavg.py's sequential loop on the config's device, evaluated once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cnn_fedavg import run_sequential as sequential
 
-    from gossamer import config as config_mod
-    from gossamer.experiment import build
-    from gossamer.models import build_model
-    from gossamer.protocols.sync_fl import SyncRound
-
-    c = config_mod.validate(cfg)
-    exp = build(c)
-    device = exp.device
-    trainer, spec, algo = exp.trainer, exp.spec, exp.algorithm
-    model = build_model(c.model.name, exp.dataset.input_shape, exp.dataset.num_classes, c.seed,
-                        **c.model.params).to(device)
-    x, y = trainer.x, trainer.y
-    x_test, y_test = exp.dataset.x_test.to(device), exp.dataset.y_test.to(device)
-    params = list(model.parameters())
-    global_row = exp.init_params.reshape(-1).clone()
-    candidates = np.flatnonzero(trainer.sizes > 0)
-    opt = torch.optim.SGD(params, lr=c.local.lr)
-    loss = None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for r in range(1, c.stop.rounds + 1):
-        ids = SyncRound(algo, c.seed, r, candidates).selected
-        idx, valid = trainer.batches(ids, np.full(len(ids), r))
-        weights = algo.mean_weights(trainer.sizes[ids]).tolist()
-        summed = [torch.zeros_like(p) for p in params]
-        for b in range(len(ids)):
-            spec.load_into(model, global_row)
-            for t in range(idx.shape[1]):
-                take = torch.from_numpy(idx[b, t][valid[b, t]]).to(device)
-                if len(take) == 0:
-                    continue
-                opt.zero_grad()
-                F.cross_entropy(model(x[take]), y[take]).backward()
-                opt.step()
-            with torch.no_grad():
-                for s, p in zip(summed, params, strict=True):
-                    s.add_(p, alpha=weights[b])
-        with torch.no_grad():
-            for p, s in zip(params, summed, strict=True):
-                p.copy_(s)
-            global_row = spec.flatten(model).to(device)
-    with torch.no_grad():
-        loss = F.cross_entropy(model(x_test), y_test).item()      # synchronizes
-    return {"loop_s": time.perf_counter() - start, "test_loss": loss}
+    return sequential(cfg, evaluate_every_round=False)
 
 
 def child(way: str, cfg: dict, timeout: float) -> dict:
