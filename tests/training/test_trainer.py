@@ -412,3 +412,52 @@ def test_fused_training_in_the_given_rows_also_goes_in_bounded_passes(monkeypatc
     parts = trainer.train(target, nodes, keys=3, inplace=True)
     assert parts.params is target and torch.allclose(target, whole.params, atol=1e-6)
     assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.samples, whole.samples)
+
+
+@pytest.mark.parametrize("case", ["fused_mean", "fused_inplace", "objective", "adamw_state", "broadcast"])
+def test_training_rows_from_another_device_equals_training_in_place(case):
+    """A runtime process hands the trainer host rows while it computes on a GPU
+    (``_train_from_host``: rows, the objective's tensors and the mean's weights go over, the
+    result, the trained rows in place and a kept optimizer state come back). Called directly
+    here, where both sides are the CPU, every result must equal :meth:`train`'s own."""
+    from gossamer.algorithms.local import LocalObjective
+    from gossamer.training.trainer import AdamW
+
+    sizes = [8, 5, 11, 3]
+    nodes = np.arange(len(sizes))
+    opt = AdamW(0.01) if case == "adamw_state" else SGD(0.1)
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), opt,
+                                  fused=case.startswith("fused") or case == "broadcast")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(len(sizes), spec.numel, generator=g) * 0.3
+    if case == "broadcast":
+        rows = rows[0].expand(len(sizes), -1)
+    kw, state = {}, None
+    if case == "fused_mean":
+        kw["mean_weights"] = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    if case == "objective":
+        kw["objective"] = LocalObjective(0.1, rows.clone(), correction=torch.randn(len(sizes), spec.numel, generator=g) * 0.01)
+    if case == "adamw_state":
+        state = torch.randn(len(sizes), AdamW.state_width(spec.numel), generator=g).abs() * 0.01
+        state[:, -1] = 3.0
+    inplace = case == "fused_inplace"
+
+    def run(fn, rows):
+        objective = kw.get("objective")
+        if state is not None:
+            objective = LocalObjective(optimizer_state=state.clone())
+        target = rows.clone() if inplace else rows
+        got = fn(target, nodes, 4, inplace, None, objective, kw.get("mean_weights"), None)
+        return got, target, None if objective is None else objective.optimizer_state
+
+    direct, direct_target, direct_state = run(
+        lambda p, n, k, i, s, o, w, gr: trainer.train(p, n, k, inplace=i, steps=s, objective=o, mean_weights=w), rows)
+    moved, moved_target, moved_state = run(trainer._train_from_host, rows)
+    for a, b in ((direct.params, moved.params), (direct.loss, moved.loss), (direct.mean, moved.mean),
+                 (direct_state, moved_state)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    if inplace:
+        assert moved.params is moved_target and torch.equal(moved_target, direct_target)
+    assert np.array_equal(direct.samples, moved.samples) and np.array_equal(direct.steps, moved.steps)
