@@ -11,8 +11,10 @@ device fails or changes the metrics there).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from gossamer.config import ConfigError
@@ -47,6 +49,34 @@ def check(device: torch.device, precision: str, pattern: str) -> None:
         raise ConfigError("device", f"{CPU_ONLY[pattern]}: set device: cpu")
     if precision == "tf32" and device.type != "cuda":
         raise ConfigError("precision", "tf32 is a CUDA matmul format; on the CPU use fp32 or bf16")
+
+
+def from_host(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array (indices, a mask, weights) as a tensor on ``device`` (``index_select`` and
+    ``index_copy_`` want their index beside the data)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def spare_bytes(device: torch.device, reserved: int = 0) -> int | None:
+    """A GPU's free memory less ``reserved`` bytes (what a run will still allocate there);
+    None on the CPU, whose budgets are fixed."""
+    if device.type != "cuda":
+        return None
+    return max(0, torch.cuda.mem_get_info(device)[0] - reserved)
+
+
+def computes_here(method: Callable) -> Callable:
+    """For a trainer's or evaluator's method ``method(self, params, ...)``: rows ``params`` that
+    live elsewhere (a runtime process keeps them on the host while it computes on its GPU) move
+    to ``self.x``'s device, and the tensor results (one, or a tuple) come back to theirs."""
+    @functools.wraps(method)
+    def wrapper(self, params: torch.Tensor, *args, **kwargs):
+        home, here = params.device, self.x.device
+        if home == here:
+            return method(self, params, *args, **kwargs)
+        out = method(self, params.to(here), *args, **kwargs)
+        return tuple(t.to(home) for t in out) if isinstance(out, tuple) else out.to(home)
+    return wrapper
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gossamer import checks
+from gossamer import checks, devices
 from gossamer.experiment import Experiment, population_buffers
 
 # the field that moves each part of the estimate (any other, e.g. the population's models:
@@ -132,7 +132,7 @@ def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
     est.round_nodes = k
     if exp.device.type == "cuda":
         est.device = f"{exp.device} ({torch.cuda.get_device_name(exp.device)})"
-        est.device_free = torch.cuda.mem_get_info(exp.device)[0]
+        est.device_free = devices.spare_bytes(exp.device)
     if time_it:
         batch = max(k, getattr(algo, "concurrency", None) or 0) if algo.pattern == "async_fl" else k
         est.round_s, est.timed_nodes = _time_round(exp, k, batch)

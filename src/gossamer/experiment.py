@@ -117,7 +117,7 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
             return _build_registered(cfg, algorithm)
         if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
             return _build_ranking(cfg, algorithm)
-        exp = _build_dense(cfg, algorithm, population)
+        exp = _build_dense(cfg, algorithm, population, device)
     _place(exp, device, devices.autocast_dtype(cfg.precision), population)
     return exp
 
@@ -142,8 +142,10 @@ def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None,
         exp.contribution.place(device, autocast)
 
 
-def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool) -> Experiment:
-    """:func:`build` for a materialized population, on the host."""
+def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
+                 device: torch.device) -> Experiment:
+    """:func:`build` for a materialized population, on the host (``device``: where it will
+    run, for the memory check and the convolutions' timing)."""
     n = cfg.partition.num_nodes
     with _user_error("data.params"):
         dataset = load_dataset(cfg.data.dataset, **cfg.data.params)
@@ -155,7 +157,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool) 
         model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed,
                             **cfg.model.params)
     spec = ParamSpec.from_module(model)
-    _check_population_memory(cfg, algorithm, spec.numel, population)   # before shards and graph
+    _check_population_memory(cfg, algorithm, spec.numel, device, population)   # before shards and graph
     own_tests = _own_tests(cfg, dataset, algorithm) if dataset.local_tests is not None else None
     with _user_error("partition"):
         params = dict(cfg.partition.params)
@@ -183,7 +185,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool) 
     model, spec = _pretrain_and_wrap(cfg, algorithm, dataset, model, spec, public)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv,
-                                       devices.resolve(cfg.device))
+                                       device)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     init = spec.flatten(model)
@@ -510,8 +512,7 @@ def _attach_contribution(exp: Experiment) -> None:
         return -loss if c.utility == "loss" else acc
 
     exp.contribution = Contribution(c.methods, exp.num_nodes, cfg.seed, evaluate,
-                                    c.permutations, c.truncation, c.coalition)
-    exp.contribution.place = judge.place            # its validation rows follow the run's device
+                                    c.permutations, c.truncation, c.coalition, evaluator=judge)
 
 
 # Model-sized [N, P] buffers each simulator pattern keeps for the whole population (the fewest
@@ -550,12 +551,13 @@ def population_buffers(cfg: ExperimentConfig, algorithm: Algorithm,
 
 
 def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel: int,
-                             population: bool = True) -> None:
+                             device: torch.device | None = None, population: bool = True) -> None:
     """Refuse, before any of it is allocated, a population of models (and a graph) that cannot
     fit the memory available now (MemAvailable + SwapFree): ``num_nodes x numel x 4`` bytes per
     [N, P] buffer the pattern keeps, plus a rough size of the graph. Only buffers that every
     run of the pattern allocates are counted (temporaries of training, evaluation and messages
-    are not), so the estimate is below what the run needs."""
+    are not), so the estimate is below what the run needs. With a GPU ``device`` the buffers
+    are measured against its free memory and the graph against the host's."""
     from gossamer import checks
 
     n = cfg.partition.num_nodes
@@ -568,10 +570,9 @@ def _check_population_memory(cfg: ExperimentConfig, algorithm: Algorithm, numel:
             f"{checks.gb(models)})"] if models else []
     if graph:
         what.append(f"a {cfg.topology.name} graph of ~{edges:,.0f} edges ({checks.gb(graph)})")
-    device = devices.resolve(cfg.device)
+    free = None if device is None else devices.spare_bytes(device)   # a GPU's, None on the CPU
     try:
-        if device.type == "cuda" and models:   # the population on the GPU, the graph on the host
-            free = torch.cuda.mem_get_info(device)[0]
+        if free is not None and models:        # the population on the GPU, the graph on the host
             if models > free:
                 raise ValueError(f"{what[0]} needs more than the {checks.gb(free)} free on {device}")
             models = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,12 +123,13 @@ class Contribution:
 
     def __init__(self, methods: Sequence[str], num_nodes: int, seed: int,
                  evaluate: Callable[[torch.Tensor], torch.Tensor], permutations: int = 10,
-                 truncation: float = 0.0, coalition: str = "partial") -> None:
+                 truncation: float = 0.0, coalition: str = "partial", evaluator: Any = None) -> None:
         unknown = set(methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown contribution methods {sorted(unknown)}; known: {', '.join(METHODS)}")
         self.methods = tuple(methods)
         self.seed, self.evaluate = seed, evaluate
+        self.evaluator = evaluator          # the BatchedEvaluator behind ``evaluate``, if any
         if coalition not in ("partial", "mean"):
             raise ValueError(f"coalition must be partial or mean, got {coalition!r}")
         self.permutations, self.truncation = permutations, truncation
@@ -135,6 +137,11 @@ class Contribution:
         self.totals = {name: np.zeros(num_nodes) for name in self.methods}
         self.counts = np.zeros(num_nodes, dtype=np.int64)
         self.rounds, self.seconds, self.evaluations = 0, 0.0, 0
+
+    def place(self, device: torch.device, autocast: torch.dtype | None = None) -> None:
+        """Score on ``device``: the validation rows of the evaluator behind ``evaluate`` move."""
+        if self.evaluator is not None:
+            self.evaluator.place(device, autocast)
 
     def observe(self, round_: int, clients: np.ndarray, rows: torch.Tensor, weights: torch.Tensor,
                 start: torch.Tensor) -> dict[str, torch.Tensor]:

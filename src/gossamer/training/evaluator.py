@@ -33,17 +33,15 @@ class BatchedEvaluator:
         a GPU the activation budget grows to a sixteenth of its free memory less ``reserved``
         bytes (the population), so thousands of models are evaluated in a few chunks."""
         self.x, self.y, self.autocast = self.x.to(device), self.y.to(device), autocast
-        if device.type == "cuda":
-            spare = max(0, torch.cuda.mem_get_info(device)[0] - reserved)
+        spare = devices.spare_bytes(device, reserved)
+        if spare is not None:
             self.budget = max(self.budget, spare // (16 * 4))
 
     @torch.no_grad()
+    @devices.computes_here
     def evaluate(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-model test accuracy and mean cross-entropy, both ``[M]`` (on ``params``'s
         device; computed on the evaluator's)."""
-        if params.device != self.x.device:      # host rows (a runtime process): compute here
-            acc, loss = self.evaluate(params.to(self.x.device))
-            return acc.to(params.device), loss.to(params.device)
         models, n = params.shape[0], self.x.shape[0]
         rows = min(self.batch_size, n)
         chunk = max(1, self.budget // (rows * max(1, self.x[0].numel())))
@@ -114,11 +112,10 @@ class PersonalEvaluator:
         return np.flatnonzero(self.sizes > 0)
 
     @torch.no_grad()
+    @devices.computes_here
     def hits(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """Correct predictions ``[B]`` (float) of model ``params[b]`` on node ``nodes[b]``'s
         test rows: what a client process reports (runtime)."""
-        if params.device != self.x.device:      # host rows (a runtime process): compute here
-            return self.hits(params.to(self.x.device), nodes).to(params.device)
         nodes = np.asarray(nodes, dtype=np.int64)
         width = self.rows.shape[1]
         chunk = max(1, self.budget // (width * max(1, self.x[0].numel())))
@@ -126,9 +123,8 @@ class PersonalEvaluator:
         out = torch.zeros(len(nodes), device=device)
         for c0 in range(0, len(nodes), chunk):
             part = nodes[c0:c0 + chunk]
-            idx = torch.from_numpy(self.rows[part]).to(device)
-            valid = (torch.arange(width, device=device)[None, :]
-                     < torch.from_numpy(self.sizes[part]).to(device)[:, None])
+            idx = devices.from_host(self.rows[part], device)
+            valid = devices.from_host(np.arange(width)[None, :] < self.sizes[part][:, None], device)
             with devices.autocast(device, self.autocast):
                 logits = self.forward(self.spec.views(params[c0:c0 + chunk]), self.x[idx]).float()
             if self.y.dim() > 1:                # graph samples: [B, width, M], -1 not a target
@@ -142,7 +138,7 @@ class PersonalEvaluator:
     def accuracy(self, hits: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
         """``hits`` ``[B]`` as accuracies on each node's test rows (graph data: its labelled
         test nodes)."""
-        targets = torch.from_numpy(self.targets[np.asarray(nodes, dtype=np.int64)]).to(hits.device)
+        targets = devices.from_host(self.targets[np.asarray(nodes, dtype=np.int64)], hits.device)
         return hits / targets.clamp(min=1).float()
 
     def evaluate(self, params: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
@@ -181,9 +177,8 @@ def local_losses(trainer, samples: int = 64) -> Losses:
             return score(held.to(trainer.x.device), receivers).to(held.device)
         g, k, p = held.shape
         m = min(samples, trainer.shards.shape[1])
-        device = trainer.x.device
-        take = torch.from_numpy(trainer.shards[receivers, :m]).to(device)       # [g, m]
-        valid = torch.from_numpy(np.arange(m)[None, :] < trainer.sizes[receivers, None]).to(device)
+        take = devices.from_host(trainer.shards[receivers, :m], trainer.device)          # [g, m]
+        valid = devices.from_host(np.arange(m)[None, :] < trainer.sizes[receivers, None], trainer.device)
         x = trainer.x[take].repeat_interleave(k, dim=0)                          # [g*k, m, ...]
         y = trainer.y[take].repeat_interleave(k, dim=0)
         with torch.no_grad():

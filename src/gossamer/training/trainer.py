@@ -171,15 +171,15 @@ class BatchedTrainer:
         self._inputs = None
         if autocast is not None:
             self.kernel = None
-        if device.type == "cuda":
-            spare = max(0, torch.cuda.mem_get_info(device)[0] - reserved)
+        spare = devices.spare_bytes(device, reserved)
+        if spare is not None:
             self.chunk_bytes = max(CHUNK_BYTES, spare // 8)
             self.workspace_bytes = max(WORKSPACE_BYTES, spare // 4)
             self.inputs_bytes = max(INPUTS_BYTES, spare // 16)
 
     def _index(self, array: np.ndarray) -> torch.Tensor:
         """A host array (sample indices, masks) as a tensor on the trainer's device."""
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return devices.from_host(array, self.device)
 
     def bind(self, x: torch.Tensor, y: torch.Tensor, shards: list[np.ndarray],
              ids: np.ndarray | None = None) -> None:
@@ -577,12 +577,10 @@ class BatchedTrainer:
             d.add_(torch.where(mask, change, torch.zeros((), dtype=change.dtype, device=change.device)))
         return [d.clone() for d in direction]
 
+    @devices.computes_here
     def full_gradient(self, params: torch.Tensor, nodes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's gradient of its mean loss over its whole shard at ``params`` ``[B, P]``
         (one batch per node; FedAMD's anchors), and that loss ``[B]``."""
-        if params.device != self.device:        # host rows (a runtime process): compute here
-            grads, loss = self.full_gradient(params.to(self.device), nodes)
-            return grads.to(params.device), loss.to(params.device)
         nodes = np.asarray(nodes, dtype=np.int64)
         sizes = self.sizes[nodes]
         width = max(1, int(sizes.max(initial=0)))
@@ -598,6 +596,7 @@ class BatchedTrainer:
         return out, per_node.detach()
 
     @torch.no_grad()
+    @devices.computes_here
     def batch_losses(self, params: torch.Tensor, idx: np.ndarray, valid: np.ndarray,
                      budget: int = 1 << 24) -> torch.Tensor:
         """Forward only: row ``r`` of ``params`` ``[R, P]``'s mean loss on the samples
@@ -605,8 +604,6 @@ class BatchedTrainer:
 
         One stacked forward per chunk of rows, chunks bounded by ``budget`` input values plus
         parameter values (zeroth-order training: two evaluations per perturbation)."""
-        if params.device != self.device:        # host rows (a runtime process): compute here
-            return self.batch_losses(params.to(self.device), idx, valid, budget).to(params.device)
         rows, n = idx.shape
         per_row = n * max(1, self.x[0].numel()) + self.spec.numel
         chunk = max(1, budget // per_row)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossamer import devices
 from gossamer.sim.experiment import Experiment
 
 
@@ -40,7 +41,7 @@ class Driver:
     def _index(self, array: np.ndarray) -> torch.Tensor:
         """Host indices or a host mask as a tensor on the run's device (``index_select`` and
         ``index_copy_`` want their index beside the data)."""
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return devices.from_host(array, self.device)
 
     @contextmanager
     def timer(self, key: str):
