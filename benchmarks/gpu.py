@@ -30,10 +30,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import cnn_fedavg  # noqa: E402  (its ways: Gossamer's run and the sequential loop)
 
 # dense peak TFLOP/s by device-name fragment: (fp32, tf32, bf16), NVIDIA's data sheets (SXM)
 PEAKS = {"H100": (67.0, 494.7, 989.4), "H200": (67.0, 494.7, 989.4), "A100": (19.5, 156.0, 312.0),
@@ -68,21 +69,9 @@ def dpsgd_config(nodes: int, rounds: int, device: str, precision: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ the children
-def run_gossamer(cfg: dict) -> dict:
-    from gossamer.api import run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run(cfg, out=Path(tmp) / "run").summary
-    return {"loop_s": summary["loop_time_s"], "test_loss": summary["final_test_loss"],
-            "node_steps": summary.get("node_steps")}
-
-
 def run_sequential(cfg: dict) -> dict:
-    """benchmarks/cnn_fedavg.py's sequential loop on the config's device, evaluated once."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from cnn_fedavg import run_sequential as sequential
-
-    return sequential(cfg, evaluate_every_round=False)
+    """cnn_fedavg.py's sequential loop on the config's device, evaluated once at the end."""
+    return cnn_fedavg.run_sequential(cfg, evaluate_every_round=False)
 
 
 def child(way: str, cfg: dict, timeout: float) -> dict:
@@ -151,7 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         cfg = json.loads(args.config_json)
-        print(json.dumps({"gossamer": run_gossamer, "sequential": run_sequential}[args.child](cfg)), flush=True)
+        print(json.dumps({"gossamer": cnn_fedavg.run_gossamer, "sequential": run_sequential}[args.child](cfg)), flush=True)
         return 0
 
     import torch
