@@ -196,6 +196,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
                                      int(rng.hash_u64(cfg.seed, rng.STREAM_INIT, i)[0] % 2**31),
                                      **cfg.model.params))
             for i in range(n)])
+    _check_batch_norm(cfg, algorithm, spec)
     schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
                              optimizer, cfg.seed, kernel, dp=_dp_sgd(cfg))
@@ -267,6 +268,22 @@ def _build_ranking(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
     if exp.dynamic is not None:
         raise ConfigError("topology.name", "grank gossips over a static graph; choose a static topology")
     return exp
+
+
+def _check_batch_norm(cfg: ExperimentConfig, algorithm: Algorithm, spec: ParamSpec) -> None:
+    """What cannot train a model with BatchNorm layers (docs/models.md), refused naming the
+    field: per-sample gradients (DP-SGD), and training without mini-batch forwards that
+    update the running statistics (zeroth-order FL, full-shard gradients)."""
+    if not spec.stats:
+        return
+    layer = spec.stats[0].rsplit(".", 1)[0]
+    dp = cfg.privacy.dp
+    if dp is not None and dp.level == "sample":
+        raise ConfigError("privacy.dp", f"sample-level DP-SGD needs per-sample gradients, which "
+                          f"BatchNorm ({layer}) couples; use level: client or a GroupNorm model")
+    if algorithm.pattern in ("zo_fl", "coded") or algorithm.split_roles:
+        raise ConfigError("model.name", f"{cfg.algorithm.name} never runs a training forward that "
+                          f"updates BatchNorm's running statistics ({layer}); use a GroupNorm model")
 
 
 def _check_graph_model(cfg: ExperimentConfig, dataset: Dataset, algorithm: Algorithm,

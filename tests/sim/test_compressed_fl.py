@@ -1,6 +1,7 @@
 """Synchronous FL with compressed uploads: bytes from the real encoding, feedback memory,
 resume, and one-line refusals of what does not combine."""
 
+import csv
 import json
 
 import numpy as np
@@ -30,7 +31,17 @@ def test_the_identity_compressor_changes_nothing(tmp_path):
     _run(cfg, tmp_path / "plain")
     cfg["compression"] = {"uplink": {"name": "none"}, "feedback": "ef"}
     _run(cfg, tmp_path / "none")
-    assert (tmp_path / "plain/metrics.csv").read_bytes() == (tmp_path / "none/metrics.csv").read_bytes()
+    plain, none = (list(csv.DictReader((tmp_path / d / "metrics.csv").open())) for d in ("plain", "none"))
+    assert len(plain) == len(none)
+    # plain FedAvg takes the mean inside the trainer (mean_of_models), the pipeline over the
+    # upload rows: the same sum in another order, so losses may differ in the last digit on
+    # some CPUs (AMD EPYC: 2.1574502 against 2.15745 at round 3); counts are exact
+    for a, b in zip(plain, none, strict=True):
+        for key in a:
+            if key in ("test_accuracy", "test_loss", "train_loss") and a[key]:
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5), key
+            else:
+                assert a[key] == b[key], key
 
 
 def test_topk_uploads_cost_their_encoding_and_the_server_gets_start_plus_decoded(tmp_path):

@@ -2,7 +2,11 @@
 
 The population's models live in one ``[N, P]`` tensor (one row per node). ``ParamSpec``
 maps a row to the module's named parameters as views, so training, mixing, aggregation,
-compression and byte counting all work on the same flat rows without copies.
+compression and byte counting all work on the same flat rows without copies. A BatchNorm
+layer's running statistics (``running_mean``, ``running_var``) are entries of the row too,
+so each node keeps its own, and averaging, mixing, compressing and checkpointing treat them
+as they treat weights; training never steps them (:attr:`ParamSpec.stats`), the forward
+updates them from each node's batch (:mod:`gossamer.models.layerwise`).
 """
 
 from __future__ import annotations
@@ -21,28 +25,53 @@ class ModelNotVectorizable(ValueError):
     """The user model cannot be run for many nodes at once by ``torch.func``."""
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+STAT_NAMES = ("running_mean", "running_var")      # the buffers a row holds (BatchNorm's)
+
+
+def batch_norms(module: nn.Module) -> dict[str, nn.Module]:
+    """The module's BatchNorm layers by name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, _NORMS)}
+
+
+def _entries(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A row's entries in module order (as ``state_dict`` lists them): the parameters
+    (shared ones once) and the BatchNorm layers' running statistics."""
+    params = dict(module.named_parameters())
+    norms = batch_norms(module)
+    stats = {f"{layer}.{s}": getattr(m, s) for layer, m in norms.items() for s in STAT_NAMES
+             if getattr(m, s, None) is not None}
+    order = module.state_dict(keep_vars=True).keys()
+    return {k: params[k] if k in params else stats[k] for k in order if k in params or k in stats}
+
+
 @dataclass(frozen=True)
 class ParamSpec:
-    """Names, shapes and offsets of a module's parameters inside a flat row."""
+    """Names, shapes and offsets of a module's parameters inside a flat row; ``stats``: the
+    names among them that are BatchNorm running statistics (never stepped by an optimizer)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     offsets: tuple[int, ...]
     numel: int
+    stats: tuple[str, ...] = ()
 
     @classmethod
     def from_module(cls, module: nn.Module) -> ParamSpec:
         names, shapes, offsets, total = [], [], [], 0
-        for name, p in module.named_parameters():
+        entries = _entries(module)
+        for name, p in entries.items():
             names.append(name)
             shapes.append(tuple(p.shape))
             offsets.append(total)
             total += p.numel()
-        return cls(tuple(names), tuple(shapes), tuple(offsets), total)
+        stats = tuple(n for n in names if n.rsplit(".", 1)[-1] in STAT_NAMES
+                      and not isinstance(entries[n], nn.Parameter))
+        return cls(tuple(names), tuple(shapes), tuple(offsets), total, stats)
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
-        """The module's parameters as one flat float32 vector ``[P]``."""
-        return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).float()
+        """The module's parameters (and running statistics) as one flat float32 vector ``[P]``."""
+        return torch.cat([p.detach().reshape(-1).float() for p in _entries(module).values()])
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views ``[B, *shape]`` of a stacked ``[B, P]`` tensor, one per parameter name."""
@@ -56,16 +85,29 @@ class ParamSpec:
         """Copy a flat row ``[P]`` into the module's parameters (e.g. to save or deploy it)."""
         views = self.views(flat.reshape(1, -1))
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for name, p in _entries(module).items():
                 p.copy_(views[name][0])
 
 
-def _check_stateless(module: nn.Module) -> None:
-    buffers = [name for name, _ in module.named_buffers()]
-    if buffers:
+def _check_buffers(module: nn.Module) -> dict[str, nn.Module]:
+    """The model's BatchNorm layers, after refusing any buffer a row cannot hold (one line
+    naming it): buffers other than BatchNorm's running statistics, and BatchNorm layers
+    without running statistics or with a cumulative average (``momentum=None``)."""
+    norms = batch_norms(module)
+    for name, m in norms.items():
+        if not m.track_running_stats:
+            raise ModelNotVectorizable(f"model layer {name}: BatchNorm with track_running_stats="
+                                       "False is not supported; keep the default or use GroupNorm")
+        if m.momentum is None:
+            raise ModelNotVectorizable(f"model layer {name}: BatchNorm with momentum=None (a "
+                                       "cumulative average) is not supported; give a momentum")
+    known = {f"{layer}.{s}" for layer in norms for s in (*STAT_NAMES, "num_batches_tracked")}
+    other = [name for name, _ in module.named_buffers() if name not in known]
+    if other:
         raise ModelNotVectorizable(
-            f"model has buffers {buffers[:3]} (e.g. BatchNorm running statistics); the simulator "
-            "stacks parameters only: use GroupNorm/LayerNorm or a model without buffers")
+            f"model has buffers {other[:3]}; the simulator stacks parameters and BatchNorm "
+            "running statistics only: make them parameters or constants")
+    return norms
 
 
 def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tensor,
@@ -80,10 +122,14 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
     ``vmap`` on a probe; otherwise ``torch.func.vmap`` over ``functional_call``. The chosen
     path is probed once on ``sample`` (one input row) so an unsupported model fails here with
     a clear message. The forward's ``path`` attribute names what was chosen.
+
+    A model with BatchNorm layers runs layer by layer (the executor keeps each node's running
+    statistics and takes its batch statistics over its own valid samples only), or is refused
+    in one line naming the layer when that executor cannot run it.
     """
     from gossamer.models.layerwise import layerwise_forward
 
-    _check_stateless(module)
+    norms = _check_buffers(module)
     if backend not in ("auto", "vmap", "stacked", "layerwise"):
         raise ValueError(f"unknown forward backend {backend!r}")
     own = getattr(module, "stacked_forward", None)
@@ -98,25 +144,36 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
     xs = sample.reshape(1, 1, *sample.shape).repeat(2, 1, *([1] * sample.dim()))
     path: dict[str, str] = {"forward": "vmap"}
     forward: StackedForward = vmapped
+    why = f"model.forward is {backend}"
     if own is not None and backend != "vmap" and backend != "layerwise":
-        forward, path = own, {"forward": "stacked"}
-    elif backend == "layerwise" or (backend == "auto" and any(isinstance(m, nn.Conv2d) for m in module.modules())):
+        forward, path, why = own, {"forward": "stacked"}, "the model's own stacked_forward runs it"
+    elif backend == "layerwise" or (backend == "auto" and (norms or any(isinstance(m, nn.Conv2d)
+                                                                        for m in module.modules()))):
         layered, why = layerwise_forward(module, sample, conv, device=device)
         if layered is None and backend == "layerwise":
             raise ModelNotVectorizable(f"model.forward: layerwise cannot run {type(module).__name__}: {why}")
         if layered is not None:
-            try:
+            training = module.training
+            try:         # (BatchNorm compared in eval mode: vmap cannot update stacked statistics)
                 with torch.no_grad():
+                    module.train(training and not norms)
                     agree = torch.allclose(layered(spec.views(probe), xs), vmapped(spec.views(probe), xs),
                                            rtol=1e-4, atol=1e-5)
             except Exception as exc:  # noqa: BLE001 - a model the executor mis-runs: say so or fall back
                 agree, why = False, f"{type(exc).__name__}: {exc}"
+            finally:
+                module.train(training)
             if not agree and backend == "layerwise":
                 raise ModelNotVectorizable(f"model.forward: layerwise disagrees with vmap on "
                                            f"{type(module).__name__} {why}".rstrip())
             if agree:
                 forward = layered
                 path = {"forward": "layerwise", **{f"conv {k}": v for k, v in layered.conv.items()}}
+    if norms and path["forward"] != "layerwise":
+        layer = next(iter(norms))
+        raise ModelNotVectorizable(
+            f"model layer {layer}: BatchNorm needs the layer-by-layer executor, which cannot run "
+            f"{type(module).__name__} ({why or 'it disagrees with vmap'}); use GroupNorm/LayerNorm")
     probe.requires_grad_(True)
     try:
         out = forward(spec.views(probe), xs)
@@ -126,17 +183,24 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
             "in-place ops on inputs, .item(), data-dependent control flow and BatchNorm") from None
-    return _Named(forward, path, getattr(module, "stacked_loss", None))
+    return _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
 
 
 class _Named:
     """A stacked forward and ``path``: how it runs (``{"forward": "vmap" | "stacked" |
     "layerwise", "conv <layer>": strategy, ...}``), recorded in the run's summary. ``loss``:
     the model's own per-sample training loss ``(params, x [B, n, ...], y [B, n]) -> [B, n]``
-    when it defines ``stacked_loss`` (FedIns's SSF pool), else None (cross-entropy)."""
+    when it defines ``stacked_loss`` (FedIns's SSF pool), else None (cross-entropy).
+    ``batch_stats``: the model has BatchNorm layers, so a training forward is given ``batch``
+    (which samples are real, whether to update the running statistics); without it every
+    forward normalizes with the running statistics (evaluation)."""
 
-    def __init__(self, forward: StackedForward, path: dict[str, str], loss=None) -> None:
-        self.forward, self.path, self.loss = forward, path, loss
+    def __init__(self, forward: StackedForward, path: dict[str, str], loss=None,
+                 batch_stats: bool = False) -> None:
+        self.forward, self.path, self.loss, self.batch_stats = forward, path, loss, batch_stats
 
-    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
+        if batch is not None and self.batch_stats:
+            return self.forward(params, x, batch=batch)      # type: ignore[call-arg]
         return self.forward(params, x)

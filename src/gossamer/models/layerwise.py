@@ -9,7 +9,8 @@ layers that hold per-node parameters: linear (one batched GEMM), 2-d convolution
 in channels-last or the default layout, or one convolution per node: the fastest measured at
 start-up once per machine and layer shape and kept in :func:`cache_path`, so the same config
 runs the same kernels next time; or as pinned by ``model.conv``), GroupNorm and LayerNorm
-(normalize folded, then each node's affine), and embeddings. A model whose graph uses anything else (an operation
+(normalize folded, then each node's affine), BatchNorm (each node's statistics over its own
+valid samples, each node's running statistics; :func:`_batch_norm`), and embeddings. A model whose graph uses anything else (an operation
 that could mix samples, control flow fx cannot trace) is not run this way:
 :func:`layerwise_forward` returns None and the caller keeps ``vmap``.
 """
@@ -32,6 +33,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 CONV_STRATEGIES = ("grouped", "channels_last", "per_node")
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # modules without parameters that act on each sample alone: run on the folded batch
 _SAMPLEWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
@@ -86,7 +88,7 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
             if isinstance(mod, nn.Embedding) and (mod.padding_idx is not None or mod.max_norm is not None
                                                   or mod.sparse or mod.scale_grad_by_freq):
                 return f"embedding {node.target} with padding_idx/max_norm/sparse/scale_grad_by_freq"
-            if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
+            if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding, *_NORMS)):
                 continue
             if isinstance(mod, nn.Conv2d):
                 if mod.padding_mode != "zeros":
@@ -153,6 +155,44 @@ def _affine(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, nod
     return x.reshape(h.shape)
 
 
+def _batch_norm(h: torch.Tensor, mod: nn.Module, params: dict[str, torch.Tensor], name: str,
+                nodes: int, batch: tuple[torch.Tensor, bool] | None) -> torch.Tensor:
+    """BatchNorm with each node's own statistics (Ioffe, Szegedy, ICML 2015).
+
+    Evaluation (``batch`` None): node ``i`` normalizes with its running mean and variance
+    ``params[name + ".running_mean"][i]``. Training (``batch = (valid [B, n], update)``):
+    with the mean and biased variance of node ``i``'s valid samples alone (padding rows of a
+    short batch count for nothing), and with ``update`` its running statistics move by the
+    layer's momentum toward them (the unbiased variance), in place, for nodes that have a
+    sample; as ``torch.nn.BatchNorm`` does for one model on that node's batch."""
+    x = h.reshape(nodes, -1, *h.shape[1:])                             # [B, n, C, *S]
+    shape = (nodes, 1, -1, *([1] * (x.dim() - 3)))
+    running_mean, running_var = params[f"{name}.running_mean"], params[f"{name}.running_var"]
+    if batch is None:         # (a variance pushed below 0 by noise or an attack counts as 0)
+        mean, var = running_mean, running_var.clamp(min=0)
+    else:
+        valid, update = batch
+        m = valid.to(x.dtype).reshape(nodes, -1, *([1] * (x.dim() - 2)))
+        dims = (1, *range(3, x.dim()))
+        count = m.sum(1).reshape(nodes) * math.prod(x.shape[3:])      # values per channel [B]
+        per = count.clamp(min=1).view(nodes, 1)
+        mean = (x * m).sum(dims) / per                                 # [B, C]
+        var = ((x - mean.reshape(shape)).square() * m).sum(dims) / per
+        if update:
+            with torch.no_grad():
+                step = (mod.momentum * (count > 0).to(x.dtype)).view(nodes, 1)
+                unbiased = var * (count / (count - 1).clamp(min=1)).view(nodes, 1)
+                running_mean.mul_(1 - step).add_(step * mean)
+                running_var.mul_(1 - step).add_(step * unbiased)
+    out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + mod.eps)
+    weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out.reshape(h.shape)
+
+
 def _embedding(idx: torch.Tensor, w: torch.Tensor, nodes: int) -> torch.Tensor:
     """Node ``i``'s rows of ``w[i]`` for its samples' ids: one lookup in the stacked tables."""
     vocab = w.shape[1]
@@ -162,14 +202,17 @@ def _embedding(idx: torch.Tensor, w: torch.Tensor, nodes: int) -> torch.Tensor:
 
 
 class LayerwiseForward:
-    """``forward(params {name: [B, *shape]}, x [B, n, ...]) -> [B, n, ...]`` for a traced model."""
+    """``forward(params {name: [B, *shape]}, x [B, n, ...]) -> [B, n, ...]`` for a traced model;
+    ``batch``: training's valid-sample mask and whether to update running statistics (models
+    with BatchNorm; :func:`_batch_norm`)."""
 
     def __init__(self, gm: torch.fx.GraphModule, conv: dict[str, str]) -> None:
         self.gm, self.conv = gm, dict(conv)
         self.modules = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
 
-    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
+                 batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
         nodes, n = x.shape[0], x.shape[1]
         env: dict[torch.fx.Node, object] = {}
 
@@ -181,7 +224,7 @@ class LayerwiseForward:
             if node.op == "placeholder":
                 env[node] = x.reshape(nodes * n, *x.shape[2:])
             elif node.op == "call_module":
-                env[node] = self._module(node, params, load(node.args), load(node.kwargs), nodes)
+                env[node] = self._module(node, params, load(node.args), load(node.kwargs), nodes, batch)
             elif node.op == "call_function":
                 env[node] = node.target(*load(node.args), **load(node.kwargs))
             elif node.op == "call_method":
@@ -192,7 +235,8 @@ class LayerwiseForward:
         assert isinstance(out, torch.Tensor)
         return out.reshape(nodes, n, *out.shape[1:])
 
-    def _module(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int):
+    def _module(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int,
+                batch: tuple[torch.Tensor, bool] | None = None):
         mod, name = self.modules[node.target], node.target
         weight, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
         h = args[0]
@@ -206,6 +250,8 @@ class LayerwiseForward:
             return _affine(F.layer_norm(h, mod.normalized_shape, None, None, mod.eps), weight, bias, nodes, False)
         if isinstance(mod, nn.Embedding):
             return _embedding(h, weight, nodes)
+        if isinstance(mod, _NORMS):
+            return _batch_norm(h, mod, params, name, nodes, batch)
         return mod(*args, **kwargs)                         # sample-wise, no parameters
 
 

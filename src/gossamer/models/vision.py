@@ -1,7 +1,9 @@
-"""Image models for federated benchmarks: the FedAvg CNN and GroupNorm ResNets.
+"""Image models for federated benchmarks: the FedAvg CNN and ResNets with GroupNorm or
+BatchNorm.
 
-Every model here is a plain ``nn.Module`` without buffers, so it runs for many nodes at
-once under ``torch.func.vmap`` + ``functional_call`` (see ``make_stacked_forward``).
+Every model here is a plain ``nn.Module`` that runs for many nodes at once (see
+``make_stacked_forward``); the BatchNorm ResNets keep each node's running statistics in its
+row (``ParamSpec.stats``).
 """
 
 from __future__ import annotations
@@ -61,20 +63,26 @@ class FedAvgCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and a residual; a 1x1 projection when the shape
-    changes. Convolutions have no bias (the norm that follows has one)."""
+def _norm(groups: int | None, channels: int) -> nn.Module:
+    """GroupNorm with ``groups`` groups, or BatchNorm when ``groups`` is None."""
+    return nn.BatchNorm2d(channels) if groups is None else nn.GroupNorm(groups, channels)
 
-    def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm (BatchNorm when ``groups`` is None) and a
+    residual; a 1x1 projection when the shape changes. Convolutions have no bias (the norm
+    that follows has one)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int | None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(groups, cout)
+        self.norm1 = _norm(groups, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = _norm(groups, cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          nn.GroupNorm(groups, cout))
+                                          _norm(groups, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
@@ -83,10 +91,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNetGN(nn.Module):
-    """CIFAR-style ResNet with GroupNorm instead of BatchNorm (no running statistics, so
-    no buffers, and no dependence on a node's batch statistics under non-IID data).
+    """CIFAR-style ResNet with GroupNorm instead of BatchNorm (no running statistics, and no
+    dependence on a node's batch statistics under non-IID data); with ``groups=None``, the
+    original BatchNorm (each node keeps its own running statistics; FedAvg averages them).
 
-    Stem: 3x3 convolution + GroupNorm + ReLU (no max pool). Stage ``i`` has ``blocks[i]``
+    Stem: 3x3 convolution + norm + ReLU (no max pool). Stage ``i`` has ``blocks[i]``
     basic blocks of ``widths[i]`` channels; every stage after the first starts with stride 2.
     Then global average pooling and a linear classifier. Every width must be divisible by
     ``groups``.
@@ -100,15 +109,16 @@ class ResNetGN(nn.Module):
     """
 
     def __init__(self, model: str, input_shape: tuple[int, ...], num_classes: int,
-                 widths: list[int], blocks: list[int], groups: int) -> None:
+                 widths: list[int], blocks: list[int], groups: int | None) -> None:
         super().__init__()
         c, _, _ = image_shape(model, input_shape)
-        groups = checks.as_int("groups", groups, lo=1)
-        bad = [w for w in widths if w % groups]
-        if bad:
-            raise ValueError(f"groups must divide every stage width {widths}, got groups={groups}")
+        if groups is not None:
+            groups = checks.as_int("groups", groups, lo=1)
+            bad = [w for w in widths if w % groups]
+            if bad:
+                raise ValueError(f"groups must divide every stage width {widths}, got groups={groups}")
         self.stem = nn.Sequential(nn.Conv2d(c, widths[0], 3, padding=1, bias=False),
-                                  nn.GroupNorm(groups, widths[0]), nn.ReLU())
+                                  _norm(groups, widths[0]), nn.ReLU())
         stages, cin = [], widths[0]
         for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             layers = []
@@ -153,6 +163,19 @@ def resnet18_gn(input_shape: tuple[int, ...], num_classes: int, groups: int = 2,
     """ResNet-18: four stages of two basic blocks, ``width`` x (1, 2, 4, 8) channels (64..512)."""
     return _resnet("resnet18_gn", input_shape, num_classes, [64, 128, 256, 512], [2, 2, 2, 2],
                    groups, width)
+
+
+@MODELS.register("resnet8_bn")
+def resnet8_bn(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:
+    """ResNet-8 with BatchNorm: each node keeps its own running statistics."""
+    return _resnet("resnet8_bn", input_shape, num_classes, [16, 32, 64], [1, 1, 1], None, width)
+
+
+@MODELS.register("resnet18_bn")
+def resnet18_bn(input_shape: tuple[int, ...], num_classes: int, width: int = 64) -> nn.Module:
+    """ResNet-18 with BatchNorm: each node keeps its own running statistics."""
+    return _resnet("resnet18_bn", input_shape, num_classes, [64, 128, 256, 512], [2, 2, 2, 2],
+                   None, width)
 
 
 __all__ = ["BasicBlock", "FedAvgCNN", "ResNetGN", "image_shape"]

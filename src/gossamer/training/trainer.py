@@ -9,7 +9,7 @@ busiest node are masked, so unequal data sizes need no Python loop over nodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -134,6 +134,11 @@ class BatchedTrainer:
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if isinstance(optimizer, SGD) and optimizer.momentum == 0 and dp is None else None
         self.dp = dp
+        # BatchNorm running statistics in the rows: never stepped, updated by the forward
+        self.stats: tuple[str, ...] = spec.stats
+        if self.stats and dp is not None:
+            raise ValueError("privacy.dp: sample-level DP-SGD needs per-sample gradients, which "
+                             "a BatchNorm layer's batch statistics couple; use GroupNorm")
         self._buffer: torch.Tensor | None = None       # parameter-major workspace (reused)
         self._batch: torch.Tensor | None = None        # gathered inputs (reused storage)
         self._inputs: tuple[bytes, torch.Tensor, torch.Tensor] | None = None   # last _gather_all
@@ -350,12 +355,16 @@ class BatchedTrainer:
             raise ValueError("mean_groups: give mean_weights, and at most nodes_per_pass nodes")
         if len(nodes) > chunk:
             return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights, chunk)
+        if self.stats and objective.recursive:
+            raise ValueError("FedAMD's recursive direction does not support BatchNorm; use GroupNorm")
         if objective.recursive and self.optimizer.sam_rho:
             raise ValueError("local.sam_rho: SAM does not combine with a recursive direction (FedAMD)")
         if self.dp is not None and (objective.recursive or self.optimizer.sam_rho):
             raise ValueError("privacy.dp: DP-SGD does not combine with SAM or FedAMD")
         if fused:
             return self._train_fused(params, idx, valid, inplace, objective, mean_weights, mean_groups)
+        if self.stats:                      # running statistics: the forward's, not the optimizer's
+            objective = replace(objective, frozen=(*objective.frozen, *self.stats))
         names = self.spec.names
         leaves = [v.detach().clone() for v in self.spec.views(params).values()]
         terms = self._objective_views(objective, None)
@@ -386,14 +395,12 @@ class BatchedTrainer:
                 grads = self._dp_gradient(leaves, xb, yb, weight, counts[:, t], nodes, keys, t, loss_sum)
                 self._step(leaves, grads, bufs, adam, active, objective, terms, every)
                 continue
-            for leaf in leaves:
-                leaf.requires_grad_(True)
-            per_sample = self._sample_losses(dict(zip(names, leaves, strict=True)), xb, yb)
+            self._trainable(leaves)
+            per_sample = self._sample_losses(dict(zip(names, leaves, strict=True)), xb, yb, (weight, True))
             per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / counts[:, t].clamp(min=1)
             # a gradient in another layout than its leaf (a channels-last convolution's)
             # makes the update a strided pass, several times slower than copying it first
-            grads = [g if g.is_contiguous() else g.contiguous()
-                     for g in torch.autograd.grad(per_node.sum(), leaves)]
+            grads = [g if g.is_contiguous() else g.contiguous() for g in self._grads(per_node.sum(), leaves)]
             loss_sum += per_node.detach()
             leaves = [leaf.detach() for leaf in leaves]
             if opt.sam_rho:
@@ -534,20 +541,40 @@ class BatchedTrainer:
         denom = count.clamp(min=1)
         return [g.div_(denom.view(-1, *([1] * (g.dim() - 1)))) for g in grads]
 
-    def _sample_losses(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _sample_losses(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
         """Every sample's training loss ``[B, n]`` for inputs ``[B, n, ...]`` and labels
         ``[B, n]`` (graph samples: ``[B, n, M]``): the model's own loss when it defines one
         (``stacked_loss``: FedIns adds its key-matching term), else :func:`sample_losses` of
-        its logits."""
+        its logits. ``batch``: each sample's weight ``[B, n]`` (0 for padding) and whether
+        BatchNorm layers update their running statistics (a model without them ignores it)."""
         with devices.autocast(self.device, self.autocast):
             if self.sample_loss is not None:
                 return self.sample_loss(params, x, y).reshape(y.shape[:2]).float()
+            if batch is not None and self.stats:
+                return sample_losses(self.forward(params, x, batch=(batch[0] > 0, batch[1])).float(), y)
             return sample_losses(self.forward(params, x).float(), y)
 
     def _per_node_loss(self, leaves: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
-                       weight: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        per_sample = self._sample_losses(dict(zip(self.spec.names, leaves, strict=True)), xb, yb)
+                       weight: torch.Tensor, count: torch.Tensor, update: bool | None = None) -> torch.Tensor:
+        batch = None if update is None else (weight, update)
+        per_sample = self._sample_losses(dict(zip(self.spec.names, leaves, strict=True)), xb, yb, batch)
         return (per_sample.reshape(weight.shape) * weight).sum(1) / count.clamp(min=1)
+
+    def _trainable(self, leaves: list[torch.Tensor]) -> None:
+        """Leaves that take gradients: all but BatchNorm's running statistics (the forward
+        updates those in place)."""
+        for name, leaf in zip(self.spec.names, leaves, strict=True):
+            if name not in self.stats:
+                leaf.requires_grad_(True)
+
+    def _grads(self, loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``d loss / d leaf`` for every leaf: zeros for running statistics (never stepped)."""
+        if not self.stats:
+            return list(torch.autograd.grad(loss, leaves))
+        keep = [k for k, name in enumerate(self.spec.names) if name not in self.stats]
+        grads = dict(zip(keep, torch.autograd.grad(loss, [leaves[k] for k in keep]), strict=True))
+        return [grads[k] if k in grads else torch.zeros_like(leaf) for k, leaf in enumerate(leaves)]
 
     def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,
                       yb: torch.Tensor, weight: torch.Tensor, count: torch.Tensor) -> list[torch.Tensor]:
@@ -556,10 +583,11 @@ class BatchedTrainer:
         Nodes without a batch have ``g = 0``, so no perturbation (and their step is masked)."""
         sq = sum(g.flatten(1).square().sum(1) for g in grads)
         scale = self.optimizer.sam_rho / (sq.sqrt() + 1e-12)                     # [B]
-        perturbed = [(leaf + g * scale.view(-1, *([1] * (g.dim() - 1)))).requires_grad_(True)
+        perturbed = [leaf + g * scale.view(-1, *([1] * (g.dim() - 1)))
                      for leaf, g in zip(leaves, grads, strict=True)]
-        per_node = self._per_node_loss(perturbed, xb, yb, weight, count)
-        return list(torch.autograd.grad(per_node.sum(), perturbed))
+        self._trainable(perturbed)
+        per_node = self._per_node_loss(perturbed, xb, yb, weight, count, update=False)
+        return self._grads(per_node.sum(), perturbed)
 
     def _recursive_direction(self, leaves, previous, direction, xb, yb, weight, count, active,
                              loss_sum) -> list[torch.Tensor]:
@@ -581,6 +609,7 @@ class BatchedTrainer:
     def full_gradient(self, params: torch.Tensor, nodes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Each node's gradient of its mean loss over its whole shard at ``params`` ``[B, P]``
         (one batch per node; FedAMD's anchors), and that loss ``[B]``."""
+        self._no_stats("a full-shard gradient (FedAMD, gradient coding)")
         nodes = np.asarray(nodes, dtype=np.int64)
         sizes = self.sizes[nodes]
         width = max(1, int(sizes.max(initial=0)))
@@ -604,6 +633,7 @@ class BatchedTrainer:
 
         One stacked forward per chunk of rows, chunks bounded by ``budget`` input values plus
         parameter values (zeroth-order training: two evaluations per perturbation)."""
+        self._no_stats("zeroth-order training")
         rows, n = idx.shape
         per_row = n * max(1, self.x[0].numel()) + self.spec.numel
         chunk = max(1, budget // per_row)
@@ -616,6 +646,11 @@ class BatchedTrainer:
             xb, yb = self.x[idx_t[s:e]], self.y[idx_t[s:e]]
             out[s:e] = self._per_node_loss(leaves, xb, yb, weight, weight.sum(1)).double()
         return out
+
+    def _no_stats(self, what: str) -> None:
+        if self.stats:
+            raise ValueError(f"{what} does not support BatchNorm (its running statistics would "
+                             "never be updated); use GroupNorm")
 
     def _objective_views(self, objective: LocalObjective, kernel: DenseKernel | None
                          ) -> list[Term]:
