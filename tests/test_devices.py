@@ -39,13 +39,17 @@ EXAMPLES = [
     "compression/choco_topk10.yaml", "decentralized/gradient_tracking.yaml", "decentralized/srrw.yaml",
     "islands/gradient_coding.yaml", "islands/streaming_diloco.yaml", "islands/co2.yaml",
     "compression/zo_onebyte.yaml", "gossip.yaml", "modest_failures.yaml", "islands/isolated_experts.yaml",
+    "scale/papaya.yaml", "scale/scaffold.yaml",          # registered populations
 ]
 
 # a smaller run of the slow ones (the same code paths)
 TEXT = ["data.params.max_chars_per_file=4000", "eval.test_subset=200"]
 SMALLER = {"islands/diloco.yaml": ["local.steps=3", *TEXT],
            "islands/streaming_diloco.yaml": ["local.steps=10", *TEXT],
-           "islands/co2.yaml": ["local.steps=10", *TEXT]}
+           "islands/co2.yaml": ["local.steps=10", *TEXT],
+           "scale/papaya.yaml": ["stop.rounds=30", "eval.every=15", "output.checkpoint_every=0",
+                                 "population.eval_clients=50"],
+           "scale/scaffold.yaml": ["population.eval_clients=50"]}
 
 
 def _metrics(config, out: Path, overrides: list[str]) -> bytes:

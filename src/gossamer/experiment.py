@@ -109,15 +109,13 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
     algorithm = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     device = devices.resolve(cfg.device)
     devices.check(device, cfg.precision, algorithm.pattern)
-    if device.type != "cpu" and cfg.population.lazy:
-        raise ConfigError("device", "a registered population (population.lazy) trains its "
-                          "cohorts on the CPU so far; set device: cpu")
     with torch.device("cpu"):       # built on the host: the same bits on every device
         if cfg.population.lazy:
-            return _build_registered(cfg, algorithm)
-        if algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
+            exp = _build_registered(cfg, algorithm)
+        elif algorithm.pattern == "grank" or cfg.data.dataset == "clicks":
             return _build_ranking(cfg, algorithm)
-        exp = _build_dense(cfg, algorithm, population, device)
+        else:
+            exp = _build_dense(cfg, algorithm, population, device)
     _place(exp, device, devices.autocast_dtype(cfg.precision), population)
     return exp
 
@@ -125,13 +123,16 @@ def build(cfg: ExperimentConfig, *, population: bool = True) -> Experiment:
 def _place(exp: Experiment, device: torch.device, autocast: torch.dtype | None,
            population: bool) -> None:
     """Move what the run computes with onto ``device`` (docs/devices.md): the trainer's and
-    evaluators' data and workspaces, and for the simulator (``population``) the initial model
-    and the mixing matrix too. A runtime process keeps its models, messages and protocol state
+    evaluators' data and workspaces (a registered population's cohort data move per call),
+    and for the simulator (``population``) the initial model and the mixing matrix too. A runtime process keeps its models, messages and protocol state
     on the host: its trainer and evaluators take host rows and return host results."""
     exp.device = device
     exp.init_params = exp.init_params.to(device) if population else exp.init_params
     copies = sum(count for _, count in population_buffers(exp.cfg, exp.algorithm, population))
-    reserved = 4 * exp.num_nodes * exp.spec.numel * copies if population else 0
+    # (a registered population keeps nothing of length N on the device: its client state is
+    # a host store, its cohorts' data move there per call)
+    lazy = exp.population is not None
+    reserved = 4 * exp.num_nodes * exp.spec.numel * copies if population and not lazy else 0
     exp.trainer.place(device, autocast, reserved=reserved)
     exp.evaluator.place(device, autocast, reserved=reserved)
     if exp.personal is not None:

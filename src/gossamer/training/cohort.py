@@ -45,9 +45,18 @@ class CohortTrainer:
     def nodes_per_pass(self) -> int:
         return self.inner.nodes_per_pass
 
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def place(self, device: torch.device, autocast: torch.dtype | None = None, reserved: int = 0) -> None:
+        """Train on ``device`` (:meth:`BatchedTrainer.place`); each call's cohort data move there."""
+        self.inner.place(device, autocast, reserved)
+
     def _bind(self, nodes: np.ndarray) -> np.ndarray:
         """Generate and bind the data of ``nodes``; returns their positions in the bound cohort."""
-        x, y, sizes = self.source.data(nodes)
+        x, y, sizes = self.source.data(nodes)          # generated on the host, then moved
+        x, y = x.to(self.inner.device), y.to(self.inner.device)
         ends = np.cumsum(sizes)
         shards = [np.arange(e - s, e, dtype=np.int64) for s, e in zip(sizes.tolist(), ends.tolist(), strict=True)]
         self.inner.bind(x, y, shards, ids=np.asarray(nodes, dtype=np.int64))
