@@ -40,7 +40,6 @@ from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
     KIND_ENCODED,
-    KIND_EVAL,
     KIND_MODEL,
     WireError,
     bytes_frames,
@@ -59,6 +58,7 @@ from gossamer.runtime.common import (
     retry,
     security,
 )
+from gossamer.runtime.personal import PersonalClient
 from gossamer.runtime.secagg_round import KIND_ADVERTISE
 
 
@@ -73,7 +73,7 @@ class SecAggClient:
     rand: Randomness = field(default_factory=Randomness)
 
 
-class Client(Rehoming):
+class Client(PersonalClient, Rehoming):
     def __init__(self, cfg: ExperimentConfig, node_id: int, server: str | None = None) -> None:
         self.cfg, self.node = cfg, node_id
         refuse_simulator_only(cfg)
@@ -283,36 +283,6 @@ class Client(Rehoming):
             uploads = torch.cat([uploads, functional_embeddings(self.exp.model, self.exp.spec, self.proxy,
                                                                 uploads)], dim=1)
         self._send(*self._client_stages(Uploads.of(round_, nodes, received, uploads), expected))
-
-    def _personal_step(self, round_: int, received: torch.Tensor) -> None:
-        """This client's personal model takes the algorithm's personal steps (the simulator's
-        ``SyncFLDriver._personal_step`` on one node: the same keys, so the same model)."""
-        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
-        steps = None
-        if algo.personal_epochs is not None:
-            steps = algo.personal_epochs * -(-exp.trainer.sizes[nodes] // self.cfg.local.batch_size)
-        start = algo.personal_start(received, self.personal.reshape(1, -1), self.head)
-        objective = algo.personal_objective(received, self.head_names, exp.spec.names)
-        result = exp.trainer.train(start.contiguous(), nodes, round_ + (1 << 42), steps=steps,
-                                   objective=objective)
-        self.personal = result.params[0].clone()
-
-    def _evaluate_own(self, round_: int, attached: torch.Tensor | None) -> None:
-        """Evaluate this client's model of ``round_`` on its own test rows (fine-tuned first
-        with ``eval.personal_finetune_steps``) and report the correct predictions."""
-        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
-        if self.personal is not None:
-            current = self.personal if attached is None else attached.reshape(-1)
-            params = algo.personal_model(current, self.personal.reshape(1, -1), self.head)
-        elif attached is not None:
-            params = attached.reshape(1, -1)
-        else:
-            raise WireError(f"the evaluation task of round {round_} carries no model")
-        steps = self.cfg.eval.personal_finetune_steps
-        if steps:
-            params = exp.trainer.train(params.contiguous(), nodes, round_ + (1 << 43),
-                                       steps=np.array([steps])).params
-        self._send(exp.personal.hits(params, nodes), round_, KIND_EVAL)
 
     def _client_stages(self, up: Uploads, expected: int) -> tuple[object, int, int]:
         """The upload pipeline's client side on this client's row: (message, round, kind)."""

@@ -2,7 +2,7 @@
 and the models a server personalizes (FedCAC).
 
 A client's personal model (Ditto's ``v``, FedRep's head) lives in its process
-(``runtime/fl_client.py``); FedCAC's next model per client is the server's
+(:class:`PersonalClient`, part of ``runtime/fl_client.py``'s client); FedCAC's next model per client is the server's
 (``personalize``), so each FedCAC task carries the client's own row. After every round (and
 before the first) the coordinator runs an evaluation phase: every reachable client with test
 rows gets an ``EVAL`` task (with the model it needs: the global one for FedAvg and FedRep,
@@ -23,7 +23,7 @@ import torch
 
 from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
 from gossamer.metrics.runstore import atomic_write_text
-from gossamer.runtime.codec import state_hash
+from gossamer.runtime.codec import KIND_EVAL, WireError, state_hash
 from gossamer.runtime.common import log
 from gossamer.runtime.guard import Refused
 from gossamer.training.evaluator import clients_table, personal_summary
@@ -133,3 +133,38 @@ class PersonalServer:
         if self.personal_accuracy is not None:
             atomic_write_text(self.run_dir / "clients.csv", clients_table(self.exp.personal.targets,
                                                                           self.personal_accuracy))
+
+
+class PersonalClient:
+    """A client's personal step and its evaluation on its own test rows (the FL client,
+    ``runtime/fl_client.py``, mixes this class in)."""
+
+    def _personal_step(self, round_: int, received: torch.Tensor) -> None:
+        """This client's personal model takes the algorithm's personal steps (the simulator's
+        ``SyncFLDriver._personal_step`` on one node: the same keys, so the same model)."""
+        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
+        steps = None
+        if algo.personal_epochs is not None:
+            steps = algo.personal_epochs * -(-exp.trainer.sizes[nodes] // self.cfg.local.batch_size)
+        start = algo.personal_start(received, self.personal.reshape(1, -1), self.head)
+        objective = algo.personal_objective(received, self.head_names, exp.spec.names)
+        result = exp.trainer.train(start.contiguous(), nodes, round_ + (1 << 42), steps=steps,
+                                   objective=objective)
+        self.personal = result.params[0].clone()
+
+    def _evaluate_own(self, round_: int, attached: torch.Tensor | None) -> None:
+        """Evaluate this client's model of ``round_`` on its own test rows (fine-tuned first
+        with ``eval.personal_finetune_steps``) and report the correct predictions."""
+        algo, exp, nodes = self.algorithm, self.exp, np.array([self.node])
+        if self.personal is not None:
+            current = self.personal if attached is None else attached.reshape(-1)
+            params = algo.personal_model(current, self.personal.reshape(1, -1), self.head)
+        elif attached is not None:
+            params = attached.reshape(1, -1)
+        else:
+            raise WireError(f"the evaluation task of round {round_} carries no model")
+        steps = self.cfg.eval.personal_finetune_steps
+        if steps:
+            params = exp.trainer.train(params.contiguous(), nodes, round_ + (1 << 43),
+                                       steps=np.array([steps])).params
+        self._send(exp.personal.hits(params, nodes), round_, KIND_EVAL)

@@ -18,20 +18,20 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
-from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
-from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.population.store import ClientStore
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline, dp_secure_mean
-from gossamer.sim.drivers.base import Driver, _to_tensor
+from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline
+from gossamer.sim.drivers.base import Driver
+from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
+from gossamer.sim.drivers.sync_fl_records import SyncFLRecords
+from gossamer.sim.drivers.sync_fl_stages import UploadStages
 from gossamer.sim.experiment import Experiment
-from gossamer.training.evaluator import clients_table, personal_summary
 
 
-class SyncFLDriver(Driver):
+class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
     columns = Driver.columns + ["participants", "lost_messages", "dropped"]
 
     def __init__(self, exp: Experiment) -> None:
@@ -72,21 +72,7 @@ class SyncFLDriver(Driver):
         self.secagg, self.secagg_aborted, self.secagg_clipped = exp.cfg.privacy.secure_aggregation, 0, 0
         first_cohort = self._candidates()
         exp.trainer.reserve(first_cohort[:algo.expected_clients(len(first_cohort))], exp.init_params.dtype)
-        # personalized FL: every client's own model (Ditto's v, local-only's model)
-        self.personal: torch.Tensor | None = None
-        if algo.personalized:
-            self.personal = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
-            self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
-            self.head = self.head.to(self.device)
-        self.extra_up = 0                                  # FED-PUB: each upload's embedding bytes
-        if algo.personalized and algo.uses_embeddings:   # FED-PUB: its proxy input and mask entries
-            with torch.device("cpu"):          # drawn on the host: the same input on every device
-                self.proxy = exp.model.proxy_input(exp.cfg.seed).to(self.device)
-            self.mask_entries = mask_parameters(exp.spec)[1].to(self.device)
-            self.extra_up = 4 * int(self._embeddings(exp.init_params.reshape(1, -1)).shape[1])
-        self.personal_accuracy: np.ndarray | None = None   # each client's, at the last evaluation
-        if exp.personal is not None:
-            self.columns = self.columns + ["personal_accuracy", "personal_median", "personal_worst10"]
+        self._init_personal()
         # per-client state rows (SCAFFOLD's c_i, DiLoCo's inner AdamW state) of the clients that
         # have trained; a registered population keeps them within population.state_budget_mb
         self.client_state: ClientStore | None = None
@@ -236,87 +222,6 @@ class SyncFLDriver(Driver):
         self.sim_time += round_s + system.server_fanout_s(server_down) + system.server_fanout_s(server_up)
         self.round = r
 
-    def _personal_samples(self, clients: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        """Samples the personal step computes on: the local schedule's, or its epochs'."""
-        epochs = self.algorithm.personal_epochs
-        return samples if epochs is None else epochs * self.exp.trainer.sizes[clients]
-
-    def _personal_step(self, r: int, clients: np.ndarray, received: torch.Tensor) -> None:
-        """The clients' personal models take their local steps on the algorithm's personal
-        objective (Ditto: towards the model they received; FedRep: the head alone)."""
-        exp, algo = self.exp, self.algorithm
-        idx = torch.from_numpy(clients)
-        steps = None
-        if algo.personal_epochs is not None:
-            per_epoch = -(-exp.trainer.sizes[clients] // exp.cfg.local.batch_size)
-            steps = algo.personal_epochs * per_epoch
-        with self.timer("train_s"):
-            start = algo.personal_start(received, self.personal[idx], self.head)
-            objective = algo.personal_objective(received, self.head_names, exp.spec.names)
-            result = exp.trainer.train(start.contiguous(), clients, r + (1 << 42), steps=steps,
-                                       objective=objective)
-            self.personal[idx] = result.params
-        self.node_steps += int(result.steps.sum())
-
-    def _local_round(self, r: int, ids: np.ndarray) -> None:
-        """Local-only training: the selected clients train their own models; nothing is sent,
-        and the round lasts as long as the slowest of them computes."""
-        exp = self.exp
-        samples = self._personal_samples(ids, exp.trainer.samples(ids, r))
-        compute_s = exp.system.compute_s(ids, samples)
-        if exp.faults.enabled:
-            compute_s = compute_s * exp.faults.slowdown(r, ids)
-        self._personal_step(r, ids, self.state.params)
-        self.accounting.completed(ids)
-        self.sim_time += float(compute_s.max())
-        self.state = ServerState(self.state.params, r, self.state.extra)
-        self.round = r
-
-    def _personal_row(self) -> dict[str, float]:
-        """Every client's model (personal, else the global one; fine-tuned first with
-        ``eval.personal_finetune_steps``) on its own test rows: mean, median, worst 10%."""
-        exp = self.exp
-        nodes = exp.personal.nodes
-        if self.personal is not None:
-            models = self.algorithm.personal_model(self.state.params, self.personal[torch.from_numpy(nodes)],
-                                                   self.head)
-        else:
-            models = self.state.params.reshape(1, -1).expand(len(nodes), -1)
-        steps = exp.cfg.eval.personal_finetune_steps
-        if steps:
-            models = exp.trainer.train(models.contiguous(), nodes, self.round + (1 << 43),
-                                       steps=np.full(len(nodes), steps)).params
-        accuracy = exp.personal.evaluate(models, nodes).cpu().numpy()
-        self.personal_accuracy = np.full(exp.num_nodes, np.nan)
-        self.personal_accuracy[nodes] = accuracy
-        return personal_summary(accuracy)
-
-    def _tier_bytes(self, tiers: np.ndarray, ids: np.ndarray, client_bytes: int, nbytes: int) -> int:
-        """Add a broadcast's bytes per tier (the clients' downloads on the last tier, one copy per
-        active aggregator on the others); returns the total."""
-        tree = self.round_tree
-        node, per_tier = tree.leaf_of[ids], np.zeros(tree.depth + 1, dtype=np.int64)
-        per_tier[-1] = client_bytes
-        for level in range(tree.depth - 1, -1, -1):     # an aggregator re-homed to the server
-            parent = tree.parents[level][np.unique(node)]   # gets its copy on the server's link
-            per_tier[level] += int((parent >= 0).sum()) * nbytes
-            per_tier[0] += int((parent < 0).sum()) * nbytes
-            node = parent[parent >= 0]
-        tiers += per_tier
-        self.tiers_down_round = per_tier
-        return int(per_tier.sum())
-
-    def _uploads_are_models(self, delivered: np.ndarray) -> bool:
-        """Whether the server sees exactly the trained models of every client: no upload
-        stage, attack, loss or compressed broadcast between training and the mean."""
-        pipe, exp = self.pipeline, self.exp
-        return (self.algorithm.mean_of_models and bool(delivered.all()) and self.estimate is None
-                and not self.algorithm.personal_first and not self.algorithm.server_personalizes
-                and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
-                and pipe.dp is None and self.secagg is None and exp.contribution is None
-                and exp.hierarchy is None
-                and not (self.dp is not None and self.dp.level == "sample"))
-
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
         exp, algo = self.exp, self.algorithm
         lr = exp.cfg.local.lr
@@ -388,132 +293,6 @@ class SyncFLDriver(Driver):
         self.train_loss = result.loss.mean()
         self.node_steps += int(result.steps.sum())
 
-    def _embeddings(self, models: torch.Tensor) -> torch.Tensor:
-        """FED-PUB's functional embeddings ``[K, H]`` of models ``[K, P]`` on the proxy input."""
-        return functional_embeddings(self.exp.model, self.exp.spec, self.proxy, models)
-
-    def _broadcast(self, ids: np.ndarray, r: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Compressed broadcast: each selected client gets ``C(x - estimate_i)``; returns the
-        per-client download sizes and the decoded differences (applied on delivery)."""
-        numel = self.exp.spec.numel
-        diff = self.state.params.reshape(1, -1) - self.estimate[torch.from_numpy(ids)]
-        keys = ids.astype(np.int64) * (1 << 32) + (1 << 31) + r    # apart from the uploads' keys
-        enc = self.downlink.compress(diff, seed=self.exp.cfg.seed, keys=keys)
-        sizes = wire.HEADER_BYTES + enc.nbytes + 4 * numel * (self.algorithm.download_vectors - 1)
-        return sizes, self.downlink.decompress(enc)
-
-    def _through_pipeline(self, up: Uploads, delivered: np.ndarray, steps: np.ndarray
-                          ) -> tuple[Uploads, np.ndarray]:
-        """The upload stages (protocols/upload.py), client side then server side, on the whole
-        batch; sets ``sent_up``. Returns the uploads as the server sees them and which count."""
-        pipe, idx = self.pipeline, torch.from_numpy(up.clients)
-        if pipe.compress is not None:
-            state = {k: v[idx] for k, v in self.stage_state.items()}
-            up, decoded, state = pipe.compress.apply(up, state)
-            for k, v in state.items():
-                self.stage_state[k][idx] = v
-            self.sent_up = wire.HEADER_BYTES + pipe.extra_bytes + up.encoded.nbytes + self.extra_up
-            up = self._fetchsgd(up, delivered) if decoded is None else up.with_delta(decoded)
-        if self.dp is not None and self.dp.level == "sample":
-            self.dp_ledger.sample_steps(up.clients, steps)
-        elif pipe.rqm is not None:             # every trained client sends its update quantized
-            up, decoded = pipe.encode_rqm(up, self.exp.cfg.seed)
-            up = up.with_delta(decoded)
-            self.dp_ledger.released(up.clients)
-        elif pipe.dp is not None:              # DP-FedAvg over the delivered updates
-            selected, candidates = self.selection
-            expected = self.algorithm.expected_clients(candidates)
-            self.dp_ledger.client_round(selected, candidates)
-            if self.secagg is not None:        # clients clip and add noise; the server sees a sum
-                noisy = pipe.dp.client(up.delta(), up.clients, up.round, expected, masked=True)
-                return self._secure_mean(up, delivered, noisy, expected)
-            keep = torch.from_numpy(delivered)
-            if keep.any():
-                d = pipe.dp.client(up.delta()[keep], up.clients[delivered], up.round, expected)
-                model = up.model.clone()
-                model[keep] = up.start + pipe.dp.server(d, up.round, expected).expand(len(d), -1)
-                up = replace(up, model=model)
-        if self.secagg is not None:
-            up, delivered = self._secure_mean(up, delivered)
-        return up, delivered
-
-    def _fetchsgd(self, up: Uploads, delivered: np.ndarray) -> Uploads:
-        """FetchSGD's server (``Compress.fetch``): the delivered sketches' weighted mean moves
-        the momentum and error sketches in ``ServerState.extra`` (so they checkpoint), and every
-        row becomes ``start + update`` (the algorithm's mean of equal rows returns it)."""
-        keep = torch.from_numpy(delivered)
-        if not keep.any():
-            return up
-        weights = self.algorithm.mean_weights(self.exp.trainer.sizes[up.clients[delivered]],
-                                              device=self.device)
-        update, extra = self.pipeline.compress.fetch(self.state.extra, up.encoded.parts["table"][keep],
-                                                     weights, self.exp.spec.numel)
-        self.state = ServerState(self.state.params, self.state.round, extra)
-        return up.with_delta(update.expand(len(up.clients), -1))
-
-    def _secure_mean(self, up: Uploads, delivered: np.ndarray, deltas: torch.Tensor | None = None,
-                     dp_expected: int = 0) -> tuple[Uploads, np.ndarray]:
-        """Secure aggregation: the clients that got the payload run the protocol, clients whose
-        upload was lost or late drop after sharing keys, and the server learns only the weighted
-        mean of the delivered updates; every delivered row becomes that mean (the algorithm's
-        average of equal rows returns it). Aborted: no row is delivered. Counts the bytes."""
-        from gossamer.privacy.secagg_server import secure_mean
-
-        exp, sa, members, trained = self.exp, self.secagg, self.round_clients, up.clients
-        weights = np.ones(len(members)) if dp_expected else \
-            self.algorithm.weights(exp.trainer.sizes[members], torch.float64, torch.device("cpu")).numpy()
-        deltas = up.delta() if deltas is None else deltas
-        out = secure_mean(members, deltas.double().cpu().numpy(), trained, trained[delivered], weights,
-                          threshold=sa.threshold, bits=sa.bits, clip=sa.clip,
-                          seed=[exp.cfg.seed, up.round], round=up.round)
-        at = np.searchsorted(members, trained)
-        self.sent_up = out.sent[at] + np.where(delivered, 0, self.up_bytes)   # lost in flight
-        late = np.setdiff1d(np.arange(len(members)), at)          # only ran the key rounds
-        self.accounting.upload(members[late], out.sent[late])
-        self.accounting.download(members, out.received)
-        self.bytes_up += int(out.sent[late].sum())
-        self.bytes_down += int(out.received.sum())
-        self.secagg_clipped += out.clipped
-        if out.mean is None:
-            self.secagg_aborted += 1
-            return up, np.zeros_like(delivered)
-        model = up.model.clone()
-        step = torch.from_numpy(out.mean).to(model.device, model.dtype) if not dp_expected else dp_secure_mean(
-            self.pipeline.dp, out.mean, int(delivered.sum()), up.round, dp_expected).to(model.device)
-        model[torch.from_numpy(delivered)] = up.start + step
-        return replace(up, model=model), delivered
-
-    def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
-        """FedAMD: anchors upload full-shard gradients at the global model, miners train."""
-        exp, algo = self.exp, self.algorithm
-        payload = algo.broadcast(self.state)
-        start = payload[: exp.spec.numel]
-        uploads = torch.empty(len(trained), exp.spec.numel, device=self.device)
-        steps = np.zeros(len(trained), dtype=np.int64)
-        losses = []
-        with self.timer("train_s"):
-            if anchors.any():
-                grads, loss = exp.trainer.full_gradient(start.expand(int(anchors.sum()), -1), trained[anchors])
-                uploads[torch.from_numpy(anchors)] = grads
-                losses.append(loss)
-            miners = ~anchors
-            if miners.any():
-                result = exp.trainer.train(start.expand(int(miners.sum()), -1), trained[miners], r,
-                                           objective=algo.local_objective(payload, None))
-                models = result.params
-                if exp.adversary.model_attack:
-                    models = exp.adversary.corrupt(models, start, exp.adversary.crafting[trained[miners]], r)
-                uploads[torch.from_numpy(miners)] = models
-                steps[miners] = result.steps
-                losses.append(result.loss)
-                self.node_steps += int(result.steps.sum())
-        keep = torch.from_numpy(delivered)
-        with self.timer("communicate_s"):
-            self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
-                                        steps[delivered], exp.cfg.local.lr, clients=trained[delivered],
-                                        anchors=anchors[delivered])
-        self.train_loss = torch.cat(losses).mean()
-
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
             acc, loss = self.exp.evaluator.evaluate(self.state.params.reshape(1, -1))
@@ -530,99 +309,5 @@ class SyncFLDriver(Driver):
                 row.update(self._personal_row())
         return row
 
-    def summary(self) -> dict[str, Any]:
-        out = self.accounting.summary()
-        if self.client_state is not None:             # the per-client state store (population/store.py)
-            store = self.client_state
-            out["client_state"] = {"clients": len(store), "memory_bytes": store.memory_bytes,
-                                   "disk_bytes": store.disk_bytes}
-        if self.dp_ledger is not None:
-            out.update(dp_epsilon=self.dp_ledger.epsilon(), dp_delta=self.dp.delta)
-        if self.secagg is not None:
-            out.update(secagg_aborted_rounds=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
-        if self.exp.contribution is not None:
-            adv = self.exp.adversary
-            out["contribution"] = self.exp.contribution.summary(adv.flagged, adv.kinds)
-        if self.exp.hierarchy is not None:
-            out["hierarchy"] = {"levels": [len(p) for p in self.exp.hierarchy.parents],
-                                "bytes_up_by_tier": [int(b) for b in self.tiers_up],
-                                "bytes_down_by_tier": [int(b) for b in self.tiers_down],
-                                "clients_cut_off": self.cut_off,
-                                **({"clients_rehomed": self.rehomed} if self.exp.cfg.hierarchy.rehome else {}),
-                                **({"extra_instances": self.instances}
-                                   if self.exp.cfg.hierarchy.clients_per_instance is not None else {})}
-        return out
-
-    def extra_files(self) -> dict[str, str]:
-        files = {}
-        if self.exp.contribution is not None:
-            files["contributions.csv"] = self.exp.contribution.table(self.exp.adversary.flagged)
-        if self.personal_accuracy is not None:          # each client's own test accuracy
-            files["clients.csv"] = clients_table(self.exp.personal.targets, self.personal_accuracy)
-        return files
-
     def global_params(self) -> torch.Tensor:
         return self.state.params
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(params=self.state.params, server_round=self.state.round,
-                     server_extra=dict(self.state.extra), participants=self.participants,
-                     lost=self.lost, dropped=self.dropped,
-                     client_state=None if self.client_state is None else self.client_state.state_dict(),
-                     compression_memory=_clone(self.stage_state.get("memory")),
-                     compression_momentum=_clone(self.stage_state.get("momentum")),
-                     client_estimates=None if self.estimate is None else self.estimate.clone(),
-                     accounting=_to_tensor(self.accounting.state_dict()))
-        if self.dp_ledger is not None:
-            state["dp_ledger"] = self.dp_ledger.state_dict()
-        if self.secagg is not None:
-            state.update(secagg_aborted=self.secagg_aborted, secagg_clipped=self.secagg_clipped)
-        if self.exp.contribution is not None:
-            state["contribution"] = self.exp.contribution.state_dict()
-        if self.exp.hierarchy is not None:
-            state.update(tiers_up=torch.from_numpy(self.tiers_up.copy()),
-                         tiers_down=torch.from_numpy(self.tiers_down.copy()), cut_off=self.cut_off,
-                         rehomed=self.rehomed, instances=self.instances)
-        if self.personal is not None:
-            state["personal"] = self.personal.clone()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        dev = self.device          # checkpoints load on the host (metrics/runstore.py)
-        self.state = ServerState(state["params"].to(dev), int(state["server_round"]),
-                                 {k: v.to(dev) if isinstance(v, torch.Tensor) else v
-                                  for k, v in state["server_extra"].items()})
-        self.participants = int(state["participants"])
-        self.lost = int(state.get("lost", 0))
-        self.dropped = int(state.get("dropped", 0))
-        if state.get("accounting") is not None:
-            self.accounting.load_state_dict(state["accounting"])
-        if state.get("client_state") is not None and self.client_state is not None:
-            saved = state["client_state"]
-            if isinstance(saved, torch.Tensor):     # a checkpoint of every client's row [N, P]
-                saved = {"ids": torch.arange(len(saved)), "rows": saved}
-            self.client_state.load_state_dict(saved)
-        for key in ("memory", "momentum"):
-            if state.get(f"compression_{key}") is not None:
-                self.stage_state[key] = state[f"compression_{key}"].to(dev, copy=True)
-        if state.get("client_estimates") is not None:
-            self.estimate = state["client_estimates"].to(dev, copy=True)
-        if self.dp_ledger is not None and state.get("dp_ledger") is not None:
-            self.dp_ledger.load_state_dict(state["dp_ledger"])
-        self.secagg_aborted = int(state.get("secagg_aborted", 0))
-        self.secagg_clipped = int(state.get("secagg_clipped", 0))
-        if self.exp.contribution is not None and state.get("contribution") is not None:
-            self.exp.contribution.load_state_dict(state["contribution"])
-        if self.personal is not None and state.get("personal") is not None:
-            self.personal = state["personal"].to(dev, copy=True)
-        if self.exp.hierarchy is not None and state.get("tiers_up") is not None:
-            self.tiers_up, self.tiers_down = state["tiers_up"].numpy().copy(), state["tiers_down"].numpy().copy()
-            self.cut_off = int(state.get("cut_off", 0))
-            self.rehomed = int(state.get("rehomed", 0))
-            self.instances = int(state.get("instances", 0))
-
-
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.clone()
