@@ -211,6 +211,9 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
     if getattr(algorithm, "head_layers", None) is not None:        # FedRep's head and body
         with _user_error("algorithm.params"):
             head_parameters(spec, algorithm.head_layers)
+    if algorithm.local_entries:                                     # FedBN's BatchNorm layers
+        with _user_error("model.name"):
+            algorithm.personal_entries(spec)
     if cfg.eval.personal_finetune_steps and local_tests is None:
         raise ConfigError("eval.personal_finetune_steps", "fine-tuning before evaluation needs "
                           "each client's own test split: set partition.test_fraction")

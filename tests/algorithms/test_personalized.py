@@ -190,3 +190,42 @@ def test_fedcac_starts_from_fedavgs_round_and_keeps_personal_models(tmp_path):
     rest = run_split(cfg, tmp_path, split=1, total=3)
     rest.run()
     assert (tmp_path / "a/clients.csv").read_bytes() == (tmp_path / "b/clients.csv").read_bytes()
+
+
+def test_fedbn_keeps_each_clients_batchnorm_layers_and_averages_the_rest(tmp_path):
+    """Round 1 starts everyone from the initial model (FedAvg's round); from round 2 each
+    selected client starts from the received model with its own trained BatchNorm entries
+    (weight, bias, running statistics), which no other client sees."""
+    bn = {"model": {"name": "mlp_bn", "params": {"hidden": [16]}}}
+    cfg = _config("fedbn", {"client_fraction": 0.5}, **bn)
+    driver = SyncFLDriver(build_experiment(config.validate(cfg)))
+    mask, names = driver.head, driver.head_names
+    assert names == ("net.1.weight", "net.1.bias", "net.1.running_mean", "net.1.running_var")
+    exp, trainer = driver.exp, driver.exp.trainer
+    for r in (1, 2, 3):
+        personal, received = driver.personal.clone(), driver.state.params.clone()
+        calls = []
+        real = trainer.train
+
+        def spy(rows, nodes, key, **kw):
+            calls.append((rows.clone(), np.array(nodes)))
+            return real(rows, nodes, key, **kw)
+
+        trainer.train = spy
+        driver.run_round()
+        trainer.train = real
+        (starts, trained), = calls
+        idx = torch.from_numpy(trained)
+        assert torch.equal(starts[:, ~mask], received[~mask].expand(len(trained), -1))
+        assert torch.equal(starts[:, mask], personal[idx][:, mask])       # its own, or the initial
+        others = torch.from_numpy(np.setdiff1d(np.arange(8), trained))
+        assert torch.equal(driver.personal[others], personal[others])      # untouched
+        assert not torch.equal(driver.personal[idx][:, mask], personal[idx][:, mask])
+    models = driver.algorithm.personal_model(driver.state.params, driver.personal, mask)
+    assert torch.equal(models[:, ~mask], driver.state.params[~mask].expand(8, -1))
+    rest = run_split({**cfg, "output": {"progress": False, "checkpoint_every": 1}}, tmp_path, split=1, total=3)
+    rest.run()
+    for name in ("metrics.csv", "clients.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(ConfigError, match="model.name: fedbn keeps each client's BatchNorm layers local"):
+        build_experiment(config.validate(_config("fedbn")))

@@ -31,7 +31,7 @@ from gossamer.algorithms.fl.fedpub import FedPub
 from gossamer.algorithms.fl.general_theory import AsyncFedAvg
 from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
 from gossamer.algorithms.fl.isolated_experts import IsolatedExperts
-from gossamer.algorithms.fl.personalized import Ditto, FedCAC, FedRep, LocalOnly
+from gossamer.algorithms.fl.personalized import Ditto, FedBN, FedCAC, FedRep, LocalOnly
 from gossamer.algorithms.fl.scaffold import Scaffold, ScaffoldMomentum
 from gossamer.algorithms.fl.streaming_diloco import StreamingDiLoCo
 from gossamer.algorithms.fl.zo import ZOFedAvg
@@ -51,6 +51,7 @@ ALGORITHMS.register("co2")(CO2)
 ALGORITHMS.register("ditto")(Ditto)
 ALGORITHMS.register("local_only")(LocalOnly)
 ALGORITHMS.register("fedrep")(FedRep)
+ALGORITHMS.register("fedbn")(FedBN)
 ALGORITHMS.register("fedcac")(FedCAC)
 ALGORITHMS.register("fedpub")(FedPub)
 ALGORITHMS.register("fedins")(FedIns)

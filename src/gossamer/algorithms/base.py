@@ -52,6 +52,7 @@ class Algorithm:
                                                 # after the global round (personal_objective)
     communicates = True                         # False: clients never exchange (local-only)
     personal_first = False                      # the personal step precedes the global one (FedRep)
+    local_entries = False                       # clients keep some entries local (FedBN's norms)
     personal_training = True                    # personal models take their own local steps
     server_personalizes = False                 # the server sets them after aggregating (FedCAC)
     evaluates_with_global = False               # a personal model is evaluated with the global one

@@ -173,6 +173,33 @@ def mlp(input_shape: tuple[int, ...], num_classes: int,
     return MLP(input_shape, num_classes, tuple(widths[1:-1]))
 
 
+class MLPBatchNorm(nn.Module):
+    """Fully connected network with BatchNorm1d and ReLU after every hidden layer (no
+    hand-written stacked forward: it runs layer by layer, each node with its own running
+    statistics)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int,
+                 hidden: tuple[int, ...] | list[int] = (64,)) -> None:
+        super().__init__()
+        widths = [math.prod(input_shape), *hidden, num_classes]
+        layers: list[nn.Module] = []
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers += [nn.BatchNorm1d(widths[i + 1]), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+@MODELS.register("mlp_bn")
+def mlp_bn(input_shape: tuple[int, ...], num_classes: int,
+           hidden: list[int] | tuple[int, ...] = (64,)) -> nn.Module:
+    widths = mlp_widths(input_shape, num_classes, hidden)
+    return MLPBatchNorm(input_shape, num_classes, tuple(widths[1:-1]))
+
+
 def mlp_widths(input_shape: tuple[int, ...], num_classes: int, hidden: object) -> list[int]:
     """Layer widths ``[inputs, *hidden, classes]``; ``hidden`` must list positive ints."""
     if not isinstance(hidden, (list, tuple)):

@@ -21,7 +21,6 @@ import torch
 from cryptography.exceptions import InvalidTag
 
 from gossamer.algorithms.fl.fedpub import functional_embeddings
-from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
@@ -108,8 +107,8 @@ class Client(PersonalClient, Rehoming):
         # the simulator keeps the population's; a restarted client process starts it afresh
         self.personal: torch.Tensor | None = None
         if self.algorithm.personalized:
-            self.head_names, self.head = head_parameters(self.exp.spec, getattr(self.algorithm, "head_layers", 1))
-            if self.algorithm.personal_training:
+            self.head_names, self.head = self.algorithm.personal_entries(self.exp.spec)
+            if self.algorithm.personal_training or self.algorithm.local_entries:
                 self.personal = self.exp.init_params.reshape(-1).clone()
         if self.algorithm.personalized and self.algorithm.uses_embeddings:   # FED-PUB's fixed input
             self.proxy = self.exp.model.proxy_input(cfg.seed)
@@ -258,6 +257,8 @@ class Client(PersonalClient, Rehoming):
         state = None if self.client_state is None else self.client_state.reshape(1, -1)
         objective = algo.local_objective(payload, state)
         model = received.reshape(1, -1)
+        if algo.local_entries:                              # FedBN: its own BatchNorm entries
+            model = algo.local_start(model, self.personal.reshape(1, -1), self.head)
         if own and algo.personal_first:                     # from its row, its new head frozen
             model = self.personal.reshape(1, -1)
             frozen = algo.global_frozen(self.head_names, self.exp.spec.names)
@@ -270,6 +271,8 @@ class Client(PersonalClient, Rehoming):
             uploads, new_state = self.exp.trainer.full_gradient(model, nodes)[0], None   # FedAMD anchor
         else:
             result = self.exp.trainer.train(model, nodes, round_, objective=objective)
+            if algo.local_entries:                          # ... which it keeps, trained
+                self.personal = result.params[0].clone()
             uploads, new_state = algo.client_update(result.params, payload, state, result.steps,
                                                     self.cfg.local.lr)
         if new_state is not None:
@@ -277,7 +280,7 @@ class Client(PersonalClient, Rehoming):
         if anchor:
             self._send(uploads[0], round_)                     # a full gradient, as it is
             return
-        if own and not algo.personal_first:                 # Ditto: v's steps after w's
+        if own and algo.personal_training and not algo.personal_first:   # Ditto: v's steps after w's
             self._personal_step(round_, received)
         if algo.personalized and algo.uses_embeddings:      # FED-PUB: the model, then its embedding
             uploads = torch.cat([uploads, functional_embeddings(self.exp.model, self.exp.spec, self.proxy,

@@ -53,6 +53,14 @@ class Personalized(FedAvg):
     # personal model, or the server sets it with ``personalize`` (FedCAC)
     runs_on_processes: ClassVar[bool] = False
     uses_embeddings: ClassVar[bool] = False     # the server reads functional embeddings (FED-PUB)
+    # the personal entries stay in the client and replace the received ones before training
+    # (FedBN's BatchNorm layers)
+    local_entries: ClassVar[bool] = False
+
+    def personal_entries(self, spec) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The names and mask ``[P]`` of the entries personal to a client: the last
+        ``head_layers`` layers (FedRep's head; others ignore it)."""
+        return head_parameters(spec, getattr(self, "head_layers", 1))
 
     def personal_objective(self, received: torch.Tensor, head_names: tuple[str, ...],
                            names: tuple[str, ...]) -> LocalObjective:
@@ -159,6 +167,46 @@ class FedRep(Personalized):
 
     def global_frozen(self, head_names, names):
         return tuple(head_names)
+
+
+@dataclass(frozen=True)
+class FedBN(Personalized):
+    """FedBN (Xiaoxiao Li, Meirui Jiang, Xiaofei Zhang, Michael Kamp, Qi Dou, "FedBN: Federated
+    Learning on Non-IID Features via Local Batch Normalization", ICLR 2021, arXiv:2102.07623;
+    the authors' code, ``med-air/FedBN``, averages every state-dict entry but those of
+    BatchNorm layers). Each client keeps its BatchNorm layers local (weight, bias and running
+    statistics): a selected client trains the received model with its own BatchNorm entries in
+    place, keeps them, and uploads; the server averages the uploads as FedAvg does (the
+    BatchNorm entries of that average are read by no client that has trained; a client's first
+    round starts from them). A client predicts with the current global model and its own
+    BatchNorm entries. The model must have BatchNorm layers (e.g. ``resnet8_bn``, ``mlp_bn``)."""
+
+    personal_training: ClassVar[bool] = False
+    local_entries: ClassVar[bool] = True
+    evaluates_with_global: ClassVar[bool] = True
+    runs_on_processes: ClassVar[bool] = True
+
+    def personal_entries(self, spec) -> tuple[tuple[str, ...], torch.Tensor]:
+        """Every entry of the model's BatchNorm layers; ValueError (one line) without any."""
+        layers = {name.rsplit(".", 1)[0] for name in spec.stats}
+        if not layers:
+            raise ValueError("fedbn keeps each client's BatchNorm layers local, and the model has "
+                             "none: use a model with BatchNorm (resnet8_bn, mlp_bn)")
+        names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in layers)
+        mask = torch.zeros(spec.numel, dtype=torch.bool, device="cpu")
+        for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
+            if name in names:
+                mask[offset:offset + math.prod(shape)] = True
+        return names, mask
+
+    def local_start(self, received: torch.Tensor, personal: torch.Tensor,
+                    entries: torch.Tensor) -> torch.Tensor:
+        """The rows ``[B, P]`` selected clients train from: the received model with their own
+        BatchNorm entries."""
+        return torch.where(entries, personal, received)
+
+    def personal_model(self, current, personal, head):
+        return torch.where(head, personal, current)
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,8 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
             starts = start.expand(len(trained), -1)
             if self.estimate is not None:          # clients start from their copy of the model
                 starts = self.estimate[torch.from_numpy(trained)]
+            if algo.local_entries:                 # FedBN: with their own BatchNorm entries
+                starts = algo.local_start(starts, self.personal[torch.from_numpy(trained)], self.head)
             if self.personal is not None and (algo.personal_first or algo.server_personalizes):
                 starts = algo.train_start(self.personal[torch.from_numpy(trained)])  # FedRep, FedCAC: own rows
                 objective = algo.start_objective(objective, starts, exp.spec.names)
@@ -253,6 +255,8 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
                 if frozen:                                           # FedRep: its new head
                     objective = replace(objective or LocalObjective(), frozen=frozen)
             result = exp.trainer.train(starts, trained, r, objective=objective)
+            if algo.local_entries:                 # ... which they keep, trained
+                self.personal[torch.from_numpy(trained)] = result.params
             uploads, new_state = algo.client_update(result.params, payload, cstate, result.steps, lr)
             if self.estimate is not None:          # the server applies each update to its model
                 uploads = uploads.clone()

@@ -9,7 +9,6 @@ import torch
 
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
-from gossamer.algorithms.fl.personalized import head_parameters
 from gossamer.training.evaluator import personal_summary
 
 
@@ -23,7 +22,7 @@ class PersonalRounds:
         self.personal: torch.Tensor | None = None
         if algo.personalized:
             self.personal = algo.personal_init(exp.init_params.reshape(-1)).expand(exp.num_nodes, -1).clone()
-            self.head_names, self.head = head_parameters(exp.spec, getattr(algo, "head_layers", 1))
+            self.head_names, self.head = algo.personal_entries(exp.spec)
             self.head = self.head.to(self.device)
         self.extra_up = 0                                  # FED-PUB: each upload's embedding bytes
         if algo.personalized and algo.uses_embeddings:   # FED-PUB: its proxy input and mask entries

@@ -39,6 +39,7 @@ class UploadStages:
         pipe, exp = self.pipeline, self.exp
         return (self.algorithm.mean_of_models and bool(delivered.all()) and self.estimate is None
                 and not self.algorithm.personal_first and not self.algorithm.server_personalizes
+                and not self.algorithm.local_entries
                 and not exp.adversary.model_attack and pipe.compress is None and pipe.rqm is None
                 and pipe.dp is None and self.secagg is None and exp.contribution is None
                 and exp.hierarchy is None
