@@ -207,7 +207,7 @@ def test_fedbn_keeps_each_clients_batchnorm_layers_and_averages_the_rest(tmp_pat
         calls = []
         real = trainer.train
 
-        def spy(rows, nodes, key, **kw):
+        def spy(rows, nodes, key, calls=calls, real=real, **kw):
             calls.append((rows.clone(), np.array(nodes)))
             return real(rows, nodes, key, **kw)
 
