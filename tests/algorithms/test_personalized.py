@@ -201,8 +201,8 @@ def test_fedbn_keeps_each_clients_batchnorm_layers_and_averages_the_rest(tmp_pat
     driver = SyncFLDriver(build_experiment(config.validate(cfg)))
     mask, names = driver.head, driver.head_names
     assert names == ("net.1.weight", "net.1.bias", "net.1.running_mean", "net.1.running_var")
-    exp, trainer = driver.exp, driver.exp.trainer
-    for r in (1, 2, 3):
+    trainer = driver.exp.trainer
+    for _ in range(3):
         personal, received = driver.personal.clone(), driver.state.params.clone()
         calls = []
         real = trainer.train
