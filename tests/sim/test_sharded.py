@@ -1,5 +1,7 @@
 """The simulator sharded over torch.distributed ranks: work split, exact sums, failures, resume."""
 
+import csv
+import io
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -247,3 +249,52 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
     assert main(["run", str(path), "--ranks", "2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "algorithm.name" in err[0] and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_gradient_tracking_is_bit_identical_with_1_2_3_ranks_and_resumes(tmp_path, capfd):
+    """The trackers' directions mix over ranks as the models do (shared rows or point to
+    point), so metrics, nodes.csv and the model equal one rank's; a checkpoint holds every
+    node's correction, so a run resumed with another number of ranks continues exactly."""
+    cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 4},
+                       partition={"name": "dirichlet", "num_nodes": 150, "params": {"alpha": 0.3}},
+                       local={"steps": 3, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 30},
+                       topology={"name": "random_regular", "params": {"degree": 4},
+                                 "mixing": "metropolis_hastings"},
+                       output={"progress": False, "checkpoint_every": 2})
+    cfg["algorithm"] = {"name": "gradient_tracking", "params": {"gossip_steps": 2}}
+    path = tmp_path / "gt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "nodes.csv", "model.pt")
+    one = _gossamer(capfd, "run", str(path), "--out", str(tmp_path / "r1"), "--ranks", "1", "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    want = [(tmp_path / "r1" / f).read_bytes() for f in files]
+    # one rank is the one-process driver (with batches as wide as the population's, which a
+    # rank uses so that a node's batches never depend on the other nodes of its call)
+    from gossamer.sim.drivers.gradient_tracking import GradientTrackingDriver
+
+    exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
+    exp.trainer.batch_width = "population"
+    single = GradientTrackingDriver(exp)
+    rows = [single.evaluate()]
+    for _ in range(4):
+        single.run_round()
+        rows.append(single.evaluate())
+    sharded = list(csv.DictReader(io.StringIO(want[0].decode())))
+    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max"):
+        assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+    for ranks, way in ((2, "shared"), (3, "p2p")):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
+                         env={"GOSSAMER_SHARDED_TRANSPORT": way})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [(out / f).read_bytes() for f in files] == want, (ranks, way)
+    out = tmp_path / "killed"            # 2 ranks to round 2 (checkpoint), killed at 3; 3 ranks on
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1",
+                          "GOSSAMER_SHARDED_TRANSPORT": "p2p"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet",
+                     env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == want

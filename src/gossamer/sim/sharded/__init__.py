@@ -13,7 +13,7 @@ the run directory.
   FedAdam, ...): :mod:`.fl`, one ``all_gather`` of block sums a round;
 - synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
-  step;
+  step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
 - asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
   :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, one
   ``all_gather`` of the uploads per batch of training.
@@ -62,11 +62,11 @@ def check_config(cfg: ExperimentConfig) -> None:
     transport()
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
-    dl = algo.pattern == "sync_dl"
+    dl = algo.pattern in ("sync_dl", "gradient_tracking")
     if not (fl or dl or algo.pattern == "async_fl"):
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
-                          f"(dpsgd, dfedsam) and asynchronous FL (fedasync, fedbuff, ...); "
+                          f"(dpsgd, dfedsam, gradient_tracking) and asynchronous FL (fedasync, fedbuff, ...); "
                           f"{cfg.algorithm.name} runs in one process (drop --ranks)")
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
@@ -109,8 +109,11 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         shard = start(sizes)
         return shard, ShardedSyncFLDriver(exp, shard)
     from gossamer.sim.sharded.dl import ShardedSyncDLDriver
+    from gossamer.sim.sharded.tracking import ShardedGradientTrackingDriver
 
     shard = start(sizes + max(float(sizes.mean()), 1.0))
+    if exp.algorithm.pattern == "gradient_tracking":
+        return shard, ShardedGradientTrackingDriver(exp, shard)
     return shard, ShardedSyncDLDriver(exp, shard)
 
 
