@@ -252,18 +252,23 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
 
 
 @pytest.mark.slow
-def test_gradient_tracking_is_bit_identical_with_1_2_3_ranks_and_resumes(tmp_path, capfd):
-    """The trackers' directions mix over ranks as the models do (shared rows or point to
-    point), so metrics, nodes.csv and the model equal one rank's; a checkpoint holds every
-    node's correction, so a run resumed with another number of ranks continues exactly."""
+@pytest.mark.parametrize("name, params", [
+    ("gradient_tracking", {"gossip_steps": 2}),
+    ("choco", {"compressor": "topk", "compressor_params": {"density": 0.1}, "gamma": 0.8, "gossip_steps": 2}),
+], ids=["gradient_tracking", "choco"])
+def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, capfd, name, params):
+    """Gradient tracking's directions and CHOCO-SGD's public copies mix over ranks as the
+    models do (shared rows or point to point), so metrics, nodes.csv and the model equal one
+    rank's; a checkpoint holds every node's corrections (public copies), so a run resumed with
+    another number of ranks continues exactly."""
     cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 4},
                        partition={"name": "dirichlet", "num_nodes": 150, "params": {"alpha": 0.3}},
                        local={"steps": 3, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 30},
                        topology={"name": "random_regular", "params": {"degree": 4},
                                  "mixing": "metropolis_hastings"},
                        output={"progress": False, "checkpoint_every": 2})
-    cfg["algorithm"] = {"name": "gradient_tracking", "params": {"gossip_steps": 2}}
-    path = tmp_path / "gt.yaml"
+    cfg["algorithm"] = {"name": name, "params": params}
+    path = tmp_path / "dl.yaml"
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
     one = _gossamer(capfd, "run", str(path), "--out", str(tmp_path / "r1"), "--ranks", "1", "--quiet")
@@ -271,17 +276,17 @@ def test_gradient_tracking_is_bit_identical_with_1_2_3_ranks_and_resumes(tmp_pat
     want = [(tmp_path / "r1" / f).read_bytes() for f in files]
     # one rank is the one-process driver (with batches as wide as the population's, which a
     # rank uses so that a node's batches never depend on the other nodes of its call)
-    from gossamer.sim.drivers.gradient_tracking import GradientTrackingDriver
+    from gossamer.sim.drivers import driver_for
 
     exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
     exp.trainer.batch_width = "population"
-    single = GradientTrackingDriver(exp)
+    single = driver_for(exp.algorithm.pattern)(exp)
     rows = [single.evaluate()]
     for _ in range(4):
         single.run_round()
         rows.append(single.evaluate())
     sharded = list(csv.DictReader(io.StringIO(want[0].decode())))
-    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max"):
+    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "bytes_up"):
         assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
     for ranks, way in ((2, "shared"), (3, "p2p")):
         out = tmp_path / f"r{ranks}"

@@ -14,6 +14,7 @@ the run directory.
 - synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
   step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
+  CHOCO-SGD (:mod:`.choco`), whose public copies mix the same way;
 - asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
   :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, one
   ``all_gather`` of the uploads per batch of training.
@@ -62,11 +63,11 @@ def check_config(cfg: ExperimentConfig) -> None:
     transport()
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
-    dl = algo.pattern in ("sync_dl", "gradient_tracking")
+    dl = algo.pattern in ("sync_dl", "gradient_tracking", "choco")
     if not (fl or dl or algo.pattern == "async_fl"):
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
-                          f"(dpsgd, dfedsam, gradient_tracking) and asynchronous FL (fedasync, fedbuff, ...); "
+                          f"(dpsgd, dfedsam, gradient_tracking, choco) and asynchronous FL (fedasync, fedbuff, ...); "
                           f"{cfg.algorithm.name} runs in one process (drop --ranks)")
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
@@ -108,12 +109,15 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
 
         shard = start(sizes)
         return shard, ShardedSyncFLDriver(exp, shard)
+    from gossamer.sim.sharded.choco import ShardedChocoDriver
     from gossamer.sim.sharded.dl import ShardedSyncDLDriver
     from gossamer.sim.sharded.tracking import ShardedGradientTrackingDriver
 
     shard = start(sizes + max(float(sizes.mean()), 1.0))
     if exp.algorithm.pattern == "gradient_tracking":
         return shard, ShardedGradientTrackingDriver(exp, shard)
+    if exp.algorithm.pattern == "choco":
+        return shard, ShardedChocoDriver(exp, shard)
     return shard, ShardedSyncDLDriver(exp, shard)
 
 

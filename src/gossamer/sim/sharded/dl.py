@@ -260,15 +260,23 @@ class ShardedSyncDLDriver(SyncDLDriver):
             full = self.shared[self._cur].clone() if shard.primary else None
             barrier(shard, during)
             return full
+        return self._on_primary(self.params)
+
+    def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
+        """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
+        sent point to point; None on the other ranks."""
+        shard = self.shard
+        if shard.world == 1:
+            return own
         import torch.distributed as dist
 
         try:
             if not shard.primary:
                 if self.own:
-                    dist.send(self.params.contiguous(), 0)
+                    dist.send(own.contiguous(), 0)
                 return None
-            full = torch.empty(self.exp.num_nodes, self.params.shape[1], dtype=self.params.dtype)
-            full[shard.lo:shard.hi] = self.params
+            full = torch.empty(self.exp.num_nodes, *own.shape[1:], dtype=own.dtype)
+            full[shard.lo:shard.hi] = own
             for k in range(1, shard.world):
                 a, b = shard.edges[k], shard.edges[k + 1]
                 if b > a:

@@ -23,7 +23,7 @@ from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ConfigError
 from gossamer.protocols.sync_dl import check_gradient_tracking
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import TRANSPORT_ENV, Shard, barrier, rank_lost, shared_tensor
+from gossamer.sim.sharded.base import TRANSPORT_ENV, Shard, barrier, shared_tensor
 from gossamer.sim.sharded.dl import ShardedSyncDLDriver
 from gossamer.training.trainer import local_steps
 
@@ -89,31 +89,9 @@ class ShardedGradientTrackingDriver(ShardedSyncDLDriver):
             src, dst = dst, src
         return src[a:a + self.own]
 
-    def _gathered(self, own: torch.Tensor) -> torch.Tensor | None:
-        """Every node's rows of ``own`` (this rank's) on rank 0, None on the others."""
-        shard = self.shard
-        if shard.world == 1:
-            return own
-        import torch.distributed as dist
-
-        try:
-            if not shard.primary:
-                if self.own:
-                    dist.send(own.contiguous(), 0)
-                return None
-            full = torch.empty(self.exp.num_nodes, own.shape[1], dtype=own.dtype)
-            full[shard.lo:shard.hi] = own
-            for k in range(1, shard.world):
-                a, b = shard.edges[k], shard.edges[k + 1]
-                if b > a:
-                    dist.recv(full[a:b], k)
-            return full
-        except (RuntimeError, dist.DistBackendError) as exc:
-            raise rank_lost(shard, exc, f"round {self.round}'s checkpoint") from None
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["correction"] = self._gathered(self.correction)
+        state["correction"] = self._on_primary(self.correction)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
