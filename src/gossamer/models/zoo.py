@@ -111,19 +111,24 @@ class LogisticRegression(nn.Module):
         return _stacked_dense(params, x, ["linear"])
 
 
+def _dense_stack(widths: list[int], batch_norm: bool) -> nn.Sequential:
+    """Linear layers of ``widths``, each hidden one followed by ReLU (after BatchNorm1d with
+    ``batch_norm``)."""
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers += [nn.BatchNorm1d(widths[i + 1]), nn.ReLU()] if batch_norm else [nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 class MLP(nn.Module):
     """Fully connected network with ReLU; ``hidden`` lists the hidden widths."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int,
                  hidden: tuple[int, ...] | list[int] = (64,)) -> None:
         super().__init__()
-        widths = [math.prod(input_shape), *hidden, num_classes]
-        layers: list[nn.Module] = []
-        for i in range(len(widths) - 1):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < len(widths) - 2:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
+        self.net = _dense_stack([math.prod(input_shape), *hidden, num_classes], batch_norm=False)
         self._dense = [f"net.{i}" for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
         self.stacked_kernel = DenseKernel(self._dense)
 
@@ -181,13 +186,7 @@ class MLPBatchNorm(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int,
                  hidden: tuple[int, ...] | list[int] = (64,)) -> None:
         super().__init__()
-        widths = [math.prod(input_shape), *hidden, num_classes]
-        layers: list[nn.Module] = []
-        for i in range(len(widths) - 1):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < len(widths) - 2:
-                layers += [nn.BatchNorm1d(widths[i + 1]), nn.ReLU()]
-        self.net = nn.Sequential(*layers)
+        self.net = _dense_stack([math.prod(input_shape), *hidden, num_classes], batch_norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))

@@ -27,8 +27,13 @@ def head_parameters(spec, layers: int) -> tuple[tuple[str, ...], torch.Tensor]:
     if layers >= len(modules):
         raise ValueError(f"head_layers ({layers}) must leave at least one of the model's "
                          f"{len(modules)} layers to the shared body")
-    keep = set(modules[-layers:])
-    names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in keep)
+    return layer_entries(spec, set(modules[-layers:]))
+
+
+def layer_entries(spec, layers: set[str]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The names of the entries of the modules ``layers`` (by name prefix) and their mask
+    ``[P]`` in the flat vector."""
+    names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in layers)
     mask = torch.zeros(spec.numel, dtype=torch.bool, device="cpu")
     for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
         if name in names:
@@ -192,12 +197,7 @@ class FedBN(Personalized):
         if not layers:
             raise ValueError("fedbn keeps each client's BatchNorm layers local, and the model has "
                              "none: use a model with BatchNorm (resnet8_bn, mlp_bn)")
-        names = tuple(n for n in spec.names if n.rsplit(".", 1)[0] in layers)
-        mask = torch.zeros(spec.numel, dtype=torch.bool, device="cpu")
-        for name, shape, offset in zip(spec.names, spec.shapes, spec.offsets, strict=True):
-            if name in names:
-                mask[offset:offset + math.prod(shape)] = True
-        return names, mask
+        return layer_entries(spec, layers)
 
     def local_start(self, received: torch.Tensor, personal: torch.Tensor,
                     entries: torch.Tensor) -> torch.Tensor:
