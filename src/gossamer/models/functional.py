@@ -182,7 +182,7 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
         raise ModelNotVectorizable(
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
-            "in-place ops on inputs, .item(), data-dependent control flow and BatchNorm") from None
+            "in-place ops on inputs, .item() and data-dependent control flow") from None
     return _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
 
 
