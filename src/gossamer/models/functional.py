@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gossamer.models.layerwise import BATCH_NORMS, layerwise_forward
+
 StackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
@@ -25,13 +27,12 @@ class ModelNotVectorizable(ValueError):
     """The user model cannot be run for many nodes at once by ``torch.func``."""
 
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 STAT_NAMES = ("running_mean", "running_var")      # the buffers a row holds (BatchNorm's)
 
 
 def batch_norms(module: nn.Module) -> dict[str, nn.Module]:
     """The module's BatchNorm layers by name."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, _NORMS)}
+    return {name: m for name, m in module.named_modules() if isinstance(m, BATCH_NORMS)}
 
 
 def _entries(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,8 +128,6 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
     statistics and takes its batch statistics over its own valid samples only), or is refused
     in one line naming the layer when that executor cannot run it.
     """
-    from gossamer.models.layerwise import layerwise_forward
-
     norms = _check_buffers(module)
     if backend not in ("auto", "vmap", "stacked", "layerwise"):
         raise ValueError(f"unknown forward backend {backend!r}")

@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 CONV_STRATEGIES = ("grouped", "channels_last", "per_node")
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)   # run with per-node statistics
 
 # modules without parameters that act on each sample alone: run on the folded batch
 _SAMPLEWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
@@ -88,7 +88,7 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
             if isinstance(mod, nn.Embedding) and (mod.padding_idx is not None or mod.max_norm is not None
                                                   or mod.sparse or mod.scale_grad_by_freq):
                 return f"embedding {node.target} with padding_idx/max_norm/sparse/scale_grad_by_freq"
-            if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding, *_NORMS)):
+            if isinstance(mod, (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding, *BATCH_NORMS)):
                 continue
             if isinstance(mod, nn.Conv2d):
                 if mod.padding_mode != "zeros":
@@ -250,7 +250,7 @@ class LayerwiseForward:
             return _affine(F.layer_norm(h, mod.normalized_shape, None, None, mod.eps), weight, bias, nodes, False)
         if isinstance(mod, nn.Embedding):
             return _embedding(h, weight, nodes)
-        if isinstance(mod, _NORMS):
+        if isinstance(mod, BATCH_NORMS):
             return _batch_norm(h, mod, params, name, nodes, batch)
         return mod(*args, **kwargs)                         # sample-wise, no parameters
 

@@ -141,7 +141,7 @@ def refuse_simulator_only(cfg) -> None:
     algorithm = ALGORITHMS.get(cfg.algorithm.name)
     if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
-                          "(real processes run ditto, fedrep, fedcac and fedpub); use `gossamer run`")
+                          "(real processes run ditto, fedrep, fedbn, fedcac and fedpub); use `gossamer run`")
     if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
         raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
                           "use `gossamer run`")

@@ -136,6 +136,7 @@ class BatchedTrainer:
         self.dp = dp
         # BatchNorm running statistics in the rows: never stepped, updated by the forward
         self.stats: tuple[str, ...] = spec.stats
+        self._stepped = [k for k, name in enumerate(spec.names) if name not in spec.stats]   # leaves
         if self.stats and dp is not None:
             raise ValueError("privacy.dp: sample-level DP-SGD needs per-sample gradients, which "
                              "a BatchNorm layer's batch statistics couple; use GroupNorm")
@@ -564,16 +565,15 @@ class BatchedTrainer:
     def _trainable(self, leaves: list[torch.Tensor]) -> None:
         """Leaves that take gradients: all but BatchNorm's running statistics (the forward
         updates those in place)."""
-        for name, leaf in zip(self.spec.names, leaves, strict=True):
-            if name not in self.stats:
-                leaf.requires_grad_(True)
+        for k in self._stepped:
+            leaves[k].requires_grad_(True)
 
     def _grads(self, loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         """``d loss / d leaf`` for every leaf: zeros for running statistics (never stepped)."""
         if not self.stats:
             return list(torch.autograd.grad(loss, leaves))
-        keep = [k for k, name in enumerate(self.spec.names) if name not in self.stats]
-        grads = dict(zip(keep, torch.autograd.grad(loss, [leaves[k] for k in keep]), strict=True))
+        grads = dict(zip(self._stepped, torch.autograd.grad(loss, [leaves[k] for k in self._stepped]),
+                         strict=True))
         return [grads[k] if k in grads else torch.zeros_like(leaf) for k, leaf in enumerate(leaves)]
 
     def _sam_gradient(self, leaves: list[torch.Tensor], grads: list[torch.Tensor], xb: torch.Tensor,

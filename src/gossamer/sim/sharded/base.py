@@ -32,6 +32,11 @@ class Shard:
     def primary(self) -> bool:
         return self.rank == 0
 
+    @property
+    def counts(self) -> list[int]:
+        """How many node ids each rank owns, in rank order."""
+        return [b - a for a, b in zip(self.edges[:-1], self.edges[1:], strict=True)]
+
     def owner(self, ids: np.ndarray) -> np.ndarray:
         """The rank that owns each of ``ids``."""
         return np.searchsorted(np.asarray(self.edges), ids, side="right") - 1
@@ -227,6 +232,6 @@ def population_mean(shard: Shard, own: torch.Tensor, n: int, during: str) -> tor
     """The mean of all ``n`` nodes' rows ``[P]`` from each rank's own rows ``own``: block
     sums by their owners, gathered, added in block order; the same bits for any rank count."""
     blocks = block_sums(own, shard.lo)
-    counts = [-(-(shard.edges[k + 1] - shard.edges[k]) // BLOCK) for k in range(shard.world)]
+    counts = [-(-c // BLOCK) for c in shard.counts]
     every = gather_rows(shard, blocks, counts, during)
     return every.sum(dim=0) / n

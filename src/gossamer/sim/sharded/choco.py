@@ -24,7 +24,7 @@ from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.choco import ChocoDriver, _refuse_unsupported
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import TRANSPORT_ENV, Shard, barrier, gather_rows, shared_tensor
+from gossamer.sim.sharded.base import Shard, barrier, gather_rows
 from gossamer.sim.sharded.dl import ShardedSyncDLDriver
 
 
@@ -45,13 +45,9 @@ class ShardedChocoDriver(ShardedSyncDLDriver):
         self._sizes: list[np.ndarray] = []
         self._ids = np.arange(shard.lo, shard.hi, dtype=np.int64)
         self.public = algo.init_public(self.params)           # own rows of x̂
-        self._copies: torch.Tensor | None = None              # one host: every node's x̂, twice
+        self._copies = self._shared_pair("the public copies")   # one host: every node's x̂, twice
         self._pcur = 0
-        if self.shared is not None:
-            self._copies = shared_tensor(shard, (2, n, self.params.shape[1]), self.params.dtype)
-            if self._copies is None:
-                raise ConfigError(TRANSPORT_ENV, "/dev/shm has no room for the public copies "
-                                  "besides the models: set it to p2p")
+        if self._copies is not None:
             self._copies[0, shard.lo:shard.hi] = self.public
             self.public = self._copies[0, shard.lo:shard.hi]
 
@@ -60,8 +56,7 @@ class ShardedChocoDriver(ShardedSyncDLDriver):
         algo, n, r = self.exp.algorithm, self.exp.num_nodes, self.round + 1
         lo, hi, a = self.shard.lo, self.shard.hi, self.plan.below
         mixed = torch.empty_like(self.params)
-        held = None if self._copies is not None else \
-            torch.empty(self.plan.below + self.own + self.plan.above, self.params.shape[1], dtype=self.params.dtype)
+        held = None if self._copies is not None else self._halo_rows(self.plan)
         sizes = np.zeros((self.own, self.round_gossip_steps), dtype=np.int64)
         for step in range(self.round_gossip_steps):
             enc = self.compressor.compress(self.params - self.public, seed=self.exp.cfg.seed,
@@ -81,8 +76,7 @@ class ShardedChocoDriver(ShardedSyncDLDriver):
                 mix_into(self.plan.mixing, held, mixed)
             mixed.sub_(self.public)              # sum_j W_ij (x̂_j - x̂_i), as in one process
             self.params.add_(mixed, alpha=algo.gamma)
-        counts = [self.shard.edges[k + 1] - self.shard.edges[k] for k in range(self.shard.world)]
-        every = gather_rows(self.shard, torch.from_numpy(sizes), counts, f"round {r}'s message sizes")
+        every = gather_rows(self.shard, torch.from_numpy(sizes), self.shard.counts, f"round {r}'s message sizes")
         self._sizes = [wire.HEADER_BYTES + every[:, s].numpy() for s in range(self.round_gossip_steps)]
 
     _account = ChocoDriver._account            # the round's bytes and length from every size

@@ -25,16 +25,19 @@ import scipy.sparse as sp
 import torch
 
 from gossamer.algorithms.dl.dpsgd import mix_into
+from gossamer.config import ConfigError
 from gossamer.protocols import dl_metrics
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.sharded.base import (
+    TRANSPORT_ENV,
     Shard,
     barrier,
     gather_rows,
     population_mean,
     rank_lost,
     shared_if_possible,
+    shared_tensor,
 )
 from gossamer.topology import to_torch_sparse
 
@@ -103,6 +106,23 @@ class ShardedSyncDLDriver(SyncDLDriver):
         each rank holds its own rows and a halo)."""
         return shared_if_possible(self.shard, (2, self.exp.num_nodes, self.params.shape[1]), self.params.dtype)
 
+    def _shared_pair(self, what: str) -> torch.Tensor | None:
+        """Every node's rows of another model-sized state (``what``) twice ``[2, N, P]``, in
+        shared memory where the models are (None where the ranks send rows instead); one line
+        naming the transport when there is no room for them beside the models."""
+        if self.shared is None:
+            return None
+        rows = shared_tensor(self.shard, (2, self.exp.num_nodes, self.params.shape[1]), self.params.dtype)
+        if rows is None:
+            raise ConfigError(TRANSPORT_ENV, f"/dev/shm has no room for {what} besides the models: "
+                              "set it to p2p")
+        return rows
+
+    def _halo_rows(self, plan: Halo) -> torch.Tensor:
+        """An empty ``[below + own + above, P]`` tensor: the rows mixing under ``plan`` holds
+        (the own rows at ``plan.below``)."""
+        return torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype)
+
     @property
     def own(self) -> int:
         return self.shard.hi - self.shard.lo
@@ -122,7 +142,7 @@ class ShardedSyncDLDriver(SyncDLDriver):
             return
         plan = halo(w, self.shard, self.params.dtype)
         if self._held is None or (plan.below, plan.above) != (self.plan.below, self.plan.above):
-            held = torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype)
+            held = self._halo_rows(plan)
             held[plan.below: plan.below + self.own] = self.params
             self._held, self._spare_held = held, torch.empty_like(held)
             self.params = held[plan.below: plan.below + self.own]
@@ -222,8 +242,7 @@ class ShardedSyncDLDriver(SyncDLDriver):
                       for k in range(shard.world)]
             mean = population_mean(shard, self.params, n, during)
             distances = torch.from_numpy(self._squared_distances(mean))[:, None]
-            every = gather_rows(shard, distances, [shard.edges[k + 1] - shard.edges[k]
-                                                   for k in range(shard.world)], during)
+            every = gather_rows(shard, distances, shard.counts, during)
             measured = gather_rows(shard, measured, counts, during)
             acc, loss = measured[:, 0].float(), measured[:, 1].float()
             row.update(dl_metrics.accuracy_row(acc, loss), online=n, isolated=self.isolated,

@@ -20,10 +20,9 @@ import torch
 from gossamer import wire
 from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.algorithms.local import LocalObjective
-from gossamer.config import ConfigError
 from gossamer.protocols.sync_dl import check_gradient_tracking
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import TRANSPORT_ENV, Shard, barrier, shared_tensor
+from gossamer.sim.sharded.base import Shard, barrier
 from gossamer.sim.sharded.dl import ShardedSyncDLDriver
 from gossamer.training.trainer import local_steps
 
@@ -41,12 +40,7 @@ class ShardedGradientTrackingDriver(ShardedSyncDLDriver):
         self.steps_per_node = local_steps(exp.trainer.schedule, exp.trainer.sizes)[shard.lo:shard.hi]
         self._start: torch.Tensor | None = None            # own rows before training, then y
         self._trained = np.zeros(0, dtype=np.int64)        # positions among the own rows
-        self._directions: torch.Tensor | None = None       # one host: every node's y, twice
-        if self.shared is not None:
-            self._directions = shared_tensor(shard, (2, exp.num_nodes, numel), self.params.dtype)
-            if self._directions is None:
-                raise ConfigError(TRANSPORT_ENV, "/dev/shm has no room for the trackers' rows "
-                                  "besides the models': set it to p2p")
+        self._directions = self._shared_pair("the trackers' rows")   # one host: every node's y, twice
 
     def _local_objective(self, train_ids: np.ndarray) -> LocalObjective:
         if self._start is None:
@@ -80,7 +74,7 @@ class ShardedGradientTrackingDriver(ShardedSyncDLDriver):
                 cur = 1 - cur
             return rows[cur, lo:hi]
         plan, a = self.plan, self.plan.below                # the models' halo plan
-        src = torch.empty(plan.below + self.own + plan.above, y.shape[1], dtype=y.dtype)
+        src = self._halo_rows(plan)
         dst = torch.empty_like(src)
         src[a:a + self.own] = y
         for step in range(steps):
