@@ -1,6 +1,6 @@
 """The sharded simulator against one process, measured in the same run (docs/scale.md).
 
-Usage: python benchmarks/scale_out.py [--workload fedavg|dpsgd] [--nodes 400] [--rounds 20]
+Usage: python benchmarks/scale_out.py [--workload fedavg|dpsgd|gossip] [--nodes 400] [--rounds 20]
                                      [--epochs 1] [--ranks 1,2] [--repeats 3] [--set KEY=VALUE]
                                      [--json]
 
@@ -8,12 +8,15 @@ Runs a standard workload as ``gossamer run --ranks R`` for each R (one intra-op 
 rank), and once as a plain one-process run with one thread, interleaved over ``--repeats``:
 ``fedavg``, MNIST-5k FedAvg with every client every round (benchmarks/configs/
 mnist5k_fedavg.yaml); ``dpsgd``, MNIST-5k D-PSGD on a random 4-regular graph, every node
-evaluated every round (benchmarks/configs/mnist5k_dpsgd.yaml). ``--set`` changes the config
+evaluated every round (benchmarks/configs/mnist5k_dpsgd.yaml); ``gossip``, gossip learning on
+the same nodes, graph and data (push, age-weighted merge, one Poisson clock of mean gap 1 s,
+a local epoch on every received model, every node evaluated every period;
+benchmarks/configs/mnist5k_gossip.yaml). ``--set`` changes the config
 (e.g. ``eval.nodes=100``). Reports each way's loop time (``loop_time_s`` of summary.json: the
 rounds, evaluation included, not process start-up or data loading), the median speed-up of R
 ranks over 1 rank, and whether ``metrics.csv`` is byte-identical across rank counts. ``2
 halves`` runs two independent one-process runs of half the nodes each at the same time (FedAvg:
-half the clients a round; D-PSGD: N / 2 nodes, which then hold twice the data each): the most
+half the clients a round; D-PSGD and gossip: N / 2 nodes, which then hold twice the data each): the most
 any two processes can gain on this machine (memory and cache are shared), the ceiling for 2
 ranks.
 """
@@ -31,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"fedavg": "benchmarks/configs/mnist5k_fedavg.yaml",
-           "dpsgd": "benchmarks/configs/mnist5k_dpsgd.yaml"}
+           "dpsgd": "benchmarks/configs/mnist5k_dpsgd.yaml",
+           "gossip": "benchmarks/configs/mnist5k_gossip.yaml"}
 
 
 def _sets(pairs: list[str]) -> list[str]:
@@ -104,8 +108,9 @@ def main() -> None:
               "ceiling_2_processes": round(statistics.median(times["one process"]) /
                                            statistics.median(times["2 halves"]), 3),
               "metrics_identical_across_ranks": identical}
-    what = (f"FedAvg MNIST-5k, {args.nodes} clients every round" if args.workload == "fedavg" else
-            f"D-PSGD MNIST-5k, {args.nodes} nodes, random 4-regular graph")
+    what = {"fedavg": f"FedAvg MNIST-5k, {args.nodes} clients every round",
+            "dpsgd": f"D-PSGD MNIST-5k, {args.nodes} nodes, random 4-regular graph",
+            "gossip": f"gossip learning MNIST-5k, {args.nodes} nodes, random 4-regular graph"}[args.workload]
     print(f"{what}, {args.epochs} local epoch(s), {args.rounds} rounds{', ' if args.set else ''}"
           f"{' '.join(args.set)}, {args.repeats} interleaved repeats, one thread per process")
     for way, _ in ways:

@@ -101,6 +101,8 @@ def test_batched_gossip_equals_one_event_at_a_time(mode, extra):
     assert torch.equal(batched.age, single.age)
     assert batched.compute_skipped == single.compute_skipped
     assert batched.node_steps == single.node_steps > 0
+    # the period's loss is over its updates in (node, update) order, not over a batched call
+    assert float(batched.train_loss) == pytest.approx(float(single.train_loss), rel=1e-5)
 
 
 @pytest.mark.parametrize("algorithm,params", [("fedavg", {}), ("fedadam", {"server_lr": 0.1}),

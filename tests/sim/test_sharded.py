@@ -78,7 +78,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 @pytest.mark.parametrize("algorithm, change, field", [
     ("fedavg", {"algorithm": {"name": "scaffold"}}, "algorithm.name"),
     ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
-    ("dpsgd", {"algorithm": {"name": "gossip"}}, "algorithm.name"),
+    ("dpsgd", {"algorithm": {"name": "random_walk"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
     ("dpsgd", {"system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
@@ -98,6 +98,15 @@ def test_an_unknown_transport_is_refused_naming_the_variable(monkeypatch):
     with pytest.raises(ConfigError) as err:
         check_config(config.validate(small_config("fedavg")))
     assert err.value.field == TRANSPORT_ENV
+
+
+def test_gossip_over_ranks_on_several_machines_is_refused(monkeypatch):
+    from gossamer.sim.sharded import TRANSPORT_ENV, check_config
+
+    monkeypatch.setenv(TRANSPORT_ENV, "p2p")
+    with pytest.raises(ConfigError) as err:
+        check_config(config.validate(small_config("gossip")))
+    assert err.value.field == TRANSPORT_ENV and "shared memory" in str(err.value)
 
 
 def _gossamer(capfd, *args, env=None):
@@ -301,5 +310,64 @@ def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, cap
     assert died.returncode == 3 and "Traceback" not in died.stderr
     back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet",
                      env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params, extra", [
+    ({"mode": "push_pull", "merge": "age_weighted"}, {}),
+    # DADAO's dual clocks, the variance-corrected merge of independently initialized models,
+    # and nodes going off and on (messages to an offline node are dropped)
+    ({"mode": "pull", "clocks": "dual", "compute_period_s": 0.3, "merge": "variance_corrected"},
+     {"model": {"name": "logreg", "init": "independent"},
+      "system": {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                 "latency_s": {"dist": "constant", "value": 0.05},
+                 "availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 1.0}}}),
+], ids=["push_pull", "dual_clocks_churn"])
+def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_path, capfd, params, extra):
+    """Every rank runs the whole schedule and executes its own nodes' merges and updates;
+    messages between ranks are copied from shared memory. metrics.csv, nodes.csv and the model
+    equal one rank's, one rank equals the one-process driver, and a checkpoint with messages in
+    flight resumes exactly with another number of ranks."""
+    base = {"model": {"name": "logreg"},
+            "system": {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                       "latency_s": {"dist": "constant", "value": 0.05}}}
+    cfg = small_config("gossip", data={"dataset": "mnist5k"}, stop={"rounds": 4},
+                       partition={"name": "dirichlet", "num_nodes": 150, "params": {"alpha": 0.5}},
+                       topology={"name": "random_regular", "params": {"degree": 4}},
+                       local={"steps": 2, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 40},
+                       output={"progress": False, "checkpoint_every": 2}, **{**base, **extra})
+    cfg["algorithm"] = {"name": "gossip", "params": {"period_s": 1.0, **params}}
+    path = tmp_path / "gossip.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "nodes.csv", "model.pt")
+    one = _gossamer(capfd, "run", str(path), "--out", str(tmp_path / "r1"), "--ranks", "1", "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    want = [(tmp_path / "r1" / f).read_bytes() for f in files]
+    from gossamer.sim.drivers import driver_for
+
+    exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
+    exp.trainer.batch_width = "population"
+    single = driver_for(exp.algorithm.pattern)(exp)
+    rows = [single.evaluate()]
+    for _ in range(4):
+        single.run_round()
+        rows.append(single.evaluate())
+    sharded = list(csv.DictReader(io.StringIO(want[0].decode())))
+    assert int(sharded[-1]["events"]) == rows[-1]["events"] > 150 * 4
+    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
+        assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
+            [float(r[key]) for r in rows[1:]], rel=1e-6), key
+    for ranks in (2, 3):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [(out / f).read_bytes() for f in files] == want, ranks
+    out = tmp_path / "killed"            # 3 ranks to round 2 (checkpoint), killed at 3; 2 ranks on
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "3", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "2"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "2", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want

@@ -111,9 +111,27 @@ class GossipWaves:
                                                 inplace=True)
                 rows.index_copy_(0, pick, result.params)
         stepped = result.steps > 0                   # known on the host: no device read
-        done = self._index(stepped)
-        trained[self._index(holders)] = done
-        self.node_steps += int(result.steps.sum())
-        if stepped.any():
-            self.train_loss = result.loss[done].mean()
+        trained[self._index(holders)] = self._index(stepped)
+        self.period_updates.append((nodes[holders], keys[holders], np.asarray(result.steps), result.loss))
         return trained
+
+    def _close_period(self) -> None:
+        """The period's ``train_loss``: the mean loss of the local updates that stepped in it,
+        taken in (node, update) order in float64, so it does not depend on how the updates were
+        batched into calls (or ranks); kept from the last period that trained if none did."""
+        nodes, keys, steps, losses = self._period_records()
+        self.period_updates = []
+        self.node_steps += int(steps.sum())
+        stepped = np.flatnonzero(steps > 0)
+        if len(stepped):
+            order = stepped[np.lexsort((keys[stepped], nodes[stepped]))]
+            self.train_loss = losses[self._index(order)].double().mean()
+
+    def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """This period's local updates: (nodes, update keys, steps, losses on the device)."""
+        done = self.period_updates
+        if not done:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, torch.zeros(0, device=self.device)
+        return (np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done]),
+                np.concatenate([d[2] for d in done]), torch.cat([d[3] for d in done]))

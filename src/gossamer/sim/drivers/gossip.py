@@ -55,6 +55,7 @@ class GossipDriver(GossipWaves, SyncDLDriver):
         self.events = 0
         self.dropped = 0
         self.compute_skipped = 0                      # dual clocks: ticks that found the node busy/offline
+        self.period_updates: list[tuple] = []         # this period's (nodes, keys, steps, losses)
         sys_ = exp.system
         sizes = exp.trainer.sizes
         sched = exp.trainer.schedule
@@ -252,6 +253,7 @@ class GossipDriver(GossipWaves, SyncDLDriver):
         ops: list[tuple] = []
         self.last_online = self._online(boundary, ops)
         self._run_ops(ops)
+        self._close_period()
         self.round += 1
 
     def evaluate(self) -> dict[str, Any]:

@@ -15,6 +15,9 @@ the run directory.
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
   step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
   CHOCO-SGD (:mod:`.choco`), whose public copies mix the same way;
+- gossip learning (every mode, merge rule and clock model; ranks on one machine):
+  :mod:`.gossip`, one schedule on every rank, each node merged and trained by its owner,
+  messages across ranks copied from shared memory;
 - asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
   :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, one
   ``all_gather`` of the uploads per batch of training.
@@ -64,11 +67,15 @@ def check_config(cfg: ExperimentConfig) -> None:
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
     dl = algo.pattern in ("sync_dl", "gradient_tracking", "choco")
-    if not (fl or dl or algo.pattern == "async_fl"):
+    gossip = algo.pattern == "async_gossip"
+    if not (fl or dl or gossip or algo.pattern == "async_fl"):
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
-                          f"(dpsgd, dfedsam, gradient_tracking, choco) and asynchronous FL (fedasync, fedbuff, ...); "
-                          f"{cfg.algorithm.name} runs in one process (drop --ranks)")
+                          f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning and asynchronous "
+                          f"FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs in one process (drop --ranks)")
+    if gossip and transport() == "p2p":
+        raise ConfigError(TRANSPORT_ENV, "gossip on ranks keeps every model in shared memory (ranks on "
+                          "one machine): not p2p")
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")
@@ -104,6 +111,16 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64))
         return shard, ShardedAsyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
+    if exp.algorithm.pattern == "async_gossip":
+        from gossamer.sim.sharded.gossip import ShardedGossipDriver
+
+        # about the same number of updates a node: each costs its samples, plus a merge and an
+        # evaluation for every node
+        schedule = exp.trainer.schedule
+        per_update = schedule.steps * schedule.batch_size if schedule.steps else (schedule.epochs or 1) * sizes
+        work = np.where(sizes > 0, per_update, 0.0)
+        shard = start(work + max(float(work.mean()), 1.0))
+        return shard, ShardedGossipDriver(exp, shard)
     if exp.algorithm.pattern == "sync_fl":
         from gossamer.sim.sharded.fl import ShardedSyncFLDriver
 

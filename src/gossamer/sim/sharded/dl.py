@@ -10,9 +10,7 @@ other rank the own rows that rank's nodes mix with (point to point, nothing else
 population). Either way each mixed row sums the same terms in the same order as one product
 over the whole population (the halo's columns are the held rows sorted by node id), so the
 models are bit-identical for any number of ranks. The metrics over all nodes are fixed by
-node id, not by rank: accuracies and losses per node, gathered in id order; the average model
-from 64-id block sums added in block order; the consensus distance from each node's squared
-distance to it (float64, summed by numpy in id order).
+node id, not by rank (:mod:`.rows`).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import torch
 
 from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.config import ConfigError
-from gossamer.protocols import dl_metrics
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.sharded.base import (
@@ -39,9 +36,8 @@ from gossamer.sim.sharded.base import (
     shared_if_possible,
     shared_tensor,
 )
+from gossamer.sim.sharded.rows import ShardedRows
 from gossamer.topology import to_torch_sparse
-
-DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
 
 
 @dataclass(frozen=True)
@@ -79,10 +75,8 @@ def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
     return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv)
 
 
-class ShardedSyncDLDriver(SyncDLDriver):
+class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
     """:class:`SyncDLDriver` over the nodes of one rank (see the module)."""
-
-    collective_state = True          # the checkpoint gathers every rank's rows
 
     def __init__(self, exp: Experiment, shard: Shard) -> None:
         self.shard = shard
@@ -123,9 +117,8 @@ class ShardedSyncDLDriver(SyncDLDriver):
         (the own rows at ``plan.below``)."""
         return torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype)
 
-    @property
-    def own(self) -> int:
-        return self.shard.hi - self.shard.lo
+    def _own_rows(self) -> torch.Tensor:
+        return self.params
 
     def _initial_params(self) -> torch.Tensor:
         init, lo, hi = self.exp.init_params, self.shard.lo, self.shard.hi
@@ -223,50 +216,6 @@ class ShardedSyncDLDriver(SyncDLDriver):
         mean = population_mean(self.shard, self.params, self.exp.num_nodes, "the final merge")
         self.params.copy_(mean.expand_as(self.params))
 
-    # --- metrics ----------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
-        row = self.base_row()
-        shard, exp = self.shard, self.exp
-        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
-        nodes = self.eval_nodes
-        during = f"round {self.round}'s evaluation"
-        with self.timer("eval_s"):
-            evaluate = exp.evaluator.evaluate
-            mine = nodes[(nodes >= lo) & (nodes < hi)]
-            measured = torch.zeros(len(mine), 2, dtype=torch.float64)
-            if len(mine):                            # all own nodes: the rows as they are
-                rows = self.params if len(mine) == self.own else self.params[torch.from_numpy(mine - lo)]
-                acc, loss = evaluate(rows)
-                measured[:, 0], measured[:, 1] = acc.double(), loss.double()
-            counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum())
-                      for k in range(shard.world)]
-            mean = population_mean(shard, self.params, n, during)
-            distances = torch.from_numpy(self._squared_distances(mean))[:, None]
-            every = gather_rows(shard, distances, shard.counts, during)
-            measured = gather_rows(shard, measured, counts, during)
-            acc, loss = measured[:, 0].float(), measured[:, 1].float()
-            row.update(dl_metrics.accuracy_row(acc, loss), online=n, isolated=self.isolated,
-                       lost_messages=self.lost, merges_skipped=self.skipped,
-                       **dl_metrics.node_bytes_row(self.node_bytes))
-            self.node_accuracy = (np.asarray(nodes), acc.numpy())          # -> nodes.csv
-            row["consensus_distance"] = float(every[:, 0].numpy().sum()) / n
-            if exp.cfg.eval.average_model:
-                row.update(dl_metrics.average_model_row(evaluate, mean[None]))
-        return row
-
-    def _squared_distances(self, mean: torch.Tensor) -> np.ndarray:
-        """Each own node's ``||x_i - mean||^2`` in float64 (exact squares, numpy's pairwise
-        sum along the row: the same bits whatever else a rank holds)."""
-        rows = max(1, DISTANCE_CHUNK_BYTES // (8 * max(self.params.shape[1], 1)))
-        out = np.empty(self.own)
-        for a in range(0, self.own, rows):
-            diff = (self.params[a:a + rows] - mean).double().numpy()
-            out[a:a + rows] = np.square(diff).sum(axis=1)
-        return out
-
-    def global_params(self) -> torch.Tensor:
-        return population_mean(self.shard, self.params, self.exp.num_nodes, "the final model")
-
     # --- checkpoints: every node's row, on rank 0, as one process would write them ------------------
     def _all_rows(self) -> torch.Tensor | None:
         """Every node's model ``[N, P]`` on rank 0 (None on the others)."""
@@ -280,29 +229,6 @@ class ShardedSyncDLDriver(SyncDLDriver):
             barrier(shard, during)
             return full
         return self._on_primary(self.params)
-
-    def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
-        """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
-        sent point to point; None on the other ranks."""
-        shard = self.shard
-        if shard.world == 1:
-            return own
-        import torch.distributed as dist
-
-        try:
-            if not shard.primary:
-                if self.own:
-                    dist.send(own.contiguous(), 0)
-                return None
-            full = torch.empty(self.exp.num_nodes, *own.shape[1:], dtype=own.dtype)
-            full[shard.lo:shard.hi] = own
-            for k in range(1, shard.world):
-                a, b = shard.edges[k], shard.edges[k + 1]
-                if b > a:
-                    dist.recv(full[a:b], k)
-            return full
-        except (RuntimeError, dist.DistBackendError) as exc:
-            raise rank_lost(shard, exc, f"round {self.round}'s checkpoint") from None
 
     def state_dict(self) -> dict[str, Any]:
         full = self._all_rows()

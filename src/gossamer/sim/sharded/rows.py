@@ -1,0 +1,105 @@
+"""What every sharded decentralized driver measures over its own nodes' rows (docs/scale.md).
+
+A rank evaluates the nodes it owns; the metrics over all nodes are fixed by node id, not by
+rank: accuracies and losses per node, gathered in id order; the average model from 64-id
+block sums added in block order; the consensus distance from each node's squared distance to
+it (float64, summed by numpy in id order). A checkpoint's ``[N, ...]`` states come to rank 0
+point to point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossamer.protocols import dl_metrics
+from gossamer.sim.sharded.base import Shard, gather_rows, population_mean, rank_lost
+
+DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
+
+
+class ShardedRows:
+    """A mixin over a :class:`~gossamer.sim.drivers.sync_dl.SyncDLDriver` whose rank owns the
+    node ids ``[shard.lo, shard.hi)``; :meth:`_own_rows` is their models ``[own, P]``."""
+
+    shard: Shard
+    collective_state = True          # the checkpoint gathers every rank's rows
+
+    @property
+    def own(self) -> int:
+        return self.shard.hi - self.shard.lo
+
+    def _own_rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, Any]:
+        row = self.base_row()
+        shard, exp = self.shard, self.exp
+        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
+        nodes = self.eval_nodes
+        own = self._own_rows()
+        during = f"round {self.round}'s evaluation"
+        with self.timer("eval_s"):
+            evaluate = exp.evaluator.evaluate
+            mine = nodes[(nodes >= lo) & (nodes < hi)]
+            measured = torch.zeros(len(mine), 2, dtype=torch.float64)
+            if len(mine):                            # all own nodes: the rows as they are
+                rows = own if len(mine) == self.own else own[torch.from_numpy(mine - lo)]
+                acc, loss = evaluate(rows)
+                measured[:, 0], measured[:, 1] = acc.double(), loss.double()
+            counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum())
+                      for k in range(shard.world)]
+            mean = population_mean(shard, own, n, during)
+            distances = torch.from_numpy(self._squared_distances(own, mean))[:, None]
+            every = gather_rows(shard, distances, shard.counts, during)
+            measured = gather_rows(shard, measured, counts, during)
+            acc, loss = measured[:, 0].float(), measured[:, 1].float()
+            row.update(dl_metrics.accuracy_row(acc, loss), online=int(self.last_online.sum()),
+                       isolated=self.isolated, lost_messages=self.lost, merges_skipped=self.skipped,
+                       **dl_metrics.node_bytes_row(self.node_bytes))
+            self.node_accuracy = (np.asarray(nodes), acc.numpy())          # -> nodes.csv
+            row["consensus_distance"] = float(every[:, 0].numpy().sum()) / n
+            if exp.cfg.eval.average_model:
+                row.update(dl_metrics.average_model_row(evaluate, mean[None]))
+        return row
+
+    def _squared_distances(self, own: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
+        """Each own node's ``||x_i - mean||^2`` in float64 (exact squares, numpy's pairwise
+        sum along the row: the same bits whatever else a rank holds)."""
+        rows = max(1, DISTANCE_CHUNK_BYTES // (8 * max(own.shape[1], 1)))
+        out = np.empty(self.own)
+        for a in range(0, self.own, rows):
+            diff = (own[a:a + rows] - mean).double().numpy()
+            out[a:a + rows] = np.square(diff).sum(axis=1)
+        return out
+
+    def global_params(self) -> torch.Tensor:
+        return population_mean(self.shard, self._own_rows(), self.exp.num_nodes, "the final model")
+
+    def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
+        """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
+        sent point to point; None on the other ranks."""
+        shard = self.shard
+        if shard.world == 1:
+            return own
+        import torch.distributed as dist
+
+        try:
+            if not shard.primary:
+                if self.own:
+                    dist.send(own.contiguous(), 0)
+                return None
+            full = torch.empty(self.exp.num_nodes, *own.shape[1:], dtype=own.dtype)
+            full[shard.lo:shard.hi] = own
+            for k in range(1, shard.world):
+                a, b = shard.edges[k], shard.edges[k + 1]
+                if b > a:
+                    dist.recv(full[a:b], k)
+            return full
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise rank_lost(shard, exc, f"round {self.round}'s checkpoint") from None
+
+
+__all__ = ["DISTANCE_CHUNK_BYTES", "ShardedRows"]
