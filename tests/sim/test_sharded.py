@@ -78,7 +78,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 @pytest.mark.parametrize("algorithm, change, field", [
     ("fedavg", {"algorithm": {"name": "scaffold"}}, "algorithm.name"),
     ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
-    ("dpsgd", {"algorithm": {"name": "random_walk"}}, "algorithm.name"),
+    ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
     ("dpsgd", {"system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
@@ -369,5 +369,48 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "2"})
     assert died.returncode == 3 and "Traceback" not in died.stderr
     back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "2", "--quiet")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in files] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params, extra", [
+    ("modest", {"sample_size": 12, "aggregators": 2, "success_fraction": 0.8, "timeout_s": 2.0,
+                "announce_churn": True},
+     {"topology": {"name": "complete"}, "stop": {"rounds": 12},
+      "system": {"sample_time_s": {"dist": "lognormal", "median": 0.002, "sigma": 0.5},
+                 "latency_s": {"dist": "constant", "value": 0.05},
+                 "availability": {"model": "markov", "mean_on_s": 30.0, "mean_off_s": 10.0}}}),
+    ("srrw", {"alpha": 10.0, "base": "metropolis_hastings", "num_tokens": 8},
+     {"topology": {"name": "random_regular", "params": {"degree": 4}}, "stop": {"rounds": 40}}),
+], ids=["modest", "srrw"])
+def test_modest_and_random_walks_over_ranks_equal_one_process_and_resume(tmp_path, capfd, algorithm,
+                                                                          params, extra):
+    """The whole protocol runs on every rank and only the training is split by node owner, so
+    1, 2 and 3 ranks write one process's bytes, and a run killed with 2 ranks resumes with 3."""
+    import gossamer
+
+    every = extra["stop"]["rounds"] // 4
+    cfg = small_config("dpsgd", data={"dataset": "mnist5k"},
+                       partition={"name": "dirichlet", "num_nodes": 90, "params": {"alpha": 0.5}},
+                       local={"epochs": 1, "batch_size": 10, "lr": 0.05}, eval={"every": every},
+                       output={"progress": False, "checkpoint_every": 2 * every}, **extra)
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    path = tmp_path / "walks.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gossamer.run(path, out=tmp_path / "one")
+    files = ("metrics.csv", "model.pt")
+    want = [(tmp_path / "one" / f).read_bytes() for f in files]
+    assert len(want[0].decode().splitlines()) == 6
+    for ranks in (1, 2, 3):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [(out / f).read_bytes() for f in files] == want, ranks
+    out = tmp_path / "killed"
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": str(3 * every), "GOSSAMER_TEST_KILL_RANK": "1"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want

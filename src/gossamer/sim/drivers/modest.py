@@ -111,8 +111,7 @@ class ModestDriver(Driver):
                 return
             self._traffic(*feeds)
             start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
-        with self.timer("train_s"):
-            result = exp.trainer.train(rows, ids, r)
+        result = self._train(rows, ids, r)
         adv = exp.adversary
         if adv is not None and adv.model_attack:         # Byzantine trainers craft their upload
             updates = result.params - rows
@@ -129,6 +128,11 @@ class ModestDriver(Driver):
         self.bytes_up += sent * exp.message_bytes
         self.bytes_down += sent * exp.message_bytes
         self.total_timeouts += self.timeouts
+
+    def _train(self, rows: torch.Tensor, ids: np.ndarray, r: int) -> TrainResult:
+        """The round's trainers ``ids`` train from ``rows`` (one batched call)."""
+        with self.timer("train_s"):
+            return self.exp.trainer.train(rows, ids, r)
 
     def _upload(self, view: np.ndarray, ids: np.ndarray, done: np.ndarray, result: TrainResult,
                 seed: int, r: int) -> int:

@@ -124,12 +124,16 @@ class RandomWalkDriver(Driver):
         row = self.base_row()
         with self.timer("eval_s"):
             evaluate = self.exp.evaluator.evaluate
-            row.update(dl_metrics.accuracy_row(*evaluate(self.params), median=False))
+            row.update(dl_metrics.accuracy_row(*self._evaluate_tokens(), median=False))
             if self.exp.cfg.eval.average_model:
                 row.update(dl_metrics.average_model_row(evaluate, self.params.mean(0, keepdim=True)))
         row.update(dl_metrics.visit_row(self.visits, self.mu), online=int(self.last_online.sum()),
                    token_skips=self.skips, tokens_waiting=self.waiting, lost_messages=self.lost)
         return row
+
+    def _evaluate_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's test accuracy and loss ``[T]``."""
+        return self.exp.evaluator.evaluate(self.params)
 
     def global_params(self) -> torch.Tensor:
         return self.params.mean(0)

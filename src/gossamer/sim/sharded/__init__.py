@@ -18,9 +18,11 @@ the run directory.
 - gossip learning (every mode, merge rule and clock model; ranks on one machine):
   :mod:`.gossip`, one schedule on every rank, each node merged and trained by its owner,
   messages across ranks copied from shared memory;
+- MoDeST and random walks: :mod:`.walks`, the whole protocol on every rank, the round's
+  trainers (the tokens' visits) trained by their nodes' owners;
 - asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
-  :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, one
-  ``all_gather`` of the uploads per batch of training.
+  :mod:`.async_fl`, one schedule on every rank, each task trained by its client's owner, the
+  uploads of a batch of training shared (:mod:`.owned`).
 
 Launch: ``gossamer run CONFIG --ranks K`` starts K processes on this machine (gloo, one
 intra-op thread each unless ``--threads``); ``torchrun --nproc-per-node K -m gossamer run
@@ -68,11 +70,12 @@ def check_config(cfg: ExperimentConfig) -> None:
     fl = algo.pattern == "sync_fl" and algo.mean_of_models
     dl = algo.pattern in ("sync_dl", "gradient_tracking", "choco")
     gossip = algo.pattern == "async_gossip"
-    if not (fl or dl or gossip or algo.pattern == "async_fl"):
+    if not (fl or dl or gossip or algo.pattern in ("async_fl", "sampled_dl", "random_walk")):
         raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
                           f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
-                          f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning and asynchronous "
-                          f"FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs in one process (drop --ranks)")
+                          f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning, MoDeST, random "
+                          f"walks and asynchronous FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs "
+                          f"in one process (drop --ranks)")
     if gossip and transport() == "p2p":
         raise ConfigError(TRANSPORT_ENV, "gossip on ranks keeps every model in shared memory (ranks on "
                           "one machine): not p2p")
@@ -111,6 +114,12 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64))
         return shard, ShardedAsyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
+    if exp.algorithm.pattern in ("sampled_dl", "random_walk"):
+        from gossamer.sim.sharded.walks import ShardedModestDriver, ShardedRandomWalkDriver
+
+        shard = start(sizes)                 # a node's share of the training is its data's
+        cls = ShardedModestDriver if exp.algorithm.pattern == "sampled_dl" else ShardedRandomWalkDriver
+        return shard, cls(exp, shard)
     if exp.algorithm.pattern == "async_gossip":
         from gossamer.sim.sharded.gossip import ShardedGossipDriver
 

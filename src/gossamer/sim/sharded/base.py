@@ -194,8 +194,10 @@ def gather_rows(shard: Shard, rows: torch.Tensor, counts: list[int], during: str
     """Every rank's ``rows`` (rank k sends ``counts[k]`` rows of the same width), stacked in
     rank order: one ``all_gather`` of equal, padded shapes."""
     width = max(max(counts), 1)
-    send = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype)
-    send[: len(rows)] = rows
+    send = rows.contiguous()
+    if len(rows) < width:                # equal shapes: pad (the padding is never read)
+        send = torch.empty((width, *rows.shape[1:]), dtype=rows.dtype)
+        send[: len(rows)] = rows
     got = gather(shard, send, during)
     return torch.cat([g[:c] for g, c in zip(got, counts, strict=True)])
 
