@@ -100,15 +100,6 @@ def test_an_unknown_transport_is_refused_naming_the_variable(monkeypatch):
     assert err.value.field == TRANSPORT_ENV
 
 
-def test_gossip_over_ranks_on_several_machines_is_refused(monkeypatch):
-    from gossamer.sim.sharded import TRANSPORT_ENV, check_config
-
-    monkeypatch.setenv(TRANSPORT_ENV, "p2p")
-    with pytest.raises(ConfigError) as err:
-        check_config(config.validate(small_config("gossip")))
-    assert err.value.field == TRANSPORT_ENV and "shared memory" in str(err.value)
-
-
 def _gossamer(capfd, *args, env=None):
     """``gossamer ARGS`` with ``env`` added, run by this process: the launcher forks its ranks
     from this process's forkserver (gossamer/processes.py), so PyTorch is imported once a test
@@ -327,9 +318,10 @@ def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, cap
 ], ids=["push_pull", "dual_clocks_churn"])
 def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_path, capfd, params, extra):
     """Every rank runs the whole schedule and executes its own nodes' merges and updates;
-    messages between ranks are copied from shared memory. metrics.csv, nodes.csv and the model
-    equal one rank's, one rank equals the one-process driver, and a checkpoint with messages in
-    flight resumes exactly with another number of ranks."""
+    messages between ranks are copied from shared memory or sent point to point (as across
+    machines). metrics.csv, nodes.csv and the model equal one rank's, one rank equals the
+    one-process driver, and a checkpoint with messages in flight resumes exactly with another
+    number of ranks and the other transport."""
     base = {"model": {"name": "logreg"},
             "system": {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
                        "latency_s": {"dist": "constant", "value": 0.05}}}
@@ -359,14 +351,16 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
         assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
             [float(r[key]) for r in rows[1:]], rel=1e-6), key
-    for ranks in (2, 3):
-        out = tmp_path / f"r{ranks}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+    for ranks, way in ((2, "shared"), (3, "shared"), (3, "p2p")):
+        out = tmp_path / f"r{ranks}{way}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
+                         env={"GOSSAMER_SHARDED_TRANSPORT": way})
         assert done.returncode == 0, done.stderr[-2000:]
-        assert [(out / f).read_bytes() for f in files] == want, ranks
-    out = tmp_path / "killed"            # 3 ranks to round 2 (checkpoint), killed at 3; 2 ranks on
+        assert [(out / f).read_bytes() for f in files] == want, (ranks, way)
+    out = tmp_path / "killed"            # 3 ranks sending rows to round 2 (checkpoint), killed at 3
     died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "3", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "2"})
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "2",
+                          "GOSSAMER_SHARDED_TRANSPORT": "p2p"})
     assert died.returncode == 3 and "Traceback" not in died.stderr
     back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "2", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]

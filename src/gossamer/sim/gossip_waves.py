@@ -19,6 +19,8 @@ class GossipWaves:
     """The model side of :class:`~gossamer.sim.drivers.gossip.GossipDriver` (a mixin over the
     driver's population state: ``params``, ``age``, ``messages``, ``receiver``, ``updates``)."""
 
+    row_base = 0      # the node id of the first row of ``params`` (a rank holding only its own: its first)
+
     def _run_ops(self, ops: list[tuple]) -> None:
         """Phase 2: apply reads and writes in waves with each node at most once per wave.
 
@@ -82,7 +84,7 @@ class GossipWaves:
         """Receivers merge the messages ``msgs`` into their models (then train, one clock)."""
         received, received_age, order = self.messages.take(msgs.tolist(), self.params)
         nodes = nodes[order]                          # the ops of a wave are independent: any order
-        idx = self._index(nodes)
+        idx = self._index(nodes - self.row_base)
         merged, age = self.exp.algorithm.merge_models(
             self.params.index_select(0, idx), self.age[idx], received, received_age, spec=self.exp.spec)
         for m in msgs.tolist():

@@ -15,9 +15,9 @@ the run directory.
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
   step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
   CHOCO-SGD (:mod:`.choco`), whose public copies mix the same way;
-- gossip learning (every mode, merge rule and clock model; ranks on one machine):
-  :mod:`.gossip`, one schedule on every rank, each node merged and trained by its owner,
-  messages across ranks copied from shared memory;
+- gossip learning (every mode, merge rule and clock model): :mod:`.gossip`, one schedule on
+  every rank, each node merged and trained by its owner, messages across ranks copied from
+  shared memory (one machine) or sent point to point;
 - MoDeST and random walks: :mod:`.walks`, the whole protocol on every rank, the round's
   trainers (the tokens' visits) trained by their nodes' owners;
 - asynchronous FL (FedAsync, FedBuff, FedCompass, ...; also over a registered population):
@@ -76,9 +76,6 @@ def check_config(cfg: ExperimentConfig) -> None:
                           f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning, MoDeST, random "
                           f"walks and asynchronous FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs "
                           f"in one process (drop --ranks)")
-    if gossip and transport() == "p2p":
-        raise ConfigError(TRANSPORT_ENV, "gossip on ranks keeps every model in shared memory (ranks on "
-                          "one machine): not p2p")
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")

@@ -1,4 +1,4 @@
-"""Asynchronous gossip learning sharded over the ranks of one machine (docs/scale.md).
+"""Asynchronous gossip learning sharded over ranks (docs/scale.md).
 
 The gossip simulator (:mod:`gossamer.sim.drivers.gossip`) handles each window in two phases:
 the schedule (clock ticks, peers, arrivals, bytes), which never depends on model values, then
@@ -6,20 +6,24 @@ the model operations in waves where each node appears once. Every rank runs the 
 schedule, so every rank holds the same operations; a rank then executes, wave by wave, the
 operations of the nodes it owns: it merges the messages they receive and trains them.
 
-Every node's model and age live in shared memory (each rank writes only its own rows). A
-message whose sender and receiver have one owner stays a copy-on-write reference to the
-sender's row, as in one process; one that crosses ranks is copied by the receiver's owner
-when it is sent (its bits are the sender's row at that moment either way). Copying another
-rank's row needs that rank to have finished writing it, and that rank must not write it again
-before the copy is taken; both are decided from the operations every rank holds, so the ranks
-meet at a barrier exactly before the waves that need one (a cross-rank read of a row written
-since the last barrier, or a write of a row read across ranks since then), and nowhere else.
+A message whose sender and receiver have one owner stays a copy-on-write reference to the
+sender's row, as in one process. One that crosses ranks is copied when it is sent (its bits
+are the sender's row at that moment either way):
+
+- on one machine every node's model and age live in shared memory (each rank writes only its
+  own rows) and the receiver's owner copies the row. That needs the sender's owner to have
+  finished writing it, and not to write it again before the copy is taken; both are decided
+  from the operations every rank holds, so the ranks meet at a barrier exactly before the
+  waves that need one (a cross-rank read of a row written since the last barrier, or a write
+  of a row read across ranks since then), and nowhere else;
+- across machines (``GOSSAMER_SHARDED_TRANSPORT=p2p``) a rank holds only its own rows, and in
+  every wave that sends messages across ranks the senders' owners send those rows (with their
+  ages) to the receivers' owners in one ``all_to_all``, whose counts every rank knows.
 
 Metrics are fixed by node id (:mod:`.rows`); the period's training loss is the mean over its
 local updates in (node, update) order whichever rank trained them. A checkpoint holds every
 node's row and age and every message in flight, as one process writes them, so a run resumes
-with any number of ranks. Ranks on several machines would need messages sent between them:
-refused in one line (the synchronous patterns run there).
+with any number of ranks and either transport.
 """
 
 from __future__ import annotations
@@ -29,15 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.config import ConfigError
 from gossamer.sim.drivers.gossip import GossipDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gossip_waves import MERGE, READ, RESET, TRAIN, WRITE
 from gossamer.sim.messages import MessageStore
 from gossamer.sim.sharded.base import (
-    TRANSPORT_ENV,
     Shard,
     barrier,
+    exchange,
     gather,
     gather_rows,
     shared_if_possible,
@@ -62,22 +65,25 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         exp.trainer.batch_width = "population"
         super().__init__(exp)
         self.messages = OwnMessages(exp.spec.numel, device=self.device)
-        self.dirty: set[int] = set()     # rows written since the last barrier
+        self.dirty: set[int] = set()     # rows written since the last barrier (shared memory)
         self.lent: set[int] = set()      # rows other ranks copied since the last barrier
         self.barriers = 0
         n = exp.num_nodes
         self._models = shared_if_possible(shard, (n, self.params.shape[1]), self.params.dtype)
-        self._ages = shared_if_possible(shard, (n,), self.age.dtype)
-        if shard.world > 1 and (self._models is None or self._ages is None):
-            raise ConfigError(TRANSPORT_ENV, "gossip on ranks keeps every model in shared memory: "
-                              "run its ranks on one machine, with room in /dev/shm (not p2p)")
+        self._ages = shared_if_possible(shard, (n,), self.age.dtype) if self._models is not None else None
+        self.p2p = shard.world > 1 and self._ages is None        # each rank holds its own rows only
         self._share()
 
     def _share(self) -> None:
-        """Put this rank's rows and ages into shared memory and use it (one rank: nothing)."""
-        if self._models is None:
-            return
+        """Hold the models where this transport keeps them: this rank's rows in shared memory
+        (then every rank's view of it), or only this rank's rows (point to point)."""
         lo, hi = self.shard.lo, self.shard.hi
+        if self.p2p:
+            self.params, self.age = self.params[lo:hi].clone(), self.age[lo:hi].clone()
+            self.row_base = lo
+            return
+        if self._models is None:                  # one rank: its rows are every row
+            return
         self._models[lo:hi] = self.params[lo:hi]
         self._ages[lo:hi] = self.age[lo:hi]
         self.params, self.age = self._models, self._ages
@@ -90,7 +96,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         self.lent.clear()
 
     def _own_rows(self) -> torch.Tensor:
-        return self.params[self.shard.lo:self.shard.hi]
+        return self.params if self.p2p else self.params[self.shard.lo:self.shard.hi]
 
     def evaluate(self) -> dict[str, Any]:
         row = ShardedRows.evaluate(self)
@@ -101,7 +107,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
     def _run_ops(self, ops: list[tuple]) -> None:
         if not ops:
             return
-        lo, hi = self.shard.lo, self.shard.hi
+        lo, hi, base = self.shard.lo, self.shard.hi, self.row_base
         timed = np.array(ops, dtype=np.float64)
         order = np.lexsort((np.arange(len(ops)), timed[:, 0], timed[:, 2]))   # by node, then time
         table = timed[order, 1:].astype(np.int64)
@@ -115,13 +121,16 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             at = wave == w
             part, to = table[at], receivers[at]
             kind, node = part[:, 0], part[:, 1]
-            self._fence_if_needed(kind, node, to, w)
-            mine = (node >= lo) & (node < hi)
-            written = kind != READ
-            self.messages.detach(node[written & mine].tolist(), self.params)   # own rows about to change
-            self.dirty.update(node[written].tolist())
             reads = kind == READ
-            self._read_own(node[reads], part[reads, 2], to[reads])
+            crossing = reads & (self.shard.owner(node) != self.shard.owner(np.maximum(to, 0)))
+            if self.shard.world > 1 and not self.p2p:
+                self._fence_if_needed(node, reads, crossing, w)
+            mine = (node >= lo) & (node < hi)
+            written = ~reads
+            self.messages.detach((node[written & mine] - base).tolist(), self.params)   # own rows to change
+            self._read_own(node[reads & ~crossing], part[reads & ~crossing, 2], to[reads & ~crossing])
+            if crossing.any():
+                self._read_across(node[crossing], part[crossing, 2], to[crossing], w)
             for op in (MERGE, WRITE):                # every rank forgets who merged what
                 for m in part[kind == op, 2].tolist():
                     self.receiver.pop(m, None)
@@ -130,51 +139,69 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             if mine.any():
                 self._wave(part[mine])
 
-    def _fence_if_needed(self, kind: np.ndarray, node: np.ndarray, to: np.ndarray, w: int) -> None:
-        """Meet the other ranks before this wave if it copies a row written since the last
-        meeting (its writer may not be done) or writes a row copied since then (its readers may
-        not be done). Every rank holds the same operations, so all decide alike."""
-        if self.shard.world == 1:
-            return
-        edges = np.asarray(self.shard.edges)
-        reads = kind == READ
-        crossing = reads & (np.searchsorted(edges, node, side="right")
-                            != np.searchsorted(edges, to, side="right"))
+    def _fence_if_needed(self, node: np.ndarray, reads: np.ndarray, crossing: np.ndarray, w: int) -> None:
+        """Shared memory: meet the other ranks before this wave if it copies a row written since
+        the last meeting (its writer may not be done) or writes a row copied since then (its
+        readers may not be done). Every rank holds the same operations, so all decide alike."""
         copied = node[crossing].tolist()
-        written = node[~reads].tolist()
-        if any(n in self.dirty for n in copied) or any(n in self.lent for n in written):
+        if any(n in self.dirty for n in copied) or any(n in self.lent for n in node[~reads].tolist()):
             self._fence(f"round {self.round + 1}'s gossip (wave {w + 1})")
         self.lent.update(copied)
+        self.dirty.update(node[~reads].tolist())
 
     def _read_own(self, senders: np.ndarray, msgs: np.ndarray, to: np.ndarray) -> None:
-        """Messages to this rank's nodes: a reference to a sender's row on this rank, a copy of
-        one on another rank (taken now: its owner may change it later)."""
+        """Messages between two nodes of this rank: references to the senders' rows."""
         lo, hi = self.shard.lo, self.shard.hi
         here = (to >= lo) & (to < hi)
-        same = here & (senders >= lo) & (senders < hi)
-        if same.any():
-            idx = self._index(senders[same])
-            self.messages.put(msgs[same].tolist(), senders[same].tolist(), self.age[idx].tolist())
-        far = here & ~same
-        if far.any():
-            idx = self._index(senders[far])
-            self.messages.put_rows(msgs[far].tolist(), self.params.index_select(0, idx),
-                                   self.age[idx].tolist())
+        if here.any():
+            rows = senders[here] - self.row_base
+            self.messages.put(msgs[here].tolist(), rows.tolist(), self.age[self._index(rows)].tolist())
+
+    def _read_across(self, senders: np.ndarray, msgs: np.ndarray, to: np.ndarray, w: int) -> None:
+        """Messages to another rank's nodes: the receiver's owner copies the senders' rows now
+        (their owners may change them later), from shared memory or sent to it."""
+        shard = self.shard
+        lo, hi = shard.lo, shard.hi
+        if not self.p2p:
+            here = (to >= lo) & (to < hi)
+            if here.any():
+                idx = self._index(senders[here])
+                self.messages.put_rows(msgs[here].tolist(), self.params.index_select(0, idx),
+                                       self.age[idx].tolist())
+            return
+        numel, dtype = self.params.shape[1], self.params.dtype
+        width = numel + 8 // torch.empty(0, dtype=dtype).element_size()       # the age as a float64
+        src, dst = shard.owner(senders), shard.owner(to)
+        out = np.flatnonzero(src == shard.rank)
+        out = out[np.argsort(dst[out], kind="stable")]                # by receiving rank, in wave order
+        send = torch.empty(len(out), width, dtype=dtype)
+        if len(out):
+            idx = self._index(senders[out] - lo)
+            send[:, :numel] = self.params.index_select(0, idx)
+            send[:, numel:] = self.age[idx].double().view(dtype).reshape(len(out), -1)
+        come = np.flatnonzero(dst == shard.rank)
+        come = come[np.argsort(src[come], kind="stable")]             # by sending rank, in wave order
+        recv = torch.empty(len(come), width, dtype=dtype)
+        exchange(shard, send, np.bincount(dst[out], minlength=shard.world).tolist(), recv,
+                 np.bincount(src[come], minlength=shard.world).tolist(),
+                 f"round {self.round + 1}'s gossip (wave {w + 1})")
+        if len(come):
+            ages = recv[:, numel:].contiguous().view(torch.float64).reshape(-1).tolist()
+            self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
 
     def _wave(self, part: np.ndarray) -> None:
         """This rank's merges and updates of one wave (its reads are taken already)."""
         kind = part[:, 0]
         resets = part[kind == RESET, 1]
-        if len(resets):
-            self._restart(resets)
-            self.age[self._index(resets)] = 0.0
+        if len(resets):                                  # faults are refused on ranks
+            raise RuntimeError("a sharded gossip run reset a node (fault injection is not sharded)")
         for op, train in ((WRITE, True), (MERGE, False)):
             merges = part[kind == op]
             if len(merges):
                 self._merge(merges[:, 1], merges[:, 2], train)
         trains = part[kind == TRAIN, 1]
         if len(trains):
-            idx = self._index(trains)
+            idx = self._index(trains - self.row_base)
             rows = self.params.index_select(0, idx)
             trained = self._local_update(rows, trains)
             self.params.index_copy_(0, idx, rows)
@@ -198,7 +225,8 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
     def state_dict(self) -> dict[str, Any]:
         shard = self.shard
         during = f"round {self.round}'s checkpoint"
-        self._fence(during)                           # every rank done writing
+        if not self.p2p:
+            self._fence(during)                       # every rank done writing
         state = super().state_dict()                 # this rank's messages
         if shard.world > 1:
             ids, rows, ages = state["msg_ids"], state["msg_rows"], state["msg_ages"]
@@ -210,9 +238,12 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             state.update(msg_ids=ids, msg_rows=rows[order], msg_ages=meta[order, 1].to(state["msg_ages"].dtype),
                          msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids.tolist()],
                                                     dtype=torch.int64))
-            if shard.primary:
-                state["params"] = self.params.clone()
-            self._fence(during)                       # rank 0's copies taken before anyone writes
+            if self.p2p:                              # every node's row and age, on rank 0
+                state.update(params=self._on_primary(self.params), age=self._on_primary(self.age))
+            else:
+                if shard.primary:
+                    state["params"] = self.params.clone()
+                self._fence(during)                   # rank 0's copies taken before anyone writes
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
