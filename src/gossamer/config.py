@@ -773,6 +773,18 @@ class PopulationConfig(_Strict):
         return self
 
 
+class ShardingConfig(_Strict):
+    """The simulator sharded over ranks (``gossamer run --ranks K``, torchrun; docs/scale.md).
+
+    ``block``: node ids per reduction block. Whatever crosses ranks is summed block by block
+    in id order, and ranks own whole blocks, so a run's bits depend on ``block`` and never on
+    the number of ranks. Smaller blocks balance few nodes over many ranks (10 cross-silo
+    clients on 4 ranks need ``block`` 2 or 1); larger ones exchange fewer rows per round (a
+    synchronous FL round sends one row of P values per block holding a selected client)."""
+
+    block: int = Field(64, ge=1, le=1 << 20)
+
+
 class ContributionConfig(_Strict):
     """Contribution scores of clients in synchronous FL (docs/contribution.md): ``methods``
     among ``loo``, ``cosine``, ``shapley``; ``permutations`` and ``truncation`` of the Monte
@@ -823,6 +835,7 @@ class ExperimentConfig(_Strict):
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
     hierarchy: HierarchyConfig = Field(default_factory=HierarchyConfig)
     population: PopulationConfig = Field(default_factory=PopulationConfig)
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
 
     @field_validator("device")
     @classmethod

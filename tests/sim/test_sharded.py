@@ -408,3 +408,55 @@ def test_modest_and_random_walks_over_ranks_equal_one_process_and_resume(tmp_pat
     back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want
+
+
+@pytest.mark.slow
+def test_fedavg_of_a_model_too_large_for_a_block_a_pass_is_bit_identical_over_ranks(tmp_path, capfd):
+    """The FedAvg CNN (1.66 M parameters) trains 3 clients a pass, fewer than a 64-id block
+    holds: each block's sum is formed in groups of a pass in id order, so 1 and 2 ranks write
+    the same bytes, and the run agrees with one process's to float rounding."""
+    import gossamer
+
+    cfg = small_config("fedavg", data={"dataset": "mnist5k", "params": {"image": True}},
+                       partition={"name": "iid", "num_nodes": 150}, model={"name": "cnn_fedavg"},
+                       local={"steps": 1, "batch_size": 8, "lr": 0.05}, stop={"rounds": 2},
+                       eval={"every": 1, "test_subset": 200}, output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 0.6}}
+    path = tmp_path / "cnn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from gossamer.sim.experiment import build_experiment as build
+
+    assert build(config.validate(cfg)).trainer.nodes_per_pass < BLOCK
+    texts = []
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        texts.append([(out / f).read_bytes() for f in ("metrics.csv", "model.pt")])
+    assert texts[0] == texts[1]
+    gossamer.run(path, out=tmp_path / "one")
+    one = list(csv.DictReader((tmp_path / "one" / "metrics.csv").open()))
+    sharded = list(csv.DictReader(io.StringIO(texts[0][0].decode())))
+    for key in ("test_loss", "test_accuracy"):
+        assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in one], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_few_clients_spread_over_ranks_with_a_small_block(tmp_path, capfd):
+    """Ten cross-silo clients: with ``sharding.block: 1`` every rank owns some of them (the
+    default block of 64 would give one rank all ten), and 1 and 3 ranks write the same bytes."""
+    cfg = small_config("fedavg", partition={"name": "dirichlet", "num_nodes": 10, "params": {"alpha": 1.0}},
+                       stop={"rounds": 3}, sharding={"block": 1},
+                       output={"progress": False, "checkpoint_every": 0})
+    sizes = build_experiment(config.validate(cfg)).trainer.sizes
+    assert all(hi > lo for lo, hi in ranges(np.asarray(sizes, dtype=np.float64), 3, block=1))
+    assert sorted(hi - lo for lo, hi in ranges(np.asarray(sizes, dtype=np.float64), 3)) == [0, 0, 10]
+    path = tmp_path / "silos.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    got = []
+    for ranks in (1, 3):
+        out = tmp_path / f"r{ranks}"
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        got.append([(out / f).read_bytes() for f in ("metrics.csv", "model.pt")])
+    assert got[0] == got[1]

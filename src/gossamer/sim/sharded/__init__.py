@@ -3,7 +3,8 @@
 Every rank builds the same experiment and runs the same protocol: selection, simulated times
 and accounting are counter-based, so every rank takes every decision identically without
 talking. What is split is the work: rank ``k`` owns the contiguous node ids ``[lo_k, hi_k)``
-(cut at 64-id block boundaries so that the ranks' expected work is about equal) and trains,
+(cut at block boundaries, ``sharding.block`` ids, so that the ranks' expected work is about
+equal) and trains,
 mixes and evaluates only its nodes. What crosses ranks is summed in an order fixed by node
 id, not by rank, so a run writes the same ``metrics.csv`` and ``model.pt`` with 1, 2 or 4
 ranks, bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes
@@ -91,12 +92,8 @@ def check_config(cfg: ExperimentConfig) -> None:
 
 
 def check(exp: Experiment) -> None:
-    """:func:`check_config`, and what needs the built experiment."""
-    from gossamer.sim.sharded import fl
-
+    """:func:`check_config` for a built experiment."""
     check_config(exp.cfg)
-    if exp.algorithm.pattern == "sync_fl":
-        fl.check(exp)
 
 
 def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
@@ -104,17 +101,18 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
     their clients' samples (a registered population: by id count); DL ranks by samples plus
     one average shard a node (every node mixes and is evaluated, data or not)."""
     check(exp)
+    block = exp.cfg.sharding.block
     if exp.algorithm.pattern == "async_fl":
         from gossamer.sim.sharded.async_fl import ShardedAsyncFLDriver
 
         registered = exp.population is not None          # nothing of length N: even id ranges
-        shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64))
+        shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64), block)
         return shard, ShardedAsyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
     if exp.algorithm.pattern in ("sampled_dl", "random_walk"):
         from gossamer.sim.sharded.walks import ShardedModestDriver, ShardedRandomWalkDriver
 
-        shard = start(sizes)                 # a node's share of the training is its data's
+        shard = start(sizes, block)          # a node's share of the training is its data's
         cls = ShardedModestDriver if exp.algorithm.pattern == "sampled_dl" else ShardedRandomWalkDriver
         return shard, cls(exp, shard)
     if exp.algorithm.pattern == "async_gossip":
@@ -125,18 +123,18 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         schedule = exp.trainer.schedule
         per_update = schedule.steps * schedule.batch_size if schedule.steps else (schedule.epochs or 1) * sizes
         work = np.where(sizes > 0, per_update, 0.0)
-        shard = start(work + max(float(work.mean()), 1.0))
+        shard = start(work + max(float(work.mean()), 1.0), block)
         return shard, ShardedGossipDriver(exp, shard)
     if exp.algorithm.pattern == "sync_fl":
         from gossamer.sim.sharded.fl import ShardedSyncFLDriver
 
-        shard = start(sizes)
+        shard = start(sizes, block)
         return shard, ShardedSyncFLDriver(exp, shard)
     from gossamer.sim.sharded.choco import ShardedChocoDriver
     from gossamer.sim.sharded.dl import ShardedSyncDLDriver
     from gossamer.sim.sharded.tracking import ShardedGradientTrackingDriver
 
-    shard = start(sizes + max(float(sizes.mean()), 1.0))
+    shard = start(sizes + max(float(sizes.mean()), 1.0), block)
     if exp.algorithm.pattern == "gradient_tracking":
         return shard, ShardedGradientTrackingDriver(exp, shard)
     if exp.algorithm.pattern == "choco":

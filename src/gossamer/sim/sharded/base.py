@@ -27,6 +27,7 @@ class Shard:
     lo: int
     hi: int
     edges: tuple[int, ...] = ()      # every rank's first id, then N: rank k owns [edges[k], edges[k+1])
+    block: int = BLOCK               # node ids per reduction block (``sharding.block``); cuts fall on them
 
     @property
     def primary(self) -> bool:
@@ -81,17 +82,18 @@ def even_ranges(n: int, world: int, block: int = BLOCK) -> list[tuple[int, int]]
     return [(edges[k], edges[k + 1]) for k in range(world)]
 
 
-def start(work: np.ndarray | int) -> Shard:
+def start(work: np.ndarray | int, block: int = BLOCK) -> Shard:
     """This process's shard of nodes whose expected work is ``work`` (e.g. their samples; an
-    int N: N nodes of equal work): joins the process group when ``WORLD_SIZE`` > 1 (gloo)."""
+    int N: N nodes of equal work), cut at multiples of ``block`` ids: joins the process group
+    when ``WORLD_SIZE`` > 1 (gloo)."""
     import torch.distributed as dist
 
     rank, world = world_from_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
-    cuts = even_ranges(work, world) if isinstance(work, int) else ranges(work, world)
+    cuts = even_ranges(work, world, block) if isinstance(work, int) else ranges(work, world, block)
     lo, hi = cuts[rank]
-    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],))
+    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],), block)
 
 
 def one_host(shard: Shard) -> bool:
@@ -217,23 +219,23 @@ def exchange(shard: Shard, send: torch.Tensor, send_counts: list[int], recv: tor
         raise rank_lost(shard, exc, during) from None
 
 
-def block_sums(rows: torch.Tensor, first_id: int) -> torch.Tensor:
+def block_sums(rows: torch.Tensor, first_id: int, block: int = BLOCK) -> torch.Tensor:
     """Sums of ``rows`` (node ids ``first_id``, ``first_id + 1``, ...; ``first_id`` a multiple
-    of :data:`BLOCK`) over each :data:`BLOCK`-id block, ``[ceil(len / BLOCK), P]``. Each
-    block is summed alone, so a block's sum does not depend on what else a rank holds."""
-    if first_id % BLOCK:
-        raise ValueError(f"block sums start at a multiple of {BLOCK}, not at node {first_id}")
+    of ``block``) over each ``block``-id block, ``[ceil(len / block), P]``. Each block is
+    summed alone, so a block's sum does not depend on what else a rank holds."""
+    if first_id % block:
+        raise ValueError(f"block sums start at a multiple of {block}, not at node {first_id}")
     n = rows.shape[0]
-    out = torch.empty((-(-n // BLOCK), *rows.shape[1:]), dtype=rows.dtype)
-    for b, lo in enumerate(range(0, n, BLOCK)):
-        torch.sum(rows[lo:lo + BLOCK], dim=0, out=out[b])
+    out = torch.empty((-(-n // block), *rows.shape[1:]), dtype=rows.dtype)
+    for b, lo in enumerate(range(0, n, block)):
+        torch.sum(rows[lo:lo + block], dim=0, out=out[b])
     return out
 
 
 def population_mean(shard: Shard, own: torch.Tensor, n: int, during: str) -> torch.Tensor:
     """The mean of all ``n`` nodes' rows ``[P]`` from each rank's own rows ``own``: block
     sums by their owners, gathered, added in block order; the same bits for any rank count."""
-    blocks = block_sums(own, shard.lo)
-    counts = [-(-c // BLOCK) for c in shard.counts]
+    blocks = block_sums(own, shard.lo, shard.block)
+    counts = [-(-c // shard.block) for c in shard.counts]
     every = gather_rows(shard, blocks, counts, during)
     return every.sum(dim=0) / n

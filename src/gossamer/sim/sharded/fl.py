@@ -1,11 +1,13 @@
 """Synchronous FL sharded over ranks: clients train on the rank that owns them, and the
 aggregate is summed in an order fixed by node id (docs/scale.md).
 
-Each 64-id block's weighted sum is formed by the rank that owns the block (a matrix product
-over its clients' trained parameters in id order, taken from the trainer's parameter-major
-workspace: ``mean_groups``); the round's blocks (those holding a selected client, at most
-min(K, N / BLOCK) rows of P values) are exchanged in one ``all_gather`` (each rank sends only
-its own blocks), and every rank adds them in block order.
+Each block's weighted sum (``sharding.block`` ids, 64 by default) is formed by the rank that
+owns the block: a matrix product over its clients' trained parameters in id order, taken from
+the trainer's parameter-major workspace (``mean_groups``); a model too large for a block's
+clients in one pass sums them in groups of a pass, added in id order. The round's blocks
+(those holding a selected client, at most min(K, N / block) rows of P values) are exchanged
+(shared memory on one machine, else one ``all_gather``; each rank sends only its own blocks),
+and every rank adds them in block order.
 """
 
 from __future__ import annotations
@@ -13,25 +15,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossamer.config import ConfigError
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import BLOCK, Shard, barrier, gather, shared_if_possible
-
-
-def check(exp: Experiment) -> None:
-    """What needs the built experiment (the model's size)."""
-    if exp.trainer.nodes_per_pass < BLOCK:
-        raise ConfigError("model", f"{exp.spec.numel:,} parameters: a training pass holds fewer "
-                          f"than the {BLOCK} clients of a reduction block; the sharded simulator "
-                          "runs smaller models so far (drop --ranks)")
+from gossamer.sim.sharded.base import Shard, barrier, gather, shared_if_possible
 
 
 class ShardedSyncFLDriver(SyncFLDriver):
     """:class:`SyncFLDriver` whose clients train on the rank that owns them (see the module)."""
 
     def __init__(self, exp: Experiment, shard: Shard) -> None:
-        check(exp)
         # batch shapes fixed by the population, not by the other clients of a call: a client
         # then trains bit for bit the same whichever rank (and cohort) trains it
         exp.trainer.batch_width = "population"
@@ -70,8 +62,9 @@ class ShardedSyncFLDriver(SyncFLDriver):
             own = trained[mine]
             # the blocks holding this round's clients (the same on every rank), one row each,
             # and which rank owns each block and each client
-            active = np.unique(trained // BLOCK)
-            block_rank, client_rank = shard.owner(active * BLOCK), shard.owner(trained)
+            block = shard.block
+            active = np.unique(trained // block)
+            block_rank, client_rank = shard.owner(active * block), shard.owner(trained)
             width = max(int(np.bincount(block_rank, minlength=shard.world).max()), 1)
             count = max(int(np.bincount(client_rank, minlength=shard.world).max()), 1)
             # what this rank sends: its blocks' sums, then its clients' losses and steps
@@ -82,11 +75,17 @@ class ShardedSyncFLDriver(SyncFLDriver):
             mine_stats = send[width * numel:].view(2, count)
             where = np.flatnonzero(mine)                 # own clients' positions in the round
             w = weights[torch.from_numpy(where)]
-            block_of = own // BLOCK
-            first_block = int(np.searchsorted(active, shard.lo // BLOCK))
+            block_of = own // block
+            first_block = int(np.searchsorted(active, shard.lo // block))
             cuts = np.flatnonzero(np.diff(block_of)) + 1     # own clients, grouped by block
-            bounds = np.concatenate([[0], cuts, [len(own)]]).astype(np.int64)
+            starts = np.concatenate([[0], cuts]).astype(np.int64)
             per_pass = exp.trainer.nodes_per_pass
+            # a block with more clients than a pass holds: groups of per_pass in id order, whose
+            # sums are added in that order (fixed by the block and the model, not by the rank)
+            bounds = np.unique(np.concatenate([
+                np.arange(a, b, per_pass) for a, b in zip(starts, np.append(starts[1:], len(own)), strict=True)]
+                + [[len(own)]])).astype(np.int64)
+            block_starts = set(starts.tolist())
             g = 0
             while len(own) and g < len(bounds) - 1:      # whole blocks per call, one pass each
                 h = g + 1
@@ -97,7 +96,11 @@ class ShardedSyncFLDriver(SyncFLDriver):
                                            objective=algo.local_objective(payload, None),
                                            mean_weights=w[a:b], mean_groups=bounds[g:h + 1] - a)
                 rows = np.searchsorted(active, block_of[bounds[g:h]]) - first_block
-                mine_blocks[torch.from_numpy(rows)] = result.mean
+                for j, (row, at) in enumerate(zip(rows.tolist(), bounds[g:h].tolist(), strict=True)):
+                    if at in block_starts:               # a block's first group
+                        mine_blocks[row] = result.mean[j]
+                    else:
+                        mine_blocks[row] += result.mean[j]
                 mine_stats[0, a:b] = result.loss.to(start.dtype)
                 mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
                 g = h

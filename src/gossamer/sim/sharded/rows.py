@@ -1,8 +1,8 @@
 """What every sharded decentralized driver measures over its own nodes' rows (docs/scale.md).
 
 A rank evaluates the nodes it owns; the metrics over all nodes are fixed by node id, not by
-rank: accuracies and losses per node, gathered in id order; the average model from 64-id
-block sums added in block order; the consensus distance from each node's squared distance to
+rank: accuracies and losses per node, gathered in id order; the average model from block sums
+(``sharding.block`` ids) added in block order; the consensus distance from each node's squared distance to
 it (float64, summed by numpy in id order). A checkpoint's ``[N, ...]`` states come to rank 0
 point to point.
 """
