@@ -251,6 +251,28 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
     assert len(err) == 1 and "algorithm.name" in err[0] and not (tmp_path / "x").exists()
 
 
+def _one_rank_and_one_process(capfd, cfg: dict, path: Path, files: tuple[str, ...]):
+    """``cfg`` (written to ``path``) run with ``--ranks 1``: its files' bytes and metrics rows,
+    and the rows of the one-process driver run round by round beside it (with batches as wide
+    as the population's, which a rank uses so that a node's batches never depend on the other
+    nodes of its call)."""
+    from gossamer.sim.drivers import driver_for
+
+    path.write_text(yaml.safe_dump(cfg))
+    out = path.parent / "r1"
+    one = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "1", "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    want = [(out / f).read_bytes() for f in files]
+    exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
+    exp.trainer.batch_width = "population"
+    single = driver_for(exp.algorithm.pattern)(exp)
+    rows = [single.evaluate()]
+    for _ in range(cfg["stop"]["rounds"]):
+        single.run_round()
+        rows.append(single.evaluate())
+    return want, list(csv.DictReader(io.StringIO(want[0].decode()))), rows
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, params", [
     ("gradient_tracking", {"gossip_steps": 2}),
@@ -269,23 +291,8 @@ def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, cap
                        output={"progress": False, "checkpoint_every": 2})
     cfg["algorithm"] = {"name": name, "params": params}
     path = tmp_path / "dl.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
-    one = _gossamer(capfd, "run", str(path), "--out", str(tmp_path / "r1"), "--ranks", "1", "--quiet")
-    assert one.returncode == 0, one.stderr[-2000:]
-    want = [(tmp_path / "r1" / f).read_bytes() for f in files]
-    # one rank is the one-process driver (with batches as wide as the population's, which a
-    # rank uses so that a node's batches never depend on the other nodes of its call)
-    from gossamer.sim.drivers import driver_for
-
-    exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
-    exp.trainer.batch_width = "population"
-    single = driver_for(exp.algorithm.pattern)(exp)
-    rows = [single.evaluate()]
-    for _ in range(4):
-        single.run_round()
-        rows.append(single.evaluate())
-    sharded = list(csv.DictReader(io.StringIO(want[0].decode())))
+    want, sharded, rows = _one_rank_and_one_process(capfd, cfg, path, files)
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "bytes_up"):
         assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
     for ranks, way in ((2, "shared"), (3, "p2p")):
@@ -332,21 +339,8 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
                        output={"progress": False, "checkpoint_every": 2}, **{**base, **extra})
     cfg["algorithm"] = {"name": "gossip", "params": {"period_s": 1.0, **params}}
     path = tmp_path / "gossip.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "nodes.csv", "model.pt")
-    one = _gossamer(capfd, "run", str(path), "--out", str(tmp_path / "r1"), "--ranks", "1", "--quiet")
-    assert one.returncode == 0, one.stderr[-2000:]
-    want = [(tmp_path / "r1" / f).read_bytes() for f in files]
-    from gossamer.sim.drivers import driver_for
-
-    exp = build_experiment(config.validate({**cfg, "output": {"progress": False, "checkpoint_every": 0}}))
-    exp.trainer.batch_width = "population"
-    single = driver_for(exp.algorithm.pattern)(exp)
-    rows = [single.evaluate()]
-    for _ in range(4):
-        single.run_round()
-        rows.append(single.evaluate())
-    sharded = list(csv.DictReader(io.StringIO(want[0].decode())))
+    want, sharded, rows = _one_rank_and_one_process(capfd, cfg, path, files)
     assert int(sharded[-1]["events"]) == rows[-1]["events"] > 150 * 4
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
         assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
@@ -427,12 +421,7 @@ def test_fedavg_of_a_model_too_large_for_a_block_a_pass_is_bit_identical_over_ra
     from gossamer.sim.experiment import build_experiment as build
 
     assert build(config.validate(cfg)).trainer.nodes_per_pass < BLOCK
-    texts = []
-    for ranks in (1, 2):
-        out = tmp_path / f"r{ranks}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
-        assert done.returncode == 0, done.stderr[-2000:]
-        texts.append([(out / f).read_bytes() for f in ("metrics.csv", "model.pt")])
+    texts = _ranked_runs(capfd, path, (1, 2))
     assert texts[0] == texts[1]
     gossamer.run(path, out=tmp_path / "one")
     one = list(csv.DictReader((tmp_path / "one" / "metrics.csv").open()))
@@ -453,10 +442,16 @@ def test_few_clients_spread_over_ranks_with_a_small_block(tmp_path, capfd):
     assert sorted(hi - lo for lo, hi in ranges(np.asarray(sizes, dtype=np.float64), 3)) == [0, 0, 10]
     path = tmp_path / "silos.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    got = _ranked_runs(capfd, path, (1, 3))
+    assert got[0] == got[1]
+
+
+def _ranked_runs(capfd, path: Path, counts: tuple[int, ...]) -> list[list[bytes]]:
+    """``metrics.csv`` and ``model.pt`` of ``path`` run with each number of ranks in ``counts``."""
     got = []
-    for ranks in (1, 3):
-        out = tmp_path / f"r{ranks}"
+    for ranks in counts:
+        out = path.parent / f"r{ranks}"
         done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
         assert done.returncode == 0, done.stderr[-2000:]
         got.append([(out / f).read_bytes() for f in ("metrics.csv", "model.pt")])
-    assert got[0] == got[1]
+    return got

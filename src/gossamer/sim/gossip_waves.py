@@ -46,17 +46,22 @@ class GossipWaves:
             reads = part[kind == READ]
             if len(reads):
                 self._read(reads[:, 1], reads[:, 2])
-            for op, train in ((WRITE, True), (MERGE, False)):
-                merges = part[kind == op]
-                if len(merges):
-                    self._merge(merges[:, 1], merges[:, 2], train)
-            trains = part[kind == TRAIN, 1]
-            if len(trains):
-                idx = self._index(trains)
-                rows = self.params.index_select(0, idx)
-                trained = self._local_update(rows, trains)
-                self.params.index_copy_(0, idx, rows)
-                self.age[idx] += trained.to(self.age.dtype)
+            self._apply(part)
+
+    def _apply(self, part: np.ndarray) -> None:
+        """A wave's merges, then its local updates (its reads and resets are done)."""
+        kind = part[:, 0]
+        for op, train in ((WRITE, True), (MERGE, False)):
+            merges = part[kind == op]
+            if len(merges):
+                self._merge(merges[:, 1], merges[:, 2], train)
+        trains = part[kind == TRAIN, 1]
+        if len(trains):
+            idx = self._index(trains - self.row_base)
+            rows = self.params.index_select(0, idx)
+            trained = self._local_update(rows, trains)
+            self.params.index_copy_(0, idx, rows)
+            self.age[idx] += trained.to(self.age.dtype)
 
     def _read(self, nodes: np.ndarray, msgs: np.ndarray) -> None:
         """Senders' models become messages: references to their rows (copied only if the row

@@ -191,21 +191,9 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
 
     def _wave(self, part: np.ndarray) -> None:
         """This rank's merges and updates of one wave (its reads are taken already)."""
-        kind = part[:, 0]
-        resets = part[kind == RESET, 1]
-        if len(resets):                                  # faults are refused on ranks
+        if (part[:, 0] == RESET).any():                  # faults are refused on ranks
             raise RuntimeError("a sharded gossip run reset a node (fault injection is not sharded)")
-        for op, train in ((WRITE, True), (MERGE, False)):
-            merges = part[kind == op]
-            if len(merges):
-                self._merge(merges[:, 1], merges[:, 2], train)
-        trains = part[kind == TRAIN, 1]
-        if len(trains):
-            idx = self._index(trains - self.row_base)
-            rows = self.params.index_select(0, idx)
-            trained = self._local_update(rows, trains)
-            self.params.index_copy_(0, idx, rows)
-            self.age[idx] += trained.to(self.age.dtype)
+        self._apply(part)
 
     # --- the period's training record, from every rank ---------------------------------------------
     def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
