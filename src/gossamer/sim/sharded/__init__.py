@@ -56,8 +56,8 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, public "
-           "pre-training rows, deadlines, robust merges, graph datasets, and (synchronous patterns) "
-           "availability changes or a registered population")
+           "pre-training rows, deadlines, robust merges, graph datasets, a registered population "
+           "(synchronous patterns) and availability changes (synchronous DL)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -82,7 +82,7 @@ def check_config(cfg: ExperimentConfig) -> None:
                           "(shared memory between ranks); drop --ranks to run on one GPU")
     synchronous = fl or dl
     unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
-                   "system.availability.model": synchronous and cfg.system.availability.model != "always",
+                   "system.availability.model": dl and cfg.system.availability.model != "always",
                    "algorithm.params": (fl and (algo.deadline_s is not None or algo.over_selection))
                    or (dl and algo.aggregator != "mean")}
     field = next((k for k, bad in unsupported.items() if bad), None)
