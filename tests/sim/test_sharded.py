@@ -458,22 +458,29 @@ def _ranked_runs(capfd, path: Path, counts: tuple[int, ...]) -> list[list[bytes]
 
 
 @pytest.mark.slow
-def test_fedavg_with_nodes_going_off_and_on_is_bit_identical_over_ranks_and_resumes(tmp_path, capfd):
-    """Availability only changes whom a round selects (counter-based, the same on every rank),
-    so synchronous FL under a Markov availability model writes the same bytes with 1 and 3
+@pytest.mark.parametrize("system, params", [
+    ({"availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 2.0}}, {}),
+    ({}, {"deadline_s": 0.3, "over_selection": 0.3}),
+], ids=["churn", "deadline"])
+def test_fedavg_with_churn_or_deadlines_is_bit_identical_over_ranks_and_resumes(tmp_path, capfd, system, params):
+    """Availability changes only whom a round selects, and a deadline only whose upload counts
+    (arrival times come from profiles and sample counts, before training): both are counter-
+    based and the same on every rank, so synchronous FL writes the same bytes with 1 and 3
     ranks, and a run killed with 2 resumes with 3."""
     cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 6}, eval={"every": 2},
                        partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
-                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
-                               "availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 2.0}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01}, **system},
                        output={"progress": False, "checkpoint_every": 2})
-    cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 0.3}}
-    path = tmp_path / "churn.yaml"
+    cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 0.3, **params}}
+    path = tmp_path / "fl.yaml"
     path.write_text(yaml.safe_dump(cfg))
     got = _ranked_runs(capfd, path, (1, 3))
     assert got[0] == got[1]
-    participants = [int(r["participants"]) for r in csv.DictReader(io.StringIO(got[0][0].decode()))][1:]
-    assert len(set(participants)) > 1 and max(participants) < 60      # some selected nodes were off
+    rows = list(csv.DictReader(io.StringIO(got[0][0].decode())))[1:]
+    if params:                             # some uploads missed the deadline, some made it
+        assert int(rows[-1]["dropped"]) > 0 and int(rows[-1]["bytes_up"]) > 0
+    else:                                  # some selected nodes were off
+        assert len({int(r["participants"]) for r in rows}) > 1
     out = tmp_path / "killed"
     died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1"})

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, public "
-           "pre-training rows, deadlines, robust merges, graph datasets, a registered population "
+           "pre-training rows, robust merges, graph datasets, a registered population "
            "(synchronous patterns) and availability changes (synchronous DL)")
 
 
@@ -83,8 +83,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     synchronous = fl or dl
     unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
                    "system.availability.model": dl and cfg.system.availability.model != "always",
-                   "algorithm.params": (fl and (algo.deadline_s is not None or algo.over_selection))
-                   or (dl and algo.aggregator != "mean")}
+                   "algorithm.params": dl and algo.aggregator != "mean"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "
