@@ -81,7 +81,8 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
-    ("dpsgd", {"system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
+    ("dpsgd", {"algorithm": {"name": "choco"},
+               "system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
      "system.availability.model"),
 ])
 def test_what_the_sharded_simulator_cannot_run_is_refused(algorithm, change, field):
@@ -273,28 +274,41 @@ def _one_rank_and_one_process(capfd, cfg: dict, path: Path, files: tuple[str, ..
     return want, list(csv.DictReader(io.StringIO(want[0].decode()))), rows
 
 
+CHURN = {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+         "availability": {"model": "markov", "mean_on_s": 0.3, "mean_off_s": 0.2}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, params", [
-    ("gradient_tracking", {"gossip_steps": 2}),
-    ("choco", {"compressor": "topk", "compressor_params": {"density": 0.1}, "gamma": 0.8, "gossip_steps": 2}),
-], ids=["gradient_tracking", "choco"])
-def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, capfd, name, params):
+@pytest.mark.parametrize("name, params, system", [
+    ("gradient_tracking", {"gossip_steps": 2}, {}),
+    ("choco", {"compressor": "topk", "compressor_params": {"density": 0.1}, "gamma": 0.8, "gossip_steps": 2}, {}),
+    # nodes going off and on: offline nodes keep their model, neighbours fold their weight onto
+    # their own, and the final merge averages the nodes online at the end
+    ("dpsgd", {"gossip_steps": 2, "final_merge": True}, CHURN),
+    ("gradient_tracking", {"gossip_steps": 2}, CHURN),
+], ids=["gradient_tracking", "choco", "dpsgd_churn", "gradient_tracking_churn"])
+def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, capfd, name, params, system):
     """Gradient tracking's directions and CHOCO-SGD's public copies mix over ranks as the
     models do (shared rows or point to point), so metrics, nodes.csv and the model equal one
     rank's; a checkpoint holds every node's corrections (public copies), so a run resumed with
-    another number of ranks continues exactly."""
+    another number of ranks continues exactly. Under churn each round's mixing matrix is the
+    one-process driver's, planned anew on every rank."""
     cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 4},
                        partition={"name": "dirichlet", "num_nodes": 150, "params": {"alpha": 0.3}},
                        local={"steps": 3, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 30},
                        topology={"name": "random_regular", "params": {"degree": 4},
                                  "mixing": "metropolis_hastings"},
                        output={"progress": False, "checkpoint_every": 2})
+    if system:
+        cfg["system"] = system
     cfg["algorithm"] = {"name": name, "params": params}
     path = tmp_path / "dl.yaml"
     files = ("metrics.csv", "nodes.csv", "model.pt")
     want, sharded, rows = _one_rank_and_one_process(capfd, cfg, path, files)
-    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "bytes_up"):
+    for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "bytes_up", "online"):
         assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+    if system:
+        assert min(int(r["online"]) for r in sharded[1:]) < 150
     for ranks, way in ((2, "shared"), (3, "p2p")):
         out = tmp_path / f"r{ranks}"
         done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, public "
            "pre-training rows, robust merges, graph datasets, a registered population "
-           "(synchronous patterns) and availability changes (synchronous DL)")
+           "(synchronous patterns) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -82,7 +82,7 @@ def check_config(cfg: ExperimentConfig) -> None:
                           "(shared memory between ranks); drop --ranks to run on one GPU")
     synchronous = fl or dl
     unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
-                   "system.availability.model": dl and cfg.system.availability.model != "always",
+                   "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",
                    "algorithm.params": dl and algo.aggregator != "mean"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:

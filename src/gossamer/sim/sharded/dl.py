@@ -146,16 +146,17 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         """This rank's nodes train; every rank then has every node's samples, steps and loss."""
         exp, shard = self.exp, self.shard
         lo = shard.lo
-        train_ids = lo + np.flatnonzero(self.has_data[lo:shard.hi])    # everyone is online
+        training = self.has_data & online                              # the same on every rank
+        train_ids = lo + np.flatnonzero(training[lo:shard.hi])
         mine = torch.zeros(len(train_ids), 3, dtype=torch.float64)    # loss, steps, samples
         result = self._train_rows(train_ids, r, first=lo)
         if result is not None:
             mine[:, 0] = result.loss.double()
             mine[:, 1] = torch.from_numpy(np.asarray(result.steps, dtype=np.float64))
             mine[:, 2] = torch.from_numpy(np.asarray(result.samples, dtype=np.float64))
-        everyone = np.flatnonzero(self.has_data)
+        everyone = np.flatnonzero(training)
         with self.timer("communicate_s"):
-            counts = [int(self.has_data[shard.edges[k]:shard.edges[k + 1]].sum()) for k in range(shard.world)]
+            counts = [int(training[shard.edges[k]:shard.edges[k + 1]].sum()) for k in range(shard.world)]
             stats = gather_rows(shard, mine, counts, f"round {r}'s training")
         samples = np.zeros(exp.num_nodes)
         samples[everyone] = stats[:, 2].numpy()
@@ -168,8 +169,14 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         super()._use_round_graph(r)
         self._use_plan(self.graph.mixing)
 
+    def _round_plan(self, mixing) -> None:
+        """Hold what this round's mixing matrix needs: the graph's own, or (``mixing``, when
+        nodes are offline) the one where they keep their model and their neighbours fold their
+        weight onto their own."""
+        self._use_plan(self.graph.mixing if mixing is None else mixing)
+
     def _mix(self, mixing) -> None:
-        # ``mixing`` is None: everyone is online and every message arrives (the rest is refused)
+        self._round_plan(mixing)
         if self.shared is not None:
             lo, hi = self.shard.lo, self.shard.hi
             for step in range(self.round_gossip_steps):
@@ -212,9 +219,18 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
             raise rank_lost(shard, exc, f"round {self.round + 1}'s mixing step {step + 1}") from None
 
     def _average(self, members: np.ndarray) -> None:
-        # every node is online (availability changes are refused): all take the exact mean
-        mean = population_mean(self.shard, self.params, self.exp.num_nodes, "the final merge")
-        self.params.copy_(mean.expand_as(self.params))
+        # the online members take their exact mean: block sums with the others' rows as zeros
+        # (the same blocks on any number of ranks)
+        n, lo, hi = self.exp.num_nodes, self.shard.lo, self.shard.hi
+        if len(members) == n:
+            mean = population_mean(self.shard, self.params, n, "the final merge")
+            self.params.copy_(mean.expand_as(self.params))
+            return
+        own = torch.from_numpy(members[(members >= lo) & (members < hi)] - lo)
+        rows = torch.zeros_like(self.params)
+        rows[own] = self.params[own]
+        mean = population_mean(self.shard, rows, len(members), "the final merge")
+        self.params[own] = mean.expand(len(own), -1)
 
     # --- checkpoints: every node's row, on rank 0, as one process would write them ------------------
     def _all_rows(self) -> torch.Tensor | None:

@@ -54,6 +54,7 @@ class ShardedGradientTrackingDriver(ShardedSyncDLDriver):
     def _mix(self, mixing) -> None:
         algo = self.exp.algorithm
         assert self._start is not None
+        self._round_plan(mixing)                    # the directions mix as the models do
         steps = np.zeros(self.own, dtype=np.int64)
         steps[self._trained] = self.steps_per_node[self._trained]
         y = algo.directions(self._start, self.params, steps, self.lr, self.correction, out=self._start)
