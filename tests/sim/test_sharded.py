@@ -346,8 +346,8 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
     base = {"model": {"name": "logreg"},
             "system": {"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
                        "latency_s": {"dist": "constant", "value": 0.05}}}
-    cfg = small_config("gossip", data={"dataset": "mnist5k"}, stop={"rounds": 4},
-                       partition={"name": "dirichlet", "num_nodes": 150, "params": {"alpha": 0.5}},
+    cfg = small_config("gossip", data={"dataset": "mnist5k"}, stop={"rounds": 3},
+                       partition={"name": "dirichlet", "num_nodes": 100, "params": {"alpha": 0.5}},
                        topology={"name": "random_regular", "params": {"degree": 4}},
                        local={"steps": 2, "batch_size": 8, "lr": 0.05}, eval={"every": 1, "nodes": 40},
                        output={"progress": False, "checkpoint_every": 2}, **{**base, **extra})
@@ -355,11 +355,11 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
     path = tmp_path / "gossip.yaml"
     files = ("metrics.csv", "nodes.csv", "model.pt")
     want, sharded, rows = _one_rank_and_one_process(capfd, cfg, path, files)
-    assert int(sharded[-1]["events"]) == rows[-1]["events"] > 150 * 4
+    assert int(sharded[-1]["events"]) == rows[-1]["events"] > 100 * 3
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
         assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
             [float(r[key]) for r in rows[1:]], rel=1e-6), key
-    for ranks, way in ((2, "shared"), (3, "shared"), (3, "p2p")):
+    for ranks, way in ((2, "shared"), (3, "p2p")):
         out = tmp_path / f"r{ranks}{way}"
         done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
                          env={"GOSSAMER_SHARDED_TRANSPORT": way})
@@ -420,17 +420,17 @@ def test_modest_and_random_walks_over_ranks_equal_one_process_and_resume(tmp_pat
 
 @pytest.mark.slow
 def test_fedavg_of_a_model_too_large_for_a_block_a_pass_is_bit_identical_over_ranks(tmp_path, capfd):
-    """The FedAvg CNN (1.66 M parameters) trains 3 clients a pass, fewer than a 64-id block
-    holds: each block's sum is formed in groups of a pass in id order, so 1 and 2 ranks write
-    the same bytes, and the run agrees with one process's to float rounding."""
+    """A 784-128-10 MLP with BatchNorm trains 54 clients a pass (autograd path), fewer than a
+    64-id block holds: each block's sum is formed in groups of a pass in id order, so 1 and 2
+    ranks write the same bytes, and the run agrees with one process's to float rounding."""
     import gossamer
 
-    cfg = small_config("fedavg", data={"dataset": "mnist5k", "params": {"image": True}},
-                       partition={"name": "iid", "num_nodes": 150}, model={"name": "cnn_fedavg"},
-                       local={"steps": 1, "batch_size": 8, "lr": 0.05}, stop={"rounds": 2},
-                       eval={"every": 1, "test_subset": 200}, output={"progress": False, "checkpoint_every": 0})
-    cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 0.6}}
-    path = tmp_path / "cnn.yaml"
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, partition={"name": "iid", "num_nodes": 130},
+                       model={"name": "mlp_bn", "params": {"hidden": [128]}},
+                       local={"steps": 2, "batch_size": 8, "lr": 0.05}, stop={"rounds": 2},
+                       eval={"every": 1}, output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 1.0}}
+    path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from gossamer.sim.experiment import build_experiment as build
 
