@@ -76,7 +76,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 
 
 @pytest.mark.parametrize("algorithm, change, field", [
-    ("fedavg", {"algorithm": {"name": "scaffold"}}, "algorithm.name"),
+    ("fedavg", {"algorithm": {"name": "ditto"}}, "algorithm.name"),
     ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
@@ -244,8 +244,8 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
     from gossamer.cli import main
 
     cfg = yaml.safe_load(_config(tmp_path).read_text())
-    cfg["algorithm"] = {"name": "scaffold"}
-    path = tmp_path / "scaffold.yaml"
+    cfg["algorithm"] = {"name": "ditto"}
+    path = tmp_path / "ditto.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--ranks", "2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -502,3 +502,33 @@ def test_fedavg_with_churn_or_deadlines_is_bit_identical_over_ranks_and_resumes(
     back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
     assert back.returncode == 0, back.stderr[-2000:]
     assert [(out / f).read_bytes() for f in ("metrics.csv", "model.pt")] == got[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params", [
+    ("scaffold", {"client_fraction": 0.3}),                   # client states, kept by their owners
+    ("fedavg", {"client_fraction": 0.3, "aggregator": "median"}),
+], ids=["scaffold", "median"])
+def test_fl_beyond_the_mean_runs_on_ranks_as_in_one_process(tmp_path, capfd, algorithm, params):
+    """Each rank trains its clients (SCAFFOLD: and keeps their control variates); every rank
+    gets every upload in the round's order and aggregates alike, so 1 and 3 ranks write one
+    process's bytes, and a run killed with 2 ranks resumes with 3 (the checkpoint gathers every
+    rank's client states)."""
+    import gossamer
+
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 6}, eval={"every": 2},
+                       partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
+                       output={"progress": False, "checkpoint_every": 2})
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    path = tmp_path / "fl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gossamer.run(path, out=tmp_path / "one")
+    want = [(tmp_path / "one" / f).read_bytes() for f in ("metrics.csv", "model.pt")]
+    assert _ranked_runs(capfd, path, (1, 3)) == [want, want]
+    out = tmp_path / "killed"
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "5", "GOSSAMER_TEST_KILL_RANK": "1"})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert [(out / f).read_bytes() for f in ("metrics.csv", "model.pt")] == want

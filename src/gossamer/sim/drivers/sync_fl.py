@@ -29,6 +29,7 @@ from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.drivers.sync_fl_records import SyncFLRecords
 from gossamer.sim.drivers.sync_fl_stages import UploadStages
 from gossamer.sim.experiment import Experiment
+from gossamer.training.trainer import TrainResult
 
 
 class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
@@ -238,6 +239,43 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
             self.train_loss = result.loss.mean()
             self.node_steps += int(result.steps.sum())
             return
+        uploads, result, starts = self._train_clients(r, trained, payload, start)
+        up = Uploads.of(r, trained, start, uploads)
+        with self.timer("communicate_s"):
+            up, delivered = self._through_pipeline(up, delivered, result.steps)
+            rows = up.rows() if delivered.all() else up.rows()[torch.from_numpy(delivered)]
+        scorer, sizes = exp.contribution, exp.trainer.sizes[trained[delivered]]
+        models = rows[:, : exp.spec.numel]                  # the uploads as the server holds them
+        if (scorer is not None or exp.hierarchy is not None) and len(rows):
+            weights = algo.mean_weights(sizes, rows.dtype, rows.device)
+        if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
+            scorer.observe(r, trained[delivered], models, weights, start)
+        with self.timer("communicate_s"):
+            if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree
+                mean = tree_mean(self.round_tree, trained[delivered], models, weights)
+                self.state = algo.aggregate_mean(self.state, mean)
+            else:
+                self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
+            if algo.server_personalizes and len(rows):   # FedCAC, FED-PUB: each client's next model
+                keep = torch.from_numpy(delivered)
+                layers = list(zip(exp.spec.offsets, map(math.prod, exp.spec.shapes), strict=True))
+                extra = {}
+                if algo.uses_embeddings:    # computed by each client on its trained model
+                    own = result.params[keep]
+                    extra = {"embeddings": self._embeddings(own), "masks": self.mask_entries,
+                             "trained": own}
+                self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
+                    starts[keep], models, self.state.params, layers, r, **extra)
+        self.train_loss = result.loss.mean()
+        self.node_steps += int(result.steps.sum())
+
+    def _train_clients(self, r: int, trained: np.ndarray, payload: torch.Tensor, start: torch.Tensor
+                       ) -> tuple[torch.Tensor, TrainResult, torch.Tensor]:
+        """The round's clients ``trained`` train from ``payload`` and form their uploads (the
+        general path: client state, personal starts, attacks): (uploads ``[K, U]``, the
+        trainer's result, the rows they started from)."""
+        exp, algo = self.exp, self.algorithm
+        lr = exp.cfg.local.lr
         cstate = None        # the store holds rows on the host; the cohort's travel each round
         if self.client_state is not None:
             cstate = self.client_state.get(trained).to(self.device)
@@ -268,34 +306,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
                 uploads = uploads.clone()
                 uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
                                                            exp.adversary.crafting[trained], r)
-        up = Uploads.of(r, trained, start, uploads)
-        with self.timer("communicate_s"):
-            up, delivered = self._through_pipeline(up, delivered, result.steps)
-            rows = up.rows() if delivered.all() else up.rows()[torch.from_numpy(delivered)]
-        scorer, sizes = exp.contribution, exp.trainer.sizes[trained[delivered]]
-        models = rows[:, : exp.spec.numel]                  # the uploads as the server holds them
-        if (scorer is not None or exp.hierarchy is not None) and len(rows):
-            weights = algo.mean_weights(sizes, rows.dtype, rows.device)
-        if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
-            scorer.observe(r, trained[delivered], models, weights, start)
-        with self.timer("communicate_s"):
-            if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree
-                mean = tree_mean(self.round_tree, trained[delivered], models, weights)
-                self.state = algo.aggregate_mean(self.state, mean)
-            else:
-                self.state = algo.aggregate(self.state, rows, sizes, result.steps[delivered], lr)
-            if algo.server_personalizes and len(rows):   # FedCAC, FED-PUB: each client's next model
-                keep = torch.from_numpy(delivered)
-                layers = list(zip(exp.spec.offsets, map(math.prod, exp.spec.shapes), strict=True))
-                extra = {}
-                if algo.uses_embeddings:    # computed by each client on its trained model
-                    own = result.params[keep]
-                    extra = {"embeddings": self._embeddings(own), "masks": self.mask_entries,
-                             "trained": own}
-                self.personal[torch.from_numpy(trained[delivered])] = algo.personalize(
-                    starts[keep], models, self.state.params, layers, r, **extra)
-        self.train_loss = result.loss.mean()
-        self.node_steps += int(result.steps.sum())
+        return uploads, result, starts
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):

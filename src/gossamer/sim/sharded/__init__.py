@@ -10,8 +10,9 @@ id, not by rank, so a run writes the same ``metrics.csv`` and ``model.pt`` with 
 ranks, bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes
 the run directory.
 
-- synchronous FL whose aggregate is the uploads' weighted mean (FedAvg, FedProx, FedAvgM,
-  FedAdam, ...): :mod:`.fl`, one ``all_gather`` of block sums a round;
+- synchronous FL (not personalized, not FedAMD): :mod:`.fl`; an aggregate that is the
+  uploads' weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, ...) from block sums, any other
+  (SCAFFOLD, DiLoCo, robust aggregators) from every upload, shared in the round's order;
 - synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
   step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
@@ -68,12 +69,12 @@ def check_config(cfg: ExperimentConfig) -> None:
 
     transport()
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
-    fl = algo.pattern == "sync_fl" and algo.mean_of_models
+    fl = algo.pattern == "sync_fl" and not (algo.personalized or algo.split_roles or algo.local_entries)
     dl = algo.pattern in ("sync_dl", "gradient_tracking", "choco")
     gossip = algo.pattern == "async_gossip"
     if not (fl or dl or gossip or algo.pattern in ("async_fl", "sampled_dl", "random_walk")):
-        raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL whose aggregate "
-                          f"is the uploads' weighted mean (fedavg, fedprox, ...), synchronous DL "
+        raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL (not personalized, "
+                          f"not FedAMD), synchronous DL "
                           f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning, MoDeST, random "
                           f"walks and asynchronous FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs "
                           f"in one process (drop --ranks)")

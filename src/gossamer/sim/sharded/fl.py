@@ -12,12 +12,16 @@ and every rank adds them in block order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, barrier, gather, shared_if_possible
+from gossamer.sim.sharded.base import Shard, barrier, gather, gather_rows, shared_if_possible
+from gossamer.sim.sharded.owned import OwnedTraining
+from gossamer.training.trainer import TrainResult
 
 
 class ShardedSyncFLDriver(SyncFLDriver):
@@ -29,6 +33,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         exp.trainer.batch_width = "population"
         super().__init__(exp)
         self.shard = shard
+        self.owned = OwnedTraining(shard, self.algorithm.upload_vectors * exp.spec.numel, exp.init_params.dtype)
         self._shared: torch.Tensor | None = None     # [2, world, L]: each rank's sends, two slots
         self._transport = "gather" if shard.world == 1 else "auto"
         self._exchanges = 0
@@ -50,7 +55,56 @@ class ShardedSyncFLDriver(SyncFLDriver):
         barrier(shard, during)
         return [slot[k, : len(send)] for k in range(shard.world)]
 
+    @property
+    def collective_state(self) -> bool:
+        """A checkpoint gathers every rank's client states (SCAFFOLD's c_i) on rank 0."""
+        return self.client_state is not None and self.shard.world > 1
+
     def _train_and_aggregate(self, r: int, trained: np.ndarray, delivered: np.ndarray) -> None:
+        if not self._uploads_are_models(delivered):      # the general path, its training split
+            super()._train_and_aggregate(r, trained, delivered)
+            return
+        self._mean_round(r, trained)
+
+    def _train_clients(self, r: int, trained: np.ndarray, payload: torch.Tensor, start: torch.Tensor
+                       ) -> tuple[torch.Tensor, TrainResult, torch.Tensor]:
+        """Each rank trains its clients (and keeps their states); every rank gets every upload,
+        in the round's order, and runs the server's side alike."""
+        def train(mine: np.ndarray):
+            uploads, result, _ = SyncFLDriver._train_clients(self, r, trained[mine], payload, start)
+            return uploads, result
+
+        rows, samples, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
+        return rows, TrainResult(None, samples, steps, loss), start.expand(len(trained), -1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.collective_state:           # every rank's client states, by id, on rank 0
+            shard, during = self.shard, f"round {self.round}'s checkpoint"
+            own = state["client_state"]
+            counts = [int(c) for c in gather(shard, torch.tensor([len(own["ids"])]), during)]
+            ids = gather_rows(shard, own["ids"].to(torch.int64), counts, during)
+            rows = gather_rows(shard, own["rows"], counts, during)
+            order = torch.argsort(ids)
+            state["client_state"] = {"ids": ids[order], "rows": rows[order]}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("client_state")
+        if isinstance(saved, dict) and self.shard.world > 1:    # this rank's clients' states
+            ids = torch.as_tensor(saved["ids"])
+            keep = (ids >= self.shard.lo) & (ids < self.shard.hi)
+            state = {**state, "client_state": {"ids": ids[keep], "rows": saved["rows"][keep]}}
+        super().load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        if "client_state" in out and self.shard.world > 1:     # rank 0 writes it: its own store
+            out["client_state"] = {**out["client_state"], "of_rank": 0, "ranks": self.shard.world}
+        return out
+
+    def _mean_round(self, r: int, trained: np.ndarray) -> None:
+        """A round whose aggregate is the uploads' weighted mean: each rank's block sums."""
         exp, algo, shard = self.exp, self.algorithm, self.shard
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
