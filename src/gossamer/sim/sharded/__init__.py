@@ -56,9 +56,9 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults, attacks, compression, privacy, contribution scores, hierarchies, public "
-           "pre-training rows, robust merges, graph datasets, a registered population "
-           "(synchronous patterns) and availability changes (CHOCO-SGD)")
+REFUSED = ("faults, attacks, compression and privacy (but in synchronous FL), contribution scores, "
+           "hierarchies, public pre-training rows, robust merges, graph datasets, a registered "
+           "population (synchronous patterns) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -82,7 +82,10 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")
     synchronous = fl or dl
-    unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features_in_use(cfg),
+    features = features_in_use(cfg)
+    if fl:                 # every rank runs the upload pipeline alike over every upload
+        features.update(compression=False, privacy=False)
+    unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",
                    "algorithm.params": dl and algo.aggregator != "mean"}
     field = next((k for k, bad in unsupported.items() if bad), None)
