@@ -505,20 +505,21 @@ def test_fedavg_with_churn_or_deadlines_is_bit_identical_over_ranks_and_resumes(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm, params", [
-    ("scaffold", {"client_fraction": 0.3}),                   # client states, kept by their owners
-    ("fedavg", {"client_fraction": 0.3, "aggregator": "median"}),
-], ids=["scaffold", "median"])
-def test_fl_beyond_the_mean_runs_on_ranks_as_in_one_process(tmp_path, capfd, algorithm, params):
+@pytest.mark.parametrize("algorithm, params, extra", [
+    ("scaffold", {"client_fraction": 0.3}, {}),               # client states, kept by their owners
+    # ALIE crafts the attackers' uploads from every honest one: after the uploads are shared
+    ("fedavg", {"client_fraction": 0.3, "aggregator": "median"}, {"adversary": {"attack": "alie", "fraction": 0.2}}),
+], ids=["scaffold", "median_alie"])
+def test_fl_beyond_the_mean_runs_on_ranks_as_in_one_process(tmp_path, capfd, algorithm, params, extra):
     """Each rank trains its clients (SCAFFOLD: and keeps their control variates); every rank
-    gets every upload in the round's order and aggregates alike, so 1 and 3 ranks write one
-    process's bytes, and a run killed with 2 ranks resumes with 3 (the checkpoint gathers every
-    rank's client states)."""
+    gets every upload in the round's order, then attacks and aggregates alike, so 1 and 3 ranks
+    write one process's bytes, and a run killed with 2 ranks resumes with 3 (the checkpoint
+    gathers every rank's client states)."""
     import gossamer
 
     cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 6}, eval={"every": 2},
                        partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
-                       output={"progress": False, "checkpoint_every": 2})
+                       output={"progress": False, "checkpoint_every": 2}, **extra)
     cfg["algorithm"] = {"name": algorithm, "params": params}
     path = tmp_path / "fl.yaml"
     path.write_text(yaml.safe_dump(cfg))

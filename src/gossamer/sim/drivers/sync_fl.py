@@ -240,6 +240,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
             self.node_steps += int(result.steps.sum())
             return
         uploads, result, starts = self._train_clients(r, trained, payload, start)
+        uploads = self._attack(r, trained, start, uploads)
         up = Uploads.of(r, trained, start, uploads)
         with self.timer("communicate_s"):
             up, delivered = self._through_pipeline(up, delivered, result.steps)
@@ -272,7 +273,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
     def _train_clients(self, r: int, trained: np.ndarray, payload: torch.Tensor, start: torch.Tensor
                        ) -> tuple[torch.Tensor, TrainResult, torch.Tensor]:
         """The round's clients ``trained`` train from ``payload`` and form their uploads (the
-        general path: client state, personal starts, attacks): (uploads ``[K, U]``, the
+        general path: client state, personal starts): (uploads ``[K, U]``, the
         trainer's result, the rows they started from)."""
         exp, algo = self.exp, self.algorithm
         lr = exp.cfg.local.lr
@@ -301,12 +302,19 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
                 uploads[:, : exp.spec.numel] += start - starts
             if new_state is not None and self.client_state is not None:
                 self.client_state.set(trained, new_state.cpu())
-            if exp.adversary.model_attack:
-                numel = exp.spec.numel
-                uploads = uploads.clone()
-                uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
-                                                           exp.adversary.crafting[trained], r)
         return uploads, result, starts
+
+    def _attack(self, r: int, trained: np.ndarray, start: torch.Tensor, uploads: torch.Tensor) -> torch.Tensor:
+        """The crafting attackers' uploads replaced (a model attack crafts from every upload)."""
+        exp = self.exp
+        if not exp.adversary.model_attack:
+            return uploads
+        numel = exp.spec.numel
+        with self.timer("train_s"):
+            uploads = uploads.clone()
+            uploads[:, :numel] = exp.adversary.corrupt(uploads[:, :numel], start,
+                                                       exp.adversary.crafting[trained], r)
+        return uploads
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):

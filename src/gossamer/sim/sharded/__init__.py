@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults, attacks, compression and privacy (but in synchronous FL), contribution scores, "
-           "hierarchies, public pre-training rows, robust merges, graph datasets, a registered "
+           "hierarchies, public pre-training rows, robust merges (DL), graph datasets, a registered "
            "population (synchronous patterns) and availability changes (CHOCO-SGD)")
 
 
@@ -83,8 +83,8 @@ def check_config(cfg: ExperimentConfig) -> None:
                           "(shared memory between ranks); drop --ranks to run on one GPU")
     synchronous = fl or dl
     features = features_in_use(cfg)
-    if fl:                 # every rank runs the upload pipeline alike over every upload
-        features.update(compression=False, privacy=False)
+    if fl:     # every rank runs the attack and the upload pipeline alike over every upload
+        features.update(compression=False, privacy=False, adversary=False)
     unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",
                    "algorithm.params": dl and algo.aggregator != "mean"}
