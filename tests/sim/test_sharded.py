@@ -220,13 +220,8 @@ def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert [(out / f).read_bytes() for f in files] == want
     assert len(want[0].decode().splitlines()) == 8
-    out = tmp_path / "killed"                                # rank 1 of 2 dies at update 15
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "15", "GOSSAMER_TEST_KILL_RANK": "1"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "1", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in files] == want
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 15, 1), 1,
+                               files) == want                                # rank 1 of 2 dies at update 15
 
 
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):
@@ -408,13 +403,8 @@ def test_modest_and_random_walks_over_ranks_equal_one_process_and_resume(tmp_pat
         done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
         assert done.returncode == 0, done.stderr[-2000:]
         assert [(out / f).read_bytes() for f in files] == want, ranks
-    out = tmp_path / "killed"
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": str(3 * every), "GOSSAMER_TEST_KILL_RANK": "1"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in files] == want
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3 * every, 1), 3,
+                               files) == want
 
 
 @pytest.mark.slow
@@ -459,6 +449,19 @@ def test_few_clients_spread_over_ranks_with_a_small_block(tmp_path, capfd):
     assert got[0] == got[1]
 
 
+def _killed_and_resumed(capfd, path: Path, out: Path, kill: tuple, ranks: int, files: tuple[str, ...],
+                        env: dict | None = None) -> list[bytes]:
+    """``path`` run with ``kill[0]`` ranks until rank ``kill[2]`` is killed at round ``kill[1]``
+    (it must fail in one line, exit 3), then resumed with ``ranks``: the finished ``files``."""
+    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(kill[0]), "--quiet",
+                     env={"GOSSAMER_TEST_KILL_AT_ROUND": str(kill[1]), "GOSSAMER_TEST_KILL_RANK": str(kill[2]),
+                          **(env or {})})
+    assert died.returncode == 3 and "Traceback" not in died.stderr
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", str(ranks), "--quiet", env=env)
+    assert back.returncode == 0, back.stderr[-2000:]
+    return [(out / f).read_bytes() for f in files]
+
+
 def _ranked_runs(capfd, path: Path, counts: tuple[int, ...]) -> list[list[bytes]]:
     """``metrics.csv`` and ``model.pt`` of ``path`` run with each number of ranks in ``counts``."""
     got = []
@@ -494,13 +497,8 @@ def test_fedavg_with_churn_or_deadlines_is_bit_identical_over_ranks_and_resumes(
         assert int(rows[-1]["dropped"]) > 0 and int(rows[-1]["bytes_up"]) > 0
     else:                                  # some selected nodes were off
         assert len({int(r["participants"]) for r in rows}) > 1
-    out = tmp_path / "killed"
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in ("metrics.csv", "model.pt")] == got[0]
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 3,
+                               ("metrics.csv", "model.pt")) == got[0]
 
 
 @pytest.mark.slow
@@ -525,13 +523,8 @@ def test_fl_beyond_the_mean_runs_on_ranks_as_in_one_process(tmp_path, capfd, alg
     gossamer.run(path, out=tmp_path / "one")
     want = [(tmp_path / "one" / f).read_bytes() for f in ("metrics.csv", "model.pt")]
     assert _ranked_runs(capfd, path, (1, 3)) == [want, want]
-    out = tmp_path / "killed"
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "5", "GOSSAMER_TEST_KILL_RANK": "1"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in ("metrics.csv", "model.pt")] == want
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 5, 1), 3,
+                               ("metrics.csv", "model.pt")) == want
 
 
 @pytest.mark.slow
@@ -555,10 +548,5 @@ def test_compressed_private_and_secure_uploads_on_ranks_equal_one_process(tmp_pa
     gossamer.run(path, out=tmp_path / "one")
     want = [(tmp_path / "one" / f).read_bytes() for f in ("metrics.csv", "model.pt")]
     assert _ranked_runs(capfd, path, (2,)) == [want]
-    out = tmp_path / "killed"
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in ("metrics.csv", "model.pt")] == want
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 3,
+                               ("metrics.csv", "model.pt")) == want
