@@ -303,21 +303,9 @@ def test_dl_variants_are_bit_identical_with_1_2_3_ranks_and_resume(tmp_path, cap
         assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
     if system:
         assert min(int(r["online"]) for r in sharded[1:]) < 150
-    for ranks, way in ((2, "shared"), (3, "p2p")):
-        out = tmp_path / f"r{ranks}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
-                         env={"GOSSAMER_SHARDED_TRANSPORT": way})
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert [(out / f).read_bytes() for f in files] == want, (ranks, way)
-    out = tmp_path / "killed"            # 2 ranks to round 2 (checkpoint), killed at 3; 3 ranks on
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "2", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "1",
-                          "GOSSAMER_SHARDED_TRANSPORT": "p2p"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "3", "--quiet",
-                     env={"GOSSAMER_SHARDED_TRANSPORT": "p2p"})
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in files] == want
+    assert _ranked_runs(capfd, path, ((2, "shared"), (3, "p2p")), files) == [want, want]
+    p2p = {"GOSSAMER_SHARDED_TRANSPORT": "p2p"}   # 2 ranks to round 2 (checkpoint), killed at 3; 3 on
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 3, files, p2p, p2p) == want
 
 
 @pytest.mark.slow
@@ -353,20 +341,10 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
         assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
             [float(r[key]) for r in rows[1:]], rel=1e-6), key
-    for ranks, way in ((2, "shared"), (3, "p2p")):
-        out = tmp_path / f"r{ranks}{way}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet",
-                         env={"GOSSAMER_SHARDED_TRANSPORT": way})
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert [(out / f).read_bytes() for f in files] == want, (ranks, way)
-    out = tmp_path / "killed"            # 3 ranks sending rows to round 2 (checkpoint), killed at 3
-    died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", "3", "--quiet",
-                     env={"GOSSAMER_TEST_KILL_AT_ROUND": "3", "GOSSAMER_TEST_KILL_RANK": "2",
-                          "GOSSAMER_SHARDED_TRANSPORT": "p2p"})
-    assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", "2", "--quiet")
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert [(out / f).read_bytes() for f in files] == want
+    assert _ranked_runs(capfd, path, ((2, "shared"), (3, "p2p")), files) == [want, want]
+    # 3 ranks sending rows to round 2 (checkpoint), killed at 3; resumed by 2 sharing memory
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (3, 3, 2), 2, files,
+                               {"GOSSAMER_SHARDED_TRANSPORT": "p2p"}) == want
 
 
 @pytest.mark.slow
@@ -398,11 +376,7 @@ def test_modest_and_random_walks_over_ranks_equal_one_process_and_resume(tmp_pat
     files = ("metrics.csv", "model.pt")
     want = [(tmp_path / "one" / f).read_bytes() for f in files]
     assert len(want[0].decode().splitlines()) == 6
-    for ranks in (1, 2, 3):
-        out = tmp_path / f"r{ranks}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert [(out / f).read_bytes() for f in files] == want, ranks
+    assert _ranked_runs(capfd, path, (1, 2, 3), files) == [want, want, want]
     assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3 * every, 1), 3,
                                files) == want
 
@@ -450,26 +424,30 @@ def test_few_clients_spread_over_ranks_with_a_small_block(tmp_path, capfd):
 
 
 def _killed_and_resumed(capfd, path: Path, out: Path, kill: tuple, ranks: int, files: tuple[str, ...],
-                        env: dict | None = None) -> list[bytes]:
-    """``path`` run with ``kill[0]`` ranks until rank ``kill[2]`` is killed at round ``kill[1]``
-    (it must fail in one line, exit 3), then resumed with ``ranks``: the finished ``files``."""
+                        env: dict | None = None, resume_env: dict | None = None) -> list[bytes]:
+    """``path`` run with ``kill[0]`` ranks (and ``env``) until rank ``kill[2]`` is killed at
+    round ``kill[1]`` (it must fail in one line, exit 3), then resumed with ``ranks`` (and
+    ``resume_env``): the finished ``files``."""
     died = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(kill[0]), "--quiet",
                      env={"GOSSAMER_TEST_KILL_AT_ROUND": str(kill[1]), "GOSSAMER_TEST_KILL_RANK": str(kill[2]),
                           **(env or {})})
     assert died.returncode == 3 and "Traceback" not in died.stderr
-    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", str(ranks), "--quiet", env=env)
+    back = _gossamer(capfd, "run", "--resume", str(out), "--ranks", str(ranks), "--quiet", env=resume_env)
     assert back.returncode == 0, back.stderr[-2000:]
     return [(out / f).read_bytes() for f in files]
 
 
-def _ranked_runs(capfd, path: Path, counts: tuple[int, ...]) -> list[list[bytes]]:
-    """``metrics.csv`` and ``model.pt`` of ``path`` run with each number of ranks in ``counts``."""
+def _ranked_runs(capfd, path: Path, runs: tuple, files: tuple[str, ...] = ("metrics.csv", "model.pt")
+                 ) -> list[list[bytes]]:
+    """``files`` of ``path`` run with each of ``runs``: a number of ranks, or (ranks, transport)."""
     got = []
-    for ranks in counts:
-        out = path.parent / f"r{ranks}"
-        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet")
+    for run in runs:
+        ranks, way = run if isinstance(run, tuple) else (run, None)
+        out = path.parent / f"r{ranks}{way or ''}"
+        env = {"GOSSAMER_SHARDED_TRANSPORT": way} if way else None
+        done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet", env=env)
         assert done.returncode == 0, done.stderr[-2000:]
-        got.append([(out / f).read_bytes() for f in ("metrics.csv", "model.pt")])
+        got.append([(out / f).read_bytes() for f in files])
     return got
 
 

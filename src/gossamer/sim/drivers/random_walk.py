@@ -21,6 +21,7 @@ from gossamer.protocols import random_walk as protocol
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.drivers.sync_dl import next_change
 from gossamer.sim.experiment import Experiment
+from gossamer.training.trainer import TrainResult
 
 
 class RandomWalkDriver(Driver):
@@ -93,11 +94,8 @@ class RandomWalkDriver(Driver):
 
     def _train(self, tokens: np.ndarray, nodes: np.ndarray, r: int) -> np.ndarray:
         """One batched trainer call for the tokens at ``nodes``; returns samples processed."""
-        exp = self.exp
         idx = torch.from_numpy(tokens)
-        with self.timer("train_s"):
-            rows, result = protocol.train_visits(exp.trainer, self.params[idx], nodes,
-                                                 protocol.visit_keys(r, self.tokens, tokens), self.weights)
+        rows, result = self._train_visits(self.params[idx], nodes, protocol.visit_keys(r, self.tokens, tokens), r)
         self.params[idx] = rows
         np.add.at(self.visits, (tokens, nodes), 1)
         trained = result.steps > 0
@@ -105,6 +103,13 @@ class RandomWalkDriver(Driver):
         if trained.any():
             self.train_loss = float(result.loss[torch.from_numpy(trained)].mean())
         return result.samples
+
+    def _train_visits(self, rows: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, r: int
+                      ) -> tuple[torch.Tensor, TrainResult]:
+        """The tokens ``rows`` train at ``nodes`` with data-order ``keys``: their new rows and
+        the trainer's result."""
+        with self.timer("train_s"):
+            return protocol.train_visits(self.exp.trainer, rows, nodes, keys, self.weights)
 
     def _durations(self, pos: np.ndarray, nxt: np.ndarray, samples: np.ndarray, moved: np.ndarray,
                    here: np.ndarray, key: np.ndarray, r: int) -> np.ndarray:

@@ -204,6 +204,24 @@ def gather_rows(shard: Shard, rows: torch.Tensor, counts: list[int], during: str
     return torch.cat([g[:c] for g, c in zip(got, counts, strict=True)])
 
 
+def gather_uneven(shard: Shard, parts: list[torch.Tensor], during: str) -> list[torch.Tensor]:
+    """Every rank's ``parts`` (tensors with as many rows each on one rank, any number across
+    ranks), each stacked in rank order: the counts first, then :func:`gather_rows` each."""
+    counts = [int(c) for c in gather(shard, torch.tensor([len(parts[0])]), during)]
+    return [gather_rows(shard, part, counts, during) for part in parts]
+
+
+def pack_numbers(numbers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 ``numbers`` ``[m, c]`` as columns of ``dtype`` (their bits, viewed), to travel
+    beside rows of that dtype in one exchange; :func:`unpack_numbers` views them back."""
+    return numbers.to(torch.float64).contiguous().view(dtype)
+
+
+def unpack_numbers(columns: torch.Tensor) -> torch.Tensor:
+    """The float64 ``[m, c]`` that :func:`pack_numbers` packed into ``columns``."""
+    return columns.contiguous().view(torch.float64)
+
+
 def exchange(shard: Shard, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor,
              recv_counts: list[int], during: str) -> None:
     """Point to point: rank k's next ``send_counts[k]`` rows of ``send`` go to rank k, and

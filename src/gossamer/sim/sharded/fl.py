@@ -19,7 +19,7 @@ import torch
 
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, barrier, gather, gather_rows, shared_if_possible
+from gossamer.sim.sharded.base import Shard, barrier, gather, gather_uneven, shared_if_possible
 from gossamer.sim.sharded.owned import OwnedTraining
 from gossamer.training.trainer import TrainResult
 
@@ -82,9 +82,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         if self.collective_state:           # every rank's client states, by id, on rank 0
             shard, during = self.shard, f"round {self.round}'s checkpoint"
             own = state["client_state"]
-            counts = [int(c) for c in gather(shard, torch.tensor([len(own["ids"])]), during)]
-            ids = gather_rows(shard, own["ids"].to(torch.int64), counts, during)
-            rows = gather_rows(shard, own["rows"], counts, during)
+            ids, rows = gather_uneven(shard, [own["ids"].to(torch.int64), own["rows"]], during)
             order = torch.argsort(ids)
             state["client_state"] = {"ids": ids[order], "rows": rows[order]}
         return state

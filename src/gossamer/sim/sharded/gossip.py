@@ -41,9 +41,10 @@ from gossamer.sim.sharded.base import (
     Shard,
     barrier,
     exchange,
-    gather,
-    gather_rows,
+    gather_uneven,
+    pack_numbers,
     shared_if_possible,
+    unpack_numbers,
 )
 from gossamer.sim.sharded.rows import ShardedRows
 
@@ -67,7 +68,6 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         self.messages = OwnMessages(exp.spec.numel, device=self.device)
         self.dirty: set[int] = set()     # rows written since the last barrier (shared memory)
         self.lent: set[int] = set()      # rows other ranks copied since the last barrier
-        self.barriers = 0
         n = exp.num_nodes
         self._models = shared_if_possible(shard, (n, self.params.shape[1]), self.params.dtype)
         self._ages = shared_if_possible(shard, (n,), self.age.dtype) if self._models is not None else None
@@ -91,7 +91,6 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
 
     def _fence(self, during: str) -> None:
         barrier(self.shard, during)
-        self.barriers += 1
         self.dirty.clear()
         self.lent.clear()
 
@@ -178,7 +177,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         if len(out):
             idx = self._index(senders[out] - lo)
             send[:, :numel] = self.params.index_select(0, idx)
-            send[:, numel:] = self.age[idx].double().view(dtype).reshape(len(out), -1)
+            send[:, numel:] = pack_numbers(self.age[idx][:, None], dtype)
         come = np.flatnonzero(dst == shard.rank)
         come = come[np.argsort(src[come], kind="stable")]             # by sending rank, in wave order
         recv = torch.empty(len(come), width, dtype=dtype)
@@ -186,7 +185,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
                  np.bincount(src[come], minlength=shard.world).tolist(),
                  f"round {self.round + 1}'s gossip (wave {w + 1})")
         if len(come):
-            ages = recv[:, numel:].contiguous().view(torch.float64).reshape(-1).tolist()
+            ages = unpack_numbers(recv[:, numel:])[:, 0].tolist()
             self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
 
     def _wave(self, part: np.ndarray) -> None:
@@ -204,8 +203,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         during = f"round {self.round + 1}'s training record"
         mine = torch.stack([torch.from_numpy(nodes).double(), torch.from_numpy(keys).double(),
                             torch.from_numpy(steps).double(), losses.double()], dim=1)
-        counts = [int(c) for c in gather(shard, torch.tensor([len(nodes)]), during)]
-        every = gather_rows(shard, mine, counts, during).numpy()
+        every = gather_uneven(shard, [mine], during)[0].numpy()
         return (every[:, 0].astype(np.int64), every[:, 1].astype(np.int64), every[:, 2].astype(np.int64),
                 torch.from_numpy(every[:, 3]))
 
@@ -218,9 +216,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         state = super().state_dict()                 # this rank's messages
         if shard.world > 1:
             ids, rows, ages = state["msg_ids"], state["msg_rows"], state["msg_ages"]
-            counts = [int(c) for c in gather(shard, torch.tensor([len(ids)]), during)]
-            rows = gather_rows(shard, rows, counts, during)
-            meta = gather_rows(shard, torch.stack([ids.double(), ages.double()], dim=1), counts, during)
+            rows, meta = gather_uneven(shard, [rows, torch.stack([ids.double(), ages.double()], dim=1)], during)
             order = torch.argsort(meta[:, 0])
             ids = meta[order, 0].long()
             state.update(msg_ids=ids, msg_rows=rows[order], msg_ages=meta[order, 1].to(state["msg_ages"].dtype),

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.sim.sharded.base import Shard, barrier, gather_rows, shared_if_possible
+from gossamer.sim.sharded.base import (
+    Shard,
+    barrier,
+    gather_rows,
+    pack_numbers,
+    shared_if_possible,
+    unpack_numbers,
+)
 
 Trained = tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]    # rows, samples, steps, losses
 
@@ -62,7 +69,7 @@ class OwnedTraining:
                 self._write(own, mine, train)
                 every[torch.from_numpy(mine)] = own
             barrier(shard, during)
-        numbers = every[:, self.numel:].contiguous().view(torch.float64).numpy()
+        numbers = unpack_numbers(every[:, self.numel:]).numpy()
         return (every[:, :self.numel].contiguous(), numbers[:, 0].copy(), numbers[:, 1].astype(np.int64),
                 torch.from_numpy(numbers[:, 2].copy()).float())
 
@@ -74,7 +81,7 @@ class OwnedTraining:
                              torch.from_numpy(np.asarray(result.steps, dtype=np.float64)),
                              result.loss.double().cpu()], dim=1)          # samples, steps, loss
         out[:, :self.numel] = rows
-        out[:, self.numel:] = stats.view(self.dtype)
+        out[:, self.numel:] = pack_numbers(stats, self.dtype)
 
     def _buffer(self, entries: int) -> torch.Tensor | None:
         """This call's shared buffer (None: gather instead). Every rank makes the same calls, so

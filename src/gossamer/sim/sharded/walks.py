@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossamer.protocols import random_walk as walk_protocol
 from gossamer.sim.drivers.modest import ModestDriver
 from gossamer.sim.drivers.random_walk import RandomWalkDriver
 from gossamer.sim.experiment import Experiment
@@ -52,24 +51,14 @@ class ShardedRandomWalkDriver(RandomWalkDriver):
         self.shard = shard
         self.owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
 
-    def _train(self, tokens: np.ndarray, nodes: np.ndarray, r: int) -> np.ndarray:
-        exp = self.exp
-        keys = walk_protocol.visit_keys(r, self.tokens, tokens)
-        idx = torch.from_numpy(tokens)
-
+    def _train_visits(self, rows: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, r: int
+                      ) -> tuple[torch.Tensor, TrainResult]:
         def train(mine: np.ndarray):
-            with self.timer("train_s"):
-                return walk_protocol.train_visits(exp.trainer, self.params[idx[torch.from_numpy(mine)]],
-                                                  nodes[mine], keys[mine], self.weights)
+            return super(ShardedRandomWalkDriver, self)._train_visits(
+                rows[torch.from_numpy(mine)], nodes[mine], keys[mine], r)
 
-        rows, samples, steps, loss = self.owned(nodes, train, f"round {r}'s visits")
-        self.params[idx] = rows
-        np.add.at(self.visits, (tokens, nodes), 1)
-        trained = steps > 0
-        self.node_steps += int(steps.sum())
-        if trained.any():
-            self.train_loss = float(loss[torch.from_numpy(trained)].mean())
-        return samples
+        trained, samples, steps, loss = self.owned(nodes, train, f"round {r}'s visits")
+        return trained, TrainResult(None, samples, steps, loss)
 
     def _evaluate_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's accuracy and loss: each rank evaluates an even range of the tokens."""
