@@ -334,6 +334,34 @@ def test_fused_training_in_workspace_sized_chunks_equals_one_pass(monkeypatch, m
     assert torch.allclose(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
 
 
+@pytest.mark.parametrize("case", ["rows", "in_rows", "mean"])
+def test_fused_training_a_few_nodes_at_a_time_equals_every_node_at_once(monkeypatch, case):
+    """On a CPU the fused kernel takes a few nodes through all their steps before the next
+    few (their weights stay in the cache): each node's bits are those of stepping every node
+    together, in the workspace, in the given rows, and for the mean."""
+    import gossamer.training.trainer as trainer_module
+
+    sizes = [8, 5, 11, 0, 3, 7, 6]
+    schedule = LocalSchedule(4, steps=2) if case == "in_rows" else LocalSchedule(2, epochs=2, shuffle=True)
+    trainer, _, spec, *_ = _setup(sizes, schedule, SGD(0.1, weight_decay=0.01), fused=True)
+    nodes = np.arange(len(sizes))
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    mean = weights if case == "mean" else None
+    runs = {}
+    two = spec.numel * 4 * 2 // torch.get_num_threads() + 1     # per thread: two nodes a block
+    for cache in (1 << 30, two):
+        monkeypatch.setattr(trainer_module, "CACHE_BYTES", cache)
+        runs[cache] = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=mean)
+    (_, whole), (_, parts) = runs.items()
+    assert trainer._cache_nodes(len(nodes)) == 2
+    if case == "mean":
+        assert torch.equal(parts.mean, whole.mean)
+    else:
+        assert torch.equal(parts.params, whole.params)
+    assert torch.equal(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
+
+
 def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
     """The fused path gathers a call's inputs at once and keeps them for the next call with
     the same plan (no shuffling). A different plan (here also one of the same shape), or a
