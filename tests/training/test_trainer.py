@@ -354,12 +354,32 @@ def test_fused_training_a_few_nodes_at_a_time_equals_every_node_at_once(monkeypa
         monkeypatch.setattr(trainer_module, "CACHE_BYTES", cache)
         runs[cache] = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=mean)
     (_, whole), (_, parts) = runs.items()
-    assert trainer._cache_nodes(len(nodes)) == 2
+    assert trainer._cache_nodes(len(nodes), 2) == 2 and trainer._cache_nodes(len(nodes), 1) == len(nodes)
     if case == "mean":
         assert torch.equal(parts.mean, whole.mean)
     else:
         assert torch.equal(parts.params, whole.params)
     assert torch.equal(parts.loss, whole.loss) and np.array_equal(parts.steps, whole.steps)
+
+
+def test_grouped_means_are_each_groups_own_and_need_no_rows():
+    """``mean_groups``: one weighted sum per group (the sharded simulator's blocks), each
+    trained in a workspace of its own rows and summed from it; a group's sum has the same bits
+    when its nodes are trained in another call (what makes sharded sums rank-count-free)."""
+    sizes = [8, 5, 11, 0, 3, 7, 6]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), SGD(0.1), fused=True)
+    nodes = np.arange(len(sizes))
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    groups = np.array([0, 3, 4, 7])
+    rows = trainer.train(start.expand(len(nodes), -1), nodes, keys=3).params
+    got = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=weights, mean_groups=groups)
+    assert got.params is None and got.mean.shape == (3, spec.numel)
+    for g, (a, b) in enumerate(zip(groups[:-1], groups[1:], strict=True)):
+        assert torch.allclose(got.mean[g], weights[a:b] @ rows[a:b], atol=1e-6)
+        alone = trainer.train(start.expand(b - a, -1), nodes[a:b], keys=3, mean_weights=weights[a:b],
+                              mean_groups=np.array([0, b - a]))
+        assert torch.equal(alone.mean[0], got.mean[g]) and torch.equal(alone.loss, got.loss[a:b])
 
 
 def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):

@@ -461,13 +461,14 @@ class BatchedTrainer:
             return self.chunk_nodes
         return max(1, self.workspace_bytes // (self.spec.numel * self.x.element_size()))
 
-    def _cache_nodes(self, rows: int) -> int:
-        """Nodes the fused kernel steps through all their steps before the next nodes start:
-        on a CPU as many as keep :data:`CACHE_BYTES` of weights per thread (the parameter-major
-        workspace of FedAvg's 400 MNIST clients is 81 MB, far past the caches, and every step
-        read and wrote all of it: 1.2x faster at K = 400 on one thread, and two ranks on two
-        cores no longer contend for memory bandwidth); on a GPU every node at once."""
-        if self.device.type != "cpu":
+    def _cache_nodes(self, rows: int, steps: int) -> int:
+        """Nodes the fused kernel steps through all their ``steps`` before the next nodes
+        start: on a CPU, when there are several steps, as many as keep :data:`CACHE_BYTES` of
+        weights per thread (the parameter-major workspace of FedAvg's 100 MNIST clients is
+        20 MB, past the caches, and every step read and wrote all of it: 1.2x faster with 4
+        steps on one thread); otherwise every node at once (one step reuses nothing, and
+        smaller batched products cost more calls)."""
+        if self.device.type != "cpu" or steps < 2:
             return rows
         per_node = self.spec.numel * self.x.element_size()
         return max(1, min(rows, torch.get_num_threads() * CACHE_BYTES // per_node))
@@ -501,10 +502,8 @@ class BatchedTrainer:
         steps = valid.any(axis=2).sum(axis=1)
         loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
         if mean_weights is not None and groups is not None:    # one weighted sum per group
-            w = mean_weights.to(params.dtype).reshape(1, -1)
-            spans = list(zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True))
-            mean = torch.stack([torch.cat([torch.mm(w[:, a:b], leaf[a:b].reshape(b - a, -1))[0]
-                                           for leaf in leaves]) for a, b in spans])
+            spans = zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True)
+            mean = torch.stack([self._weighted_sum(mean_weights, leaves, a, b) for a, b in spans])
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         if mean_weights is not None:
             w = mean_weights.to(params.dtype).reshape(1, -1)
@@ -888,65 +887,103 @@ class BatchedTrainer:
         kernel, opt = self.kernel, self.optimizer
         assert kernel is not None
         in_rows = self._in_rows(idx.shape[1], mean_weights is not None)
-        first = None          # the weights the first step reads, when not the leaves
+        terms = self._objective_views(objective, kernel) if objective.adds_terms else None
+        # rows that all start from one model (a broadcast) are not copied first: the first
+        # step reads the shared model (cached, not B copies) and writes its result into the
+        # blocks, the same arithmetic as copying, then stepping in place
+        shared = not in_rows and params.stride(0) == 0 and idx.shape[1] > 0 and not opt.sam_rho
+        # one weighted sum per group, on a CPU: each group trains in a workspace of its own
+        # rows and is summed while they are in the cache (the sharded simulator's 64-id blocks)
+        grouped = (mean_groups is not None and terms is None and not opt.sam_rho
+                   and self.device.type == "cpu")
+        spans = (list(zip(mean_groups[:-1].tolist(), mean_groups[1:].tolist(), strict=True))
+                 if grouped else [(0, len(idx))])
         if in_rows:           # few steps: update views of the output rows, no copy back
             out = params
             if not inplace:
                 out = torch.empty_like(params, memory_format=torch.contiguous_format)
                 out.copy_(params)
             leaves = kernel.leaves(self.spec.views(out))
-        else:                 # many steps: contiguous blocks make every batched update faster
-            # rows that all start from one model (a broadcast) are not copied first: the first
-            # step reads the shared model (cached, not B copies) and writes its result into the
-            # blocks, the same arithmetic as copying, then stepping in place
-            shared = params.stride(0) == 0 and idx.shape[1] > 0 and not opt.sam_rho
+        elif not grouped:     # many steps: contiguous blocks make every batched update faster
             leaves = kernel.leaves(self._workspace(params, fill=not shared))
-            first = kernel.leaves(self.spec.views(params)) if shared else None
+        first = kernel.leaves(self.spec.views(params)) if shared else None   # the first step reads
         idx_t, valid_t = self._index(idx), self._index(valid)
         counts = valid_t.sum(dim=2).to(params.dtype)                  # [B, T]
         loss_sum = torch.zeros(len(idx), device=self.device)
-        terms = self._objective_views(objective, kernel) if objective.adds_terms else None
-        sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
-            if opt.sam_rho else []
         weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
         everyone = valid.any(axis=2).all(axis=0)       # [T] on the host: no device read per step
         gathered = self._gather_all(idx)
         # a few nodes take all their steps before the next few do (:meth:`_cache_nodes`): their
         # weights stay in the cache between steps; each node's arithmetic is the same
-        span = self._cache_nodes(len(idx)) if terms is None and not opt.sam_rho else len(idx)
+        span = self._cache_nodes(len(idx), idx.shape[1]) if terms is None and not opt.sam_rho else len(idx)
+        sums = []
         with torch.no_grad():
-            for lo in range(0, len(idx), max(span, 1)):
-                part = slice(lo, lo + span)
-                mine = [leaf[part] for leaf in leaves]
-                start = None if first is None else [leaf[part] for leaf in first]
-                for t in range(idx.shape[1]):
-                    now = start if t == 0 and start is not None else mine    # the weights before step t
-                    extras = None
-                    if terms is not None:
-                        extras = [self._extra(leaf, term, objective) for leaf, term in zip(now, terms, strict=True)]
-                    weight = weights[part, t]
-                    decay = None
-                    if opt.weight_decay:
-                        decay = 1 - opt.lr * opt.weight_decay * (counts[part, t] > 0).to(params.dtype)
-                    if gathered is not None:
-                        xb, yb = gathered[0][t, part], gathered[1][t, part]
-                    else:
-                        xb, yb = self._gather(idx_t[part, t])
-                    if opt.sam_rho:
-                        loss_sum[part] += self._fused_sam_step(mine, sam_buffers, xb, yb, weight,
-                                                               opt.lr * objective.grad_scale, decay)
-                    else:
-                        loss_sum[part] += kernel.sgd_step(now, xb, yb, weight, opt.lr * objective.grad_scale,
-                                                          decay, out=mine if now is not mine else None)
-                    if extras is not None:
-                        active = counts[part, t] > 0
-                        all_active = bool(everyone[t])
-                        for leaf, extra in zip(mine, extras, strict=True):
-                            if extra is None:
-                                continue
-                            if not all_active:
-                                extra.mul_(active.view(-1, *([1] * (extra.dim() - 1))).to(extra.dtype))
-                            leaf.sub_(extra, alpha=opt.lr)
+            for g_lo, g_hi in spans:
+                if grouped:
+                    leaves = kernel.leaves(self._workspace(params[g_lo:g_hi], fill=not shared))
+                sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
+                    if opt.sam_rho else []
+                for lo in range(g_lo, g_hi, max(span, 1)):
+                    part = slice(lo, min(lo + span, g_hi))
+                    mine = [leaf[part.start - (g_lo if grouped else 0):part.stop - (g_lo if grouped else 0)]
+                            for leaf in leaves]
+                    self._fused_steps(mine, None if first is None else [leaf[part] for leaf in first],
+                                      part, idx_t, gathered, weights, counts, everyone, loss_sum, terms,
+                                      objective, sam_buffers, params.dtype)
+                if grouped:
+                    sums.append(self._weighted_sum(mean_weights, kernel.params(leaves), g_lo, g_hi))
         if in_rows:
             return self._result(out, None, valid, loss_sum, True, None)
+        if grouped:
+            steps = valid.any(axis=2).sum(axis=1)
+            loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
+            return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, torch.stack(sums))
         return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights, mean_groups)
+
+    def _fused_steps(self, mine: list[torch.Tensor], start: list[torch.Tensor] | None, part: slice,
+                     idx_t: torch.Tensor, gathered: tuple[torch.Tensor, torch.Tensor] | None,
+                     weights: torch.Tensor, counts: torch.Tensor, everyone: np.ndarray,
+                     loss_sum: torch.Tensor, terms: list[Term] | None, objective: LocalObjective,
+                     sam_buffers: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> None:
+        """Every step of the nodes ``part`` of a fused call, in place on their leaves ``mine``
+        (``start``: the weights their first step reads, when not ``mine``)."""
+        kernel, opt = self.kernel, self.optimizer
+        assert kernel is not None
+        for t in range(idx_t.shape[1]):
+            now = start if t == 0 and start is not None else mine    # the weights before step t
+            extras = None
+            if terms is not None:
+                extras = [self._extra(leaf, term, objective) for leaf, term in zip(now, terms, strict=True)]
+            weight = weights[part, t]
+            decay = None
+            if opt.weight_decay:
+                decay = 1 - opt.lr * opt.weight_decay * (counts[part, t] > 0).to(dtype)
+            if gathered is not None:
+                xb, yb = gathered[0][t, part], gathered[1][t, part]
+            else:
+                xb, yb = self._gather(idx_t[part, t])
+            if opt.sam_rho:
+                loss_sum[part] += self._fused_sam_step(mine, sam_buffers, xb, yb, weight,
+                                                       opt.lr * objective.grad_scale, decay)
+            else:
+                loss_sum[part] += kernel.sgd_step(now, xb, yb, weight, opt.lr * objective.grad_scale,
+                                                  decay, out=mine if now is not mine else None)
+            if extras is not None:
+                active = counts[part, t] > 0
+                all_active = bool(everyone[t])
+                for leaf, extra in zip(mine, extras, strict=True):
+                    if extra is None:
+                        continue
+                    if not all_active:
+                        extra.mul_(active.view(-1, *([1] * (extra.dim() - 1))).to(extra.dtype))
+                    leaf.sub_(extra, alpha=opt.lr)
+
+    @staticmethod
+    def _weighted_sum(mean_weights: torch.Tensor, leaves: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        """``mean_weights[lo:hi] @`` the rows ``lo:hi`` ``[P]``, from their parameter-major
+        leaves (module order; ``leaves`` hold those rows alone, or every row when they have
+        more than ``hi - lo``): one product per leaf, the same whichever holds them."""
+        w = mean_weights.to(leaves[0].dtype).reshape(1, -1)[:, lo:hi]
+        if len(leaves[0]) != hi - lo:
+            leaves = [leaf[lo:hi] for leaf in leaves]
+        return torch.cat([torch.mm(w, leaf.reshape(hi - lo, -1))[0] for leaf in leaves])
