@@ -77,7 +77,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 
 @pytest.mark.parametrize("algorithm, change, field", [
     ("fedavg", {"algorithm": {"name": "ditto"}}, "algorithm.name"),
-    ("fedavg", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
+    ("fedbuff", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
@@ -449,6 +449,48 @@ def _ranked_runs(capfd, path: Path, runs: tuple, files: tuple[str, ...] = ("metr
         assert done.returncode == 0, done.stderr[-2000:]
         got.append([(out / f).read_bytes() for f in files])
     return got
+
+
+FAULTS = {"crash": {"fraction": 0.1, "at_s": {"dist": "uniform", "low": 0.5, "high": 3.0}},
+          "churn": {"fraction": 0.3, "on_s": {"dist": "exponential", "mean": 1.5},
+                    "off_s": {"dist": "exponential", "mean": 1.0}},
+          "message_loss": {"prob": 0.1}, "stragglers": {"fraction": 0.2, "factor": 3.0},
+          "rejoin": "fresh"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+def test_faults_give_the_same_bytes_on_any_number_of_ranks(tmp_path, capfd, algorithm):
+    """Crashes, churn, message loss and stragglers are a counter-based schedule every rank
+    computes alike: synchronous FL (whose rounds then take the general path: some uploads are
+    lost) and D-PSGD (lost links reweight the mixing; a node that rejoins fresh is reset by its
+    owner) write the same metrics, model and faults.csv with 1 and 2 ranks (D-PSGD also with 3
+    sending rows point to point, and one rank measures what one process does)."""
+    cfg = small_config(algorithm, data={"dataset": "mnist5k"}, stop={"rounds": 5}, eval={"every": 1},
+                       partition={"name": "dirichlet", "num_nodes": 96, "params": {"alpha": 0.5}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01}},
+                       local={"epochs": 1, "batch_size": 10, "lr": 0.05}, faults=FAULTS,
+                       output={"progress": False, "checkpoint_every": 0})
+    if algorithm == "fedavg":
+        cfg["algorithm"] = {"name": "fedavg", "params": {"client_fraction": 0.5}}
+    else:
+        cfg["topology"] = {"name": "random_regular", "params": {"degree": 4}}
+    path = tmp_path / "faults.yaml"
+    files = ("metrics.csv", "model.pt", "faults.csv")
+    if algorithm == "fedavg":
+        path.write_text(yaml.safe_dump(cfg))
+        got = _ranked_runs(capfd, path, (1, 2), files)
+    else:               # and one rank measures what one process does (gone nodes are not measured)
+        want, sharded, single = _one_rank_and_one_process(capfd, cfg, path, files)
+        for key in ("test_accuracy", "test_loss", "acc_min", "online", "lost_messages"):
+            assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in single],
+                                                                      rel=1e-6), key
+        got = [want, *_ranked_runs(capfd, path, (2, (3, "p2p")), files)]
+    assert all(g == got[0] for g in got[1:])
+    transitions = list(csv.DictReader(io.StringIO(got[0][2].decode())))
+    assert {r["kind"] for r in transitions} >= {"crash", "churn"}
+    rows = list(csv.DictReader(io.StringIO(got[0][0].decode())))[1:]
+    assert len({int(r["participants" if algorithm == "fedavg" else "online"]) for r in rows}) > 1
 
 
 @pytest.mark.slow

@@ -165,6 +165,16 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
             self.train_loss = float(stats[:, 0].float().mean())
         return samples
 
+    def _restart(self, nodes: np.ndarray) -> None:
+        """Own nodes that rejoin with a fresh model (``faults.rejoin: fresh``) start again from
+        the initial parameters; every rank knows who rejoins, each resets its own rows."""
+        lo, hi = self.shard.lo, self.shard.hi
+        own = np.asarray(nodes, dtype=np.int64)
+        own = own[(own >= lo) & (own < hi)]
+        if len(own):
+            init, idx = self.exp.init_params, torch.from_numpy(own)
+            self.params[idx - lo] = init if init.dim() == 1 else init[idx]
+
     def _use_round_graph(self, r: int) -> None:
         super()._use_round_graph(r)
         self._use_plan(self.graph.mixing)

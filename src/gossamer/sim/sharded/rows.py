@@ -39,6 +39,9 @@ class ShardedRows:
         shard, exp = self.shard, self.exp
         lo, hi, n = shard.lo, shard.hi, exp.num_nodes
         nodes = self.eval_nodes
+        if exp.faults is not None and exp.faults.enabled:     # nodes that are gone are not measured
+            up = nodes[self.last_online[nodes]]
+            nodes = up if len(up) else nodes
         own = self._own_rows()
         during = f"round {self.round}'s evaluation"
         with self.timer("eval_s"):
