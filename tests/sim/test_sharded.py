@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,6 +223,34 @@ def test_async_fedbuff_over_ranks_equals_one_process_and_a_killed_run_resumes(tm
     assert len(want[0].decode().splitlines()) == 8
     assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 15, 1), 1,
                                files) == want                                # rank 1 of 2 dies at update 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_sync_fl_over_a_registered_population_on_ranks(tmp_path, capfd, algorithm):
+    """20,000 registered clients owned in even id ranges (nothing of length N by rank): each
+    rank generates and trains the round's clients it owns; FedAvg's block sums and SCAFFOLD's
+    uploads give 1 and 2 ranks the same bytes, SCAFFOLD's control variates stay in their owner's
+    store (spilled past its budget), and a run killed with 2 ranks resumes with 1."""
+    cfg = small_config(algorithm, stop={"rounds": 6}, eval={"every": 2},
+                       data={"dataset": "synthetic", "params": {"alpha": 1.0, "beta": 1.0, "dim": 60,
+                                                                "num_classes": 10}},
+                       population={"lazy": True, "max_samples": 500, "eval_clients": 200,
+                                   "state_budget_mb": 0.5},
+                       partition={"name": "natural", "num_nodes": 20_000},
+                       model={"name": "mlp", "params": {"hidden": [64]}},
+                       local={"steps": 4, "batch_size": 10, "lr": 0.05},
+                       output={"progress": False, "checkpoint_every": 2})
+    cfg["algorithm"]["params"] = {"client_fraction": 0.002}
+    path = tmp_path / "registered.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "model.pt")
+    got = _ranked_runs(capfd, path, (1, 2), files)
+    assert got[0] == got[1]
+    if algorithm == "scaffold":
+        store = json.loads((tmp_path / "r2" / "summary.json").read_text())["client_state"]
+        assert store["disk_bytes"] > 0 and store["ranks"] == 2
+        assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 1, files) == got[0]
 
 
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):

@@ -80,10 +80,11 @@ class CohortTrainer:
     def train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
               inplace: bool = False, steps: np.ndarray | None = None,
               objective: LocalObjective | None = None,
-              mean_weights: torch.Tensor | None = None) -> TrainResult:
+              mean_weights: torch.Tensor | None = None,
+              mean_groups: np.ndarray | None = None) -> TrainResult:
         """:meth:`BatchedTrainer.train` of the rows ``params`` of clients ``nodes``."""
         nodes = np.asarray(nodes, dtype=np.int64)
         keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), nodes.shape)
         local = self._bind(nodes)
         return self.inner.train(params, local, keys, inplace=inplace, steps=steps, objective=objective,
-                                mean_weights=mean_weights)
+                                mean_weights=mean_weights, mean_groups=mean_groups)

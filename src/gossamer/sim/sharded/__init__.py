@@ -10,9 +10,10 @@ id, not by rank, so a run writes the same ``metrics.csv`` and ``model.pt`` with 
 ranks, bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes
 the run directory.
 
-- synchronous FL (not personalized, not FedAMD): :mod:`.fl`; an aggregate that is the
-  uploads' weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, ...) from block sums, any other
-  (SCAFFOLD, DiLoCo, robust aggregators) from every upload, shared in the round's order;
+- synchronous FL (not personalized, not FedAMD; also over a registered population): :mod:`.fl`;
+  an aggregate that is the uploads' weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, ...) from
+  block sums, any other (SCAFFOLD, DiLoCo, robust aggregators) from every upload, shared in the
+  round's order;
 - synchronous DL with mean mixing (D-PSGD, DFedSAM; static or dynamic topologies, gossip
   steps, the final merge): :mod:`.dl`, neighbours' rows point to point before every mixing
   step; gradient tracking (:mod:`.tracking`), whose trackers' directions mix the same way;
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 REFUSED = ("faults (but in synchronous FL and DL), attacks, compression and privacy (but in "
            "synchronous FL), contribution scores, "
            "hierarchies, public pre-training rows, robust merges (DL), graph datasets, a registered "
-           "population (synchronous patterns) and availability changes (CHOCO-SGD)")
+           "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -82,13 +83,12 @@ def check_config(cfg: ExperimentConfig) -> None:
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")
-    synchronous = fl or dl
     features = features_in_use(cfg)
     if fl:     # every rank runs the attack and the upload pipeline alike over every upload
         features.update(compression=False, privacy=False, adversary=False)
     if fl or (dl and algo.pattern != "choco"):    # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
-    unsupported = {"population.lazy": synchronous and cfg.population.lazy, **features,
+    unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",
                    "algorithm.params": dl and algo.aggregator != "mean"}
     field = next((k for k, bad in unsupported.items() if bad), None)
@@ -114,6 +114,11 @@ def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         registered = exp.population is not None          # nothing of length N: even id ranges
         shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64), block)
         return shard, ShardedAsyncFLDriver(exp, shard)
+    if exp.algorithm.pattern == "sync_fl" and exp.population is not None:   # registered: even id ranges
+        from gossamer.sim.sharded.fl import ShardedSyncFLDriver
+
+        shard = start(exp.num_nodes, block)
+        return shard, ShardedSyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
     if exp.algorithm.pattern in ("sampled_dl", "random_walk"):
         from gossamer.sim.sharded.walks import ShardedModestDriver, ShardedRandomWalkDriver
