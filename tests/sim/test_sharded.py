@@ -78,7 +78,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 
 @pytest.mark.parametrize("algorithm, change, field", [
     ("fedavg", {"algorithm": {"name": "ditto"}}, "algorithm.name"),
-    ("fedbuff", {"faults": {"message_loss": {"prob": 0.1}}}, "faults"),
+    ("dpsgd", {"algorithm": {"name": "choco"}, "faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "dpsgd", "params": {"aggregator": "median"}}}, "algorithm.params"),
@@ -520,6 +520,44 @@ def test_faults_give_the_same_bytes_on_any_number_of_ranks(tmp_path, capfd, algo
     assert {r["kind"] for r in transitions} >= {"crash", "churn"}
     rows = list(csv.DictReader(io.StringIO(got[0][0].decode())))[1:]
     assert len({int(r["participants" if algorithm == "fedavg" else "online"]) for r in rows}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params", [
+    ("gossip", {"mode": "push_pull", "period_s": 1.0}),
+    ("modest", {"sample_size": 12, "aggregators": 2, "success_fraction": 0.8, "timeout_s": 2.0}),
+    ("random_walk", {"walk": "simple", "num_tokens": 8}),
+    ("fedbuff", {"concurrency": 12, "buffer_size": 4}),
+])
+def test_faults_in_the_schedule_driven_patterns_on_ranks(tmp_path, capfd, algorithm, params):
+    """Gossip, MoDeST, random walks and asynchronous FL run their whole schedule on every rank,
+    faults included (gossip's fresh rejoins reset the node on its owner, in its wave): 1 and 2
+    ranks write the same bytes, and those of one process where the pattern's ranks do."""
+    import gossamer
+
+    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
+                       stop={"rounds": 16 if algorithm == "fedbuff" else 4}, eval={"every": 2, "nodes": 30},
+                       partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
+                       topology={"name": "complete" if algorithm == "modest" else "random_regular",
+                                 **({} if algorithm == "modest" else {"params": {"degree": 4}})},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                               "latency_s": {"dist": "constant", "value": 0.05}},
+                       model={"name": "logreg"}, faults=FAULTS,
+                       local={"steps": 2, "batch_size": 8, "lr": 0.05},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    if algorithm == "fedbuff":
+        del cfg["topology"]
+    path = tmp_path / "faults.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "model.pt", "faults.csv")
+    got = _ranked_runs(capfd, path, (1, 2), files)
+    assert got[0] == got[1]
+    if algorithm != "gossip":                 # gossip's ranks batch as the population does
+        gossamer.run(path, out=tmp_path / "one")
+        assert [(tmp_path / "one" / f).read_bytes() for f in files] == got[0]
+    back = [r for r in csv.DictReader(io.StringIO(got[0][2].decode())) if r["kind"] == "churn"]
+    assert any(r["state"] == "up" for r in back)            # some nodes rejoined (fresh)
 
 
 @pytest.mark.slow

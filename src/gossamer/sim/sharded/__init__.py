@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (but in synchronous FL and DL), attacks, compression and privacy (but in "
+REFUSED = ("faults (with CHOCO-SGD), attacks, compression and privacy (but in "
            "synchronous FL), contribution scores, "
            "hierarchies, public pre-training rows, robust merges (DL), graph datasets, a registered "
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
@@ -86,7 +86,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     features = features_in_use(cfg)
     if fl:     # every rank runs the attack and the upload pipeline alike over every upload
         features.update(compression=False, privacy=False, adversary=False)
-    if fl or (dl and algo.pattern != "choco"):    # faults: a counter-based schedule, alike on every rank
+    if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",

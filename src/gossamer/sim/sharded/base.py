@@ -241,9 +241,9 @@ def block_sums(rows: torch.Tensor, first_id: int, block: int = BLOCK) -> torch.T
     """Sums of ``rows`` (node ids ``first_id``, ``first_id + 1``, ...; ``first_id`` a multiple
     of ``block``) over each ``block``-id block, ``[ceil(len / block), P]``. Each block is
     summed alone, so a block's sum does not depend on what else a rank holds."""
-    if first_id % block:
-        raise ValueError(f"block sums start at a multiple of {block}, not at node {first_id}")
     n = rows.shape[0]
+    if first_id % block and n:           # (a rank that owns nothing starts at N: no sums)
+        raise ValueError(f"block sums start at a multiple of {block}, not at node {first_id}")
     out = torch.empty((-(-n // block), *rows.shape[1:]), dtype=rows.dtype)
     for b, lo in enumerate(range(0, n, block)):
         torch.sum(rows[lo:lo + block], dim=0, out=out[b])

@@ -189,10 +189,17 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
 
     def _wave(self, part: np.ndarray) -> None:
-        """This rank's merges and updates of one wave (its reads are taken already)."""
-        if (part[:, 0] == RESET).any():                  # faults are refused on ranks
-            raise RuntimeError("a sharded gossip run reset a node (fault injection is not sharded)")
+        """This rank's resets, merges and updates of one wave (its reads are taken already)."""
+        resets = part[part[:, 0] == RESET, 1]
+        if len(resets):                                  # own nodes that rejoin fresh
+            self._restart(resets)
+            self.age[self._index(resets - self.row_base)] = 0.0
         self._apply(part)
+
+    def _restart(self, nodes: np.ndarray) -> None:
+        """Own nodes start again from the initial parameters (their rows: ``node - row_base``)."""
+        init, idx = self.exp.init_params, torch.from_numpy(np.asarray(nodes, dtype=np.int64))
+        self.params[idx - self.row_base] = init if init.dim() == 1 else init[idx]
 
     # --- the period's training record, from every rank ---------------------------------------------
     def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
