@@ -253,6 +253,33 @@ def test_sync_fl_over_a_registered_population_on_ranks(tmp_path, capfd, algorith
         assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 1, files) == got[0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("example, sets", [
+    ("hierarchy/fedavg_tree.yaml", ["stop.rounds=2"]),
+    ("contribution/free_riders.yaml", ["stop.rounds=2", "contribution.permutations=3",
+                                       "contribution.validation=200"]),
+])
+def test_hierarchies_and_contribution_scores_on_ranks_write_one_process_bytes(tmp_path, capfd, example, sets):
+    """An aggregator tree's partial sums and the server's contribution scores are computed
+    from every upload, which every rank holds: 1 (one process), 2 ranks with 4-id blocks (each
+    rank trains some of the round's clients) write the same metrics, model and scores."""
+    import gossamer
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "examples" / example).read_text())
+    data = config.apply_overrides(raw, [*sets, "output.checkpoint_every=0", "sharding.block=4"])
+    path = tmp_path / "example.yaml"
+    path.write_text(yaml.safe_dump(data))
+    threads = torch.get_num_threads()
+    try:                                  # one thread, as each rank
+        torch.set_num_threads(1)
+        gossamer.run(path, out=tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    files = ("metrics.csv", "model.pt") + (("contributions.csv",) if "contribution" in example else ())
+    want = [(tmp_path / "one" / f).read_bytes() for f in files]
+    assert _ranked_runs(capfd, path, (2,), files) == [want]
+
+
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):
     from gossamer.cli import main
 

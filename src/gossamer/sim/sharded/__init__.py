@@ -57,9 +57,8 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (with CHOCO-SGD), attacks, compression and privacy (but in "
-           "synchronous FL), contribution scores, "
-           "hierarchies, public pre-training rows, robust merges (DL), graph datasets, a registered "
+REFUSED = ("faults (with CHOCO-SGD), attacks, compression, privacy, contribution scores and "
+           "hierarchies (but in synchronous FL), public pre-training rows, robust merges (DL), graph datasets, a registered "
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
@@ -84,8 +83,9 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")
     features = features_in_use(cfg)
-    if fl:     # every rank runs the attack and the upload pipeline alike over every upload
-        features.update(compression=False, privacy=False, adversary=False)
+    if fl:     # every rank runs the attack, the upload pipeline and the server's side alike
+        features.update(compression=False, privacy=False, adversary=False,     # over every upload
+                        **{"contribution.methods": False, "hierarchy.levels": False})
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
