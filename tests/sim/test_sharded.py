@@ -77,7 +77,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 
 
 @pytest.mark.parametrize("algorithm, change, field", [
-    ("fedavg", {"algorithm": {"name": "ditto"}}, "algorithm.name"),
+    ("fedavg", {"algorithm": {"name": "fedamd"}}, "algorithm.name"),
     ("dpsgd", {"algorithm": {"name": "choco"}, "faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
@@ -280,6 +280,39 @@ def test_hierarchies_and_contribution_scores_on_ranks_write_one_process_bytes(tm
     assert _ranked_runs(capfd, path, (2,), files) == [want]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, model", [("ditto", "mlp"), ("fedrep", "mlp"), ("fedbn", "mlp_bn"),
+                                              ("fedcac", "mlp")])
+def test_personalized_fl_on_ranks(tmp_path, capfd, algorithm, model):
+    """Every rank holds every client's personal model; the personal steps (Ditto, FedRep), the
+    clients' own BatchNorm entries (FedBN) and the starts the server personalizes from (FedCAC)
+    are trained by the client's owner and shared: 2 ranks write one rank's metrics, model and
+    clients.csv, and the metrics and per-client accuracies of one process (one thread)."""
+    import gossamer
+
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 3}, eval={"every": 1},
+                       partition={"name": "dirichlet", "num_nodes": 80, "params": {"alpha": 0.5},
+                                  "test_fraction": 0.2},
+                       model={"name": model, "params": {"hidden": [32]}},
+                       local={"epochs": 1, "batch_size": 10, "lr": 0.05}, sharding={"block": 8},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": algorithm, "params": {"client_fraction": 0.5}}
+    path = tmp_path / "personal.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "clients.csv", "model.pt")
+    got = _ranked_runs(capfd, path, (1, 2), files)
+    assert got[0] == got[1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gossamer.run(path, out=tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert [(tmp_path / "one" / f).read_bytes() for f in files[:2]] == got[0][:2]
+    rows = list(csv.DictReader(io.StringIO(got[0][0].decode())))
+    assert float(rows[-1]["personal_accuracy"]) > 0
+
+
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):
     from gossamer.cli import main
 
@@ -295,8 +328,8 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
     from gossamer.cli import main
 
     cfg = yaml.safe_load(_config(tmp_path).read_text())
-    cfg["algorithm"] = {"name": "ditto"}
-    path = tmp_path / "ditto.yaml"
+    cfg["algorithm"] = {"name": "fedamd"}
+    path = tmp_path / "fedamd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--ranks", "2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -55,6 +55,7 @@ class Algorithm:
     local_entries = False                       # clients keep some entries local (FedBN's norms)
     personal_training = True                    # personal models take their own local steps
     server_personalizes = False                 # the server sets them after aggregating (FedCAC)
+    uses_embeddings = False                     # the server reads trained models' embeddings (FED-PUB)
     evaluates_with_global = False               # a personal model is evaluated with the global one
     runs_on_processes = False                   # a personalized algorithm real processes run
 

@@ -10,6 +10,7 @@ import torch
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.fl.fedpub import functional_embeddings, mask_parameters
 from gossamer.training.evaluator import personal_summary
+from gossamer.training.trainer import TrainResult
 
 
 class PersonalRounds:
@@ -42,19 +43,23 @@ class PersonalRounds:
     def _personal_step(self, r: int, clients: np.ndarray, received: torch.Tensor) -> None:
         """The clients' personal models take their local steps on the algorithm's personal
         objective (Ditto: towards the model they received; FedRep: the head alone)."""
+        with self.timer("train_s"):
+            result = self._personal_train(r, clients, received)
+            self.personal[torch.from_numpy(clients)] = result.params
+        self.node_steps += int(result.steps.sum())
+
+    def _personal_train(self, r: int, clients: np.ndarray, received: torch.Tensor) -> TrainResult:
+        """The personal models of ``clients`` after their personal steps (rows ``[K, P]``);
+        the sharded simulator trains each client on its owner."""
         exp, algo = self.exp, self.algorithm
         idx = torch.from_numpy(clients)
         steps = None
         if algo.personal_epochs is not None:
             per_epoch = -(-exp.trainer.sizes[clients] // exp.cfg.local.batch_size)
             steps = algo.personal_epochs * per_epoch
-        with self.timer("train_s"):
-            start = algo.personal_start(received, self.personal[idx], self.head)
-            objective = algo.personal_objective(received, self.head_names, exp.spec.names)
-            result = exp.trainer.train(start.contiguous(), clients, r + (1 << 42), steps=steps,
-                                       objective=objective)
-            self.personal[idx] = result.params
-        self.node_steps += int(result.steps.sum())
+        start = algo.personal_start(received, self.personal[idx], self.head)
+        objective = algo.personal_objective(received, self.head_names, exp.spec.names)
+        return exp.trainer.train(start.contiguous(), clients, r + (1 << 42), steps=steps, objective=objective)
 
     def _local_round(self, r: int, ids: np.ndarray) -> None:
         """Local-only training: the selected clients train their own models; nothing is sent,

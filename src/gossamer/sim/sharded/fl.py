@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
+from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.sharded.base import Shard, barrier, gather, gather_uneven, shared_if_possible
 from gossamer.sim.sharded.owned import OwnedTraining
@@ -34,6 +35,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         super().__init__(exp)
         self.shard = shard
         self.owned = OwnedTraining(shard, self.algorithm.upload_vectors * exp.spec.numel, exp.init_params.dtype)
+        self.personal_owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
         self._shared: torch.Tensor | None = None     # [2, world, L]: each rank's sends, two slots
         self._transport = "gather" if shard.world == 1 else "auto"
         self._exchanges = 0
@@ -75,7 +77,23 @@ class ShardedSyncFLDriver(SyncFLDriver):
             return uploads, result
 
         rows, samples, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
-        return rows, TrainResult(None, samples, steps, loss), start.expand(len(trained), -1)
+        algo, idx = self.algorithm, torch.from_numpy(trained)
+        if algo.local_entries:                 # FedBN: every client keeps its trained model (its upload)
+            self.personal[idx] = rows[:, : self.exp.spec.numel]
+        starts = start.expand(len(trained), -1)
+        if self.personal is not None and algo.server_personalizes:    # FedCAC: what each started from
+            starts = algo.train_start(self.personal[idx])
+        return rows, TrainResult(None, samples, steps, loss), starts
+
+    def _personal_train(self, r: int, clients: np.ndarray, received: torch.Tensor) -> TrainResult:
+        """Each rank takes its own clients' personal steps; every rank gets every row (each
+        holds every client's personal model, so the server's side runs alike everywhere)."""
+        def train(mine: np.ndarray):
+            result = PersonalRounds._personal_train(self, r, clients[mine], received)
+            return result.params, result
+
+        rows, samples, steps, loss = self.personal_owned(clients, train, f"round {r}'s personal steps")
+        return TrainResult(rows, samples, steps, loss)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
