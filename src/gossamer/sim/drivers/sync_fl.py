@@ -43,6 +43,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
         self.has_data = np.ones(exp.num_nodes, dtype=bool) if exp.population is not None else exp.trainer.sizes > 0
         self.participants = 0
         self.lost = 0
+        self.scores_here = True           # contribution scores (only the writing rank of a sharded run)
         self.dropped = 0
         numel = exp.spec.numel
         self.down_bytes = wire.encoded_size(algo.download_vectors * numel)
@@ -249,7 +250,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
         models = rows[:, : exp.spec.numel]                  # the uploads as the server holds them
         if (scorer is not None or exp.hierarchy is not None) and len(rows):
             weights = algo.mean_weights(sizes, rows.dtype, rows.device)
-        if scorer is not None and len(rows) and r % exp.cfg.contribution.every == 0:
+        if scorer is not None and self.scores_here and len(rows) and r % exp.cfg.contribution.every == 0:
             scorer.observe(r, trained[delivered], models, weights, start)
         with self.timer("communicate_s"):
             if exp.hierarchy is not None and len(rows):    # summed up the aggregator tree

@@ -78,8 +78,16 @@ class PersonalRounds:
     def _personal_row(self) -> dict[str, float]:
         """Every client's model (personal, else the global one; fine-tuned first with
         ``eval.personal_finetune_steps``) on its own test rows: mean, median, worst 10%."""
+        nodes = self.exp.personal.nodes
+        accuracy = self._personal_accuracy(nodes)
+        self.personal_accuracy = np.full(self.exp.num_nodes, np.nan)
+        self.personal_accuracy[nodes] = accuracy
+        return personal_summary(accuracy)
+
+    def _personal_accuracy(self, nodes: np.ndarray) -> np.ndarray:
+        """The accuracy of ``nodes``' models on their own test rows (each client's alone: the
+        sharded simulator measures each on its owner)."""
         exp = self.exp
-        nodes = exp.personal.nodes
         if self.personal is not None:
             models = self.algorithm.personal_model(self.state.params, self.personal[torch.from_numpy(nodes)],
                                                    self.head)
@@ -89,10 +97,7 @@ class PersonalRounds:
         if steps:
             models = exp.trainer.train(models.contiguous(), nodes, self.round + (1 << 43),
                                        steps=np.full(len(nodes), steps)).params
-        accuracy = exp.personal.evaluate(models, nodes).cpu().numpy()
-        self.personal_accuracy = np.full(exp.num_nodes, np.nan)
-        self.personal_accuracy[nodes] = accuracy
-        return personal_summary(accuracy)
+        return exp.personal.evaluate(models, nodes).cpu().numpy()
 
     def _embeddings(self, models: torch.Tensor) -> torch.Tensor:
         """FED-PUB's functional embeddings ``[K, H]`` of models ``[K, P]`` on the proxy input."""

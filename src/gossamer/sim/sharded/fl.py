@@ -20,7 +20,14 @@ import torch
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, barrier, gather, gather_uneven, shared_if_possible
+from gossamer.sim.sharded.base import (
+    Shard,
+    barrier,
+    gather,
+    gather_rows,
+    gather_uneven,
+    shared_if_possible,
+)
 from gossamer.sim.sharded.owned import OwnedTraining
 from gossamer.training.trainer import TrainResult
 
@@ -36,6 +43,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         self.shard = shard
         self.owned = OwnedTraining(shard, self.algorithm.upload_vectors * exp.spec.numel, exp.init_params.dtype)
         self.personal_owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
+        self.scores_here = shard.primary    # contribution scores change nothing else: rank 0's
         self._shared: torch.Tensor | None = None     # [2, world, L]: each rank's sends, two slots
         self._transport = "gather" if shard.world == 1 else "auto"
         self._exchanges = 0
@@ -84,6 +92,18 @@ class ShardedSyncFLDriver(SyncFLDriver):
         if self.personal is not None and algo.server_personalizes:    # FedCAC: what each started from
             starts = algo.train_start(self.personal[idx])
         return rows, TrainResult(None, samples, steps, loss), starts
+
+    def _personal_accuracy(self, nodes: np.ndarray) -> np.ndarray:
+        """Each rank measures its own clients; every rank gets every accuracy, in id order."""
+        shard = self.shard
+        if shard.world == 1:
+            return PersonalRounds._personal_accuracy(self, nodes)
+        mine = nodes[(nodes >= shard.lo) & (nodes < shard.hi)]
+        own = PersonalRounds._personal_accuracy(self, mine) if len(mine) else np.zeros(0, dtype=np.float32)
+        counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum()) for k in range(shard.world)]
+        every = gather_rows(shard, torch.from_numpy(own.astype(np.float64))[:, None], counts,
+                            f"round {self.round}'s personal evaluation")
+        return every[:, 0].numpy().astype(own.dtype)
 
     def _personal_train(self, r: int, clients: np.ndarray, received: torch.Tensor) -> TrainResult:
         """Each rank takes its own clients' personal steps; every rank gets every row (each
