@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults (with CHOCO-SGD), attacks, compression, privacy, contribution scores and "
-           "hierarchies (but in synchronous FL), public pre-training rows, robust merges (DL), graph datasets, a registered "
-           "population (synchronous DL) and availability changes (CHOCO-SGD)")
+           "hierarchies (but in synchronous FL), public pre-training rows, graph datasets, a "
+           "registered population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -90,8 +90,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
-                   "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always",
-                   "algorithm.params": dl and algo.aggregator != "mean"}
+                   "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "

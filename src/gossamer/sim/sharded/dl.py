@@ -26,6 +26,7 @@ from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
+from gossamer.sim.gathered import MergeStats, gathered_merge
 from gossamer.sim.sharded.base import (
     TRANSPORT_ENV,
     Shard,
@@ -38,6 +39,7 @@ from gossamer.sim.sharded.base import (
 )
 from gossamer.sim.sharded.rows import ShardedRows
 from gossamer.topology import to_torch_sparse
+from gossamer.training.evaluator import local_losses
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,59 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
             src, dst = dst, src
         self._held, self._spare_held = src, dst
         self.params = src[a:a + self.own]
+
+    def _merge_gathered(self, mixing, online: np.ndarray, r: int) -> None:
+        """Robust merges (``algorithm.params.aggregator``): each rank merges its own online
+        nodes from the rows they hold, a step's input and output kept apart as in mixing
+        (every row in shared memory, else the own rows and their halo); the merges skipped are
+        counted over every rank."""
+        exp, shard = self.exp, self.shard
+        self._round_plan(mixing)
+        w = self.graph.mixing if mixing is None else mixing
+        lo, hi = shard.lo, shard.hi
+        mine = np.flatnonzero(online[lo:hi] & self.honest[lo:hi])     # positions among own rows
+        stats, params = MergeStats(), dict(exp.algorithm.aggregator_params)
+        scorer = local_losses(exp.trainer)
+        if self.shared is None:
+            square, a = self._square(w), self.plan.below
+            src, dst = self._held, self._spare_held
+        for step in range(self.round_gossip_steps):
+            if self.shared is not None:          # every rank has written its rows of the input
+                barrier(shard, f"round {r}'s merge step {step + 1}")
+                held, matrix, rows, first = self.shared[self._cur], w, lo + mine, 0
+                out = self.shared[1 - self._cur, lo:hi]
+                out.copy_(held[lo:hi])
+            else:
+                self._fetch_halo(src, step)
+                held, matrix, rows, first = src, square, a + mine, lo - a
+                out = dst[a:a + self.own]
+                out.copy_(src[a:a + self.own])
+            losses = (lambda cand, at, first=first: scorer(cand, at + first))  # noqa: E731  (node ids)
+            merged = gathered_merge(matrix, held, rows, aggregator=self.aggregator, params=params,
+                                    losses=losses, stats=stats)
+            out[torch.from_numpy(mine)] = merged
+            if self.shared is not None:
+                self._cur = 1 - self._cur
+                self.params = self.shared[self._cur, lo:hi]
+            else:
+                src, dst = dst, src
+        if self.shared is None:
+            self._held, self._spare_held = src, dst
+            self.params = src[a:a + self.own]
+        skipped = gather_rows(shard, torch.tensor([[float(stats.skipped)]], dtype=torch.float64),
+                              [1] * shard.world, f"round {r}'s merges")
+        self.skipped += int(skipped.sum())
+
+    def _square(self, w: sp.csr_matrix) -> sp.csr_matrix:
+        """``w``'s own rows over the held rows (the halo's order), as a square matrix over
+        them whose other rows are empty: own node ``i`` is row and column ``below + i - lo``."""
+        lo, hi = self.shard.lo, self.shard.hi
+        own = sp.csr_matrix(w[lo:hi])
+        held = np.union1d(own.indices, np.arange(lo, hi))
+        below = int(np.searchsorted(held, lo))
+        indptr = np.concatenate([np.zeros(below, dtype=own.indptr.dtype), own.indptr,
+                                 np.full(len(held) - below - (hi - lo), own.indptr[-1], dtype=own.indptr.dtype)])
+        return sp.csr_matrix((own.data, np.searchsorted(held, own.indices), indptr), shape=(len(held), len(held)))
 
     def _fetch_halo(self, held: torch.Tensor, step: int) -> None:
         """Fill ``held``'s halo rows from their owners (and send them ours)."""
