@@ -312,6 +312,25 @@ def test_personalized_fl_on_ranks(tmp_path, capfd, algorithm, model):
     assert float(rows[-1]["personal_accuracy"]) > 0
 
 
+@pytest.mark.slow
+def test_pretraining_on_public_rows_on_ranks(tmp_path, capfd):
+    """``model.pretrain`` on ``partition.public_fraction`` rows runs as every rank builds the
+    run (FedIns' backbone here): every rank starts from the same model, and 1 and 2 ranks write
+    the same bytes."""
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 2}, eval={"every": 1},
+                       partition={"name": "dirichlet", "num_nodes": 40, "params": {"alpha": 0.5},
+                                  "public_fraction": 0.1},
+                       model={"name": "mlp", "params": {"hidden": [32]},
+                              "pretrain": {"steps": 30, "lr": 0.05, "batch_size": 32}},
+                       local={"epochs": 1, "batch_size": 16, "lr": 0.05}, sharding={"block": 8},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": "fedins", "params": {"pool_size": 5, "top_k": 2, "client_fraction": 0.5}}
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    got = _ranked_runs(capfd, path, (1, 2), ("metrics.csv", "model.pt"))
+    assert got[0] == got[1]
+
+
 def test_torchrun_without_a_shared_run_directory_is_refused(tmp_path):
     from gossamer.cli import main
 

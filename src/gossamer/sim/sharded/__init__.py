@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults (with CHOCO-SGD), attacks, compression, privacy, contribution scores and "
-           "hierarchies (but in synchronous FL), public pre-training rows, graph datasets, a "
-           "registered population (synchronous DL) and availability changes (CHOCO-SGD)")
+           "hierarchies (but in synchronous FL), graph datasets, a registered population "
+           "(synchronous DL) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -89,6 +89,8 @@ def check_config(cfg: ExperimentConfig) -> None:
                            "partition.test_fraction": False})      # every client's test rows
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
+    # pre-training on public rows happens as every rank builds the run: the same initial model
+    features.update({"partition.public_fraction": False, "model.pretrain": False})
     unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
