@@ -80,7 +80,7 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
     ("fedavg", {"algorithm": {"name": "fedamd"}}, "algorithm.name"),
     ("dpsgd", {"algorithm": {"name": "choco"}, "faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
-    ("fedbuff", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
+    ("gossip", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
     ("dpsgd", {"algorithm": {"name": "choco"},
                "system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
      "system.availability.model"),
@@ -598,6 +598,32 @@ def test_faults_give_the_same_bytes_on_any_number_of_ranks(tmp_path, capfd, algo
     assert {r["kind"] for r in transitions} >= {"crash", "churn"}
     rows = list(csv.DictReader(io.StringIO(got[0][0].decode())))[1:]
     assert len({int(r["participants" if algorithm == "fedavg" else "online"]) for r in rows}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params, attack", [
+    ("fedbuff", {"concurrency": 12, "buffer_size": 4}, "alie"),
+    ("modest", {"sample_size": 12, "aggregators": 2, "success_fraction": 0.8, "timeout_s": 2.0}, "sign_flip"),
+])
+def test_model_attacks_in_async_fl_and_modest_on_ranks(tmp_path, capfd, algorithm, params, attack):
+    """Every rank holds every trained model of a batch (a round's trainers), so the Byzantine
+    clients' crafted uploads (ALIE crafts from the whole batch) are the same on every rank: 1
+    and 2 ranks write the same bytes."""
+    cfg = small_config("fedbuff" if algorithm == "fedbuff" else "dpsgd", data={"dataset": "mnist5k"},
+                       stop={"rounds": 16 if algorithm == "fedbuff" else 6}, eval={"every": 3},
+                       partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                               "latency_s": {"dist": "constant", "value": 0.05}},
+                       model={"name": "logreg"}, local={"steps": 2, "batch_size": 8, "lr": 0.05},
+                       adversary={"attack": attack, "fraction": 0.2},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    if algorithm == "modest":
+        cfg["topology"] = {"name": "complete"}
+    path = tmp_path / "attack.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    got = _ranked_runs(capfd, path, (1, 2), ("metrics.csv", "model.pt"))
+    assert got[0] == got[1]
 
 
 @pytest.mark.slow

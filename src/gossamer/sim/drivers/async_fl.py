@@ -230,6 +230,13 @@ class AsyncFLDriver(Driver):
     def _train_tasks(self, tasks: list[SimTask], first: SimTask) -> tuple[torch.Tensor, Any]:
         """Train ``tasks`` (untrained, from their start rows) in one batched call: their uploads
         ``[B, P]`` and the trainer's result. ``first``: the arrival that made them train."""
+        result = self._trained(tasks, first)
+        with self.timer("train_s"):
+            messages = self._messages(tasks, result.params, result.steps, first)
+        return messages, result
+
+    def _trained(self, tasks: list[SimTask], first: SimTask) -> Any:
+        """The trainer's result for ``tasks`` (their trained models, before any attack)."""
         exp = self.exp
         rows = torch.stack([x.start for x in tasks])
         nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
@@ -237,13 +244,20 @@ class AsyncFLDriver(Driver):
         steps = np.array([x.steps for x in tasks], dtype=np.int64) if first.steps else None
         with self.timer("train_s"):
             result = exp.trainer.train(rows, nodes, keys, steps=steps)
-            if not np.array_equal(result.samples, [x.samples for x in tasks]):
-                raise RuntimeError("trainer processed a different number of samples than planned")
-            trained = result.params
-            if self.attack:
-                trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
-            messages = self.algorithm.client_message(trained, rows, result.steps, self.protocol.lr)
-        return messages, result
+        if not np.array_equal(result.samples, [x.samples for x in tasks]):
+            raise RuntimeError("trainer processed a different number of samples than planned")
+        return result
+
+    def _messages(self, tasks: list[SimTask], trained: torch.Tensor, steps: np.ndarray,
+                  first: SimTask) -> torch.Tensor:
+        """The uploads of ``tasks`` from their trained models: the Byzantine clients' crafted
+        (a model attack sees the whole batch), then each client's message."""
+        exp = self.exp
+        rows = torch.stack([x.start for x in tasks])
+        if self.attack:
+            nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
+            trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
+        return self.algorithm.client_message(trained, rows, steps, self.protocol.lr)
 
     # --- reporting -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:

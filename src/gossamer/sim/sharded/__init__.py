@@ -57,8 +57,9 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (with CHOCO-SGD), attacks, compression, privacy, contribution scores and "
-           "hierarchies (but in synchronous FL), graph datasets, a registered population "
+REFUSED = ("faults (with CHOCO-SGD), attacks (but in synchronous and asynchronous FL and "
+           "MoDeST), compression, privacy, contribution scores and hierarchies (but in "
+           "synchronous FL), graph datasets, a registered population "
            "(synchronous DL) and availability changes (CHOCO-SGD)")
 
 
@@ -87,6 +88,8 @@ def check_config(cfg: ExperimentConfig) -> None:
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
+    if algo.pattern in ("async_fl", "sampled_dl"):   # every rank holds every trained model
+        features.update(adversary=False)
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     # pre-training on public rows happens as every rank builds the run: the same initial model

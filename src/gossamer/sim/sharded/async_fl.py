@@ -6,8 +6,9 @@ protocol: who is dispatched, when each upload arrives, when the server updates. 
 split is training: when the first pending task arrives, every rank trains the pending tasks
 whose clients it owns (one batched call, batch shapes fixed by the population so a task
 trains the same bits on any rank), and :class:`~.owned.OwnedTraining` hands every rank all their
-uploads, with their losses and steps, in task order. Every rank then merges the same
-uploads in the same order and holds the same server model.
+trained models, with their losses and steps, in task order. Every rank then forms the same
+uploads (a model attack crafts from the whole batch), merges them in the same order and holds
+the same server model.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ class ShardedAsyncFLDriver(AsyncFLDriver):
         nodes = np.array([x.plan.client for x in pending], dtype=np.int64)
 
         def train(mine: np.ndarray):
-            return self._train_tasks([pending[i] for i in mine.tolist()], first)
+            result = self._trained([pending[i] for i in mine.tolist()], first)
+            return result.params, result
 
-        messages, _, steps, losses = self.owned(nodes, train, f"update {self.state.version + 1}'s training")
+        trained, _, steps, losses = self.owned(nodes, train, f"update {self.state.version + 1}'s training")
+        with self.timer("train_s"):         # every rank: the attack sees every trained model
+            messages = self._messages(pending, trained, steps, first)
         for i, task in enumerate(pending):
             task.message, task.start = messages[i].clone(), None
             task.loss, task.trained_steps = float(losses[i]), int(steps[i])
