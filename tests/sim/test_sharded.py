@@ -698,8 +698,9 @@ def test_fedavg_with_churn_or_deadlines_is_bit_identical_over_ranks_and_resumes(
     """Availability changes only whom a round selects, and a deadline only whose upload counts
     (arrival times come from profiles and sample counts, before training): both are counter-
     based and the same on every rank, so synchronous FL writes the same bytes with 1 and 3
-    ranks, and a run killed with 2 resumes with 3."""
-    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 6}, eval={"every": 2},
+    ranks (each scoring some of the 4 test batches), and a run killed with 2 resumes with 3."""
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 6},
+                       eval={"every": 2, "batch_size": 300},      # 4 test batches, split over ranks
                        partition={"name": "dirichlet", "num_nodes": 200, "params": {"alpha": 0.5}},
                        system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01}, **system},
                        output={"progress": False, "checkpoint_every": 2})

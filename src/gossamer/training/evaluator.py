@@ -37,35 +37,58 @@ class BatchedEvaluator:
         if spare is not None:
             self.budget = max(self.budget, spare // (16 * 4))
 
+    @property
+    def num_batches(self) -> int:
+        """Test batches of ``batch_size`` rows (the last may be shorter)."""
+        n = self.x.shape[0]
+        return -(-n // min(self.batch_size, n)) if n else 0
+
     @torch.no_grad()
     @devices.computes_here
     def evaluate(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-model test accuracy and mean cross-entropy, both ``[M]`` (on ``params``'s
         device; computed on the evaluator's)."""
+        return self.totals(*self.batch_scores(params))
+
+    @torch.no_grad()
+    @devices.computes_here
+    def batch_scores(self, params: torch.Tensor, batches: range | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model's correct predictions (float32) and summed cross-entropy (float64) on
+        each test batch of ``batches`` (default: all), ``[M, len(batches)]``: what
+        :meth:`totals` adds up, so batches scored apart (on other ranks) give the same bits."""
         models, n = params.shape[0], self.x.shape[0]
         rows = min(self.batch_size, n)
+        batches = range(self.num_batches) if batches is None else batches
         chunk = max(1, self.budget // (rows * max(1, self.x[0].numel())))
-        correct = torch.zeros(models, device=self.x.device)
-        loss = torch.zeros(models, dtype=torch.float64, device=self.x.device)
+        correct = torch.zeros(models, len(batches), device=self.x.device)
+        loss = torch.zeros(models, len(batches), dtype=torch.float64, device=self.x.device)
         for m0 in range(0, models, chunk):
             sub = params[m0:m0 + chunk]
             views = self.spec.views(sub)
-            for r0 in range(0, n, rows):
-                xb, yb = self.x[r0:r0 + rows], self.y[r0:r0 + rows]
+            for j, b in enumerate(batches):
+                xb, yb = self.x[b * rows:(b + 1) * rows], self.y[b * rows:(b + 1) * rows]
                 xs = xb.unsqueeze(0).expand(sub.shape[0], *xb.shape)
                 with devices.autocast(self.x.device, self.autocast):
                     logits = self.forward(views, xs).float()
                 if yb.dim() > 1:                    # graph samples: every labelled node counts
-                    hit, ce = _graph_scores(logits, yb)
-                    correct[m0:m0 + chunk] += hit
-                    loss[m0:m0 + chunk] += ce
+                    correct[m0:m0 + chunk, j], loss[m0:m0 + chunk, j] = _graph_scores(logits, yb)
                     continue
-                correct[m0:m0 + chunk] += (logits.argmax(-1) == yb).sum(1).float()
+                correct[m0:m0 + chunk, j] = (logits.argmax(-1) == yb).sum(1).float()
                 ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(sub.shape[0]), reduction="none")
-                loss[m0:m0 + chunk] += ce.view(sub.shape[0], -1).sum(1).double()
-        if self.y.dim() > 1:
-            n = int((self.y >= 0).sum())
-        return correct / n, (loss / n).float()
+                loss[m0:m0 + chunk, j] = ce.view(sub.shape[0], -1).sum(1).double()
+        return correct, loss
+
+    def totals(self, correct: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accuracy and mean cross-entropy ``[M]`` from every batch's scores (:meth:`batch_scores`
+        over all batches), added in batch order."""
+        hits = torch.zeros(correct.shape[0], device=correct.device)
+        total = torch.zeros(loss.shape[0], dtype=torch.float64, device=loss.device)
+        for j in range(correct.shape[1]):
+            hits += correct[:, j]
+            total += loss[:, j]
+        n = self.x.shape[0] if self.y.dim() == 1 else int((self.y >= 0).sum())
+        return hits / n, (total / n).float()
 
 
 def _graph_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

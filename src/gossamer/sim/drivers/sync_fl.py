@@ -319,7 +319,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
 
     def evaluate(self) -> dict[str, Any]:
         with self.timer("eval_s"):
-            acc, loss = self.exp.evaluator.evaluate(self.state.params.reshape(1, -1))
+            acc, loss = self._test_scores(self.state.params.reshape(1, -1))
         row = self.base_row()
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]),
                    participants=self.participants, lost_messages=self.lost,
@@ -332,6 +332,10 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
             with self.timer("eval_s"):
                 row.update(self._personal_row())
         return row
+
+    def _test_scores(self, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test accuracy and loss of ``models`` (the sharded simulator splits the batches)."""
+        return self.exp.evaluator.evaluate(models)
 
     def global_params(self) -> torch.Tensor:
         return self.state.params

@@ -93,6 +93,20 @@ class ShardedSyncFLDriver(SyncFLDriver):
             starts = algo.train_start(self.personal[idx])
         return rows, TrainResult(None, samples, steps, loss), starts
 
+    def _test_scores(self, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank scores an even range of the test batches; every rank adds every batch's
+        scores in batch order, as one process does (the same bits)."""
+        evaluator, shard = self.exp.evaluator, self.shard
+        batches = evaluator.num_batches
+        if shard.world == 1 or batches < 2 or len(models) != 1:
+            return evaluator.evaluate(models)
+        cuts = [batches * k // shard.world for k in range(shard.world + 1)]
+        correct, loss = evaluator.batch_scores(models, range(cuts[shard.rank], cuts[shard.rank + 1]))
+        mine = torch.stack([correct[0].double(), loss[0]], dim=1)      # [batches here, 2]: exact in float64
+        every = gather_rows(shard, mine, [b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)],
+                            f"round {self.round}'s evaluation")
+        return evaluator.totals(every[:, 0].float()[None], every[:, 1][None])
+
     def _personal_accuracy(self, nodes: np.ndarray) -> np.ndarray:
         """Each rank measures its own clients; every rank gets every accuracy, in id order."""
         shard = self.shard
