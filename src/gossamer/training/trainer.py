@@ -923,10 +923,10 @@ class BatchedTrainer:
                     leaves = kernel.leaves(self._workspace(params[g_lo:g_hi], fill=not shared))
                 sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
                     if opt.sam_rho else []
+                at = g_lo if grouped else 0                  # the leaves' first row
                 for lo in range(g_lo, g_hi, max(span, 1)):
                     part = slice(lo, min(lo + span, g_hi))
-                    mine = [leaf[part.start - (g_lo if grouped else 0):part.stop - (g_lo if grouped else 0)]
-                            for leaf in leaves]
+                    mine = [leaf[part.start - at:part.stop - at] for leaf in leaves]
                     self._fused_steps(mine, None if first is None else [leaf[part] for leaf in first],
                                       part, idx_t, gathered, weights, counts, everyone, loss_sum, terms,
                                       objective, sam_buffers, params.dtype)
