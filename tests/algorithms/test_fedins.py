@@ -254,13 +254,10 @@ def test_a_cnn_backbone_adapts_its_channels_and_rows_stay_apart():
         assert torch.allclose(together[b], alone[0], atol=1e-6)
 
 
-def test_the_sharded_simulator_and_a_registered_population_refuse_public_rows():
-    from gossamer.sim.sharded import check_config
-
+def test_a_registered_population_refuses_public_rows():
+    """(The sharded simulator runs them: every rank pre-trains alike; tests/sim/test_sharded.py.)"""
     cfg = _config()
     del cfg["partition"]["test_fraction"]
-    with pytest.raises(ConfigError, match="^partition.public_fraction: not with the sharded"):
-        check_config(config.validate(cfg))
     lazy = {**cfg, "population": {"lazy": True}}
     with pytest.raises(ConfigError, match="^partition.public_fraction: not supported with population.lazy"):
         build_experiment(config.validate(lazy))
