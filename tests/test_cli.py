@@ -223,6 +223,30 @@ def test_validate_prints_memory_and_time_estimates(write_config, capsys):
     assert out[2].startswith("time estimate: ~") and "for 6 rounds" in out[2]
 
 
+def test_validate_with_ranks_estimates_each_rank_and_refuses_what_the_machine_cannot_hold(
+        write_config, capsys, monkeypatch):
+    """``--ranks K``: every rank builds the run, what the executor allocates is split or shared;
+    too many ranks for this machine's memory, or a run the sharded simulator refuses, is one
+    line naming the field."""
+    from gossamer import checks
+    from gossamer.estimate import Estimate
+
+    path = str(write_config(small_config("dpsgd")))
+    assert main(["validate", path, "--ranks", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[3].startswith("with 3 ranks on this machine: about ") and " a rank " in out[3]
+    assert out[4].startswith("time with 3 ranks: at best ~")
+    est = Estimate(parts=[("built: libraries, data, graph", 300e6), ("sync_dl models", 600e6)])
+    monkeypatch.setattr(checks, "available_memory_bytes", lambda: 2 * 10**9)
+    assert est.ranks(2)[1] is None                              # 2 x 300 + 600 MB fit in 2 GB
+    lines, refusal = est.ranks(6)                               # 6 x 300 + 600 MB do not
+    assert "about 400 MB a rank" in lines[0] and refusal.startswith("--ranks: 6 ranks would hold about 2.4 GB")
+    fedamd = write_config({**small_config("fedavg"), "algorithm": {"name": "fedamd"}})
+    assert main(["validate", str(fedamd), "--ranks", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algorithm.name" in err[0] and "drop --ranks" in err[0]
+
+
 def test_estimate_counts_the_population_copies_and_a_state_budget():
     from gossamer import config
     from gossamer.estimate import estimate

@@ -143,6 +143,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from gossamer.sim.experiment import build_experiment
 
     cfg = config_mod.load(args.config, args.set)
+    if args.ranks is not None:                    # what the sharded simulator would refuse
+        from gossamer.sim.sharded import check_config
+
+        if args.ranks < 1:
+            print(f"gossamer: --ranks must be at least 1, not {args.ranks}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+        check_config(cfg)
     exp = build_experiment(cfg)
     if exp.spec is None:                          # grank: click logs, no model (docs/grank.md)
         print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, no model")
@@ -153,6 +161,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for line in est.lines(cfg.stop.rounds):
         print(line)
     refusal = est.refusal()
+    if args.ranks is not None:
+        lines, too_many = est.ranks(args.ranks)
+        for line in lines:
+            print(line)
+        refusal = refusal or too_many
     if refusal is not None:
         print(f"gossamer: config error: {refusal}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -455,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a config (schema, data, topology) without running")
     val.add_argument("config")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--ranks", type=int, default=None, metavar="K",
+                     help="also estimate K ranks of the sharded simulator on this machine")
     val.set_defaults(func=cmd_validate)
     lst = sub.add_parser("list", help="list registered algorithms, datasets, models, topologies")
     lst.set_defaults(func=cmd_list)
