@@ -34,7 +34,6 @@ class Estimate:
 
     parts: list[tuple[str, float]] = field(default_factory=list)
     round_s: float | None = None
-    eval_s: float = 0.0               # the evaluation's share of round_s
     timed_nodes: int = 0
     round_nodes: int = 0
     device: str | None = None         # a GPU's name, when the run computes on one
@@ -87,8 +86,7 @@ class Estimate:
                f"{_size(built)}), {_size(machine)} in all"
                + (f"; {checks.gb(have)} available now" if have is not None else "")]
         if self.round_s is not None:
-            train = self.round_s - self.eval_s
-            out.append(f"time with {ranks} ranks: at best ~{train / ranks + self.eval_s / ranks:.3g} s per round "
+            out.append(f"time with {ranks} ranks: at best ~{self.round_s / ranks:.3g} s per round "
                        f"(training and evaluation split by node owner; 2 ranks on 2 cores measured "
                        f"1.2-1.8x one rank, docs/scale.md)")
         refusal = None
@@ -161,13 +159,12 @@ def estimate(exp: Experiment, time_it: bool = True) -> Estimate:
         est.device_free = devices.spare_bytes(exp.device)
     if time_it:
         batch = max(k, getattr(algo, "concurrency", None) or 0) if algo.pattern == "async_fl" else k
-        est.round_s, est.timed_nodes, est.eval_s = _time_round(exp, k, batch)
+        est.round_s, est.timed_nodes = _time_round(exp, k, batch)
     return est
 
 
-def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int, float]:
-    """Seconds one round's training of ``k`` nodes takes, plus evaluation (and the
-    evaluation's share): a call on up to
+def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int]:
+    """Seconds one round's training of ``k`` nodes takes, plus evaluation: a call on up to
     ``_SAMPLE`` of the ``batch`` nodes a training call takes (asynchronous FL trains every
     task in flight together) timed after one warm-up call, and scaled."""
     n = exp.num_nodes
@@ -175,7 +172,7 @@ def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int, float]
     if exp.population is None:                       # nodes with data
         sample = np.flatnonzero(exp.trainer.sizes > 0)[: len(sample)]
     if len(sample) == 0:
-        return 0.0, 0, 0.0
+        return 0.0, 0
     init = exp.init_params.reshape(-1, exp.spec.numel)
     rows = init[: len(sample)] if init.shape[0] > 1 else init.expand(len(sample), -1)
     # a GPU runs its kernels after the call returns: the clock stops when they are done
@@ -190,4 +187,4 @@ def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int, float]
     exp.evaluator.evaluate(init[:1])
     sync()
     eval_s = (time.perf_counter() - start) / max(1, exp.cfg.eval.every)
-    return train_s + eval_s, len(sample), eval_s
+    return train_s + eval_s, len(sample)

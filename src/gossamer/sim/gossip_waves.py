@@ -17,9 +17,8 @@ READ, WRITE, RESET, MERGE, TRAIN = 0, 1, 2, 3, 4     # model operations: (time, 
 
 class GossipWaves:
     """The model side of :class:`~gossamer.sim.drivers.gossip.GossipDriver` (a mixin over the
-    driver's population state: ``params``, ``age``, ``messages``, ``receiver``, ``updates``)."""
-
-    row_base = 0      # the node id of the first row of ``params`` (a rank holding only its own: its first)
+    driver's population state: ``params`` from node ``row_base`` on, ``age``, ``messages``,
+    ``receiver``, ``updates``)."""
 
     def _run_ops(self, ops: list[tuple]) -> None:
         """Phase 2: apply reads and writes in waves with each node at most once per wave.
@@ -39,18 +38,19 @@ class GossipWaves:
             part = table if waves == 1 else table[wave == w]
             kind = part[:, 0]
             self.messages.detach(part[kind != READ, 1].tolist(), self.params)   # rows about to change
-            resets = part[kind == RESET, 1]
-            if len(resets):
-                self._restart(resets)
-                self.age[self._index(resets)] = 0.0
             reads = part[kind == READ]
             if len(reads):
                 self._read(reads[:, 1], reads[:, 2])
             self._apply(part)
 
     def _apply(self, part: np.ndarray) -> None:
-        """A wave's merges, then its local updates (its reads and resets are done)."""
+        """A wave's resets (fresh rejoins), merges, then local updates (its reads are taken;
+        a node has one operation a wave, so a reset never touches a row read in it)."""
         kind = part[:, 0]
+        resets = part[kind == RESET, 1]
+        if len(resets):
+            self._restart(resets)
+            self.age[self._index(resets - self.row_base)] = 0.0
         for op, train in ((WRITE, True), (MERGE, False)):
             merges = part[kind == op]
             if len(merges):

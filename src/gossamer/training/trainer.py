@@ -503,12 +503,11 @@ class BatchedTrainer:
         loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
         if mean_weights is not None and groups is not None:    # one weighted sum per group
             spans = zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True)
-            mean = torch.stack([self._weighted_sum(mean_weights, leaves, a, b) for a, b in spans])
+            mean = torch.stack([self._weighted_sum(mean_weights[a:b], [leaf[a:b] for leaf in leaves])
+                                for a, b in spans])
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         if mean_weights is not None:
-            w = mean_weights.to(params.dtype).reshape(1, -1)
-            mean = torch.cat([torch.mm(w, leaf.reshape(len(leaf), -1))[0] for leaf in leaves])
-            return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
+            return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, self._weighted_sum(mean_weights, leaves))
         if leaves is not None:
             out = params if inplace else torch.empty_like(params, memory_format=torch.contiguous_format)
             for view, leaf in zip(self.spec.views(out).values(), leaves, strict=True):
@@ -931,7 +930,7 @@ class BatchedTrainer:
                                       part, idx_t, gathered, weights, counts, everyone, loss_sum, terms,
                                       objective, sam_buffers, params.dtype)
                 if grouped:
-                    sums.append(self._weighted_sum(mean_weights, kernel.params(leaves), g_lo, g_hi))
+                    sums.append(self._weighted_sum(mean_weights[g_lo:g_hi], kernel.params(leaves)))
         if in_rows:
             return self._result(out, None, valid, loss_sum, True, None)
         if grouped:
@@ -979,11 +978,9 @@ class BatchedTrainer:
                     leaf.sub_(extra, alpha=opt.lr)
 
     @staticmethod
-    def _weighted_sum(mean_weights: torch.Tensor, leaves: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
-        """``mean_weights[lo:hi] @`` the rows ``lo:hi`` ``[P]``, from their parameter-major
-        leaves (module order; ``leaves`` hold those rows alone, or every row when they have
-        more than ``hi - lo``): one product per leaf, the same whichever holds them."""
-        w = mean_weights.to(leaves[0].dtype).reshape(1, -1)[:, lo:hi]
-        if len(leaves[0]) != hi - lo:
-            leaves = [leaf[lo:hi] for leaf in leaves]
-        return torch.cat([torch.mm(w, leaf.reshape(hi - lo, -1))[0] for leaf in leaves])
+    def _weighted_sum(weights: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
+        """``weights @`` the rows the parameter-major ``leaves`` (module order) hold, ``[P]``:
+        one product per leaf, whether the leaves are a group's own workspace or its slice of a
+        larger one."""
+        w = weights.to(leaves[0].dtype).reshape(1, -1)
+        return torch.cat([torch.mm(w, leaf.reshape(len(weights), -1))[0] for leaf in leaves])

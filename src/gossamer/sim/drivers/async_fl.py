@@ -230,15 +230,16 @@ class AsyncFLDriver(Driver):
     def _train_tasks(self, tasks: list[SimTask], first: SimTask) -> tuple[torch.Tensor, Any]:
         """Train ``tasks`` (untrained, from their start rows) in one batched call: their uploads
         ``[B, P]`` and the trainer's result. ``first``: the arrival that made them train."""
-        result = self._trained(tasks, first)
+        rows = torch.stack([x.start for x in tasks])
+        result = self._trained(tasks, rows, first)
         with self.timer("train_s"):
-            messages = self._messages(tasks, result.params, result.steps, first)
+            messages = self._messages(tasks, rows, result.params, result.steps, first)
         return messages, result
 
-    def _trained(self, tasks: list[SimTask], first: SimTask) -> Any:
-        """The trainer's result for ``tasks`` (their trained models, before any attack)."""
+    def _trained(self, tasks: list[SimTask], rows: torch.Tensor, first: SimTask) -> Any:
+        """The trainer's result for ``tasks`` from their start ``rows`` (their trained models,
+        before any attack)."""
         exp = self.exp
-        rows = torch.stack([x.start for x in tasks])
         nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
         keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
         steps = np.array([x.steps for x in tasks], dtype=np.int64) if first.steps else None
@@ -248,12 +249,11 @@ class AsyncFLDriver(Driver):
             raise RuntimeError("trainer processed a different number of samples than planned")
         return result
 
-    def _messages(self, tasks: list[SimTask], trained: torch.Tensor, steps: np.ndarray,
+    def _messages(self, tasks: list[SimTask], rows: torch.Tensor, trained: torch.Tensor, steps: np.ndarray,
                   first: SimTask) -> torch.Tensor:
-        """The uploads of ``tasks`` from their trained models: the Byzantine clients' crafted
-        (a model attack sees the whole batch), then each client's message."""
+        """The uploads of ``tasks`` from their start ``rows`` and trained models: the Byzantine
+        clients' crafted (a model attack sees the whole batch), then each client's message."""
         exp = self.exp
-        rows = torch.stack([x.start for x in tasks])
         if self.attack:
             nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
             trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 class SyncDLDriver(Driver):
     """Executes :mod:`gossamer.protocols.sync_dl` over the whole population at once."""
 
+    row_base = 0      # the node id of the first row of ``params`` (a rank holding only its own: its first)
+
     columns = dl_metrics.SYNC_DL_COLUMNS
 
     def __init__(self, exp: Experiment) -> None:
@@ -85,11 +87,23 @@ class SyncDLDriver(Driver):
         return sent, sent & ~faults.lost(r, src, dst)
 
     def _restart(self, nodes: np.ndarray) -> None:
-        """Nodes that rejoin with a fresh model start again from the initial parameters."""
+        """Nodes that rejoin with a fresh model start again from the initial parameters: those
+        whose rows ``params`` holds (a rank of the sharded simulator holds its own, from node
+        ``row_base`` on)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        nodes = nodes[(nodes >= self.row_base) & (nodes < self.row_base + len(self.params))]
         if len(nodes):
-            init = self.exp.init_params
-            idx = torch.from_numpy(np.asarray(nodes, dtype=np.int64))
-            self.params[idx] = init if init.dim() == 1 else init[idx]
+            init, idx = self.exp.init_params, torch.from_numpy(nodes)
+            self.params[idx - self.row_base] = init if init.dim() == 1 else init[idx]
+
+    def _measured_nodes(self) -> np.ndarray:
+        """The nodes an evaluation measures: the evaluated ones, less those that are gone
+        (faults; all of them if none is left)."""
+        nodes = self.eval_nodes
+        if self.exp.faults.enabled:
+            up = nodes[self.last_online[nodes]]
+            nodes = up if len(up) else nodes
+        return nodes
 
     # --- one round ------------------------------------------------------------------------------
     def run_round(self) -> None:
@@ -236,10 +250,7 @@ class SyncDLDriver(Driver):
     # --- metrics ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         row = self.base_row()
-        nodes = self.eval_nodes
-        if self.exp.faults.enabled:            # nodes that are gone are not measured
-            up = nodes[self.last_online[nodes]]
-            nodes = up if len(up) else nodes
+        nodes = self._measured_nodes()
         with self.timer("eval_s"):
             evaluate = self.exp.evaluator.evaluate
             acc, loss = evaluate(self.params[nodes])

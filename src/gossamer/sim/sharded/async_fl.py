@@ -14,6 +14,7 @@ the same server model.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from gossamer.sim.drivers.async_fl import AsyncFLDriver, SimTask
 from gossamer.sim.experiment import Experiment
@@ -35,13 +36,15 @@ class ShardedAsyncFLDriver(AsyncFLDriver):
         pending = [first] + [x for x in self.tasks if x.delivered and x.message is None]
         nodes = np.array([x.plan.client for x in pending], dtype=np.int64)
 
+        rows = torch.stack([x.start for x in pending])
+
         def train(mine: np.ndarray):
-            result = self._trained([pending[i] for i in mine.tolist()], first)
+            result = self._trained([pending[i] for i in mine.tolist()], rows[torch.from_numpy(mine)], first)
             return result.params, result
 
         trained, _, steps, losses = self.owned(nodes, train, f"update {self.state.version + 1}'s training")
         with self.timer("train_s"):         # every rank: the attack sees every trained model
-            messages = self._messages(pending, trained, steps, first)
+            messages = self._messages(pending, rows, trained, steps, first)
         for i, task in enumerate(pending):
             task.message, task.start = messages[i].clone(), None
             task.loss, task.trained_steps = float(losses[i]), int(steps[i])

@@ -54,6 +54,7 @@ class Halo:
     mixing: torch.Tensor
     send: tuple[np.ndarray, ...]
     recv: tuple[int, ...]
+    local: sp.csr_matrix | None = None     # ``mixing`` as scipy rows (robust merges read it)
 
 
 def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
@@ -74,7 +75,17 @@ def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
             continue
         need = np.unique(w[edges[k]:edges[k + 1]].indices)
         send.append((need[(need >= lo) & (need < hi)] - lo).astype(np.int64))
-    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv)
+    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv, local)
+
+
+def _square(plan: Halo) -> sp.csr_matrix:
+    """``plan``'s own rows of ``W`` as a square matrix over the held rows whose other rows are
+    empty (own node ``i`` is row and column ``below + i - lo``): what :func:`gathered_merge`
+    reads for the held rows."""
+    own, held = plan.local, plan.local.shape[1]
+    indptr = np.concatenate([np.zeros(plan.below, dtype=own.indptr.dtype), own.indptr,
+                             np.full(plan.above, own.indptr[-1], dtype=own.indptr.dtype)])
+    return sp.csr_matrix((own.data, own.indices, indptr), shape=(held, held))
 
 
 class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
@@ -86,6 +97,7 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         # trains bit for bit the same whichever rank trains it
         exp.trainer.batch_width = "population"
         super().__init__(exp)
+        self.row_base = shard.lo                    # ``params`` holds the own rows
         self._held: torch.Tensor | None = None     # halo: [below + own + above, P]; params: its own rows
         self._spare_held: torch.Tensor | None = None
         self._plan_for: Any = None
@@ -167,16 +179,6 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
             self.train_loss = float(stats[:, 0].float().mean())
         return samples
 
-    def _restart(self, nodes: np.ndarray) -> None:
-        """Own nodes that rejoin with a fresh model (``faults.rejoin: fresh``) start again from
-        the initial parameters; every rank knows who rejoins, each resets its own rows."""
-        lo, hi = self.shard.lo, self.shard.hi
-        own = np.asarray(nodes, dtype=np.int64)
-        own = own[(own >= lo) & (own < hi)]
-        if len(own):
-            init, idx = self.exp.init_params, torch.from_numpy(own)
-            self.params[idx - lo] = init if init.dim() == 1 else init[idx]
-
     def _use_round_graph(self, r: int) -> None:
         super()._use_round_graph(r)
         self._use_plan(self.graph.mixing)
@@ -220,7 +222,7 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         stats, params = MergeStats(), dict(exp.algorithm.aggregator_params)
         scorer = local_losses(exp.trainer)
         if self.shared is None:
-            square, a = self._square(w), self.plan.below
+            square, a = _square(self.plan), self.plan.below
             src, dst = self._held, self._spare_held
         for step in range(self.round_gossip_steps):
             if self.shared is not None:          # every rank has written its rows of the input
@@ -248,17 +250,6 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         skipped = gather_rows(shard, torch.tensor([[float(stats.skipped)]], dtype=torch.float64),
                               [1] * shard.world, f"round {r}'s merges")
         self.skipped += int(skipped.sum())
-
-    def _square(self, w: sp.csr_matrix) -> sp.csr_matrix:
-        """``w``'s own rows over the held rows (the halo's order), as a square matrix over
-        them whose other rows are empty: own node ``i`` is row and column ``below + i - lo``."""
-        lo, hi = self.shard.lo, self.shard.hi
-        own = sp.csr_matrix(w[lo:hi])
-        held = np.union1d(own.indices, np.arange(lo, hi))
-        below = int(np.searchsorted(held, lo))
-        indptr = np.concatenate([np.zeros(below, dtype=own.indptr.dtype), own.indptr,
-                                 np.full(len(held) - below - (hi - lo), own.indptr[-1], dtype=own.indptr.dtype)])
-        return sp.csr_matrix((own.data, np.searchsorted(held, own.indices), indptr), shape=(len(held), len(held)))
 
     def _fetch_halo(self, held: torch.Tensor, step: int) -> None:
         """Fill ``held``'s halo rows from their owners (and send them ours)."""

@@ -114,7 +114,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
             return PersonalRounds._personal_accuracy(self, nodes)
         mine = nodes[(nodes >= shard.lo) & (nodes < shard.hi)]
         own = PersonalRounds._personal_accuracy(self, mine) if len(mine) else np.zeros(0, dtype=np.float32)
-        counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum()) for k in range(shard.world)]
+        counts = np.bincount(shard.owner(nodes), minlength=shard.world).tolist()
         every = gather_rows(shard, torch.from_numpy(own.astype(np.float64))[:, None], counts,
                             f"round {self.round}'s personal evaluation")
         return every[:, 0].numpy().astype(own.dtype)

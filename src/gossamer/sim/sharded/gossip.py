@@ -35,7 +35,7 @@ import torch
 
 from gossamer.sim.drivers.gossip import GossipDriver
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.gossip_waves import MERGE, READ, RESET, TRAIN, WRITE
+from gossamer.sim.gossip_waves import MERGE, READ, TRAIN, WRITE
 from gossamer.sim.messages import MessageStore
 from gossamer.sim.sharded.base import (
     Shard,
@@ -136,7 +136,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             theirs = (kind == TRAIN) | (kind == WRITE)
             self.updates[node[theirs & ~mine]] += 1  # their owners train them (update keys)
             if mine.any():
-                self._wave(part[mine])
+                self._apply(part[mine])
 
     def _fence_if_needed(self, node: np.ndarray, reads: np.ndarray, crossing: np.ndarray, w: int) -> None:
         """Shared memory: meet the other ranks before this wave if it copies a row written since
@@ -187,19 +187,6 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         if len(come):
             ages = unpack_numbers(recv[:, numel:])[:, 0].tolist()
             self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
-
-    def _wave(self, part: np.ndarray) -> None:
-        """This rank's resets, merges and updates of one wave (its reads are taken already)."""
-        resets = part[part[:, 0] == RESET, 1]
-        if len(resets):                                  # own nodes that rejoin fresh
-            self._restart(resets)
-            self.age[self._index(resets - self.row_base)] = 0.0
-        self._apply(part)
-
-    def _restart(self, nodes: np.ndarray) -> None:
-        """Own nodes start again from the initial parameters (their rows: ``node - row_base``)."""
-        init, idx = self.exp.init_params, torch.from_numpy(np.asarray(nodes, dtype=np.int64))
-        self.params[idx - self.row_base] = init if init.dim() == 1 else init[idx]
 
     # --- the period's training record, from every rank ---------------------------------------------
     def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:

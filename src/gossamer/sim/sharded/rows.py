@@ -38,10 +38,7 @@ class ShardedRows:
         row = self.base_row()
         shard, exp = self.shard, self.exp
         lo, hi, n = shard.lo, shard.hi, exp.num_nodes
-        nodes = self.eval_nodes
-        if exp.faults is not None and exp.faults.enabled:     # nodes that are gone are not measured
-            up = nodes[self.last_online[nodes]]
-            nodes = up if len(up) else nodes
+        nodes = self._measured_nodes()
         own = self._own_rows()
         during = f"round {self.round}'s evaluation"
         with self.timer("eval_s"):
@@ -52,8 +49,7 @@ class ShardedRows:
                 rows = own if len(mine) == self.own else own[torch.from_numpy(mine - lo)]
                 acc, loss = evaluate(rows)
                 measured[:, 0], measured[:, 1] = acc.double(), loss.double()
-            counts = [int(((nodes >= shard.edges[k]) & (nodes < shard.edges[k + 1])).sum())
-                      for k in range(shard.world)]
+            counts = np.bincount(shard.owner(nodes), minlength=shard.world).tolist()
             mean = population_mean(shard, own, n, during)
             distances = torch.from_numpy(self._squared_distances(own, mean))[:, None]
             every = gather_rows(shard, distances, shard.counts, during)
