@@ -767,3 +767,28 @@ def test_compressed_private_and_secure_uploads_on_ranks_equal_one_process(tmp_pa
     assert _ranked_runs(capfd, path, (2,)) == [want]
     assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 3,
                                ("metrics.csv", "model.pt")) == want
+
+
+@pytest.mark.slow
+def test_only_rank_0_scores_an_unsplit_test_batch_unless_a_target_needs_it(tmp_path, capfd):
+    """With one test batch the other ranks skip the global model's evaluation (rank 0 writes
+    the metrics, and its tracker alone logs them); with a target accuracy to stop at, every
+    rank scores it and all stop at the same round."""
+    cfg = small_config("fedavg", stop={"rounds": 4}, output={"progress": False, "checkpoint_every": 0,
+                                                             "trackers": [{"name": "tensorboard"}]})
+    path = tmp_path / "skip.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one, two = _ranked_runs(capfd, path, (1, 2), ("metrics.csv",))
+    assert one == two
+    assert len(list((tmp_path / "r2" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = [float(row["test_accuracy"]) for row in csv.DictReader(io.StringIO(one[0].decode()))]
+    target = acc[2] - 1e-4         # reached at round 2 or before (below the printed digits' rounding)
+    cfg["stop"] = {"rounds": 4, "target_accuracy": target}
+    cfg["output"] = {"progress": False, "checkpoint_every": 0}
+    (tmp_path / "target").mkdir()
+    path = tmp_path / "target" / "stop.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one, two = _ranked_runs(capfd, path, (1, 2), ("metrics.csv",))
+    assert one == two
+    rounds = [int(row["round"]) for row in csv.DictReader(io.StringIO(one[0].decode()))]
+    assert rounds[-1] == next(r for r, a in enumerate(acc) if a >= target) <= 2

@@ -67,7 +67,8 @@ class Runner:
         self.targets_reached: dict[str, dict[str, float | int]] = {}
         self.last_row: dict[str, Any] | None = None
         self.loop_time = 0.0
-        self.trackers = build_trackers(cfg.output.trackers)
+        # experiment trackers log rank 0's rows: the other ranks would log the run again
+        self.trackers = build_trackers(cfg.output.trackers) if self.primary else []
 
     # --- files -------------------------------------------------------------------------------
     def prepare(self, resume: bool) -> None:

@@ -98,6 +98,12 @@ class ShardedSyncFLDriver(SyncFLDriver):
         scores in batch order, as one process does (the same bits)."""
         evaluator, shard = self.exp.evaluator, self.shard
         batches = evaluator.num_batches
+        if (shard.world > 1 and batches < 2 and len(models) == 1 and not shard.primary
+                and self.exp.cfg.stop.target_accuracy is None):
+            # one test batch, which is not split: rank 0 writes the metrics, and no rank decides
+            # anything from the score (no stop at a target accuracy), so the others skip it
+            nothing = torch.full((1,), float("nan"))
+            return nothing, nothing
         if shard.world == 1 or batches < 2 or len(models) != 1:
             return evaluator.evaluate(models)
         cuts = [batches * k // shard.world for k in range(shard.world + 1)]
