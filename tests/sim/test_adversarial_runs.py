@@ -159,6 +159,36 @@ def test_byzantine_neighbour_can_send_each_receiver_a_different_model():
         assert got[j, 0].item() == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_random_attack_draws_for_each_receiver_alone():
+    """A Gaussian Byzantine neighbour's draws are keyed by the receiver, so merging the receivers
+    in one call, one by one, or over held rows renumbered (as a rank's halo holds them) gives
+    each the same model: what lets ranks merge their own nodes."""
+    from gossamer.attacks.adversary import Adversary
+
+    topo, w = _graph()
+    x = torch.randn(9, 6)
+    byz = np.zeros(9, dtype=bool)
+    byz[[0, 4]] = True
+    adv = Adversary("gaussian", byz, {"sigma": 3.0}, seed=5)
+
+    def corrupt(held, own, mask, who):
+        return adv.corrupt(held, own, mask, 2, keys=who)
+
+    receivers = np.flatnonzero(~byz)
+    together = gathered_merge(w, x, receivers, aggregator="median", params={}, byzantine=byz, corrupt=corrupt)
+    alone = torch.cat([gathered_merge(w, x, np.array([i]), aggregator="median", params={}, byzantine=byz,
+                                      corrupt=corrupt) for i in receivers])
+    assert torch.equal(together, alone)
+    order = np.random.default_rng(0).permutation(9)          # row k of the held rows is node order[k]
+    where = np.argsort(order)
+    moved = sp.csr_matrix(w)[order][:, order]
+    renumbered = gathered_merge(moved, x[torch.from_numpy(order)], where[receivers], aggregator="median",
+                                params={}, byzantine=byz, corrupt=corrupt, ids=order)
+    assert torch.equal(renumbered, together)
+    clean = gathered_merge(w, x, receivers, aggregator="median", params={})
+    assert not torch.equal(together, clean)                   # the attack did change merges
+
+
 def test_merge_is_skipped_where_the_rule_cannot_run():
     w = sp.csr_matrix(np.array([[0.5, 0.5, 0], [0.5, 0.25, 0.25], [0, 0.5, 0.5]]))
     stats = MergeStats()

@@ -81,6 +81,8 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
     ("dpsgd", {"algorithm": {"name": "choco"}, "faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("gossip", {"adversary": {"attack": "sign_flip", "fraction": 0.25}}, "adversary"),
+    ("dpsgd", {"algorithm": {"name": "choco"}, "adversary": {"attack": "label_flip", "fraction": 0.25}},
+     "adversary"),
     ("dpsgd", {"algorithm": {"name": "choco"},
                "system": {"availability": {"model": "markov", "mean_on_s": 300.0, "mean_off_s": 60.0}}},
      "system.availability.model"),
@@ -687,6 +689,30 @@ def test_robust_dl_merges_on_ranks(tmp_path, capfd, aggregator, params, runs):
     assert _ranked_runs(capfd, path, runs, files) == [want]
     if aggregator == "trimmed_mean":              # offline neighbours leave some with too few
         assert int(sharded[-1]["merges_skipped"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack, aggregator, runs", [("gaussian", "trimmed_mean", (2, (3, "p2p"))),
+                                                      ("alie", "mean", ((2, "p2p"),))])
+def test_model_attacks_in_dpsgd_on_ranks(tmp_path, capfd, attack, aggregator, runs):
+    """Byzantine neighbours craft what each honest receiver merges on the receiver's owner,
+    from the rows it holds, a random attack's draws keyed by the receiver (not by which
+    receivers share a call): 1, 2 and 3 ranks write the same bytes, one rank what one process
+    measures."""
+    cfg = small_config("dpsgd", data={"dataset": "mnist5k"}, stop={"rounds": 3}, eval={"every": 1},
+                       partition={"name": "dirichlet", "num_nodes": 90, "params": {"alpha": 0.5}},
+                       topology={"name": "random_regular", "params": {"degree": 4}},
+                       local={"epochs": 1, "batch_size": 10, "lr": 0.05}, model={"name": "logreg"},
+                       adversary={"attack": attack, "fraction": 0.2},
+                       output={"progress": False, "checkpoint_every": 0})
+    params = {"aggregator": "trimmed_mean", "aggregator_params": {"f": 1}} if aggregator != "mean" else {}
+    cfg["algorithm"] = {"name": "dpsgd", "params": params}
+    path = tmp_path / "attack.yaml"
+    files = ("metrics.csv", "nodes.csv", "model.pt")
+    want, sharded, single = _one_rank_and_one_process(capfd, cfg, path, files)
+    for key in ("test_accuracy", "test_loss", "acc_min", "consensus_distance"):
+        assert [float(r[key]) for r in sharded] == pytest.approx([float(r[key]) for r in single], rel=1e-5), key
+    assert _ranked_runs(capfd, path, runs, files) == [want] * len(runs)
 
 
 @pytest.mark.slow

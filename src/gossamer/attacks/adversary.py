@@ -138,7 +138,7 @@ class Adversary:
         return torch.Generator().manual_seed(seed)
 
     def corrupt(self, messages: torch.Tensor, reference: torch.Tensor, byzantine: np.ndarray,
-                round_: int, key: int = 0) -> torch.Tensor:
+                round_: int, key: int = 0, keys: np.ndarray | None = None) -> torch.Tensor:
         """Replace the Byzantine rows of ``messages`` by attack models.
 
         Args:
@@ -147,13 +147,23 @@ class Adversary:
                 the attack works on ``messages - reference``.
             byzantine: bool ``[B]`` or ``[G, B]``: which senders are Byzantine.
             round_, key: select the attack's random stream (deterministic per round and key).
+            keys: ``[G]``, with ``[G, B, P]`` messages: one key per group (per receiver), so a
+                random attack's draws for a receiver do not depend on which other receivers
+                share the call (the sharded simulator groups them by rank).
         """
         from gossamer.attacks import apply_attack
+        from gossamer.attacks.core import RANDOM
 
         mask = torch.from_numpy(np.asarray(byzantine, dtype=bool))
         if not self.model_attack or not bool(mask.any()):
             return messages
         ref = reference.unsqueeze(-2) if reference.dim() == messages.dim() - 1 else reference
+        if keys is not None and messages.dim() == 3 and self.attack in RANDOM:
+            out = messages.clone()
+            for g in torch.nonzero(mask.any(dim=1)).flatten().tolist():
+                out[g] = apply_attack(self.attack, messages[g] - ref[g], mask[g],
+                                      generator=self._generator(round_, int(keys[g])), **self.params) + ref[g]
+            return out
         updates = apply_attack(self.attack, messages - ref, mask,
                                generator=self._generator(round_, key), **self.params)
         return updates + ref

@@ -45,6 +45,9 @@ def one_of(*choices: str) -> Check:
     return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
+RANDOM = frozenset({"gaussian", "free_rider"})   # attacks that draw from their generator
+
+
 def register(name: str, **checks: Check) -> Callable[[Attack], Attack]:
     """Register an attack under ``name``; ``checks`` maps each parameter to its check."""
 

@@ -19,8 +19,8 @@ import torch
 
 from gossamer.training.evaluator import Losses
 
-# corrupt(messages [G, k, P], receivers' models [G, P], byzantine [G, k], key) -> messages
-Corrupt = Callable[[torch.Tensor, torch.Tensor, np.ndarray, int], torch.Tensor]
+# corrupt(messages [G, k, P], receivers' models [G, P], byzantine [G, k], receivers' ids [G])
+Corrupt = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray], torch.Tensor]
 
 
 @dataclass
@@ -31,7 +31,7 @@ class MergeStats:
 def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, aggregator: str,
                    params: dict, byzantine: np.ndarray | None = None, corrupt: Corrupt | None = None,
                    losses: Losses | None = None, chunk_bytes: int = 128 << 20,
-                   stats: MergeStats | None = None) -> torch.Tensor:
+                   stats: MergeStats | None = None, ids: np.ndarray | None = None) -> torch.Tensor:
     """New models ``[len(receivers), P]`` of ``receivers`` after one merge step.
 
     Args:
@@ -41,7 +41,10 @@ def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, 
         receivers: node ids to merge (others keep their rows; the caller writes results back).
         aggregator: a rule of :mod:`gossamer.aggregators`; ``mean`` is the weighted average
             (equal to ``W @ X`` on those rows).
-        byzantine, corrupt: Byzantine senders ``[N]`` and the function crafting what they send.
+        byzantine, corrupt: Byzantine senders ``[N]`` (by node id) and the function crafting
+            what they send, given the receivers' node ids (its randomness keyed by them).
+        ids: the node id of each row of ``W`` and ``X`` (default: the row itself; the sharded
+            simulator's halo holds a rank's rows and its neighbours').
     """
     from gossamer.aggregators import can_merge, merge_held, needs_losses
 
@@ -64,10 +67,11 @@ def gathered_merge(W: sp.csr_matrix, X: torch.Tensor, receivers: np.ndarray, *, 
             sl = slice(c0, c0 + step)
             held = X[torch.from_numpy(cols[sl])]                          # [g, k, P]
             if corrupt is not None and byzantine is not None:
-                byz = byzantine[cols[sl]]
+                byz = byzantine[cols[sl] if ids is None else ids[cols[sl]]]
                 byz[:, 0] = False
                 if byz.any():
-                    held = corrupt(held, held[:, 0], byz, int(receivers[members[c0]]))
+                    who = receivers[members[sl]]
+                    held = corrupt(held, held[:, 0], byz, who if ids is None else ids[who])
             scores = losses(held, receivers[members[sl]]) if scored else None
             merged = merge_held(aggregator, held, torch.from_numpy(weights[sl]), params, scores)
             out[torch.from_numpy(members[sl])] = merged.to(X.dtype)

@@ -210,8 +210,9 @@ class SyncDLDriver(Driver):
         attack = adv is not None and adv.model_attack
         params = dict(exp.algorithm.aggregator_params)
         for step in range(self.round_gossip_steps):
-            def corrupt(held, own, byz, key, step=step):
-                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + key)
+            def corrupt(held, own, byz, who, step=step):       # keyed by step and receiver
+                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + int(who[0]),
+                                   keys=step * exp.num_nodes + who)
 
             merged = gathered_merge(
                 w, self.params, receivers, aggregator=self.aggregator, params=params,

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (with CHOCO-SGD), attacks (but in synchronous and asynchronous FL and "
-           "MoDeST), compression, privacy, contribution scores and hierarchies (but in "
+REFUSED = ("faults (with CHOCO-SGD), attacks (but in synchronous and asynchronous FL, "
+           "MoDeST and synchronous DL), compression, privacy, contribution scores and hierarchies (but in "
            "synchronous FL), graph datasets, a registered population "
            "(synchronous DL) and availability changes (CHOCO-SGD)")
 
@@ -89,6 +89,8 @@ def check_config(cfg: ExperimentConfig) -> None:
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
     if algo.pattern in ("async_fl", "sampled_dl"):   # every rank holds every trained model
+        features.update(adversary=False)
+    if algo.pattern in ("sync_dl", "gradient_tracking"):   # crafting keyed by receiver, merges by owner
         features.update(adversary=False)
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)

@@ -55,6 +55,7 @@ class Halo:
     send: tuple[np.ndarray, ...]
     recv: tuple[int, ...]
     local: sp.csr_matrix | None = None     # ``mixing`` as scipy rows (robust merges read it)
+    ids: np.ndarray | None = None          # the held rows' node ids, in order
 
 
 def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
@@ -75,7 +76,8 @@ def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
             continue
         need = np.unique(w[edges[k]:edges[k + 1]].indices)
         send.append((need[(need >= lo) & (need < hi)] - lo).astype(np.int64))
-    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv, local)
+    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv, local,
+                held)
 
 
 def _square(plan: Halo) -> sp.csr_matrix:
@@ -221,23 +223,32 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         mine = np.flatnonzero(online[lo:hi] & self.honest[lo:hi])     # positions among own rows
         stats, params = MergeStats(), dict(exp.algorithm.aggregator_params)
         scorer = local_losses(exp.trainer)
+        adv = exp.adversary
+        attack = adv is not None and adv.model_attack      # Byzantine neighbours craft, keyed by receiver
         if self.shared is None:
             square, a = _square(self.plan), self.plan.below
             src, dst = self._held, self._spare_held
         for step in range(self.round_gossip_steps):
             if self.shared is not None:          # every rank has written its rows of the input
                 barrier(shard, f"round {r}'s merge step {step + 1}")
-                held, matrix, rows, first = self.shared[self._cur], w, lo + mine, 0
+                held, matrix, rows, first, ids = self.shared[self._cur], w, lo + mine, 0, None
                 out = self.shared[1 - self._cur, lo:hi]
                 out.copy_(held[lo:hi])
             else:
                 self._fetch_halo(src, step)
-                held, matrix, rows, first = src, square, a + mine, lo - a
+                held, matrix, rows, first, ids = src, square, a + mine, lo - a, self.plan.ids
                 out = dst[a:a + self.own]
                 out.copy_(src[a:a + self.own])
             losses = (lambda cand, at, first=first: scorer(cand, at + first))  # noqa: E731  (node ids)
+
+            def corrupt(held, own, byz, who, step=step):
+                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + int(who[0]),
+                                   keys=step * exp.num_nodes + who)
+
             merged = gathered_merge(matrix, held, rows, aggregator=self.aggregator, params=params,
-                                    losses=losses, stats=stats)
+                                    losses=losses, stats=stats, ids=ids,
+                                    byzantine=adv.byzantine if attack else None,
+                                    corrupt=corrupt if attack else None)
             out[torch.from_numpy(mine)] = merged
             if self.shared is not None:
                 self._cur = 1 - self._cur

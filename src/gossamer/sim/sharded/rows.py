@@ -50,9 +50,12 @@ class ShardedRows:
                 acc, loss = evaluate(rows)
                 measured[:, 0], measured[:, 1] = acc.double(), loss.double()
             counts = np.bincount(shard.owner(nodes), minlength=shard.world).tolist()
-            mean = population_mean(shard, own, n, during)
-            distances = torch.from_numpy(self._squared_distances(own, mean))[:, None]
-            every = gather_rows(shard, distances, shard.counts, during)
+            honest, n, keep = self._honest(own)
+            mean = population_mean(shard, honest, n, during)
+            distances = self._squared_distances(own, mean)
+            if keep is not None:                     # Byzantine nodes are not measured
+                distances[~keep] = 0.0
+            every = gather_rows(shard, torch.from_numpy(distances)[:, None], shard.counts, during)
             measured = gather_rows(shard, measured, counts, during)
             acc, loss = measured[:, 0].float(), measured[:, 1].float()
             row.update(dl_metrics.accuracy_row(acc, loss), online=int(self.last_online.sum()),
@@ -75,7 +78,18 @@ class ShardedRows:
         return out
 
     def global_params(self) -> torch.Tensor:
-        return population_mean(self.shard, self._own_rows(), self.exp.num_nodes, "the final model")
+        honest, n, _ = self._honest(self._own_rows())
+        return population_mean(self.shard, honest, n, "the final model")
+
+    def _honest(self, own: torch.Tensor) -> tuple[torch.Tensor, int, np.ndarray | None]:
+        """What the average model and the consensus distance are over, as in one process: the
+        honest nodes (``own`` with the Byzantine rows zeroed, their count, and which own rows
+        are honest; ``own``, N and None without attackers)."""
+        honest = getattr(self, "honest", None)
+        if honest is None or honest.all():
+            return own, self.exp.num_nodes, None
+        keep = honest[self.shard.lo:self.shard.hi]
+        return own * torch.from_numpy(keep).to(own.dtype)[:, None], int(honest.sum()), keep
 
     def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
         """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
