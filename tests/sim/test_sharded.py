@@ -716,6 +716,41 @@ def test_model_attacks_in_dpsgd_on_ranks(tmp_path, capfd, attack, aggregator, ru
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params", [
+    ("gossip", {"mode": "push_pull", "period_s": 1.0}),
+    ("random_walk", {"walk": "simple", "num_tokens": 8}),
+])
+def test_data_attacks_in_gossip_and_random_walks_on_ranks(tmp_path, capfd, algorithm, params):
+    """Label-flipping nodes poison their labels as every rank builds the run: 1 and 2 ranks
+    write the same bytes (random walks: one process's), and the poisoned nodes are not measured."""
+    import gossamer
+
+    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
+                       stop={"rounds": 4}, eval={"every": 2},
+                       partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
+                       topology={"name": "random_regular", "params": {"degree": 4}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                               "latency_s": {"dist": "constant", "value": 0.05}},
+                       model={"name": "logreg"}, adversary={"attack": "label_flip", "fraction": 0.25},
+                       local={"steps": 2, "batch_size": 8, "lr": 0.05},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    path = tmp_path / "poisoned.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "model.pt")
+    got = _ranked_runs(capfd, path, (1, 2), files)
+    assert got[0] == got[1]
+    if algorithm != "gossip":                 # gossip's ranks batch as the population does
+        gossamer.run(path, out=tmp_path / "one")
+        assert [(tmp_path / "one" / f).read_bytes() for f in files] == got[0]
+    byzantine = set(json.loads((tmp_path / "r1" / "summary.json").read_text())["byzantine_nodes"])
+    assert len(byzantine) == 15
+    if algorithm == "gossip":                 # nodes.csv: the honest nodes only
+        nodes = {int(r["node"]) for r in csv.DictReader(io.StringIO((tmp_path / "r2" / "nodes.csv").read_text()))}
+        assert nodes and not nodes & byzantine
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("system, params", [
     ({"availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 2.0}}, {}),
     ({}, {"deadline_s": 0.3, "over_selection": 0.3}),
