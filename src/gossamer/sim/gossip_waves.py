@@ -79,11 +79,17 @@ class GossipWaves:
         """What Byzantine senders send: an attack crafted against the receiver's current model
         (the receiver's model is the honest reference)."""
         receivers = self._index(np.array([self.receiver[m] for m in msgs.tolist()], dtype=np.int64))
-        own = self.params[receivers]
-        held = torch.stack([own, self.params[self._index(nodes)]], dim=1)     # [F, 2, P]
-        mask = np.zeros((len(nodes), 2), dtype=bool)
+        return self._craft(self.params[self._index(nodes)], self.params[receivers], msgs)
+
+    def _craft(self, sent: torch.Tensor, own: torch.Tensor, msgs: np.ndarray) -> torch.Tensor:
+        """Messages ``msgs`` crafted from what their Byzantine senders would honestly send
+        (``sent``) against their receivers' models (``own``), each message's draws keyed by its
+        id (not by the others crafted with it: ranks craft their receivers' messages apart)."""
+        held = torch.stack([own, sent], dim=1)                                # [F, 2, P]
+        mask = np.zeros((len(msgs), 2), dtype=bool)
         mask[:, 1] = True
-        return self.exp.adversary.corrupt(held, own, mask, self.round + 1, key=int(msgs[0]))[:, 1]
+        return self.exp.adversary.corrupt(held, own, mask, self.round + 1, key=int(msgs[0]),
+                                          keys=np.asarray(msgs, dtype=np.int64))[:, 1]
 
     def _merge(self, nodes: np.ndarray, msgs: np.ndarray, train: bool) -> None:
         """Receivers merge the messages ``msgs`` into their models (then train, one clock)."""

@@ -57,8 +57,7 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (with CHOCO-SGD), model attacks in gossip learning, data attacks with "
-           "CHOCO-SGD, compression, privacy, contribution scores and hierarchies (but in "
+REFUSED = ("faults (with CHOCO-SGD), attacks with CHOCO-SGD, compression, privacy, contribution scores and hierarchies (but in "
            "synchronous FL), graph datasets, a registered population "
            "(synchronous DL) and availability changes (CHOCO-SGD)")
 
@@ -88,12 +87,8 @@ def check_config(cfg: ExperimentConfig) -> None:
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
-    if algo.pattern in ("async_fl", "sampled_dl"):   # every rank holds every trained model
-        features.update(adversary=False)
-    if algo.pattern in ("sync_dl", "gradient_tracking"):   # crafting keyed by receiver, merges by owner
-        features.update(adversary=False)
-    if algo.pattern in ("async_gossip", "random_walk") and not _model_attack(cfg):
-        features.update(adversary=False)      # data attacks: the same poisoned labels on every rank
+    if algo.pattern != "choco":     # asynchronous FL, MoDeST: every rank holds every trained model;
+        features.update(adversary=False)    # DL, gossip: crafted on the receiver's owner, keyed by it
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     # pre-training on public rows happens as every rank builds the run: the same initial model
@@ -104,14 +99,6 @@ def check_config(cfg: ExperimentConfig) -> None:
     if field is not None:
         raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "
                           "drop --ranks")
-
-
-def _model_attack(cfg: ExperimentConfig) -> bool:
-    """Whether the config's attackers craft models (not only poison their data)."""
-    from gossamer.attacks.data import DATA_ATTACKS
-
-    attacks = [cfg.adversary.attack, *(g.attack for g in cfg.adversary.groups)]
-    return any(a is not None and a not in DATA_ATTACKS for a in attacks)
 
 
 def check(exp: Experiment) -> None:

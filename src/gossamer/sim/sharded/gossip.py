@@ -149,24 +149,50 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         self.dirty.update(node[~reads].tolist())
 
     def _read_own(self, senders: np.ndarray, msgs: np.ndarray, to: np.ndarray) -> None:
-        """Messages between two nodes of this rank: references to the senders' rows."""
+        """Messages between two nodes of this rank: references to the senders' rows (a
+        Byzantine sender's: the crafted row)."""
         lo, hi = self.shard.lo, self.shard.hi
         here = (to >= lo) & (to < hi)
-        if here.any():
-            rows = senders[here] - self.row_base
-            self.messages.put(msgs[here].tolist(), rows.tolist(), self.age[self._index(rows)].tolist())
+        byz = self._byzantine(senders)
+        honest, crafted = here & ~byz, here & byz
+        if honest.any():
+            rows = senders[honest] - self.row_base
+            self.messages.put(msgs[honest].tolist(), rows.tolist(), self.age[self._index(rows)].tolist())
+        if crafted.any():
+            idx = self._index(senders[crafted] - self.row_base)
+            self._put_crafted(msgs[crafted], self.params.index_select(0, idx), to[crafted],
+                              self.age[idx].tolist())
+
+    def _byzantine(self, senders: np.ndarray) -> np.ndarray:
+        """Which of ``senders`` craft what they send (a model attack)."""
+        adv = self.exp.adversary
+        if adv is None or not adv.model_attack:
+            return np.zeros(len(senders), dtype=bool)
+        return adv.byzantine[senders]
+
+    def _put_crafted(self, msgs: np.ndarray, sent: torch.Tensor, to: np.ndarray, ages: list[float]) -> None:
+        """Byzantine messages to this rank's nodes, crafted here against the receivers' models
+        as they are when the messages are sent (this wave's writes come after its reads)."""
+        own = self.params.index_select(0, self._index(to - self.row_base))
+        self.messages.put_rows(msgs.tolist(), self._craft(sent, own, msgs), ages)
 
     def _read_across(self, senders: np.ndarray, msgs: np.ndarray, to: np.ndarray, w: int) -> None:
         """Messages to another rank's nodes: the receiver's owner copies the senders' rows now
         (their owners may change them later), from shared memory or sent to it."""
         shard = self.shard
         lo, hi = shard.lo, shard.hi
+        byz = self._byzantine(senders)
         if not self.p2p:
             here = (to >= lo) & (to < hi)
-            if here.any():
-                idx = self._index(senders[here])
-                self.messages.put_rows(msgs[here].tolist(), self.params.index_select(0, idx),
-                                       self.age[idx].tolist())
+            for crafted in (False, True):
+                pick = here & (byz == crafted)
+                if pick.any():
+                    idx = self._index(senders[pick])
+                    rows, ages = self.params.index_select(0, idx), self.age[idx].tolist()
+                    if crafted:
+                        self._put_crafted(msgs[pick], rows, to[pick], ages)
+                    else:
+                        self.messages.put_rows(msgs[pick].tolist(), rows, ages)
             return
         numel, dtype = self.params.shape[1], self.params.dtype
         width = numel + 8 // torch.empty(0, dtype=dtype).element_size()       # the age as a float64
@@ -186,7 +212,19 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
                  f"round {self.round + 1}'s gossip (wave {w + 1})")
         if len(come):
             ages = unpack_numbers(recv[:, numel:])[:, 0].tolist()
-            self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
+            crafted = byz[come]
+            if crafted.any():
+                for pick in (~crafted, crafted):
+                    if pick.any():
+                        at = np.flatnonzero(pick)
+                        rows = recv[torch.from_numpy(at), :numel]
+                        got = [ages[j] for j in at.tolist()]
+                        if pick is crafted:
+                            self._put_crafted(msgs[come[at]], rows, to[come[at]], got)
+                        else:
+                            self.messages.put_rows(msgs[come[at]].tolist(), rows, got)
+            else:
+                self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
 
     # --- the period's training record, from every rank ---------------------------------------------
     def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
