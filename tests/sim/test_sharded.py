@@ -759,6 +759,47 @@ def test_attacks_in_gossip_and_random_walks_on_ranks(tmp_path, capfd, algorithm,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm, params", [
+    ("dpsgd", {}),
+    ("gossip", {"mode": "push_pull", "period_s": 1.0}),
+    ("fedbuff", {"concurrency": 12, "buffer_size": 4}),
+])
+def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algorithm, params):
+    """DP-SGD's clipping and noise happen in each node's training, its noise keyed by the node,
+    its update and the step: 1 and 2 ranks write the same bytes (D-PSGD and asynchronous FL:
+    one process's; gossip: its per-node scores)."""
+    import gossamer
+
+    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
+                       stop={"rounds": 12 if algorithm == "fedbuff" else 3}, eval={"every": 3 if algorithm == "fedbuff" else 1},
+                       partition={"name": "dirichlet", "num_nodes": 40, "params": {"alpha": 0.5}},
+                       topology={"name": "random_regular", "params": {"degree": 4}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                               "latency_s": {"dist": "constant", "value": 0.05}},
+                       model={"name": "logreg"}, local={"steps": 2, "batch_size": 8, "lr": 0.05},
+                       privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    if algorithm == "fedbuff":
+        del cfg["topology"]
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    files = ("metrics.csv", "model.pt")
+    got = _ranked_runs(capfd, path, (1, 2), files)
+    assert got[0] == got[1]
+    gossamer.run(path, out=tmp_path / "one")
+    one = list(csv.DictReader(io.StringIO((tmp_path / "one" / "metrics.csv").read_text())))
+    ranked = list(csv.DictReader(io.StringIO(got[0][0].decode())))
+    clean = dict(cfg, privacy={})
+    (tmp_path / "clean").mkdir()
+    gossamer.run(config.validate(clean), out=tmp_path / "clean" / "run")
+    plain = list(csv.DictReader(io.StringIO((tmp_path / "clean" / "run" / "metrics.csv").read_text())))
+    for key in ("test_accuracy", "test_loss"):
+        assert [float(r[key]) for r in ranked] == pytest.approx([float(r[key]) for r in one], rel=1e-5), key
+    assert [r["test_loss"] for r in ranked] != [r["test_loss"] for r in plain]      # the noise is there
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("system, params", [
     ({"availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 2.0}}, {}),
     ({}, {"deadline_s": 0.3, "over_selection": 0.3}),

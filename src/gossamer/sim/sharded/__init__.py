@@ -57,9 +57,9 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults (with CHOCO-SGD), attacks with CHOCO-SGD, compression, privacy, contribution scores and hierarchies (but in "
-           "synchronous FL), graph datasets, a registered population "
-           "(synchronous DL) and availability changes (CHOCO-SGD)")
+REFUSED = ("faults and attacks with CHOCO-SGD, compression, client-level DP, secure aggregation, "
+           "contribution scores and hierarchies (but in synchronous FL), graph datasets, a "
+           "registered population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -89,6 +89,9 @@ def check_config(cfg: ExperimentConfig) -> None:
                            "partition.test_fraction": False})      # every client's test rows
     if algo.pattern != "choco":     # asynchronous FL, MoDeST: every rank holds every trained model;
         features.update(adversary=False)    # DL, gossip: crafted on the receiver's owner, keyed by it
+    dp = cfg.privacy.dp
+    if dp is not None and dp.level == "sample" and cfg.privacy.secure_aggregation is None:
+        features.update(privacy=False)      # DP-SGD: each node's noise keyed by node, update and step
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
     # pre-training on public rows happens as every rank builds the run: the same initial model
