@@ -800,6 +800,35 @@ def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algori
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+def test_graph_data_on_ranks(tmp_path, capfd, algorithm):
+    """SBM client subgraphs (a GCN): every rank builds the same graphs; FedAvg's clients are
+    scored on their own test nodes by their owners. 1 and 2 ranks write one process's bytes
+    (D-PSGD: its per-node scores)."""
+    import gossamer
+
+    cfg = small_config("dpsgd" if algorithm == "dpsgd" else "fedavg", stop={"rounds": 3}, eval={"every": 1},
+                       data={"dataset": "sbm", "params": {"num_clients": 8, "nodes": 400, "communities": 8,
+                                                          "classes": 4, "features": 8}},
+                       partition={"name": "natural", "num_nodes": 8}, model={"name": "gcn", "params": {"hidden": 16}},
+                       local={"epochs": 2, "batch_size": 1, "lr": 0.2},
+                       output={"progress": False, "checkpoint_every": 0})
+    path = tmp_path / "sbm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    got = _ranked_runs(capfd, path, (1, 2), ("metrics.csv",))
+    assert got[0] == got[1]
+    gossamer.run(path, out=tmp_path / "one")
+    one = (tmp_path / "one" / "metrics.csv").read_bytes()
+    if algorithm == "fedavg":
+        assert one == got[0][0]
+        assert "personal_accuracy" in one.decode().splitlines()[0]
+    else:                                     # the average model: block sums (last digits)
+        for key in ("test_accuracy", "test_loss", "acc_min", "acc_max"):
+            ranked = [float(r[key]) for r in csv.DictReader(io.StringIO(got[0][0].decode()))]
+            assert ranked == [float(r[key]) for r in csv.DictReader(io.StringIO(one.decode()))], key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("system, params", [
     ({"availability": {"model": "markov", "mean_on_s": 3.0, "mean_off_s": 2.0}}, {}),
     ({}, {"deadline_s": 0.3, "over_selection": 0.3}),

@@ -58,8 +58,8 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults and attacks with CHOCO-SGD, compression, client-level DP, secure aggregation, "
-           "contribution scores and hierarchies (but in synchronous FL), graph datasets, a "
-           "registered population (synchronous DL) and availability changes (CHOCO-SGD)")
+           "contribution scores and hierarchies (but in synchronous FL), a registered "
+           "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -94,8 +94,10 @@ def check_config(cfg: ExperimentConfig) -> None:
         features.update(privacy=False)      # DP-SGD: each node's noise keyed by node, update and step
     if algo.pattern != "choco":         # faults: a counter-based schedule, alike on every rank
         features.update(faults=False)
-    # pre-training on public rows happens as every rank builds the run: the same initial model
-    features.update({"partition.public_fraction": False, "model.pretrain": False})
+    # pre-training on public rows happens as every rank builds the run: the same initial model;
+    # graph data (sbm): every rank builds the same graphs (FL: each client's test nodes scored
+    # by its owner, as held-out rows are)
+    features.update({"partition.public_fraction": False, "model.pretrain": False, "data.dataset": False})
     unsupported = {"population.lazy": dl and cfg.population.lazy, **features,
                    "system.availability.model": algo.pattern == "choco" and cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
