@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults and attacks with CHOCO-SGD, compression, client-level DP, secure aggregation, "
+REFUSED = ("faults and model attacks with CHOCO-SGD (refused in one process too), compression, client-level DP, secure aggregation, "
            "contribution scores and hierarchies (but in synchronous FL), a registered "
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
@@ -87,8 +87,10 @@ def check_config(cfg: ExperimentConfig) -> None:
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
-    if algo.pattern != "choco":     # asynchronous FL, MoDeST: every rank holds every trained model;
-        features.update(adversary=False)    # DL, gossip: crafted on the receiver's owner, keyed by it
+    # asynchronous FL, MoDeST: every rank holds every trained model; DL, gossip: crafted on the
+    # receiver's owner, keyed by it; CHOCO-SGD: data attacks only (as in one process)
+    if algo.pattern != "choco" or _data_attacks_only(cfg):
+        features.update(adversary=False)
     dp = cfg.privacy.dp
     if dp is not None and dp.level == "sample" and cfg.privacy.secure_aggregation is None:
         features.update(privacy=False)      # DP-SGD: each node's noise keyed by node, update and step
@@ -104,6 +106,14 @@ def check_config(cfg: ExperimentConfig) -> None:
     if field is not None:
         raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "
                           "drop --ranks")
+
+
+def _data_attacks_only(cfg: ExperimentConfig) -> bool:
+    """Whether every attacker of the config poisons its data (none crafts models)."""
+    from gossamer.attacks.data import DATA_ATTACKS
+
+    return all(a in DATA_ATTACKS for a in (cfg.adversary.attack, *(g.attack for g in cfg.adversary.groups))
+               if a is not None)
 
 
 def check(exp: Experiment) -> None:
