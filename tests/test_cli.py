@@ -241,8 +241,8 @@ def test_validate_with_ranks_estimates_each_rank_and_refuses_what_the_machine_ca
     assert est.ranks(2)[1] is None                              # 2 x 300 + 600 MB fit in 2 GB
     lines, refusal = est.ranks(6)                               # 6 x 300 + 600 MB do not
     assert "about 400 MB a rank" in lines[0] and refusal.startswith("--ranks: 6 ranks would hold about 2.4 GB")
-    fedamd = write_config({**small_config("fedavg"), "algorithm": {"name": "fedamd"}})
-    assert main(["validate", str(fedamd), "--ranks", "2"]) == 2
+    zeroth = write_config({**small_config("fedavg"), "algorithm": {"name": "zo_fedavg"}})
+    assert main(["validate", str(zeroth), "--ranks", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "algorithm.name" in err[0] and "drop --ranks" in err[0]
 

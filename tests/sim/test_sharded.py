@@ -77,7 +77,6 @@ def test_a_blocks_sum_does_not_depend_on_what_else_a_rank_holds():
 
 
 @pytest.mark.parametrize("algorithm, change, field", [
-    ("fedavg", {"algorithm": {"name": "fedamd"}}, "algorithm.name"),
     ("dpsgd", {"algorithm": {"name": "choco"}, "faults": {"message_loss": {"prob": 0.1}}}, "faults"),
     ("fedavg", {"algorithm": {"name": "zo_fedavg"}}, "algorithm.name"),
     ("dpsgd", {"algorithm": {"name": "choco"}, "adversary": {"attack": "sign_flip", "fraction": 0.25}},
@@ -347,8 +346,8 @@ def test_the_launcher_refuses_what_it_cannot_shard_before_starting_processes(tmp
     from gossamer.cli import main
 
     cfg = yaml.safe_load(_config(tmp_path).read_text())
-    cfg["algorithm"] = {"name": "fedamd"}
-    path = tmp_path / "fedamd.yaml"
+    cfg["algorithm"] = {"name": "zo_fedavg"}
+    path = tmp_path / "zeroth.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--ranks", "2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -800,32 +799,57 @@ def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algori
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedpub", "dpsgd"])
 def test_graph_data_on_ranks(tmp_path, capfd, algorithm):
-    """SBM client subgraphs (a GCN): every rank builds the same graphs; FedAvg's clients are
-    scored on their own test nodes by their owners. 1 and 2 ranks write one process's bytes
-    (D-PSGD: its per-node scores)."""
+    """SBM client subgraphs (a GCN): every rank builds the same graphs; FL clients are scored
+    on their own test nodes by their owners, and FED-PUB's trained models travel beside their
+    uploads (its server embeds them). 1 and 2 ranks write one process's bytes (D-PSGD: its
+    per-node scores)."""
     import gossamer
 
     cfg = small_config("dpsgd" if algorithm == "dpsgd" else "fedavg", stop={"rounds": 3}, eval={"every": 1},
                        data={"dataset": "sbm", "params": {"num_clients": 8, "nodes": 400, "communities": 8,
                                                           "classes": 4, "features": 8}},
-                       partition={"name": "natural", "num_nodes": 8}, model={"name": "gcn", "params": {"hidden": 16}},
+                       partition={"name": "natural", "num_nodes": 8},
+                       model={"name": "gcn", "params": {"hidden": 16, "masked": algorithm == "fedpub"}},
                        local={"epochs": 2, "batch_size": 1, "lr": 0.2},
                        output={"progress": False, "checkpoint_every": 0})
+    if algorithm == "fedpub":
+        cfg["algorithm"] = {"name": "fedpub", "params": {"tau": 10.0, "l1": 0.001, "loc_l2": 0.001}}
+        cfg["local"] = {"epochs": 2, "batch_size": 1, "optimizer": "adamw", "lr": 0.005}
     path = tmp_path / "sbm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     got = _ranked_runs(capfd, path, (1, 2), ("metrics.csv",))
     assert got[0] == got[1]
     gossamer.run(path, out=tmp_path / "one")
     one = (tmp_path / "one" / "metrics.csv").read_bytes()
-    if algorithm == "fedavg":
+    if algorithm != "dpsgd":
         assert one == got[0][0]
         assert "personal_accuracy" in one.decode().splitlines()[0]
     else:                                     # the average model: block sums (last digits)
         for key in ("test_accuracy", "test_loss", "acc_min", "acc_max"):
             ranked = [float(r[key]) for r in csv.DictReader(io.StringIO(got[0][0].decode()))]
             assert ranked == [float(r[key]) for r in csv.DictReader(io.StringIO(one.decode()))], key
+
+
+@pytest.mark.slow
+def test_fedamd_anchors_and_miners_on_ranks(tmp_path, capfd):
+    """FedAMD: each rank computes its anchors' full-shard gradients (batches as wide as the
+    population's largest shard) and trains its miners; every rank attacks the miners' models
+    and aggregates alike: 1 and 2 ranks write the same bytes, one rank one process's metrics."""
+    cfg = small_config("fedavg", data={"dataset": "mnist5k"}, stop={"rounds": 3}, eval={"every": 1},
+                       partition={"name": "dirichlet", "num_nodes": 40, "params": {"alpha": 0.5}},
+                       model={"name": "logreg"}, local={"epochs": 1, "batch_size": 8, "lr": 0.05},
+                       adversary={"attack": "alie", "fraction": 0.2},
+                       output={"progress": False, "checkpoint_every": 0})
+    cfg["algorithm"] = {"name": "fedamd", "params": {"client_fraction": 0.5}}
+    path = tmp_path / "fedamd.yaml"
+    files = ("metrics.csv", "model.pt")
+    want, sharded, single = _one_rank_and_one_process(capfd, cfg, path, files)
+    for key in ("test_accuracy", "test_loss", "train_loss"):          # (round 0 has no train_loss)
+        assert [float(r[key]) for r in sharded[1:]] == pytest.approx([float(r[key]) for r in single[1:]],
+                                                                      rel=1e-5), key
+    assert _ranked_runs(capfd, path, (2,), files) == [want]
 
 
 @pytest.mark.slow

@@ -622,7 +622,8 @@ class BatchedTrainer:
         self._no_stats("a full-shard gradient (FedAMD, gradient coding)")
         nodes = np.asarray(nodes, dtype=np.int64)
         sizes = self.sizes[nodes]
-        width = max(1, int(sizes.max(initial=0)))
+        widest = self.sizes if self.batch_width == "population" else sizes     # ranks: fixed by the population
+        width = max(1, int(widest.max(initial=0)))
         idx = self._index(self.shards[nodes, :width])
         weight = self._index(np.arange(width)[None, :] < sizes[:, None]).to(params.dtype)
         leaves = [v.detach().clone().requires_grad_(True) for v in self.spec.views(params).values()]

@@ -10,7 +10,7 @@ id, not by rank, so a run writes the same ``metrics.csv`` and ``model.pt`` with 
 ranks, bit for bit, and resumes from its checkpoint with any number of ranks. Rank 0 writes
 the run directory.
 
-- synchronous FL (also personalized, not FED-PUB or FedAMD; also over a registered population): :mod:`.fl`;
+- synchronous FL (also personalized, FED-PUB and FedAMD; also over a registered population): :mod:`.fl`;
   an aggregate that is the uploads' weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, ...) from
   block sums, any other (SCAFFOLD, DiLoCo, robust aggregators) from every upload, shared in the
   round's order;
@@ -70,12 +70,11 @@ def check_config(cfg: ExperimentConfig) -> None:
 
     transport()
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
-    fl = algo.pattern == "sync_fl" and not (algo.split_roles or algo.uses_embeddings)
+    fl = algo.pattern == "sync_fl"
     dl = algo.pattern in ("sync_dl", "gradient_tracking", "choco")
     gossip = algo.pattern == "async_gossip"
     if not (fl or dl or gossip or algo.pattern in ("async_fl", "sampled_dl", "random_walk")):
-        raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL (not FED-PUB or "
-                          f"FedAMD), synchronous DL "
+        raise ConfigError("algorithm.name", f"the sharded simulator runs synchronous FL, synchronous DL "
                           f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning, MoDeST, random "
                           f"walks and asynchronous FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs "
                           f"in one process (drop --ranks)")

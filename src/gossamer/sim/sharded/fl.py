@@ -41,7 +41,10 @@ class ShardedSyncFLDriver(SyncFLDriver):
         exp.trainer.batch_width = "population"
         super().__init__(exp)
         self.shard = shard
-        self.owned = OwnedTraining(shard, self.algorithm.upload_vectors * exp.spec.numel, exp.init_params.dtype)
+        # FED-PUB's server also reads each trained model (its embedding): it travels beside the upload
+        self._with_trained = self.algorithm.uses_embeddings
+        width = (self.algorithm.upload_vectors + int(self._with_trained)) * exp.spec.numel
+        self.owned = OwnedTraining(shard, width, exp.init_params.dtype)
         self.personal_owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
         self.scores_here = shard.primary    # contribution scores change nothing else: rank 0's
         self._shared: torch.Tensor | None = None     # [2, world, L]: each rank's sends, two slots
@@ -82,16 +85,59 @@ class ShardedSyncFLDriver(SyncFLDriver):
         in the round's order, and runs the server's side alike."""
         def train(mine: np.ndarray):
             uploads, result, _ = SyncFLDriver._train_clients(self, r, trained[mine], payload, start)
+            if self._with_trained:
+                uploads = torch.cat([uploads, result.params.to(uploads.dtype)], dim=1)
             return uploads, result
 
         rows, samples, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
+        params = None
+        if self._with_trained:
+            width = self.algorithm.upload_vectors * self.exp.spec.numel
+            rows, params = rows[:, :width], rows[:, width:]
         algo, idx = self.algorithm, torch.from_numpy(trained)
         if algo.local_entries:                 # FedBN: every client keeps its trained model (its upload)
             self.personal[idx] = rows[:, : self.exp.spec.numel]
         starts = start.expand(len(trained), -1)
         if self.personal is not None and algo.server_personalizes:    # FedCAC: what each started from
             starts = algo.train_start(self.personal[idx])
-        return rows, TrainResult(None, samples, steps, loss), starts
+        return rows, TrainResult(params, samples, steps, loss), starts
+
+    def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
+        """FedAMD: each rank computes its anchors' full-shard gradients and trains its miners;
+        every rank gets every upload in the round's order, then runs the attack on the miners'
+        models and the aggregate alike (as one process does after its training)."""
+        exp, algo = self.exp, self.algorithm
+        payload = algo.broadcast(self.state)
+        start = payload[: exp.spec.numel]
+
+        def train(mine: np.ndarray):
+            ups = torch.empty(len(mine), exp.spec.numel, dtype=start.dtype)
+            steps, loss = np.zeros(len(mine), dtype=np.int64), torch.zeros(len(mine))
+            anchor = anchors[mine]
+            if anchor.any():
+                grads, full = exp.trainer.full_gradient(start.expand(int(anchor.sum()), -1), trained[mine[anchor]])
+                ups[torch.from_numpy(anchor)], loss[torch.from_numpy(anchor)] = grads, full.float()
+            if (~anchor).any():
+                result = exp.trainer.train(start.expand(int((~anchor).sum()), -1), trained[mine[~anchor]], r,
+                                           objective=algo.local_objective(payload, None))
+                ups[torch.from_numpy(~anchor)], loss[torch.from_numpy(~anchor)] = result.params, result.loss.float()
+                steps[~anchor] = result.steps
+            return ups, TrainResult(None, np.zeros(len(mine)), steps, loss)
+
+        with self.timer("train_s"):
+            uploads, _, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
+            miners = ~anchors
+            if exp.adversary.model_attack and miners.any():
+                uploads = uploads.clone()
+                uploads[torch.from_numpy(miners)] = exp.adversary.corrupt(
+                    uploads[torch.from_numpy(miners)], start, exp.adversary.crafting[trained[miners]], r)
+            self.node_steps += int(steps[miners].sum())
+        keep = torch.from_numpy(delivered)
+        with self.timer("communicate_s"):
+            self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
+                                        steps[delivered], exp.cfg.local.lr, clients=trained[delivered],
+                                        anchors=anchors[delivered])
+        self.train_loss = torch.cat([loss[torch.from_numpy(anchors)], loss[torch.from_numpy(miners)]]).mean()
 
     def _test_scores(self, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each rank scores an even range of the test batches; every rank adds every batch's
