@@ -558,6 +558,24 @@ def _ranked_runs(capfd, path: Path, runs: tuple, files: tuple[str, ...] = ("metr
     return got
 
 
+def _event_config(algorithm: str, params: dict, nodes: int = 60, **over) -> dict:
+    """A small MNIST-5k run of gossip, MoDeST, random walks, FedBuff or D-PSGD: logistic
+    regression on a Dirichlet split, a random 4-regular graph (MoDeST: complete; FedBuff: none),
+    short compute times and a constant latency; ``over`` sets top-level entries."""
+    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
+                       partition={"name": "dirichlet", "num_nodes": nodes, "params": {"alpha": 0.5}},
+                       topology={"name": "complete"} if algorithm == "modest"
+                       else {"name": "random_regular", "params": {"degree": 4}},
+                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
+                               "latency_s": {"dist": "constant", "value": 0.05}},
+                       model={"name": "logreg"}, local={"steps": 2, "batch_size": 8, "lr": 0.05},
+                       output={"progress": False, "checkpoint_every": 0}, **over)
+    cfg["algorithm"] = {"name": algorithm, "params": params}
+    if algorithm == "fedbuff":
+        del cfg["topology"]
+    return cfg
+
+
 FAULTS = {"crash": {"fraction": 0.1, "at_s": {"dist": "uniform", "low": 0.5, "high": 3.0}},
           "churn": {"fraction": 0.3, "on_s": {"dist": "exponential", "mean": 1.5},
                     "off_s": {"dist": "exponential", "mean": 1.0}},
@@ -639,19 +657,8 @@ def test_faults_in_the_schedule_driven_patterns_on_ranks(tmp_path, capfd, algori
     ranks write the same bytes, and those of one process where the pattern's ranks do."""
     import gossamer
 
-    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
-                       stop={"rounds": 16 if algorithm == "fedbuff" else 4}, eval={"every": 2, "nodes": 30},
-                       partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
-                       topology={"name": "complete" if algorithm == "modest" else "random_regular",
-                                 **({} if algorithm == "modest" else {"params": {"degree": 4}})},
-                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
-                               "latency_s": {"dist": "constant", "value": 0.05}},
-                       model={"name": "logreg"}, faults=FAULTS,
-                       local={"steps": 2, "batch_size": 8, "lr": 0.05},
-                       output={"progress": False, "checkpoint_every": 0})
-    cfg["algorithm"] = {"name": algorithm, "params": params}
-    if algorithm == "fedbuff":
-        del cfg["topology"]
+    cfg = _event_config(algorithm, params, stop={"rounds": 16 if algorithm == "fedbuff" else 4},
+                        eval={"every": 2, "nodes": 30}, faults=FAULTS)
     path = tmp_path / "faults.yaml"
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "model.pt", "faults.csv")
@@ -727,16 +734,8 @@ def test_attacks_in_gossip_and_random_walks_on_ranks(tmp_path, capfd, algorithm,
     the same bytes (random walks: one process's), and the attackers are not measured."""
     import gossamer
 
-    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
-                       stop={"rounds": 4}, eval={"every": 2},
-                       partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
-                       topology={"name": "random_regular", "params": {"degree": 4}},
-                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
-                               "latency_s": {"dist": "constant", "value": 0.05}},
-                       model={"name": "logreg"}, adversary={"attack": attack, "fraction": 0.25},
-                       local={"steps": 2, "batch_size": 8, "lr": 0.05},
-                       output={"progress": False, "checkpoint_every": 0})
-    cfg["algorithm"] = {"name": algorithm, "params": params}
+    cfg = _event_config(algorithm, params, stop={"rounds": 4}, eval={"every": 2},
+                        adversary={"attack": attack, "fraction": 0.25})
     path = tmp_path / "poisoned.yaml"
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "model.pt")
@@ -769,18 +768,9 @@ def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algori
     one process's; gossip: its per-node scores)."""
     import gossamer
 
-    cfg = small_config("gossip" if algorithm == "gossip" else "dpsgd", data={"dataset": "mnist5k"},
-                       stop={"rounds": 12 if algorithm == "fedbuff" else 3}, eval={"every": 3 if algorithm == "fedbuff" else 1},
-                       partition={"name": "dirichlet", "num_nodes": 40, "params": {"alpha": 0.5}},
-                       topology={"name": "random_regular", "params": {"degree": 4}},
-                       system={"sample_time_s": {"dist": "uniform", "low": 0.001, "high": 0.01},
-                               "latency_s": {"dist": "constant", "value": 0.05}},
-                       model={"name": "logreg"}, local={"steps": 2, "batch_size": 8, "lr": 0.05},
-                       privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}},
-                       output={"progress": False, "checkpoint_every": 0})
-    cfg["algorithm"] = {"name": algorithm, "params": params}
-    if algorithm == "fedbuff":
-        del cfg["topology"]
+    cfg = _event_config(algorithm, params, nodes=40, stop={"rounds": 12 if algorithm == "fedbuff" else 3},
+                        eval={"every": 3 if algorithm == "fedbuff" else 1},
+                        privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}})
     path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "model.pt")
