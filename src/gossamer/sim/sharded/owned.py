@@ -64,24 +64,24 @@ class OwnedTraining:
             every[torch.from_numpy(np.argsort(owner, kind="stable"))] = got     # gathered rank by rank
         else:
             every = buffer[:len(nodes)]
-            if len(mine):
-                own = torch.empty(len(mine), self.width, dtype=self.dtype)
-                self._write(own, mine, train)
-                every[torch.from_numpy(mine)] = own
+            self._write(every, mine, train, at=mine)      # straight into the shared buffer
             barrier(shard, during)
         numbers = unpack_numbers(every[:, self.numel:]).numpy()
         return (every[:, :self.numel].contiguous(), numbers[:, 0].copy(), numbers[:, 1].astype(np.int64),
                 torch.from_numpy(numbers[:, 2].copy()).float())
 
-    def _write(self, out: torch.Tensor, mine: np.ndarray, train: Callable) -> None:
+    def _write(self, out: torch.Tensor, mine: np.ndarray, train: Callable, at: np.ndarray | None = None) -> None:
+        """Train the entries ``mine`` and write their rows and numbers into ``out``: its first
+        rows, or its rows ``at``."""
         if not len(mine):
             return
         rows, result = train(mine)
         stats = torch.stack([torch.from_numpy(np.asarray(result.samples, dtype=np.float64)),
                              torch.from_numpy(np.asarray(result.steps, dtype=np.float64)),
                              result.loss.double().cpu()], dim=1)          # samples, steps, loss
-        out[:, :self.numel] = rows
-        out[:, self.numel:] = pack_numbers(stats, self.dtype)
+        where = slice(0, len(mine)) if at is None else torch.from_numpy(at)
+        out[where, :self.numel] = rows
+        out[where, self.numel:] = pack_numbers(stats, self.dtype)
 
     def _buffer(self, entries: int) -> torch.Tensor | None:
         """This call's shared buffer (None: gather instead). Every rank makes the same calls, so
