@@ -137,32 +137,43 @@ class UploadStages:
         return replace(up, model=model), delivered
 
     def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
-        """FedAMD: anchors upload full-shard gradients at the global model, miners train."""
+        """FedAMD: anchors upload full-shard gradients at the global model, miners train (a
+        model attack crafts from the miners' models)."""
         exp, algo = self.exp, self.algorithm
         payload = algo.broadcast(self.state)
         start = payload[: exp.spec.numel]
-        uploads = torch.empty(len(trained), exp.spec.numel, device=self.device)
-        steps = np.zeros(len(trained), dtype=np.int64)
-        losses = []
+        miners = ~anchors
         with self.timer("train_s"):
-            if anchors.any():
-                grads, loss = exp.trainer.full_gradient(start.expand(int(anchors.sum()), -1), trained[anchors])
-                uploads[torch.from_numpy(anchors)] = grads
-                losses.append(loss)
-            miners = ~anchors
-            if miners.any():
-                result = exp.trainer.train(start.expand(int(miners.sum()), -1), trained[miners], r,
-                                           objective=algo.local_objective(payload, None))
-                models = result.params
-                if exp.adversary.model_attack:
-                    models = exp.adversary.corrupt(models, start, exp.adversary.crafting[trained[miners]], r)
-                uploads[torch.from_numpy(miners)] = models
-                steps[miners] = result.steps
-                losses.append(result.loss)
-                self.node_steps += int(result.steps.sum())
+            uploads, steps, loss = self._anchor_uploads(r, trained, anchors, payload)
+            if exp.adversary.model_attack and miners.any():
+                at = torch.from_numpy(miners)
+                uploads[at] = exp.adversary.corrupt(uploads[at], start, exp.adversary.crafting[trained[miners]], r)
+            self.node_steps += int(steps[miners].sum())
         keep = torch.from_numpy(delivered)
         with self.timer("communicate_s"):
             self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
                                         steps[delivered], exp.cfg.local.lr, clients=trained[delivered],
                                         anchors=anchors[delivered])
-        self.train_loss = torch.cat(losses).mean()
+        self.train_loss = torch.cat([loss[torch.from_numpy(anchors)], loss[torch.from_numpy(miners)]]).mean()
+
+    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: torch.Tensor
+                        ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """FedAMD's uploads ``[K, P]`` of clients ``trained`` before any attack (anchors: their
+        full-shard gradients; miners: their trained models), steps and losses (the sharded
+        simulator computes each client's on its owner)."""
+        exp, numel = self.exp, self.exp.spec.numel
+        start = payload[:numel]
+        uploads = torch.empty(len(trained), numel, device=self.device)
+        steps = np.zeros(len(trained), dtype=np.int64)
+        loss = torch.zeros(len(trained), device=self.device)
+        if anchors.any():
+            at = torch.from_numpy(anchors)
+            uploads[at], loss[at] = exp.trainer.full_gradient(start.expand(int(anchors.sum()), -1), trained[anchors])
+        miners = ~anchors
+        if miners.any():
+            result = exp.trainer.train(start.expand(int(miners.sum()), -1), trained[miners], r,
+                                       objective=self.algorithm.local_objective(payload, None))
+            at = torch.from_numpy(miners)
+            uploads[at], loss[at] = result.params, result.loss
+            steps[miners] = result.steps
+        return uploads, steps, loss

@@ -102,42 +102,16 @@ class ShardedSyncFLDriver(SyncFLDriver):
             starts = algo.train_start(self.personal[idx])
         return rows, TrainResult(params, samples, steps, loss), starts
 
-    def _anchor_round(self, r: int, trained: np.ndarray, delivered: np.ndarray, anchors: np.ndarray) -> None:
+    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: torch.Tensor
+                        ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """FedAMD: each rank computes its anchors' full-shard gradients and trains its miners;
-        every rank gets every upload in the round's order, then runs the attack on the miners'
-        models and the aggregate alike (as one process does after its training)."""
-        exp, algo = self.exp, self.algorithm
-        payload = algo.broadcast(self.state)
-        start = payload[: exp.spec.numel]
-
+        every rank gets every upload in the round's order (then attacks and aggregates alike)."""
         def train(mine: np.ndarray):
-            ups = torch.empty(len(mine), exp.spec.numel, dtype=start.dtype)
-            steps, loss = np.zeros(len(mine), dtype=np.int64), torch.zeros(len(mine))
-            anchor = anchors[mine]
-            if anchor.any():
-                grads, full = exp.trainer.full_gradient(start.expand(int(anchor.sum()), -1), trained[mine[anchor]])
-                ups[torch.from_numpy(anchor)], loss[torch.from_numpy(anchor)] = grads, full.float()
-            if (~anchor).any():
-                result = exp.trainer.train(start.expand(int((~anchor).sum()), -1), trained[mine[~anchor]], r,
-                                           objective=algo.local_objective(payload, None))
-                ups[torch.from_numpy(~anchor)], loss[torch.from_numpy(~anchor)] = result.params, result.loss.float()
-                steps[~anchor] = result.steps
+            ups, steps, loss = SyncFLDriver._anchor_uploads(self, r, trained[mine], anchors[mine], payload)
             return ups, TrainResult(None, np.zeros(len(mine)), steps, loss)
 
-        with self.timer("train_s"):
-            uploads, _, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
-            miners = ~anchors
-            if exp.adversary.model_attack and miners.any():
-                uploads = uploads.clone()
-                uploads[torch.from_numpy(miners)] = exp.adversary.corrupt(
-                    uploads[torch.from_numpy(miners)], start, exp.adversary.crafting[trained[miners]], r)
-            self.node_steps += int(steps[miners].sum())
-        keep = torch.from_numpy(delivered)
-        with self.timer("communicate_s"):
-            self.state = algo.aggregate(self.state, uploads[keep], exp.trainer.sizes[trained[delivered]],
-                                        steps[delivered], exp.cfg.local.lr, clients=trained[delivered],
-                                        anchors=anchors[delivered])
-        self.train_loss = torch.cat([loss[torch.from_numpy(anchors)], loss[torch.from_numpy(miners)]]).mean()
+        uploads, _, steps, loss = self.owned(trained, train, f"round {r}'s uploads")
+        return uploads, steps, loss
 
     def _test_scores(self, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each rank scores an even range of the test batches; every rank adds every batch's
