@@ -324,17 +324,23 @@ def register_aggregator(name: str, *, check: Callable[..., None] | None = None,
     return decorator
 
 
-def register_attack(name: str, *, replace: bool = False, **checks: Any) -> Callable[[T], T]:
+def register_attack(name: str, *, replace: bool = False, draws: bool = False, **checks: Any) -> Callable[[T], T]:
     """Register a model attack as ``name``:
     ``fn(updates [G, B, P], byzantine [G, B], *, generator, **params) -> [K, P]``.
 
     ``checks`` map each parameter to ``(predicate, "what it must be")``, e.g.
-    ``scale=(lambda v: v > 0, "a number > 0")``; parameters without a check are refused."""
+    ``scale=(lambda v: v > 0, "a number > 0")``; parameters without a check are refused.
+    ``draws=True`` for an attack that draws from ``generator``: in decentralized runs each
+    receiver's crafted models then come from a stream of its own, so they do not depend on
+    which receivers share a call (nor on the number of ranks)."""
     from gossamer.attacks import ATTACKS, core
 
     def decorator(fn: T) -> T:
         ATTACKS.register(name, replace=replace)(fn)
         core._CHECKS[name] = checks          # what attacks.core.register records
+        core._DRAWS.discard(name)
+        if draws:
+            core._DRAWS.add(name)
         return fn
 
     return decorator

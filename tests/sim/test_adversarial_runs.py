@@ -159,17 +159,32 @@ def test_byzantine_neighbour_can_send_each_receiver_a_different_model():
         assert got[j, 0].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_a_random_attack_draws_for_each_receiver_alone():
-    """A Gaussian Byzantine neighbour's draws are keyed by the receiver, so merging the receivers
-    in one call, one by one, or over held rows renumbered (as a rank's halo holds them) gives
-    each the same model: what lets ranks merge their own nodes."""
+def _uniform_noise(updates, byzantine, *, generator=None, scale=1.0):
+    """A plugin attack that draws from its generator (registered with ``draws=True``)."""
+    return scale * torch.rand((int(byzantine.sum()), updates.shape[-1]), generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("attack, params", [("gaussian", {"sigma": 3.0}), ("uniform_noise_plugin", {"scale": 2.0})])
+def test_a_random_attack_draws_for_each_receiver_alone(attack, params, monkeypatch):
+    """A Byzantine neighbour's draws (Gaussian, or a plugin registered with ``draws=True``) are
+    keyed by the receiver, so merging the receivers in one call, one by one, or over held rows
+    renumbered (as a rank's halo holds them) gives each the same model: what lets ranks merge
+    their own nodes."""
+    import gossamer
+    from gossamer.attacks import ATTACKS, core
     from gossamer.attacks.adversary import Adversary
 
+    for table in (ATTACKS._items, core._CHECKS):       # the plugin is gone after the test
+        monkeypatch.setitem(table, "uniform_noise_plugin", None)
+    monkeypatch.setattr(core, "_DRAWS", set(core._DRAWS))
+    gossamer.register_attack("uniform_noise_plugin", replace=True, draws=True,
+                             scale=(lambda v: v > 0, "a number > 0"))(_uniform_noise)
+    assert core.draws("uniform_noise_plugin") and core.draws("gaussian") and not core.draws("alie")
     topo, w = _graph()
     x = torch.randn(9, 6)
     byz = np.zeros(9, dtype=bool)
     byz[[0, 4]] = True
-    adv = Adversary("gaussian", byz, {"sigma": 3.0}, seed=5)
+    adv = Adversary(attack, byz, params, seed=5)
 
     def corrupt(held, own, mask, who):
         return adv.corrupt(held, own, mask, 2, keys=who)

@@ -147,18 +147,19 @@ class Adversary:
                 the attack works on ``messages - reference``.
             byzantine: bool ``[B]`` or ``[G, B]``: which senders are Byzantine.
             round_, key: select the attack's random stream (deterministic per round and key).
-            keys: ``[G]``, with ``[G, B, P]`` messages: one key per group (per receiver), so a
-                random attack's draws for a receiver do not depend on which other receivers
-                share the call (the sharded simulator groups them by rank).
+            keys: ``[G]``, with ``[G, B, P]`` messages: one key per group (per receiver), in
+                place of ``key`` for an attack that draws (:func:`~gossamer.attacks.core.draws`),
+                so its draws for a receiver do not depend on which other receivers share the
+                call (the sharded simulator groups them by rank).
         """
         from gossamer.attacks import apply_attack
-        from gossamer.attacks.core import RANDOM
+        from gossamer.attacks.core import draws
 
         mask = torch.from_numpy(np.asarray(byzantine, dtype=bool))
         if not self.model_attack or not bool(mask.any()):
             return messages
         ref = reference.unsqueeze(-2) if reference.dim() == messages.dim() - 1 else reference
-        if keys is not None and messages.dim() == 3 and self.attack in RANDOM:
+        if keys is not None and messages.dim() == 3 and draws(self.attack):
             out = messages.clone()
             for g in torch.nonzero(mask.any(dim=1)).flatten().tolist():
                 out[g] = apply_attack(self.attack, messages[g] - ref[g], mask[g],

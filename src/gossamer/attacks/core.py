@@ -45,18 +45,29 @@ def one_of(*choices: str) -> Check:
     return (lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
 
 
-RANDOM = frozenset({"gaussian", "free_rider"})   # attacks that draw from their generator
+_DRAWS: set[str] = set()     # attacks that draw from their generator (registered with draws=True)
 
 
-def register(name: str, **checks: Check) -> Callable[[Attack], Attack]:
-    """Register an attack under ``name``; ``checks`` maps each parameter to its check."""
+def register(name: str, *, draws: bool = False, **checks: Check) -> Callable[[Attack], Attack]:
+    """Register an attack under ``name``; ``checks`` maps each parameter to its check;
+    ``draws``: it draws from its ``generator`` (see :func:`draws`)."""
 
     def decorator(fn: Attack) -> Attack:
         ATTACKS.register(name)(fn)
         _CHECKS[name] = checks
+        _DRAWS.discard(name)
+        if draws:
+            _DRAWS.add(name)
         return fn
 
     return decorator
+
+
+def draws(name: str) -> bool:
+    """Whether attack ``name`` draws from its generator: then a DL receiver's crafted models
+    come from a stream of its own (``Adversary.corrupt``'s ``keys``), whatever receivers share a
+    call, as on any number of ranks."""
+    return name in _DRAWS
 
 
 def _show(v: object) -> str:

@@ -49,7 +49,7 @@ def scaling(
     return scale * updates[byzantine].to(torch.float64)
 
 
-@register("gaussian", sigma=NON_NEGATIVE)
+@register("gaussian", draws=True, sigma=NON_NEGATIVE)
 def gaussian(
     updates: torch.Tensor,
     byzantine: torch.Tensor,
@@ -86,7 +86,7 @@ def alie_z(n: torch.Tensor | int, f: torch.Tensor | int) -> torch.Tensor:
     return torch.special.ndtri((n - s) / n).clamp_min(0.0)
 
 
-@register("free_rider", sigma=NON_NEGATIVE)
+@register("free_rider", draws=True, sigma=NON_NEGATIVE)
 def free_rider(
     updates: torch.Tensor,
     byzantine: torch.Tensor,

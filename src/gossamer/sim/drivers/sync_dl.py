@@ -17,7 +17,7 @@ from gossamer.protocols import dl_metrics
 from gossamer.protocols import sync_dl as protocol
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.gathered import MergeStats, gathered_merge
+from gossamer.sim.gathered import Corrupt, MergeStats, gathered_merge
 from gossamer.topology import mixing_matrix, to_torch_sparse, window_links, window_spectral_gap
 from gossamer.topology.mixing import EXACT_GAP_MAX_NODES
 from gossamer.training.evaluator import local_losses
@@ -210,16 +210,20 @@ class SyncDLDriver(Driver):
         attack = adv is not None and adv.model_attack
         params = dict(exp.algorithm.aggregator_params)
         for step in range(self.round_gossip_steps):
-            def corrupt(held, own, byz, who, step=step):       # keyed by step and receiver
-                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + int(who[0]),
-                                   keys=step * exp.num_nodes + who)
-
             merged = gathered_merge(
                 w, self.params, receivers, aggregator=self.aggregator, params=params,
-                byzantine=adv.byzantine if attack else None, corrupt=corrupt if attack else None,
+                byzantine=adv.byzantine if attack else None, corrupt=self._crafter(r, step) if attack else None,
                 losses=local_losses(exp.trainer), stats=stats)
             self.params[torch.from_numpy(receivers)] = merged
         self.skipped += stats.skipped
+
+    def _crafter(self, r: int, step: int) -> Corrupt:
+        """What Byzantine neighbours send in merge step ``step`` of round ``r``: models crafted
+        against each receiver's, a random attack's draws keyed by the step and the receiver (an
+        attack registered without ``draws``: by the first receiver of the call)."""
+        adv, n = self.exp.adversary, self.exp.num_nodes
+        return lambda held, own, byz, who: adv.corrupt(held, own, byz, r, key=step * n + int(who[0]),
+                                                       keys=step * n + who)
 
     def _account(self, online: np.ndarray, samples: np.ndarray, sent: np.ndarray,
                  delivered: np.ndarray, r: int) -> None:

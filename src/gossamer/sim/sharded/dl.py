@@ -240,15 +240,10 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
                 out = dst[a:a + self.own]
                 out.copy_(src[a:a + self.own])
             losses = (lambda cand, at, first=first: scorer(cand, at + first))  # noqa: E731  (node ids)
-
-            def corrupt(held, own, byz, who, step=step):
-                return adv.corrupt(held, own, byz, r, key=step * exp.num_nodes + int(who[0]),
-                                   keys=step * exp.num_nodes + who)
-
             merged = gathered_merge(matrix, held, rows, aggregator=self.aggregator, params=params,
                                     losses=losses, stats=stats, ids=ids,
                                     byzantine=adv.byzantine if attack else None,
-                                    corrupt=corrupt if attack else None)
+                                    corrupt=self._crafter(r, step) if attack else None)
             out[torch.from_numpy(mine)] = merged
             if self.shared is not None:
                 self._cur = 1 - self._cur
