@@ -176,6 +176,22 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         own = self.params.index_select(0, self._index(to - self.row_base))
         self.messages.put_rows(msgs.tolist(), self._craft(sent, own, msgs), ages)
 
+    def _put_sent(self, msgs: np.ndarray, rows: torch.Tensor, to: np.ndarray, ages: list[float],
+                  byz: np.ndarray) -> None:
+        """Messages to this rank's nodes from the rows their senders sent: copies of the rows,
+        a Byzantine sender's crafted here (:meth:`_put_crafted`)."""
+        if not byz.any():
+            self.messages.put_rows(msgs.tolist(), rows, ages)
+            return
+        for crafted in (False, True):
+            at = np.flatnonzero(byz == crafted)
+            if len(at):
+                picked, got = rows[torch.from_numpy(at)], [ages[j] for j in at.tolist()]
+                if crafted:
+                    self._put_crafted(msgs[at], picked, to[at], got)
+                else:
+                    self.messages.put_rows(msgs[at].tolist(), picked, got)
+
     def _read_across(self, senders: np.ndarray, msgs: np.ndarray, to: np.ndarray, w: int) -> None:
         """Messages to another rank's nodes: the receiver's owner copies the senders' rows now
         (their owners may change them later), from shared memory or sent to it."""
@@ -183,16 +199,11 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
         lo, hi = shard.lo, shard.hi
         byz = self._byzantine(senders)
         if not self.p2p:
-            here = (to >= lo) & (to < hi)
-            for crafted in (False, True):
-                pick = here & (byz == crafted)
-                if pick.any():
-                    idx = self._index(senders[pick])
-                    rows, ages = self.params.index_select(0, idx), self.age[idx].tolist()
-                    if crafted:
-                        self._put_crafted(msgs[pick], rows, to[pick], ages)
-                    else:
-                        self.messages.put_rows(msgs[pick].tolist(), rows, ages)
+            here = np.flatnonzero((to >= lo) & (to < hi))
+            if len(here):
+                idx = self._index(senders[here])
+                self._put_sent(msgs[here], self.params.index_select(0, idx), to[here],
+                               self.age[idx].tolist(), byz[here])
             return
         numel, dtype = self.params.shape[1], self.params.dtype
         width = numel + 8 // torch.empty(0, dtype=dtype).element_size()       # the age as a float64
@@ -212,19 +223,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
                  f"round {self.round + 1}'s gossip (wave {w + 1})")
         if len(come):
             ages = unpack_numbers(recv[:, numel:])[:, 0].tolist()
-            crafted = byz[come]
-            if crafted.any():
-                for pick in (~crafted, crafted):
-                    if pick.any():
-                        at = np.flatnonzero(pick)
-                        rows = recv[torch.from_numpy(at), :numel]
-                        got = [ages[j] for j in at.tolist()]
-                        if pick is crafted:
-                            self._put_crafted(msgs[come[at]], rows, to[come[at]], got)
-                        else:
-                            self.messages.put_rows(msgs[come[at]].tolist(), rows, got)
-            else:
-                self.messages.put_rows(msgs[come].tolist(), recv[:, :numel], ages)
+            self._put_sent(msgs[come], recv[:, :numel], to[come], ages, byz[come])
 
     # --- the period's training record, from every rank ---------------------------------------------
     def _period_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:

@@ -25,6 +25,7 @@ class ShardedRows:
     node ids ``[shard.lo, shard.hi)``; :meth:`_own_rows` is their models ``[own, P]``."""
 
     shard: Shard
+    honest: np.ndarray               # the driver's: which nodes are honest (measured, averaged)
     collective_state = True          # the checkpoint gathers every rank's rows
 
     @property
@@ -37,7 +38,7 @@ class ShardedRows:
     def evaluate(self) -> dict[str, Any]:
         row = self.base_row()
         shard, exp = self.shard, self.exp
-        lo, hi, n = shard.lo, shard.hi, exp.num_nodes
+        lo, hi = shard.lo, shard.hi
         nodes = self._measured_nodes()
         own = self._own_rows()
         during = f"round {self.round}'s evaluation"
@@ -85,11 +86,10 @@ class ShardedRows:
         """What the average model and the consensus distance are over, as in one process: the
         honest nodes (``own`` with the Byzantine rows zeroed, their count, and which own rows
         are honest; ``own``, N and None without attackers)."""
-        honest = getattr(self, "honest", None)
-        if honest is None or honest.all():
+        if self.honest.all():
             return own, self.exp.num_nodes, None
-        keep = honest[self.shard.lo:self.shard.hi]
-        return own * torch.from_numpy(keep).to(own.dtype)[:, None], int(honest.sum()), keep
+        keep = self.honest[self.shard.lo:self.shard.hi]
+        return own * torch.from_numpy(keep).to(own.dtype)[:, None], int(self.honest.sum()), keep
 
     def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
         """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
