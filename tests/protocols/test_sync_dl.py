@@ -53,11 +53,33 @@ def test_the_row_form_of_a_peer_equals_the_matrix_form_of_the_simulator():
 
 
 def test_a_peer_two_rounds_behind_catches_up_with_the_furthest_neighbour():
-    assert protocol.next_round(5, {}, 100) == 6                 # nobody heard yet
-    assert protocol.next_round(5, {1: 6, 2: 5}, 100) == 6       # one ahead: in step
-    assert protocol.next_round(5, {1: 17, 2: 9}, 100) == 17     # behind: the furthest's round
-    assert protocol.next_round(5, {1: 170}, 100) == 100         # never past the last round
-    assert protocol.ahead([1, 2, 3], {1: 7, 2: 6}, 5) == {1}    # 1 gave up on round 5; 2 will send
+    def everyone(k):                                            # a static graph
+        return {1, 2, 3}
+
+    def after(r, latest):
+        return protocol.next_round(r, latest, 100, protocol.gave_up(latest, r, everyone))
+
+    assert after(5, {}) == 6                                    # nobody heard yet
+    assert after(5, {1: 6, 2: 5}) == 6                          # one ahead: in step
+    assert after(5, {1: 17, 2: 9}) == 17                        # behind: the furthest's round
+    assert after(5, {1: 170}) == 100                            # never past the last round
+    assert protocol.gave_up({1: 7, 2: 6}, 5, everyone) == {1}   # 1 gave up on round 5; 2 will send
+
+
+def test_a_peer_ahead_that_never_waited_for_this_node_is_not_a_sign_of_falling_behind():
+    """On a dynamic graph a peer may be rounds ahead in a healthy run: it gave up on this node
+    only if it finished a round, past this node's, in which this node sends to it."""
+    sends_to = {6: {2}, 7: {1}, 8: {3}}.get                   # this node's receivers per round
+
+    def receivers(k):
+        return sends_to(k, set())
+
+    latest = {1: 7, 2: 9, 3: 8}                 # 1 finished 6; 2 finished 6..8; 3 finished 7
+    assert protocol.gave_up(latest, 5, receivers) == {2}        # 2 went through round 6 without us
+    assert protocol.gave_up(latest, 6, receivers) == set()      # round 6's message is sent
+    assert protocol.next_round(5, latest, 100, {2}) == 9        # catch up with the one that gave up
+    assert protocol.next_round(6, latest, 100, set()) == 7      # healthy: the next round
+    assert protocol.round_receivers(_graph(), None, 0, 3) == {1, 4}   # static: every round
 
 
 def test_the_final_merge_comes_after_the_last_round_only_and_is_the_exact_mean_in_id_order():

@@ -17,7 +17,9 @@ from tests.conftest import gossamer_cmd, small_config, subprocess_env
 def _cfg():
     cfg = small_config("dpsgd", stop={"rounds": 3})
     cfg["partition"]["num_nodes"] = 4
-    cfg["runtime"] = {"round_timeout_s": 4, "join_timeout_s": 60, "threads_per_process": 2}
+    # a live peer is waited for until it sends (a loaded machine may stall one for seconds);
+    # the tests with a dead peer shorten this wait
+    cfg["runtime"] = {"round_timeout_s": 30, "join_timeout_s": 60, "threads_per_process": 2}
     return cfg
 
 

@@ -14,7 +14,7 @@ peer to its own row (the row forms); a test checks that both forms agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +97,37 @@ def gathered(algorithm: Any, adversary: Any) -> bool:
 
 
 # --- a peer that fell behind (it was down) -------------------------------------------------------
-def ahead(senders: Iterable[int], latest: Mapping[int, int], r: int) -> set[int]:
-    """Senders already two rounds past ``r``: they gave up on this node and will not send
-    round ``r``'s message (one round ahead is normal: its message may still be in flight)."""
-    return {j for j in senders if latest.get(j, 0) > r + 1}
+def round_receivers(static: RoundGraph, dynamic: Any, node: int, r: int) -> set[int]:
+    """Whom ``node`` sends to in round ``r`` (its receivers in the round's graph)."""
+    links = static if dynamic is None else dynamic.links(r)
+    return set(links.dst[links.src == node].tolist())
 
 
-def next_round(r: int, latest: Mapping[int, int], total: int) -> int:
-    """The round to run after ``r``: ``r + 1``, or the furthest neighbour's round if this
-    node fell behind (it continues from its own model at their pace), never past ``total``."""
-    furthest = max(latest.values(), default=0)
+def gave_up(latest: Mapping[int, int], r: int, receivers_at: Callable[[int], set[int]]) -> set[int]:
+    """The peers that went on without this node: a peer whose latest message is of round ``m``
+    finished rounds up to ``m - 1``; if one of them, past ``r``, was a round in which it waited
+    for this node's message (this node, in round ``r``, has not sent it yet), it gave up on this
+    node, which is behind (it was down). ``receivers_at(k)``: this node's receivers in round
+    ``k``. On a static graph every neighbour waits every round, so these are the neighbours two
+    rounds ahead; on a dynamic one a peer that never needed this node since ``r`` may be
+    several rounds ahead in a healthy run (one round ahead is normal on any graph: its message
+    for ``r`` may still be in flight)."""
+    out, cache = set(), {}
+    for j, m in latest.items():
+        for k in range(r + 1, m):
+            if k not in cache:
+                cache[k] = receivers_at(k)
+            if j in cache[k]:
+                out.add(j)
+                break
+    return out
+
+
+def next_round(r: int, latest: Mapping[int, int], total: int, behind_of: set[int]) -> int:
+    """The round to run after ``r``: ``r + 1``, or, if peers gave up on this node
+    (``behind_of``, from :func:`gave_up`), the furthest of their rounds (it continues from its
+    own model at their pace), never past ``total``."""
+    furthest = max((latest[j] for j in behind_of), default=0)
     return min(furthest, total) if furthest > r + 1 else r + 1
 
 

@@ -151,6 +151,10 @@ class Peer(peering.PeerNode):
             graph = protocol.round_graph(self.static, self.dynamic, self.cfg.topology.mixing, r)
             self.view = protocol.peer_view(graph, self.node)
 
+    def _receivers_at(self, r: int) -> set[int]:
+        """Whom this peer sends to in round ``r``."""
+        return protocol.round_receivers(self.static, self.dynamic, self.node, r)
+
     def _send(self, stubs: dict[int, Any], round_: int, step: int, payload: torch.Tensor | None = None,
               to: list[int] | None = None) -> list[futures.Future]:
         """Push ``payload`` (default: the model) to ``to`` (default: this round's receivers),
@@ -184,14 +188,15 @@ class Peer(peering.PeerNode):
 
     def _gather_ids(self, round_: int, step: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """Wait for this step's messages; returns the mixing weights (own first, the missing
-        neighbours' folded onto it), the senders heard and their payloads, in node-id order. A neighbour
-        already two rounds ahead (this peer was down and is catching up: the neighbour gave
-        up on it) will not send this round's message: it is not waited for, nor marked down.
-        One round ahead is normal in step (its message for this round may still be in flight)."""
+        neighbours' folded onto it), the senders heard and their payloads, in node-id order. A sender
+        that already went past a round in which it waited for this peer (this peer was down and is
+        catching up: the sender gave up on it, :func:`protocol.gave_up`) is not waited for, nor
+        marked down. A sender ahead that never needed this peer since is waited for (on a dynamic
+        graph that is normal, and its message for this round may still be in flight)."""
         key, senders = (round_, step), self.view.senders
 
         def ahead() -> set[int]:
-            return protocol.ahead(senders, self.latest, round_)
+            return set(senders) & protocol.gave_up(self.latest, round_, self._receivers_at)
 
         with self.lock:
             expected = set(senders) - self.down
@@ -265,7 +270,8 @@ class Peer(peering.PeerNode):
         """The round to run next: r + 1, or the neighbours' round if this peer fell behind
         (it was down); it then continues from its own model at their pace."""
         with self.lock:
-            nxt = protocol.next_round(r, self.latest, self.cfg.stop.rounds)
+            nxt = protocol.next_round(r, self.latest, self.cfg.stop.rounds,
+                                      protocol.gave_up(self.latest, r, self._receivers_at))
         if nxt > r + 1:
             log.warning("peer %d: behind (round %d, neighbours at %d); catching up", self.node, r, nxt)
         return nxt
