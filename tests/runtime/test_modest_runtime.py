@@ -28,7 +28,7 @@ def _rows(run_dir):
 
 def test_peers_match_the_simulator_round_by_round(write_config, tmp_path):
     # 4 nodes, 2 trainers and 2 aggregators a round: some nodes sit rounds out and wait
-    path = write_config(_cfg(nodes=4, sample_size=2, timeout_s=5.0, rounds=4))
+    path = write_config(_cfg(nodes=4, sample_size=2, timeout_s=30.0, rounds=4))  # a live peer is waited for
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
     real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
