@@ -72,6 +72,7 @@ class Peer(peering.PeerNode):
         self.inbox: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self.down: set[int] = set()                   # neighbours that missed a round
         self.latest: dict[int, int] = {}              # latest round heard from each neighbour
+        self._receivers: dict[int, set[int]] = {}     # whom this peer sends to, by round
         self.lock = threading.Condition()
         self.sender = futures.ThreadPoolExecutor(max_workers=2 * max(1, len(self.neighbors)))
         self._init_state()
@@ -152,8 +153,13 @@ class Peer(peering.PeerNode):
             self.view = protocol.peer_view(graph, self.node)
 
     def _receivers_at(self, r: int) -> set[int]:
-        """Whom this peer sends to in round ``r``."""
-        return protocol.round_receivers(self.static, self.dynamic, self.node, r)
+        """Whom this peer sends to in round ``r`` (kept for the rounds still ahead: a wait
+        asks again at every push it receives)."""
+        if r not in self._receivers:
+            for old in [k for k in self._receivers if k <= self.round]:
+                del self._receivers[old]
+            self._receivers[r] = protocol.round_receivers(self.static, self.dynamic, self.node, r)
+        return self._receivers[r]
 
     def _send(self, stubs: dict[int, Any], round_: int, step: int, payload: torch.Tensor | None = None,
               to: list[int] | None = None) -> list[futures.Future]:
