@@ -11,6 +11,7 @@ downlinks are not shared; the registry is one view shared by all nodes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,9 @@ class ModestDriver(Driver):
         if bootstrap:
             start, sent = np.full(len(ids), t0), 0
             init = exp.init_params
-            rows = init.expand(len(ids), -1) if init.dim() == 1 else init[torch.from_numpy(ids)]
+
+            def rows_at(at: np.ndarray) -> torch.Tensor:
+                return init.expand(len(at), -1) if init.dim() == 1 else init[torch.from_numpy(ids[at])]
         else:                             # the last round's aggregators feed the trainers
             arrival = self._fan_out(self.agg_ids, self.agg_ready, trainers)
             sent = int(np.isfinite(arrival).sum() - np.isin(self.agg_ids, ids).sum())
@@ -110,10 +113,14 @@ class ModestDriver(Driver):
                 self._wait(t0)
                 return
             self._traffic(*feeds)
-            start, rows = arrival.min(axis=0), self.aggregates[torch.from_numpy(arrival.argmin(axis=0))]
-        result = self._train(rows, ids, r)
+            start, first = arrival.min(axis=0), arrival.argmin(axis=0)     # the model each trains from
+
+            def rows_at(at: np.ndarray) -> torch.Tensor:
+                return self.aggregates[torch.from_numpy(first[at])]
+        result = self._train(rows_at, ids, r)
         adv = exp.adversary
         if adv is not None and adv.model_attack:         # Byzantine trainers craft their upload
+            rows = rows_at(np.arange(len(ids)))
             updates = result.params - rows
             crafted = adv.corrupt(updates, torch.zeros_like(updates[0]), adv.byzantine[ids], r)
             result = TrainResult(rows + crafted, result.samples, result.steps, result.loss)
@@ -129,10 +136,11 @@ class ModestDriver(Driver):
         self.bytes_down += sent * exp.message_bytes
         self.total_timeouts += self.timeouts
 
-    def _train(self, rows: torch.Tensor, ids: np.ndarray, r: int) -> TrainResult:
-        """The round's trainers ``ids`` train from ``rows`` (one batched call)."""
+    def _train(self, rows_at: Callable[[np.ndarray], torch.Tensor], ids: np.ndarray, r: int) -> TrainResult:
+        """The round's trainers ``ids`` train (one batched call) from their start models,
+        ``rows_at(positions)`` (made only for the trainers that train here: on ranks, the own)."""
         with self.timer("train_s"):
-            return self.exp.trainer.train(rows, ids, r)
+            return self.exp.trainer.train(rows_at(np.arange(len(ids))), ids, r)
 
     def _upload(self, view: np.ndarray, ids: np.ndarray, done: np.ndarray, result: TrainResult,
                 seed: int, r: int) -> int:

@@ -35,8 +35,11 @@ Trained = tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]    # rows, s
 class OwnedTraining:
     """The training calls of one run, split by node owner (see the module)."""
 
-    def __init__(self, shard: Shard, numel: int, dtype: torch.dtype) -> None:
+    def __init__(self, shard: Shard, numel: int, dtype: torch.dtype, views: bool = False) -> None:
         self.shard, self.numel, self.dtype = shard, numel, dtype
+        # hand back views of the call's buffer instead of a copy (the caller uses the rows
+        # before its next call and keeps none of them)
+        self.views = views
         self.width = numel + 3 * 8 // torch.empty(0, dtype=dtype).element_size()
         self.buffers: list[torch.Tensor] | None = None
         self.capacity = self.calls = 0
@@ -47,7 +50,8 @@ class OwnedTraining:
         """``train(positions)`` trains the entries of the call at ``positions`` (those whose
         node in ``nodes`` this rank owns) and returns their rows ``[m, numel]`` and the
         trainer's result; returns every entry's rows ``[len(nodes), numel]``, samples, steps and
-        losses. The rows stay valid until this rank's next call."""
+        losses. The rows stay valid until this rank's next call (with ``views``, strided views of
+        the call's buffer)."""
         shard = self.shard
         if shard.world == 1:
             rows, result = train(np.arange(len(nodes)))
@@ -67,7 +71,8 @@ class OwnedTraining:
             self._write(every, mine, train, at=mine)      # straight into the shared buffer
             barrier(shard, during)
         numbers = unpack_numbers(every[:, self.numel:]).numpy()
-        return (every[:, :self.numel].contiguous(), numbers[:, 0].copy(), numbers[:, 1].astype(np.int64),
+        rows = every[:, :self.numel] if self.views else every[:, :self.numel].contiguous()
+        return (rows, numbers[:, 0].copy(), numbers[:, 1].astype(np.int64),
                 torch.from_numpy(numbers[:, 2].copy()).float())
 
     def _write(self, out: torch.Tensor, mine: np.ndarray, train: Callable, at: np.ndarray | None = None) -> None:

@@ -13,6 +13,8 @@ aggregates or moves them alike, so the run equals one process's with the same ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -31,11 +33,11 @@ class ShardedModestDriver(ModestDriver):
         exp.trainer.batch_width = "population"       # a node's batches never depend on its call
         super().__init__(exp)
         self.shard = shard
-        self.owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
+        self.owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype, views=True)
 
-    def _train(self, rows: torch.Tensor, ids: np.ndarray, r: int) -> TrainResult:
+    def _train(self, rows_at: Callable[[np.ndarray], torch.Tensor], ids: np.ndarray, r: int) -> TrainResult:
         def train(mine: np.ndarray):
-            result = super(ShardedModestDriver, self)._train(rows[torch.from_numpy(mine)], ids[mine], r)
+            result = super(ShardedModestDriver, self)._train(lambda at: rows_at(mine[at]), ids[mine], r)
             return result.params, result
 
         params, samples, steps, loss = self.owned(ids, train, f"round {r}'s training")
@@ -49,7 +51,7 @@ class ShardedRandomWalkDriver(RandomWalkDriver):
         exp.trainer.batch_width = "population"
         super().__init__(exp)
         self.shard = shard
-        self.owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype)
+        self.owned = OwnedTraining(shard, exp.spec.numel, exp.init_params.dtype, views=True)
 
     def _train_visits(self, rows: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, r: int
                       ) -> tuple[torch.Tensor, TrainResult]:
