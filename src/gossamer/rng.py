@@ -47,6 +47,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def hash_u64(seed: int, stream: int, *keys: np.ndarray | int) -> np.ndarray:
     """Mix ``seed``, ``stream`` and broadcastable integer ``keys`` into uint64 hashes."""
+    one = _one_cell(keys)
+    if one is not None:                   # one hash: Python ints cost far less than numpy's calls
+        shape, ints = one
+        h = _splitmix64_int((int(seed) ^ (int(stream) << 48)) & _MASK)
+        for key in ints:
+            h = _splitmix64_int(h ^ key)
+        return np.full(shape, h, dtype=np.uint64)
     with np.errstate(over="ignore"):
         h = _splitmix64(np.asarray([seed], dtype=np.uint64) ^ (np.uint64(stream) << np.uint64(48)))
         for key in keys:
@@ -73,6 +80,23 @@ def _splitmix64_int(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
     return x ^ (x >> 31)
+
+
+def _one_cell(keys: tuple) -> tuple[tuple[int, ...], list[int]] | None:
+    """When integer ``keys`` broadcast to one cell: its shape and the keys as uint64 values
+    (wrapped as numpy's ``astype(np.uint64)`` wraps them); None otherwise."""
+    shape: tuple[int, ...] = (1,)
+    ints = []
+    for key in keys:
+        if isinstance(key, (int, np.integer)):
+            ints.append(int(key) & _MASK)
+        elif isinstance(key, np.ndarray) and key.size == 1 and key.dtype.kind in "iub":
+            ints.append(int(key.reshape(-1)[0]) & _MASK)
+            if key.ndim > len(shape):
+                shape = (1,) * key.ndim
+        else:
+            return None
+    return shape, ints
 
 
 def uniform_scalar(seed: int, stream: int, *keys: int) -> float:
