@@ -182,7 +182,9 @@ class AsyncFLProtocol(CompassGroups):
             chosen = algo.task_steps(self.seed, nodes, counts)
             steps = np.zeros(len(nodes), dtype=np.int64) if chosen is None else chosen
         self.acct.assigned(nodes, t)
-        models = algo.pick_models(len(nodes), [task.model for task in self.tasks.values()])
+        # one model: nothing to choose (and no pass over 1,000 tasks in flight per dispatch)
+        active = [task.model for task in self.tasks.values()] if algo.num_models > 1 else []
+        models = algo.pick_models(len(nodes), active)
         out = []
         for c, s, m in zip(nodes.tolist(), np.asarray(steps).tolist(), models, strict=True):
             task = Task(c, int(self.client_tasks[c]), int(s), algo.model_version(self.state, m), t, m,

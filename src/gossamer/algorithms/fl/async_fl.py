@@ -138,7 +138,8 @@ class AsyncFL(Algorithm):
         return getattr(self, "buffer_size", None) if self.trigger == "buffer" else None
 
     def pick_models(self, count: int, active: list[int]) -> list[int]:
-        """Which model each of ``count`` new tasks trains (``active``: models of the tasks in flight)."""
+        """Which model each of ``count`` new tasks trains (``active``: models of the tasks in
+        flight; empty when :attr:`num_models` is 1)."""
         return [0] * count
 
     def model_params(self, state: AsyncServerState, model: int) -> torch.Tensor:
