@@ -919,19 +919,26 @@ class BatchedTrainer:
         sums = []
         with torch.no_grad():
             for g_lo, g_hi in spans:
-                if grouped:
-                    leaves = kernel.leaves(self._workspace(params[g_lo:g_hi], fill=not shared))
+                if grouped:     # each span trains in a workspace of its own and is summed at once
+                    total = None
+                    for lo, hi in self._group_spans(g_lo, g_hi, params.element_size()):
+                        part = slice(lo, hi)
+                        mine = kernel.leaves(self._workspace(params[part], fill=not shared))
+                        self._fused_steps(mine, None if first is None else [leaf[part] for leaf in first],
+                                          part, idx_t, gathered, weights, counts, everyone, loss_sum,
+                                          terms, objective, [], params.dtype)
+                        piece = self._weighted_sum(mean_weights[part], kernel.params(mine))
+                        total = piece if total is None else total.add_(piece)
+                    sums.append(total)
+                    continue
                 sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
                     if opt.sam_rho else []
-                at = g_lo if grouped else 0                  # the leaves' first row
                 for lo in range(g_lo, g_hi, max(span, 1)):
                     part = slice(lo, min(lo + span, g_hi))
-                    mine = [leaf[part.start - at:part.stop - at] for leaf in leaves]
+                    mine = [leaf[part] for leaf in leaves]
                     self._fused_steps(mine, None if first is None else [leaf[part] for leaf in first],
                                       part, idx_t, gathered, weights, counts, everyone, loss_sum, terms,
                                       objective, sam_buffers, params.dtype)
-                if grouped:
-                    sums.append(self._weighted_sum(mean_weights[g_lo:g_hi], kernel.params(leaves)))
         if in_rows:
             return self._result(out, None, valid, loss_sum, True, None)
         if grouped:
@@ -939,6 +946,17 @@ class BatchedTrainer:
             loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, torch.stack(sums))
         return self._result(params, kernel.params(leaves), valid, loss_sum, inplace, mean_weights, mean_groups)
+
+    def _group_spans(self, lo: int, hi: int, itemsize: int) -> list[tuple[int, int]]:
+        """Rows ``lo:hi`` of a mean group in equal spans of at most :data:`CACHE_BYTES` of
+        weights each: a span takes all its steps and is summed while it is in the cache, and
+        the group's sum adds the spans' in order. Fixed by the group's size and the model only
+        (never by the rank count or the threads), so the sharded simulator's block sums keep
+        their bits. With 64 clients of MNIST's MLP (13 MB) a rank trained the group in one
+        workspace and summed it after: 1.5x on 2 ranks against 1; spans of 16: 1.6-1.8x."""
+        cap = max(1, CACHE_BYTES // max(1, self.spec.numel * itemsize))
+        pieces = -(-(hi - lo) // cap)
+        return [(lo + (hi - lo) * k // pieces, lo + (hi - lo) * (k + 1) // pieces) for k in range(pieces)]
 
     def _fused_steps(self, mine: list[torch.Tensor], start: list[torch.Tensor] | None, part: slice,
                      idx_t: torch.Tensor, gathered: tuple[torch.Tensor, torch.Tensor] | None,
