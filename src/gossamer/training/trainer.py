@@ -892,8 +892,9 @@ class BatchedTrainer:
         # step reads the shared model (cached, not B copies) and writes its result into the
         # blocks, the same arithmetic as copying, then stepping in place
         shared = not in_rows and params.stride(0) == 0 and idx.shape[1] > 0 and not opt.sam_rho
-        # one weighted sum per group, on a CPU: each group trains in a workspace of its own
-        # rows and is summed while they are in the cache (the sharded simulator's 64-id blocks)
+        # one weighted sum per group, on a CPU (the sharded simulator's 64-id blocks): each of a
+        # group's spans (:meth:`_group_spans`) trains in a workspace of its own rows and is
+        # summed while they are in the cache
         grouped = (mean_groups is not None and terms is None and not opt.sam_rho
                    and self.device.type == "cpu")
         spans = (list(zip(mean_groups[:-1].tolist(), mean_groups[1:].tolist(), strict=True))
