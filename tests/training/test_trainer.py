@@ -382,6 +382,32 @@ def test_grouped_means_are_each_groups_own_and_need_no_rows():
         assert torch.equal(alone.mean[0], got.mean[g]) and torch.equal(alone.loss, got.loss[a:b])
 
 
+def test_a_group_trains_and_is_summed_in_equal_spans_that_fit_the_cache(monkeypatch):
+    """A mean group larger than the cache budget trains and is summed span by span (equal
+    spans of at most ``CACHE_BYTES`` of weights, fixed by the group's size and the model): the
+    group's sum is still its rows' weighted sum, and the same bits as the group trained alone."""
+    import gossamer.training.trainer as trainer_module
+
+    sizes = [8, 5, 11, 2, 3, 7, 6]
+    trainer, _, spec, *_ = _setup(sizes, LocalSchedule(2, epochs=2, shuffle=True), SGD(0.1), fused=True)
+    monkeypatch.setattr(trainer_module, "CACHE_BYTES", 3 * spec.numel * 4)      # 3 rows of float32
+    assert trainer._group_spans(0, 7, 4) == [(0, 2), (2, 4), (4, 7)]           # equal, at most 3
+    assert trainer._group_spans(4, 7, 4) == [(4, 7)]
+    nodes = np.arange(len(sizes))
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
+    rows = trainer.train(start.expand(len(nodes), -1), nodes, keys=3).params
+    got = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=weights,
+                        mean_groups=np.array([0, 7]))
+    assert torch.allclose(got.mean[0], weights @ rows, atol=1e-6)
+    split = trainer.train(start.expand(len(nodes), -1), nodes, keys=3, mean_weights=weights,
+                          mean_groups=np.array([0, 4, 7]))
+    assert torch.allclose(split.mean.sum(0), got.mean[0], atol=1e-6)
+    alone = trainer.train(start.expand(3, -1), nodes[4:], keys=3, mean_weights=weights[4:],
+                          mean_groups=np.array([0, 3]))
+    assert torch.equal(alone.mean[0], split.mean[1])
+
+
 def test_kept_round_inputs_are_reused_only_for_the_same_plan(monkeypatch):
     """The fused path gathers a call's inputs at once and keeps them for the next call with
     the same plan (no shuffling). A different plan (here also one of the same shape), or a
