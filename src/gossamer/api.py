@@ -333,14 +333,6 @@ def register_attack(name: str, *, replace: bool = False, draws: bool = False, **
     ``draws=True`` for an attack that draws from ``generator``: in decentralized runs each
     receiver's crafted models then come from a stream of its own, so they do not depend on
     which receivers share a call (nor on the number of ranks)."""
-    from gossamer.attacks import ATTACKS, core
+    from gossamer.attacks import core
 
-    def decorator(fn: T) -> T:
-        ATTACKS.register(name, replace=replace)(fn)
-        core._CHECKS[name] = checks          # what attacks.core.register records
-        core._DRAWS.discard(name)
-        if draws:
-            core._DRAWS.add(name)
-        return fn
-
-    return decorator
+    return core.register(name, replace=replace, draws=draws, **checks)

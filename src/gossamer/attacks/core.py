@@ -48,12 +48,14 @@ def one_of(*choices: str) -> Check:
 _DRAWS: set[str] = set()     # attacks that draw from their generator (registered with draws=True)
 
 
-def register(name: str, *, draws: bool = False, **checks: Check) -> Callable[[Attack], Attack]:
+def register(name: str, *, replace: bool = False, draws: bool = False,
+             **checks: Check) -> Callable[[Attack], Attack]:
     """Register an attack under ``name``; ``checks`` maps each parameter to its check;
-    ``draws``: it draws from its ``generator`` (see :func:`draws`)."""
+    ``draws``: it draws from its ``generator`` (see :func:`draws`); ``replace``: an existing
+    ``name`` may be replaced (a plugin's, :func:`gossamer.register_attack`)."""
 
     def decorator(fn: Attack) -> Attack:
-        ATTACKS.register(name)(fn)
+        ATTACKS.register(name, replace=replace)(fn)
         _CHECKS[name] = checks
         _DRAWS.discard(name)
         if draws:
