@@ -897,8 +897,6 @@ class BatchedTrainer:
         # summed while they are in the cache
         grouped = (mean_groups is not None and terms is None and not opt.sam_rho
                    and self.device.type == "cpu")
-        spans = (list(zip(mean_groups[:-1].tolist(), mean_groups[1:].tolist(), strict=True))
-                 if grouped else [(0, len(idx))])
         if in_rows:           # few steps: update views of the output rows, no copy back
             out = params
             if not inplace:
@@ -914,13 +912,10 @@ class BatchedTrainer:
         weights = valid_t.to(params.dtype) / counts.clamp(min=1).unsqueeze(2)   # [B, T, n]
         everyone = valid.any(axis=2).all(axis=0)       # [T] on the host: no device read per step
         gathered = self._gather_all(idx)
-        # a few nodes take all their steps before the next few do (:meth:`_cache_nodes`): their
-        # weights stay in the cache between steps; each node's arithmetic is the same
-        span = self._cache_nodes(len(idx), idx.shape[1]) if terms is None and not opt.sam_rho else len(idx)
         sums = []
         with torch.no_grad():
-            for g_lo, g_hi in spans:
-                if grouped:     # each span trains in a workspace of its own and is summed at once
+            if grouped:       # each span trains in a workspace of its own and is summed at once
+                for g_lo, g_hi in zip(mean_groups[:-1].tolist(), mean_groups[1:].tolist(), strict=True):
                     total = None
                     for lo, hi in self._group_spans(g_lo, g_hi, params.element_size()):
                         part = slice(lo, hi)
@@ -931,11 +926,15 @@ class BatchedTrainer:
                         piece = self._weighted_sum(mean_weights[part], kernel.params(mine))
                         total = piece if total is None else total.add_(piece)
                     sums.append(total)
-                    continue
+            else:
+                # a few nodes take all their steps before the next few do (:meth:`_cache_nodes`):
+                # their weights stay in the cache between steps; each node's arithmetic is the same
+                span = (self._cache_nodes(len(idx), idx.shape[1]) if terms is None and not opt.sam_rho
+                        else len(idx))
                 sam_buffers = [(torch.empty_like(leaf), torch.empty_like(leaf)) for leaf in leaves] \
                     if opt.sam_rho else []
-                for lo in range(g_lo, g_hi, max(span, 1)):
-                    part = slice(lo, min(lo + span, g_hi))
+                for lo in range(0, len(idx), max(span, 1)):
+                    part = slice(lo, min(lo + span, len(idx)))
                     mine = [leaf[part] for leaf in leaves]
                     self._fused_steps(mine, None if first is None else [leaf[part] for leaf in first],
                                       part, idx_t, gathered, weights, counts, everyone, loss_sum, terms,
