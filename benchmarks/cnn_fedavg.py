@@ -18,6 +18,15 @@ epoch of batch 10, lr 0.05. Ways, each in its own fresh process, interleaved per
 Every way evaluates the global model on the test set after every round. With --json the last
 stdout line is one JSON object: per workload the loop times, final test loss and accuracy of
 each way, and `<workload>_<way>_speedup` = that way's loop time / Gossamer's.
+
+The hardware bound, measured in the same run (in a child of its own): the workload's
+floating-point work (`<workload>_gflop`: torch's FlopCounterMode over one training step of each
+mini-batch size the run takes, times how often it takes it, plus the test set's forward pass
+each round; convolutions and matrix products, which are nearly all of it), and this machine's
+peak (`peak_gflops`: the best of a few 2048x2048 float32 matrix products with the threads the
+ways use). Each way's rate is `<workload>_<way>_gflops` = work / loop time; a way `s` times
+faster than the sequential loop would need `s` x its rate, which the table compares with the
+peak: a speed-up that needs more than the peak is above what this CPU can do.
 """
 
 from __future__ import annotations
@@ -220,6 +229,53 @@ def run_pfl(cfg: dict) -> dict:
     return {"loop_s": time.perf_counter() - start, **result}
 
 
+def run_flops(cfg: dict) -> dict:
+    """The workload's floating-point operations (see the module) and this machine's peak."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gossamer import config as config_mod
+    from gossamer.experiment import build
+    from gossamer.models import build_model
+    from gossamer.protocols.sync_fl import SyncRound
+
+    c = config_mod.validate(cfg)
+    exp = build(c)
+    trainer, algo = exp.trainer, exp.algorithm
+    model = build_model(c.model.name, exp.dataset.input_shape, exp.dataset.num_classes, c.seed,
+                        **c.model.params)
+    x, y = trainer.x, trainer.y
+    candidates = np.flatnonzero(trainer.sizes > 0)
+
+    def counted(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return int(counter.get_total_flops())
+
+    steps: dict[int, int] = {}                 # mini-batch size -> steps of that size
+    for r in range(1, c.stop.rounds + 1):
+        ids = SyncRound(algo, c.seed, r, candidates).selected
+        _, valid = trainer.batches(ids, np.full(len(ids), r))
+        for size in valid.sum(axis=2).reshape(-1).tolist():
+            if size:
+                steps[int(size)] = steps.get(int(size), 0) + 1
+    train = sum(count * counted(lambda b=b: F.cross_entropy(model(x[:b]), y[:b]).backward())
+                for b, count in steps.items())
+    with torch.no_grad():
+        test = counted(lambda: model(exp.dataset.x_test))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return {"gflop": (train + c.stop.rounds * test) / 1e9, "train_gflop": train / 1e9,
+            "peak_gflops": 2 * 2048 ** 3 / best / 1e9, "threads": torch.get_num_threads()}
+
+
 # ------------------------------------------------------------------------------ the parent
 def child(way: str, cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
@@ -245,7 +301,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         cfg = json.loads(args.config_json)
-        out = {"gossamer": run_gossamer, "sequential": run_sequential, "pfl": run_pfl}[args.child](cfg)
+        out = {"gossamer": run_gossamer, "sequential": run_sequential, "pfl": run_pfl,
+               "flops": run_flops}[args.child](cfg)
         print(json.dumps(out), flush=True)
         return 0
 
@@ -293,6 +350,22 @@ def main() -> int:
                 if "gossamer" in loops and way in loops:
                     out[f"{key}_{way}_speedup"] = loops[way] / loops["gossamer"]
                     print(f"{key:<22} {way} / gossamer loop: {out[f'{key}_{way}_speedup']:.2f}x")
+            work = child("flops", cfg, args.timeout)
+            if "error" in work:
+                print(f"{key:<22} flops FAILED: {work['error']}")
+                continue
+            peak = work["peak_gflops"]
+            out[f"{key}_gflop"], out["peak_gflops"] = work["gflop"], peak
+            print(f"{key:<22} work {work['gflop']:.1f} GFLOP ({work['train_gflop']:.1f} training); "
+                  f"peak {peak:.0f} GFLOP/s ({work['threads']} threads, 2048x2048 matmul)")
+            for way, loop in loops.items():
+                rate = work["gflop"] / loop
+                out[f"{key}_{way}_gflops"] = rate
+                print(f"{key:<22} {way:<11} {rate:6.1f} GFLOP/s = {rate / peak:5.1%} of peak")
+            if "sequential" in loops:
+                need = 2 * work["gflop"] / loops["sequential"]
+                print(f"{key:<22} 2x the sequential loop needs {need:.0f} GFLOP/s = "
+                      f"{need / peak:.2f}x peak")
     if pfl_note:
         print(pfl_note)
     if args.json:

@@ -84,6 +84,7 @@ class ModelConfig(_Strict):
     init: Literal["same", "independent"] = "same"
     forward: Literal["auto", "vmap", "stacked", "layerwise"] = "auto"
     conv: Literal["auto", "grouped", "channels_last", "per_node"] = "auto"
+    dense: Literal["auto", "stacked", "low_rank"] = "auto"
     pretrain: PretrainConfig | None = None
 
     @field_validator("name")

@@ -201,6 +201,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
     schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
     trainer = BatchedTrainer(forward, spec, dataset.x_train, dataset.y_train, shards, schedule,
                              optimizer, cfg.seed, kernel, dp=_dp_sgd(cfg))
+    trainer.dense = cfg.model.dense
     x_test, y_test = dataset.x_test, dataset.y_test
     if cfg.eval.test_subset is not None and cfg.eval.test_subset < len(y_test):
         keep = np.sort(rng.generator(cfg.seed, rng.STREAM_EVAL, 0).permutation(len(y_test))[: cfg.eval.test_subset])
@@ -447,6 +448,7 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
     schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
     inner = BatchedTrainer(forward, spec, example, torch.zeros(1, dtype=torch.int64),
                            [np.zeros(1, dtype=np.int64)], schedule, optimizer, cfg.seed, kernel)
+    inner.dense = cfg.model.dense
     trainer = CohortTrainer(source, inner)
     if dataset is None:                     # Synthetic: the test rows of sampled users
         x_test, y_test = source.test(sample_clients(n, pop.eval_clients, cfg.seed))

@@ -197,6 +197,8 @@ class _Named:
     def __init__(self, forward: StackedForward, path: dict[str, str], loss=None,
                  batch_stats: bool = False) -> None:
         self.forward, self.path, self.loss, self.batch_stats = forward, path, loss, batch_stats
+        # dense layers whose weight may be a LowRankWeight: {weight name: (in, out, rows per sample)}
+        self.linears: dict[str, tuple[int, int, int]] = getattr(forward, "linears", {})
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                  batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:

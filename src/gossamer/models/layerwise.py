@@ -112,10 +112,76 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
 
 
 # --- per-node parametric layers on folded activations [B * n, ...] ---------------------------
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int) -> torch.Tensor:
+class LowRankWeight:
+    """A dense layer's weights for ``B`` nodes that all started from ``w0`` ``[out, in]`` and
+    have taken plain SGD steps since: node ``i``'s weight is ``w0 + d[i]^T a[i]``, where the
+    rows of ``a[i]`` are the layer's inputs at node ``i``'s past steps and those of ``d[i]``
+    the output gradients times ``-lr`` (each step's weight gradient is ``delta^T x``, so its
+    rank is at most the step's rows). ``rows``: how many of ``a``'s and ``d``'s rows are filled.
+
+    Its forward, ``x w0^T + (x a[i]^T) d[i]``, reads ``w0`` once for every node, and no step
+    reads or writes a per-node ``[out, in]`` weight or gradient; :meth:`record` takes a step
+    from the gradient of ``out`` (the layer's output, kept by the forward) and ``inputs``, and
+    :meth:`weights` forms each node's weight at the end (the trainer's low-rank dense path)."""
+
+    def __init__(self, w0: torch.Tensor, nodes: int, capacity: int) -> None:
+        out_features, in_features = w0.shape
+        self.w0, self.rows = w0, 0
+        self.a = w0.new_empty(nodes, capacity, in_features)
+        self.d = w0.new_empty(nodes, capacity, out_features)
+        self.out: torch.Tensor | None = None         # this step's output [B, rows, out]
+        self.inputs: torch.Tensor | None = None      # and input [B, rows, in]
+
+    def forward(self, h: torch.Tensor, b: torch.Tensor | None, nodes: int) -> torch.Tensor:
+        rest, width = h.shape[1:-1], h.shape[-1]
+        x = h.reshape(nodes, -1, width)                                       # [B, rows, in]
+        # one product per node with the shared w0 (not one over the folded rows: a node's bits
+        # then never depend on how many nodes share its call)
+        z = torch.bmm(x, self.w0.T.unsqueeze(0).expand(nodes, -1, -1))
+        if self.rows:
+            z = z + torch.bmm(torch.bmm(x, self.a[:, : self.rows].transpose(1, 2)), self.d[:, : self.rows])
+        if b is not None:
+            z = z + b.unsqueeze(1)
+        self.out, self.inputs = z, x.detach()
+        return z.reshape(-1, *rest, z.shape[-1])
+
+    def record(self, grad: torch.Tensor, lr: float) -> None:
+        """One SGD step: ``grad``, the loss's gradient at :attr:`out`."""
+        assert self.inputs is not None
+        end = self.rows + grad.shape[1]
+        self.a[:, self.rows:end] = self.inputs
+        torch.mul(grad, -lr, out=self.d[:, self.rows:end])
+        self.rows, self.out, self.inputs = end, None, None
+
+    def weights(self) -> torch.Tensor:
+        """Every node's weight now, ``[B, out, in]``."""
+        nodes = self.a.shape[0]
+        w0 = self.w0.unsqueeze(0).expand(nodes, -1, -1)
+        if not self.rows:
+            return w0.clone()
+        return torch.baddbmm(w0, self.d[:, : self.rows].transpose(1, 2), self.a[:, : self.rows])
+
+    def weighted_sum(self, weights: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
+        """``sum_i weights[i] * W_i`` over the nodes ``part`` (``weights`` one per node of
+        ``part``), flattened ``[out * in]``, without forming any node's weight: ``(sum_i
+        weights[i]) w0 + (weights-scaled d)^T a``, one product over every node's rows."""
+        w = weights.to(self.w0.dtype)
+        total = w.sum()
+        if not self.rows:
+            return (self.w0 * total).reshape(-1)
+        d = self.d[part, : self.rows] * w.view(-1, 1, 1)
+        a = self.a[part, : self.rows]
+        return torch.addmm(self.w0, d.reshape(-1, d.shape[-1]).T, a.reshape(-1, a.shape[-1]),
+                           beta=total).reshape(-1)
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor | LowRankWeight, b: torch.Tensor | None,
+            nodes: int) -> torch.Tensor:
     """``w @ x^T`` (then transposed): the weight's gradient comes out contiguous, as ``w``
     is; ``x @ w^T`` would give a transposed one, and the SGD update through it was ~10x slower
-    (a 512 x 3136 layer)."""
+    (a 512 x 3136 layer). A :class:`LowRankWeight` runs its own forward."""
+    if isinstance(w, LowRankWeight):
+        return w.forward(h, b, nodes)
     rest = h.shape[1:-1]
     xt = h.reshape(nodes, -1, h.shape[-1]).transpose(1, 2)            # [B, in, n * rest]
     out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)   # [B, out, n * rest]
@@ -210,6 +276,15 @@ class LayerwiseForward:
         self.gm, self.conv = gm, dict(conv)
         self.modules = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
+        # each dense layer's weight: (in, out, rows per sample), from shape propagation; its
+        # weight may be given as a LowRankWeight (the trainer's low-rank dense path)
+        self.linears: dict[str, tuple[int, int, int]] = {}
+        for node in self.nodes:
+            mod = self.modules.get(node.target) if node.op == "call_module" else None
+            meta = node.args[0].meta.get("tensor_meta") if isinstance(mod, nn.Linear) else None
+            if meta is not None:
+                self.linears[f"{node.target}.weight"] = (mod.in_features, mod.out_features,
+                                                         math.prod(meta.shape[1:-1]))
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                  batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:

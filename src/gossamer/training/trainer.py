@@ -20,6 +20,7 @@ from gossamer import devices, rng
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, StackedForward
 from gossamer.models.graph import graph_sample_loss
+from gossamer.models.layerwise import LowRankWeight
 from gossamer.models.zoo import DenseKernel
 from gossamer.privacy.dp import TAG_SGD, clip_factors, gaussian
 
@@ -153,6 +154,10 @@ class BatchedTrainer:
         # cohorts need that: its cohort is bound anew for every call, so "configured")
         self.batch_width: Literal["call", "population", "configured"] = "call"
         self.autocast: torch.dtype | None = None      # bf16 training (devices.autocast)
+        # dense layers' weights on the autograd path (model.dense): "stacked", one [B, out, in]
+        # tensor stepped in place; "low_rank", a shared start plus each node's steps
+        # (LowRankWeight) where a call allows it; "auto", low-rank where its rows are few
+        self.dense: Literal["auto", "stacked", "low_rank"] = "auto"
         # how much a call may hold at once (the module constants on the CPU; a GPU's free
         # memory sets them in `place`)
         self.chunk_bytes, self.workspace_bytes, self.inputs_bytes = CHUNK_BYTES, WORKSPACE_BYTES, INPUTS_BYTES
@@ -352,11 +357,13 @@ class BatchedTrainer:
         if unknown:
             raise ValueError(f"frozen parameters {sorted(unknown)} are not the model's")
         idx, valid = self.batches(nodes, keys, steps)
-        chunk = self._chunk(fused, idx.shape[1], mean_weights is not None)
+        low_rows = {} if fused else self._low_rank(params, objective, idx.shape)
+        chunk = self._chunk(fused, idx.shape[1], mean_weights is not None, low_rows)
         if mean_groups is not None and (mean_weights is None or len(nodes) > chunk):
             raise ValueError("mean_groups: give mean_weights, and at most nodes_per_pass nodes")
         if len(nodes) > chunk:
-            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights, chunk)
+            return self._train_chunks(params, nodes, keys, inplace, steps, objective, mean_weights, chunk,
+                                      means=bool(low_rows))
         if self.stats and objective.recursive:
             raise ValueError("FedAMD's recursive direction does not support BatchNorm; use GroupNorm")
         if objective.recursive and self.optimizer.sam_rho:
@@ -368,7 +375,9 @@ class BatchedTrainer:
         if self.stats:                      # running statistics: the forward's, not the optimizer's
             objective = replace(objective, frozen=(*objective.frozen, *self.stats))
         names = self.spec.names
-        leaves = [v.detach().clone() for v in self.spec.views(params).values()]
+        views = list(self.spec.views(params).values())
+        low = {k: LowRankWeight(views[k][0].detach(), len(nodes), rows) for k, rows in low_rows.items()}
+        leaves = [v if k in low else v.detach().clone() for k, v in enumerate(views)]
         terms = self._objective_views(objective, None)
         direction = previous = None
         if objective.recursive:
@@ -397,6 +406,10 @@ class BatchedTrainer:
                 grads = self._dp_gradient(leaves, xb, yb, weight, counts[:, t], nodes, keys, t, loss_sum)
                 self._step(leaves, grads, bufs, adam, active, objective, terms, every)
                 continue
+            if low:
+                loss_sum += self._low_rank_step(leaves, low, xb, yb, weight, counts[:, t], active,
+                                                objective, terms, every)
+                continue
             self._trainable(leaves)
             per_sample = self._sample_losses(dict(zip(names, leaves, strict=True)), xb, yb, (weight, True))
             per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / counts[:, t].clamp(min=1)
@@ -410,7 +423,70 @@ class BatchedTrainer:
             self._step(leaves, grads, bufs, adam, active, objective, terms, every)
         if adam is not None and objective.optimizer_state is not None:     # kept by the caller
             self._store_adam(adam, objective.optimizer_state)
+        if mean_weights is None:
+            for k, w in low.items():
+                leaves[k] = w.weights()
+        else:                               # the mean needs no node's weight (weighted_sum)
+            leaves = [low.get(k, leaf) for k, leaf in enumerate(leaves)]
         return self._result(params, leaves, valid, loss_sum, inplace, mean_weights, mean_groups)
+
+    def _low_rank(self, params: torch.Tensor, objective: LocalObjective,
+                  batches: tuple[int, ...]) -> dict[int, int]:
+        """The dense layers this call trains as :class:`LowRankWeight`, by leaf index, each
+        with the rows its factors take (``r``), for
+        ``batches`` ``(B, T, n)``: where every node starts from the same row (an expanded start,
+        as FedAvg's round gives, or a single node: a runtime client) and takes plain SGD steps (no momentum, weight decay, SAM,
+        DP-SGD, terms on the layer, frozen layers, BatchNorm, a model's own loss or bf16).
+        Each step then adds ``n`` rows (times the samples' positions, for a sequence) to the
+        node's ``[r, in]`` and ``[r, out]`` factors instead of stepping its ``[out, in]`` weight;
+        with ``model.dense: auto`` only where the ``r`` rows of all ``T`` steps cost at most a
+        quarter of the weight (``4 r (in + out) <= in * out``: FedAvg's CNN, 3136 x 512 with 50
+        rows, yes; a 784 x 64 first layer, no)."""
+        linears = getattr(self.forward, "linears", None)
+        opt = self.optimizer
+        if (self.dense == "stacked" or not linears or not isinstance(opt, SGD) or opt.momentum
+                or opt.weight_decay or opt.sam_rho or self.dp is not None or objective.recursive
+                or objective.frozen or objective.correction is not None or self.stats
+                or self.sample_loss is not None or self.autocast is not None
+                or params.dim() != 2 or not len(params) or (len(params) > 1 and params.stride(0) != 0)):
+            return {}
+        _, steps, width = batches
+        chosen = {}
+        for k, name in enumerate(self.spec.names):
+            if name not in linears or name in objective.l1:
+                continue
+            if objective.prox_mu and (not objective.prox_only or name in objective.prox_only):
+                continue
+            fin, fout, rest = linears[name]
+            rows = steps * width * rest
+            if self.dense == "auto" and 4 * rows * (fin + fout) > fin * fout:
+                continue
+            chosen[k] = rows
+        return chosen
+
+    def _low_rank_step(self, leaves: list[torch.Tensor], low: dict[int, LowRankWeight],
+                       xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor, count: torch.Tensor,
+                       active: torch.Tensor, objective: LocalObjective, terms: list[Term],
+                       every: bool) -> torch.Tensor:
+        """One SGD step with ``low``'s layers as :class:`LowRankWeight`: their output
+        gradients become their factors' new rows, the other leaves step in place (a node
+        without a batch has a zero gradient there, so it does not move). Each node's loss."""
+        rest = [k for k in range(len(leaves)) if k not in low]
+        for k in rest:
+            leaves[k].requires_grad_(True)
+        named = {name: low[k] if k in low else leaves[k] for k, name in enumerate(self.spec.names)}
+        per_sample = self._sample_losses(named, xb, yb)
+        per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / count.clamp(min=1)
+        outs = [w.out for w in low.values()]
+        grads = torch.autograd.grad(per_node.sum(), [leaves[k] for k in rest] + outs)
+        for w, g in zip(low.values(), grads[len(rest):], strict=True):
+            w.record(g, self.optimizer.lr * objective.grad_scale)
+        for k in rest:
+            leaves[k] = leaves[k].detach()
+        self._sgd_step([leaves[k] for k in rest],
+                       [g if g.is_contiguous() else g.contiguous() for g in grads[: len(rest)]],
+                       None, active, objective, [terms[k] for k in rest], every)
+        return per_node.detach()
 
     def _train_from_host(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
                          inplace: bool, steps: np.ndarray | None, objective: LocalObjective | None,
@@ -452,11 +528,16 @@ class BatchedTrainer:
         wanted) instead of working in the parameter-major workspace."""
         return steps <= 2 and not mean
 
-    def _chunk(self, fused: bool, steps: int, mean: bool) -> int:
+    def _chunk(self, fused: bool, steps: int, mean: bool, low: dict[int, int] | None = None) -> int:
         """Nodes per pass: :attr:`chunk_nodes` on the autograd path; on the fused kernel's,
         as many as fit the parameter-major workspace in :data:`WORKSPACE_BYTES` (when it
         updates the given rows directly there is no workspace, but its gradients take as much:
         D-PSGD on 10^6 nodes would hold a population-sized gradient otherwise)."""
+        if not fused and low:          # low-rank layers hold their factors, not [out, in] per node
+            linears, names = self.forward.linears, self.spec.names      # type: ignore[attr-defined]
+            held = self.spec.numel + sum(rows * (linears[names[k]][0] + linears[names[k]][1])
+                                         - linears[names[k]][0] * linears[names[k]][1] for k, rows in low.items())
+            return max(1, self.chunk_bytes // (3 * held * self.x.element_size()))
         if not fused:
             return self.chunk_nodes
         return max(1, self.workspace_bytes // (self.spec.numel * self.x.element_size()))
@@ -475,19 +556,22 @@ class BatchedTrainer:
 
     def _train_chunks(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray, inplace: bool,
                       steps: np.ndarray | None, objective: LocalObjective,
-                      mean_weights: torch.Tensor | None, chunk: int) -> TrainResult:
-        """:meth:`train`, ``chunk`` nodes at a time (each node's result is its own)."""
+                      mean_weights: torch.Tensor | None, chunk: int, means: bool = False) -> TrainResult:
+        """:meth:`train`, ``chunk`` nodes at a time (each node's result is its own); with
+        ``means`` each chunk returns its share of the mean, not its rows (low-rank layers
+        then never form a node's weight)."""
         total = len(nodes)
         out = None if mean_weights is not None else params if inplace else torch.empty_like(params, memory_format=torch.contiguous_format)
         mean, samples, taken, losses = None, [], [], []
         for lo in range(0, total, chunk):
             part = slice(lo, min(lo + chunk, total))
             r = self.train(params[part], nodes[part], keys[part], steps=None if steps is None else steps[part],
-                           objective=objective.rows(part, total))
+                           objective=objective.rows(part, total),
+                           mean_weights=mean_weights[part] if means and mean_weights is not None else None)
             if mean_weights is None:
                 out[part] = r.params
             else:
-                share = mean_weights[part].to(params.dtype) @ r.params
+                share = r.mean if r.mean is not None else mean_weights[part].to(params.dtype) @ r.params
                 mean = share if mean is None else mean + share
             samples.append(r.samples)
             taken.append(r.steps)
@@ -503,8 +587,7 @@ class BatchedTrainer:
         loss = loss_sum / self._index(np.maximum(steps, 1)).to(loss_sum.dtype)
         if mean_weights is not None and groups is not None:    # one weighted sum per group
             spans = zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True)
-            mean = torch.stack([self._weighted_sum(mean_weights[a:b], [leaf[a:b] for leaf in leaves])
-                                for a, b in spans])
+            mean = torch.stack([self._weighted_sum(mean_weights[a:b], leaves, slice(a, b)) for a, b in spans])
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, mean)
         if mean_weights is not None:
             return TrainResult(None, valid.sum(axis=(1, 2)), steps, loss, self._weighted_sum(mean_weights, leaves))
@@ -997,9 +1080,12 @@ class BatchedTrainer:
                     leaf.sub_(extra, alpha=opt.lr)
 
     @staticmethod
-    def _weighted_sum(weights: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
-        """``weights @`` the rows the parameter-major ``leaves`` (module order) hold, ``[P]``:
-        one product per leaf, whether the leaves are a group's own workspace or its slice of a
-        larger one."""
-        w = weights.to(leaves[0].dtype).reshape(1, -1)
-        return torch.cat([torch.mm(w, leaf.reshape(len(weights), -1))[0] for leaf in leaves])
+    def _weighted_sum(weights: torch.Tensor, leaves: list[torch.Tensor | LowRankWeight],
+                      part: slice = slice(None)) -> torch.Tensor:
+        """``weights @`` the rows of nodes ``part`` that the parameter-major ``leaves`` (module
+        order) hold, ``[P]``: one product per leaf, whether the leaves are a group's own
+        workspace or its slice of a larger one (a :class:`LowRankWeight` forms its own)."""
+        first = leaves[0]
+        w = weights.to(first.w0.dtype if isinstance(first, LowRankWeight) else first.dtype)
+        return torch.cat([leaf.weighted_sum(w, part) if isinstance(leaf, LowRankWeight)
+                          else torch.mm(w.reshape(1, -1), leaf[part].reshape(len(w), -1))[0] for leaf in leaves])

@@ -1,0 +1,123 @@
+"""Dense layers trained as a shared start plus each node's low-rank steps (``model.dense``;
+models/layerwise.py ``LowRankWeight``, the trainer's ``_low_rank``): the same SGD as stepping
+every node's weight, taken only where it is that SGD."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gossamer import config
+from gossamer.algorithms.local import LocalObjective
+from gossamer.models import ParamSpec, build_model, make_stacked_forward
+from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
+
+SIZES = [8, 5, 11, 0, 3]
+
+
+def _setup(schedule, opt, shape=(1, 12, 12), hidden=64, channels=(2, 4)):
+    g = torch.Generator().manual_seed(0)
+    total = sum(SIZES)
+    x = torch.randn(total, *shape, generator=g)
+    y = torch.randint(0, 5, (total,), generator=g)
+    model = build_model("cnn_fedavg", shape, 5, seed=1, channels=list(channels), hidden=hidden)
+    spec = ParamSpec.from_module(model)
+    forward = make_stacked_forward(model, spec, x[0])
+    assert forward.path["forward"] == "layerwise"
+    bounds = np.cumsum([0, *SIZES])
+    shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(SIZES))]
+    return BatchedTrainer(forward, spec, x, y, shards, schedule, opt, seed=3), model, spec, x, y
+
+
+def _torch_sgd(trainer, model, spec, x, y, start, nodes, key, lr):
+    """Each node on its own with torch.optim.SGD, batches from the trainer's schedule."""
+    idx, valid = trainer.batches(nodes, np.full(len(nodes), key))
+    out = []
+    for b in range(len(nodes)):
+        spec.load_into(model, start)
+        sgd = torch.optim.SGD(model.parameters(), lr=lr)
+        for t in range(idx.shape[1]):
+            take = idx[b, t][valid[b, t]]
+            if len(take):
+                sgd.zero_grad()
+                nn.functional.cross_entropy(model(x[take]), y[take]).backward()
+                sgd.step()
+        out.append(spec.flatten(model))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("schedule", [LocalSchedule(4, epochs=1, shuffle=False),
+                                      LocalSchedule(3, epochs=2, shuffle=True)])
+def test_low_rank_dense_layers_train_as_torch_does(schedule):
+    trainer, model, spec, x, y = _setup(schedule, SGD(0.1))
+    trainer.dense = "low_rank"
+    nodes = np.arange(len(SIZES))
+    start = torch.randn(spec.numel) * 0.3
+    shared = start.expand(len(nodes), -1)
+    idx, _ = trainer.batches(nodes, np.full(len(nodes), 7))
+    chosen = trainer._low_rank(shared, LocalObjective(), idx.shape)
+    assert [spec.names[k] for k in chosen] == ["classifier.0.weight", "classifier.2.weight"]
+    result = trainer.train(shared, nodes, keys=7)
+    ref = _torch_sgd(trainer, model, spec, x, y, start, nodes, 7, 0.1)
+    assert torch.allclose(result.params, ref, atol=1e-5)
+    assert not torch.allclose(result.params, shared, atol=1e-3)        # it trained
+    assert torch.equal(result.params[3], start)            # a node without data does not move
+    trainer.dense = "stacked"
+    stacked = trainer.train(shared, nodes, keys=7)
+    assert torch.allclose(result.params, stacked.params, atol=1e-6)
+    assert torch.allclose(result.loss, stacked.loss, atol=1e-6)
+
+
+def test_low_rank_means_need_no_node_weight_and_a_group_is_its_own():
+    """FedAvg's mean (and the sharded simulator's group sums) from the factors: equal to the
+    weighted rows, and a group's sum has the same bits whatever else its call trains."""
+    trainer, _, spec, *_ = _setup(LocalSchedule(4, epochs=1, shuffle=True), SGD(0.1))
+    trainer.dense = "low_rank"
+    nodes = np.arange(len(SIZES))
+    start = torch.randn(spec.numel) * 0.3
+    weights = torch.tensor([0.1, 0.3, 0.2, 0.0, 0.4])
+    rows = trainer.train(start.expand(5, -1), nodes, keys=2).params
+    mean = trainer.train(start.expand(5, -1), nodes, keys=2, mean_weights=weights).mean
+    assert torch.allclose(mean, weights @ rows, atol=1e-6)
+    groups = trainer.train(start.expand(5, -1), nodes, keys=2, mean_weights=weights,
+                           mean_groups=np.array([0, 2, 5])).mean
+    alone = trainer.train(start.expand(3, -1), nodes[2:], keys=2, mean_weights=weights[2:],
+                          mean_groups=np.array([0, 3])).mean
+    assert torch.equal(groups[1], alone[0])
+    assert torch.allclose(groups.sum(0), mean, atol=1e-6)
+
+
+def test_auto_takes_low_rank_only_where_the_factors_are_small():
+    """``4 r (in + out) <= in * out``: FedAvg's CNN's 3136 x 512 layer with 5 steps of 10
+    samples, not its 512 x 10 output layer, and neither after 200 steps."""
+    trainer, _, spec, *_ = _setup(LocalSchedule(10, epochs=1), SGD(0.1), shape=(1, 28, 28), hidden=512,
+                                  channels=(32, 64))
+    shared = torch.zeros(spec.numel).expand(4, -1)
+    chosen = trainer._low_rank(shared, LocalObjective(), (4, 5, 10))
+    assert {spec.names[k]: r for k, r in chosen.items()} == {"classifier.0.weight": 50}
+    assert trainer._low_rank(shared, LocalObjective(), (4, 200, 10)) == {}
+    trainer.dense = "stacked"
+    assert trainer._low_rank(shared, LocalObjective(), (4, 5, 10)) == {}
+
+
+@pytest.mark.parametrize("change", ["momentum", "decay", "own_starts", "prox", "correction", "frozen"])
+def test_low_rank_is_not_taken_where_it_would_not_be_plain_sgd_from_one_start(change):
+    opt = SGD(0.1, momentum=0.9) if change == "momentum" else SGD(0.1, weight_decay=0.01) if change == "decay" else SGD(0.1)
+    trainer, _, spec, *_ = _setup(LocalSchedule(4, epochs=1), opt)
+    trainer.dense = "low_rank"
+    start = torch.zeros(spec.numel)
+    rows = torch.randn(5, spec.numel) if change == "own_starts" else start.expand(5, -1)
+    objective = {"prox": LocalObjective(0.1, start),
+                 "correction": LocalObjective(correction=start),
+                 "frozen": LocalObjective(frozen=("features.0.weight",))}.get(change, LocalObjective())
+    assert trainer._low_rank(rows, objective, (5, 3, 4)) == {}
+    # one node is its own shared start (a runtime client trains one row)
+    if change == "own_starts":
+        assert trainer._low_rank(rows[:1], objective, (1, 3, 4)) != {}
+
+
+def test_model_dense_is_a_config_choice():
+    cfg = config.validate({"model": {"name": "cnn", "dense": "low_rank"}})
+    assert cfg.model.dense == "low_rank"
+    with pytest.raises(config.ConfigError, match="model.dense"):
+        config.validate({"model": {"name": "cnn", "dense": "sparse"}})
