@@ -186,3 +186,55 @@ def test_embeddings_run_layer_by_layer_and_padding_indices_keep_vmap():
     vm = make_stacked_forward(module, spec, torch.zeros(3, dtype=torch.long), "vmap")
     _same_as_vmap(layered, vm, module, spec, torch.randint(0, 11, (3, 5, 3)))
     assert layerwise_forward(_Tokens(padding_idx=0), torch.zeros(3, dtype=torch.long))[0] is None
+
+
+class _ConvStack(nn.Module):
+    """Convolutions whose outputs pass through activations and pooling (kept in the grouped
+    layout), a residual sum and a reduction (which fold them back first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.conv1(x)))
+        h = F.relu(h + self.conv2(h))
+        h = h - h.mean(dim=(-2, -1), keepdim=True)
+        return self.fc(torch.flatten(F.avg_pool2d(h, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "channels_last"])
+def test_grouped_layout_passes_through_sample_wise_layers_with_the_same_bits(monkeypatch, strategy):
+    """A grouped convolution's output stays in its [n, B * C, H, W] layout through ReLU and
+    pooling (two copies fewer per convolution): outputs and gradients are bit for bit those of
+    folding it back after every convolution."""
+    import gossamer.models.layerwise as lw
+
+    torch.manual_seed(0)
+    module = _ConvStack()
+    spec = ParamSpec.from_module(module)
+    x = torch.randn(3, 4, 3, 8, 8)
+    rows = spec.flatten(module).reshape(1, -1).repeat(3, 1) + 0.01 * torch.randn(3, spec.numel)
+    forward, _ = layerwise_forward(module, x[0, 0], conv=strategy)
+    folds = []                                 # layout changes (copies), either way
+    real_fold, real_group = lw._to_folded, lw._to_grouped
+    monkeypatch.setattr(lw, "_to_folded", lambda g, nodes: folds.append(g.shape) or real_fold(g, nodes))
+    monkeypatch.setattr(lw, "_to_grouped", lambda h, nodes: folds.append(h.shape) or real_group(h, nodes))
+
+    def run():
+        params = {k: v.clone().requires_grad_(True) for k, v in spec.views(rows).items()}
+        out = forward(params, x)
+        grads = torch.autograd.grad(out.square().sum(), list(params.values()))
+        return out, grads
+
+    kept_out, kept_grads = run()
+    kept_folds = len(folds)
+    monkeypatch.setattr(lw.LayerwiseForward, "_keeps_layout", lambda self, node: False)
+    folds.clear()
+    out, grads = run()
+    assert kept_folds < len(folds)
+    assert torch.equal(kept_out, out)
+    assert all(torch.equal(a, b) for a, b in zip(kept_grads, grads, strict=True))

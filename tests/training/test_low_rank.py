@@ -22,7 +22,7 @@ def _setup(schedule, opt, shape=(1, 12, 12), hidden=64, channels=(2, 4)):
     y = torch.randint(0, 5, (total,), generator=g)
     model = build_model("cnn_fedavg", shape, 5, seed=1, channels=list(channels), hidden=hidden)
     spec = ParamSpec.from_module(model)
-    forward = make_stacked_forward(model, spec, x[0])
+    forward = make_stacked_forward(model, spec, x[0], "layerwise", "grouped")     # (no timing probe)
     assert forward.path["forward"] == "layerwise"
     bounds = np.cumsum([0, *SIZES])
     shards = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(SIZES))]

@@ -44,6 +44,13 @@ _SAMPLEWISE_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.true
                          F.gelu, F.silu, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                          F.dropout}
 _SAMPLEWISE_METHODS = {"relu", "sigmoid", "tanh", "add", "mul", "sub"}
+# of those, the ones that act on each channel plane of each sample alone and draw nothing at
+# random: they run on a grouped convolution's output in its layout (LayerwiseForward)
+_LAYOUT_FREE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU,
+                        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
+_LAYOUT_FREE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, F.relu, F.gelu, F.silu,
+                          F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
+_LAYOUT_FREE_METHODS = {"relu", "sigmoid", "tanh"}
 
 
 def _flatten_ok(node: torch.fx.Node) -> bool:
@@ -188,24 +195,43 @@ def _linear(h: torch.Tensor, w: torch.Tensor | LowRankWeight, b: torch.Tensor | 
     return out.transpose(1, 2).reshape(-1, *rest, w.shape[1])
 
 
-def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int, mod: nn.Conv2d,
-          strategy: str) -> torch.Tensor:
-    """``mod``'s convolution with node ``i``'s weights ``w[i]`` on node ``i``'s samples."""
+def _to_grouped(h: torch.Tensor, nodes: int) -> torch.Tensor:
+    """Folded ``[B * n, C, ...]`` (node-major) to the grouped layout ``[n, B * C, ...]``."""
     n = h.shape[0] // nodes
-    kw = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
-    if strategy == "per_node":
-        x = h.reshape(nodes, n, *h.shape[1:])
-        out = [F.conv2d(x[i], w[i], None if b is None else b[i], groups=mod.groups, **kw) for i in range(nodes)]
-        return torch.stack(out).flatten(0, 1)
-    c, hh, ww = h.shape[1:]
-    x = h.reshape(nodes, n, c, hh, ww).transpose(0, 1).reshape(n, nodes * c, hh, ww)   # [n, B*C, H, W]
+    return h.reshape(nodes, n, *h.shape[1:]).transpose(0, 1).reshape(n, nodes * h.shape[1], *h.shape[2:])
+
+
+def _to_folded(g: torch.Tensor, nodes: int) -> torch.Tensor:
+    """The grouped layout ``[n, B * C, ...]`` back to folded ``[B * n, C, ...]``."""
+    n, c = g.shape[0], g.shape[1] // nodes
+    return g.reshape(n, nodes, c, *g.shape[2:]).transpose(0, 1).reshape(nodes * n, c, *g.shape[2:])
+
+
+def _grouped_conv(g: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int,
+                  mod: nn.Conv2d, strategy: str) -> torch.Tensor:
+    """``mod``'s convolution of every node at once as one grouped convolution, input and
+    output in the grouped layout ``[n, B * C, H, W]`` (channels-last with that strategy)."""
     weight = w.reshape(-1, *w.shape[2:])                                               # [B*O, C/g, k, k]
     if strategy == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
         weight = weight.contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(x, weight, None if b is None else b.reshape(-1), groups=nodes * mod.groups, **kw)
-    o = w.shape[1]
-    return out.reshape(n, nodes, o, *out.shape[-2:]).transpose(0, 1).reshape(nodes * n, o, *out.shape[-2:])
+    else:                              # (a channels-last input, from the layer before: as timed)
+        g = g.contiguous()
+    return F.conv2d(g, weight, None if b is None else b.reshape(-1), groups=nodes * mod.groups,
+                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
+
+
+def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, nodes: int, mod: nn.Conv2d,
+          strategy: str) -> torch.Tensor:
+    """``mod``'s convolution with node ``i``'s weights ``w[i]`` on node ``i``'s samples,
+    folded ``[B * n, C, H, W]`` in and out."""
+    if strategy == "per_node":
+        n = h.shape[0] // nodes
+        x = h.reshape(nodes, n, *h.shape[1:])
+        kw = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+        out = [F.conv2d(x[i], w[i], None if b is None else b[i], groups=mod.groups, **kw) for i in range(nodes)]
+        return torch.stack(out).flatten(0, 1)
+    return _to_folded(_grouped_conv(_to_grouped(h, nodes), w, b, nodes, mod, strategy), nodes)
 
 
 def _affine(h: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, nodes: int,
@@ -291,24 +317,68 @@ class LayerwiseForward:
         nodes, n = x.shape[0], x.shape[1]
         env: dict[torch.fx.Node, object] = {}
 
-        def load(a):
-            return torch.fx.node.map_arg(a, lambda node: env[node])
+        # values a grouped convolution left in the grouped layout [n, B * C, ...]: the
+        # per-channel sample-wise operations after it (activations, pooling) run on them as
+        # they are, and anything else gets them folded back first (each element the same
+        # value either way, so the same bits; two copies fewer per convolution)
+        grouped: set[torch.fx.Node] = set()
+
+        def load(a, keep: torch.fx.Node | None = None):
+            def get(node: torch.fx.Node):
+                value = env[node]
+                if node in grouped and node is not keep:
+                    value = env[node] = _to_folded(value, nodes)
+                    grouped.discard(node)
+                return value
+            return torch.fx.node.map_arg(a, get)
 
         out = None
         for node in self.nodes:
+            source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             if node.op == "placeholder":
                 env[node] = x.reshape(nodes * n, *x.shape[2:])
-            elif node.op == "call_module":
-                env[node] = self._module(node, params, load(node.args), load(node.kwargs), nodes, batch)
-            elif node.op == "call_function":
-                env[node] = node.target(*load(node.args), **load(node.kwargs))
-            elif node.op == "call_method":
-                args = load(node.args)
-                env[node] = getattr(args[0], node.target)(*args[1:], **load(node.kwargs))
-            elif node.op == "output":
-                out = load(node.args[0])
+            elif node.op == "call_module" and self._grouped_conv(node):
+                mod, name = self.modules[node.target], node.target
+                h = env[source] if source in grouped else _to_grouped(load(source), nodes)
+                env[node] = _grouped_conv(h, params[f"{name}.weight"], params.get(f"{name}.bias"), nodes,
+                                          mod, self.conv[name])
+                grouped.add(node)
+            elif source in grouped and self._keeps_layout(node):
+                env[node] = self._run(node, params, load(node.args, keep=source), load(node.kwargs), nodes, batch)
+                grouped.add(node)
+            else:
+                env[node] = self._run(node, params, load(node.args), load(node.kwargs), nodes, batch)
+            if node.op == "output":
+                out = env[node]
         assert isinstance(out, torch.Tensor)
         return out.reshape(nodes, n, *out.shape[1:])
+
+    def _run(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int,
+             batch: tuple[torch.Tensor, bool] | None):
+        if node.op == "call_module":
+            return self._module(node, params, args, kwargs, nodes, batch)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "output":
+            return args[0]
+        raise AssertionError(node.op)
+
+    def _grouped_conv(self, node: torch.fx.Node) -> bool:
+        return (node.op == "call_module" and isinstance(self.modules[node.target], nn.Conv2d)
+                and self.conv.get(node.target, "grouped") != "per_node")
+
+    def _keeps_layout(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` acts on each channel of each sample alone, with nothing but its
+        first argument a tensor (so the grouped layout passes through it)."""
+        if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+            return False
+        if node.op == "call_module":
+            return isinstance(self.modules[node.target], _LAYOUT_FREE_MODULES)
+        if node.op == "call_function":
+            return node.target in _LAYOUT_FREE_FUNCTIONS
+        return node.op == "call_method" and node.target in _LAYOUT_FREE_METHODS
 
     def _module(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int,
                 batch: tuple[torch.Tensor, bool] | None = None):
