@@ -29,6 +29,12 @@ def _setup(schedule, opt, shape=(1, 12, 12), hidden=64, channels=(2, 4)):
     return BatchedTrainer(forward, spec, x, y, shards, schedule, opt, seed=3), model, spec, x, y
 
 
+def _start(spec, model):
+    """The model's own initialization, moved a little (seeded: the same start on every run)."""
+    noise = torch.randn(spec.numel, generator=torch.Generator().manual_seed(5))
+    return spec.flatten(model) + 0.01 * noise
+
+
 def _torch_sgd(trainer, model, spec, x, y, start, nodes, key, lr):
     """Each node on its own with torch.optim.SGD, batches from the trainer's schedule."""
     idx, valid = trainer.batches(nodes, np.full(len(nodes), key))
@@ -52,7 +58,7 @@ def test_low_rank_dense_layers_train_as_torch_does(schedule):
     trainer, model, spec, x, y = _setup(schedule, SGD(0.1))
     trainer.dense = "low_rank"
     nodes = np.arange(len(SIZES))
-    start = torch.randn(spec.numel) * 0.3
+    start = _start(spec, model)
     shared = start.expand(len(nodes), -1)
     idx, _ = trainer.batches(nodes, np.full(len(nodes), 7))
     chosen = trainer._low_rank(shared, LocalObjective(), idx.shape)
@@ -71,10 +77,10 @@ def test_low_rank_dense_layers_train_as_torch_does(schedule):
 def test_low_rank_means_need_no_node_weight_and_a_group_is_its_own():
     """FedAvg's mean (and the sharded simulator's group sums) from the factors: equal to the
     weighted rows, and a group's sum has the same bits whatever else its call trains."""
-    trainer, _, spec, *_ = _setup(LocalSchedule(4, epochs=1, shuffle=True), SGD(0.1))
+    trainer, model, spec, *_ = _setup(LocalSchedule(4, epochs=1, shuffle=True), SGD(0.1))
     trainer.dense = "low_rank"
     nodes = np.arange(len(SIZES))
-    start = torch.randn(spec.numel) * 0.3
+    start = _start(spec, model)
     weights = torch.tensor([0.1, 0.3, 0.2, 0.0, 0.4])
     rows = trainer.train(start.expand(5, -1), nodes, keys=2).params
     mean = trainer.train(start.expand(5, -1), nodes, keys=2, mean_weights=weights).mean
@@ -106,7 +112,7 @@ def test_low_rank_is_not_taken_where_it_would_not_be_plain_sgd_from_one_start(ch
     trainer, _, spec, *_ = _setup(LocalSchedule(4, epochs=1), opt)
     trainer.dense = "low_rank"
     start = torch.zeros(spec.numel)
-    rows = torch.randn(5, spec.numel) if change == "own_starts" else start.expand(5, -1)
+    rows = torch.zeros(5, spec.numel) if change == "own_starts" else start.expand(5, -1)
     objective = {"prox": LocalObjective(0.1, start),
                  "correction": LocalObjective(correction=start),
                  "frozen": LocalObjective(frozen=("features.0.weight",))}.get(change, LocalObjective())
