@@ -127,3 +127,25 @@ def test_model_dense_is_a_config_choice():
     assert cfg.model.dense == "low_rank"
     with pytest.raises(config.ConfigError, match="model.dense"):
         config.validate({"model": {"name": "cnn", "dense": "sparse"}})
+
+
+class _Twice(nn.Module):
+    """One dense layer applied twice: its weight is not trained as low-rank factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(72, 72)
+        self.out = nn.Linear(72, 5)
+
+    def forward(self, x):
+        h = torch.flatten(torch.relu(self.conv(x)), 1)             # [n, 2 * 6 * 6]
+        return self.out(self.fc(torch.relu(self.fc(h))))
+
+
+def test_a_dense_layer_that_runs_twice_keeps_stacked_weights():
+    from gossamer.models.layerwise import layerwise_forward
+
+    forward, why = layerwise_forward(_Twice(), torch.randn(1, 8, 8), conv="grouped")
+    assert forward is not None, why
+    assert set(forward.linears) == {"out.weight"}

@@ -303,12 +303,14 @@ class LayerwiseForward:
         self.modules = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
         # each dense layer's weight: (in, out, rows per sample), from shape propagation; its
-        # weight may be given as a LowRankWeight (the trainer's low-rank dense path)
+        # weight may be given as a LowRankWeight (the trainer's low-rank dense path), unless
+        # the layer runs more than once a forward (a LowRankWeight keeps one output a step)
         self.linears: dict[str, tuple[int, int, int]] = {}
+        calls = [n.target for n in self.nodes if n.op == "call_module"]
         for node in self.nodes:
             mod = self.modules.get(node.target) if node.op == "call_module" else None
             meta = node.args[0].meta.get("tensor_meta") if isinstance(mod, nn.Linear) else None
-            if meta is not None:
+            if meta is not None and calls.count(node.target) == 1:
                 self.linears[f"{node.target}.weight"] = (mod.in_features, mod.out_features,
                                                          math.prod(meta.shape[1:-1]))
 
