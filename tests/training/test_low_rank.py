@@ -149,3 +149,15 @@ def test_a_dense_layer_that_runs_twice_keeps_stacked_weights():
     forward, why = layerwise_forward(_Twice(), torch.randn(1, 8, 8), conv="grouped")
     assert forward is not None, why
     assert set(forward.linears) == {"out.weight"}
+
+
+def test_low_rank_training_names_the_device_of_every_tensor_it_makes():
+    """With torch's default device set to ``meta``, a tensor made without naming its device
+    would land there and fail the call (tests/test_devices.py does this for whole runs)."""
+    trainer, model, spec, *_ = _setup(LocalSchedule(4, epochs=1), SGD(0.1))
+    trainer.dense = "low_rank"
+    start = _start(spec, model)
+    want = trainer.train(start.expand(5, -1), np.arange(5), keys=1, mean_weights=torch.full((5,), 0.2))
+    with torch.device("meta"):
+        got = trainer.train(start.expand(5, -1), np.arange(5), keys=1, mean_weights=torch.full((5,), 0.2, device="cpu"))
+    assert got.mean.device.type == "cpu" and torch.equal(got.mean, want.mean)
