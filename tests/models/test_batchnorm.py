@@ -143,7 +143,7 @@ def test_what_a_row_cannot_hold_is_refused_in_one_line():
 def test_a_batchnorm_resnet_learns_with_fedavg_and_dpsgd_from_a_config(tmp_path):
     base = {"data": {"dataset": "mnist5k", "params": {"image": True}},
             "model": {"name": "resnet8_bn", "params": {"width": 4}},
-            "local": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+            "local": {"epochs": None, "steps": 20, "batch_size": 16, "lr": 0.1},   # ~half an epoch
             "partition": {"name": "iid", "num_nodes": 8},
             "stop": {"rounds": 5}, "eval": {"every": 5, "test_subset": 300},
             "output": {"progress": False}}
