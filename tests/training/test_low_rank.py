@@ -106,14 +106,42 @@ def test_auto_takes_low_rank_only_where_the_factors_are_small():
     assert trainer._low_rank(shared, LocalObjective(), (4, 5, 10)) == {}
 
 
-@pytest.mark.parametrize("change", ["momentum", "decay", "own_starts", "prox", "correction", "frozen"])
+@pytest.mark.parametrize("opt, prox", [(SGD(0.1, weight_decay=0.05), 0.0), (SGD(0.1), 0.3),
+                                       (SGD(0.1, weight_decay=0.05), 0.3)], ids=["decay", "fedprox", "both"])
+def test_weight_decay_and_a_pull_toward_the_start_keep_the_low_rank_form(opt, prox):
+    """Weight decay and FedProx's proximal term toward the start (the global model) scale
+    the past steps and the start's coefficient; nodes without a batch at a step do not move
+    (unequal shards). Equal to stepping every node's weight, rows and mean."""
+    trainer, model, spec, *_ = _setup(LocalSchedule(3, epochs=2, shuffle=True), opt)
+    nodes = np.arange(len(SIZES))
+    start = _start(spec, model)
+    objective = LocalObjective(prox, start) if prox else LocalObjective()
+    shared = start.expand(5, -1)
+    idx, _ = trainer.batches(nodes, np.full(5, 4))
+    trainer.dense = "low_rank"
+    assert len(trainer._low_rank(shared, objective, idx.shape)) == 2
+    weights = torch.tensor([0.1, 0.3, 0.2, 0.0, 0.4])
+    low = trainer.train(shared, nodes, keys=4, objective=objective)
+    low_mean = trainer.train(shared, nodes, keys=4, objective=objective, mean_weights=weights).mean
+    trainer.dense = "stacked"
+    stacked = trainer.train(shared, nodes, keys=4, objective=objective)
+    assert torch.allclose(low.params, stacked.params, atol=1e-6)
+    assert torch.allclose(low_mean, weights @ stacked.params, atol=1e-6)
+    assert torch.equal(low.params[3], start)               # no data: no step, no decay
+    plain, *_ = _setup(LocalSchedule(3, epochs=2, shuffle=True), SGD(0.1))
+    assert not torch.allclose(low.params, plain.train(shared, nodes, keys=4).params, atol=1e-4)   # the terms act
+
+
+@pytest.mark.parametrize("change", ["momentum", "own_starts", "prox_elsewhere", "own_anchors", "correction",
+                                    "frozen"])
 def test_low_rank_is_not_taken_where_it_would_not_be_plain_sgd_from_one_start(change):
-    opt = SGD(0.1, momentum=0.9) if change == "momentum" else SGD(0.1, weight_decay=0.01) if change == "decay" else SGD(0.1)
+    opt = SGD(0.1, momentum=0.9) if change == "momentum" else SGD(0.1)
     trainer, _, spec, *_ = _setup(LocalSchedule(4, epochs=1), opt)
     trainer.dense = "low_rank"
     start = torch.zeros(spec.numel)
     rows = torch.zeros(5, spec.numel) if change == "own_starts" else start.expand(5, -1)
-    objective = {"prox": LocalObjective(0.1, start),
+    objective = {"prox_elsewhere": LocalObjective(0.1, torch.ones(spec.numel)),
+                 "own_anchors": LocalObjective(0.1, torch.zeros(5, spec.numel)),
                  "correction": LocalObjective(correction=start),
                  "frozen": LocalObjective(frozen=("features.0.weight",))}.get(change, LocalObjective())
     assert trainer._low_rank(rows, objective, (5, 3, 4)) == {}

@@ -121,10 +121,13 @@ def _supported(gm: torch.fx.GraphModule) -> str | None:
 # --- per-node parametric layers on folded activations [B * n, ...] ---------------------------
 class LowRankWeight:
     """A dense layer's weights for ``B`` nodes that all started from ``w0`` ``[out, in]`` and
-    have taken plain SGD steps since: node ``i``'s weight is ``w0 + d[i]^T a[i]``, where the
-    rows of ``a[i]`` are the layer's inputs at node ``i``'s past steps and those of ``d[i]``
+    have taken plain SGD steps since: node ``i``'s weight is ``alpha[i] w0 + d[i]^T a[i]``, where
+    the rows of ``a[i]`` are the layer's inputs at node ``i``'s past steps and those of ``d[i]``
     the output gradients times ``-lr`` (each step's weight gradient is ``delta^T x``, so its
     rank is at most the step's rows). ``rows``: how many of ``a``'s and ``d``'s rows are filled.
+    ``alpha`` is None (all ones) until a step shrinks the weight: weight decay ``wd`` and a
+    proximal term ``mu (w - w0)`` toward the start (FedProx) make a step
+    ``w <- (1 - lr (mu + wd)) w + lr mu w0 - lr g``, which scales the past rows and ``alpha``.
 
     Its forward, ``x w0^T + (x a[i]^T) d[i]``, reads ``w0`` once for every node, and no step
     reads or writes a per-node ``[out, in]`` weight or gradient; :meth:`record` takes a step
@@ -138,6 +141,7 @@ class LowRankWeight:
         self.d = w0.new_empty(nodes, capacity, out_features)
         self.out: torch.Tensor | None = None         # this step's output [B, rows, out]
         self.inputs: torch.Tensor | None = None      # and input [B, rows, in]
+        self.alpha: torch.Tensor | None = None       # [B] w0's coefficient, once not 1
 
     def forward(self, h: torch.Tensor, b: torch.Tensor | None, nodes: int) -> torch.Tensor:
         rest, width = h.shape[1:-1], h.shape[-1]
@@ -145,6 +149,8 @@ class LowRankWeight:
         # one product per node with the shared w0 (not one over the folded rows: a node's bits
         # then never depend on how many nodes share its call)
         z = torch.bmm(x, self.w0.T.unsqueeze(0).expand(nodes, -1, -1))
+        if self.alpha is not None:
+            z = z * self.alpha.view(-1, 1, 1)
         if self.rows:
             z = z + torch.bmm(torch.bmm(x, self.a[:, : self.rows].transpose(1, 2)), self.d[:, : self.rows])
         if b is not None:
@@ -152,9 +158,21 @@ class LowRankWeight:
         self.out, self.inputs = z, x.detach()
         return z.reshape(-1, *rest, z.shape[-1])
 
-    def record(self, grad: torch.Tensor, lr: float) -> None:
-        """One SGD step: ``grad``, the loss's gradient at :attr:`out`."""
+    def record(self, grad: torch.Tensor, lr: float, shrink: float = 1.0, pull: float = 0.0,
+               active: torch.Tensor | None = None) -> None:
+        """One SGD step: ``grad``, the loss's gradient at :attr:`out`; with ``shrink`` (``1 -
+        lr (mu + wd)``) and ``pull`` (``lr mu``) the step also moves the weight as weight decay
+        and a proximal term toward ``w0`` do, on the ``active`` nodes (``[B]`` bools; a node
+        without a batch does not step: its ``grad`` is zero and it keeps its weight)."""
         assert self.inputs is not None
+        if shrink != 1.0 or pull:
+            nodes = self.a.shape[0]
+            on = torch.ones(nodes, dtype=torch.bool, device=grad.device) if active is None else active
+            one = torch.ones((), dtype=grad.dtype, device=grad.device)
+            alpha = torch.ones(nodes, dtype=grad.dtype, device=grad.device) if self.alpha is None else self.alpha
+            self.alpha = torch.where(on, alpha * shrink + pull, alpha)
+            if self.rows:
+                self.d[:, : self.rows] *= torch.where(on, one * shrink, one).view(-1, 1, 1)
         end = self.rows + grad.shape[1]
         self.a[:, self.rows:end] = self.inputs
         torch.mul(grad, -lr, out=self.d[:, self.rows:end])
@@ -164,6 +182,8 @@ class LowRankWeight:
         """Every node's weight now, ``[B, out, in]``."""
         nodes = self.a.shape[0]
         w0 = self.w0.unsqueeze(0).expand(nodes, -1, -1)
+        if self.alpha is not None:
+            w0 = w0 * self.alpha.view(-1, 1, 1)
         if not self.rows:
             return w0.clone()
         return torch.baddbmm(w0, self.d[:, : self.rows].transpose(1, 2), self.a[:, : self.rows])
@@ -173,7 +193,7 @@ class LowRankWeight:
         ``part``), flattened ``[out * in]``, without forming any node's weight: ``(sum_i
         weights[i]) w0 + (weights-scaled d)^T a``, one product over every node's rows."""
         w = weights.to(self.w0.dtype)
-        total = w.sum()
+        total = w.sum() if self.alpha is None else (w * self.alpha[part]).sum()
         if not self.rows:
             return (self.w0 * total).reshape(-1)
         d = self.d[part, : self.rows] * w.view(-1, 1, 1)

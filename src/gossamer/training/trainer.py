@@ -435,28 +435,36 @@ class BatchedTrainer:
         """The dense layers this call trains as :class:`LowRankWeight`, by leaf index, each
         with the rows its factors take (``r``), for
         ``batches`` ``(B, T, n)``: where every node starts from the same row (an expanded start,
-        as FedAvg's round gives, or a single node: a runtime client) and takes plain SGD steps (no momentum, weight decay, SAM,
-        DP-SGD, terms on the layer, frozen layers, BatchNorm, a model's own loss or bf16).
+        as FedAvg's round gives, or a single node: a runtime client) and takes plain SGD steps (no momentum, SAM,
+        DP-SGD, corrections, L1 or a proximal term toward another point on the layer, frozen
+        layers, BatchNorm, a model's own loss or bf16).
         Each step then adds ``n`` rows (times the samples' positions, for a sequence) to the
         node's ``[r, in]`` and ``[r, out]`` factors instead of stepping its ``[out, in]`` weight;
         with ``model.dense: auto`` only where the ``r`` rows of all ``T`` steps cost at most a
         quarter of the weight (``4 r (in + out) <= in * out``: FedAvg's CNN, 3136 x 512 with 50
-        rows, yes; a 784 x 64 first layer, no)."""
+        rows, yes; a 784 x 64 first layer, no). Weight decay and a proximal term toward the
+        start itself (FedProx's anchor, the global model) keep the form (:class:`LowRankWeight`)."""
         linears = getattr(self.forward, "linears", None)
         opt = self.optimizer
         if (self.dense == "stacked" or not linears or not isinstance(opt, SGD) or opt.momentum
-                or opt.weight_decay or opt.sam_rho or self.dp is not None or objective.recursive
+                or opt.sam_rho or self.dp is not None or objective.recursive
                 or objective.frozen or objective.correction is not None or self.stats
                 or self.sample_loss is not None or self.autocast is not None
                 or params.dim() != 2 or not len(params) or (len(params) > 1 and params.stride(0) != 0)):
             return {}
         _, steps, width = batches
+        anchor = None
+        if objective.prox_mu:        # one anchor for every node (FedProx's: the global model)
+            rows = objective.anchor.reshape(-1, self.spec.numel)
+            anchor = self.spec.views(rows[:1]) if len(rows) == 1 or rows.stride(0) == 0 else {}
+        views = self.spec.views(params[:1])
         chosen = {}
         for k, name in enumerate(self.spec.names):
             if name not in linears or name in objective.l1:
                 continue
-            if objective.prox_mu and (not objective.prox_only or name in objective.prox_only):
-                continue
+            if anchor is not None and (not objective.prox_only or name in objective.prox_only) and (
+                    name not in anchor or not torch.equal(anchor[name], views[name])):
+                continue                          # a proximal term toward another point
             fin, fout, rest = linears[name]
             rows = steps * width * rest
             if self.dense == "auto" and 4 * rows * (fin + fout) > fin * fout:
@@ -479,8 +487,12 @@ class BatchedTrainer:
         per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / count.clamp(min=1)
         outs = [w.out for w in low.values()]
         grads = torch.autograd.grad(per_node.sum(), [leaves[k] for k in rest] + outs)
-        for w, g in zip(low.values(), grads[len(rest):], strict=True):
-            w.record(g, self.optimizer.lr * objective.grad_scale)
+        lr = self.optimizer.lr
+        for k, w, g in zip(low, low.values(), grads[len(rest):], strict=True):
+            name = self.spec.names[k]
+            mu = objective.prox_mu if not objective.prox_only or name in objective.prox_only else 0.0
+            w.record(g, lr * objective.grad_scale, 1.0 - lr * (mu + self.optimizer.weight_decay), lr * mu,
+                     None if every else active)
         for k in rest:
             leaves[k] = leaves[k].detach()
         self._sgd_step([leaves[k] for k in rest],
