@@ -11,6 +11,7 @@ from gossamer import config
 from gossamer.algorithms.local import LocalObjective
 from gossamer.models import ParamSpec, build_model, make_stacked_forward
 from gossamer.training.trainer import SGD, BatchedTrainer, LocalSchedule
+from tests.training.test_trainer import _sequential  # the per-node torch.optim.SGD reference
 
 SIZES = [8, 5, 11, 0, 3]
 
@@ -35,23 +36,6 @@ def _start(spec, model):
     return spec.flatten(model) + 0.01 * noise
 
 
-def _torch_sgd(trainer, model, spec, x, y, start, nodes, key, lr):
-    """Each node on its own with torch.optim.SGD, batches from the trainer's schedule."""
-    idx, valid = trainer.batches(nodes, np.full(len(nodes), key))
-    out = []
-    for b in range(len(nodes)):
-        spec.load_into(model, start)
-        sgd = torch.optim.SGD(model.parameters(), lr=lr)
-        for t in range(idx.shape[1]):
-            take = idx[b, t][valid[b, t]]
-            if len(take):
-                sgd.zero_grad()
-                nn.functional.cross_entropy(model(x[take]), y[take]).backward()
-                sgd.step()
-        out.append(spec.flatten(model))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("schedule", [LocalSchedule(4, epochs=1, shuffle=False),
                                       LocalSchedule(3, epochs=2, shuffle=True)])
 def test_low_rank_dense_layers_train_as_torch_does(schedule):
@@ -64,7 +48,7 @@ def test_low_rank_dense_layers_train_as_torch_does(schedule):
     chosen = trainer._low_rank(shared, LocalObjective(), idx.shape)
     assert [spec.names[k] for k in chosen] == ["classifier.0.weight", "classifier.2.weight"]
     result = trainer.train(shared, nodes, keys=7)
-    ref = _torch_sgd(trainer, model, spec, x, y, start, nodes, 7, 0.1)
+    ref = _sequential(trainer, model, spec, x, y, shared, nodes, 7, SGD(0.1))
     assert torch.allclose(result.params, ref, atol=1e-5)
     assert not torch.allclose(result.params, shared, atol=1e-3)        # it trained
     assert torch.equal(result.params[3], start)            # a node without data does not move
