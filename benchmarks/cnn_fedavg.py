@@ -70,7 +70,9 @@ def run_gossamer(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(cfg, out=Path(tmp) / "run").summary
     return {"loop_s": summary["loop_time_s"], "test_loss": summary["final_test_loss"],
-            "test_accuracy": summary["final_test_accuracy"], "forward": summary["forward"]}
+            "test_accuracy": summary["final_test_accuracy"],
+            "forward": {**summary["forward"], **({"low_rank": "+".join(summary["low_rank_layers"])}
+                                                 if summary.get("low_rank_layers") else {})}}
 
 
 def run_sequential(cfg: dict, evaluate_every_round: bool = True) -> dict:

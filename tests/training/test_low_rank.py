@@ -173,3 +173,18 @@ def test_low_rank_training_names_the_device_of_every_tensor_it_makes():
     with torch.device("meta"):
         got = trainer.train(start.expand(5, -1), np.arange(5), keys=1, mean_weights=torch.full((5,), 0.2, device="cpu"))
     assert got.mean.device.type == "cpu" and torch.equal(got.mean, want.mean)
+
+
+def test_summary_names_the_layers_trained_low_rank(tmp_path):
+    from gossamer import api
+
+    cfg = {"data": {"dataset": "random", "params": {"shape": [1, 12, 12], "num_classes": 5,
+                                                    "train": 60, "test": 20}},
+           "model": {"name": "cnn_fedavg", "params": {"channels": [2, 4], "hidden": 64},
+                     "conv": "grouped", "dense": "low_rank"},
+           "partition": {"num_nodes": 6}, "algorithm": {"name": "fedavg", "params": {"client_fraction": 0.5}},
+           "stop": {"rounds": 2}, "output": {"progress": False}}
+    low = api.run(cfg, out=tmp_path / "low").summary
+    assert low["low_rank_layers"] == ["classifier.0.weight", "classifier.2.weight"]
+    cfg["model"]["dense"] = "stacked"
+    assert "low_rank_layers" not in api.run(cfg, out=tmp_path / "stacked").summary

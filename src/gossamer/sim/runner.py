@@ -230,6 +230,9 @@ class Runner:
             "node_steps": d.node_steps,
             # how models ran (models/functional.py); grank runs none
             "forward": dict(self.exp.trainer.forward.path) if self.exp.trainer is not None else {},
+            # dense layers some round trained as low-rank factors (model.dense; docs/models.md)
+            **({"low_rank_layers": sorted(layers)}
+               if (layers := getattr(self.exp.trainer, "low_rank_layers", None)) else {}),
             **{f"{k}": v for k, v in d.timers.items()},
         }
         faults, adv = self.exp.faults, self.exp.adversary

@@ -158,6 +158,7 @@ class BatchedTrainer:
         # tensor stepped in place; "low_rank", a shared start plus each node's steps
         # (LowRankWeight) where a call allows it; "auto", low-rank where its rows are few
         self.dense: Literal["auto", "stacked", "low_rank"] = "auto"
+        self.low_rank_layers: set[str] = set()     # the weights a call has trained low-rank (summary.json)
         # how much a call may hold at once (the module constants on the CPU; a GPU's free
         # memory sets them in `place`)
         self.chunk_bytes, self.workspace_bytes, self.inputs_bytes = CHUNK_BYTES, WORKSPACE_BYTES, INPUTS_BYTES
@@ -377,6 +378,7 @@ class BatchedTrainer:
         names = self.spec.names
         views = list(self.spec.views(params).values())
         low = {k: LowRankWeight(views[k][0].detach(), len(nodes), rows) for k, rows in low_rows.items()}
+        self.low_rank_layers.update(names[k] for k in low)
         leaves = [v if k in low else v.detach().clone() for k, v in enumerate(views)]
         terms = self._objective_views(objective, None)
         direction = previous = None
