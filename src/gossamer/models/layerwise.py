@@ -359,7 +359,7 @@ class LayerwiseForward:
             source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             if node.op == "placeholder":
                 env[node] = x.reshape(nodes * n, *x.shape[2:])
-            elif node.op == "call_module" and self._grouped_conv(node):
+            elif self._runs_grouped(node):
                 mod, name = self.modules[node.target], node.target
                 h = env[source] if source in grouped else _to_grouped(load(source), nodes)
                 env[node] = _grouped_conv(h, params[f"{name}.weight"], params.get(f"{name}.bias"), nodes,
@@ -387,7 +387,8 @@ class LayerwiseForward:
             return args[0]
         raise AssertionError(node.op)
 
-    def _grouped_conv(self, node: torch.fx.Node) -> bool:
+    def _runs_grouped(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` is a convolution run as one grouped convolution (:func:`_grouped_conv`)."""
         return (node.op == "call_module" and isinstance(self.modules[node.target], nn.Conv2d)
                 and self.conv.get(node.target, "grouped") != "per_node")
 

@@ -459,7 +459,7 @@ class BatchedTrainer:
         if objective.prox_mu:        # one anchor for every node (FedProx's: the global model)
             rows = objective.anchor.reshape(-1, self.spec.numel)
             anchor = self.spec.views(rows[:1]) if len(rows) == 1 or rows.stride(0) == 0 else {}
-        views = self.spec.views(params[:1])
+        views = self.spec.views(params[:1]) if anchor else {}
         chosen = {}
         for k, name in enumerate(self.spec.names):
             if name not in linears or name in objective.l1:
@@ -484,9 +484,7 @@ class BatchedTrainer:
         rest = [k for k in range(len(leaves)) if k not in low]
         for k in rest:
             leaves[k].requires_grad_(True)
-        named = {name: low[k] if k in low else leaves[k] for k, name in enumerate(self.spec.names)}
-        per_sample = self._sample_losses(named, xb, yb)
-        per_node = (per_sample.reshape(weight.shape) * weight).sum(1) / count.clamp(min=1)
+        per_node = self._per_node_loss([low.get(k, leaf) for k, leaf in enumerate(leaves)], xb, yb, weight, count)
         outs = [w.out for w in low.values()]
         grads = torch.autograd.grad(per_node.sum(), [leaves[k] for k in rest] + outs)
         lr = self.optimizer.lr
@@ -548,9 +546,10 @@ class BatchedTrainer:
         updates the given rows directly there is no workspace, but its gradients take as much:
         D-PSGD on 10^6 nodes would hold a population-sized gradient otherwise)."""
         if not fused and low:          # low-rank layers hold their factors, not [out, in] per node
-            linears, names = self.forward.linears, self.spec.names      # type: ignore[attr-defined]
-            held = self.spec.numel + sum(rows * (linears[names[k]][0] + linears[names[k]][1])
-                                         - linears[names[k]][0] * linears[names[k]][1] for k, rows in low.items())
+            held = self.spec.numel
+            for k, rows in low.items():
+                fin, fout, _ = self.forward.linears[self.spec.names[k]]      # type: ignore[attr-defined]
+                held += rows * (fin + fout) - fin * fout
             return max(1, self.chunk_bytes // (3 * held * self.x.element_size()))
         if not fused:
             return self.chunk_nodes
