@@ -15,7 +15,8 @@ epoch of batch 10, lr 0.05. Ways, each in its own fresh process, interleaved per
               step of 1, `WeightByDatapoints`), when installed; skipped with a note otherwise.
               Its user sampler yields Gossamer's selection and each user's dataset holds the
               rows of Gossamer's mini-batches in order, so its losses must agree too
-Every way evaluates the global model on the test set after every round. With --json the last
+Every way evaluates the global model on the test set before the first round (Gossamer's
+round-0 row of metrics.csv) and after every round; the loop times count those evaluations. With --json the last
 stdout line is one JSON object: per workload the loop times, final test loss and accuracy of
 each way, and `<workload>_<way>_speedup` = that way's loop time / Gossamer's.
 
@@ -78,8 +79,9 @@ def run_gossamer(cfg: dict) -> dict:
 def run_sequential(cfg: dict, evaluate_every_round: bool = True) -> dict:
     """Plain PyTorch on the config's ``device`` (the CPU by default): one nn.Module, each
     selected client in turn with torch.optim.SGD, then the weighted average; the same init,
-    selection and mini-batches as Gossamer's run. ``evaluate_every_round``: the test set after
-    every round (else once, after the last; benchmarks/gpu.py)."""
+    selection and mini-batches as Gossamer's run. The test set before the first round (as
+    Gossamer's round-0 row) and, with ``evaluate_every_round``, after every round (else after
+    the last only; benchmarks/gpu.py)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -111,6 +113,8 @@ def run_sequential(cfg: dict, evaluate_every_round: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
+    with torch.no_grad():
+        loss, acc = evaluate()           # the initial model, as Gossamer's round 0 row
     for r in range(1, c.stop.rounds + 1):
         ids = SyncRound(algo, c.seed, r, candidates).selected
         idx, valid = trainer.batches(ids, np.full(len(ids), r))
@@ -206,13 +210,16 @@ def run_pfl(cfg: dict) -> dict:
                                  user_id_to_weight={int(n): int(trainer.sizes[n]) for n in candidates})
     result: dict = {}
 
+    def evaluate() -> None:
+        with torch.no_grad():
+            module.eval()
+            logits = module(x_test)
+            result["test_loss"] = F.cross_entropy(logits, y_test).item()
+            result["test_accuracy"] = (logits.argmax(1) == y_test).float().mean().item()
+
     class Evaluate(TrainingProcessCallback):
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-            with torch.no_grad():
-                module.eval()
-                logits = module(x_test)
-                result["test_loss"] = F.cross_entropy(logits, y_test).item()
-                result["test_accuracy"] = (logits.argmax(1) == y_test).float().mean().item()
+            evaluate()
             return False, Metrics()
 
     backend = SimulatedBackend(training_data=federated, val_data=federated,
@@ -224,6 +231,7 @@ def run_pfl(cfg: dict) -> dict:
                                local_batch_size=c.local.batch_size)
     torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0).step()   # one-time costs first
     start = time.perf_counter()
+    evaluate()                                   # the initial model, as Gossamer's round 0 row
     FederatedAveraging().run(algorithm_params=params, backend=backend, model=model,
                              model_train_params=train,
                              model_eval_params=NNEvalHyperParams(local_batch_size=None),

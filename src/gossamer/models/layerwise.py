@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from gossamer.models.pooling import function_window, module_window, window_max
+
 CONV_STRATEGIES = ("grouped", "channels_last", "per_node")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)   # run with per-node statistics
 
@@ -51,6 +53,25 @@ _LAYOUT_FREE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Leaky
 _LAYOUT_FREE_FUNCTIONS = {torch.relu, torch.tanh, torch.sigmoid, F.relu, F.gelu, F.silu,
                           F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
 _LAYOUT_FREE_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+def _window(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:
+    """The window of a max pooling :func:`window_max` runs (non-overlapping, no padding), else None."""
+    if node.op == "call_module":
+        return module_window(modules[node.target])
+    if node.op == "call_function" and node.target is F.max_pool2d:
+        return function_window(node.args, node.kwargs)
+    return None
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A plain ReLU of its first argument (and nothing else a tensor)."""
+    if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        return False
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    return ((node.op == "call_function" and node.target in (torch.relu, F.relu))
+            or (node.op == "call_method" and node.target == "relu"))
 
 
 def _flatten_ok(node: torch.fx.Node) -> bool:
@@ -333,6 +354,16 @@ class LayerwiseForward:
             if meta is not None and calls.count(node.target) == 1:
                 self.linears[f"{node.target}.weight"] = (mod.in_features, mod.out_features,
                                                          math.prod(meta.shape[1:-1]))
+        # 2x2 max poolings run by window_max, each with the ReLU it is the only reader of
+        # fused in ({pool: fused}; the fused ReLU passes its input through)
+        self.pools: dict[torch.fx.Node, bool] = {}
+        self.fused: set[torch.fx.Node] = set()
+        for node in self.nodes:
+            source = node.args[0] if node.args else None
+            if _window(node, self.modules) == 2 and isinstance(source, torch.fx.Node):
+                self.pools[node] = _is_relu(source, self.modules) and len(source.users) == 1
+                if self.pools[node]:
+                    self.fused.add(source)
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                  batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
@@ -377,6 +408,10 @@ class LayerwiseForward:
 
     def _run(self, node: torch.fx.Node, params: dict[str, torch.Tensor], args, kwargs, nodes: int,
              batch: tuple[torch.Tensor, bool] | None):
+        if node in self.fused:
+            return args[0]
+        if node in self.pools:
+            return window_max(args[0], 2, relu=self.pools[node])
         if node.op == "call_module":
             return self._module(node, params, args, kwargs, nodes, batch)
         if node.op == "call_function":

@@ -1,0 +1,83 @@
+"""2x2 max pooling by window_max: PyTorch's values and gradients, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gossamer.models.layerwise import layerwise_forward
+from gossamer.models.pooling import function_window, module_window, window_max
+
+
+def _tricky(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Small integers (ties in most windows, both orders), signed zeros and a few large values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, shape, generator=g).float()
+    x[torch.rand(shape, generator=g) < 0.1] = -0.0
+    x[torch.rand(shape, generator=g) < 0.05] = 1e30
+    return x
+
+
+def _grads(pool, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = x.clone().requires_grad_(True)
+    out = pool(leaf)
+    (out * weight).sum().backward()
+    return out.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 5, 7, 9), (6, 3, 2, 2), (4, 12, 12)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_window_max_equals_max_pool(shape, relu):
+    x = _tricky(shape, 1)
+    reference = (lambda t: F.max_pool2d(F.relu(t), 2)) if relu else (lambda t: F.max_pool2d(t, 2))
+    weight = torch.randn(reference(x).shape, generator=torch.Generator().manual_seed(2))
+    want, want_grad = _grads(reference, x, weight)
+    got, got_grad = _grads(lambda t: window_max(t, 2, relu=relu), x, weight)
+    assert torch.equal(got, want)
+    assert torch.equal(got_grad, want_grad)       # ties: the first maximum in row-major order
+    assert torch.equal(torch.signbit(got_grad), torch.signbit(want_grad))
+
+
+def test_window_max_strided_input_and_no_grad():
+    x = _tricky((4, 6, 10, 10), 3)[:, ::2]        # a non-contiguous input
+    with torch.no_grad():
+        assert torch.equal(window_max(x, 2, relu=True), F.max_pool2d(F.relu(x), 2))
+
+
+def test_windows_it_takes():
+    assert module_window(nn.MaxPool2d(2)) == 2
+    assert module_window(nn.MaxPool2d(3)) == 3
+    for other in (nn.MaxPool2d(2, stride=1), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                  nn.MaxPool2d((2, 3)), nn.MaxPool2d(2, return_indices=True), nn.AvgPool2d(2)):
+        assert module_window(other) is None
+    assert function_window((None, 2), {}) == 2
+    assert function_window((None, 2, 2), {"padding": 0}) == 2
+    assert function_window((None, 2), {"stride": 1}) is None
+    assert function_window((None, 2), {"dilation": 2}) is None
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.pooled, self.kept = nn.Linear(4 * 4 * 4, 3), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        kept = torch.relu(h)                       # read twice: not fused into the pooling
+        pooled = F.max_pool2d(F.relu(h), kernel_size=2)
+        return self.pooled(pooled.flatten(1)) + self.kept(kept.flatten(1))
+
+
+def test_layerwise_fuses_only_a_relu_the_pooling_alone_reads():
+    torch.manual_seed(0)
+    net = _Net()
+    forward, why = layerwise_forward(net, torch.randn(2, 8, 8), conv="grouped")
+    assert forward is not None, why
+    assert [n.name for n in forward.fused] == ["relu_1"]
+    params = {k: v.unsqueeze(0).repeat(3, *([1] * v.dim())) for k, v in net.named_parameters()}
+    x = _tricky((3, 5, 2, 8, 8), 4)
+    want = torch.stack([net(x[i]) for i in range(3)])
+    assert torch.allclose(forward(params, x), want, atol=1e-5)
