@@ -81,3 +81,15 @@ def test_layerwise_fuses_only_a_relu_the_pooling_alone_reads():
     x = _tricky((3, 5, 2, 8, 8), 4)
     want = torch.stack([net(x[i]) for i in range(3)])
     assert torch.allclose(forward(params, x), want, atol=1e-5)
+
+
+def test_a_nan_wins_its_window():
+    x = _tricky((2, 3, 6, 6), 5)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 5, 5] = float("nan")
+    for relu in (False, True):
+        got = window_max(x, 2, relu=relu)
+        assert torch.equal(torch.isnan(got), torch.isnan(F.max_pool2d(x, 2)))
+        finite = ~torch.isnan(got)
+        want = F.max_pool2d(F.relu(x) if relu else x, 2)
+        assert torch.equal(got[finite], want[finite])

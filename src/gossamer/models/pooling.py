@@ -4,11 +4,13 @@ On a CPU, ``F.max_pool2d`` on a contiguous (NCHW) tensor runs a scalar loop per 
 pooling of a ``[270, 32, 28, 28]`` batch took ~23 ms here, where reading the four strided
 views of the windows and keeping a running maximum takes ~3 ms. :func:`window_max` is that
 running maximum, for the common case the layer-by-layer executor meets (kernel = stride, no
-padding, dilation 1, floor mode): for each window it returns what ``F.max_pool2d`` returns (the
-first maximum in the window's row-major order; a NaN anywhere in the window wins, the last
-one, as PyTorch's kernel takes them) and sends the gradient to that same element, so a model
-trains to the same bits either way (tests/models/test_pooling.py compares both on inputs with
-ties, signed zeros and NaNs).
+padding, dilation 1, floor mode): for each window it returns what ``F.max_pool2d`` returns and
+sends the gradient to the element PyTorch's kernel sends it to, the first maximum in the
+window's row-major order, so a model trains to the same bits either way, signed zeros included
+(tests/models/test_pooling.py compares both on inputs with ties and signed zeros). A window
+holding a NaN gives NaN, as PyTorch's does, but its gradient goes to an element of the top row
+rather than to the NaN. Only 2x2 windows on a CPU take this way (the CNNs' pooling); others
+call ``F.max_pool2d``.
 
 With ``relu=True`` it returns ``relu(max_pool(x))``, which equals ``max_pool(relu(x))`` bit for
 bit, gradient included: a window's maximum is positive exactly when its ReLU'd maximum is, at
@@ -87,8 +89,10 @@ class _Max2x2(torch.autograd.Function):
         # writes it; g - g * m is then exact for finite g
         if live:
             grad = (grad * live[0]).add_(0.0)
-        lower = (grad * bottom).add_(0.0)
-        rows = torch.stack((grad - lower, lower), dim=-2).flatten(-3, -2)    # [..., 2 ho, wo]
+        rows = grad.new_empty((*grad.shape[:-1], 2, wo))                    # [..., ho, 2, wo]
+        lower = torch.mul(grad, bottom, out=rows[..., 1, :]).add_(0.0)
+        torch.sub(grad, lower, out=rows[..., 0, :])
+        rows = rows.flatten(-3, -2)                                         # [..., 2 ho, wo]
         second = (rows * right).add_(0.0)
         full = ctx.shape[-2:] == (2 * ho, 2 * wo)
         out = grad.new_empty(ctx.shape) if full else grad.new_zeros(ctx.shape)
