@@ -23,9 +23,11 @@ each way, and `<workload>_<way>_speedup` = that way's loop time / Gossamer's.
 The hardware bound, measured in the same run (in a child of its own): the workload's
 floating-point work (`<workload>_gflop`: torch's FlopCounterMode over one training step of each
 mini-batch size the run takes, times how often it takes it, plus the test set's forward pass
-each round; convolutions and matrix products, which are nearly all of it), and this machine's
-peak (`peak_gflops`: the best of a few 2048x2048 float32 matrix products with the threads the
-ways use). Each way's rate is `<workload>_<way>_gflops` = work / loop time; a way `s` times
+before the first round and after each; convolutions and matrix products, which are nearly all of it), and this machine's
+peak (`peak_gflops`: the better rate of two float32 kernels with the threads the ways use,
+each the best of five: a 2048x2048 matrix product, `matmul_gflops`, and the FedAvg CNN's
+second convolution (5x5, 32 -> 64 channels, 14x14) on 64, 256 or 1,000 images, the best of
+the three, `conv_gflops`, which can run faster than the product on this CPU). Each way's rate is `<workload>_<way>_gflops` = work / loop time; a way `s` times
 faster than the sequential loop would need `s` x its rate, which the table compares with the
 peak: a speed-up that needs more than the peak is above what this CPU can do.
 """
@@ -275,15 +277,28 @@ def run_flops(cfg: dict) -> dict:
                 for b, count in steps.items())
     with torch.no_grad():
         test = counted(lambda: model(exp.dataset.x_test))
+    def best_of(fn, flop: float) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return flop / best / 1e9
+
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return {"gflop": (train + c.stop.rounds * test) / 1e9, "train_gflop": train / 1e9,
-            "peak_gflops": 2 * 2048 ** 3 / best / 1e9, "threads": torch.get_num_threads()}
+    matmul = best_of(lambda: a @ b, 2 * 2048 ** 3)
+    # oneDNN's convolutions can run faster than its matrix product here: a 5x5, 32 -> 64
+    # channel convolution of 14x14 images, forward (the FedAvg CNN's second layer), the best
+    # over batches of 64, 256 and 1,000 images (the rate depends on what stays in the caches)
+    ws, images = torch.randn(64, 32, 5, 5), {n: torch.randn(n, 32, 14, 14) for n in (64, 256, 1000)}
+    with torch.no_grad():
+        conv = max(best_of(lambda xs=xs: F.conv2d(xs, ws, padding=2), 2 * n * 14 * 14 * 64 * 32 * 25)
+                   for n, xs in images.items())
+    tests = c.stop.rounds + 1                              # the initial model's, then each round's
+    return {"gflop": (train + tests * test) / 1e9, "train_gflop": train / 1e9,
+            "peak_gflops": max(matmul, conv), "matmul_gflops": matmul, "conv_gflops": conv,
+            "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------ the parent
@@ -366,8 +381,10 @@ def main() -> int:
                 continue
             peak = work["peak_gflops"]
             out[f"{key}_gflop"], out["peak_gflops"] = work["gflop"], peak
+            out["matmul_gflops"], out["conv_gflops"] = work["matmul_gflops"], work["conv_gflops"]
             print(f"{key:<22} work {work['gflop']:.1f} GFLOP ({work['train_gflop']:.1f} training); "
-                  f"peak {peak:.0f} GFLOP/s ({work['threads']} threads, 2048x2048 matmul)")
+                  f"peak {peak:.0f} GFLOP/s ({work['threads']} threads; the better of a 2048x2048 "
+                  f"matmul, {work['matmul_gflops']:.0f}, and a 5x5 convolution, {work['conv_gflops']:.0f})")
             for way, loop in loops.items():
                 rate = work["gflop"] / loop
                 out[f"{key}_{way}_gflops"] = rate
