@@ -85,6 +85,7 @@ class ModelConfig(_Strict):
     forward: Literal["auto", "vmap", "stacked", "layerwise"] = "auto"
     conv: Literal["auto", "grouped", "channels_last", "per_node"] = "auto"
     dense: Literal["auto", "stacked", "low_rank"] = "auto"
+    compile: bool = False
     pretrain: PretrainConfig | None = None
 
     @field_validator("name")

@@ -186,7 +186,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
     model, spec = _pretrain_and_wrap(cfg, algorithm, dataset, model, spec, public)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv,
-                                       device)
+                                       device, compile=cfg.model.compile)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     init = spec.flatten(model)
@@ -442,7 +442,8 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
     spec = ParamSpec.from_module(model)
     example = source.example()
     try:
-        forward = make_stacked_forward(model, spec, example[0], cfg.model.forward, cfg.model.conv)
+        forward = make_stacked_forward(model, spec, example[0], cfg.model.forward, cfg.model.conv,
+                                       compile=cfg.model.compile)
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     schedule, optimizer, kernel = _local_training(cfg, algorithm, model)

@@ -113,7 +113,7 @@ def _check_buffers(module: nn.Module) -> dict[str, nn.Module]:
 
 def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tensor,
                          backend: str = "auto", conv: str = "auto",
-                         device: torch.device | None = None) -> StackedForward:
+                         device: torch.device | None = None, compile: bool = False) -> StackedForward:  # noqa: A002
     """A forward over stacked parameters ``[B, ...]`` and inputs ``[B, n, ...]``.
 
     ``auto`` uses the model's hand-written ``stacked_forward`` when it has one; else, for a
@@ -123,6 +123,10 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
     ``vmap`` on a probe; otherwise ``torch.func.vmap`` over ``functional_call``. The chosen
     path is probed once on ``sample`` (one input row) so an unsupported model fails here with
     a clear message. The forward's ``path`` attribute names what was chosen.
+
+    ``compile``: training forwards (autograd on) run through ``torch.compile`` (inductor;
+    :func:`_compiled`), evaluation stays eager; dense layers then keep stacked weights (a
+    low-rank weight is a Python object the compiled graph would not see).
 
     A model with BatchNorm layers runs layer by layer (the executor keeps each node's running
     statistics and takes its batch statistics over its own valid samples only), or is refused
@@ -182,7 +186,38 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
             "in-place ops on inputs, .item() and data-dependent control flow") from None
-    return _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
+    named = _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
+    if compile and path["forward"] == "layerwise":
+        raise ModelNotVectorizable(
+            "model.compile: this model runs layer by layer (convolutions, BatchNorm), which "
+            "torch.compile does not speed up here (LeNet: 0.53x) and whose grouped convolutions "
+            "inductor fails to compile for varying node counts; drop model.compile (or set "
+            "model.forward: vmap to compile the vmap path)")
+    if compile:
+        named.compiled, named.linears = _compiled(forward, device), {}
+        named.path = {**path, "compile": "inductor"}
+    return named
+
+
+def _compiled(forward: StackedForward, device: torch.device | None) -> StackedForward:
+    """``torch.compile(forward)`` (shapes made dynamic after a second one is seen, so a run
+    compiles once or twice, not per chunk size), or one line saying what the compiler needs
+    that this machine lacks: a C++ compiler for CPU kernels, Triton for GPU ones."""
+    import importlib.util
+    import os
+    import shutil
+
+    if device is not None and device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ModelNotVectorizable("model.compile on a GPU needs Triton (pip install triton); "
+                                       "drop model.compile")
+    elif not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        raise ModelNotVectorizable("model.compile on the CPU needs a C++ compiler (inductor builds "
+                                   "its kernels with it): install g++ or set CXX, or drop model.compile")
+    return torch.compile(forward, dynamic=None, backend=COMPILE_BACKEND)
+
+
+COMPILE_BACKEND = "inductor"   # (tests use "aot_eager": the same tracing, no C++ build, ~10 s less)
 
 
 class _Named:
@@ -197,11 +232,15 @@ class _Named:
     def __init__(self, forward: StackedForward, path: dict[str, str], loss=None,
                  batch_stats: bool = False) -> None:
         self.forward, self.path, self.loss, self.batch_stats = forward, path, loss, batch_stats
+        self.compiled: StackedForward | None = None       # model.compile: the training forward
         # dense layers whose weight may be a LowRankWeight: {weight name: (in, out, rows per sample)}
         self.linears: dict[str, tuple[int, int, int]] = getattr(forward, "linears", {})
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor,
                  batch: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
+        # (evaluation stays eager: a no-grad graph would be a second compilation for a pass
+        # that gains less)
+        forward = self.compiled if self.compiled is not None and torch.is_grad_enabled() else self.forward
         if batch is not None and self.batch_stats:
-            return self.forward(params, x, batch=batch)      # type: ignore[call-arg]
-        return self.forward(params, x)
+            return forward(params, x, batch=batch)      # type: ignore[call-arg]
+        return forward(params, x)

@@ -44,7 +44,7 @@ class ExpertsDriver(Driver):
                                     **cfg.model.params)
                 self.router_spec = spec = ParamSpec.from_module(model)
                 forward = make_stacked_forward(model, spec, exp.dataset.x_train[0], cfg.model.forward,
-                                               cfg.model.conv, self.device)
+                                               cfg.model.conv, self.device, compile=cfg.model.compile)
                 y = torch.zeros(len(trainer.y), dtype=torch.int64)   # each sample: its node's island
                 for node, island in zip(self.nodes, self.island, strict=True):
                     y[torch.from_numpy(trainer.shards[node, :trainer.sizes[node]])] = int(island)

@@ -78,6 +78,10 @@ def check_config(cfg: ExperimentConfig) -> None:
                           f"(dpsgd, dfedsam, gradient_tracking, choco), gossip learning, MoDeST, random "
                           f"walks and asynchronous FL (fedasync, fedbuff, ...); {cfg.algorithm.name} runs "
                           f"in one process (drop --ranks)")
+    if cfg.model.compile:
+        raise ConfigError("model.compile", "not with the sharded simulator: a compiled kernel may round a "
+                          "node's values differently with the number of nodes in its call, and the ranks "
+                          "must compute every node's bits alike; drop --ranks or model.compile")
     if cfg.device != "cpu":
         raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
                           "(shared memory between ranks); drop --ranks to run on one GPU")
