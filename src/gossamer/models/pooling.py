@@ -7,14 +7,17 @@ running maximum, for the common case the layer-by-layer executor meets (kernel =
 padding, dilation 1, floor mode): for each window it returns what ``F.max_pool2d`` returns and
 sends the gradient to the element PyTorch's kernel sends it to, the first maximum in the
 window's row-major order, so a model trains to the same bits either way, signed zeros included
-(tests/models/test_pooling.py compares both on inputs with ties and signed zeros). A window
+(tests/models/test_pooling.py compares both on inputs with ties and signed zeros; only an
+incoming gradient of exactly -0 comes back as +0). A window
 holding a NaN gives NaN, as PyTorch's does, but its gradient goes to an element of the top row
 rather than to the NaN. Only 2x2 windows on a CPU take this way (the CNNs' pooling); others
 call ``F.max_pool2d``.
 
-With ``relu=True`` it returns ``relu(max_pool(x))``, which equals ``max_pool(relu(x))`` bit for
-bit, gradient included: a window's maximum is positive exactly when its ReLU'd maximum is, at
-the same first position, and otherwise both send nothing back. The executor fuses a ReLU whose
+With ``relu=True`` it returns ``relu(max_pool(x))``, which equals ``max_pool(relu(x))``,
+gradient included, bit for bit but for the sign of a zero output (a window with no positive
+element: which zero PyTorch's way returns depends on the window's first element; a zero's
+sign changes no later sum that has a nonzero term): a window's maximum is positive exactly
+when its ReLU'd maximum is, at the same first position, and otherwise both send nothing back. The executor fuses a ReLU whose
 only reader is such a pooling this way, so the activation and its backward run on a quarter of
 the elements.
 """
