@@ -95,3 +95,20 @@ def test_a_nan_wins_its_window():
         finite = ~torch.isnan(got)
         want = F.max_pool2d(F.relu(x) if relu else x, 2)
         assert torch.equal(got[finite], want[finite])
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.act, self.pool = nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+def test_an_in_place_relu_is_not_fused():
+    forward, why = layerwise_forward(_InPlace(), torch.randn(1, 8, 8), conv="grouped")
+    assert forward is not None, why
+    assert not forward.fused and list(forward.pools.values()) == [False]

@@ -65,11 +65,14 @@ def _window(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A plain ReLU of its first argument (and nothing else a tensor)."""
+    """A plain ReLU of its first argument (and nothing else a tensor), not in place (an
+    in-place ReLU changes its input for that input's other readers: it runs as written)."""
     if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
         return False
+    if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1] is True):
+        return False
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
+        return type(modules[node.target]) is nn.ReLU and not modules[node.target].inplace
     return ((node.op == "call_function" and node.target in (torch.relu, F.relu))
             or (node.op == "call_method" and node.target == "relu"))
 
