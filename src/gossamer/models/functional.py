@@ -186,13 +186,13 @@ def make_stacked_forward(module: nn.Module, spec: ParamSpec, sample: torch.Tenso
             f"model {type(module).__name__} cannot be vectorized across nodes by torch.func "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); avoid "
             "in-place ops on inputs, .item() and data-dependent control flow") from None
-    named = _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
     if compile and path["forward"] == "layerwise":
         raise ModelNotVectorizable(
             "model.compile: this model runs layer by layer (convolutions, BatchNorm), which "
             "torch.compile does not speed up here (LeNet: 0.53x) and whose grouped convolutions "
             "inductor fails to compile for varying node counts; drop model.compile (or set "
             "model.forward: vmap to compile the vmap path)")
+    named = _Named(forward, path, getattr(module, "stacked_loss", None), bool(norms))
     if compile:
         named.compiled, named.linears = _compiled(forward, device), {}
         named.path = {**path, "compile": "inductor"}

@@ -64,10 +64,15 @@ def _window(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:
     return None
 
 
+def _first_only(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s first argument is its only tensor."""
+    return not any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values()))
+
+
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A plain ReLU of its first argument (and nothing else a tensor), not in place (an
     in-place ReLU changes its input for that input's other readers: it runs as written)."""
-    if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+    if not _first_only(node):
         return False
     if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1] is True):
         return False
@@ -433,7 +438,7 @@ class LayerwiseForward:
     def _keeps_layout(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` acts on each channel of each sample alone, with nothing but its
         first argument a tensor (so the grouped layout passes through it)."""
-        if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        if not _first_only(node):
             return False
         if node.op == "call_module":
             return isinstance(self.modules[node.target], _LAYOUT_FREE_MODULES)
