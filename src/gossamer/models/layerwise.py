@@ -175,9 +175,11 @@ class LowRankWeight:
     def forward(self, h: torch.Tensor, b: torch.Tensor | None, nodes: int) -> torch.Tensor:
         rest, width = h.shape[1:-1], h.shape[-1]
         x = h.reshape(nodes, -1, width)                                       # [B, rows, in]
-        # one product per node with the shared w0 (not one over the folded rows: a node's bits
-        # then never depend on how many nodes share its call)
-        z = torch.bmm(x, self.w0.T.unsqueeze(0).expand(nodes, -1, -1))
+        # one product over every node's rows with the shared w0 (its backward, too): w0 is
+        # packed once per call, not once per node, which was most of a per-node product's time.
+        # A row's bits are those of the per-node product of the same rows (tested; what the
+        # BLAS does for a product of a few rows per node with w0 expanded over the nodes)
+        z = torch.mm(h.reshape(-1, width), self.w0.T).view(nodes, -1, self.w0.shape[0])
         if self.alpha is not None:
             z = z * self.alpha.view(-1, 1, 1)
         if self.rows:
