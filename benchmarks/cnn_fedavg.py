@@ -15,6 +15,10 @@ epoch of batch 10, lr 0.05. Ways, each in its own fresh process, interleaved per
               step of 1, `WeightByDatapoints`), when installed; skipped with a note otherwise.
               Its user sampler yields Gossamer's selection and each user's dataset holds the
               rows of Gossamer's mini-batches in order, so its losses must agree too
+Every way runs with the same glibc allocator settings (BASELINES.md): with ``--allocator tuned``
+(the default) each child process raises glibc's mmap and trim thresholds as Gossamer does
+(``gossamer.sim.allocator``; without it every large activation is fresh pages, which made
+small convolutions 2-3x slower here), with ``--allocator default`` none does.
 Every way evaluates the global model on the test set before the first round (Gossamer's
 round-0 row of metrics.csv) and after every round; the loop times count those evaluations. With --json the last
 stdout line is one JSON object: per workload the loop times, final test loss and accuracy of
@@ -302,8 +306,12 @@ def run_flops(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ the parent
-def child(way: str, cfg: dict, timeout: float) -> dict:
+def child(way: str, cfg: dict, timeout: float, allocator: str = "tuned") -> dict:
     env = dict(os.environ)
+    if allocator == "default":
+        env["GOSSAMER_NO_MALLOC_TUNING"] = "1"
+    else:
+        env.pop("GOSSAMER_NO_MALLOC_TUNING", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, __file__, "--child", way, "--config-json", json.dumps(cfg)],
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -321,11 +329,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                        help="glibc's settings in every way's process: Gossamer's tuning "
+                             "(gossamer.sim.allocator) or glibc's defaults")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         cfg = json.loads(args.config_json)
+        from gossamer.sim.allocator import tune_allocator
+
+        tune_allocator()              # every way alike (a no-op under GOSSAMER_NO_MALLOC_TUNING=1)
         out = {"gossamer": run_gossamer, "sequential": run_sequential, "pfl": run_pfl,
                "flops": run_flops}[args.child](cfg)
         print(json.dumps(out), flush=True)
@@ -344,8 +358,9 @@ def main() -> int:
     else:
         ways.append("pfl")
     out: dict[str, object] = {"clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
-                              "cpus": os.cpu_count(), "pfl": pfl_note}
-    print(f"CNN FedAvg, K={args.clients}, 50% per round, {args.rounds} rounds, {args.repeats} repeat(s)")
+                              "cpus": os.cpu_count(), "allocator": args.allocator, "pfl": pfl_note}
+    print(f"CNN FedAvg, K={args.clients}, 50% per round, {args.rounds} rounds, {args.repeats} repeat(s), "
+          f"allocator: {args.allocator} in every way")
     print(f"{'workload':<22} {'way':<11} {'loop s':>8} {'test loss':>11} {'acc':>7}  path")
     for model in models:
         for data in [d for d in args.data.split(",") if d]:
@@ -354,7 +369,7 @@ def main() -> int:
             runs: dict[str, list[dict]] = {w: [] for w in ways}
             for _ in range(args.repeats):
                 for way in ways:
-                    runs[way].append(child(way, cfg, args.timeout))
+                    runs[way].append(child(way, cfg, args.timeout, args.allocator))
             loops = {}
             for way in ways:
                 ok = [r for r in runs[way] if "error" not in r]
@@ -375,7 +390,7 @@ def main() -> int:
                 if "gossamer" in loops and way in loops:
                     out[f"{key}_{way}_speedup"] = loops[way] / loops["gossamer"]
                     print(f"{key:<22} {way} / gossamer loop: {out[f'{key}_{way}_speedup']:.2f}x")
-            work = child("flops", cfg, args.timeout)
+            work = child("flops", cfg, args.timeout, args.allocator)
             if "error" in work:
                 print(f"{key:<22} flops FAILED: {work['error']}")
                 continue

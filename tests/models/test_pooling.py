@@ -42,6 +42,19 @@ def test_window_max_equals_max_pool(shape, relu):
     assert torch.equal(torch.signbit(got_grad), torch.signbit(want_grad))
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 5, 7, 9)])
+def test_a_channels_last_input_gets_its_gradient_in_channels_last(shape):
+    """(A channels-last convolution before the pooling then gets the layout its kernel reads.)"""
+    x = _tricky(shape, 4)
+    weight = torch.randn(F.max_pool2d(x, 2).shape, generator=torch.Generator().manual_seed(5))
+    want, want_grad = _grads(lambda t: F.max_pool2d(t, 2), x, weight)
+    got, got_grad = _grads(lambda t: window_max(t.contiguous(memory_format=torch.channels_last), 2), x, weight)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    window_max(leaf, 2).backward(weight)
+    assert leaf.grad.is_contiguous(memory_format=torch.channels_last) and not leaf.grad.is_contiguous()
+
+
 def test_window_max_strided_input_and_no_grad():
     x = _tricky((4, 6, 10, 10), 3)[:, ::2]        # a non-contiguous input
     with torch.no_grad():

@@ -74,6 +74,10 @@ class _Max2x2(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:  # noqa: D102
         ho, wo = x.shape[-2] // 2, x.shape[-1] // 2
         ctx.relu, ctx.shape = relu, x.shape
+        # the input's gradient comes back in its layout (a channels-last convolution before
+        # the pooling then takes a channels-last gradient: its fast kernel)
+        ctx.layout = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                      and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         x = x[..., : 2 * ho, : 2 * wo]                          # (floor mode: a last odd row goes)
         left, right = x[..., 0::2], x[..., 1::2]
         pairs = torch.maximum(left, right)                                  # [..., 2 ho, wo]
@@ -98,7 +102,9 @@ class _Max2x2(torch.autograd.Function):
         rows = rows.flatten(-3, -2)                                         # [..., 2 ho, wo]
         second = (rows * right).add_(0.0)
         full = ctx.shape[-2:] == (2 * ho, 2 * wo)
-        out = grad.new_empty(ctx.shape) if full else grad.new_zeros(ctx.shape)
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
+        if not full:
+            out.zero_()                         # (floor mode: a last odd row or column gets none)
         pairs = out[..., : 2 * ho, : 2 * wo].unflatten(-1, (wo, 2))         # [..., 2 ho, wo, 2]
         pairs[..., 1] = second
         torch.sub(rows, second, out=pairs[..., 0])
