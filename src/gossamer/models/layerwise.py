@@ -177,9 +177,10 @@ class LowRankWeight:
         rest, width = h.shape[1:-1], h.shape[-1]
         x = h.reshape(nodes, -1, width)                                       # [B, rows, in]
         # one product over every node's rows with the shared w0 (its backward, too): w0 is
-        # packed once per call, not once per node, which was most of a per-node product's time.
-        # A row's bits are those of the per-node product of the same rows (tested; what the
-        # BLAS does for a product of a few rows per node with w0 expanded over the nodes)
+        # packed once per call, not once per node as a batched product did (half its time at
+        # 10 rows a node). Each row's bits equal the batched product's, and do not depend on
+        # the call's other nodes (tests/training/test_low_rank.py); no BLAS promises either:
+        # at 2 threads a call of one node's rows rounds differently, as it did batched
         z = torch.mm(h.reshape(-1, width), self.w0.T).view(nodes, -1, self.w0.shape[0])
         if self.alpha is not None:
             z = z * self.alpha.view(-1, 1, 1)
