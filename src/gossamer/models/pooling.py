@@ -74,8 +74,10 @@ class _Max2x2(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:  # noqa: D102
         ho, wo = x.shape[-2] // 2, x.shape[-1] // 2
         ctx.relu, ctx.shape = relu, x.shape
-        # the input's gradient comes back in its layout (a channels-last convolution before
-        # the pooling then takes a channels-last gradient: its fast kernel)
+        # the input's gradient comes back in its layout: a grouped channels-last convolution
+        # before the pooling then reads it without converting (its forward and backward took
+        # 13-16 ms against 15-18 ms for LeNet's first layer over 50 nodes, 15 against 30 ms
+        # for a 3 -> 32 channel layer over 22)
         ctx.layout = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
                       and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         x = x[..., : 2 * ho, : 2 * wo]                          # (floor mode: a last odd row goes)
