@@ -22,7 +22,9 @@ small convolutions 2-3x slower here), with ``--allocator default`` none does.
 Every way evaluates the global model on the test set before the first round (Gossamer's
 round-0 row of metrics.csv) and after every round; the loop times count those evaluations. With --json the last
 stdout line is one JSON object: per workload the loop times, final test loss and accuracy of
-each way, and `<workload>_<way>_speedup` = that way's loop time / Gossamer's.
+each way, `<workload>_<way>_speedup` = that way's median loop time / Gossamer's, and
+`<workload>_<way>_speedup_runs` the same ratio repeat by repeat (each run against the Gossamer
+run beside it).
 
 The hardware bound, measured in the same run (in a child of its own): the workload's
 floating-point work (`<workload>_gflop`: torch's FlopCounterMode over one training step of each
@@ -389,7 +391,13 @@ def main() -> int:
             for way in ways[1:]:
                 if "gossamer" in loops and way in loops:
                     out[f"{key}_{way}_speedup"] = loops[way] / loops["gossamer"]
-                    print(f"{key:<22} {way} / gossamer loop: {out[f'{key}_{way}_speedup']:.2f}x")
+                    # and repeat by repeat (BASELINES.md): each run against the Gossamer run
+                    # interleaved with it
+                    pairs = [p["loop_s"] / g["loop_s"] for g, p in zip(runs["gossamer"], runs[way], strict=True)
+                             if "error" not in g and "error" not in p]
+                    out[f"{key}_{way}_speedup_runs"] = pairs
+                    print(f"{key:<22} {way} / gossamer loop: {out[f'{key}_{way}_speedup']:.2f}x "
+                          f"(each repeat: {', '.join(f'{x:.2f}x' for x in pairs)})")
             work = child("flops", cfg, args.timeout, args.allocator)
             if "error" in work:
                 print(f"{key:<22} flops FAILED: {work['error']}")
