@@ -164,7 +164,9 @@ def test_timed_conv_choices_are_kept_per_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(layerwise, "_time_conv", lambda mod, shape, n, k, s, grad, device: slowest_first[s])
     assert layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv == first
     layerwise.cache_path().unlink()
+    layerwise._save_cache({"an older probe's key": "grouped"})
     assert set(layerwise_forward(model, torch.zeros(1, 12, 12))[0].conv.values()) == {CONV_STRATEGIES[-1]}
+    assert all(k.startswith(f"{layerwise.PROBE}|") for k in layerwise._load_cache())    # dropped when timing again
 
 
 class _Tokens(nn.Module):

@@ -534,8 +534,8 @@ def _fastest_convs(modules: dict[str, nn.Module], convs: dict[str, torch.fx.Node
         chosen[name] = cache[key] = min(CONV_STRATEGIES, key=lambda s, mod=mod, shape=shape: _time_conv(
             mod, shape, nodes, samples, s, input_grad, device))
         timed = True
-    if timed:
-        _save_cache(cache)
+    if timed:                   # (choices timed by an earlier version of the probe are dropped)
+        _save_cache({k: v for k, v in cache.items() if k.startswith(f"{PROBE}|")})
     return chosen
 
 
