@@ -240,3 +240,26 @@ def test_grouped_layout_passes_through_sample_wise_layers_with_the_same_bits(mon
     assert kept_folds < len(folds)
     assert torch.equal(kept_out, out)
     assert all(torch.equal(a, b) for a, b in zip(kept_grads, grads, strict=True))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_layers_gradients_are_autograds_but_the_inputs_product_order(bias):
+    """Each node's dense layer (``_Dense``): the output, the weight's and the bias's gradients
+    are autograd's through ``baddbmm`` bit for bit; the input's is ``g^T @ w`` (autograd:
+    ``w^T @ g``, a transposed operand the BLAS runs slower), equal up to rounding."""
+    from gossamer.models.layerwise import _Dense
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 6, 9, generator=g), torch.randn(4, 5, 9, generator=g)
+    b = torch.randn(4, 5, generator=g) if bias else None
+    up = torch.randn(4, 5, 6, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
+    ref = [t.clone().requires_grad_(True) for t in leaves]
+    out = _Dense.apply(leaves[0], leaves[1], leaves[2] if bias else None)
+    xt = ref[0].transpose(1, 2)
+    want = torch.baddbmm(ref[2].unsqueeze(2), ref[1], xt) if bias else torch.bmm(ref[1], xt)
+    assert torch.equal(out, want)
+    got, expected = torch.autograd.grad(out, leaves, up), torch.autograd.grad(want, ref, up)
+    assert all(torch.equal(a, e) for a, e in zip(got[1:], expected[1:], strict=True))
+    assert torch.equal(got[0], torch.bmm(up.transpose(1, 2), w))
+    assert torch.allclose(got[0], expected[0], atol=1e-5)

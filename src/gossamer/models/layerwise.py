@@ -235,6 +235,29 @@ class LowRankWeight:
                            beta=total).reshape(-1)
 
 
+class _Dense(torch.autograd.Function):
+    """Every node's ``w[i] @ x[i]^T (+ b[i])``, ``[B, out, rows]``, from ``x`` ``[B, rows, in]``,
+    ``w`` ``[B, out, in]`` and ``b`` ``[B, out]`` or None. The weight's gradient, ``g @ x``, is
+    autograd's; the input's is ``g^T @ w``, where autograd takes ``w^T @ g``, a transposed
+    operand the batched product ran 3-6x slower here (LeNet's 400 -> 120 layer for 50 nodes:
+    4.1 against 0.66 ms), equal up to rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(x, w)
+        ctx.bias = b is not None
+        xt = x.transpose(1, 2)
+        return torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(grad.transpose(1, 2), w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(grad, x) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(2) if ctx.bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
 def _linear(h: torch.Tensor, w: torch.Tensor | LowRankWeight, b: torch.Tensor | None,
             nodes: int) -> torch.Tensor:
     """``w @ x^T`` (then transposed): the weight's gradient comes out contiguous, as ``w``
@@ -243,8 +266,7 @@ def _linear(h: torch.Tensor, w: torch.Tensor | LowRankWeight, b: torch.Tensor | 
     if isinstance(w, LowRankWeight):
         return w.forward(h, b, nodes)
     rest = h.shape[1:-1]
-    xt = h.reshape(nodes, -1, h.shape[-1]).transpose(1, 2)            # [B, in, n * rest]
-    out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)   # [B, out, n * rest]
+    out = _Dense.apply(h.reshape(nodes, -1, h.shape[-1]), w, b)                # [B, out, n * rest]
     return out.transpose(1, 2).reshape(-1, *rest, w.shape[1])
 
 
