@@ -572,8 +572,8 @@ def cache_path() -> Path:
 
 def _cache_key(mod: nn.Conv2d, shape: torch.Size, nodes: int, samples: int,
                device: torch.device = CPU) -> str:
-    """What the timing depends on: the strategies timed (:data:`PROBE`), the library, the
-    machine (its GPU's name on a GPU), threads, the layer and its input."""
+    """What the timing depends on: how it is timed (:data:`PROBE`), the library, the machine
+    (its GPU's name on a GPU), threads, the layer and its input."""
     where = () if device.type == "cpu" else (device.type, torch.cuda.get_device_name(device))
     return "|".join(str(v) for v in (PROBE, *where,
         torch.__version__, platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads(),
