@@ -308,15 +308,20 @@ def run_flops(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ the parent
-def child(way: str, cfg: dict, timeout: float, allocator: str = "tuned") -> dict:
+def child(way: str, cfg: dict, timeout: float, allocator: str = "tuned", script: str = __file__) -> dict:
+    """``script --child way`` in a fresh process (this file's, or benchmarks/gpu.py's), with
+    glibc's settings ``allocator``; its last stdout line, or ``{"error": ...}``."""
     env = dict(os.environ)
     if allocator == "default":
         env["GOSSAMER_NO_MALLOC_TUNING"] = "1"
     else:
         env.pop("GOSSAMER_NO_MALLOC_TUNING", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, __file__, "--child", way, "--config-json", json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([sys.executable, script, "--child", way, "--config-json", json.dumps(cfg)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,6 +17,8 @@ Ways, each in its own fresh process:
                 the test losses agree up to float rounding
   gossamer_cpu  the same config with `device: cpu` and `--cpu-rounds` rounds (its loop time is
                 scaled to `--rounds`)
+Every way's process runs with Gossamer's glibc allocator settings (BASELINES.md; processes
+started by cnn_fedavg.py's `child`).
 Samples/s counts every sample a local step trains on; FLOP/s = samples/s x 3 x the model's
 forward FLOPs per sample (torch.utils.flop_counter; backward ~2x forward); the peak is the
 device's dense peak for the precision (a table of known GPUs, or --peak-tflops).
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,16 +75,8 @@ def run_sequential(cfg: dict) -> dict:
 
 
 def child(way: str, cfg: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", way, "--config-json", json.dumps(cfg)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """This file's ``--child way`` in a fresh process, as cnn_fedavg.py runs its ways."""
+    return cnn_fedavg.child(way, cfg, timeout, script=__file__)
 
 
 # ------------------------------------------------------------------------------ the arithmetic
@@ -140,6 +132,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         cfg = json.loads(args.config_json)
+        from gossamer.sim.allocator import tune_allocator
+
+        tune_allocator()          # every way with Gossamer's glibc settings, as in cnn_fedavg.py
         print(json.dumps({"gossamer": cnn_fedavg.run_gossamer, "sequential": run_sequential}[args.child](cfg)), flush=True)
         return 0
 
