@@ -778,11 +778,12 @@ class PopulationConfig(_Strict):
 class ShardingConfig(_Strict):
     """The simulator sharded over ranks (``gossamer run --ranks K``, torchrun; docs/scale.md).
 
-    ``block``: node ids per reduction block. Whatever crosses ranks is summed block by block
-    in id order, and ranks own whole blocks, so a run's bits depend on ``block`` and never on
-    the number of ranks. Smaller blocks balance few nodes over many ranks (10 cross-silo
-    clients on 4 ranks need ``block`` 2 or 1); larger ones exchange fewer rows per round (a
-    synchronous FL round sends one row of P values per block holding a selected client)."""
+    ``block``: node ids per reduction block. Whatever crosses ranks is summed block by block,
+    the block sums then along a binary tree fixed by block id, and ranks own whole blocks, so a
+    run's bits depend on ``block`` and never on the number of ranks. Smaller blocks balance few
+    nodes over many ranks (10 cross-silo clients on 4 ranks need ``block`` 2 or 1); larger ones
+    add fewer rows per round (a synchronous FL round adds one row of P values per block holding
+    a selected client; across machines a rank sends at most one a level of the tree)."""
 
     block: int = Field(64, ge=1, le=1 << 20)
 

@@ -368,12 +368,3 @@ def block_sums(rows: torch.Tensor, first_id: int, block: int = BLOCK) -> torch.T
     for b, lo in enumerate(range(0, n, block)):
         torch.sum(rows[lo:lo + block], dim=0, out=out[b])
     return out
-
-
-def population_mean(shard: Shard, own: torch.Tensor, n: int, during: str) -> torch.Tensor:
-    """The mean of all ``n`` nodes' rows ``[P]`` from each rank's own rows ``own``: block
-    sums by their owners, gathered, added in block order; the same bits for any rank count."""
-    blocks = block_sums(own, shard.lo, shard.block)
-    counts = [-(-c // shard.block) for c in shard.counts]
-    every = gather_rows(shard, blocks, counts, during)
-    return every.sum(dim=0) / n

@@ -32,12 +32,12 @@ from gossamer.sim.sharded.base import (
     Shard,
     barrier,
     gather_rows,
-    population_mean,
     rank_lost,
     shared_if_possible,
     shared_tensor,
 )
 from gossamer.sim.sharded.rows import ShardedRows
+from gossamer.sim.sharded.tree import population_mean
 from gossamer.topology import to_torch_sparse
 from gossamer.training.evaluator import local_losses
 

@@ -5,9 +5,10 @@ Each block's weighted sum (``sharding.block`` ids, 64 by default) is formed by t
 owns the block: a matrix product over its clients' trained parameters in id order, taken from
 the trainer's parameter-major workspace (``mean_groups``); a model too large for a block's
 clients in one pass sums them in groups of a pass, added in id order. The round's blocks
-(those holding a selected client, at most min(K, N / block) rows of P values) are exchanged
-(shared memory on one machine, else one ``all_gather``; each rank sends only its own blocks),
-and every rank adds them in block order.
+(those holding a selected client) are added along the binary tree of block ids
+(:mod:`.tree`): on one machine every rank reads every block from shared memory and adds them
+itself; across machines each rank sends at most one row a level of the tree point to point,
+and the total is broadcast (instead of every block reaching every rank).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gossamer.sim.sharded.base import (
     shared_if_possible,
 )
 from gossamer.sim.sharded.owned import OwnedTraining
+from gossamer.sim.sharded.tree import tree_reduce, tree_sum
 from gossamer.training.trainer import TrainResult
 
 
@@ -56,17 +58,21 @@ class ShardedSyncFLDriver(SyncFLDriver):
         ranks share this machine (a barrier each; two slots taken in turn, so a rank never writes
         a slot another may still read), else one ``all_gather``."""
         shard, during = self.shard, f"round {r}'s aggregate"
-        if self._transport == "auto" or (self._shared is not None and self._shared.shape[2] < len(send)):
-            # every rank sees the same sizes, so every rank takes this step together
-            self._shared = shared_if_possible(shard, (2, shard.world, 2 * len(send)), send.dtype)
-            self._transport = "gather" if self._shared is None else "shared"
-        if self._transport == "gather":
+        if self._ready(len(send), send.dtype) == "gather":
             return gather(shard, send, during)
         slot = self._shared[self._exchanges % 2]
         self._exchanges += 1
         slot[shard.rank, : len(send)] = send
         barrier(shard, during)
         return [slot[k, : len(send)] for k in range(shard.world)]
+
+    def _ready(self, length: int, dtype: torch.dtype) -> str:
+        """The transport of an exchange of ``length`` values a rank: ``shared`` memory (made or
+        grown here) or ``gather``. Every rank sees the same sizes, so all take this step together."""
+        if self._transport == "auto" or (self._shared is not None and self._shared.shape[2] < length):
+            self._shared = shared_if_possible(self.shard, (2, self.shard.world, 2 * length), dtype)
+            self._transport = "gather" if self._shared is None else "shared"
+        return self._transport
 
     @property
     def collective_state(self) -> bool:
@@ -235,14 +241,24 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
                 g = h
         with self.timer("communicate_s"):
-            received = self._exchange(send, r)
-            partial = torch.empty(len(active), numel, dtype=start.dtype)
             stats = torch.empty(2, len(trained), dtype=start.dtype)
+            if shard.world > 1 and self._ready(len(send), start.dtype) == "gather":
+                # across machines: the losses and steps gathered, the blocks added along the tree
+                during = f"round {r}'s aggregate"
+                received = gather(shard, send[width * numel:], during)
+                own_blocks = int(np.sum(block_rank == shard.rank))
+                mean = tree_reduce(shard, mine_blocks[:own_blocks], active, block_rank, during)
+            else:                  # every rank's blocks here (shared memory, or one rank)
+                received = self._exchange(send, r)
+                partial = torch.empty(len(active), numel, dtype=start.dtype)
+                for k, got in enumerate(received):
+                    blocks = np.flatnonzero(block_rank == k)
+                    partial[torch.from_numpy(blocks)] = got[: width * numel].view(width, numel)[: len(blocks)]
+                received = [got[width * numel:] for got in received]
+                mean = tree_sum(partial, active)
             for k, got in enumerate(received):
-                blocks, clients = np.flatnonzero(block_rank == k), np.flatnonzero(client_rank == k)
-                partial[torch.from_numpy(blocks)] = got[: width * numel].view(width, numel)[: len(blocks)]
-                stats[:, torch.from_numpy(clients)] = got[width * numel:].view(2, count)[:, : len(clients)]
-            mean = partial.sum(dim=0)
+                clients = np.flatnonzero(client_rank == k)
+                stats[:, torch.from_numpy(clients)] = got.view(2, count)[:, : len(clients)]
             self.state = algo.aggregate_mean(self.state, mean)
         self.train_loss = float(stats[0].float().mean())
         self.node_steps += int(stats[1].double().sum())

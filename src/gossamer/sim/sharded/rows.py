@@ -2,8 +2,8 @@
 
 A rank evaluates the nodes it owns; the metrics over all nodes are fixed by node id, not by
 rank: accuracies and losses per node, gathered in id order; the average model from block sums
-(``sharding.block`` ids) added in block order; the consensus distance from each node's squared distance to
-it (float64, summed by numpy in id order). A checkpoint's ``[N, ...]`` states come to rank 0
+(``sharding.block`` ids) added along the tree of block ids (:mod:`.tree`); the consensus
+distance from each node's squared distance to it (float64, summed by numpy in id order). A checkpoint's ``[N, ...]`` states come to rank 0
 point to point.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from gossamer.protocols import dl_metrics
-from gossamer.sim.sharded.base import Shard, gather_rows, population_mean, rank_lost
+from gossamer.sim.sharded.base import Shard, gather_rows, rank_lost
+from gossamer.sim.sharded.tree import population_mean
 
 DISTANCE_CHUNK_BYTES = 16 << 20      # float64 rows at a time for the consensus distances
 
