@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from gossamer import config, wire
 from gossamer.algorithms import ALGORITHMS
 from gossamer.algorithms.fl.fedavg import FedAvg, ServerState
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.fl.scaffold import Scaffold
 from gossamer.algorithms.fl.server_opt import ServerOptimizer
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
@@ -104,7 +105,9 @@ def test_scaffold_control_variate_update_on_a_quadratic_equals_closed_form(beta)
     c = torch.tensor([0.05, -0.1, 0.2], dtype=torch.float64)
     c_i = torch.tensor([0.3, 0.0, -0.2], dtype=torch.float64)
     m = torch.tensor([0.4, -0.2, 0.1], dtype=torch.float64)
-    payload = torch.cat([x, c] + ([m] if beta is not None else []))
+    # the wire form, read back as the client does
+    payload = Payload.of(torch.cat([x, c] + ([m] if beta is not None else [])), algo.download_names)
+    assert torch.equal(payload["control"], c) and (beta is None or torch.equal(payload["momentum"], m))
     objective = algo.local_objective(payload, c_i.unsqueeze(0))
     assert torch.allclose(objective.correction[0],
                           (c - c_i) if beta is None else beta * (c - c_i) + (1 - beta) * m)
@@ -124,7 +127,7 @@ def test_scaffold_control_variate_update_on_a_quadratic_equals_closed_form(beta)
 def test_scaffold_client_without_steps_keeps_its_control_variate():
     algo = Scaffold()
     x, c_i = torch.ones(2), torch.tensor([[0.5, -0.5]])
-    uploads, new_c = algo.client_update(x.unsqueeze(0), torch.cat([x, torch.zeros(2)]), c_i,
+    uploads, new_c = algo.client_update(x.unsqueeze(0), Payload(x, {"control": torch.zeros(2)}), c_i,
                                         np.array([0]), 0.1)
     assert torch.equal(new_c, c_i) and torch.equal(uploads[0, 2:], torch.zeros(2))
 
@@ -262,13 +265,14 @@ def test_fedamd_aggregate_updates_bullseyes_and_moves_by_miners_only():
 
     algo = FedAMD(weighting="uniform")
     state = algo.init_state(torch.zeros(2), num_clients=3)
-    assert torch.equal(algo.broadcast(state)[2:], torch.zeros(2))          # no bullseye yet
+    assert torch.equal(algo.broadcast(state)["direction"], torch.zeros(2))  # no bullseye yet
     uploads = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
     new = algo.aggregate(state, uploads, np.ones(3), clients=np.array([2, 0, 1]),
                          anchors=np.array([True, False, True]))
     assert torch.equal(new.extra["bullseyes"][2], uploads[0]) and torch.equal(new.extra["bullseyes"][1], uploads[2])
     assert torch.allclose(new.params, torch.tensor([3.0, -1.0]))            # the one miner's model
-    assert torch.allclose(algo.broadcast(new)[2:], (uploads[0] + uploads[2]) / 2)
+    assert torch.allclose(algo.broadcast(new)["direction"], (uploads[0] + uploads[2]) / 2)
+    assert torch.equal(algo.broadcast(new).flat()[2:], algo.broadcast(new)["direction"])    # on the wire
     only_anchors = algo.aggregate(new, uploads[:1], np.ones(1), clients=np.array([0]), anchors=np.array([True]))
     assert torch.equal(only_anchors.params, new.params) and only_anchors.round == 2
 

@@ -34,8 +34,9 @@ class Algorithm:
     # properties), so no executor probes an algorithm with hasattr/getattr.
     aggregator = "mean"                         # the rule that merges models or updates
     aggregator_params = MappingProxyType({})
-    download_vectors = 1                        # model-sized vectors a client receives ...
-    upload_vectors = 1                          # ... and sends (SCAFFOLD: 2 each way)
+    download_names = ()                         # server vectors a client receives beside the
+                                                # model (SCAFFOLD: control; FL's Payload) ...
+    upload_vectors = 1                          # ... model-sized vectors it sends (SCAFFOLD: 2)
     client_state_vectors = 0                    # model-sized vectors a client keeps
     uses_global_model = False                   # local training reads the global model beyond
                                                 # its start (FedProx's term, client momentum)
@@ -58,6 +59,11 @@ class Algorithm:
     uses_embeddings = False                     # the server reads trained models' embeddings (FED-PUB)
     evaluates_with_global = False               # a personal model is evaluated with the global one
     runs_on_processes = False                   # a personalized algorithm real processes run
+
+    @property
+    def download_vectors(self) -> int:
+        """Model-sized vectors a client receives: the model and the ``download_names``."""
+        return 1 + len(self.download_names)
 
     def expected_clients(self, candidates: int) -> int:
         """The clients a synchronous round expects among ``candidates`` (FL)."""

@@ -21,6 +21,7 @@ import torch
 from cryptography.exceptions import InvalidTag
 
 from gossamer.algorithms.fl.fedpub import functional_embeddings
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.local import LocalObjective
 from gossamer.config import ExperimentConfig
 from gossamer.experiment import build as build_experiment
@@ -249,8 +250,8 @@ class Client(PersonalClient, Rehoming):
             self._send(algo.client_message(result.params, model, result.steps, self.cfg.local.lr)[0], round_)
             self.upload_s = time.monotonic() - began
             return
-        payload = start.reshape(-1)
-        received = payload[: self.exp.spec.numel]
+        payload = Payload.of(start.reshape(-1), algo.download_names)
+        received = payload.model
         own = self.personal is not None
         if own and algo.personal_first:                     # FedRep: the head before the body
             self._personal_step(round_, received)

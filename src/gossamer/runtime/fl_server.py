@@ -197,8 +197,8 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         self._aggregate(r, received)
 
     def _payload(self) -> torch.Tensor:
-        """What a task carries: the algorithm's broadcast of the server state."""
-        return self.algorithm.broadcast(self.state)
+        """What a task carries: the algorithm's broadcast of the server state, flat."""
+        return self.algorithm.broadcast(self.state).flat()
 
     def _aggregate(self, r: int, received: dict[int, tuple[torch.Tensor, int]]) -> None:
         """Round ``r``'s server step from the uploads ``received`` (node -> (row, samples))."""

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.local import LocalObjective
 
 
@@ -29,7 +30,7 @@ class KeptAdamState:
     def init_client_state(self, numel: int) -> torch.Tensor | None:
         return torch.zeros(2 * numel + 1) if self.keeps_adam_state else None
 
-    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None
+    def local_objective(self, payload: Payload, client_state: torch.Tensor | None
                         ) -> LocalObjective | None:
         base = super().local_objective(payload, None)
         if not self.keeps_adam_state:
@@ -38,7 +39,7 @@ class KeptAdamState:
             raise ValueError(self.missing_state)
         return replace(base or LocalObjective(), optimizer_state=client_state)
 
-    def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
+    def client_update(self, trained: torch.Tensor, payload: Payload,
                       client_state: torch.Tensor | None, steps: np.ndarray, lr: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The uploads; the new state is ``client_state``, which local training updated in

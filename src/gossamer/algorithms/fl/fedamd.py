@@ -14,6 +14,7 @@ import torch
 
 from gossamer import rng
 from gossamer.algorithms.fl.fedavg import FedAvg, ServerState
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.local import LocalObjective
 
 _ROLE_KEY = 0xA3D
@@ -47,9 +48,7 @@ class FedAMD(FedAvg):
 
     split_roles = True
 
-    @property
-    def download_vectors(self) -> int:
-        return 2
+    download_names = ("direction",)            # the mean of the bullseyes held (Payload)
 
     def init_state(self, params: torch.Tensor, num_clients: int = 1) -> ServerState:
         state = super().init_state(params, num_clients)
@@ -68,14 +67,14 @@ class FedAMD(FedAvg):
         """Samples whose gradient a task computes: an anchor's shard; twice a miner's batches."""
         return np.where(anchors, sizes, 2 * samples)
 
-    def broadcast(self, state: ServerState) -> torch.Tensor:
+    def broadcast(self, state: ServerState) -> Payload:
         held = state.extra["has_bullseye"]
         direction = state.extra["bullseyes"][held].mean(0) if bool(held.any()) \
             else torch.zeros_like(state.params)
-        return torch.cat([state.params, direction])
+        return Payload(state.params, {"direction": direction})
 
-    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None) -> LocalObjective:
-        return LocalObjective(recursive_direction=payload.reshape(2, -1)[1])
+    def local_objective(self, payload: Payload, client_state: torch.Tensor | None) -> LocalObjective:
+        return LocalObjective(recursive_direction=payload["direction"])
 
     def aggregate(self, state: ServerState, uploads: torch.Tensor, num_samples: np.ndarray,
                   steps: np.ndarray | None = None, lr: float | None = None,

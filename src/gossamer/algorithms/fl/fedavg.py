@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gossamer.algorithms.base import Algorithm
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName, from_fields
 from gossamer.algorithms.local import LocalObjective
 
@@ -116,9 +117,9 @@ class FedAvg(Algorithm):
 
     # --- shapes of what travels --------------------------------------------------------------
     @property
-    def download_vectors(self) -> int:
-        """Model-sized vectors in the payload the server sends each selected client."""
-        return 1 + (self.momentum_beta is not None)
+    def download_names(self) -> tuple[str, ...]:
+        """The server vectors each selected client receives beside the model (:class:`Payload`)."""
+        return ("momentum",) if self.momentum_beta is not None else ()
 
     @property
     def upload_vectors(self) -> int:
@@ -170,37 +171,35 @@ class FedAvg(Algorithm):
             return np.sort(candidates)
         return np.sort(generator.choice(candidates, size=k, replace=False))
 
-    def broadcast(self, state: ServerState) -> torch.Tensor:
-        """The payload ``[download_vectors * P]``: the model, then any server vectors."""
+    def broadcast(self, state: ServerState) -> Payload:
+        """What each selected client receives: the model, and client momentum's vector."""
         if self.momentum_beta is None:
-            return state.params
-        return torch.cat([state.params, state.extra["momentum"]])
+            return Payload(state.params)
+        return Payload(state.params, {"momentum": state.extra["momentum"]})
 
     # --- client ----------------------------------------------------------------------------------
     def init_client_state(self, numel: int) -> torch.Tensor | None:
         """A client's persistent state ``[client_state_vectors * P]`` before its first round."""
         return None
 
-    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None
+    def local_objective(self, payload: Payload, client_state: torch.Tensor | None
                         ) -> LocalObjective | None:
         """Terms added to local gradients for clients that received ``payload``."""
-        parts = payload.reshape(self.download_vectors, -1)
         if self.momentum_beta is None:
-            return LocalObjective(self.prox_mu, parts[0]) if self.prox_mu else None
+            return LocalObjective(self.prox_mu, payload.model) if self.prox_mu else None
         beta = self.momentum_beta
-        return LocalObjective(self.prox_mu, parts[0] if self.prox_mu else None,
-                              (1 - beta) * parts[1], grad_scale=beta)
+        return LocalObjective(self.prox_mu, payload.model if self.prox_mu else None,
+                              (1 - beta) * payload["momentum"], grad_scale=beta)
 
     def client_message(self, trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """What each client uploads: its trained model ``[B, P]``."""
         return trained
 
-    def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
+    def client_update(self, trained: torch.Tensor, payload: Payload,
                       client_state: torch.Tensor | None, steps: np.ndarray, lr: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(uploads [B, upload_vectors * P], new client states or None)`` after training."""
-        start = payload.reshape(self.download_vectors, -1)[0]
-        return self.client_message(trained, start.expand_as(trained)), None
+        return self.client_message(trained, payload.model.expand_as(trained)), None
 
     # --- aggregation -------------------------------------------------------------------------
     def weights(self, num_samples: np.ndarray, dtype: torch.dtype,

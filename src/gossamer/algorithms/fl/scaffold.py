@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from gossamer.algorithms.fl.fedavg import FedAvg, ServerState
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.local import LocalObjective
 
 
@@ -41,8 +42,8 @@ class Scaffold(FedAvg):
             raise ValueError("scaffold supports aggregator: mean only (control variates are averaged)")
 
     @property
-    def download_vectors(self) -> int:
-        return 2 + (self.momentum_beta is not None)
+    def download_names(self) -> tuple[str, ...]:
+        return ("control",) + (("momentum",) if self.momentum_beta is not None else ())
 
     @property
     def upload_vectors(self) -> int:
@@ -58,40 +59,38 @@ class Scaffold(FedAvg):
         state.extra["num_clients"] = torch.tensor(float(num_clients), device=params.device)
         return state
 
-    def broadcast(self, state: ServerState) -> torch.Tensor:
-        parts = [state.params, state.extra["control"]]
+    def broadcast(self, state: ServerState) -> Payload:
+        vectors = {"control": state.extra["control"]}
         if self.momentum_beta is not None:
-            parts.append(state.extra["momentum"])
-        return torch.cat(parts)
+            vectors["momentum"] = state.extra["momentum"]
+        return Payload(state.params, vectors)
 
     def init_client_state(self, numel: int) -> torch.Tensor:
         return torch.zeros(numel)
 
-    def local_objective(self, payload: torch.Tensor, client_state: torch.Tensor | None
+    def local_objective(self, payload: Payload, client_state: torch.Tensor | None
                         ) -> LocalObjective:
-        parts = payload.reshape(self.download_vectors, -1)
         if client_state is None:
             raise ValueError("scaffold needs the clients' control variates")
-        correction = parts[1] - client_state                       # c - c_i, [B, P]
-        anchor = parts[0] if self.prox_mu else None
+        correction = payload["control"] - client_state             # c - c_i, [B, P]
+        anchor = payload.model if self.prox_mu else None
         if self.momentum_beta is None:
             return LocalObjective(self.prox_mu, anchor, correction)
         beta = self.momentum_beta
-        return LocalObjective(self.prox_mu, anchor, beta * correction + (1 - beta) * parts[2],
+        return LocalObjective(self.prox_mu, anchor, beta * correction + (1 - beta) * payload["momentum"],
                               grad_scale=beta)
 
-    def client_update(self, trained: torch.Tensor, payload: torch.Tensor,
+    def client_update(self, trained: torch.Tensor, payload: Payload,
                       client_state: torch.Tensor | None, steps: np.ndarray, lr: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = payload.reshape(self.download_vectors, -1)
-        x, c = parts[0], parts[1]
+        x, c = payload.model, payload["control"]
         assert client_state is not None
         k = torch.as_tensor(np.asarray(steps), dtype=trained.dtype, device=trained.device).unsqueeze(1)
         stepped = k > 0
         beta = 1.0 if self.momentum_beta is None else self.momentum_beta
         new_c = (x - trained) / (lr * k.clamp(min=1) * beta) + client_state - c
         if self.momentum_beta is not None:
-            new_c = new_c - (1 - beta) / beta * parts[2]
+            new_c = new_c - (1 - beta) / beta * payload["momentum"]
         new_c = torch.where(stepped, new_c, client_state)
         return torch.cat([trained, new_c - client_state], dim=1), new_c
 

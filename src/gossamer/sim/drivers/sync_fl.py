@@ -18,6 +18,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.algorithms.local import LocalObjective
 from gossamer.population.store import ClientStore
 from gossamer.protocols.accounting import FLAccounting
@@ -228,7 +229,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
         exp, algo = self.exp, self.algorithm
         lr = exp.cfg.local.lr
         payload = algo.broadcast(self.state)
-        start = payload[: exp.spec.numel]
+        start = payload.model
         if self._uploads_are_models(delivered):    # FedAvg's dense round: the mean, never the rows
             with self.timer("train_s"):
                 weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype, start.device)
@@ -271,7 +272,7 @@ class SyncFLDriver(UploadStages, PersonalRounds, SyncFLRecords, Driver):
         self.train_loss = result.loss.mean()
         self.node_steps += int(result.steps.sum())
 
-    def _train_clients(self, r: int, trained: np.ndarray, payload: torch.Tensor, start: torch.Tensor
+    def _train_clients(self, r: int, trained: np.ndarray, payload: Payload, start: torch.Tensor
                        ) -> tuple[torch.Tensor, TrainResult, torch.Tensor]:
         """The round's clients ``trained`` train from ``payload`` and form their uploads (the
         general path: client state, personal starts): (uploads ``[K, U]``, the

@@ -12,6 +12,7 @@ import torch
 
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.protocols.upload import Uploads, dp_secure_mean
 
 
@@ -141,7 +142,7 @@ class UploadStages:
         model attack crafts from the miners' models)."""
         exp, algo = self.exp, self.algorithm
         payload = algo.broadcast(self.state)
-        start = payload[: exp.spec.numel]
+        start = payload.model
         miners = ~anchors
         with self.timer("train_s"):
             uploads, steps, loss = self._anchor_uploads(r, trained, anchors, payload)
@@ -156,13 +157,13 @@ class UploadStages:
                                         anchors=anchors[delivered])
         self.train_loss = torch.cat([loss[torch.from_numpy(anchors)], loss[torch.from_numpy(miners)]]).mean()
 
-    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: torch.Tensor
+    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: Payload
                         ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """FedAMD's uploads ``[K, P]`` of clients ``trained`` before any attack (anchors: their
         full-shard gradients; miners: their trained models), steps and losses (the sharded
         simulator computes each client's on its owner)."""
         exp, numel = self.exp, self.exp.spec.numel
-        start = payload[:numel]
+        start = payload.model
         uploads = torch.empty(len(trained), numel, device=self.device)
         steps = np.zeros(len(trained), dtype=np.int64)
         loss = torch.zeros(len(trained), device=self.device)

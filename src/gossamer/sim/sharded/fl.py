@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossamer.algorithms.fl.payload import Payload
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.experiment import Experiment
@@ -85,7 +86,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
             return
         self._mean_round(r, trained)
 
-    def _train_clients(self, r: int, trained: np.ndarray, payload: torch.Tensor, start: torch.Tensor
+    def _train_clients(self, r: int, trained: np.ndarray, payload: Payload, start: torch.Tensor
                        ) -> tuple[torch.Tensor, TrainResult, torch.Tensor]:
         """Each rank trains its clients (and keeps their states); every rank gets every upload,
         in the round's order, and runs the server's side alike."""
@@ -108,7 +109,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
             starts = algo.train_start(self.personal[idx])
         return rows, TrainResult(params, samples, steps, loss), starts
 
-    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: torch.Tensor
+    def _anchor_uploads(self, r: int, trained: np.ndarray, anchors: np.ndarray, payload: Payload
                         ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """FedAMD: each rank computes its anchors' full-shard gradients and trains its miners;
         every rank gets every upload in the round's order (then attacks and aggregates alike)."""
@@ -189,7 +190,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         """A round whose aggregate is the uploads' weighted mean: each rank's block sums."""
         exp, algo, shard = self.exp, self.algorithm, self.shard
         payload = algo.broadcast(self.state)
-        start = payload[: exp.spec.numel]
+        start = payload.model
         with self.timer("train_s"):
             if np.any(np.diff(trained) <= 0):
                 raise RuntimeError("the sharded simulator needs each round's clients sorted by id")
