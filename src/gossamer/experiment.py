@@ -724,12 +724,16 @@ def _attach_compression(exp: Experiment) -> None:
             raise ConfigError("compression.feedback", f"{comp.feedback} needs compression.uplink")
         return
     islands = algorithm.pattern == "islands"          # compresses the fragments' outer gradients
+    asynchronous = algorithm.pattern == "async_fl"     # compresses each task's update
     if islands and comp.feedback != "none":
         raise ConfigError("compression.feedback", f"{cfg.algorithm.name} compresses each "
                           "exchange on its own: feedback none only")
-    if not islands and algorithm.pattern != "sync_fl":
-        raise ConfigError("compression.uplink", f"upload compression runs with synchronous FL "
-                          f"algorithms so far; {cfg.algorithm.name} is {algorithm.pattern}")
+    if asynchronous and comp.feedback not in ("none", "ef", "ef21"):
+        raise ConfigError("compression.feedback", f"asynchronous FL compresses each task's update "
+                          f"with feedback none, ef or ef21; {comp.feedback} needs synchronous rounds")
+    if not (islands or asynchronous or algorithm.pattern == "sync_fl"):
+        raise ConfigError("compression.uplink", f"upload compression runs with synchronous and "
+                          f"asynchronous FL algorithms; {cfg.algorithm.name} is {algorithm.pattern}")
     if algorithm.split_roles:
         raise ConfigError("compression.uplink", "FedAMD's anchors upload full gradients; "
                           "compression is not supported with fedamd")
@@ -745,6 +749,11 @@ def _attach_compression(exp: Experiment) -> None:
                               f"{cfg.algorithm.name} exchanges fragments")
         return
     variable = exp.uplink.nominal_bytes(exp.spec.numel) is None
+    if variable and asynchronous:
+        raise ConfigError("compression.uplink", f"{comp.uplink.name} makes upload sizes depend on "
+                          "the update, so an upload's arrival time would be known only after "
+                          "training; asynchronous FL schedules it at dispatch: use a fixed-size "
+                          "compressor (e.g. topk, randk, qsgd, sign, quantize)")
     if variable and (algorithm.deadline_s is not None or algorithm.over_selection):
         raise ConfigError("compression.uplink", f"{comp.uplink.name} makes upload sizes depend on "
                           "the update, so arrival times are known only after training; it cannot "

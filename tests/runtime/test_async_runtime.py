@@ -127,12 +127,24 @@ PARITY_SYSTEM = {"sample_time_s": {"dist": "per_node", "values": [0.0005, 0.001,
                  "latency_s": {"dist": "constant", "value": 0.01}}
 
 
-@pytest.mark.parametrize("name,params", [("fedcompass", {"max_local_steps": 8}),
-                                         ("afa_cd", {"buffer_size": 2, "max_local_steps": 6, "think_time_s": 0.05}),
-                                         ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4}),
-                                         ("async_fedavg", {"aggregation": "task_time", "server_lr": 0.25}),
-                                         ("fedast", {"buffer_sizes": [2, 2]})])
-def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params):
+TOPK_EF = {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "ef"}
+SIGN_EF21 = {"uplink": {"name": "sign"}, "feedback": "ef21"}
+QSGD = {"uplink": {"name": "qsgd", "params": {"levels": 8}}, "feedback": "none"}
+
+
+@pytest.mark.parametrize("name,params,compression", [
+    ("fedcompass", {"max_local_steps": 8}, None),
+    ("afa_cd", {"buffer_size": 2, "max_local_steps": 6, "think_time_s": 0.05}, None),
+    ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4}, None),
+    ("async_fedavg", {"aggregation": "task_time", "server_lr": 0.25}, None),
+    ("fedast", {"buffer_sizes": [2, 2]}, None),
+    ("fedbuff", {"buffer_size": 2, "concurrency": 3}, TOPK_EF),
+    ("fedasync", {"concurrency": 3}, QSGD),
+    ("afa_cd", {"buffer_size": 2, "max_local_steps": 6}, SIGN_EF21),
+], ids=["fedcompass", "afa_cd", "afa_cs", "async_fedavg", "fedast", "fedbuff-topk-ef", "fedasync-qsgd",
+        "afa_cd-sign-ef21"])
+def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params,
+                                                                                        compression):
     """FedCompass groups and AFA think times, parity without real time: the simulator runs and
     its event log (asks, uploads, timers, with simulated times) is replayed into an in-process
     AsyncCoordinator whose clock reads the scripted time. Each ask goes through ``_task`` one
@@ -141,7 +153,11 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     (``Client._train_and_send``), delivered through ``_accept``; timers fire through ``_timers``.
     The coordinator must start the same tasks (key, steps), refuse the same asks, and apply the
     same updates: same clients and staleness, models equal to float rounding (batched against
-    single-row training)."""
+    single-row training). Compressed uploads: each client encodes its message with its own
+    feedback row and sends the bytes, the coordinator decodes them against the task; both sides
+    train with batches fixed by the population (``batch_width``), so a client's row is the
+    simulator's bit for bit and so are the encoded bytes (a top-k or a rounding decision never
+    sits on a float difference)."""
     from gossamer import config
     from gossamer.runtime import schema
     from gossamer.runtime.async_server import AsyncCoordinator
@@ -153,8 +169,12 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     raw = _cfg(name, 12, **params)
     raw["system"] = PARITY_SYSTEM
     raw["runtime"]["round_timeout_s"] = 1e9                  # no task is lost to the wall clock
+    if compression is not None:
+        raw["compression"] = compression
     cfg = config.validate(raw)
     exp = build_experiment(cfg)
+    if compression is not None:
+        exp.trainer.batch_width = "population"
     sim = driver_for(exp.algorithm.pattern)(exp)
     log, sim_updates = _record_events(sim), _updates(sim.protocol)
     for _ in range(12):
@@ -168,6 +188,8 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     sent: dict[int, tuple] = {}
     for i, client in clients.items():
         client._send = lambda message, round_, *rest, i=i: sent.__setitem__(i, (round_, message))
+        if compression is not None:
+            client.exp.trainer.batch_width = "population"
     with coordinator.lock:
         coordinator.protocol.restart(0.0)
         coordinator.running = True
@@ -190,7 +212,12 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
             clients[event[2]]._train_and_send(key, start, steps)
             round_, message = sent.pop(event[2])
             meta = schema.TaskHeader(round=round_)            # _accept reads meta.round only
-            coordinator._accept(event[2], None, meta, message.float().clone(), 4 * message.numel())
+            if isinstance(message, bytes):                    # compressed: the bytes, decoded there
+                assert compression is not None and len(message) < 4 * coordinator.numel
+                coordinator._accept(event[2], None, meta, torch.frombuffer(bytearray(message), dtype=torch.uint8),
+                                    len(message))
+            else:
+                coordinator._accept(event[2], None, meta, message.float().clone(), 4 * message.numel())
         elif kind == "tick":
             with coordinator.lock:
                 coordinator._timers(now[0])
@@ -199,6 +226,12 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     assert [(c, s) for c, s, _ in runtime_updates] == [(c, s) for c, s, _ in sim_updates]
     for (_, _, ours), (_, _, theirs) in zip(runtime_updates, sim_updates, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
+    if compression is not None:
+        assert torch.equal(runtime_updates[-1][2], sim_updates[-1][2])     # the same bits
+        if compression["feedback"] == "ef21":
+            assert set(coordinator.estimates) == set(range(4))
+            for node, estimate in coordinator.estimates.items():      # the server's copy = the client's
+                assert torch.equal(estimate, clients[node].stage_state["memory"][0])
     if name == "fedcompass":
         assert max(len(c) for c, _, _ in sim_updates) > 1       # groups did form
         assert np.allclose(coordinator.protocol.schedule.speed, sim.protocol.schedule.speed)

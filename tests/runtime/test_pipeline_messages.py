@@ -126,3 +126,59 @@ def test_secure_aggregation_messages_refuse_wrong_shapes_and_lying_headers(live)
     with coordinator.lock:
         assert set(coordinator.current.received) == {0}
         assert coordinator.current.secagg.awaited() == {1, 2, 3}
+
+
+def test_async_encoded_uploads_refuse_hostile_bytes_and_decode_against_the_task(tmp_path):
+    """FedBuff with top-k uploads on a live asynchronous coordinator: a wrong shape, floats
+    where bytes go, a non-finite value, garbage, a lying kind and another task's key are each
+    refused, and the honest bytes reach the protocol as the decoded update."""
+    from gossamer.runtime.async_server import AsyncCoordinator
+
+    cfg = small_config("fedbuff", compression={"uplink": {"name": "topk", "params": {"density": 0.05}},
+                                               "feedback": "ef"})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["algorithm"]["params"] = {"buffer_size": 3, "concurrency": 2}
+    cfg["runtime"] = {"server": "127.0.0.1:0", "upload_timeout_s": 5, "round_timeout_s": 1e6}
+    coordinator = AsyncCoordinator(config.validate(cfg), tmp_path / "run")
+    server = coordinator.start_server()
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}")
+    stub = channel.stream_unary(schema.method("Coordinator", "PutUpdate"))
+    try:
+        with coordinator.lock:
+            coordinator.clients = {i: int(n) for i, n in enumerate(coordinator.exp.trainer.sizes)}
+            coordinator.protocol.restart(0.0)
+            coordinator.running = True
+            header, _ = coordinator._task(0)
+        key, numel = int(header.round), coordinator.numel
+        topk = build_compressor("topk", {"density": 0.05})
+        update = torch.randn(1, numel, generator=torch.Generator().manual_seed(0))
+
+        def encoded(x):
+            return topk.to_bytes(topk.compress(x, keys=upload_keys(np.array([0]), key)), 0)
+
+        def put(message, *, kind=4, round_=key):
+            make = bytes_frames if isinstance(message, bytes) else model_frames
+            frames = [f.SerializeToString() for f in make(message, kind=kind, sender=0, round=round_,
+                                                            meta=10, run_id="gossamer")]
+            return schema.Ack.FromString(stub(iter(frames), timeout=30))
+
+        good = encoded(update)
+        flat = torch.frombuffer(bytearray(good), dtype=torch.uint8)
+        assert "one flat row" in put(flat[: len(good) // 2 * 2].reshape(2, -1)).reason
+        assert "float32 where uint8" in put(update[0]).reason
+        bad = update.clone()
+        bad[0, 3] = float("inf")
+        assert "non-finite" in put(encoded(bad)).reason
+        assert "undecodable" in put(b"\x07" * 13).reason
+        assert "upload kind 1" in put(good, kind=1).reason
+        assert "not expected" in put(good, round_=key + 1).reason
+        with coordinator.lock:
+            assert coordinator.protocol.accepted == 0 and 0 in coordinator.tasks
+        assert put(good).ok
+        with coordinator.lock:
+            assert coordinator.protocol.accepted == 1
+            entry = coordinator.protocol.buffer[0]
+        assert torch.equal(entry.message, topk.from_bytes(good, numel))   # FedBuff's base is zero
+    finally:
+        channel.close()
+        server.stop(grace=None)

@@ -589,3 +589,95 @@ def test_docs_configs_build_and_run_a_round():
         d = _driver(raw)
         d.run_round()
         assert d.round == 1 and math.isfinite(d.sim_time)
+
+
+# --- compressed uploads ----------------------------------------------------------------------------
+SLOW_UPLINK = {**VARIED, "bandwidth_up_Bps": {"dist": "constant", "value": 2e4}}
+
+
+def _compressed(feedback: str = "ef", name: str = "topk", params: dict | None = None) -> dict:
+    cfg = _cfg("fedbuff", system=SLOW_UPLINK, buffer_size=2, concurrency=4)
+    cfg["compression"] = {"uplink": {"name": name, "params": {"density": 0.05} if params is None else params},
+                          "feedback": feedback}
+    return cfg
+
+
+def test_compressed_uploads_are_the_decoded_updates_and_cost_their_encoded_bytes():
+    from gossamer import wire
+    from gossamer.compression import build_compressor, error_feedback
+    from gossamer.protocols.upload import upload_keys
+
+    plain, d = _driver(_cfg("fedbuff", system=SLOW_UPLINK, buffer_size=2, concurrency=4)), _driver(_compressed())
+    numel = d.exp.spec.numel
+    topk = build_compressor("topk", {"density": 0.05})
+    assert d.up_bytes == wire.HEADER_BYTES + topk.nominal_bytes(numel) < plain.up_bytes / 5
+    seen, batches, compress = _spy_updates(d), [], d._compressed
+
+    def spy(nodes, keys, rows, messages):      # each batch's messages, before compression
+        batches.append((nodes.copy(), keys.copy(), messages.clone()))
+        return compress(nodes, keys, rows, messages)
+
+    d._compressed = spy
+    _rows(d, 4)
+    # replay the clients' side batch by batch: FedBuff's message (an update) is sent as the
+    # top-k of message + residual
+    memory, sent = torch.zeros(d.exp.num_nodes, numel), {}
+    for nodes, keys, messages in batches:
+        _, decoded, memory[nodes] = error_feedback(topk, messages, memory[nodes], seed=d.exp.cfg.seed,
+                                                   keys=upload_keys(nodes, keys))
+        sent.update({(c, k): dec for c, k, dec in zip(nodes.tolist(), keys.tolist(), decoded, strict=True)})
+    applied = [task for update in seen for task in update["tasks"]]
+    assert len(applied) == 8 and len(sent) >= 8
+    for task in applied:                       # what the server applied: the decoded message
+        assert torch.equal(task.message, sent[(task.client, task.key)])
+        assert int((task.message != 0).sum()) <= math.ceil(0.05 * numel)     # as sparse
+    assert torch.equal(d.stage_state["memory"], memory)
+    # the slow uplink carries 20x fewer bytes: the same updates end sooner
+    assert d.acct.summary()["bytes_up_per_client"] != plain.acct.summary()["bytes_up_per_client"]
+    _rows(plain, 4)
+    assert d.sim_time < plain.sim_time
+
+
+@pytest.mark.parametrize("feedback", ["ef", "ef21"])
+def test_compressed_runs_resume_identically_with_their_feedback_rows(tmp_path, feedback):
+    cfg = _compressed(feedback, name="sign", params={}) if feedback == "ef21" else _compressed(feedback)
+    full = _rows(_driver(cfg), 7)
+    first = _driver(cfg)
+    _rows(first, 3)
+    assert torch.count_nonzero(first.stage_state["memory"]) > 0
+    save_checkpoint(tmp_path / "ckpt.pt", {"driver": first.state_dict()})
+    resumed = _driver(cfg)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt")["driver"])
+    assert _rows(resumed, 4) == full[3:]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"compression": {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "dgc"}},
+     "compression.feedback"),
+    ({"compression": {"uplink": {"name": "threshold", "params": {"tau": 0.01}}}}, "compression.uplink"),
+])
+def test_what_async_compression_cannot_run_is_refused_naming_the_field(change, field):
+    cfg = {**_cfg("fedbuff", buffer_size=2, concurrency=4), **change}
+    with pytest.raises(config.ConfigError) as err:
+        build_experiment(config.validate(cfg))
+    assert err.value.field == field
+
+
+def test_fedasync_sends_its_model_as_start_plus_the_compressed_update():
+    cfg = _compressed("none")
+    cfg["algorithm"] = {"name": "fedasync", "params": {"concurrency": 4}}
+    d = _driver(cfg)
+    batches, compress = [], d._compressed
+
+    def spy(nodes, keys, rows, messages):
+        out = compress(nodes, keys, rows, messages)
+        batches.append((rows.clone(), messages.clone(), out.clone()))
+        return out
+
+    d._compressed = spy
+    _rows(d, 3)
+    k = math.ceil(0.05 * d.exp.spec.numel)
+    for rows, models, sent in batches:
+        moved = sent - rows                    # the server's model: start + the top-k of the update
+        assert all(int((m != 0).sum()) <= k for m in moved)
+        assert torch.allclose(moved.abs().amax(1), (models - rows).abs().amax(1))   # its largest entry kept

@@ -625,8 +625,9 @@ def test_faults_give_the_same_bytes_on_any_number_of_ranks(tmp_path, capfd, algo
 ])
 def test_model_attacks_in_async_fl_and_modest_on_ranks(tmp_path, capfd, algorithm, params, attack):
     """Every rank holds every trained model of a batch (a round's trainers), so the Byzantine
-    clients' crafted uploads (ALIE crafts from the whole batch) are the same on every rank: 1
-    and 2 ranks write the same bytes."""
+    clients' crafted uploads (ALIE crafts from the whole batch) are the same on every rank, and
+    so are FedBuff's compressed uploads (top-k with error feedback, each client's residual
+    kept alike on every rank): 1 and 2 ranks write the same bytes."""
     cfg = small_config("fedbuff" if algorithm == "fedbuff" else "dpsgd", data={"dataset": "mnist5k"},
                        stop={"rounds": 16 if algorithm == "fedbuff" else 6}, eval={"every": 3},
                        partition={"name": "dirichlet", "num_nodes": 60, "params": {"alpha": 0.5}},
@@ -638,6 +639,8 @@ def test_model_attacks_in_async_fl_and_modest_on_ranks(tmp_path, capfd, algorith
     cfg["algorithm"] = {"name": algorithm, "params": params}
     if algorithm == "modest":
         cfg["topology"] = {"name": "complete"}
+    else:
+        cfg["compression"] = {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "ef"}
     path = tmp_path / "attack.yaml"
     path.write_text(yaml.safe_dump(cfg))
     got = _ranked_runs(capfd, path, (1, 2), ("metrics.csv", "model.pt"))

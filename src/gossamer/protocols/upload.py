@@ -40,7 +40,7 @@ class Uploads:
     ``extra`` ``[B, (V-1) P]`` holds further upload vectors (SCAFFOLD's control variates),
     which travel as float32."""
 
-    round: int
+    round: int | np.ndarray                   # asynchronous FL: each row's task key
     clients: np.ndarray
     start: torch.Tensor
     model: torch.Tensor

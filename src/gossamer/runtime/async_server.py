@@ -13,6 +13,12 @@
 - **Checkpoints** hold the protocol state with every row; ``--resume`` drops tasks in flight and
   updates not yet applied (their uploads are refused; clients get fresh tasks).
 
+- **Compressed uploads** (``compression.uplink``, feedback none, ef or ef21): a client sends
+  its message minus its base (the task's start model for FedAsync, else zero) encoded, keyed by
+  (client, task key); the coordinator decodes it against the task it dispatched (EF21: with its
+  copy of the client's estimate, checkpointed) and hands the protocol base plus the decoded
+  difference, as the simulator's driver does. Undecodable bytes are a rejected upload.
+
 - **FAVANO.** A task's header says how long until the server pulls its progress
   (``pull_in_s``); the client trains the steps that fit before then (at least one, at most
   ``max_local_steps``, from its own measured step time) and uploads at once; the protocol holds
@@ -38,7 +44,9 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
+from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
+from gossamer.runtime.codec import KIND_ENCODED, WireError, read_counted_model
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
 from gossamer.runtime.guard import Refused
@@ -56,11 +64,17 @@ class AsyncCoordinator(BaseCoordinator):
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
                  listen: str | None = None) -> None:
         self.frames: dict[tuple[int, int], list[bytes]] = {}    # (model, version) -> task frames
+        self.starts: dict[tuple[int, int], torch.Tensor] = {}   # ... and that model (FedAsync's base)
         self.closing = False                               # stop.rounds updates applied
         self.running = False                               # clients get tasks once rounds begin
         self.started = 0.0
         self.idle_since: float | None = 0.0
         super().__init__(cfg, run_dir, resume=resume, listen=listen)
+
+    def _init_pipeline(self) -> None:
+        """Compressed uploads: the stage that decodes them, and each client's EF21 estimate."""
+        self.compress = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink).compress
+        self.estimates: dict[int, torch.Tensor] = {}
 
     def _init_state(self):
         self.protocol = AsyncFLProtocol(self.algorithm, self.exp.trainer.sizes, self.cfg.seed,
@@ -102,7 +116,8 @@ class AsyncCoordinator(BaseCoordinator):
     def _frames(self, task: Task) -> list[bytes]:
         key = (task.model, task.version)
         if key not in self.frames:
-            self.frames[key] = self._model_task_frames(self.protocol.start_params(task), task.version)
+            self.starts[key] = self.protocol.start_params(task)
+            self.frames[key] = self._model_task_frames(self.starts[key], task.version)
         return self.frames[key]
 
     def _count_down(self, n: int, node: int) -> None:
@@ -111,6 +126,32 @@ class AsyncCoordinator(BaseCoordinator):
             self.acct.download([node], n)
 
     # --- PutUpdate and lost tasks: events for the protocol ----------------------------------------
+    def _read_upload(self, chunks) -> tuple[object, torch.Tensor, int]:
+        """A float32 row of the model's size, or (compressed) one flat row of encoded bytes."""
+        if self.compress is None:
+            return super()._read_upload(chunks)
+        meta, tensor, size = read_counted_model(chunks, expected_numel=None, run_id=self.cfg.runtime.run_id,
+                                                limits=self.limits, dtype=torch.uint8)
+        if meta.kind != KIND_ENCODED or tensor.dim() != 1:
+            raise WireError(f"upload kind {meta.kind}, shape {list(tensor.shape)} where one flat row "
+                            "of encoded bytes is expected")
+        if tensor.numel() > 8 * self.numel + 4096:
+            raise WireError(f"encoded upload of {tensor.numel()} bytes is larger than the model")
+        return meta, tensor, size
+
+    def _decoded(self, node: int, task: Task, tensor: torch.Tensor) -> torch.Tensor:
+        """The message of an encoded upload for ``task``: its base plus the decoded difference
+        (EF21: the client's new estimate, kept); :class:`WireError` if the bytes do not decode."""
+        comp = self.compress
+        try:
+            decoded, _ = comp.from_bytes(tensor.numpy().tobytes(), self.numel, 1, node, task.key,
+                                         self.estimates.get(node, torch.zeros(self.numel)))
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
+        if comp.feedback == "ef21":
+            self.estimates[node] = decoded
+        return self.starts[(task.model, task.version)] + decoded if self.algorithm.uploads_model else decoded
+
     def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
                 size: int) -> None:
         with self.lock:
@@ -119,6 +160,11 @@ class AsyncCoordinator(BaseCoordinator):
             if task is None or task.key != meta.round:
                 raise Refused(f"update from {node} for task {meta.round} is not expected", bound,
                               strike=False)
+            if self.compress is not None:
+                try:
+                    tensor = self._decoded(node, task, tensor)
+                except WireError as exc:
+                    raise Refused(str(exc), bound) from None
             self.bytes_up += size
             self.acct.upload([node], size)
             self.last_arrival = time.monotonic()
@@ -139,7 +185,7 @@ class AsyncCoordinator(BaseCoordinator):
         keep = {(x.model, x.version) for x in self.tasks.values()}
         keep |= {(m, self.algorithm.model_version(self.state, m)) for m in range(self.algorithm.num_models)}
         for key in [k for k in self.frames if k not in keep]:
-            del self.frames[key]
+            del self.frames[key], self.starts[key]
         self.lock.notify_all()
 
     def _timers(self, t: float) -> float:
@@ -219,6 +265,7 @@ class AsyncCoordinator(BaseCoordinator):
         tensors are replaced on update, never changed in place)."""
         p, version = self.protocol, self.state.version
         return {"protocol": p.state_dict(), "params": self.state.params, "clients": sorted(self.clients.items()),
+                "ef21": {str(k): v for k, v in self.estimates.items()},
                 "row": {"round": version, "sim_time_s": self.clock(), "bytes_up": self.bytes_up,
                         "bytes_down": self.bytes_down, "updates": version, "mean_staleness": p.last_staleness,
                         "in_flight": len(self.tasks), "accepted": p.accepted, "discarded": self.acct.discarded,
@@ -250,7 +297,8 @@ class AsyncCoordinator(BaseCoordinator):
         save_checkpoint(self.run_dir / "checkpoints" / "server.pt", {
             "round": row["round"], "protocol": snap["protocol"], "elapsed": row["sim_time_s"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"],
-            "clients": torch.tensor(snap["clients"], dtype=torch.int64).reshape(-1, 2)})
+            "clients": torch.tensor(snap["clients"], dtype=torch.int64).reshape(-1, 2),
+            "ef21": snap.get("ef21", {})})
 
     def _restore(self) -> None:
         path = self.run_dir / "checkpoints" / "server.pt"
@@ -261,6 +309,7 @@ class AsyncCoordinator(BaseCoordinator):
         self.protocol.load_state_dict(state["protocol"])
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.elapsed_before = float(state["elapsed"])
+        self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         # clients are not restored: updates resume once they have joined again
         self.closing = self.state.version >= self.cfg.stop.rounds
         if self.closing:

@@ -247,7 +247,14 @@ class Client(PersonalClient, Rehoming):
             if self.step_s is not None or steps:
                 self.step_s = (time.monotonic() - began) / max(1, int(result.steps[0]))
             began = time.monotonic()
-            self._send(algo.client_message(result.params, model, result.steps, self.cfg.local.lr)[0], round_)
+            message = algo.client_message(result.params, model, result.steps, self.cfg.local.lr)
+            compress = self.pipeline.compress
+            if compress is None:
+                self._send(message[0], round_)
+            else:                          # message minus its base, keyed by the task's key
+                base = model if algo.uploads_model else torch.zeros((), dtype=model.dtype)
+                up, _, self.stage_state = compress.apply(Uploads(round_, nodes, base, message), self.stage_state)
+                self._send(compress.to_bytes(up), round_, KIND_ENCODED)
             self.upload_s = time.monotonic() - began
             return
         payload = Payload.of(start.reshape(-1), algo.download_names)

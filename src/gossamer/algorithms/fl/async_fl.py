@@ -86,6 +86,9 @@ class AsyncFL(Algorithm):
     pattern = "async_fl"
     trigger: ClassVar[Trigger]
     self_dispatch: ClassVar[bool] = False
+    # what a client that did not move would upload: its start model (True) or zeros (an
+    # update or a direction); compressed uploads encode the message minus this base
+    uploads_model: ClassVar[bool] = False
 
     concurrency: int | None = 10
     max_staleness: int | None = None
@@ -188,6 +191,8 @@ class FedAsync(AsyncFL):
         super().__post_init__()
         if not 0 < self.alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
+
+    uploads_model = True
 
     def client_message(self, trained: torch.Tensor, start: torch.Tensor, steps: np.ndarray | None = None,
                        lr: float | None = None) -> torch.Tensor:

@@ -7,6 +7,12 @@ least one). One ``run_round`` is one server model update. A task's result depend
 start model and key, and its end time never on model values, so tasks train lazily: every
 pending task in one ``trainer.train`` call (``steps=`` per task) when the first one arrives.
 
+Compressed uploads (``compression.uplink``, feedback none, ef or ef21; fixed-size compressors,
+so an upload's time is known at dispatch): each task's message minus its base (FedAsync: the
+start model; the other rules upload an update or a direction, base zero) is encoded with its
+client's feedback row and keyed by (client, task key); the server rebuilds base plus the
+decoded difference.
+
 Simplifications: availability is checked at dispatch (a client going offline mid-task still
 delivers); a lost download or upload frees the slot when the message would have arrived;
 partitions drop an upload the client cannot deliver at its arrival time; the server's link
@@ -25,6 +31,7 @@ import torch
 
 from gossamer.population.columns import SparseColumn
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
+from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
 
@@ -76,6 +83,14 @@ class AsyncFLDriver(Driver):
         # local steps of delivered tasks
         self.client_steps = SparseColumn(exp.num_nodes) if self.registered else np.zeros(exp.num_nodes, dtype=np.int64)
         self.batch_size = exp.trainer.schedule.batch_size
+        # compressed uploads (compression.uplink): each task's message, with the client's
+        # feedback row (EF residual, EF21 estimate) kept for the whole population
+        pipe = build_pipeline(exp.cfg, exp.algorithm, exp.spec.numel, exp.uplink)
+        self.compress = pipe.compress
+        self.up_bytes = exp.message_bytes if self.compress is None else pipe.upload_bytes(1)
+        self.stage_state: dict[str, torch.Tensor] = {}
+        if self.compress is not None:
+            self.stage_state = self.compress.init(exp.num_nodes, exp.spec.numel, self.device)
         parts = exp.cfg.faults.partitions if self.faults is not None else []
         self._partition_times = sorted({p.at_s for p in parts} | {p.heal_s for p in parts if p.heal_s})
 
@@ -174,7 +189,7 @@ class AsyncFLDriver(Driver):
         ids = np.arange(self.next_task, self.next_task + b)
         self.next_task += b
         down = system.download_s(nodes, nbytes) + system.server_fanout_s(b * nbytes)
-        up = system.upload_s(nodes, nbytes) + system.server_fanout_s(nbytes)
+        up = system.upload_s(nodes, self.up_bytes) + system.server_fanout_s(self.up_bytes)
         slow = faults.slowdown(self.state.version, nodes) if faults is not None else None
         deadline = np.array([x.deadline_s for x in plans])
         pulled = np.isfinite(deadline)
@@ -222,8 +237,8 @@ class AsyncFLDriver(Driver):
             task = self._live.pop(task_id)
             c = task.plan.client
             if task.received:
-                self.bytes_up += self.exp.message_bytes
-                self.acct.upload([c], self.exp.message_bytes)
+                self.bytes_up += self.up_bytes
+                self.acct.upload([c], self.up_bytes)
             with self.timer("communicate_s"):
                 if not task.delivered:
                     step = p.lost(c, t)
@@ -278,10 +293,29 @@ class AsyncFLDriver(Driver):
         """The uploads of ``tasks`` from their start ``rows`` and trained models: the Byzantine
         clients' crafted (a model attack sees the whole batch), then each client's message."""
         exp = self.exp
+        nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
         if self.attack:
-            nodes = np.array([x.plan.client for x in tasks], dtype=np.int64)
             trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
-        return self.algorithm.client_message(trained, rows, steps, self.protocol.lr)
+        messages = self.algorithm.client_message(trained, rows, steps, self.protocol.lr)
+        if self.compress is not None:      # what the server decodes
+            keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
+            messages = self._compressed(nodes, keys, rows, messages)
+        return messages
+
+    def _compressed(self, nodes: np.ndarray, keys: np.ndarray, rows: torch.Tensor,
+                    messages: torch.Tensor) -> torch.Tensor:
+        """Each task's message minus its base (the start model where the rule uploads models,
+        FedAsync; else zero: an update or a direction) through ``compression.uplink`` with its
+        client's feedback row, keyed by (client, task key) as a real client keys it; the messages
+        as the server rebuilds them, base plus the decoded difference. A client has one task in
+        flight, so each row is once in a batch, and its tasks train in their order."""
+        base = rows if self.algorithm.uploads_model else torch.zeros((), dtype=rows.dtype, device=rows.device)
+        idx = torch.from_numpy(nodes)
+        state = {k: v[idx] for k, v in self.stage_state.items()}
+        up, decoded, state = self.compress.apply(Uploads(keys, nodes, base, messages), state)
+        for k, v in state.items():
+            self.stage_state[k][idx] = v
+        return up.with_delta(decoded).model
 
     # --- reporting -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -335,6 +369,7 @@ class AsyncFLDriver(Driver):
                              x.loss, x.trained_steps, x.trained) for x in self.tasks],
                      messages=torch.stack(trained) if trained else torch.zeros(0, device="cpu"),
                      counters=[self.next_task, self.dispatch_open, self.max_in_flight],
+                     stage_state={k: v.cpu() for k, v in self.stage_state.items()},
                      client_steps=(self.client_steps.state_dict() if self.registered
                                    else torch.from_numpy(self.client_steps.copy())))
         return state
@@ -355,6 +390,8 @@ class AsyncFLDriver(Driver):
             tasks.append(task)
         self.tasks = tasks
         self.next_task, self.dispatch_open, self.max_in_flight = state["counters"]
+        for k, v in state.get("stage_state", {}).items():
+            self.stage_state[k] = v.to(self.device)
         if self.registered:
             self.client_steps.load_state_dict(state["client_steps"])
         else:

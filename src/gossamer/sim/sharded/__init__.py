@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from gossamer.sim.drivers import Driver
     from gossamer.sim.experiment import Experiment
 
-REFUSED = ("faults and model attacks with CHOCO-SGD (refused in one process too), compression, client-level DP, secure aggregation, "
-           "contribution scores and hierarchies (but in synchronous FL), a registered "
+REFUSED = ("faults and model attacks with CHOCO-SGD (refused in one process too), compression (but in FL), "
+           "client-level DP, secure aggregation, contribution scores and hierarchies (but in synchronous FL), a registered "
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
@@ -90,6 +90,8 @@ def check_config(cfg: ExperimentConfig) -> None:
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
+    if algo.pattern == "async_fl":      # every rank forms every upload, compressed alike
+        features.update(compression=False)
     # asynchronous FL, MoDeST: every rank holds every trained model; DL, gossip: crafted on the
     # receiver's owner, keyed by it; CHOCO-SGD: data attacks only (as in one process)
     if algo.pattern != "choco" or _data_attacks_only(cfg):
