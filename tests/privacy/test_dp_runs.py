@@ -164,6 +164,50 @@ def test_dp_sgd_trains_decentralized_algorithms(tmp_path):
     assert torch.allclose(plain, same, atol=1e-4) and not torch.allclose(plain, noisy, atol=1e-3)
 
 
+def _sample_epsilon(sizes, steps, z=1.0, batch=16, delta=1e-5) -> float:
+    """The sample-level bound: per sampling rate, the most-trained node's steps composed."""
+    rates = np.minimum(1.0, batch / np.maximum(sizes, 1))
+    best = 0.0
+    for q in np.unique(rates[steps > 0]):
+        acc = RDPAccountant()
+        acc.history = [(z, float(q), int(steps[rates == q].max()))]
+        best = max(best, acc.get_epsilon(delta))
+    return best
+
+
+def test_epsilon_of_dp_sgd_outside_synchronous_fl_composes_each_nodes_own_steps(tmp_path):
+    """D-PSGD: every node takes an epoch a round, so after r rounds node i has taken r times
+    its epoch's steps; gossip: a node's steps are its own wake-ups'. The row's epsilon is the
+    accountant's bound over those steps (the most exposed node), and grows with them."""
+    from gossamer.training.trainer import local_steps
+
+    cfg = small_config("dpsgd", stop={"rounds": 3})
+    cfg["privacy"] = {"dp": SAMPLE}
+    _, rows, _ = _run(cfg, tmp_path / "dpsgd")
+    exp = build_experiment(config.validate(cfg))
+    sizes = exp.trainer.sizes
+    per_round = local_steps(exp.trainer.schedule, sizes)
+    for r, row in enumerate(rows):
+        want = _sample_epsilon(sizes, int(row["round"]) * per_round)
+        assert float(row["epsilon"]) == pytest.approx(want, rel=1e-6), r
+    assert float(rows[0]["epsilon"]) == 0 < float(rows[1]["epsilon"]) < float(rows[-1]["epsilon"])
+
+    cfg = small_config("gossip", stop={"rounds": 3})
+    cfg["privacy"] = {"dp": SAMPLE}
+    runner = Runner(config.validate(cfg), tmp_path / "gossip")
+    runner.prepare(resume=False)
+    runner.run()
+    rows = list(csv.DictReader((tmp_path / "gossip" / "metrics.csv").open()))
+    ledger = runner.driver.steps_ledger
+    assert ledger.steps.sum() > 0 and len(set(ledger.steps.tolist())) > 1     # wake-ups differ
+    assert float(rows[-1]["epsilon"]) == pytest.approx(_sample_epsilon(runner.exp.trainer.sizes, ledger.steps),
+                                                       rel=1e-6)
+    cfg["stop"] = {"rounds": 4}                     # and a resumed run accounts the same steps
+    rest = run_split(cfg, tmp_path / "split", split=2, total=4)
+    rest.run()
+    assert (tmp_path / "split/a/metrics.csv").read_bytes() == (tmp_path / "split/b/metrics.csv").read_bytes()
+
+
 @pytest.mark.parametrize("change,field", [
     ({"privacy": {"dp": {**CLIENT, "clip_norm": -1.0}}}, "privacy.dp.clip_norm"),
     ({"privacy": {"dp": {**CLIENT, "delta": 1.0}}}, "privacy.dp.delta"),

@@ -768,7 +768,8 @@ def test_attacks_in_gossip_and_random_walks_on_ranks(tmp_path, capfd, algorithm,
 def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algorithm, params):
     """DP-SGD's clipping and noise happen in each node's training, its noise keyed by the node,
     its update and the step: 1 and 2 ranks write the same bytes (D-PSGD and asynchronous FL:
-    one process's; gossip: its per-node scores)."""
+    one process's; gossip: its per-node scores), epsilon included (each rank records its own
+    nodes' steps; a row sums them over the ranks)."""
     import gossamer
 
     cfg = _event_config(algorithm, params, nodes=40, stop={"rounds": 12 if algorithm == "fedbuff" else 3},
@@ -789,6 +790,9 @@ def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algori
     for key in ("test_accuracy", "test_loss"):
         assert [float(r[key]) for r in ranked] == pytest.approx([float(r[key]) for r in one], rel=1e-5), key
     assert [r["test_loss"] for r in ranked] != [r["test_loss"] for r in plain]      # the noise is there
+    # epsilon from every rank's DP-SGD steps summed: one process's, growing
+    assert [r["epsilon"] for r in ranked] == [r["epsilon"] for r in one]
+    assert float(ranked[-1]["epsilon"]) > float(ranked[1]["epsilon"]) > 0
 
 
 @pytest.mark.slow

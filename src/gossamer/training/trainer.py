@@ -136,6 +136,7 @@ class BatchedTrainer:
         # the fused kernel never forms per-sample gradients: DP-SGD takes the autograd path
         self.kernel = kernel if isinstance(optimizer, SGD) and optimizer.momentum == 0 and dp is None else None
         self.dp = dp
+        self.ledger = None              # a DPLedger recording DP-SGD steps (set by the driver)
         # BatchNorm running statistics in the rows: never stepped, updated by the forward
         self.stats: tuple[str, ...] = spec.stats
         self._stepped = [k for k, name in enumerate(spec.names) if name not in spec.stats]   # leaves
@@ -329,6 +330,19 @@ class BatchedTrainer:
               objective: LocalObjective | None = None,
               mean_weights: torch.Tensor | None = None,
               mean_groups: np.ndarray | None = None) -> TrainResult:
+        """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``: see
+        :meth:`_train`. With a :attr:`ledger` (sample-level DP outside synchronous FL) each
+        node's DP-SGD steps are recorded there."""
+        result = self._train(params, nodes, keys, inplace, steps, objective, mean_weights, mean_groups)
+        if self.ledger is not None:
+            self.ledger.sample_steps(np.asarray(nodes, dtype=np.int64), result.steps)
+        return result
+
+    def _train(self, params: torch.Tensor, nodes: np.ndarray, keys: np.ndarray | int,
+               inplace: bool = False, steps: np.ndarray | None = None,
+               objective: LocalObjective | None = None,
+               mean_weights: torch.Tensor | None = None,
+               mean_groups: np.ndarray | None = None) -> TrainResult:
         """Run local training for the rows ``params`` ``[B, P]`` belonging to ``nodes``.
 
         With ``inplace`` the trained rows are written back into ``params`` (a dense tensor,
@@ -511,8 +525,8 @@ class BatchedTrainer:
         moved = objective.to(dev) if objective is not None else None
         rows_in = (params[:1].to(dev).expand(params.shape)        # one model for every row: one copy
                    if params.dim() == 2 and len(params) and params.stride(0) == 0 else params.to(dev))
-        result = self.train(rows_in, nodes, keys, False, steps, moved,
-                            None if mean_weights is None else mean_weights.to(dev), mean_groups)
+        result = self._train(rows_in, nodes, keys, False, steps, moved,
+                             None if mean_weights is None else mean_weights.to(dev), mean_groups)
         if moved is not None and objective.optimizer_state is not None:
             objective.optimizer_state.copy_(moved.optimizer_state)
         rows = None
@@ -578,9 +592,9 @@ class BatchedTrainer:
         mean, samples, taken, losses = None, [], [], []
         for lo in range(0, total, chunk):
             part = slice(lo, min(lo + chunk, total))
-            r = self.train(params[part], nodes[part], keys[part], steps=None if steps is None else steps[part],
-                           objective=objective.rows(part, total),
-                           mean_weights=mean_weights[part] if means and mean_weights is not None else None)
+            r = self._train(params[part], nodes[part], keys[part], steps=None if steps is None else steps[part],
+                            objective=objective.rows(part, total),
+                            mean_weights=mean_weights[part] if means and mean_weights is not None else None)
             if mean_weights is None:
                 out[part] = r.params
             else:

@@ -37,6 +37,17 @@ class Driver:
         # (node ids, accuracies) of the last evaluation, for drivers that measure every node
         # (DL); the runner writes them to nodes.csv and clears them
         self.node_accuracy: tuple[np.ndarray, np.ndarray] | None = None
+        # sample-level DP-SGD outside synchronous FL (which keeps its own ledger): every node's
+        # steps, recorded by the trainer, and epsilon in each metrics row (docs/privacy.md)
+        self.steps_ledger = None
+        dp = exp.cfg.privacy.dp
+        if dp is not None and dp.level == "sample" and exp.algorithm.pattern != "sync_fl":
+            from gossamer.privacy import DPLedger
+
+            self.steps_ledger = exp.trainer.ledger = DPLedger(
+                "sample", dp.noise_multiplier, dp.delta, dp.accountant, exp.trainer.sizes,
+                exp.cfg.local.batch_size)
+            self.columns = self.columns + ["epsilon"]
 
     def _index(self, array: np.ndarray) -> torch.Tensor:
         """Host indices or a host mask as a tensor on the run's device (``index_select`` and
@@ -58,8 +69,11 @@ class Driver:
         raise NotImplementedError
 
     def base_row(self) -> dict[str, Any]:
-        return {"round": self.round, "sim_time_s": self.sim_time, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "train_loss": self._train_loss()}
+        row = {"round": self.round, "sim_time_s": self.sim_time, "bytes_up": self.bytes_up,
+               "bytes_down": self.bytes_down, "train_loss": self._train_loss()}
+        if self.steps_ledger is not None:        # a collective on ranks: every rank builds rows
+            row["epsilon"] = self.steps_ledger.epsilon()
+        return row
 
     def _train_loss(self) -> float | None:
         return float(self.train_loss) if isinstance(self.train_loss, torch.Tensor) else self.train_loss
@@ -70,7 +84,8 @@ class Driver:
                 "bytes_down": self.bytes_down, "train_loss": self._train_loss(),
                 "node_steps": self.node_steps,
                 "availability": _to_tensor(self.exp.availability.state_dict()),
-                "faults": _to_tensor(self.exp.faults.state_dict()) if self.exp.faults is not None else None}
+                "faults": _to_tensor(self.exp.faults.state_dict()) if self.exp.faults is not None else None,
+                "steps_ledger": self.steps_ledger.state_dict() if self.steps_ledger is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round, self.sim_time = int(state["round"]), float(state["sim_time"])
@@ -80,6 +95,8 @@ class Driver:
         self.exp.availability.load_state_dict(_to_numpy(state["availability"]))
         if self.exp.faults is not None and state.get("faults") is not None:
             self.exp.faults.load_state_dict(_to_numpy(state["faults"]))
+        if self.steps_ledger is not None and state.get("steps_ledger") is not None:
+            self.steps_ledger.load_state_dict(state["steps_ledger"])
 
     def summary(self) -> dict[str, Any]:
         return {}

@@ -129,8 +129,19 @@ def check(exp: Experiment) -> None:
 def build_driver(exp: Experiment) -> tuple[Shard, Driver]:
     """This rank's shard (joining the process group) and its driver. FL ranks are balanced by
     their clients' samples (a registered population: by id count); DL ranks by samples plus
-    one average shard a node (every node mixes and is evaluated, data or not)."""
+    one average shard a node (every node mixes and is evaluated, data or not). Sample-level DP
+    outside synchronous FL: epsilon from every rank's DP-SGD steps (:mod:`.ledger`)."""
     check(exp)
+    shard, driver = _build_driver(exp)
+    if driver.steps_ledger is not None and shard.world > 1:
+        from gossamer.sim.sharded.ledger import RankSummedLedger
+
+        driver.steps_ledger = RankSummedLedger(driver.steps_ledger, shard)
+        driver.collective_state = True          # the checkpoint sums every rank's steps
+    return shard, driver
+
+
+def _build_driver(exp: Experiment) -> tuple[Shard, Driver]:
     block = exp.cfg.sharding.block
     if exp.algorithm.pattern == "async_fl":
         from gossamer.sim.sharded.async_fl import ShardedAsyncFLDriver
