@@ -183,7 +183,8 @@ def test_epsilon_of_dp_sgd_outside_synchronous_fl_composes_each_nodes_own_steps(
 
     cfg = small_config("dpsgd", stop={"rounds": 3})
     cfg["privacy"] = {"dp": SAMPLE}
-    _, rows, _ = _run(cfg, tmp_path / "dpsgd")
+    summary, rows, _ = _run(cfg, tmp_path / "dpsgd")
+    assert summary["dp_epsilon"] == pytest.approx(float(rows[-1]["epsilon"]), rel=1e-6) and summary["dp_delta"] == 1e-5
     exp = build_experiment(config.validate(cfg))
     sizes = exp.trainer.sizes
     per_round = local_steps(exp.trainer.schedule, sizes)

@@ -244,6 +244,8 @@ class Runner:
             out["byzantine_nodes"] = [int(i) for i in adv.byzantine.nonzero()[0]]
         if self.shard is not None:
             out["ranks"] = self.shard.world
+        if d.steps_ledger is not None and "epsilon" in row:    # sample-level DP outside sync FL
+            out.update(dp_epsilon=row["epsilon"], dp_delta=self.cfg.privacy.dp.delta)
         out.update(d.summary())
         return out
 
