@@ -64,6 +64,15 @@ class DPLedger:
         np.add.at(self.steps, np.asarray(nodes, dtype=np.int64), np.asarray(steps, dtype=np.int64))
         self._cached = None
 
+    def with_steps(self, steps: np.ndarray) -> DPLedger:
+        """This ledger with every node's sample-level ``steps`` replaced (a copy): the whole
+        run's, from parts recorded elsewhere (ranks, peer processes)."""
+        import copy
+
+        other = copy.copy(self)
+        other.steps, other._cached = np.asarray(steps, dtype=np.int64).copy(), None
+        return other
+
     def history(self) -> list[list[tuple[float, float, int]]]:
         """The accountant histories to bound: one for client level, one per distinct sampling
         rate (its most-trained node) for sample level."""

@@ -81,6 +81,7 @@ def _save_model(exp: Experiment, params: torch.Tensor, target: Path) -> None:
 def _peers(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, Any]]:
     n = exp.num_nodes
     per_peer = [{int(r["round"]): r for r in _csv(run_dir / "peers" / f"metrics-{i}.csv")} for i in range(n)]
+    ledger = _steps_ledger(exp)
     rows = []
     for r in sorted(set().union(*per_peer)):
         have = [per_peer[i][r] for i in range(n) if r in per_peer[i]]
@@ -92,8 +93,29 @@ def _peers(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, A
         models = _models([run_dir / "peers" / f"model-{i}-r{r}.pt" for i in range(n) if r in per_peer[i]])
         if r > 0 and models is not None:
             row.update(dl_metrics.consensus_row(exp.evaluator.evaluate, models, exp.cfg.eval.average_model))
+        if ledger is not None:      # every node's DP-SGD steps by round r (a dead peer: its last)
+            steps = np.zeros(n, dtype=np.int64)
+            for i in range(n):
+                seen = [k for k in per_peer[i] if k <= r and per_peer[i][k].get("dp_steps")]
+                steps[i] = int(per_peer[i][max(seen)]["dp_steps"]) if seen else 0
+            row["epsilon"] = ledger.with_steps(steps).epsilon()
         rows.append(row)
-    return dl_metrics.SYNC_DL_COLUMNS, rows, {"spectral_gap": exp.spectral_gap}
+    columns = dl_metrics.SYNC_DL_COLUMNS + (["epsilon"] if ledger is not None else [])
+    extra = {"spectral_gap": exp.spectral_gap}
+    if ledger is not None and rows:
+        extra.update(dp_epsilon=rows[-1]["epsilon"], dp_delta=exp.cfg.privacy.dp.delta)
+    return columns, rows, extra
+
+
+def _steps_ledger(exp: Experiment):
+    """A ledger for the peers' DP-SGD steps (sample-level DP), else None."""
+    dp = exp.cfg.privacy.dp
+    if dp is None or dp.level != "sample":
+        return None
+    from gossamer.privacy import DPLedger
+
+    return DPLedger("sample", dp.noise_multiplier, dp.delta, dp.accountant, exp.trainer.sizes,
+                    exp.cfg.local.batch_size)
 
 
 # --- MoDeST: one row per aggregated round ----------------------------------------------------------

@@ -43,7 +43,7 @@ from gossamer.runtime.codec import WireError, model_frames, peek_meta
 from gossamer.runtime.common import log, retry
 from gossamer.training.evaluator import local_losses
 
-PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss"]
+PEER_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss", "dp_steps"]
 FINAL_MERGE = 1 << 32       # ModelMeta.meta of the final merge's messages (else the gossip step)
 
 
@@ -83,6 +83,8 @@ class Peer(peering.PeerNode):
             self.params, self.round = state["params"], int(state["round"])
             self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
             self.elapsed_before = float(state["elapsed"])
+            if self.dp_ledger is not None and "dp_steps" in state:
+                self.dp_ledger.steps[self.node] = int(state["dp_steps"])
             self._load_state(state)
             self.metrics.load_existing(self.round)
 
@@ -286,7 +288,7 @@ class Peer(peering.PeerNode):
         acc, loss = self.exp.evaluator.evaluate(self.params)
         return {"round": self.round, "sim_time_s": self.elapsed_before + time.monotonic() - start,
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "test_accuracy": float(acc[0]), "test_loss": float(loss[0])}
+                "test_accuracy": float(acc[0]), "test_loss": float(loss[0]), "dp_steps": self.dp_steps()}
 
     def run(self, peers: dict[int, str] | Path) -> None:
         start = time.monotonic()
@@ -315,7 +317,7 @@ class Peer(peering.PeerNode):
             save_checkpoint(self.ckpt, {"params": self.params, "round": r, "bytes_up": self.bytes_up,
                                         "bytes_down": self.bytes_down,
                                         "elapsed": self.elapsed_before + time.monotonic() - start,
-                                        **self._state()})
+                                        "dp_steps": self.dp_steps() or 0, **self._state()})
             if os.environ.get("GOSSAMER_TEST_KILL_AT_ROUND") == f"{self.node}:{r}":
                 os.kill(os.getpid(), signal.SIGKILL)
             self._test_pause(r)

@@ -188,7 +188,7 @@ class GossipPeer(peering.PeerNode):
             row = {"round": round_, "sim_time_s": elapsed, "bytes_up": self.bytes_up,
                    "bytes_down": self.bytes_down}
         acc, loss = self.exp.evaluator.evaluate(params)
-        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]))
+        row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]), dp_steps=self.dp_steps())
         if round_ > 0:
             save_checkpoint(self.peer_dir / f"model-{self.node}-r{round_}.pt", {"params": params[0]},
                             keep_previous=False)

@@ -44,6 +44,20 @@ class PeerNode:
         self.params = (init if init.dim() == 1 else init[node_id]).clone().reshape(1, -1)
         self.peer_dir = self.run_dir / "peers"
         self.peer_dir.mkdir(parents=True, exist_ok=True)
+        # sample-level DP-SGD: this node's steps, recorded by its trainer, in each metrics row
+        # (``dp_steps``); the merger's epsilon composes every node's (docs/privacy.md)
+        self.dp_ledger = None
+        dp = cfg.privacy.dp
+        if dp is not None and dp.level == "sample":
+            from gossamer.privacy import DPLedger
+
+            self.dp_ledger = self.exp.trainer.ledger = DPLedger(
+                "sample", dp.noise_multiplier, dp.delta, dp.accountant, self.exp.trainer.sizes,
+                cfg.local.batch_size)
+
+    def dp_steps(self) -> int | None:
+        """This node's DP-SGD steps so far (None without sample-level DP)."""
+        return None if self.dp_ledger is None else int(self.dp_ledger.steps[self.node])
 
     @contextmanager
     def serving(self, handlers: dict[str, grpc.RpcMethodHandler], workers: int) -> Iterator[None]:

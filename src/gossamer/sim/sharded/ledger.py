@@ -3,7 +3,6 @@ steps; epsilon and the checkpoint come from every rank's steps summed (docs/scal
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -29,9 +28,7 @@ class RankSummedLedger:
             dist.all_reduce(steps)
         except (RuntimeError, dist.DistBackendError) as exc:
             raise rank_lost(self.shard, exc, "the privacy accounting") from None
-        whole = copy.copy(self.local)
-        whole.steps, whole._cached = steps.numpy(), None
-        return whole
+        return self.local.with_steps(steps.numpy())
 
     def epsilon(self) -> float:
         return self._whole().epsilon()
