@@ -30,6 +30,15 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountan
     return float(acc.get_epsilon(delta))
 
 
+def sample_ledger(cfg, sizes: np.ndarray) -> DPLedger | None:
+    """The ledger of sample-level DP-SGD steps of ``cfg`` (``privacy.dp.level: sample``) over
+    nodes with ``sizes`` samples, else None."""
+    dp = cfg.privacy.dp
+    if dp is None or dp.level != "sample":
+        return None
+    return DPLedger("sample", dp.noise_multiplier, dp.delta, dp.accountant, sizes, cfg.local.batch_size)
+
+
 class DPLedger:
     """What a run has spent: per-round client sampling rates (client level) or each node's
     DP-SGD steps (sample level); :meth:`epsilon` is the bound for the most exposed

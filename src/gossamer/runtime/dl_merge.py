@@ -26,6 +26,7 @@ from gossamer.experiment import Experiment, build_trackers
 from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
 from gossamer.metrics.trackers import replay
+from gossamer.privacy import sample_ledger
 from gossamer.protocols import dl_metrics
 
 Rows = list[dict[str, Any]]
@@ -81,7 +82,7 @@ def _save_model(exp: Experiment, params: torch.Tensor, target: Path) -> None:
 def _peers(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, Any]]:
     n = exp.num_nodes
     per_peer = [{int(r["round"]): r for r in _csv(run_dir / "peers" / f"metrics-{i}.csv")} for i in range(n)]
-    ledger = _steps_ledger(exp)
+    ledger = sample_ledger(exp.cfg, exp.trainer.sizes)
     rows = []
     for r in sorted(set().union(*per_peer)):
         have = [per_peer[i][r] for i in range(n) if r in per_peer[i]]
@@ -106,16 +107,6 @@ def _peers(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, A
         extra.update(dp_epsilon=rows[-1]["epsilon"], dp_delta=exp.cfg.privacy.dp.delta)
     return columns, rows, extra
 
-
-def _steps_ledger(exp: Experiment):
-    """A ledger for the peers' DP-SGD steps (sample-level DP), else None."""
-    dp = exp.cfg.privacy.dp
-    if dp is None or dp.level != "sample":
-        return None
-    from gossamer.privacy import DPLedger
-
-    return DPLedger("sample", dp.noise_multiplier, dp.delta, dp.accountant, exp.trainer.sizes,
-                    exp.cfg.local.batch_size)
 
 
 # --- MoDeST: one row per aggregated round ----------------------------------------------------------

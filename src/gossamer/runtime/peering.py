@@ -46,14 +46,11 @@ class PeerNode:
         self.peer_dir.mkdir(parents=True, exist_ok=True)
         # sample-level DP-SGD: this node's steps, recorded by its trainer, in each metrics row
         # (``dp_steps``); the merger's epsilon composes every node's (docs/privacy.md)
-        self.dp_ledger = None
-        dp = cfg.privacy.dp
-        if dp is not None and dp.level == "sample":
-            from gossamer.privacy import DPLedger
+        from gossamer.privacy import sample_ledger
 
-            self.dp_ledger = self.exp.trainer.ledger = DPLedger(
-                "sample", dp.noise_multiplier, dp.delta, dp.accountant, self.exp.trainer.sizes,
-                cfg.local.batch_size)
+        self.dp_ledger = sample_ledger(cfg, self.exp.trainer.sizes)
+        if self.dp_ledger is not None:
+            self.exp.trainer.ledger = self.dp_ledger
 
     def dp_steps(self) -> int | None:
         """This node's DP-SGD steps so far (None without sample-level DP)."""

@@ -40,14 +40,13 @@ class Driver:
         # sample-level DP-SGD outside synchronous FL (which keeps its own ledger): every node's
         # steps, recorded by the trainer, and epsilon in each metrics row (docs/privacy.md)
         self.steps_ledger = None
-        dp = exp.cfg.privacy.dp
-        if dp is not None and dp.level == "sample" and exp.algorithm.pattern != "sync_fl":
-            from gossamer.privacy import DPLedger
+        if exp.algorithm.pattern != "sync_fl" and exp.trainer is not None:
+            from gossamer.privacy import sample_ledger
 
-            self.steps_ledger = exp.trainer.ledger = DPLedger(
-                "sample", dp.noise_multiplier, dp.delta, dp.accountant, exp.trainer.sizes,
-                exp.cfg.local.batch_size)
-            self.columns = self.columns + ["epsilon"]
+            self.steps_ledger = sample_ledger(exp.cfg, exp.trainer.sizes)
+            if self.steps_ledger is not None:
+                exp.trainer.ledger = self.steps_ledger
+                self.columns = self.columns + ["epsilon"]
 
     def _index(self, array: np.ndarray) -> torch.Tensor:
         """Host indices or a host mask as a tensor on the run's device (``index_select`` and
