@@ -199,12 +199,14 @@ def _walk(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, An
     mu = algo.target(exp.topology.degrees())
     visits = read_visits(run_dir, n)
     counts = np.zeros((tokens, n), dtype=np.int64)
+    ledger, dp_steps = sample_ledger(exp.cfg, exp.trainer.sizes), np.zeros(n, dtype=np.int64)
     rows, added = [], 0
     for r in sorted({r for hops in visits.values() for r, rec in hops.items() if "acc" in rec}):
         for t, hops in visits.items():              # visits up to hop r, per token
             for h in range(added + 1, r + 1):
                 if h in hops:
                     counts[t, int(hops[h]["node"])] += 1
+                    dp_steps[int(hops[h]["node"])] += int(hops[h].get("steps", 0))   # its visit's training
         added = r
         have = [t for t in sorted(visits) if "acc" in visits[t].get(r, {})]
         nbytes = sum(int(rec["bytes"]) for t in visits for h, rec in visits[t].items() if 1 <= h <= r)
@@ -218,6 +220,8 @@ def _walk(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, An
         models = _models([run_dir / "peers" / f"token-{t}-r{r}.pt" for t in have])
         if exp.cfg.eval.average_model and models is not None:
             row.update(dl_metrics.average_model_row(exp.evaluator.evaluate, models.mean(0, keepdim=True)))
+        if ledger is not None:                     # every node's DP-SGD steps by hop r
+            row["epsilon"] = ledger.with_steps(dp_steps).epsilon()
         rows.append({**row, **dl_metrics.visit_row(counts, mu)})
     paths = token_paths(visits)
     records = [rec for hops in visits.values() for h, rec in hops.items() if h >= 1]
@@ -233,4 +237,6 @@ def _walk(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, An
              "visits_per_node": counts.sum(axis=0).tolist(),
              "reroutes": sum(len(rec.get("failed", [])) for rec in records),
              "paths": {str(t): p for t, p in paths.items()}}
-    return dl_metrics.WALK_COLUMNS, rows, extra
+    if ledger is not None and rows:
+        extra.update(dp_epsilon=rows[-1]["epsilon"], dp_delta=exp.cfg.privacy.dp.delta)
+    return dl_metrics.WALK_COLUMNS + (["epsilon"] if ledger is not None else []), rows, extra

@@ -139,7 +139,7 @@ class ModestPeer(peering.PeerNode):
             with self.lock:
                 while (task := box.next_action(time.monotonic(), self.free_since)) is None:
                     now, open_ = time.monotonic(), box.open_rounds()
-                    if self.done_at is not None and not open_:
+                    if self.done_at is not None and not open_ and not self._owes(self.done_at):
                         return
                     if now - max(self.last_heard, self.free_since) > self.stall_s and not open_:
                         log.warning("peer %d: heard nothing for %.0f s; the run stalled, stopping",
@@ -153,6 +153,15 @@ class ModestPeer(peering.PeerNode):
                 self._aggregate(task.round, task.arrivals)
             with self.lock:
                 self.free_since = time.monotonic()
+
+    def _owes(self, r: int) -> bool:
+        """Whether this peer still owes the last round ``r`` its aggregate: it is one of the
+        round's first-ranked aggregators and has not aggregated it. Another aggregator's DONE
+        can arrive while this one's trainers' models are still on their way (it ended the run
+        with one aggregator fewer than the simulator's under load); a peer whose models never
+        come stops at the stall timeout as before."""
+        first = protocol.aggregators(self.everyone, self.cfg.seed, r)[: self.algorithm.aggregators]
+        return self.node in first.tolist() and self.box.aggregated < r
 
     # --- the work --------------------------------------------------------------------------------
     def _train(self, r: int, start: Arrival) -> None:
