@@ -27,14 +27,19 @@ def _rows(run_dir):
 
 
 def test_peers_match_the_simulator_round_by_round(write_config, tmp_path):
-    # 4 nodes, 2 trainers and 2 aggregators a round: some nodes sit rounds out and wait
-    path = write_config(_cfg(nodes=4, sample_size=2, timeout_s=30.0, rounds=4))  # a live peer is waited for
+    # 4 nodes, 2 trainers and 2 aggregators a round: some nodes sit rounds out and wait; with
+    # DP-SGD in local training (its noise keyed by node, round and step, as in the simulator),
+    # each peer recording its steps, so the merged epsilon composes every node's
+    cfg = _cfg(nodes=4, sample_size=2, timeout_s=30.0, rounds=4)      # a live peer is waited for
+    cfg["privacy"] = {"dp": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0}}
+    path = write_config(cfg)
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
     real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
     assert [r["round"] for r in real] == [r["round"] for r in sim] == ["0", "1", "2", "3", "4"]
+    assert 0 == float(real[0]["epsilon"]) < float(real[1]["epsilon"]) < float(real[-1]["epsilon"])
     # same samples, same data-order keys, same rank-ordered average: the same model, bit for bit
-    for key in ("test_accuracy", "test_loss", "participants", "aggregators", "timeouts"):
+    for key in ("test_accuracy", "test_loss", "participants", "aggregators", "timeouts", "epsilon"):
         assert [r[key] for r in real] == [r[key] for r in sim], key
     assert [float(r["train_loss"]) for r in real[1:]] == pytest.approx(
         [float(r["train_loss"]) for r in sim[1:]], rel=1e-6)      # a mean of 2 floats, summed apart

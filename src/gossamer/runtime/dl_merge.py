@@ -145,6 +145,15 @@ def _modest(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, 
                      "participants": len(trains.get(r, [])), "aggregators": len(aggs[r]),
                      "timeouts": timeouts.get(r, 0), "view_size": n,
                      **dl_metrics.node_bytes_row(np.array([_bytes_at(rs, t) for rs in peers]))})
+    ledger = sample_ledger(exp.cfg, exp.trainer.sizes)
+    trains_all = [x for x in records if x["role"] == "train"]
+    if ledger is not None:         # every node's DP-SGD steps by each row's round: the steps a
+        for row in rows:           # train record holds, taken when its round's training ended
+            steps = np.zeros(n, dtype=np.int64)
+            for x in trains_all:
+                if int(x["round"]) <= row["round"] and x.get("dp_steps"):
+                    steps[x["peer"]] = max(steps[x["peer"]], int(x["dp_steps"]))
+            row["epsilon"] = ledger.with_steps(steps).epsilon()
     rounds = max(aggs, default=0)
     if first is not None and int(first["round"]) == rounds:
         models = _models([run_dir / "peers" / f"model-{first['peer']}-r{rounds}.pt"])
@@ -161,7 +170,9 @@ def _modest(exp: Experiment, run_dir: Path) -> tuple[list[str], Rows, dict[str, 
              "timeouts_total": int(sum(timeouts.values())),
              "mean_bytes_per_node": float(np.mean(final)) if final else 0.0,
              "max_bytes_per_node": int(max(final, default=0))}
-    return dl_metrics.MODEST_COLUMNS, rows, extra
+    if ledger is not None and rows:
+        extra.update(dp_epsilon=rows[-1]["epsilon"], dp_delta=exp.cfg.privacy.dp.delta)
+    return dl_metrics.MODEST_COLUMNS + (["epsilon"] if ledger is not None else []), rows, extra
 
 
 def _bytes_at(rows: Rows, t: float) -> float:

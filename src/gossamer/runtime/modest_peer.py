@@ -43,7 +43,7 @@ from gossamer.runtime.common import log, retry
 # bit 0 of ModelMeta.meta: what the receiver does (TRAIN, AGGREGATE); the rest: samples
 MODEL, DONE = 1, 3          # ModelMeta.kind: a model, or "the run is over" (an empty tensor)
 COLUMNS = ["round", "role", "wall_time", "bytes_up", "bytes_down", "sent", "test_accuracy",
-           "test_loss", "train_loss", "samples", "models", "rank", "timeouts"]
+           "test_loss", "train_loss", "samples", "models", "rank", "timeouts", "dp_steps"]
 
 
 def _wall() -> str:
@@ -173,7 +173,9 @@ class ModestPeer(peering.PeerNode):
         ranked = protocol.aggregators(self.everyone, self.cfg.seed, r)
         self._submit(self._send_model, r, AGGREGATE, ranked, self.algorithm.aggregators,
                      Arrival(self.node, params[0].clone(), samples),
-                     {"train_loss": float(result.loss[0]), "samples": samples})
+                     # DP-SGD steps as training ended: the record is written by a background
+                     # job, when this node may already have trained a later round
+                     {"train_loss": float(result.loss[0]), "samples": samples, "dp_steps": self.dp_steps()})
 
     def _aggregate(self, r: int, arrivals: list[Arrival]) -> None:
         self.params = protocol.average(self.algorithm, torch.stack([a.tensor for a in arrivals]),
