@@ -164,6 +164,34 @@ def test_dp_sgd_trains_decentralized_algorithms(tmp_path):
     assert torch.allclose(plain, same, atol=1e-4) and not torch.allclose(plain, noisy, atol=1e-3)
 
 
+def test_epsilon_reuses_each_rates_curve_and_equals_opacus_bit_for_bit():
+    from gossamer.privacy import epsilon
+
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        history = [(float(rng.choice([0.6, 1.0, 1.3])), float(rng.choice([0.02, 0.25, 16 / 37, 1.0])),
+                    int(rng.integers(1, 400))) for _ in range(int(rng.integers(1, 4)))]
+        acc = RDPAccountant()
+        acc.history = history
+        assert epsilon(history, 1e-5) == acc.get_epsilon(1e-5)
+
+
+def test_the_most_exposed_nodes_epsilon_is_found_from_bounds_with_the_same_bits():
+    """Many sampling rates (a Dirichlet split): the ledger computes full curves only for rates
+    whose integer-order bound could beat the largest so far, and reports opacus' maximum."""
+    from gossamer.privacy import DPLedger
+
+    sizes = np.array([7, 23, 40, 64, 97, 150, 233, 310])
+    steps = 3 * -(-sizes // 16)                      # three epochs each: q and steps anti-monotone
+    ledger = DPLedger("sample", 0.9, 1e-5, "rdp", sizes, 16).with_steps(steps)
+    want = []
+    for size, n in zip(sizes.tolist(), steps.tolist(), strict=True):
+        acc = RDPAccountant()
+        acc.history = [(0.9, min(1.0, 16 / size), n)]
+        want.append(acc.get_epsilon(1e-5))
+    assert ledger.epsilon() == max(want)
+
+
 def _sample_epsilon(sizes, steps, z=1.0, batch=16, delta=1e-5) -> float:
     """The sample-level bound: per sampling rate, the most-trained node's steps composed."""
     rates = np.minimum(1.0, batch / np.maximum(sizes, 1))

@@ -775,6 +775,7 @@ def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algori
     cfg = _event_config(algorithm, params, nodes=40, stop={"rounds": 12 if algorithm == "fedbuff" else 3},
                         eval={"every": 3 if algorithm == "fedbuff" else 1},
                         privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}})
+    cfg["partition"] = {"name": "iid", "num_nodes": 40}   # one sampling rate: one accountant curve
     path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     files = ("metrics.csv", "model.pt")
