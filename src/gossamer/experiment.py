@@ -391,14 +391,26 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
                                  or algorithm.split_roles):
         raise ConfigError("population.lazy", f"{cfg.algorithm.name} keeps a model per client or "
                           "assigns roles per client: not with a registered population yet")
-    unsupported = {**features_in_use(cfg), "model.init": cfg.model.init == "independent",
+    comp = cfg.compression
+    if pattern == "async_fl" and comp.uplink is not None and comp.downlink is None:
+        # compressed uploads keep nothing per client without feedback (Papaya-style FedBuff
+        # with quantized uploads); error feedback would keep a model-sized row for each
+        if comp.feedback != "none":
+            raise ConfigError("compression.feedback", f"{comp.feedback} keeps a model-sized row per "
+                              "client, which a registered population (population.lazy) does not "
+                              "hold: feedback none")
+        unsupported_compression = False
+    else:
+        unsupported_compression = features_in_use(cfg)["compression"]
+    unsupported = {**features_in_use(cfg), "compression": unsupported_compression,
+                   "model.init": cfg.model.init == "independent",
                    "system.availability.model": cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:
         raise ConfigError(field, "not supported with population.lazy yet: a registered population "
                           "runs without per-node attacks, faults, availability models, "
-                          "compression, privacy, contribution scores, hierarchies or public "
-                          "pre-training rows")
+                          "compression (but asynchronous uploads without feedback), privacy, "
+                          "contribution scores, hierarchies or public pre-training rows")
 
 
 def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment:
@@ -465,6 +477,7 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
                      wire.encoded_size(spec.numel))
     exp.population = source
     exp.adversary = Adversary(None, np.zeros(0, dtype=bool), {}, cfg.seed)   # none (refused above)
+    _attach_compression(exp)            # asynchronous uploads without feedback (checked above)
     return exp
 
 
