@@ -760,6 +760,21 @@ def test_attacks_in_gossip_and_random_walks_on_ranks(tmp_path, capfd, algorithm,
 
 
 @pytest.mark.slow
+def test_dp_accounting_on_ranks_resumes_with_another_rank_count(tmp_path, capfd):
+    """Each rank's DP-SGD steps go into the checkpoint summed (every node's); a run killed on
+    2 ranks resumes on 1 with the same metrics, epsilon included."""
+    cfg = _event_config("dpsgd", {}, nodes=40, stop={"rounds": 4}, eval={"every": 1},
+                        privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}})
+    cfg["partition"] = {"name": "iid", "num_nodes": 40}
+    cfg["output"] = {"progress": False, "checkpoint_every": 1}
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    want = _ranked_runs(capfd, path, (2,), ("metrics.csv",))[0]
+    assert b"epsilon" in want[0]
+    assert _killed_and_resumed(capfd, path, tmp_path / "killed", (2, 3, 1), 1, ("metrics.csv",)) == want
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, params", [
     ("dpsgd", {}),
     ("gossip", {"mode": "push_pull", "period_s": 1.0}),
