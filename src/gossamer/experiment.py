@@ -391,7 +391,7 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
                                  or algorithm.split_roles):
         raise ConfigError("population.lazy", f"{cfg.algorithm.name} keeps a model per client or "
                           "assigns roles per client: not with a registered population yet")
-    comp = cfg.compression
+    features, comp = features_in_use(cfg), cfg.compression
     if pattern == "async_fl" and comp.uplink is not None and comp.downlink is None:
         # compressed uploads keep nothing per client without feedback (Papaya-style FedBuff
         # with quantized uploads); error feedback would keep a model-sized row for each
@@ -399,11 +399,8 @@ def _check_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> None:
             raise ConfigError("compression.feedback", f"{comp.feedback} keeps a model-sized row per "
                               "client, which a registered population (population.lazy) does not "
                               "hold: feedback none")
-        unsupported_compression = False
-    else:
-        unsupported_compression = features_in_use(cfg)["compression"]
-    unsupported = {**features_in_use(cfg), "compression": unsupported_compression,
-                   "model.init": cfg.model.init == "independent",
+        features["compression"] = False
+    unsupported = {**features, "model.init": cfg.model.init == "independent",
                    "system.availability.model": cfg.system.availability.model != "always"}
     field = next((k for k, bad in unsupported.items() if bad), None)
     if field is not None:

@@ -64,6 +64,13 @@ class Uploads:
         return cls(round, np.asarray(clients, dtype=np.int64), start, rows[:, :numel], extra)
 
 
+def message_base(uploads_model: bool, start: torch.Tensor) -> torch.Tensor:
+    """What an asynchronous FL message is compressed relative to (client and server alike): its
+    start model where the rule uploads models (FedAsync, ``AsyncFL.uploads_model``), else zero
+    (an update or a direction)."""
+    return start if uploads_model else torch.zeros((), dtype=start.dtype, device=start.device)
+
+
 # --- compression with feedback ---------------------------------------------------------------
 FETCHSGD_MOMENTUM = "fetchsgd_momentum"       # ServerState.extra keys of FetchSGD's sketches
 FETCHSGD_ERROR = "fetchsgd_error"

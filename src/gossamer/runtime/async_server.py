@@ -44,7 +44,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import build_pipeline
+from gossamer.protocols.upload import build_pipeline, message_base
 from gossamer.runtime import schema
 from gossamer.runtime.codec import KIND_ENCODED, WireError, read_counted_model
 from gossamer.runtime.common import RunFailed, log
@@ -150,7 +150,7 @@ class AsyncCoordinator(BaseCoordinator):
             raise WireError(str(exc)) from None
         if comp.feedback == "ef21":
             self.estimates[node] = decoded
-        return self.starts[(task.model, task.version)] + decoded if self.algorithm.uploads_model else decoded
+        return message_base(self.algorithm.uploads_model, self.starts[(task.model, task.version)]) + decoded
 
     def _accept(self, node: int, bound: int | None, meta: object, tensor: torch.Tensor,
                 size: int) -> None:

@@ -35,7 +35,7 @@ from gossamer.privacy.secagg import (
     threshold_count,
     unmasking,
 )
-from gossamer.protocols.upload import Uploads, build_pipeline
+from gossamer.protocols.upload import Uploads, build_pipeline, message_base
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
@@ -252,7 +252,7 @@ class Client(PersonalClient, Rehoming):
             if compress is None:
                 self._send(message[0], round_)
             else:                          # message minus its base, keyed by the task's key
-                base = model if algo.uploads_model else torch.zeros((), dtype=model.dtype)
+                base = message_base(algo.uploads_model, model)
                 up, _, self.stage_state = compress.apply(Uploads(round_, nodes, base, message), self.stage_state)
                 self._send(compress.to_bytes(up), round_, KIND_ENCODED)
             self.upload_s = time.monotonic() - began

@@ -30,7 +30,7 @@ import torch
 
 from gossamer.population.columns import SparseColumn
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import Uploads, build_pipeline
+from gossamer.protocols.upload import Uploads, build_pipeline, message_base
 from gossamer.sim.drivers.async_fl_records import AsyncFLRecords, SimTask
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
@@ -286,7 +286,7 @@ class AsyncFLDriver(AsyncFLRecords, Driver):
         client's feedback row, keyed by (client, task key) as a real client keys it; the messages
         as the server rebuilds them, base plus the decoded difference. A client has one task in
         flight, so each row is once in a batch, and its tasks train in their order."""
-        base = rows if self.algorithm.uploads_model else torch.zeros((), dtype=rows.dtype, device=rows.device)
+        base = message_base(self.algorithm.uploads_model, rows)
         idx = torch.from_numpy(nodes)
         state = {k: v[idx] for k, v in self.stage_state.items()}
         up, decoded, state = self.compress.apply(Uploads(keys, nodes, base, messages), state)

@@ -60,9 +60,7 @@ def tree_reduce(shard: Shard, rows: torch.Tensor, ids: np.ndarray, holders: np.n
     ids, holders = np.asarray(ids, dtype=np.int64), np.asarray(holders, dtype=np.int64)
     if len(ids) and np.any(np.diff(holders) < 0):
         raise ValueError("each rank's blocks must be contiguous in id")
-    if shard.world == 1:
-        return _reduce(rows, ids, holders, None, during)
-    return _reduce(rows, ids, holders, shard, during)
+    return _reduce(rows, ids, holders, shard if shard.world > 1 else None, during)
 
 
 def population_mean(shard: Shard, own: torch.Tensor, n: int, during: str) -> torch.Tensor:
