@@ -102,7 +102,7 @@ def _run_ranks(args: argparse.Namespace, cfg, resume: bool) -> int:
 
     if args.ranks < 1 or args.threads < 1:
         raise UserError("--ranks and --threads: give positive counts")
-    check_config(cfg)                        # one line here, before any process starts
+    check_config(cfg, args.ranks)            # one line here, before any process starts
     if resume:
         child = ["--resume", args.resume]
     else:
@@ -149,8 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if args.ranks < 1:
             print(f"gossamer: --ranks must be at least 1, not {args.ranks}", file=sys.stderr)
             return EXIT_USER_ERROR
-
-        check_config(cfg)
+        check_config(cfg, args.ranks)
     exp = build_experiment(cfg)
     if exp.spec is None:                          # grank: click logs, no model (docs/grank.md)
         print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, no model")

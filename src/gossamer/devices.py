@@ -39,8 +39,23 @@ def resolve(name: str) -> torch.device:
                               f"cuda:0 to cuda:{count - 1}")
         if device.index is None:       # the current GPU, named (environment.json); asking
             # an uninitialized CUDA for it would start it here (the launcher forks its roles)
-            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+            device = torch.device("cuda", _local_gpu(count))
     return device
+
+
+def _local_gpu(count: int) -> int:
+    """The GPU ``cuda`` means here: a rank of a sharded run (``LOCAL_RANK`` set by torchrun or
+    ``--ranks``, ``WORLD_SIZE`` > 1) takes its local rank's, one GPU a rank; any other process
+    the current one."""
+    import os
+
+    try:
+        local, world = int(os.environ.get("LOCAL_RANK", "-1")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        local, world = -1, 1
+    if world > 1 and local >= 0:
+        return local % count
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def check(device: torch.device, precision: str, pattern: str) -> None:
@@ -92,15 +107,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 @contextlib.contextmanager
-def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
-    """CUDA's TF32 switches for one run (on with ``tf32``, off otherwise, so ``fp32`` is
-    full fp32 on every GPU), restored afterwards; nothing changes on the CPU."""
+def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
+    """For one run on ``device``: CUDA's TF32 switches (on with ``tf32``, off otherwise, so
+    ``fp32`` is full fp32 on every GPU) and the current GPU (``device``'s: its libraries'
+    handles and a sharded run's NCCL communicators are made there), restored afterwards;
+    nothing changes on the CPU."""
     if device.type != "cuda":
         yield
         return
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
-        yield
+        with torch.cuda.device(device):
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

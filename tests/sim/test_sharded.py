@@ -101,6 +101,45 @@ def test_an_unknown_transport_is_refused_naming_the_variable(monkeypatch):
     assert err.value.field == TRANSPORT_ENV
 
 
+def test_ranks_on_gpus_take_a_gpu_each_and_exchange_rows_through_nccl(monkeypatch):
+    """Torch is told it sees 2 GPUs (nothing runs on them): a rank resolves ``cuda`` to its
+    local rank's GPU, the launcher refuses a fixed GPU or more ranks than GPUs naming
+    ``device``, and shared memory (host rows) naming the transport; the process group sends
+    host tensors by gloo and the GPU's by NCCL, and GPU rows never go to shared memory."""
+    from gossamer import devices
+    from gossamer.sim.sharded import TRANSPORT_ENV, check_config
+    from gossamer.sim.sharded.base import backend, shared_if_possible
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for local, world, want in (("1", "2", 1), ("3", "4", 1), ("1", "1", 0)):     # not a rank: the current
+        monkeypatch.setenv("LOCAL_RANK", local)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert devices.resolve("cuda") == devices.resolve("auto") == torch.device("cuda", want)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def on(device: str, ranks: int) -> None:
+        check_config(config.validate({**small_config("dpsgd"), "device": device}), ranks)
+
+    on("cuda", 2)
+    on("auto", 2)
+    on("cuda:1", 1)                      # one rank: any GPU
+    for device, ranks in (("cuda:1", 2), ("cuda", 3)):
+        with pytest.raises(ConfigError) as err:
+            on(device, ranks)
+        assert err.value.field == "device"
+    monkeypatch.setenv(TRANSPORT_ENV, "shared")
+    with pytest.raises(ConfigError) as err:
+        on("cuda", 2)
+    assert err.value.field == TRANSPORT_ENV
+    on("cpu", 2)
+    assert backend(torch.device("cpu")) == "gloo"
+    assert backend(torch.device("cuda", 1)) == "cpu:gloo,cuda:nccl"
+    gpu = Shard(0, 2, 0, 64, (0, 64, 128), device=torch.device("cuda", 0))
+    assert not gpu.on_host and shared_if_possible(gpu, (2, 8), torch.float32) is None
+
+
 def _gossamer(capfd, *args, env=None):
     """``gossamer ARGS`` with ``env`` added, run by this process: the launcher forks its ranks
     from this process's forkserver (gossamer/processes.py), so PyTorch is imported once a test
@@ -137,10 +176,12 @@ def _config(tmp_path: Path) -> Path:
 def test_metrics_are_bit_identical_with_2_4_ranks_and_after_a_killed_rank_resumes_with_1(tmp_path, capfd):
     cfg = _config(tmp_path)
     texts = []
-    for ranks in (2, 4):          # 2 ranks share memory; 4 all_gather, as across machines
+    # 2 ranks share memory; 4 send rows, as across machines (or on GPUs), every tensor on its device
+    for ranks in (2, 4):
         out = tmp_path / f"r{ranks}"
         done = _gossamer(capfd, "run", str(cfg), "--out", str(out), "--ranks", str(ranks), "--quiet",
-                         env={"GOSSAMER_SHARDED_TRANSPORT": "shared" if ranks == 2 else "p2p"})
+                         env={"GOSSAMER_SHARDED_TRANSPORT": "shared"} if ranks == 2
+                         else {"GOSSAMER_SHARDED_TRANSPORT": "p2p", **_meta_default(tmp_path)})
         assert done.returncode == 0, done.stderr[-2000:]
         texts.append((out / "metrics.csv").read_text())
     assert texts[0] == texts[1]
@@ -448,7 +489,7 @@ def test_gossip_is_bit_identical_with_1_2_3_ranks_and_a_killed_run_resumes(tmp_p
     for key in ("test_accuracy", "test_loss", "acc_min", "acc_max", "train_loss", "bytes_up", "online"):
         assert [float(r[key] or "nan") for r in sharded[1:]] == pytest.approx(
             [float(r[key]) for r in rows[1:]], rel=1e-6), key
-    assert _ranked_runs(capfd, path, ((2, "shared"), (3, "p2p")), files) == [want, want]
+    assert _ranked_runs(capfd, path, ((2, "shared"), (3, "p2p+meta")), files) == [want, want]
     # 3 ranks sending rows to round 2 (checkpoint), killed at 3; resumed by 2 sharing memory
     assert _killed_and_resumed(capfd, path, tmp_path / "killed", (3, 3, 2), 2, files,
                                {"GOSSAMER_SHARDED_TRANSPORT": "p2p"}) == want
@@ -544,14 +585,31 @@ def _killed_and_resumed(capfd, path: Path, out: Path, kill: tuple, ranks: int, f
     return [(out / f).read_bytes() for f in files]
 
 
+def _meta_default(folder: Path) -> dict[str, str]:
+    """The environment of ranks started as fresh interpreters whose torch default device is
+    ``meta`` (a ``sitecustomize`` on their path). A tensor the sharded executors make without
+    naming its device is then a meta tensor, which fails or changes the metrics: on a GPU it
+    would be a host tensor meeting the device's rows, or sent by gloo to a rank that waits on
+    NCCL (tests/test_devices.py checks one process the same way)."""
+    site = folder / "meta_default"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text("import torch\n\ntorch.set_default_device('meta')\n")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return {"GOSSAMER_START_METHOD": "spawn", "PYTHONPATH": path}
+
+
 def _ranked_runs(capfd, path: Path, runs: tuple, files: tuple[str, ...] = ("metrics.csv", "model.pt")
                  ) -> list[list[bytes]]:
-    """``files`` of ``path`` run with each of ``runs``: a number of ranks, or (ranks, transport)."""
+    """``files`` of ``path`` run with each of ``runs``: a number of ranks, or (ranks, transport);
+    a transport ``p2p+meta``: point to point, with torch's default device ``meta`` in the ranks
+    (:func:`_meta_default`)."""
     got = []
     for run in runs:
         ranks, way = run if isinstance(run, tuple) else (run, None)
         out = path.parent / f"r{ranks}{way or ''}"
-        env = {"GOSSAMER_SHARDED_TRANSPORT": way} if way else None
+        env = {"GOSSAMER_SHARDED_TRANSPORT": way.removesuffix("+meta")} if way else None
+        if way and way.endswith("+meta"):
+            env.update(_meta_default(path.parent))
         done = _gossamer(capfd, "run", str(path), "--out", str(out), "--ranks", str(ranks), "--quiet", env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         got.append([(out / f).read_bytes() for f in files])
@@ -700,7 +758,7 @@ def test_robust_dl_merges_on_ranks(tmp_path, capfd, aggregator, params, runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack, aggregator, runs", [("gaussian", "trimmed_mean", (2, (3, "p2p"))),
+@pytest.mark.parametrize("attack, aggregator, runs", [("gaussian", "trimmed_mean", (2, (3, "p2p+meta"))),
                                                       ("alie", "mean", ((2, "p2p"),))])
 def test_model_attacks_in_dpsgd_on_ranks(tmp_path, capfd, attack, aggregator, runs):
     """Byzantine neighbours craft what each honest receiver merges on the receiver's owner,

@@ -80,6 +80,13 @@ class _Wire:
         box = self._box((src, self.me.rank, tag))
         return _Done(lambda: tensor.copy_(box.get(timeout=20)))
 
+    @staticmethod
+    def P2POp(op, tensor, peer, tag=0):           # noqa: N802  (torch's name)
+        return (op, tensor, peer, tag)
+
+    def batch_isend_irecv(self, ops):
+        return [op(tensor, peer, tag=tag) for op, tensor, peer, tag in ops]
+
     def broadcast(self, tensor, src):
         if self.me.rank == src:
             for k in range(self.me.world):
@@ -103,7 +110,7 @@ def _on_ranks(monkeypatch, edges: list[int], work):
     import torch.distributed as dist
 
     wire = _Wire()
-    for name in ("isend", "irecv", "broadcast"):
+    for name in ("isend", "irecv", "broadcast", "P2POp", "batch_isend_irecv"):
         monkeypatch.setattr(dist, name, getattr(wire, name))
     world = len(edges) - 1
     out: list = [None] * world

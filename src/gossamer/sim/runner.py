@@ -281,7 +281,7 @@ def run_simulation(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, progre
     from gossamer.metrics.progress import Progress
     from gossamer.metrics.rundir import record
 
-    with devices.matmul_precision(devices.resolve(cfg.device), cfg.precision):
+    with devices.cuda_settings(devices.resolve(cfg.device), cfg.precision):
         runner = Runner(cfg, run_dir, start_time=start_time)
         bar = Progress(cfg.stop.rounds, enabled=progress and runner.primary)
         runner.on_row = bar.update

@@ -29,8 +29,10 @@ the run directory.
 
 Launch: ``gossamer run CONFIG --ranks K`` starts K processes on this machine (gloo, one
 intra-op thread each unless ``--threads``); ``torchrun --nproc-per-node K -m gossamer run
-CONFIG --out DIR`` (one or several machines, torchrun's rendezvous) works the same. NCCL is
-not used (the exchanged tensors are on the CPU).
+CONFIG --out DIR`` (one or several machines, torchrun's rendezvous) works the same. With
+``device: cuda`` (or ``auto`` where torch sees GPUs) each rank computes on the GPU of its local
+rank and the process group is gloo for host tensors and NCCL for the GPU's: rows, block sums and
+the tree's additions go rank to rank through NCCL (never through shared memory).
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ REFUSED = ("faults and model attacks with CHOCO-SGD (refused in one process too)
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
-def check_config(cfg: ExperimentConfig) -> None:
+def check_config(cfg: ExperimentConfig, ranks: int | None = None) -> None:
     """One line for what the sharded simulator cannot run yet (from the config alone, so the
-    launcher refuses before it starts any process)."""
+    launcher refuses before it starts any process; ``ranks``: how many it would start, else
+    ``WORLD_SIZE``)."""
     from gossamer.algorithms import ALGORITHMS
     from gossamer.experiment import features_in_use
 
@@ -82,9 +85,7 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("model.compile", "not with the sharded simulator: a compiled kernel may round a "
                           "node's values differently with the number of nodes in its call, and the ranks "
                           "must compute every node's bits alike; drop --ranks or model.compile")
-    if cfg.device != "cpu":
-        raise ConfigError("device", "the sharded simulator's ranks compute on the CPU so far "
-                          "(shared memory between ranks); drop --ranks to run on one GPU")
+    _check_device(cfg.device, ranks)
     features = features_in_use(cfg)
     if fl:     # every rank runs the attack, the upload pipeline and the server's side alike
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
@@ -111,6 +112,31 @@ def check_config(cfg: ExperimentConfig) -> None:
     if field is not None:
         raise ConfigError(field, f"not with the sharded simulator yet (it shards runs without {REFUSED}); "
                           "drop --ranks")
+
+
+def _check_device(name: str, ranks: int | None) -> None:
+    """Ranks on GPUs: one GPU a rank (NCCL's rule), each taking its local rank's
+    (:func:`gossamer.devices.resolve`), and rows exchanged through NCCL, not shared memory."""
+    import os
+
+    import torch
+
+    from gossamer.sim.sharded.base import world_from_env
+
+    world = world_from_env()[1] if ranks is None else ranks
+    if world == 1 or name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return
+    if torch.device("cuda" if name == "auto" else name).index is not None:     # (the config allows cuda[:N])
+        raise ConfigError("device", f"{name} would put every rank on one GPU: set device: cuda (each rank "
+                          "takes the GPU of its local rank)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if ranks is None else ranks
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local > count:
+        raise ConfigError("device", f"{local} ranks on this machine but torch sees {count} CUDA device(s): "
+                          "NCCL needs a GPU a rank (fewer ranks, or device: cpu)")
+    if transport() == "shared":
+        raise ConfigError(TRANSPORT_ENV, "shared: ranks on GPUs exchange rows through NCCL, not shared "
+                          "memory (unset it, or p2p)")
 
 
 def _data_attacks_only(cfg: ExperimentConfig) -> bool:
@@ -147,18 +173,19 @@ def _build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         from gossamer.sim.sharded.async_fl import ShardedAsyncFLDriver
 
         registered = exp.population is not None          # nothing of length N: even id ranges
-        shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64), block)
+        shard = start(exp.num_nodes if registered else np.asarray(exp.trainer.sizes, dtype=np.float64), block,
+                      exp.device)
         return shard, ShardedAsyncFLDriver(exp, shard)
     if exp.algorithm.pattern == "sync_fl" and exp.population is not None:   # registered: even id ranges
         from gossamer.sim.sharded.fl import ShardedSyncFLDriver
 
-        shard = start(exp.num_nodes, block)
+        shard = start(exp.num_nodes, block, exp.device)
         return shard, ShardedSyncFLDriver(exp, shard)
     sizes = np.asarray(exp.trainer.sizes, dtype=np.float64)
     if exp.algorithm.pattern in ("sampled_dl", "random_walk"):
         from gossamer.sim.sharded.walks import ShardedModestDriver, ShardedRandomWalkDriver
 
-        shard = start(sizes, block)          # a node's share of the training is its data's
+        shard = start(sizes, block, exp.device)          # a node's share of the training is its data's
         cls = ShardedModestDriver if exp.algorithm.pattern == "sampled_dl" else ShardedRandomWalkDriver
         return shard, cls(exp, shard)
     if exp.algorithm.pattern == "async_gossip":
@@ -169,18 +196,18 @@ def _build_driver(exp: Experiment) -> tuple[Shard, Driver]:
         schedule = exp.trainer.schedule
         per_update = schedule.steps * schedule.batch_size if schedule.steps else (schedule.epochs or 1) * sizes
         work = np.where(sizes > 0, per_update, 0.0)
-        shard = start(work + max(float(work.mean()), 1.0), block)
+        shard = start(work + max(float(work.mean()), 1.0), block, exp.device)
         return shard, ShardedGossipDriver(exp, shard)
     if exp.algorithm.pattern == "sync_fl":
         from gossamer.sim.sharded.fl import ShardedSyncFLDriver
 
-        shard = start(sizes, block)
+        shard = start(sizes, block, exp.device)
         return shard, ShardedSyncFLDriver(exp, shard)
     from gossamer.sim.sharded.choco import ShardedChocoDriver
     from gossamer.sim.sharded.dl import ShardedSyncDLDriver
     from gossamer.sim.sharded.tracking import ShardedGradientTrackingDriver
 
-    shard = start(sizes + max(float(sizes.mean()), 1.0), block)
+    shard = start(sizes + max(float(sizes.mean()), 1.0), block, exp.device)
     if exp.algorithm.pattern == "gradient_tracking":
         return shard, ShardedGradientTrackingDriver(exp, shard)
     if exp.algorithm.pattern == "choco":

@@ -28,6 +28,13 @@ class Shard:
     hi: int
     edges: tuple[int, ...] = ()      # every rank's first id, then N: rank k owns [edges[k], edges[k+1])
     block: int = BLOCK               # node ids per reduction block (``sharding.block``); cuts fall on them
+    device: torch.device = torch.device("cpu")     # where this rank's rows live and are exchanged
+
+    @property
+    def on_host(self) -> bool:
+        """Whether this rank computes on the CPU (then ranks on one machine share memory; on a
+        GPU, rows go rank to rank through NCCL)."""
+        return self.device.type == "cpu"
 
     @property
     def primary(self) -> bool:
@@ -82,18 +89,31 @@ def even_ranges(n: int, world: int, block: int = BLOCK) -> list[tuple[int, int]]
     return [(edges[k], edges[k + 1]) for k in range(world)]
 
 
-def start(work: np.ndarray | int, block: int = BLOCK) -> Shard:
+def start(work: np.ndarray | int, block: int = BLOCK, device: torch.device | None = None) -> Shard:
     """This process's shard of nodes whose expected work is ``work`` (e.g. their samples; an
-    int N: N nodes of equal work), cut at multiples of ``block`` ids: joins the process group
-    when ``WORLD_SIZE`` > 1 (gloo)."""
+    int N: N nodes of equal work), cut at multiples of ``block`` ids, computing on ``device``
+    (default the CPU): joins the process group when ``WORLD_SIZE`` > 1, gloo for host tensors
+    and, on a GPU, NCCL for the device's (:func:`backend`)."""
     import torch.distributed as dist
 
+    device = torch.device("cpu") if device is None else device
     rank, world = world_from_env()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)        # NCCL's communicators bind to the current GPU
+        dist.init_process_group(backend(device), rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+        if device.type == "cuda":            # NCCL's communicator made by every rank at once (a batch of
+            dist.all_reduce(torch.zeros(1, device=device))     # sends that opens it must have every rank)
     cuts = even_ranges(work, world, block) if isinstance(work, int) else ranges(work, world, block)
     lo, hi = cuts[rank]
-    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],), block)
+    return Shard(rank, world, lo, hi, tuple(a for a, _ in cuts) + (cuts[-1][1],), block, device)
+
+
+def backend(device: torch.device) -> str:
+    """The process group's backend for ranks computing on ``device``: gloo on the CPU; on a GPU
+    gloo for the host tensors (counts, losses, object broadcasts) and NCCL for the device's
+    (rows, block sums), each collective going to the backend of its tensors' device."""
+    return "gloo" if device.type == "cpu" else f"cpu:gloo,{device.type}:nccl"
 
 
 def one_host(shard: Shard) -> bool:
@@ -113,7 +133,7 @@ def shared_tensor(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> t
 
     import torch.distributed as dist
 
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     folder = "/dev/shm"
     path = [None]
     if shard.primary:
@@ -130,7 +150,8 @@ def shared_tensor(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype) -> t
         dist.broadcast_object_list(path, src=0)
         tensor = None
         if path[0] is not None:
-            tensor = torch.from_file(path[0], shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+            tensor = torch.from_file(path[0], shared=True, size=int(np.prod(shape)), dtype=dtype,
+                                     device="cpu").view(shape)
         dist.barrier()
     except (RuntimeError, dist.DistBackendError) as exc:
         raise rank_lost(shard, exc, "setting up shared memory") from None
@@ -152,7 +173,7 @@ def shared_if_possible(shard: Shard, shape: tuple[int, ...], dtype: torch.dtype)
     """:func:`shared_tensor` where the ranks share this machine and ``TRANSPORT_ENV`` allows it
     (``p2p``: never; ``shared``: always, or one line why not; ``auto``: where there is room)."""
     want = transport()
-    if shard.world == 1 or want == "p2p":
+    if shard.world == 1 or want == "p2p" or not shard.on_host:    # GPU rows: rank to rank (NCCL)
         return None
     tensor = shared_tensor(shard, shape, dtype) if one_host(shard) else None
     if tensor is None and want == "shared":
@@ -194,7 +215,7 @@ class SharedBarrier:
 
         import torch.distributed as dist
 
-        if (shard.world == 1 or transport() == "p2p" or not one_host(shard)
+        if (shard.world == 1 or transport() == "p2p" or not shard.on_host or not one_host(shard)
                 or platform.machine().lower() not in ("x86_64", "amd64")):
             return None
         shared = shared_tensor(shard, (3, shard.world), torch.int64)
@@ -206,7 +227,7 @@ class SharedBarrier:
         try:
             dist.barrier()
             same = table[2].min() == table[2].max() != 0 and all(_alive(int(p)) for p in table[1])
-            votes = torch.tensor([int(same)])
+            votes = torch.tensor([int(same)], device="cpu")
             dist.all_reduce(votes, op=dist.ReduceOp.MIN)     # every rank decides alike
         except (RuntimeError, dist.DistBackendError) as exc:
             raise rank_lost(shard, exc, "setting up shared memory") from None
@@ -318,7 +339,7 @@ def gather_rows(shard: Shard, rows: torch.Tensor, counts: list[int], during: str
     width = max(max(counts), 1)
     send = rows.contiguous()
     if len(rows) < width:                # equal shapes: pad (the padding is never read)
-        send = torch.empty((width, *rows.shape[1:]), dtype=rows.dtype)
+        send = torch.empty((width, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         send[: len(rows)] = rows
     got = gather(shard, send, during)
     return torch.cat([g[:c] for g, c in zip(got, counts, strict=True)])
@@ -327,7 +348,7 @@ def gather_rows(shard: Shard, rows: torch.Tensor, counts: list[int], during: str
 def gather_uneven(shard: Shard, parts: list[torch.Tensor], during: str) -> list[torch.Tensor]:
     """Every rank's ``parts`` (tensors with as many rows each on one rank, any number across
     ranks), each stacked in rank order: the counts first, then :func:`gather_rows` each."""
-    counts = [int(c) for c in gather(shard, torch.tensor([len(parts[0])]), during)]
+    counts = [int(c) for c in gather(shard, torch.tensor([len(parts[0])], device="cpu"), during)]
     return [gather_rows(shard, part, counts, during) for part in parts]
 
 
@@ -357,6 +378,24 @@ def exchange(shard: Shard, send: torch.Tensor, send_counts: list[int], recv: tor
         raise rank_lost(shard, exc, during) from None
 
 
+def send_recv(shard: Shard, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+              during: str, tag: int = 0) -> None:
+    """Point to point: each ``(tensor, rank)`` of ``sends`` sent to its rank, each of ``recvs``
+    filled from its rank, as one batch (NCCL runs a batch's sends and receives together, so two
+    ranks sending each other rows cannot wait on each other); one line if a rank is gone."""
+    if not sends and not recvs:
+        return
+    import torch.distributed as dist
+
+    ops = [dist.P2POp(dist.isend, t, k, tag=tag) for t, k in sends]
+    ops += [dist.P2POp(dist.irecv, t, k, tag=tag) for t, k in recvs]
+    try:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise rank_lost(shard, exc, during) from None
+
+
 def block_sums(rows: torch.Tensor, first_id: int, block: int = BLOCK) -> torch.Tensor:
     """Sums of ``rows`` (node ids ``first_id``, ``first_id + 1``, ...; ``first_id`` a multiple
     of ``block``) over each ``block``-id block, ``[ceil(len / block), P]``. Each block is
@@ -364,7 +403,7 @@ def block_sums(rows: torch.Tensor, first_id: int, block: int = BLOCK) -> torch.T
     n = rows.shape[0]
     if first_id % block and n:           # (a rank that owns nothing starts at N: no sums)
         raise ValueError(f"block sums start at a multiple of {block}, not at node {first_id}")
-    out = torch.empty((-(-n // block), *rows.shape[1:]), dtype=rows.dtype)
+    out = torch.empty((-(-n // block), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     for b, lo in enumerate(range(0, n, block)):
         torch.sum(rows[lo:lo + block], dim=0, out=out[b])
     return out

@@ -32,7 +32,7 @@ from gossamer.sim.sharded.base import (
     Shard,
     barrier,
     gather_rows,
-    rank_lost,
+    send_recv,
     shared_if_possible,
     shared_tensor,
 )
@@ -59,7 +59,8 @@ class Halo:
 
 
 def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
-    """The halo of ``shard`` under mixing matrix ``w`` (``[N, N]``, row i: what node i mixes)."""
+    """The halo of ``shard`` under mixing matrix ``w`` (``[N, N]``, row i: what node i mixes),
+    its mixing rows on the shard's device."""
     lo, hi, edges = shard.lo, shard.hi, shard.edges
     own = sp.csr_matrix(w[lo:hi])
     own.sort_indices()                      # each row's terms in node-id order, as in one product
@@ -76,8 +77,8 @@ def halo(w: sp.csr_matrix, shard: Shard, dtype: torch.dtype) -> Halo:
             continue
         need = np.unique(w[edges[k]:edges[k + 1]].indices)
         send.append((need[(need >= lo) & (need < hi)] - lo).astype(np.int64))
-    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype), tuple(send), recv, local,
-                held)
+    return Halo(below, len(held) - below - (hi - lo), to_torch_sparse(local, dtype, shard.device), tuple(send),
+                recv, local, held)
 
 
 def _square(plan: Halo) -> sp.csr_matrix:
@@ -131,7 +132,8 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
     def _halo_rows(self, plan: Halo) -> torch.Tensor:
         """An empty ``[below + own + above, P]`` tensor: the rows mixing under ``plan`` holds
         (the own rows at ``plan.below``)."""
-        return torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype)
+        return torch.empty(plan.below + self.own + plan.above, self.params.shape[1], dtype=self.params.dtype,
+                           device=self.params.device)
 
     def _own_rows(self) -> torch.Tensor:
         return self.params
@@ -145,8 +147,8 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         if w is self._plan_for:
             return
         if self.shared is not None:                  # every row is at hand: the own rows of W
-            self.plan = Halo(0, 0, to_torch_sparse(w[self.shard.lo:self.shard.hi], self.params.dtype),
-                             (), ())
+            self.plan = Halo(0, 0, to_torch_sparse(w[self.shard.lo:self.shard.hi], self.params.dtype,
+                                                   self.params.device), (), ())
             self._plan_for = w
             return
         plan = halo(w, self.shard, self.params.dtype)
@@ -164,7 +166,7 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         lo = shard.lo
         training = self.has_data & online                              # the same on every rank
         train_ids = lo + np.flatnonzero(training[lo:shard.hi])
-        mine = torch.zeros(len(train_ids), 3, dtype=torch.float64)    # loss, steps, samples
+        mine = torch.zeros(len(train_ids), 3, dtype=torch.float64, device="cpu")   # loss, steps, samples
         result = self._train_rows(train_ids, r, first=lo)
         if result is not None:
             mine[:, 0] = result.loss.double()
@@ -253,7 +255,7 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         if self.shared is None:
             self._held, self._spare_held = src, dst
             self.params = src[a:a + self.own]
-        skipped = gather_rows(shard, torch.tensor([[float(stats.skipped)]], dtype=torch.float64),
+        skipped = gather_rows(shard, torch.tensor([[float(stats.skipped)]], dtype=torch.float64, device="cpu"),
                               [1] * shard.world, f"round {r}'s merges")
         self.skipped += int(skipped.sum())
 
@@ -262,23 +264,12 @@ class ShardedSyncDLDriver(ShardedRows, SyncDLDriver):
         shard, plan = self.shard, self.plan
         if shard.world == 1:
             return
-        import torch.distributed as dist
-
         own = held[plan.below: plan.below + self.own]
         where = np.concatenate([[0], np.cumsum(plan.recv)])
         at = np.where(np.arange(shard.world) < shard.rank, where[:-1], where[:-1] + self.own)
-        try:
-            pending, outgoing = [], []                 # the sent rows live until their sends end
-            for k in range(shard.world):
-                if len(plan.send[k]):
-                    outgoing.append(own[torch.from_numpy(plan.send[k])])
-                    pending.append(dist.isend(outgoing[-1], k))
-                if plan.recv[k]:
-                    pending.append(dist.irecv(held[at[k]: at[k] + plan.recv[k]], k))
-            for request in pending:
-                request.wait()
-        except (RuntimeError, dist.DistBackendError) as exc:
-            raise rank_lost(shard, exc, f"round {self.round + 1}'s mixing step {step + 1}") from None
+        sends = [(own[torch.from_numpy(plan.send[k])], k) for k in range(shard.world) if len(plan.send[k])]
+        recvs = [(held[at[k]: at[k] + plan.recv[k]], k) for k in range(shard.world) if plan.recv[k]]
+        send_recv(shard, sends, recvs, f"round {self.round + 1}'s mixing step {step + 1}")
 
     def _average(self, members: np.ndarray) -> None:
         # the online members take their exact mean: block sums with the others' rows as zeros

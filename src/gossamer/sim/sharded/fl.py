@@ -129,7 +129,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 and self.exp.cfg.stop.target_accuracy is None):
             # one test batch, which is not split: rank 0 writes the metrics, and no rank decides
             # anything from the score (no stop at a target accuracy), so the others skip it
-            nothing = torch.full((1,), float("nan"))
+            nothing = torch.full((1,), float("nan"), device=models.device)
             return nothing, nothing
         if shard.world == 1 or batches < 2 or len(models) != 1:
             return evaluator.evaluate(models)
@@ -194,7 +194,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
         with self.timer("train_s"):
             if np.any(np.diff(trained) <= 0):
                 raise RuntimeError("the sharded simulator needs each round's clients sorted by id")
-            weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype)      # [K], every rank
+            weights = algo.mean_weights(exp.trainer.sizes[trained], start.dtype, start.device)   # [K], every rank
             mine = (trained >= shard.lo) & (trained < shard.hi)
             own = trained[mine]
             # the blocks holding this round's clients (the same on every rank), one row each,
@@ -207,7 +207,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
             # what this rank sends: its blocks' sums, then its clients' losses and steps
             # (float32 losses, and step counts below 2^24, are exact in the model's dtype)
             numel = exp.spec.numel
-            send = torch.zeros(width * numel + 2 * count, dtype=start.dtype)
+            send = torch.zeros(width * numel + 2 * count, dtype=start.dtype, device=start.device)
             mine_blocks = send[: width * numel].view(width, numel)
             mine_stats = send[width * numel:].view(2, count)
             where = np.flatnonzero(mine)                 # own clients' positions in the round
@@ -242,7 +242,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 mine_stats[1, a:b] = torch.from_numpy(result.steps).to(start.dtype)
                 g = h
         with self.timer("communicate_s"):
-            stats = torch.empty(2, len(trained), dtype=start.dtype)
+            stats = torch.empty(2, len(trained), dtype=start.dtype, device=start.device)
             if shard.world > 1 and self._ready(len(send), start.dtype) == "gather":
                 # across machines: the losses and steps gathered, the blocks added along the tree
                 during = f"round {r}'s aggregate"
@@ -251,7 +251,7 @@ class ShardedSyncFLDriver(SyncFLDriver):
                 mean = tree_reduce(shard, mine_blocks[:own_blocks], active, block_rank, during)
             else:                  # every rank's blocks here (shared memory, or one rank)
                 received = self._exchange(send, r)
-                partial = torch.empty(len(active), numel, dtype=start.dtype)
+                partial = torch.empty(len(active), numel, dtype=start.dtype, device=start.device)
                 for k, got in enumerate(received):
                     blocks = np.flatnonzero(block_rank == k)
                     partial[torch.from_numpy(blocks)] = got[: width * numel].view(width, numel)[: len(blocks)]

@@ -206,18 +206,18 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
                                self.age[idx].tolist(), byz[here])
             return
         numel, dtype = self.params.shape[1], self.params.dtype
-        width = numel + 8 // torch.empty(0, dtype=dtype).element_size()       # the age as a float64
+        width = numel + 8 // dtype.itemsize       # the age as a float64
         src, dst = shard.owner(senders), shard.owner(to)
         out = np.flatnonzero(src == shard.rank)
         out = out[np.argsort(dst[out], kind="stable")]                # by receiving rank, in wave order
-        send = torch.empty(len(out), width, dtype=dtype)
+        send = torch.empty(len(out), width, dtype=dtype, device=shard.device)
         if len(out):
             idx = self._index(senders[out] - lo)
             send[:, :numel] = self.params.index_select(0, idx)
             send[:, numel:] = pack_numbers(self.age[idx][:, None], dtype)
         come = np.flatnonzero(dst == shard.rank)
         come = come[np.argsort(src[come], kind="stable")]             # by sending rank, in wave order
-        recv = torch.empty(len(come), width, dtype=dtype)
+        recv = torch.empty(len(come), width, dtype=dtype, device=shard.device)
         exchange(shard, send, np.bincount(dst[out], minlength=shard.world).tolist(), recv,
                  np.bincount(src[come], minlength=shard.world).tolist(),
                  f"round {self.round + 1}'s gossip (wave {w + 1})")
@@ -233,10 +233,10 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             return nodes, keys, steps, losses
         during = f"round {self.round + 1}'s training record"
         mine = torch.stack([torch.from_numpy(nodes).double(), torch.from_numpy(keys).double(),
-                            torch.from_numpy(steps).double(), losses.double()], dim=1)
+                            torch.from_numpy(steps).double(), losses.double().cpu()], dim=1)
         every = gather_uneven(shard, [mine], during)[0].numpy()
         return (every[:, 0].astype(np.int64), every[:, 1].astype(np.int64), every[:, 2].astype(np.int64),
-                torch.from_numpy(every[:, 3]))
+                torch.from_numpy(every[:, 3]).to(self.device))
 
     # --- checkpoints: every node's row and every message, on rank 0 ---------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class ShardedGossipDriver(ShardedRows, GossipDriver):
             ids = meta[order, 0].long()
             state.update(msg_ids=ids, msg_rows=rows[order], msg_ages=meta[order, 1].to(state["msg_ages"].dtype),
                          msg_receivers=torch.tensor([self.receiver.get(i, -1) for i in ids.tolist()],
-                                                    dtype=torch.int64))
+                                                    dtype=torch.int64, device="cpu"))
             if self.p2p:                              # every node's row and age, on rank 0
                 state.update(params=self._on_primary(self.params), age=self._on_primary(self.age))
             else:

@@ -40,7 +40,7 @@ class OwnedTraining:
         # hand back views of the call's buffer instead of a copy (the caller uses the rows
         # before its next call and keeps none of them)
         self.views = views
-        self.width = numel + 3 * 8 // torch.empty(0, dtype=dtype).element_size()
+        self.width = numel + 3 * 8 // dtype.itemsize
         self.buffers: list[torch.Tensor] | None = None
         self.capacity = self.calls = 0
         self.gathered = False             # no shared memory here: all_gather
@@ -61,7 +61,7 @@ class OwnedTraining:
         mine = np.flatnonzero(owner == shard.rank)
         buffer = self._buffer(len(nodes))
         if buffer is None:
-            send = torch.empty(len(mine), self.width, dtype=self.dtype)
+            send = torch.empty(len(mine), self.width, dtype=self.dtype, device=shard.device)
             self._write(send, mine, train)
             got = gather_rows(shard, send, np.bincount(owner, minlength=shard.world).tolist(), during)
             every = torch.empty_like(got)
@@ -70,7 +70,7 @@ class OwnedTraining:
             every = buffer[:len(nodes)]
             self._write(every, mine, train, at=mine)      # straight into the shared buffer
             barrier(shard, during)
-        numbers = unpack_numbers(every[:, self.numel:]).numpy()
+        numbers = unpack_numbers(every[:, self.numel:]).cpu().numpy()
         rows = every[:, :self.numel] if self.views else every[:, :self.numel].contiguous()
         return (rows, numbers[:, 0].copy(), numbers[:, 1].astype(np.int64),
                 torch.from_numpy(numbers[:, 2].copy()).float())

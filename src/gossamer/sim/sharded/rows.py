@@ -46,7 +46,7 @@ class ShardedRows:
         with self.timer("eval_s"):
             evaluate = exp.evaluator.evaluate
             mine = nodes[(nodes >= lo) & (nodes < hi)]
-            measured = torch.zeros(len(mine), 2, dtype=torch.float64)
+            measured = torch.zeros(len(mine), 2, dtype=torch.float64, device=own.device)
             if len(mine):                            # all own nodes: the rows as they are
                 rows = own if len(mine) == self.own else own[torch.from_numpy(mine - lo)]
                 acc, loss = evaluate(rows)
@@ -63,8 +63,8 @@ class ShardedRows:
             row.update(dl_metrics.accuracy_row(acc, loss), online=int(self.last_online.sum()),
                        isolated=self.isolated, lost_messages=self.lost, merges_skipped=self.skipped,
                        **dl_metrics.node_bytes_row(self.node_bytes))
-            self.node_accuracy = (np.asarray(nodes), acc.numpy())          # -> nodes.csv
-            row["consensus_distance"] = float(every[:, 0].numpy().sum()) / n
+            self.node_accuracy = (np.asarray(nodes), acc.cpu().numpy())    # -> nodes.csv
+            row["consensus_distance"] = float(every[:, 0].cpu().numpy().sum()) / n
             if exp.cfg.eval.average_model:
                 row.update(dl_metrics.average_model_row(evaluate, mean[None]))
         return row
@@ -75,7 +75,7 @@ class ShardedRows:
         rows = max(1, DISTANCE_CHUNK_BYTES // (8 * max(own.shape[1], 1)))
         out = np.empty(self.own)
         for a in range(0, self.own, rows):
-            diff = (own[a:a + rows] - mean).double().numpy()
+            diff = (own[a:a + rows] - mean).double().cpu().numpy()
             out[a:a + rows] = np.square(diff).sum(axis=1)
         return out
 
@@ -90,7 +90,7 @@ class ShardedRows:
         if self.honest.all():
             return own, self.exp.num_nodes, None
         keep = self.honest[self.shard.lo:self.shard.hi]
-        return own * torch.from_numpy(keep).to(own.dtype)[:, None], int(self.honest.sum()), keep
+        return own * torch.from_numpy(keep).to(own.device, own.dtype)[:, None], int(self.honest.sum()), keep
 
     def _on_primary(self, own: torch.Tensor) -> torch.Tensor | None:
         """Every node's rows of ``own`` (this rank's rows of a ``[N, ...]`` state) on rank 0,
@@ -105,7 +105,7 @@ class ShardedRows:
                 if self.own:
                     dist.send(own.contiguous(), 0)
                 return None
-            full = torch.empty(self.exp.num_nodes, *own.shape[1:], dtype=own.dtype)
+            full = torch.empty(self.exp.num_nodes, *own.shape[1:], dtype=own.dtype, device=own.device)
             full[shard.lo:shard.hi] = own
             for k in range(1, shard.world):
                 a, b = shard.edges[k], shard.edges[k + 1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossamer.sim.sharded.base import Shard, block_sums, rank_lost
+from gossamer.sim.sharded.base import Shard, block_sums, rank_lost, send_recv
 
 
 def merges(ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -82,7 +82,7 @@ def _reduce(rows: torch.Tensor, ids: np.ndarray, holders: np.ndarray, shard: Sha
         raise ValueError(f"rank {rank} holds {int(mine.sum())} blocks but was given {len(rows)} rows")
     width = rows.shape[1:]
     if not len(ids):
-        return torch.zeros(width, dtype=rows.dtype)
+        return torch.zeros(width, dtype=rows.dtype, device=rows.device)
     slot = np.full(len(ids), -1, dtype=np.int64)          # each node's row here, -1 elsewhere
     slot[mine] = np.arange(len(rows))
     for level, (left, right) in enumerate(merges(ids)):
@@ -97,7 +97,7 @@ def _reduce(rows: torch.Tensor, ids: np.ndarray, holders: np.ndarray, shard: Sha
         keep[right] = False
         slot, holders = slot[keep], holders[keep]
     root = int(holders[0])
-    total = rows[int(slot[0])] if root == rank else torch.empty(width, dtype=rows.dtype)
+    total = rows[int(slot[0])] if root == rank else torch.empty(width, dtype=rows.dtype, device=rows.device)
     if shard is not None:
         import torch.distributed as dist
 
@@ -112,20 +112,12 @@ def _across(shard: Shard, rows: torch.Tensor, slot: np.ndarray, left: np.ndarray
             hl: np.ndarray, hr: np.ndarray, level: int, during: str) -> None:
     """One level's additions whose children are on different ranks: the right child's rank sends
     it to the left child's, which adds it (at most one each way a rank, by contiguity)."""
-    import torch.distributed as dist
-
     rank, cross = shard.rank, hl != hr
     sends = np.flatnonzero(cross & (hr == rank))
     recvs = np.flatnonzero(cross & (hl == rank))
-    got = [torch.empty(rows.shape[1:], dtype=rows.dtype) for _ in recvs]
-    try:
-        pending = [dist.isend(rows[int(slot[right[j]])].contiguous(), int(hl[j]), tag=level)
-                   for j in sends]
-        pending += [dist.irecv(buf, int(hr[j]), tag=level) for j, buf in zip(recvs, got, strict=True)]
-        for request in pending:
-            request.wait()
-    except (RuntimeError, dist.DistBackendError) as exc:
-        raise rank_lost(shard, exc, during) from None
+    got = [torch.empty(rows.shape[1:], dtype=rows.dtype, device=rows.device) for _ in recvs]
+    send_recv(shard, [(rows[int(slot[right[j]])].contiguous(), int(hl[j])) for j in sends],
+              [(buf, int(hr[j])) for j, buf in zip(recvs, got, strict=True)], during, tag=level)
     for j, buf in zip(recvs, got, strict=True):
         rows[int(slot[left[j]])] += buf
 

@@ -67,7 +67,7 @@ class ShardedRandomWalkDriver(RandomWalkDriver):
         shard = self.shard
         cuts = even_ranges(self.tokens, shard.world, block=1)
         a, b = cuts[shard.rank]
-        measured = torch.zeros(b - a, 2, dtype=torch.float64)
+        measured = torch.zeros(b - a, 2, dtype=torch.float64, device=self.params.device)
         if b > a:
             acc, loss = self.exp.evaluator.evaluate(self.params[a:b])
             measured[:, 0], measured[:, 1] = acc.double(), loss.double()
