@@ -241,6 +241,12 @@ def test_validate_with_ranks_estimates_each_rank_and_refuses_what_the_machine_ca
     assert est.ranks(2)[1] is None                              # 2 x 300 + 600 MB fit in 2 GB
     lines, refusal = est.ranks(6)                               # 6 x 300 + 600 MB do not
     assert "about 400 MB a rank" in lines[0] and refusal.startswith("--ranks: 6 ranks would hold about 2.4 GB")
+    # on GPUs each rank's share goes to its own GPU: the host holds the builds only
+    est.device, est.device_free = "a test GPU", 250 * 10**6
+    lines, refusal = est.ranks(2)                               # 300 MB a GPU: more than 250 free
+    assert lines[1].startswith("on GPUs: about 300 MB on each rank's GPU")
+    assert refusal.startswith("--ranks: each of 2 ranks would allocate about 300 MB on its GPU")
+    assert est.ranks(3)[1] is None and est.ranks(6)[1] is None  # 200 and 100 MB a GPU; 6 x 300 MB host
     zeroth = write_config({**small_config("fedavg"), "algorithm": {"name": "zo_fedavg"}})
     assert main(["validate", str(zeroth), "--ranks", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -76,15 +76,22 @@ class Estimate:
         """What ``ranks`` ranks on this machine would take (``gossamer validate --ranks``):
         every rank builds the run (its libraries and data: an upper bound, forked ranks share
         the libraries' pages), and what the executor allocates is split by node owner or shared
-        between the ranks (DL rows in shared memory), so the machine holds it about once. Lines
-        to print, and one line naming ``--ranks`` when the machine cannot hold them."""
+        between the ranks (DL rows in shared memory), so the machine holds it about once; on
+        GPUs each rank's share lands on its own GPU (measured against this GPU's free memory).
+        Lines to print, and one line naming ``--ranks`` when the machine or a GPU cannot hold
+        them."""
         built = sum(b for what, b in self.parts if what.startswith("built"))
         planned = self.total - built
-        machine, per_rank = ranks * built + planned, built + planned / ranks
+        gpu = self.device is not None
+        machine, per_rank = ranks * built + (0 if gpu else planned), built + planned / ranks
         have = checks.available_memory_bytes()
         out = [f"with {ranks} ranks on this machine: about {_size(per_rank)} a rank (each builds the run: "
-               f"{_size(built)}), {_size(machine)} in all"
+               f"{_size(built)}), {_size(machine if not gpu else machine + planned)} in all"
                + (f"; {checks.gb(have)} available now" if have is not None else "")]
+        if gpu:
+            out.append(f"on GPUs: about {_size(planned / ranks)} on each rank's GPU (its share of the "
+                       f"population's buffers, client rows and training pass; a GPU a rank); "
+                       f"{checks.gb(self.device_free or 0)} free on {self.device}")
         if self.round_s is not None:
             out.append(f"time with {ranks} ranks: at best ~{self.round_s / ranks:.3g} s per round "
                        f"(training and evaluation split by node owner; 2 ranks on 2 cores measured "
@@ -94,6 +101,10 @@ class Estimate:
             refusal = (f"--ranks: {ranks} ranks would hold about {_size(machine)} on this machine (each "
                        f"builds the run: {_size(built)}), more than the {checks.gb(have)} available; use "
                        f"fewer ranks, or torchrun across machines")
+        elif gpu and self.device_free is not None and planned / ranks > self.device_free:
+            refusal = (f"--ranks: each of {ranks} ranks would allocate about {_size(planned / ranks)} on its "
+                       f"GPU, more than the {checks.gb(self.device_free)} free on {self.device}; use more "
+                       f"ranks (a GPU each, torchrun across machines) or device: cpu")
         return out, refusal
 
 
