@@ -18,7 +18,8 @@ ranks over 1 rank, and whether ``metrics.csv`` is byte-identical across rank cou
 halves`` runs two independent one-process runs of half the nodes each at the same time (FedAvg:
 half the clients a round; D-PSGD and gossip: N / 2 nodes, which then hold twice the data each): the most
 any two processes can gain on this machine (memory and cache are shared), the ceiling for 2
-ranks.
+ranks; ``2 halves as 1 rank`` runs each half as ``--ranks 1`` (the sharded executor's path, which
+the grouped FedAvg means make faster than one process), the ceiling of 2 ranks against 1 rank.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def run(way: str, ranks: int | None, config: str, sets: list[str], out: Path) ->
     return float(summary["loop_time_s"]), (out / "metrics.csv").read_text()
 
 
-def halves(config: str, sets: list[str], out: Path) -> float:
+def halves(config: str, sets: list[str], out: Path, rank: bool = False) -> float:
     """The ceiling of two processes on this machine: two independent one-process runs of half
-    the work each (``sets`` makes it half), at the same time; the slower loop."""
-    args = [sys.executable, "-m", "gossamer", "run", config, "--quiet", *_sets(sets)]
+    the work each (``sets`` makes it half), at the same time (``rank``: each as ``--ranks 1``,
+    the sharded executor's path); the slower loop."""
+    args = [sys.executable, "-m", "gossamer", "run", config, "--quiet", *_sets(sets),
+            *(["--ranks", "1", "--threads", "1"] if rank else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = [subprocess.Popen([*args, "--out", str(out / f"half{k}")], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for k in range(2)]
@@ -96,6 +99,9 @@ def main() -> None:
                 metrics.setdefault(way, text)
             times.setdefault("2 halves", []).append(
                 halves(config, half, Path(tmp) / f"{rep}-halves"))
+            if 1 in counts:          # the same, each half on the sharded executor's path
+                times.setdefault("2 halves, 1 rank each", []).append(
+                    halves(config, half, Path(tmp) / f"{rep}-rank-halves", rank=True))
     sharded = [w for w, r in ways if r is not None]
     identical = len({metrics[w] for w in sharded}) == 1
     base = statistics.median(times[sharded[0]])
@@ -107,6 +113,10 @@ def main() -> None:
               # two independent half-cohort processes at once: what 2 processes can reach here
               "ceiling_2_processes": round(statistics.median(times["one process"]) /
                                            statistics.median(times["2 halves"]), 3),
+              # the same with each half as --ranks 1: the ceiling of 2 ranks against 1 rank
+              "ceiling_2_ranks": (round(statistics.median(times["1 rank"]) /
+                                        statistics.median(times["2 halves, 1 rank each"]), 3)
+                                  if 1 in counts else None),
               "metrics_identical_across_ranks": identical}
     what = {"fedavg": f"FedAvg MNIST-5k, {args.nodes} clients every round",
             "dpsgd": f"D-PSGD MNIST-5k, {args.nodes} nodes, random 4-regular graph",
@@ -121,6 +131,11 @@ def main() -> None:
     print(f"  {'2 halves':12s} loop {statistics.median(ts):7.2f} s (runs {', '.join(f'{t:.2f}' for t in ts)})  "
           f"ceiling {result['ceiling_2_processes']:.2f}x one process (two independent runs of half "
           "the work at once)")
+    if 1 in counts:
+        ts = times["2 halves, 1 rank each"]
+        print(f"  {'2 halves as 1 rank':12s} loop {statistics.median(ts):7.2f} s (runs "
+              f"{', '.join(f'{t:.2f}' for t in ts)})  ceiling {result['ceiling_2_ranks']:.2f}x 1 rank "
+              "(the same, each half as --ranks 1)")
     print(f"  metrics.csv byte-identical across {', '.join(sharded)}: {identical}")
     if args.json:
         print(json.dumps(result))
