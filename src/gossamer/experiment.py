@@ -695,9 +695,14 @@ def _check_privacy(exp: Experiment) -> None:
         if exp.trainer.optimizer.sam_rho:
             raise ConfigError("privacy.dp", "DP-SGD does not combine with SAM (local.sam_rho)")
         return
-    if algorithm.pattern != "sync_fl":
-        raise ConfigError("privacy.dp.level", f"client-level DP runs with synchronous FL "
-                          f"algorithms; {cfg.algorithm.name} is {algorithm.pattern}")
+    buffered = algorithm.pattern == "async_fl" and algorithm.private_sum    # (an AsyncFL rule)
+    if algorithm.pattern != "sync_fl" and not buffered:
+        raise ConfigError("privacy.dp.level", f"client-level DP runs with synchronous FL and with fedbuff "
+                          f"(noise on each buffer's sum of a fixed number of updates); "
+                          f"{cfg.algorithm.name} is {algorithm.pattern}")
+    if buffered and dp.mechanism != "gaussian":
+        raise ConfigError("privacy.dp.mechanism", "asynchronous FL adds Gaussian noise to each buffer's "
+                          "sum; rqm runs with synchronous FL")
     if algorithm.upload_vectors != 1:
         raise ConfigError("privacy.dp.level", f"{cfg.algorithm.name} uploads more than the model "
                           "update (e.g. control variates), which client-level DP does not bound")

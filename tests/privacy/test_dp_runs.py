@@ -248,6 +248,12 @@ def test_epsilon_of_dp_sgd_outside_synchronous_fl_composes_each_nodes_own_steps(
      "privacy.dp.level"),
     ({"privacy": {"dp": SAMPLE}, "local": {"epochs": 1, "batch_size": 16, "lr": 0.1, "sam_rho": 0.05}},
      "privacy.dp"),
+    # asynchronous FL: noise on a buffer's sum of a fixed number of updates (fedbuff), Gaussian
+    ({"privacy": {"dp": CLIENT}, "algorithm": {"name": "fedasync"}}, "privacy.dp.level"),
+    ({"privacy": {"dp": {**CLIENT, "mechanism": "rqm", "noise_multiplier": None}},
+      "algorithm": {"name": "fedbuff"}}, "privacy.dp.mechanism"),
+    ({"privacy": {"dp": CLIENT}, "algorithm": {"name": "fedbuff"},
+      "compression": {"uplink": {"name": "topk", "params": {"density": 0.1}}}}, "privacy.dp.level"),
 ])
 def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, change, field):
     cfg = small_config("fedavg", stop={"rounds": 1})

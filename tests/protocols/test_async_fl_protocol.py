@@ -85,6 +85,53 @@ def test_fedbuff_updates_once_the_buffer_is_full_with_staleness_weights():
     assert torch.allclose(p.state.params, _delta(expected))
 
 
+def test_dp_fedbuff_clips_each_buffered_update_and_adds_the_servers_noise_to_their_sum():
+    """Client-level DP (DP-FedBuff, server noise): each update of a full buffer is clipped to
+    C, noise of std z C keyed by the new version goes on their staleness-weighted sum, and a
+    client's exposure grows by m^2 for its m updates in the buffer."""
+    from gossamer.privacy import BufferLedger
+    from gossamer.privacy.dp import TAG_SERVER, gaussian
+    from gossamer.protocols.upload import BufferDP, ClientDP
+
+    private = BufferDP(ClientDP(clip_norm=1.0, noise_multiplier=0.5, noise="server", seed=7),
+                       BufferLedger(0.5, 1e-5, "rdp"))
+    p = AsyncFLProtocol(FedBuff(buffer_size=3, concurrency=None), np.full(4, 10), seed=0, lr=0.1,
+                        params=torch.zeros(P), private=private)
+    _ask(p, [0, 1], 0.0)
+    p.arrival(0, 1.0, _delta(2.0))                   # norm 2 sqrt(3): clipped to norm 1
+    _ask(p, [0], 1.0)
+    p.arrival(0, 2.0, _delta(0.1))                   # inside the ball: as it is
+    step = p.arrival(1, 3.0, torch.tensor([0.0, 0.0, -3.0]))
+    assert step.update[0].tolist() == [0, 0, 1]
+    clipped = _delta(1.0 / math.sqrt(3.0)) + _delta(0.1) + torch.tensor([0.0, 0.0, -1.0])
+    noise = gaussian(7, TAG_SERVER, np.array([[1]]), P)[0] * 0.5
+    assert torch.allclose(p.state.params, (clipped + noise) / 3, atol=1e-7)
+    assert not torch.allclose(p.state.params, clipped / 3, atol=1e-3)      # the noise is there
+    assert private.ledger.exposure == {0: 4, 1: 1} and private.ledger.most == 4
+
+
+def test_a_buffer_ledger_composes_each_clients_squared_contributions():
+    """Exposure m^2 at noise z is the privacy of one update at noise z / m (the Gaussian
+    mechanism's RDP is a m^2 / (2 z^2)); epsilon grows with exposure, is the most exposed
+    client's, and survives a checkpoint."""
+    from gossamer.privacy import BufferLedger
+
+    twice = BufferLedger(2.0, 1e-5, "rdp")
+    twice.update(np.array([5, 5, 3]))               # client 5 twice in one buffer: exposure 4
+    once = BufferLedger(1.0, 1e-5, "rdp")
+    once.update(np.array([9]))
+    assert twice.epsilon() == pytest.approx(once.epsilon(), rel=1e-12) and twice.epsilon() > 0
+    before = twice.epsilon()
+    twice.update(np.array([3, 4]))                  # client 3 now at 2, still below client 5
+    assert twice.epsilon() == before
+    twice.update(np.array([3, 3]))                  # client 3 at 6: the most exposed
+    assert twice.most == 6 and twice.epsilon() > before
+    again = BufferLedger(2.0, 1e-5, "rdp")
+    again.load_state_dict(twice.state_dict())
+    assert again.exposure == twice.exposure and again.epsilon() == twice.epsilon()
+    assert BufferLedger(2.0, 1e-5, "rdp").epsilon() == 0.0
+
+
 def test_max_staleness_discards_and_counts_but_frees_the_slot():
     p = _protocol(FedAsync(concurrency=None, max_staleness=0, alpha=0.5, staleness_fn="constant"))
     _ask(p, [0, 1], 0.0)

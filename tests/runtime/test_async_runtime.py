@@ -132,19 +132,25 @@ SIGN_EF21 = {"uplink": {"name": "sign"}, "feedback": "ef21"}
 QSGD = {"uplink": {"name": "qsgd", "params": {"levels": 8}}, "feedback": "none"}
 
 
-@pytest.mark.parametrize("name,params,compression", [
+def _dp(noise: str) -> dict:
+    return {"privacy": {"dp": {"level": "client", "clip_norm": 0.5, "noise_multiplier": 0.8, "noise": noise}}}
+
+
+@pytest.mark.parametrize("name,params,sections", [
     ("fedcompass", {"max_local_steps": 8}, None),
     ("afa_cd", {"buffer_size": 2, "max_local_steps": 6, "think_time_s": 0.05}, None),
     ("afa_cs", {"buffer_size": 3, "max_local_steps": 5, "max_staleness": 4}, None),
     ("async_fedavg", {"aggregation": "task_time", "server_lr": 0.25}, None),
     ("fedast", {"buffer_sizes": [2, 2]}, None),
-    ("fedbuff", {"buffer_size": 2, "concurrency": 3}, TOPK_EF),
-    ("fedasync", {"concurrency": 3}, QSGD),
-    ("afa_cd", {"buffer_size": 2, "max_local_steps": 6}, SIGN_EF21),
+    ("fedbuff", {"buffer_size": 2, "concurrency": 3}, {"compression": TOPK_EF}),
+    ("fedasync", {"concurrency": 3}, {"compression": QSGD}),
+    ("afa_cd", {"buffer_size": 2, "max_local_steps": 6}, {"compression": SIGN_EF21}),
+    ("fedbuff", {"buffer_size": 2, "concurrency": 3}, _dp("server")),
+    ("fedbuff", {"buffer_size": 3, "concurrency": 4}, _dp("clients")),
 ], ids=["fedcompass", "afa_cd", "afa_cs", "async_fedavg", "fedast", "fedbuff-topk-ef", "fedasync-qsgd",
-        "afa_cd-sign-ef21"])
+        "afa_cd-sign-ef21", "fedbuff-dp-server", "fedbuff-dp-clients"])
 def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params,
-                                                                                        compression):
+                                                                                        sections):
     """FedCompass groups and AFA think times, parity without real time: the simulator runs and
     its event log (asks, uploads, timers, with simulated times) is replayed into an in-process
     AsyncCoordinator whose clock reads the scripted time. Each ask goes through ``_task`` one
@@ -157,7 +163,9 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     feedback row and sends the bytes, the coordinator decodes them against the task; both sides
     train with batches fixed by the population (``batch_width``), so a client's row is the
     simulator's bit for bit and so are the encoded bytes (a top-k or a rounding decision never
-    sits on a float difference)."""
+    sits on a float difference). Client-level DP (DP-FedBuff): the coordinator's protocol clips
+    each buffered update and adds the server's noise to their sum, or each client clips and adds
+    its share keyed by its task; the same bits and the same epsilon as the simulator."""
     from gossamer import config
     from gossamer.runtime import schema
     from gossamer.runtime.async_server import AsyncCoordinator
@@ -169,11 +177,11 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     raw = _cfg(name, 12, **params)
     raw["system"] = PARITY_SYSTEM
     raw["runtime"]["round_timeout_s"] = 1e9                  # no task is lost to the wall clock
-    if compression is not None:
-        raw["compression"] = compression
+    raw.update(sections or {})
+    compression = (sections or {}).get("compression")
     cfg = config.validate(raw)
     exp = build_experiment(cfg)
-    if compression is not None:
+    if sections is not None:
         exp.trainer.batch_width = "population"
     sim = driver_for(exp.algorithm.pattern)(exp)
     log, sim_updates = _record_events(sim), _updates(sim.protocol)
@@ -188,7 +196,7 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     sent: dict[int, tuple] = {}
     for i, client in clients.items():
         client._send = lambda message, round_, *rest, i=i: sent.__setitem__(i, (round_, message))
-        if compression is not None:
+        if sections is not None:
             client.exp.trainer.batch_width = "population"
     with coordinator.lock:
         coordinator.protocol.restart(0.0)
@@ -226,8 +234,16 @@ def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_
     assert [(c, s) for c, s, _ in runtime_updates] == [(c, s) for c, s, _ in sim_updates]
     for (_, _, ours), (_, _, theirs) in zip(runtime_updates, sim_updates, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
-    if compression is not None:
+    if sections is not None:
         assert torch.equal(runtime_updates[-1][2], sim_updates[-1][2])     # the same bits
+    if "privacy" in (sections or {}):
+        assert coordinator.private.ledger.exposure == sim.private.ledger.exposure
+        assert coordinator.private.ledger.epsilon() == sim.private.ledger.epsilon() > 0
+        with coordinator.lock:                          # each row and checkpoint carries them
+            snap = coordinator._snapshot()
+        assert "epsilon" in coordinator.columns and snap["row"]["epsilon"] == sim.evaluate()["epsilon"]
+        assert snap["protocol"]["dp_ledger"]["exposure"].sum() > 0
+    if compression is not None:
         if compression["feedback"] == "ef21":
             assert set(coordinator.estimates) == set(range(4))
             for node, estimate in coordinator.estimates.items():      # the server's copy = the client's

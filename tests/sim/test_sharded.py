@@ -833,21 +833,23 @@ def test_dp_accounting_on_ranks_resumes_with_another_rank_count(tmp_path, capfd)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm, params", [
-    ("dpsgd", {}),
-    ("gossip", {"mode": "push_pull", "period_s": 1.0}),
-    ("fedbuff", {"concurrency": 12, "buffer_size": 4}),
-])
-def test_sample_level_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algorithm, params):
+@pytest.mark.parametrize("algorithm, params, level", [
+    ("dpsgd", {}, "sample"),
+    ("gossip", {"mode": "push_pull", "period_s": 1.0}, "sample"),
+    ("fedbuff", {"concurrency": 12, "buffer_size": 4}, "sample"),
+    ("fedbuff", {"concurrency": 12, "buffer_size": 4}, "client"),
+], ids=["dpsgd", "gossip", "fedbuff", "dp_fedbuff"])
+def test_dp_outside_synchronous_fl_on_ranks(tmp_path, capfd, algorithm, params, level):
     """DP-SGD's clipping and noise happen in each node's training, its noise keyed by the node,
     its update and the step: 1 and 2 ranks write the same bytes (D-PSGD and asynchronous FL:
     one process's; gossip: its per-node scores), epsilon included (each rank records its own
-    nodes' steps; a row sums them over the ranks)."""
+    nodes' steps; a row sums them over the ranks). Client-level DP in FedBuff: every rank runs
+    the protocol, which clips each full buffer and adds its noise alike."""
     import gossamer
 
     cfg = _event_config(algorithm, params, nodes=40, stop={"rounds": 12 if algorithm == "fedbuff" else 3},
                         eval={"every": 3 if algorithm == "fedbuff" else 1},
-                        privacy={"dp": {"level": "sample", "noise_multiplier": 0.8, "clip_norm": 1.0}})
+                        privacy={"dp": {"level": level, "noise_multiplier": 0.8, "clip_norm": 1.0}})
     cfg["partition"] = {"name": "iid", "num_nodes": 40}   # one sampling rate: one accountant curve
     path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -82,6 +82,7 @@ class AsyncFLProtocol(CompassGroups):
     lost_tasks: int = 0
     last_staleness: float | None = None
     stopped: bool = False               # the executor has its updates: no more work or updates
+    private: Any = None                 # client-level DP (protocols.upload.BufferDP): DP-FedBuff
 
     Step = Step                         # for the FedCompass mixin
 
@@ -306,8 +307,11 @@ class AsyncFLProtocol(CompassGroups):
         task_s = np.array([e.end_s - e.task.start_s for e in entries], dtype=np.float64)
         steps = np.array([e.task.steps for e in entries], dtype=np.int64)
         model = entries[0].task.model if entries else 0
+        noise = None
+        if self.private is not None:    # DP-FedBuff: the buffer's clipped updates, noise on their sum
+            messages, noise = self.private.server(messages, clients, self.state.version + 1)
         self.state = algo.aggregate(self.state, messages, staleness, clients, self.sizes, lr=self.lr,
-                                    task_s=task_s, steps=steps, model=model)
+                                    task_s=task_s, steps=steps, model=model, noise=noise)
         self.last_staleness = float(staleness.mean()) if entries else None
         return Step(update=(clients, staleness))
 
@@ -329,7 +333,8 @@ class AsyncFLProtocol(CompassGroups):
                 "schedule": None if self.schedule is None else tensors(self.schedule.state_dict()),
                 "counters": [self.t0, self.dispatches, self.periods, self.accepted, self.lost_tasks,
                              self.last_staleness, self.stopped],
-                "accounting": tensors(self.acct.state_dict())}
+                "accounting": tensors(self.acct.state_dict()),
+                "dp_ledger": None if self.private is None else self.private.ledger.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = dataclasses.replace(self.algorithm.init_state(state["params"]), params=state["params"],
@@ -351,3 +356,5 @@ class AsyncFLProtocol(CompassGroups):
             state["counters"]
         self.t0 = float(t0)
         self.acct.load_state_dict(state["accounting"])
+        if self.private is not None and state.get("dp_ledger") is not None:
+            self.private.ledger.load_state_dict(state["dp_ledger"])

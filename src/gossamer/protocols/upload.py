@@ -206,8 +206,9 @@ class ClientDP:
             return clip_rows(delta, self.clip_norm) if masked else delta
         clipped = clip_rows(delta, self.clip_norm)
         std = self.noise_multiplier * self.clip_norm
-        if std > 0:
-            keys = np.stack([np.asarray(clients, dtype=np.int64), np.full(len(clients), round)], axis=1)
+        if std > 0:              # keyed (client, round), or (client, task key): ``round`` a row each
+            keys = np.stack([np.asarray(clients, dtype=np.int64),
+                             np.broadcast_to(np.asarray(round, dtype=np.int64), (len(clients),))], axis=1)
             clipped = clipped + gaussian(self.seed, TAG_CLIENT_SHARE, keys, clipped.shape[1], clipped.device) \
                 * (std / np.sqrt(expected))
         return clipped
@@ -229,6 +230,40 @@ class ClientDP:
         if std > 0 and self.noise == "server":
             total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), total.shape[0], total.device)[0] * std
         return total / expected
+
+
+@dataclass
+class BufferDP:
+    """Client-level DP of a buffered asynchronous rule (DP-FedBuff; FedBuff's paper, Nguyen et
+    al. 2022, runs DP this way): each server update is DP-FedAvg's step over its buffer of ``K``
+    updates, each clipped to ``C`` (by the server, or by the clients with ``noise: clients``,
+    who add their noise shares of std ``z C / sqrt(K)``), noise of std ``z C`` on the buffer's
+    sum (``noise: server``), divided by ``K``; the ledger counts each client's exposure
+    (:class:`gossamer.privacy.BufferLedger`). A rule's staleness weights are at most 1, so a
+    weighted update stays in the ball."""
+
+    dp: ClientDP
+    ledger: object                     # gossamer.privacy.BufferLedger
+
+    def client(self, messages: torch.Tensor, clients: np.ndarray, keys: np.ndarray, buffer: int) -> torch.Tensor:
+        """The clients' side of their updates ``[B, P]`` (tasks ``keys``): with ``noise: clients``
+        clipped and noised; else as they are (the server clips)."""
+        return self.dp.client(messages, clients, keys, buffer) if self.dp.noise == "clients" else messages
+
+    def server(self, messages: torch.Tensor, clients: np.ndarray, version: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One full buffer's updates ``[K, P]`` from ``clients`` for server update ``version``:
+        the updates the rule sums (clipped here with server noise) and the noise to add to its
+        sum (None with client noise); the ledger records the update."""
+        from gossamer.privacy.dp import TAG_SERVER, clip_rows, gaussian
+
+        self.ledger.update(clients)
+        dp = self.dp
+        std = dp.noise_multiplier * dp.clip_norm
+        if dp.noise == "clients":
+            return messages, None
+        noise = gaussian(dp.seed, TAG_SERVER, np.array([[version]]), messages.shape[1], messages.device)[0] * std
+        return clip_rows(messages, dp.clip_norm), noise
 
 
 def dp_secure_mean(dp: ClientDP, mean: np.ndarray, survivors: int, round: int, expected: int) -> torch.Tensor:
@@ -314,6 +349,16 @@ def build_pipeline(cfg, algorithm, numel: int, compressor: Compressor | None) ->
     if pipe.secagg is not None:
         pipe.extra_columns.append("secagg_aborted")
     return pipe
+
+
+def build_buffer_dp(cfg, pipe: Pipeline) -> BufferDP | None:
+    """Client-level DP of a buffered asynchronous run (``privacy.dp.level: client``), or None."""
+    dp = cfg.privacy.dp
+    if pipe.dp is None:
+        return None
+    from gossamer.privacy import BufferLedger
+
+    return BufferDP(pipe.dp, BufferLedger(dp.noise_multiplier, dp.delta, dp.accountant))
 
 
 def build_ledger(cfg, numel: int, sizes, num_nodes: int):

@@ -18,6 +18,10 @@
   (client, task key); the coordinator decodes it against the task it dispatched (EF21: with its
   copy of the client's estimate, checkpointed) and hands the protocol base plus the decoded
   difference, as the simulator's driver does. Undecodable bytes are a rejected upload.
+- **Client-level DP** (``privacy.dp.level: client``, FedBuff): the protocol clips each update
+  of a full buffer and adds the server's noise to their sum (``noise: server``), or the clients
+  clip theirs and add their noise shares keyed by (client, task key), as in the simulator;
+  epsilon in each row.
 
 - **FAVANO.** A task's header says how long until the server pulls its progress
   (``pull_in_s``); the client trains the steps that fit before then (at least one, at most
@@ -44,7 +48,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import build_pipeline, message_base
+from gossamer.protocols.upload import build_buffer_dp, build_pipeline, message_base
 from gossamer.runtime import schema
 from gossamer.runtime.codec import KIND_ENCODED, WireError, read_counted_model
 from gossamer.runtime.common import RunFailed, log
@@ -72,13 +76,17 @@ class AsyncCoordinator(BaseCoordinator):
         super().__init__(cfg, run_dir, resume=resume, listen=listen)
 
     def _init_pipeline(self) -> None:
-        """Compressed uploads: the stage that decodes them, and each client's EF21 estimate."""
-        self.compress = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink).compress
+        """Compressed uploads: the stage that decodes them, and each client's EF21 estimate;
+        client-level DP (DP-FedBuff), which the protocol runs on each full buffer."""
+        pipe = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink)
+        self.compress, self.private = pipe.compress, build_buffer_dp(self.cfg, pipe)
         self.estimates: dict[int, torch.Tensor] = {}
+        if self.private is not None:
+            self.columns = ASYNC_COLUMNS + ["epsilon"]
 
     def _init_state(self):
         self.protocol = AsyncFLProtocol(self.algorithm, self.exp.trainer.sizes, self.cfg.seed,
-                                        float(self.cfg.local.lr), self.exp.init_params)
+                                        float(self.cfg.local.lr), self.exp.init_params, private=self.private)
         return self.protocol.state
 
     # the protocol holds the server state; these read through to it
@@ -269,7 +277,8 @@ class AsyncCoordinator(BaseCoordinator):
                 "row": {"round": version, "sim_time_s": self.clock(), "bytes_up": self.bytes_up,
                         "bytes_down": self.bytes_down, "updates": version, "mean_staleness": p.last_staleness,
                         "in_flight": len(self.tasks), "accepted": p.accepted, "discarded": self.acct.discarded,
-                        "lost_messages": p.lost_tasks}}
+                        "lost_messages": p.lost_tasks,
+                        **({"epsilon": p.private.ledger.epsilon()} if p.private is not None else {})}}
 
     def _row(self, snap: dict[str, Any]) -> dict[str, Any]:
         acc, loss = self.exp.evaluator.evaluate(snap["params"].reshape(1, -1))
@@ -288,6 +297,8 @@ class AsyncCoordinator(BaseCoordinator):
                        time_to_targets={str(g): reached.get(str(g)) for g in self.cfg.eval.targets},
                        accepted_updates=self.protocol.accepted, lost_messages=self.lost,
                        concurrency=self.protocol.concurrency, **acct)
+        if self.private is not None:
+            summary.update(dp_epsilon=self.private.ledger.epsilon(), dp_delta=self.cfg.privacy.dp.delta)
         self._write(summary)
         return summary
 

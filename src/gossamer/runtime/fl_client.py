@@ -248,6 +248,8 @@ class Client(PersonalClient, Rehoming):
                 self.step_s = (time.monotonic() - began) / max(1, int(result.steps[0]))
             began = time.monotonic()
             message = algo.client_message(result.params, model, result.steps, self.cfg.local.lr)
+            if self.pipeline.dp is not None:    # DP-FedBuff with noise: clients (else the server clips)
+                message = self.pipeline.dp.client(message, nodes, round_, algo.due(0))
             compress = self.pipeline.compress
             if compress is None:
                 self._send(message[0], round_)

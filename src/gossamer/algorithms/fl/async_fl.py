@@ -89,6 +89,9 @@ class AsyncFL(Algorithm):
     # what a client that did not move would upload: its start model (True) or zeros (an
     # update or a direction); compressed uploads encode the message minus this base
     uploads_model: ClassVar[bool] = False
+    # a server update is a weighted sum (weights at most 1) of a fixed number of updates, to
+    # which client-level DP adds its noise (``aggregate(..., noise=)``: DP-FedBuff)
+    private_sum: ClassVar[bool] = False
 
     concurrency: int | None = 10
     max_staleness: int | None = None
@@ -220,6 +223,7 @@ class FedBuff(AsyncFL):
     """
 
     trigger = "buffer"
+    private_sum = True
     buffer_size: int = 5
     server_lr: float = 1.0
 
@@ -233,11 +237,15 @@ class FedBuff(AsyncFL):
     def aggregate(self, state: AsyncServerState, messages: torch.Tensor, staleness: np.ndarray,
                   clients: np.ndarray, sizes: np.ndarray, lr: float | None = None,
                   **context: Any) -> AsyncServerState:
-        """Apply one full buffer (``B == buffer_size`` updates)."""
+        """Apply one full buffer (``B == buffer_size`` updates); ``context["noise"]`` ``[P]``
+        (client-level DP) is added to the weighted sum."""
         if messages.shape[0] != self.buffer_size:
             raise ValueError(f"FedBuff applies exactly {self.buffer_size} updates, got {messages.shape[0]}")
         w = torch.as_tensor(self.weights(staleness), dtype=messages.dtype, device=messages.device)
-        step = (w @ messages) / self.buffer_size
+        total = w @ messages
+        if context.get("noise") is not None:
+            total = total + context["noise"]
+        step = total / self.buffer_size
         return AsyncServerState(state.params + self.server_lr * step, state.version + 1)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from gossamer.population.columns import SparseColumn
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import Uploads, build_pipeline, message_base
+from gossamer.protocols.upload import Uploads, build_buffer_dp, build_pipeline, message_base
 from gossamer.sim.drivers.async_fl_records import AsyncFLRecords, SimTask
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment
@@ -45,8 +45,15 @@ class AsyncFLDriver(AsyncFLRecords, Driver):
     def __init__(self, exp: Experiment) -> None:
         super().__init__(exp)
         self.algorithm = exp.algorithm
+        # compressed uploads (compression.uplink): each task's message, with the client's
+        # feedback row (EF residual, EF21 estimate) kept for the whole population; client-level
+        # DP (DP-FedBuff): clipped updates, noise on each buffer's sum, epsilon in each row
+        pipe = build_pipeline(exp.cfg, exp.algorithm, exp.spec.numel, exp.uplink)
+        self.private = build_buffer_dp(exp.cfg, pipe)
+        if self.private is not None:
+            self.columns = self.columns + ["epsilon"]
         self.protocol = AsyncFLProtocol(exp.algorithm, exp.trainer.sizes, exp.cfg.seed, float(exp.cfg.local.lr),
-                                        exp.init_params)
+                                        exp.init_params, private=self.private)
         self.registered = exp.population is not None      # nothing of length N (docs/scale.md)
         self.has_data = self.protocol.has_data
         self.faults = exp.faults if exp.faults is not None and exp.faults.enabled else None
@@ -60,9 +67,6 @@ class AsyncFLDriver(AsyncFLRecords, Driver):
         # local steps of delivered tasks
         self.client_steps = SparseColumn(exp.num_nodes) if self.registered else np.zeros(exp.num_nodes, dtype=np.int64)
         self.batch_size = exp.trainer.schedule.batch_size
-        # compressed uploads (compression.uplink): each task's message, with the client's
-        # feedback row (EF residual, EF21 estimate) kept for the whole population
-        pipe = build_pipeline(exp.cfg, exp.algorithm, exp.spec.numel, exp.uplink)
         self.compress = pipe.compress
         self.up_bytes = exp.message_bytes if self.compress is None else pipe.upload_bytes(1)
         self.stage_state: dict[str, torch.Tensor] = {}
@@ -274,8 +278,10 @@ class AsyncFLDriver(AsyncFLRecords, Driver):
         if self.attack:
             trained = exp.adversary.corrupt(trained, rows, exp.adversary.byzantine[nodes], first.task_id)
         messages = self.algorithm.client_message(trained, rows, steps, self.protocol.lr)
+        keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
+        if self.private is not None:       # noise: clients: each clips and adds its share
+            messages = self.private.client(messages, nodes, keys, self.algorithm.due(0))
         if self.compress is not None:      # what the server decodes
-            keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
             messages = self._compressed(nodes, keys, rows, messages)
         return messages
 

@@ -46,6 +46,8 @@ class AsyncFLRecords:
         row.update(test_accuracy=float(acc[0]), test_loss=float(loss[0]), updates=self.state.version,
                    mean_staleness=p.last_staleness, in_flight=len(self._live), accepted=p.accepted,
                    discarded=self.acct.discarded, lost_messages=p.lost_tasks)
+        if p.private is not None:                    # DP-FedBuff: the most exposed client's
+            row["epsilon"] = p.private.ledger.epsilon()
         return row
 
     def global_params(self) -> torch.Tensor:
@@ -56,6 +58,8 @@ class AsyncFLRecords:
         out.update(server_updates=self.state.version, accepted_updates=self.protocol.accepted,
                    lost_messages=self.protocol.lost_tasks, concurrency=self.protocol.concurrency,
                    max_in_flight=self.max_in_flight)
+        if self.protocol.private is not None:
+            out.update(dp_epsilon=self.protocol.private.ledger.epsilon(), dp_delta=self.exp.cfg.privacy.dp.delta)
         if self.registered:
             ids, steps = self.client_steps.written()
             out["mean_local_steps_per_participant"] = float(steps.mean()) if len(ids) else 0.0

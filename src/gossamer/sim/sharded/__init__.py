@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from gossamer.sim.experiment import Experiment
 
 REFUSED = ("faults and model attacks with CHOCO-SGD (refused in one process too), compression (but in FL), "
-           "client-level DP, secure aggregation, contribution scores and hierarchies (but in synchronous FL), a registered "
+           "client-level DP (but in FL), secure aggregation, contribution scores and hierarchies (but in synchronous FL), a registered "
            "population (synchronous DL) and availability changes (CHOCO-SGD)")
 
 
@@ -91,8 +91,8 @@ def check_config(cfg: ExperimentConfig, ranks: int | None = None) -> None:
         features.update(compression=False, privacy=False, adversary=False,     # over every upload
                         **{"contribution.methods": False, "hierarchy.levels": False,
                            "partition.test_fraction": False})      # every client's test rows
-    if algo.pattern == "async_fl":      # every rank forms every upload, compressed alike
-        features.update(compression=False)
+    if algo.pattern == "async_fl":      # every rank forms every upload, compressed and noised alike
+        features.update(compression=False, privacy=False)
     # asynchronous FL, MoDeST: every rank holds every trained model; DL, gossip: crafted on the
     # receiver's owner, keyed by it; CHOCO-SGD: data attacks only (as in one process)
     if algo.pattern != "choco" or _data_attacks_only(cfg):
