@@ -321,8 +321,7 @@ def test_fetchsgd_refusals_are_one_line():
         build_experiment(config.validate(scaffold))
     from gossamer.runtime.common import refuse_simulator_only
 
-    with pytest.raises(ConfigError, match="compression.feedback.*simulator only"):
-        refuse_simulator_only(config.validate(fetch_config()))
+    refuse_simulator_only(config.validate(fetch_config()))     # real processes run it too
 
 
 def test_a_sketched_gradient_still_reveals_the_image_it_was_computed_on():

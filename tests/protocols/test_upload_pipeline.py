@@ -53,6 +53,26 @@ def test_undecodable_bytes_are_one_value_error():
         comp.from_bytes(b"", P, 2, 0, 1, None)
 
 
+def test_a_fetchsgd_upload_is_its_sketch_checked_never_decoded_alone():
+    """The coordinator keeps each FetchSGD upload as its count sketch's table (summed with the
+    others by ``Compress.fetch``): a client's bytes give back its table bit for bit, and a
+    payload of the wrong size or with a non-finite bucket is one ValueError (a refused upload)."""
+    from gossamer.protocols.upload import Pipeline
+
+    sketch = build_compressor("countsketch", {"rows": 3, "ratio": 0.2, "density": 0.05})
+    pipe = Pipeline(P, 1, compress=Compress(sketch, "fetchsgd", seed=5))
+    up, _, _ = pipe.compress.apply(_uploads(clients=(2,)), {})
+    data = pipe.compress.to_bytes(up)
+    row, decoded = pipe.decode(data, 2, 3, torch.zeros(P), None)
+    assert decoded is None and torch.equal(row, up.encoded.parts["table"][0].reshape(-1))
+    with pytest.raises(ValueError, match="bytes"):
+        pipe.decode(data[:-4], 2, 3, torch.zeros(P), None)
+    bad = np.frombuffer(data, dtype="<f4").copy()
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        pipe.decode(bad.tobytes(), 2, 3, torch.zeros(P), None)
+
+
 @pytest.mark.parametrize("noise", ["clients", "server"])
 def test_dp_fedavg_split_into_client_and_server_halves_is_dp_fedavg(noise):
     up = _uploads()

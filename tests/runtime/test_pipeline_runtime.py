@@ -38,6 +38,10 @@ CASES = {
     "dp_server_noise": {"privacy": {"dp": {"level": "client", "clip_norm": 0.5,
                                            "noise_multiplier": 0.8, "noise": "server"}}},
     "batchnorm": {"model": {"name": "mlp_bn", "params": {"hidden": [16]}}},   # per-node statistics
+    # sketches the coordinator sums, never decodes alone; its momentum and error sketches
+    "fetchsgd": {"compression": {"uplink": {"name": "countsketch",
+                                            "params": {"rows": 5, "ratio": 0.1, "density": 0.05}},
+                                 "feedback": "fetchsgd", "momentum": 0.9}},
     "dp_in_the_secure_sum": {"privacy": {"secure_aggregation": {"threshold": 0.5},
                                          "dp": {"level": "client", "clip_norm": 0.5,
                                                 "noise_multiplier": 0.8, "noise": "clients"}}},

@@ -311,7 +311,10 @@ class Pipeline:
                estimate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Server side of one encoded upload: the row the algorithm aggregates (``start +
         update``, then the float32 extras) and the decoded update (EF21: the client's new
-        estimate, given its previous one); ValueError when the bytes do not decode."""
+        estimate, given its previous one); ValueError when the bytes do not decode. FetchSGD: a
+        sketch is never decoded alone; the row is its table, flat, for :meth:`Compress.fetch`."""
+        if self.compress is not None and self.compress.feedback == "fetchsgd":
+            return self.compress.compressor.table_from_bytes(data, self.numel).reshape(-1), None
         if self.compress is not None:
             decoded, extra = self.compress.from_bytes(data, self.numel, self.vectors, client, round,
                                                       estimate)

@@ -142,6 +142,3 @@ def refuse_simulator_only(cfg) -> None:
     if (algorithm.personalized and not algorithm.runs_on_processes) or not algorithm.communicates:
         raise ConfigError("algorithm.name", f"{cfg.algorithm.name} runs in the simulator only so far "
                           "(real processes run ditto, fedrep, fedbn, fedcac and fedpub); use `gossamer run`")
-    if cfg.compression.feedback == "fetchsgd":       # the coordinator decodes each upload alone
-        raise ConfigError("compression.feedback", "fetchsgd runs in the simulator only so far; "
-                          "use `gossamer run`")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +229,18 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         self.participants = len(received)
 
     def _server_stages(self, r: int, uploads: torch.Tensor, nodes: np.ndarray) -> torch.Tensor:
-        """The upload pipeline's server side before aggregation: DP-FedAvg's noisy mean of the
-        updates (every row becomes ``start + mean``, as in the simulator) and the ledger."""
+        """The upload pipeline's server side before aggregation: FetchSGD's step from the summed
+        sketches, or DP-FedAvg's noisy mean of the updates (every row becomes ``start + step``,
+        as in the simulator) and the ledger."""
         pipe, ledger, rnd = self.pipeline, self.dp_ledger, self.last_round
+        if pipe.compress is not None and pipe.compress.feedback == "fetchsgd":
+            # FetchSGD: the sketches' weighted mean moves the server's momentum and error
+            # sketches, and every row becomes start + update, as the simulator's _fetchsgd
+            tables = uploads.reshape(len(uploads), pipe.compress.compressor.rows, -1)
+            weights = self.algorithm.mean_weights(self.exp.trainer.sizes[nodes])
+            update, extra = pipe.compress.fetch(self.state.extra, tables, weights, self.numel)
+            self.state = replace(self.state, extra=extra)
+            return self.state.params.reshape(-1) + update.expand(len(uploads), -1)
         if pipe.dp is not None:
             if pipe.secagg is None:                 # with secure aggregation: done in the sum
                 mean = pipe.dp.server(uploads, r, rnd.expected)
