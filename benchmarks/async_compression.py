@@ -4,8 +4,9 @@ Usage: python benchmarks/async_compression.py [--config examples/heterogeneous/f
                                               [--uplink-Bps 1.25e5] [--json]
 
 Runs the config (by default FedBuff on the heterogeneous MNIST-5k setting, 150 simulated
-seconds) once per way: float32 uploads, top-k 1% with and without error feedback, QSGD with
-16 levels, and sign with error feedback, each with the clients' uplink set to ``--uplink-Bps``.
+seconds) once per way: float32 uploads, top-k 1% with and without error feedback, DGC at 1%
+(momentum correction 0.9, no warm-up), QSGD with 16 levels, and sign with error feedback, each
+with the clients' uplink set to ``--uplink-Bps``.
 Prints, per way, the bytes of one upload, the server updates made, the simulated seconds to
 each accuracy target of ``eval.targets`` and the accuracy at the end (and the best). Results
 are deterministic given the config's seed (simulated time), so one run each suffices.
@@ -22,6 +23,7 @@ WAYS = {
     "float32": None,
     "top-k 1% + EF": {"uplink": {"name": "topk", "params": {"density": 0.01}}, "feedback": "ef"},
     "top-k 1%, no feedback": {"uplink": {"name": "topk", "params": {"density": 0.01}}, "feedback": "none"},
+    "DGC, top-k 1%": {"uplink": {"name": "topk", "params": {"density": 0.01}}, "feedback": "dgc"},
     "QSGD, 16 levels": {"uplink": {"name": "qsgd", "params": {"levels": 16}}, "feedback": "none"},
     "sign + EF": {"uplink": {"name": "sign"}, "feedback": "ef"},
 }

@@ -743,9 +743,12 @@ def _attach_compression(exp: Experiment) -> None:
     if islands and comp.feedback != "none":
         raise ConfigError("compression.feedback", f"{cfg.algorithm.name} compresses each "
                           "exchange on its own: feedback none only")
-    if asynchronous and comp.feedback not in ("none", "ef", "ef21"):
+    if asynchronous and comp.feedback not in ("none", "ef", "ef21", "dgc"):
         raise ConfigError("compression.feedback", f"asynchronous FL compresses each task's update "
-                          f"with feedback none, ef or ef21; {comp.feedback} needs synchronous rounds")
+                          f"with feedback none, ef, ef21 or dgc; {comp.feedback} needs synchronous rounds")
+    if asynchronous and comp.feedback == "dgc" and comp.warmup_rounds:
+        raise ConfigError("compression.warmup_rounds", "asynchronous FL has no rounds for DGC's density "
+                          "to warm up over (each task is compressed alone): set it to 0")
     if not (islands or asynchronous or algorithm.pattern == "sync_fl"):
         raise ConfigError("compression.uplink", f"upload compression runs with synchronous and "
                           f"asynchronous FL algorithms; {cfg.algorithm.name} is {algorithm.pattern}")

@@ -130,6 +130,7 @@ PARITY_SYSTEM = {"sample_time_s": {"dist": "per_node", "values": [0.0005, 0.001,
 TOPK_EF = {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "ef"}
 SIGN_EF21 = {"uplink": {"name": "sign"}, "feedback": "ef21"}
 QSGD = {"uplink": {"name": "qsgd", "params": {"levels": 8}}, "feedback": "none"}
+DGC = {"uplink": {"name": "topk", "params": {"density": 0.05}}, "feedback": "dgc", "clip_norm": 1.0}
 
 
 def _dp(noise: str) -> dict:
@@ -145,10 +146,11 @@ def _dp(noise: str) -> dict:
     ("fedbuff", {"buffer_size": 2, "concurrency": 3}, {"compression": TOPK_EF}),
     ("fedasync", {"concurrency": 3}, {"compression": QSGD}),
     ("afa_cd", {"buffer_size": 2, "max_local_steps": 6}, {"compression": SIGN_EF21}),
+    ("fedasync", {"concurrency": 3}, {"compression": DGC}),
     ("fedbuff", {"buffer_size": 2, "concurrency": 3}, _dp("server")),
     ("fedbuff", {"buffer_size": 3, "concurrency": 4}, _dp("clients")),
 ], ids=["fedcompass", "afa_cd", "afa_cs", "async_fedavg", "fedast", "fedbuff-topk-ef", "fedasync-qsgd",
-        "afa_cd-sign-ef21", "fedbuff-dp-server", "fedbuff-dp-clients"])
+        "afa_cd-sign-ef21", "fedasync-dgc", "fedbuff-dp-server", "fedbuff-dp-clients"])
 def test_the_runtime_executor_replaying_the_simulators_events_computes_the_same_models(tmp_path, name, params,
                                                                                         sections):
     """FedCompass groups and AFA think times, parity without real time: the simulator runs and

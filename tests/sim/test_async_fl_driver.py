@@ -638,13 +638,15 @@ def test_compressed_uploads_are_the_decoded_updates_and_cost_their_encoded_bytes
     assert d.sim_time < plain.sim_time
 
 
-@pytest.mark.parametrize("feedback", ["ef", "ef21"])
+@pytest.mark.parametrize("feedback", ["ef", "ef21", "dgc"])
 def test_compressed_runs_resume_identically_with_their_feedback_rows(tmp_path, feedback):
     cfg = _compressed(feedback, name="sign", params={}) if feedback == "ef21" else _compressed(feedback)
     full = _rows(_driver(cfg), 7)
     first = _driver(cfg)
     _rows(first, 3)
     assert torch.count_nonzero(first.stage_state["memory"]) > 0
+    if feedback == "dgc":                    # DGC's momentum rows, kept across a client's tasks
+        assert torch.count_nonzero(first.stage_state["momentum"]) > 0
     save_checkpoint(tmp_path / "ckpt.pt", {"driver": first.state_dict()})
     resumed = _driver(cfg)
     resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt")["driver"])
@@ -652,8 +654,10 @@ def test_compressed_runs_resume_identically_with_their_feedback_rows(tmp_path, f
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"compression": {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "dgc"}},
-     "compression.feedback"),
+    ({"compression": {"uplink": {"name": "countsketch", "params": {"rows": 3, "ratio": 0.1, "density": 0.05}},
+                      "feedback": "fetchsgd"}}, "compression.feedback"),
+    ({"compression": {"uplink": {"name": "topk", "params": {"density": 0.1}}, "feedback": "dgc",
+                      "warmup_rounds": 3}}, "compression.warmup_rounds"),     # no rounds to warm up over
     ({"compression": {"uplink": {"name": "threshold", "params": {"tau": 0.01}}}}, "compression.uplink"),
 ])
 def test_what_async_compression_cannot_run_is_refused_naming_the_field(change, field):

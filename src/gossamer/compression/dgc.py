@@ -31,7 +31,7 @@ def dgc_density(round: int, target: float, warmup_rounds: int = 0, start: float 
     """Density of round ``round`` (0-based): ``start (target/start)^(round/warmup_rounds)``
     during warm-up, ``target`` from round ``warmup_rounds`` on (and when ``target >= start``)."""
     target, start = as_density("target", target), as_density("start", start)
-    if round >= warmup_rounds or target >= start:
+    if warmup_rounds <= 0 or round >= warmup_rounds or target >= start:
         return target
     return start * (target / start) ** (round / warmup_rounds)
 

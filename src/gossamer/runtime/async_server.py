@@ -13,7 +13,7 @@
 - **Checkpoints** hold the protocol state with every row; ``--resume`` drops tasks in flight and
   updates not yet applied (their uploads are refused; clients get fresh tasks).
 
-- **Compressed uploads** (``compression.uplink``, feedback none, ef or ef21): a client sends
+- **Compressed uploads** (``compression.uplink``, feedback none, ef, ef21 or dgc): a client sends
   its message minus its base (the task's start model for FedAsync, else zero) encoded, keyed by
   (client, task key); the coordinator decodes it against the task it dispatched (EF21: with its
   copy of the client's estimate, checkpointed) and hands the protocol base plus the decoded

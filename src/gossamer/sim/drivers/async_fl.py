@@ -7,7 +7,7 @@ least one). One ``run_round`` is one server model update. A task's result depend
 start model and key, and its end time never on model values, so tasks train lazily: every
 pending task in one ``trainer.train`` call (``steps=`` per task) when the first one arrives.
 
-Compressed uploads (``compression.uplink``, feedback none, ef or ef21; fixed-size compressors,
+Compressed uploads (``compression.uplink``, feedback none, ef, ef21 or dgc; fixed-size compressors,
 so an upload's time is known at dispatch): each task's message minus its base (FedAsync: the
 start model; the other rules upload an update or a direction, base zero) is encoded with its
 client's feedback row and keyed by (client, task key); the server rebuilds base plus the
