@@ -91,7 +91,7 @@ def test_dp_fedbuff_clips_each_buffered_update_and_adds_the_servers_noise_to_the
     client's exposure grows by m^2 for its m updates in the buffer."""
     from gossamer.privacy import BufferLedger
     from gossamer.privacy.dp import TAG_SERVER, gaussian
-    from gossamer.protocols.upload import BufferDP, ClientDP
+    from gossamer.protocols.private import BufferDP, ClientDP
 
     private = BufferDP(ClientDP(clip_norm=1.0, noise_multiplier=0.5, noise="server", seed=7),
                        BufferLedger(0.5, 1e-5, "rdp"))

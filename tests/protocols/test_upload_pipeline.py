@@ -9,7 +9,8 @@ from gossamer.compression import build_compressor
 from gossamer.privacy.dp import dp_fedavg_updates
 from gossamer.privacy.secagg import Client, Randomness, advertise_keys, share_keys
 from gossamer.privacy.secagg_server import SecAggServer
-from gossamer.protocols.upload import ClientDP, Compress, Uploads
+from gossamer.protocols.private import ClientDP
+from gossamer.protocols.upload import Compress, Uploads
 
 P = 300
 

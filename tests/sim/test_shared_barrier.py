@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from gossamer.errors import RankLost
-from gossamer.sim.sharded.base import Shard, SharedBarrier, _alive
+from gossamer.sim.sharded.barrier import SharedBarrier, _alive
+from gossamer.sim.sharded.base import Shard
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="the shared barrier runs on x86 only (other machines use gloo's)")

@@ -82,7 +82,7 @@ class AsyncFLProtocol(CompassGroups):
     lost_tasks: int = 0
     last_staleness: float | None = None
     stopped: bool = False               # the executor has its updates: no more work or updates
-    private: Any = None                 # client-level DP (protocols.upload.BufferDP): DP-FedBuff
+    private: Any = None                 # client-level DP (protocols.private.BufferDP): DP-FedBuff
 
     Step = Step                         # for the FedCompass mixin
 

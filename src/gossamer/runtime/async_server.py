@@ -48,7 +48,8 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
 )
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import build_buffer_dp, build_pipeline, message_base
+from gossamer.protocols.private import build_buffer_dp
+from gossamer.protocols.upload import build_pipeline, message_base
 from gossamer.runtime import schema
 from gossamer.runtime.codec import KIND_ENCODED, WireError, read_counted_model
 from gossamer.runtime.common import RunFailed, log

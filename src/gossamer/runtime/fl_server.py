@@ -32,8 +32,9 @@ from gossamer.metrics.runstore import (
     load_checkpoint,
     save_checkpoint,
 )
+from gossamer.protocols.private import build_ledger
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import build_ledger, build_pipeline
+from gossamer.protocols.upload import build_pipeline
 from gossamer.runtime import schema
 from gossamer.runtime.codec import (
     KIND_DELTA,
@@ -233,12 +234,9 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         sketches, or DP-FedAvg's noisy mean of the updates (every row becomes ``start + step``,
         as in the simulator) and the ledger."""
         pipe, ledger, rnd = self.pipeline, self.dp_ledger, self.last_round
-        if pipe.compress is not None and pipe.compress.feedback == "fetchsgd":
-            # FetchSGD: the sketches' weighted mean moves the server's momentum and error
-            # sketches, and every row becomes start + update, as the simulator's _fetchsgd
-            tables = uploads.reshape(len(uploads), pipe.compress.compressor.rows, -1)
+        if pipe.compress is not None and pipe.compress.feedback == "fetchsgd":    # the sketches' step
             weights = self.algorithm.mean_weights(self.exp.trainer.sizes[nodes])
-            update, extra = pipe.compress.fetch(self.state.extra, tables, weights, self.numel)
+            update, extra = pipe.compress.fetch(self.state.extra, uploads, weights, self.numel)
             self.state = replace(self.state, extra=extra)
             return self.state.params.reshape(-1) + update.expand(len(uploads), -1)
         if pipe.dp is not None:

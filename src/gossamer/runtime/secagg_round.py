@@ -27,7 +27,7 @@ from gossamer.privacy.secagg import (
     threshold_count,
 )
 from gossamer.privacy.secagg_server import SecAggAbort, SecAggServer, decode_mean, member_shares
-from gossamer.protocols.upload import dp_secure_mean
+from gossamer.protocols.private import dp_secure_mean
 from gossamer.runtime.common import log
 from gossamer.runtime.guard import Refused
 

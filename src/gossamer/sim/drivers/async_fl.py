@@ -30,7 +30,8 @@ import torch
 
 from gossamer.population.columns import SparseColumn
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
-from gossamer.protocols.upload import Uploads, build_buffer_dp, build_pipeline, message_base
+from gossamer.protocols.private import build_buffer_dp
+from gossamer.protocols.upload import Uploads, build_pipeline, message_base
 from gossamer.sim.drivers.async_fl_records import AsyncFLRecords, SimTask
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.experiment import Experiment

@@ -23,8 +23,9 @@ from gossamer.algorithms.local import LocalObjective
 from gossamer.population.store import ClientStore
 from gossamer.protocols.accounting import FLAccounting
 from gossamer.protocols.hierarchy import downward_s, tree_mean, upward
+from gossamer.protocols.private import build_ledger
 from gossamer.protocols.sync_fl import SyncRound
-from gossamer.protocols.upload import Uploads, build_ledger, build_pipeline
+from gossamer.protocols.upload import Uploads, build_pipeline
 from gossamer.sim.drivers.base import Driver
 from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.drivers.sync_fl_records import SyncFLRecords

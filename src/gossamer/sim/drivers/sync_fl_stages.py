@@ -13,7 +13,8 @@ import torch
 from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.fl.payload import Payload
-from gossamer.protocols.upload import Uploads, dp_secure_mean
+from gossamer.protocols.private import dp_secure_mean
+from gossamer.protocols.upload import Uploads
 
 
 class UploadStages:

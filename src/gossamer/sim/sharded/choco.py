@@ -24,7 +24,8 @@ from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.config import ConfigError
 from gossamer.sim.drivers.choco import ChocoDriver, _refuse_unsupported
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, barrier, gather_rows
+from gossamer.sim.sharded.barrier import barrier
+from gossamer.sim.sharded.base import Shard, gather_rows
 from gossamer.sim.sharded.dl import ShardedSyncDLDriver
 
 

@@ -27,10 +27,10 @@ from gossamer.config import ConfigError
 from gossamer.sim.drivers.sync_dl import SyncDLDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gathered import MergeStats, gathered_merge
+from gossamer.sim.sharded.barrier import barrier
 from gossamer.sim.sharded.base import (
     TRANSPORT_ENV,
     Shard,
-    barrier,
     gather_rows,
     send_recv,
     shared_if_possible,

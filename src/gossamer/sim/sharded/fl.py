@@ -22,9 +22,9 @@ from gossamer.algorithms.fl.payload import Payload
 from gossamer.sim.drivers.sync_fl import SyncFLDriver
 from gossamer.sim.drivers.sync_fl_personal import PersonalRounds
 from gossamer.sim.experiment import Experiment
+from gossamer.sim.sharded.barrier import barrier
 from gossamer.sim.sharded.base import (
     Shard,
-    barrier,
     gather,
     gather_rows,
     gather_uneven,

@@ -37,9 +37,9 @@ from gossamer.sim.drivers.gossip import GossipDriver
 from gossamer.sim.experiment import Experiment
 from gossamer.sim.gossip_waves import MERGE, READ, TRAIN, WRITE
 from gossamer.sim.messages import MessageStore
+from gossamer.sim.sharded.barrier import barrier
 from gossamer.sim.sharded.base import (
     Shard,
-    barrier,
     exchange,
     gather_uneven,
     pack_numbers,

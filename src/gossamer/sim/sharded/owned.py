@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossamer.sim.sharded.barrier import barrier
 from gossamer.sim.sharded.base import (
     Shard,
-    barrier,
     gather_rows,
     pack_numbers,
     shared_if_possible,

@@ -22,7 +22,8 @@ from gossamer.algorithms.dl.dpsgd import mix_into
 from gossamer.algorithms.local import LocalObjective
 from gossamer.protocols.sync_dl import check_gradient_tracking
 from gossamer.sim.experiment import Experiment
-from gossamer.sim.sharded.base import Shard, barrier
+from gossamer.sim.sharded.barrier import barrier
+from gossamer.sim.sharded.base import Shard
 from gossamer.sim.sharded.dl import ShardedSyncDLDriver
 from gossamer.training.trainer import local_steps
 
