@@ -139,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from gossamer import config as config_mod
-    from gossamer.estimate import estimate
+    from gossamer.estimate import estimate, privacy_lines
     from gossamer.sim.experiment import build_experiment
 
     cfg = config_mod.load(args.config, args.set)
@@ -157,7 +157,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"ok: {cfg.algorithm.name} on {cfg.data.dataset}, {exp.num_nodes} nodes, "
           f"{exp.spec.numel} parameters, message {exp.message_bytes} bytes")
     est = estimate(exp)
-    for line in est.lines(cfg.stop.rounds):
+    for line in est.lines(cfg.stop.rounds) + privacy_lines(exp):
         print(line)
     refusal = est.refusal()
     if args.ranks is not None:

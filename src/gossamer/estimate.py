@@ -199,3 +199,35 @@ def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int]:
     sync()
     eval_s = (time.perf_counter() - start) / max(1, exp.cfg.eval.every)
     return train_s + eval_s, len(sample)
+
+
+def privacy_lines(exp: Experiment) -> list[str]:
+    """What client-level DP (``privacy.dp``, Gaussian) will spend, before the run (``gossamer
+    validate``). Synchronous DP-FedAvg: the epsilon after ``stop.rounds`` rounds at the
+    sampling rate of a round whose candidates are every client with data (what the run's
+    last row reports when every client is available every round; fewer candidates raise the
+    rate). DP-FedBuff: a lower bound, since its exposure follows the schedule: ``stop.rounds``
+    buffers of K updates put some client in at least ``ceil(rounds K / N)`` of them."""
+    import math
+
+    from gossamer import rng
+    from gossamer.privacy.accounting import epsilon
+
+    cfg, algo, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
+    if dp is None or dp.level != "client" or dp.mechanism != "gaussian":
+        return []
+    rounds, z = cfg.stop.rounds, dp.noise_multiplier
+    holders = exp.num_nodes if exp.population is not None else int((np.asarray(exp.trainer.sizes) > 0).sum())
+    if algo.pattern == "async_fl":
+        least = math.ceil(rounds * algo.due(0) / max(holders, 1))
+        eps = epsilon([(z, 1.0, least)], dp.delta, dp.accountant)
+        return [f"privacy: epsilon at least {eps:.6g} at delta {dp.delta:g} after {rounds} server updates "
+                f"(DP-FedBuff: some client is in at least {least} of the buffers; no sampling "
+                f"amplification; the run reports the most exposed client's)"]
+    if exp.population is not None:          # a registered population: nothing of length N
+        selected = algo.expected_clients(holders)
+    else:
+        selected = len(algo.select(np.arange(holders), rng.generator(cfg.seed, rng.STREAM_SELECT, 1)))
+    eps = epsilon([(z, min(1.0, selected / max(holders, 1)), rounds)], dp.delta, dp.accountant)
+    return [f"privacy: epsilon {eps:.6g} at delta {dp.delta:g} after {rounds} rounds (client level, "
+            f"{selected} of {holders} clients a round; fewer available clients raise it)"]

@@ -263,3 +263,30 @@ def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, chan
     assert code == 2 and len(err) == 1 and f"{field}:" in err[0], err
 
 
+
+
+def test_validate_prints_the_epsilon_a_run_will_spend(write_config, tmp_path, capsys):
+    """``gossamer validate``: synchronous DP-FedAvg's epsilon after ``stop.rounds`` rounds is
+    what the run's last row reports (every client available every round); DP-FedBuff's is a
+    lower bound the run meets (its exposure follows the schedule)."""
+    import re
+
+    def planned(cfg) -> float:
+        assert main(["validate", str(write_config(cfg))]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy: ")]
+        assert len(line) == 1, line
+        return float(re.search(r"epsilon (?:at least )?([0-9.e+-]+)", line[0]).group(1))
+
+    sync = _fedavg(rounds=6, client_fraction=0.5)
+    sync["privacy"] = {"dp": CLIENT}
+    buffered = small_config("fedbuff", stop={"rounds": 6}, output={"progress": False})
+    buffered["algorithm"]["params"] = {"concurrency": 4, "buffer_size": 3}
+    buffered["privacy"] = {"dp": CLIENT}
+    for name, cfg in (("sync", sync), ("buffered", buffered)):
+        want = planned(cfg)
+        assert main(["run", str(write_config(cfg)), "--out", str(tmp_path / name), "--quiet"]) == 0
+        spent = float(list(csv.DictReader((tmp_path / name / "metrics.csv").open()))[-1]["epsilon"])
+        if name == "sync":
+            assert spent == pytest.approx(want, rel=1e-5) and want > 0
+        else:
+            assert spent >= want * (1 - 1e-5) and want > 0      # (printed to 6 digits)
