@@ -207,16 +207,19 @@ def privacy_lines(exp: Experiment) -> list[str]:
     sampling rate of a round whose candidates are every client with data (what the run's
     last row reports when every client is available every round; fewer candidates raise the
     rate). DP-FedBuff: a lower bound, since its exposure follows the schedule: ``stop.rounds``
-    buffers of K updates put some client in at least ``ceil(rounds K / N)`` of them."""
+    buffers of K updates put some client in at least ``ceil(rounds K / N)`` of them. Sample-level
+    DP-SGD: :func:`_sample_line`."""
     import math
 
     from gossamer import rng
     from gossamer.privacy.accounting import epsilon
 
     cfg, algo, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
-    if dp is None or dp.level != "client" or dp.mechanism != "gaussian":
+    if dp is None or dp.mechanism != "gaussian":
         return []
     rounds, z = cfg.stop.rounds, dp.noise_multiplier
+    if dp.level == "sample":
+        return _sample_line(exp)
     holders = exp.num_nodes if exp.population is not None else int((np.asarray(exp.trainer.sizes) > 0).sum())
     if algo.pattern == "async_fl":
         least = math.ceil(rounds * algo.due(0) / max(holders, 1))
@@ -231,3 +234,25 @@ def privacy_lines(exp: Experiment) -> list[str]:
     eps = epsilon([(z, min(1.0, selected / max(holders, 1)), rounds)], dp.delta, dp.accountant)
     return [f"privacy: epsilon {eps:.6g} at delta {dp.delta:g} after {rounds} rounds (client level, "
             f"{selected} of {holders} clients a round; fewer available clients raise it)"]
+
+
+def _sample_line(exp: Experiment) -> list[str]:
+    """Sample-level DP-SGD's epsilon after ``stop.rounds`` rounds in which every node with data
+    trains its schedule's steps (the same ledger a run keeps): the run's own in synchronous DL
+    (D-PSGD, DFedSAM, gradient tracking, CHOCO-SGD) when every node is available every round;
+    an upper bound in synchronous FL, where a client trains only when selected. Other patterns
+    train as their schedule decides: only the run knows."""
+    from gossamer.privacy import sample_ledger
+    from gossamer.training.trainer import local_steps
+
+    cfg, pattern = exp.cfg, exp.algorithm.pattern
+    if exp.population is not None or pattern not in ("sync_fl", "sync_dl", "gradient_tracking", "choco"):
+        return []
+    sizes = np.asarray(exp.trainer.sizes)
+    ledger = sample_ledger(cfg, sizes)
+    ledger.sample_steps(np.arange(len(sizes)), local_steps(exp.trainer.schedule, sizes) * cfg.stop.rounds)
+    what = "at most " if pattern == "sync_fl" else ""
+    why = "(sample level; a client that trains every round)" if pattern == "sync_fl" else \
+        "(sample level; every node trains every round)"
+    return [f"privacy: epsilon {what}{ledger.epsilon():.6g} at delta {cfg.privacy.dp.delta:g} after "
+            f"{cfg.stop.rounds} rounds {why}"]

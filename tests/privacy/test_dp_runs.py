@@ -267,26 +267,32 @@ def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, chan
 
 def test_validate_prints_the_epsilon_a_run_will_spend(write_config, tmp_path, capsys):
     """``gossamer validate``: synchronous DP-FedAvg's epsilon after ``stop.rounds`` rounds is
-    what the run's last row reports (every client available every round); DP-FedBuff's is a
-    lower bound the run meets (its exposure follows the schedule)."""
+    what the run's last row reports (every client available every round), and so is D-PSGD's
+    sample-level one; DP-FedBuff's is a lower bound the run meets (its exposure follows the
+    schedule), sample-level FL's an upper bound (a client trains only when selected)."""
     import re
 
     def planned(cfg) -> float:
         assert main(["validate", str(write_config(cfg))]) == 0
         line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy: ")]
         assert len(line) == 1, line
-        return float(re.search(r"epsilon (?:at least )?([0-9.e+-]+)", line[0]).group(1))
+        return float(re.search(r"epsilon (?:at least |at most )?([0-9.e+-]+)", line[0]).group(1))
 
     sync = _fedavg(rounds=6, client_fraction=0.5)
     sync["privacy"] = {"dp": CLIENT}
     buffered = small_config("fedbuff", stop={"rounds": 6}, output={"progress": False})
     buffered["algorithm"]["params"] = {"concurrency": 4, "buffer_size": 3}
     buffered["privacy"] = {"dp": CLIENT}
-    for name, cfg in (("sync", sync), ("buffered", buffered)):
+    dl = small_config("dpsgd", stop={"rounds": 4}, output={"progress": False}, privacy={"dp": SAMPLE})
+    sampled = _fedavg(rounds=4, client_fraction=0.5)
+    sampled["privacy"] = {"dp": SAMPLE}
+    for name, cfg in (("sync", sync), ("buffered", buffered), ("dl", dl), ("sampled", sampled)):
         want = planned(cfg)
         assert main(["run", str(write_config(cfg)), "--out", str(tmp_path / name), "--quiet"]) == 0
         spent = float(list(csv.DictReader((tmp_path / name / "metrics.csv").open()))[-1]["epsilon"])
-        if name == "sync":
+        if name in ("sync", "dl"):         # every client a round's rate / every node every round
             assert spent == pytest.approx(want, rel=1e-5) and want > 0
-        else:
-            assert spent >= want * (1 - 1e-5) and want > 0      # (printed to 6 digits)
+        elif name == "buffered":           # a lower bound (printed to 6 digits)
+            assert spent >= want * (1 - 1e-5) and want > 0
+        else:                              # an upper bound: half the clients train a round
+            assert 0 < spent < want
