@@ -83,10 +83,11 @@ class Estimate:
         built = sum(b for what, b in self.parts if what.startswith("built"))
         planned = self.total - built
         gpu = self.device is not None
-        machine, per_rank = ranks * built + (0 if gpu else planned), built + planned / ranks
+        in_all, per_rank = ranks * built + planned, built + planned / ranks
+        machine = in_all - planned if gpu else in_all          # on GPUs the shares are in their memory
         have = checks.available_memory_bytes()
         out = [f"with {ranks} ranks on this machine: about {_size(per_rank)} a rank (each builds the run: "
-               f"{_size(built)}), {_size(machine if not gpu else machine + planned)} in all"
+               f"{_size(built)}), {_size(in_all)} in all"
                + (f"; {checks.gb(have)} available now" if have is not None else "")]
         if gpu:
             out.append(f"on GPUs: about {_size(planned / ranks)} on each rank's GPU (its share of the "
@@ -211,8 +212,8 @@ def privacy_lines(exp: Experiment) -> list[str]:
     DP-SGD: :func:`_sample_line`."""
     import math
 
-    from gossamer import rng
     from gossamer.privacy.accounting import epsilon
+    from gossamer.protocols.sync_fl import SyncRound
 
     cfg, algo, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
     if dp is None or dp.mechanism != "gaussian":
@@ -229,8 +230,8 @@ def privacy_lines(exp: Experiment) -> list[str]:
                 f"amplification; the run reports the most exposed client's)"]
     if exp.population is not None:          # a registered population: nothing of length N
         selected = algo.expected_clients(holders)
-    else:
-        selected = len(algo.select(np.arange(holders), rng.generator(cfg.seed, rng.STREAM_SELECT, 1)))
+    else:                                   # a round's selection (the driver's and the coordinator's)
+        selected = len(SyncRound(algo, cfg.seed, 1, np.arange(holders)).selected)
     eps = epsilon([(z, min(1.0, selected / max(holders, 1)), rounds)], dp.delta, dp.accountant)
     return [f"privacy: epsilon {eps:.6g} at delta {dp.delta:g} after {rounds} rounds (client level, "
             f"{selected} of {holders} clients a round; fewer available clients raise it)"]

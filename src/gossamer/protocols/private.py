@@ -51,12 +51,18 @@ class ClientDP:
     def finish(self, total: torch.Tensor, round: int, expected: int) -> torch.Tensor:
         """``(total + server noise) / expected`` from the sum of the clipped updates (with
         secure aggregation: the secure sum; the server adds its noise to what it learns)."""
+        noise = self.server_noise(round, total.shape[0], total.device)
+        return (total if noise is None else total + noise) / expected
+
+    def server_noise(self, key: int, numel: int, device: torch.device) -> torch.Tensor | None:
+        """The server's noise ``[numel]`` of std ``z C`` for the sum keyed ``key`` (a round, or
+        an asynchronous server update's version); None with client noise or ``z C = 0``."""
         from gossamer.privacy.dp import TAG_SERVER, gaussian
 
         std = self.noise_multiplier * self.clip_norm
-        if std > 0 and self.noise == "server":
-            total = total + gaussian(self.seed, TAG_SERVER, np.array([[round]]), total.shape[0], total.device)[0] * std
-        return total / expected
+        if std <= 0 or self.noise != "server":
+            return None
+        return gaussian(self.seed, TAG_SERVER, np.array([[key]]), numel, device)[0] * std
 
 
 @dataclass
@@ -69,28 +75,21 @@ class BufferDP:
     (:class:`gossamer.privacy.BufferLedger`). A rule's staleness weights are at most 1, so a
     weighted update stays in the ball."""
 
-    dp: ClientDP
+    dp: ClientDP                       # its ``client`` is the clients' side, keyed by task
     ledger: object                     # gossamer.privacy.BufferLedger
-
-    def client(self, messages: torch.Tensor, clients: np.ndarray, keys: np.ndarray, buffer: int) -> torch.Tensor:
-        """The clients' side of their updates ``[B, P]`` (tasks ``keys``): with ``noise: clients``
-        clipped and noised; else as they are (the server clips)."""
-        return self.dp.client(messages, clients, keys, buffer) if self.dp.noise == "clients" else messages
 
     def server(self, messages: torch.Tensor, clients: np.ndarray, version: int
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One full buffer's updates ``[K, P]`` from ``clients`` for server update ``version``:
         the updates the rule sums (clipped here with server noise) and the noise to add to its
         sum (None with client noise); the ledger records the update."""
-        from gossamer.privacy.dp import TAG_SERVER, clip_rows, gaussian
+        from gossamer.privacy.dp import clip_rows
 
         self.ledger.update(clients)
-        dp = self.dp
-        std = dp.noise_multiplier * dp.clip_norm
-        if dp.noise == "clients":
+        if self.dp.noise == "clients":
             return messages, None
-        noise = gaussian(dp.seed, TAG_SERVER, np.array([[version]]), messages.shape[1], messages.device)[0] * std
-        return clip_rows(messages, dp.clip_norm), noise
+        return clip_rows(messages, self.dp.clip_norm), self.dp.server_noise(version, messages.shape[1],
+                                                                             messages.device)
 
 
 def dp_secure_mean(dp: ClientDP, mean: np.ndarray, survivors: int, round: int, expected: int) -> torch.Tensor:

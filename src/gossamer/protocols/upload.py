@@ -122,9 +122,8 @@ class Compress:
         if self.feedback == "ef":
             enc, decoded, new["memory"] = error_feedback(self.compressor, up.delta(), state["memory"],
                                                          seed=seed, keys=keys)
-        elif self.feedback == "dgc":          # asynchronous tasks (a key each): no warm-up (checked)
-            step = dgc_step(up.delta(), state["momentum"], state["memory"],
-                            round=up.round - 1 if np.ndim(up.round) == 0 else self.warmup_rounds,
+        elif self.feedback == "dgc":       # asynchronous tasks: a key each, no warm-up (checked)
+            step = dgc_step(up.delta(), state["momentum"], state["memory"], round=up.round - 1,
                             density=self.density, momentum_factor=self.momentum_factor,
                             clip_norm=self.clip_norm, warmup_rounds=self.warmup_rounds)
             enc, decoded = step.encoded, step.decoded

@@ -281,7 +281,7 @@ class AsyncFLDriver(AsyncFLRecords, Driver):
         messages = self.algorithm.client_message(trained, rows, steps, self.protocol.lr)
         keys = np.array([x.plan.key for x in tasks], dtype=np.int64)
         if self.private is not None:       # noise: clients: each clips and adds its share
-            messages = self.private.client(messages, nodes, keys, self.algorithm.due(0))
+            messages = self.private.dp.client(messages, nodes, keys, self.algorithm.due(0))
         if self.compress is not None:      # what the server decodes
             messages = self._compressed(nodes, keys, rows, messages)
         return messages
