@@ -651,11 +651,14 @@ class DPConfig(_Strict):
     the Randomized Quantization Mechanism (Youn et al. 2023, arXiv:2306.11913) on every update
     coordinate: ``clip_norm`` is then the per-coordinate bound ``c``, with ``levels``, ``q`` and
     ``extension`` (the paper's Delta); its epsilon is exact RDP composed over coordinates and
-    rounds."""
+    rounds. ``target_epsilon`` (Gaussian) instead of ``noise_multiplier``: the smallest noise
+    whose planned epsilon after ``stop.rounds`` is at most the target
+    (:func:`gossamer.privacy.plan.calibrate`; the built experiment's config holds both)."""
 
     level: Literal["client", "sample"]
     clip_norm: float = Field(gt=0)
     noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
     noise: Literal["server", "clients"] = "server"
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -668,8 +671,11 @@ class DPConfig(_Strict):
     def _noise_is_client_level(self) -> DPConfig:
         if self.level == "sample" and self.noise != "server":
             raise ValueError("noise: clients is for level client (DP-SGD noise is local)")
-        if self.mechanism == "gaussian" and self.noise_multiplier is None:
-            raise ValueError("noise_multiplier is required with mechanism gaussian")
+        if self.mechanism == "gaussian" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("mechanism gaussian takes noise_multiplier or target_epsilon (one of them)")
+        if self.mechanism != "gaussian" and self.target_epsilon is not None:
+            raise ValueError(f"target_epsilon plans Gaussian noise; {self.mechanism}'s epsilon follows "
+                             "from its own parameters")
         if self.mechanism == "rqm" and self.level != "client":
             raise ValueError("mechanism rqm is client level (each client quantizes its update)")
         return self

@@ -203,57 +203,21 @@ def _time_round(exp: Experiment, k: int, batch: int) -> tuple[float, int]:
 
 
 def privacy_lines(exp: Experiment) -> list[str]:
-    """What client-level DP (``privacy.dp``, Gaussian) will spend, before the run (``gossamer
-    validate``). Synchronous DP-FedAvg: the epsilon after ``stop.rounds`` rounds at the
-    sampling rate of a round whose candidates are every client with data (what the run's
-    last row reports when every client is available every round; fewer candidates raise the
-    rate). DP-FedBuff: a lower bound, since its exposure follows the schedule: ``stop.rounds``
-    buffers of K updates put some client in at least ``ceil(rounds K / N)`` of them. Sample-level
-    DP-SGD: :func:`_sample_line`."""
-    import math
+    """What Gaussian DP (``privacy.dp``) will spend, before the run (``gossamer validate``):
+    :func:`gossamer.privacy.plan.planned` at the run's noise (with ``target_epsilon``, the
+    noise the builder calibrated, printed too)."""
+    from gossamer.privacy.plan import planned
 
-    from gossamer.privacy.accounting import epsilon
-    from gossamer.protocols.sync_fl import SyncRound
-
-    cfg, algo, dp = exp.cfg, exp.algorithm, exp.cfg.privacy.dp
+    cfg, dp = exp.cfg, exp.cfg.privacy.dp
     if dp is None or dp.mechanism != "gaussian":
         return []
-    rounds, z = cfg.stop.rounds, dp.noise_multiplier
-    if dp.level == "sample":
-        return _sample_line(exp)
-    holders = exp.num_nodes if exp.population is not None else int((np.asarray(exp.trainer.sizes) > 0).sum())
-    if algo.pattern == "async_fl":
-        least = math.ceil(rounds * algo.due(0) / max(holders, 1))
-        eps = epsilon([(z, 1.0, least)], dp.delta, dp.accountant)
-        return [f"privacy: epsilon at least {eps:.6g} at delta {dp.delta:g} after {rounds} server updates "
-                f"(DP-FedBuff: some client is in at least {least} of the buffers; no sampling "
-                f"amplification; the run reports the most exposed client's)"]
-    if exp.population is not None:          # a registered population: nothing of length N
-        selected = algo.expected_clients(holders)
-    else:                                   # a round's selection (the driver's and the coordinator's)
-        selected = len(SyncRound(algo, cfg.seed, 1, np.arange(holders)).selected)
-    eps = epsilon([(z, min(1.0, selected / max(holders, 1)), rounds)], dp.delta, dp.accountant)
-    return [f"privacy: epsilon {eps:.6g} at delta {dp.delta:g} after {rounds} rounds (client level, "
-            f"{selected} of {holders} clients a round; fewer available clients raise it)"]
-
-
-def _sample_line(exp: Experiment) -> list[str]:
-    """Sample-level DP-SGD's epsilon after ``stop.rounds`` rounds in which every node with data
-    trains its schedule's steps (the same ledger a run keeps): the run's own in synchronous DL
-    (D-PSGD, DFedSAM, gradient tracking, CHOCO-SGD) when every node is available every round;
-    an upper bound in synchronous FL, where a client trains only when selected. Other patterns
-    train as their schedule decides: only the run knows."""
-    from gossamer.privacy import sample_ledger
-    from gossamer.training.trainer import local_steps
-
-    cfg, pattern = exp.cfg, exp.algorithm.pattern
-    if exp.population is not None or pattern not in ("sync_fl", "sync_dl", "gradient_tracking", "choco"):
+    sizes, schedule = (None, None) if exp.population is not None else (exp.trainer.sizes, exp.trainer.schedule)
+    plan = planned(cfg, exp.algorithm, dp.noise_multiplier, sizes, schedule,
+                   exp.num_nodes if exp.population is not None else None)
+    if plan is None:
         return []
-    sizes = np.asarray(exp.trainer.sizes)
-    ledger = sample_ledger(cfg, sizes)
-    ledger.sample_steps(np.arange(len(sizes)), local_steps(exp.trainer.schedule, sizes) * cfg.stop.rounds)
-    what = "at most " if pattern == "sync_fl" else ""
-    why = "(sample level; a client that trains every round)" if pattern == "sync_fl" else \
-        "(sample level; every node trains every round)"
-    return [f"privacy: epsilon {what}{ledger.epsilon():.6g} at delta {cfg.privacy.dp.delta:g} after "
-            f"{cfg.stop.rounds} rounds {why}"]
+    what = {"exact": "", "upper": "at most ", "lower": "at least "}[plan.bound]
+    after = f"{cfg.stop.rounds} server updates" if exp.algorithm.pattern == "async_fl" else f"{cfg.stop.rounds} rounds"
+    noise = (f"; noise multiplier {dp.noise_multiplier:.6g}, the smallest that plans at most "
+             f"target_epsilon {dp.target_epsilon:g}" if dp.target_epsilon is not None else "")
+    return [f"privacy: epsilon {what}{plan.epsilon:.6g} at delta {dp.delta:g} after {after} ({plan.words}){noise}"]

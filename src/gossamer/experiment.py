@@ -22,6 +22,7 @@ from gossamer.data import Dataset, load_dataset, partition
 from gossamer.data.partition import split_local_test
 from gossamer.metrics.contribution import Contribution
 from gossamer.models import ModelNotVectorizable, ParamSpec, build_model, make_stacked_forward
+from gossamer.privacy.plan import calibrate
 from gossamer.protocols.hierarchy import Link, Tree, build_tree
 from gossamer.sim.faults import Faults
 from gossamer.sim.system import Availability, SystemProfile
@@ -183,6 +184,7 @@ def _build_dense(cfg: ExperimentConfig, algorithm: Algorithm, population: bool,
         if dataset.local_tests is not None:         # graph data: each client's held-out nodes
             local_tests = own_tests
     _check_local_budget(cfg, shards)
+    cfg = calibrate(cfg, algorithm, np.array([len(s) for s in shards]), _schedule(cfg))   # privacy.dp.target_epsilon
     model, spec = _pretrain_and_wrap(cfg, algorithm, dataset, model, spec, public)
     try:
         forward = make_stacked_forward(model, spec, dataset.x_train[0], cfg.model.forward, cfg.model.conv,
@@ -351,13 +353,17 @@ def _local_training(cfg: ExperimentConfig, algorithm: Algorithm, model: torch.nn
         raise ConfigError("local.optimizer", f"{cfg.algorithm.name} trains with "
                           f"{algorithm.local_optimizer} inside each round; set local.optimizer: "
                           f"{algorithm.local_optimizer}")
-    schedule = LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1),
-                             local.steps, local.shuffle)
+    schedule = _schedule(cfg)
     kernel = getattr(model, "stacked_kernel", None) if cfg.model.forward != "vmap" else None
     optimizer = (AdamW(local.lr, local.beta1, local.beta2, local.eps, local.weight_decay)
                  if local.optimizer == "adamw" else
                  SGD(local.lr, local.momentum, local.weight_decay, _sam_rho(cfg, algorithm)))
     return schedule, optimizer, kernel
+
+
+def _schedule(cfg: ExperimentConfig) -> LocalSchedule:
+    local = cfg.local
+    return LocalSchedule(local.batch_size, None if local.steps else int(local.epochs or 1), local.steps, local.shuffle)
 
 
 def features_in_use(cfg: ExperimentConfig) -> dict[str, bool]:
@@ -456,6 +462,7 @@ def _build_registered(cfg: ExperimentConfig, algorithm: Algorithm) -> Experiment
     except ModelNotVectorizable as exc:
         raise ConfigError("model", str(exc)) from None
     schedule, optimizer, kernel = _local_training(cfg, algorithm, model)
+    cfg = calibrate(cfg, algorithm, None, schedule, population=n)        # privacy.dp.target_epsilon
     inner = BatchedTrainer(forward, spec, example, torch.zeros(1, dtype=torch.int64),
                            [np.zeros(1, dtype=np.int64)], schedule, optimizer, cfg.seed, kernel)
     inner.dense = cfg.model.dense

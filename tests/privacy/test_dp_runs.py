@@ -17,6 +17,7 @@ from tests.conftest import run_split, small_config
 
 CLIENT = {"level": "client", "clip_norm": 1.0, "noise_multiplier": 1.0}
 SAMPLE = {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0}
+TARGET = {"level": "client", "clip_norm": 1.0, "target_epsilon": 4.0}
 
 
 def _run(cfg, out):
@@ -254,6 +255,13 @@ def test_epsilon_of_dp_sgd_outside_synchronous_fl_composes_each_nodes_own_steps(
       "algorithm": {"name": "fedbuff"}}, "privacy.dp.mechanism"),
     ({"privacy": {"dp": CLIENT}, "algorithm": {"name": "fedbuff"},
       "compression": {"uplink": {"name": "topk", "params": {"density": 0.1}}}}, "privacy.dp.level"),
+    # target_epsilon: instead of the noise; only where the plan bounds the run from above
+    ({"privacy": {"dp": {**CLIENT, "target_epsilon": 4.0}}}, "privacy.dp"),
+    ({"privacy": {"dp": {**TARGET, "mechanism": "rqm"}}}, "privacy.dp"),
+    ({"privacy": {"dp": TARGET}, "algorithm": {"name": "fedbuff"}}, "privacy.dp.target_epsilon"),
+    ({"privacy": {"dp": TARGET}, "system": {"availability": {"model": "markov"}}}, "privacy.dp.target_epsilon"),
+    ({"privacy": {"dp": {**TARGET, "level": "sample"}}, "algorithm": {"name": "fedasync"}},
+     "privacy.dp.target_epsilon"),
 ])
 def test_bad_dp_configs_are_one_line_exit_2(write_config, tmp_path, capsys, change, field):
     cfg = small_config("fedavg", stop={"rounds": 1})
@@ -296,3 +304,31 @@ def test_validate_prints_the_epsilon_a_run_will_spend(write_config, tmp_path, ca
             assert spent >= want * (1 - 1e-5) and want > 0
         else:                              # an upper bound: half the clients train a round
             assert 0 < spent < want
+
+
+def test_target_epsilon_plans_the_smallest_noise_that_spends_at_most_it(write_config, tmp_path, capsys):
+    """``privacy.dp.target_epsilon``: DP-FedAvg's run (every client available) and D-PSGD's
+    sample-level one end at most at the target and within 0.5% of it; the noise is the
+    smallest to 0.1% (0.2% less spends more), is recorded in summary.json and printed by
+    ``gossamer validate``, and a run given that noise is the same run, byte for byte."""
+    from gossamer.privacy.plan import planned
+
+    sync = _fedavg(rounds=5, client_fraction=0.5)
+    sync["privacy"] = {"dp": TARGET}
+    dl = small_config("dpsgd", stop={"rounds": 3}, output={"progress": False},
+                      privacy={"dp": {**TARGET, "level": "sample", "target_epsilon": 2.0}})
+    for name, cfg in (("sync", sync), ("dl", dl)):
+        target = cfg["privacy"]["dp"]["target_epsilon"]
+        assert main(["validate", str(write_config(cfg))]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy: ")]
+        assert len(line) == 1 and f"target_epsilon {target:g}" in line[0], line
+        summary, rows, _ = _run(cfg, tmp_path / name)
+        z, spent = summary["dp_noise_multiplier"], float(rows[-1]["epsilon"])
+        assert target * 0.995 <= spent <= target and f"noise multiplier {z:.6g}" in line[0]
+        exp = build_experiment(config.validate(cfg))
+        sizes, schedule = exp.trainer.sizes, exp.trainer.schedule
+        assert planned(exp.cfg, exp.algorithm, z * 0.998, sizes, schedule).epsilon > target
+        given = dict(cfg, privacy={"dp": {k: v for k, v in cfg["privacy"]["dp"].items() if k != "target_epsilon"}
+                                   | {"noise_multiplier": z}})
+        _run(given, tmp_path / f"{name}-given")
+        assert (tmp_path / name / "metrics.csv").read_bytes() == (tmp_path / f"{name}-given" / "metrics.csv").read_bytes()

@@ -115,5 +115,5 @@ def test_rqm_config_errors_are_one_line():
     with pytest.raises(config.ConfigError, match="mechanism rqm is client level"):
         config.validate(cfg)
     cfg["privacy"] = {"dp": {"level": "client", "clip_norm": 1.0}}
-    with pytest.raises(config.ConfigError, match="noise_multiplier is required"):
+    with pytest.raises(config.ConfigError, match="takes noise_multiplier or target_epsilon"):
         config.validate(cfg)

@@ -33,8 +33,8 @@ CASES = {
     "randk_ef21_scaffold": {"algorithm": {"name": "scaffold", "params": {}},
                             "compression": {"uplink": {"name": "randk", "params": {"density": 0.1}},
                                             "feedback": "ef21"}},
-    "dp_client_noise": {"privacy": {"dp": {"level": "client", "clip_norm": 0.5,
-                                           "noise_multiplier": 0.8, "noise": "clients"}}},
+    "dp_client_noise": {"privacy": {"dp": {"level": "client", "clip_norm": 0.5,   # (every process
+                                           "target_epsilon": 30.0, "noise": "clients"}}},  # plans the noise)
     "dp_server_noise": {"privacy": {"dp": {"level": "client", "clip_norm": 0.5,
                                            "noise_multiplier": 0.8, "noise": "server"}}},
     "batchnorm": {"model": {"name": "mlp_bn", "params": {"hidden": [16]}}},   # per-node statistics
@@ -63,6 +63,10 @@ def test_launch_runs_the_simulators_upload_pipeline(write_config, tmp_path, case
     if "privacy" in CASES[case]:
         assert [r["epsilon"] for r in real] == [r["epsilon"] for r in sim]
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
+    if case == "dp_client_noise":           # privacy.dp.target_epsilon: the same noise planned
+        simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+        assert summary["dp_noise_multiplier"] == simulated["dp_noise_multiplier"] > 0
+        assert float(real[-1]["epsilon"]) <= 30.0
     numel = summary["num_params"]
     if "compression" in CASES[case]:        # what really crossed the wire is the encoded update
         vectors = 2 if "scaffold" in case else 1

@@ -79,8 +79,8 @@ class AsyncCoordinator(BaseCoordinator):
     def _init_pipeline(self) -> None:
         """Compressed uploads: the stage that decodes them, and each client's EF21 estimate;
         client-level DP (DP-FedBuff), which the protocol runs on each full buffer."""
-        pipe = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink)
-        self.compress, self.private = pipe.compress, build_buffer_dp(self.cfg, pipe)
+        pipe = build_pipeline(self.exp.cfg, self.algorithm, self.numel, self.exp.uplink)
+        self.compress, self.private = pipe.compress, build_buffer_dp(self.exp.cfg, pipe)
         self.estimates: dict[int, torch.Tensor] = {}
         if self.private is not None:
             self.columns = ASYNC_COLUMNS + ["epsilon"]

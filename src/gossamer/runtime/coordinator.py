@@ -35,6 +35,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.privacy.plan import calibrated
 from gossamer.runtime import schema
 from gossamer.runtime.codec import WireError, model_frames, parse, read_counted_model
 from gossamer.runtime.common import RunFailed, grpc_options, limits, log, model_digest, security
@@ -319,7 +320,7 @@ class BaseCoordinator:
                 "bytes_sent_total": self.bytes_up, "bytes_received_total": self.bytes_down,  # as the simulator
                 "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
                 "sim_time_s": float(last["sim_time_s"]), "wall_time_s": wall_s,
-                "rejected_messages": self.rejected}
+                "rejected_messages": self.rejected, **calibrated(self.exp.cfg)}
 
     def _write(self, summary: dict[str, Any]) -> None:
         """The run's last files: ``summary.json`` and the final model."""

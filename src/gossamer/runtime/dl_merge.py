@@ -27,6 +27,7 @@ from gossamer.experiment import build as build_experiment
 from gossamer.metrics.runstore import MetricsWriter, load_checkpoint, save_checkpoint, write_json
 from gossamer.metrics.trackers import replay
 from gossamer.privacy import sample_ledger
+from gossamer.privacy.plan import calibrated
 from gossamer.protocols import dl_metrics
 
 Rows = list[dict[str, Any]]
@@ -47,7 +48,7 @@ def merge_metrics(cfg: ExperimentConfig, run_dir: Path, killed: list[int] | None
                "rounds": last.get("round", 0), "final_test_accuracy": last.get("test_accuracy"),
                "final_test_loss": last.get("test_loss"), "sim_time_s": last.get("sim_time_s"),
                "wall_time_s": last.get("sim_time_s"), "bytes_sent_total": last.get("bytes_up", 0),
-               **extra, "failed_peers": sorted(killed or [])}
+               **extra, **calibrated(exp.cfg), "failed_peers": sorted(killed or [])}
     write_json(run_dir / "summary.json", summary)
     replay(build_trackers(cfg.output.trackers), run_dir, cfg.to_dict(), rows, summary)   # output.trackers
     return summary

@@ -97,7 +97,7 @@ class Client(PersonalClient, Rehoming):
         self.last_round = 0
         # the client side of the upload pipeline (compression with feedback, RQM, DP); its
         # state (EF memory, DGC momentum) lives here, as SCAFFOLD's control variate does
-        self.pipeline = build_pipeline(cfg, self.algorithm, self.exp.spec.numel, self.exp.uplink)
+        self.pipeline = build_pipeline(self.exp.cfg, self.algorithm, self.exp.spec.numel, self.exp.uplink)
         compress = self.pipeline.compress
         self.stage_state = compress.init(1, self.exp.spec.numel) if compress is not None else {}
         self.secagg: SecAggClient | None = None

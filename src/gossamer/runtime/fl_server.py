@@ -93,14 +93,14 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
     def _init_pipeline(self) -> None:
         """The server side of the upload pipeline (protocols/upload.py): which upload kind
         arrives (a model row, a DP update, encoded bytes), EF21 estimates, the DP ledger."""
-        pipe = self.pipeline = build_pipeline(self.cfg, self.algorithm, self.numel, self.exp.uplink)
+        pipe = self.pipeline = build_pipeline(self.exp.cfg, self.algorithm, self.numel, self.exp.uplink)
         self.upload_kind = KIND_ADVERTISE if pipe.secagg is not None else \
             KIND_ENCODED if pipe.encoded is not None else \
             KIND_DELTA if pipe.dp is not None else KIND_MODEL
         self.secagg_aborted = 0
         self.estimates: dict[int, torch.Tensor] = {}         # EF21: the server's copy per client
         self.last_round: SyncRound | None = None             # the latest round's decisions
-        self.dp_ledger = build_ledger(self.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
+        self.dp_ledger = build_ledger(self.exp.cfg, self.numel, self.exp.trainer.sizes, self.exp.num_nodes)
         self.columns = self.columns + pipe.extra_columns      # epsilon, secagg_aborted
         self._init_subtrees()
         self._init_personal()

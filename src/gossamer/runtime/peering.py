@@ -48,7 +48,7 @@ class PeerNode:
         # (``dp_steps``); the merger's epsilon composes every node's (docs/privacy.md)
         from gossamer.privacy import sample_ledger
 
-        self.dp_ledger = sample_ledger(cfg, self.exp.trainer.sizes)
+        self.dp_ledger = sample_ledger(self.exp.cfg, self.exp.trainer.sizes)
         if self.dp_ledger is not None:
             self.exp.trainer.ledger = self.dp_ledger
 

@@ -22,6 +22,7 @@ from gossamer.metrics.runstore import (
     save_checkpoint,
     write_json,
 )
+from gossamer.privacy.plan import calibrated
 from gossamer.sim.allocator import tune_allocator
 from gossamer.sim.drivers import Driver, driver_for
 from gossamer.sim.experiment import Experiment, build_experiment
@@ -247,6 +248,7 @@ class Runner:
         if d.steps_ledger is not None and "epsilon" in row:    # sample-level DP outside sync FL
             out.update(dp_epsilon=row["epsilon"], dp_delta=self.cfg.privacy.dp.delta)
         out.update(d.summary())
+        out.update(calibrated(self.exp.cfg))            # privacy.dp.target_epsilon's noise
         return out
 
 
