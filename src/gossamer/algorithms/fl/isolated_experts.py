@@ -6,8 +6,9 @@ trained in complete isolation, and a router trained to predict a sample's cluste
 them at inference (top-1: the router's most likely expert alone, the paper's best; top-k: the
 router-weighted mixture of the k most likely). Here an island is a group of nodes and trains
 its expert with FedAvg over its own nodes only; the router is trained by FedAvg over every
-node, each sample labelled with its node's island. The pure parts are below; the simulator
-runs them in ``sim/drivers/experts.py``.
+node, each sample labelled with its node's island. The pure parts are below; the pattern's
+decisions are in ``protocols/experts.py``, run by ``sim/drivers/experts.py`` and, on real
+processes, ``runtime/experts.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class IsolatedExperts(Algorithm):
             raise ValueError("islands must be >= 1")
         if not 1 <= self.top_k <= self.islands:
             raise ValueError("top_k must be between 1 and islands")
+
+    def select(self, candidates: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        """Every candidate trains every round (a synchronous round's selection on real processes)."""
+        return np.asarray(candidates, dtype=np.int64)
 
     def island_of(self, label_hist: np.ndarray, seed: int) -> np.ndarray:
         """Each node's island ``[N]``, from the nodes' label counts ``[N, C]``; every island
