@@ -30,8 +30,10 @@ def test_the_runtime_tables_come_from_the_pattern_table():
     from gossamer.runtime import roles
     from gossamer.sim.drivers import driver_for
 
-    assert set(roles.COORDINATORS) == {"sync_fl", "async_fl", "islands", "zo_fl"}
+    assert set(roles.COORDINATORS) == {"sync_fl", "async_fl", "islands", "zo_fl", "experts", "coded"}
     assert roles.client_class("zo_fl").__name__ == "ZOClient"
+    assert roles.client_class("experts").__name__ == "ExpertsClient"
+    assert roles.client_class("coded").__name__ == "CodedClient"
     assert roles.client_class("islands").__name__ == "IslandsWorker"
     assert roles.client_class("sync_fl").__name__ == "Client"
     assert set(roles.PEER_ROLES) == {"sync_dl", "gradient_tracking", "async_gossip", "sampled_dl",

@@ -33,13 +33,25 @@ gradient coding tolerating ``lambda`` stragglers in every round computes ``lambd
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from gossamer import rng
+from gossamer.algorithms.fl.gradient_coding import (
+    GradientCoding,
+    SequentialGradientCoding,
+    sequential_s,
+)
+from gossamer.config import ConfigError
 
 RESIDUAL_TOLERANCE = 1e-9
 """The largest ``|a^T B_F - 1|`` a decoding may leave (float64 arithmetic)."""
+
+CODE_KEY = 1 << 62
+"""Key of the cyclic code's random matrix under ``rng.STREAM_SYSTEM`` (the profile fields use
+keys 0..5)."""
 
 
 # --- codes ------------------------------------------------------------------------------------
@@ -113,6 +125,43 @@ def cyclic_code(n: int, s: int, generator: np.random.Generator) -> Code:
     return Code(matrix, "cyclic")
 
 
+def build_code(algorithm, n: int, seed: int) -> Code:
+    """``algorithm``'s code over ``n`` workers (the cyclic one drawn from the run's seed), the
+    same in every executor and process."""
+    if algorithm.code == "fractional":
+        return fractional_code(n, algorithm.code_s)
+    return cyclic_code(n, algorithm.code_s, rng.generator(seed, rng.STREAM_SYSTEM, CODE_KEY))
+
+
+def encode(code: Code, workers: np.ndarray, weights: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The coded vectors ``B[i] . (w * g)`` of ``workers`` ``[k, P]`` (float64), from the
+    gradients ``grads`` of their partitions, ``[k, s + 1, P]`` in each row's support order
+    (:meth:`Code.partitions`; ``weights``: the partitions' ``w``, float64 ``[n]``). Each row is
+    summed term by term in that order, elementwise, so a worker encoding its own row alone and
+    the simulator encoding all rows at once get the same bits."""
+    support = [code.partitions()[i] for i in workers]
+    out = torch.zeros(len(workers), grads.shape[-1], dtype=torch.float64, device=grads.device)
+    for t in range(grads.shape[1]):
+        cols = torch.tensor([int(s[t]) for s in support], device=grads.device)
+        coef = torch.from_numpy(code.matrix[np.asarray(workers), cols.cpu().numpy()]).to(grads.device)
+        out += coef[:, None] * (weights[cols, None] * grads[:, t].double())
+    return out
+
+
+def decode(code: Code, arrived: np.ndarray, coded: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The full gradient ``a^T (B_F g)`` (float64 ``[P]``) from the coded vectors ``coded``
+    ``[len(arrived), P]`` of the workers ``arrived`` (ascending), and the decoding's residual.
+    Summed term by term in worker order, zero coefficients skipped: with the fractional code
+    every choice of arrivals adds the same vectors in the same order (one per group), so the
+    simulator's arrivals and a real run's decode the same bits. ValueError when they cannot."""
+    a, residual = code.decoding_vector(arrived)
+    gradient = torch.zeros(coded.shape[1], dtype=torch.float64, device=coded.device)
+    for row, i in enumerate(np.asarray(arrived, dtype=np.int64)):
+        if a[i] != 0.0:
+            gradient += float(a[i]) * coded[row].double()
+    return gradient, residual
+
+
 def _check(n: int, s: int) -> None:
     if not 0 <= s < n:
         raise ValueError(f"s must be in 0..{n - 1} (below the {n} workers), got {s}")
@@ -126,11 +175,6 @@ def first_arrivals(arrival_s: np.ndarray, count: int) -> tuple[np.ndarray, float
 
 
 # --- sequential gradient coding: selective reattempts -----------------------------------------
-def sequential_s(burst: int, window: int, stragglers: int) -> int:
-    """The gradient code's ``s`` of the selective-reattempt scheme: ``ceil(B lambda / (W - 1 + B))``."""
-    return math.ceil(burst * stragglers / (window - 1 + burst))
-
-
 @dataclass
 class Closing:
     """What the server decided when a round closed."""
@@ -226,3 +270,59 @@ class SelectiveReattempt:
         self.straggled = np.asarray(state["straggled"], dtype=bool).copy()
         self.delivered = np.asarray(state["delivered"], dtype=bool).copy()
         self.round = int(state["round"])
+
+
+def refuse_unsupported(exp) -> None:
+    """One-line config errors for what coded rounds do not run with (both executors)."""
+    cfg, algo, n = exp.cfg, exp.algorithm, exp.num_nodes
+    name = cfg.algorithm.name
+    if isinstance(algo, GradientCoding) and algo.s >= n:
+        raise ConfigError("algorithm.params.s", f"{name} tolerates s stragglers per round, which "
+                          f"must be below the number of workers: s = {algo.s}, partition.num_nodes "
+                          f"= {n}")
+    if isinstance(algo, SequentialGradientCoding) and algo.stragglers >= n:
+        raise ConfigError("algorithm.params.stragglers", f"{name}: stragglers (lambda = "
+                          f"{algo.stragglers}) must be below the number of workers "
+                          f"(partition.num_nodes = {n})")
+    if algo.code == "fractional" and n % (algo.code_s + 1):
+        raise ConfigError("algorithm.params.code", f"the fractional repetition code needs s + 1 = "
+                          f"{algo.code_s + 1} to divide the {n} workers; use code: cyclic")
+    empty = np.flatnonzero(exp.trainer.sizes == 0)
+    if len(empty):
+        raise ConfigError("partition", f"{name} codes over every node's shard: node {empty[0]} "
+                          "has no samples")
+    for key in ("crash", "churn", "message_loss"):
+        if getattr(cfg.faults, key) is not None:
+            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
+                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
+    for key in ("events", "partitions"):
+        if getattr(cfg.faults, key):
+            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
+                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
+    if cfg.system.availability.model != "always":
+        raise ConfigError("system.availability", f"{name} needs every worker every round: "
+                          "availability always")
+    if exp.adversary is not None and exp.adversary.model_attack:
+        raise ConfigError("adversary.attack", f"{name} does not support model attacks (data "
+                          "attacks such as label_flip work)")
+    if cfg.privacy.dp is not None:
+        raise ConfigError("privacy.dp", f"{name} does not support differential privacy")
+    if cfg.privacy.secure_aggregation is not None:
+        raise ConfigError("privacy.secure_aggregation", f"{name} does not support secure aggregation")
+    for key in ("uplink", "downlink"):
+        if getattr(cfg.compression, key) is not None:
+            raise ConfigError(f"compression.{key}", f"{name} decodes exact coded vectors: no "
+                              "compression")
+    if cfg.model.init == "independent":
+        raise ConfigError("model.init", f"{name} trains one global model: use model.init: same")
+    local = cfg.local
+    if local.steps is not None or local.epochs not in (None, 1):
+        raise ConfigError("local.steps" if local.steps is not None else "local.epochs",
+                          f"{name} computes one full-shard gradient per partition per round")
+    if local.optimizer != "sgd":
+        raise ConfigError("local.optimizer", f"{name} steps on the server "
+                          "(algorithm.params.server_optimizer); local.optimizer must be sgd")
+    for key in ("momentum", "weight_decay", "sam_rho"):
+        if getattr(local, key):
+            raise ConfigError(f"local.{key}", f"{name} steps on the server "
+                              f"(algorithm.params.server_*); local.{key} must be 0")

@@ -47,7 +47,8 @@ PATTERNS: dict[str, Pattern] = {
     "islands": Pattern("gossamer.protocols.islands", _SIM + "islands:IslandsDriver",
                        _RT + "islands:IslandsCoordinator", "coordinator", _RT + "islands:IslandsWorker"),
     "grank": Pattern("gossamer.algorithms.dl.grank", _SIM + "grank:GRankDriver"),
-    "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver"),
+    "coded": Pattern("gossamer.protocols.coding", _SIM + "coded:CodedDriver", _RT + "coded:CodedCoordinator",
+                     "coordinator", _RT + "coded:CodedClient"),
     "random_walk": Pattern("gossamer.protocols.random_walk", _SIM + "random_walk:RandomWalkDriver",
                            _RT + "walk_peer:WalkPeer", "peer"),
 }

@@ -180,21 +180,28 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
     def _candidates(self) -> list[int]:
         return sorted(set(self.clients) - self.stale)
 
+    def _quorum(self) -> tuple[int, str]:
+        """The uploads a round needs, and what sets that number."""
+        return self.cfg.runtime.min_participants, "runtime.min_participants"
+
+    def _open(self, r: int, candidates: np.ndarray) -> SyncRound:
+        """Round ``r``'s decisions among ``candidates`` (protocols/sync_fl.py)."""
+        return SyncRound(self.algorithm, self.cfg.seed, r, candidates)
+
     def _run_round(self, r: int) -> None:
-        """Round ``r``: redone until ``runtime.min_participants`` uploads arrive in one attempt,
-        for at most ``runtime.quorum_timeout_s``; then :class:`RunFailed`."""
+        """Round ``r``: redone until the quorum's uploads (``runtime.min_participants``) arrive
+        in one attempt, for at most ``runtime.quorum_timeout_s``; then :class:`RunFailed`."""
         rt = self.cfg.runtime
         give_up = time.monotonic() + rt.quorum_timeout_s
+        need, what = self._quorum()
         while True:
             received = self._attempt(r, give_up)
-            if len(received) >= rt.min_participants:
+            if len(received) >= need:
                 break
             if time.monotonic() >= give_up:
-                raise RunFailed(f"round {r}: {len(received)} uploads, fewer than runtime."
-                                f"min_participants ({rt.min_participants}), for runtime."
-                                f"quorum_timeout_s ({rt.quorum_timeout_s:g} s)")
-            log.warning("round %d: %d uploads, fewer than runtime.min_participants (%d); redoing it",
-                        r, len(received), rt.min_participants)
+                raise RunFailed(f"round {r}: {len(received)} uploads, fewer than {what} ({need}), "
+                                f"for runtime.quorum_timeout_s ({rt.quorum_timeout_s:g} s)")
+            log.warning("round %d: %d uploads, fewer than %s (%d); redoing it", r, len(received), what, need)
         self._aggregate(r, received)
 
     def _payload(self) -> torch.Tensor:
@@ -252,16 +259,15 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
 
     def _attempt(self, r: int, give_up: float) -> dict[int, tuple[torch.Tensor, int]]:
         """Select, hand out the model, wait for uploads; the uploads received."""
-        rt, algo = self.cfg.runtime, self.algorithm
+        rt, (need, what) = self.cfg.runtime, self._quorum()
         with self.lock:
-            if not self.lock.wait_for(lambda: len(self._candidates()) >= rt.min_participants,
+            if not self.lock.wait_for(lambda: len(self._candidates()) >= need,
                                       timeout=max(0.0, give_up - time.monotonic())):
                 raise RunFailed(f"round {r}: {len(self._candidates())} of {len(self.clients)} joined "
-                                f"clients reachable, fewer than runtime.min_participants "
-                                f"({rt.min_participants}), for runtime.quorum_timeout_s "
-                                f"({rt.quorum_timeout_s:g} s)")
+                                f"clients reachable, fewer than {what} ({need}), for "
+                                f"runtime.quorum_timeout_s ({rt.quorum_timeout_s:g} s)")
             candidates = np.array(self._candidates(), dtype=np.int64)
-            rnd = SyncRound(algo, self.cfg.seed, r, candidates)      # protocols/sync_fl.py
+            rnd = self._open(r, candidates)
             ids = rnd.selected
             payload = self._payload()
             frames = self._model_task_frames(payload, r)

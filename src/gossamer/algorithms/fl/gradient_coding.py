@@ -5,11 +5,13 @@ Classic gradient coding: Tandon, Lei, Dimakis, Karampatziakis, "Gradient Coding:
 Stragglers in Distributed Learning", ICML 2017, arXiv:1612.03301. Sequential gradient coding
 (the selective-reattempt scheme): Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding For
 Straggler Mitigation", ICLR 2023, arXiv:2211.13802. The codes, the decoding and when a round
-closes are in :mod:`gossamer.protocols.coding`; ``sim/drivers/coded.py`` runs them.
+closes are in :mod:`gossamer.protocols.coding`; ``sim/drivers/coded.py`` runs them, and
+``runtime/coded.py`` on real processes (classic gradient coding).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +21,11 @@ import torch
 from gossamer.algorithms.base import Algorithm
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.algorithms.fl.server_opt import ServerOptimizer, ServerOptimizerName, from_fields
-from gossamer.protocols.coding import sequential_s
+
+
+def sequential_s(burst: int, window: int, stragglers: int) -> int:
+    """The gradient code's ``s`` of the selective-reattempt scheme: ``ceil(B lambda / (W - 1 + B))``."""
+    return math.ceil(burst * stragglers / (window - 1 + burst))
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,10 @@ class _CodedDescent(Algorithm):
     def load(self) -> int:
         """Partition gradients each worker computes per round."""
         return self.code_s + 1
+
+    def select(self, candidates: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+        """Every worker, every round (a synchronous round's selection on real processes)."""
+        return np.asarray(candidates, dtype=np.int64)
 
     def partition_weights(self, num_samples: np.ndarray) -> np.ndarray:
         """``w`` ``[n]`` (float64, summing to 1) of the partitions in the full gradient."""

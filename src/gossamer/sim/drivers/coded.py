@@ -24,22 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer import rng, wire
+from gossamer import wire
 from gossamer.algorithms.fl.fedavg import ServerState
-from gossamer.algorithms.fl.gradient_coding import GradientCoding, SequentialGradientCoding
-from gossamer.config import ConfigError
+from gossamer.algorithms.fl.gradient_coding import SequentialGradientCoding
 from gossamer.protocols.coding import (
     SelectiveReattempt,
-    cyclic_code,
+    build_code,
+    decode,
+    encode,
     first_arrivals,
-    fractional_code,
+    refuse_unsupported,
 )
 from gossamer.sim.drivers.base import Driver, _to_numpy, _to_tensor
 from gossamer.sim.experiment import Experiment
-
-CODE_KEY = 1 << 62
-"""Key of the cyclic code's random matrix under ``rng.STREAM_SYSTEM`` (the profile fields use
-keys 0..5)."""
 
 
 class CodedDriver(Driver):
@@ -48,16 +45,12 @@ class CodedDriver(Driver):
     columns = Driver.columns + ["job", "waited", "stragglers", "reattempts", "load", "decode_residual"]
 
     def __init__(self, exp: Experiment) -> None:
-        _refuse_unsupported(exp)
+        refuse_unsupported(exp)
         super().__init__(exp)
         self.algorithm = algo = exp.algorithm
-        n, numel, s = exp.num_nodes, exp.spec.numel, algo.code_s
+        n, numel = exp.num_nodes, exp.spec.numel
         self.workers = np.arange(n)
-        if algo.code == "fractional":
-            self.code = fractional_code(n, s)
-        else:
-            self.code = cyclic_code(n, s, rng.generator(exp.cfg.seed, rng.STREAM_SYSTEM, CODE_KEY))
-        self.matrix = torch.from_numpy(self.code.matrix).to(self.device)
+        self.code = build_code(algo, n, exp.cfg.seed)
         sizes = exp.trainer.sizes.astype(np.int64)
         self.weights = torch.from_numpy(algo.partition_weights(sizes)).to(self.device)
         self.task_samples = np.array([sizes[p].sum() for p in self.code.partitions()], dtype=np.float64)
@@ -126,16 +119,15 @@ class CodedDriver(Driver):
         params = self.state.params
         grads, losses = self.exp.trainer.full_gradient(params.expand(len(self.workers), -1), self.workers)
         self.train_loss = float(self.weights @ losses.double())
-        return (self.matrix @ (self.weights[:, None] * grads.double())).to(self.message_dtype)
+        support = np.stack(self.code.partitions())                      # [n, s + 1]
+        return encode(self.code, self.workers, self.weights, grads[torch.from_numpy(support)]).to(self.message_dtype)
 
     def _decode(self, coded: torch.Tensor, arrived: np.ndarray) -> None:
         """The full gradient from the coded vectors of ``arrived``; the server's step on it."""
-        a, self.residual = self.code.decoding_vector(arrived)
-        self.max_residual = max(self.max_residual, self.residual)
         index = torch.from_numpy(np.asarray(arrived, dtype=np.int64))
-        weights = torch.from_numpy(a)[index].to(self.device)
-        gradient = (weights @ coded[index].double()).to(self.state.params.dtype)
-        self.state = self.algorithm.step(self.state, gradient)
+        gradient, self.residual = decode(self.code, arrived, coded[index])
+        self.max_residual = max(self.max_residual, self.residual)
+        self.state = self.algorithm.step(self.state, gradient.to(self.state.params.dtype))
 
     # --- metrics and checkpoints ---------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -185,59 +177,3 @@ class CodedDriver(Driver):
         self.stragglers, self.reattempts = int(state["stragglers"]), int(state["reattempts"])
         self.residual, self.max_residual = float(state["residual"]), float(state["max_residual"])
         self.skipped, self.waited_for_all = int(state["skipped"]), int(state["waited_for_all"])
-
-
-def _refuse_unsupported(exp: Experiment) -> None:
-    """One-line config errors for what coded rounds do not run with."""
-    cfg, algo, n = exp.cfg, exp.algorithm, exp.num_nodes
-    name = cfg.algorithm.name
-    if isinstance(algo, GradientCoding) and algo.s >= n:
-        raise ConfigError("algorithm.params.s", f"{name} tolerates s stragglers per round, which "
-                          f"must be below the number of workers: s = {algo.s}, partition.num_nodes "
-                          f"= {n}")
-    if isinstance(algo, SequentialGradientCoding) and algo.stragglers >= n:
-        raise ConfigError("algorithm.params.stragglers", f"{name}: stragglers (lambda = "
-                          f"{algo.stragglers}) must be below the number of workers "
-                          f"(partition.num_nodes = {n})")
-    if algo.code == "fractional" and n % (algo.code_s + 1):
-        raise ConfigError("algorithm.params.code", f"the fractional repetition code needs s + 1 = "
-                          f"{algo.code_s + 1} to divide the {n} workers; use code: cyclic")
-    empty = np.flatnonzero(exp.trainer.sizes == 0)
-    if len(empty):
-        raise ConfigError("partition", f"{name} codes over every node's shard: node {empty[0]} "
-                          "has no samples")
-    for key in ("crash", "churn", "message_loss"):
-        if getattr(cfg.faults, key) is not None:
-            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
-                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
-    for key in ("events", "partitions"):
-        if getattr(cfg.faults, key):
-            raise ConfigError(f"faults.{key}", f"{name} tolerates slow workers (faults.stragglers, "
-                              f"faults.delay_spikes, system profiles); faults.{key} is not supported")
-    if exp.availability.model != "always":
-        raise ConfigError("system.availability", f"{name} needs every worker every round: "
-                          "availability always")
-    if exp.adversary is not None and exp.adversary.model_attack:
-        raise ConfigError("adversary.attack", f"{name} does not support model attacks (data "
-                          "attacks such as label_flip work)")
-    if cfg.privacy.dp is not None:
-        raise ConfigError("privacy.dp", f"{name} does not support differential privacy")
-    if cfg.privacy.secure_aggregation is not None:
-        raise ConfigError("privacy.secure_aggregation", f"{name} does not support secure aggregation")
-    for key in ("uplink", "downlink"):
-        if getattr(cfg.compression, key) is not None:
-            raise ConfigError(f"compression.{key}", f"{name} decodes exact coded vectors: no "
-                              "compression")
-    if cfg.model.init == "independent":
-        raise ConfigError("model.init", f"{name} trains one global model: use model.init: same")
-    local = cfg.local
-    if local.steps is not None or local.epochs not in (None, 1):
-        raise ConfigError("local.steps" if local.steps is not None else "local.epochs",
-                          f"{name} computes one full-shard gradient per partition per round")
-    if local.optimizer != "sgd":
-        raise ConfigError("local.optimizer", f"{name} steps on the server "
-                          "(algorithm.params.server_optimizer); local.optimizer must be sgd")
-    for key in ("momentum", "weight_decay", "sam_rho"):
-        if getattr(local, key):
-            raise ConfigError(f"local.{key}", f"{name} steps on the server "
-                              f"(algorithm.params.server_*); local.{key} must be 0")

@@ -1,0 +1,97 @@
+"""Gradient coding on real processes (runtime/coded.py): a round closes at the first n - s
+uploads, so a worker killed mid-run costs nothing, and the decoded gradient is the simulator's
+whichever workers straggle; the coordinator files only well-formed coded vectors."""
+
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from gossamer import config
+from gossamer.cli import main
+from gossamer.protocols.coding import decode, encode
+from gossamer.runtime.codec import WireError
+from gossamer.runtime.coded import CodedCoordinator
+from tests.conftest import small_config, subprocess_env
+from tests.runtime.test_fl_runtime import _free_port, _rows, procs  # noqa: F401  (fixture)
+
+
+def _cfg(**params):
+    cfg = small_config("gradient_coding", stop={"rounds": 3}, local={"epochs": 1, "batch_size": 16, "lr": 0.1})
+    cfg["partition"]["num_nodes"] = 4
+    cfg["algorithm"] = {"name": "gradient_coding", "params": {"s": 1, "server_lr": 0.5, **params}}
+    cfg["runtime"] = {"round_timeout_s": 30, "join_timeout_s": 60, "poll_interval_s": 0.1,
+                      "threads_per_process": 2}      # the simulator's threads: exact parity
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_killed_worker_costs_nothing_and_every_round_is_the_simulators(write_config, tmp_path, procs):  # noqa: F811
+    """Worker 3 is killed (SIGKILL) as round 2 starts: rounds 2 and 3 close at the other three
+    uploads (n - s = 3) and decode the exact full gradient, so the run equals the simulator's
+    (where nobody straggles) round by round, bit for bit with the fractional code."""
+    port = _free_port()
+    cfg = _cfg()
+    cfg["runtime"]["server"] = f"127.0.0.1:{port}"
+    path = write_config(cfg)
+    server = procs.start("server", str(path), "--out", str(tmp_path / "real"))
+    victim = None
+    for i in range(4):
+        env = subprocess_env(GOSSAMER_TEST_KILL_CLIENT_AT_ROUND="2") if i == 3 else None
+        p = procs.start("client", str(path), "--id", str(i), env=env)
+        victim = p if i == 3 else victim
+    assert server.wait(timeout=180) == 0, server.stdout.read().decode()[-3000:]
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    assert [r["waited"] for r in real[1:]] == ["3", "3", "3"]       # round 1 closes at 3 too
+    assert [r["stragglers"] for r in real[1:]] == ["1", "1", "1"]
+    for column in ("test_accuracy", "test_loss"):
+        assert [r[column] for r in real] == [r[column] for r in sim], column
+    assert real[-1]["test_loss"] != real[0]["test_loss"]
+
+
+@pytest.mark.slow
+def test_the_cyclic_code_on_real_processes(write_config, tmp_path):
+    """The cyclic code's float64 vectors, decoded by least squares from whichever three arrive
+    first: the simulator's run to float rounding."""
+    path = write_config(_cfg(code="cyclic"))
+    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    assert [float(r["test_loss"]) for r in real] == pytest.approx([float(r["test_loss"]) for r in sim], rel=1e-5)
+    assert all(float(r["decode_residual"]) <= 1e-9 for r in real[1:])
+
+
+def test_the_coordinator_decodes_from_any_n_minus_s_and_refuses_malformed_vectors(tmp_path, write_config, capsys):
+    cfg = config.validate(_cfg())
+    coord = CodedCoordinator(cfg, tmp_path)
+    assert coord._quorum()[0] == 3
+    rnd = coord._open(1, np.arange(4))
+    assert rnd.selected.tolist() == [0, 1, 2, 3] and rnd.wanted == 3
+    p, code = coord.numel, coord.code
+    grads = torch.randn(4, p, generator=torch.Generator().manual_seed(0))
+    support = np.stack(code.partitions())
+    sent = encode(code, np.arange(4), coord.partition_weights, grads[torch.from_numpy(support)]).float()
+    full = (coord.partition_weights[:, None] * grads.double()).sum(0)
+    for arrived in ([0, 1, 2], [0, 2, 3], [1, 2, 3]):           # any three decode the same bits
+        got, residual = decode(code, np.array(arrived), sent[arrived])
+        assert residual == 0.0 and torch.allclose(got, full, atol=1e-6)
+        assert torch.equal(got, decode(code, np.array([0, 1, 2]), sent[[0, 1, 2]])[0])
+
+    def raw(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(values.tobytes(), dtype=np.uint8).copy())
+
+    assert torch.equal(coord._decode(0, 1, raw(sent[0].numpy()))[0], sent[0])
+    bad = sent[0].numpy().copy()
+    bad[3] = np.inf
+    for tensor in (raw(bad), raw(sent[0].numpy()[:-1]), raw(sent[0].double().numpy())):
+        with pytest.raises(WireError):
+            coord._decode(0, 1, tensor)
+    # sequential gradient coding stays in the simulator: one line, before any process starts
+    seq = _cfg()
+    seq["algorithm"] = {"name": "sequential_gradient_coding", "params": {"burst": 1, "window": 2, "stragglers": 1}}
+    assert main(["launch", str(write_config(seq)), "--out", str(tmp_path / "seq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algorithm.name:" in err[0], err
