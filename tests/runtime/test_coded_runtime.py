@@ -1,6 +1,7 @@
-"""Gradient coding on real processes (runtime/coded.py): a round closes at the first n - s
-uploads, so a worker killed mid-run costs nothing, and the decoded gradient is the simulator's
-whichever workers straggle; the coordinator files only well-formed coded vectors."""
+"""Gradient coding on real processes (runtime/coded.py): a classic round closes at the first
+n - s uploads, so a worker killed mid-run costs nothing, and the decoded gradient is the
+simulator's whichever workers straggle; a sequential round waits for the reattempt its due job
+needs; the coordinator files only well-formed coded vectors."""
 
 import signal
 
@@ -13,8 +14,11 @@ from gossamer.cli import main
 from gossamer.protocols.coding import decode, encode
 from gossamer.runtime.codec import WireError
 from gossamer.runtime.coded import CodedCoordinator
+from gossamer.runtime.fl_server import RoundState
 from tests.conftest import small_config, subprocess_env
 from tests.runtime.test_fl_runtime import _free_port, _rows, procs  # noqa: F401  (fixture)
+
+SEQUENTIAL = {"burst": 2, "window": 3, "stragglers": 2, "server_lr": 0.5}
 
 
 def _cfg(**params):
@@ -53,18 +57,74 @@ def test_a_killed_worker_costs_nothing_and_every_round_is_the_simulators(write_c
 
 
 @pytest.mark.slow
-def test_the_cyclic_code_on_real_processes(write_config, tmp_path):
+def test_the_cyclic_code_and_the_sequential_scheme_on_real_processes(write_config, tmp_path):
     """The cyclic code's float64 vectors, decoded by least squares from whichever three arrive
-    first: the simulator's run to float rounding."""
+    first: the simulator's run to float rounding. Sequential gradient coding (B = 2: the
+    gradient of round r - 2 is applied in round r, none before round 3): the simulator's run
+    bit for bit, whichever workers straggled."""
     path = write_config(_cfg(code="cyclic"))
     assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
     real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
     assert [float(r["test_loss"]) for r in real] == pytest.approx([float(r["test_loss"]) for r in sim], rel=1e-5)
     assert all(float(r["decode_residual"]) <= 1e-9 for r in real[1:])
+    cfg = _cfg()
+    cfg["algorithm"] = {"name": "sequential_gradient_coding", "params": SEQUENTIAL}
+    cfg["stop"] = {"rounds": 4}
+    path = write_config(cfg)
+    assert main(["launch", str(path), "--out", str(tmp_path / "seq-real")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "seq-sim"), "--quiet"]) == 0
+    real, sim = _rows(tmp_path / "seq-real"), _rows(tmp_path / "seq-sim")
+    for column in ("test_accuracy", "test_loss", "job"):
+        assert [r[column] for r in real] == [r[column] for r in sim], column
+    assert [r["job"] for r in real[1:]] == ["0", "0", "1", "2"]
+    assert real[2]["test_loss"] == real[0]["test_loss"] != real[3]["test_loss"]
 
 
-def test_the_coordinator_decodes_from_any_n_minus_s_and_refuses_malformed_vectors(tmp_path, write_config, capsys):
+def test_a_sequential_round_waits_for_the_reattempt_it_needs(tmp_path):
+    """The selective-reattempt scheme on the coordinator, arrivals scripted in id order (n = 4,
+    s = 1, B = 2, W = 3, lambda = 2): rounds 1 and 2 close once workers 0 and 1 are in (2 and 3
+    straggle: a burst the model allows); in round 3 worker 2 reattempts job 1 from the model of
+    round 1, and since 2 and 3 straggled within the window the round waits for both; job 1's
+    gradient, decoded from workers 0, 1 and 2, is the full gradient at round 1's model."""
+    cfg = _cfg()
+    cfg["algorithm"] = {"name": "sequential_gradient_coding", "params": SEQUENTIAL}
+    coord = CodedCoordinator(config.validate(cfg), tmp_path)
+    trainer, code, w = coord.exp.trainer, coord.code, coord.partition_weights
+    support = torch.from_numpy(np.stack(code.partitions()))
+
+    def vectors(model):
+        grads, _ = trainer.full_gradient(model.expand(4, -1), np.arange(4))
+        return encode(code, np.arange(4), w, grads[support]).float()
+
+    def round_(r, order):
+        """Arrivals in ``order`` until the round closes; who was in."""
+        coord._open(r, np.arange(4))
+        cur = RoundState(r, selected={0, 1, 2, 3})
+        sent = {int(j): vectors(coord.models[int(j)]) for j in set(coord.jobs.tolist())}
+        for i in order:
+            cur.received[i] = (sent[int(coord.jobs[i])][i], 10)
+            if coord._closes(cur, 0):
+                break
+        assert coord._enough(r, cur.received)
+        coord._aggregate(r, cur.received)
+        return sorted(cur.received)
+
+    x1 = coord.state.params.clone()
+    assert round_(1, [0, 1, 2, 3]) == [0, 1] and round_(2, [0, 1, 2, 3]) == [0, 1]
+    assert coord.job == 0 and torch.equal(coord.state.params, x1)       # nothing decoded yet
+    coord._open(3, np.arange(4))
+    assert coord.jobs.tolist() == [3, 3, 1, 3] and torch.equal(coord.models[1], x1)
+    assert not coord._enough(3, {0: None, 1: None, 3: None})   # 2 and 3 straggled within W
+    assert round_(3, [0, 1, 3, 2]) == [0, 1, 2, 3]
+    grads, _ = trainer.full_gradient(x1.expand(4, -1), np.arange(4))
+    full = (w[:, None] * grads.double()).sum(0).float()
+    stepped = coord.algorithm.step(coord.algorithm.init_state(x1), full).params
+    assert coord.job == 1 and coord.reattempts == 1
+    assert torch.allclose(coord.state.params, stepped, atol=1e-6)
+
+
+def test_the_coordinator_decodes_from_any_n_minus_s_and_refuses_malformed_vectors(tmp_path):
     cfg = config.validate(_cfg())
     coord = CodedCoordinator(cfg, tmp_path)
     assert coord._quorum()[0] == 3
@@ -89,9 +149,3 @@ def test_the_coordinator_decodes_from_any_n_minus_s_and_refuses_malformed_vector
     for tensor in (raw(bad), raw(sent[0].numpy()[:-1]), raw(sent[0].double().numpy())):
         with pytest.raises(WireError):
             coord._decode(0, 1, tensor)
-    # sequential gradient coding stays in the simulator: one line, before any process starts
-    seq = _cfg()
-    seq["algorithm"] = {"name": "sequential_gradient_coding", "params": {"burst": 1, "window": 2, "stragglers": 1}}
-    assert main(["launch", str(write_config(seq)), "--out", str(tmp_path / "seq")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "algorithm.name:" in err[0], err

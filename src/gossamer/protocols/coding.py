@@ -235,32 +235,47 @@ class SelectiveReattempt:
         earlier = self.straggled[: self.window - self.burst]    # rounds r - W + 1 .. r - B
         return not (earlier.any(axis=0) & stragglers).any()
 
-    def close(self, r: int, jobs: np.ndarray, arrival_s: np.ndarray) -> Closing:
-        """Close round ``r`` given each worker's job (:meth:`tasks`) and arrival time."""
+    def decodable(self, r: int, jobs: np.ndarray, late: np.ndarray) -> bool:
+        """Whether the job due in round ``r`` (``r - B``) can be decoded if the workers ``late``
+        (bool ``[n]``) are not waited for."""
         old = r - self.burst
-        need = self.n - self.s
+        return old < 1 or (self.delivered[1] | ((jobs == old) & ~late)).sum() >= self.n - self.s
+
+    def ready(self, r: int, jobs: np.ndarray, late: np.ndarray) -> bool:
+        """Whether round ``r`` may close without the workers ``late``: the pattern stays in the
+        straggler model and the due job decodes (an executor that sees arrivals one at a time
+        closes at the first arrival after which this holds; :meth:`close` replays that)."""
+        return self.conforms(late) and self.decodable(r, jobs, late)
+
+    def close(self, r: int, jobs: np.ndarray, arrival_s: np.ndarray) -> Closing:
+        """Close round ``r`` given each worker's job (:meth:`tasks`) and arrival time: at the
+        earliest arrival after which :meth:`ready` holds."""
         waited_for_decoding = False
-        chosen = None
         for tau in np.unique(arrival_s):
             late = arrival_s > tau
             if not self.conforms(late):
                 continue
-            if old >= 1 and (self.delivered[1] | ((jobs == old) & ~late)).sum() < need:
+            if not self.decodable(r, jobs, late):
                 waited_for_decoding = True
                 continue
-            chosen = float(tau), late
-            break
-        if chosen is None:       # waiting for everyone qualifies whenever jobs came from tasks()
-            raise ValueError(f"round {r}: no close decodes job {old}; jobs must come from tasks({r})")
-        tau, late = chosen
-        got = ~late
+            return self.commit(r, jobs, late, float(tau), waited_for_decoding)
+        # waiting for everyone qualifies whenever jobs came from tasks()
+        raise ValueError(f"round {r}: no close decodes job {r - self.burst}; jobs must come from tasks({r})")
+
+    def commit(self, r: int, jobs: np.ndarray, late: np.ndarray, round_s: float = 0.0,
+               waited_for_decoding: bool = False) -> Closing:
+        """Round ``r`` closed without the workers ``late`` (it must be :meth:`ready`): the
+        scheme's memory moves on; the job decoded now and whose tasks the server holds for it."""
+        if not self.ready(r, jobs, late):
+            raise ValueError(f"round {r} cannot close without workers {np.flatnonzero(late).tolist()}")
+        old, got = r - self.burst, ~late
         contributors = np.zeros(0, dtype=np.int64)
         if old >= 1:
             contributors = np.flatnonzero(self.delivered[1] | ((jobs == old) & got))
         self.straggled = np.concatenate([self.straggled[1:], late[None]])
         self.delivered = np.concatenate([self.delivered[1:], ((jobs == r) & got)[None]])
         self.round = r
-        return Closing(tau, late, max(old, 0), contributors, waited_for_decoding)
+        return Closing(round_s, late, max(old, 0), contributors, waited_for_decoding)
 
     def state_dict(self) -> dict[str, np.ndarray | int]:
         return {"straggled": self.straggled.copy(), "delivered": self.delivered.copy(),

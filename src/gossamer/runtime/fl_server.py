@@ -184,6 +184,15 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         """The uploads a round needs, and what sets that number."""
         return self.cfg.runtime.min_participants, "runtime.min_participants"
 
+    def _enough(self, r: int, received: dict) -> bool:
+        """Whether an attempt's uploads complete round ``r``."""
+        return len(received) >= self._quorum()[0]
+
+    def _closes(self, cur: RoundState, need: int) -> bool:
+        """Whether the round stops waiting (lock held): ``need`` uploads are in, or no
+        selected client is still awaited."""
+        return len(cur.received) >= need or not cur.open()
+
     def _open(self, r: int, candidates: np.ndarray) -> SyncRound:
         """Round ``r``'s decisions among ``candidates`` (protocols/sync_fl.py)."""
         return SyncRound(self.algorithm, self.cfg.seed, r, candidates)
@@ -196,7 +205,7 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         need, what = self._quorum()
         while True:
             received = self._attempt(r, give_up)
-            if len(received) >= need:
+            if self._enough(r, received):
                 break
             if time.monotonic() >= give_up:
                 raise RunFailed(f"round {r}: {len(received)} uploads, fewer than {what} ({need}), "
@@ -282,7 +291,7 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
             need = rnd.wanted or len(ids)
             timeout = rt.round_timeout_s if rnd.deadline is None else min(rt.round_timeout_s, rnd.deadline)
             cur = self.current
-            finished = self.lock.wait_for(lambda: len(cur.received) >= need or not cur.open(),
+            finished = self.lock.wait_for(lambda: self._closes(cur, need),
                                           timeout=timeout)
             received = dict(cur.received)
             self.last_sum = (cur.total, cur.weight)
@@ -342,7 +351,10 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         return summary
 
     def _checkpoint(self, start: float) -> None:
-        save_checkpoint(self.run_dir / "checkpoints" / "server.pt", {
+        save_checkpoint(self.run_dir / "checkpoints" / "server.pt", self._checkpoint_state(start))
+
+    def _checkpoint_state(self, start: float) -> dict[str, Any]:
+        return {
             "round": self.state.round, "params": self.state.params, "extra": dict(self.state.extra),
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "clients": torch.tensor(sorted(self.clients.items()), dtype=torch.int64).reshape(-1, 2),
@@ -351,7 +363,10 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
             "secagg_aborted": self.secagg_aborted,
             "contribution": None if self.exp.contribution is None else self.exp.contribution.state_dict(),
             "personal": self.personal_rows,
-            "ef21": {str(k): v for k, v in self.estimates.items()}})
+            "ef21": {str(k): v for k, v in self.estimates.items()}}
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        """What a pattern adds to :meth:`_checkpoint_state`, read back (none here)."""
 
     def _restore(self) -> None:
         path = self.run_dir / "checkpoints" / "server.pt"
@@ -370,6 +385,7 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
             self.personal_rows = state["personal"].clone()
         if self.exp.contribution is not None and state.get("contribution") is not None:
             self.exp.contribution.load_state_dict(state["contribution"])
+        self._restore_state(state)
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)
