@@ -24,13 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.config import ExperimentConfig
 from gossamer.metrics.runstore import (
     atomic_write_text,
-    checkpoint_exists,
-    load_checkpoint,
-    save_checkpoint,
 )
 from gossamer.protocols.private import build_ledger
 from gossamer.protocols.sync_fl import SyncRound
@@ -45,6 +41,7 @@ from gossamer.runtime.codec import (
 )
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
+from gossamer.runtime.fl_checkpoint import ServerCheckpoint
 from gossamer.runtime.fl_uploads import UploadIntake
 from gossamer.runtime.personal import PersonalServer
 from gossamer.runtime.secagg_round import KIND_ADVERTISE, SecAggRound, SecureAggregation
@@ -76,7 +73,7 @@ class RoundState:
         return self.selected - self.failed - set(self.received)
 
 
-class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
+class Coordinator(ServerCheckpoint, UploadIntake, SecureAggregation, Subtrees, PersonalServer, BaseCoordinator):
     """The ``sync_fl`` pattern: select, hand out the model, wait for uploads, run the upload
     pipeline's server side, aggregate, evaluate, checkpoint. With ``hierarchy.levels`` the
     clients are reached through ``gossamer aggregator`` processes (``runtime/subtree.py``)."""
@@ -349,43 +346,3 @@ class Coordinator(UploadIntake, SecureAggregation, Subtrees, PersonalServer, Bas
         self._write_clients()
         self._write(summary)
         return summary
-
-    def _checkpoint(self, start: float) -> None:
-        save_checkpoint(self.run_dir / "checkpoints" / "server.pt", self._checkpoint_state(start))
-
-    def _checkpoint_state(self, start: float) -> dict[str, Any]:
-        return {
-            "round": self.state.round, "params": self.state.params, "extra": dict(self.state.extra),
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-            "clients": torch.tensor(sorted(self.clients.items()), dtype=torch.int64).reshape(-1, 2),
-            "elapsed": self.elapsed_before + time.monotonic() - start,
-            "dp_ledger": None if self.dp_ledger is None else self.dp_ledger.state_dict(),
-            "secagg_aborted": self.secagg_aborted,
-            "contribution": None if self.exp.contribution is None else self.exp.contribution.state_dict(),
-            "personal": self.personal_rows,
-            "ef21": {str(k): v for k, v in self.estimates.items()}}
-
-    def _restore_state(self, state: dict[str, Any]) -> None:
-        """What a pattern adds to :meth:`_checkpoint_state`, read back (none here)."""
-
-    def _restore(self) -> None:
-        path = self.run_dir / "checkpoints" / "server.pt"
-        if not checkpoint_exists(path):
-            self.metrics.load_existing(-1)
-            return
-        state = load_checkpoint(path)
-        self.state = ServerState(state["params"], int(state["round"]), dict(state["extra"]))
-        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
-        self.elapsed_before = float(state["elapsed"])
-        if self.dp_ledger is not None and state.get("dp_ledger") is not None:
-            self.dp_ledger.load_state_dict(state["dp_ledger"])
-        self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
-        self.secagg_aborted = int(state.get("secagg_aborted", 0))
-        if self.personal_rows is not None and state.get("personal") is not None:
-            self.personal_rows = state["personal"].clone()
-        if self.exp.contribution is not None and state.get("contribution") is not None:
-            self.exp.contribution.load_state_dict(state["contribution"])
-        self._restore_state(state)
-        # clients are not restored: the interrupted round starts once they have joined again
-        self.metrics.load_existing(self.state.round)
-        log.info("resumed after round %d", self.state.round)
