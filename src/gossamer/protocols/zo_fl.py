@@ -92,3 +92,59 @@ def refuse_unsupported(exp) -> None:
         if getattr(local, field):
             raise ConfigError(f"local.{field}", f"{name} steps along the zeroth-order estimate "
                               f"only; local.{field} must be 0")
+
+
+# --- broadcast: scalars on real processes: what a client downloads to catch up ----------------
+def relay_payload(records: list[tuple[np.ndarray, torch.Tensor]], params: torch.Tensor, since: int) -> bytes:
+    """What a client holding the model of round ``since`` downloads to hold ``params``, the model
+    after the ``len(records)`` rounds so far (``records[u - 1]``: round ``u``'s contributors and
+    decoded scalars ``[M, K]``): ``b"R"`` and the records of rounds ``since + 1 ..``, each a
+    little-endian int32 round, int32 ``M``, int32 ids and float32 scalars; or ``b"M"`` and the
+    model as float32, when that is smaller or ``since`` is no round the server had."""
+    model = b"M" + params.detach().cpu().numpy().astype("<f4").tobytes()
+    if not 0 <= since <= len(records):
+        return model
+    parts, size = [b"R"], 1
+    for u in range(since + 1, len(records) + 1):
+        ids, scalars = records[u - 1]
+        parts += [np.array([u, len(ids)], dtype="<i4").tobytes(), np.asarray(ids).astype("<i4").tobytes(),
+                  scalars.cpu().numpy().astype("<f4").tobytes()]
+        size += 8 + 4 * len(ids) + 4 * scalars.numel()
+        if size >= len(model):
+            return model
+    return b"".join(parts)
+
+
+def replay(algo, params: torch.Tensor, data: bytes, since: int, latest: int, num_nodes: int,
+           seed: int, lr: float) -> torch.Tensor:
+    """The model of round ``latest`` from ``params`` (round ``since``) and a
+    :func:`relay_payload`: the server's own updates replayed (``algo.server_update``, the same
+    bits). Anything malformed (a round out of order, an id out of range or repeated, a value
+    that is not finite, bytes left over or missing) raises ValueError."""
+    if not data or data[:1] not in (b"M", b"R"):
+        raise ValueError("a relay payload starts with M (the model) or R (records)")
+    body, k = memoryview(data)[1:], algo.perturbations
+    if data[:1] == b"M":
+        if len(body) != 4 * params.numel():
+            raise ValueError(f"a relayed model of {len(body)} bytes where {4 * params.numel()} are expected")
+        model = torch.from_numpy(np.frombuffer(body, dtype="<f4").astype(np.float32))
+        if not bool(torch.isfinite(model).all()):
+            raise ValueError("a relayed model value is not finite")
+        return model
+    at, u = 0, since
+    while at < len(body):
+        if len(body) - at < 8:
+            raise ValueError("a relay record is cut short")
+        r, m = (int(v) for v in np.frombuffer(body[at:at + 8], dtype="<i4"))
+        at += 8
+        if r != u + 1 or not 1 <= m <= num_nodes or len(body) - at < 4 * m * (1 + k):
+            raise ValueError(f"relay record of round {r} with {m} contributors does not follow round {u}")
+        ids = np.frombuffer(body[at:at + 4 * m], dtype="<i4").astype(np.int64)
+        scalars = torch.from_numpy(np.frombuffer(body[at + 4 * m:at + 4 * m * (1 + k)], dtype="<f4").astype(np.float32))
+        at += 4 * m * (1 + k)
+        if ids.min() < 0 or ids.max() >= num_nodes or (np.diff(ids) <= 0).any() or not bool(torch.isfinite(scalars).all()):
+            raise ValueError(f"relay record of round {r}: contributors out of range or order, or a value not finite")
+        params, u = algo.server_update(params, scalars.view(m, k), ids, r, seed, lr), r
+    if u != latest:
+        raise ValueError(f"the relay reaches round {u}, not {latest}")
+    return params

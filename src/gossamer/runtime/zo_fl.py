@@ -10,8 +10,12 @@ finiteness, decodes them (``algorithm.decode``) and takes the simulator's step
 (``algorithm.server_update``). With the same config the metrics equal the simulator's round
 by round (tests/runtime/test_zo_runtime.py).
 
-Not on real processes yet (refused in one line): ``broadcast: scalars``, where a client
-would rebuild the model by replaying the rounds it missed from relayed scalars.
+``broadcast: scalars``: the coordinator keeps every round's contributors and decoded scalars;
+a client keeps its model and says, in each task request (``last_round``), the round it holds.
+Its task then carries the records of the rounds it missed (``protocols.zo_fl.relay_payload``),
+or the model when that is smaller, and the hash of the round's model: the client replays the
+server's updates (``protocols.zo_fl.replay``, which refuses malformed records), checks the
+hash and only then keeps the result.
 """
 
 from __future__ import annotations
@@ -21,8 +25,16 @@ import torch
 
 from gossamer.algorithms.fl.fedavg import ServerState
 from gossamer.config import ConfigError
-from gossamer.protocols.zo_fl import estimate, refuse_unsupported
-from gossamer.runtime.codec import KIND_ENCODED, WireError
+from gossamer.protocols.zo_fl import estimate, refuse_unsupported, relay_payload, replay
+from gossamer.runtime import schema
+from gossamer.runtime.codec import (
+    KIND_ENCODED,
+    WireError,
+    bytes_frames,
+    parse,
+    read_model,
+    state_hash,
+)
 from gossamer.runtime.fl_client import Client
 from gossamer.runtime.fl_server import Coordinator
 
@@ -35,10 +47,6 @@ def check_config(cfg) -> None:
     from gossamer.algorithms import ALGORITHMS
 
     algo = ALGORITHMS.get(cfg.algorithm.name).from_params(cfg.algorithm.params)
-    if algo.broadcast != "model":
-        raise ConfigError("algorithm.params.broadcast", f"{cfg.algorithm.name} with broadcast: "
-                          "scalars runs in the simulator only so far (clients would replay missed "
-                          "rounds); use broadcast: model on real processes")
     comp = cfg.compression
     if comp.uplink is not None or comp.downlink is not None or cfg.privacy.secure_aggregation is not None:
         field = ("compression.uplink" if comp.uplink is not None else "compression.downlink"
@@ -61,6 +69,8 @@ class ZOCoordinator(Coordinator):
     def _init_pipeline(self) -> None:
         _check(self.cfg, self.exp)
         super()._init_pipeline()
+        self.records: list[tuple[np.ndarray, torch.Tensor]] = []    # each round's (ids, scalars)
+        self.holds: dict[int, int] = {}
         self.upload_kind = KIND_ENCODED
         self.upload_numel = self.algorithm.perturbations       # bounds the upload's bytes
 
@@ -91,6 +101,33 @@ class ZOCoordinator(Coordinator):
                                               self.cfg.local.lr)
         self.state = ServerState(params, r, dict(self.state.extra))
         self.participants = len(nodes)
+        self.records.append((nodes, scalars))           # broadcast: scalars (kept either way)
+
+    # --- broadcast: scalars: each client's catch-up ------------------------------------------
+    def _task(self, node: int, last_round: int = 0):
+        self.holds[node] = last_round                   # the round whose model the client holds
+        return super()._task(node, last_round)
+
+    def _task_frames(self, node: int) -> tuple[list[bytes], bytes]:
+        if self.algorithm.broadcast == "model":
+            return super()._task_frames(node)
+        cur, since = self.current, self.holds.get(node, -1)
+        key = since if 0 <= since <= len(self.records) else -1
+        if key not in cur.node_frames:
+            data = relay_payload(self.records, self.state.params, key)
+            frames = [schema.TaskFrame(model=f).SerializeToString() for f in bytes_frames(
+                data, kind=KIND_ENCODED, round=cur.number, run_id=self.cfg.runtime.run_id,
+                chunk_bytes=self.limits.chunk_bytes)]
+            cur.node_frames[key] = (frames, cur.model_hash)
+        return cur.node_frames[key]
+
+    def _checkpoint_state(self, start: float) -> dict:
+        state = super()._checkpoint_state(start)
+        state["zo_records"] = [(torch.from_numpy(ids), scalars) for ids, scalars in self.records]
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        self.records = [(ids.numpy(), scalars) for ids, scalars in state.get("zo_records", [])]
 
 
 class ZOClient(Client):
@@ -99,6 +136,31 @@ class ZOClient(Client):
     def __init__(self, cfg, node_id: int, server: str | None = None) -> None:
         super().__init__(cfg, node_id, server)
         _check(cfg, self.exp)
+        self.model, self.holds = self.exp.init_params.reshape(-1).clone(), 0    # broadcast: scalars
+
+    def _fetch(self) -> tuple[object, object]:
+        """``broadcast: scalars``: ask with the round held, replay what the task relays, check
+        the model's hash, keep it (a malformed relay is a WireError: the client asks again)."""
+        if self.algorithm.broadcast == "model":
+            return super()._fetch()
+        rt = self.cfg.runtime
+        req = schema.TaskRequest(node_id=self.node, run_id=rt.run_id, last_round=self.holds).SerializeToString()
+        frames = iter(self._get_task(req, timeout=rt.round_timeout_s))
+        header = parse(schema.TaskFrame, next(frames)).header
+        if header.kind != schema.TaskHeader.TRAIN:
+            return header, None
+        meta, data = read_model((parse(schema.TaskFrame, f).model for f in frames), run_id=rt.run_id,
+                                limits=self.limits, dtype=torch.uint8)
+        latest = int(header.round) - 1
+        try:
+            model = replay(self.algorithm, self.model, data.numpy().tobytes(), self.holds, latest,
+                           self.exp.num_nodes, self.cfg.seed, self.cfg.local.lr)
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
+        if state_hash(model) != header.state_hash:
+            raise WireError(f"the model replayed for round {header.round} does not match its hash")
+        self.model, self.holds = model, latest
+        return header, (meta, model)
 
     def _train_and_send(self, round_: int, start, steps: int = 0, expected: int = 0) -> None:
         self._die_if_asked(round_)
