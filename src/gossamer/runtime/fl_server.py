@@ -25,9 +25,7 @@ import numpy as np
 import torch
 
 from gossamer.config import ExperimentConfig
-from gossamer.metrics.runstore import (
-    atomic_write_text,
-)
+from gossamer.metrics.runstore import atomic_write_text
 from gossamer.protocols.private import build_ledger
 from gossamer.protocols.sync_fl import SyncRound
 from gossamer.protocols.upload import build_pipeline

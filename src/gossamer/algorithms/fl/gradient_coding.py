@@ -6,7 +6,7 @@ Stragglers in Distributed Learning", ICML 2017, arXiv:1612.03301. Sequential gra
 (the selective-reattempt scheme): Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding For
 Straggler Mitigation", ICLR 2023, arXiv:2211.13802. The codes, the decoding and when a round
 closes are in :mod:`gossamer.protocols.coding`; ``sim/drivers/coded.py`` runs them, and
-``runtime/coded.py`` on real processes (classic gradient coding).
+``runtime/coded.py`` on real processes.
 """
 
 from __future__ import annotations
