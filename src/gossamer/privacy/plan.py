@@ -43,7 +43,7 @@ def planned(cfg, algorithm, z: float, sizes: np.ndarray | None, schedule=None,
     its schedule's steps every round, through the same ledger a run keeps: the run's own in
     synchronous DL when every node is available, an upper bound in synchronous FL, where a
     client trains only when selected."""
-    from gossamer.privacy.accounting import epsilon, sample_ledger
+    from gossamer.privacy.accounting import DPLedger, epsilon
 
     dp, rounds = cfg.privacy.dp, cfg.stop.rounds
     if dp.level == "sample":
@@ -52,8 +52,7 @@ def planned(cfg, algorithm, z: float, sizes: np.ndarray | None, schedule=None,
         from gossamer.training.trainer import local_steps
 
         sizes = np.asarray(sizes)
-        ledger = sample_ledger(cfg, sizes)
-        ledger.noise_multiplier = z
+        ledger = DPLedger("sample", z, dp.delta, dp.accountant, sizes, cfg.local.batch_size)   # the run's own
         ledger.sample_steps(np.arange(len(sizes)), local_steps(schedule, sizes) * rounds)
         if algorithm.pattern == "sync_fl":
             return Plan(ledger.epsilon(), "upper", "sample level; a client that trains every round")
@@ -110,13 +109,15 @@ def calibrate(cfg, algorithm, sizes: np.ndarray | None, schedule=None, populatio
 
 def _search(plan, target: float, field: str) -> float:
     """The smallest noise (to 0.1%) whose ``plan`` spends at most ``target``."""
-    if plan(1.0).epsilon == 0.0:       # nothing is spent (no rounds, or no data)
+    spent = plan(1.0).epsilon
+    if spent == 0.0:                   # nothing is spent (no rounds, or no data)
         return 1.0
     lo, hi = 1.0, 1.0
-    while plan(hi).epsilon > target:   # epsilon falls as the noise grows
+    while spent > target:              # epsilon falls as the noise grows
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ConfigError(field, f"{target:g} needs a noise multiplier above 1e6")
+        spent = plan(hi).epsilon
     if lo == hi:
         while lo > 1e-3 and plan(lo).epsilon <= target:
             hi, lo = lo, lo / 2

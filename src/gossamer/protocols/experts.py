@@ -28,14 +28,22 @@ def islands(exp, algo) -> tuple[np.ndarray, np.ndarray]:
     return nodes, algo.island_of(hist, exp.cfg.seed)
 
 
+def router_model(exp, algo) -> tuple[torch.nn.Module, ParamSpec]:
+    """The router: the config's model with ``islands`` outputs, built on the host (as the
+    experts' model), and its parameter layout (its initial row is ``spec.flatten(model)``)."""
+    cfg = exp.cfg
+    with torch.device("cpu"):
+        model = build_model(cfg.model.name, exp.dataset.input_shape, algo.islands, cfg.seed, **cfg.model.params)
+        return model, ParamSpec.from_module(model)
+
+
 def router_trainer(exp, algo, nodes: np.ndarray, island: np.ndarray,
                    device: torch.device) -> tuple[BatchedTrainer, ParamSpec, torch.Tensor]:
-    """The router (the config's model with ``islands`` outputs) and its trainer: each sample
-    labelled with its node's island, the experts' rows, schedule and optimizer; its initial row."""
+    """The router's trainer (:func:`router_model`): each sample labelled with its node's
+    island, the experts' rows, schedule and optimizer; with its layout and initial row."""
     cfg, trainer = exp.cfg, exp.trainer
-    with torch.device("cpu"):              # built on the host, as the experts' model
-        model = build_model(cfg.model.name, exp.dataset.input_shape, algo.islands, cfg.seed, **cfg.model.params)
-        spec = ParamSpec.from_module(model)
+    model, spec = router_model(exp, algo)
+    with torch.device("cpu"):
         forward = make_stacked_forward(model, spec, exp.dataset.x_train[0], cfg.model.forward,
                                        cfg.model.conv, device, compile=cfg.model.compile)
         y = torch.zeros(len(trainer.y), dtype=torch.int64)

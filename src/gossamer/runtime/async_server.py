@@ -42,11 +42,7 @@ import numpy as np
 import torch
 
 from gossamer.config import ExperimentConfig
-from gossamer.metrics.runstore import (
-    checkpoint_exists,
-    load_checkpoint,
-    save_checkpoint,
-)
+from gossamer.metrics.runstore import save_checkpoint
 from gossamer.protocols.async_fl import AsyncFLProtocol, Step, Task
 from gossamer.protocols.private import build_buffer_dp
 from gossamer.protocols.upload import build_pipeline, message_base
@@ -54,6 +50,7 @@ from gossamer.runtime import schema
 from gossamer.runtime.codec import KIND_ENCODED, WireError, read_counted_model
 from gossamer.runtime.common import RunFailed, log
 from gossamer.runtime.coordinator import BaseCoordinator
+from gossamer.runtime.fl_checkpoint import read_checkpoint
 from gossamer.runtime.guard import Refused
 
 ASYNC_COLUMNS = ["round", "sim_time_s", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
@@ -313,15 +310,10 @@ class AsyncCoordinator(BaseCoordinator):
             "ef21": snap.get("ef21", {})})
 
     def _restore(self) -> None:
-        path = self.run_dir / "checkpoints" / "server.pt"
-        if not checkpoint_exists(path):
-            self.metrics.load_existing(-1)
+        state = read_checkpoint(self)
+        if state is None:
             return
-        state = load_checkpoint(path)
         self.protocol.load_state_dict(state["protocol"])
-        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
-        self.elapsed_before = float(state["elapsed"])
-        self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         # clients are not restored: updates resume once they have joined again
         self.closing = self.state.version >= self.cfg.stop.rounds
         if self.closing:

@@ -41,9 +41,9 @@ class ExpertsCoordinator(Coordinator):
         nodes, island = protocol.islands(exp, algo)
         self.island_of = dict(zip(nodes.tolist(), island.tolist(), strict=True))
         self.router_spec, self.router_init = None, torch.zeros(0)
-        if algo.router:
-            _, self.router_spec, router = protocol.router_trainer(exp, algo, nodes, island, exp.device)
-            self.router_init = router.cpu()
+        if algo.router:                                # (the clients train it; here: its layout)
+            model, self.router_spec = protocol.router_model(exp, algo)
+            self.router_init = self.router_spec.flatten(model)
         self.upload_numel = self.numel + self.router_init.numel()    # an expert and the router
 
     def _init_state(self) -> ServerState:

@@ -3,7 +3,8 @@
 estimates, secure aggregation's aborts, personal rows and contribution scores; a pattern adds
 its own through :meth:`ServerCheckpoint._checkpoint_state` and reads it back in
 :meth:`ServerCheckpoint._restore_state` (gradient coding's scheme and held vectors). Mixed into
-:class:`~gossamer.runtime.fl_server.Coordinator`."""
+:class:`~gossamer.runtime.fl_server.Coordinator`; :func:`read_checkpoint` serves the
+asynchronous coordinator too."""
 
 from __future__ import annotations
 
@@ -39,17 +40,12 @@ class ServerCheckpoint:
         """What a pattern adds to :meth:`_checkpoint_state`, read back (none here)."""
 
     def _restore(self) -> None:
-        path = self.run_dir / "checkpoints" / "server.pt"
-        if not checkpoint_exists(path):
-            self.metrics.load_existing(-1)
+        state = read_checkpoint(self)
+        if state is None:
             return
-        state = load_checkpoint(path)
         self.state = ServerState(state["params"], int(state["round"]), dict(state["extra"]))
-        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
-        self.elapsed_before = float(state["elapsed"])
         if self.dp_ledger is not None and state.get("dp_ledger") is not None:
             self.dp_ledger.load_state_dict(state["dp_ledger"])
-        self.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
         self.secagg_aborted = int(state.get("secagg_aborted", 0))
         if self.personal_rows is not None and state.get("personal") is not None:
             self.personal_rows = state["personal"].clone()
@@ -59,3 +55,18 @@ class ServerCheckpoint:
         # clients are not restored: the interrupted round starts once they have joined again
         self.metrics.load_existing(self.state.round)
         log.info("resumed after round %d", self.state.round)
+
+
+def read_checkpoint(coord) -> dict[str, Any] | None:
+    """A coordinator's ``checkpoints/server.pt`` (synchronous or asynchronous), with what both
+    restore from it the same way: bytes sent and received, wall seconds so far, the EF21
+    estimates. None without one (the metrics start afresh)."""
+    path = coord.run_dir / "checkpoints" / "server.pt"
+    if not checkpoint_exists(path):
+        coord.metrics.load_existing(-1)
+        return None
+    state = load_checkpoint(path)
+    coord.bytes_up, coord.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+    coord.elapsed_before = float(state["elapsed"])
+    coord.estimates = {int(k): v for k, v in (state.get("ef21") or {}).items()}
+    return state

@@ -145,12 +145,16 @@ class Client(PersonalClient, Rehoming):
         if reply.num_params != self.exp.spec.numel:
             raise RuntimeError("server model size differs from this client's config")
 
+    def _ask(self, last_round: int) -> tuple[object, object]:
+        """One GetTask call: the task's header and an iterator over its remaining frames."""
+        req = schema.TaskRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
+                                 last_round=last_round).SerializeToString()
+        frames = iter(self._get_task(req, timeout=self.cfg.runtime.round_timeout_s))
+        return parse(schema.TaskFrame, next(frames)).header, frames
+
     def _fetch(self) -> tuple[object, object]:
         """One GetTask call: (header, (meta, model) or None)."""
-        req = schema.TaskRequest(node_id=self.node, run_id=self.cfg.runtime.run_id,
-                                 last_round=self.last_round).SerializeToString()
-        frames = iter(self._get_task(req, timeout=self.cfg.runtime.round_timeout_s))
-        header = parse(schema.TaskFrame, next(frames)).header
+        header, frames = self._ask(self.last_round)
         if header.kind not in (schema.TaskHeader.TRAIN, schema.TaskHeader.SECAGG, schema.TaskHeader.EVAL):
             return header, None
         if header.kind == schema.TaskHeader.EVAL:          # the model is attached when needed

@@ -143,14 +143,11 @@ class ZOClient(Client):
         the model's hash, keep it (a malformed relay is a WireError: the client asks again)."""
         if self.algorithm.broadcast == "model":
             return super()._fetch()
-        rt = self.cfg.runtime
-        req = schema.TaskRequest(node_id=self.node, run_id=rt.run_id, last_round=self.holds).SerializeToString()
-        frames = iter(self._get_task(req, timeout=rt.round_timeout_s))
-        header = parse(schema.TaskFrame, next(frames)).header
+        header, frames = self._ask(self.holds)
         if header.kind != schema.TaskHeader.TRAIN:
             return header, None
-        meta, data = read_model((parse(schema.TaskFrame, f).model for f in frames), run_id=rt.run_id,
-                                limits=self.limits, dtype=torch.uint8)
+        meta, data = read_model((parse(schema.TaskFrame, f).model for f in frames),
+                                run_id=self.cfg.runtime.run_id, limits=self.limits, dtype=torch.uint8)
         latest = int(header.round) - 1
         try:
             model = replay(self.algorithm, self.model, data.numpy().tobytes(), self.holds, latest,
