@@ -15,8 +15,14 @@ from gossamer.protocols.coding import decode, encode
 from gossamer.runtime.codec import WireError
 from gossamer.runtime.coded import CodedCoordinator
 from gossamer.runtime.fl_server import RoundState
-from tests.conftest import small_config, subprocess_env
-from tests.runtime.test_fl_runtime import _free_port, _rows, procs  # noqa: F401  (fixture)
+from tests.conftest import small_config
+from tests.runtime.test_fl_runtime import (  # noqa: F401  (procs: a fixture)
+    _free_port,
+    _rows,
+    launched_and_simulated,
+    procs,
+    start_with_victim,
+)
 
 SEQUENTIAL = {"burst": 2, "window": 3, "stragglers": 2, "server_lr": 0.5}
 
@@ -41,12 +47,7 @@ def test_a_killed_worker_costs_nothing_and_every_round_is_the_simulators(write_c
     cfg["stop"] = {"rounds": 5}
     cfg["runtime"]["server"] = f"127.0.0.1:{port}"
     path = write_config(cfg)
-    server = procs.start("server", str(path), "--out", str(tmp_path / "real"))
-    victim = None
-    for i in range(4):
-        env = subprocess_env(GOSSAMER_TEST_KILL_CLIENT_AT_ROUND="2+") if i == 3 else None
-        p = procs.start("client", str(path), "--id", str(i), env=env)
-        victim = p if i == 3 else victim
+    server, victim = start_with_victim(procs, path, tmp_path / "real", 4, 3, GOSSAMER_TEST_KILL_CLIENT_AT_ROUND="2+")
     assert server.wait(timeout=180) == 0, server.stdout.read().decode()[-3000:]
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
@@ -64,19 +65,13 @@ def test_the_cyclic_code_and_the_sequential_scheme_on_real_processes(write_confi
     first: the simulator's run to float rounding. Sequential gradient coding (B = 2: the
     gradient of round r - 2 is applied in round r, none before round 3): the simulator's run
     bit for bit, whichever workers straggled."""
-    path = write_config(_cfg(code="cyclic"))
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    real, sim = launched_and_simulated(write_config(_cfg(code="cyclic")), tmp_path)
     assert [float(r["test_loss"]) for r in real] == pytest.approx([float(r["test_loss"]) for r in sim], rel=1e-5)
     assert all(float(r["decode_residual"]) <= 1e-9 for r in real[1:])
     cfg = _cfg()
     cfg["algorithm"] = {"name": "sequential_gradient_coding", "params": SEQUENTIAL}
     cfg["stop"] = {"rounds": 4}
-    path = write_config(cfg)
-    assert main(["launch", str(path), "--out", str(tmp_path / "seq-real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "seq-sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "seq-real"), _rows(tmp_path / "seq-sim")
+    real, sim = launched_and_simulated(write_config(cfg), tmp_path, "seq-")
     for column in ("test_accuracy", "test_loss", "job"):
         assert [r[column] for r in real] == [r[column] for r in sim], column
     assert [r["job"] for r in real[1:]] == ["0", "0", "1", "2"]

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from gossamer import config
-from gossamer.cli import main
 from gossamer.protocols import experts as protocol
 from gossamer.runtime.codec import WireError, model_frames
 from gossamer.runtime.experts import ExpertsCoordinator
 from tests.conftest import small_config
-from tests.runtime.test_fl_runtime import _rows
+from tests.runtime.test_fl_runtime import launched_and_simulated
 
 
 def _cfg(**params):
@@ -28,10 +27,7 @@ def _cfg(**params):
 
 @pytest.mark.slow
 def test_launch_matches_the_simulator(write_config, tmp_path):
-    path = write_config(_cfg())
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    real, sim = launched_and_simulated(write_config(_cfg()), tmp_path)
     assert [r["round"] for r in real] == ["0", "1", "2", "3"]
     for column in ("test_accuracy", "test_loss", "topk_accuracy", "best_expert_accuracy"):
         assert [r[column] for r in real] == [r[column] for r in sim], column

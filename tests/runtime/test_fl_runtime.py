@@ -78,11 +78,25 @@ def procs(tmp_path_factory):
     ps.close()
 
 
+def launched_and_simulated(path, out: Path, name: str = "") -> tuple[list, list]:
+    """The metrics rows of ``gossamer launch`` and of ``gossamer run`` of the config ``path``
+    (under ``out/<name>real`` and ``out/<name>sim``)."""
+    assert main(["launch", str(path), "--out", str(out / f"{name}real")]) == 0
+    assert main(["run", str(path), "--out", str(out / f"{name}sim"), "--quiet"]) == 0
+    return _rows(out / f"{name}real"), _rows(out / f"{name}sim")
+
+
+def start_with_victim(procs, path, out: Path, clients: int, victim: int, **kill):
+    """``gossamer server`` and ``clients`` clients of the config ``path``; client ``victim``
+    runs with the test kill variables ``kill``. The server's and the victim's processes."""
+    server = procs.start("server", str(path), "--out", str(out))
+    started = [procs.start("client", str(path), "--id", str(i), env=subprocess_env(**kill) if i == victim else None)
+               for i in range(clients)]
+    return server, started[victim]
+
+
 def test_launch_matches_the_simulator(write_config, tmp_path):
-    path = write_config(_cfg())
-    assert main(["launch", str(path), "--out", str(tmp_path / "real")]) == 0
-    assert main(["run", str(path), "--out", str(tmp_path / "sim"), "--quiet"]) == 0
-    real, sim = _rows(tmp_path / "real"), _rows(tmp_path / "sim")
+    real, sim = launched_and_simulated(write_config(_cfg()), tmp_path)
     assert [r["round"] for r in real] == ["0", "1", "2", "3"]
     assert [r["test_accuracy"] for r in real] == [r["test_accuracy"] for r in sim]
     assert all(r["participants"] == "4" for r in real[1:])

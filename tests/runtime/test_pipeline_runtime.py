@@ -9,8 +9,8 @@ import signal
 import pytest
 
 from gossamer.cli import main
-from tests.conftest import small_config, subprocess_env
-from tests.runtime.test_fl_runtime import _free_port, procs  # noqa: F401
+from tests.conftest import small_config
+from tests.runtime.test_fl_runtime import _free_port, procs, start_with_victim  # noqa: F401
 
 
 def _rows(run_dir):
@@ -93,12 +93,7 @@ def test_secure_aggregation_recovers_a_client_killed_after_sharing_keys(write_co
     cfg["runtime"].update(round_timeout_s=8, server=f"127.0.0.1:{port}")
     path = write_config(cfg)
     out = tmp_path / "real"
-    server = procs.start("server", str(path), "--out", str(out))
-    victim = None
-    for i in range(4):
-        env = subprocess_env(GOSSAMER_TEST_KILL_BEFORE_MASKED_AT_ROUND="2") if i == 3 else None
-        p = procs.start("client", str(path), "--id", str(i), env=env)
-        victim = p if i == 3 else victim
+    server, victim = start_with_victim(procs, path, out, 4, 3, GOSSAMER_TEST_KILL_BEFORE_MASKED_AT_ROUND="2")
     assert server.wait(timeout=180) == 0, server.stdout.read().decode()[-3000:]
     assert victim.wait(timeout=10) == -signal.SIGKILL
     real = _rows(out)
